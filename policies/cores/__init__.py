@@ -1,0 +1,39 @@
+"""Recurrent cores behind one protocol (see ``policies/cores/base.py``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from policies.cores.base import RecurrentCore
+from policies.cores.brims import BRIMs
+from policies.cores.rims import RIMs
+from policies.cores.rnn import GRUCore, LSTMCore
+from policies.cores.thalnet import ThalNet
+
+CORES: dict[str, type[RecurrentCore]] = {
+    "lstm": LSTMCore,
+    "gru": GRUCore,
+    "rims": RIMs,
+    "brims": BRIMs,
+    "thalnet": ThalNet,
+}
+
+
+def make_core(name: str, input_size: int, **kwargs: Any) -> RecurrentCore:
+    """Build a core from its config name.
+
+    :param name: one of ``"lstm"``, ``"gru"``, ``"rims"``, ``"brims"``, ``"thalnet"``.
+    :param input_size: width of the features fed to the core at each step.
+    :param kwargs: the core's own constructor arguments (e.g. ``k_active=4``).
+    :raises ValueError: for an unknown name or an argument the core does not take.
+    """
+    if name not in CORES:
+        raise ValueError(f"core name must be one of {', '.join(map(repr, CORES))}, got {name!r}")
+    cls = CORES[name]
+    try:
+        return cls(input_size, **kwargs)
+    except TypeError as exc:  # an unexpected keyword: name it instead of a raw TypeError
+        raise ValueError(f"bad argument for core {name!r}: {exc}") from None
+
+
+__all__ = ["CORES", "BRIMs", "GRUCore", "LSTMCore", "RIMs", "RecurrentCore", "ThalNet", "make_core"]
