@@ -1,0 +1,42 @@
+"""Recurrent A2C: one policy-gradient step per rollout over all stored sequences."""
+
+from __future__ import annotations
+
+from agents.optim import PolicyUpdater, gradient_step
+from agents.ppo import explained_variance
+from agents.storage import RolloutStorage
+
+
+class RecurrentA2C(PolicyUpdater):
+    """Advantage actor-critic (Mnih et al. 2016, synchronous) for a recurrent actor-critic.
+
+    ``algo`` is the resolved config section (lr, ent_coef, vf_coef, max_grad_norm,
+    normalize_advantage, optimizer (RMSprop by default), optimizer_eps); the constructor is
+    ``PolicyUpdater``'s.
+    """
+
+    def update(self, storage: RolloutStorage) -> dict[str, float]:
+        """One gradient step on the whole rollout; return its statistics."""
+        a = self.algo
+        states = storage.states[0]
+        log_probs, entropy, values = self.policy.evaluate_actions(
+            storage.obs, storage.actions, states, storage.episode_starts
+        )
+        first_logprob_error = float((log_probs - storage.log_probs).abs().max())
+        advantages = storage.advantages
+        if a["normalize_advantage"] and advantages.numel() > 1:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        policy_loss = -(advantages * log_probs).mean()
+        value_loss = 0.5 * (storage.returns - values).pow(2).mean()
+        entropy_mean = entropy.mean()
+        loss = policy_loss - a["ent_coef"] * entropy_mean + a["vf_coef"] * value_loss
+        grad_norm = gradient_step(self.optimizer, loss, a["max_grad_norm"])
+        return {
+            "policy_loss": float(policy_loss),
+            "value_loss": float(value_loss),
+            "entropy": float(entropy_mean),
+            "grad_norm": grad_norm,
+            "first_logprob_error": first_logprob_error,
+            "explained_variance": explained_variance(storage.values.flatten(), storage.returns.flatten()),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }

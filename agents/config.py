@@ -1,0 +1,342 @@
+"""Training configuration: defaults, YAML files, ``key=value`` overrides and validation.
+
+A config is a nested dict of plain types. Every field has a default here; a YAML
+file and command-line overrides (dotted keys, ``core.k_active=3``) change them.
+Unknown keys, wrong types and out-of-range values raise ``ConfigError`` naming the
+key, before any work starts. The core's fields are its constructor's arguments, read
+from its signature, so a new core argument needs no edit here.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from policies import CORES
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Field:
+    """One config field: its default, the accepted types and an optional range check."""
+
+    default: Any
+    types: tuple[type, ...]
+    check: Callable[[Any], bool] | None = None
+    requirement: str = ""  # what `check` demands, for the error message
+    choices: tuple[Any, ...] | None = None
+
+
+def _positive(value: Any) -> bool:
+    return value > 0
+
+
+def _non_negative(value: Any) -> bool:
+    return value >= 0
+
+
+def _unit(value: Any) -> bool:
+    return 0 <= value <= 1
+
+
+INT, FLOAT, BOOL, STR = (int,), (float, int), (bool,), (str,)
+OPT_FLOAT, OPT_INT, OPT_STR = (float, int, type(None)), (int, type(None)), (str, type(None))
+
+TOP_FIELDS: dict[str, Field] = {
+    "name": Field(None, OPT_STR),
+    "seed": Field(1, INT, _non_negative, ">= 0"),
+    "total_frames": Field(100_000, INT, _positive, "> 0"),
+    "device": Field("cpu", STR),
+    "torch_threads": Field(0, INT, _non_negative, ">= 0 (0 keeps torch's default)"),
+}
+
+ENV_FIELDS: dict[str, Field] = {
+    "id": Field("MiniGrid-DoorKey-5x5-v0", STR),
+    "n_envs": Field(16, INT, _positive, "> 0"),
+    "vec_env": Field("dummy", STR, choices=("dummy", "subproc")),
+    "frame_stack": Field(4, INT, _positive, "> 0"),
+    "mission": Field(False, BOOL),
+    "env_kwargs": Field({}, (dict,)),
+    "level_seeds": Field(None, (list, type(None))),
+    "max_episode_steps": Field(None, OPT_INT),
+    "terminal_on_life_loss": Field(False, BOOL),
+}
+
+POLICY_FIELDS: dict[str, Field] = {
+    "head_hidden_size": Field(64, INT, _positive, "> 0"),
+}
+
+LOG_FIELDS: dict[str, Field] = {
+    "checkpoint_interval_frames": Field(100_000, INT, _positive, "> 0"),
+    "keep_checkpoints": Field(3, INT, _positive, "> 0"),
+    "progress_bar": Field(True, BOOL),
+    "return_window": Field(100, INT, _positive, "> 0"),
+}
+
+
+def _algo_fields(**overrides: Any) -> dict[str, Field]:
+    fields = {
+        "lr": Field(3e-4, FLOAT, _positive, "> 0"),
+        "n_steps": Field(128, INT, _positive, "> 0"),
+        "n_epochs": Field(4, INT, _positive, "> 0"),
+        "num_minibatches": Field(8, INT, _positive, "> 0"),
+        "seq_len": Field(None, OPT_INT, lambda v: v is None or v > 0, "> 0 or null (whole rollouts)"),
+        "gamma": Field(0.99, FLOAT, _unit, "in [0, 1]"),
+        "gae_lambda": Field(0.95, FLOAT, _unit, "in [0, 1]"),
+        "clip_range": Field(0.2, FLOAT, _positive, "> 0"),
+        "clip_range_vf": Field(None, OPT_FLOAT, lambda v: v is None or v > 0, "> 0 or null"),
+        "ent_coef": Field(0.01, FLOAT, _non_negative, ">= 0"),
+        "vf_coef": Field(0.5, FLOAT, _non_negative, ">= 0"),
+        "max_grad_norm": Field(0.5, FLOAT, _positive, "> 0"),
+        "normalize_advantage": Field(True, BOOL),
+        "anneal_lr": Field(False, BOOL),
+        "optimizer": Field("adam", STR, choices=("adam", "rmsprop")),
+        "optimizer_eps": Field(1e-5, FLOAT, _positive, "> 0"),
+        "target_kl": Field(None, OPT_FLOAT, lambda v: v is None or v > 0, "> 0 or null"),
+    }
+    for key, default in overrides.items():
+        fields[key] = Field(default, fields[key].types, fields[key].check, fields[key].requirement, fields[key].choices)
+    return fields
+
+
+ALGO_FIELDS: dict[str, dict[str, Field]] = {
+    "ppo": _algo_fields(),
+    # A2C: one gradient step per short rollout with RMSprop, as in the A3C paper and SB3.
+    "a2c": _algo_fields(lr=7e-4, n_steps=8, n_epochs=1, num_minibatches=1, optimizer="rmsprop",
+                        gae_lambda=1.0, normalize_advantage=False),
+}
+
+
+def core_fields(core_name: str) -> dict[str, Field]:
+    """Fields of ``core.*`` for a core: its constructor arguments with their defaults."""
+    fields: dict[str, Field] = {}
+    signature = inspect.signature(CORES[core_name].__init__)
+    for name, param in list(signature.parameters.items())[2:]:  # skip self, input_size
+        if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+            continue
+        default = None if param.default is inspect.Parameter.empty else param.default
+        if isinstance(default, bool):
+            types: tuple[type, ...] = BOOL
+        elif isinstance(default, float):
+            types = FLOAT
+        elif isinstance(default, int):
+            types = INT
+        elif isinstance(default, str):
+            types = STR
+        elif isinstance(default, (list, tuple)):
+            types = (list,)
+            default = [copy.deepcopy(item) for item in default]
+        else:
+            types = (object,)
+        fields[name] = Field(default, types)
+    return fields
+
+
+def _suggest(key: str, allowed: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, list(allowed), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f" (allowed: {', '.join(sorted(allowed))}){hint}"
+
+
+def _coerce(key: str, value: Any, field: Field) -> Any:
+    """Return ``value`` as the field's type, or raise ConfigError naming the key."""
+    types = field.types
+    if object in types:
+        return value
+    if isinstance(value, str) and float in types and not isinstance(value, bool):
+        # YAML reads "3e-4" as a string; accept any float spelling for float fields.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) and bool not in types:
+        raise ConfigError(f"{key} must be {_type_names(types)}, got the boolean {value!r}")
+    if isinstance(value, float) and int in types and float not in types and value.is_integer():
+        value = int(value)  # "total_frames=2e5"
+    if not isinstance(value, types):
+        raise ConfigError(f"{key} must be {_type_names(types)}, got {value!r} ({type(value).__name__})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be finite, got {value!r}")
+    if field.choices is not None and value not in field.choices:
+        raise ConfigError(f"{key} must be one of {', '.join(map(repr, field.choices))}, got {value!r}")
+    if field.check is not None and value is not None and not field.check(value):
+        raise ConfigError(f"{key} must be {field.requirement}, got {value!r}")
+    return value
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+             list: "a list", dict: "a mapping", type(None): "null"}
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
+
+
+def _validate_section(section: str, raw: Any, fields: dict[str, Field]) -> dict[str, Any]:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{section} must be a mapping of keys to values, got {raw!r}")
+    resolved = {}
+    for key, value in raw.items():
+        dotted = f"{section}.{key}" if section else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown config key {dotted!r}{_suggest(str(key), list(fields))}")
+        resolved[key] = _coerce(dotted, value, fields[key])
+    for key, field in fields.items():
+        if key not in resolved:
+            resolved[key] = copy.deepcopy(field.default)
+    return resolved
+
+
+# Sections beyond the fixed ones (agents.meta adds "meta"): a function of the config
+# resolved so far that returns the section's fields, or None where it does not apply.
+EXTRA_SECTIONS: dict[str, Callable[[dict[str, Any]], dict[str, Field] | None]] = {}
+
+
+def resolve_config(raw: dict[str, Any] | None) -> dict[str, Any]:
+    """Validate a raw config and fill every default.
+
+    :param raw: nested dict as read from YAML (possibly with overrides merged in).
+    :return: the complete config, every field present.
+    :raises ConfigError: naming the first bad key or value.
+    """
+    raw = copy.deepcopy(raw or {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of keys to values, got {raw!r}")
+    sections = {"env": ENV_FIELDS, "core": None, "algo": None, "policy": POLICY_FIELDS, "log": LOG_FIELDS}
+    allowed_top = list(TOP_FIELDS) + list(sections) + list(EXTRA_SECTIONS)
+    for key in raw:
+        if key not in allowed_top:
+            raise ConfigError(f"unknown config key {key!r}{_suggest(str(key), allowed_top)}")
+
+    config = _validate_section("", {k: v for k, v in raw.items() if k in TOP_FIELDS}, TOP_FIELDS)
+    for name in ("env", "policy", "log"):
+        config[name] = _validate_section(name, raw.get(name), sections[name])
+
+    core_raw = dict(raw.get("core") or {})
+    core_name = core_raw.pop("name", "rims")
+    if core_name not in CORES:
+        raise ConfigError(f"core.name must be one of {', '.join(map(repr, CORES))}, got {core_name!r}")
+    config["core"] = {"name": core_name, **_validate_section("core", core_raw, core_fields(core_name))}
+
+    algo_raw = dict(raw.get("algo") or {})
+    algo_name = algo_raw.pop("name", "ppo")
+    if algo_name not in ALGO_FIELDS:
+        raise ConfigError(f"algo.name must be one of {', '.join(map(repr, ALGO_FIELDS))}, got {algo_name!r}")
+    config["algo"] = {"name": algo_name, **_validate_section("algo", algo_raw, ALGO_FIELDS[algo_name])}
+
+    for name, make_fields in EXTRA_SECTIONS.items():
+        fields = make_fields(config)
+        if fields is not None:
+            config[name] = _validate_section(name, raw.get(name), fields)
+        elif raw.get(name):
+            raise ConfigError(f"config section {name!r} does not apply to algo.name={algo_name!r}")
+
+    n_envs, minibatches = config["env"]["n_envs"], config["algo"]["num_minibatches"]
+    if config["algo"]["seq_len"] is None and n_envs % minibatches != 0:
+        raise ConfigError(
+            f"algo.num_minibatches={minibatches} must divide env.n_envs={n_envs} "
+            "(each minibatch holds whole env sequences)"
+        )
+    if config["name"] is None:
+        config["name"] = default_run_name(config)
+    return config
+
+
+def default_run_name(config: dict[str, Any]) -> str:
+    """``doorkey-5x5-rims-ppo`` from ``MiniGrid-DoorKey-5x5-v0``, core ``rims``, algo ``ppo``."""
+    env = config["env"]["id"].split("/")[-1]
+    for prefix in ("MiniGrid-", "BabyAI-"):
+        env = env.removeprefix(prefix)
+    env = env.rsplit("-v", 1)[0].lower()
+    return f"{env}-{config['core']['name']}-{config['algo']['name']}"
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """Turn ``["core.k_active=3", "algo.lr=3e-4"]`` into a nested dict of YAML-parsed values.
+
+    :raises ConfigError: for an item without ``=`` or with an empty key.
+    """
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. core.k_active=3")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"value of override {key!r} is not valid YAML: {exc}") from None
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r} conflicts with another override of {part!r}")
+        node[parts[-1]] = value
+    return nested
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``update`` into a copy of ``base`` (mappings merge, other values replace)."""
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in ("env_kwargs",):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file.
+
+    :raises ConfigError: if the file does not exist, is not valid YAML, or is not a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Build the resolved config from an optional YAML file and ``key=value`` overrides.
+
+    With no file the embedded default is used: PPO with RIMs on MiniGrid-DoorKey-5x5.
+    An override of ``core.name`` to another core drops the file's other ``core.*`` arguments.
+    """
+    raw = read_yaml(path) if path is not None else copy.deepcopy(DEFAULT_CONFIG)
+    update = parse_overrides(overrides)
+    new_core = update.get("core", {}).get("name") if isinstance(update.get("core"), dict) else None
+    if new_core is not None and new_core != (raw.get("core") or {}).get("name"):
+        # Switching core on the command line starts from that core's defaults: the file's
+        # arguments belong to the other core.
+        raw["core"] = {}
+    return resolve_config(merge(raw, update))
+
+
+# The embedded default behind a bare `python train.py`: learns DoorKey-5x5 in a few minutes on a laptop CPU.
+DEFAULT_CONFIG: dict[str, Any] = {
+    "seed": 1,
+    "total_frames": 150_000,
+    "env": {"id": "MiniGrid-DoorKey-5x5-v0", "n_envs": 16},
+    "core": {"name": "rims", "num_modules": 4, "module_size": 32, "k_active": 2},
+    "algo": {"name": "ppo", "lr": 1e-3, "n_steps": 128, "n_epochs": 4, "num_minibatches": 8},
+}

@@ -1,0 +1,130 @@
+"""Time forward + backward of every recurrent core on one training-sized sequence.
+
+Usage::
+
+    python benchmarks/cores.py [--repeats N] [--threads N] [--device cpu|cuda]
+
+Each core runs a ``(T=128, B=16, input 512)`` sequence forward, then backward
+from the sum of its outputs. The table gives the parameter count, the median
+milliseconds per sequence over ``--repeats`` runs after warm-up, and the ratio to
+LSTMCore, with whether the ratio meets its target (set for a 2-core CPU). On a
+shared machine absolute times are noisy; the ratios are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+# Run from anywhere: the package lives one folder up.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from policies.cores import BRIMs, GRUCore, LSTMCore, RecurrentCore, RIMs, ThalNet  # noqa: E402
+
+SEQ_LEN, BATCH, INPUT_SIZE = 128, 16, 512
+
+# (name, constructor, target ratio to LSTMCore or None for the baselines)
+CORE_SPECS: list[tuple[str, Callable[[], RecurrentCore], float | None]] = [
+    ("LSTMCore(510)", lambda: LSTMCore(INPUT_SIZE, hidden_size=510), None),
+    ("GRUCore(510)", lambda: GRUCore(INPUT_SIZE, hidden_size=510), None),
+    (
+        "RIMs(6x85, k=4, lstm)",
+        lambda: RIMs(INPUT_SIZE, num_modules=6, module_size=85, k_active=4, cell="lstm"),
+        1.5,
+    ),
+    (
+        "BRIMs(2 x 6x85, k=4)",
+        lambda: BRIMs(
+            INPUT_SIZE,
+            layers=[{"num_modules": 6, "module_size": 85, "k_active": 4} for _ in range(2)],
+        ),
+        3.0,
+    ),
+    # 4 modules of 128: 512 state features, the width of the LSTM's 510.
+    ("ThalNet(4x128, wn)", lambda: ThalNet(INPUT_SIZE, num_modules=4, module_size=128), 2.0),
+]
+
+
+def time_core(core: RecurrentCore, device: torch.device, repeats: int, warmup: int) -> float:
+    """Median milliseconds of one forward + backward over a (T, B, 512) sequence.
+
+    :param core: the core to time (already on ``device``).
+    :param device: where the inputs go.
+    :param repeats: timed runs; the median is returned.
+    :param warmup: untimed runs first (allocator, kernel selection, caches).
+    """
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(SEQ_LEN, BATCH, INPUT_SIZE, generator=generator).to(device)
+    episode_starts = torch.zeros(SEQ_LEN, BATCH, dtype=torch.bool, device=device)
+    state = core.initial_state(BATCH, device=device)
+
+    def run_once() -> None:
+        core.zero_grad(set_to_none=True)
+        out, _ = core(x, state, episode_starts)
+        out.sum().backward()
+
+    for _ in range(warmup):
+        run_once()
+    times: list[float] = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run_once()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line, time every core and print the table.
+
+    :param argv: command-line arguments (defaults to ``sys.argv[1:]``).
+    """
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per core (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs per core before timing")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is false")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    print(
+        f"T={SEQ_LEN} B={BATCH} input={INPUT_SIZE} device={device} threads={torch.get_num_threads()} "
+        f"repeats={args.repeats} (forward + backward, median)"
+    )
+    header = f"{'core':<24}{'parameters':>12}{'ms/seq':>10}{'x LSTM':>9}  target"
+    print(header)
+    print("-" * len(header))
+    lstm_ms: float | None = None
+    for name, build, target in CORE_SPECS:
+        try:
+            core = build().to(device)
+        except Exception as exc:  # one broken core should not hide the others' timings
+            print(f"{name:<24}{'failed to build: ' + repr(exc)}")
+            continue
+        num_params = sum(p.numel() for p in core.parameters())
+        ms = time_core(core, device, args.repeats, args.warmup)
+        if lstm_ms is None:
+            lstm_ms = ms
+        ratio = ms / lstm_ms
+        verdict = "-" if target is None else f"<= {target:.1f}x: {'met' if ratio <= target else 'NOT met'}"
+        print(f"{name:<24}{num_params:>12,}{ms:>10.1f}{ratio:>8.2f}x  {verdict}")
+
+
+if __name__ == "__main__":
+    main()

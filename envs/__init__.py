@@ -1,0 +1,40 @@
+"""Environments: Stable-Baselines3 vec envs for MiniGrid/BabyAI and Atari, and held-out suites.
+
+Public API::
+
+    make_vec_env(env_id, n_envs=1, seed=0, *, vec_env="dummy", frame_stack=4, clip_rewards=True,
+                 mission=False, env_kwargs=None, level_seeds=None, render_mode=None,
+                 max_episode_steps=None, terminal_on_life_loss=False) -> VecEnv
+    make_env(env_id, seed=None, **same per-env options) -> gym.Env
+    check_env_id(env_id) -> None          # ValueError with close matches / ROM help
+    env_family(env_id) -> "minigrid" | "atari" | "other"
+    Suite, EnvSpec, SUITES, list_suites(), get_suite(name, **params)
+
+This package imports neither ``agents`` nor ``policies``.
+"""
+
+from .factory import VEC_ENV_TYPES, EnvFamily, check_env_id, env_family, make_env, make_vec_env
+from .minigrid import MISSION_MAX_LEN, MISSION_VOCAB, PAD_ID, UNK_ID, VOCAB_SIZE, tokenize_mission
+from .suites import SUITES, EnvSpec, Suite, get_suite, list_suites
+from .wrappers import LevelSeedWrapper
+
+__all__ = [
+    "MISSION_MAX_LEN",
+    "MISSION_VOCAB",
+    "PAD_ID",
+    "SUITES",
+    "UNK_ID",
+    "VEC_ENV_TYPES",
+    "VOCAB_SIZE",
+    "EnvFamily",
+    "EnvSpec",
+    "LevelSeedWrapper",
+    "Suite",
+    "check_env_id",
+    "env_family",
+    "get_suite",
+    "list_suites",
+    "make_env",
+    "make_vec_env",
+    "tokenize_mission",
+]

@@ -1,0 +1,275 @@
+"""Build Stable-Baselines3 vec envs for MiniGrid, BabyAI and ALE ids.
+
+Every option of :func:`make_vec_env` is a plain type (str, int, bool, dict,
+list), so a training config can store them and a checkpoint can rebuild the
+same env later with ``make_vec_env(env_id, **options)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import numbers
+from typing import Any, Literal
+
+import ale_py
+import gymnasium as gym
+import minigrid  # noqa: F401  (importing minigrid registers the MiniGrid and BabyAI ids)
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.vec_env import (
+    DummyVecEnv,
+    SubprocVecEnv,
+    VecEnv,
+    VecFrameStack,
+    VecTransposeImage,
+)
+
+from .atari import check_atari_opencv, check_atari_rom, wrap_atari
+from .minigrid import wrap_minigrid
+from .wrappers import LevelSeedWrapper
+
+__all__ = ["VEC_ENV_TYPES", "EnvFamily", "check_env_id", "env_family", "make_env", "make_vec_env"]
+
+gym.register_envs(ale_py)
+
+EnvFamily = Literal["minigrid", "atari", "other"]
+VEC_ENV_TYPES: tuple[str, ...] = ("dummy", "subproc")
+
+
+def _spec(env_id: str) -> gym.envs.registration.EnvSpec | None:
+    return gym.registry.get(env_id)
+
+
+def env_family(env_id: str) -> EnvFamily:
+    """Return which preprocessing family an env id belongs to.
+
+    Args:
+        env_id: a gymnasium id. Registered ids are classified by their entry
+            point (``minigrid.*`` -> "minigrid", ``ale_py.*`` -> "atari");
+            unregistered ones by their prefix ("MiniGrid-"/"BabyAI-" or "ALE/").
+
+    Returns:
+        "minigrid" (MiniGrid and BabyAI), "atari" (ale-py) or "other".
+    """
+    spec = _spec(env_id)
+    entry = spec.entry_point if spec is not None and isinstance(spec.entry_point, str) else ""
+    if entry.startswith("minigrid") or env_id.startswith(("MiniGrid-", "BabyAI-")):
+        return "minigrid"
+    if entry.startswith("ale_py") or env_id.startswith("ALE/"):
+        return "atari"
+    return "other"
+
+
+def _close_matches(env_id: str, n: int = 5) -> list[str]:
+    ids = list(gym.registry.keys())
+    lowered: dict[str, str] = {}
+    for i in ids:
+        lowered.setdefault(i.lower(), i)
+    matches = difflib.get_close_matches(env_id.lower(), list(lowered), n=n, cutoff=0.6)
+    return [lowered[m] for m in matches]
+
+
+def check_env_id(env_id: str) -> None:
+    """Raise ValueError unless ``env_id`` can be built by :func:`make_vec_env`.
+
+    Checks that the id is registered with gymnasium (MiniGrid, BabyAI and ALE
+    ids are registered when this module is imported), suggesting close
+    matches when it is not, and, for ALE ids, that the game's ROM and OpenCV
+    (used by the frame resize) are installed.
+    Nothing is created.
+
+    Args:
+        env_id: a gymnasium id, e.g. "MiniGrid-DoorKey-5x5-v0" or "ALE/Pong-v5".
+    """
+    if not isinstance(env_id, str) or not env_id:
+        raise ValueError(f"env_id must be a non-empty string, got {env_id!r}")
+    spec = _spec(env_id)
+    if spec is None:
+        matches = _close_matches(env_id)
+        hint = (
+            f" Did you mean: {', '.join(repr(m) for m in matches)}?"
+            if matches
+            else " MiniGrid ids look like 'MiniGrid-DoorKey-5x5-v0', BabyAI ids like 'BabyAI-GoToLocal-v0',"
+            " Atari ids like 'ALE/Pong-v5'."
+        )
+        raise ValueError(f"Unknown environment id {env_id!r}: it is not in the gymnasium registry.{hint}")
+    if env_family(env_id) == "atari":
+        game = spec.kwargs.get("game")
+        if game is not None:
+            check_atari_rom(env_id, game)
+        check_atari_opencv()
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_options(
+    env_id: str,
+    n_envs: int,
+    vec_env: str,
+    frame_stack: int,
+    mission: bool,
+    env_kwargs: dict[str, Any] | None,
+    level_seeds: list[int] | None,
+    max_episode_steps: int | None,
+) -> None:
+    check_env_id(env_id)
+    family = env_family(env_id)
+    if not _is_int(n_envs) or n_envs < 1:
+        raise ValueError(f"n_envs must be an integer >= 1, got {n_envs!r}")
+    if not _is_int(frame_stack) or frame_stack < 1:
+        raise ValueError(f"frame_stack must be an integer >= 1, got {frame_stack!r}")
+    if vec_env not in VEC_ENV_TYPES:
+        raise ValueError(f"vec_env must be one of {list(VEC_ENV_TYPES)}, got {vec_env!r}")
+    if mission and family != "minigrid":
+        raise ValueError(f"mission=True only applies to MiniGrid/BabyAI ids, not {env_id!r}")
+    if env_kwargs is not None and not isinstance(env_kwargs, dict):
+        raise ValueError(f"env_kwargs must be a dict or None, got {type(env_kwargs).__name__}")
+    if family == "atari" and env_kwargs and "frameskip" in env_kwargs:
+        raise ValueError(
+            "env_kwargs must not set 'frameskip' for Atari: the env is created with frameskip=1 and "
+            "SB3's MaxAndSkipEnv skips 4 frames (a total frame skip of 4)."
+        )
+    if level_seeds is not None:
+        if len(level_seeds) == 0:
+            raise ValueError("level_seeds must be a non-empty list of ints (or None)")
+        if not all(_is_int(s) and s >= 0 for s in level_seeds):
+            raise ValueError("level_seeds must contain non-negative ints")
+    if max_episode_steps is not None and (not _is_int(max_episode_steps) or max_episode_steps < 1):
+        raise ValueError(f"max_episode_steps must be an integer >= 1 or None, got {max_episode_steps!r}")
+
+
+def make_env(
+    env_id: str,
+    seed: int | None = None,
+    *,
+    clip_rewards: bool = True,
+    mission: bool = False,
+    env_kwargs: dict[str, Any] | None = None,
+    level_seeds: list[int] | None = None,
+    render_mode: str | None = None,
+    max_episode_steps: int | None = None,
+    terminal_on_life_loss: bool = False,
+) -> gym.Env:
+    """Build one env with all the per-env wrappers (Monitor included).
+
+    Frame stacking and the channel-first transpose of Atari frames are vec-env
+    wrappers and are added by :func:`make_vec_env` only. The env is not reset
+    here; seed it with its first ``reset(seed=...)`` (the vec env does so).
+
+    Args:
+        env_id: a registered gymnasium id (MiniGrid, BabyAI, ALE or other).
+        seed: seeds the action space and the level-seed picker; None for random.
+        clip_rewards: Atari only: clip rewards to {-1, 0, 1} above the Monitor.
+        mission: MiniGrid/BabyAI only: Dict observation with mission token ids.
+        env_kwargs: keyword arguments for ``gym.make`` (e.g. {"size": 8}, or
+            {"mode": 1, "difficulty": 1} for ALE).
+        level_seeds: every reset draws its level seed from this list.
+        render_mode: passed to ``gym.make`` ("rgb_array", "human" or None).
+        max_episode_steps: truncate episodes after this many agent steps.
+        terminal_on_life_loss: Atari only: a lost life ends the learning episode.
+    """
+    family = env_family(env_id)
+    kwargs: dict[str, Any] = dict(env_kwargs or {})
+    if render_mode is not None:
+        kwargs["render_mode"] = render_mode
+    if family == "atari":
+        kwargs["frameskip"] = 1
+        env = gym.make(env_id, **kwargs)
+    else:
+        env = gym.make(env_id, max_episode_steps=max_episode_steps, **kwargs)
+    if seed is not None:
+        env.action_space.seed(seed)
+    if level_seeds is not None:
+        env = LevelSeedWrapper(env, level_seeds, seed=seed)
+    if family == "minigrid":
+        return wrap_minigrid(env, mission=mission)
+    if family == "atari":
+        return wrap_atari(
+            env,
+            clip_rewards=clip_rewards,
+            terminal_on_life_loss=terminal_on_life_loss,
+            max_episode_steps=max_episode_steps,
+        )
+    return Monitor(env)
+
+
+def make_vec_env(
+    env_id: str,
+    n_envs: int = 1,
+    seed: int = 0,
+    *,
+    vec_env: str = "dummy",
+    frame_stack: int = 4,
+    clip_rewards: bool = True,
+    mission: bool = False,
+    env_kwargs: dict[str, Any] | None = None,
+    level_seeds: list[int] | None = None,
+    render_mode: str | None = None,
+    max_episode_steps: int | None = None,
+    terminal_on_life_loss: bool = False,
+) -> VecEnv:
+    """Build a Stable-Baselines3 vec env of ``n_envs`` copies of ``env_id``.
+
+    Observations:
+      * MiniGrid/BabyAI: (n_envs, 7, 7, 3) uint8 symbolic view (object,
+        colour, state indices); with ``mission=True`` a Dict
+        {"image": (n_envs, 7, 7, 3) uint8, "mission": (n_envs, L) int64 token ids}.
+      * Atari: (n_envs, frame_stack, 84, 84) uint8 grayscale, channel first.
+      * other ids: the env's own observations.
+
+    Every env is wrapped in SB3's Monitor, so at the end of an episode
+    ``info["episode"]`` holds the return "r" (raw game score for Atari), the
+    length "l", the time "t" and, for MiniGrid/BabyAI, "is_success".
+
+    Args:
+        env_id: a registered gymnasium id (see :func:`check_env_id`).
+        n_envs: number of parallel envs (>= 1).
+        seed: env i is seeded with ``seed + i`` at the first reset (env,
+            action space and level-seed picker), so runs are reproducible.
+        vec_env: "dummy" (DummyVecEnv, in process) or "subproc" (SubprocVecEnv).
+        frame_stack: Atari only: number of stacked frames (1 makes memory
+            necessary, 4 is the usual protocol); ignored by other families.
+        clip_rewards: Atari only: clip training rewards to {-1, 0, 1}; use
+            False for evaluation. The Monitor's return is raw either way.
+        mission: MiniGrid/BabyAI only: add the mission as token ids (Dict obs).
+        env_kwargs: keyword arguments for ``gym.make``, e.g. {"size": 8} or, for
+            ALE, {"mode": 1, "difficulty": 1} ("frameskip" is refused for ALE).
+        level_seeds: when given, every reset of every env draws its level seed
+            from this list (train and held-out levels can be disjoint ranges).
+        render_mode: passed to ``gym.make`` ("rgb_array", "human" or None).
+        max_episode_steps: truncate episodes after this many agent steps
+            (None: the env's own limit).
+        terminal_on_life_loss: Atari only: a lost life ends the learning
+            episode (SB3's EpisodicLifeEnv). Off by default (ALE v5 protocol).
+
+    Raises:
+        ValueError: unknown env id (with close matches), missing Atari ROM,
+            n_envs < 1, frame_stack < 1, unknown vec_env, or an option that
+            does not apply to the env's family.
+    """
+    _check_options(env_id, n_envs, vec_env, frame_stack, mission, env_kwargs, level_seeds, max_episode_steps)
+    family = env_family(env_id)
+    env_fns = [
+        functools.partial(
+            make_env,
+            env_id,
+            int(seed) + i,
+            clip_rewards=clip_rewards,
+            mission=mission,
+            env_kwargs=dict(env_kwargs) if env_kwargs else None,
+            level_seeds=[int(s) for s in level_seeds] if level_seeds is not None else None,
+            render_mode=render_mode,
+            max_episode_steps=max_episode_steps,
+            terminal_on_life_loss=terminal_on_life_loss,
+        )
+        for i in range(n_envs)
+    ]
+    venv: VecEnv = SubprocVecEnv(env_fns) if vec_env == "subproc" else DummyVecEnv(env_fns)
+    venv.seed(int(seed))  # env i gets seed + i at its next (first) reset
+    if family == "atari":
+        if frame_stack > 1:
+            venv = VecFrameStack(venv, n_stack=frame_stack)
+        venv = VecTransposeImage(venv)
+    return venv

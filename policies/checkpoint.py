@@ -1,0 +1,135 @@
+"""Checkpoint files: written atomically, read without ever running code from the file.
+
+A checkpoint is a ``torch.save`` of a dict of tensors and plain Python types
+(no pickled classes), read back with ``torch.load(weights_only=True)``, which
+refuses any object that would need code to rebuild. Spaces are stored as plain
+dicts (``space_to_dict``) and the policy as its constructor arguments plus a
+state dict, so a file alone is enough to rebuild the policy.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+
+FORMAT = "modular-memory-rl/checkpoint"
+# Bump when a checkpoint written by an older version can no longer be read.
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: missing, truncated, foreign, unsafe or incompatible."""
+
+
+def space_to_dict(space: spaces.Space) -> dict[str, Any]:
+    """Describe a Gymnasium space with plain types (lists, ints, strings)."""
+    if isinstance(space, spaces.Discrete):
+        return {"type": "Discrete", "n": int(space.n), "start": int(space.start)}
+    if isinstance(space, spaces.Box):
+        return {
+            "type": "Box",
+            "low": space.low.tolist(),
+            "high": space.high.tolist(),
+            "shape": list(space.shape),
+            "dtype": str(space.dtype),
+        }
+    if isinstance(space, spaces.Dict):
+        return {"type": "Dict", "spaces": {key: space_to_dict(sub) for key, sub in space.spaces.items()}}
+    raise ValueError(f"cannot store observation/action space {space} in a checkpoint")
+
+
+def space_from_dict(data: dict[str, Any]) -> spaces.Space:
+    """Inverse of ``space_to_dict``."""
+    kind = data["type"]
+    if kind == "Discrete":
+        return spaces.Discrete(data["n"], start=data.get("start", 0))
+    if kind == "Box":
+        dtype = np.dtype(data["dtype"])
+        return spaces.Box(np.array(data["low"], dtype=dtype), np.array(data["high"], dtype=dtype), dtype=dtype)
+    if kind == "Dict":
+        return spaces.Dict({key: space_from_dict(sub) for key, sub in data["spaces"].items()})
+    raise CheckpointError(f"unknown space type {kind!r} in checkpoint")
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` to ``path`` atomically.
+
+    The bytes go to a temporary file in the same directory, which is flushed and
+    fsynced and then renamed over ``path``: a kill at any moment leaves either the
+    previous file or the new one, never a truncated mix.
+
+    :param path: destination file.
+    :param payload: dict of tensors and plain Python types (no objects needing code to load).
+    :return: the path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _before_rename_hook()
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    # Persist the rename itself (the directory entry) where the platform allows it.
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return path
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def _before_rename_hook() -> None:
+    """Does nothing; tests patch it to simulate a kill between the write and the rename."""
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint`` without executing code from it.
+
+    :param path: the ``.pt`` file (or a run directory containing ``checkpoint.pt``).
+    :param map_location: device for the tensors.
+    :raises CheckpointError: if the file is missing, truncated, unsafe (would run code),
+        not a checkpoint of this package, or from an incompatible format version.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refusing to load {path}: it contains objects that would run code when loaded "
+            f"(only tensors and plain types are accepted) [{str(exc).splitlines()[0][:200]}]"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or corrupt file ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint of this package (no '{FORMAT}' marker)")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version} (package {data.get('package_version')}), "
+            f"but this package reads version {FORMAT_VERSION}: use the package version that wrote it"
+        )
+    return data

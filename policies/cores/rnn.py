@@ -1,0 +1,109 @@
+"""LSTM and GRU baselines behind the recurrent-core protocol.
+
+Both wrap a one-layer ``nn.LSTM`` / ``nn.GRU`` and run its fused kernel over whole
+stretches of the sequence: one kernel call per stretch between the time steps at
+which some env resets, instead of one Python step per time step.
+
+State layouts (flat, batch first):
+
+* ``LSTMCore``: ``(B, 2H)`` = ``[h | c]``, hidden state then cell state.
+* ``GRUCore``: ``(B, H)`` = ``h``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from policies.cores.base import RecurrentCore, check_positive_int, reset_state
+
+
+class FusedRNNCore(RecurrentCore):
+    """A one-layer ``nn.LSTM`` or ``nn.GRU`` (``rnn_class``) run with its fused sequence kernel.
+
+    Subclasses only choose ``rnn_class`` and ``num_state_parts`` (how many ``(B, H)``
+    tensors the cell carries: 2 for LSTM's ``h, c``, 1 for GRU's ``h``).
+
+    :param input_size: width of the features fed to the core at each step.
+    :param hidden_size: width ``H`` of the hidden state, which is also the output width.
+    """
+
+    rnn_class: ClassVar[type[nn.RNNBase]]
+    num_state_parts: ClassVar[int]
+
+    def __init__(self, input_size: int, hidden_size: int = 128) -> None:
+        super().__init__()
+        self.input_size = check_positive_int("input_size", input_size)
+        self.hidden_size = check_positive_int("hidden_size", hidden_size)
+        self.output_size = hidden_size
+        self.state_size = self.num_state_parts * hidden_size
+        # PyTorch's default initialisation (uniform in +-1/sqrt(H)); never all ones.
+        self.rnn = self.rnn_class(input_size, hidden_size, num_layers=1)
+
+    def _split_state(self, state: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """Flat ``(B, parts*H)`` state -> what ``self.rnn`` takes: ``(1, B, H)`` tensor(s)."""
+        parts = tuple(p.unsqueeze(0).contiguous() for p in state.split(self.hidden_size, dim=1))
+        return parts if self.num_state_parts > 1 else parts[0]
+
+    def _join_state(self, rnn_state: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+        """What ``self.rnn`` returns as state -> flat ``(B, parts*H)``."""
+        parts = rnn_state if isinstance(rnn_state, tuple) else (rnn_state,)
+        return torch.cat([p.squeeze(0) for p in parts], dim=1)
+
+    def forward(
+        self,
+        x: Tensor,
+        state: Tensor,
+        episode_starts: Tensor,
+        return_info: bool = False,
+    ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Run the core over a sequence (same contract as ``RecurrentCore.forward``).
+
+        :param x: inputs, shape ``(T, B, input_size)``.
+        :param state: state entering step 0, shape ``(B, state_size)``.
+        :param episode_starts: ``(T, B)`` bool; true resets that env's state before step t.
+        :param return_info: also return an (empty) diagnostics dict.
+        :return: ``(out, state)`` with out ``(T, B, hidden_size)``, or ``(out, state, {})``.
+        """
+        self.check_inputs(x, state, episode_starts)
+        episode_starts = episode_starts.to(torch.bool)
+        T = x.shape[0]
+        # Segment boundaries: step 0 plus every later step at which any env resets.
+        # One host read of the (T,) reset pattern, then one fused call per segment.
+        reset_steps = episode_starts.any(dim=1).tolist()
+        bounds = [0] + [t for t in range(1, T) if reset_steps[t]] + [T]
+        outs: list[Tensor] = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if reset_steps[start]:
+                state = reset_state(state, episode_starts[start])
+            out, rnn_state = self.rnn(x[start:end], self._split_state(state))
+            state = self._join_state(rnn_state)
+            outs.append(out)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+        if return_info:
+            return out, state, {}
+        return out, state
+
+
+class LSTMCore(FusedRNNCore):
+    """One-layer LSTM baseline; state ``(B, 2*hidden_size)`` = ``[h | c]``, output ``h``.
+
+    :param input_size: width of the features fed to the core at each step.
+    :param hidden_size: width of ``h`` and ``c`` (and of the output).
+    """
+
+    rnn_class = nn.LSTM
+    num_state_parts = 2
+
+
+class GRUCore(FusedRNNCore):
+    """One-layer GRU baseline; state ``(B, hidden_size)`` = ``h``, output ``h``.
+
+    :param input_size: width of the features fed to the core at each step.
+    :param hidden_size: width of ``h`` (and of the output).
+    """
+
+    rnn_class = nn.GRU
+    num_state_parts = 1

@@ -1,0 +1,277 @@
+"""ThalNet: recurrent modules that communicate through a shared routing center.
+
+After Hafner, Irpan, Davidson and Heess, "Learning Hierarchical Information Flow
+with Recurrent Neural Modules" (NeurIPS 2017), behind the recurrent-core protocol
+of ``policies/cores/base.py``.
+
+Step t, for M modules of size H, C center features per module and read size R:
+
+1. Center ``c_t`` (size ``S = M*C``): the first C features of every module's
+   hidden state from step t-1, concatenated in module order.
+2. Read: each module m reads a context ``r_m`` (size R) from ``c_t`` with the
+   chosen reading mechanism (below).
+3. Feed-forward: ``z_m = ELU(W_m r_m + b_m)``, plus ``U x_t`` for the input
+   module (module 0) only.
+4. GRU: ``h_m = GRU_m(z_m, h_m)``. Its first C features are module m's
+   contribution to the next center; module M-1 (the output module) is the
+   core's output, size H.
+
+Reading mechanisms (``reading=``), each giving R read values per module:
+
+* ``"linear"``: ``r_m = c_t @ W_m`` with a learned ``W_m`` (S, R).
+* ``"weight_norm"`` (default): the same with ``W_m = g_m * V_m / ||V_m||``, the
+  norm taken over center positions for each read value (one gain per value).
+* ``"fast_softmax"``: R read heads; head j of module m reads
+  ``sum_s w[m,j,s] c_t[s]`` with ``w[m,j,:] = softmax_s(A_m h_m(t-1) + a_m)``:
+  weights computed at every step from the module's own previous features.
+* ``"fast_gaussian"``: R read heads, each a Gaussian window over the center
+  positions whose mean (in ``[0, S-1]``) and width (``>= 0.5`` positions) are
+  computed from the module's own previous features, normalised to sum to 1.
+
+State layout (flat, batch first): ``(B, M*H)``, module m's GRU hidden state in
+columns ``[m*H, (m+1)*H)``; its first C columns are module m's center features.
+
+``info["read_weights"]`` is ``(T, B, M, S)``: how much module m reads from each
+center position, each row summing to 1.  For the fast readings it is the read
+weights of that step averaged over the R heads.  For the linear readings the
+read does not depend on the step, so it is the share of the absolute read
+weights ``|W_m[s, :]|`` (summed over the R read values, normalised over s),
+repeated over T and B.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from policies.cores.base import RecurrentCore, check_choice, check_positive_int
+
+READINGS: tuple[str, ...] = ("weight_norm", "linear", "fast_softmax", "fast_gaussian")
+
+# Smallest Gaussian read width, in center positions: keeps the window from
+# collapsing between two positions (where it would read nothing and pass no gradient).
+MIN_GAUSSIAN_WIDTH = 0.5
+
+
+def _uniform(shape: tuple[int, ...], fan_in: int) -> nn.Parameter:
+    """A parameter drawn like PyTorch's Linear/GRU defaults: uniform in +-1/sqrt(fan_in)."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+
+
+class ThalNet(RecurrentCore):
+    """ThalNet core: M recurrent modules reading from and writing to a shared center.
+
+    :param input_size: width of the features fed to the input module at each step.
+    :param num_modules: number of modules M (>= 2): module 0 receives the input,
+        module M-1 is the output module.
+    :param module_size: width H of each module's GRU state and feed-forward layer;
+        also the core's output width.
+    :param center_size_per_module: number C of each module's features placed in
+        the center (the first C of its H state features; ``1 <= C <= H``).
+    :param read_size: number R of context values each module reads from the
+        center (for the fast readings: the number of read heads). Defaults to C.
+    :param reading: reading mechanism, one of ``"weight_norm"`` (default),
+        ``"linear"``, ``"fast_softmax"``, ``"fast_gaussian"`` (see the module docstring).
+    :raises ValueError: for a size < 1, ``num_modules < 2``, ``C > H`` or an unknown reading.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        num_modules: int = 4,
+        module_size: int = 128,
+        center_size_per_module: int = 32,
+        read_size: int | None = None,
+        reading: str = "weight_norm",
+    ) -> None:
+        super().__init__()
+        self.input_size = check_positive_int("input_size", input_size)
+        self.num_modules = check_positive_int("num_modules", num_modules)
+        if num_modules < 2:
+            raise ValueError(
+                f"num_modules must be an integer >= 2 (an input module and an output module), got {num_modules!r}"
+            )
+        self.module_size = check_positive_int("module_size", module_size)
+        self.center_size_per_module = check_positive_int("center_size_per_module", center_size_per_module)
+        if center_size_per_module > module_size:
+            raise ValueError(
+                f"center_size_per_module must be <= module_size={module_size} (the center features are "
+                f"part of each module's state), got {center_size_per_module!r}"
+            )
+        self.read_size = check_positive_int("read_size", center_size_per_module if read_size is None else read_size)
+        self.reading = check_choice("reading", reading, READINGS)
+
+        M, H, R = num_modules, module_size, self.read_size
+        S = self.center_size = M * center_size_per_module
+        self.output_size = H
+        self.state_size = M * H
+
+        # --- module parameters: feed-forward layer and GRU cell, stacked over modules.
+        self.ff_input_weight = _uniform((input_size, H), input_size)  # x_t -> input module only
+        self.ff_read_weight = _uniform((M, R, H), R)
+        self.ff_bias = _uniform((M, H), R)
+        # GRU gates in PyTorch's order (reset, update, new), each H wide.
+        self.gru_input_weight = _uniform((M, H, 3 * H), H)
+        self.gru_hidden_weight = _uniform((M, H, 3 * H), H)
+        self.gru_input_bias = _uniform((M, 1, 3 * H), H)
+        self.gru_hidden_bias = _uniform((M, 1, 3 * H), H)
+
+        # --- reading parameters (the "attention" group).
+        if self.reading == "linear":
+            self.read_weight = _uniform((M, S, R), S)
+        elif self.reading == "weight_norm":
+            self.read_direction = _uniform((M, S, R), S)
+            # Gain 1: each read value starts as a unit-norm projection of the center.
+            self.read_gain = nn.Parameter(torch.ones(M, 1, R))
+        else:
+            # Per-step read parameters computed from the module's own state:
+            # R*S softmax logits, or R means and R widths of a Gaussian.
+            num_read_params = R * S if self.reading == "fast_softmax" else 2 * R
+            self.read_query_weight = _uniform((M, H, num_read_params), H)
+            self.read_query_bias = nn.Parameter(torch.zeros(M, 1, num_read_params))
+            self.register_buffer("center_positions", torch.arange(S, dtype=torch.float32), persistent=False)
+
+    # ------------------------------------------------------------------ groups
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """``{"modules": feed-forward and GRU parameters, "attention": reading parameters}``.
+
+        Every parameter is in exactly one group.
+        """
+        modules = [
+            self.ff_input_weight,
+            self.ff_read_weight,
+            self.ff_bias,
+            self.gru_input_weight,
+            self.gru_hidden_weight,
+            self.gru_input_bias,
+            self.gru_hidden_bias,
+        ]
+        module_ids = {id(p) for p in modules}
+        attention = [p for p in self.parameters() if id(p) not in module_ids]
+        return {"modules": modules, "attention": attention}
+
+    # ------------------------------------------------------------------ reading
+    def linear_read_weight(self) -> Tensor:
+        """The read matrices ``W_m`` (M, S, R) of the linear readings (weight-normalised if chosen)."""
+        if self.reading == "linear":
+            return self.read_weight
+        if self.reading == "weight_norm":
+            norm = self.read_direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            return self.read_gain * self.read_direction / norm
+        raise ValueError(f"linear_read_weight needs reading 'linear' or 'weight_norm', got {self.reading!r}")
+
+    def _fast_read(self, query: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
+        """Read the center with weights computed from the modules' states.
+
+        :param query: ``(M, B, P)`` read parameters from each module's previous state.
+        :param center: ``(B, S)`` center.
+        :return: context ``(M, B, R)`` and read weights ``(M, B, R, S)`` (each row sums to 1).
+        """
+        M, B, _ = query.shape
+        R, S = self.read_size, self.center_size
+        if self.reading == "fast_softmax":
+            weights = torch.softmax(query.view(M, B, R, S), dim=-1)
+        else:
+            mean = torch.sigmoid(query[..., :R]) * (S - 1)
+            width = F.softplus(query[..., R:]) + MIN_GAUSSIAN_WIDTH
+            # Log of a Gaussian kernel, normalised over positions by the softmax.
+            z = (self.center_positions - mean.unsqueeze(-1)) / width.unsqueeze(-1)
+            weights = torch.softmax(-0.5 * z.square(), dim=-1)
+        context = torch.matmul(weights, center.view(1, B, S, 1)).squeeze(-1)
+        return context, weights
+
+    # ------------------------------------------------------------------ time loop
+    def _precompute(self, x: Tensor) -> tuple[Tensor, ...]:
+        """Feed-forward pre-activations that do not depend on the state, for all T at once.
+
+        :return: one tensor ``(T, M, B, H)``: ``U x_t + b_0`` for the input module,
+            ``b_m`` for the others.
+        """
+        T, B, _ = x.shape
+        M, H = self.num_modules, self.module_size
+        input_part = torch.addmm(self.ff_bias[0], x.reshape(T * B, -1), self.ff_input_weight).view(T, 1, B, H)
+        other_part = self.ff_bias[1:].view(1, M - 1, 1, H).expand(T, M - 1, B, H)
+        return (torch.cat([input_part, other_part], dim=1),)
+
+    def forward(
+        self,
+        x: Tensor,
+        state: Tensor,
+        episode_starts: Tensor,
+        return_info: bool = False,
+    ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Run the core over a sequence (same contract as ``RecurrentCore.forward``).
+
+        Overridden (rather than ``_step``) so that what depends only on the
+        parameters (normalised and composed read weights) is computed once per
+        call, and the state stays module-first ``(M, B, H)`` between steps.
+
+        :param x: inputs, shape ``(T, B, input_size)``.
+        :param state: state entering step 0, shape ``(B, M*H)``.
+        :param episode_starts: ``(T, B)`` bool; true resets that env's state before step t.
+        :param return_info: also return ``{"read_weights": (T, B, M, S)}``.
+        :return: ``(out, state)`` with out ``(T, B, H)``, or ``(out, state, info)``.
+        """
+        self.check_inputs(x, state, episode_starts)
+        episode_starts = episode_starts.to(torch.bool)
+        T, B, _ = x.shape
+        M, H, C, S = self.num_modules, self.module_size, self.center_size_per_module, self.center_size
+        (ff_preact,) = self._precompute(x)
+        fast = self.reading in ("fast_softmax", "fast_gaussian")
+        if fast:
+            # The GRU's hidden-side gates and the read parameters both come from
+            # h(t-1): one batched matmul per step for both.
+            hidden_weight = torch.cat([self.gru_hidden_weight, self.read_query_weight], dim=2)
+            hidden_bias = torch.cat([self.gru_hidden_bias, self.read_query_bias], dim=2)
+        else:
+            read_weight = self.linear_read_weight()
+            # Reading and the feed-forward layer are both linear in the center, so
+            # they compose into one (S, M*H) matrix: one matmul per step for all modules.
+            read_ff_weight = torch.bmm(read_weight, self.ff_read_weight).transpose(0, 1).reshape(S, M * H)
+            # Module-last layout (T, B, M*H) so that addmm adds it in the same op.
+            ff_preact = ff_preact.permute(0, 2, 1, 3).reshape(T, B, M * H)
+            hidden_weight, hidden_bias = self.gru_hidden_weight, self.gru_hidden_bias
+
+        # unbind, not ff_preact[t]: the backward of T separate selects would build
+        # T full-size zero tensors (quadratic in T); unbind's backward is one stack.
+        ff_preact_steps = ff_preact.unbind(0)
+        h = state.view(B, M, H).transpose(0, 1)  # (M, B, H)
+        any_start = episode_starts.any(dim=1).tolist()
+        outs: list[Tensor] = []
+        step_read_weights: list[Tensor] = []
+        for t in range(T):
+            if any_start[t]:
+                # torch.where, not a multiply, so NaN/inf never leaks across episodes.
+                h = torch.where(episode_starts[t].view(1, B, 1), torch.zeros((), dtype=h.dtype, device=h.device), h)
+            center = h[:, :, :C].transpose(0, 1).reshape(B, S)
+            hidden_proj = torch.baddbmm(hidden_bias, h, hidden_weight)
+            hidden_gates = hidden_proj[..., : 3 * H]
+            if fast:
+                context, weights = self._fast_read(hidden_proj[..., 3 * H :], center)
+                ff = F.elu(torch.baddbmm(ff_preact_steps[t], context, self.ff_read_weight))
+                if return_info:
+                    step_read_weights.append(weights.mean(dim=2).transpose(0, 1))
+            else:
+                ff = F.elu(torch.addmm(ff_preact_steps[t], center, read_ff_weight)).view(B, M, H).transpose(0, 1)
+            input_gates = torch.baddbmm(self.gru_input_bias, ff, self.gru_input_weight)
+            # GRU cell, PyTorch's equations, for all modules at once.
+            reset_update = torch.sigmoid(input_gates[..., : 2 * H] + hidden_gates[..., : 2 * H])
+            reset_gate, update_gate = reset_update[..., :H], reset_update[..., H:]
+            new = torch.tanh(input_gates[..., 2 * H :] + reset_gate * hidden_gates[..., 2 * H :])
+            h = torch.lerp(new, h, update_gate)  # (1 - u) * new + u * h
+            outs.append(h[-1])
+        out = torch.stack(outs)
+        new_state = h.transpose(0, 1).reshape(B, M * H)
+        if not return_info:
+            return out, new_state
+        if fast:
+            read_weights = torch.stack(step_read_weights)
+        else:
+            share = read_weight.abs().sum(dim=2)  # (M, S)
+            share = share / share.sum(dim=1, keepdim=True).clamp_min(1e-12)
+            read_weights = share.expand(T, B, M, S)
+        return out, new_state, {"read_weights": read_weights}
