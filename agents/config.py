@@ -154,8 +154,8 @@ def _coerce(key: str, value: Any, field: Field) -> Any:
     types = field.types
     if object in types:
         return value
-    if isinstance(value, str) and float in types and not isinstance(value, bool):
-        # YAML reads "3e-4" as a string; accept any float spelling for float fields.
+    if isinstance(value, str) and (float in types or int in types) and str not in types:
+        # YAML reads "3e-4" and "2e5" as strings; accept any number spelling for numeric fields.
         try:
             value = float(value)
         except ValueError:
@@ -320,15 +320,17 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """Build the resolved config from an optional YAML file and ``key=value`` overrides.
 
     With no file the embedded default is used: PPO with RIMs on MiniGrid-DoorKey-5x5.
-    An override of ``core.name`` to another core drops the file's other ``core.*`` arguments.
+    An override of ``core.name`` (``algo.name``) to another core (algorithm) drops the file's other
+    ``core.*`` (``algo.*``) settings.
     """
     raw = read_yaml(path) if path is not None else copy.deepcopy(DEFAULT_CONFIG)
     update = parse_overrides(overrides)
-    new_core = update.get("core", {}).get("name") if isinstance(update.get("core"), dict) else None
-    if new_core is not None and new_core != (raw.get("core") or {}).get("name"):
-        # Switching core on the command line starts from that core's defaults: the file's
-        # arguments belong to the other core.
-        raw["core"] = {}
+    for section in ("core", "algo"):
+        new_name = update[section].get("name") if isinstance(update.get(section), dict) else None
+        if new_name is not None and new_name != (raw.get(section) or {}).get("name"):
+            # Switching core or algorithm on the command line starts from its defaults:
+            # the file's settings belong to the other one.
+            raw[section] = {}
     return resolve_config(merge(raw, update))
 
 

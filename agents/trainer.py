@@ -127,9 +127,13 @@ class Trainer:
             check_env_id(env_config["id"])
         except ValueError as exc:
             raise ConfigError(f"env.id: {exc}") from None
+        # The (env id, make_vec_env options) being trained on; meta-learning changes it between updates.
+        self.task: tuple[str, dict[str, Any]] = (env_config["id"], env_options(env_config))
+        if checkpoint is not None:
+            self.task = (checkpoint["env"]["id"], checkpoint["env"]["options"])
         self.venv = self._restore_envs(checkpoint) if checkpoint is not None else None
         if self.venv is None:
-            self.venv = self.make_envs(env_config["id"], env_options(env_config))
+            self.venv = self.make_envs(*self.task)
         self.policy = build_policy(config, self.venv.observation_space, self.venv.action_space).to(self.device)
         algo = config["algo"]
         self.updater = UPDATERS[algo["name"]](self.policy, algo, generator=self.generator)
@@ -205,7 +209,7 @@ class Trainer:
             "policy": {"spec": self.policy.spec, "state_dict": self.policy.state_dict()},
             "observation_space": space_to_dict(self.venv.observation_space),
             "action_space": space_to_dict(self.venv.action_space),
-            "env": {"id": self.config["env"]["id"], "options": env_options(self.config["env"])},
+            "env": {"id": self.task[0], "options": self.task[1]},
             "updater": self.updater.state_dict(),
             "frames": self.frames,
             "updates": self.updates,
@@ -328,6 +332,7 @@ class Trainer:
                     bar.update(min(self.frames, total) - bar.n)
                     bar.set_postfix(fps=f"{self.frames_per_rollout / (ended - started):.0f}",
                                     ret=f"{self._mean('r'):.2f}", refresh=False)
+                    self._maybe_switch_task(rollout_stats)
                     if self.frames >= next_checkpoint:
                         self.save()
                         next_checkpoint += config["log"]["checkpoint_interval_frames"]
@@ -341,6 +346,29 @@ class Trainer:
             tqdm.write(f"{self._stop_signal}: stopped after {self.frames} frames; checkpoint saved to "
                        f"{checkpoint_path}. Resume with: python train.py --resume {self.run_dir}")
         return checkpoint_path
+
+    def _maybe_switch_task(self, rollout_stats: Any) -> None:
+        """Let an updater that trains on a task distribution (meta-PPO) change the envs' task.
+
+        An updater may define ``next_task(frames, rollout_stats) -> (env_id, options) | None``;
+        a returned task different from the current one replaces the envs (same count and seed
+        offset), and the next rollout starts fresh episodes from a zero core state.
+        """
+        next_task = getattr(self.updater, "next_task", None)
+        if next_task is None:
+            return
+        task = next_task(self.frames, rollout_stats)
+        if task is None or task == self.task:
+            return
+        env_id, options = task
+        venv = self.make_envs(env_id, options)
+        if (venv.observation_space, venv.action_space) != (self.venv.observation_space, self.venv.action_space):
+            venv.close()
+            raise ConfigError(f"task {env_id!r} has other observation/action spaces than the current task; "
+                              "all tasks of a run must share them")
+        self.venv.close()
+        self.venv, self.task = venv, task
+        self.rollout_state = start_rollouts(self.policy, self.venv)
 
     def _env_crash_message(self, exc: BaseException) -> str:
         base = _base_venv(self.venv)
@@ -361,8 +389,9 @@ class Trainer:
 
     def _log(self, logger: RunLogger, rollout_stats: Any, update_stats: dict[str, float],
              started: float, collected: float, ended: float) -> None:
-        scalars: dict[str, float] = {f"train/{key}": value for key, value in update_stats.items()
-                                     if isinstance(value, (int, float))}
+        # Plain keys go under train/; keys that already name a section ("meta/task_index") stay as they are.
+        scalars: dict[str, float] = {key if "/" in key else f"train/{key}": value
+                                     for key, value in update_stats.items() if isinstance(value, (int, float))}
         if rollout_stats.episodes:
             scalars["rollout/ep_return_mean"] = self._mean("r")
             scalars["rollout/ep_length_mean"] = self._mean("l")

@@ -169,7 +169,11 @@ def make_env(
         render_mode: passed to ``gym.make`` ("rgb_array", "human" or None).
         max_episode_steps: truncate episodes after this many agent steps.
         terminal_on_life_loss: Atari only: a lost life ends the learning episode.
+
+    Raises:
+        ValueError: as :func:`make_vec_env`.
     """
+    _check_options(env_id, 1, "dummy", 1, mission, env_kwargs, level_seeds, max_episode_steps)
     family = env_family(env_id)
     kwargs: dict[str, Any] = dict(env_kwargs or {})
     if render_mode is not None:

@@ -1,0 +1,92 @@
+"""Config files, dotted overrides and their errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agents.config import ConfigError, load_config, parse_overrides
+
+CONFIGS = sorted(Path(__file__).resolve().parent.parent.glob("configs/**/*.yaml"))
+
+
+def test_overrides_parse_to_nested_typed_values() -> None:
+    parsed = parse_overrides(["core.k_active=3", "algo.lr=3e-4", "env.id=MiniGrid-MemoryS7-v0", "log.progress_bar=false"])
+    assert parsed == {"core": {"k_active": 3}, "algo": {"lr": "3e-4"}, "env": {"id": "MiniGrid-MemoryS7-v0"},
+                      "log": {"progress_bar": False}}
+
+
+def test_default_config_and_overrides_resolve() -> None:
+    config = load_config(None, ["core.k_active=3", "algo.lr=3e-4", "total_frames=2e5", "env.n_envs=8"])
+    assert config["core"]["name"] == "rims" and config["core"]["k_active"] == 3
+    assert config["algo"]["lr"] == pytest.approx(3e-4) and isinstance(config["algo"]["lr"], float)
+    assert config["total_frames"] == 200_000 and isinstance(config["total_frames"], int)
+    assert config["env"]["n_envs"] == 8
+    # Every field is filled, including the core's own defaults read from its signature.
+    assert config["core"]["cell"] == "lstm" and config["algo"]["gae_lambda"] == 0.95
+    assert config["name"] == "doorkey-5x5-rims-ppo"
+
+
+def test_switching_core_on_the_command_line_starts_from_its_defaults() -> None:
+    config = load_config(None, ["core.name=lstm", "core.hidden_size=64"])
+    assert config["core"] == {"name": "lstm", "hidden_size": 64}
+
+
+def test_a2c_has_its_own_defaults() -> None:
+    config = load_config(None, ["algo.name=a2c"])
+    assert config["algo"]["optimizer"] == "rmsprop" and config["algo"]["n_epochs"] == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["algo.lrr=1e-3"], "algo.lrr"),
+        (["core.k_activ=2"], "did you mean k_active"),
+        (["bogus=1"], "'bogus'"),
+        (["algo.lr=fast"], "algo.lr must be a number"),
+        (["algo.lr=-1"], "algo.lr must be > 0"),
+        (["env.n_envs=0"], "env.n_envs must be > 0"),
+        (["total_frames=0"], "total_frames must be > 0"),
+        (["env.n_envs=1.5"], "env.n_envs must be an integer"),
+        (["core.name=transformer"], "core.name must be one of"),
+        (["algo.name=dqn"], "algo.name must be one of"),
+        (["algo.optimizer=sgd"], "algo.optimizer must be one of"),
+        (["env.n_envs=6"], "num_minibatches=8 must divide env.n_envs=6"),
+        (["core.k_active"], "key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_config(None, overrides)
+
+
+def test_config_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("algo: {lr: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(scalar)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_resolves(path: Path) -> None:
+    config = load_config(path)
+    raw = yaml.safe_load(path.read_text())
+    assert config["core"]["name"] == raw["core"]["name"]
+    assert config["env"]["id"] == raw["env"]["id"]
+
+
+def test_shipped_configs_cover_every_core_family_and_algo() -> None:
+    names = {p.stem for p in CONFIGS}
+    for core in ("lstm", "rims", "brims", "thalnet"):
+        for env in ("doorkey", "memory", "multiroom"):
+            assert f"{env}-{core}-ppo" in names and f"{env}-{core}-a2c" in names
+        for game in ("pong", "breakout"):
+            assert f"{game}-{core}-ppo" in names
