@@ -1,7 +1,10 @@
-"""Agents: rollout storage, GAE, recurrent PPO and A2C, and the training loop."""
+"""Agents: rollout storage, GAE, recurrent PPO and A2C, meta-learning (Meta-RIMs), and the training loop."""
 
 from agents.a2c import RecurrentA2C
 from agents.config import ConfigError, load_config, resolve_config
+
+# Importing agents.meta registers algo.name meta_ppo / multitask_ppo and the config's meta section.
+from agents.meta import MetaPPO, MultiTaskPPO, TaskSchedule
 from agents.optim import NonFiniteError
 from agents.ppo import RecurrentPPO
 from agents.storage import RolloutStorage, compute_gae
@@ -9,10 +12,13 @@ from agents.trainer import Trainer, TrainingError, train
 
 __all__ = [
     "ConfigError",
+    "MetaPPO",
+    "MultiTaskPPO",
     "NonFiniteError",
     "RecurrentA2C",
     "RecurrentPPO",
     "RolloutStorage",
+    "TaskSchedule",
     "Trainer",
     "TrainingError",
     "compute_gae",

@@ -22,7 +22,7 @@ class RecurrentA2C(PolicyUpdater):
         log_probs, entropy, values = self.policy.evaluate_actions(
             storage.obs, storage.actions, states, storage.episode_starts
         )
-        first_logprob_error = float((log_probs - storage.log_probs).abs().max())
+        first_logprob_error = (log_probs - storage.log_probs).detach().abs().max().item()
         advantages = storage.advantages
         if a["normalize_advantage"] and advantages.numel() > 1:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
@@ -32,9 +32,9 @@ class RecurrentA2C(PolicyUpdater):
         loss = policy_loss - a["ent_coef"] * entropy_mean + a["vf_coef"] * value_loss
         grad_norm = gradient_step(self.optimizer, loss, a["max_grad_norm"])
         return {
-            "policy_loss": float(policy_loss),
-            "value_loss": float(value_loss),
-            "entropy": float(entropy_mean),
+            "policy_loss": policy_loss.item(),
+            "value_loss": value_loss.item(),
+            "entropy": entropy_mean.item(),
             "grad_norm": grad_norm,
             "first_logprob_error": first_logprob_error,
             "explained_variance": explained_variance(storage.values.flatten(), storage.returns.flatten()),

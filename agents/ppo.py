@@ -37,7 +37,7 @@ class RecurrentPPO(PolicyUpdater):
                 log_ratio = log_probs - batch.log_probs
                 if first_logprob_error is None:
                     # Before any gradient step the replay must reproduce the rollout exactly.
-                    first_logprob_error = float(log_ratio.abs().max())
+                    first_logprob_error = log_ratio.detach().abs().max().item()
                 ratio = log_ratio.exp()
                 advantages = batch.advantages
                 if a["normalize_advantage"] and advantages.numel() > 1:
@@ -59,9 +59,9 @@ class RecurrentPPO(PolicyUpdater):
                 with torch.no_grad():
                     stats["approx_kl"].append(float(((ratio - 1) - log_ratio).mean()))
                     stats["clip_fraction"].append(float(((ratio - 1).abs() > a["clip_range"]).float().mean()))
-                stats["policy_loss"].append(float(policy_loss))
-                stats["value_loss"].append(float(value_loss))
-                stats["entropy"].append(float(entropy_mean))
+                stats["policy_loss"].append(policy_loss.item())
+                stats["value_loss"].append(value_loss.item())
+                stats["entropy"].append(entropy_mean.item())
                 stats["grad_norm"].append(grad_norm)
             if a["target_kl"] is not None and np.mean(stats["approx_kl"][-a["num_minibatches"]:]) > a["target_kl"]:
                 break

@@ -42,7 +42,8 @@ try:
 except metadata.PackageNotFoundError:  # running from a source checkout that was not installed
     PACKAGE_VERSION = "0.1.0"
 
-# Update rules by ``algo.name``; agents.meta adds "meta_ppo".
+# Update rules by ``algo.name``; agents.meta adds "meta_ppo" and "multitask_ppo". A rule with a
+# ``from_config(config, policy, generator)`` classmethod is built by it, others as (policy, algo, generator=...).
 UPDATERS: dict[str, type[PolicyUpdater]] = {"ppo": RecurrentPPO, "a2c": RecurrentA2C}
 
 ENVS_STATE_FILE = "envs_state.pkl"
@@ -136,7 +137,12 @@ class Trainer:
             self.venv = self.make_envs(*self.task)
         self.policy = build_policy(config, self.venv.observation_space, self.venv.action_space).to(self.device)
         algo = config["algo"]
-        self.updater = UPDATERS[algo["name"]](self.policy, algo, generator=self.generator)
+        updater_cls = UPDATERS[algo["name"]]
+        if hasattr(updater_cls, "from_config"):
+            # An updater that needs more than the algo section (meta-PPO: the meta section) reads the config.
+            self.updater = updater_cls.from_config(config, self.policy, self.generator)
+        else:
+            self.updater = updater_cls(self.policy, algo, generator=self.generator)
         self.storage = RolloutStorage(algo["n_steps"], env_config["n_envs"], self.venv.observation_space,
                                       self.venv.action_space, self.policy.state_size, self.device)
         if algo["seq_len"] is not None and algo["n_steps"] % algo["seq_len"] != 0:
@@ -149,13 +155,19 @@ class Trainer:
         self._stop_signal: str | None = None
         if checkpoint is not None:
             self._load_training_state(checkpoint)
+        # An updater with a task schedule (meta-PPO) may start on another task than env.id.
+        self._maybe_switch_task(None)
 
     # -- construction helpers -------------------------------------------------------------
-    def make_envs(self, env_id: str, options: dict[str, Any]) -> VecEnv:
-        """Build the training vec env (reward clipping on; evaluation builds its own without)."""
+    def make_envs(self, env_id: str, options: dict[str, Any], seed: int | None = None) -> VecEnv:
+        """Build the training vec env (reward clipping on; evaluation builds its own without).
+
+        :param seed: base env seed, the config's ``seed`` by default.
+        """
         env_config = self.config["env"]
+        seed = self.config["seed"] if seed is None else seed
         try:
-            return make_vec_env(env_id, env_config["n_envs"], self.config["seed"], clip_rewards=True, **options)
+            return make_vec_env(env_id, env_config["n_envs"], seed, clip_rewards=True, **options)
         except (ValueError, TypeError) as exc:  # TypeError: env.env_kwargs the env does not take
             raise ConfigError(f"env: {exc}") from None
 
@@ -319,11 +331,11 @@ class Trainer:
                     try:
                         update_stats = self.updater.update(self.storage)
                     except NonFiniteError as exc:
-                        raise TrainingError(
-                            f"training stopped at {self.frames} frames: {exc} during update {self.updates + 1}. "
-                            f"The last good checkpoint is kept at {checkpoint_path} (not overwritten). "
-                            "Lower algo.lr or algo.max_grad_norm, then resume with --resume."
-                        ) from None
+                        kept = (f"The last good checkpoint is kept at {checkpoint_path} (not overwritten); "
+                                f"lower algo.lr or algo.max_grad_norm, then resume with --resume."
+                                if checkpoint_path.exists() else "No checkpoint had been written yet.")
+                        raise TrainingError(f"training stopped at {self.frames} frames: {exc} during update "
+                                            f"{self.updates + 1}. {kept}") from None
                     ended = time.perf_counter()
                     self.frames += self.frames_per_rollout
                     self.updates += 1
@@ -350,9 +362,11 @@ class Trainer:
     def _maybe_switch_task(self, rollout_stats: Any) -> None:
         """Let an updater that trains on a task distribution (meta-PPO) change the envs' task.
 
-        An updater may define ``next_task(frames, rollout_stats) -> (env_id, options) | None``;
-        a returned task different from the current one replaces the envs (same count and seed
-        offset), and the next rollout starts fresh episodes from a zero core state.
+        An updater may define ``next_task(frames, rollout_stats) -> (env_id, options) | None``
+        (``rollout_stats`` is None when the trainer only asks, at construction); a returned task
+        different from the current one replaces the envs (same count; base seed ``seed + frames``,
+        so a task visited again gets new levels rather than replaying the same ones), and the next
+        rollout starts fresh episodes from a zero core state.
         """
         next_task = getattr(self.updater, "next_task", None)
         if next_task is None:
@@ -361,7 +375,7 @@ class Trainer:
         if task is None or task == self.task:
             return
         env_id, options = task
-        venv = self.make_envs(env_id, options)
+        venv = self.make_envs(env_id, options, seed=self.config["seed"] + self.frames)
         if (venv.observation_space, venv.action_space) != (self.venv.observation_space, self.venv.action_space):
             venv.close()
             raise ConfigError(f"task {env_id!r} has other observation/action spaces than the current task; "

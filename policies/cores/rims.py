@@ -246,8 +246,9 @@ class RIMsLayer(nn.Module):
         """Views ``(K, B, H)`` of ``h`` (and ``c`` for lstm, else None) into a flat ``(B, state_size)`` state."""
         B, K, H = state.shape[0], self.num_modules, self.module_size
         if self.cell == "lstm":
-            hc = state.view(B, 2, K, H).permute(1, 2, 0, 3)
-            return hc[0], hc[1]
+            # unbind, not indexing: its backward is one stack, not a zero-filled copy per part.
+            h, c = state.view(B, 2, K, H).permute(1, 2, 0, 3).unbind(0)
+            return h, c
         return state.view(B, K, H).transpose(0, 1), None
 
     def step(self, weights: LayerWeights, state: Tensor, keys: Sequence[Tensor], drives: Sequence[Tensor]) -> StepResult:
@@ -297,16 +298,18 @@ class RIMsLayer(nn.Module):
         # Cell input pre-activation: sum over slots and heads of attention * drive (null adds 0).
         if self.cell == "lstm":
             gates = self._add_drives(rec, weighted, drives)
-            sig = torch.sigmoid(gates[..., : 3 * H])
-            g = torch.tanh(gates[..., 3 * H :])
-            i, f, o = sig.chunk(3, dim=-1)
+            # Gate order [i, f, o, g]: one split (backward: one cat) instead of slices.
+            sig, g = gates.split([3 * H, H], dim=-1)
+            i, f, o = torch.sigmoid(sig).chunk(3, dim=-1)
+            g = torch.tanh(g)
             c_new = torch.addcmul(f * c_prev, i, g)
             h_new = o * torch.tanh(c_new)
         else:
             x_gates = self._add_drives(self.bias_ih.unsqueeze(1), weighted, drives)
-            rz = torch.sigmoid(x_gates[..., : 2 * H] + rec[..., : 2 * H])
-            r, zg = rz.chunk(2, dim=-1)
-            n = torch.tanh(torch.addcmul(x_gates[..., 2 * H :], r, rec[..., 2 * H :]))
+            x_rz, x_n = x_gates.split([2 * H, H], dim=-1)
+            h_rz, h_n = rec.split([2 * H, H], dim=-1)
+            r, zg = torch.sigmoid(x_rz + h_rz).chunk(2, dim=-1)
+            n = torch.tanh(torch.addcmul(x_n, r, h_n))
             h_new = torch.addcmul(n, zg, h_prev - n)  # (1 - z) * n + z * h
             c_new = None
 
@@ -444,7 +447,10 @@ class RIMs(RecurrentCore):
         # Rearranged weights are shared by all steps of this forward (cleared in forward).
         self._weights = self.layer.prepare()
         keys, drives = self.layer.keys_and_drives(self._weights, 0, x)  # (T,B,h,dk), (T,K,B,[h,]G)
-        return keys, drives
+        # Handed over as per-step tuples (unbind): the base indexes p[t], and indexing a
+        # tensor that needs grad costs a zero-filled full-size gradient per step in backward
+        # (quadratic in T); unbind's backward is a single stack.
+        return keys.unbind(0), drives.unbind(0)  # type: ignore[return-value]
 
     def _step(self, inputs_t: tuple[Tensor, ...], state: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         assert self._weights is not None

@@ -262,7 +262,7 @@ class ThalNet(RecurrentCore):
             reset_update = torch.sigmoid(input_gates[..., : 2 * H] + hidden_gates[..., : 2 * H])
             reset_gate, update_gate = reset_update[..., :H], reset_update[..., H:]
             new = torch.tanh(input_gates[..., 2 * H :] + reset_gate * hidden_gates[..., 2 * H :])
-            h = torch.lerp(new, h, update_gate)  # (1 - u) * new + u * h
+            h = torch.lerp(h, new, update_gate)  # (1 - u) * new + u * h
             outs.append(h[-1])
         out = torch.stack(outs)
         new_state = h.transpose(0, 1).reshape(B, M * H)

@@ -1,0 +1,575 @@
+"""Meta-learning mode (Meta-RIMs): fast module parameters, slow attention parameters, a task distribution.
+
+The parameters of the policy are split in two groups (see shared/DESIGN.md, "Meta-learning mode"):
+
+* fast: the per-module recurrent cells of the core (``core.parameter_groups()["modules"]``), plus the
+  encoder and the actor/critic heads unless ``meta.encoder_heads: slow``;
+* slow: the input- and communication-attention parameters (``["attention"]``).
+
+``meta.reverse: true`` swaps the two core groups (fast attention, slow modules), the paper's ablation.
+
+The trainer calls ``update(storage)`` once per rollout, so :class:`MetaPPO` is a phase machine over
+cycles of ``meta.inner_updates + 1`` rollouts on one task:
+
+1. rollouts 1 .. ``inner_updates``: one PPO update each that changes only the fast group, at
+   ``meta.fast_lr`` (the inner loop);
+2. the next rollout, gathered with the adapted parameters: one PPO update of the slow group at
+   ``meta.slow_lr`` (the outer loop). It is first order: the loss is that of fresh experience
+   after the inner loop, and no gradient flows through the inner updates;
+3. then the task may change: ``next_task`` (the trainer's hook) returns the task the
+   :class:`TaskSchedule` picks, and the trainer rebuilds the envs for it.
+
+:class:`MultiTaskPPO` (``algo.name: multitask_ppo``) is the baseline for the same task distribution:
+plain PPO on all parameters at ``algo.lr``, switching tasks every ``meta.rollouts_per_task``
+rollouts. It works with every core, LSTM and GRU included.
+
+Importing this module registers both update rules (``agents/__init__.py`` imports it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from agents.config import (
+    ALGO_FIELDS,
+    BOOL,
+    ENV_FIELDS,
+    EXTRA_SECTIONS,
+    FLOAT,
+    INT,
+    OPT_STR,
+    ConfigError,
+    Field,
+    _algo_fields,
+)
+from agents.ppo import RecurrentPPO
+from agents.rollout import RolloutStats
+from agents.storage import RolloutStorage
+from agents.trainer import UPDATERS, env_options
+from envs import EnvSpec, check_env_id, get_suite
+from policies import CORES, RecurrentCore
+
+# A task is what the trainer builds envs from: (env id, make_vec_env options).
+Task = tuple[str, dict[str, Any]]
+
+# make_vec_env options a task entry of ``meta.tasks`` may set for itself (the env section's are the default).
+TASK_OPTION_KEYS: tuple[str, ...] = tuple(key for key in ENV_FIELDS if key not in ("id", "n_envs"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Config: the ``meta`` section and the two algorithm names
+# ---------------------------------------------------------------------------------------------
+def _is_task_list(value: list) -> bool:
+    """Each entry is an env id or a mapping with an ``id`` (and optional ``name`` and env options)."""
+    if not value:
+        return False
+    for entry in value:
+        if isinstance(entry, str):
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+            return False
+        if set(entry) - {"id", "name", *TASK_OPTION_KEYS}:
+            return False
+    return True
+
+
+def _positive_or_none(value: Any) -> bool:
+    return value is None or value > 0
+
+
+# Where the tasks come from and in which order; shared by meta_ppo and multitask_ppo.
+TASK_FIELDS: dict[str, Field] = {
+    "tasks": Field(None, (list, type(None)), _is_task_list,
+                   f"a non-empty list of env ids or mappings with an 'id' (optional: name, "
+                   f"{', '.join(TASK_OPTION_KEYS)})"),
+    "suite": Field(None, OPT_STR),
+    "task_schedule": Field("sample", (str,), choices=("sample", "curriculum")),
+    "curriculum_frames": Field(None, (int, type(None)), _positive_or_none, "> 0 or null"),
+    "curriculum_return": Field(None, (float, int, type(None))),
+    "return_window": Field(20, INT, lambda v: v > 0, "> 0"),
+}
+
+META_FIELDS: dict[str, Field] = {
+    **TASK_FIELDS,
+    "fast_lr": Field(1e-3, FLOAT, lambda v: v > 0, "> 0"),
+    "slow_lr": Field(2.5e-4, FLOAT, lambda v: v > 0, "> 0"),
+    "inner_updates": Field(4, INT, lambda v: v > 0, "> 0"),
+    "reverse": Field(False, BOOL),
+    "encoder_heads": Field("fast", (str,), choices=("fast", "slow")),
+}
+
+MULTITASK_FIELDS: dict[str, Field] = {
+    **TASK_FIELDS,
+    "rollouts_per_task": Field(5, INT, lambda v: v > 0, "> 0"),
+}
+
+
+def has_parameter_split(core_name: str) -> bool:
+    """Whether the core class named ``core_name`` splits its parameters into modules and attention."""
+    return CORES[core_name].parameter_groups is not RecurrentCore.parameter_groups
+
+
+def _meta_section(config: dict[str, Any]) -> dict[str, Field] | None:
+    """The ``meta`` section's fields for the resolved-so-far ``config`` (None: the section does not apply)."""
+    algo = config["algo"]["name"]
+    if algo == "meta_ppo":
+        core = config["core"]["name"]
+        # Fail at config time, before any env or policy is built.
+        if not has_parameter_split(core):
+            raise ConfigError(
+                f"algo.name='meta_ppo' needs a modular core whose parameters split into modules and attention, "
+                f"but core.name={core!r} has no such split; use core.name=rims, brims or thalnet "
+                f"(or algo.name=multitask_ppo to train {core!r} on the same tasks with plain PPO)"
+            )
+        return META_FIELDS
+    if algo == "multitask_ppo":
+        return MULTITASK_FIELDS
+    return None
+
+
+def _meta_algo_fields() -> dict[str, Field]:
+    # meta_ppo has two learning rates (meta.fast_lr, meta.slow_lr); a third, unused algo.lr would mislead.
+    fields = _algo_fields()
+    del fields["lr"]
+    return fields
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks and their schedule
+# ---------------------------------------------------------------------------------------------
+def resolve_tasks(config: dict[str, Any]) -> tuple[list[Task], list[str]]:
+    """The tasks of a resolved config with a ``meta`` section, and their display names.
+
+    Each task's options are the ``env`` section's ``make_vec_env`` options, updated by the
+    task's own (a suite entry's options, or the keys of a mapping in ``meta.tasks``).
+
+    :param config: a resolved config (``agents.config.load_config``).
+    :raises ConfigError: if neither or both of ``meta.tasks`` and ``meta.suite`` are given, an env id
+        is unknown, or a curriculum has no criterion to advance.
+    """
+    meta = config["meta"]
+    base = env_options(config["env"])
+    if (meta["tasks"] is None) == (meta["suite"] is None):
+        raise ConfigError("give exactly one of meta.tasks (a list of env ids) and meta.suite (a suite name, "
+                          "whose training list becomes the tasks)")
+    specs: list[EnvSpec] = []
+    if meta["suite"] is not None:
+        try:
+            specs = list(get_suite(meta["suite"]).train)
+        except ValueError as exc:
+            raise ConfigError(f"meta.suite: {exc}") from None
+    else:
+        for entry in meta["tasks"]:
+            if isinstance(entry, str):
+                specs.append(EnvSpec(entry))
+            else:
+                options = {key: value for key, value in entry.items() if key not in ("id", "name")}
+                specs.append(EnvSpec(entry["id"], options, entry.get("name", "")))
+    tasks: list[Task] = []
+    for i, spec in enumerate(specs):
+        try:
+            check_env_id(spec.env_id)
+        except ValueError as exc:
+            key = "meta.suite" if meta["suite"] is not None else f"meta.tasks[{i}]"
+            raise ConfigError(f"{key}: {exc}") from None
+        tasks.append((spec.env_id, {**base, **spec.options}))
+    names = [spec.name.replace(" ", "_") for spec in specs]
+    if len(set(names)) < len(names):  # e.g. one env id twice with other options: keep the curves apart
+        names = [f"{i}_{name}" for i, name in enumerate(names)]
+    if meta["task_schedule"] == "curriculum" and meta["curriculum_frames"] is None and meta["curriculum_return"] is None:
+        raise ConfigError("meta.task_schedule='curriculum' needs meta.curriculum_frames and/or "
+                          "meta.curriculum_return to know when to move to the next task")
+    return tasks, names
+
+
+class TaskSchedule:
+    """Which task the envs run, changed only between cycles (one cycle = the rollouts of one outer update).
+
+    * ``sample``: every cycle draws a task uniformly from the list, with its own seeded generator.
+    * ``curriculum``: the tasks in order; at the end of a cycle it moves to the next task once it has
+      spent ``curriculum_frames`` frames on the current one, or once the mean return of the last
+      ``return_window`` episodes on it reaches ``curriculum_return`` (whichever comes first).
+      It stays on the last task.
+
+    :param tasks: the tasks, ``(env id, make_vec_env options)``.
+    :param names: a display name per task (TensorBoard tags ``meta/return/<name>``).
+    :param schedule: ``"sample"`` or ``"curriculum"``.
+    :param curriculum_frames: frames on a task after which the curriculum advances (None: no budget).
+    :param curriculum_return: mean return at which the curriculum advances (None: no threshold).
+    :param return_window: episodes per task averaged for ``meta/return/<name>`` and the threshold.
+    :param seed: seed of the task sampler.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        names: Sequence[str],
+        schedule: str = "sample",
+        curriculum_frames: int | None = None,
+        curriculum_return: float | None = None,
+        return_window: int = 20,
+        seed: int = 0,
+    ) -> None:
+        if not tasks or len(names) != len(tasks):
+            raise ValueError("a task schedule needs at least one task and one name per task")
+        if schedule not in ("sample", "curriculum"):
+            raise ValueError(f"schedule must be 'sample' or 'curriculum', got {schedule!r}")
+        self.tasks, self.names = list(tasks), list(names)
+        self.schedule = schedule
+        self.curriculum_frames, self.curriculum_return = curriculum_frames, curriculum_return
+        self.returns: list[deque[float]] = [deque(maxlen=return_window) for _ in self.tasks]
+        self.generator = torch.Generator().manual_seed(seed)
+        self.index = self._draw() if schedule == "sample" else 0
+        self.task_started_frames = 0  # trainer frame count when the current task began
+        self.switches = 0
+
+    @property
+    def current(self) -> Task:
+        """The task the envs should run now."""
+        return self.tasks[self.index]
+
+    def _draw(self) -> int:
+        return int(torch.randint(len(self.tasks), (1,), generator=self.generator))
+
+    def observe(self, rollout_stats: RolloutStats | None) -> None:
+        """Record the returns of the episodes a rollout on the current task finished."""
+        if rollout_stats is not None:
+            self.returns[self.index].extend(episode["r"] for episode in rollout_stats.episodes)
+
+    def mean_return(self, index: int) -> float:
+        """Mean return of the last ``return_window`` episodes on task ``index`` (nan if none yet)."""
+        returns = self.returns[index]
+        return float(np.mean(returns)) if returns else math.nan
+
+    def end_cycle(self, frames: int) -> None:
+        """A cycle ended after ``frames`` trainer frames: pick the task of the next one."""
+        previous = self.index
+        if self.schedule == "sample":
+            self.index = self._draw()
+        elif self.index + 1 < len(self.tasks) and self._curriculum_done(frames):
+            self.index += 1
+        if self.index != previous:
+            self.task_started_frames = frames
+            self.switches += 1
+
+    def _curriculum_done(self, frames: int) -> bool:
+        if self.curriculum_frames is not None and frames - self.task_started_frames >= self.curriculum_frames:
+            return True
+        window = self.returns[self.index]
+        # A full window, so that a few lucky first episodes do not end a task.
+        return (self.curriculum_return is not None and len(window) == window.maxlen
+                and self.mean_return(self.index) >= self.curriculum_return)
+
+    def stats(self) -> dict[str, float]:
+        """``meta/task_index`` and ``meta/return/<name>`` for every task with finished episodes."""
+        stats = {"meta/task_index": float(self.index), "meta/task_switches": float(self.switches)}
+        for index, name in enumerate(self.names):
+            if self.returns[index]:
+                stats[f"meta/return/{name}"] = self.mean_return(index)
+        return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the schedule exactly (plain types and tensors)."""
+        return {
+            "index": self.index,
+            "task_started_frames": self.task_started_frames,
+            "switches": self.switches,
+            "returns": [list(window) for window in self.returns],
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+        if len(state["returns"]) != len(self.tasks):
+            raise ValueError(f"the saved schedule has {len(state['returns'])} tasks, this one {len(self.tasks)}")
+        self.index, self.task_started_frames = state["index"], state["task_started_frames"]
+        self.switches = state["switches"]
+        for window, saved in zip(self.returns, state["returns"]):
+            window.clear()
+            window.extend(saved)
+        self.generator.set_state(state["generator"])
+
+
+def schedule_from_config(config: dict[str, Any]) -> TaskSchedule:
+    """The :class:`TaskSchedule` a resolved config's ``meta`` section describes (seeded from ``seed``)."""
+    meta = config["meta"]
+    tasks, names = resolve_tasks(config)
+    # Its own stream, apart from the trainer's minibatch generator that shares the config seed.
+    return TaskSchedule(tasks, names, meta["task_schedule"], meta["curriculum_frames"], meta["curriculum_return"],
+                        meta["return_window"], seed=config["seed"] + 104_729)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter groups
+# ---------------------------------------------------------------------------------------------
+def split_parameters(
+    policy: nn.Module, reverse: bool = False, encoder_heads: str = "fast"
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Split a policy's parameters into the (fast, slow) groups of meta-learning.
+
+    :param policy: an actor-critic with a ``core`` that implements ``parameter_groups()``.
+    :param reverse: swap the core's groups (fast attention, slow modules).
+    :param encoder_heads: ``"fast"`` or ``"slow"``: the group of every parameter outside the core
+        (encoder, actor and critic heads, a Gaussian policy's log-std).
+    :return: ``(fast, slow)``; together they hold every parameter of the policy exactly once.
+    :raises ValueError: if the core has no split (LSTM, GRU) or its groups do not cover it exactly once.
+    """
+    if encoder_heads not in ("fast", "slow"):
+        raise ValueError(f"encoder_heads must be 'fast' or 'slow', got {encoder_heads!r}")
+    core: nn.Module = policy.core
+    groups = core.parameter_groups()
+    modules, attention = list(groups["modules"]), list(groups["attention"])
+    _check_exact_cover(core, modules + attention, f"{type(core).__name__}.parameter_groups()")
+    core_ids = {id(p) for p in core.parameters()}
+    outside = [p for p in policy.parameters() if id(p) not in core_ids]
+    fast, slow = (attention, modules) if reverse else (modules, attention)
+    if encoder_heads == "fast":
+        fast = fast + outside
+    else:
+        slow = slow + outside
+    _check_exact_cover(policy, fast + slow, "the fast and slow groups")
+    return fast, slow
+
+
+def _check_exact_cover(module: nn.Module, params: list[nn.Parameter], what: str) -> None:
+    ids = [id(p) for p in params]
+    expected = {id(p) for p in module.parameters()}
+    if len(ids) != len(set(ids)) or set(ids) != expected:
+        raise ValueError(f"{what} must hold each parameter of {type(module).__name__} exactly once "
+                         f"({len(ids)} listed, {len(set(ids))} distinct, {len(expected)} expected)")
+
+
+@contextlib.contextmanager
+def _frozen(params: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Switch off the gradients of ``params`` (the group not being updated) for the duration.
+
+    That group would not change anyway (each optimiser steps its own parameters only); this
+    spares the backward pass the gradients nobody uses.
+    """
+    previous = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, previous):
+            p.requires_grad_(flag)
+
+
+def _change_norm(before: Sequence[torch.Tensor], params: Sequence[nn.Parameter]) -> float:
+    """L2 norm of the change of ``params`` since ``before`` (their copies), over the whole group."""
+    with torch.no_grad():
+        squares = [(p - old).pow(2).sum() for p, old in zip(params, before)]
+        return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The update rules
+# ---------------------------------------------------------------------------------------------
+class MetaPPO:
+    """First-order meta-PPO over a fast and a slow parameter group (Meta-RIMs), as a phase machine.
+
+    Each call of :meth:`update` does one PPO update (``algo``'s epochs and minibatches) of one group:
+    ``inner_updates`` calls update the fast group, the next one the slow group, and so on. Between
+    cycles :meth:`next_task` lets the schedule change the task.
+
+    It has the interface of a ``PolicyUpdater`` (``update``, ``set_lr_scale``, ``state_dict``,
+    ``load_state_dict``) but holds two of them, :attr:`fast` and :attr:`slow`, each a
+    :class:`~agents.ppo.RecurrentPPO` with its own optimiser, parameters and learning rate.
+
+    :param policy: the actor-critic; its core must implement ``parameter_groups()``.
+    :param algo: the resolved ``algo`` section (PPO settings shared by both groups; no ``lr``).
+    :param schedule: the task schedule (``schedule_from_config``).
+    :param fast_lr: learning rate of the fast group (inner loop).
+    :param slow_lr: learning rate of the slow group (outer loop).
+    :param inner_updates: fast-group updates per cycle, each on its own rollout.
+    :param reverse: swap the core's groups (fast attention, slow modules).
+    :param encoder_heads: ``"fast"`` or ``"slow"``: the group of the encoder and the heads.
+    :param generator: random generator for the minibatch shuffles (the trainer's).
+    :raises ConfigError: if the core has no module/attention split.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        algo: dict[str, Any],
+        schedule: TaskSchedule,
+        fast_lr: float,
+        slow_lr: float,
+        inner_updates: int,
+        reverse: bool = False,
+        encoder_heads: str = "fast",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if inner_updates < 1:
+            raise ValueError(f"inner_updates must be >= 1, got {inner_updates}")
+        try:
+            self.fast_params, self.slow_params = split_parameters(policy, reverse, encoder_heads)
+        except ValueError as exc:
+            core_name = getattr(policy, "spec", {}).get("core", type(policy.core).__name__)
+            raise ConfigError(f"meta_ppo cannot use core.name={core_name!r}: {exc}") from None
+        self.policy, self.algo, self.schedule = policy, algo, schedule
+        self.inner_updates = inner_updates
+        self.fast = RecurrentPPO(policy, algo, parameters=self.fast_params, lr=fast_lr, generator=generator)
+        self.slow = RecurrentPPO(policy, algo, parameters=self.slow_params, lr=slow_lr, generator=generator)
+        self.step = 0  # position in the cycle: 0 .. inner_updates-1 inner, inner_updates outer
+        self.outer_updates = 0
+        self.cycle_ended = False  # set by the outer update, consumed by next_task
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], policy: nn.Module, generator: torch.Generator | None = None) -> MetaPPO:
+        """Build from a resolved config (``algo`` and ``meta`` sections; the trainer calls this)."""
+        meta = config["meta"]
+        return cls(policy, config["algo"], schedule_from_config(config), meta["fast_lr"], meta["slow_lr"],
+                   meta["inner_updates"], meta["reverse"], meta["encoder_heads"], generator)
+
+    @property
+    def phase(self) -> str:
+        """``"inner"`` if the next update changes the fast group, ``"outer"`` if the slow one."""
+        return "inner" if self.step < self.inner_updates else "outer"
+
+    def update(self, storage: RolloutStorage) -> dict[str, float]:
+        """One PPO update of the group whose turn it is, on the rollout in ``storage``.
+
+        :return: PPO's statistics plus ``meta/*``: the phase (0 inner, 1 outer), each group's parameter
+            change norm in this update (the other group's is exactly 0), the task index and the
+            per-task mean returns (as of the previous rollout: episodes reach the schedule through
+            ``next_task``, after this update).
+        """
+        inner = self.phase == "inner"
+        updater, frozen = (self.fast, self.slow_params) if inner else (self.slow, self.fast_params)
+        before_fast = [p.detach().clone() for p in self.fast_params]
+        before_slow = [p.detach().clone() for p in self.slow_params]
+        with _frozen(frozen):
+            stats = updater.update(storage)
+        stats["meta/phase"] = 0.0 if inner else 1.0
+        stats["meta/inner_step"] = float(self.step)
+        stats["meta/fast_update_norm"] = _change_norm(before_fast, self.fast_params)
+        stats["meta/slow_update_norm"] = _change_norm(before_slow, self.slow_params)
+        stats["meta/fast_lr"] = self.fast.optimizer.param_groups[0]["lr"]
+        stats["meta/slow_lr"] = self.slow.optimizer.param_groups[0]["lr"]
+        stats.update(self.schedule.stats())
+        if inner:
+            self.step += 1
+        else:
+            self.step, self.cycle_ended = 0, True
+            self.outer_updates += 1
+        stats["meta/outer_updates"] = float(self.outer_updates)
+        return stats
+
+    def next_task(self, frames: int, rollout_stats: RolloutStats | None) -> Task:
+        """The trainer's hook after each update: record the rollout's returns; after an outer update,
+        let the schedule pick the next cycle's task. Returns the task the envs should run.
+
+        :param frames: the trainer's frame count so far.
+        :param rollout_stats: the episodes of the rollout just used (None when the trainer only asks).
+        """
+        self.schedule.observe(rollout_stats)
+        if self.cycle_ended:
+            self.cycle_ended = False
+            self.schedule.end_cycle(frames)
+        return self.schedule.current
+
+    def set_lr_scale(self, scale: float) -> None:
+        """Scale both learning rates by ``scale`` (``algo.anneal_lr``)."""
+        self.fast.set_lr_scale(scale)
+        self.slow.set_lr_scale(scale)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Both optimisers, the phase and the task schedule (index, frames on it, sampler RNG, returns)."""
+        return {
+            "fast": self.fast.state_dict(),
+            "slow": self.slow.state_dict(),
+            "step": self.step,
+            "outer_updates": self.outer_updates,
+            "cycle_ended": self.cycle_ended,
+            "schedule": self.schedule.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (``--resume``)."""
+        self.fast.load_state_dict(state["fast"])
+        self.slow.load_state_dict(state["slow"])
+        self.step, self.outer_updates = state["step"], state["outer_updates"]
+        self.cycle_ended = state["cycle_ended"]
+        self.schedule.load_state_dict(state["schedule"])
+
+
+class MultiTaskPPO(RecurrentPPO):
+    """Plain PPO on all parameters, on the task distribution of a ``meta`` section (the baseline).
+
+    It sees the tasks as :class:`MetaPPO` does: the schedule may change the task every
+    ``rollouts_per_task`` rollouts (``meta.inner_updates + 1`` gives the same exposure).
+
+    :param policy: the actor-critic (any core).
+    :param algo: the resolved ``algo`` section (``lr`` included).
+    :param schedule: the task schedule.
+    :param rollouts_per_task: rollouts (updates) between two schedule decisions.
+    :param generator: random generator for the minibatch shuffles.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        algo: dict[str, Any],
+        schedule: TaskSchedule,
+        rollouts_per_task: int,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(policy, algo, generator=generator)
+        self.schedule = schedule
+        self.rollouts_per_task = rollouts_per_task
+        self.step = 0
+        self.cycle_ended = False
+
+    @classmethod
+    def from_config(
+        cls, config: dict[str, Any], policy: nn.Module, generator: torch.Generator | None = None
+    ) -> MultiTaskPPO:
+        """Build from a resolved config (``algo`` and ``meta`` sections; the trainer calls this)."""
+        return cls(policy, config["algo"], schedule_from_config(config), config["meta"]["rollouts_per_task"],
+                   generator)
+
+    def update(self, storage: RolloutStorage) -> dict[str, float]:
+        """PPO's update, plus ``meta/task_index`` and the per-task returns."""
+        stats = super().update(storage)
+        stats.update(self.schedule.stats())
+        self.step += 1
+        if self.step == self.rollouts_per_task:
+            self.step, self.cycle_ended = 0, True
+        return stats
+
+    def next_task(self, frames: int, rollout_stats: RolloutStats | None) -> Task:
+        """Same hook as :meth:`MetaPPO.next_task`."""
+        self.schedule.observe(rollout_stats)
+        if self.cycle_ended:
+            self.cycle_ended = False
+            self.schedule.end_cycle(frames)
+        return self.schedule.current
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimiser, the position in the cycle and the schedule."""
+        return {**super().state_dict(), "step": self.step, "cycle_ended": self.cycle_ended,
+                "schedule": self.schedule.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+        super().load_state_dict(state)
+        self.step, self.cycle_ended = state["step"], state["cycle_ended"]
+        self.schedule.load_state_dict(state["schedule"])
+
+
+# Registration: config validation knows the algorithms and the section, the trainer the update rules.
+ALGO_FIELDS["meta_ppo"] = _meta_algo_fields()
+ALGO_FIELDS["multitask_ppo"] = _algo_fields()
+EXTRA_SECTIONS["meta"] = _meta_section
+UPDATERS["meta_ppo"] = MetaPPO  # type: ignore[assignment]  # two PolicyUpdaters inside, same interface
+UPDATERS["multitask_ppo"] = MultiTaskPPO

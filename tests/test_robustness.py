@@ -1,0 +1,253 @@
+"""Bad input gets one clear error; interruption, crashes and NaNs never lose saved work."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from agents.config import load_config
+from agents.trainer import Trainer, TrainingError
+from policies import checkpoint as checkpoint_module
+from policies.checkpoint import CheckpointError, load_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["env.n_envs=2", "algo.n_steps=16", "algo.num_minibatches=1", "log.progress_bar=false",
+        "core.num_modules=3", "core.module_size=8", "core.k_active=2"]
+
+
+def run_main(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str]:
+    code = train.main(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["algo.lrr=1e-3"], "unknown config key 'algo.lrr'"),
+        (["algo.lr=abc"], "algo.lr must be a number"),
+        (["algo.lr=-0.1"], "algo.lr must be > 0"),
+        (["core.k_active=9", "core.num_modules=4"], "k_active"),
+        (["env.n_envs=0"], "env.n_envs must be > 0"),
+        (["total_frames=0"], "total_frames must be > 0"),
+        (["--config", "no/such/file.yaml"], "config file not found"),
+        (["env.id=MiniGrid-DoorKey-5x5-v1"], "MiniGrid-DoorKey-5x5-v0"),
+        (["env.id=CartPole-v1"], None),  # a valid non-MiniGrid id trains (MLP encoder)
+        (["env.env_kwargs={bogus: 1}"], "env:"),
+        (["--resume", "no/such/run"], "checkpoint file not found"),
+    ],
+)
+def test_bad_training_input_exits_2_with_one_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str | None
+) -> None:
+    extra = ["--run-dir", str(tmp_path / "run")] if "--resume" not in argv else []
+    code, err = run_main(capsys, [*TINY, "total_frames=32", *argv, *extra] if "--resume" not in argv else argv)
+    if message is None:
+        assert code == 0, err
+        return
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_invalid_yaml_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("core: {name: rims\n")
+    code, err = run_main(capsys, ["--config", str(bad)])
+    assert code == 2 and "not valid YAML" in err and str(bad) in err
+
+
+def test_missing_atari_roms_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                             tmp_path: Path) -> None:
+    from ale_py import roms
+
+    monkeypatch.setattr(roms, "get_rom_path", lambda game: None)
+    code, err = run_main(capsys, ["env.id=ALE/Pong-v5", *TINY, "--run-dir", str(tmp_path / "r")])
+    assert code == 2 and "ROM" in err and "pong" in err.lower()
+
+
+def test_debug_flag_shows_the_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(Exception, match="algo.lrr"):
+        train.main(["algo.lrr=1", "--debug"])
+
+
+def test_cli_error_has_no_traceback_in_a_real_process(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "train.py", "core.k_active=0"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert "k_active" in result.stderr and "Traceback" not in result.stderr
+
+
+def tiny_trainer(run_dir: Path, *extra: str) -> Trainer:
+    return Trainer(load_config(None, [*TINY, "total_frames=128", *extra]), run_dir)
+
+
+def test_kill_between_write_and_rename_keeps_previous_checkpoint(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = tiny_trainer(tmp_path)
+    trainer.run(stop_at_frames=32)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def killed() -> None:
+        raise KeyboardInterrupt("killed between write and rename")
+
+    monkeypatch.setattr(checkpoint_module, "_before_rename_hook", killed)
+    trainer.frames += 1000  # a later checkpoint that never lands
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["frames"] == 32
+    leftovers = [p.name for p in tmp_path.rglob("*.tmp")]
+    assert leftovers == []
+
+
+def test_keeps_only_the_last_n_checkpoints(tmp_path: Path) -> None:
+    tiny_trainer(tmp_path, "log.checkpoint_interval_frames=32", "log.keep_checkpoints=2").run()
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["checkpoint_000000000096.pt", "checkpoint_000000000128.pt"]
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["frames"] == 128
+
+
+def test_resume_equals_uninterrupted_training(tmp_path: Path) -> None:
+    extra = ("algo.anneal_lr=true", "total_frames=160")
+    whole = tiny_trainer(tmp_path / "whole", *extra)
+    whole.run()
+    interrupted = tiny_trainer(tmp_path / "split", *extra)
+    interrupted.run(stop_at_frames=64)
+    assert load_checkpoint(tmp_path / "split" / "checkpoint.pt")["frames"] == 64
+    resumed = Trainer.resume(tmp_path / "split")
+    assert resumed.frames == 64
+    resumed.run()
+    a = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    assert a["frames"] == b["frames"] == 160
+    for key, value in a["policy"]["state_dict"].items():
+        assert torch.equal(value, b["policy"]["state_dict"][key]), key
+    # TensorBoard/JSONL steps continue where they stopped: one row per update, no duplicates.
+    rows = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 5
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
+    trainer = tiny_trainer(tmp_path, "log.checkpoint_interval_frames=32")
+    trainer.run(stop_at_frames=32)
+    good = load_checkpoint(tmp_path / "checkpoint.pt")
+    with torch.no_grad():  # poison the critic: the next value loss is NaN
+        trainer.policy.critic[-1].weight.fill_(float("nan"))
+    with pytest.raises(TrainingError, match="not overwritten"):
+        trainer.run()
+    after = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert after["frames"] == 32
+    for key, value in after["policy"]["state_dict"].items():
+        assert torch.equal(value, good["policy"]["state_dict"][key])
+        assert torch.isfinite(value).all()
+
+
+def test_nan_through_the_cli_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from agents import ppo
+
+    original = ppo.RecurrentPPO.update
+
+    def poisoned(self, storage):
+        storage.returns.fill_(float("inf"))
+        return original(self, storage)
+
+    monkeypatch.setattr(ppo.RecurrentPPO, "update", poisoned)
+    code, err = run_main(capsys, [*TINY, "total_frames=64", "--run-dir", str(tmp_path)])
+    assert code == 2 and "the loss is inf" in err and "No checkpoint had been written yet" in err
+    assert "Traceback" not in err
+
+
+def test_sigterm_checkpoints_and_the_run_resumes(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *TINY, "total_frames=100000000", "log.progress_bar=false",
+         "--run-dir", str(run_dir)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, "training never logged an update"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "--resume" in out + err
+    frames = load_checkpoint(run_dir / "checkpoint.pt")["frames"]
+    assert frames >= 32
+    resumed = Trainer.resume(run_dir, {"total_frames": frames + 32})
+    resumed.run()
+    assert load_checkpoint(run_dir / "checkpoint.pt")["frames"] == frames + 32
+
+
+def test_crashed_subprocess_env_saves_and_names_the_env(tmp_path: Path) -> None:
+    trainer = tiny_trainer(tmp_path, "env.vec_env=subproc")
+    trainer.run(stop_at_frames=32)
+    base = trainer.venv
+    while hasattr(base, "venv"):
+        base = base.venv
+    os.kill(base.processes[1].pid, signal.SIGKILL)
+    base.processes[1].join(timeout=30)
+    with pytest.raises(TrainingError, match="env 1"):
+        trainer.run()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["frames"] == 32
+
+
+class _RunsCode:
+    """Pickles to a call that creates a marker file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_malicious_checkpoint_is_refused_without_running_code(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    marker = tmp_path / "pwned"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with (run_dir / "checkpoint.pt").open("wb") as handle:
+        torch.save({"format": checkpoint_module.FORMAT, "payload": _RunsCode(marker)}, handle)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_checkpoint(run_dir / "checkpoint.pt")
+    code, err = run_main(capsys, ["--resume", str(run_dir)])
+    assert code == 2 and "refusing to load" in err
+    assert not marker.exists()
+    # The same object really does run code under a plain pickle load: the test would catch a regression.
+    pickle.loads(pickle.dumps(_RunsCode(marker)))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "foreign", "version"])
+def test_unusable_checkpoints_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str) -> None:
+    source = tmp_path / "src"
+    tiny_trainer(source).run(stop_at_frames=32)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    target = run_dir / "checkpoint.pt"
+    if kind == "truncated":
+        data = (source / "checkpoint.pt").read_bytes()
+        target.write_bytes(data[: len(data) // 2])
+        expected = "truncated or corrupt"
+    elif kind == "foreign":
+        torch.save({"weights": torch.zeros(3)}, target)
+        expected = "not a checkpoint of this package"
+    else:
+        payload = torch.load(source / "checkpoint.pt", weights_only=True)
+        payload["format_version"] = 999
+        torch.save(payload, target)
+        expected = "format version 999"
+    code, err = run_main(capsys, ["--resume", str(run_dir)])
+    assert code == 2 and expected in err and "Traceback" not in err
