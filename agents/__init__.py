@@ -2,6 +2,7 @@
 
 from agents.a2c import RecurrentA2C
 from agents.config import ConfigError, load_config, resolve_config
+from agents.evaluation import EvaluationError, evaluate_policy
 
 # Importing agents.meta registers algo.name meta_ppo / multitask_ppo and the config's meta section.
 from agents.meta import MetaPPO, MultiTaskPPO, TaskSchedule
@@ -12,6 +13,7 @@ from agents.trainer import Trainer, TrainingError, train
 
 __all__ = [
     "ConfigError",
+    "EvaluationError",
     "MetaPPO",
     "MultiTaskPPO",
     "NonFiniteError",
@@ -22,6 +24,7 @@ __all__ = [
     "Trainer",
     "TrainingError",
     "compute_gae",
+    "evaluate_policy",
     "load_config",
     "resolve_config",
     "train",

@@ -25,7 +25,7 @@ import torch
 # Run from anywhere: the package lives one folder up.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from policies.cores import BRIMs, GRUCore, LSTMCore, RecurrentCore, RIMs, ThalNet  # noqa: E402
+from policies.cores import BRIMs, GRUCore, LSTMCore, RecurrentCore, RIMs, ThalNet
 
 SEQ_LEN, BATCH, INPUT_SIZE = 128, 16, 512
 
@@ -51,13 +51,11 @@ CORE_SPECS: list[tuple[str, Callable[[], RecurrentCore], float | None]] = [
 ]
 
 
-def time_core(core: RecurrentCore, device: torch.device, repeats: int, warmup: int) -> float:
-    """Median milliseconds of one forward + backward over a (T, B, 512) sequence.
+def make_runner(core: RecurrentCore, device: torch.device) -> Callable[[], None]:
+    """A function that runs one forward + backward of ``core`` over a (T, B, 512) sequence.
 
     :param core: the core to time (already on ``device``).
     :param device: where the inputs go.
-    :param repeats: timed runs; the median is returned.
-    :param warmup: untimed runs first (allocator, kernel selection, caches).
     """
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(SEQ_LEN, BATCH, INPUT_SIZE, generator=generator).to(device)
@@ -69,18 +67,22 @@ def time_core(core: RecurrentCore, device: torch.device, repeats: int, warmup: i
         out, _ = core(x, state, episode_starts)
         out.sum().backward()
 
-    for _ in range(warmup):
-        run_once()
-    times: list[float] = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run_once()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+    return run_once
+
+
+def time_once(run_once: Callable[[], None], device: torch.device) -> float:
+    """Milliseconds of one call of ``run_once``, waiting for the GPU when there is one.
+
+    :param run_once: what to time.
+    :param device: the device the work runs on.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run_once()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1000.0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,20 +112,33 @@ def main(argv: list[str] | None = None) -> None:
     header = f"{'core':<24}{'parameters':>12}{'ms/seq':>10}{'x LSTM':>9}  target"
     print(header)
     print("-" * len(header))
-    lstm_ms: float | None = None
+    # Build and warm up every core, then time them round-robin: on a shared machine the
+    # load drifts, and interleaving makes the drift hit every core alike (fairer ratios).
+    built: list[tuple[str, float | None, int, Callable[[], None]]] = []
+    failures: list[str] = []
     for name, build, target in CORE_SPECS:
         try:
             core = build().to(device)
-        except Exception as exc:  # one broken core should not hide the others' timings
-            print(f"{name:<24}{'failed to build: ' + repr(exc)}")
+            run_once = make_runner(core, device)
+            for _ in range(args.warmup):
+                run_once()
+        except Exception as exc:  # noqa: BLE001 -- one broken core should not hide the others' timings
+            failures.append(f"{name:<24}failed: {exc!r}")
             continue
-        num_params = sum(p.numel() for p in core.parameters())
-        ms = time_core(core, device, args.repeats, args.warmup)
-        if lstm_ms is None:
-            lstm_ms = ms
+        built.append((name, target, sum(p.numel() for p in core.parameters()), run_once))
+    times: dict[str, list[float]] = {name: [] for name, *_ in built}
+    for _ in range(args.repeats):
+        for name, _, _, run_once in built:
+            times[name].append(time_once(run_once, device))
+
+    lstm_ms = statistics.median(times[built[0][0]])  # LSTMCore comes first and always builds
+    for name, target, num_params, _ in built:
+        ms = statistics.median(times[name])
         ratio = ms / lstm_ms
         verdict = "-" if target is None else f"<= {target:.1f}x: {'met' if ratio <= target else 'NOT met'}"
         print(f"{name:<24}{num_params:>12,}{ms:>10.1f}{ratio:>8.2f}x  {verdict}")
+    for failure in failures:
+        print(failure)
 
 
 if __name__ == "__main__":

@@ -159,6 +159,10 @@ def test_reading_parameters_get_gradients_and_adam_reduces_a_loss(reading: str) 
     groups = core.parameter_groups()
     for param in groups["attention"]:
         assert param.grad is not None and torch.count_nonzero(param.grad) > 0
+    if reading.startswith("fast"):
+        # Every read parameter a module computes (each softmax logit; each Gaussian mean and width) is trained.
+        per_output = core.read_query_weight.grad.abs().sum(dim=1)  # (M, parameters per module)
+        assert (per_output > 0).all()
     first_loss = loss.item()
     optimizer = torch.optim.Adam(core.parameters(), lr=1e-2)
     for _ in range(15):

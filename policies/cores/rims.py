@@ -1,39 +1,43 @@
-"""Recurrent Independent Mechanisms (RIMs) and the layer block BRIMs reuses.
+"""Recurrent Independent Mechanisms (RIMs), and the layer block and engine BRIMs reuses.
 
-A RIMs core holds K modules of size H, each with its own LSTM or GRU cell. At
-every step (see shared/DESIGN.md, "RIMs"):
+A RIMs layer holds K modules of size H, each with its own LSTM or GRU cell. At
+every step (shared/DESIGN.md, "RIMs"; Goyal et al. 2019):
 
-1. every module attends over the input slots ``[null, x_t]`` (keys and values
-   are bias-free projections shared by all modules, so the null key and value
-   are exactly zero; queries are per-module projections of ``h_{t-1,k}``);
-2. the ``k_active`` modules that put the least attention on the null slot are
-   active (hard, detached top-k on the softmax probabilities);
-3. every module's cell runs on its attended input, all K in one batched matmul;
-4. modules communicate by multi-head attention over all modules (per-module
-   Q/K/V), added as a residual to the new ``h``;
+1. every module attends over the input slots ``[null, slot_1, ...]``: keys and
+   values are bias-free projections of each slot shared by all modules (so the
+   null key and value are exactly zero), queries are per-module projections of
+   ``h_{t-1,k}``; softmax over slots per module and head;
+2. the ``k_active`` modules putting the least (head-averaged) attention on the
+   null slot are active: a hard, detached top-k on the softmax probabilities;
+3. each active module runs its own cell on its attended input (all K cells in
+   one batched matmul); inactive modules keep their state: ``h~ = h_{t-1}``;
+4. communication: multi-head attention of the modules over all modules' ``h~``
+   (per-module Q/K/V), projected per module and added as a residual, for the
+   active modules only;
 5. inactive modules keep ``h`` and ``c`` bit-for-bit (``torch.where``).
 
-Layout notes (why the code looks the way it does):
+How it is made fast (the agent's bottleneck is many tiny ops per step):
 
-* Per-module weights are stacked ``(K, in, out)`` and applied with ``bmm`` /
-  ``baddbmm`` on ``(K, B, in)`` activations, so there is no Python loop over
-  modules and no off-diagonal block exists as a parameter.
-* Keys and values depend only on the input, so for a slot fed by ``x`` they are
-  computed for all T steps in ``_precompute`` in one matmul. The value only
-  enters the cell through ``W_ih``, and attention is linear in the value, so we
-  also precompute the *drive* ``v_t @ W_ih[k]`` for every module (per head).
-  The cell's input pre-activation is then ``sum_slots,heads a * drive``; with one
-  slot plus the null slot (whose value is zero) it is a single ``addcmul``.
-* With one non-null slot the softmax over ``[0, s]`` is ``sigmoid(s)`` exactly,
-  which saves a concatenation and a softmax per step.
-* The recurrent gate weights ``W_hh`` and the input-attention query weights are
-  both applied to ``h_{t-1}``: they stay separate parameters (the meta-learning
-  split needs them apart) but are concatenated once per forward so each step
-  does one ``baddbmm`` for both.
+* Per-module weights are stacked ``(K, in, out)`` and applied with
+  ``bmm``/``baddbmm`` on ``(K, B, in)`` activations: no loop over modules, no
+  off-diagonal block exists as a parameter.
+* Keys and values of a slot fed by ``x`` depend only on ``x``: computed for all T
+  steps in one matmul. The value only enters the cell through ``W_ih`` and
+  attention is linear in the value, so the *drive* ``v_t @ W_ih[k]`` of every
+  module (per head) is precomputed too; a step adds ``attention * drive``.
+  With one non-null slot, ``softmax([0, s]) = [sigmoid(-s), sigmoid(s)]``.
+* ``W_hh`` and the query weights both multiply ``h_{t-1}``: separate parameters
+  (the meta-learning split needs them apart), concatenated once per forward so a
+  step does one ``baddbmm`` for both. Score scales are folded into the weights.
+* Training uses a hand-written backward through time (:class:`_FusedRIMsStack`):
+  the forward runs without autograd bookkeeping, and the weight gradients are
+  one large batched matmul over all T steps at the end instead of T small ones.
+  The same forward code, run under ordinary autograd (``fused_backward=False``),
+  is the reference the tests compare the fused gradients against.
 
-The flat state of a layer is ``(B, 2, K, H)`` flattened for ``lstm`` (all ``h``
-first, then all ``c``) and ``(B, K, H)`` flattened for ``gru``; the output is the
-``h`` part, ``(B, K*H)``, module-major.
+State layout of one layer, flat per env: ``lstm`` is ``(2, K, H)`` (all ``h``,
+then all ``c``), ``gru`` is ``(K, H)``; a core's state concatenates its layers.
+Gate order inside the stacked cell weights: LSTM ``[i, f, o, g]``, GRU ``[r, z, n]``.
 """
 
 from __future__ import annotations
@@ -45,10 +49,14 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from policies.cores.base import RecurrentCore, check_choice, check_positive_int
 
 CELLS: tuple[str, ...] = ("lstm", "gru")
+
+_sigmoid_backward = torch.ops.aten.sigmoid_backward
+_tanh_backward = torch.ops.aten.tanh_backward
 
 
 def check_dropout(name: str, value: Any) -> float:
@@ -58,58 +66,95 @@ def check_dropout(name: str, value: Any) -> float:
     return float(value)
 
 
-class LayerWeights(NamedTuple):
-    """Weights of a :class:`RIMsLayer` rearranged once per forward for the per-step code.
+def _dropout_mask(like: Tensor, p: float) -> Tensor:
+    """Inverted-dropout mask (values 0 or 1/(1-p)), drawn once so forward and backward agree."""
+    return torch.empty_like(like, memory_format=torch.contiguous_format).bernoulli_(1.0 - p).div_(1.0 - p)
 
-    :param recurrent: ``(K, H, gates + heads*key)``: ``W_hh`` next to the (pre-scaled) query weights.
+
+class LayerWeights(NamedTuple):
+    """A layer's weights rearranged once per forward for the per-step code (differentiable views/copies).
+
+    :param recurrent: ``(K, H, gates + heads*key)``: ``W_hh`` next to the query weights (scaled by 1/sqrt(key)).
     :param recurrent_bias: ``(K, 1, gates + heads*key)``: the recurrent bias, zeros for the queries.
-    :param drive: ``W_ih`` laid out for :meth:`RIMsLayer.keys_and_drives`.
+    :param drive: ``W_ih`` as ``(value, K*gates)`` for one head or ``(heads, value, K*gates)``.
+    :param input_bias: ``(K, 1, gates)``: GRU's ``b_ih``; None for LSTM.
+    :param comm_qkv: ``(K, H, comm_heads*(2*key + value))``, per head ``[q|k|v]``, q scaled by 1/sqrt(key).
+    :param comm_out: ``(K, comm_heads*value, H)``.
+    :param slot_kv: per slot, its key/value projection ``(slot width, heads*(key+value))``.
     """
 
     recurrent: Tensor
     recurrent_bias: Tensor
     drive: Tensor
+    input_bias: Tensor | None
+    comm_qkv: Tensor
+    comm_out: Tensor
+    slot_kv: tuple[Tensor, ...]
 
 
-class StepResult(NamedTuple):
-    """What one :meth:`RIMsLayer.step` returns.
+class StepSaved(NamedTuple):
+    """Intermediates of one layer step kept for the hand-written backward (see :meth:`RIMsLayer.step`)."""
 
-    :param state: the layer's new flat state ``(B, layer_state_size)``; its first ``K*H`` columns are the output.
+    h_prev: Tensor
+    c_prev: Tensor | None
+    query: Tensor
+    keys: tuple[Tensor, ...]
+    drives: tuple[Tensor, ...]
+    probs: Tensor
+    input_mask: Tensor | None
+    weighted: Tensor
+    gates: tuple[Tensor, ...]
+    h_tilde: Tensor
+    comm_qkv: Tensor
+    comm_attn: Tensor
+    comm_mask: Tensor | None
+    comm_weighted: Tensor
+    ctx: Tensor
+    active: Tensor
+
+
+class StepOut(NamedTuple):
+    """Result of one layer step.
+
+    :param h: new ``h`` ``(K, B, H)``.
+    :param c: new ``c`` ``(K, B, H)`` for LSTM, None for GRU.
     :param active: ``(K, B)`` bool mask of the active modules.
-    :param null_attention: ``(K, B, heads)`` attention on the null slot (detached), the selection criterion.
-    :param slot_attention: ``(K, B, heads, slots)`` attention on the non-null slots (before dropout).
+    :param null: ``(K, B, heads)`` detached attention on the null slot (the selection criterion).
+    :param attention: ``(K, B, heads, slots)`` attention on the non-null slots (before dropout).
+    :param saved: intermediates for :meth:`RIMsLayer.step_backward`, or None.
     """
 
-    state: Tensor
+    h: Tensor
+    c: Tensor | None
     active: Tensor
-    null_attention: Tensor
-    slot_attention: Tensor
+    null: Tensor
+    attention: Tensor
+    saved: StepSaved | None
 
 
 class RIMsLayer(nn.Module):
     """One RIMs layer: input attention over slots, top-k selection, K cells, communication.
 
-    Used as-is by :class:`RIMs` (one slot, fed by ``x``) and once per layer by
-    ``BRIMs`` (a bottom-up and a top-down slot). The layer does not know where a
-    slot's input comes from: the caller computes each slot's keys and drives with
-    :meth:`keys_and_drives` (for all T at once when the slot is fed by ``x``) and
-    passes them to :meth:`step`.
+    Used by :class:`RIMs` (one slot, fed by ``x``) and once per layer by ``BRIMs``
+    (a bottom-up and a top-down slot). The layer does not know where a slot's input
+    comes from; the engine (:class:`RIMsStackCore`) computes each slot's keys and
+    drives with :meth:`slot_forward` and passes them to :meth:`step`.
 
     :param slot_sizes: width of each non-null input slot; each slot has its own
         bias-free key/value projection into the layer's common key/value space.
     :param num_modules: K, the number of modules.
     :param module_size: H, the hidden size of each module.
-    :param k_active: how many modules are active at each step, ``1 <= k_active <= K``.
+    :param k_active: modules active per step, ``1 <= k_active <= num_modules``.
     :param cell: ``"lstm"`` or ``"gru"``.
-    :param num_input_heads: input-attention heads; the attended values of the heads are
-        concatenated into the cell input, the heads' probabilities averaged for selection.
+    :param num_input_heads: input-attention heads: their attended values are concatenated
+        into the cell input, their null-slot probabilities averaged for selection.
     :param input_key_size: key/query width per input-attention head.
-    :param input_value_size: value width per input-attention head (cell input is heads * this).
+    :param input_value_size: value width per input-attention head (cell input: heads * this).
     :param num_comm_heads: communication-attention heads.
     :param comm_key_size: key/query width per communication head.
     :param comm_value_size: value width per communication head.
-    :param dropout: probability used (in training mode only) both for the
-        input-attention probabilities and for the communication-attention probabilities.
+    :param dropout: probability, in training mode only, of dropping an input-attention
+        probability and (separately drawn) a communication-attention probability.
     """
 
     def __init__(
@@ -150,7 +195,7 @@ class RIMsLayer(nn.Module):
         self.num_modules, self.module_size, self.k_active = K, H, k_active
         self.num_input_heads, self.input_key_size, self.input_value_size = nh, dk, dv
         self.num_comm_heads, self.comm_key_size, self.comm_value_size = nc, ck, cv
-        # Two separately named rates so they can never be swapped (a known bug in a public port).
+        # Two separately named rates so they can never be swapped (a bug in a public port).
         self.input_attention_dropout = p
         self.comm_attention_dropout = p
         self.gate_size = (4 if self.cell == "lstm" else 3) * H
@@ -158,10 +203,10 @@ class RIMsLayer(nn.Module):
         self.state_size = (2 if self.cell == "lstm" else 1) * K * H
 
         # --- attention parameters ---
-        # Per slot, one bias-free projection to [keys of all heads | values of all heads]
-        # (F.linear layout). No bias is what makes the null slot's key and value exactly zero.
+        # Per slot one bias-free projection (in, out) to [keys of all heads | values of all heads].
+        # No bias is what makes the null slot's key and value exactly zero.
         self.slot_key_value = nn.ParameterList(
-            [nn.Parameter(torch.empty(nh * (dk + dv), size)) for size in self.slot_sizes]
+            [nn.Parameter(torch.empty(size, nh * (dk + dv))) for size in self.slot_sizes]
         )
         self.query = nn.Parameter(torch.empty(K, H, nh * dk))
         self.comm_qkv = nn.Parameter(torch.empty(K, H, nc * (2 * ck + cv)))
@@ -170,7 +215,7 @@ class RIMsLayer(nn.Module):
         self.weight_ih = nn.Parameter(torch.empty(K, nh * dv, self.gate_size))
         self.weight_hh = nn.Parameter(torch.empty(K, H, self.gate_size))
         if self.cell == "lstm":
-            # One bias: LSTM's b_ih and b_hh are redundant.
+            # One bias: LSTM's b_ih and b_hh would be redundant.
             self.bias = nn.Parameter(torch.empty(K, self.gate_size))
         else:
             # GRU needs both: b_hn sits inside r * (W_hn h + b_hn).
@@ -186,11 +231,8 @@ class RIMsLayer(nn.Module):
         bound = 1.0 / math.sqrt(self.module_size)
         for w in self.module_parameters():
             nn.init.uniform_(w, -bound, bound)
-        for w in self.slot_key_value:
-            b = 1.0 / math.sqrt(w.shape[1])
-            nn.init.uniform_(w, -b, b)
-        for w in (self.query, self.comm_qkv, self.comm_out):
-            b = 1.0 / math.sqrt(w.shape[1])
+        for w in (*self.slot_key_value, self.query, self.comm_qkv, self.comm_out):
+            b = 1.0 / math.sqrt(w.shape[-2])  # fan_in: weights are (..., in, out)
             nn.init.uniform_(w, -b, b)
 
     def module_parameters(self) -> list[nn.Parameter]:
@@ -200,195 +242,652 @@ class RIMsLayer(nn.Module):
         return [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
 
     def attention_parameters(self) -> list[nn.Parameter]:
-        """Input-attention (slot keys/values, queries) and communication parameters."""
+        """Input-attention (slot keys/values, queries) and communication-attention parameters."""
         return [*self.slot_key_value, self.query, self.comm_qkv, self.comm_out]
 
+    # ------------------------------------------------------------------ forward pieces
+
     def prepare(self) -> LayerWeights:
-        """Rearrange the weights for the per-step code; call once per forward (it is differentiable)."""
-        K, nh, dk, dv, G = self.num_modules, self.num_input_heads, self.input_key_size, self.input_value_size, self.gate_size
-        # Fold the 1/sqrt(d) score scale into the query weights: one op per forward, not per step.
-        query = self.query * (1.0 / math.sqrt(dk))
-        recurrent = torch.cat([self.weight_hh, query], dim=-1)
+        """Rearrange the weights for the per-step code; once per forward (differentiable)."""
+        K, H, nh, dk, dv, G = (
+            self.num_modules,
+            self.module_size,
+            self.num_input_heads,
+            self.input_key_size,
+            self.input_value_size,
+            self.gate_size,
+        )
+        nc, ck, cv = self.num_comm_heads, self.comm_key_size, self.comm_value_size
+        recurrent = torch.cat([self.weight_hh, self.query * (1.0 / math.sqrt(dk))], dim=-1)
         b_hh = self.bias if self.cell == "lstm" else self.bias_hh
         recurrent_bias = torch.cat([b_hh, b_hh.new_zeros(K, nh * dk)], dim=-1).unsqueeze(1)
         if nh == 1:
-            # (dv, K*G): one plain matmul gives every module's drive.
             drive = self.weight_ih.permute(1, 0, 2).reshape(dv, K * G)
         else:
-            # (heads, dv, K*G): a batched matmul over heads.
             drive = self.weight_ih.view(K, nh, dv, G).permute(1, 2, 0, 3).reshape(nh, dv, K * G)
-        return LayerWeights(recurrent, recurrent_bias, drive)
+        input_bias = None if self.cell == "lstm" else self.bias_ih.unsqueeze(1)
+        scale = self.comm_qkv.new_ones(2 * ck + cv)
+        scale[:ck] = 1.0 / math.sqrt(ck)
+        comm_qkv = (self.comm_qkv.view(K, H, nc, 2 * ck + cv) * scale).view(K, H, nc * (2 * ck + cv))
+        return LayerWeights(recurrent, recurrent_bias, drive, input_bias, comm_qkv, self.comm_out, tuple(self.slot_key_value))
 
-    def keys_and_drives(self, weights: LayerWeights, slot: int, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and cell drives of one slot, for any leading shape ``(..., B)``.
+    def slot_forward(
+        self, w: LayerWeights, slot: int, inputs: Tensor, save: bool = False
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+        """Keys and cell drives of one slot, for inputs with any leading shape ``(..., B, width)``.
 
-        :param weights: from :meth:`prepare`.
+        :param w: from :meth:`prepare`.
         :param slot: index of the (non-null) slot.
-        :param inputs: ``(..., B, slot_sizes[slot])``; e.g. ``(T, B, in)`` for all steps at once.
-        :return: ``keys`` ``(..., B, heads, key)`` and ``drives`` ``(..., K, B, gates)`` for one
-            head or ``(..., K, B, heads, gates)``: ``drives[k] = value @ W_ih[k]`` per head, which
-            the step scales by attention (attention is linear in the value).
+        :param inputs: ``(..., B, slot_sizes[slot])``, e.g. ``(T, B, in)`` for all steps at once.
+        :param save: also return what :meth:`slot_backward` needs.
+        :return: ``keys`` ``(..., B, heads, key)``; ``drives`` ``(..., K, B, gates)`` for one head,
+            else ``(..., K, B, heads, gates)``, where ``drive[k] = value @ W_ih[k]`` per head;
+            and the saved tensors or None.
         """
         K, nh, dk, dv, G = self.num_modules, self.num_input_heads, self.input_key_size, self.input_value_size, self.gate_size
-        lead = inputs.shape[:-1]
-        kv = F.linear(inputs, self.slot_key_value[slot])
+        kv = inputs @ w.slot_kv[slot]
         keys, values = kv.split([nh * dk, nh * dv], dim=-1)
         keys = keys.unflatten(-1, (nh, dk))
         if nh == 1:
-            drives = (values @ weights.drive).view(*lead, K, G).transpose(-2, -3)
+            drives = (values @ w.drive).unflatten(-1, (K, G)).transpose(-2, -3)
+            kept = values
         else:
-            v = values.reshape(-1, nh, dv).transpose(0, 1)  # (heads, N, dv)
-            d = torch.bmm(v, weights.drive)  # (heads, N, K*G)
-            drives = d.view(nh, *lead, K, G).movedim(0, -2).transpose(-3, -4)  # (..., K, B, heads, G)
-        return keys, drives
+            lead = values.shape[:-1]
+            kept = values.reshape(-1, nh, dv).transpose(0, 1)  # (heads, N, value)
+            d = torch.bmm(kept, w.drive)  # (heads, N, K*G)
+            drives = d.view(nh, *lead, K, G).movedim(0, -2).transpose(-3, -4)
+        return keys, drives, ((inputs, kept) if save else None)
 
-    def split_state(self, state: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Views ``(K, B, H)`` of ``h`` (and ``c`` for lstm, else None) into a flat ``(B, state_size)`` state."""
-        B, K, H = state.shape[0], self.num_modules, self.module_size
-        if self.cell == "lstm":
-            # unbind, not indexing: its backward is one stack, not a zero-filled copy per part.
-            h, c = state.view(B, 2, K, H).permute(1, 2, 0, 3).unbind(0)
-            return h, c
-        return state.view(B, K, H).transpose(0, 1), None
+    def step(
+        self,
+        w: LayerWeights,
+        h: Tensor,
+        c: Tensor | None,
+        keys: Sequence[Tensor],
+        drives: Sequence[Tensor],
+        save: bool = False,
+    ) -> StepOut:
+        """One step of the layer (plain differentiable torch ops).
 
-    def step(self, weights: LayerWeights, state: Tensor, keys: Sequence[Tensor], drives: Sequence[Tensor]) -> StepResult:
-        """One step of the layer.
-
-        :param weights: from :meth:`prepare` (once per forward).
-        :param state: the layer's flat state ``(B, state_size)`` entering the step.
-        :param keys: per non-null slot, ``(B, heads, key)`` (from :meth:`keys_and_drives`).
-        :param drives: per non-null slot, ``(K, B, gates)`` or ``(K, B, heads, gates)``.
-        :return: a :class:`StepResult`.
+        :param w: from :meth:`prepare`.
+        :param h: ``(K, B, H)`` entering the step (after any reset).
+        :param c: ``(K, B, H)`` for LSTM, None for GRU.
+        :param keys: per non-null slot ``(B, heads, key)``.
+        :param drives: per non-null slot ``(K, B, gates)`` or ``(K, B, heads, gates)``.
+        :param save: keep intermediates for :meth:`step_backward`.
         """
-        K, H, nh, dk = self.num_modules, self.module_size, self.num_input_heads, self.input_key_size
-        B = state.shape[0]
-        h_prev, c_prev = self.split_state(state)
+        K, B, H = h.shape
+        nh, dk, G = self.num_input_heads, self.input_key_size, self.gate_size
+        nc, ck, cv = self.num_comm_heads, self.comm_key_size, self.comm_value_size
 
-        # Recurrent gate pre-activations and input-attention queries from h_{t-1}: one baddbmm.
-        z = torch.baddbmm(weights.recurrent_bias, h_prev, weights.recurrent)
-        rec, query = z.split([self.gate_size, nh * dk], dim=-1)
+        # Gate pre-activations and input-attention queries from h_{t-1}: one baddbmm.
+        z = torch.baddbmm(w.recurrent_bias, h, w.recurrent)
+        rec, query = z.split([G, nh * dk], dim=-1)
         query = query.view(K, B, nh, dk)
 
-        # Input attention. The null slot's key is zero, so its score is exactly 0.
+        # Input attention; the null slot's key is zero, so its score is exactly 0.
         if len(keys) == 1:
             score = (query * keys[0]).sum(-1)  # (K, B, heads)
-            attn = torch.sigmoid(score).unsqueeze(-1)  # = softmax([0, s])[1], exactly
+            probs = torch.sigmoid(score)  # softmax([0, s])[1]
             with torch.no_grad():
-                null = torch.sigmoid(-score)  # = softmax([0, s])[0], without 1 - p rounding
+                null = torch.sigmoid(-score)  # softmax([0, s])[0], without 1 - p rounding
+            attention = probs.unsqueeze(-1)  # (K, B, heads, 1)
         else:
             stacked = torch.stack(list(keys), dim=-2)  # (B, heads, slots, key)
             score = (query.unsqueeze(-2) * stacked).sum(-1)  # (K, B, heads, slots)
             probs = torch.softmax(F.pad(score, (1, 0)), dim=-1)  # null score 0 prepended
             null = probs[..., 0].detach()
-            attn = probs[..., 1:]
+            attention = probs[..., 1:]
 
-        # Selection: the k_active modules with the least (head-averaged) null attention.
+        # Selection: the k_active modules with the least head-averaged null attention.
         with torch.no_grad():
             if self.k_active == K:
-                active = torch.ones(K, B, dtype=torch.bool, device=state.device)
+                active = torch.ones(K, B, dtype=torch.bool, device=h.device)
             else:
                 criterion = null[..., 0] if nh == 1 else null.mean(-1)
                 chosen = torch.topk(criterion, self.k_active, dim=0, largest=False).indices
-                active = torch.zeros(K, B, dtype=torch.bool, device=state.device).scatter_(0, chosen, True)
+                active = torch.zeros(K, B, dtype=torch.bool, device=h.device).scatter_(0, chosen, True)
+        keep = active.unsqueeze(-1)
 
-        weighted = attn
+        input_mask = None
+        weighted = attention
         if self.training and self.input_attention_dropout > 0.0:
-            weighted = F.dropout(attn, self.input_attention_dropout, training=True)
+            input_mask = _dropout_mask(attention, self.input_attention_dropout)
+            weighted = attention * input_mask
 
-        # Cell input pre-activation: sum over slots and heads of attention * drive (null adds 0).
+        # Cell input: sum over slots and heads of attention * drive (the null slot adds 0).
         if self.cell == "lstm":
-            gates = self._add_drives(rec, weighted, drives)
-            # Gate order [i, f, o, g]: one split (backward: one cat) instead of slices.
-            sig, g = gates.split([3 * H, H], dim=-1)
-            i, f, o = torch.sigmoid(sig).chunk(3, dim=-1)
-            g = torch.tanh(g)
-            c_new = torch.addcmul(f * c_prev, i, g)
-            h_new = o * torch.tanh(c_new)
+            pre = self._add_drives(rec, weighted, drives)
+            pre_sig, pre_g = pre.split([3 * H, H], dim=-1)
+            sig = torch.sigmoid(pre_sig)
+            g = torch.tanh(pre_g)
+            i, f, o = sig.chunk(3, dim=-1)
+            c_new = torch.addcmul(f * c, i, g)
+            tc = torch.tanh(c_new)
+            h_cell = o * tc
+            gates: tuple[Tensor, ...] = (sig, g, tc)
         else:
-            x_gates = self._add_drives(self.bias_ih.unsqueeze(1), weighted, drives)
-            x_rz, x_n = x_gates.split([2 * H, H], dim=-1)
+            assert w.input_bias is not None
+            xg = self._add_drives(w.input_bias, weighted, drives)
+            x_rz, x_n = xg.split([2 * H, H], dim=-1)
             h_rz, h_n = rec.split([2 * H, H], dim=-1)
-            r, zg = torch.sigmoid(x_rz + h_rz).chunk(2, dim=-1)
+            rz = torch.sigmoid(x_rz + h_rz)
+            r, zg = rz.chunk(2, dim=-1)
             n = torch.tanh(torch.addcmul(x_n, r, h_n))
-            h_new = torch.addcmul(n, zg, h_prev - n)  # (1 - z) * n + z * h
+            h_cell = torch.addcmul(n, zg, h - n)  # (1 - z) * n + z * h
             c_new = None
+            gates = (rz, n, h_n)
 
-        h_new = self._communicate(h_new)
+        # Inactive modules do not run their cell: their state entering communication is h_{t-1}.
+        h_tilde = torch.where(keep, h_cell, h)
 
-        # Inactive modules keep h and c exactly: where, never a multiply-blend.
-        if self.cell == "lstm":
-            prev = state.view(B, 2, K, H).permute(2, 0, 1, 3)  # (K, B, 2, H) view, no copy
-            new = torch.stack([h_new, c_new], dim=2)
-            kept = torch.where(active.view(K, B, 1, 1), new, prev)
-            flat = kept.permute(1, 2, 0, 3).reshape(B, self.state_size)
-        else:
-            kept = torch.where(active.unsqueeze(-1), h_new, h_prev)
-            flat = kept.transpose(0, 1).reshape(B, self.state_size)
-        return StepResult(flat, active, null, attn)
+        # Communication: attention across modules, per (env, head); scale folded into w.comm_qkv.
+        # Scores are kept transposed, (key module, query module): a softmax over a middle dim of
+        # size K is several times faster on CPU than over a tiny last dim.
+        qkv = torch.bmm(h_tilde, w.comm_qkv).view(K, B * nc, 2 * ck + cv).transpose(0, 1)
+        cq, ckey, cval = qkv.split([ck, ck, cv], dim=-1)  # (B*heads, K, .)
+        comm_attn = torch.softmax(torch.bmm(ckey, cq.transpose(1, 2)), dim=1)  # [b, key j, query i]
+        comm_mask = None
+        comm_weighted = comm_attn
+        if self.training and self.comm_attention_dropout > 0.0:
+            comm_mask = _dropout_mask(comm_attn, self.comm_attention_dropout)
+            comm_weighted = comm_attn * comm_mask
+        ctx = torch.bmm(comm_weighted.transpose(1, 2), cval).transpose(0, 1).reshape(K, B, nc * cv)
+        h_comm = torch.baddbmm(h_tilde, ctx, w.comm_out)  # residual + per-module output projection
 
-    def _add_drives(self, base: Tensor, attn: Tensor, drives: Sequence[Tensor]) -> Tensor:
-        """``base + sum_slots sum_heads attn * drive``; attn ``(K, B, heads, slots)``."""
+        # Inactive modules keep h and c bit-for-bit: where, never a blend.
+        h_out = torch.where(keep, h_comm, h)
+        c_out = torch.where(keep, c_new, c) if c_new is not None else None
+
+        saved = None
+        if save:
+            saved = StepSaved(
+                h, c, query, tuple(keys), tuple(drives), probs, input_mask, weighted, gates,
+                h_tilde, qkv, comm_attn, comm_mask, comm_weighted, ctx, active,
+            )  # fmt: skip
+        return StepOut(h_out, c_out, active, null, attention, saved)
+
+    def _add_drives(self, base: Tensor, weighted: Tensor, drives: Sequence[Tensor]) -> Tensor:
+        """``base + sum_slots sum_heads weighted * drive``; ``weighted`` is ``(K, B, heads, slots)``."""
         out = base
-        for s, drive in enumerate(drives):  # slots (1 to 2), never modules
-            a = attn[..., s]  # (K, B, heads)
+        for s, drive in enumerate(drives):  # slots (one or two), never modules
+            a = weighted[..., s]  # (K, B, heads)
             if self.num_input_heads == 1:
-                out = torch.addcmul(out, a, drive)  # (K,B,1) * (K,B,G)
+                out = torch.addcmul(out, a, drive)  # (K, B, 1) * (K, B, G)
             else:
-                out = out + torch.matmul(a.unsqueeze(-2), drive).squeeze(-2)  # (K,B,1,h)@(K,B,h,G)
+                out = out + torch.matmul(a.unsqueeze(-2), drive).squeeze(-2)  # (K,B,1,h) @ (K,B,h,G)
         return out
 
-    def _communicate(self, h: Tensor) -> Tensor:
-        """Multi-head attention of every module over all modules, added to ``h`` as a residual.
+    # ------------------------------------------------------------------ hand-written backward
 
-        Inactive modules' results are discarded by the caller's ``where``, so computing
-        them costs nothing extra and keeps it one batched op.
+    def transposed(self, w: LayerWeights) -> LayerWeights:
+        """Contiguous transposes of the weights for the backward (once per backward, not per step:
+        matmuls with transposed operands are markedly slower on CPU)."""
+        drive = w.drive.t() if w.drive.dim() == 2 else w.drive.transpose(1, 2)
+        return LayerWeights(
+            w.recurrent.transpose(1, 2).contiguous(),
+            w.recurrent_bias,
+            drive.contiguous(),
+            w.input_bias,
+            w.comm_qkv.transpose(1, 2).contiguous(),
+            w.comm_out.transpose(1, 2).contiguous(),
+            tuple(s.t().contiguous() for s in w.slot_kv),
+        )
+
+    def step_backward(
+        self, wt: LayerWeights, sv: StepSaved, dh: Tensor, dc: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, list[Tensor], list[Tensor], tuple[Tensor, ...]]:
+        """Gradients of one :meth:`step` given the gradients of its outputs.
+
+        :param wt: the step's weights, :meth:`transposed`.
+        :param sv: the step's saved intermediates.
+        :param dh: gradient w.r.t. the step's output ``h`` ``(K, B, H)``.
+        :param dc: gradient w.r.t. the output ``c`` (LSTM) or None.
+        :return: gradients w.r.t. ``h`` and ``c`` entering the step, w.r.t. each slot's keys and
+            drives, and the per-step pieces of the weight gradients (reduced over T by
+            :meth:`weight_grads`): ``(dz, dqkv, dh_comm[, d_input_gates])``.
         """
-        K, B = h.shape[0], h.shape[1]
+        K, B, H = dh.shape
+        nh, dk = self.num_input_heads, self.input_key_size
         nc, ck, cv = self.num_comm_heads, self.comm_key_size, self.comm_value_size
-        qkv = torch.bmm(h, self.comm_qkv)  # (K, B, heads*(2ck+cv)), per-module projections
-        q, k, v = qkv.split([nc * ck, nc * ck, nc * cv], dim=-1)
-        # (K, B, heads, d) -> (B, heads, K, d): attention across modules.
-        q = q.view(K, B, nc, ck).permute(1, 2, 0, 3)
-        k = k.view(K, B, nc, ck).permute(1, 2, 0, 3)
-        v = v.view(K, B, nc, cv).permute(1, 2, 0, 3)
-        p = self.comm_attention_dropout if self.training else 0.0
-        ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, heads, K, cv)
-        ctx = ctx.permute(2, 0, 1, 3).reshape(K, B, nc * cv)
-        return torch.baddbmm(h, ctx, self.comm_out)  # residual + per-module output projection
+        keep = sv.active.unsqueeze(-1)
+        zero = dh.new_zeros(())
+
+        # Communication (only active rows of h_comm are used).
+        dh_comm = torch.where(keep, dh, zero)
+        d_ctx = torch.bmm(dh_comm, wt.comm_out).view(K, B * nc, cv).transpose(0, 1)  # (B*heads, K, cv)
+        cq, ckey, cval = sv.comm_qkv.split([ck, ck, cv], dim=-1)
+        # Attention is stored transposed: [b, key j, query i].
+        d_weighted = torch.bmm(cval, d_ctx.transpose(1, 2))
+        d_val = torch.bmm(sv.comm_weighted, d_ctx)
+        if sv.comm_mask is not None:
+            d_weighted = d_weighted * sv.comm_mask
+        d_score = torch._softmax_backward_data(d_weighted, sv.comm_attn, 1, sv.comm_attn.dtype)
+        d_q = torch.bmm(d_score.transpose(1, 2), ckey)
+        d_k = torch.bmm(d_score, cq)
+        dqkv = torch.cat([d_q, d_k, d_val], dim=-1).transpose(0, 1).reshape(K, B, nc * (2 * ck + cv))
+        # h_tilde feeds the residual and Q/K/V; h_tilde = h_cell (active) or h_prev (inactive),
+        # and inactive rows of dh go straight to h_prev: both collapse into one tensor x.
+        x = torch.baddbmm(dh, dqkv, wt.comm_qkv)
+        dh_cell = torch.where(keep, x, zero)
+        dh_prev = torch.where(keep, zero, x)
+
+        # Cell.
+        dc_prev = None
+        if self.cell == "lstm":
+            sig, g, tc = sv.gates
+            i, f, o = sig.chunk(3, dim=-1)
+            assert dc is not None and sv.c_prev is not None
+            dc_cell = torch.where(keep, dc, zero) + _tanh_backward(dh_cell * o, tc)
+            dc_prev = torch.where(keep, dc_cell * f, dc)
+            d_sig = _sigmoid_backward(torch.cat([dc_cell * g, dc_cell * sv.c_prev, dh_cell * tc], dim=-1), sig)
+            d_g = _tanh_backward(dc_cell * i, g)
+            d_inp = torch.cat([d_sig, d_g], dim=-1)
+            d_rec = d_inp
+        else:
+            rz, n, h_n = sv.gates
+            r, zg = rz.chunk(2, dim=-1)
+            dh_prev = torch.addcmul(dh_prev, dh_cell, zg)
+            d_pre_n = _tanh_backward(dh_cell - dh_cell * zg, n)
+            d_rz = _sigmoid_backward(torch.cat([d_pre_n * h_n, dh_cell * (sv.h_prev - n)], dim=-1), rz)
+            d_inp = torch.cat([d_rz, d_pre_n], dim=-1)
+            d_rec = torch.cat([d_rz, d_pre_n * r], dim=-1)
+
+        # Input attention.
+        d_drives: list[Tensor] = []
+        d_weighted_parts: list[Tensor] = []
+        for s, drive in enumerate(sv.drives):
+            a = sv.weighted[..., s]  # (K, B, heads)
+            if nh == 1:
+                d_weighted_parts.append((d_inp * drive).sum(-1, keepdim=True))
+                d_drives.append(a * d_inp)
+            else:
+                d_weighted_parts.append(torch.matmul(drive, d_inp.unsqueeze(-1)).squeeze(-1))
+                d_drives.append(a.unsqueeze(-1) * d_inp.unsqueeze(-2))
+        d_attn = torch.stack(d_weighted_parts, dim=-1)  # (K, B, heads, slots)
+        if sv.input_mask is not None:
+            d_attn = d_attn * sv.input_mask
+        if len(sv.keys) == 1:
+            d_s = _sigmoid_backward(d_attn[..., 0], sv.probs).unsqueeze(-1)  # (K, B, heads, 1)
+            d_query = d_s * sv.keys[0]
+            d_keys = [(d_s * sv.query).sum(0)]
+        else:
+            d_full = torch._softmax_backward_data(F.pad(d_attn, (1, 0)), sv.probs, -1, sv.probs.dtype)
+            d_s = d_full[..., 1:].unsqueeze(-1)  # (K, B, heads, slots, 1)
+            stacked = torch.stack(list(sv.keys), dim=-2)
+            d_query = (d_s * stacked).sum(-2)
+            d_keys = list((d_s * sv.query.unsqueeze(-2)).sum(0).unbind(-2))
+        dz = torch.cat([d_rec, d_query.reshape(K, B, nh * dk)], dim=-1)
+        dh_prev = torch.baddbmm(dh_prev, dz, wt.recurrent)
+        pieces = (dz, dqkv, dh_comm) + ((d_inp,) if self.cell == "gru" else ())
+        return dh_prev, dc_prev, d_keys, d_drives, pieces
+
+    def slot_backward(
+        self, wt: LayerWeights, slot: int, saved: tuple[Tensor, Tensor], d_keys: Tensor, d_drives: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Gradients of one step's :meth:`slot_forward` (inputs ``(B, width)``); ``wt`` is :meth:`transposed`.
+
+        :return: the gradient w.r.t. the slot's input, and the weight-gradient pieces
+            ``d_kv`` ``(B, heads*(key+value))`` and ``d_drive_flat``.
+        """
+        K, nh, dk, dv, G = self.num_modules, self.num_input_heads, self.input_key_size, self.input_value_size, self.gate_size
+        B = d_keys.shape[0]
+        if nh == 1:
+            dd = d_drives.transpose(0, 1).reshape(B, K * G)
+            d_values = dd @ wt.drive
+        else:
+            dd = d_drives.permute(2, 1, 0, 3).reshape(nh, B, K * G)
+            d_values = torch.bmm(dd, wt.drive).transpose(0, 1).reshape(B, nh * dv)
+        d_kv = torch.cat([d_keys.reshape(B, nh * dk), d_values], dim=-1)
+        return d_kv @ wt.slot_kv[slot], d_kv, dd
+
+    def weight_grads(
+        self,
+        w: LayerWeights,
+        inputs: list[tuple[Tensor, Tensor, Tensor]],
+        pieces: list[tuple[Tensor, ...]],
+        slot_pieces: dict[int, list[tuple[Tensor, Tensor, Tensor, Tensor]]],
+    ) -> LayerWeights:
+        """Weight gradients over the whole sequence, each one large batched matmul.
+
+        :param inputs: per step ``(h_prev, h_tilde, ctx)`` (the right-hand factors).
+        :param pieces: per step the ``pieces`` of :meth:`step_backward`.
+        :param slot_pieces: per dynamic slot, per step ``(input, kept values, d_kv, d_drive_flat)``.
+        :return: gradients laid out like ``w`` (None where nothing flows inside the engine).
+        """
+        h_prev = torch.cat([p[0] for p in inputs], dim=1)  # (K, T*B, H)
+        h_tilde = torch.cat([p[1] for p in inputs], dim=1)
+        ctx = torch.cat([p[2] for p in inputs], dim=1)
+        dz = torch.cat([p[0] for p in pieces], dim=1)
+        dqkv = torch.cat([p[1] for p in pieces], dim=1)
+        dh_comm = torch.cat([p[2] for p in pieces], dim=1)
+        g_recurrent = torch.bmm(h_prev.transpose(1, 2), dz)
+        g_recurrent_bias = dz.sum(1, keepdim=True)
+        g_comm_qkv = torch.bmm(h_tilde.transpose(1, 2), dqkv)
+        g_comm_out = torch.bmm(ctx.transpose(1, 2), dh_comm)
+        g_input_bias = torch.cat([p[3] for p in pieces], dim=1).sum(1, keepdim=True) if self.cell == "gru" else None
+        g_drive: Tensor | None = None
+        g_slots: list[Tensor | None] = [None] * len(self.slot_sizes)
+        for slot, rows in slot_pieces.items():
+            u = torch.cat([r[0] for r in rows], dim=0)
+            d_kv = torch.cat([r[2] for r in rows], dim=0)
+            g_slots[slot] = u.t() @ d_kv
+            if self.num_input_heads == 1:
+                gd = torch.cat([r[1] for r in rows], dim=0).t() @ torch.cat([r[3] for r in rows], dim=0)
+            else:
+                v = torch.cat([r[1] for r in rows], dim=1)
+                gd = torch.bmm(v.transpose(1, 2), torch.cat([r[3] for r in rows], dim=1))
+            g_drive = gd if g_drive is None else g_drive + gd
+        return LayerWeights(
+            g_recurrent, g_recurrent_bias, g_drive, g_input_bias, g_comm_qkv, g_comm_out, tuple(g_slots)  # type: ignore[arg-type]
+        )
 
 
-def layer_info(step_infos: dict[str, Tensor], suffix: str) -> dict[str, Tensor]:
-    """Turn one layer's stacked raw per-step diagnostics into the protocol's info entries.
+def _flatten_weights(weights: Sequence[LayerWeights]) -> list[Tensor | None]:
+    flat: list[Tensor | None] = []
+    for w in weights:
+        flat += [w.recurrent, w.recurrent_bias, w.drive, w.input_bias, w.comm_qkv, w.comm_out, *w.slot_kv]
+    return flat
 
-    :param step_infos: stacked over time: ``active{suffix}`` ``(T, K, B)``, ``null{suffix}``
-        ``(T, K, B, heads)``, ``slots{suffix}`` ``(T, K, B, heads, slots)``.
-    :param suffix: ``""`` for RIMs, ``"_{l}"`` for BRIMs layer l.
-    :return: ``active{suffix}`` ``(T, B, K)`` bool and ``input_attention{suffix}``
-        ``(T, B, K, 1 + slots)``, head-averaged, slot 0 the null slot.
+
+def _unflatten_weights(flat: Sequence[Any], layers: Sequence[RIMsLayer]) -> list[LayerWeights]:
+    out, i = [], 0
+    for layer in layers:
+        n = len(layer.slot_sizes)
+        out.append(LayerWeights(*flat[i : i + 6], tuple(flat[i + 6 : i + 6 + n])))
+        i += 6 + n
+    return out
+
+
+class RIMsStackCore(RecurrentCore):
+    """A stack of :class:`RIMsLayer` run step by step: the engine shared by RIMs and BRIMs.
+
+    Layer ``l`` reads slots ``[bottom-up, top-down]``: bottom-up is ``x_t`` for layer 0 and
+    layer ``l-1``'s new ``h`` at step t otherwise; top-down is layer ``l+1``'s ``h`` from
+    step t-1 (none for the top layer). With one layer this is exactly RIMs.
+
+    Subclasses build ``self.layers`` and set ``output_layers`` (which layers' ``h`` make the
+    output, concatenated). ``fused_backward=True`` trains through the hand-written
+    backward; ``False`` lets autograd differentiate the same forward ops (slower reference).
     """
-    active = step_infos[f"active{suffix}"].transpose(1, 2)
-    null = step_infos[f"null{suffix}"].detach().unsqueeze(-1)
-    slots = step_infos[f"slots{suffix}"].detach()
-    attention = torch.cat([null, slots], dim=-1).mean(dim=-2).transpose(1, 2)
+
+    layers: nn.ModuleList
+    output_layers: tuple[int, ...]
+    fused_backward: bool
+
+    def _build(self, input_size: int, layers: list[RIMsLayer], output_layers: tuple[int, ...], fused: bool) -> None:
+        self.input_size = input_size
+        self.layers = nn.ModuleList(layers)
+        self.output_layers = output_layers
+        self.fused_backward = fused
+        self.output_size = sum(layers[l].output_size for l in output_layers)
+        self.state_size = sum(layer.state_size for layer in layers)
+        offsets, o = [], 0
+        for layer in layers:
+            offsets.append(o)
+            o += layer.state_size
+        self._state_offsets = offsets
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """``{"modules": cell parameters, "attention": input and communication attention}``, each once."""
+        modules: list[nn.Parameter] = []
+        attention: list[nn.Parameter] = []
+        for layer in self.layers:
+            modules += layer.module_parameters()
+            attention += layer.attention_parameters()
+        return {"modules": modules, "attention": attention}
+
+    def _info_suffix(self, l: int) -> str:
+        return f"_{l}"
+
+    # ------------------------------------------------------------------ state layout
+
+    def _split_state(self, state: Tensor) -> tuple[list[Tensor], list[Tensor | None]]:
+        """Per-layer ``(K, B, H)`` views of ``h`` and ``c`` (None for GRU) of a flat state."""
+        B = state.shape[0]
+        hs: list[Tensor] = []
+        cs: list[Tensor | None] = []
+        for layer, off in zip(self.layers, self._state_offsets):
+            K, H = layer.num_modules, layer.module_size
+            part = state[:, off : off + layer.state_size]
+            if layer.cell == "lstm":
+                h, c = part.reshape(B, 2, K, H).permute(1, 2, 0, 3).unbind(0)
+            else:
+                h, c = part.reshape(B, K, H).transpose(0, 1), None
+            hs.append(h)
+            cs.append(c)
+        return hs, cs
+
+    def _join_state(self, hs: Sequence[Tensor], cs: Sequence[Tensor | None]) -> Tensor:
+        parts = []
+        for h, c in zip(hs, cs):
+            K, B, H = h.shape
+            if c is not None:
+                parts.append(torch.stack([h, c]).permute(2, 0, 1, 3).reshape(B, 2 * K * H))
+            else:
+                parts.append(h.transpose(0, 1).reshape(B, K * H))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    # ------------------------------------------------------------------ engine
+
+    def _run(
+        self,
+        weights: Sequence[LayerWeights],
+        state: Tensor,
+        keys0: Tensor,
+        drives0: Tensor,
+        starts: Tensor,
+        any_start: list[bool],
+        save: bool,
+        info: dict[str, Tensor] | None,
+    ) -> tuple[Tensor, Tensor, list[list[Any]] | None]:
+        """The time loop (plain torch ops: differentiable when run under autograd)."""
+        layers: list[RIMsLayer] = list(self.layers)  # type: ignore[arg-type]
+        L, T = len(layers), keys0.shape[0]
+        B = state.shape[0]
+        hs, cs = self._split_state(state)
+        keep = (~starts).view(T, 1, B, 1)
+        # unbind: indexing a tensor that needs grad would cost a full-size zero gradient per step.
+        keys0_t, drives0_t = keys0.unbind(0), drives0.unbind(0)
+        outs: dict[int, list[Tensor]] = {l: [] for l in self.output_layers}
+        records: list[list[Any]] | None = [] if save else None
+        raw: list[list[StepOut]] = []
+        for t in range(T):
+            if any_start[t]:
+                hs = [torch.where(keep[t], h, 0.0) for h in hs]
+                cs = [None if c is None else torch.where(keep[t], c, 0.0) for c in cs]
+            step_records: list[Any] = []
+            step_raw: list[StepOut] = []
+            for l, layer in enumerate(layers):
+                keys, drives, slot_saves = [keys0_t[t]], [drives0_t[t]], {}
+                if l > 0:
+                    keys[0], drives[0], slot_saves[0] = layer.slot_forward(weights[l], 0, _flat(hs[l - 1]), save)
+                if l < L - 1:
+                    k, d, slot_saves[1] = layer.slot_forward(weights[l], 1, _flat(hs[l + 1]), save)
+                    keys.append(k)
+                    drives.append(d)
+                res = layer.step(weights[l], hs[l], cs[l], keys, drives, save)
+                hs[l], cs[l] = res.h, res.c
+                if info is not None:
+                    step_raw.append(res._replace(saved=None))
+                if save:
+                    step_records.append((res.saved, slot_saves))
+            for l in self.output_layers:
+                outs[l].append(hs[l])
+            if info is not None:
+                raw.append(step_raw)
+            if records is not None:
+                records.append(step_records)
+        out_parts = [torch.stack(outs[l]).permute(0, 2, 1, 3).flatten(2) for l in self.output_layers]
+        out = out_parts[0] if len(out_parts) == 1 else torch.cat(out_parts, dim=-1)
+        if info is not None:
+            for l in range(L):
+                info.update(_layer_info([r[l] for r in raw], self._info_suffix(l)))
+        return out, self._join_state(hs, cs), records
+
+    def _backward(
+        self,
+        weights: Sequence[LayerWeights],
+        records: list[list[Any]],
+        d_out: Tensor,
+        d_state: Tensor,
+        starts: Tensor,
+        any_start: list[bool],
+    ) -> tuple[Tensor, Tensor, Tensor, list[LayerWeights]]:
+        """Backward through time of :meth:`_run` (hand-written; see :class:`_FusedRIMsStack`)."""
+        layers: list[RIMsLayer] = list(self.layers)  # type: ignore[arg-type]
+        L, T = len(layers), len(records)
+        B = d_state.shape[0]
+        keep = (~starts).view(T, 1, B, 1)
+        transposed = [layer.transposed(w) for layer, w in zip(layers, weights)]
+        gh, gc = self._split_state(d_state)
+        d_out_layers: dict[int, Tensor] = {}
+        col = 0
+        for l in self.output_layers:
+            K, H = layers[l].num_modules, layers[l].module_size
+            d_out_layers[l] = d_out[..., col : col + K * H].unflatten(-1, (K, H)).permute(0, 2, 1, 3)
+            col += K * H
+        d_keys0: list[Tensor] = []
+        d_drives0: list[Tensor] = []
+        inputs: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in layers]
+        pieces: list[list[tuple[Tensor, ...]]] = [[] for _ in layers]
+        slot_pieces: list[dict[int, list[tuple[Tensor, Tensor, Tensor, Tensor]]]] = [{} for _ in layers]
+        for t in reversed(range(T)):
+            for l, d in d_out_layers.items():
+                gh[l] = gh[l] + d[t]
+            new_gh: list[Tensor | None] = [None] * L
+            new_gc: list[Tensor | None] = [None] * L
+            for l in reversed(range(L)):
+                layer, w = layers[l], transposed[l]
+                sv, slot_saves = records[t][l]
+                dh_prev, dc_prev, d_keys, d_drives, pc = layer.step_backward(w, sv, gh[l], gc[l])
+                inputs[l].append((sv.h_prev, sv.h_tilde, sv.ctx))
+                pieces[l].append(pc)
+                new_gc[l] = dc_prev
+                if l < L - 1:  # top-down slot read layer l+1's h from step t-1
+                    d_u, d_kv, dd = layer.slot_backward(w, 1, slot_saves[1], d_keys[1], d_drives[1])
+                    slot_pieces[l].setdefault(1, []).append((*slot_saves[1], d_kv, dd))
+                    new_gh[l + 1] = new_gh[l + 1] + _unflat(d_u, layers[l + 1])  # type: ignore[operator]
+                if l > 0:  # bottom-up slot read layer l-1's h from this step
+                    d_u, d_kv, dd = layer.slot_backward(w, 0, slot_saves[0], d_keys[0], d_drives[0])
+                    slot_pieces[l].setdefault(0, []).append((*slot_saves[0], d_kv, dd))
+                    gh[l - 1] = gh[l - 1] + _unflat(d_u, layers[l - 1])
+                else:
+                    d_keys0.append(d_keys[0])
+                    d_drives0.append(d_drives[0])
+                new_gh[l] = dh_prev
+            if any_start[t]:  # the state entering step t was reset: no gradient to before it
+                new_gh = [torch.where(keep[t], g, 0.0) for g in new_gh]  # type: ignore[arg-type]
+                new_gc = [None if g is None else torch.where(keep[t], g, 0.0) for g in new_gc]
+            gh, gc = new_gh, new_gc  # type: ignore[assignment]
+        d_state0 = self._join_state(gh, gc)
+        d_keys0_all = torch.stack(d_keys0[::-1])
+        d_drives0_all = torch.stack(d_drives0[::-1])
+        d_weights = [
+            layer.weight_grads(w, inputs[l], pieces[l], slot_pieces[l])
+            for l, (layer, w) in enumerate(zip(layers, weights))
+        ]
+        return d_state0, d_keys0_all, d_drives0_all, d_weights
+
+    def forward(
+        self,
+        x: Tensor,
+        state: Tensor,
+        episode_starts: Tensor,
+        return_info: bool = False,
+    ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Run the core over a sequence (protocol of :class:`RecurrentCore`).
+
+        :param x: ``(T, B, input_size)``.
+        :param state: ``(B, state_size)`` entering step 0.
+        :param episode_starts: ``(T, B)`` bool; true resets that env's state to zeros before step t.
+        :param return_info: also return diagnostics, time first: ``active`` ``(T, B, K)`` bool and
+            ``input_attention`` ``(T, B, K, slots)`` (head-averaged, slot 0 = null); BRIMs
+            suffixes both with ``_{layer}``.
+        """
+        self.check_inputs(x, state, episode_starts)
+        starts = episode_starts.to(device=x.device, dtype=torch.bool)
+        any_start = starts.any(dim=1).tolist()
+        layers: list[RIMsLayer] = list(self.layers)  # type: ignore[arg-type]
+        weights = [layer.prepare() for layer in layers]
+        keys0, drives0, _ = layers[0].slot_forward(weights[0], 0, x)
+        info: dict[str, Tensor] | None = {} if return_info else None
+        needs_grad = torch.is_grad_enabled() and (
+            state.requires_grad or keys0.requires_grad or drives0.requires_grad
+        )
+        if needs_grad and self.fused_backward:
+            out, new_state = _FusedRIMsStack.apply(
+                self, starts, any_start, info, state, keys0, drives0, *_flatten_weights(weights)
+            )
+        else:
+            out, new_state, _ = self._run(weights, state, keys0, drives0, starts, any_start, False, info)
+        if info is None:
+            return out, new_state
+        return out, new_state, info
+
+
+def _flat(h: Tensor) -> Tensor:
+    """``(K, B, H)`` -> ``(B, K*H)``, the layer's output layout."""
+    return h.transpose(0, 1).flatten(1)
+
+
+def _unflat(d: Tensor, layer: RIMsLayer) -> Tensor:
+    """``(B, K*H)`` -> ``(K, B, H)`` (inverse of :func:`_flat`, for gradients)."""
+    return d.unflatten(1, (layer.num_modules, layer.module_size)).transpose(0, 1)
+
+
+def _layer_info(steps: Sequence[StepOut], suffix: str) -> dict[str, Tensor]:
+    """Stack one layer's per-step results into the protocol's info entries (time first)."""
+    active = torch.stack([s.active for s in steps]).transpose(1, 2)  # (T, B, K)
+    null = torch.stack([s.null for s in steps]).unsqueeze(-1)  # (T, K, B, heads, 1)
+    slots = torch.stack([s.attention for s in steps]).detach()  # (T, K, B, heads, slots)
+    attention = torch.cat([null, slots], dim=-1).mean(dim=-2).transpose(1, 2)  # (T, B, K, 1 + slots)
     return {f"active{suffix}": active, f"input_attention{suffix}": attention}
 
 
-def raw_step_info(result: StepResult, suffix: str) -> dict[str, Tensor]:
-    """Per-step raw diagnostics (no extra ops; converted once per forward by :func:`layer_info`)."""
-    return {
-        f"active{suffix}": result.active,
-        f"null{suffix}": result.null_attention,
-        f"slots{suffix}": result.slot_attention,
-    }
+class _FusedRIMsStack(torch.autograd.Function):
+    """Forward of :meth:`RIMsStackCore._run` without autograd bookkeeping, with a hand-written BPTT."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        core: RIMsStackCore,
+        starts: Tensor,
+        any_start: list[bool],
+        info: dict[str, Tensor] | None,
+        state: Tensor,
+        keys0: Tensor,
+        drives0: Tensor,
+        *flat_weights: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        weights = _unflatten_weights(flat_weights, list(core.layers))  # type: ignore[arg-type]
+        out, new_state, records = core._run(weights, state, keys0, drives0, starts, any_start, True, info)
+        # Intermediates live on ctx (not save_for_backward): there are many, all created here.
+        ctx.core, ctx.weights, ctx.records = core, weights, records
+        ctx.starts, ctx.any_start = starts, any_start
+        ctx.n_weights = len(flat_weights)
+        return out, new_state
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, d_out: Tensor, d_state: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        core: RIMsStackCore = ctx.core
+        d_state0, d_keys0, d_drives0, d_weights = core._backward(
+            ctx.weights, ctx.records, d_out, d_state, ctx.starts, ctx.any_start
+        )
+        ctx.records = None
+        flat = _flatten_weights(d_weights)
+        assert len(flat) == ctx.n_weights
+        return (None, None, None, None, d_state0, d_keys0, d_drives0, *flat)
 
 
-class RIMs(RecurrentCore):
+class RIMs(RIMsStackCore):
     """Recurrent Independent Mechanisms core (Goyal et al., 2019), following shared/DESIGN.md.
 
     :param input_size: width of ``x_t``.
     :param num_modules: K, number of modules.
     :param module_size: H, hidden size of each module; the output is ``K*H`` wide.
-    :param k_active: number of modules active per step, ``1 <= k_active <= num_modules``.
+    :param k_active: modules active per step, ``1 <= k_active <= num_modules``.
     :param cell: ``"lstm"`` (state ``(B, 2*K*H)``: all h then all c) or ``"gru"`` (state ``(B, K*H)``).
     :param num_input_heads: input-attention heads (averaged for selection, concatenated as cell input).
     :param input_key_size: key/query width per input-attention head.
@@ -396,8 +895,10 @@ class RIMs(RecurrentCore):
     :param num_comm_heads: communication-attention heads.
     :param comm_key_size: key/query width per communication head.
     :param comm_value_size: value width per communication head.
-    :param dropout: dropout on the input-attention and the communication-attention
-        probabilities, only in training mode (``0`` disables it).
+    :param dropout: dropout on the input-attention and on the communication-attention
+        probabilities, in training mode only (``0`` disables it).
+    :param fused_backward: train through the hand-written backward (fast, default); ``False``
+        lets autograd differentiate the same forward (reference, slower).
     :raises ValueError: naming the argument, for a size < 1, ``k_active > num_modules``,
         an unknown cell, or a dropout outside ``[0, 1)``.
     """
@@ -416,10 +917,12 @@ class RIMs(RecurrentCore):
         comm_key_size: int = 32,
         comm_value_size: int = 32,
         dropout: float = 0.0,
+        fused_backward: bool = True,
     ) -> None:
         super().__init__()
-        self.input_size = check_positive_int("input_size", input_size)
-        self.layer = RIMsLayer(
+        check_positive_int("input_size", input_size)
+        check_positive_int("module_size", module_size)
+        layer = RIMsLayer(
             slot_sizes=[input_size],
             num_modules=num_modules,
             module_size=module_size,
@@ -433,48 +936,8 @@ class RIMs(RecurrentCore):
             comm_value_size=comm_value_size,
             dropout=dropout,
         )
-        self.num_modules, self.module_size, self.k_active = num_modules, module_size, k_active
-        self.cell = cell
-        self.output_size = self.layer.output_size
-        self.state_size = self.layer.state_size
-        self._weights: LayerWeights | None = None
+        self._build(input_size, [layer], (0,), bool(fused_backward))
+        self.num_modules, self.module_size, self.k_active, self.cell = num_modules, module_size, k_active, cell
 
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """``{"modules": cell parameters, "attention": input and communication attention}``, each once."""
-        return {"modules": self.layer.module_parameters(), "attention": self.layer.attention_parameters()}
-
-    def _precompute(self, x: Tensor) -> tuple[Tensor, ...]:
-        # Rearranged weights are shared by all steps of this forward (cleared in forward).
-        self._weights = self.layer.prepare()
-        keys, drives = self.layer.keys_and_drives(self._weights, 0, x)  # (T,B,h,dk), (T,K,B,[h,]G)
-        # Handed over as per-step tuples (unbind): the base indexes p[t], and indexing a
-        # tensor that needs grad costs a zero-filled full-size gradient per step in backward
-        # (quadratic in T); unbind's backward is a single stack.
-        return keys.unbind(0), drives.unbind(0)  # type: ignore[return-value]
-
-    def _step(self, inputs_t: tuple[Tensor, ...], state: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        assert self._weights is not None
-        keys, drives = inputs_t
-        result = self.layer.step(self._weights, state, [keys], [drives])
-        return result.state[:, : self.output_size], result.state, raw_step_info(result, "")
-
-    def forward(
-        self,
-        x: Tensor,
-        state: Tensor,
-        episode_starts: Tensor,
-        return_info: bool = False,
-    ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Run over a sequence (see :class:`RecurrentCore`).
-
-        With ``return_info``, info holds ``active`` ``(T, B, K)`` bool and
-        ``input_attention`` ``(T, B, K, 2)`` (head-averaged probabilities, slot 0 = null).
-        """
-        try:
-            result = super().forward(x, state, episode_starts, return_info)
-        finally:
-            self._weights = None  # do not keep this forward's graph alive
-        if not return_info:
-            return result
-        out, new_state, raw = result  # type: ignore[misc]
-        return out, new_state, layer_info(raw, "")
+    def _info_suffix(self, l: int) -> str:
+        return ""

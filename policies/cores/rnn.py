@@ -12,6 +12,7 @@ State layouts (flat, batch first):
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import ClassVar
 
 import torch
@@ -75,7 +76,7 @@ class FusedRNNCore(RecurrentCore):
         reset_steps = episode_starts.any(dim=1).tolist()
         bounds = [0] + [t for t in range(1, T) if reset_steps[t]] + [T]
         outs: list[Tensor] = []
-        for start, end in zip(bounds[:-1], bounds[1:]):
+        for start, end in pairwise(bounds):
             if reset_steps[start]:
                 state = reset_state(state, episode_starts[start])
             out, rnn_state = self.rnn(x[start:end], self._split_state(state))

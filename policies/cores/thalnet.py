@@ -176,12 +176,19 @@ class ThalNet(RecurrentCore):
         if self.reading == "fast_softmax":
             weights = torch.softmax(query.view(M, B, R, S), dim=-1)
         else:
-            mean = torch.sigmoid(query[..., :R]) * (S - 1)
-            width = F.softplus(query[..., R:]) + MIN_GAUSSIAN_WIDTH
-            # Log of a Gaussian kernel, normalised over positions by the softmax.
-            z = (self.center_positions - mean.unsqueeze(-1)) / width.unsqueeze(-1)
-            weights = torch.softmax(-0.5 * z.square(), dim=-1)
-        context = torch.matmul(weights, center.view(1, B, S, 1)).squeeze(-1)
+            mean_query, width_query = query.split([R, R], dim=-1)
+            mean = torch.sigmoid(mean_query) * (S - 1)
+            width = F.softplus(width_query) + MIN_GAUSSIAN_WIDTH
+            # Log of a Gaussian kernel, -(s - mean)^2 / (2 width^2), normalised over positions
+            # by the softmax. Written as (s*k - mean*k) with k = 1/(sqrt(2) width) so that the
+            # (M, B, R, S)-sized work is one addcmul, a square and the softmax: these steps
+            # are bound by elementwise passes over that tensor, not by arithmetic.
+            scale = (math.sqrt(0.5) / width).unsqueeze(-1)
+            scaled_distance = torch.addcmul(-mean.unsqueeze(-1) * scale, self.center_positions, scale)
+            weights = torch.softmax(scaled_distance.square().neg_(), dim=-1)
+        # Elementwise product and sum rather than a batch of (R, S) @ (S, 1) matmuls:
+        # measured several times faster on CPU, backward included.
+        context = (weights * center.view(1, B, 1, S)).sum(dim=-1)
         return context, weights
 
     # ------------------------------------------------------------------ time loop
@@ -249,20 +256,23 @@ class ThalNet(RecurrentCore):
                 h = torch.where(episode_starts[t].view(1, B, 1), torch.zeros((), dtype=h.dtype, device=h.device), h)
             center = h[:, :, :C].transpose(0, 1).reshape(B, S)
             hidden_proj = torch.baddbmm(hidden_bias, h, hidden_weight)
-            hidden_gates = hidden_proj[..., : 3 * H]
             if fast:
-                context, weights = self._fast_read(hidden_proj[..., 3 * H :], center)
+                # split, not two slices: one backward node instead of two zero-filled copies.
+                hidden_gates, query = hidden_proj.split([3 * H, hidden_proj.shape[-1] - 3 * H], dim=-1)
+                context, weights = self._fast_read(query, center)
                 ff = F.elu(torch.baddbmm(ff_preact_steps[t], context, self.ff_read_weight))
                 if return_info:
                     step_read_weights.append(weights.mean(dim=2).transpose(0, 1))
             else:
+                hidden_gates = hidden_proj
                 ff = F.elu(torch.addmm(ff_preact_steps[t], center, read_ff_weight)).view(B, M, H).transpose(0, 1)
             input_gates = torch.baddbmm(self.gru_input_bias, ff, self.gru_input_weight)
             # GRU cell, PyTorch's equations, for all modules at once.
-            reset_update = torch.sigmoid(input_gates[..., : 2 * H] + hidden_gates[..., : 2 * H])
-            reset_gate, update_gate = reset_update[..., :H], reset_update[..., H:]
-            new = torch.tanh(input_gates[..., 2 * H :] + reset_gate * hidden_gates[..., 2 * H :])
-            h = torch.lerp(h, new, update_gate)  # (1 - u) * new + u * h
+            input_reset_update, input_new = input_gates.split([2 * H, H], dim=-1)
+            hidden_reset_update, hidden_new = hidden_gates.split([2 * H, H], dim=-1)
+            reset_gate, update_gate = torch.sigmoid(input_reset_update + hidden_reset_update).chunk(2, dim=-1)
+            new = torch.tanh(input_new + reset_gate * hidden_new)
+            h = torch.lerp(new, h, update_gate)  # (1 - u) * new + u * h
             outs.append(h[-1])
         out = torch.stack(outs)
         new_state = h.transpose(0, 1).reshape(B, M * H)

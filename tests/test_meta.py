@@ -1,0 +1,266 @@
+"""Meta-learning mode (Meta-RIMs): parameter groups, the inner/outer phases, task schedules, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import policies
+import train
+from agents.config import ConfigError, load_config
+from agents.meta import MetaPPO, TaskSchedule, split_parameters
+from agents.rollout import RolloutStats, collect_rollout, start_rollouts
+from agents.trainer import Trainer
+from policies import BRIMs, RIMs, ThalNet
+from policies.checkpoint import load_checkpoint
+
+META_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "meta" / "doorkey-sizes.yaml"
+DK5, DK6 = "MiniGrid-DoorKey-5x5-v0", "MiniGrid-DoorKey-6x6-v0"
+# The shipped meta config shrunk to a few seconds: 16 frames per rollout, cycles of 2 rollouts,
+# and one Adam step per update (so an update's largest parameter change is its learning rate).
+TINY = ["env.n_envs=2", "algo.n_steps=8", "algo.num_minibatches=1", "algo.n_epochs=1", "core.module_size=8",
+        "meta.inner_updates=1", "log.progress_bar=false"]
+
+
+def meta_trainer(run_dir: Path, *overrides: str) -> Trainer:
+    return Trainer(load_config(META_CONFIG, [*TINY, *overrides]), run_dir)
+
+
+def snapshot(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- parameter groups -----------------------------------------------------------------------------
+def _cores() -> list[tuple[str, nn.Module]]:
+    cores = [("rims-lstm", lambda: RIMs(12, num_modules=3, module_size=8, k_active=2)),
+             ("rims-gru-2heads", lambda: RIMs(12, num_modules=3, module_size=8, k_active=2, cell="gru",
+                                              num_input_heads=2)),
+             ("brims", lambda: BRIMs(12, layers=[{"num_modules": 3, "module_size": 8, "k_active": 2}] * 2))]
+    cores += [(f"thalnet-{reading}", lambda reading=reading: ThalNet(12, num_modules=3, module_size=16,
+                                                                     center_size_per_module=8, reading=reading))
+              for reading in ("weight_norm", "linear", "fast_softmax", "fast_gaussian")]
+    return cores
+
+
+@pytest.mark.parametrize("make_core", [make for _, make in _cores()], ids=[name for name, _ in _cores()])
+def test_parameter_groups_cover_every_core_parameter_exactly_once(make_core) -> None:
+    try:
+        core = make_core()
+    except NotImplementedError:
+        pytest.skip("this core is not implemented yet")
+    groups = core.parameter_groups()
+    assert set(groups) == {"modules", "attention"}
+    assert groups["modules"] and groups["attention"]
+    listed = [id(p) for group in groups.values() for p in group]
+    assert len(listed) == len(set(listed)), "a parameter is in both groups (or twice in one)"
+    assert set(listed) == {id(p) for p in core.parameters()}, "a parameter is in no group"
+
+
+def test_policy_split_puts_encoder_and_heads_where_the_config_says(tmp_path: Path) -> None:
+    policy = meta_trainer(tmp_path).policy
+    core_groups = policy.core.parameter_groups()
+    outside = {id(p) for name, p in policy.named_parameters() if not name.startswith("core.")}
+    for reverse in (False, True):
+        for place in ("fast", "slow"):
+            fast, slow = split_parameters(policy, reverse=reverse, encoder_heads=place)
+            fast_ids, slow_ids = {id(p) for p in fast}, {id(p) for p in slow}
+            assert not fast_ids & slow_ids and fast_ids | slow_ids == {id(p) for p in policy.parameters()}
+            fast_core = core_groups["attention" if reverse else "modules"]
+            assert {id(p) for p in fast_core} <= fast_ids
+            assert outside <= (fast_ids if place == "fast" else slow_ids)
+
+
+# -- the phases -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("reverse", [False, True], ids=["modules-fast", "reversed"])
+def test_inner_updates_change_only_fast_and_outer_only_slow(tmp_path: Path, reverse: bool) -> None:
+    trainer = meta_trainer(tmp_path, "meta.inner_updates=2", f"meta.reverse={str(reverse).lower()}",
+                           "meta.fast_lr=0.01", "meta.slow_lr=0.001")
+    meta: MetaPPO = trainer.updater
+    groups = trainer.policy.core.parameter_groups()
+    fast_core, slow_core = (groups["attention"], groups["modules"]) if reverse else (groups["modules"], groups["attention"])
+    assert {id(p) for p in fast_core} <= {id(p) for p in meta.fast_params}
+    assert {id(p) for p in slow_core} <= {id(p) for p in meta.slow_params}
+
+    # Each group's optimiser holds exactly that group, at its own learning rate.
+    for updater, params, lr in ((meta.fast, meta.fast_params, 0.01), (meta.slow, meta.slow_params, 0.001)):
+        assert [group["lr"] for group in updater.optimizer.param_groups] == [lr]
+        assert [id(p) for group in updater.optimizer.param_groups for p in group["params"]] == [id(p) for p in params]
+
+    state = start_rollouts(trainer.policy, trainer.venv)
+    for phase, changed, unchanged, lr, first_step in (("inner", meta.fast_params, meta.slow_params, 0.01, True),
+                                                      ("inner", meta.fast_params, meta.slow_params, 0.01, False),
+                                                      ("outer", meta.slow_params, meta.fast_params, 0.001, True)):
+        assert meta.phase == phase
+        state, _ = collect_rollout(trainer.policy, trainer.venv, trainer.storage, state, 0.99, 0.95)
+        before_changed, before_unchanged = snapshot(changed), snapshot(unchanged)
+        stats = meta.update(trainer.storage)
+        for p, old in zip(unchanged, before_unchanged):
+            assert torch.equal(p, old), f"{phase} update changed a parameter of the other group"
+        assert all(not torch.equal(p, old) for p, old in zip(changed, before_changed)), \
+            f"{phase} update left a parameter of its group unchanged"
+        if first_step:
+            # An optimiser's first Adam step moves each element by lr * |g| / (|g| + eps): at most the
+            # learning rate, and about it for the largest gradients. (Later steps may exceed it slightly.)
+            largest = max(float((p.detach() - old).abs().max()) for p, old in zip(changed, before_changed))
+            assert lr * 0.9 < largest <= lr * 1.0001
+        assert stats["lr"] == lr
+        norms = (stats["meta/fast_update_norm"], stats["meta/slow_update_norm"])
+        assert (norms[0] > 0, norms[1] > 0) == ((True, False) if phase == "inner" else (False, True))
+    assert meta.phase == "inner" and meta.outer_updates == 1
+    assert all(p.requires_grad for p in trainer.policy.parameters())
+
+
+def test_meta_mode_with_an_lstm_core_is_a_clear_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for core in ("lstm", "gru"):
+        code = train.main(["--config", str(META_CONFIG), f"core.name={core}", "log.progress_bar=false",
+                           "--run-dir", str(tmp_path / core)])
+        err = capsys.readouterr().err
+        assert code == 2
+        assert f"core.name={core!r}" in err and "meta_ppo" in err
+        assert "Traceback" not in err and err.count("\n") == 1
+        assert not (tmp_path / core).exists(), "nothing may start before the config is rejected"
+    # Built directly (bypassing the config), the update rule refuses too.
+    rims_trainer = meta_trainer(tmp_path / "rims")
+    lstm_config = load_config(None, ["core.name=lstm", "core.hidden_size=16"])
+    lstm_policy = Trainer(lstm_config, tmp_path / "lstm-policy").policy
+    with pytest.raises(ConfigError, match="core.name='lstm'"):
+        MetaPPO(lstm_policy, rims_trainer.config["algo"], rims_trainer.updater.schedule, 1e-3, 1e-4, 2)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["meta.tasks=null"], "exactly one of meta.tasks"),
+        (["meta.suite=doorkey"], "exactly one of meta.tasks"),
+        (["meta.tasks=[MiniGrid-DoorKey-5x5-v9]"], "meta.tasks[0]"),
+        (["meta.tasks=[]"], "meta.tasks must be a non-empty list"),
+        (["meta.task_schedule=curriculum"], "meta.curriculum_frames"),
+        (["meta.task_schedule=shuffle"], "meta.task_schedule must be one of"),
+        (["meta.fast_lr=0"], "meta.fast_lr must be > 0"),
+        (["algo.lr=0.001"], "unknown config key 'algo.lr'"),
+        (["algo.name=ppo", "algo.lr=0.001"], "config section 'meta' does not apply"),
+    ],
+)
+def test_bad_meta_settings_are_rejected_before_training(tmp_path: Path, overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        meta_trainer(tmp_path, *overrides)
+    assert message in str(info.value)
+
+
+def test_suite_gives_the_tasks_and_tasks_may_carry_options(tmp_path: Path) -> None:
+    trainer = meta_trainer(tmp_path, "meta.tasks=null", "meta.suite=doorkey")
+    assert trainer.updater.schedule.tasks == [(DK5, trainer.updater.schedule.tasks[0][1])]
+    trainer = meta_trainer(tmp_path, f"meta.tasks=[{DK5}, {{id: {DK6}, name: six, max_episode_steps: 50}}]")
+    schedule = trainer.updater.schedule
+    assert schedule.names == ["DoorKey-5x5", "six"]
+    assert schedule.tasks[0][1]["max_episode_steps"] is None and schedule.tasks[1][1]["max_episode_steps"] == 50
+
+
+# -- task schedules -------------------------------------------------------------------------------
+def test_sample_draws_every_task_from_the_list_reproducibly() -> None:
+    tasks = [(f"task-{i}", {}) for i in range(3)]
+    draws = []
+    for _ in range(2):
+        schedule = TaskSchedule(tasks, ["a", "b", "c"], "sample", seed=5)
+        sequence = [schedule.index]
+        for cycle in range(60):
+            schedule.end_cycle(frames=cycle * 10)
+            sequence.append(schedule.index)
+        draws.append(sequence)
+    assert draws[0] == draws[1]
+    assert set(draws[0]) == {0, 1, 2}
+
+
+def test_curriculum_advances_on_its_frame_budget_and_stays_on_the_last_task() -> None:
+    schedule = TaskSchedule([("a", {}), ("b", {}), ("c", {})], ["a", "b", "c"], "curriculum", curriculum_frames=100)
+    seen = []
+    for frames in (50, 100, 150, 200, 250, 300, 1000):
+        schedule.end_cycle(frames)
+        seen.append(schedule.index)
+    assert seen == [0, 1, 1, 2, 2, 2, 2]
+    assert schedule.task_started_frames == 200
+
+
+def test_curriculum_advances_when_the_return_window_reaches_the_threshold() -> None:
+    schedule = TaskSchedule([("a", {}), ("b", {})], ["a", "b"], "curriculum", curriculum_return=0.5, return_window=3)
+    schedule.observe(RolloutStats(episodes=[{"r": 0.9, "l": 5.0}]))
+    schedule.end_cycle(10)
+    assert schedule.index == 0, "one lucky episode is not a full window"
+    schedule.observe(RolloutStats(episodes=[{"r": 0.0, "l": 5.0}, {"r": 0.2, "l": 5.0}]))
+    schedule.end_cycle(20)
+    assert schedule.index == 0, "mean 0.37 is below the threshold"
+    schedule.observe(RolloutStats(episodes=[{"r": 0.9, "l": 5.0}, {"r": 0.9, "l": 5.0}]))
+    schedule.end_cycle(30)
+    assert schedule.index == 1
+    assert schedule.stats()["meta/return/a"] == pytest.approx((0.2 + 0.9 + 0.9) / 3)
+
+
+def test_curriculum_run_switches_the_envs_to_the_next_task(tmp_path: Path) -> None:
+    trainer = meta_trainer(tmp_path, "meta.task_schedule=curriculum", "meta.curriculum_frames=32", "total_frames=96")
+    assert trainer.task[0] == DK5 and trainer.venv.envs[0].spec.id == DK5
+    trainer.run()
+    assert trainer.task[0] == DK6 and trainer.venv.envs[0].spec.id == DK6
+    # Cycles of 2 rollouts of 16 frames: the task changes after the cycle that reaches 32 frames on DK5.
+    assert [row["meta/task_index"] for row in rows(tmp_path)] == [0, 0, 1, 1, 1, 1]
+
+
+# -- command line, checkpoint, resume ---------------------------------------------------------------
+def test_tiny_meta_run_from_the_command_line_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert train.main(["--config", str(META_CONFIG), *TINY, "total_frames=64", "--run-dir", str(run_dir)]) == 0
+    checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
+    assert checkpoint["frames"] == 64 and checkpoint["config"]["algo"]["name"] == "meta_ppo"
+    assert set(checkpoint["updater"]) >= {"fast", "slow", "step", "schedule"}
+    logged = rows(run_dir)
+    assert [row["meta/phase"] for row in logged] == [0, 1, 0, 1]
+    for key in ("train/policy_loss", "train/value_loss", "train/entropy", "train/approx_kl", "meta/task_index",
+                "meta/fast_update_norm", "meta/slow_update_norm"):
+        assert all(key in row for row in logged), key
+    assert any(key.startswith("meta/return/") for row in logged for key in row) or \
+        not any(row.get("rollout/episodes") for row in logged[:-1])
+    if hasattr(policies, "load_policy"):  # written concurrently by another worker
+        policy = policies.load_policy(run_dir / "checkpoint.pt")
+        assert isinstance(policy, nn.Module)
+
+
+def test_resume_of_a_meta_run_restores_phase_and_schedule(tmp_path: Path) -> None:
+    extra = ("total_frames=96", "meta.task_schedule=sample")
+    whole = meta_trainer(tmp_path / "whole", *extra)
+    whole.run()
+    split = meta_trainer(tmp_path / "split", *extra)
+    split.run(stop_at_frames=48)  # 3 rollouts: mid-cycle, the next update is an outer one
+    saved = split.updater.state_dict()
+    resumed = Trainer.resume(tmp_path / "split")
+    meta: MetaPPO = resumed.updater
+    assert resumed.frames == 48 and meta.phase == "outer" and meta.step == saved["step"] == 1
+    assert meta.schedule.index == saved["schedule"]["index"] and resumed.task == meta.schedule.current
+    assert torch.equal(meta.schedule.generator.get_state(), saved["schedule"]["generator"])
+    assert meta.fast.optimizer.state_dict()["state"].keys() == split.updater.fast.optimizer.state_dict()["state"].keys()
+    resumed.run()
+    a, b = rows(tmp_path / "whole"), rows(tmp_path / "split")
+    assert [r["meta/task_index"] for r in a] == [r["meta/task_index"] for r in b]
+    assert len({r["meta/task_index"] for r in a}) == 2, "the sampled task should change in this run"
+    final_a = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")
+    final_b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    for key, value in final_a["policy"]["state_dict"].items():
+        assert torch.equal(value, final_b["policy"]["state_dict"][key]), key
+    assert final_a["env"] == final_b["env"]
+
+
+def test_multitask_ppo_trains_an_lstm_on_the_same_tasks(tmp_path: Path) -> None:
+    config = load_config(None, ["core.name=lstm", "core.hidden_size=16", "algo.name=multitask_ppo",
+                                f"meta.tasks=[{DK5}, {DK6}]", "meta.task_schedule=curriculum",
+                                "meta.curriculum_frames=16", "meta.rollouts_per_task=2", *TINY[:4],
+                                "log.progress_bar=false", "total_frames=64"])
+    trainer = Trainer(config, tmp_path)
+    trainer.run()
+    assert [row["meta/task_index"] for row in rows(tmp_path)] == [0, 0, 1, 1]
+    assert trainer.task[0] == DK6
