@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="parameter of a parametric suite, e.g. --suite atari-modes --suite-param game=Breakout")
     parser.add_argument("--list-suites", action="store_true", help="list the held-out suites and exit")
     parser.add_argument("--episodes", type=int, default=100, help="finished episodes per env (default 100)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"env i is seeded with SEED+i (default {DEFAULT_SEED})")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help=f"env i is seeded with SEED+i (default {DEFAULT_SEED})")
     parser.add_argument("--deterministic", action="store_true", help="take the most likely action instead of sampling")
     parser.add_argument("--n-envs", type=int, default=8, help="parallel envs (default 8, at most --episodes)")
     parser.add_argument("--max-episode-steps", type=int, metavar="N", help="truncate episodes after N steps")
@@ -110,7 +111,7 @@ def checkpoint_labels(paths: list[Path]) -> list[str]:
             return path.name
         return path.parent.name if path.name == "checkpoint.pt" else path.stem
     labels = [short(p) for p in paths]
-    return [str(p) if labels.count(label) > 1 else label for p, label in zip(paths, labels)]
+    return [str(p) if labels.count(label) > 1 else label for p, label in zip(paths, labels, strict=True)]
 
 
 def _file_stem(text: str) -> str:
@@ -129,9 +130,11 @@ def _percent(value: float | None) -> str:
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
     """Plain-text table, columns padded to their widest cell (first column left-aligned)."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
     def line(cells: list[str]) -> str:
-        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        padded = (str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                  for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(padded)
     return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
 
@@ -154,12 +157,12 @@ def comparison_table(runs: list[dict[str, Any]]) -> str:
     columns: list[str] = []
     for run in runs:
         for r in run["results"]:
-            if r["label"] not in columns:
-                columns.append(r["label"])
+            if r["env_label"] not in columns:
+                columns.append(r["env_label"])
     headers = ["checkpoint", "core", *columns]
     rows = []
     for run in runs:
-        by_label = {r["label"]: r for r in run["results"]}
+        by_label = {r["env_label"]: r for r in run["results"]}
         cells = []
         for column in columns:
             r = by_label.get(column)
@@ -187,11 +190,20 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise EvaluationError(f"--device {args.device!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError("--device cuda, but no CUDA GPU is available here; use --device cpu")
     overrides = {"max_episode_steps": args.max_episode_steps} if args.max_episode_steps is not None else {}
     if args.video is not None and not video_format_available(f".{args.video_format}"):
         raise EvaluationError("--video-format mp4 needs imageio-ffmpeg (pip install imageio-ffmpeg); use gif")
@@ -201,7 +213,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     # so a bad last argument does not surface after minutes of evaluation.
     labels = checkpoint_labels(args.checkpoints)
     plans: list[tuple[str, Policy, list[tuple[EvalTarget, dict[str, Any]]]]] = []
-    for label, path in zip(labels, args.checkpoints):
+    for label, path in zip(labels, args.checkpoints, strict=True):
         policy = load_policy(path, device=args.device)
         targets = suite_targets if suite_targets is not None else [own_target(policy)]
         pairs = []
@@ -229,7 +241,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             if trace is not None:
                 result["plot"] = str(_save_plot(trace, args.plot / f"{stem}.png", f"{label} on {target.label}",
                                                 policy.core_name))
-            result.update(name=target.name, split=target.split, label=target.label)
+            result.update(name=target.name, split=target.split, env_label=target.label)
             run["results"].append(result)
         runs.append(run)
 

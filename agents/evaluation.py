@@ -253,7 +253,7 @@ def evaluate_policy(
             obs = venv.reset()
             state = policy.initial_state(n_envs)
             starts = np.ones(n_envs, dtype=bool)
-            while any(len(done) < q for done, q in zip(per_env, quota)):
+            while any(len(done) < q for done, q in zip(per_env, quota, strict=True)):
                 if record_video and recording and len(frames) < max_video_frames:
                     frames.append(_render_env0(venv))
                 if record_info and recording:

@@ -87,7 +87,7 @@ def plot_episode_info(trace: dict[str, np.ndarray], title: str = "") -> Figure:
     fig = Figure(figsize=(10, 1.9 * len(panels) + (1.6 if norm is not None else 0) + 0.6), layout="constrained")
     FigureCanvasAgg(fig)  # an Agg canvas: savefig works without pyplot or a display
     axes = fig.subplots(n_rows, 1, sharex=True, squeeze=False)[:, 0]
-    for ax, (panel_title, data, ylabel, kwargs) in zip(axes, panels):
+    for ax, (panel_title, data, ylabel, kwargs) in zip(axes, panels, strict=False):  # the last axis is the norm's
         _heatmap(fig, ax, data, panel_title, ylabel, **kwargs)
     if norm is not None:
         ax = axes[-1]

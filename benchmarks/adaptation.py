@@ -55,7 +55,9 @@ MODELS: tuple[str, ...] = ("Meta-RIMs", "RIMs", "LSTM")
 SECTION_TITLE = "Adaptation (Meta-RIMs)"
 RETURN_KEY = "rollout/ep_return_mean"
 # Small enough to finish in a minute or two on a loaded 2-core machine, large enough to run every phase.
-QUICK = {"frames": 3200, "finetune_frames": 1280, "n_envs": 4, "n_steps": 32, "num_minibatches": 2, "seeds": [1]}
+# Short episodes (max_episode_steps) so that even the tiny fine-tuning finishes some and draws a curve.
+QUICK = {"frames": 3200, "finetune_frames": 1280, "n_envs": 4, "n_steps": 32, "num_minibatches": 2,
+         "max_episode_steps": 48, "seeds": [1]}
 
 
 @dataclass
@@ -92,8 +94,9 @@ def training_configs(raw: dict[str, Any], args: argparse.Namespace, seed: int) -
     raw = copy.deepcopy(raw)
     raw["seed"], raw["total_frames"] = seed, args.frames
     raw.setdefault("log", {})["progress_bar"] = False
+    raw["torch_threads"] = args.torch_threads
     if args.quick:
-        raw.setdefault("env", {}).update(n_envs=QUICK["n_envs"])
+        raw.setdefault("env", {}).update(n_envs=QUICK["n_envs"], max_episode_steps=QUICK["max_episode_steps"])
         raw["algo"].update(n_steps=QUICK["n_steps"], num_minibatches=QUICK["num_minibatches"])
     meta = raw["meta"]
     task_keys = ("tasks", "suite", "task_schedule", "curriculum_frames", "curriculum_return", "return_window")
@@ -145,12 +148,16 @@ def train(config: dict[str, Any], run_dir: Path, init_from: Path | None = None) 
 def read_curve(run_dir: Path, model: str, seed: int, threshold: float) -> FinetuneResult:
     """The return curve of a fine-tuning run from its ``metrics.jsonl``."""
     result = FinetuneResult(model, seed)
+    value = math.nan
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        value = row.get(RETURN_KEY)
+        # The trainer logs the windowed mean only after rollouts that finished an episode; in between
+        # the window (and so the mean) is unchanged.
+        if row.get(RETURN_KEY) is not None:
+            value = float(row[RETURN_KEY])
         result.frames.append(row["frames"])
-        result.returns.append(math.nan if value is None else float(value))
-        if result.frames_to_threshold is None and value is not None and value >= threshold:
+        result.returns.append(value)
+        if result.frames_to_threshold is None and value >= threshold:
             result.frames_to_threshold = row["frames"]
     return result
 
@@ -287,6 +294,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="which models to run")
     parser.add_argument("--baseline-lr", type=float, default=1e-3, help="PPO learning rate of RIMs and LSTM")
     parser.add_argument("--lstm-hidden", type=int, default=128, help="LSTM hidden size (RIMs 4x32 = 128)")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch CPU threads (1, the default, is fastest for these small models on a busy CPU; "
+                             "0 keeps torch's default)")
     parser.add_argument("--out-dir", type=Path, help="where runs go (default runs/adaptation[-quick])")
     parser.add_argument("--docs-dir", type=Path, help="where adaptation.png and results.md go "
                         "(default docs/, or the out dir with --quick)")

@@ -129,9 +129,10 @@ def run_one(core: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _finished(run_dir: Path, config: dict[str, Any]) -> bool:
-    """Whether ``run_dir`` holds a checkpoint of this very config that reached its frames."""
+    """Whether ``run_dir`` holds a usable checkpoint of this very config that reached its frames."""
     try:
         checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
+        load_policy(run_dir)  # still loadable by this version of the code (a core may have changed)
     except CheckpointError:
         return False
     return checkpoint["config"] == config and checkpoint["frames"] >= config["total_frames"]
@@ -174,10 +175,10 @@ def render_section(args: argparse.Namespace, runs: list[dict[str, Any]], envs: l
     seeds = sorted({run["seed"] for run in runs})
     lines += [
         f"Trained on MiniGrid-DoorKey-5x5-v0 with recurrent PPO, evaluated on the held-out "
-        f"{', '.join(t.name for t in envs if t.split == 'held-out')} (`python benchmarks/generalization.py"
-        f"{' --quick' if args.quick else ''}`).",
+        f"{', '.join(t.name for t in envs if t.split == 'held-out')} (`{args.command}`).",
         "",
-        f"- Budget: {args.frames:,} training frames per run; training seeds {', '.join(map(str, seeds))} for each core; "
+        f"- Budget: {args.frames:,} training frames per run; training seeds {', '.join(map(str, seeds))} "
+        "for each core; "
         f"configs `configs/minigrid/doorkey-<core>-ppo.yaml` with overrides "
         f"`{' '.join([*SPEED_OVERRIDES, *(QUICK_OVERRIDES if args.quick else []), *args.override])}`.",
         f"- Evaluation: {args.episodes} episodes per env and run, sampled actions, raw returns, env seeds "
@@ -185,7 +186,7 @@ def render_section(args: argparse.Namespace, runs: list[dict[str, Any]], envs: l
         + ".",
         f"- Machine: {platform.machine()} CPU, {multiprocessing.cpu_count()} cores, torch {torch.__version__}; "
         f"wall time {wall_seconds / 60:.1f} min ({args.jobs} run{'s' if args.jobs != 1 else ''} at a time); "
-        f"{datetime.now(timezone.utc).strftime('%Y-%m-%d')}.",
+        f"{_training_times(runs)}; {datetime.now(timezone.utc).strftime('%Y-%m-%d')}.",
         "",
         "Mean return over seeds ± standard deviation over seeds (success rate):",
         "",
@@ -214,6 +215,15 @@ def render_section(args: argparse.Namespace, runs: list[dict[str, Any]], envs: l
     lines += ["", "The public re-implementation's numbers come from other code, budget and evaluation protocol; "
               "they are a reference point, not a like-for-like comparison.", ""]
     return "\n".join(lines)
+
+
+def _training_times(runs: list[dict[str, Any]]) -> str:
+    """Mean training time per run, and how many runs were reused from an earlier invocation."""
+    timed = [run["train_seconds"] for run in runs if run["train_seconds"] > 0]
+    parts = [f"training {np.mean(timed) / 60:.1f} min per run on average"] if timed else []
+    if len(timed) < len(runs):
+        parts.append(f"{len(runs) - len(timed)} run(s) reused from an earlier invocation (not timed here)")
+    return "; ".join(parts)
 
 
 def _reading(table: dict[str, dict[str, dict]], envs: list[EvalTarget]) -> str:
@@ -259,6 +269,7 @@ def write_section(path: Path, section: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.command = " ".join(["python benchmarks/generalization.py", *(sys.argv[1:] if argv is None else argv)])
     args.out.mkdir(parents=True, exist_ok=True)
     envs = resolve_targets(SUITE)
     assert envs is not None
@@ -269,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs > 1:
         # spawn: fresh interpreters, no torch thread pools inherited through fork.
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            runs = list(pool.map(run_one, *zip(*jobs), [args] * len(jobs)))
+            runs = list(pool.map(run_one, *zip(*jobs, strict=True), [args] * len(jobs)))
     else:
         runs = [run_one(core, seed, args) for core, seed in jobs]
     wall = time.perf_counter() - started

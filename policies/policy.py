@@ -137,7 +137,9 @@ class Policy:
         return f"Policy(core={self.core_name!r}, env_id={self.env_id!r}{source})"
 
 
-def policy_from_checkpoint(data: dict[str, Any], device: str | torch.device = "cpu", path: Path | None = None) -> Policy:
+def policy_from_checkpoint(
+    data: dict[str, Any], device: str | torch.device = "cpu", path: Path | None = None
+) -> Policy:
     """Rebuild a :class:`Policy` from a loaded checkpoint dict (``policies.checkpoint.load_checkpoint``).
 
     :param data: the checkpoint dict.

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gymnasium as gym
 import imageio.v3 as iio
 import numpy as np
 import pytest
@@ -90,7 +91,8 @@ def test_load_policy_round_trip_gives_the_same_actions(rims_run: tuple[Path, Tra
         if step == 6:
             starts = np.array([True, False])  # a reset in the middle, for env 0 only
         (a_loaded, s_loaded), (a_memory, s_memory) = (
-            policy.act(obs, state, starts, deterministic=True) for policy, state in zip((loaded, in_memory), states)
+            policy.act(obs, state, starts, deterministic=True)
+            for policy, state in zip((loaded, in_memory), states, strict=True)
         )
         assert isinstance(a_loaded, np.ndarray) and a_loaded.shape == (2,)
         np.testing.assert_array_equal(a_loaded, a_memory)
@@ -127,6 +129,38 @@ def test_evaluate_policy_counts_exactly_the_asked_episodes(rims_run: tuple[Path,
     assert again["returns"] == first["returns"] and again["lengths"] == first["lengths"]
 
 
+class _FixedLengthEnv(gym.Env):
+    """Episodes of 1 step (even seeds) or 20 steps (odd seeds), reward 1 per step: return = length."""
+
+    observation_space = spaces.Box(0, 255, (7, 7, 3), np.uint8)
+    action_space = spaces.Discrete(7)
+
+    def __init__(self) -> None:
+        self.length, self.t = 1, 0
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None:  # the vec env seeds sub-env i with seed + i on its first reset only
+            self.length = 1 if seed % 2 == 0 else 20
+        self.t = 0
+        return np.zeros((7, 7, 3), np.uint8), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.zeros((7, 7, 3), np.uint8), 1.0, self.t >= self.length, False, {}
+
+
+gym.register("EvalTestFixedLength-v0", entry_point=_FixedLengthEnv)
+
+
+def test_evaluate_policy_does_not_favour_short_episodes(rims_run: tuple[Path, Trainer]) -> None:
+    # Sub-env 0 finishes an episode every step, sub-env 1 every 20 steps. Counting the first 4
+    # episodes to finish would give 4 one-step episodes; a quota of 2 per sub-env gives 2 of each.
+    result = evaluate_policy(load_policy(rims_run[0]), "EvalTestFixedLength-v0", {}, episodes=4, seed=0, n_envs=2)
+    assert sorted(result["returns"]) == [1.0, 1.0, 20.0, 20.0]
+    assert result["mean_length"] == 10.5 and result["success_rate"] is None
+
+
 def test_evaluation_options_carry_preprocessing_but_not_the_training_level() -> None:
     model = RecurrentActorCritic(spaces.Box(0, 255, (7, 7, 3), np.uint8), spaces.Discrete(7),
                                  core="lstm", core_kwargs={"hidden_size": 8})
@@ -147,6 +181,29 @@ def test_resolve_targets_marks_train_and_heldout() -> None:
     assert resolve_targets(None, None) is None
     with pytest.raises(EvaluationError, match="Did you mean"):
         resolve_targets(None, ["MiniGrid-DorKey-5x5-v0"])
+
+
+# -- plots ------------------------------------------------------------------------------------
+
+
+def test_plot_panels_per_core_kind(tmp_path: Path) -> None:
+    from agents.plots import plot_episode_info, save_figure
+
+    rng = np.random.default_rng(0)
+    T = 7
+    brims = {"state_norm": rng.random(T)}
+    for layer, slots in ((0, 3), (1, 2)):  # BRIMs: the top layer has no top-down slot
+        brims[f"active_{layer}"] = rng.random((T, 3)) > 0.5
+        brims[f"input_attention_{layer}"] = rng.dirichlet(np.ones(slots), size=(T, 3))
+    thalnet = {"read_weights": rng.dirichlet(np.ones(6), size=(T, 3)), "state_norm": rng.random(T)}
+    lstm = {"state_norm": rng.random(T)}
+    # BRIMs: per layer active + input slot (+ top-down for layer 0); ThalNet: one panel per module; all: norm.
+    for trace, panels in ((brims, 3 + 2 + 1), (thalnet, 3 + 1), (lstm, 1)):
+        fig = plot_episode_info(trace, "title")
+        assert len([ax for ax in fig.axes if ax.get_label() != "<colorbar>"]) == panels
+        path = save_figure(fig, tmp_path / f"{len(trace)}-{panels}.png")
+        with Image.open(path) as image:
+            assert image.format == "PNG"
 
 
 # -- the CLI ----------------------------------------------------------------------------------
@@ -188,7 +245,9 @@ def test_cli_suite_evaluates_train_and_heldout_envs(
     assert [r["split"] for r in results] == ["train", "held-out", "held-out", "held-out"]
 
 
-def test_cli_without_env_uses_the_training_env(rims_run: tuple[Path, Trainer], capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_without_env_uses_the_training_env(
+    rims_run: tuple[Path, Trainer], capsys: pytest.CaptureFixture[str]
+) -> None:
     code, stdout, _ = _run_cli(capsys, rims_run[0], "--episodes", "1", "--max-episode-steps", "3", "--no-progress")
     assert code == 0 and DOORKEY_5 in stdout and DOORKEY_6 not in stdout
 

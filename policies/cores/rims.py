@@ -102,7 +102,7 @@ class StepSaved(NamedTuple):
     drives: tuple[Tensor, ...]
     probs: Tensor
     input_mask: Tensor | None
-    weighted: Tensor
+    weighted: tuple[Tensor, ...]
     gates: tuple[Tensor, ...]
     h_tilde: Tensor
     comm_qkv: Tensor
@@ -120,7 +120,8 @@ class StepOut(NamedTuple):
     :param c: new ``c`` ``(K, B, H)`` for LSTM, None for GRU.
     :param active: ``(K, B)`` bool mask of the active modules.
     :param null: ``(K, B, heads)`` detached attention on the null slot (the selection criterion).
-    :param attention: ``(K, B, heads, slots)`` attention on the non-null slots (before dropout).
+    :param probs: input-attention probabilities before dropout: with one non-null slot its
+        ``(K, B, heads)`` probability, else ``(K, B, heads, 1 + slots)`` including the null slot.
     :param saved: intermediates for :meth:`RIMsLayer.step_backward`, or None.
     """
 
@@ -128,7 +129,7 @@ class StepOut(NamedTuple):
     c: Tensor | None
     active: Tensor
     null: Tensor
-    attention: Tensor
+    probs: Tensor
     saved: StepSaved | None
 
 
@@ -331,13 +332,14 @@ class RIMsLayer(nn.Module):
             probs = torch.sigmoid(score)  # softmax([0, s])[1]
             with torch.no_grad():
                 null = torch.sigmoid(-score)  # softmax([0, s])[0], without 1 - p rounding
-            attention = probs.unsqueeze(-1)  # (K, B, heads, 1)
+            attention: tuple[Tensor, ...] = (probs,)
         else:
             stacked = torch.stack(list(keys), dim=-2)  # (B, heads, slots, key)
             score = (query.unsqueeze(-2) * stacked).sum(-1)  # (K, B, heads, slots)
             probs = torch.softmax(F.pad(score, (1, 0)), dim=-1)  # null score 0 prepended
-            null = probs[..., 0].detach()
-            attention = probs[..., 1:]
+            null, *rest = probs.unbind(-1)
+            null = null.detach()
+            attention = tuple(rest)  # per slot (K, B, heads)
 
         # Selection: the k_active modules with the least head-averaged null attention.
         with torch.no_grad():
@@ -352,8 +354,9 @@ class RIMsLayer(nn.Module):
         input_mask = None
         weighted = attention
         if self.training and self.input_attention_dropout > 0.0:
-            input_mask = _dropout_mask(attention, self.input_attention_dropout)
-            weighted = attention * input_mask
+            # One mask (K, B, heads, slots) over the non-null probabilities.
+            input_mask = _dropout_mask(null.unsqueeze(-1).expand(*null.shape, len(keys)), self.input_attention_dropout)
+            weighted = tuple(a * m for a, m in zip(attention, input_mask.unbind(-1)))
 
         # Cell input: sum over slots and heads of attention * drive (the null slot adds 0).
         if self.cell == "lstm":
@@ -405,13 +408,12 @@ class RIMsLayer(nn.Module):
                 h, c, query, tuple(keys), tuple(drives), probs, input_mask, weighted, gates,
                 h_tilde, qkv, comm_attn, comm_mask, comm_weighted, ctx, active,
             )  # fmt: skip
-        return StepOut(h_out, c_out, active, null, attention, saved)
+        return StepOut(h_out, c_out, active, null, probs, saved)
 
-    def _add_drives(self, base: Tensor, weighted: Tensor, drives: Sequence[Tensor]) -> Tensor:
-        """``base + sum_slots sum_heads weighted * drive``; ``weighted`` is ``(K, B, heads, slots)``."""
+    def _add_drives(self, base: Tensor, weighted: Sequence[Tensor], drives: Sequence[Tensor]) -> Tensor:
+        """``base + sum_slots sum_heads weighted * drive``; ``weighted`` holds ``(K, B, heads)`` per slot."""
         out = base
-        for s, drive in enumerate(drives):  # slots (one or two), never modules
-            a = weighted[..., s]  # (K, B, heads)
+        for a, drive in zip(weighted, drives):  # slots (one or two), never modules
             if self.num_input_heads == 1:
                 out = torch.addcmul(out, a, drive)  # (K, B, 1) * (K, B, G)
             else:
@@ -423,11 +425,12 @@ class RIMsLayer(nn.Module):
     def transposed(self, w: LayerWeights) -> LayerWeights:
         """Contiguous transposes of the weights for the backward (once per backward, not per step:
         matmuls with transposed operands are markedly slower on CPU)."""
+        # Not for the drive: (B, K*G) @ (K*G, value) is faster with the long reduction dim contiguous.
         drive = w.drive.t() if w.drive.dim() == 2 else w.drive.transpose(1, 2)
         return LayerWeights(
             w.recurrent.transpose(1, 2).contiguous(),
             w.recurrent_bias,
-            drive.contiguous(),
+            drive,
             w.input_bias,
             w.comm_qkv.transpose(1, 2).contiguous(),
             w.comm_out.transpose(1, 2).contiguous(),
@@ -495,24 +498,23 @@ class RIMsLayer(nn.Module):
 
         # Input attention.
         d_drives: list[Tensor] = []
-        d_weighted_parts: list[Tensor] = []
-        for s, drive in enumerate(sv.drives):
-            a = sv.weighted[..., s]  # (K, B, heads)
+        d_attn: list[Tensor] = []
+        for a, drive in zip(sv.weighted, sv.drives):  # a: (K, B, heads)
             if nh == 1:
-                d_weighted_parts.append((d_inp * drive).sum(-1, keepdim=True))
+                d_attn.append((d_inp * drive).sum(-1, keepdim=True))
                 d_drives.append(a * d_inp)
             else:
-                d_weighted_parts.append(torch.matmul(drive, d_inp.unsqueeze(-1)).squeeze(-1))
+                d_attn.append(torch.matmul(drive, d_inp.unsqueeze(-1)).squeeze(-1))
                 d_drives.append(a.unsqueeze(-1) * d_inp.unsqueeze(-2))
-        d_attn = torch.stack(d_weighted_parts, dim=-1)  # (K, B, heads, slots)
         if sv.input_mask is not None:
-            d_attn = d_attn * sv.input_mask
+            d_attn = [d * m for d, m in zip(d_attn, sv.input_mask.unbind(-1))]
         if len(sv.keys) == 1:
-            d_s = _sigmoid_backward(d_attn[..., 0], sv.probs).unsqueeze(-1)  # (K, B, heads, 1)
+            d_s = _sigmoid_backward(d_attn[0], sv.probs).unsqueeze(-1)  # (K, B, heads, 1)
             d_query = d_s * sv.keys[0]
             d_keys = [(d_s * sv.query).sum(0)]
         else:
-            d_full = torch._softmax_backward_data(F.pad(d_attn, (1, 0)), sv.probs, -1, sv.probs.dtype)
+            d_probs = torch.stack([torch.zeros_like(d_attn[0]), *d_attn], dim=-1)  # null slot: no use
+            d_full = torch._softmax_backward_data(d_probs, sv.probs, -1, sv.probs.dtype)
             d_s = d_full[..., 1:].unsqueeze(-1)  # (K, B, heads, slots, 1)
             stacked = torch.stack(list(sv.keys), dim=-2)
             d_query = (d_s * stacked).sum(-2)
@@ -839,9 +841,10 @@ def _unflat(d: Tensor, layer: RIMsLayer) -> Tensor:
 def _layer_info(steps: Sequence[StepOut], suffix: str) -> dict[str, Tensor]:
     """Stack one layer's per-step results into the protocol's info entries (time first)."""
     active = torch.stack([s.active for s in steps]).transpose(1, 2)  # (T, B, K)
-    null = torch.stack([s.null for s in steps]).unsqueeze(-1)  # (T, K, B, heads, 1)
-    slots = torch.stack([s.attention for s in steps]).detach()  # (T, K, B, heads, slots)
-    attention = torch.cat([null, slots], dim=-1).mean(dim=-2).transpose(1, 2)  # (T, B, K, 1 + slots)
+    probs = torch.stack([s.probs for s in steps]).detach()
+    if probs.dim() == 4:  # one non-null slot: (T, K, B, heads) -> [null, slot]
+        probs = torch.stack([torch.stack([s.null for s in steps]), probs], dim=-1)
+    attention = probs.mean(dim=-2).transpose(1, 2)  # head-averaged, (T, B, K, 1 + slots)
     return {f"active{suffix}": active, f"input_attention{suffix}": attention}
 
 
@@ -875,7 +878,7 @@ class _FusedRIMsStack(torch.autograd.Function):
         d_state0, d_keys0, d_drives0, d_weights = core._backward(
             ctx.weights, ctx.records, d_out, d_state, ctx.starts, ctx.any_start
         )
-        ctx.records = None
+        # ctx.records stays: backward may run again with retain_graph=True; autograd frees ctx with the graph.
         flat = _flatten_weights(d_weights)
         assert len(flat) == ctx.n_weights
         return (None, None, None, None, d_state0, d_keys0, d_drives0, *flat)
