@@ -58,7 +58,9 @@ TOP_FIELDS: dict[str, Field] = {
     "seed": Field(1, INT, _non_negative, ">= 0"),
     "total_frames": Field(100_000, INT, _positive, "> 0"),
     "device": Field("cpu", STR),
-    "torch_threads": Field(0, INT, _non_negative, ">= 0 (0 keeps torch's default)"),
+    # Small recurrent models step through time with many tiny ops: one thread avoids the cost of
+    # synchronising threads per op (and oversubscription next to env processes). 0 = torch's default.
+    "torch_threads": Field(1, INT, _non_negative, ">= 0 (0 keeps torch's default)"),
 }
 
 ENV_FIELDS: dict[str, Field] = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -23,6 +24,10 @@ from gymnasium import spaces
 FORMAT = "modular-memory-rl/checkpoint"
 # Bump when a checkpoint written by an older version can no longer be read.
 FORMAT_VERSION = 1
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_GLOBAL = re.compile(r"GLOBAL (\S+)")
 
 
 class CheckpointError(ValueError):
@@ -118,9 +123,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        # torch's message spans many lines with terminal colour codes; keep the line naming the object.
+        found = _GLOBAL.search(_ANSI.sub("", str(exc)))
+        culprit = f" (it references {found.group(1)})" if found else ""
         raise CheckpointError(
-            f"refusing to load {path}: it contains objects that would run code when loaded "
-            f"(only tensors and plain types are accepted) [{str(exc).splitlines()[0][:200]}]"
+            f"refusing to load {path}: it contains objects that would run code when loaded{culprit}; "
+            "a checkpoint of this package holds only tensors and plain types"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: truncated or corrupt file ({exc})") from None
