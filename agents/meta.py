@@ -87,28 +87,34 @@ def _positive_or_none(value: Any) -> bool:
 
 # Where the tasks come from and in which order; shared by meta_ppo and multitask_ppo.
 TASK_FIELDS: dict[str, Field] = {
+    # The training tasks (exactly one of tasks and suite): env ids, or {id, name?, <env option>...} mappings.
     "tasks": Field(None, (list, type(None)), _is_task_list,
                    f"a non-empty list of env ids or mappings with an 'id' (optional: name, "
                    f"{', '.join(TASK_OPTION_KEYS)})"),
+    # ... or the training list of a held-out suite of envs/suites.py (e.g. doorkey).
     "suite": Field(None, OPT_STR),
+    # sample: a uniformly drawn task per cycle; curriculum: the tasks in order.
     "task_schedule": Field("sample", (str,), choices=("sample", "curriculum")),
+    # The curriculum moves on after this many frames on a task ...
     "curriculum_frames": Field(None, (int, type(None)), _positive_or_none, "> 0 or null"),
+    # ... or once the mean return of the last return_window episodes on it reaches this.
     "curriculum_return": Field(None, (float, int, type(None))),
+    # Episodes per task in meta/return/<task> and the curriculum's return test.
     "return_window": Field(20, INT, lambda v: v > 0, "> 0"),
 }
 
 META_FIELDS: dict[str, Field] = {
     **TASK_FIELDS,
-    "fast_lr": Field(1e-3, FLOAT, lambda v: v > 0, "> 0"),
-    "slow_lr": Field(2.5e-4, FLOAT, lambda v: v > 0, "> 0"),
-    "inner_updates": Field(4, INT, lambda v: v > 0, "> 0"),
-    "reverse": Field(False, BOOL),
-    "encoder_heads": Field("fast", (str,), choices=("fast", "slow")),
+    "fast_lr": Field(1e-3, FLOAT, lambda v: v > 0, "> 0"),  # learning rate of the inner updates
+    "slow_lr": Field(2.5e-4, FLOAT, lambda v: v > 0, "> 0"),  # learning rate of the outer update
+    "inner_updates": Field(4, INT, lambda v: v > 0, "> 0"),  # fast updates (rollouts) per outer update
+    "reverse": Field(False, BOOL),  # fast attention, slow modules (the paper's ablation)
+    "encoder_heads": Field("fast", (str,), choices=("fast", "slow")),  # group of the encoder and the heads
 }
 
 MULTITASK_FIELDS: dict[str, Field] = {
     **TASK_FIELDS,
-    "rollouts_per_task": Field(5, INT, lambda v: v > 0, "> 0"),
+    "rollouts_per_task": Field(5, INT, lambda v: v > 0, "> 0"),  # rollouts between two schedule decisions
 }
 
 
@@ -184,7 +190,8 @@ def resolve_tasks(config: dict[str, Any]) -> tuple[list[Task], list[str]]:
     names = [spec.name.replace(" ", "_") for spec in specs]
     if len(set(names)) < len(names):  # e.g. one env id twice with other options: keep the curves apart
         names = [f"{i}_{name}" for i, name in enumerate(names)]
-    if meta["task_schedule"] == "curriculum" and meta["curriculum_frames"] is None and meta["curriculum_return"] is None:
+    no_criterion = meta["curriculum_frames"] is None and meta["curriculum_return"] is None
+    if meta["task_schedule"] == "curriculum" and no_criterion:
         raise ConfigError("meta.task_schedule='curriculum' needs meta.curriculum_frames and/or "
                           "meta.curriculum_return to know when to move to the next task")
     return tasks, names
@@ -292,7 +299,7 @@ class TaskSchedule:
             raise ValueError(f"the saved schedule has {len(state['returns'])} tasks, this one {len(self.tasks)}")
         self.index, self.task_started_frames = state["index"], state["task_started_frames"]
         self.switches = state["switches"]
-        for window, saved in zip(self.returns, state["returns"]):
+        for window, saved in zip(self.returns, state["returns"], strict=True):
             window.clear()
             window.extend(saved)
         self.generator.set_state(state["generator"])
@@ -360,14 +367,14 @@ def _frozen(params: Sequence[nn.Parameter]) -> Iterator[None]:
     try:
         yield
     finally:
-        for p, flag in zip(params, previous):
+        for p, flag in zip(params, previous, strict=True):
             p.requires_grad_(flag)
 
 
 def _change_norm(before: Sequence[torch.Tensor], params: Sequence[nn.Parameter]) -> float:
     """L2 norm of the change of ``params`` since ``before`` (their copies), over the whole group."""
     with torch.no_grad():
-        squares = [(p - old).pow(2).sum() for p, old in zip(params, before)]
+        squares = [(p - old).pow(2).sum() for p, old in zip(params, before, strict=True)]
         return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
 
 
@@ -425,7 +432,9 @@ class MetaPPO:
         self.cycle_ended = False  # set by the outer update, consumed by next_task
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], policy: nn.Module, generator: torch.Generator | None = None) -> MetaPPO:
+    def from_config(
+        cls, config: dict[str, Any], policy: nn.Module, generator: torch.Generator | None = None
+    ) -> MetaPPO:
         """Build from a resolved config (``algo`` and ``meta`` sections; the trainer calls this)."""
         meta = config["meta"]
         return cls(policy, config["algo"], schedule_from_config(config), meta["fast_lr"], meta["slow_lr"],

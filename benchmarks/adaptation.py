@@ -212,13 +212,14 @@ def plot(results: list[FinetuneResult], threshold: float, heldout: str, path: Pa
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for color, model in zip(("tab:red", "tab:blue", "tab:gray"), MODELS):
+    for color, model in zip(("tab:red", "tab:blue", "tab:gray"), MODELS, strict=True):
         runs = [r for r in results if r.model == model and r.frames]
         if not runs:
             continue
         for r in runs:
             ax.plot(r.frames, r.returns, color=color, alpha=0.3, linewidth=0.8)
         grid = np.array(runs[0].frames)
+        # Before a seed's first finished episode its return counts as 0 in the mean (it has not succeeded).
         curves = np.array([np.interp(grid, r.frames, np.nan_to_num(r.returns, nan=0.0)) for r in runs])
         ax.plot(grid, curves.mean(0), color=color, linewidth=2, label=f"{model} (mean of {len(runs)})")
     ax.axhline(threshold, color="black", linestyle="--", linewidth=0.8, label=f"threshold {threshold}")
@@ -247,7 +248,7 @@ def write_section(path: Path, title: str, body: str) -> None:
         # The section ends where the next heading of the same or a higher level begins.
         end = next((i for i in range(start + 1, len(lines))
                     if lines[i].startswith("#") and len(lines[i]) - len(lines[i].lstrip("#")) <= 2), len(lines))
-        after = ["\n"] + lines[end:] if end < len(lines) else []
+        after = ["\n", *lines[end:]] if end < len(lines) else []
         lines = lines[:start] + section + after
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(lines))

@@ -94,7 +94,9 @@ def test_inner_updates_change_only_fast_and_outer_only_slow(tmp_path: Path, reve
                            "meta.fast_lr=0.01", "meta.slow_lr=0.001")
     meta: MetaPPO = trainer.updater
     groups = trainer.policy.core.parameter_groups()
-    fast_core, slow_core = (groups["attention"], groups["modules"]) if reverse else (groups["modules"], groups["attention"])
+    fast_core, slow_core = groups["modules"], groups["attention"]
+    if reverse:
+        fast_core, slow_core = slow_core, fast_core
     assert {id(p) for p in fast_core} <= {id(p) for p in meta.fast_params}
     assert {id(p) for p in slow_core} <= {id(p) for p in meta.slow_params}
 
@@ -111,14 +113,15 @@ def test_inner_updates_change_only_fast_and_outer_only_slow(tmp_path: Path, reve
         state, _ = collect_rollout(trainer.policy, trainer.venv, trainer.storage, state, 0.99, 0.95)
         before_changed, before_unchanged = snapshot(changed), snapshot(unchanged)
         stats = meta.update(trainer.storage)
-        for p, old in zip(unchanged, before_unchanged):
+        for p, old in zip(unchanged, before_unchanged, strict=True):
             assert torch.equal(p, old), f"{phase} update changed a parameter of the other group"
-        assert all(not torch.equal(p, old) for p, old in zip(changed, before_changed)), \
+        assert all(not torch.equal(p, old) for p, old in zip(changed, before_changed, strict=True)), \
             f"{phase} update left a parameter of its group unchanged"
         if first_step:
             # An optimiser's first Adam step moves each element by lr * |g| / (|g| + eps): at most the
             # learning rate, and about it for the largest gradients. (Later steps may exceed it slightly.)
-            largest = max(float((p.detach() - old).abs().max()) for p, old in zip(changed, before_changed))
+            largest = max(float((p.detach() - old).abs().max())
+                          for p, old in zip(changed, before_changed, strict=True))
             assert lr * 0.9 < largest <= lr * 1.0001
         assert stats["lr"] == lr
         norms = (stats["meta/fast_update_norm"], stats["meta/slow_update_norm"])
@@ -127,7 +130,9 @@ def test_inner_updates_change_only_fast_and_outer_only_slow(tmp_path: Path, reve
     assert all(p.requires_grad for p in trainer.policy.parameters())
 
 
-def test_meta_mode_with_an_lstm_core_is_a_clear_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_meta_mode_with_an_lstm_core_is_a_clear_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     for core in ("lstm", "gru"):
         code = train.main(["--config", str(META_CONFIG), f"core.name={core}", "log.progress_bar=false",
                            "--run-dir", str(tmp_path / core)])
@@ -140,7 +145,7 @@ def test_meta_mode_with_an_lstm_core_is_a_clear_config_error(tmp_path: Path, cap
     rims_trainer = meta_trainer(tmp_path / "rims")
     lstm_config = load_config(None, ["core.name=lstm", "core.hidden_size=16"])
     lstm_policy = Trainer(lstm_config, tmp_path / "lstm-policy").policy
-    with pytest.raises(ConfigError, match="core.name='lstm'"):
+    with pytest.raises(ConfigError, match=r"core\.name='lstm'"):
         MetaPPO(lstm_policy, rims_trainer.config["algo"], rims_trainer.updater.schedule, 1e-3, 1e-4, 2)
 
 
