@@ -122,7 +122,9 @@ class RecurrentCore(nn.Module):
         """
         self.check_inputs(x, state, episode_starts)
         episode_starts = episode_starts.to(torch.bool)
-        precomputed = self._precompute(x)
+        # unbind rather than index p[t]: indexing makes autograd build a full-size zero tensor
+        # per step in backward, a cost that grows with T squared.
+        precomputed = [p.unbind(0) for p in self._precompute(x)]
         # One host-side read instead of a reset op per step: most steps have no start.
         any_start = episode_starts.any(dim=1).tolist()
         outs: list[Tensor] = []

@@ -38,6 +38,8 @@ How it is made fast (the agent's bottleneck is many tiny ops per step):
 State layout of one layer, flat per env: ``lstm`` is ``(2, K, H)`` (all ``h``,
 then all ``c``), ``gru`` is ``(K, H)``; a core's state concatenates its layers.
 Gate order inside the stacked cell weights: LSTM ``[i, f, o, g]``, GRU ``[r, z, n]``.
+Every tanh is computed as ``2*sigmoid(2x) - 1`` (sigmoid is much faster on CPU; the
+factor 2 is folded into the weights once per forward).
 """
 
 from __future__ import annotations
@@ -259,14 +261,19 @@ class RIMsLayer(nn.Module):
             self.gate_size,
         )
         nc, ck, cv = self.num_comm_heads, self.comm_key_size, self.comm_value_size
-        recurrent = torch.cat([self.weight_hh, self.query * (1.0 / math.sqrt(dk))], dim=-1)
+        # tanh(x) = 2*sigmoid(2x) - 1, and sigmoid is several times faster than tanh on CPU:
+        # the pre-activations that feed a tanh (LSTM g, GRU n) get their factor 2 here, once.
+        gate_scale = self.weight_hh.new_ones(G)
+        gate_scale[G - H :] = 2.0
+        recurrent = torch.cat([self.weight_hh * gate_scale, self.query * (1.0 / math.sqrt(dk))], dim=-1)
         b_hh = self.bias if self.cell == "lstm" else self.bias_hh
-        recurrent_bias = torch.cat([b_hh, b_hh.new_zeros(K, nh * dk)], dim=-1).unsqueeze(1)
+        recurrent_bias = torch.cat([b_hh * gate_scale, b_hh.new_zeros(K, nh * dk)], dim=-1).unsqueeze(1)
+        w_ih = self.weight_ih * gate_scale
         if nh == 1:
-            drive = self.weight_ih.permute(1, 0, 2).reshape(dv, K * G)
+            drive = w_ih.permute(1, 0, 2).reshape(dv, K * G)
         else:
-            drive = self.weight_ih.view(K, nh, dv, G).permute(1, 2, 0, 3).reshape(nh, dv, K * G)
-        input_bias = None if self.cell == "lstm" else self.bias_ih.unsqueeze(1)
+            drive = w_ih.view(K, nh, dv, G).permute(1, 2, 0, 3).reshape(nh, dv, K * G)
+        input_bias = None if self.cell == "lstm" else (self.bias_ih * gate_scale).unsqueeze(1)
         scale = self.comm_qkv.new_ones(2 * ck + cv)
         scale[:ck] = 1.0 / math.sqrt(ck)
         comm_qkv = (self.comm_qkv.view(K, H, nc, 2 * ck + cv) * scale).view(K, H, nc * (2 * ck + cv))
@@ -359,14 +366,14 @@ class RIMsLayer(nn.Module):
             weighted = tuple(a * m for a, m in zip(attention, input_mask.unbind(-1)))
 
         # Cell input: sum over slots and heads of attention * drive (the null slot adds 0).
+        # Every tanh is computed as 2*sigmoid(2x) - 1 (factor 2 already in the weights, see prepare).
         if self.cell == "lstm":
             pre = self._add_drives(rec, weighted, drives)
-            pre_sig, pre_g = pre.split([3 * H, H], dim=-1)
-            sig = torch.sigmoid(pre_sig)
-            g = torch.tanh(pre_g)
-            i, f, o = sig.chunk(3, dim=-1)
+            sig = torch.sigmoid(pre)  # [i, f, o, (g+1)/2]
+            i, f, o, sg = sig.chunk(4, dim=-1)
+            g = sg.mul(2.0).sub_(1.0)
             c_new = torch.addcmul(f * c, i, g)
-            tc = torch.tanh(c_new)
+            tc = torch.sigmoid(c_new * 2.0).mul(2.0).sub_(1.0)  # tanh(c_new)
             h_cell = o * tc
             gates: tuple[Tensor, ...] = (sig, g, tc)
         else:
@@ -376,10 +383,11 @@ class RIMsLayer(nn.Module):
             h_rz, h_n = rec.split([2 * H, H], dim=-1)
             rz = torch.sigmoid(x_rz + h_rz)
             r, zg = rz.chunk(2, dim=-1)
-            n = torch.tanh(torch.addcmul(x_n, r, h_n))
+            sn = torch.sigmoid(torch.addcmul(x_n, r, h_n))
+            n = sn.mul(2.0).sub_(1.0)  # tanh of the unscaled pre-activation
             h_cell = torch.addcmul(n, zg, h - n)  # (1 - z) * n + z * h
             c_new = None
-            gates = (rz, n, h_n)
+            gates = (rz, sn, n, h_n)
 
         # Inactive modules do not run their cell: their state entering communication is h_{t-1}.
         h_tilde = torch.where(keep, h_cell, h)
@@ -454,10 +462,11 @@ class RIMsLayer(nn.Module):
         nh, dk = self.num_input_heads, self.input_key_size
         nc, ck, cv = self.num_comm_heads, self.comm_key_size, self.comm_value_size
         keep = sv.active.unsqueeze(-1)
-        zero = dh.new_zeros(())
+        # Masking gradients by multiplication is cheaper than where and exact for finite values.
+        keepf = keep.to(dh.dtype)
 
         # Communication (only active rows of h_comm are used).
-        dh_comm = torch.where(keep, dh, zero)
+        dh_comm = dh * keepf
         d_ctx = torch.bmm(dh_comm, wt.comm_out).view(K, B * nc, cv).transpose(0, 1)  # (B*heads, K, cv)
         cq, ckey, cval = sv.comm_qkv.split([ck, ck, cv], dim=-1)
         # Attention is stored transposed: [b, key j, query i].
@@ -472,26 +481,26 @@ class RIMsLayer(nn.Module):
         # h_tilde feeds the residual and Q/K/V; h_tilde = h_cell (active) or h_prev (inactive),
         # and inactive rows of dh go straight to h_prev: both collapse into one tensor x.
         x = torch.baddbmm(dh, dqkv, wt.comm_qkv)
-        dh_cell = torch.where(keep, x, zero)
-        dh_prev = torch.where(keep, zero, x)
+        dh_cell = x * keepf
+        dh_prev = x - dh_cell  # exactly x where inactive, 0 where active
 
         # Cell.
         dc_prev = None
         if self.cell == "lstm":
             sig, g, tc = sv.gates
-            i, f, o = sig.chunk(3, dim=-1)
+            i, f, o, _ = sig.chunk(4, dim=-1)
             assert dc is not None and sv.c_prev is not None
-            dc_cell = torch.where(keep, dc, zero) + _tanh_backward(dh_cell * o, tc)
+            dc_cell = torch.addcmul(_tanh_backward(dh_cell * o, tc), dc, keepf)
             dc_prev = torch.where(keep, dc_cell * f, dc)
-            d_sig = _sigmoid_backward(torch.cat([dc_cell * g, dc_cell * sv.c_prev, dh_cell * tc], dim=-1), sig)
-            d_g = _tanh_backward(dc_cell * i, g)
-            d_inp = torch.cat([d_sig, d_g], dim=-1)
+            # Gradients w.r.t. [i, f, o, (g+1)/2]; g = 2 * sigmoid - 1 gives the factor 2.
+            d_sig = torch.cat([dc_cell * g, dc_cell * sv.c_prev, dh_cell * tc, dc_cell * i * 2.0], dim=-1)
+            d_inp = _sigmoid_backward(d_sig, sig)
             d_rec = d_inp
         else:
-            rz, n, h_n = sv.gates
+            rz, sn, n, h_n = sv.gates
             r, zg = rz.chunk(2, dim=-1)
             dh_prev = torch.addcmul(dh_prev, dh_cell, zg)
-            d_pre_n = _tanh_backward(dh_cell - dh_cell * zg, n)
+            d_pre_n = _sigmoid_backward((dh_cell - dh_cell * zg) * 2.0, sn)
             d_rz = _sigmoid_backward(torch.cat([d_pre_n * h_n, dh_cell * (sv.h_prev - n)], dim=-1), rz)
             d_inp = torch.cat([d_rz, d_pre_n], dim=-1)
             d_rec = torch.cat([d_rz, d_pre_n * r], dim=-1)

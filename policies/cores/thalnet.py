@@ -42,12 +42,10 @@ repeated over T and B.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from policies.cores.base import RecurrentCore, check_choice, check_positive_int
 
@@ -78,9 +76,6 @@ class ThalNet(RecurrentCore):
         center (for the fast readings: the number of read heads). Defaults to C.
     :param reading: reading mechanism, one of ``"weight_norm"`` (default),
         ``"linear"``, ``"fast_softmax"``, ``"fast_gaussian"`` (see the module docstring).
-    :param fused_backward: for the linear readings, train through the hand-written
-        backward through time (fast, default); ``False`` uses plain autograd over
-        the same forward code. The fast readings always use autograd.
     :raises ValueError: for a size < 1, ``num_modules < 2``, ``C > H`` or an unknown reading.
     """
 
@@ -92,10 +87,8 @@ class ThalNet(RecurrentCore):
         center_size_per_module: int = 32,
         read_size: int | None = None,
         reading: str = "weight_norm",
-        fused_backward: bool = True,
     ) -> None:
         super().__init__()
-        self.fused_backward = bool(fused_backward)
         self.input_size = check_positive_int("input_size", input_size)
         self.num_modules = check_positive_int("num_modules", num_modules)
         if num_modules < 2:
@@ -222,8 +215,9 @@ class ThalNet(RecurrentCore):
 
         Overridden (rather than ``_step``) so that what depends only on the
         parameters (normalised and composed read weights) is computed once per
-        call, the state stays module-first ``(M, B, H)`` between steps, and the
-        linear readings can train through a hand-written backward.
+        call, and the state stays module-first ``(M, B, H)`` between steps.
+        Autograd differentiates the loop: a hand-written backward through time
+        was tried and measured no faster (the per-step batched matmuls dominate).
 
         :param x: inputs, shape ``(T, B, input_size)``.
         :param state: state entering step 0, shape ``(B, M*H)``.
@@ -248,25 +242,39 @@ class ThalNet(RecurrentCore):
         read_ff_weight = torch.bmm(read_weight, self.ff_read_weight).transpose(0, 1).reshape(S, M * H)
         # Module-last layout (T, B, M*H) so that addmm adds it in the same op.
         ff_preact = ff_preact.permute(0, 2, 1, 3).reshape(T, B, M * H)
-        tensors = (
-            state,
-            ff_preact,
-            read_ff_weight,
-            self.gru_input_weight,
-            self.gru_input_bias,
-            self.gru_hidden_weight,
-            self.gru_hidden_bias,
-        )
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        if needs_grad and self.fused_backward:
-            out, new_state = _LinearThalNetBPTT.apply(self.center_size_per_module, starts, any_start, *tensors)
-        else:
-            out, new_state, _ = _linear_steps(self.center_size_per_module, starts, any_start, *tensors, record=False)
+        out, new_state = self._forward_linear(ff_preact, read_ff_weight, state, starts, any_start)
         if not return_info:
             return out, new_state
         share = read_weight.abs().sum(dim=2)  # (M, S)
         share = share / share.sum(dim=1, keepdim=True).clamp_min(1e-12)
         return out, new_state, {"read_weights": share.expand(T, B, M, S)}
+
+    def _forward_linear(
+        self, ff_preact: Tensor, read_ff_weight: Tensor, state: Tensor, starts: Tensor, any_start: list[bool]
+    ) -> tuple[Tensor, Tensor]:
+        """The time loop of the linear readings, under ordinary autograd.
+
+        :param ff_preact: ``(T, B, M*H)`` state-independent part of the feed-forward pre-activation.
+        :param read_ff_weight: ``(S, M*H)`` read matrices composed with the feed-forward read weights.
+        :param state: ``(B, M*H)`` entering step 0.
+        :param starts: ``(T, B)`` bool resets; ``any_start`` its per-step ``any``.
+        :return: out ``(T, B, H)`` and final state ``(B, M*H)``.
+        """
+        T, B, _ = ff_preact.shape
+        M, H, C, S = self.num_modules, self.module_size, self.center_size_per_module, self.center_size
+        ff_preact_steps = ff_preact.unbind(0)  # see _forward_fast for why not ff_preact[t]
+        h = state.view(B, M, H).transpose(0, 1)  # (M, B, H)
+        outs: list[Tensor] = []
+        for t in range(T):
+            if any_start[t]:
+                h = _reset(h, starts[t])
+            center = h[:, :, :C].transpose(0, 1).reshape(B, S)
+            hidden_gates = torch.baddbmm(self.gru_hidden_bias, h, self.gru_hidden_weight)
+            ff = F.elu(torch.addmm(ff_preact_steps[t], center, read_ff_weight)).view(B, M, H).transpose(0, 1)
+            input_gates = torch.baddbmm(self.gru_input_bias, ff, self.gru_input_weight)
+            h = _gru_update(input_gates, hidden_gates, h)
+            outs.append(h[-1])
+        return torch.stack(outs), h.transpose(0, 1).reshape(B, M * H)
 
     def _forward_fast(
         self, ff_preact: Tensor, state: Tensor, starts: Tensor, any_start: list[bool], return_info: bool
@@ -303,7 +311,7 @@ class ThalNet(RecurrentCore):
             if return_info:
                 step_read_weights.append(weights.mean(dim=2).transpose(0, 1))
             input_gates = torch.baddbmm(self.gru_input_bias, ff, self.gru_input_weight)
-            h, _ = _gru_update(input_gates, hidden_gates, h)
+            h = _gru_update(input_gates, hidden_gates, h)
             outs.append(h[-1])
         read_weights = torch.stack(step_read_weights) if return_info else None
         return torch.stack(outs), h.transpose(0, 1).reshape(B, M * H), read_weights
@@ -317,185 +325,17 @@ def _reset(h: Tensor, starts_t: Tensor) -> Tensor:
     return torch.where(starts_t.view(1, -1, 1), torch.zeros((), dtype=h.dtype, device=h.device), h)
 
 
-def _gru_update(input_gates: Tensor, hidden_gates: Tensor, h: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+def _gru_update(input_gates: Tensor, hidden_gates: Tensor, h: Tensor) -> Tensor:
     """PyTorch's GRU equations for all modules at once, gates in the order (reset, update, new).
 
     :param input_gates: ``(M, B, 3H)`` input-side pre-activations (bias included).
     :param hidden_gates: ``(M, B, 3H)`` hidden-side pre-activations (bias included).
     :param h: ``(M, B, H)`` previous state.
-    :return: the new state and, for the hand-written backward, the reset/update gates
-        ``(M, B, 2H)``, the candidate ``(M, B, H)`` and the hidden-side new-gate pre-activation.
+    :return: the new state ``(M, B, H)``.
     """
     H = h.shape[-1]
     input_reset_update, input_new = input_gates.split([2 * H, H], dim=-1)
     hidden_reset_update, hidden_new = hidden_gates.split([2 * H, H], dim=-1)
-    reset_update = torch.sigmoid(input_reset_update + hidden_reset_update)
-    reset_gate, update_gate = reset_update.chunk(2, dim=-1)
+    reset_gate, update_gate = torch.sigmoid(input_reset_update + hidden_reset_update).chunk(2, dim=-1)
     new = torch.tanh(input_new + reset_gate * hidden_new)
-    return torch.lerp(new, h, update_gate), (reset_update, new, hidden_new)  # (1 - u) * new + u * h
-
-
-class _Saved(NamedTuple):
-    """Per-step intermediates of the linear-reading loop, stacked over time, for the hand-written backward."""
-
-    h_in: Tensor  # (T, M, B, H) state entering each step, after resets
-    ff_preact: Tensor  # (T, B, M*H) feed-forward pre-activation
-    reset_update: Tensor  # (T, M, B, 2H) reset and update gates
-    new: Tensor  # (T, M, B, H) GRU candidate
-    hidden_new: Tensor  # (T, M, B, H) hidden-side pre-activation of the candidate
-
-
-def _linear_steps(
-    center_size_per_module: int,
-    starts: Tensor,
-    any_start: list[bool],
-    state: Tensor,
-    ff_preact: Tensor,
-    read_ff_weight: Tensor,
-    input_weight: Tensor,
-    input_bias: Tensor,
-    hidden_weight: Tensor,
-    hidden_bias: Tensor,
-    record: bool,
-) -> tuple[Tensor, Tensor, _Saved | None]:
-    """The time loop of the linear readings (differentiable by autograd when ``record`` is false).
-
-    :param center_size_per_module: C, the center features per module (the first C of each state).
-    :param starts: ``(T, B)`` bool resets; ``any_start`` its per-step ``any``.
-    :param state: ``(B, M*H)`` entering step 0.
-    :param ff_preact: ``(T, B, M*H)`` state-independent part of the feed-forward pre-activation.
-    :param read_ff_weight: ``(S, M*H)`` read matrices composed with the feed-forward read weights.
-    :param input_weight: ``(M, H, 3H)`` GRU input weights; ``input_bias`` ``(M, 1, 3H)``.
-    :param hidden_weight: ``(M, H, 3H)`` GRU hidden weights; ``hidden_bias`` ``(M, 1, 3H)``.
-    :param record: keep the intermediates the hand-written backward needs.
-    :return: out ``(T, B, H)``, final state ``(B, M*H)``, and the intermediates if recorded.
-    """
-    T, B, _ = ff_preact.shape
-    M, H = input_weight.shape[0], input_weight.shape[1]
-    C = center_size_per_module
-    ff_preact_steps = ff_preact.unbind(0)  # see _forward_fast for why not ff_preact[t]
-    h = state.view(B, M, H).transpose(0, 1)  # (M, B, H)
-    outs: list[Tensor] = []
-    saved: list[tuple[Tensor, ...]] = []
-    for t in range(T):
-        if any_start[t]:
-            h = _reset(h, starts[t])
-        center = h[:, :, :C].transpose(0, 1).reshape(B, M * C)
-        hidden_gates = torch.baddbmm(hidden_bias, h, hidden_weight)
-        preact = torch.addmm(ff_preact_steps[t], center, read_ff_weight)
-        ff = F.elu(preact).view(B, M, H).transpose(0, 1)
-        input_gates = torch.baddbmm(input_bias, ff, input_weight)
-        h_new, (reset_update, new, hidden_new) = _gru_update(input_gates, hidden_gates, h)
-        if record:
-            saved.append((h, preact, reset_update, new, hidden_new))
-        h = h_new
-        outs.append(h[-1])
-    out = torch.stack(outs)
-    final = h.transpose(0, 1).reshape(B, M * H)
-    if not record:
-        return out, final, None
-    return out, final, _Saved(*(torch.stack(parts) for parts in zip(*saved, strict=True)))
-
-
-class _LinearThalNetBPTT(torch.autograd.Function):
-    """:func:`_linear_steps` with a hand-written backward through time.
-
-    Autograd would record ~20 nodes per step and compute every weight gradient
-    step by step. Here the backward loop only carries the state gradient; the
-    weight gradients are summed over all T steps afterwards in one batched
-    matmul each. ``ThalNet(fused_backward=False)`` trains through autograd
-    instead (the tests compare the two).
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        center_size_per_module: int,
-        starts: Tensor,
-        any_start: list[bool],
-        state: Tensor,
-        ff_preact: Tensor,
-        read_ff_weight: Tensor,
-        input_weight: Tensor,
-        input_bias: Tensor,
-        hidden_weight: Tensor,
-        hidden_bias: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        out, final, saved = _linear_steps(
-            center_size_per_module,
-            starts,
-            any_start,
-            state,
-            ff_preact,
-            read_ff_weight,
-            input_weight,
-            input_bias,
-            hidden_weight,
-            hidden_bias,
-            record=True,
-        )
-        assert saved is not None
-        ctx.center_size_per_module, ctx.any_start = center_size_per_module, any_start
-        ctx.save_for_backward(starts, read_ff_weight, input_weight, hidden_weight, *saved)
-        return out, final
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, d_out: Tensor, d_final: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        starts, read_ff_weight, input_weight, hidden_weight, *saved_tensors = ctx.saved_tensors
-        saved = _Saved(*saved_tensors)
-        C, any_start = ctx.center_size_per_module, ctx.any_start
-        T, M, B, H = saved.h_in.shape
-        S = M * C
-        # ELU'(a) = 1 for a > 0, exp(a) = ELU(a) + 1 otherwise: once for all steps.
-        ff = F.elu(saved.ff_preact)
-        elu_grad = torch.where(saved.ff_preact > 0, torch.ones_like(ff), ff + 1)
-        input_weight_t = input_weight.transpose(1, 2)
-        hidden_weight_t = hidden_weight.transpose(1, 2)
-        read_ff_weight_t = read_ff_weight.t()
-        d_input_gates = ff.new_empty(T, M, B, 3 * H)
-        d_hidden_gates = ff.new_empty(T, M, B, 3 * H)
-        d_preact = ff.new_empty(T, B, M * H)
-        dh = d_final.view(B, M, H).transpose(0, 1).contiguous()  # gradient w.r.t. the state after step t
-        for t in reversed(range(T)):
-            dh[-1] += d_out[t]
-            reset_update, new = saved.reset_update[t], saved.new[t]
-            reset_gate, update_gate = reset_update.chunk(2, dim=-1)
-            # h = new + u * (h_in - new)
-            dh_through_update = dh * update_gate
-            d_new_preact = (dh - dh_through_update) * (1 - new * new)
-            d_update = dh * (saved.h_in[t] - new)
-            d_reset = d_new_preact * saved.hidden_new[t]
-            d_reset_update = torch.cat([d_reset, d_update], dim=-1).mul_(reset_update * (1 - reset_update))
-            d_in = torch.cat([d_reset_update, d_new_preact], dim=-1, out=d_input_gates[t])
-            d_hid = torch.cat([d_reset_update, d_new_preact * reset_gate], dim=-1, out=d_hidden_gates[t])
-            dh_in = torch.baddbmm(dh_through_update, d_hid, hidden_weight_t)
-            d_ff = torch.bmm(d_in, input_weight_t)  # (M, B, H)
-            d_pre = d_preact[t]
-            torch.mul(d_ff.transpose(0, 1).reshape(B, M * H), elu_grad[t], out=d_pre)
-            d_center = d_pre @ read_ff_weight_t  # (B, S)
-            dh_in[:, :, :C] += d_center.view(B, M, C).transpose(0, 1)
-            if any_start[t]:  # the state entering step t was reset: no gradient to before it
-                dh_in.masked_fill_(starts[t].view(1, B, 1), 0.0)
-            dh = dh_in
-        needs = ctx.needs_input_grad
-        d_state = dh.transpose(0, 1).reshape(B, M * H) if needs[3] else None
-        # Weight gradients: sums over all T*B rows at once, module-first for bmm.
-        d_in_rows = d_input_gates.transpose(0, 1).reshape(M, T * B, 3 * H)
-        d_hid_rows = d_hidden_gates.transpose(0, 1).reshape(M, T * B, 3 * H)
-        d_read_ff = d_input_w = d_input_b = d_hidden_w = d_hidden_b = None
-        if needs[5]:
-            centers = saved.h_in[..., :C].permute(0, 2, 1, 3).reshape(T * B, S)
-            d_read_ff = centers.t() @ d_preact.view(T * B, M * H)
-        if needs[6]:
-            ff_rows = ff.view(T, B, M, H).permute(2, 0, 1, 3).reshape(M, T * B, H)
-            d_input_w = torch.bmm(ff_rows.transpose(1, 2), d_in_rows)
-        if needs[7]:
-            d_input_b = d_in_rows.sum(dim=1, keepdim=True)
-        if needs[8]:
-            h_rows = saved.h_in.transpose(0, 1).reshape(M, T * B, H)
-            d_hidden_w = torch.bmm(h_rows.transpose(1, 2), d_hid_rows)
-        if needs[9]:
-            d_hidden_b = d_hid_rows.sum(dim=1, keepdim=True)
-        d_ff_preact = d_preact if needs[4] else None
-        return (None, None, None, d_state, d_ff_preact, d_read_ff, d_input_w, d_input_b, d_hidden_w, d_hidden_b)
+    return torch.lerp(new, h, update_gate)  # (1 - u) * new + u * h
