@@ -210,7 +210,7 @@ def test_null_slot_key_and_value_are_exactly_zero() -> None:
     core = small(num_input_heads=2)
     layer = core.layers[0]
     w = layer.prepare()
-    keys, drives, _ = layer.slot_forward(w, 0, torch.zeros(3, IN))
+    keys, drives = layer.slot_forward(w, 0, torch.zeros(3, IN))
     assert torch.equal(keys, torch.zeros_like(keys))
     assert torch.equal(drives, torch.zeros_like(drives))
     # The projections have no bias anywhere: every input-attention key/value parameter is a weight matrix.

@@ -110,6 +110,8 @@ class BRIMs(RIMsStackCore):
                     comm_key_size=comm_key_size,
                     comm_value_size=comm_value_size,
                     dropout=dropout,
+                    # Slots fed by other layers are known only step by step; one layer is RIMs.
+                    precomputed_drives=len(specs) == 1,
                 )
             )
         output_layers = tuple(range(len(specs))) if self.output == "all" else (len(specs) - 1,)

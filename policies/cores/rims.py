@@ -16,30 +16,33 @@ every step (shared/DESIGN.md, "RIMs"; Goyal et al. 2019):
    active modules only;
 5. inactive modules keep ``h`` and ``c`` bit-for-bit (``torch.where``).
 
-How it is made fast (the agent's bottleneck is many tiny ops per step):
+How it is made fast (an agent's bottleneck is many tiny ops per step):
 
 * Per-module weights are stacked ``(K, in, out)`` and applied with
   ``bmm``/``baddbmm`` on ``(K, B, in)`` activations: no loop over modules, no
   off-diagonal block exists as a parameter.
 * Keys and values of a slot fed by ``x`` depend only on ``x``: computed for all T
-  steps in one matmul. The value only enters the cell through ``W_ih`` and
-  attention is linear in the value, so the *drive* ``v_t @ W_ih[k]`` of every
-  module (per head) is precomputed too; a step adds ``attention * drive``.
-  With one non-null slot, ``softmax([0, s]) = [sigmoid(-s), sigmoid(s)]``.
+  steps in one matmul. In a layer whose slots are all fed by ``x`` (RIMs), the
+  value only enters the cell through ``W_ih`` and attention is linear in the
+  value, so the *drive* ``v_t @ W_ih[k]`` of every module (per head) is
+  precomputed too and a step only adds ``attention * drive``. A layer that reads
+  other layers' states (BRIMs) attends the values first and applies ``W_ih`` in
+  one batched matmul per step.
+* With one non-null slot, ``softmax([0, s]) = [sigmoid(-s), sigmoid(s)]``.
 * ``W_hh`` and the query weights both multiply ``h_{t-1}``: separate parameters
   (the meta-learning split needs them apart), concatenated once per forward so a
   step does one ``baddbmm`` for both. Score scales are folded into the weights.
+* Every tanh is computed as ``2*sigmoid(2x) - 1`` (sigmoid is several times
+  faster on CPU); the factor 2 is folded into the weights once per forward.
 * Training uses a hand-written backward through time (:class:`_FusedRIMsStack`):
   the forward runs without autograd bookkeeping, and the weight gradients are
   one large batched matmul over all T steps at the end instead of T small ones.
-  The same forward code, run under ordinary autograd (``fused_backward=False``),
+  The same forward code run under ordinary autograd (``fused_backward=False``)
   is the reference the tests compare the fused gradients against.
 
 State layout of one layer, flat per env: ``lstm`` is ``(2, K, H)`` (all ``h``,
 then all ``c``), ``gru`` is ``(K, H)``; a core's state concatenates its layers.
 Gate order inside the stacked cell weights: LSTM ``[i, f, o, g]``, GRU ``[r, z, n]``.
-Every tanh is computed as ``2*sigmoid(2x) - 1`` (sigmoid is much faster on CPU; the
-factor 2 is folded into the weights once per forward).
 """
 
 from __future__ import annotations
@@ -74,11 +77,12 @@ def _dropout_mask(like: Tensor, p: float) -> Tensor:
 
 
 class LayerWeights(NamedTuple):
-    """A layer's weights rearranged once per forward for the per-step code (differentiable views/copies).
+    """A layer's weights rearranged once per forward for the per-step code (differentiable).
 
     :param recurrent: ``(K, H, gates + heads*key)``: ``W_hh`` next to the query weights (scaled by 1/sqrt(key)).
     :param recurrent_bias: ``(K, 1, gates + heads*key)``: the recurrent bias, zeros for the queries.
-    :param drive: ``W_ih`` as ``(value, K*gates)`` for one head or ``(heads, value, K*gates)``.
+    :param input_weight: ``W_ih``: with precomputed drives ``(value, K*gates)`` for one head or
+        ``(heads, value, K*gates)``; otherwise ``(K, heads*value, gates)``.
     :param input_bias: ``(K, 1, gates)``: GRU's ``b_ih``; None for LSTM.
     :param comm_qkv: ``(K, H, comm_heads*(2*key + value))``, per head ``[q|k|v]``, q scaled by 1/sqrt(key).
     :param comm_out: ``(K, comm_heads*value, H)``.
@@ -87,7 +91,7 @@ class LayerWeights(NamedTuple):
 
     recurrent: Tensor
     recurrent_bias: Tensor
-    drive: Tensor
+    input_weight: Tensor
     input_bias: Tensor | None
     comm_qkv: Tensor
     comm_out: Tensor
@@ -101,10 +105,11 @@ class StepSaved(NamedTuple):
     c_prev: Tensor | None
     query: Tensor
     keys: tuple[Tensor, ...]
-    drives: tuple[Tensor, ...]
+    feeds: tuple[Tensor, ...]
     probs: Tensor
     input_mask: Tensor | None
     weighted: tuple[Tensor, ...]
+    attended: Tensor | None
     gates: tuple[Tensor, ...]
     h_tilde: Tensor
     comm_qkv: Tensor
@@ -141,7 +146,9 @@ class RIMsLayer(nn.Module):
     Used by :class:`RIMs` (one slot, fed by ``x``) and once per layer by ``BRIMs``
     (a bottom-up and a top-down slot). The layer does not know where a slot's input
     comes from; the engine (:class:`RIMsStackCore`) computes each slot's keys and
-    drives with :meth:`slot_forward` and passes them to :meth:`step`.
+    *feeds* with :meth:`slot_forward` and passes them to :meth:`step`. A feed is what
+    carries the slot's value to the cells: the drive ``value @ W_ih[k]`` of every module
+    when ``precomputed_drives``, else the value itself.
 
     :param slot_sizes: width of each non-null input slot; each slot has its own
         bias-free key/value projection into the layer's common key/value space.
@@ -158,6 +165,10 @@ class RIMsLayer(nn.Module):
     :param comm_value_size: value width per communication head.
     :param dropout: probability, in training mode only, of dropping an input-attention
         probability and (separately drawn) a communication-attention probability.
+    :param precomputed_drives: True when every slot is known for all steps before the time
+        loop (fed by ``x``): the drives are then computed for all T in one matmul. False
+        when a slot reads another layer's state: the attended value is multiplied by
+        ``W_ih`` at each step. Same function either way; only the cost differs.
     """
 
     def __init__(
@@ -174,6 +185,7 @@ class RIMsLayer(nn.Module):
         comm_key_size: int,
         comm_value_size: int,
         dropout: float,
+        precomputed_drives: bool = True,
     ) -> None:
         super().__init__()
         if len(slot_sizes) == 0:
@@ -198,6 +210,7 @@ class RIMsLayer(nn.Module):
         self.num_modules, self.module_size, self.k_active = K, H, k_active
         self.num_input_heads, self.input_key_size, self.input_value_size = nh, dk, dv
         self.num_comm_heads, self.comm_key_size, self.comm_value_size = nc, ck, cv
+        self.precomputed_drives = bool(precomputed_drives)
         # Two separately named rates so they can never be swapped (a bug in a public port).
         self.input_attention_dropout = p
         self.comm_attention_dropout = p
@@ -261,50 +274,50 @@ class RIMsLayer(nn.Module):
             self.gate_size,
         )
         nc, ck, cv = self.num_comm_heads, self.comm_key_size, self.comm_value_size
-        # tanh(x) = 2*sigmoid(2x) - 1, and sigmoid is several times faster than tanh on CPU:
-        # the pre-activations that feed a tanh (LSTM g, GRU n) get their factor 2 here, once.
+        # tanh(x) = 2*sigmoid(2x) - 1: the pre-activations that feed a tanh (LSTM g, GRU n)
+        # get their factor 2 here, once, so the step only calls sigmoid.
         gate_scale = self.weight_hh.new_ones(G)
         gate_scale[G - H :] = 2.0
         recurrent = torch.cat([self.weight_hh * gate_scale, self.query * (1.0 / math.sqrt(dk))], dim=-1)
         b_hh = self.bias if self.cell == "lstm" else self.bias_hh
         recurrent_bias = torch.cat([b_hh * gate_scale, b_hh.new_zeros(K, nh * dk)], dim=-1).unsqueeze(1)
         w_ih = self.weight_ih * gate_scale
-        if nh == 1:
-            drive = w_ih.permute(1, 0, 2).reshape(dv, K * G)
+        if not self.precomputed_drives:
+            input_weight = w_ih
+        elif nh == 1:
+            input_weight = w_ih.permute(1, 0, 2).reshape(dv, K * G)
         else:
-            drive = w_ih.view(K, nh, dv, G).permute(1, 2, 0, 3).reshape(nh, dv, K * G)
+            input_weight = w_ih.view(K, nh, dv, G).permute(1, 2, 0, 3).reshape(nh, dv, K * G)
         input_bias = None if self.cell == "lstm" else (self.bias_ih * gate_scale).unsqueeze(1)
         scale = self.comm_qkv.new_ones(2 * ck + cv)
         scale[:ck] = 1.0 / math.sqrt(ck)
         comm_qkv = (self.comm_qkv.view(K, H, nc, 2 * ck + cv) * scale).view(K, H, nc * (2 * ck + cv))
-        return LayerWeights(recurrent, recurrent_bias, drive, input_bias, comm_qkv, self.comm_out, tuple(self.slot_key_value))
+        return LayerWeights(
+            recurrent, recurrent_bias, input_weight, input_bias, comm_qkv, self.comm_out, tuple(self.slot_key_value)
+        )
 
-    def slot_forward(
-        self, w: LayerWeights, slot: int, inputs: Tensor, save: bool = False
-    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
-        """Keys and cell drives of one slot, for inputs with any leading shape ``(..., B, width)``.
+    def slot_forward(self, w: LayerWeights, slot: int, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and feeds of one slot, for inputs with any leading shape ``(..., B, width)``.
 
         :param w: from :meth:`prepare`.
         :param slot: index of the (non-null) slot.
         :param inputs: ``(..., B, slot_sizes[slot])``, e.g. ``(T, B, in)`` for all steps at once.
-        :param save: also return what :meth:`slot_backward` needs.
-        :return: ``keys`` ``(..., B, heads, key)``; ``drives`` ``(..., K, B, gates)`` for one head,
-            else ``(..., K, B, heads, gates)``, where ``drive[k] = value @ W_ih[k]`` per head;
-            and the saved tensors or None.
+        :return: ``keys`` ``(..., B, heads, key)`` and ``feeds``: with ``precomputed_drives`` the
+            drives ``(..., K, B, gates)`` for one head, else ``(..., K, B, heads, gates)``
+            (``drive[k] = value @ W_ih[k]`` per head); otherwise the values ``(..., B, value)``
+            for one head, else ``(..., B, heads, value)``.
         """
         K, nh, dk, dv, G = self.num_modules, self.num_input_heads, self.input_key_size, self.input_value_size, self.gate_size
         kv = inputs @ w.slot_kv[slot]
         keys, values = kv.split([nh * dk, nh * dv], dim=-1)
         keys = keys.unflatten(-1, (nh, dk))
+        if not self.precomputed_drives:
+            return keys, (values if nh == 1 else values.unflatten(-1, (nh, dv)))
         if nh == 1:
-            drives = (values @ w.drive).unflatten(-1, (K, G)).transpose(-2, -3)
-            kept = values
-        else:
-            lead = values.shape[:-1]
-            kept = values.reshape(-1, nh, dv).transpose(0, 1)  # (heads, N, value)
-            d = torch.bmm(kept, w.drive)  # (heads, N, K*G)
-            drives = d.view(nh, *lead, K, G).movedim(0, -2).transpose(-3, -4)
-        return keys, drives, ((inputs, kept) if save else None)
+            return keys, (values @ w.input_weight).unflatten(-1, (K, G)).transpose(-2, -3)
+        lead = values.shape[:-1]
+        d = torch.bmm(values.reshape(-1, nh, dv).transpose(0, 1), w.input_weight)  # (heads, N, K*G)
+        return keys, d.view(nh, *lead, K, G).movedim(0, -2).transpose(-3, -4)
 
     def step(
         self,
@@ -312,7 +325,7 @@ class RIMsLayer(nn.Module):
         h: Tensor,
         c: Tensor | None,
         keys: Sequence[Tensor],
-        drives: Sequence[Tensor],
+        feeds: Sequence[Tensor],
         save: bool = False,
     ) -> StepOut:
         """One step of the layer (plain differentiable torch ops).
@@ -321,7 +334,7 @@ class RIMsLayer(nn.Module):
         :param h: ``(K, B, H)`` entering the step (after any reset).
         :param c: ``(K, B, H)`` for LSTM, None for GRU.
         :param keys: per non-null slot ``(B, heads, key)``.
-        :param drives: per non-null slot ``(K, B, gates)`` or ``(K, B, heads, gates)``.
+        :param feeds: per non-null slot, one step of :meth:`slot_forward`'s feeds.
         :param save: keep intermediates for :meth:`step_backward`.
         """
         K, B, H = h.shape
@@ -365,10 +378,28 @@ class RIMsLayer(nn.Module):
             input_mask = _dropout_mask(null.unsqueeze(-1).expand(*null.shape, len(keys)), self.input_attention_dropout)
             weighted = tuple(a * m for a, m in zip(attention, input_mask.unbind(-1)))
 
-        # Cell input: sum over slots and heads of attention * drive (the null slot adds 0).
-        # Every tanh is computed as 2*sigmoid(2x) - 1 (factor 2 already in the weights, see prepare).
+        # Cell input: attention-weighted values (the null slot's value is zero, it adds nothing).
+        base = rec if self.cell == "lstm" else w.input_bias
+        assert base is not None
+        attended = None
+        if self.precomputed_drives:
+            pre = base
+            for a, drive in zip(weighted, feeds):  # slots, never modules
+                if nh == 1:
+                    pre = torch.addcmul(pre, a, drive)  # (K, B, 1) * (K, B, G)
+                else:
+                    pre = pre + torch.matmul(a.unsqueeze(-2), drive).squeeze(-2)  # (K,B,1,h) @ (K,B,h,G)
+        else:
+            for a, value in zip(weighted, feeds):
+                # nh == 1: (K, B, 1) * (B, value); else (K, B, heads, 1) * (B, heads, value)
+                term = a * value if nh == 1 else a.unsqueeze(-1) * value
+                attended = term if attended is None else attended + term
+            assert attended is not None
+            attended = attended.reshape(K, B, nh * self.input_value_size)
+            pre = torch.baddbmm(base, attended, w.input_weight)
+
+        # The cell; every tanh is 2*sigmoid(2x) - 1 (factor 2 already in the weights).
         if self.cell == "lstm":
-            pre = self._add_drives(rec, weighted, drives)
             sig = torch.sigmoid(pre)  # [i, f, o, (g+1)/2]
             i, f, o, sg = sig.chunk(4, dim=-1)
             g = sg.mul(2.0).sub_(1.0)
@@ -377,9 +408,7 @@ class RIMsLayer(nn.Module):
             h_cell = o * tc
             gates: tuple[Tensor, ...] = (sig, g, tc)
         else:
-            assert w.input_bias is not None
-            xg = self._add_drives(w.input_bias, weighted, drives)
-            x_rz, x_n = xg.split([2 * H, H], dim=-1)
+            x_rz, x_n = pre.split([2 * H, H], dim=-1)
             h_rz, h_n = rec.split([2 * H, H], dim=-1)
             rz = torch.sigmoid(x_rz + h_rz)
             r, zg = rz.chunk(2, dim=-1)
@@ -413,32 +442,24 @@ class RIMsLayer(nn.Module):
         saved = None
         if save:
             saved = StepSaved(
-                h, c, query, tuple(keys), tuple(drives), probs, input_mask, weighted, gates,
+                h, c, query, tuple(keys), tuple(feeds), probs, input_mask, weighted, attended, gates,
                 h_tilde, qkv, comm_attn, comm_mask, comm_weighted, ctx, active,
             )  # fmt: skip
         return StepOut(h_out, c_out, active, null, probs, saved)
 
-    def _add_drives(self, base: Tensor, weighted: Sequence[Tensor], drives: Sequence[Tensor]) -> Tensor:
-        """``base + sum_slots sum_heads weighted * drive``; ``weighted`` holds ``(K, B, heads)`` per slot."""
-        out = base
-        for a, drive in zip(weighted, drives):  # slots (one or two), never modules
-            if self.num_input_heads == 1:
-                out = torch.addcmul(out, a, drive)  # (K, B, 1) * (K, B, G)
-            else:
-                out = out + torch.matmul(a.unsqueeze(-2), drive).squeeze(-2)  # (K,B,1,h) @ (K,B,h,G)
-        return out
-
     # ------------------------------------------------------------------ hand-written backward
 
     def transposed(self, w: LayerWeights) -> LayerWeights:
-        """Contiguous transposes of the weights for the backward (once per backward, not per step:
-        matmuls with transposed operands are markedly slower on CPU)."""
-        # Not for the drive: (B, K*G) @ (K*G, value) is faster with the long reduction dim contiguous.
-        drive = w.drive.t() if w.drive.dim() == 2 else w.drive.transpose(1, 2)
+        """The weights as the backward multiplies by them, made contiguous once per backward
+        (not per step): matmuls with transposed operands are markedly slower on CPU."""
+        if not self.precomputed_drives:
+            input_weight = w.input_weight.transpose(1, 2).contiguous()
+        else:  # (B, K*G) @ (K*G, value) runs faster with the long reduction dim contiguous: a view
+            input_weight = w.input_weight.t() if w.input_weight.dim() == 2 else w.input_weight.transpose(1, 2)
         return LayerWeights(
             w.recurrent.transpose(1, 2).contiguous(),
             w.recurrent_bias,
-            drive,
+            input_weight,
             w.input_bias,
             w.comm_qkv.transpose(1, 2).contiguous(),
             w.comm_out.transpose(1, 2).contiguous(),
@@ -455,14 +476,14 @@ class RIMsLayer(nn.Module):
         :param dh: gradient w.r.t. the step's output ``h`` ``(K, B, H)``.
         :param dc: gradient w.r.t. the output ``c`` (LSTM) or None.
         :return: gradients w.r.t. ``h`` and ``c`` entering the step, w.r.t. each slot's keys and
-            drives, and the per-step pieces of the weight gradients (reduced over T by
-            :meth:`weight_grads`): ``(dz, dqkv, dh_comm[, d_input_gates])``.
+            feeds, and the per-step pieces of the weight gradients, reduced over T by
+            :meth:`weight_grads`: ``(dz, dqkv, dh_comm, d_cell_input or None for LSTM)``.
         """
         K, B, H = dh.shape
-        nh, dk = self.num_input_heads, self.input_key_size
+        nh, dk, dv = self.num_input_heads, self.input_key_size, self.input_value_size
         nc, ck, cv = self.num_comm_heads, self.comm_key_size, self.comm_value_size
         keep = sv.active.unsqueeze(-1)
-        # Masking gradients by multiplication is cheaper than where and exact for finite values.
+        # Masking gradients by multiplication is cheaper than where, and exact for finite values.
         keepf = keep.to(dh.dtype)
 
         # Communication (only active rows of h_comm are used).
@@ -505,16 +526,24 @@ class RIMsLayer(nn.Module):
             d_inp = torch.cat([d_rz, d_pre_n], dim=-1)
             d_rec = torch.cat([d_rz, d_pre_n * r], dim=-1)
 
-        # Input attention.
-        d_drives: list[Tensor] = []
+        # Input attention: gradients w.r.t. each slot's (weighted) attention and its feed.
+        d_feeds: list[Tensor] = []
         d_attn: list[Tensor] = []
-        for a, drive in zip(sv.weighted, sv.drives):  # a: (K, B, heads)
-            if nh == 1:
-                d_attn.append((d_inp * drive).sum(-1, keepdim=True))
-                d_drives.append(a * d_inp)
-            else:
-                d_attn.append(torch.matmul(drive, d_inp.unsqueeze(-1)).squeeze(-1))
-                d_drives.append(a.unsqueeze(-1) * d_inp.unsqueeze(-2))
+        if self.precomputed_drives:
+            for a, drive in zip(sv.weighted, sv.feeds):  # a: (K, B, heads)
+                if nh == 1:
+                    d_attn.append((d_inp * drive).sum(-1, keepdim=True))
+                    d_feeds.append(a * d_inp)
+                else:
+                    d_attn.append(torch.matmul(drive, d_inp.unsqueeze(-1)).squeeze(-1))
+                    d_feeds.append(a.unsqueeze(-1) * d_inp.unsqueeze(-2))
+        else:
+            d_att = torch.bmm(d_inp, wt.input_weight)  # (K, B, heads*value)
+            if nh > 1:
+                d_att = d_att.view(K, B, nh, dv)
+            for a, value in zip(sv.weighted, sv.feeds):
+                d_attn.append((d_att * value).sum(-1, keepdim=nh == 1))
+                d_feeds.append((a * d_att if nh == 1 else a.unsqueeze(-1) * d_att).sum(0))
         if sv.input_mask is not None:
             d_attn = [d * m for d, m in zip(d_attn, sv.input_mask.unbind(-1))]
         if len(sv.keys) == 1:
@@ -522,7 +551,7 @@ class RIMsLayer(nn.Module):
             d_query = d_s * sv.keys[0]
             d_keys = [(d_s * sv.query).sum(0)]
         else:
-            d_probs = torch.stack([torch.zeros_like(d_attn[0]), *d_attn], dim=-1)  # null slot: no use
+            d_probs = torch.stack([torch.zeros_like(d_attn[0]), *d_attn], dim=-1)  # the null slot feeds nothing
             d_full = torch._softmax_backward_data(d_probs, sv.probs, -1, sv.probs.dtype)
             d_s = d_full[..., 1:].unsqueeze(-1)  # (K, B, heads, slots, 1)
             stacked = torch.stack(list(sv.keys), dim=-2)
@@ -530,74 +559,62 @@ class RIMsLayer(nn.Module):
             d_keys = list((d_s * sv.query.unsqueeze(-2)).sum(0).unbind(-2))
         dz = torch.cat([d_rec, d_query.reshape(K, B, nh * dk)], dim=-1)
         dh_prev = torch.baddbmm(dh_prev, dz, wt.recurrent)
-        pieces = (dz, dqkv, dh_comm) + ((d_inp,) if self.cell == "gru" else ())
-        return dh_prev, dc_prev, d_keys, d_drives, pieces
+        # LSTM's cell-input gradient is the first part of dz: not kept twice.
+        return dh_prev, dc_prev, d_keys, d_feeds, (dz, dqkv, dh_comm, d_inp if self.cell == "gru" else None)
 
-    def slot_backward(
-        self, wt: LayerWeights, slot: int, saved: tuple[Tensor, Tensor], d_keys: Tensor, d_drives: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Gradients of one step's :meth:`slot_forward` (inputs ``(B, width)``); ``wt`` is :meth:`transposed`.
+    def slot_backward(self, wt: LayerWeights, slot: int, d_keys: Tensor, d_values: Tensor) -> tuple[Tensor, Tensor]:
+        """Gradient w.r.t. a per-step slot input ``(B, width)`` (layers without precomputed drives).
 
-        :return: the gradient w.r.t. the slot's input, and the weight-gradient pieces
-            ``d_kv`` ``(B, heads*(key+value))`` and ``d_drive_flat``.
+        :param wt: the weights, :meth:`transposed`.
+        :param d_keys: ``(B, heads, key)``; ``d_values``: ``(B, [heads,] value)``.
+        :return: the input's gradient and ``d_kv`` ``(B, heads*(key+value))`` for :meth:`weight_grads`.
         """
-        K, nh, dk, dv, G = self.num_modules, self.num_input_heads, self.input_key_size, self.input_value_size, self.gate_size
         B = d_keys.shape[0]
-        if nh == 1:
-            dd = d_drives.transpose(0, 1).reshape(B, K * G)
-            d_values = dd @ wt.drive
-        else:
-            dd = d_drives.permute(2, 1, 0, 3).reshape(nh, B, K * G)
-            d_values = torch.bmm(dd, wt.drive).transpose(0, 1).reshape(B, nh * dv)
-        d_kv = torch.cat([d_keys.reshape(B, nh * dk), d_values], dim=-1)
-        return d_kv @ wt.slot_kv[slot], d_kv, dd
+        d_kv = torch.cat([d_keys.reshape(B, -1), d_values.reshape(B, -1)], dim=-1)
+        return d_kv @ wt.slot_kv[slot], d_kv
 
     def weight_grads(
         self,
-        w: LayerWeights,
-        inputs: list[tuple[Tensor, Tensor, Tensor]],
+        inputs: list[tuple[Tensor, ...]],
         pieces: list[tuple[Tensor, ...]],
-        slot_pieces: dict[int, list[tuple[Tensor, Tensor, Tensor, Tensor]]],
+        slot_pieces: dict[int, list[tuple[Tensor, Tensor]]],
     ) -> LayerWeights:
         """Weight gradients over the whole sequence, each one large batched matmul.
 
-        :param inputs: per step ``(h_prev, h_tilde, ctx)`` (the right-hand factors).
-        :param pieces: per step the ``pieces`` of :meth:`step_backward`.
-        :param slot_pieces: per dynamic slot, per step ``(input, kept values, d_kv, d_drive_flat)``.
-        :return: gradients laid out like ``w`` (None where nothing flows inside the engine).
+        :param inputs: per step ``(h_prev, h_tilde, ctx, attended)`` (the left-hand factors).
+        :param pieces: per step the pieces of :meth:`step_backward`.
+        :param slot_pieces: per per-step slot, per step ``(input, d_kv)``.
+        :return: gradients laid out like :class:`LayerWeights` (None where none flows inside the engine).
         """
-        h_prev = torch.cat([p[0] for p in inputs], dim=1)  # (K, T*B, H)
-        h_tilde = torch.cat([p[1] for p in inputs], dim=1)
-        ctx = torch.cat([p[2] for p in inputs], dim=1)
-        dz = torch.cat([p[0] for p in pieces], dim=1)
-        dqkv = torch.cat([p[1] for p in pieces], dim=1)
-        dh_comm = torch.cat([p[2] for p in pieces], dim=1)
-        g_recurrent = torch.bmm(h_prev.transpose(1, 2), dz)
+
+        def rows(seq: list[tuple[Tensor, ...]], i: int) -> Tensor:
+            return torch.cat([p[i] for p in seq], dim=1)  # (K, T*B, .)
+
+        dz = rows(pieces, 0)
+        g_recurrent = torch.bmm(rows(inputs, 0).transpose(1, 2), dz)
         g_recurrent_bias = dz.sum(1, keepdim=True)
-        g_comm_qkv = torch.bmm(h_tilde.transpose(1, 2), dqkv)
-        g_comm_out = torch.bmm(ctx.transpose(1, 2), dh_comm)
-        g_input_bias = torch.cat([p[3] for p in pieces], dim=1).sum(1, keepdim=True) if self.cell == "gru" else None
-        g_drive: Tensor | None = None
+        g_comm_qkv = torch.bmm(rows(inputs, 1).transpose(1, 2), rows(pieces, 1))
+        g_comm_out = torch.bmm(rows(inputs, 2).transpose(1, 2), rows(pieces, 2))
+        d_inp = None
+        if self.cell == "gru" or not self.precomputed_drives:
+            d_inp = dz[..., : self.gate_size] if self.cell == "lstm" else rows(pieces, 3)
+        g_input_bias = d_inp.sum(1, keepdim=True) if self.cell == "gru" and d_inp is not None else None
+        g_input_weight = None
+        if not self.precomputed_drives:
+            g_input_weight = torch.bmm(rows(inputs, 3).transpose(1, 2), d_inp)
         g_slots: list[Tensor | None] = [None] * len(self.slot_sizes)
-        for slot, rows in slot_pieces.items():
-            u = torch.cat([r[0] for r in rows], dim=0)
-            d_kv = torch.cat([r[2] for r in rows], dim=0)
-            g_slots[slot] = u.t() @ d_kv
-            if self.num_input_heads == 1:
-                gd = torch.cat([r[1] for r in rows], dim=0).t() @ torch.cat([r[3] for r in rows], dim=0)
-            else:
-                v = torch.cat([r[1] for r in rows], dim=1)
-                gd = torch.bmm(v.transpose(1, 2), torch.cat([r[3] for r in rows], dim=1))
-            g_drive = gd if g_drive is None else g_drive + gd
+        for slot, seq in slot_pieces.items():
+            u = torch.cat([r[0] for r in seq], dim=0)
+            g_slots[slot] = u.t() @ torch.cat([r[1] for r in seq], dim=0)
         return LayerWeights(
-            g_recurrent, g_recurrent_bias, g_drive, g_input_bias, g_comm_qkv, g_comm_out, tuple(g_slots)  # type: ignore[arg-type]
+            g_recurrent, g_recurrent_bias, g_input_weight, g_input_bias, g_comm_qkv, g_comm_out, tuple(g_slots)  # type: ignore[arg-type]
         )
 
 
 def _flatten_weights(weights: Sequence[LayerWeights]) -> list[Tensor | None]:
     flat: list[Tensor | None] = []
     for w in weights:
-        flat += [w.recurrent, w.recurrent_bias, w.drive, w.input_bias, w.comm_qkv, w.comm_out, *w.slot_kv]
+        flat += [w.recurrent, w.recurrent_bias, w.input_weight, w.input_bias, w.comm_qkv, w.comm_out, *w.slot_kv]
     return flat
 
 
@@ -617,9 +634,10 @@ class RIMsStackCore(RecurrentCore):
     layer ``l-1``'s new ``h`` at step t otherwise; top-down is layer ``l+1``'s ``h`` from
     step t-1 (none for the top layer). With one layer this is exactly RIMs.
 
-    Subclasses build ``self.layers`` and set ``output_layers`` (which layers' ``h`` make the
-    output, concatenated). ``fused_backward=True`` trains through the hand-written
-    backward; ``False`` lets autograd differentiate the same forward ops (slower reference).
+    Subclasses call :meth:`_build` with the layers and which layers' ``h`` make the output
+    (concatenated). ``fused_backward=True`` trains through the hand-written backward;
+    ``False`` lets autograd differentiate the same forward ops (slower reference).
+    Double backward (gradients of gradients) is not supported by the fused backward.
     """
 
     layers: nn.ModuleList
@@ -686,20 +704,27 @@ class RIMsStackCore(RecurrentCore):
         weights: Sequence[LayerWeights],
         state: Tensor,
         keys0: Tensor,
-        drives0: Tensor,
+        feeds0: Tensor,
         starts: Tensor,
         any_start: list[bool],
         save: bool,
         info: dict[str, Tensor] | None,
     ) -> tuple[Tensor, Tensor, list[list[Any]] | None]:
-        """The time loop (plain torch ops: differentiable when run under autograd)."""
+        """The time loop (plain torch ops: differentiable when run under autograd).
+
+        :param keys0: ``(T, ...)`` keys of the bottom layer's ``x`` slot, for all steps.
+        :param feeds0: ``(T, ...)`` its feeds (see :meth:`RIMsLayer.slot_forward`).
+        :param save: keep what :meth:`_backward` needs (fused training).
+        :param info: filled with the protocol's diagnostics when not None.
+        :return: output ``(T, B, output_size)``, final state, saved records or None.
+        """
         layers: list[RIMsLayer] = list(self.layers)  # type: ignore[arg-type]
         L, T = len(layers), keys0.shape[0]
         B = state.shape[0]
         hs, cs = self._split_state(state)
         keep = (~starts).view(T, 1, B, 1)
         # unbind: indexing a tensor that needs grad would cost a full-size zero gradient per step.
-        keys0_t, drives0_t = keys0.unbind(0), drives0.unbind(0)
+        keys0_t, feeds0_t = keys0.unbind(0), feeds0.unbind(0)
         outs: dict[int, list[Tensor]] = {l: [] for l in self.output_layers}
         records: list[list[Any]] | None = [] if save else None
         raw: list[list[StepOut]] = []
@@ -710,19 +735,26 @@ class RIMsStackCore(RecurrentCore):
             step_records: list[Any] = []
             step_raw: list[StepOut] = []
             for l, layer in enumerate(layers):
-                keys, drives, slot_saves = [keys0_t[t]], [drives0_t[t]], {}
-                if l > 0:
-                    keys[0], drives[0], slot_saves[0] = layer.slot_forward(weights[l], 0, _flat(hs[l - 1]), save)
-                if l < L - 1:
-                    k, d, slot_saves[1] = layer.slot_forward(weights[l], 1, _flat(hs[l + 1]), save)
-                    keys.append(k)
-                    drives.append(d)
-                res = layer.step(weights[l], hs[l], cs[l], keys, drives, save)
+                w = weights[l]
+                slot_inputs: dict[int, Tensor] = {}
+                if l > 0:  # bottom-up: the layer below, this step
+                    slot_inputs[0] = _flat(hs[l - 1])
+                if l < L - 1:  # top-down: the layer above, previous step
+                    slot_inputs[1] = _flat(hs[l + 1])
+                keys, feeds = [keys0_t[t]], [feeds0_t[t]]
+                for s, u in slot_inputs.items():
+                    k, f = layer.slot_forward(w, s, u)
+                    if s == 0:
+                        keys[0], feeds[0] = k, f
+                    else:
+                        keys.append(k)
+                        feeds.append(f)
+                res = layer.step(w, hs[l], cs[l], keys, feeds, save)
                 hs[l], cs[l] = res.h, res.c
                 if info is not None:
                     step_raw.append(res._replace(saved=None))
                 if save:
-                    step_records.append((res.saved, slot_saves))
+                    step_records.append((res.saved, slot_inputs))
             for l in self.output_layers:
                 outs[l].append(hs[l])
             if info is not None:
@@ -759,46 +791,39 @@ class RIMsStackCore(RecurrentCore):
             d_out_layers[l] = d_out[..., col : col + K * H].unflatten(-1, (K, H)).permute(0, 2, 1, 3)
             col += K * H
         d_keys0: list[Tensor] = []
-        d_drives0: list[Tensor] = []
-        inputs: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in layers]
+        d_feeds0: list[Tensor] = []
+        inputs: list[list[tuple[Tensor, ...]]] = [[] for _ in layers]
         pieces: list[list[tuple[Tensor, ...]]] = [[] for _ in layers]
-        slot_pieces: list[dict[int, list[tuple[Tensor, Tensor, Tensor, Tensor]]]] = [{} for _ in layers]
+        slot_pieces: list[dict[int, list[tuple[Tensor, Tensor]]]] = [{} for _ in layers]
         for t in reversed(range(T)):
             for l, d in d_out_layers.items():
                 gh[l] = gh[l] + d[t]
             new_gh: list[Tensor | None] = [None] * L
             new_gc: list[Tensor | None] = [None] * L
-            for l in reversed(range(L)):
-                layer, w = layers[l], transposed[l]
-                sv, slot_saves = records[t][l]
-                dh_prev, dc_prev, d_keys, d_drives, pc = layer.step_backward(w, sv, gh[l], gc[l])
-                inputs[l].append((sv.h_prev, sv.h_tilde, sv.ctx))
+            for l in reversed(range(L)):  # the top layer used the lower ones' results of this step
+                layer, wt = layers[l], transposed[l]
+                sv, slot_inputs = records[t][l]
+                dh_prev, dc_prev, d_keys, d_feeds, pc = layer.step_backward(wt, sv, gh[l], gc[l])
+                inputs[l].append((sv.h_prev, sv.h_tilde, sv.ctx, sv.attended))
                 pieces[l].append(pc)
-                new_gc[l] = dc_prev
-                if l < L - 1:  # top-down slot read layer l+1's h from step t-1
-                    d_u, d_kv, dd = layer.slot_backward(w, 1, slot_saves[1], d_keys[1], d_drives[1])
-                    slot_pieces[l].setdefault(1, []).append((*slot_saves[1], d_kv, dd))
-                    new_gh[l + 1] = new_gh[l + 1] + _unflat(d_u, layers[l + 1])  # type: ignore[operator]
-                if l > 0:  # bottom-up slot read layer l-1's h from this step
-                    d_u, d_kv, dd = layer.slot_backward(w, 0, slot_saves[0], d_keys[0], d_drives[0])
-                    slot_pieces[l].setdefault(0, []).append((*slot_saves[0], d_kv, dd))
-                    gh[l - 1] = gh[l - 1] + _unflat(d_u, layers[l - 1])
-                else:
+                new_gh[l], new_gc[l] = dh_prev, dc_prev
+                for s, u in slot_inputs.items():
+                    d_u, d_kv = layer.slot_backward(wt, s, d_keys[s], d_feeds[s])
+                    slot_pieces[l].setdefault(s, []).append((u, d_kv))
+                    if s == 0:  # bottom-up read layer l-1's h at this step
+                        gh[l - 1] = gh[l - 1] + _unflat(d_u, layers[l - 1])
+                    else:  # top-down read layer l+1's h from step t-1
+                        new_gh[l + 1] = new_gh[l + 1] + _unflat(d_u, layers[l + 1])  # type: ignore[operator]
+                if l == 0:
                     d_keys0.append(d_keys[0])
-                    d_drives0.append(d_drives[0])
-                new_gh[l] = dh_prev
+                    d_feeds0.append(d_feeds[0])
             if any_start[t]:  # the state entering step t was reset: no gradient to before it
                 new_gh = [torch.where(keep[t], g, 0.0) for g in new_gh]  # type: ignore[arg-type]
                 new_gc = [None if g is None else torch.where(keep[t], g, 0.0) for g in new_gc]
             gh, gc = new_gh, new_gc  # type: ignore[assignment]
         d_state0 = self._join_state(gh, gc)
-        d_keys0_all = torch.stack(d_keys0[::-1])
-        d_drives0_all = torch.stack(d_drives0[::-1])
-        d_weights = [
-            layer.weight_grads(w, inputs[l], pieces[l], slot_pieces[l])
-            for l, (layer, w) in enumerate(zip(layers, weights))
-        ]
-        return d_state0, d_keys0_all, d_drives0_all, d_weights
+        d_weights = [layer.weight_grads(inputs[l], pieces[l], slot_pieces[l]) for l, layer in enumerate(layers)]
+        return d_state0, torch.stack(d_keys0[::-1]), torch.stack(d_feeds0[::-1]), d_weights
 
     def forward(
         self,
@@ -821,17 +846,15 @@ class RIMsStackCore(RecurrentCore):
         any_start = starts.any(dim=1).tolist()
         layers: list[RIMsLayer] = list(self.layers)  # type: ignore[arg-type]
         weights = [layer.prepare() for layer in layers]
-        keys0, drives0, _ = layers[0].slot_forward(weights[0], 0, x)
+        keys0, feeds0 = layers[0].slot_forward(weights[0], 0, x)  # x's slot: all T steps at once
         info: dict[str, Tensor] | None = {} if return_info else None
-        needs_grad = torch.is_grad_enabled() and (
-            state.requires_grad or keys0.requires_grad or drives0.requires_grad
-        )
+        needs_grad = torch.is_grad_enabled() and (state.requires_grad or keys0.requires_grad or feeds0.requires_grad)
         if needs_grad and self.fused_backward:
             out, new_state = _FusedRIMsStack.apply(
-                self, starts, any_start, info, state, keys0, drives0, *_flatten_weights(weights)
+                self, starts, any_start, info, state, keys0, feeds0, *_flatten_weights(weights)
             )
         else:
-            out, new_state, _ = self._run(weights, state, keys0, drives0, starts, any_start, False, info)
+            out, new_state, _ = self._run(weights, state, keys0, feeds0, starts, any_start, False, info)
         if info is None:
             return out, new_state
         return out, new_state, info
@@ -869,11 +892,11 @@ class _FusedRIMsStack(torch.autograd.Function):
         info: dict[str, Tensor] | None,
         state: Tensor,
         keys0: Tensor,
-        drives0: Tensor,
+        feeds0: Tensor,
         *flat_weights: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         weights = _unflatten_weights(flat_weights, list(core.layers))  # type: ignore[arg-type]
-        out, new_state, records = core._run(weights, state, keys0, drives0, starts, any_start, True, info)
+        out, new_state, records = core._run(weights, state, keys0, feeds0, starts, any_start, True, info)
         # Intermediates live on ctx (not save_for_backward): there are many, all created here.
         ctx.core, ctx.weights, ctx.records = core, weights, records
         ctx.starts, ctx.any_start = starts, any_start
@@ -884,13 +907,13 @@ class _FusedRIMsStack(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, d_out: Tensor, d_state: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         core: RIMsStackCore = ctx.core
-        d_state0, d_keys0, d_drives0, d_weights = core._backward(
+        d_state0, d_keys0, d_feeds0, d_weights = core._backward(
             ctx.weights, ctx.records, d_out, d_state, ctx.starts, ctx.any_start
         )
         # ctx.records stays: backward may run again with retain_graph=True; autograd frees ctx with the graph.
         flat = _flatten_weights(d_weights)
         assert len(flat) == ctx.n_weights
-        return (None, None, None, None, d_state0, d_keys0, d_drives0, *flat)
+        return (None, None, None, None, d_state0, d_keys0, d_feeds0, *flat)
 
 
 class RIMs(RIMsStackCore):
@@ -947,6 +970,7 @@ class RIMs(RIMsStackCore):
             comm_key_size=comm_key_size,
             comm_value_size=comm_value_size,
             dropout=dropout,
+            precomputed_drives=True,
         )
         self._build(input_size, [layer], (0,), bool(fused_backward))
         self.num_modules, self.module_size, self.k_active, self.cell = num_modules, module_size, k_active, cell
