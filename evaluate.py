@@ -100,7 +100,10 @@ def parse_suite_params(items: list[str]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise EvaluationError(f"--suite-param {item!r} must look like KEY=VALUE")
-        params[key] = yaml.safe_load(text)
+        try:
+            params[key] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise EvaluationError(f"--suite-param {key}: value {text!r} is not valid YAML ({exc})") from None
     return params
 
 

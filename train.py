@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: the last checkpoint written is intact (atomic writes)
+        if args.debug:
+            raise
+        print("interrupted; the last checkpoint written is intact", file=sys.stderr)
+        return 130
     print(f"done: {trainer.frames} frames, checkpoint {checkpoint}")
     return 0
 

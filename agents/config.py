@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from policies import CORES
@@ -46,6 +47,14 @@ def _non_negative(value: Any) -> bool:
     return value >= 0
 
 
+def _is_device(value: Any) -> bool:
+    try:
+        torch.device(value)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _unit(value: Any) -> bool:
     return 0 <= value <= 1
 
@@ -55,9 +64,9 @@ OPT_FLOAT, OPT_INT, OPT_STR = (float, int, type(None)), (int, type(None)), (str,
 
 TOP_FIELDS: dict[str, Field] = {
     "name": Field(None, OPT_STR),
-    "seed": Field(1, INT, _non_negative, ">= 0"),
+    "seed": Field(1, INT, lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     "total_frames": Field(100_000, INT, _positive, "> 0"),
-    "device": Field("cpu", STR),
+    "device": Field("cpu", STR, _is_device, "a torch device such as 'cpu', 'cuda' or 'cuda:1'"),
     # Small recurrent models step through time with many tiny ops: one thread avoids the cost of
     # synchronising threads per op (and oversubscription next to env processes). 0 = torch's default.
     "torch_threads": Field(1, INT, _non_negative, ">= 0 (0 keeps torch's default)"),
@@ -225,6 +234,9 @@ def resolve_config(raw: dict[str, Any] | None) -> dict[str, Any]:
     for name in ("env", "policy", "log"):
         config[name] = _validate_section(name, raw.get(name), sections[name])
 
+    for name in ("core", "algo"):
+        if not isinstance(raw.get(name) or {}, dict):
+            raise ConfigError(f"{name} must be a mapping of keys to values (e.g. {name}.name=...), got {raw[name]!r}")
     core_raw = dict(raw.get("core") or {})
     core_name = core_raw.pop("name", "rims")
     if core_name not in CORES:
@@ -244,12 +256,22 @@ def resolve_config(raw: dict[str, Any] | None) -> dict[str, Any]:
         elif raw.get(name):
             raise ConfigError(f"config section {name!r} does not apply to algo.name={algo_name!r}")
 
-    n_envs, minibatches = config["env"]["n_envs"], config["algo"]["num_minibatches"]
-    if config["algo"]["seq_len"] is None and n_envs % minibatches != 0:
-        raise ConfigError(
-            f"algo.num_minibatches={minibatches} must divide env.n_envs={n_envs} "
-            "(each minibatch holds whole env sequences)"
-        )
+    n_envs, algo = config["env"]["n_envs"], config["algo"]
+    if "num_minibatches" in algo:
+        if algo["seq_len"] is not None and algo["n_steps"] % algo["seq_len"] != 0:
+            raise ConfigError(f"algo.seq_len={algo['seq_len']} must divide algo.n_steps={algo['n_steps']}")
+        n_sequences = n_envs * (1 if algo["seq_len"] is None else algo["n_steps"] // algo["seq_len"])
+        if n_sequences % algo["num_minibatches"] != 0:
+            raise ConfigError(
+                f"algo.num_minibatches={algo['num_minibatches']} must divide the {n_sequences} sequences of a "
+                f"rollout (env.n_envs={n_envs}" + ("" if algo["seq_len"] is None else
+                                                   f" x algo.n_steps / algo.seq_len") + ")"
+            )
+    if config["core"].get("dropout", 0) > 0:
+        # A fresh dropout mask in the update would make the replayed log-probabilities differ from
+        # the rollout's (the PPO ratio would not start at 1), a pitfall of public implementations.
+        raise ConfigError("core.dropout > 0 is not supported for training: the update would not replay "
+                          "the rollout's dropout masks; set core.dropout=0")
     if config["name"] is None:
         config["name"] = default_run_name(config)
     return config
@@ -311,6 +333,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -329,7 +353,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     update = parse_overrides(overrides)
     for section in ("core", "algo"):
         new_name = update[section].get("name") if isinstance(update.get(section), dict) else None
-        if new_name is not None and new_name != (raw.get(section) or {}).get("name"):
+        old_section = raw.get(section) if isinstance(raw.get(section), dict) else {}
+        if new_name is not None and new_name != old_section.get("name"):
             # Switching core or algorithm on the command line starts from its defaults:
             # the file's settings belong to the other one.
             raw[section] = {}

@@ -8,6 +8,8 @@ meta-PPO) change the parameters, log, and checkpoint at intervals.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import os
 import pickle
 import random
@@ -27,7 +29,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv,
 from tqdm import tqdm
 
 from agents.a2c import RecurrentA2C
-from agents.config import ConfigError
+from agents.config import ConfigError, merge, resolve_config
 from agents.logger import RunLogger
 from agents.optim import NonFiniteError, PolicyUpdater
 from agents.ppo import RecurrentPPO
@@ -35,7 +37,7 @@ from agents.rollout import RolloutState, collect_rollout, start_rollouts
 from agents.storage import RolloutStorage
 from envs import check_env_id, make_vec_env
 from policies.actor_critic import RecurrentActorCritic, obs_to_tensor
-from policies.checkpoint import load_checkpoint, save_checkpoint, space_to_dict
+from policies.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, space_to_dict
 
 try:
     PACKAGE_VERSION = metadata.version("modular-memory-rl")
@@ -47,6 +49,17 @@ except metadata.PackageNotFoundError:  # running from a source checkout that was
 UPDATERS: dict[str, type[PolicyUpdater]] = {"ppo": RecurrentPPO, "a2c": RecurrentA2C}
 
 ENVS_STATE_FILE = "envs_state.pkl"
+
+
+def snapshot_key() -> bytes:
+    """This user's secret key for authenticating env snapshots, created on first use (mode 600)."""
+    path = Path(os.environ.get("MODULAR_RL_KEY_FILE", Path.home() / ".cache" / "modular-memory-rl" / "snapshot.key"))
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(os.urandom(32))
+    return path.read_bytes()
 
 
 class TrainingError(RuntimeError):
@@ -133,6 +146,7 @@ class Trainer:
         if checkpoint is not None:
             self.task = (checkpoint["env"]["id"], checkpoint["env"]["options"])
         self.venv = self._restore_envs(checkpoint) if checkpoint is not None else None
+        envs_restored = self.venv is not None
         if self.venv is None:
             self.venv = self.make_envs(*self.task)
         self.policy = build_policy(config, self.venv.observation_space, self.venv.action_space).to(self.device)
@@ -145,8 +159,6 @@ class Trainer:
             self.updater = updater_cls(self.policy, algo, generator=self.generator)
         self.storage = RolloutStorage(algo["n_steps"], env_config["n_envs"], self.venv.observation_space,
                                       self.venv.action_space, self.policy.state_size, self.device)
-        if algo["seq_len"] is not None and algo["n_steps"] % algo["seq_len"] != 0:
-            raise ConfigError(f"algo.seq_len={algo['seq_len']} must divide algo.n_steps={algo['n_steps']}")
         self.frames_per_rollout = algo["n_steps"] * env_config["n_envs"]
         self.frames = 0
         self.updates = 0
@@ -154,7 +166,11 @@ class Trainer:
         self.recent_episodes: deque[dict[str, float]] = deque(maxlen=config["log"]["return_window"])
         self._stop_signal: str | None = None
         if checkpoint is not None:
-            self._load_training_state(checkpoint)
+            try:
+                self._load_training_state(checkpoint, envs_restored)
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                raise CheckpointError(f"cannot resume from the checkpoint in {self.run_dir}: "
+                                      f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
         # An updater with a task schedule (meta-PPO) may start on another task than env.id.
         self._maybe_switch_task(None)
 
@@ -177,35 +193,50 @@ class Trainer:
 
         :param run_dir: a run directory written by an earlier ``Trainer``.
         :param overrides: only ``total_frames`` may change on resume (to extend a run).
+        :raises CheckpointError: if the checkpoint is unusable; ConfigError for a bad override.
         """
         checkpoint = load_checkpoint(Path(run_dir) / "checkpoint.pt")
-        config = checkpoint["config"]
-        for key, value in (overrides or {}).items():
+        for key in overrides or {}:
             if key != "total_frames":
                 raise ConfigError(f"{key} cannot change on --resume (only total_frames can); start a new run")
-            config["total_frames"] = value
+        if not isinstance(checkpoint.get("config"), dict):
+            raise CheckpointError(f"the checkpoint in {run_dir} holds no training config to resume with")
+        try:
+            config = resolve_config(merge(checkpoint["config"], overrides or {}))
+        except ConfigError as exc:
+            raise ConfigError(f"cannot resume {run_dir}: {exc}") from None
         return cls(config, run_dir, checkpoint=checkpoint)
 
     def _restore_envs(self, checkpoint: dict[str, Any]) -> VecEnv | None:
-        """Unpickle the envs saved with the checkpoint (a file this run wrote itself), if they match it."""
+        """Unpickle the envs saved with the checkpoint, if this user wrote them and they match it.
+
+        The snapshot is a pickle (the envs' RNGs and unfinished episodes), so it is only read when
+        its HMAC under this user's local key (``snapshot_key``) checks out: a run directory copied
+        from someone else resumes with fresh episodes instead of running their pickle.
+        """
         path = self.run_dir / ENVS_STATE_FILE
         if not path.is_file():
             return None
-        with path.open("rb") as handle:
-            # The env snapshot is a pickle of this run's own envs (their RNGs and episode progress);
-            # it is read only on --resume of this run dir, never by load_policy or evaluate.py.
-            saved = pickle.load(handle)
-        if saved.get("frames") != checkpoint["frames"]:
+        blob = path.read_bytes()
+        tag, body = blob[:32], blob[32:]
+        if not hmac.compare_digest(tag, hmac.new(snapshot_key(), body, hashlib.sha256).digest()):
+            tqdm.write(f"warning: {path} was not written by this user; resuming with fresh episodes")
             return None
+        try:
+            saved = pickle.loads(body)  # noqa: S301 (authenticated above: written by this user)
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError):
+            return None
+        if saved.get("frames") != checkpoint["frames"]:
+            return None  # a kill between the snapshot and the checkpoint: the envs moved on since
         return saved["venv"]
 
-    def _load_training_state(self, checkpoint: dict[str, Any]) -> None:
+    def _load_training_state(self, checkpoint: dict[str, Any], envs_restored: bool) -> None:
         self.policy.load_state_dict(checkpoint["policy"]["state_dict"])
         self.updater.load_state_dict(checkpoint["updater"])
         self.frames, self.updates = checkpoint["frames"], checkpoint["updates"]
         _set_rng_state(checkpoint["rng"], self.generator)
         rollout = checkpoint.get("rollout")
-        if rollout is not None and (self.run_dir / ENVS_STATE_FILE).is_file():
+        if rollout is not None and envs_restored:  # fresh envs start fresh episodes instead
             obs = rollout["obs"]
             obs = {k: v.numpy() for k, v in obs.items()} if isinstance(obs, dict) else obs.numpy()
             self.rollout_state = RolloutState(obs=obs, state=rollout["state"].to(self.device),
@@ -249,7 +280,8 @@ class Trainer:
             except (pickle.PicklingError, TypeError, AttributeError):
                 blob = None  # an env that cannot be pickled: resume will start fresh episodes
             if blob is not None:
-                self._atomic_write(self.run_dir / ENVS_STATE_FILE, blob)
+                tag = hmac.new(snapshot_key(), blob, hashlib.sha256).digest()
+                self._atomic_write(self.run_dir / ENVS_STATE_FILE, tag + blob)
         numbered = self.run_dir / "checkpoints" / f"checkpoint_{self.frames:012d}.pt"
         save_checkpoint(numbered, self.checkpoint_payload())
         latest = self.run_dir / "checkpoint.pt"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import functools
+import signal
+from collections.abc import Callable
 import numbers
 from typing import Any, Literal
 
@@ -199,6 +201,12 @@ def make_env(
     return Monitor(env)
 
 
+def _ignoring_sigint(make: Callable[[], gym.Env]) -> gym.Env:
+    """Build an env in a subprocess worker that ignores SIGINT (the parent handles it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return make()
+
+
 def make_vec_env(
     env_id: str,
     n_envs: int = 1,
@@ -270,6 +278,10 @@ def make_vec_env(
         )
         for i in range(n_envs)
     ]
+    if vec_env == "subproc":
+        # Ctrl-C reaches the whole process group: workers ignore it, so the trainer can finish
+        # its update and checkpoint instead of finding its envs dead.
+        env_fns = [functools.partial(_ignoring_sigint, fn) for fn in env_fns]
     venv: VecEnv = SubprocVecEnv(env_fns) if vec_env == "subproc" else DummyVecEnv(env_fns)
     venv.seed(int(seed))  # env i gets seed + i at its next (first) reset
     if family == "atari":

@@ -125,10 +125,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except pickle.UnpicklingError as exc:
         # torch's message spans many lines with terminal colour codes; keep the line naming the object.
         found = _GLOBAL.search(_ANSI.sub("", str(exc)))
-        culprit = f" (it references {found.group(1)})" if found else ""
+        if found is None:  # not an object the safe loader refused: the bytes themselves are bad
+            raise CheckpointError(f"cannot read checkpoint {path}: corrupt file or not a torch checkpoint") from None
         raise CheckpointError(
-            f"refusing to load {path}: it contains objects that would run code when loaded{culprit}; "
-            "a checkpoint of this package holds only tensors and plain types"
+            f"refusing to load {path}: it contains objects that would run code when loaded "
+            f"(it references {found.group(1)}); a checkpoint of this package holds only tensors and plain types"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: truncated or corrupt file ({exc})") from None

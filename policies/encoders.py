@@ -47,13 +47,17 @@ class GridEncoder(nn.Module):
     def __init__(self, observation_space: spaces.Box, embedding_dim: int = 8) -> None:
         super().__init__()
         height, width, _ = observation_space.shape
+        if min(height, width) < 4:
+            raise ValueError(f"the grid encoder needs a view of at least 4x4 cells, got {height}x{width} "
+                             "(MiniGrid's agent_view_size)")
         self.embedding = nn.Embedding(3 * GRID_VOCAB_PER_CHANNEL, embedding_dim)
         # Each channel gets its own rows of the table: object 3 and colour 3 differ.
         self.register_buffer("channel_offsets", torch.arange(3) * GRID_VOCAB_PER_CHANNEL, persistent=False)
         self.cnn = nn.Sequential(
             nn.Conv2d(3 * embedding_dim, 16, kernel_size=2),
             nn.ReLU(),
-            nn.MaxPool2d(2) if min(height, width) >= 5 else nn.Identity(),
+            # Pool only views of 7+ cells: three 2x2 convolutions alone would shrink a smaller one to nothing.
+            nn.MaxPool2d(2) if min(height, width) >= 7 else nn.Identity(),
             nn.Conv2d(16, 32, kernel_size=2),
             nn.ReLU(),
             nn.Conv2d(32, 64, kernel_size=2),

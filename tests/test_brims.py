@@ -42,11 +42,11 @@ def test_shapes_and_info(cell: str, factor: int) -> None:
     x, starts = seq(T=6, B=2)
     out, state, info = core(x, core.initial_state(2), starts, return_info=True)
     assert out.shape == (6, 2, 20) and state.shape == (2, core.state_size)
-    for l, (K, slots) in enumerate([(4, 3), (3, 3), (5, 2)]):  # top layer: no top-down slot
-        assert info[f"active_{l}"].shape == (6, 2, K)
-        assert info[f"input_attention_{l}"].shape == (6, 2, K, slots)
-        assert (info[f"active_{l}"].sum(-1) == MIXED[l]["k_active"]).all()
-        assert torch.allclose(info[f"input_attention_{l}"].sum(-1), torch.ones(6, 2, K), atol=1e-6)
+    for li, (K, slots) in enumerate([(4, 3), (3, 3), (5, 2)]):  # top layer: no top-down slot
+        assert info[f"active_{li}"].shape == (6, 2, K)
+        assert info[f"input_attention_{li}"].shape == (6, 2, K, slots)
+        assert (info[f"active_{li}"].sum(-1) == MIXED[li]["k_active"]).all()
+        assert torch.allclose(info[f"input_attention_{li}"].sum(-1), torch.ones(6, 2, K), atol=1e-6)
     # "top" output is the top layer's h, the last part of the state (layout h then c).
     top = state[:, factor * (24 + 15) :][:, :20]
     assert torch.equal(out[-1], top)
@@ -98,8 +98,8 @@ def test_every_parameter_gets_a_gradient(cell: str) -> None:
     core = make(MIXED, cell=cell)
     x, starts = seq(T=12, B=4)
     out, state, info = core(x, core.initial_state(4), starts, return_info=True)
-    for l in range(3):  # precondition: each module of each layer was active at some step
-        assert info[f"active_{l}"].any(dim=(0, 1)).all(), l
+    for li in range(3):  # precondition: each module of each layer was active at some step
+        assert info[f"active_{li}"].any(dim=(0, 1)).all(), li
     (out.pow(2).sum() + state.sum()).backward()
     for name, p in core.named_parameters():
         assert p.grad is not None, name
@@ -126,14 +126,17 @@ def test_fused_backward_matches_autograd(cell: str, heads: int) -> None:
     (out_f, grads_f), (out_r, grads_r) = results
     assert torch.equal(out_f, out_r)
     names = ["x", "state"] + [n for n, _ in core.named_parameters()]
-    for name, gf, gr in zip(names, grads_f, grads_r):
+    for name, gf, gr in zip(names, grads_f, grads_r, strict=True):
         assert (gf - gr).abs().max() <= 1e-5 * (1 + gr.abs().max()), name
 
 
 def test_gradcheck_double() -> None:
     core = BRIMs(
         IN,
-        layers=[{"num_modules": 3, "module_size": 2, "k_active": 2}, {"num_modules": 2, "module_size": 3, "k_active": 1}],
+        layers=[
+            {"num_modules": 3, "module_size": 2, "k_active": 2},
+            {"num_modules": 2, "module_size": 3, "k_active": 1},
+        ],
         input_key_size=2,
         num_comm_heads=1,
         comm_key_size=2,
@@ -148,7 +151,7 @@ def test_gradcheck_double() -> None:
     weights = tuple(params[n].detach().clone().requires_grad_(True) for n in names)
 
     def run(x_: torch.Tensor, s_: torch.Tensor, *ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.func.functional_call(core, dict(zip(names, ws)), (x_, s_, starts))
+        return torch.func.functional_call(core, dict(zip(names, ws, strict=True)), (x_, s_, starts))
 
     assert torch.autograd.gradcheck(run, (x, state0, *weights), eps=1e-6, atol=1e-6, fast_mode=True)
 
@@ -199,7 +202,7 @@ def test_one_layer_brims_equals_rims(cell: str) -> None:
     assert torch.equal(info_b["input_attention_0"], info_r["input_attention"])
     (out_r.sum()).backward()
     (out_b.sum()).backward()
-    for (n, pr), pb in zip(rims.named_parameters(), brims.parameters()):
+    for (n, pr), pb in zip(rims.named_parameters(), brims.parameters(), strict=True):
         assert torch.allclose(pr.grad, pb.grad, atol=1e-6), n
 
 
@@ -217,7 +220,7 @@ def test_parameter_groups_cover_every_parameter_once() -> None:
 def test_slot_projections_follow_layer_widths() -> None:
     core = make(MIXED)
     widths = [[IN, 15], [24, 20], [15]]
-    for layer, w in zip(core.layers, widths):
+    for layer, w in zip(core.layers, widths, strict=True):
         assert [p.shape[0] for p in layer.slot_key_value] == w
 
 
@@ -245,3 +248,26 @@ def test_make_core_builds_brims() -> None:
     assert isinstance(core, BRIMs) and core.output_size == 24 + 20
     default = make_core("brims", 16)
     assert len(default.layers) == 2 and default.output_size == 6 * 64
+
+
+@pytest.mark.parametrize("cell,heads", [("lstm", 1), ("gru", 2)])
+def test_precomputed_drives_and_per_step_values_compute_the_same(cell: str, heads: int) -> None:
+    """BRIMs layers apply W_ih to the attended value at each step; RIMs precomputes the drives.
+
+    Both are the same function: flipping the switch on one core changes nothing but rounding.
+    """
+    core = RIMs(IN, num_modules=5, module_size=6, k_active=3, cell=cell, num_input_heads=heads, **ATTN)
+    x, starts = seq(T=6)
+    state = torch.randn(3, core.state_size)
+    results = []
+    for precomputed in (True, False):
+        core.layers[0].precomputed_drives = precomputed
+        core.zero_grad()
+        out, new_state, info = core(x, state, starts, return_info=True)
+        (out.sum() + new_state.pow(2).sum()).backward()
+        results.append((out.detach(), info["active"], [p.grad.clone() for p in core.parameters()]))
+    (out_a, act_a, g_a), (out_b, act_b, g_b) = results
+    assert torch.equal(act_a, act_b)
+    assert (out_a - out_b).abs().max() < 1e-5
+    for ga, gb in zip(g_a, g_b, strict=True):
+        assert (ga - gb).abs().max() <= 1e-4 * (1 + gb.abs().max())

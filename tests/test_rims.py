@@ -141,7 +141,7 @@ def test_fused_backward_matches_autograd(cell: str, num_input_heads: int) -> Non
     (out_f, grads_f), (out_r, grads_r) = results
     assert torch.equal(out_f, out_r)
     names = ["x", "state"] + [n for n, _ in core.named_parameters()]
-    for name, gf, gr in zip(names, grads_f, grads_r):
+    for name, gf, gr in zip(names, grads_f, grads_r, strict=True):
         assert (gf - gr).abs().max() <= 1e-5 * (1 + gr.abs().max()), name
 
 
@@ -158,7 +158,7 @@ def test_gradcheck_double() -> None:
     weights = tuple(params[n].detach().clone().requires_grad_(True) for n in names)
 
     def run(x_: torch.Tensor, s_: torch.Tensor, *ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.func.functional_call(core, dict(zip(names, ws)), (x_, s_, starts))
+        return torch.func.functional_call(core, dict(zip(names, ws, strict=True)), (x_, s_, starts))
 
     assert core.fused_backward
     assert torch.autograd.gradcheck(run, (x, state0, *weights), eps=1e-6, atol=1e-6, fast_mode=True)

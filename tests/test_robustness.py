@@ -43,6 +43,12 @@ def run_main(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, 
         (["env.id=CartPole-v1"], None),  # a valid non-MiniGrid id trains (MLP encoder)
         (["env.env_kwargs={bogus: 1}"], "env:"),
         (["--resume", "no/such/run"], "checkpoint file not found"),
+        (["core=lstm"], "core must be a mapping"),
+        (["device=gpu"], "device must be a torch device"),
+        (["seed=8589934592"], "seed must be in [0, 2**32)"),
+        (["core.dropout=0.2"], "core.dropout > 0 is not supported"),
+        (["algo.seq_len=5"], "algo.seq_len=5 must divide algo.n_steps=16"),
+        (["env.env_kwargs={agent_view_size: 3}"], "at least 4x4"),
     ],
 )
 def test_bad_training_input_exits_2_with_one_message(
@@ -63,6 +69,21 @@ def test_invalid_yaml_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     bad.write_text("core: {name: rims\n")
     code, err = run_main(capsys, ["--config", str(bad)])
     assert code == 2 and "not valid YAML" in err and str(bad) in err
+
+
+def test_unreadable_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    code, err = run_main(capsys, ["--config", str(binary)])
+    assert code == 2 and "cannot read config file" in err
+
+
+def test_resume_override_is_validated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tiny_trainer(tmp_path).run(stop_at_frames=32)
+    code, err = run_main(capsys, ["--resume", str(tmp_path), "total_frames=lots"])
+    assert code == 2 and "total_frames must be an integer" in err
+    code, err = run_main(capsys, ["--resume", str(tmp_path), "algo.lr=1"])
+    assert code == 2 and "only total_frames can" in err
 
 
 def test_missing_atari_roms_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
@@ -134,6 +155,29 @@ def test_resume_equals_uninterrupted_training(tmp_path: Path) -> None:
     # TensorBoard/JSONL steps continue where they stopped: one row per update, no duplicates.
     rows = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 5
+
+
+def test_resume_with_a_stale_or_foreign_env_snapshot_starts_fresh_episodes(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny_trainer(tmp_path).run(stop_at_frames=64)
+    snapshot = tmp_path / "envs_state.pkl"
+    # A kill between the env snapshot and the checkpoint: the snapshot belongs to a later point.
+    trainer = Trainer.resume(tmp_path)
+    trainer.frames += 32
+    trainer.save()
+    (tmp_path / "checkpoint.pt").unlink()
+    os.link(tmp_path / "checkpoints" / "checkpoint_000000000064.pt", tmp_path / "checkpoint.pt")
+    stale = Trainer.resume(tmp_path)
+    assert stale.rollout_state is None and stale.frames == 64
+    stale.run()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["frames"] == 128
+    # A snapshot written under another user's key is never unpickled.
+    monkeypatch.setenv("MODULAR_RL_KEY_FILE", str(tmp_path / "other-user.key"))
+    marker = tmp_path / "pwned"
+    snapshot.write_bytes(bytes(32) + pickle.dumps(_RunsCode(marker)))
+    foreign = Trainer.resume(tmp_path, {"total_frames": 160})
+    assert foreign.rollout_state is None
+    assert not marker.exists()
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:

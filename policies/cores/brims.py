@@ -92,10 +92,10 @@ class BRIMs(RIMsStackCore):
         self.output = check_choice("output", output, OUTPUTS)
         widths = [spec["num_modules"] * spec["module_size"] for spec in specs]
         built = []
-        for l, spec in enumerate(specs):
-            slots = [input_size if l == 0 else widths[l - 1]]
-            if l < len(specs) - 1:
-                slots.append(widths[l + 1])
+        for li, spec in enumerate(specs):
+            slots = [input_size if li == 0 else widths[li - 1]]
+            if li < len(specs) - 1:
+                slots.append(widths[li + 1])
             built.append(
                 RIMsLayer(
                     slot_sizes=slots,

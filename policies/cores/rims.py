@@ -31,9 +31,10 @@ How it is made fast (an agent's bottleneck is many tiny ops per step):
 * With one non-null slot, ``softmax([0, s]) = [sigmoid(-s), sigmoid(s)]``.
 * ``W_hh`` and the query weights both multiply ``h_{t-1}``: separate parameters
   (the meta-learning split needs them apart), concatenated once per forward so a
-  step does one ``baddbmm`` for both. Score scales are folded into the weights.
+  step does one ``baddbmm`` for both. Score scales ride on that concatenation
+  (input attention) and on ``baddbmm``'s ``alpha`` (communication).
 * Every tanh is computed as ``2*sigmoid(2x) - 1`` (sigmoid is several times
-  faster on CPU); the factor 2 is folded into the weights once per forward.
+  faster than tanh on CPU), so one sigmoid covers all four LSTM gates.
 * Training uses a hand-written backward through time (:class:`_FusedRIMsStack`):
   the forward runs without autograd bookkeeping, and the weight gradients are
   one large batched matmul over all T steps at the end instead of T small ones.
@@ -84,7 +85,7 @@ class LayerWeights(NamedTuple):
     :param input_weight: ``W_ih``: with precomputed drives ``(value, K*gates)`` for one head or
         ``(heads, value, K*gates)``; otherwise ``(K, heads*value, gates)``.
     :param input_bias: ``(K, 1, gates)``: GRU's ``b_ih``; None for LSTM.
-    :param comm_qkv: ``(K, H, comm_heads*(2*key + value))``, per head ``[q|k|v]``, q scaled by 1/sqrt(key).
+    :param comm_qkv: ``(K, H, comm_heads*(2*key + value))``, per head ``[q|k|v]``.
     :param comm_out: ``(K, comm_heads*value, H)``.
     :param slot_kv: per slot, its key/value projection ``(slot width, heads*(key+value))``.
     """
@@ -216,6 +217,11 @@ class RIMsLayer(nn.Module):
         self.comm_attention_dropout = p
         self.gate_size = (4 if self.cell == "lstm" else 3) * H
         self.output_size = K * H
+        # tanh(x) = 2*sigmoid(2x) - 1, and sigmoid is several times faster than tanh on CPU:
+        # LSTM's g pre-activation is doubled so one sigmoid covers all four gates.
+        gate_scale = torch.ones(self.gate_size)
+        gate_scale[3 * H :] = 2.0
+        self.register_buffer("gate_scale", gate_scale, persistent=False)
         self.state_size = (2 if self.cell == "lstm" else 1) * K * H
 
         # --- attention parameters ---
@@ -265,35 +271,32 @@ class RIMsLayer(nn.Module):
 
     def prepare(self) -> LayerWeights:
         """Rearrange the weights for the per-step code; once per forward (differentiable)."""
-        K, H, nh, dk, dv, G = (
+        K, nh, dk, dv, G = (
             self.num_modules,
-            self.module_size,
             self.num_input_heads,
             self.input_key_size,
             self.input_value_size,
             self.gate_size,
         )
-        nc, ck, cv = self.num_comm_heads, self.comm_key_size, self.comm_value_size
-        # tanh(x) = 2*sigmoid(2x) - 1: the pre-activations that feed a tanh (LSTM g, GRU n)
-        # get their factor 2 here, once, so the step only calls sigmoid.
-        gate_scale = self.weight_hh.new_ones(G)
-        gate_scale[G - H :] = 2.0
-        recurrent = torch.cat([self.weight_hh * gate_scale, self.query * (1.0 / math.sqrt(dk))], dim=-1)
+        # Kept cheap: it runs on every call, and rollouts call with T=1.
+        recurrent = torch.cat([self.weight_hh, self.query * (1.0 / math.sqrt(dk))], dim=-1)
         b_hh = self.bias if self.cell == "lstm" else self.bias_hh
-        recurrent_bias = torch.cat([b_hh * gate_scale, b_hh.new_zeros(K, nh * dk)], dim=-1).unsqueeze(1)
-        w_ih = self.weight_ih * gate_scale
+        recurrent_bias = torch.cat([b_hh, b_hh.new_zeros(K, nh * dk)], dim=-1).unsqueeze(1)
         if not self.precomputed_drives:
-            input_weight = w_ih
+            input_weight = self.weight_ih
         elif nh == 1:
-            input_weight = w_ih.permute(1, 0, 2).reshape(dv, K * G)
+            input_weight = self.weight_ih.permute(1, 0, 2).reshape(dv, K * G)
         else:
-            input_weight = w_ih.view(K, nh, dv, G).permute(1, 2, 0, 3).reshape(nh, dv, K * G)
-        input_bias = None if self.cell == "lstm" else (self.bias_ih * gate_scale).unsqueeze(1)
-        scale = self.comm_qkv.new_ones(2 * ck + cv)
-        scale[:ck] = 1.0 / math.sqrt(ck)
-        comm_qkv = (self.comm_qkv.view(K, H, nc, 2 * ck + cv) * scale).view(K, H, nc * (2 * ck + cv))
+            input_weight = self.weight_ih.view(K, nh, dv, G).permute(1, 2, 0, 3).reshape(nh, dv, K * G)
+        input_bias = None if self.cell == "lstm" else self.bias_ih.unsqueeze(1)
         return LayerWeights(
-            recurrent, recurrent_bias, input_weight, input_bias, comm_qkv, self.comm_out, tuple(self.slot_key_value)
+            recurrent,
+            recurrent_bias,
+            input_weight,
+            input_bias,
+            self.comm_qkv,
+            self.comm_out,
+            tuple(self.slot_key_value),
         )
 
     def slot_forward(self, w: LayerWeights, slot: int, inputs: Tensor) -> tuple[Tensor, Tensor]:
@@ -307,7 +310,13 @@ class RIMsLayer(nn.Module):
             (``drive[k] = value @ W_ih[k]`` per head); otherwise the values ``(..., B, value)``
             for one head, else ``(..., B, heads, value)``.
         """
-        K, nh, dk, dv, G = self.num_modules, self.num_input_heads, self.input_key_size, self.input_value_size, self.gate_size
+        K, nh, dk, dv, G = (
+            self.num_modules,
+            self.num_input_heads,
+            self.input_key_size,
+            self.input_value_size,
+            self.gate_size,
+        )
         kv = inputs @ w.slot_kv[slot]
         keys, values = kv.split([nh * dk, nh * dv], dim=-1)
         keys = keys.unflatten(-1, (nh, dk))
@@ -376,7 +385,7 @@ class RIMsLayer(nn.Module):
         if self.training and self.input_attention_dropout > 0.0:
             # One mask (K, B, heads, slots) over the non-null probabilities.
             input_mask = _dropout_mask(null.unsqueeze(-1).expand(*null.shape, len(keys)), self.input_attention_dropout)
-            weighted = tuple(a * m for a, m in zip(attention, input_mask.unbind(-1)))
+            weighted = tuple(a * m for a, m in zip(attention, input_mask.unbind(-1), strict=True))
 
         # Cell input: attention-weighted values (the null slot's value is zero, it adds nothing).
         base = rec if self.cell == "lstm" else w.input_bias
@@ -384,13 +393,13 @@ class RIMsLayer(nn.Module):
         attended = None
         if self.precomputed_drives:
             pre = base
-            for a, drive in zip(weighted, feeds):  # slots, never modules
+            for a, drive in zip(weighted, feeds, strict=True):  # slots, never modules
                 if nh == 1:
                     pre = torch.addcmul(pre, a, drive)  # (K, B, 1) * (K, B, G)
                 else:
                     pre = pre + torch.matmul(a.unsqueeze(-2), drive).squeeze(-2)  # (K,B,1,h) @ (K,B,h,G)
         else:
-            for a, value in zip(weighted, feeds):
+            for a, value in zip(weighted, feeds, strict=True):
                 # nh == 1: (K, B, 1) * (B, value); else (K, B, heads, 1) * (B, heads, value)
                 term = a * value if nh == 1 else a.unsqueeze(-1) * value
                 attended = term if attended is None else attended + term
@@ -398,9 +407,9 @@ class RIMsLayer(nn.Module):
             attended = attended.reshape(K, B, nh * self.input_value_size)
             pre = torch.baddbmm(base, attended, w.input_weight)
 
-        # The cell; every tanh is 2*sigmoid(2x) - 1 (factor 2 already in the weights).
+        # The cell; every tanh is computed as 2*sigmoid(2x) - 1.
         if self.cell == "lstm":
-            sig = torch.sigmoid(pre)  # [i, f, o, (g+1)/2]
+            sig = torch.sigmoid(pre * self.gate_scale)  # [i, f, o, (g+1)/2]
             i, f, o, sg = sig.chunk(4, dim=-1)
             g = sg.mul(2.0).sub_(1.0)
             c_new = torch.addcmul(f * c, i, g)
@@ -412,8 +421,8 @@ class RIMsLayer(nn.Module):
             h_rz, h_n = rec.split([2 * H, H], dim=-1)
             rz = torch.sigmoid(x_rz + h_rz)
             r, zg = rz.chunk(2, dim=-1)
-            sn = torch.sigmoid(torch.addcmul(x_n, r, h_n))
-            n = sn.mul(2.0).sub_(1.0)  # tanh of the unscaled pre-activation
+            sn = torch.sigmoid(torch.addcmul(x_n, r, h_n).mul_(2.0))
+            n = sn.mul(2.0).sub_(1.0)  # tanh(x_n + r * h_n)
             h_cell = torch.addcmul(n, zg, h - n)  # (1 - z) * n + z * h
             c_new = None
             gates = (rz, sn, n, h_n)
@@ -421,12 +430,14 @@ class RIMsLayer(nn.Module):
         # Inactive modules do not run their cell: their state entering communication is h_{t-1}.
         h_tilde = torch.where(keep, h_cell, h)
 
-        # Communication: attention across modules, per (env, head); scale folded into w.comm_qkv.
-        # Scores are kept transposed, (key module, query module): a softmax over a middle dim of
-        # size K is several times faster on CPU than over a tiny last dim.
+        # Communication: attention across modules, per (env, head). Scores are kept transposed,
+        # (key module, query module): a softmax over a middle dim of size K is several times
+        # faster on CPU than over a tiny last dim. The 1/sqrt(key) scale rides on baddbmm's alpha.
         qkv = torch.bmm(h_tilde, w.comm_qkv).view(K, B * nc, 2 * ck + cv).transpose(0, 1)
         cq, ckey, cval = qkv.split([ck, ck, cv], dim=-1)  # (B*heads, K, .)
-        comm_attn = torch.softmax(torch.bmm(ckey, cq.transpose(1, 2)), dim=1)  # [b, key j, query i]
+        scale = 1.0 / math.sqrt(ck)
+        scores = torch.baddbmm(qkv.new_zeros(()), ckey, cq.transpose(1, 2), beta=0.0, alpha=scale)
+        comm_attn = torch.softmax(scores, dim=1)  # [b, key j, query i]
         comm_mask = None
         comm_weighted = comm_attn
         if self.training and self.comm_attention_dropout > 0.0:
@@ -479,7 +490,7 @@ class RIMsLayer(nn.Module):
             feeds, and the per-step pieces of the weight gradients, reduced over T by
             :meth:`weight_grads`: ``(dz, dqkv, dh_comm, d_cell_input or None for LSTM)``.
         """
-        K, B, H = dh.shape
+        K, B = dh.shape[:2]
         nh, dk, dv = self.num_input_heads, self.input_key_size, self.input_value_size
         nc, ck, cv = self.num_comm_heads, self.comm_key_size, self.comm_value_size
         keep = sv.active.unsqueeze(-1)
@@ -496,8 +507,9 @@ class RIMsLayer(nn.Module):
         if sv.comm_mask is not None:
             d_weighted = d_weighted * sv.comm_mask
         d_score = torch._softmax_backward_data(d_weighted, sv.comm_attn, 1, sv.comm_attn.dtype)
-        d_q = torch.bmm(d_score.transpose(1, 2), ckey)
-        d_k = torch.bmm(d_score, cq)
+        scale, zero = 1.0 / math.sqrt(ck), dh.new_zeros(())
+        d_q = torch.baddbmm(zero, d_score.transpose(1, 2), ckey, beta=0.0, alpha=scale)
+        d_k = torch.baddbmm(zero, d_score, cq, beta=0.0, alpha=scale)
         dqkv = torch.cat([d_q, d_k, d_val], dim=-1).transpose(0, 1).reshape(K, B, nc * (2 * ck + cv))
         # h_tilde feeds the residual and Q/K/V; h_tilde = h_cell (active) or h_prev (inactive),
         # and inactive rows of dh go straight to h_prev: both collapse into one tensor x.
@@ -515,13 +527,14 @@ class RIMsLayer(nn.Module):
             dc_prev = torch.where(keep, dc_cell * f, dc)
             # Gradients w.r.t. [i, f, o, (g+1)/2]; g = 2 * sigmoid - 1 gives the factor 2.
             d_sig = torch.cat([dc_cell * g, dc_cell * sv.c_prev, dh_cell * tc, dc_cell * i * 2.0], dim=-1)
-            d_inp = _sigmoid_backward(d_sig, sig)
+            d_inp = _sigmoid_backward(d_sig, sig) * self.gate_scale
             d_rec = d_inp
         else:
             rz, sn, n, h_n = sv.gates
             r, zg = rz.chunk(2, dim=-1)
             dh_prev = torch.addcmul(dh_prev, dh_cell, zg)
-            d_pre_n = _sigmoid_backward((dh_cell - dh_cell * zg) * 2.0, sn)
+            # n = 2*sigmoid(2p) - 1: dn/dp = 4 * sn * (1 - sn)
+            d_pre_n = _sigmoid_backward((dh_cell - dh_cell * zg) * 4.0, sn)
             d_rz = _sigmoid_backward(torch.cat([d_pre_n * h_n, dh_cell * (sv.h_prev - n)], dim=-1), rz)
             d_inp = torch.cat([d_rz, d_pre_n], dim=-1)
             d_rec = torch.cat([d_rz, d_pre_n * r], dim=-1)
@@ -530,7 +543,7 @@ class RIMsLayer(nn.Module):
         d_feeds: list[Tensor] = []
         d_attn: list[Tensor] = []
         if self.precomputed_drives:
-            for a, drive in zip(sv.weighted, sv.feeds):  # a: (K, B, heads)
+            for a, drive in zip(sv.weighted, sv.feeds, strict=True):  # a: (K, B, heads)
                 if nh == 1:
                     d_attn.append((d_inp * drive).sum(-1, keepdim=True))
                     d_feeds.append(a * d_inp)
@@ -541,11 +554,11 @@ class RIMsLayer(nn.Module):
             d_att = torch.bmm(d_inp, wt.input_weight)  # (K, B, heads*value)
             if nh > 1:
                 d_att = d_att.view(K, B, nh, dv)
-            for a, value in zip(sv.weighted, sv.feeds):
+            for a, value in zip(sv.weighted, sv.feeds, strict=True):
                 d_attn.append((d_att * value).sum(-1, keepdim=nh == 1))
                 d_feeds.append((a * d_att if nh == 1 else a.unsqueeze(-1) * d_att).sum(0))
         if sv.input_mask is not None:
-            d_attn = [d * m for d, m in zip(d_attn, sv.input_mask.unbind(-1))]
+            d_attn = [d * m for d, m in zip(d_attn, sv.input_mask.unbind(-1), strict=True)]
         if len(sv.keys) == 1:
             d_s = _sigmoid_backward(d_attn[0], sv.probs).unsqueeze(-1)  # (K, B, heads, 1)
             d_query = d_s * sv.keys[0]
@@ -607,7 +620,13 @@ class RIMsLayer(nn.Module):
             u = torch.cat([r[0] for r in seq], dim=0)
             g_slots[slot] = u.t() @ torch.cat([r[1] for r in seq], dim=0)
         return LayerWeights(
-            g_recurrent, g_recurrent_bias, g_input_weight, g_input_bias, g_comm_qkv, g_comm_out, tuple(g_slots)  # type: ignore[arg-type]
+            g_recurrent,
+            g_recurrent_bias,
+            g_input_weight,
+            g_input_bias,
+            g_comm_qkv,
+            g_comm_out,
+            tuple(g_slots),  # type: ignore[arg-type]
         )
 
 
@@ -649,7 +668,7 @@ class RIMsStackCore(RecurrentCore):
         self.layers = nn.ModuleList(layers)
         self.output_layers = output_layers
         self.fused_backward = fused
-        self.output_size = sum(layers[l].output_size for l in output_layers)
+        self.output_size = sum(layers[li].output_size for li in output_layers)
         self.state_size = sum(layer.state_size for layer in layers)
         offsets, o = [], 0
         for layer in layers:
@@ -666,8 +685,8 @@ class RIMsStackCore(RecurrentCore):
             attention += layer.attention_parameters()
         return {"modules": modules, "attention": attention}
 
-    def _info_suffix(self, l: int) -> str:
-        return f"_{l}"
+    def _info_suffix(self, li: int) -> str:
+        return f"_{li}"
 
     # ------------------------------------------------------------------ state layout
 
@@ -676,7 +695,7 @@ class RIMsStackCore(RecurrentCore):
         B = state.shape[0]
         hs: list[Tensor] = []
         cs: list[Tensor | None] = []
-        for layer, off in zip(self.layers, self._state_offsets):
+        for layer, off in zip(self.layers, self._state_offsets, strict=True):
             K, H = layer.num_modules, layer.module_size
             part = state[:, off : off + layer.state_size]
             if layer.cell == "lstm":
@@ -689,7 +708,7 @@ class RIMsStackCore(RecurrentCore):
 
     def _join_state(self, hs: Sequence[Tensor], cs: Sequence[Tensor | None]) -> Tensor:
         parts = []
-        for h, c in zip(hs, cs):
+        for h, c in zip(hs, cs, strict=True):
             K, B, H = h.shape
             if c is not None:
                 parts.append(torch.stack([h, c]).permute(2, 0, 1, 3).reshape(B, 2 * K * H))
@@ -725,7 +744,7 @@ class RIMsStackCore(RecurrentCore):
         keep = (~starts).view(T, 1, B, 1)
         # unbind: indexing a tensor that needs grad would cost a full-size zero gradient per step.
         keys0_t, feeds0_t = keys0.unbind(0), feeds0.unbind(0)
-        outs: dict[int, list[Tensor]] = {l: [] for l in self.output_layers}
+        outs: dict[int, list[Tensor]] = {li: [] for li in self.output_layers}
         records: list[list[Any]] | None = [] if save else None
         raw: list[list[StepOut]] = []
         for t in range(T):
@@ -734,13 +753,13 @@ class RIMsStackCore(RecurrentCore):
                 cs = [None if c is None else torch.where(keep[t], c, 0.0) for c in cs]
             step_records: list[Any] = []
             step_raw: list[StepOut] = []
-            for l, layer in enumerate(layers):
-                w = weights[l]
+            for li, layer in enumerate(layers):
+                w = weights[li]
                 slot_inputs: dict[int, Tensor] = {}
-                if l > 0:  # bottom-up: the layer below, this step
-                    slot_inputs[0] = _flat(hs[l - 1])
-                if l < L - 1:  # top-down: the layer above, previous step
-                    slot_inputs[1] = _flat(hs[l + 1])
+                if li > 0:  # bottom-up: the layer below, this step
+                    slot_inputs[0] = _flat(hs[li - 1])
+                if li < L - 1:  # top-down: the layer above, previous step
+                    slot_inputs[1] = _flat(hs[li + 1])
                 keys, feeds = [keys0_t[t]], [feeds0_t[t]]
                 for s, u in slot_inputs.items():
                     k, f = layer.slot_forward(w, s, u)
@@ -749,23 +768,23 @@ class RIMsStackCore(RecurrentCore):
                     else:
                         keys.append(k)
                         feeds.append(f)
-                res = layer.step(w, hs[l], cs[l], keys, feeds, save)
-                hs[l], cs[l] = res.h, res.c
+                res = layer.step(w, hs[li], cs[li], keys, feeds, save)
+                hs[li], cs[li] = res.h, res.c
                 if info is not None:
                     step_raw.append(res._replace(saved=None))
                 if save:
                     step_records.append((res.saved, slot_inputs))
-            for l in self.output_layers:
-                outs[l].append(hs[l])
+            for li in self.output_layers:
+                outs[li].append(hs[li])
             if info is not None:
                 raw.append(step_raw)
             if records is not None:
                 records.append(step_records)
-        out_parts = [torch.stack(outs[l]).permute(0, 2, 1, 3).flatten(2) for l in self.output_layers]
+        out_parts = [torch.stack(outs[li]).permute(0, 2, 1, 3).flatten(2) for li in self.output_layers]
         out = out_parts[0] if len(out_parts) == 1 else torch.cat(out_parts, dim=-1)
         if info is not None:
-            for l in range(L):
-                info.update(_layer_info([r[l] for r in raw], self._info_suffix(l)))
+            for li in range(L):
+                info.update(_layer_info([r[li] for r in raw], self._info_suffix(li)))
         return out, self._join_state(hs, cs), records
 
     def _backward(
@@ -782,13 +801,13 @@ class RIMsStackCore(RecurrentCore):
         L, T = len(layers), len(records)
         B = d_state.shape[0]
         keep = (~starts).view(T, 1, B, 1)
-        transposed = [layer.transposed(w) for layer, w in zip(layers, weights)]
+        transposed = [layer.transposed(w) for layer, w in zip(layers, weights, strict=True)]
         gh, gc = self._split_state(d_state)
         d_out_layers: dict[int, Tensor] = {}
         col = 0
-        for l in self.output_layers:
-            K, H = layers[l].num_modules, layers[l].module_size
-            d_out_layers[l] = d_out[..., col : col + K * H].unflatten(-1, (K, H)).permute(0, 2, 1, 3)
+        for li in self.output_layers:
+            K, H = layers[li].num_modules, layers[li].module_size
+            d_out_layers[li] = d_out[..., col : col + K * H].unflatten(-1, (K, H)).permute(0, 2, 1, 3)
             col += K * H
         d_keys0: list[Tensor] = []
         d_feeds0: list[Tensor] = []
@@ -796,25 +815,25 @@ class RIMsStackCore(RecurrentCore):
         pieces: list[list[tuple[Tensor, ...]]] = [[] for _ in layers]
         slot_pieces: list[dict[int, list[tuple[Tensor, Tensor]]]] = [{} for _ in layers]
         for t in reversed(range(T)):
-            for l, d in d_out_layers.items():
-                gh[l] = gh[l] + d[t]
+            for li, d in d_out_layers.items():
+                gh[li] = gh[li] + d[t]
             new_gh: list[Tensor | None] = [None] * L
             new_gc: list[Tensor | None] = [None] * L
-            for l in reversed(range(L)):  # the top layer used the lower ones' results of this step
-                layer, wt = layers[l], transposed[l]
-                sv, slot_inputs = records[t][l]
-                dh_prev, dc_prev, d_keys, d_feeds, pc = layer.step_backward(wt, sv, gh[l], gc[l])
-                inputs[l].append((sv.h_prev, sv.h_tilde, sv.ctx, sv.attended))
-                pieces[l].append(pc)
-                new_gh[l], new_gc[l] = dh_prev, dc_prev
+            for li in reversed(range(L)):  # the top layer used the lower ones' results of this step
+                layer, wt = layers[li], transposed[li]
+                sv, slot_inputs = records[t][li]
+                dh_prev, dc_prev, d_keys, d_feeds, pc = layer.step_backward(wt, sv, gh[li], gc[li])
+                inputs[li].append((sv.h_prev, sv.h_tilde, sv.ctx, sv.attended))
+                pieces[li].append(pc)
+                new_gh[li], new_gc[li] = dh_prev, dc_prev
                 for s, u in slot_inputs.items():
                     d_u, d_kv = layer.slot_backward(wt, s, d_keys[s], d_feeds[s])
-                    slot_pieces[l].setdefault(s, []).append((u, d_kv))
-                    if s == 0:  # bottom-up read layer l-1's h at this step
-                        gh[l - 1] = gh[l - 1] + _unflat(d_u, layers[l - 1])
-                    else:  # top-down read layer l+1's h from step t-1
-                        new_gh[l + 1] = new_gh[l + 1] + _unflat(d_u, layers[l + 1])  # type: ignore[operator]
-                if l == 0:
+                    slot_pieces[li].setdefault(s, []).append((u, d_kv))
+                    if s == 0:  # bottom-up read layer li-1's h at this step
+                        gh[li - 1] = gh[li - 1] + _unflat(d_u, layers[li - 1])
+                    else:  # top-down read layer li+1's h from step t-1
+                        new_gh[li + 1] = new_gh[li + 1] + _unflat(d_u, layers[li + 1])  # type: ignore[operator]
+                if li == 0:
                     d_keys0.append(d_keys[0])
                     d_feeds0.append(d_feeds[0])
             if any_start[t]:  # the state entering step t was reset: no gradient to before it
@@ -822,7 +841,7 @@ class RIMsStackCore(RecurrentCore):
                 new_gc = [None if g is None else torch.where(keep[t], g, 0.0) for g in new_gc]
             gh, gc = new_gh, new_gc  # type: ignore[assignment]
         d_state0 = self._join_state(gh, gc)
-        d_weights = [layer.weight_grads(inputs[l], pieces[l], slot_pieces[l]) for l, layer in enumerate(layers)]
+        d_weights = [layer.weight_grads(inputs[li], pieces[li], slot_pieces[li]) for li, layer in enumerate(layers)]
         return d_state0, torch.stack(d_keys0[::-1]), torch.stack(d_feeds0[::-1]), d_weights
 
     def forward(
@@ -975,5 +994,5 @@ class RIMs(RIMsStackCore):
         self._build(input_size, [layer], (0,), bool(fused_backward))
         self.num_modules, self.module_size, self.k_active, self.cell = num_modules, module_size, k_active, cell
 
-    def _info_suffix(self, l: int) -> str:
+    def _info_suffix(self, li: int) -> str:
         return ""
