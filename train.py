@@ -22,7 +22,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="YAML config file (default: the embedded DoorKey-5x5 RIMs PPO)")
     parser.add_argument("--run-dir", type=Path, help="output directory (default: runs/<config name>)")
-    parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its last checkpoint")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. core.k_active=3")
     return parser.parse_args(argv)

@@ -265,7 +265,7 @@ def resolve_config(raw: dict[str, Any] | None) -> dict[str, Any]:
             raise ConfigError(
                 f"algo.num_minibatches={algo['num_minibatches']} must divide the {n_sequences} sequences of a "
                 f"rollout (env.n_envs={n_envs}" + ("" if algo["seq_len"] is None else
-                                                   f" x algo.n_steps / algo.seq_len") + ")"
+                                                   " x algo.n_steps / algo.seq_len") + ")"
             )
     if config["core"].get("dropout", 0) > 0:
         # A fresh dropout mask in the update would make the replayed log-probabilities differ from

@@ -223,7 +223,7 @@ class Trainer:
             tqdm.write(f"warning: {path} was not written by this user; resuming with fresh episodes")
             return None
         try:
-            saved = pickle.loads(body)  # noqa: S301 (authenticated above: written by this user)
+            saved = pickle.loads(body)  # authenticated above: this user wrote it
         except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError):
             return None
         if saved.get("frames") != checkpoint["frames"]:

@@ -31,7 +31,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             run_dir = args.out / config["name"] if args.out else Path(tmp)
             rows = train_and_read(config, run_dir)
-        curve = [(r["frames"], r["rollout/ep_return_mean"]) for r in rows if r.get("rollout/ep_return_mean") is not None]
+        curve = [(r["frames"], r["rollout/ep_return_mean"]) for r in rows
+                 if r.get("rollout/ep_return_mean") is not None]
         step = max(1, len(curve) // args.points)
         print(f"\n{config['name']} on {config['env']['id']} ({args.device}): frames, mean return of last 100 episodes")
         for frames, ret in curve[::step] + curve[-1:]:

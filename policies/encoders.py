@@ -34,7 +34,8 @@ def _is_grid(space: spaces.Space) -> bool:
 
 
 def _is_pixels(space: spaces.Space) -> bool:
-    return isinstance(space, spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3 and space.shape[1:] == (84, 84)
+    return (isinstance(space, spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3
+            and space.shape[1:] == (84, 84))
 
 
 class GridEncoder(nn.Module):

@@ -17,7 +17,8 @@ SMALL_CORES = {
     "lstm": ["core.hidden_size=32"],
     "gru": ["core.hidden_size=32"],
     "rims": ["core.num_modules=4", "core.module_size=8", "core.k_active=2"],
-    "brims": ["core.layers=[{num_modules: 3, module_size: 8, k_active: 2}, {num_modules: 3, module_size: 8, k_active: 1}]"],
+    "brims": ["core.layers=[{num_modules: 3, module_size: 8, k_active: 2},"
+              " {num_modules: 3, module_size: 8, k_active: 1}]"],
     "thalnet": ["core.num_modules=3", "core.module_size=16", "core.center_size_per_module=8"],
 }
 
@@ -68,7 +69,7 @@ def test_gae_bootstraps_from_last_value_when_episode_continues() -> None:
 
 @pytest.mark.parametrize("core", list(SMALL_CORES))
 def test_recomputed_log_probs_equal_stored_before_first_update(core: str) -> None:
-    config, venv, policy, storage = small_setup(core, extra=("env.max_episode_steps=10",))
+    _, venv, policy, storage = small_setup(core, extra=("env.max_episode_steps=10",))
     last = start_rollouts(policy, venv)
     for _ in range(2):  # the second rollout starts from a carried, non-zero state
         last, _ = collect_rollout(policy, venv, storage, last, 0.99, 0.95)

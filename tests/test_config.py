@@ -13,7 +13,8 @@ CONFIGS = sorted(Path(__file__).resolve().parent.parent.glob("configs/**/*.yaml"
 
 
 def test_overrides_parse_to_nested_typed_values() -> None:
-    parsed = parse_overrides(["core.k_active=3", "algo.lr=3e-4", "env.id=MiniGrid-MemoryS7-v0", "log.progress_bar=false"])
+    parsed = parse_overrides(["core.k_active=3", "algo.lr=3e-4", "env.id=MiniGrid-MemoryS7-v0",
+                              "log.progress_bar=false"])
     assert parsed == {"core": {"k_active": 3}, "algo": {"lr": "3e-4"}, "env": {"id": "MiniGrid-MemoryS7-v0"},
                       "log": {"progress_bar": False}}
 

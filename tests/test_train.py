@@ -66,7 +66,7 @@ def test_same_seed_gives_same_first_updates(tmp_path: Path) -> None:
     rows = [[json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
             for name in ("a", "b")]
     assert len(rows[0]) == 10
-    for row_a, row_b in zip(*rows):
+    for row_a, row_b in zip(*rows, strict=True):
         assert row_a["train/policy_loss"] == row_b["train/policy_loss"]
         assert row_a["train/value_loss"] == row_b["train/value_loss"]
     for key in weights[0]:
