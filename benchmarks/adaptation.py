@@ -54,6 +54,7 @@ from policies.checkpoint import load_checkpoint  # noqa: E402
 MODELS: tuple[str, ...] = ("Meta-RIMs", "RIMs", "LSTM")
 SECTION_TITLE = "Adaptation (Meta-RIMs)"
 RETURN_KEY = "rollout/ep_return_mean"
+FULL_WINDOW = 100  # episodes behind RETURN_KEY (log.return_window's default)
 # Small enough to finish in a minute or two on a loaded 2-core machine, large enough to run every phase.
 # Short episodes (max_episode_steps) so that even the tiny fine-tuning finishes some and draws a curve.
 QUICK = {"frames": 3200, "finetune_frames": 1280, "n_envs": 4, "n_steps": 32, "num_minibatches": 2,
@@ -149,15 +150,18 @@ def read_curve(run_dir: Path, model: str, seed: int, threshold: float) -> Finetu
     """The return curve of a fine-tuning run from its ``metrics.jsonl``."""
     result = FinetuneResult(model, seed)
     value = math.nan
+    episodes = 0
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         # The trainer logs the windowed mean only after rollouts that finished an episode; in between
         # the window (and so the mean) is unchanged.
         if row.get(RETURN_KEY) is not None:
             value = float(row[RETURN_KEY])
+        episodes += int(row.get("rollout/episodes") or 0)
         result.frames.append(row["frames"])
         result.returns.append(value)
-        if result.frames_to_threshold is None and value >= threshold:
+        # Only a full window counts: the mean of the first few (lucky) episodes is not adaptation.
+        if result.frames_to_threshold is None and episodes >= FULL_WINDOW and value >= threshold:
             result.frames_to_threshold = row["frames"]
     return result
 
@@ -302,6 +306,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--docs-dir", type=Path, help="where adaptation.png and results.md go "
                         "(default docs/, or the out dir with --quick)")
     parser.add_argument("--quick", action="store_true", help="tiny settings, one seed: checks that it all runs")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: rebuild the report from the runs already in --out-dir")
     args = parser.parse_args(argv)
     if args.quick:
         args.frames = args.frames or QUICK["frames"]
@@ -328,14 +334,15 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = args.out_dir / config["name"]
             print(f"[{time.perf_counter() - started:6.0f}s] {model} seed {seed}: training {args.frames} frames "
                   f"-> {run_dir}", flush=True)
-            checkpoint = train(config, run_dir)
+            checkpoint = run_dir / "checkpoint.pt" if args.report_only else train(config, run_dir)
             tasks = tasks or [task if isinstance(task, str) else task["id"] for task in config["meta"]["tasks"] or []] \
                 or [f"suite {config['meta']['suite']}"]
             tuned = finetune_config(config, args)
             tuned_dir = args.out_dir / tuned["name"]
             print(f"[{time.perf_counter() - started:6.0f}s] {model} seed {seed}: fine-tuning on {args.heldout} "
                   f"for {args.finetune_frames} frames -> {tuned_dir}", flush=True)
-            train(tuned, tuned_dir, init_from=checkpoint)
+            if not args.report_only:
+                train(tuned, tuned_dir, init_from=checkpoint)
             result = read_curve(tuned_dir, model, seed, args.threshold)
             results.append(result)
             print(f"    frames to {args.threshold}: {format_frames(result.frames_to_threshold, args.finetune_frames)}"

@@ -19,6 +19,16 @@ THRESHOLD = 0.9
 BUDGET = {"lstm": 100_000, "gru": 100_000, "rims": 150_000, "brims": 150_000, "thalnet": 150_000}
 
 
+def frames_to_threshold(rows: list[dict]) -> int | None:
+    """Frames at the first update whose mean over a full window of 100 episodes reaches THRESHOLD."""
+    episodes = 0
+    for row in rows:
+        episodes += int(row.get("rollout/episodes") or 0)
+        if episodes >= 100 and (row.get("rollout/ep_return_mean") or 0) >= THRESHOLD:
+            return row["frames"]
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -35,7 +45,7 @@ def main() -> None:
             config = config_for(core, "doorkey", [f"seed={seed}", f"total_frames={budget[core]}"])
             with tempfile.TemporaryDirectory() as tmp:
                 rows = train_and_read(config, Path(tmp))
-            hit = next((r["frames"] for r in rows if (r.get("rollout/ep_return_mean") or 0) >= THRESHOLD), None)
+            hit = frames_to_threshold(rows)
             reached.append(hit if hit is not None else float("inf"))
             final = next((r["rollout/ep_return_mean"] for r in reversed(rows) if r.get("rollout/ep_return_mean")), 0)
             fps = statistics.median(r["time/fps"] for r in rows)
