@@ -54,7 +54,7 @@ def test_a2c_has_its_own_defaults() -> None:
         (["core.name=transformer"], "core.name must be one of"),
         (["algo.name=dqn"], "algo.name must be one of"),
         (["algo.optimizer=sgd"], "algo.optimizer must be one of"),
-        (["env.n_envs=6"], "num_minibatches=8 must divide env.n_envs=6"),
+        (["env.n_envs=6"], "num_minibatches=8 must divide the 6 sequences of a rollout"),
         (["core.k_active"], "key=value"),
     ],
 )
