@@ -37,14 +37,14 @@ def main() -> None:
     parser.add_argument("--cores", nargs="+", default=["lstm", "gru", "rims", "brims", "thalnet"])
     parser.add_argument("--atari-cores", nargs="+", default=["lstm", "rims"])
     parser.add_argument("--no-atari", action="store_true", help="skip the Breakout measurement")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (0: torch's default)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, torch_threads={args.threads}")
     print(f"{'env':<26}{'core':<10}{'frames/s':>10}{'rollout s':>11}{'update s':>10}{'vs lstm':>9}")
-    for env, cores, overrides in (("doorkey", args.cores, []),
-                                  ("breakout", [] if args.no_atari else args.atari_cores, ["algo.anneal_lr=false"])):
+    threads = [f"torch_threads={args.threads}"]
+    for env, cores, overrides in (("doorkey", args.cores, threads),
+                                  ("breakout", [] if args.no_atari else args.atari_cores,
+                                   [*threads, "algo.anneal_lr=false"])):
         baseline = None
         for core in cores:
             fps, rollout, update = measure(core, env, args.updates, overrides)
