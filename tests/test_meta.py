@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import evaluate
 import policies
 import train
 from agents.config import ConfigError, load_config
@@ -245,6 +246,11 @@ def test_tiny_meta_run_from_the_command_line_writes_a_loadable_checkpoint(tmp_pa
     assert policy.core_name == "rims" and policy.env_id == checkpoint["env"]["id"] in (DK5, DK6)
     for key, value in policy.model.state_dict().items():
         assert torch.equal(value, checkpoint["policy"]["state_dict"][key]), key
+    # evaluate.py accepts it too, on the held-out size.
+    results = tmp_path / "eval.json"
+    assert evaluate.main([str(run_dir), "--env", "MiniGrid-DoorKey-8x8-v0", "--episodes", "2", "--n-envs", "2",
+                          "--max-episode-steps", "20", "--no-progress", "--json", str(results)]) == 0
+    assert "DoorKey-8x8" in results.read_text()
 
 
 def test_resume_of_a_meta_run_restores_phase_and_schedule(tmp_path: Path) -> None:
