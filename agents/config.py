@@ -121,11 +121,19 @@ def _algo_fields(**overrides: Any) -> dict[str, Field]:
     return fields
 
 
+# Keys only PPO reads: A2C refuses them rather than silently ignoring them.
+PPO_ONLY_KEYS: tuple[str, ...] = ("n_epochs", "num_minibatches", "seq_len", "clip_range", "clip_range_vf", "target_kl")
+
+
+def _a2c_fields() -> dict[str, Field]:
+    # One gradient step per short rollout with RMSprop, as in the A3C paper and SB3.
+    fields = _algo_fields(lr=7e-4, n_steps=8, optimizer="rmsprop", gae_lambda=1.0, normalize_advantage=False)
+    return {key: field for key, field in fields.items() if key not in PPO_ONLY_KEYS}
+
+
 ALGO_FIELDS: dict[str, dict[str, Field]] = {
     "ppo": _algo_fields(),
-    # A2C: one gradient step per short rollout with RMSprop, as in the A3C paper and SB3.
-    "a2c": _algo_fields(lr=7e-4, n_steps=8, n_epochs=1, num_minibatches=1, optimizer="rmsprop",
-                        gae_lambda=1.0, normalize_advantage=False),
+    "a2c": _a2c_fields(),
 }
 
 
@@ -201,6 +209,11 @@ def _validate_section(section: str, raw: Any, fields: dict[str, Field]) -> dict[
     for key, value in raw.items():
         dotted = f"{section}.{key}" if section else str(key)
         if key not in fields:
+            if section == "algo" and key in PPO_ONLY_KEYS:
+                raise ConfigError(
+                    f"{dotted} is a PPO setting; this algorithm makes one gradient step per rollout "
+                    f"over whole sequences and has no {key}"
+                )
             raise ConfigError(f"unknown config key {dotted!r}{_suggest(str(key), list(fields))}")
         resolved[key] = _coerce(dotted, value, fields[key])
     for key, field in fields.items():

@@ -37,7 +37,14 @@ def test_switching_core_on_the_command_line_starts_from_its_defaults() -> None:
 
 def test_a2c_has_its_own_defaults() -> None:
     config = load_config(None, ["algo.name=a2c"])
-    assert config["algo"]["optimizer"] == "rmsprop" and config["algo"]["n_epochs"] == 1
+    assert config["algo"]["optimizer"] == "rmsprop" and config["algo"]["n_steps"] == 8
+
+
+@pytest.mark.parametrize("key", ["n_epochs", "num_minibatches", "seq_len", "clip_range", "target_kl"])
+def test_a2c_refuses_ppo_only_keys(key: str) -> None:
+    # A2C makes one gradient step per rollout: a PPO setting would be silently ignored.
+    with pytest.raises(ConfigError, match=f"algo.{key}"):
+        load_config(None, ["algo.name=a2c", f"algo.{key}=2"])
 
 
 @pytest.mark.parametrize(
