@@ -206,6 +206,19 @@ def test_inactive_modules_keep_state_bit_for_bit(cell: str) -> None:
     assert n_inactive == 6 * 4 * 2
 
 
+def test_state_stays_bounded_over_long_episodes() -> None:
+    """The gated communication residual keeps h inside (-2, 2) with LSTM cells, even with
+    large weights over a long episode (a plain linear residual grows geometrically there)."""
+    core = small()
+    with torch.no_grad():
+        for w in (core.layers[0].comm_qkv, core.layers[0].comm_out):
+            w.mul_(30.0)
+    x, starts = seq(T=400)
+    out, _ = core(x * 5.0, core.initial_state(3), starts)
+    assert torch.isfinite(out).all()
+    assert out.abs().max() < 2.0
+
+
 def test_null_slot_key_and_value_are_exactly_zero() -> None:
     core = small(num_input_heads=2)
     layer = core.layers[0]
@@ -255,7 +268,8 @@ def rims_param_count(D: int, K: int, H: int, nh: int, dk: int, dv: int, nc: int,
     G = (4 if cell == "lstm" else 3) * H
     biases = G if cell == "lstm" else 2 * G
     cells = K * (nh * dv * G + H * G + biases)
-    attention = D * nh * (dk + dv) + K * H * nh * dk + K * H * nc * (2 * ck + cv) + K * nc * cv * H
+    # communication: Q/K/V per module, then [W_out | W_gate] of the gated residual per module
+    attention = D * nh * (dk + dv) + K * H * nh * dk + K * H * nc * (2 * ck + cv) + K * nc * cv * 2 * H
     return cells + attention
 
 
