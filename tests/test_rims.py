@@ -207,7 +207,7 @@ def test_inactive_modules_keep_state_bit_for_bit(cell: str) -> None:
 
 
 def test_state_stays_bounded_over_long_episodes() -> None:
-    """The gated communication residual keeps h inside (-2, 2) with LSTM cells, even with
+    """The bounded communication residual keeps h inside (-2, 2) with LSTM cells, even with
     large weights over a long episode (a plain linear residual grows geometrically there)."""
     core = small()
     with torch.no_grad():
@@ -268,8 +268,7 @@ def rims_param_count(D: int, K: int, H: int, nh: int, dk: int, dv: int, nc: int,
     G = (4 if cell == "lstm" else 3) * H
     biases = G if cell == "lstm" else 2 * G
     cells = K * (nh * dv * G + H * G + biases)
-    # communication: Q/K/V per module, then [W_out | W_gate] of the gated residual per module
-    attention = D * nh * (dk + dv) + K * H * nh * dk + K * H * nc * (2 * ck + cv) + K * nc * cv * 2 * H
+    attention = D * nh * (dk + dv) + K * H * nh * dk + K * H * nc * (2 * ck + cv) + K * nc * cv * H
     return cells + attention
 
 

@@ -12,10 +12,10 @@ every step (shared/DESIGN.md, "RIMs"; Goyal et al. 2019):
 3. each active module runs its own cell on its attended input (all K cells in
    one batched matmul); inactive modules keep their state: ``h~ = h_{t-1}``;
 4. communication: multi-head attention of the modules over all modules' ``h~``
-   (per-module Q/K/V), added to ``h~`` as a gated residual for the active modules
-   only: ``h = h~ + sigmoid(ctx @ W_gate[k]) * tanh(ctx @ W_out[k])``. The update is
-   bounded on purpose: with a plain linear residual an inactive module's kept ``h``
-   feeds the others' values, which feed back into it later, and ``h`` grows
+   (per-module Q/K/V), added to ``h~`` as a residual for the active modules only:
+   ``h = h~ + tanh(ctx @ W_out[k])``. The update is bounded on purpose: with a
+   plain linear residual an inactive module's kept ``h`` feeds the others'
+   values, which feed back into it later, and ``h`` grows
    geometrically over a long episode (seen in PPO on DoorKey: ``|h|`` near 1e21,
    then NaN gradients). Bounded, ``h`` stays inside (-2, 2) with the LSTM cell
    (``o * tanh(c)`` plus at most 1) and grows at most linearly with GRU;
@@ -91,7 +91,7 @@ class LayerWeights(NamedTuple):
         ``(heads, value, K*gates)``; otherwise ``(K, heads*value, gates)``.
     :param input_bias: ``(K, 1, gates)``: GRU's ``b_ih``; None for LSTM.
     :param comm_qkv: ``(K, H, comm_heads*(2*key + value))``, per head ``[q|k|v]``.
-    :param comm_out: ``(K, comm_heads*value, 2H)``: per module ``[W_out | W_gate]`` of the gated residual.
+    :param comm_out: ``(K, comm_heads*value, H)``, doubled (the residual's tanh is taken as a sigmoid of 2x).
     :param slot_kv: per slot, its key/value projection ``(slot width, heads*(key+value))``.
     """
 
@@ -123,7 +123,7 @@ class StepSaved(NamedTuple):
     comm_mask: Tensor | None
     comm_weighted: Tensor
     ctx: Tensor
-    comm_gates: Tensor
+    comm_sig: Tensor
     active: Tensor
 
 
@@ -228,10 +228,6 @@ class RIMsLayer(nn.Module):
         gate_scale = torch.ones(self.gate_size)
         gate_scale[3 * H :] = 2.0
         self.register_buffer("gate_scale", gate_scale, persistent=False)
-        # The same trick for the gated communication residual [tanh(u), sigmoid(g)].
-        comm_scale = torch.ones(2 * H)
-        comm_scale[:H] = 2.0
-        self.register_buffer("comm_scale", comm_scale, persistent=False)
         self.state_size = (2 if self.cell == "lstm" else 1) * K * H
 
         # --- attention parameters ---
@@ -242,7 +238,7 @@ class RIMsLayer(nn.Module):
         )
         self.query = nn.Parameter(torch.empty(K, H, nh * dk))
         self.comm_qkv = nn.Parameter(torch.empty(K, H, nc * (2 * ck + cv)))
-        self.comm_out = nn.Parameter(torch.empty(K, nc * cv, 2 * H))  # [W_out | W_gate] per module
+        self.comm_out = nn.Parameter(torch.empty(K, nc * cv, H))
         # --- module (cell) parameters, stacked per module ---
         self.weight_ih = nn.Parameter(torch.empty(K, nh * dv, self.gate_size))
         self.weight_hh = nn.Parameter(torch.empty(K, H, self.gate_size))
@@ -305,7 +301,7 @@ class RIMsLayer(nn.Module):
             input_weight,
             input_bias,
             self.comm_qkv,
-            self.comm_out,
+            self.comm_out * 2.0,  # tanh(u) = 2*sigmoid(2u) - 1
             tuple(self.slot_key_value),
         )
 
@@ -454,11 +450,9 @@ class RIMsLayer(nn.Module):
             comm_mask = _dropout_mask(comm_attn, self.comm_attention_dropout)
             comm_weighted = comm_attn * comm_mask
         ctx = torch.bmm(comm_weighted.transpose(1, 2), cval).transpose(0, 1).reshape(K, B, nc * cv)
-        # Gated, bounded residual h~ + sigmoid(g) * tanh(u), [u | g] = ctx @ [W_out | W_gate] per module;
-        # one sigmoid gives both (tanh(u) = 2*sigmoid(2u) - 1).
-        comm_gates = torch.sigmoid(torch.bmm(ctx, w.comm_out).mul_(self.comm_scale))  # [(tanh u + 1)/2, sig g]
-        su, gate = comm_gates.chunk(2, dim=-1)
-        h_comm = torch.addcmul(h_tilde, su.mul(2.0).sub_(1.0), gate)
+        # Bounded residual h~ + tanh(ctx @ W_out[k]); w.comm_out holds 2 * W_out, so tanh = 2*sigmoid - 1.
+        comm_sig = torch.sigmoid(torch.bmm(ctx, w.comm_out))
+        h_comm = torch.add(h_tilde, comm_sig, alpha=2.0).sub_(1.0)
 
         # Inactive modules keep h and c bit-for-bit: where, never a blend.
         h_out = torch.where(keep, h_comm, h)
@@ -468,7 +462,7 @@ class RIMsLayer(nn.Module):
         if save:
             saved = StepSaved(
                 h, c, query, tuple(keys), tuple(feeds), probs, input_mask, weighted, attended, gates,
-                h_tilde, qkv, comm_attn, comm_mask, comm_weighted, ctx, comm_gates, active,
+                h_tilde, qkv, comm_attn, comm_mask, comm_weighted, ctx, comm_sig, active,
             )  # fmt: skip
         return StepOut(h_out, c_out, active, null, probs, saved)
 
@@ -511,12 +505,9 @@ class RIMsLayer(nn.Module):
         # Masking gradients by multiplication is cheaper than where, and exact for finite values.
         keepf = keep.to(dh.dtype)
 
-        # Communication (only active rows of h_comm are used): the gated residual, then attention.
-        dh_comm = dh * keepf
-        su, gate = sv.comm_gates.chunk(2, dim=-1)
-        d_su = dh_comm * gate * 2.0  # tanh(u) = 2 * su - 1
-        d_comm = _sigmoid_backward(torch.cat([d_su, dh_comm * (su * 2.0 - 1.0)], dim=-1), sv.comm_gates)
-        d_comm = d_comm * self.comm_scale  # gradient w.r.t. ctx @ [W_out | W_gate]
+        # Communication (only active rows of h_comm are used): the bounded residual, then attention.
+        # d_comm is the gradient w.r.t. ctx @ (2 W_out), the sigmoid's argument.
+        d_comm = _sigmoid_backward(dh * (keepf * 2.0), sv.comm_sig)
         d_ctx = torch.bmm(d_comm, wt.comm_out).view(K, B * nc, cv).transpose(0, 1)  # (B*heads, K, cv)
         cq, ckey, cval = sv.comm_qkv.split([ck, ck, cv], dim=-1)
         # Attention is stored transposed: [b, key j, query i].
