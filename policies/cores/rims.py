@@ -38,7 +38,7 @@ How it is made fast (an agent's bottleneck is many tiny ops per step):
   (the meta-learning split needs them apart), concatenated once per forward so a
   step does one ``baddbmm`` for both. Score scales ride on that concatenation
   (input attention) and on ``baddbmm``'s ``alpha`` (communication).
-* Every tanh is computed as ``2*sigmoid(2x) - 1`` (sigmoid is several times
+* Every tanh inside the cells is computed as ``2*sigmoid(2x) - 1`` (sigmoid is several times
   faster than tanh on CPU), so one sigmoid covers all four LSTM gates.
 * Training uses a hand-written backward through time (:class:`_FusedRIMsStack`):
   the forward runs without autograd bookkeeping, and the weight gradients are
@@ -91,7 +91,7 @@ class LayerWeights(NamedTuple):
         ``(heads, value, K*gates)``; otherwise ``(K, heads*value, gates)``.
     :param input_bias: ``(K, 1, gates)``: GRU's ``b_ih``; None for LSTM.
     :param comm_qkv: ``(K, H, comm_heads*(2*key + value))``, per head ``[q|k|v]``.
-    :param comm_out: ``(K, comm_heads*value, H)``, doubled (the residual's tanh is taken as a sigmoid of 2x).
+    :param comm_out: ``(K, comm_heads*value, H)``.
     :param slot_kv: per slot, its key/value projection ``(slot width, heads*(key+value))``.
     """
 
@@ -123,7 +123,7 @@ class StepSaved(NamedTuple):
     comm_mask: Tensor | None
     comm_weighted: Tensor
     ctx: Tensor
-    comm_sig: Tensor
+    comm_update: Tensor
     active: Tensor
 
 
@@ -301,7 +301,7 @@ class RIMsLayer(nn.Module):
             input_weight,
             input_bias,
             self.comm_qkv,
-            self.comm_out * 2.0,  # tanh(u) = 2*sigmoid(2u) - 1
+            self.comm_out,
             tuple(self.slot_key_value),
         )
 
@@ -450,9 +450,10 @@ class RIMsLayer(nn.Module):
             comm_mask = _dropout_mask(comm_attn, self.comm_attention_dropout)
             comm_weighted = comm_attn * comm_mask
         ctx = torch.bmm(comm_weighted.transpose(1, 2), cval).transpose(0, 1).reshape(K, B, nc * cv)
-        # Bounded residual h~ + tanh(ctx @ W_out[k]); w.comm_out holds 2 * W_out, so tanh = 2*sigmoid - 1.
-        comm_sig = torch.sigmoid(torch.bmm(ctx, w.comm_out))
-        h_comm = torch.add(h_tilde, comm_sig, alpha=2.0).sub_(1.0)
+        # Bounded residual h~ + tanh(ctx @ W_out[k]). A plain tanh here: three ops against the sigmoid
+        # form's four, and it is only (K, B, H) wide.
+        comm_update = torch.tanh(torch.bmm(ctx, w.comm_out))
+        h_comm = h_tilde + comm_update
 
         # Inactive modules keep h and c bit-for-bit: where, never a blend.
         h_out = torch.where(keep, h_comm, h)
@@ -462,7 +463,7 @@ class RIMsLayer(nn.Module):
         if save:
             saved = StepSaved(
                 h, c, query, tuple(keys), tuple(feeds), probs, input_mask, weighted, attended, gates,
-                h_tilde, qkv, comm_attn, comm_mask, comm_weighted, ctx, comm_sig, active,
+                h_tilde, qkv, comm_attn, comm_mask, comm_weighted, ctx, comm_update, active,
             )  # fmt: skip
         return StepOut(h_out, c_out, active, null, probs, saved)
 
@@ -506,8 +507,7 @@ class RIMsLayer(nn.Module):
         keepf = keep.to(dh.dtype)
 
         # Communication (only active rows of h_comm are used): the bounded residual, then attention.
-        # d_comm is the gradient w.r.t. ctx @ (2 W_out), the sigmoid's argument.
-        d_comm = _sigmoid_backward(dh * (keepf * 2.0), sv.comm_sig)
+        d_comm = _tanh_backward(dh * keepf, sv.comm_update)  # w.r.t. ctx @ W_out
         d_ctx = torch.bmm(d_comm, wt.comm_out).view(K, B * nc, cv).transpose(0, 1)  # (B*heads, K, cv)
         cq, ckey, cval = sv.comm_qkv.split([ck, ck, cv], dim=-1)
         # Attention is stored transposed: [b, key j, query i].
