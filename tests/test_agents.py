@@ -26,7 +26,8 @@ SMALL_CORES = {
 def small_setup(core: str, n_envs: int = 4, n_steps: int = 24, env_id: str = "MiniGrid-DoorKey-5x5-v0",
                 extra: tuple[str, ...] = ()):
     config = load_config(None, [f"core.name={core}", *SMALL_CORES[core], f"env.id={env_id}",
-                                f"env.n_envs={n_envs}", f"algo.n_steps={n_steps}", "algo.num_minibatches=2", *extra])
+                                f"env.n_envs={n_envs}", f"algo.n_steps={n_steps}", "algo.num_minibatches=2",
+                                "algo.seq_len=null", *extra])
     torch.manual_seed(0)
     venv = make_vec_env(env_id, n_envs, seed=3, **{k: v for k, v in config["env"].items() if k not in ("id", "n_envs")})
     policy = build_policy(config, venv.observation_space, venv.action_space)

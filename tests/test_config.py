@@ -61,7 +61,8 @@ def test_a2c_refuses_ppo_only_keys(key: str) -> None:
         (["core.name=transformer"], "core.name must be one of"),
         (["algo.name=dqn"], "algo.name must be one of"),
         (["algo.optimizer=sgd"], "algo.optimizer must be one of"),
-        (["env.n_envs=6"], "num_minibatches=8 must divide the 6 sequences of a rollout"),
+        (["env.n_envs=6", "algo.seq_len=null"], "num_minibatches=8 must divide the 6 sequences of a rollout"),
+        (["algo.n_steps=8"], "algo.seq_len=16 must divide algo.n_steps=8"),
         (["core.k_active"], "key=value"),
     ],
 )

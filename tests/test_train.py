@@ -16,7 +16,7 @@ from policies.checkpoint import load_checkpoint
 from tests.test_agents import SMALL_CORES
 
 TINY_MINIGRID = ["env.n_envs=4", "algo.n_steps=16", "log.progress_bar=false"]
-TINY_ATARI = ["env.id=ALE/Pong-v5", "env.n_envs=2", "algo.n_steps=8", "log.progress_bar=false", "total_frames=32"]
+TINY_ATARI = ["env.id=ALE/Pong-v5", "env.n_envs=2", "algo.n_steps=16", "log.progress_bar=false", "total_frames=32"]
 # Only PPO has minibatches (A2C refuses the key).
 MINIBATCHES = {"ppo": ["algo.num_minibatches=2"], "a2c": []}
 
