@@ -379,7 +379,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "seed": 1,
     "total_frames": 150_000,
     "env": {"id": "MiniGrid-DoorKey-5x5-v0", "n_envs": 16},
-    "core": {"name": "rims", "num_modules": 4, "module_size": 32, "k_active": 2},
+    "core": {"name": "rims", "num_modules": 6, "module_size": 32, "k_active": 4},  # as configs/.../doorkey-rims-ppo
     # 16-step chunks: minibatches mixing many envs and times learn DoorKey far faster than whole sequences.
     "algo": {"name": "ppo", "lr": 1e-3, "n_steps": 128, "n_epochs": 4, "num_minibatches": 8, "seq_len": 16},
 }
