@@ -29,7 +29,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv,
 from tqdm import tqdm
 
 from agents.a2c import RecurrentA2C
-from agents.config import ConfigError, merge, resolve_config
+from agents.config import PPO_ONLY_KEYS, ConfigError, merge, resolve_config
 from agents.logger import RunLogger
 from agents.optim import NonFiniteError, PolicyUpdater
 from agents.ppo import RecurrentPPO
@@ -201,8 +201,12 @@ class Trainer:
                 raise ConfigError(f"{key} cannot change on --resume (only total_frames can); start a new run")
         if not isinstance(checkpoint.get("config"), dict):
             raise CheckpointError(f"the checkpoint in {run_dir} holds no training config to resume with")
+        saved = checkpoint["config"]
+        if isinstance(saved.get("algo"), dict) and saved["algo"].get("name") == "a2c":
+            # Runs saved before A2C refused the PPO-only keys carry them (ignored then): drop them.
+            saved = {**saved, "algo": {k: v for k, v in saved["algo"].items() if k not in PPO_ONLY_KEYS}}
         try:
-            config = resolve_config(merge(checkpoint["config"], overrides or {}))
+            config = resolve_config(merge(saved, overrides or {}))
         except ConfigError as exc:
             raise ConfigError(f"cannot resume {run_dir}: {exc}") from None
         return cls(config, run_dir, checkpoint=checkpoint)
