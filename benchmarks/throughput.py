@@ -1,7 +1,7 @@
 """Frames per second of recurrent PPO for each core, rollout and update included.
 
 MiniGrid-DoorKey-5x5-v0: 16 envs x 128 steps, 4 epochs, 8 minibatches, with the shipped
-configs/minigrid/doorkey-<core>-ppo.yaml (LSTM of 128, RIMs 4x32, ...), twice: with minibatches
+configs/minigrid/doorkey-<core>-ppo.yaml (LSTM of 128, RIMs 6x32 with 4 active, ...), twice: with minibatches
 of 2 whole 128-step sequences (``algo.seq_len=null``, the setting of the goals below) and with the
 shipped 16-step chunks (16 chunks per minibatch, each from its stored start state).
 ALE/Breakout-v5: 8 envs, for lstm and rims (configs/atari/breakout-<core>-ppo.yaml).
