@@ -53,6 +53,7 @@ Gate order inside the stacked cell weights: LSTM ``[i, f, o, g]``, GRU ``[r, z, 
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -63,6 +64,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from policies.cores.base import RecurrentCore, check_choice, check_positive_int
+from policies.cores.native import dims_array, pointer, rims_kernel
 
 CELLS: tuple[str, ...] = ("lstm", "gru")
 
@@ -376,13 +378,15 @@ class RIMsLayer(nn.Module):
             null = null.detach()
             attention = tuple(rest)  # per slot (K, B, heads)
 
-        # Selection: the k_active modules with the least head-averaged null attention.
+        # Selection: the k_active modules with the least head-averaged null attention. Ties (every
+        # score is exactly 0 right after a reset) go to the lower module index, as in the C kernel:
+        # a stable sort, where topk's order among ties is unspecified.
         with torch.no_grad():
             if self.k_active == K:
                 active = torch.ones(K, B, dtype=torch.bool, device=h.device)
             else:
                 criterion = null[..., 0] if nh == 1 else null.mean(-1)
-                chosen = torch.topk(criterion, self.k_active, dim=0, largest=False).indices
+                chosen = torch.sort(criterion, dim=0, stable=True).indices[: self.k_active]
                 active = torch.zeros(K, B, dtype=torch.bool, device=h.device).scatter_(0, chosen, True)
         keep = active.unsqueeze(-1)
 
@@ -962,6 +966,10 @@ class RIMs(RIMsStackCore):
         probabilities, in training mode only (``0`` disables it).
     :param fused_backward: train through the hand-written backward (fast, default); ``False``
         lets autograd differentiate the same forward (reference, slower).
+    :param native: run the time loop in the C kernel (``rims_kernel.c``, see
+        :mod:`policies.cores.native`) where it applies: LSTM cells, one input head, float32 on
+        the CPU, ``fused_backward`` on, and no attention dropout while training. Elsewhere, or
+        with ``False``, the Python engine runs (the same function; the kernel is tested against it).
     :raises ValueError: naming the argument, for a size < 1, ``k_active > num_modules``,
         an unknown cell, or a dropout outside ``[0, 1)``.
     """
@@ -981,6 +989,7 @@ class RIMs(RIMsStackCore):
         comm_value_size: int = 32,
         dropout: float = 0.0,
         fused_backward: bool = True,
+        native: bool = True,
     ) -> None:
         super().__init__()
         check_positive_int("input_size", input_size)
@@ -1002,6 +1011,191 @@ class RIMs(RIMsStackCore):
         )
         self._build(input_size, [layer], (0,), bool(fused_backward))
         self.num_modules, self.module_size, self.k_active, self.cell = num_modules, module_size, k_active, cell
+        self.native = bool(native)
 
     def _info_suffix(self, li: int) -> str:
         return ""
+
+    def kernel_for(self, x: Tensor) -> ctypes.CDLL | None:
+        """The C kernel if it applies to this core and input (see ``native``), else None."""
+        layer: RIMsLayer = self.layers[0]  # type: ignore[assignment]
+        applies = (
+            self.native
+            and self.fused_backward
+            and layer.cell == "lstm"
+            and layer.num_input_heads == 1
+            and layer.precomputed_drives
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not (self.training and layer.input_attention_dropout > 0.0)
+        )
+        return rims_kernel() if applies else None
+
+    def forward(
+        self,
+        x: Tensor,
+        state: Tensor,
+        episode_starts: Tensor,
+        return_info: bool = False,
+    ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Run the core over a sequence (protocol of :class:`RecurrentCore`; see :meth:`RIMsStackCore.forward`)."""
+        lib = self.kernel_for(x)
+        if lib is None:
+            return super().forward(x, state, episode_starts, return_info)
+        self.check_inputs(x, state, episode_starts)
+        layer: RIMsLayer = self.layers[0]  # type: ignore[assignment]
+        T, B = x.shape[:2]
+        starts = episode_starts.to(device=x.device, dtype=torch.uint8).contiguous()
+        w = layer.prepare()
+        keys0, drives0 = layer.slot_forward(w, 0, x)  # (T, B, 1, key), (T, K, B, gates): all steps at once
+        # The kernel's layouts: (T, B, key) and (T, B, K, gates) (slot_forward's drives are that, transposed).
+        keys = keys0.reshape(T, B, layer.input_key_size).contiguous()
+        drives = drives0.transpose(1, 2).contiguous()
+        weights = (w.recurrent, w.recurrent_bias, w.comm_qkv.contiguous(), w.comm_out.contiguous())
+        state = state.contiguous()
+        inputs = (state, keys, drives, *weights)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+            out, new_state, active, probs = _KernelRIMs.apply(layer, lib, starts, *inputs)
+        else:
+            with torch.no_grad():
+                out, new_state, active, probs, _ = _kernel_run(layer, lib, starts, *inputs, save=False)
+        if not return_info:
+            return out, new_state
+        active = active.transpose(1, 2).bool()  # (T, B, K)
+        p = probs.transpose(1, 2)
+        info = {"active": active, "input_attention": torch.stack([1.0 - p, p], dim=-1)}
+        return out, new_state, info
+
+
+class KernelSaved(NamedTuple):
+    """What the C kernel's forward keeps for its backward (layouts in ``rims_kernel.c``)."""
+
+    hprev: Tensor
+    cprev: Tensor
+    gates: Tensor
+    tc: Tensor
+    htil: Tensor
+    qkv: Tensor
+    attn: Tensor
+    ctx: Tensor
+    upd: Tensor
+    query: Tensor
+
+
+def _kernel_dims(layer: RIMsLayer, T: int, B: int) -> Tensor:
+    return dims_array(
+        T, B, layer.num_modules, layer.module_size, layer.input_key_size, layer.k_active,
+        layer.num_comm_heads, layer.comm_key_size, layer.comm_value_size,
+    )  # fmt: skip
+
+
+def _kernel_run(
+    layer: RIMsLayer,
+    lib: ctypes.CDLL,
+    starts: Tensor,
+    state: Tensor,
+    keys: Tensor,
+    drives: Tensor,
+    recurrent: Tensor,
+    recurrent_bias: Tensor,
+    comm_qkv: Tensor,
+    comm_out: Tensor,
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, KernelSaved]:
+    """One call of the kernel's forward over the whole sequence (no autograd).
+
+    :param starts: ``(T, B)`` uint8; ``state`` ``(B, 2*K*H)``; ``keys`` ``(T, B, key)``;
+        ``drives`` ``(T, B, K, gates)``; the weights as :meth:`RIMsLayer.prepare` gives them.
+    :param save: keep every step's intermediates for :func:`_kernel_backward` (else one step's scratch).
+    :return: output ``(T, B, K*H)``, final state, ``active`` ``(T, K, B)`` uint8, ``probs``
+        ``(T, K, B)`` (attention on the input slot) and the saved intermediates.
+    """
+    T, B = keys.shape[:2]
+    K, H, G = layer.num_modules, layer.module_size, layer.gate_size
+    nc, ck, cv = layer.num_comm_heads, layer.comm_key_size, layer.comm_value_size
+    Ts = T if save else 1
+
+    def new(*shape: int) -> Tensor:
+        return torch.empty(shape, dtype=torch.float32)
+
+    hc = state.detach().view(B, 2, K, H).permute(1, 2, 0, 3).contiguous()  # (2, K, B, H), updated in place
+    out, active, probs = new(T, B, K * H), torch.empty(T, K, B, dtype=torch.uint8), new(T, K, B)
+    saved = KernelSaved(
+        new(K, Ts, B, H), new(Ts, K, B, H), new(Ts, K, B, G), new(Ts, K, B, H), new(K, Ts, B, H),
+        new(Ts, K, B, nc * (2 * ck + cv)), new(Ts, B, nc, K, K), new(K, Ts, B, nc * cv), new(Ts, K, B, H),
+        new(Ts, K, B, layer.input_key_size),
+    )  # fmt: skip
+    dims = _kernel_dims(layer, T, B)
+    weights = [t.detach() for t in (recurrent, recurrent_bias, comm_qkv, comm_out)]
+    status = lib.rims_lstm_forward(
+        pointer(dims), int(save), *map(pointer, weights), pointer(keys.detach()), pointer(drives.detach()),
+        pointer(starts), pointer(hc[0]), pointer(hc[1]), pointer(out), pointer(active), pointer(probs),
+        *map(pointer, saved),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("the RIMs kernel could not allocate its step buffers")
+    return out, hc.permute(2, 0, 1, 3).reshape(B, 2 * K * H), active, probs, saved
+
+
+class _KernelRIMs(torch.autograd.Function):
+    """The C kernel's forward and hand-written backward through time, for :class:`RIMs`."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        layer: RIMsLayer,
+        lib: ctypes.CDLL,
+        starts: Tensor,
+        state: Tensor,
+        keys: Tensor,
+        drives: Tensor,
+        recurrent: Tensor,
+        recurrent_bias: Tensor,
+        comm_qkv: Tensor,
+        comm_out: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        out, new_state, active, probs, saved = _kernel_run(
+            layer, lib, starts, state, keys, drives, recurrent, recurrent_bias, comm_qkv, comm_out, save=True
+        )
+        ctx.layer, ctx.lib, ctx.saved = layer, lib, saved
+        ctx.tensors = (starts, keys.detach(), drives.detach(), active, probs)
+        ctx.weights = (recurrent.detach(), comm_qkv.detach(), comm_out.detach())
+        ctx.mark_non_differentiable(active, probs)
+        return out, new_state, active, probs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, d_out: Tensor, d_state: Tensor, *_: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        layer: RIMsLayer = ctx.layer
+        starts, keys, drives, active, probs = ctx.tensors
+        recurrent, comm_qkv, comm_out = ctx.weights
+        sv: KernelSaved = ctx.saved
+        T, B, Q = keys.shape
+        K, H, G = layer.num_modules, layer.module_size, layer.gate_size
+        R, C3, CX = recurrent.shape[-1], comm_qkv.shape[-1], comm_out.shape[-2]
+        # Contiguous transposes once per backward, so the kernel's products run along rows.
+        transposed = [w.transpose(1, 2).contiguous() for w in (recurrent, comm_qkv, comm_out)]
+        g = d_state.view(B, 2, K, H).permute(1, 2, 0, 3).contiguous()  # (2, K, B, H), in: final, out: initial
+        d_keys = torch.zeros(T, B, Q)
+        d_drives = torch.empty(T, B, K, G)
+        dz, dqkv, dcomm = torch.empty(K, T, B, R), torch.empty(K, T, B, C3), torch.empty(K, T, B, H)
+        # Every tensor whose address is passed stays referenced by a local until the call returns.
+        dims, d_out = _kernel_dims(layer, T, B), d_out.contiguous()
+        status = ctx.lib.rims_lstm_backward(
+            pointer(dims), *map(pointer, transposed), pointer(keys), pointer(drives),
+            pointer(starts), pointer(active), pointer(probs), pointer(sv.cprev), pointer(sv.gates), pointer(sv.tc),
+            pointer(sv.qkv), pointer(sv.attn), pointer(sv.upd), pointer(sv.query), pointer(d_out),
+            pointer(g[0]), pointer(g[1]), pointer(d_keys), pointer(d_drives), pointer(dz), pointer(dqkv),
+            pointer(dcomm),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("the RIMs kernel could not allocate its step buffers")
+        # Weight gradients: one batched matmul each over all T*B rows (the kernel laid them out so).
+        rows = T * B
+        dz_rows = dz.view(K, rows, R)
+        g_recurrent = torch.bmm(sv.hprev.view(K, rows, H).transpose(1, 2), dz_rows)
+        g_recurrent_bias = dz_rows.sum(1, keepdim=True)
+        g_comm_qkv = torch.bmm(sv.htil.view(K, rows, H).transpose(1, 2), dqkv.view(K, rows, C3))
+        g_comm_out = torch.bmm(sv.ctx.view(K, rows, CX).transpose(1, 2), dcomm.view(K, rows, H))
+        d_state0 = g.permute(2, 0, 1, 3).reshape(B, 2 * K * H)
+        return (None, None, None, d_state0, d_keys, d_drives, g_recurrent, g_recurrent_bias, g_comm_qkv, g_comm_out)

@@ -1,0 +1,105 @@
+"""The C kernel of the RIMs time loop (``rims_kernel.c``): built once per machine, loaded with ctypes.
+
+The kernel is compiled on first use with the system C compiler (``$CC``, else ``cc`` or ``gcc``)
+into ``$XDG_CACHE_HOME/modular-memory-rl/`` (default ``~/.cache/...``), under a name that hashes
+the source, the flags and the CPU, so an edit or another machine gets its own build. No torch
+headers are involved: a build takes about a second. Where no compiler is found or the build
+fails, :func:`rims_kernel` warns once and returns None, and RIMs runs its Python engine (same
+results, slower on small batches). Set ``MODULAR_MEMORY_NATIVE=0`` to turn the kernel off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+DISABLE_ENV = "MODULAR_MEMORY_NATIVE"
+SOURCE = Path(__file__).with_name("rims_kernel.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11")
+
+_FORWARD_POINTERS = 22  # pointer arguments of rims_lstm_forward after (dims, save)
+_BACKWARD_POINTERS = 23  # pointer arguments of rims_lstm_backward after dims
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "modular-memory-rl"
+
+
+def _cpu_signature() -> str:
+    """Model and feature flags of this CPU: ``-march=native`` builds are only valid on a CPU like it."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    wanted = [line for line in lines if line.startswith(("model name", "flags", "Features"))]
+    return "\n".join(dict.fromkeys(wanted))  # first of each (every core repeats them)
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: processes starting together never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True, text=True, timeout=120
+        )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@cache
+def rims_kernel() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None (turned off, or it could not be built; warned once)."""
+    if os.environ.get(DISABLE_ENV, "1").strip() == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        warnings.warn("no C compiler found: RIMs runs its slower Python engine", RuntimeWarning, stacklevel=2)
+        return None
+    key = hashlib.sha256(
+        b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), _cpu_signature().encode(), compiler.encode()])
+    ).hexdigest()[:16]
+    target = cache_dir() / f"rims_kernel-{platform.machine()}-{key}.so"
+    try:
+        if not target.exists():
+            _build(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", None) or str(exc)
+        warnings.warn(
+            f"could not build the RIMs C kernel ({detail.strip()[:300]}): RIMs runs its slower Python engine",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    lib.rims_lstm_forward.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * _FORWARD_POINTERS
+    lib.rims_lstm_backward.argtypes = [ctypes.c_void_p] * (1 + _BACKWARD_POINTERS)
+    lib.rims_lstm_forward.restype = lib.rims_lstm_backward.restype = ctypes.c_int
+    return lib
+
+
+def pointer(t: Tensor) -> int:
+    """Address of a tensor's data, for the kernel (which reads it as contiguous rows)."""
+    assert t.is_contiguous() and t.device.type == "cpu", "the kernel takes contiguous CPU tensors"
+    return t.data_ptr()
+
+
+def dims_array(*dims: int) -> Tensor:
+    """The kernel's size arguments as one int32 array (kept alive by the caller during the call)."""
+    return torch.tensor(dims, dtype=torch.int32)
