@@ -385,7 +385,12 @@ class RIMsLayer(nn.Module):
             if self.k_active == K:
                 active = torch.ones(K, B, dtype=torch.bool, device=h.device)
             else:
-                criterion = null[..., 0] if nh == 1 else null.mean(-1)
+                if nh == 1 and len(keys) == 1:
+                    # Least null attention = largest score; ranked by the score itself (as the kernel
+                    # does), since sigmoid(-score) rounds to exactly 1 below about -16.6 and ties there.
+                    criterion = -score[..., 0]
+                else:
+                    criterion = null[..., 0] if nh == 1 else null.mean(-1)
                 chosen = torch.sort(criterion, dim=0, stable=True).indices[: self.k_active]
                 active = torch.zeros(K, B, dtype=torch.bool, device=h.device).scatter_(0, chosen, True)
         keep = active.unsqueeze(-1)
@@ -1118,7 +1123,9 @@ def _kernel_run(
     def new(*shape: int) -> Tensor:
         return torch.empty(shape, dtype=torch.float32)
 
-    hc = state.detach().view(B, 2, K, H).permute(1, 2, 0, 3).contiguous()  # (2, K, B, H), updated in place
+    # (2, K, B, H), updated in place: a copy always (with B=1 the permuted view is already contiguous,
+    # and .contiguous() would hand the kernel the caller's own state to overwrite).
+    hc = state.detach().view(B, 2, K, H).permute(1, 2, 0, 3).clone(memory_format=torch.contiguous_format)
     out, active, probs = new(T, B, K * H), torch.empty(T, K, B, dtype=torch.uint8), new(T, K, B)
     saved = KernelSaved(
         new(K, Ts, B, H), new(Ts, K, B, H), new(Ts, K, B, G), new(Ts, K, B, H), new(K, Ts, B, H),
@@ -1175,7 +1182,8 @@ class _KernelRIMs(torch.autograd.Function):
         R, C3, CX = recurrent.shape[-1], comm_qkv.shape[-1], comm_out.shape[-2]
         # Contiguous transposes once per backward, so the kernel's products run along rows.
         transposed = [w.transpose(1, 2).contiguous() for w in (recurrent, comm_qkv, comm_out)]
-        g = d_state.view(B, 2, K, H).permute(1, 2, 0, 3).contiguous()  # (2, K, B, H), in: final, out: initial
+        # (2, K, B, H), in: final, out: initial; a copy, never autograd's own gradient buffer.
+        g = d_state.view(B, 2, K, H).permute(1, 2, 0, 3).clone(memory_format=torch.contiguous_format)
         d_keys = torch.zeros(T, B, Q)
         d_drives = torch.empty(T, B, K, G)
         dz, dqkv, dcomm = torch.empty(K, T, B, R), torch.empty(K, T, B, C3), torch.empty(K, T, B, H)

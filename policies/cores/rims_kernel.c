@@ -21,7 +21,7 @@
  * Saved for the backward, with Ts = T when saving, else 1 (a one-step scratch reused every step):
  *   hprev, htil (K, Ts, B, H)  ctx (K, Ts, B, CX): laid out so the weight gradients are one bmm
  *   cprev, tc, upd (Ts, K, B, H)  gates (Ts, K, B, G) as activations [i, f, o, g]
- *   qkv (Ts, K, B, C3)  attn (Ts, B, NC, K, K) as [key module j][query module i]  query (Ts, K, B, Q)
+ *   qkv (Ts, K, B, C3)  attn (Ts, B, NC, K, K) as [query module i][key module j]  query (Ts, K, B, Q)
  * Entries of inactive modules in gates, tc and upd are never written and never read.
  */
 #include <math.h>
@@ -37,28 +37,128 @@ static inline void axpy(float *restrict y, float a, const float *restrict x, int
     for (int j = 0; j < n; j++) y[j] += a * x[j];
 }
 
+/* Sixteen partial sums, added as a tree: vectorises without reassociating the whole program. */
 static inline float dot(const float *restrict a, const float *restrict b, int n) {
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int j = 0; j < n; j++) s += a[j] * b[j];
-    return s;
+    float acc[16] = {0.0f}, s = 0.0f;
+    int j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int u = 0; u < 16; u++) acc[u] += a[j + u] * b[j + u];
+    for (; j < n; j++) s += a[j] * b[j];
+    for (int w = 8; w > 0; w >>= 1)
+        for (int u = 0; u < w; u++) acc[u] += acc[u + w];
+    return s + acc[0];
 }
 
-static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+/* exp for the cell nonlinearities, written so loops over it vectorise (libm's expf does not):
+ * x = n*ln2 + r, e^r by a degree-6 polynomial on [-ln2/2, ln2/2] (Cephes' coefficients), times 2^n.
+ * Within 2 ulp of expf; NaN stays NaN (the clamps compare, so a NaN passes them). */
+static inline float exp_approx(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    const float n = __builtin_rintf(x * 1.44269504088896341f);
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    union {
+        int32_t i;
+        float f;
+    } scale = {.i = ((int32_t)n + 127) << 23};
+    return p * scale.f;
+}
 
-/* y[k][b] (+)= x[k][b] @ W[k] for every module k and env b: x (K, B, M) with row stride xs,
- * W (K, M, N), y (K, B, N) with row stride ys. Rows of W are reused across the envs. */
-static void modules_matmul_acc(float *y, int ys, const float *x, int xs, const float *W, int K, int B, int M, int N,
-                               const uint8_t *only /* (K, B) or NULL: skip rows where 0 */) {
-    for (int k = 0; k < K; k++)
-        for (int i = 0; i < M; i++) {
-            const float *w = W + ((size_t)k * M + i) * N;
-            for (int b = 0; b < B; b++) {
-                if (only && !only[k * B + b]) continue;
-                float a = x[((size_t)k * B + b) * xs + i];
-                if (a != 0.0f) axpy(y + ((size_t)k * B + b) * ys, a, w, N);
+static inline float sigmoidf(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+
+/* tanh(x) = 2 * sigmoid(2x) - 1, as the Python engine computes it. */
+static inline float tanh_approx(float x) { return 2.0f / (1.0f + exp_approx(-2.0f * x)) - 1.0f; }
+
+/* The LSTM cell of one module and env: gate = [i, f, o, g] activations of rec + a * drive,
+ * c = f * c + i * g (in place), tc = tanh(c), h = o * tc. */
+static void lstm_cell(float *restrict gate, const float *restrict rec, const float *restrict drive, float a,
+                      float *restrict c, float *restrict tc, float *restrict h, int H) {
+    for (int j = 0; j < 4 * H; j++) gate[j] = rec[j] + a * drive[j];
+    for (int j = 0; j < 3 * H; j++) gate[j] = sigmoidf(gate[j]);
+    for (int j = 3 * H; j < 4 * H; j++) gate[j] = tanh_approx(gate[j]);
+    for (int j = 0; j < H; j++) {
+        c[j] = gate[H + j] * c[j] + gate[j] * gate[3 * H + j];
+        tc[j] = tanh_approx(c[j]);
+        h[j] = gate[2 * H + j] * tc[j];
+    }
+}
+
+#define COLS 32 /* output columns kept in registers by the product below */
+
+/* One or two rows at once: y_r (N) += x_r (M) @ W (M, N), W's rows ws apart. Each block of COLS
+ * outputs stays in registers over the whole reduction, and the two rows share every load of W. */
+static void rows_matmul_acc(float *restrict y0, float *restrict y1, const float *restrict x0,
+                            const float *restrict x1, const float *restrict W, size_t ws, int M, int N) {
+    int j0 = 0;
+    for (; j0 + COLS <= N; j0 += COLS) {
+        float a0[COLS], a1[COLS];
+        for (int u = 0; u < COLS; u++) a0[u] = y0[j0 + u], a1[u] = y1 ? y1[j0 + u] : 0.0f;
+        if (y1) {
+            for (int m = 0; m < M; m++) {
+                const float *w = W + m * ws + j0, s0 = x0[m], s1 = x1[m];
+                for (int u = 0; u < COLS; u++) a0[u] += s0 * w[u], a1[u] += s1 * w[u];
+            }
+            for (int u = 0; u < COLS; u++) y1[j0 + u] = a1[u];
+        } else {
+            for (int m = 0; m < M; m++) {
+                const float *w = W + m * ws + j0, s0 = x0[m];
+                for (int u = 0; u < COLS; u++) a0[u] += s0 * w[u];
             }
         }
+        for (int u = 0; u < COLS; u++) y0[j0 + u] = a0[u];
+    }
+    if (j0 < N)
+        for (int m = 0; m < M; m++) {
+            axpy(y0 + j0, x0[m], W + m * ws + j0, N - j0);
+            if (y1) axpy(y1 + j0, x1[m], W + m * ws + j0, N - j0);
+        }
+}
+
+/* A row of a (module, env) matrix: module k's rows start k * ks apart, env b's rows b * bs apart. */
+typedef struct {
+    float *p;
+    size_t ks, bs;
+} Rows;
+
+static inline float *row(Rows r, int k, int b) { return r.p + (size_t)k * r.ks + (size_t)b * r.bs; }
+
+/* y[k][b] += x[k][b] @ W[k] for every module k and env b, W (K, M, N); rows where `only` (K, B)
+ * is 0 are skipped. Rows go through the product in pairs, sharing the loads of W[k]. */
+static void modules_matmul_acc(Rows y, Rows x, const float *W, int K, int B, int M, int N, const uint8_t *only) {
+    for (int k = 0; k < K; k++) {
+        const float *Wk = W + (size_t)k * M * N;
+        int pending = -1; /* a row waiting for its partner */
+        for (int b = 0; b < B; b++) {
+            if (only && !only[k * B + b]) continue;
+            if (pending < 0) {
+                pending = b;
+                continue;
+            }
+            rows_matmul_acc(row(y, k, pending), row(y, k, b), row(x, k, pending), row(x, k, b), Wk, N, M, N);
+            pending = -1;
+        }
+        if (pending >= 0) rows_matmul_acc(row(y, k, pending), NULL, row(x, k, pending), NULL, Wk, N, M, N);
+    }
+}
+
+/* Y[i] += X[i] @ V for the K rows i of a K x K matrix X (row-major), V's K rows vs apart. */
+static void square_matmul_acc(float *Y, size_t ys, const float *X, const float *V, size_t vs, int K, int N) {
+    int i = 0;
+    for (; i + 2 <= K; i += 2) rows_matmul_acc(Y + i * ys, Y + (i + 1) * ys, X + i * K, X + (i + 1) * K, V, vs, K, N);
+    if (i < K) rows_matmul_acc(Y + i * ys, NULL, X + i * K, NULL, V, vs, K, N);
+}
+
+static void transpose_square(float *restrict out, const float *restrict in, int K) {
+    for (int i = 0; i < K; i++)
+        for (int j = 0; j < K; j++) out[j * K + i] = in[i * K + j];
 }
 
 int rims_lstm_forward(const int *dims, int save, const float *Wr, const float *br, const float *Wc, const float *Wo,
@@ -91,7 +191,7 @@ int rims_lstm_forward(const int *dims, int save, const float *Wr, const float *b
             for (int b = 0; b < B; b++) memcpy(rec + ((size_t)k * B + b) * R, br + (size_t)k * R, sizeof(float) * R);
         }
         /* Cell pre-activations from h and the (pre-scaled) queries, for every module: one product. */
-        modules_matmul_acc(rec, R, h, H, Wr, K, B, H, R, NULL);
+        modules_matmul_acc((Rows){rec, (size_t)B * R, R}, (Rows){h, (size_t)B * H, H}, Wr, K, B, H, R, NULL);
 
         /* Input attention over [null, slot]: softmax([0, s]) = [sigmoid(-s), sigmoid(s)]. */
         uint8_t *act = active + (size_t)t * K * B;
@@ -129,17 +229,7 @@ int rims_lstm_forward(const int *dims, int save, const float *Wr, const float *b
                 const size_t row = ((size_t)ts * K + k) * B + b;
                 float *gate = s_gates + row * G, *tcr = s_tc + row * H, *cr = c + kb * H;
                 const float *rk = rec + kb * R, *dr = drives + (((size_t)t * B + b) * K + k) * G;
-                const float a = p[kb];
-                for (int j = 0; j < G; j++) gate[j] = rk[j] + a * dr[j];
-                for (int j = 0; j < 3 * H; j++) gate[j] = sigmoidf(gate[j]);
-                for (int j = 3 * H; j < G; j++) gate[j] = tanhf(gate[j]);
-                for (int j = 0; j < H; j++) {
-                    const float cn = gate[H + j] * cr[j] + gate[j] * gate[3 * H + j];
-                    const float tcn = tanhf(cn);
-                    cr[j] = cn; /* c_prev is saved above; inactive modules' c is never touched */
-                    tcr[j] = tcn;
-                    ht[j] = gate[2 * H + j] * tcn;
-                }
+                lstm_cell(gate, rk, dr, p[kb], cr, tcr, ht, H); /* c_prev was saved above */
             }
         const float *htil = s_htil + (size_t)ts * B * H; /* module k's rows start at k * Ts * B * H */
         const int htil_stride_k = Ts * B * H;
@@ -147,46 +237,44 @@ int rims_lstm_forward(const int *dims, int save, const float *Wr, const float *b
         /* Communication Q/K/V of every module from h~. */
         float *qkv = s_qkv + (size_t)ts * K * B * C3;
         memset(qkv, 0, sizeof(float) * (size_t)K * B * C3);
-        for (int k = 0; k < K; k++)
-            modules_matmul_acc(qkv + (size_t)k * B * C3, C3, htil + (size_t)k * htil_stride_k, H,
-                               Wc + (size_t)k * H * C3, 1, B, H, C3, NULL);
+        modules_matmul_acc((Rows){qkv, (size_t)B * C3, C3}, (Rows){(float *)htil, (size_t)Ts * B * H, H}, Wc, K, B,
+                           H, C3, NULL);
         /* Attention across modules per env and head; ctx_i = sum_j softmax_j(k_j . q_i) v_j. */
         for (int b = 0; b < B; b++)
             for (int hd = 0; hd < d.NC; hd++) {
                 float *A = s_attn + ((((size_t)ts * B + b) * d.NC + hd) * K) * K;
-                const int off = hd * (2 * d.CK + d.CV);
+                const float *base = qkv + (size_t)b * C3 + hd * (2 * d.CK + d.CV); /* module j: + j * B * C3 */
+                const size_t ms = (size_t)B * C3;
                 for (int i = 0; i < K; i++) {
-                    const float *q = qkv + ((size_t)i * B + b) * C3 + off;
-                    float m = -INFINITY, sum = 0.0f;
+                    float *Ai = A + i * K, m = -INFINITY, sum = 0.0f;
                     for (int j = 0; j < K; j++) {
-                        const float sc = scale * dot(qkv + ((size_t)j * B + b) * C3 + off + d.CK, q, d.CK);
-                        A[j * K + i] = sc;
-                        m = sc > m ? sc : m;
+                        Ai[j] = scale * dot(base + j * ms + d.CK, base + i * ms, d.CK);
+                        m = Ai[j] > m ? Ai[j] : m;
                     }
-                    for (int j = 0; j < K; j++) sum += (A[j * K + i] = expf(A[j * K + i] - m));
-                    for (int j = 0; j < K; j++) A[j * K + i] /= sum;
-                    float *cx = s_ctx + (((size_t)i * Ts + ts) * B + b) * CX + hd * d.CV;
-                    memset(cx, 0, sizeof(float) * d.CV);
-                    for (int j = 0; j < K; j++)
-                        axpy(cx, A[j * K + i], qkv + ((size_t)j * B + b) * C3 + off + 2 * d.CK, d.CV);
+                    for (int j = 0; j < K; j++) sum += (Ai[j] = exp_approx(Ai[j] - m));
+                    for (int j = 0; j < K; j++) Ai[j] /= sum;
                 }
+                float *cx = s_ctx + ((size_t)ts * B + b) * CX + hd * d.CV; /* module i: + i * Ts * B * CX */
+                const size_t cs = (size_t)Ts * B * CX;
+                for (int i = 0; i < K; i++) memset(cx + i * cs, 0, sizeof(float) * d.CV);
+                square_matmul_acc(cx, cs, A, base + 2 * d.CK, ms, K, d.CV);
             }
         /* Bounded residual for the active modules: h = h~ + tanh(ctx @ W_out[k]); others keep h, c. */
+        float *upd = s_upd + (size_t)ts * K * B * H;
+        memset(upd, 0, sizeof(float) * (size_t)K * B * H);
+        modules_matmul_acc((Rows){upd, (size_t)B * H, H}, (Rows){s_ctx + (size_t)ts * B * CX, (size_t)Ts * B * CX, CX},
+                           Wo, K, B, CX, H, act);
         for (int k = 0; k < K; k++)
             for (int b = 0; b < B; b++) {
                 const size_t kb = (size_t)k * B + b;
-                float *hn = hnew + kb * H;
+                float *hn = hnew + kb * H, *u = upd + kb * H;
                 if (!act[kb]) {
                     memcpy(hn, h + kb * H, sizeof(float) * H);
                     continue;
                 }
-                float *u = s_upd + (((size_t)ts * K + k) * B + b) * H;
-                const float *cx = s_ctx + (((size_t)k * Ts + ts) * B + b) * CX;
-                memset(u, 0, sizeof(float) * H);
-                for (int i = 0; i < CX; i++) axpy(u, cx[i], Wo + ((size_t)k * CX + i) * H, H);
                 const float *ht = htil + (size_t)k * htil_stride_k + (size_t)b * H;
                 for (int j = 0; j < H; j++) {
-                    u[j] = tanhf(u[j]);
+                    u[j] = tanh_approx(u[j]);
                     hn[j] = ht[j] + u[j];
                 }
             }
@@ -216,11 +304,11 @@ int rims_lstm_backward(const int *dims, const float *WrT, const float *WcT, cons
     const float scale = 1.0f / sqrtf((float)d.CK);
     float *dctx = malloc(sizeof(float) * (size_t)K * B * CX);
     float *x = malloc(sizeof(float) * (size_t)K * B * H);
-    float *dA = malloc(sizeof(float) * (size_t)K * K);
+    float *dA = malloc(sizeof(float) * (size_t)K * K), *dAT = malloc(sizeof(float) * (size_t)K * K);
     float *gh_prev = malloc(sizeof(float) * (size_t)K * B * H);
     float *gc_prev = malloc(sizeof(float) * (size_t)K * B * H);
-    if (!dctx || !x || !dA || !gh_prev || !gc_prev) {
-        free(dctx), free(x), free(dA), free(gh_prev), free(gc_prev);
+    if (!dctx || !x || !dA || !dAT || !gh_prev || !gc_prev) {
+        free(dctx), free(x), free(dA), free(dAT), free(gh_prev), free(gc_prev);
         return 1;
     }
     for (int t = T - 1; t >= 0; t--) {
@@ -231,7 +319,7 @@ int rims_lstm_backward(const int *dims, const float *WrT, const float *WcT, cons
             for (int b = 0; b < B; b++)
                 axpy(gh + ((size_t)k * B + b) * H, 1.0f, d_out + ((size_t)t * B + b) * K * H + (size_t)k * H, H);
 
-        /* Residual tanh, then ctx = d_comm @ W_out^T (active modules only use their update). */
+        /* Residual tanh, then d_ctx = d_comm @ W_out^T (active modules only use their update). */
         memset(dctx, 0, sizeof(float) * (size_t)K * B * CX);
         for (int k = 0; k < K; k++)
             for (int b = 0; b < B; b++) {
@@ -243,38 +331,35 @@ int rims_lstm_backward(const int *dims, const float *WrT, const float *WcT, cons
                 }
                 const float *u = s_upd + (((size_t)t * K + k) * B + b) * H, *g = gh + kb * H;
                 for (int j = 0; j < H; j++) dc[j] = g[j] * (1.0f - u[j] * u[j]);
-                for (int j = 0; j < H; j++) axpy(dctx + kb * CX, dc[j], WoT + ((size_t)k * H + j) * CX, CX);
             }
-        /* Attention across modules. */
+        modules_matmul_acc((Rows){dctx, (size_t)B * CX, CX}, (Rows){dcomm + (size_t)t * B * H, (size_t)T * B * H, H},
+                           WoT, K, B, H, CX, act);
+        /* Attention across modules, per env and head: A[i][j] = softmax_j(scale * q_i . k_j). */
         for (int b = 0; b < B; b++)
             for (int hd = 0; hd < d.NC; hd++) {
                 const float *A = s_attn + ((((size_t)t * B + b) * d.NC + hd) * K) * K;
                 const int off = hd * (2 * d.CK + d.CV);
-                for (int j = 0; j < K; j++) {
-                    const float *v = qkv + ((size_t)j * B + b) * C3 + off + 2 * d.CK;
-                    for (int i = 0; i < K; i++) dA[j * K + i] = dot(dctx + ((size_t)i * B + b) * CX + hd * d.CV, v, d.CV);
+                const float *base = qkv + (size_t)b * C3 + off, *dcx = dctx + (size_t)b * CX + hd * d.CV;
+                const size_t ms = (size_t)B * C3, cs = (size_t)B * CX; /* module strides */
+                for (int i = 0; i < K; i++) { /* dS = A * (dA - sum_j A dA), times the score scale */
+                    float *dSi = dA + i * K, s = 0.0f;
+                    for (int j = 0; j < K; j++) dSi[j] = dot(dcx + i * cs, base + j * ms + 2 * d.CK, d.CV);
+                    for (int j = 0; j < K; j++) s += A[i * K + j] * dSi[j];
+                    for (int j = 0; j < K; j++) dSi[j] = A[i * K + j] * (dSi[j] - s) * scale;
                 }
-                for (int i = 0; i < K; i++) { /* softmax over the key modules j: dS = A * (dA - sum_j A dA) */
-                    float s = 0.0f;
-                    for (int j = 0; j < K; j++) s += A[j * K + i] * dA[j * K + i];
-                    for (int j = 0; j < K; j++) dA[j * K + i] = A[j * K + i] * (dA[j * K + i] - s) * scale;
-                }
-                for (int m = 0; m < K; m++) {
-                    float *dm = dqkv + (((size_t)m * T + t) * B + b) * C3 + off;
-                    memset(dm, 0, sizeof(float) * (2 * d.CK + d.CV));
-                    for (int n = 0; n < K; n++) {
-                        const float *qn = qkv + ((size_t)n * B + b) * C3 + off;
-                        axpy(dm, dA[n * K + m], qn + d.CK, d.CK);            /* d q_m: keys of all modules */
-                        axpy(dm + d.CK, dA[m * K + n], qn, d.CK);            /* d k_m: queries of all modules */
-                        axpy(dm + 2 * d.CK, A[m * K + n], dctx + ((size_t)n * B + b) * CX + hd * d.CV, d.CV);
-                    }
-                }
+                float *dm = dqkv + ((size_t)t * B + b) * C3 + off; /* module m: + m * T * B * C3 */
+                const size_t ds = (size_t)T * B * C3;
+                for (int m = 0; m < K; m++) memset(dm + m * ds, 0, sizeof(float) * (2 * d.CK + d.CV));
+                square_matmul_acc(dm, ds, dA, base + d.CK, ms, K, d.CK); /* d q_i = sum_j dS[i][j] k_j */
+                transpose_square(dAT, dA, K);
+                square_matmul_acc(dm + d.CK, ds, dAT, base, ms, K, d.CK); /* d k_j = sum_i dS[i][j] q_i */
+                transpose_square(dAT, A, K);
+                square_matmul_acc(dm + 2 * d.CK, ds, dAT, dcx, cs, K, d.CV); /* d v_j = sum_i A[i][j] d ctx_i */
             }
         /* x = dh + dqkv @ W_qkv^T: the gradient w.r.t. h~ (= h_cell if active, h_prev if not). */
         memcpy(x, gh, sizeof(float) * (size_t)K * B * H);
-        for (int k = 0; k < K; k++)
-            modules_matmul_acc(x + (size_t)k * B * H, H, dqkv + (size_t)k * T * B * C3 + (size_t)t * B * C3, C3,
-                               WcT + (size_t)k * C3 * H, 1, B, C3, H, NULL);
+        modules_matmul_acc((Rows){x, (size_t)B * H, H}, (Rows){dqkv + (size_t)t * B * C3, (size_t)T * B * C3, C3}, WcT,
+                           K, B, C3, H, NULL);
         /* Cells, input attention, and the recurrent product back to h_prev. */
         for (int k = 0; k < K; k++)
             for (int b = 0; b < B; b++) {
@@ -313,9 +398,10 @@ int rims_lstm_backward(const int *dims, const float *WrT, const float *WcT, cons
                     dk[m] += ds * q[m];
                 }
                 memset(ghp, 0, sizeof(float) * H);
-                for (int r = 0; r < R; r++)
-                    if (z[r] != 0.0f) axpy(ghp, z[r], WrT + ((size_t)k * R + r) * H, H);
             }
+        /* Active modules' h_prev gets its gradient through the recurrent product only. */
+        modules_matmul_acc((Rows){gh_prev, (size_t)B * H, H}, (Rows){dz + (size_t)t * B * R, (size_t)T * B * R, R}, WrT,
+                           K, B, R, H, act);
         for (int b = 0; b < B; b++)
             if (starts[t * B + b]) /* the state entering step t was reset: no gradient before it */
                 for (int k = 0; k < K; k++) {
@@ -325,6 +411,6 @@ int rims_lstm_backward(const int *dims, const float *WrT, const float *WcT, cons
         memcpy(gh, gh_prev, sizeof(float) * (size_t)K * B * H);
         memcpy(gc, gc_prev, sizeof(float) * (size_t)K * B * H);
     }
-    free(dctx), free(x), free(dA), free(gh_prev), free(gc_prev);
+    free(dctx), free(x), free(dA), free(dAT), free(gh_prev), free(gc_prev);
     return 0;
 }

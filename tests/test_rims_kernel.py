@@ -1,0 +1,357 @@
+"""Tests of the RIMs C kernel (policies/cores/rims_kernel.c, built and loaded by policies/cores/native.py).
+
+The Python engine of RIMs (``native=False``) is the reference: where the kernel applies it must give the
+same outputs, states, diagnostics and gradients, and where it does not (or cannot be built) RIMs must
+quietly fall back to the Python engine.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+from policies.cores import native
+from policies.cores.native import rims_kernel
+from policies.cores.rims import RIMs
+
+IN = 11
+
+
+@pytest.fixture(autouse=True)
+def _fresh_kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test starts with the kernel enabled and not yet loaded, and leaves nothing cached for the next."""
+    torch.manual_seed(0)
+    monkeypatch.delenv(native.DISABLE_ENV, raising=False)
+    rims_kernel.cache_clear()
+    yield
+    rims_kernel.cache_clear()
+
+
+def small(**kwargs: Any) -> RIMs:
+    """A small RIMs (LSTM cells, one input head: the kernel applies), in training mode."""
+    args: dict[str, Any] = dict(
+        num_modules=5,
+        module_size=8,
+        k_active=3,
+        input_key_size=6,
+        num_comm_heads=2,
+        comm_key_size=4,
+        comm_value_size=5,
+    )
+    args.update(kwargs)
+    return RIMs(IN, **args).train()
+
+
+def python_engine(core: RIMs) -> RIMs:
+    """An identical copy of ``core`` that runs the Python engine (the reference)."""
+    ref = copy.deepcopy(core)
+    ref.native = False
+    return ref
+
+
+def episode(T: int, B: int, seed: int = 0) -> tuple[Tensor, Tensor, torch.Generator]:
+    """Inputs, episode starts and a generator for more: starts for env 0 at t=0 (if B > 1), the last env
+    halfway through (if T > 1), and a few more at random after t=0."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, B, IN, generator=g)
+    starts = torch.zeros(T, B, dtype=torch.bool)
+    starts[1:] = torch.rand(T - 1, B, generator=g) < 0.05
+    if B > 1:
+        starts[0, 0] = True
+    if T > 1:
+        starts[T // 2, B - 1] = True
+    return x, starts, g
+
+
+def grad_fn_name(t: Tensor) -> str:
+    """Name of the autograd node that made ``t`` (the kernel's is ``_KernelRIMsBackward``)."""
+    return type(t.grad_fn).__name__
+
+
+def run_with_grads(
+    core: RIMs, x: Tensor, state0: Tensor, starts: Tensor, w_out: Tensor, w_state: Tensor
+) -> tuple[Tensor, Tensor, dict[str, Tensor], list[Tensor], str]:
+    """Output, final state, info, the gradients w.r.t. [x, state0, *parameters] of a loss weighting
+    every output and the final state, and the name of the output's grad_fn."""
+    x = x.clone().requires_grad_(True)
+    state0 = state0.clone().requires_grad_(True)
+    out, state, info = core(x, state0, starts, return_info=True)
+    loss = (out * w_out).sum() + (state * w_state).sum()
+    grads = torch.autograd.grad(loss, [x, state0, *core.parameters()])
+    return out.detach(), state.detach(), info, list(grads), grad_fn_name(out)
+
+
+@pytest.mark.parametrize(
+    "T,B,kwargs",
+    [
+        (12, 4, dict(num_modules=6, module_size=32, k_active=4, input_key_size=64, num_comm_heads=4)),
+        (
+            10,
+            3,
+            dict(num_modules=5, module_size=7, k_active=5, input_key_size=4, input_value_size=9, comm_value_size=3),
+        ),
+        (8, 3, dict(num_modules=3, module_size=85, k_active=1, input_key_size=5, num_comm_heads=1, comm_key_size=16)),
+        (1, 16, dict(num_modules=4, module_size=16, k_active=2, num_comm_heads=3, comm_key_size=5, comm_value_size=7)),
+        (40, 2, dict(num_modules=4, module_size=8, k_active=2, input_key_size=3, comm_key_size=2, comm_value_size=2)),
+        (15, 1, dict(num_modules=6, module_size=10, k_active=3, num_comm_heads=1, comm_key_size=9, comm_value_size=1)),
+    ],
+    ids=["K6-H32-k4", "K5-H7-all-active", "K3-H85-k1", "T1-B16", "T40-B2", "B1"],
+)
+def test_kernel_matches_python_engine(T: int, B: int, kwargs: dict[str, Any]) -> None:
+    """Training with the kernel is training the same model: outputs, final state, active sets, attention
+    and every gradient (inputs, initial state, parameters) equal the Python engine's, resets included."""
+    core = small(**kwargs)
+    ref = python_engine(core)
+    x, starts, g = episode(T, B)
+    state0 = torch.randn(B, core.state_size, generator=g) * 0.5
+    w_out = torch.randn(T, B, core.output_size, generator=g)
+    w_state = torch.randn(B, core.state_size, generator=g)
+
+    assert core.kernel_for(x) is not None and ref.kernel_for(x) is None
+    out_k, state_k, info_k, grads_k, name_k = run_with_grads(core, x, state0, starts, w_out, w_state)
+    out_r, state_r, info_r, grads_r, name_r = run_with_grads(ref, x, state0, starts, w_out, w_state)
+    assert "Kernel" in name_k and "Kernel" not in name_r  # the kernel really ran, the reference did not
+
+    assert (out_k - out_r).abs().max() <= 1e-5
+    assert (state_k - state_r).abs().max() <= 1e-5
+    assert torch.equal(info_k["active"], info_r["active"])
+    assert info_k["input_attention"].shape == info_r["input_attention"].shape == (T, B, core.num_modules, 2)
+    assert (info_k["input_attention"] - info_r["input_attention"]).abs().max() <= 1e-5
+    if core.k_active < core.num_modules:  # the inactive-module paths were exercised
+        assert not info_k["active"].all()
+
+    names = ["x", "state0"] + [n for n, _ in core.named_parameters()]
+    for name, gk, gr in zip(names, grads_k, grads_r, strict=True):
+        scale = float(gr.abs().max())
+        assert scale > 0, name  # every path carries a gradient in this setting
+        assert (gk - gr).abs().max() <= 1e-5 * max(1.0, scale), name
+    # An env reset at t=0 gets no gradient into its initial state.
+    assert torch.equal(grads_k[1][starts[0]], torch.zeros_like(grads_k[1][starts[0]]))
+
+
+def _double(core: RIMs, x: Tensor) -> tuple[RIMs, Tensor]:
+    return core.double(), x.double()
+
+
+def _eval(core: RIMs, x: Tensor) -> tuple[RIMs, Tensor]:
+    return core.eval(), x
+
+
+@pytest.mark.parametrize(
+    "kwargs,prepare,uses_kernel",
+    [
+        (dict(), None, True),
+        (dict(cell="gru"), None, False),
+        (dict(num_input_heads=2), None, False),
+        (dict(), _double, False),
+        (dict(dropout=0.3), None, False),
+        (dict(dropout=0.3), _eval, True),
+        (dict(fused_backward=False), None, False),
+        (dict(native=False), None, False),
+    ],
+    ids=["lstm", "gru", "two-input-heads", "float64", "dropout-train", "dropout-eval", "autograd", "native-off"],
+)
+def test_kernel_used_exactly_where_it_applies(
+    kwargs: dict[str, Any], prepare: Callable[[RIMs, Tensor], tuple[RIMs, Tensor]] | None, uses_kernel: bool
+) -> None:
+    """The kernel runs for LSTM, one input head, float32 on the CPU, the fused backward and no dropout while
+    training; everywhere else RIMs still runs (forward and backward) through the Python engine."""
+    core = small(**kwargs)
+    x, starts, g = episode(T=6, B=3)
+    if prepare is not None:
+        core, x = prepare(core, x)
+    assert (core.kernel_for(x) is not None) == uses_kernel
+    x.requires_grad_(True)
+    state0 = torch.randn(3, core.state_size, generator=g).to(x.dtype)
+    out, state, info = core(x, state0, starts, return_info=True)
+    assert ("Kernel" in grad_fn_name(out)) == uses_kernel
+    assert out.shape == (6, 3, core.output_size) and out.dtype == x.dtype
+    assert state.shape == (3, core.state_size) and torch.isfinite(out).all() and torch.isfinite(state).all()
+    assert (info["active"].sum(-1) == core.k_active).all()
+    (out.pow(2).sum() + state.sum()).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    if not core.training:  # dropout is off in eval mode: the kernel computes the Python engine's function
+        out_r, state_r = python_engine(core)(x.detach(), state0, starts)
+        assert (out.detach() - out_r).abs().max() <= 1e-5 and (state.detach() - state_r).abs().max() <= 1e-5
+
+
+def test_env_var_turns_the_kernel_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MODULAR_MEMORY_NATIVE=0 turns the kernel off, and RIMs still trains through the Python engine."""
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
+    rims_kernel.cache_clear()
+    try:
+        assert rims_kernel() is None
+        core = small()
+        x, starts, g = episode(T=6, B=3)
+        assert core.kernel_for(x) is None
+        out, state = core(x, torch.randn(3, core.state_size, generator=g), starts)
+        assert "Kernel" not in grad_fn_name(out)
+        (out.pow(2).sum() + state.sum()).backward()
+        for name, p in core.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    finally:
+        rims_kernel.cache_clear()
+
+
+def test_failing_compiler_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A compiler that fails warns once (a RuntimeWarning naming the kernel, with the compiler's message),
+    leaves no half-written library behind, and RIMs runs its Python engine."""
+    broken = tmp_path / "broken-cc"
+    broken.write_text("#!/bin/sh\necho 'fake compiler: out of order' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no cached build to fall back on
+    rims_kernel.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="RIMs C kernel") as record:
+            assert rims_kernel() is None
+        assert "out of order" in str(record[0].message)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once: the result is remembered
+            assert rims_kernel() is None
+        assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+        core = small()
+        x, starts, _ = episode(T=4, B=2)
+        assert core.kernel_for(x) is None
+        out, state = core(x.requires_grad_(True), core.initial_state(2), starts)
+        (out.sum() + state.sum()).backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+    finally:
+        rims_kernel.cache_clear()
+
+
+def test_no_compiler_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without any C compiler the kernel is None (with a RuntimeWarning) and RIMs still runs."""
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither cc nor gcc to be found
+    rims_kernel.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="C compiler"):
+            assert rims_kernel() is None
+        core = small()
+        x, starts, _ = episode(T=3, B=2)
+        out, _ = core(x, core.initial_state(2), starts)
+        assert torch.isfinite(out).all()
+    finally:
+        rims_kernel.cache_clear()
+
+
+def test_ties_after_reset_go_to_the_lowest_modules() -> None:
+    """Right after a reset every module scores exactly 0: both engines activate modules 0..k_active-1."""
+    core = small(num_modules=4, k_active=2)
+    ref = python_engine(core)
+    x, _, g = episode(T=6, B=5)
+    x = x * 3.0
+    state0 = torch.randn(5, core.state_size, generator=g)  # would decide the choice if it were not reset
+    starts = torch.zeros(6, 5, dtype=torch.bool)
+    starts[0] = True
+    starts[3, 1] = True
+    starts[4, ::2] = True
+    assert core.kernel_for(x) is not None
+    expected = torch.tensor([True, True, False, False]).expand(int(starts.sum()), 4)
+    for c in (core, ref):
+        _, _, info = c(x, state0.clone(), starts, return_info=True)
+        assert torch.equal(info["active"][starts], expected)
+        assert torch.equal(info["input_attention"][starts], torch.full((int(starts.sum()), 4, 2), 0.5))
+        assert not torch.equal(info["active"][~starts], expected[:1].expand(int((~starts).sum()), 4))
+
+
+def test_second_load_reuses_the_cached_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The kernel is built once into $XDG_CACHE_HOME/modular-memory-rl/ and later loads reuse that file."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    rims_kernel.cache_clear()
+    try:
+        assert rims_kernel() is not None
+        folder = tmp_path / "modular-memory-rl"
+        built = sorted(folder.glob("*.so"))
+        assert len(built) == 1 and sorted(folder.iterdir()) == built  # and no leftover temporary file
+        mtime = built[0].stat().st_mtime_ns
+
+        def no_build(*args: Any) -> None:
+            raise AssertionError("the kernel was rebuilt although a cached build exists")
+
+        monkeypatch.setattr(native, "_build", no_build)
+        rims_kernel.cache_clear()
+        lib = rims_kernel()
+        assert lib is not None and Path(lib._name) == built[0]
+        assert built[0].stat().st_mtime_ns == mtime and sorted(folder.glob("*.so")) == built
+        core = small()
+        x, starts, _ = episode(T=3, B=2)
+        out, _ = core(x, core.initial_state(2), starts)  # the reloaded library runs
+        assert "Kernel" in grad_fn_name(out)
+    finally:
+        rims_kernel.cache_clear()
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_no_grad_forward_matches_training_forward(mode: Callable[[], Any]) -> None:
+    """Rollouts (no autograd) and training replays see the same outputs, states and active sets."""
+    core = small()
+    x, starts, g = episode(T=9, B=3)
+    state0 = torch.randn(3, core.state_size, generator=g)
+    out, state, info = core(x, state0.clone(), starts, return_info=True)
+    assert "Kernel" in grad_fn_name(out)
+    with mode():
+        out_ng, state_ng, info_ng = core(x, state0.clone(), starts, return_info=True)
+    assert torch.equal(out.detach(), out_ng) and torch.equal(state.detach(), state_ng)
+    assert torch.equal(info["active"], info_ng["active"])
+    assert torch.equal(info["input_attention"], info_ng["input_attention"])
+
+
+def test_single_steps_equal_the_sequence() -> None:
+    """Stepping one step at a time (rollouts) gives the sequence's outputs and final state (replays)."""
+    core = small()
+    x, starts, g = episode(T=8, B=3)
+    state0 = torch.randn(3, core.state_size, generator=g)
+    out, state = core(x, state0.clone(), starts)
+    s, outs = state0.clone(), []
+    with torch.no_grad():
+        for t in range(8):
+            o, s = core(x[t : t + 1], s, starts[t : t + 1])
+            outs.append(o[0])
+    assert (torch.stack(outs) - out).abs().max() <= 1e-5 and (s - state).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_kernel_leaves_its_inputs_untouched(B: int) -> None:
+    """A rollout stores the state entering a step after calling the core: the call must not change it
+    (nor x, nor a gradient passed in)."""
+    core = small()
+    x, starts, g = episode(T=4, B=B)
+    state0 = torch.randn(B, core.state_size, generator=g).requires_grad_(True)
+    x_before, state_before = x.clone(), state0.detach().clone()
+    out, state = core(x, state0, starts)
+    assert "Kernel" in grad_fn_name(out)
+    assert torch.equal(state0.detach(), state_before) and torch.equal(x, x_before)
+    grad_state = torch.randn(B, core.state_size, generator=g)
+    grad_before = grad_state.clone()
+    torch.autograd.grad([out, state], [state0], [torch.ones_like(out), grad_state])
+    assert torch.equal(grad_state, grad_before)
+    with torch.no_grad():
+        state_ng = state0.detach().clone()
+        core(x, state_ng, starts)
+    assert torch.equal(state_ng, state_before)
+
+
+def test_saturated_attention_selects_the_same_modules() -> None:
+    """With large inputs the null attention saturates; both engines must still pick the same modules."""
+    core = RIMs(1, num_modules=4, module_size=2, k_active=2, input_key_size=1, num_comm_heads=1, comm_key_size=1)
+    with torch.no_grad():
+        # h = 1 everywhere and key = x = 1: module k's score is 2 * query[k] = [5, -40, -30, -20].
+        core.layers[0].query.copy_(torch.tensor([5.0, -40.0, -30.0, -20.0]).view(4, 1, 1).expand(4, 2, 1) / 2)
+        core.layers[0].slot_key_value[0].copy_(torch.tensor([[1.0, 0.0, 0.0]]))
+    state = torch.zeros(1, core.state_size)
+    state[0, :8] = 1.0
+    x, starts = torch.ones(1, 1, 1), torch.zeros(1, 1, dtype=torch.bool)
+    assert core.kernel_for(x) is not None
+    with torch.no_grad():
+        _, _, info_k = core(x, state.clone(), starts, return_info=True)
+        _, _, info_r = python_engine(core)(x, state.clone(), starts, return_info=True)
+    assert torch.equal(info_k["active"], info_r["active"])
