@@ -37,16 +37,20 @@ static inline void axpy(float *restrict y, float a, const float *restrict x, int
     for (int j = 0; j < n; j++) y[j] += a * x[j];
 }
 
-/* Sixteen partial sums, added as a tree: vectorises without reassociating the whole program. */
+/* Eight floats in one register (GCC/Clang vector extension; SSE/AVX on x86, NEON on ARM). */
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4), may_alias));
+
+static inline v8f load8(const float *p) { return *(const v8f_unaligned *)p; }
+static inline void store8(float *p, v8f v) { *(v8f_unaligned *)p = v; }
+
 static inline float dot(const float *restrict a, const float *restrict b, int n) {
-    float acc[16] = {0.0f}, s = 0.0f;
+    v8f acc = {0.0f};
+    float s = 0.0f;
     int j = 0;
-    for (; j + 16 <= n; j += 16)
-        for (int u = 0; u < 16; u++) acc[u] += a[j + u] * b[j + u];
+    for (; j + 8 <= n; j += 8) acc += load8(a + j) * load8(b + j);
     for (; j < n; j++) s += a[j] * b[j];
-    for (int w = 8; w > 0; w >>= 1)
-        for (int u = 0; u < w; u++) acc[u] += acc[u + w];
-    return s + acc[0];
+    return s + (((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])));
 }
 
 /* exp for the cell nonlinearities, written so loops over it vectorise (libm's expf does not):
@@ -91,29 +95,43 @@ static void lstm_cell(float *restrict gate, const float *restrict rec, const flo
     }
 }
 
-#define COLS 32 /* output columns kept in registers by the product below */
-
-/* One or two rows at once: y_r (N) += x_r (M) @ W (M, N), W's rows ws apart. Each block of COLS
- * outputs stays in registers over the whole reduction, and the two rows share every load of W. */
+/* One or two rows at once: y_r (N) += x_r (M) @ W (M, N), W's rows ws apart. Blocks of 32
+ * outputs (4 registers per row) stay in registers over the whole reduction, and the two rows share
+ * every load of W: 8 independent accumulators keep the multiply-add units busy. */
 static void rows_matmul_acc(float *restrict y0, float *restrict y1, const float *restrict x0,
                             const float *restrict x1, const float *restrict W, size_t ws, int M, int N) {
     int j0 = 0;
-    for (; j0 + COLS <= N; j0 += COLS) {
-        float a0[COLS], a1[COLS];
-        for (int u = 0; u < COLS; u++) a0[u] = y0[j0 + u], a1[u] = y1 ? y1[j0 + u] : 0.0f;
+    for (; j0 + 32 <= N; j0 += 32) {
+        v8f a0[4], a1[4];
+        for (int u = 0; u < 4; u++) a0[u] = load8(y0 + j0 + 8 * u);
         if (y1) {
+            for (int u = 0; u < 4; u++) a1[u] = load8(y1 + j0 + 8 * u);
             for (int m = 0; m < M; m++) {
                 const float *w = W + m * ws + j0, s0 = x0[m], s1 = x1[m];
-                for (int u = 0; u < COLS; u++) a0[u] += s0 * w[u], a1[u] += s1 * w[u];
+                for (int u = 0; u < 4; u++) {
+                    const v8f wu = load8(w + 8 * u);
+                    a0[u] += s0 * wu;
+                    a1[u] += s1 * wu;
+                }
             }
-            for (int u = 0; u < COLS; u++) y1[j0 + u] = a1[u];
+            for (int u = 0; u < 4; u++) store8(y1 + j0 + 8 * u, a1[u]);
         } else {
             for (int m = 0; m < M; m++) {
                 const float *w = W + m * ws + j0, s0 = x0[m];
-                for (int u = 0; u < COLS; u++) a0[u] += s0 * w[u];
+                for (int u = 0; u < 4; u++) a0[u] += s0 * load8(w + 8 * u);
             }
         }
-        for (int u = 0; u < COLS; u++) y0[j0 + u] = a0[u];
+        for (int u = 0; u < 4; u++) store8(y0 + j0 + 8 * u, a0[u]);
+    }
+    for (; j0 + 8 <= N; j0 += 8) {
+        v8f a0 = load8(y0 + j0), a1 = y1 ? load8(y1 + j0) : a0;
+        for (int m = 0; m < M; m++) {
+            const v8f wu = load8(W + m * ws + j0);
+            a0 += x0[m] * wu;
+            if (y1) a1 += x1[m] * wu;
+        }
+        store8(y0 + j0, a0);
+        if (y1) store8(y1 + j0, a1);
     }
     if (j0 < N)
         for (int m = 0; m < M; m++) {
