@@ -41,6 +41,11 @@ CORE_SPECS: list[tuple[str, Callable[[], RecurrentCore], float | None]] = [
         1.5,
     ),
     (
+        "RIMs, Python engine",  # native=False: the reference the C kernel is tested against
+        lambda: RIMs(INPUT_SIZE, num_modules=6, module_size=85, k_active=4, cell="lstm", native=False),
+        None,
+    ),
+    (
         "BRIMs(2 x 6x85, k=4)",
         lambda: BRIMs(
             INPUT_SIZE,
