@@ -37,6 +37,8 @@ def main() -> None:
         print(f"\n{config['name']} on {config['env']['id']} ({args.device}): frames, mean return of last 100 episodes")
         for frames, ret in curve[::step] + curve[-1:]:
             print(f"{frames:>10} {ret:>8.2f}")
+        if not curve:
+            print(f"  no episode finished within {args.frames} frames (a Pong game lasts thousands)")
 
 
 if __name__ == "__main__":

@@ -1051,7 +1051,7 @@ class RIMs(RIMsStackCore):
         self.check_inputs(x, state, episode_starts)
         layer: RIMsLayer = self.layers[0]  # type: ignore[assignment]
         T, B = x.shape[:2]
-        starts = episode_starts.to(device=x.device, dtype=torch.uint8).contiguous()
+        starts = episode_starts.to(device=x.device, dtype=torch.bool).to(torch.uint8).contiguous()
         w = layer.prepare()
         keys0, drives0 = layer.slot_forward(w, 0, x)  # (T, B, 1, key), (T, K, B, gates): all steps at once
         # The kernel's layouts: (T, B, key) and (T, B, K, gates) (slot_forward's drives are that, transposed).
