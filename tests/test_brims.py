@@ -185,7 +185,7 @@ def test_bottom_up_path_is_live() -> None:
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_one_layer_brims_equals_rims(cell: str) -> None:
     spec = {"num_modules": 5, "module_size": 6, "k_active": 3}
-    # Bit-for-bit needs the same engine: RIMs' C kernel rounds differently (tested in test_rims.py).
+    # Bit-for-bit needs the same engine: RIMs' C kernel rounds differently (tested in test_rims_kernel.py).
     rims = RIMs(IN, cell=cell, **spec, **ATTN, native=False)
     brims = BRIMs(IN, layers=[spec], cell=cell, **ATTN)
     assert brims.state_size == rims.state_size and brims.output_size == rims.output_size

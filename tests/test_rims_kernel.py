@@ -8,6 +8,7 @@ quietly fall back to the Python engine.
 from __future__ import annotations
 
 import copy
+import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -355,3 +356,91 @@ def test_saturated_attention_selects_the_same_modules() -> None:
         _, _, info_k = core(x, state.clone(), starts, return_info=True)
         _, _, info_r = python_engine(core)(x, state.clone(), starts, return_info=True)
     assert torch.equal(info_k["active"], info_r["active"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_a_state_of_another_dtype_runs_the_python_engine(dtype: torch.dtype) -> None:
+    """The kernel reads float32 only: a state of another dtype must not reach it (it would read past the
+    buffer); the Python engine handles the mix (or refuses it) as torch would."""
+    core = small().eval()
+    x, starts, g = episode(T=5, B=3)
+    state = (torch.randn(3, core.state_size, generator=g) * 0.5).to(dtype)
+    assert core.kernel_for(x) is not None and core.kernel_for(x, state) is None
+    reference = python_engine(core)
+    with torch.no_grad():
+        try:
+            expected = reference(x, state, starts)
+        except RuntimeError:  # the Python engine refuses the mixed dtypes: the kernel path must too
+            with pytest.raises(RuntimeError):
+                core(x, state, starts)
+            return
+        out, new_state = core(x, state, starts)
+    assert torch.equal(out, expected[0]) and torch.equal(new_state, expected[1])
+
+
+def test_cpu_autocast_runs_the_python_engine() -> None:
+    """Under CPU autocast the keys and drives arrive in bfloat16, which the kernel cannot read."""
+    core = small().eval()
+    x, starts, _ = episode(T=5, B=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert core.kernel_for(x) is None
+        out, _ = core(x, core.initial_state(3), starts)
+    assert torch.isfinite(out).all()
+
+
+def test_gradients_do_not_depend_on_the_default_dtype() -> None:
+    """The backward allocates float32 explicitly: a float64 default dtype must not change the gradients."""
+    core = small()
+    x, starts, _ = episode(T=6, B=2)
+
+    def grad_x() -> Tensor:
+        xx = x.clone().requires_grad_(True)
+        out, state = core(xx, torch.zeros(2, core.state_size, dtype=torch.float32), starts)
+        assert "Kernel" in grad_fn_name(out)
+        (out.square().sum() + state.sum()).backward()
+        assert xx.grad is not None
+        return xx.grad
+
+    expected = grad_x()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert torch.equal(grad_x(), expected)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_pointer_refuses_what_the_kernel_cannot_read() -> None:
+    """Every address handed to C is checked (not an assert, which ``python -O`` would strip)."""
+    with pytest.raises(ValueError, match="float32"):
+        native.pointer(torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="contiguous"):
+        native.pointer(torch.zeros(3, 4).t())
+    assert native.pointer(torch.zeros(3, dtype=torch.uint8), torch.uint8) > 0
+
+
+def test_buffer_pool_keeps_only_recent_sizes() -> None:
+    """Training with ever-changing sequence lengths must not pile up pooled memory."""
+    from policies.cores.rims import _POOL
+
+    _POOL.clear()
+    core = small()
+    for T in range(2, 14):
+        x, starts, _ = episode(T=T, B=2)
+        out, _ = core(x.requires_grad_(True), core.initial_state(2), starts)
+        out.sum().backward()
+    assert len(_POOL.free) <= _POOL.keep_sizes
+    assert all(len(buffers) <= _POOL.keep_per_size for buffers in _POOL.free.values())
+
+
+def test_compiler_command_with_arguments(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``CC`` may be a command with arguments (``ccache gcc``, ``gcc -m64``), as build systems set it."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("CC", f"env {compiler}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    rims_kernel.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert rims_kernel() is not None

@@ -5,7 +5,7 @@ into ``$XDG_CACHE_HOME/modular-memory-rl/`` (default ``~/.cache/...``), under a 
 the source, the flags and the CPU, so an edit or another machine gets its own build. No torch
 headers are involved: a build takes about a second. Where no compiler is found or the build
 fails, :func:`rims_kernel` warns once and returns None, and RIMs runs its Python engine (same
-results, slower on small batches). Set ``MODULAR_MEMORY_NATIVE=0`` to turn the kernel off.
+results, slower on small batches). Set ``MODULAR_MEMORY_NATIVE=0`` (or false/no/off) to turn the kernel off.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -35,8 +36,13 @@ _BACKWARD_POINTERS = 23  # pointer arguments of rims_lstm_backward after dims
 
 
 def cache_dir() -> Path:
-    """Where built kernels are kept."""
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    """Where built kernels are kept: ``$XDG_CACHE_HOME`` or ``~/.cache``, else the temp folder."""
+    root = os.environ.get("XDG_CACHE_HOME")
+    if not root:
+        try:
+            root = str(Path.home() / ".cache")
+        except (RuntimeError, KeyError):  # no HOME and no passwd entry (some containers)
+            return Path(tempfile.gettempdir()) / f"modular-memory-rl-{os.getuid() if hasattr(os, 'getuid') else 0}"
     return Path(root) / "modular-memory-rl"
 
 
@@ -50,20 +56,21 @@ def _cpu_signature() -> str:
     return "\n".join(dict.fromkeys(wanted))  # first of each (every core repeats them)
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: list[str], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: processes starting together never load a half-written file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         for flags in ((*FLAGS, NATIVE_FLAG), FLAGS):
-            command = [compiler, *flags, "-o", tmp, str(SOURCE), "-lm"]
+            command = [*compiler, *flags, "-o", tmp, str(SOURCE), "-lm"]
             try:
                 subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
                 break
             except subprocess.CalledProcessError:
                 if NATIVE_FLAG not in flags:
                     raise
+        os.chmod(tmp, 0o755)  # mkstemp made it private; others sharing the cache may load it
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -73,17 +80,23 @@ def _build(compiler: str, target: Path) -> None:
 @cache
 def rims_kernel() -> ctypes.CDLL | None:
     """The loaded kernel library, or None (turned off, or it could not be built; warned once)."""
-    if os.environ.get(DISABLE_ENV, "1").strip() == "0":
+    if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        warnings.warn("no C compiler found: RIMs runs its slower Python engine", RuntimeWarning, stacklevel=2)
-        return None
-    flags = " ".join((*FLAGS, NATIVE_FLAG))
-    parts = [SOURCE.read_bytes(), flags.encode(), _cpu_signature().encode(), compiler.encode()]
-    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-    target = cache_dir() / f"rims_kernel-{platform.machine()}-{key}.so"
+    # $CC may carry arguments ("ccache gcc", "gcc -m64").
     try:
+        compiler = shlex.split(os.environ.get("CC", ""))
+    except ValueError:  # unbalanced quotes: take it as one path
+        compiler = [os.environ["CC"]]
+    compiler = compiler or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
+    if not compiler:
+        message = "no C compiler found for the RIMs C kernel: RIMs runs its slower Python engine"
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return None
+    try:
+        flags = " ".join((*FLAGS, NATIVE_FLAG))
+        parts = [SOURCE.read_bytes(), flags.encode(), _cpu_signature().encode(), " ".join(compiler).encode()]
+        key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+        target = cache_dir() / f"rims_kernel-{platform.machine()}-{key}.so"
         if not target.exists():
             _build(compiler, target)
         lib = ctypes.CDLL(str(target))
@@ -101,12 +114,20 @@ def rims_kernel() -> ctypes.CDLL | None:
     return lib
 
 
-def pointer(t: Tensor) -> int:
-    """Address of a tensor's data, for the kernel (which reads it as contiguous rows)."""
-    assert t.is_contiguous() and t.device.type == "cpu", "the kernel takes contiguous CPU tensors"
+def pointer(t: Tensor, dtype: torch.dtype = torch.float32) -> int:
+    """Address of a tensor's data, for the kernel (which reads it as contiguous ``dtype`` rows).
+
+    :raises ValueError: for a tensor the kernel cannot read that way (a check, never skipped:
+        the kernel would read or write past the buffer).
+    """
+    if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(
+            f"the RIMs kernel takes contiguous CPU {dtype} tensors, got {t.dtype} on {t.device}"
+            f"{'' if t.is_contiguous() else ', not contiguous'}"
+        )
     return t.data_ptr()
 
 
 def dims_array(*dims: int) -> Tensor:
     """The kernel's size arguments as one int32 array (kept alive by the caller during the call)."""
-    return torch.tensor(dims, dtype=torch.int32)
+    return torch.tensor(dims, dtype=torch.int32, device="cpu")

@@ -1022,8 +1022,11 @@ class RIMs(RIMsStackCore):
     def _info_suffix(self, li: int) -> str:
         return ""
 
-    def kernel_for(self, x: Tensor) -> ctypes.CDLL | None:
-        """The C kernel if it applies to this core and input (see ``native``), else None."""
+    def kernel_for(self, x: Tensor, state: Tensor | None = None) -> ctypes.CDLL | None:
+        """The C kernel if it applies to this core and input (see ``native``), else None.
+
+        :param x: the input sequence; :param state: the state entering it (checked too when given).
+        """
         layer: RIMsLayer = self.layers[0]  # type: ignore[assignment]
         applies = (
             self.native
@@ -1033,6 +1036,9 @@ class RIMs(RIMsStackCore):
             and layer.precomputed_drives
             and x.device.type == "cpu"
             and x.dtype == torch.float32
+            and (state is None or (state.device.type == "cpu" and state.dtype == torch.float32))
+            and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in layer.parameters())
+            and not torch.is_autocast_enabled("cpu")  # autocast would hand it bfloat16 keys and drives
             and not (self.training and layer.input_attention_dropout > 0.0)
         )
         return rims_kernel() if applies else None
@@ -1045,7 +1051,7 @@ class RIMs(RIMsStackCore):
         return_info: bool = False,
     ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Run the core over a sequence (protocol of :class:`RecurrentCore`; see :meth:`RIMsStackCore.forward`)."""
-        lib = self.kernel_for(x)
+        lib = self.kernel_for(x, state)
         if lib is None:
             return super().forward(x, state, episode_starts, return_info)
         self.check_inputs(x, state, episode_starts)
@@ -1096,20 +1102,31 @@ class _BufferPool:
     more than the kernel's arithmetic (measured: 2.6 ms of page faults against a 1.7 ms forward).
     """
 
-    def __init__(self, keep_per_size: int = 4) -> None:
-        self.keep_per_size = keep_per_size
-        self.free: dict[int, list[Tensor]] = {}
+    def __init__(self, keep_per_size: int = 2, keep_sizes: int = 4) -> None:
+        self.keep_per_size, self.keep_sizes = keep_per_size, keep_sizes
+        self.free: dict[int, list[Tensor]] = {}  # by size, least recently given first
 
     def take(self, numel: int) -> Tensor:
-        """A flat buffer of ``numel`` floats with undefined contents."""
-        buffers = self.free.get(numel)
-        return buffers.pop() if buffers else torch.empty(numel, dtype=torch.float32)
+        """A flat CPU float32 buffer of ``numel`` floats with undefined contents."""
+        try:
+            return self.free[numel].pop()
+        except (KeyError, IndexError):  # none kept (or another thread took the last one)
+            return torch.empty(numel, dtype=torch.float32, device="cpu")
 
     def give(self, buffer: Tensor) -> None:
-        """Return a buffer nobody uses any more."""
-        buffers = self.free.setdefault(buffer.numel(), [])
+        """Return a buffer nobody uses any more. Only the most recently used sizes are kept (a few
+        minibatch shapes in training), so a caller varying T or B does not pile up memory."""
+        numel = buffer.numel()
+        buffers = self.free.pop(numel, [])
+        self.free[numel] = buffers  # now the most recent size
         if len(buffers) < self.keep_per_size:
             buffers.append(buffer)
+        while len(self.free) > self.keep_sizes:
+            self.free.pop(next(iter(self.free)), None)
+
+    def clear(self) -> None:
+        """Drop every kept buffer."""
+        self.free.clear()
 
     def carve(self, *shapes: tuple[int, ...]) -> tuple[Tensor, list[Tensor]]:
         """One pooled buffer cut into views of the given shapes: ``(buffer, views)``."""
@@ -1162,12 +1179,12 @@ def _kernel_run(
     Ts = T if save else 1
 
     def new(*shape: int) -> Tensor:
-        return torch.empty(shape, dtype=torch.float32)
+        return torch.empty(shape, dtype=torch.float32, device="cpu")
 
     # (2, K, B, H), updated in place: a copy always (with B=1 the permuted view is already contiguous,
     # and .contiguous() would hand the kernel the caller's own state to overwrite).
     hc = state.detach().view(B, 2, K, H).permute(1, 2, 0, 3).clone(memory_format=torch.contiguous_format)
-    out, active, probs = new(T, B, K * H), torch.empty(T, K, B, dtype=torch.uint8), new(T, K, B)
+    out, active, probs = new(T, B, K * H), torch.empty(T, K, B, dtype=torch.uint8, device="cpu"), new(T, K, B)
     shapes = (
         (K, Ts, B, H), (Ts, K, B, H), (Ts, K, B, G), (Ts, K, B, H), (K, Ts, B, H), (Ts, K, B, nc * (2 * ck + cv)),
         (Ts, B, nc, K, K), (K, Ts, B, nc * cv), (Ts, K, B, H), (Ts, K, B, layer.input_key_size),
@@ -1183,8 +1200,9 @@ def _kernel_run(
     dims = _kernel_dims(layer, T, B)
     weights = [t.detach() for t in (recurrent, recurrent_bias, comm_qkv, comm_out)]
     status = lib.rims_lstm_forward(
-        pointer(dims), int(save), *map(pointer, weights), pointer(keys.detach()), pointer(drives.detach()),
-        pointer(starts), pointer(hc[0]), pointer(hc[1]), pointer(out), pointer(active), pointer(probs),
+        pointer(dims, torch.int32), int(save), *map(pointer, weights), pointer(keys.detach()),
+        pointer(drives.detach()), pointer(starts, torch.uint8), pointer(hc[0]), pointer(hc[1]), pointer(out),
+        pointer(active, torch.uint8), pointer(probs),
         *map(pointer, saved),
     )  # fmt: skip
     if status != 0:
@@ -1233,15 +1251,16 @@ class _KernelRIMs(torch.autograd.Function):
         transposed = [w.transpose(1, 2).contiguous() for w in (recurrent, comm_qkv, comm_out)]
         # (2, K, B, H), in: final, out: initial; a copy, never autograd's own gradient buffer.
         g = d_state.view(B, 2, K, H).permute(1, 2, 0, 3).clone(memory_format=torch.contiguous_format)
-        d_keys = torch.zeros(T, B, Q)
-        d_drives = torch.empty(T, B, K, G)
+        d_keys = torch.zeros(T, B, Q, dtype=torch.float32, device="cpu")
+        d_drives = torch.empty(T, B, K, G, dtype=torch.float32, device="cpu")
         buffer, (dz, dqkv, dcomm) = _POOL.carve((K, T, B, R), (K, T, B, C3), (K, T, B, H))  # given back below
         # Every tensor whose address is passed stays referenced by a local until the call returns.
         dims, d_out = _kernel_dims(layer, T, B), d_out.contiguous()
         status = ctx.lib.rims_lstm_backward(
-            pointer(dims), *map(pointer, transposed), pointer(keys), pointer(drives),
-            pointer(starts), pointer(active), pointer(probs), pointer(sv.cprev), pointer(sv.gates), pointer(sv.tc),
-            pointer(sv.qkv), pointer(sv.attn), pointer(sv.upd), pointer(sv.query), pointer(d_out),
+            pointer(dims, torch.int32), *map(pointer, transposed), pointer(keys), pointer(drives),
+            pointer(starts, torch.uint8), pointer(active, torch.uint8), pointer(probs), pointer(sv.cprev),
+            pointer(sv.gates), pointer(sv.tc), pointer(sv.qkv), pointer(sv.attn), pointer(sv.upd), pointer(sv.query),
+            pointer(d_out),
             pointer(g[0]), pointer(g[1]), pointer(d_keys), pointer(d_drives), pointer(dz), pointer(dqkv),
             pointer(dcomm),
         )  # fmt: skip

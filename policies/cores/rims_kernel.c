@@ -59,7 +59,8 @@ static inline float dot(const float *restrict a, const float *restrict b, int n)
 static inline float exp_approx(float x) {
     x = x < -87.0f ? -87.0f : x;
     x = x > 88.0f ? 88.0f : x;
-    const float n = __builtin_rintf(x * 1.44269504088896341f);
+    /* n from a NaN-free copy (converting NaN to an integer is undefined); r carries the NaN. */
+    const float n = __builtin_rintf((x == x ? x : 0.0f) * 1.44269504088896341f);
     float r = x - n * 0.693359375f;
     r = r + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -70,9 +71,9 @@ static inline float exp_approx(float x) {
     p = p * r + 5.0000001201e-1f;
     p = p * (r * r) + r + 1.0f;
     union {
-        int32_t i;
+        uint32_t i;
         float f;
-    } scale = {.i = ((int32_t)n + 127) << 23};
+    } scale = {.i = (uint32_t)((int32_t)n + 127) << 23}; /* n in [-126, 127]: a normal power of two */
     return p * scale.f;
 }
 
@@ -228,8 +229,10 @@ int rims_lstm_forward(const int *dims, int save, const float *Wr, const float *b
             memset(chosen, 0, (size_t)K);
             for (int n = 0; n < d.k_active; n++) {
                 int best = -1;
-                for (int k = 0; k < K; k++)
-                    if (!chosen[k] && (best < 0 || score[k * B + b] > score[best * B + b])) best = k;
+                for (int k = 0; k < K; k++) /* a NaN score ranks last, as in the Python engine's sort */
+                    if (!chosen[k] && (best < 0 || score[k * B + b] > score[best * B + b] ||
+                                       (score[best * B + b] != score[best * B + b] && score[k * B + b] == score[k * B + b])))
+                        best = k;
                 chosen[best] = 1;
             }
             for (int k = 0; k < K; k++) act[k * B + b] = chosen[k];
