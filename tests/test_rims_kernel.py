@@ -1,4 +1,4 @@
-"""Tests of the RIMs C kernel (policies/cores/rims_kernel.c, built and loaded by policies/cores/native.py).
+"""Tests of the RIMs/BRIMs C kernel (policies/cores/rims_kernel.c, built and loaded by policies/cores/native.py).
 
 The Python engine of RIMs (``native=False``) is the reference: where the kernel applies it must give the
 same outputs, states, diagnostics and gradients, and where it does not (or cannot be built) RIMs must
@@ -20,6 +20,7 @@ from torch import Tensor
 
 from policies.cores import native
 from policies.cores.native import rims_kernel
+from policies.cores.brims import BRIMs
 from policies.cores.rims import RIMs
 
 IN = 11
@@ -72,7 +73,7 @@ def episode(T: int, B: int, seed: int = 0) -> tuple[Tensor, Tensor, torch.Genera
 
 
 def grad_fn_name(t: Tensor) -> str:
-    """Name of the autograd node that made ``t`` (the kernel's is ``_KernelRIMsBackward``)."""
+    """Name of the autograd node that made ``t`` (the kernel's is ``_KernelStackBackward``)."""
     return type(t.grad_fn).__name__
 
 
@@ -135,6 +136,48 @@ def test_kernel_matches_python_engine(T: int, B: int, kwargs: dict[str, Any]) ->
         assert (gk - gr).abs().max() <= 1e-5 * max(1.0, scale), name
     # An env reset at t=0 gets no gradient into its initial state.
     assert torch.equal(grads_k[1][starts[0]], torch.zeros_like(grads_k[1][starts[0]]))
+
+
+@pytest.mark.parametrize(
+    "T,B,layers,output",
+    [
+        (9, 3, [(5, 8, 3), (4, 6, 2)], "top"),  # layers of different widths
+        (20, 2, [(6, 32, 4), (6, 32, 4)], "all"),  # the agents' BRIMs shape, every layer in the output
+        (1, 16, [(4, 8, 2), (3, 5, 1), (5, 7, 5)], "top"),  # a middle layer with both slots; one all active
+        (12, 1, [(6, 16, 3)], "top"),  # one layer: BRIMs is RIMs
+    ],
+    ids=["2-layers", "2-layers-all", "3-layers-T1", "1-layer-B1"],
+)
+def test_brims_kernel_matches_python_engine(T: int, B: int, layers: list[tuple[int, int, int]], output: str) -> None:
+    """BRIMs trains through the same kernel: outputs, state, every layer's active sets and attention,
+    and every gradient equal its Python engine's, resets included (bottom-up and top-down slots)."""
+    specs = [{"num_modules": k, "module_size": h, "k_active": a} for k, h, a in layers]
+    core = BRIMs(IN, layers=specs, output=output, input_key_size=12, num_comm_heads=2, comm_key_size=8,
+                 comm_value_size=6).train()  # fmt: skip
+    ref = copy.deepcopy(core)
+    ref.native = False
+    x, starts, g = episode(T, B)
+    state0 = torch.randn(B, core.state_size, generator=g) * 0.5
+    w_out = torch.randn(T, B, core.output_size, generator=g)
+    w_state = torch.randn(B, core.state_size, generator=g)
+    assert core.kernel_for(x) is not None and ref.kernel_for(x) is None
+    out_k, state_k, info_k, grads_k, name_k = run_with_grads(core, x, state0, starts, w_out, w_state)  # type: ignore[arg-type]
+    out_r, state_r, info_r, grads_r, name_r = run_with_grads(ref, x, state0, starts, w_out, w_state)  # type: ignore[arg-type]
+    assert "Kernel" in name_k and "Kernel" not in name_r
+    assert (out_k - out_r).abs().max() <= 1e-5 and (state_k - state_r).abs().max() <= 1e-5
+    assert (
+        info_k.keys()
+        == info_r.keys()
+        == {f"{key}_{li}" for key in ("active", "input_attention") for li in range(len(layers))}
+    )
+    for li, (k, _, _) in enumerate(layers):
+        slots = 1 + (1 if len(layers) == 1 or li == len(layers) - 1 else 2)
+        assert torch.equal(info_k[f"active_{li}"], info_r[f"active_{li}"])
+        assert info_k[f"input_attention_{li}"].shape == (T, B, k, slots)
+        assert (info_k[f"input_attention_{li}"] - info_r[f"input_attention_{li}"]).abs().max() <= 1e-5
+    names = ["x", "state0"] + [n for n, _ in core.named_parameters()]
+    for name, gk, gr in zip(names, grads_k, grads_r, strict=True):
+        assert (gk - gr).abs().max() <= 1e-5 * max(1.0, float(gr.abs().max())), name
 
 
 def _double(core: RIMs, x: Tensor) -> tuple[RIMs, Tensor]:

@@ -62,6 +62,8 @@ class BRIMs(RIMsStackCore):
         concatenated bottom first).
     :param fused_backward: train through the hand-written backward (default) or, with ``False``,
         plain autograd through the same forward.
+    :param native: run the time loop in the C kernel where it applies (LSTM cells, one input head,
+        float32 on the CPU; see :meth:`RIMsStackCore.kernel_for`); ``False``: the Python engine.
 
     The state concatenates the layers' states (bottom first), each laid out as in RIMs.
     ``info`` holds ``active_{l}`` ``(T, B, K_l)`` and ``input_attention_{l}``
@@ -85,6 +87,7 @@ class BRIMs(RIMsStackCore):
         dropout: float = 0.0,
         output: str = "top",
         fused_backward: bool = True,
+        native: bool = True,
     ) -> None:
         super().__init__()
         check_positive_int("input_size", input_size)
@@ -115,6 +118,6 @@ class BRIMs(RIMsStackCore):
                 )
             )
         output_layers = tuple(range(len(specs))) if self.output == "all" else (len(specs) - 1,)
-        self._build(input_size, built, output_layers, bool(fused_backward))
+        self._build(input_size, built, output_layers, bool(fused_backward), bool(native))
         self.layer_specs = specs
         self.cell = cell

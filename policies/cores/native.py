@@ -1,10 +1,10 @@
-"""The C kernel of the RIMs time loop (``rims_kernel.c``): built once per machine, loaded with ctypes.
+"""The C kernel of the RIMs/BRIMs time loop (``rims_kernel.c``): built once per machine, loaded with ctypes.
 
 The kernel is compiled on first use with the system C compiler (``$CC``, else ``cc`` or ``gcc``)
 into ``$XDG_CACHE_HOME/modular-memory-rl/`` (default ``~/.cache/...``), under a name that hashes
 the source, the flags and the CPU, so an edit or another machine gets its own build. No torch
 headers are involved: a build takes about a second. Where no compiler is found or the build
-fails, :func:`rims_kernel` warns once and returns None, and RIMs runs its Python engine (same
+fails, :func:`rims_kernel` warns once and returns None, and RIMs/BRIMs run their Python engine (same
 results, slower on small batches). Set ``MODULAR_MEMORY_NATIVE=0`` (or false/no/off) to turn the kernel off.
 """
 
@@ -31,8 +31,6 @@ FLAGS = ("-O3", "-fPIC", "-shared", "-std=c11")
 # Tuned for the CPU it runs on (AVX2/AVX-512 on x86); a compiler that refuses it builds without.
 NATIVE_FLAG = "-march=native"
 
-_FORWARD_POINTERS = 22  # pointer arguments of rims_lstm_forward after (dims, save)
-_BACKWARD_POINTERS = 23  # pointer arguments of rims_lstm_backward after dims
 
 
 def cache_dir() -> Path:
@@ -89,7 +87,7 @@ def rims_kernel() -> ctypes.CDLL | None:
         compiler = [os.environ["CC"]]
     compiler = compiler or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
     if not compiler:
-        message = "no C compiler found for the RIMs C kernel: RIMs runs its slower Python engine"
+        message = "no C compiler found for the RIMs C kernel: RIMs and BRIMs run their slower Python engine"
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         return None
     try:
@@ -103,14 +101,18 @@ def rims_kernel() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", None) or str(exc)
         warnings.warn(
-            f"could not build the RIMs C kernel ({detail.strip()[:300]}): RIMs runs its slower Python engine",
+            f"could not build the RIMs C kernel ({detail.strip()[:300]}): "
+            "RIMs and BRIMs run their slower Python engine",
             RuntimeWarning,
             stacklevel=2,
         )
         return None
-    lib.rims_lstm_forward.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * _FORWARD_POINTERS
-    lib.rims_lstm_backward.argtypes = [ctypes.c_void_p] * (1 + _BACKWARD_POINTERS)
-    lib.rims_lstm_forward.restype = lib.rims_lstm_backward.restype = ctypes.c_int
+    # (T, B, L, save, starts, x_keys, x_feed, layers) and (T, B, L, starts, x_drives, layers): the layer
+    # array goes as a pointer to KernelLayer structures (policies/cores/rims.py).
+    c_int, c_void_p = ctypes.c_int, ctypes.c_void_p
+    lib.rims_stack_forward.argtypes = [c_int, c_int, c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p]
+    lib.rims_stack_backward.argtypes = [c_int, c_int, c_int, c_void_p, c_void_p, c_void_p]
+    lib.rims_stack_forward.restype = lib.rims_stack_backward.restype = c_int
     return lib
 
 
@@ -126,8 +128,3 @@ def pointer(t: Tensor, dtype: torch.dtype = torch.float32) -> int:
             f"{'' if t.is_contiguous() else ', not contiguous'}"
         )
     return t.data_ptr()
-
-
-def dims_array(*dims: int) -> Tensor:
-    """The kernel's size arguments as one int32 array (kept alive by the caller during the call)."""
-    return torch.tensor(dims, dtype=torch.int32, device="cpu")

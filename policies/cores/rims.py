@@ -45,6 +45,11 @@ How it is made fast (an agent's bottleneck is many tiny ops per step):
   one large batched matmul over all T steps at the end instead of T small ones.
   The same forward code run under ordinary autograd (``fused_backward=False``)
   is the reference the tests compare the fused gradients against.
+* With LSTM cells and one input head on the CPU in float32, the whole time loop,
+  forward and backward, runs in a C kernel (``rims_kernel.c``, :class:`_KernelStack`):
+  one call per sequence instead of ~40 tensor ops per step and layer, whose fixed
+  cost dominates at agent batch sizes. It computes what the Python engine above
+  computes (tested against it); the weight gradients stay batched matmuls in torch.
 
 State layout of one layer, flat per env: ``lstm`` is ``(2, K, H)`` (all ``h``,
 then all ``c``), ``gru`` is ``(K, H)``; a core's state concatenates its layers.
@@ -65,7 +70,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from policies.cores.base import RecurrentCore, check_choice, check_positive_int
-from policies.cores.native import dims_array, pointer, rims_kernel
+from policies.cores.native import pointer, rims_kernel
 
 CELLS: tuple[str, ...] = ("lstm", "gru")
 
@@ -675,18 +680,25 @@ class RIMsStackCore(RecurrentCore):
     Subclasses call :meth:`_build` with the layers and which layers' ``h`` make the output
     (concatenated). ``fused_backward=True`` trains through the hand-written backward;
     ``False`` lets autograd differentiate the same forward ops (slower reference).
-    Double backward (gradients of gradients) is not supported by the fused backward.
+    ``native=True`` runs the whole time loop, forward and backward, in the C kernel
+    (``rims_kernel.c``, see :mod:`policies.cores.native`) where :meth:`kernel_for` says it
+    applies; elsewhere the Python engine below runs (the same function; the kernel is tested
+    against it). Double backward (gradients of gradients) is supported by neither.
     """
 
     layers: nn.ModuleList
     output_layers: tuple[int, ...]
     fused_backward: bool
+    native: bool
 
-    def _build(self, input_size: int, layers: list[RIMsLayer], output_layers: tuple[int, ...], fused: bool) -> None:
+    def _build(
+        self, input_size: int, layers: list[RIMsLayer], output_layers: tuple[int, ...], fused: bool, native: bool
+    ) -> None:
         self.input_size = input_size
         self.layers = nn.ModuleList(layers)
         self.output_layers = output_layers
         self.fused_backward = fused
+        self.native = native
         self.output_size = sum(layers[li].output_size for li in output_layers)
         self.state_size = sum(layer.state_size for layer in layers)
         offsets, o = [], 0
@@ -735,7 +747,67 @@ class RIMsStackCore(RecurrentCore):
                 parts.append(h.transpose(0, 1).reshape(B, K * H))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    # ------------------------------------------------------------------ engine
+    # ------------------------------------------------------------------ C kernel
+
+    def kernel_for(self, x: Tensor, state: Tensor | None = None) -> ctypes.CDLL | None:
+        """The C kernel if it applies to this core and input, else None (the Python engine runs).
+
+        It applies with ``native`` and ``fused_backward`` on, LSTM cells and one input head in
+        every layer, float32 CPU input, state and parameters, no CPU autocast (which would hand
+        it bfloat16), and no attention dropout while training.
+
+        :param x: the input sequence; :param state: the state entering it (checked too when given).
+        """
+        layers: list[RIMsLayer] = list(self.layers)  # type: ignore[arg-type]
+        applies = (
+            self.native
+            and self.fused_backward
+            and len(layers) <= KERNEL_MAX_LAYERS
+            and all(layer.cell == "lstm" and layer.num_input_heads == 1 for layer in layers)
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and (state is None or (state.device.type == "cpu" and state.dtype == torch.float32))
+            and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in self.parameters())
+            and not torch.is_autocast_enabled("cpu")
+            and not (self.training and any(layer.input_attention_dropout > 0.0 for layer in layers))
+        )
+        return rims_kernel() if applies else None
+
+    def _kernel_forward(
+        self, lib: ctypes.CDLL, x: Tensor, state: Tensor, episode_starts: Tensor, return_info: bool
+    ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """:meth:`forward` through the C kernel (inputs already checked)."""
+        layers: list[RIMsLayer] = list(self.layers)  # type: ignore[arg-type]
+        T, B = x.shape[:2]
+        first = layers[0]
+        starts = episode_starts.to(device=x.device, dtype=torch.bool).to(torch.uint8).contiguous()
+        weights = [layer.prepare() for layer in layers]
+        keys0, feeds0 = first.slot_forward(weights[0], 0, x)  # x's slot, all T steps at once
+        # The kernel's layouts: keys (T, B, key); drives (T, B, K, gates) (slot_forward's, transposed) or values.
+        x_keys = keys0.reshape(T, B, first.input_key_size).contiguous()
+        if first.precomputed_drives:
+            x_feed = feeds0.transpose(1, 2).contiguous()
+        else:
+            x_feed = feeds0.reshape(T, B, first.input_value_size).contiguous()
+        flat = [None if w is None else w.contiguous() for w in _flatten_weights(weights)]
+        inputs = (state.contiguous(), x_keys, x_feed, *flat)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+            out, new_state, *diagnostics = _KernelStack.apply(self, lib, starts, *inputs)
+        else:
+            with torch.no_grad():
+                run = _kernel_run(self, lib, starts, *inputs, save=False)
+            out, new_state, diagnostics = run.out, run.state, [*run.active, *run.probs]
+        if not return_info:
+            return out, new_state
+        L = len(layers)
+        info: dict[str, Tensor] = {}
+        for li in range(L):
+            suffix = self._info_suffix(li)
+            info[f"active{suffix}"] = diagnostics[li].transpose(1, 2).bool()  # (T, B, K)
+            info[f"input_attention{suffix}"] = diagnostics[L + li].transpose(1, 2)  # (T, B, K, 1 + slots)
+        return out, new_state, info
+
+    # ------------------------------------------------------------------ Python engine
 
     def _run(
         self,
@@ -880,6 +952,9 @@ class RIMsStackCore(RecurrentCore):
             suffixes both with ``_{layer}``.
         """
         self.check_inputs(x, state, episode_starts)
+        lib = self.kernel_for(x, state)
+        if lib is not None:
+            return self._kernel_forward(lib, x, state, episode_starts, return_info)
         starts = episode_starts.to(device=x.device, dtype=torch.bool)
         any_start = starts.any(dim=1).tolist()
         layers: list[RIMsLayer] = list(self.layers)  # type: ignore[arg-type]
@@ -1015,83 +1090,35 @@ class RIMs(RIMsStackCore):
             dropout=dropout,
             precomputed_drives=True,
         )
-        self._build(input_size, [layer], (0,), bool(fused_backward))
+        self._build(input_size, [layer], (0,), bool(fused_backward), bool(native))
         self.num_modules, self.module_size, self.k_active, self.cell = num_modules, module_size, k_active, cell
-        self.native = bool(native)
 
     def _info_suffix(self, li: int) -> str:
         return ""
 
-    def kernel_for(self, x: Tensor, state: Tensor | None = None) -> ctypes.CDLL | None:
-        """The C kernel if it applies to this core and input (see ``native``), else None.
 
-        :param x: the input sequence; :param state: the state entering it (checked too when given).
-        """
-        layer: RIMsLayer = self.layers[0]  # type: ignore[assignment]
-        applies = (
-            self.native
-            and self.fused_backward
-            and layer.cell == "lstm"
-            and layer.num_input_heads == 1
-            and layer.precomputed_drives
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and (state is None or (state.device.type == "cpu" and state.dtype == torch.float32))
-            and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in layer.parameters())
-            and not torch.is_autocast_enabled("cpu")  # autocast would hand it bfloat16 keys and drives
-            and not (self.training and layer.input_attention_dropout > 0.0)
-        )
-        return rims_kernel() if applies else None
+# ---------------------------------------------------------------------- the C kernel's plumbing
 
-    def forward(
-        self,
-        x: Tensor,
-        state: Tensor,
-        episode_starts: Tensor,
-        return_info: bool = False,
-    ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Run the core over a sequence (protocol of :class:`RecurrentCore`; see :meth:`RIMsStackCore.forward`)."""
-        lib = self.kernel_for(x, state)
-        if lib is None:
-            return super().forward(x, state, episode_starts, return_info)
-        self.check_inputs(x, state, episode_starts)
-        layer: RIMsLayer = self.layers[0]  # type: ignore[assignment]
-        T, B = x.shape[:2]
-        starts = episode_starts.to(device=x.device, dtype=torch.bool).to(torch.uint8).contiguous()
-        w = layer.prepare()
-        keys0, drives0 = layer.slot_forward(w, 0, x)  # (T, B, 1, key), (T, K, B, gates): all steps at once
-        # The kernel's layouts: (T, B, key) and (T, B, K, gates) (slot_forward's drives are that, transposed).
-        keys = keys0.reshape(T, B, layer.input_key_size).contiguous()
-        drives = drives0.transpose(1, 2).contiguous()
-        weights = (w.recurrent, w.recurrent_bias, w.comm_qkv.contiguous(), w.comm_out.contiguous())
-        state = state.contiguous()
-        inputs = (state, keys, drives, *weights)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-            out, new_state, active, probs = _KernelRIMs.apply(layer, lib, starts, *inputs)
-        else:
-            with torch.no_grad():
-                out, new_state, active, probs, _, _ = _kernel_run(layer, lib, starts, *inputs, save=False)
-        if not return_info:
-            return out, new_state
-        active = active.transpose(1, 2).bool()  # (T, B, K)
-        p = probs.transpose(1, 2)
-        info = {"active": active, "input_attention": torch.stack([1.0 - p, p], dim=-1)}
-        return out, new_state, info
+KERNEL_MAX_LAYERS = 8  # the kernel's fixed per-layer scratch table
+_MAX_SLOTS = 2
+_INT_FIELDS = ("K", "H", "Q", "V", "k_active", "NC", "CK", "CV", "S", "drives")
+_POINTER_FIELDS = (
+    "Wr", "br", "Wih", "Wc", "Wo", "slot_kv", "WrT", "WihT", "WcT", "WoT", "slot_kvT", "h", "c", "out", "d_out",
+    "active", "probs", "hprev", "htil", "ctx", "att", "cprev", "gates", "tc", "upd", "qkv", "query", "attn", "kv", "u",
+    "dz", "dqkv", "dcomm", "d_kv", "d_drives", "gh", "gc",
+)  # fmt: skip
+_PER_SLOT = ("slot_kv", "slot_kvT", "u")
+_SLOT_INPUTS = tuple(f"u{s}" for s in range(_MAX_SLOTS))  # saved per-step slot inputs: the ``u`` array field
 
 
-class KernelSaved(NamedTuple):
-    """What the C kernel's forward keeps for its backward (layouts in ``rims_kernel.c``)."""
+class KernelLayer(ctypes.Structure):
+    """One layer as the kernel sees it: ``Layer`` in ``rims_kernel.c``, field for field (layouts there)."""
 
-    hprev: Tensor
-    cprev: Tensor
-    gates: Tensor
-    tc: Tensor
-    htil: Tensor
-    qkv: Tensor
-    attn: Tensor
-    ctx: Tensor
-    upd: Tensor
-    query: Tensor
+    _fields_ = [
+        *[(name, ctypes.c_int) for name in _INT_FIELDS],
+        ("width", ctypes.c_int * _MAX_SLOTS),
+        *[(name, ctypes.c_void_p * _MAX_SLOTS if name in _PER_SLOT else ctypes.c_void_p) for name in _POINTER_FIELDS],
+    ]
 
 
 class _BufferPool:
@@ -1144,136 +1171,265 @@ class _Lease:
     __slots__ = ("__weakref__",)
 
 
-def _kernel_dims(layer: RIMsLayer, T: int, B: int) -> Tensor:
-    return dims_array(
-        T, B, layer.num_modules, layer.module_size, layer.input_key_size, layer.k_active,
-        layer.num_comm_heads, layer.comm_key_size, layer.comm_value_size,
+class KernelRun(NamedTuple):
+    """What one kernel forward gives: outputs, per-layer diagnostics, and what its backward needs."""
+
+    out: Tensor  # (T, B, output_size)
+    state: Tensor  # (B, state_size), the final state
+    active: list[Tensor]  # per layer (T, K, B) uint8
+    probs: list[Tensor]  # per layer (T, K, B, 1 + slots): [null, slots]
+    saved: list[dict[str, Tensor]]  # per layer, the kernel's saved intermediates (layouts in rims_kernel.c)
+    lease: _Lease | None  # keeps the pooled buffer of ``saved`` from reuse while alive
+
+
+def _set(struct: KernelLayer, name: str, t: Tensor | None, dtype: torch.dtype = torch.float32) -> None:
+    setattr(struct, name, None if t is None else pointer(t, dtype))
+
+
+def _layer_struct(layer: RIMsLayer) -> KernelLayer:
+    """A :class:`KernelLayer` with the layer's sizes filled in (pointers to be set)."""
+    struct = KernelLayer()
+    sizes = (
+        layer.num_modules, layer.module_size, layer.input_key_size, layer.input_value_size, layer.k_active,
+        layer.num_comm_heads, layer.comm_key_size, layer.comm_value_size, len(layer.slot_sizes),
+        int(layer.precomputed_drives),
     )  # fmt: skip
+    for name, value in zip(_INT_FIELDS, sizes, strict=True):
+        setattr(struct, name, value)
+    for s, width in enumerate(layer.slot_sizes):
+        struct.width[s] = width
+    return struct
 
 
 def _kernel_run(
-    layer: RIMsLayer,
+    core: RIMsStackCore,
     lib: ctypes.CDLL,
     starts: Tensor,
     state: Tensor,
-    keys: Tensor,
-    drives: Tensor,
-    recurrent: Tensor,
-    recurrent_bias: Tensor,
-    comm_qkv: Tensor,
-    comm_out: Tensor,
+    x_keys: Tensor,
+    x_feed: Tensor,
+    *flat_weights: Tensor | None,
     save: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, KernelSaved]:
+) -> KernelRun:
     """One call of the kernel's forward over the whole sequence (no autograd).
 
-    :param starts: ``(T, B)`` uint8; ``state`` ``(B, 2*K*H)``; ``keys`` ``(T, B, key)``;
-        ``drives`` ``(T, B, K, gates)``; the weights as :meth:`RIMsLayer.prepare` gives them.
-    :param save: keep every step's intermediates for the backward (else one step's scratch).
-    :return: output ``(T, B, K*H)``, final state, ``active`` ``(T, K, B)`` uint8, ``probs``
-        ``(T, K, B)`` (attention on the input slot), the saved intermediates, and, when saving, a
-        :class:`_Lease` to keep alive as long as they are used (they live in a pooled buffer).
+    :param starts: ``(T, B)`` uint8; ``state`` ``(B, state_size)``; ``x_keys`` ``(T, B, key)``;
+        ``x_feed``: the bottom layer's drives ``(T, B, K, gates)`` or values ``(T, B, value)``.
+    :param flat_weights: :func:`_flatten_weights` of every layer's :meth:`RIMsLayer.prepare`.
+    :param save: keep every step's intermediates for the backward (in a pooled buffer), else one
+        step's scratch.
     """
-    T, B = keys.shape[:2]
-    K, H, G = layer.num_modules, layer.module_size, layer.gate_size
-    nc, ck, cv = layer.num_comm_heads, layer.comm_key_size, layer.comm_value_size
+    layers: list[RIMsLayer] = list(core.layers)  # type: ignore[arg-type]
+    weights = _unflatten_weights(flat_weights, layers)
+    T, B = x_keys.shape[:2]
     Ts = T if save else 1
 
-    def new(*shape: int) -> Tensor:
-        return torch.empty(shape, dtype=torch.float32, device="cpu")
+    def new(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        return torch.empty(shape, dtype=dtype, device="cpu")
 
-    # (2, K, B, H), updated in place: a copy always (with B=1 the permuted view is already contiguous,
-    # and .contiguous() would hand the kernel the caller's own state to overwrite).
-    hc = state.detach().view(B, 2, K, H).permute(1, 2, 0, 3).clone(memory_format=torch.contiguous_format)
-    out, active, probs = new(T, B, K * H), torch.empty(T, K, B, dtype=torch.uint8, device="cpu"), new(T, K, B)
-    shapes = (
-        (K, Ts, B, H), (Ts, K, B, H), (Ts, K, B, G), (Ts, K, B, H), (K, Ts, B, H), (Ts, K, B, nc * (2 * ck + cv)),
-        (Ts, B, nc, K, K), (K, Ts, B, nc * cv), (Ts, K, B, H), (Ts, K, B, layer.input_key_size),
-    )  # fmt: skip
+    shapes: list[dict[str, tuple[int, ...]]] = []
+    for li, layer in enumerate(layers):
+        K, H, G, Q, V = (layer.num_modules, layer.module_size, layer.gate_size, layer.input_key_size,
+                         layer.input_value_size)  # fmt: skip
+        nc, S = layer.num_comm_heads, len(layer.slot_sizes)
+        C3, CX = nc * (2 * layer.comm_key_size + layer.comm_value_size), nc * layer.comm_value_size
+        shape = {
+            "hprev": (K, Ts, B, H), "htil": (K, Ts, B, H), "ctx": (K, Ts, B, CX),
+            "att": (0,) if layer.precomputed_drives else (K, Ts, B, V),
+            "cprev": (Ts, K, B, H), "gates": (Ts, K, B, G), "tc": (Ts, K, B, H), "upd": (Ts, K, B, H),
+            "qkv": (Ts, K, B, C3), "query": (Ts, K, B, Q), "attn": (Ts, B, layer.num_comm_heads, K, K),
+            "kv": (Ts, S, B, Q + V),
+        }  # fmt: skip
+        for s in range(S):
+            if li > 0 or s > 0:  # per-step slots keep their inputs for the weight gradient
+                shape[f"u{s}"] = (Ts, B, layer.slot_sizes[s])
+        shapes.append(shape)
     lease = None
     if save:
-        buffer, views = _POOL.carve(*shapes)
+        buffer, views = _POOL.carve(*[shape for per_layer in shapes for shape in per_layer.values()])
         lease = _Lease()
         weakref.finalize(lease, _POOL.give, buffer)
-        saved = KernelSaved(*views)
+        it = iter(views)
+        saved = [{name: next(it) for name in per_layer} for per_layer in shapes]
     else:
-        saved = KernelSaved(*(new(*shape) for shape in shapes))
-    dims = _kernel_dims(layer, T, B)
-    weights = [t.detach() for t in (recurrent, recurrent_bias, comm_qkv, comm_out)]
-    status = lib.rims_lstm_forward(
-        pointer(dims, torch.int32), int(save), *map(pointer, weights), pointer(keys.detach()),
-        pointer(drives.detach()), pointer(starts, torch.uint8), pointer(hc[0]), pointer(hc[1]), pointer(out),
-        pointer(active, torch.uint8), pointer(probs),
-        *map(pointer, saved),
+        saved = [{name: new(*shape) for name, shape in per_layer.items()} for per_layer in shapes]
+
+    # Per-layer (2, K, B, H) copies of the state, updated in place (never the caller's memory).
+    states, offset = [], 0
+    for layer in layers:
+        K, H = layer.num_modules, layer.module_size
+        part = state.detach()[:, offset : offset + layer.state_size]
+        states.append(part.reshape(B, 2, K, H).permute(1, 2, 0, 3).clone(memory_format=torch.contiguous_format))
+        offset += layer.state_size
+    outs = {li: new(T, B, layers[li].output_size) for li in core.output_layers}
+    active = [new(T, layer.num_modules, B, dtype=torch.uint8) for layer in layers]
+    probs = [new(T, layer.num_modules, B, 1 + len(layer.slot_sizes)) for layer in layers]
+    structs = (KernelLayer * len(layers))()
+    for li, (layer, w) in enumerate(zip(layers, weights, strict=True)):
+        struct = _layer_struct(layer)
+        _set(struct, "Wr", w.recurrent.detach())
+        _set(struct, "br", w.recurrent_bias.detach())
+        _set(struct, "Wih", None if layer.precomputed_drives else w.input_weight.detach())
+        _set(struct, "Wc", w.comm_qkv.detach())
+        _set(struct, "Wo", w.comm_out.detach())
+        for s, kv in enumerate(w.slot_kv):
+            struct.slot_kv[s] = None if (li == 0 and s == 0) else pointer(kv.detach())
+            if f"u{s}" in saved[li]:
+                struct.u[s] = pointer(saved[li][f"u{s}"])
+        _set(struct, "h", states[li][0])
+        _set(struct, "c", states[li][1])
+        _set(struct, "out", outs.get(li))
+        _set(struct, "active", active[li], torch.uint8)
+        _set(struct, "probs", probs[li])
+        for name, t in saved[li].items():
+            if name not in _SLOT_INPUTS:
+                _set(struct, name, t)
+        structs[li] = struct
+    status = lib.rims_stack_forward(
+        T, B, len(layers), int(save), pointer(starts, torch.uint8), pointer(x_keys.detach()),
+        pointer(x_feed.detach()), ctypes.addressof(structs),
     )  # fmt: skip
     if status != 0:
         raise MemoryError("the RIMs kernel could not allocate its step buffers")
-    return out, hc.permute(2, 0, 1, 3).reshape(B, 2 * K * H), active, probs, saved, lease
+    out = torch.cat([outs[li] for li in core.output_layers], dim=-1) if len(outs) > 1 else outs[core.output_layers[0]]
+    new_state = torch.cat([hc.permute(2, 0, 1, 3).reshape(B, -1) for hc in states], dim=1)
+    return KernelRun(out, new_state, active, probs, saved, lease)
 
 
-class _KernelRIMs(torch.autograd.Function):
-    """The C kernel's forward and hand-written backward through time, for :class:`RIMs`."""
+class _KernelStack(torch.autograd.Function):
+    """The C kernel's forward and hand-written backward through time, for RIMs and BRIMs."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
-        layer: RIMsLayer,
+        core: RIMsStackCore,
         lib: ctypes.CDLL,
         starts: Tensor,
         state: Tensor,
-        keys: Tensor,
-        drives: Tensor,
-        recurrent: Tensor,
-        recurrent_bias: Tensor,
-        comm_qkv: Tensor,
-        comm_out: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        out, new_state, active, probs, saved, lease = _kernel_run(
-            layer, lib, starts, state, keys, drives, recurrent, recurrent_bias, comm_qkv, comm_out, save=True
-        )
-        # The saved views and their lease live on ctx, freed with the graph (a retained graph keeps them).
-        ctx.layer, ctx.lib, ctx.saved, ctx.lease = layer, lib, saved, lease
-        ctx.tensors = (starts, keys.detach(), drives.detach(), active, probs)
-        ctx.weights = (recurrent.detach(), comm_qkv.detach(), comm_out.detach())
-        ctx.mark_non_differentiable(active, probs)
-        return out, new_state, active, probs
+        x_keys: Tensor,
+        x_feed: Tensor,
+        *flat_weights: Tensor | None,
+    ) -> tuple[Tensor, ...]:
+        run = _kernel_run(core, lib, starts, state, x_keys, x_feed, *flat_weights, save=True)
+        # Saved intermediates and their lease live on ctx, freed with the graph (a retained graph keeps them).
+        ctx.core, ctx.lib, ctx.run = core, lib, run
+        ctx.tensors = (starts, x_keys.detach(), x_feed.detach())
+        ctx.flat_weights = [None if w is None else w.detach() for w in flat_weights]
+        ctx.mark_non_differentiable(*run.active, *run.probs)
+        return (run.out, run.state, *run.active, *run.probs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, d_out: Tensor, d_state: Tensor, *_: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        layer: RIMsLayer = ctx.layer
-        starts, keys, drives, active, probs = ctx.tensors
-        recurrent, comm_qkv, comm_out = ctx.weights
-        sv: KernelSaved = ctx.saved
-        T, B, Q = keys.shape
-        K, H, G = layer.num_modules, layer.module_size, layer.gate_size
-        R, C3, CX = recurrent.shape[-1], comm_qkv.shape[-1], comm_out.shape[-2]
-        # Contiguous transposes once per backward, so the kernel's products run along rows.
-        transposed = [w.transpose(1, 2).contiguous() for w in (recurrent, comm_qkv, comm_out)]
-        # (2, K, B, H), in: final, out: initial; a copy, never autograd's own gradient buffer.
-        g = d_state.view(B, 2, K, H).permute(1, 2, 0, 3).clone(memory_format=torch.contiguous_format)
-        d_keys = torch.zeros(T, B, Q, dtype=torch.float32, device="cpu")
-        d_drives = torch.empty(T, B, K, G, dtype=torch.float32, device="cpu")
-        buffer, (dz, dqkv, dcomm) = _POOL.carve((K, T, B, R), (K, T, B, C3), (K, T, B, H))  # given back below
-        # Every tensor whose address is passed stays referenced by a local until the call returns.
-        dims, d_out = _kernel_dims(layer, T, B), d_out.contiguous()
-        status = ctx.lib.rims_lstm_backward(
-            pointer(dims, torch.int32), *map(pointer, transposed), pointer(keys), pointer(drives),
-            pointer(starts, torch.uint8), pointer(active, torch.uint8), pointer(probs), pointer(sv.cprev),
-            pointer(sv.gates), pointer(sv.tc), pointer(sv.qkv), pointer(sv.attn), pointer(sv.upd), pointer(sv.query),
-            pointer(d_out),
-            pointer(g[0]), pointer(g[1]), pointer(d_keys), pointer(d_drives), pointer(dz), pointer(dqkv),
-            pointer(dcomm),
-        )  # fmt: skip
+        core: RIMsStackCore = ctx.core
+        run: KernelRun = ctx.run
+        starts, x_keys, x_feed = ctx.tensors
+        layers: list[RIMsLayer] = list(core.layers)  # type: ignore[arg-type]
+        weights = _unflatten_weights(ctx.flat_weights, layers)
+        T, B = x_keys.shape[:2]
+
+        def new(*shape: int) -> Tensor:
+            return torch.empty(shape, dtype=torch.float32, device="cpu")
+
+        # Per-layer (2, K, B, H) state gradients (in: final state, out: initial state), copies.
+        grads, offset = [], 0
+        for layer in layers:
+            part = d_state[:, offset : offset + layer.state_size]
+            grads.append(
+                part.reshape(B, 2, layer.num_modules, layer.module_size)
+                .permute(1, 2, 0, 3)
+                .clone(memory_format=torch.contiguous_format)
+            )
+            offset += layer.state_size
+        d_outs, col = {}, 0
+        for li in core.output_layers:
+            d_outs[li] = d_out[..., col : col + layers[li].output_size].contiguous()
+            col += layers[li].output_size
+        shapes = []
+        for layer in layers:
+            K, H, R = layer.num_modules, layer.module_size, layer.gate_size + layer.input_key_size
+            C3 = layer.num_comm_heads * (2 * layer.comm_key_size + layer.comm_value_size)
+            shapes += [(K, T, B, R), (K, T, B, C3), (K, T, B, H)]
+        buffer, views = _POOL.carve(*shapes)  # given back below
+        structs = (KernelLayer * len(layers))()
+        keep: list[Tensor] = []  # every tensor whose address the kernel gets, alive until it returns
+        d_kvs, d_drives = [], None
+        for li, (layer, w) in enumerate(zip(layers, weights, strict=True)):
+            K, G = layer.num_modules, layer.gate_size
+            S, KV = len(layer.slot_sizes), layer.input_key_size + layer.input_value_size
+            struct = _layer_struct(layer)
+            # Contiguous transposes once per backward, so the kernel's products run along rows.
+            transposed = {
+                "WrT": w.recurrent.transpose(1, 2).contiguous(),
+                "WihT": None if layer.precomputed_drives else w.input_weight.transpose(1, 2).contiguous(),
+                "WcT": w.comm_qkv.transpose(1, 2).contiguous(),
+                "WoT": w.comm_out.transpose(1, 2).contiguous(),
+            }
+            for name, t in transposed.items():
+                _set(struct, name, t)
+                if t is not None:
+                    keep.append(t)
+            for s, kv in enumerate(w.slot_kv):
+                if li > 0 or s > 0:
+                    kv_t = kv.t().contiguous()
+                    keep.append(kv_t)
+                    struct.slot_kvT[s] = pointer(kv_t)
+                    struct.u[s] = pointer(run.saved[li][f"u{s}"])
+            for name, t in run.saved[li].items():
+                if name not in _SLOT_INPUTS:
+                    _set(struct, name, t)
+            _set(struct, "active", run.active[li], torch.uint8)
+            _set(struct, "probs", run.probs[li])
+            _set(struct, "d_out", d_outs.get(li))
+            dz, dqkv, dcomm = views[3 * li : 3 * li + 3]
+            d_kv = torch.zeros(T, S, B, KV, dtype=torch.float32, device="cpu")
+            d_kvs.append(d_kv)
+            for name, t in (("dz", dz), ("dqkv", dqkv), ("dcomm", dcomm), ("d_kv", d_kv)):
+                _set(struct, name, t)
+            if layer.precomputed_drives:
+                d_drives = new(T, B, K, G)
+                _set(struct, "d_drives", d_drives)
+            _set(struct, "gh", grads[li][0])
+            _set(struct, "gc", grads[li][1])
+            structs[li] = struct
+        status = ctx.lib.rims_stack_backward(
+            T, B, len(layers), pointer(starts, torch.uint8), pointer(x_feed), ctypes.addressof(structs)
+        )
+        del keep
         if status != 0:
             raise MemoryError("the RIMs kernel could not allocate its step buffers")
         # Weight gradients: one batched matmul each over all T*B rows (the kernel laid them out so).
         rows = T * B
-        dz_rows = dz.view(K, rows, R)
-        g_recurrent = torch.bmm(sv.hprev.view(K, rows, H).transpose(1, 2), dz_rows)
-        g_recurrent_bias = dz_rows.sum(1, keepdim=True)
-        g_comm_qkv = torch.bmm(sv.htil.view(K, rows, H).transpose(1, 2), dqkv.view(K, rows, C3))
-        g_comm_out = torch.bmm(sv.ctx.view(K, rows, CX).transpose(1, 2), dcomm.view(K, rows, H))
-        d_state0 = g.permute(2, 0, 1, 3).reshape(B, 2 * K * H)
-        del dz, dz_rows, dqkv, dcomm
+        d_weights = []
+        for li, layer in enumerate(layers):
+            K, H, G = layer.num_modules, layer.module_size, layer.gate_size
+            sv = run.saved[li]
+            dz, dqkv, dcomm = (v.view(K, rows, -1) for v in views[3 * li : 3 * li + 3])
+            g_input = None
+            if not layer.precomputed_drives:
+                g_input = torch.bmm(sv["att"].view(K, rows, -1).transpose(1, 2), dz[..., :G])
+            g_slots = []
+            for s in range(len(layer.slot_sizes)):
+                if li == 0 and s == 0:
+                    g_slots.append(None)  # x's slot: its projection is differentiated by autograd, outside
+                else:
+                    u = sv[f"u{s}"].reshape(rows, -1)
+                    g_slots.append(u.t() @ d_kvs[li][:, s].reshape(rows, -1))
+            d_weights.append(
+                LayerWeights(
+                    torch.bmm(sv["hprev"].view(K, rows, H).transpose(1, 2), dz),
+                    dz.sum(1, keepdim=True),
+                    g_input,
+                    None,
+                    torch.bmm(sv["htil"].view(K, rows, H).transpose(1, 2), dqkv),
+                    torch.bmm(sv["ctx"].view(K, rows, -1).transpose(1, 2), dcomm),
+                    tuple(g_slots),  # type: ignore[arg-type]
+                )
+            )
+        first = layers[0]
+        d_x_keys = d_kvs[0][:, 0, :, : first.input_key_size].contiguous()
+        d_x_feed = d_drives if first.precomputed_drives else d_kvs[0][:, 0, :, first.input_key_size :].contiguous()
+        d_state0 = torch.cat([g.permute(2, 0, 1, 3).reshape(B, -1) for g in grads], dim=1)
+        del dz, dqkv, dcomm, views
         _POOL.give(buffer)
-        return (None, None, None, d_state0, d_keys, d_drives, g_recurrent, g_recurrent_bias, g_comm_qkv, g_comm_out)
+        return (None, None, None, d_state0, d_x_keys, d_x_feed, *_flatten_weights(d_weights))

@@ -1,37 +1,44 @@
-/* RIMs with LSTM cells, one input slot and one input-attention head: the whole time loop in C.
+/* RIMs and BRIMs with LSTM cells and one input-attention head: the whole time loop in C.
  *
- * The same computation as RIMsLayer.step / step_backward in rims.py (that Python code is the
- * reference the tests compare this kernel against). Why C: an agent's minibatch is a few envs run
- * through a long sequence, so every step is a handful of tiny matrix products; driven from Python,
- * each of the ~40 ops per step costs far more in dispatch than in arithmetic. Here a whole sequence
- * is one call, and the products are plain loops over contiguous rows, which the compiler vectorises.
+ * The same computation as RIMsLayer.step / step_backward and RIMsStackCore._run / _backward in
+ * rims.py (that Python engine is the reference the tests compare this kernel against). Why C: an
+ * agent's minibatch is a few envs run through a long sequence, so every step is a handful of tiny
+ * matrix products; driven from Python, each of the ~40 ops per step and layer costs far more in
+ * dispatch than in arithmetic. Here a whole sequence is one call, and the products are plain loops
+ * over contiguous rows, which the compiler vectorises.
  *
- * Sizes: T steps, B envs, K modules of H units, G = 4H gates, Q query/key width of the input
- * attention, R = G + Q columns of the recurrent matmul (W_hh next to the pre-scaled query weights),
- * NC communication heads of key width CK and value width CV, C3 = NC*(2*CK + CV) columns of the
- * communication Q/K/V matmul (per head [q|k|v]), CX = NC*CV the context width.
+ * A stack of L layers (RIMs: L = 1). Layer l reads the slots [null, bottom-up, top-down]:
+ * bottom-up is x_t for layer 0 and layer l-1's new h at step t otherwise; top-down is layer l+1's h
+ * from step t-1 (none for the top layer). S = the layer's non-null slots (1 or 2).
  *
- * Layouts (all float32, contiguous, row-major):
- *   Wr (K, H, R)   br (K, R)   Wc (K, H, C3)   Wo (K, CX, H)        forward weights
- *   WrT (K, R, H)  WcT (K, C3, H)  WoT (K, H, CX)                    the same, transposed, for backward
- *   keys (T, B, Q)  drives (T, B, K, G): the input slot's key and drive v_t @ W_ih[k], precomputed
- *   starts (T, B) uint8: reset the env's state to zeros before step t
- *   h, c (K, B, H): state, updated in place
- *   out (T, B, K*H)   active (T, K, B) uint8   probs (T, K, B): attention on the (non-null) slot
- * Saved for the backward, with Ts = T when saving, else 1 (a one-step scratch reused every step):
- *   hprev, htil (K, Ts, B, H)  ctx (K, Ts, B, CX): laid out so the weight gradients are one bmm
- *   cprev, tc, upd (Ts, K, B, H)  gates (Ts, K, B, G) as activations [i, f, o, g]
- *   qkv (Ts, K, B, C3)  attn (Ts, B, NC, K, K) as [query module i][key module j]  query (Ts, K, B, Q)
+ * Sizes per layer: K modules of H units, G = 4H gates, Q query/key width, V value width, R = G + Q
+ * columns of the recurrent product (W_hh next to the pre-scaled query weights), NC communication
+ * heads of key width CK and value width CV, C3 = NC*(2*CK + CV) columns of the communication Q/K/V
+ * product (per head [q|k|v]), CX = NC*CV the context width, KV = Q + V.
+ *
+ * The x slot comes precomputed for all T: x_keys (T, B, Q) and x_feed, which is either the drives
+ * v_t @ W_ih[k] (T, B, K, G) ("drives" layers: RIMs, whose only slot is x) or the values (T, B, V).
+ * A per-step slot's keys|values are u @ slot_kv (u the source layer's h, flattened (B, K'*H')), and
+ * a layer without drives applies W_ih to the attended value at each step.
+ *
+ * Layouts of the Layer fields (float32, contiguous, row-major; Ts = T when saving, else 1):
+ *   Wr (K, H, R)  br (K, R)  Wih (K, V, G)  Wc (K, H, C3)  Wo (K, CX, H)  slot_kv[s] (width_s, KV)
+ *   WrT (K, R, H)  WihT (K, G, V)  WcT (K, C3, H)  WoT (K, H, CX)  slot_kvT[s] (KV, width_s)
+ *   h, c (K, B, H): state, in place   out (T, B, K*H) or NULL   d_out (T, B, K*H) or NULL
+ *   active (T, K, B) uint8   probs (T, K, B, 1 + S): [null, slots]
+ *   hprev, htil (K, Ts, B, H)  ctx (K, Ts, B, CX)  att (K, Ts, B, V): so weight gradients are one bmm
+ *   cprev, tc, upd (Ts, K, B, H)  gates (Ts, K, B, G) as [i, f, o, g]  qkv (Ts, K, B, C3)
+ *   query (Ts, K, B, Q)  attn (Ts, B, NC, K, K) as [query module i][key module j]
+ *   kv (Ts, S, B, KV): each slot's keys|values   u[s] (Ts, B, width_s): per-step slot inputs
+ *   backward: dz (K, T, B, R)  dqkv (K, T, B, C3)  dcomm (K, T, B, H)  d_kv (T, S, B, KV), zeroed
+ *   d_drives (T, B, K, G) for a drives layer   gh, gc (K, B, H): in, the final state's gradient;
+ *   out, the initial state's
  * Entries of inactive modules in gates, tc and upd are never written and never read.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
-typedef struct {
-    int T, B, K, H, Q, k_active, NC, CK, CV;
-} Dims;
 
 static inline void axpy(float *restrict y, float a, const float *restrict x, int n) {
     for (int j = 0; j < n; j++) y[j] += a * x[j];
@@ -82,11 +89,13 @@ static inline float sigmoidf(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
 /* tanh(x) = 2 * sigmoid(2x) - 1, as the Python engine computes it. */
 static inline float tanh_approx(float x) { return 2.0f / (1.0f + exp_approx(-2.0f * x)) - 1.0f; }
 
-/* The LSTM cell of one module and env: gate = [i, f, o, g] activations of rec + a * drive,
- * c = f * c + i * g (in place), tc = tanh(c), h = o * tc. */
-static void lstm_cell(float *restrict gate, const float *restrict rec, const float *restrict drive, float a,
+/* The LSTM cell of one module and env: gate = [i, f, o, g] activations of pre (+ a * drive, when
+ * given), c = f * c + i * g (in place), tc = tanh(c), h = o * tc. */
+static void lstm_cell(float *restrict gate, const float *restrict pre, const float *restrict drive, float a,
                       float *restrict c, float *restrict tc, float *restrict h, int H) {
-    for (int j = 0; j < 4 * H; j++) gate[j] = rec[j] + a * drive[j];
+    for (int j = 0; j < 4 * H; j++) gate[j] = pre[j];
+    if (drive)
+        for (int j = 0; j < 4 * H; j++) gate[j] += a * drive[j];
     for (int j = 0; j < 3 * H; j++) gate[j] = sigmoidf(gate[j]);
     for (int j = 3 * H; j < 4 * H; j++) gate[j] = tanh_approx(gate[j]);
     for (int j = 0; j < H; j++) {
@@ -180,258 +189,422 @@ static void transpose_square(float *restrict out, const float *restrict in, int 
         for (int j = 0; j < K; j++) out[j * K + i] = in[i * K + j];
 }
 
-int rims_lstm_forward(const int *dims, int save, const float *Wr, const float *br, const float *Wc, const float *Wo,
-                      const float *keys, const float *drives, const uint8_t *starts, float *h, float *c, float *out,
-                      uint8_t *active, float *probs, float *s_hprev, float *s_cprev, float *s_gates, float *s_tc,
-                      float *s_htil, float *s_qkv, float *s_attn, float *s_ctx, float *s_upd, float *s_query) {
-    const Dims d = {dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7], dims[8]};
-    const int T = d.T, B = d.B, K = d.K, H = d.H, Q = d.Q, G = 4 * H, R = G + Q;
-    const int C3 = d.NC * (2 * d.CK + d.CV), CX = d.NC * d.CV, Ts = save ? T : 1;
-    const float scale = 1.0f / sqrtf((float)d.CK);
-    float *rec = malloc(sizeof(float) * (size_t)K * B * R);
-    float *score = malloc(sizeof(float) * (size_t)K * B);
-    float *hnew = malloc(sizeof(float) * (size_t)K * B * H);
-    uint8_t *chosen = malloc((size_t)K);
-    if (!rec || !score || !hnew || !chosen) {
-        free(rec), free(score), free(hnew), free(chosen);
-        return 1;
-    }
-    for (int t = 0; t < T; t++) {
-        const int ts = save ? t : 0;
-        for (int b = 0; b < B; b++)
-            if (starts[t * B + b])
-                for (int k = 0; k < K; k++) {
-                    memset(h + ((size_t)k * B + b) * H, 0, sizeof(float) * H);
-                    memset(c + ((size_t)k * B + b) * H, 0, sizeof(float) * H);
-                }
-        for (int k = 0; k < K; k++) {
-            memcpy(s_hprev + ((size_t)k * Ts + ts) * B * H, h + (size_t)k * B * H, sizeof(float) * B * H);
-            memcpy(s_cprev + ((size_t)ts * K + k) * B * H, c + (size_t)k * B * H, sizeof(float) * B * H);
-            for (int b = 0; b < B; b++) memcpy(rec + ((size_t)k * B + b) * R, br + (size_t)k * R, sizeof(float) * R);
-        }
-        /* Cell pre-activations from h and the (pre-scaled) queries, for every module: one product. */
-        modules_matmul_acc((Rows){rec, (size_t)B * R, R}, (Rows){h, (size_t)B * H, H}, Wr, K, B, H, R, NULL);
+#define MAX_SLOTS 2
 
-        /* Input attention over [null, slot]: softmax([0, s]) = [sigmoid(-s), sigmoid(s)]. */
-        uint8_t *act = active + (size_t)t * K * B;
-        float *p = probs + (size_t)t * K * B;
-        for (int k = 0; k < K; k++)
-            for (int b = 0; b < B; b++) {
-                const float *q = rec + ((size_t)k * B + b) * R + G;
-                memcpy(s_query + (((size_t)ts * K + k) * B + b) * Q, q, sizeof(float) * Q);
-                float s = dot(q, keys + ((size_t)t * B + b) * Q, Q);
-                score[k * B + b] = s;
-                p[k * B + b] = sigmoidf(s);
-            }
-        /* Top-k: the k_active modules with the least null attention, i.e. the largest score
-         * (ties: the lower index). */
-        for (int b = 0; b < B; b++) {
-            memset(chosen, 0, (size_t)K);
-            for (int n = 0; n < d.k_active; n++) {
-                int best = -1;
-                for (int k = 0; k < K; k++) /* a NaN score ranks last, as in the Python engine's sort */
-                    if (!chosen[k] && (best < 0 || score[k * B + b] > score[best * B + b] ||
-                                       (score[best * B + b] != score[best * B + b] && score[k * B + b] == score[k * B + b])))
-                        best = k;
-                chosen[best] = 1;
-            }
-            for (int k = 0; k < K; k++) act[k * B + b] = chosen[k];
-        }
+/* One layer: mirrored field for field by KernelLayer (a ctypes.Structure) in rims.py. */
+typedef struct {
+    int K, H, Q, V, k_active, NC, CK, CV, S, drives;
+    int width[MAX_SLOTS];
+    const float *Wr, *br, *Wih, *Wc, *Wo, *slot_kv[MAX_SLOTS];
+    const float *WrT, *WihT, *WcT, *WoT, *slot_kvT[MAX_SLOTS];
+    float *h, *c, *out;
+    const float *d_out;
+    uint8_t *active;
+    float *probs;
+    float *hprev, *htil, *ctx, *att, *cprev, *gates, *tc, *upd, *qkv, *query, *attn, *kv, *u[MAX_SLOTS];
+    float *dz, *dqkv, *dcomm, *d_kv, *d_drives, *gh, *gc;
+} Layer;
 
-        /* Cells of the active modules; inactive ones carry h_{t-1} into communication. */
-        for (int k = 0; k < K; k++)
-            for (int b = 0; b < B; b++) {
-                const size_t kb = (size_t)k * B + b;
-                float *ht = s_htil + (((size_t)k * Ts + ts) * B + b) * H;
-                if (!act[kb]) {
-                    memcpy(ht, h + kb * H, sizeof(float) * H);
-                    continue;
-                }
-                const size_t row = ((size_t)ts * K + k) * B + b;
-                float *gate = s_gates + row * G, *tcr = s_tc + row * H, *cr = c + kb * H;
-                const float *rk = rec + kb * R, *dr = drives + (((size_t)t * B + b) * K + k) * G;
-                lstm_cell(gate, rk, dr, p[kb], cr, tcr, ht, H); /* c_prev was saved above */
-            }
-        const float *htil = s_htil + (size_t)ts * B * H; /* module k's rows start at k * Ts * B * H */
-        const int htil_stride_k = Ts * B * H;
+/* Per-layer scratch of one step. */
+typedef struct {
+    float *rec, *rank, *hnew, *dctx, *x, *dA, *dAT, *datt, *gh_prev, *gc_prev;
+    uint8_t *chosen;
+} Scratch;
 
-        /* Communication Q/K/V of every module from h~. */
-        float *qkv = s_qkv + (size_t)ts * K * B * C3;
-        memset(qkv, 0, sizeof(float) * (size_t)K * B * C3);
-        modules_matmul_acc((Rows){qkv, (size_t)B * C3, C3}, (Rows){(float *)htil, (size_t)Ts * B * H, H}, Wc, K, B,
-                           H, C3, NULL);
-        /* Attention across modules per env and head; ctx_i = sum_j softmax_j(k_j . q_i) v_j. */
-        for (int b = 0; b < B; b++)
-            for (int hd = 0; hd < d.NC; hd++) {
-                float *A = s_attn + ((((size_t)ts * B + b) * d.NC + hd) * K) * K;
-                const float *base = qkv + (size_t)b * C3 + hd * (2 * d.CK + d.CV); /* module j: + j * B * C3 */
-                const size_t ms = (size_t)B * C3;
-                for (int i = 0; i < K; i++) {
-                    float *Ai = A + i * K, m = -INFINITY, sum = 0.0f;
-                    for (int j = 0; j < K; j++) {
-                        Ai[j] = scale * dot(base + j * ms + d.CK, base + i * ms, d.CK);
-                        m = Ai[j] > m ? Ai[j] : m;
-                    }
-                    for (int j = 0; j < K; j++) sum += (Ai[j] = exp_approx(Ai[j] - m));
-                    for (int j = 0; j < K; j++) Ai[j] /= sum;
-                }
-                float *cx = s_ctx + ((size_t)ts * B + b) * CX + hd * d.CV; /* module i: + i * Ts * B * CX */
-                const size_t cs = (size_t)Ts * B * CX;
-                for (int i = 0; i < K; i++) memset(cx + i * cs, 0, sizeof(float) * d.CV);
-                square_matmul_acc(cx, cs, A, base + 2 * d.CK, ms, K, d.CV);
-            }
-        /* Bounded residual for the active modules: h = h~ + tanh(ctx @ W_out[k]); others keep h, c. */
-        float *upd = s_upd + (size_t)ts * K * B * H;
-        memset(upd, 0, sizeof(float) * (size_t)K * B * H);
-        modules_matmul_acc((Rows){upd, (size_t)B * H, H}, (Rows){s_ctx + (size_t)ts * B * CX, (size_t)Ts * B * CX, CX},
-                           Wo, K, B, CX, H, act);
-        for (int k = 0; k < K; k++)
-            for (int b = 0; b < B; b++) {
-                const size_t kb = (size_t)k * B + b;
-                float *hn = hnew + kb * H, *u = upd + kb * H;
-                if (!act[kb]) {
-                    memcpy(hn, h + kb * H, sizeof(float) * H);
-                    continue;
-                }
-                const float *ht = htil + (size_t)k * htil_stride_k + (size_t)b * H;
-                for (int j = 0; j < H; j++) {
-                    u[j] = tanh_approx(u[j]);
-                    hn[j] = ht[j] + u[j];
-                }
-            }
-        memcpy(h, hnew, sizeof(float) * (size_t)K * B * H);
-        for (int b = 0; b < B; b++)
-            for (int k = 0; k < K; k++)
-                memcpy(out + ((size_t)t * B + b) * K * H + (size_t)k * H, h + ((size_t)k * B + b) * H,
-                       sizeof(float) * H);
-    }
-    free(rec), free(score), free(hnew), free(chosen);
-    return 0;
+static int scratch_alloc(Scratch *w, const Layer *L, int B) {
+    const int K = L->K, H = L->H, R = 4 * L->H + L->Q, CX = L->NC * L->CV;
+    w->rec = malloc(sizeof(float) * (size_t)K * B * R);
+    w->rank = malloc(sizeof(float) * (size_t)K * B);
+    w->hnew = malloc(sizeof(float) * (size_t)K * B * H);
+    w->dctx = malloc(sizeof(float) * (size_t)K * B * CX);
+    w->x = malloc(sizeof(float) * (size_t)K * B * H);
+    w->dA = malloc(sizeof(float) * (size_t)K * K);
+    w->dAT = malloc(sizeof(float) * (size_t)K * K);
+    w->datt = malloc(sizeof(float) * (size_t)K * B * (L->V > 0 ? L->V : 1));
+    w->gh_prev = malloc(sizeof(float) * (size_t)K * B * H);
+    w->gc_prev = malloc(sizeof(float) * (size_t)K * B * H);
+    w->chosen = malloc((size_t)K);
+    return w->rec && w->rank && w->hnew && w->dctx && w->x && w->dA && w->dAT && w->datt && w->gh_prev &&
+           w->gc_prev && w->chosen;
 }
 
-/* Backward through time of rims_lstm_forward (run with save=1). gh, gc (K, B, H) hold the
- * gradient w.r.t. the final state on entry and w.r.t. the initial state on return.
- * Writes d_keys (T, B, Q) and d_drives (T, B, K, G), and the per-step factors of the weight
- * gradients, each (K, T, B, .): dz = d[rec] (R), dqkv (C3), dcomm = d[ctx @ W_out] (H);
- * rows of inactive modules are zeros there (d_keys must come zeroed). */
-int rims_lstm_backward(const int *dims, const float *WrT, const float *WcT, const float *WoT, const float *keys,
-                       const float *drives, const uint8_t *starts, const uint8_t *active, const float *probs,
-                       const float *s_cprev, const float *s_gates, const float *s_tc, const float *s_qkv,
-                       const float *s_attn, const float *s_upd, const float *s_query, const float *d_out, float *gh,
-                       float *gc, float *d_keys, float *d_drives, float *dz, float *dqkv, float *dcomm) {
-    const Dims d = {dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7], dims[8]};
-    const int T = d.T, B = d.B, K = d.K, H = d.H, Q = d.Q, G = 4 * H, R = G + Q;
-    const int C3 = d.NC * (2 * d.CK + d.CV), CX = d.NC * d.CV;
-    const float scale = 1.0f / sqrtf((float)d.CK);
-    float *dctx = malloc(sizeof(float) * (size_t)K * B * CX);
-    float *x = malloc(sizeof(float) * (size_t)K * B * H);
-    float *dA = malloc(sizeof(float) * (size_t)K * K), *dAT = malloc(sizeof(float) * (size_t)K * K);
-    float *gh_prev = malloc(sizeof(float) * (size_t)K * B * H);
-    float *gc_prev = malloc(sizeof(float) * (size_t)K * B * H);
-    if (!dctx || !x || !dA || !dAT || !gh_prev || !gc_prev) {
-        free(dctx), free(x), free(dA), free(dAT), free(gh_prev), free(gc_prev);
-        return 1;
-    }
-    for (int t = T - 1; t >= 0; t--) {
-        const uint8_t *act = active + (size_t)t * K * B;
-        const float *p = probs + (size_t)t * K * B;
-        const float *qkv = s_qkv + (size_t)t * K * B * C3;
-        for (int k = 0; k < K; k++)
-            for (int b = 0; b < B; b++)
-                axpy(gh + ((size_t)k * B + b) * H, 1.0f, d_out + ((size_t)t * B + b) * K * H + (size_t)k * H, H);
+static void scratch_free(Scratch *w) {
+    free(w->rec), free(w->rank), free(w->hnew), free(w->dctx), free(w->x), free(w->dA), free(w->dAT);
+    free(w->datt), free(w->gh_prev), free(w->gc_prev), free(w->chosen);
+}
 
-        /* Residual tanh, then d_ctx = d_comm @ W_out^T (active modules only use their update). */
-        memset(dctx, 0, sizeof(float) * (size_t)K * B * CX);
+/* Keys|values of slot s of layer l at step t into kv[ts][s]: from x for layer 0's first slot, else
+ * u @ slot_kv with u the source layer's h flattened to (B, K'*H') (kept in u[s] for the backward). */
+static void fill_slot(Layer *layers, int l, int s, int t, int ts, int T, int B, const float *x_keys,
+                      const float *x_feed) {
+    Layer *L = &layers[l];
+    const int KV = L->Q + L->V;
+    float *kv = L->kv + ((size_t)ts * L->S + s) * B * KV;
+    if (l == 0 && s == 0) {
+        for (int b = 0; b < B; b++) {
+            memcpy(kv + (size_t)b * KV, x_keys + ((size_t)t * B + b) * L->Q, sizeof(float) * L->Q);
+            if (!L->drives) memcpy(kv + (size_t)b * KV + L->Q, x_feed + ((size_t)t * B + b) * L->V, sizeof(float) * L->V);
+        }
+        (void)T;
+        return;
+    }
+    const Layer *src = &layers[s == 0 ? l - 1 : l + 1];
+    const int width = L->width[s];
+    float *u = L->u[s] + (size_t)ts * B * width;
+    for (int b = 0; b < B; b++)
+        for (int k = 0; k < src->K; k++)
+            memcpy(u + (size_t)b * width + (size_t)k * src->H, src->h + ((size_t)k * B + b) * src->H,
+                   sizeof(float) * src->H);
+    memset(kv, 0, sizeof(float) * (size_t)B * KV);
+    int b = 0;
+    for (; b + 2 <= B; b += 2)
+        rows_matmul_acc(kv + (size_t)b * KV, kv + (size_t)(b + 1) * KV, u + (size_t)b * width, u + (size_t)(b + 1) * width,
+                        L->slot_kv[s], KV, width, KV);
+    if (b < B) rows_matmul_acc(kv + (size_t)b * KV, NULL, u + (size_t)b * width, NULL, L->slot_kv[s], KV, width, KV);
+}
+
+static inline int ranks_before(float a, float b) { /* a NaN rank comes last, as in the Python engine's sort */
+    return a > b || (b != b && a == a);
+}
+
+static void layer_forward(Layer *L, Scratch *w, int t, int ts, int Ts, int B, const float *x_drives) {
+    const int K = L->K, H = L->H, Q = L->Q, V = L->V, S = L->S, G = 4 * H, R = G + Q, KV = Q + V;
+    const int C3 = L->NC * (2 * L->CK + L->CV), CX = L->NC * L->CV;
+    const float scale = 1.0f / sqrtf((float)L->CK);
+    float *h = L->h, *c = L->c, *rec = w->rec;
+    for (int k = 0; k < K; k++) {
+        memcpy(L->hprev + ((size_t)k * Ts + ts) * B * H, h + (size_t)k * B * H, sizeof(float) * B * H);
+        memcpy(L->cprev + ((size_t)ts * K + k) * B * H, c + (size_t)k * B * H, sizeof(float) * B * H);
+        for (int b = 0; b < B; b++) memcpy(rec + ((size_t)k * B + b) * R, L->br + (size_t)k * R, sizeof(float) * R);
+    }
+    /* Cell pre-activations from h and the (pre-scaled) queries, for every module: one product. */
+    modules_matmul_acc((Rows){rec, (size_t)B * R, R}, (Rows){h, (size_t)B * H, H}, L->Wr, K, B, H, R, NULL);
+
+    /* Input attention over [null, slots]; the null key is zero, so its score is exactly 0. */
+    uint8_t *act = L->active + (size_t)t * K * B;
+    const float *kv = L->kv + (size_t)ts * S * B * KV;
+    for (int k = 0; k < K; k++)
+        for (int b = 0; b < B; b++) {
+            const size_t kb = (size_t)k * B + b;
+            const float *q = rec + kb * R + G;
+            float *p = L->probs + ((size_t)t * K * B + kb) * (1 + S), sc[MAX_SLOTS];
+            memcpy(L->query + (((size_t)ts * K + k) * B + b) * Q, q, sizeof(float) * Q);
+            for (int s = 0; s < S; s++) sc[s] = dot(q, kv + ((size_t)s * B + b) * KV, Q);
+            if (S == 1) { /* softmax([0, s]) = [sigmoid(-s), sigmoid(s)]; rank by the score itself */
+                p[0] = sigmoidf(-sc[0]);
+                p[1] = sigmoidf(sc[0]);
+                w->rank[kb] = sc[0];
+            } else {
+                float m = 0.0f, total;
+                for (int s = 0; s < S; s++) m = sc[s] > m ? sc[s] : m;
+                total = p[0] = exp_approx(-m);
+                for (int s = 0; s < S; s++) total += (p[1 + s] = exp_approx(sc[s] - m));
+                for (int s = 0; s <= S; s++) p[s] /= total;
+                w->rank[kb] = -p[0]; /* least null attention first */
+            }
+        }
+    /* Top-k per env (ties: the lower module index). */
+    for (int b = 0; b < B; b++) {
+        memset(w->chosen, 0, (size_t)K);
+        for (int n = 0; n < L->k_active; n++) {
+            int best = -1;
+            for (int k = 0; k < K; k++)
+                if (!w->chosen[k] && (best < 0 || ranks_before(w->rank[k * B + b], w->rank[best * B + b]))) best = k;
+            w->chosen[best] = 1;
+        }
+        for (int k = 0; k < K; k++) act[k * B + b] = w->chosen[k];
+    }
+    /* Without drives: the attended value att = sum_s p_s v_s (every module), and W_ih on it. */
+    if (!L->drives) {
         for (int k = 0; k < K; k++)
             for (int b = 0; b < B; b++) {
                 const size_t kb = (size_t)k * B + b;
-                float *dc = dcomm + (((size_t)k * T + t) * B + b) * H;
-                if (!act[kb]) {
-                    memset(dc, 0, sizeof(float) * H);
-                    continue;
-                }
-                const float *u = s_upd + (((size_t)t * K + k) * B + b) * H, *g = gh + kb * H;
-                for (int j = 0; j < H; j++) dc[j] = g[j] * (1.0f - u[j] * u[j]);
+                const float *p = L->probs + ((size_t)t * K * B + kb) * (1 + S);
+                float *a = L->att + (((size_t)k * Ts + ts) * B + b) * V;
+                memset(a, 0, sizeof(float) * V);
+                for (int s = 0; s < S; s++) axpy(a, p[1 + s], kv + ((size_t)s * B + b) * KV + Q, V);
             }
-        modules_matmul_acc((Rows){dctx, (size_t)B * CX, CX}, (Rows){dcomm + (size_t)t * B * H, (size_t)T * B * H, H},
-                           WoT, K, B, H, CX, act);
-        /* Attention across modules, per env and head: A[i][j] = softmax_j(scale * q_i . k_j). */
-        for (int b = 0; b < B; b++)
-            for (int hd = 0; hd < d.NC; hd++) {
-                const float *A = s_attn + ((((size_t)t * B + b) * d.NC + hd) * K) * K;
-                const int off = hd * (2 * d.CK + d.CV);
-                const float *base = qkv + (size_t)b * C3 + off, *dcx = dctx + (size_t)b * CX + hd * d.CV;
-                const size_t ms = (size_t)B * C3, cs = (size_t)B * CX; /* module strides */
-                for (int i = 0; i < K; i++) { /* dS = A * (dA - sum_j A dA), times the score scale */
-                    float *dSi = dA + i * K, s = 0.0f;
-                    for (int j = 0; j < K; j++) dSi[j] = dot(dcx + i * cs, base + j * ms + 2 * d.CK, d.CV);
-                    for (int j = 0; j < K; j++) s += A[i * K + j] * dSi[j];
-                    for (int j = 0; j < K; j++) dSi[j] = A[i * K + j] * (dSi[j] - s) * scale;
-                }
-                float *dm = dqkv + ((size_t)t * B + b) * C3 + off; /* module m: + m * T * B * C3 */
-                const size_t ds = (size_t)T * B * C3;
-                for (int m = 0; m < K; m++) memset(dm + m * ds, 0, sizeof(float) * (2 * d.CK + d.CV));
-                square_matmul_acc(dm, ds, dA, base + d.CK, ms, K, d.CK); /* d q_i = sum_j dS[i][j] k_j */
-                transpose_square(dAT, dA, K);
-                square_matmul_acc(dm + d.CK, ds, dAT, base, ms, K, d.CK); /* d k_j = sum_i dS[i][j] q_i */
-                transpose_square(dAT, A, K);
-                square_matmul_acc(dm + 2 * d.CK, ds, dAT, dcx, cs, K, d.CV); /* d v_j = sum_i A[i][j] d ctx_i */
-            }
-        /* x = dh + dqkv @ W_qkv^T: the gradient w.r.t. h~ (= h_cell if active, h_prev if not). */
-        memcpy(x, gh, sizeof(float) * (size_t)K * B * H);
-        modules_matmul_acc((Rows){x, (size_t)B * H, H}, (Rows){dqkv + (size_t)t * B * C3, (size_t)T * B * C3, C3}, WcT,
-                           K, B, C3, H, NULL);
-        /* Cells, input attention, and the recurrent product back to h_prev. */
-        for (int k = 0; k < K; k++)
-            for (int b = 0; b < B; b++) {
-                const size_t kb = (size_t)k * B + b, row = ((size_t)t * K + k) * B + b;
-                const size_t drive_row = ((size_t)t * B + b) * K + k;
-                float *z = dz + (((size_t)k * T + t) * B + b) * R, *dd = d_drives + drive_row * G;
-                float *ghp = gh_prev + kb * H, *gcp = gc_prev + kb * H;
-                const float *xk = x + kb * H, *gck = gc + kb * H;
-                if (!act[kb]) {
-                    memcpy(ghp, xk, sizeof(float) * H);
-                    memcpy(gcp, gck, sizeof(float) * H);
-                    memset(z, 0, sizeof(float) * R);
-                    memset(dd, 0, sizeof(float) * G);
-                    continue;
-                }
-                const float *gate = s_gates + row * G, *tcr = s_tc + row * H, *cp = s_cprev + row * H;
-                for (int j = 0; j < H; j++) {
-                    const float ig = gate[j], fg = gate[H + j], og = gate[2 * H + j], gg = gate[3 * H + j];
-                    const float tcn = tcr[j], dhc = xk[j];
-                    const float dcc = dhc * og * (1.0f - tcn * tcn) + gck[j];
-                    z[j] = dcc * gg * ig * (1.0f - ig);
-                    z[H + j] = dcc * cp[j] * fg * (1.0f - fg);
-                    z[2 * H + j] = dhc * tcn * og * (1.0f - og);
-                    z[3 * H + j] = dcc * ig * (1.0f - gg * gg);
-                    gcp[j] = dcc * fg;
-                }
-                const float a = p[kb];
-                const float *dr = drives + drive_row * G;
-                const float dp = dot(z, dr, G);
-                for (int j = 0; j < G; j++) dd[j] = a * z[j];
-                const float ds = dp * a * (1.0f - a);
-                const float *key = keys + ((size_t)t * B + b) * Q, *q = s_query + row * Q;
-                float *dk = d_keys + ((size_t)t * B + b) * Q;
-                for (int m = 0; m < Q; m++) {
-                    z[G + m] = ds * key[m];
-                    dk[m] += ds * q[m];
-                }
-                memset(ghp, 0, sizeof(float) * H);
-            }
-        /* Active modules' h_prev gets its gradient through the recurrent product only. */
-        modules_matmul_acc((Rows){gh_prev, (size_t)B * H, H}, (Rows){dz + (size_t)t * B * R, (size_t)T * B * R, R}, WrT,
-                           K, B, R, H, act);
-        for (int b = 0; b < B; b++)
-            if (starts[t * B + b]) /* the state entering step t was reset: no gradient before it */
-                for (int k = 0; k < K; k++) {
-                    memset(gh_prev + ((size_t)k * B + b) * H, 0, sizeof(float) * H);
-                    memset(gc_prev + ((size_t)k * B + b) * H, 0, sizeof(float) * H);
-                }
-        memcpy(gh, gh_prev, sizeof(float) * (size_t)K * B * H);
-        memcpy(gc, gc_prev, sizeof(float) * (size_t)K * B * H);
+        modules_matmul_acc((Rows){rec, (size_t)B * R, R}, (Rows){L->att + (size_t)ts * B * V, (size_t)Ts * B * V, V},
+                           L->Wih, K, B, V, G, act);
     }
-    free(dctx), free(x), free(dA), free(dAT), free(gh_prev), free(gc_prev);
-    return 0;
+    /* Cells of the active modules; inactive ones carry h_{t-1} into communication. */
+    for (int k = 0; k < K; k++)
+        for (int b = 0; b < B; b++) {
+            const size_t kb = (size_t)k * B + b;
+            float *ht = L->htil + (((size_t)k * Ts + ts) * B + b) * H;
+            if (!act[kb]) {
+                memcpy(ht, h + kb * H, sizeof(float) * H);
+                continue;
+            }
+            const size_t row = ((size_t)ts * K + k) * B + b;
+            const float *drive = L->drives ? x_drives + (((size_t)t * B + b) * K + k) * G : NULL;
+            const float a = L->probs[((size_t)t * K * B + kb) * (1 + S) + 1];
+            lstm_cell(L->gates + row * G, rec + kb * R, drive, a, c + kb * H, L->tc + row * H, ht, H);
+        }
+    const float *htil = L->htil + (size_t)ts * B * H; /* module k's rows start at k * Ts * B * H */
+    const size_t htil_stride_k = (size_t)Ts * B * H;
+
+    /* Communication Q/K/V of every module from h~. */
+    float *qkv = L->qkv + (size_t)ts * K * B * C3;
+    memset(qkv, 0, sizeof(float) * (size_t)K * B * C3);
+    modules_matmul_acc((Rows){qkv, (size_t)B * C3, C3}, (Rows){(float *)htil, htil_stride_k, H}, L->Wc, K, B, H, C3,
+                       NULL);
+    /* Attention across modules per env and head; ctx_i = sum_j softmax_j(k_j . q_i) v_j. */
+    for (int b = 0; b < B; b++)
+        for (int hd = 0; hd < L->NC; hd++) {
+            float *A = L->attn + ((((size_t)ts * B + b) * L->NC + hd) * K) * K;
+            const float *base = qkv + (size_t)b * C3 + hd * (2 * L->CK + L->CV); /* module j: + j * B * C3 */
+            const size_t ms = (size_t)B * C3;
+            for (int i = 0; i < K; i++) {
+                float *Ai = A + i * K, m = -INFINITY, sum = 0.0f;
+                for (int j = 0; j < K; j++) {
+                    Ai[j] = scale * dot(base + j * ms + L->CK, base + i * ms, L->CK);
+                    m = Ai[j] > m ? Ai[j] : m;
+                }
+                for (int j = 0; j < K; j++) sum += (Ai[j] = exp_approx(Ai[j] - m));
+                for (int j = 0; j < K; j++) Ai[j] /= sum;
+            }
+            float *cx = L->ctx + ((size_t)ts * B + b) * CX + hd * L->CV; /* module i: + i * Ts * B * CX */
+            const size_t cs = (size_t)Ts * B * CX;
+            for (int i = 0; i < K; i++) memset(cx + i * cs, 0, sizeof(float) * L->CV);
+            square_matmul_acc(cx, cs, A, base + 2 * L->CK, ms, K, L->CV);
+        }
+    /* Bounded residual for the active modules: h = h~ + tanh(ctx @ W_out[k]); others keep h, c. */
+    float *upd = L->upd + (size_t)ts * K * B * H;
+    memset(upd, 0, sizeof(float) * (size_t)K * B * H);
+    modules_matmul_acc((Rows){upd, (size_t)B * H, H}, (Rows){L->ctx + (size_t)ts * B * CX, (size_t)Ts * B * CX, CX},
+                       L->Wo, K, B, CX, H, act);
+    for (int k = 0; k < K; k++)
+        for (int b = 0; b < B; b++) {
+            const size_t kb = (size_t)k * B + b;
+            float *hn = w->hnew + kb * H, *u = upd + kb * H;
+            if (!act[kb]) {
+                memcpy(hn, h + kb * H, sizeof(float) * H);
+                continue;
+            }
+            const float *ht = htil + (size_t)k * htil_stride_k + (size_t)b * H;
+            for (int j = 0; j < H; j++) {
+                u[j] = tanh_approx(u[j]);
+                hn[j] = ht[j] + u[j];
+            }
+        }
+    memcpy(h, w->hnew, sizeof(float) * (size_t)K * B * H);
+    if (L->out)
+        for (int b = 0; b < B; b++)
+            for (int k = 0; k < K; k++)
+                memcpy(L->out + ((size_t)t * B + b) * K * H + (size_t)k * H, h + ((size_t)k * B + b) * H,
+                       sizeof(float) * H);
+}
+
+/* Runs the stack over T steps; with save, keeps every step's intermediates for the backward.
+ * Returns 0, or 1 if scratch memory could not be allocated. */
+int rims_stack_forward(int T, int B, int L, int save, const uint8_t *starts, const float *x_keys, const float *x_feed,
+                       Layer *layers) {
+    Scratch w[8];
+    if (L < 1 || L > 8) return 2;
+    int ok = 1;
+    for (int l = 0; l < L; l++) ok &= scratch_alloc(&w[l], &layers[l], B);
+    const int Ts = save ? T : 1;
+    for (int t = 0; ok && t < T; t++) {
+        const int ts = save ? t : 0;
+        for (int l = 0; l < L; l++)
+            for (int b = 0; b < B; b++)
+                if (starts[t * B + b])
+                    for (int k = 0; k < layers[l].K; k++) {
+                        memset(layers[l].h + ((size_t)k * B + b) * layers[l].H, 0, sizeof(float) * layers[l].H);
+                        memset(layers[l].c + ((size_t)k * B + b) * layers[l].H, 0, sizeof(float) * layers[l].H);
+                    }
+        for (int l = 0; l < L; l++) {
+            for (int s = 0; s < layers[l].S; s++) fill_slot(layers, l, s, t, ts, T, B, x_keys, x_feed);
+            layer_forward(&layers[l], &w[l], t, ts, Ts, B, x_feed);
+        }
+    }
+    for (int l = 0; l < L; l++) scratch_free(&w[l]);
+    return ok ? 0 : 1;
+}
+
+/* Gradients of one layer's step t: gh_prev/gc_prev (w) for the state entering it, d_kv of its
+ * slots, d_drives, and the per-step weight-gradient factors dz, dqkv, dcomm. */
+static void layer_backward(Layer *L, Scratch *w, int t, int T, int B, const float *x_drives) {
+    const int K = L->K, H = L->H, Q = L->Q, V = L->V, S = L->S, G = 4 * H, R = G + Q, KV = Q + V;
+    const int C3 = L->NC * (2 * L->CK + L->CV), CX = L->NC * L->CV;
+    const float scale = 1.0f / sqrtf((float)L->CK);
+    const uint8_t *act = L->active + (size_t)t * K * B;
+    const float *qkv = L->qkv + (size_t)t * K * B * C3, *kv = L->kv + (size_t)t * S * B * KV;
+    float *gh = L->gh, *gc = L->gc, *x = w->x, *dctx = w->dctx;
+
+    /* Residual tanh, then d_ctx = d_comm @ W_out^T (active modules only use their update). */
+    memset(dctx, 0, sizeof(float) * (size_t)K * B * CX);
+    for (int k = 0; k < K; k++)
+        for (int b = 0; b < B; b++) {
+            const size_t kb = (size_t)k * B + b;
+            float *dc = L->dcomm + (((size_t)k * T + t) * B + b) * H;
+            if (!act[kb]) {
+                memset(dc, 0, sizeof(float) * H);
+                continue;
+            }
+            const float *u = L->upd + (((size_t)t * K + k) * B + b) * H, *g = gh + kb * H;
+            for (int j = 0; j < H; j++) dc[j] = g[j] * (1.0f - u[j] * u[j]);
+        }
+    modules_matmul_acc((Rows){dctx, (size_t)B * CX, CX}, (Rows){L->dcomm + (size_t)t * B * H, (size_t)T * B * H, H},
+                       L->WoT, K, B, H, CX, act);
+    /* Attention across modules, per env and head: A[i][j] = softmax_j(scale * q_i . k_j). */
+    for (int b = 0; b < B; b++)
+        for (int hd = 0; hd < L->NC; hd++) {
+            const float *A = L->attn + ((((size_t)t * B + b) * L->NC + hd) * K) * K;
+            const int off = hd * (2 * L->CK + L->CV);
+            const float *base = qkv + (size_t)b * C3 + off, *dcx = dctx + (size_t)b * CX + hd * L->CV;
+            const size_t ms = (size_t)B * C3, cs = (size_t)B * CX; /* module strides */
+            for (int i = 0; i < K; i++) { /* dS = A * (dA - sum_j A dA), times the score scale */
+                float *dSi = w->dA + i * K, s = 0.0f;
+                for (int j = 0; j < K; j++) dSi[j] = dot(dcx + i * cs, base + j * ms + 2 * L->CK, L->CV);
+                for (int j = 0; j < K; j++) s += A[i * K + j] * dSi[j];
+                for (int j = 0; j < K; j++) dSi[j] = A[i * K + j] * (dSi[j] - s) * scale;
+            }
+            float *dm = L->dqkv + ((size_t)t * B + b) * C3 + off; /* module m: + m * T * B * C3 */
+            const size_t ds = (size_t)T * B * C3;
+            for (int m = 0; m < K; m++) memset(dm + m * ds, 0, sizeof(float) * (2 * L->CK + L->CV));
+            square_matmul_acc(dm, ds, w->dA, base + L->CK, ms, K, L->CK); /* d q_i = sum_j dS[i][j] k_j */
+            transpose_square(w->dAT, w->dA, K);
+            square_matmul_acc(dm + L->CK, ds, w->dAT, base, ms, K, L->CK); /* d k_j = sum_i dS[i][j] q_i */
+            transpose_square(w->dAT, A, K);
+            square_matmul_acc(dm + 2 * L->CK, ds, w->dAT, dcx, cs, K, L->CV); /* d v_j = sum_i A[i][j] d ctx_i */
+        }
+    /* x = dh + dqkv @ W_qkv^T: the gradient w.r.t. h~ (= h_cell if active, h_prev if not). */
+    memcpy(x, gh, sizeof(float) * (size_t)K * B * H);
+    modules_matmul_acc((Rows){x, (size_t)B * H, H}, (Rows){L->dqkv + (size_t)t * B * C3, (size_t)T * B * C3, C3},
+                       L->WcT, K, B, C3, H, NULL);
+    /* Cells: d pre (the first G columns of dz) and the gradient of c_prev. */
+    for (int k = 0; k < K; k++)
+        for (int b = 0; b < B; b++) {
+            const size_t kb = (size_t)k * B + b, row = ((size_t)t * K + k) * B + b;
+            float *z = L->dz + (((size_t)k * T + t) * B + b) * R;
+            float *ghp = w->gh_prev + kb * H, *gcp = w->gc_prev + kb * H;
+            const float *xk = x + kb * H, *gck = gc + kb * H;
+            if (!act[kb]) {
+                memcpy(ghp, xk, sizeof(float) * H);
+                memcpy(gcp, gck, sizeof(float) * H);
+                memset(z, 0, sizeof(float) * R);
+                if (L->drives) memset(L->d_drives + (((size_t)t * B + b) * K + k) * G, 0, sizeof(float) * G);
+                continue;
+            }
+            const float *gate = L->gates + row * G, *tcr = L->tc + row * H, *cp = L->cprev + row * H;
+            for (int j = 0; j < H; j++) {
+                const float ig = gate[j], fg = gate[H + j], og = gate[2 * H + j], gg = gate[3 * H + j];
+                const float tcn = tcr[j], dhc = xk[j];
+                const float dcc = dhc * og * (1.0f - tcn * tcn) + gck[j];
+                z[j] = dcc * gg * ig * (1.0f - ig);
+                z[H + j] = dcc * cp[j] * fg * (1.0f - fg);
+                z[2 * H + j] = dhc * tcn * og * (1.0f - og);
+                z[3 * H + j] = dcc * ig * (1.0f - gg * gg);
+                gcp[j] = dcc * fg;
+            }
+            memset(ghp, 0, sizeof(float) * H); /* filled by the recurrent product below */
+        }
+    /* Without drives: d att = d pre @ W_ih^T. */
+    if (!L->drives) {
+        memset(w->datt, 0, sizeof(float) * (size_t)K * B * V);
+        modules_matmul_acc((Rows){w->datt, (size_t)B * V, V}, (Rows){L->dz + (size_t)t * B * R, (size_t)T * B * R, R},
+                           L->WihT, K, B, G, V, act);
+    }
+    /* Input attention: d of the slot probabilities, then of the scores, queries and keys|values. */
+    float *dkv = L->d_kv + (size_t)t * S * B * KV;
+    for (int k = 0; k < K; k++)
+        for (int b = 0; b < B; b++) {
+            const size_t kb = (size_t)k * B + b;
+            if (!act[kb]) continue;
+            float *z = L->dz + (((size_t)k * T + t) * B + b) * R;
+            const float *p = L->probs + ((size_t)t * K * B + kb) * (1 + S);
+            const float *q = L->query + (((size_t)t * K + k) * B + b) * Q;
+            float dp[MAX_SLOTS], dsc[MAX_SLOTS];
+            if (L->drives) { /* pre = rec + p_1 * drive */
+                const size_t drow = (((size_t)t * B + b) * K + k) * G;
+                dp[0] = dot(z, x_drives + drow, G);
+                for (int j = 0; j < G; j++) L->d_drives[drow + j] = p[1] * z[j];
+            } else { /* att = sum_s p_s v_s */
+                const float *da = w->datt + kb * V;
+                for (int s = 0; s < S; s++) {
+                    dp[s] = dot(da, kv + ((size_t)s * B + b) * KV + Q, V);
+                    axpy(dkv + ((size_t)s * B + b) * KV + Q, p[1 + s], da, V);
+                }
+            }
+            if (S == 1) {
+                dsc[0] = dp[0] * p[1] * (1.0f - p[1]);
+            } else { /* softmax over [null, slots], the null slot feeding nothing */
+                float mean = 0.0f;
+                for (int s = 0; s < S; s++) mean += p[1 + s] * dp[s];
+                for (int s = 0; s < S; s++) dsc[s] = p[1 + s] * (dp[s] - mean);
+            }
+            memset(z + G, 0, sizeof(float) * Q);
+            for (int s = 0; s < S; s++) {
+                axpy(z + G, dsc[s], kv + ((size_t)s * B + b) * KV, Q);       /* d query */
+                axpy(dkv + ((size_t)s * B + b) * KV, dsc[s], q, Q);          /* d key */
+            }
+        }
+    /* Active modules' h_prev gets its gradient through the recurrent product only. */
+    modules_matmul_acc((Rows){w->gh_prev, (size_t)B * H, H}, (Rows){L->dz + (size_t)t * B * R, (size_t)T * B * R, R},
+                       L->WrT, K, B, R, H, act);
+}
+
+/* Adds d u = d_kv[s] @ slot_kv^T of a per-step slot to its source layer's h gradient (target). */
+static void slot_input_backward(const Layer *L, int s, int t, int B, const Layer *src, float *target, float *du) {
+    const int KV = L->Q + L->V, width = L->width[s];
+    const float *dkv = L->d_kv + ((size_t)t * L->S + s) * B * KV;
+    memset(du, 0, sizeof(float) * (size_t)B * width);
+    int b = 0;
+    for (; b + 2 <= B; b += 2)
+        rows_matmul_acc(du + (size_t)b * width, du + (size_t)(b + 1) * width, dkv + (size_t)b * KV,
+                        dkv + (size_t)(b + 1) * KV, L->slot_kvT[s], width, KV, width);
+    if (b < B) rows_matmul_acc(du + (size_t)b * width, NULL, dkv + (size_t)b * KV, NULL, L->slot_kvT[s], width, KV, width);
+    for (int k = 0; k < src->K; k++)
+        for (b = 0; b < B; b++)
+            axpy(target + ((size_t)k * B + b) * src->H, 1.0f, du + (size_t)b * width + (size_t)k * src->H, src->H);
+}
+
+/* Backward through time of rims_stack_forward (run with save=1): see the layouts above. */
+int rims_stack_backward(int T, int B, int L, const uint8_t *starts, const float *x_drives, Layer *layers) {
+    Scratch w[8];
+    if (L < 1 || L > 8) return 2;
+    int ok = 1;
+    size_t widest = 1;
+    for (int l = 0; l < L; l++) {
+        ok &= scratch_alloc(&w[l], &layers[l], B);
+        for (int s = 0; s < layers[l].S; s++) widest = (size_t)layers[l].width[s] > widest ? (size_t)layers[l].width[s] : widest;
+    }
+    float *du = malloc(sizeof(float) * (size_t)B * widest);
+    ok &= du != NULL;
+    for (int t = T - 1; ok && t >= 0; t--) {
+        for (int l = 0; l < L; l++)
+            if (layers[l].d_out) {
+                const Layer *Ll = &layers[l];
+                for (int k = 0; k < Ll->K; k++)
+                    for (int b = 0; b < B; b++)
+                        axpy(Ll->gh + ((size_t)k * B + b) * Ll->H, 1.0f,
+                             Ll->d_out + ((size_t)t * B + b) * Ll->K * Ll->H + (size_t)k * Ll->H, Ll->H);
+            }
+        for (int l = L - 1; l >= 0; l--) { /* the upper layers used the lower ones' results of this step */
+            layer_backward(&layers[l], &w[l], t, T, B, x_drives);
+            for (int s = 0; s < layers[l].S; s++) {
+                if (l == 0 && s == 0) continue; /* x's slot: d_kv is the caller's */
+                if (s == 0) /* bottom-up read layer l-1's h at this step */
+                    slot_input_backward(&layers[l], s, t, B, &layers[l - 1], layers[l - 1].gh, du);
+                else /* top-down read layer l+1's h from step t-1 */
+                    slot_input_backward(&layers[l], s, t, B, &layers[l + 1], w[l + 1].gh_prev, du);
+            }
+        }
+        for (int l = 0; l < L; l++) {
+            Layer *Ll = &layers[l];
+            for (int b = 0; b < B; b++)
+                if (starts[t * B + b]) /* the state entering step t was reset: no gradient before it */
+                    for (int k = 0; k < Ll->K; k++) {
+                        memset(w[l].gh_prev + ((size_t)k * B + b) * Ll->H, 0, sizeof(float) * Ll->H);
+                        memset(w[l].gc_prev + ((size_t)k * B + b) * Ll->H, 0, sizeof(float) * Ll->H);
+                    }
+            memcpy(Ll->gh, w[l].gh_prev, sizeof(float) * (size_t)Ll->K * B * Ll->H);
+            memcpy(Ll->gc, w[l].gc_prev, sizeof(float) * (size_t)Ll->K * B * Ll->H);
+        }
+    }
+    for (int l = 0; l < L; l++) scratch_free(&w[l]);
+    free(du);
+    return ok ? 0 : 1;
 }
