@@ -32,7 +32,6 @@ FLAGS = ("-O3", "-fPIC", "-shared", "-std=c11")
 NATIVE_FLAG = "-march=native"
 
 
-
 def cache_dir() -> Path:
     """Where built kernels are kept: ``$XDG_CACHE_HOME`` or ``~/.cache``, else the temp folder."""
     root = os.environ.get("XDG_CACHE_HOME")
