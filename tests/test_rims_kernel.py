@@ -8,6 +8,7 @@ quietly fall back to the Python engine.
 from __future__ import annotations
 
 import copy
+import gc
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
@@ -487,3 +488,23 @@ def test_compiler_command_with_arguments(monkeypatch: pytest.MonkeyPatch, tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert rims_kernel() is not None
+
+
+@pytest.mark.parametrize("stack", ["rims", "brims"])
+def test_saved_buffers_return_to_the_pool_without_the_garbage_collector(stack: str) -> None:
+    """Once a training step's graph is gone its pooled buffers are reused at once: nothing may tie them
+    into a reference cycle (which would hold tens of MB per step until a garbage collection)."""
+    from policies.cores.rims import _POOL
+
+    core = small() if stack == "rims" else BRIMs(IN, layers=[{"num_modules": 4, "module_size": 6, "k_active": 2}] * 2)
+    x, starts, _ = episode(T=6, B=2)
+    gc.disable()
+    try:
+        _POOL.clear()
+        for _ in range(3):
+            out, state = core(x.clone().requires_grad_(True), core.initial_state(2), starts)
+            (out.sum() + state.sum()).backward()
+            del out, state
+        assert len(_POOL.free) == 2 and all(len(buffers) == 1 for buffers in _POOL.free.values())
+    finally:
+        gc.enable()

@@ -1312,7 +1312,10 @@ class _KernelStack(torch.autograd.Function):
     ) -> tuple[Tensor, ...]:
         run = _kernel_run(core, lib, starts, state, x_keys, x_feed, *flat_weights, save=True)
         # Saved intermediates and their lease live on ctx, freed with the graph (a retained graph keeps them).
-        ctx.core, ctx.lib, ctx.run = core, lib, run
+        # Never the outputs themselves: out -> grad_fn -> ctx -> out would be a cycle that only the garbage
+        # collector breaks, holding the pooled buffer (tens of MB) until it runs.
+        ctx.core, ctx.lib = core, lib
+        ctx.run = run._replace(out=None, state=None)
         ctx.tensors = (starts, x_keys.detach(), x_feed.detach())
         ctx.flat_weights = [None if w is None else w.detach() for w in flat_weights]
         ctx.mark_non_differentiable(*run.active, *run.probs)
