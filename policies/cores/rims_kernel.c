@@ -143,11 +143,16 @@ static void rows_matmul_acc(float *restrict y0, float *restrict y1, const float 
         store8(y0 + j0, a0);
         if (y1) store8(y1 + j0, a1);
     }
-    if (j0 < N)
+    for (; j0 < N; j0++) { /* the last N % 8 columns, each a running sum kept in a register */
+        float a0 = y0[j0], a1 = y1 ? y1[j0] : 0.0f;
         for (int m = 0; m < M; m++) {
-            axpy(y0 + j0, x0[m], W + m * ws + j0, N - j0);
-            if (y1) axpy(y1 + j0, x1[m], W + m * ws + j0, N - j0);
+            const float wm = W[m * ws + j0];
+            a0 += x0[m] * wm;
+            if (y1) a1 += x1[m] * wm;
         }
+        y0[j0] = a0;
+        if (y1) y1[j0] = a1;
+    }
 }
 
 /* A row of a (module, env) matrix: module k's rows start k * ks apart, env b's rows b * bs apart. */
