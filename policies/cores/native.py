@@ -28,7 +28,7 @@ from torch import Tensor
 DISABLE_ENV = "MODULAR_MEMORY_NATIVE"
 SOURCE = Path(__file__).with_name("rims_kernel.c")
 # -ffp-contract=fast: ISO C mode would otherwise forbid fusing a*b+c into one FMA instruction.
-FLAGS = ("-O3", "-ffp-contract=fast", "-fPIC", "-shared", "-std=c11")
+FLAGS = ("-O3", "-ffp-contract=fast", "-pthread", "-fPIC", "-shared", "-std=c11")
 # Tuned for the CPU it runs on (AVX2/AVX-512 on x86); a compiler that refuses it builds without.
 NATIVE_FLAG = "-march=native"
 
@@ -107,11 +107,11 @@ def rims_kernel() -> ctypes.CDLL | None:
             stacklevel=2,
         )
         return None
-    # (T, B, L, save, starts, x_keys, x_feed, layers) and (T, B, L, starts, x_drives, layers): the layer
-    # array goes as a pointer to KernelLayer structures (policies/cores/rims.py).
+    # (T, B, L, save, starts, x_keys, x_feed, layers, threads) and (T, B, L, starts, x_drives, layers,
+    # threads): the layer array goes as a pointer to KernelLayer structures (policies/cores/rims.py).
     c_int, c_void_p = ctypes.c_int, ctypes.c_void_p
-    lib.rims_stack_forward.argtypes = [c_int, c_int, c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p]
-    lib.rims_stack_backward.argtypes = [c_int, c_int, c_int, c_void_p, c_void_p, c_void_p]
+    lib.rims_stack_forward.argtypes = [c_int, c_int, c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_int]
+    lib.rims_stack_backward.argtypes = [c_int, c_int, c_int, c_void_p, c_void_p, c_void_p, c_int]
     lib.rims_stack_forward.restype = lib.rims_stack_backward.restype = c_int
     return lib
 

@@ -1182,6 +1182,12 @@ class KernelRun(NamedTuple):
     lease: _Lease | None  # keeps the pooled buffer of ``saved`` from reuse while alive
 
 
+def _kernel_threads(T: int, B: int) -> int:
+    """Threads the kernel splits the envs among: torch's CPU thread count, once a call has enough work
+    (starting a thread costs about as much as a few env steps, so a rollout's one-step calls stay on one)."""
+    return max(1, min(torch.get_num_threads(), B)) if T * B >= 64 else 1
+
+
 def _set(struct: KernelLayer, name: str, t: Tensor | None, dtype: torch.dtype = torch.float32) -> None:
     setattr(struct, name, None if t is None else pointer(t, dtype))
 
@@ -1287,7 +1293,7 @@ def _kernel_run(
         structs[li] = struct
     status = lib.rims_stack_forward(
         T, B, len(layers), int(save), pointer(starts, torch.uint8), pointer(x_keys.detach()),
-        pointer(x_feed.detach()), ctypes.addressof(structs),
+        pointer(x_feed.detach()), ctypes.addressof(structs), _kernel_threads(T, B),
     )  # fmt: skip
     if status != 0:
         raise MemoryError("the RIMs kernel could not allocate its step buffers")
@@ -1396,7 +1402,8 @@ class _KernelStack(torch.autograd.Function):
             _set(struct, "gc", grads[li][1])
             structs[li] = struct
         status = ctx.lib.rims_stack_backward(
-            T, B, len(layers), pointer(starts, torch.uint8), pointer(x_feed), ctypes.addressof(structs)
+            T, B, len(layers), pointer(starts, torch.uint8), pointer(x_feed), ctypes.addressof(structs),
+            _kernel_threads(T, B),
         )
         del keep
         if status != 0:

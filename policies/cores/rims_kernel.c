@@ -36,6 +36,7 @@
  * Entries of inactive modules in gates, tc and upd are never written and never read.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -163,13 +164,28 @@ typedef struct {
 
 static inline float *row(Rows r, int k, int b) { return r.p + (size_t)k * r.ks + (size_t)b * r.bs; }
 
-/* y[k][b] += x[k][b] @ W[k] for every module k and env b, W (K, M, N); rows where `only` (K, B)
- * is 0 are skipped. Rows go through the product in pairs, sharing the loads of W[k]. */
-static void modules_matmul_acc(Rows y, Rows x, const float *W, int K, int B, int M, int N, const uint8_t *only) {
+/* The envs [b0, b1) that one thread works on: envs never interact inside the kernel, so threads
+ * split the batch and run the whole sequence without waiting for each other. */
+typedef struct {
+    int b0, b1;
+} Envs;
+
+/* Rows [b0, b1) of a (B, n) block: cleared, or copied from another. */
+static inline void clear_envs(float *block, int n, Envs e) {
+    memset(block + (size_t)e.b0 * n, 0, sizeof(float) * (size_t)(e.b1 - e.b0) * n);
+}
+static inline void copy_envs(float *to, const float *from, int n, Envs e) {
+    memcpy(to + (size_t)e.b0 * n, from + (size_t)e.b0 * n, sizeof(float) * (size_t)(e.b1 - e.b0) * n);
+}
+
+/* y[k][b] += x[k][b] @ W[k] for every module k and env b in e, W (K, M, N); rows where `only`
+ * (K, B) is 0 are skipped. Rows go through the product in pairs, sharing the loads of W[k]. */
+static void modules_matmul_acc(Rows y, Rows x, const float *W, int K, int B, Envs e, int M, int N,
+                               const uint8_t *only) {
     for (int k = 0; k < K; k++) {
         const float *Wk = W + (size_t)k * M * N;
         int pending = -1; /* a row waiting for its partner */
-        for (int b = 0; b < B; b++) {
+        for (int b = e.b0; b < e.b1; b++) {
             if (only && !only[k * B + b]) continue;
             if (pending < 0) {
                 pending = b;
@@ -212,6 +228,7 @@ typedef struct {
 
 /* Per-layer scratch of one step. */
 typedef struct {
+    Envs e;
     float *rec, *rank, *hnew, *dctx, *x, *dA, *dAT, *datt, *gh_prev, *gc_prev;
     uint8_t *chosen;
 } Scratch;
@@ -240,32 +257,31 @@ static void scratch_free(Scratch *w) {
 
 /* Keys|values of slot s of layer l at step t into kv[ts][s]: from x for layer 0's first slot, else
  * u @ slot_kv with u the source layer's h flattened to (B, K'*H') (kept in u[s] for the backward). */
-static void fill_slot(Layer *layers, int l, int s, int t, int ts, int T, int B, const float *x_keys,
+static void fill_slot(Layer *layers, int l, int s, int t, int ts, int B, Envs e, const float *x_keys,
                       const float *x_feed) {
     Layer *L = &layers[l];
     const int KV = L->Q + L->V;
     float *kv = L->kv + ((size_t)ts * L->S + s) * B * KV;
     if (l == 0 && s == 0) {
-        for (int b = 0; b < B; b++) {
+        for (int b = e.b0; b < e.b1; b++) {
             memcpy(kv + (size_t)b * KV, x_keys + ((size_t)t * B + b) * L->Q, sizeof(float) * L->Q);
             if (!L->drives) memcpy(kv + (size_t)b * KV + L->Q, x_feed + ((size_t)t * B + b) * L->V, sizeof(float) * L->V);
         }
-        (void)T;
         return;
     }
     const Layer *src = &layers[s == 0 ? l - 1 : l + 1];
     const int width = L->width[s];
     float *u = L->u[s] + (size_t)ts * B * width;
-    for (int b = 0; b < B; b++)
+    for (int b = e.b0; b < e.b1; b++)
         for (int k = 0; k < src->K; k++)
             memcpy(u + (size_t)b * width + (size_t)k * src->H, src->h + ((size_t)k * B + b) * src->H,
                    sizeof(float) * src->H);
-    memset(kv, 0, sizeof(float) * (size_t)B * KV);
-    int b = 0;
-    for (; b + 2 <= B; b += 2)
+    clear_envs(kv, KV, e);
+    int b = e.b0;
+    for (; b + 2 <= e.b1; b += 2)
         rows_matmul_acc(kv + (size_t)b * KV, kv + (size_t)(b + 1) * KV, u + (size_t)b * width, u + (size_t)(b + 1) * width,
                         L->slot_kv[s], KV, width, KV);
-    if (b < B) rows_matmul_acc(kv + (size_t)b * KV, NULL, u + (size_t)b * width, NULL, L->slot_kv[s], KV, width, KV);
+    if (b < e.b1) rows_matmul_acc(kv + (size_t)b * KV, NULL, u + (size_t)b * width, NULL, L->slot_kv[s], KV, width, KV);
 }
 
 static inline int ranks_before(float a, float b) { /* a NaN rank comes last, as in the Python engine's sort */
@@ -278,18 +294,19 @@ static void layer_forward(Layer *L, Scratch *w, int t, int ts, int Ts, int B, co
     const float scale = 1.0f / sqrtf((float)L->CK);
     float *h = L->h, *c = L->c, *rec = w->rec;
     for (int k = 0; k < K; k++) {
-        memcpy(L->hprev + ((size_t)k * Ts + ts) * B * H, h + (size_t)k * B * H, sizeof(float) * B * H);
-        memcpy(L->cprev + ((size_t)ts * K + k) * B * H, c + (size_t)k * B * H, sizeof(float) * B * H);
-        for (int b = 0; b < B; b++) memcpy(rec + ((size_t)k * B + b) * R, L->br + (size_t)k * R, sizeof(float) * R);
+        const size_t first = (size_t)w->e.b0 * H, n = sizeof(float) * (size_t)(w->e.b1 - w->e.b0) * H;
+        memcpy(L->hprev + ((size_t)k * Ts + ts) * B * H + first, h + (size_t)k * B * H + first, n);
+        memcpy(L->cprev + ((size_t)ts * K + k) * B * H + first, c + (size_t)k * B * H + first, n);
+        for (int b = w->e.b0; b < w->e.b1; b++) memcpy(rec + ((size_t)k * B + b) * R, L->br + (size_t)k * R, sizeof(float) * R);
     }
     /* Cell pre-activations from h and the (pre-scaled) queries, for every module: one product. */
-    modules_matmul_acc((Rows){rec, (size_t)B * R, R}, (Rows){h, (size_t)B * H, H}, L->Wr, K, B, H, R, NULL);
+    modules_matmul_acc((Rows){rec, (size_t)B * R, R}, (Rows){h, (size_t)B * H, H}, L->Wr, K, B, w->e, H, R, NULL);
 
     /* Input attention over [null, slots]; the null key is zero, so its score is exactly 0. */
     uint8_t *act = L->active + (size_t)t * K * B;
     const float *kv = L->kv + (size_t)ts * S * B * KV;
     for (int k = 0; k < K; k++)
-        for (int b = 0; b < B; b++) {
+        for (int b = w->e.b0; b < w->e.b1; b++) {
             const size_t kb = (size_t)k * B + b;
             const float *q = rec + kb * R + G;
             float *p = L->probs + ((size_t)t * K * B + kb) * (1 + S), sc[MAX_SLOTS];
@@ -309,7 +326,7 @@ static void layer_forward(Layer *L, Scratch *w, int t, int ts, int Ts, int B, co
             }
         }
     /* Top-k per env (ties: the lower module index). */
-    for (int b = 0; b < B; b++) {
+    for (int b = w->e.b0; b < w->e.b1; b++) {
         memset(w->chosen, 0, (size_t)K);
         for (int n = 0; n < L->k_active; n++) {
             int best = -1;
@@ -322,7 +339,7 @@ static void layer_forward(Layer *L, Scratch *w, int t, int ts, int Ts, int B, co
     /* Without drives: the attended value att = sum_s p_s v_s (every module), and W_ih on it. */
     if (!L->drives) {
         for (int k = 0; k < K; k++)
-            for (int b = 0; b < B; b++) {
+            for (int b = w->e.b0; b < w->e.b1; b++) {
                 const size_t kb = (size_t)k * B + b;
                 const float *p = L->probs + ((size_t)t * K * B + kb) * (1 + S);
                 float *a = L->att + (((size_t)k * Ts + ts) * B + b) * V;
@@ -330,11 +347,11 @@ static void layer_forward(Layer *L, Scratch *w, int t, int ts, int Ts, int B, co
                 for (int s = 0; s < S; s++) axpy(a, p[1 + s], kv + ((size_t)s * B + b) * KV + Q, V);
             }
         modules_matmul_acc((Rows){rec, (size_t)B * R, R}, (Rows){L->att + (size_t)ts * B * V, (size_t)Ts * B * V, V},
-                           L->Wih, K, B, V, G, act);
+                           L->Wih, K, B, w->e, V, G, act);
     }
     /* Cells of the active modules; inactive ones carry h_{t-1} into communication. */
     for (int k = 0; k < K; k++)
-        for (int b = 0; b < B; b++) {
+        for (int b = w->e.b0; b < w->e.b1; b++) {
             const size_t kb = (size_t)k * B + b;
             float *ht = L->htil + (((size_t)k * Ts + ts) * B + b) * H;
             if (!act[kb]) {
@@ -351,11 +368,11 @@ static void layer_forward(Layer *L, Scratch *w, int t, int ts, int Ts, int B, co
 
     /* Communication Q/K/V of every module from h~. */
     float *qkv = L->qkv + (size_t)ts * K * B * C3;
-    memset(qkv, 0, sizeof(float) * (size_t)K * B * C3);
-    modules_matmul_acc((Rows){qkv, (size_t)B * C3, C3}, (Rows){(float *)htil, htil_stride_k, H}, L->Wc, K, B, H, C3,
+    for (int k = 0; k < K; k++) clear_envs(qkv + (size_t)k * B * C3, C3, w->e);
+    modules_matmul_acc((Rows){qkv, (size_t)B * C3, C3}, (Rows){(float *)htil, htil_stride_k, H}, L->Wc, K, B, w->e, H, C3,
                        NULL);
     /* Attention across modules per env and head; ctx_i = sum_j softmax_j(k_j . q_i) v_j. */
-    for (int b = 0; b < B; b++)
+    for (int b = w->e.b0; b < w->e.b1; b++)
         for (int hd = 0; hd < L->NC; hd++) {
             float *A = L->attn + ((((size_t)ts * B + b) * L->NC + hd) * K) * K;
             const float *base = qkv + (size_t)b * C3 + hd * (2 * L->CK + L->CV); /* module j: + j * B * C3 */
@@ -376,11 +393,11 @@ static void layer_forward(Layer *L, Scratch *w, int t, int ts, int Ts, int B, co
         }
     /* Bounded residual for the active modules: h = h~ + tanh(ctx @ W_out[k]); others keep h, c. */
     float *upd = L->upd + (size_t)ts * K * B * H;
-    memset(upd, 0, sizeof(float) * (size_t)K * B * H);
+    for (int k = 0; k < K; k++) clear_envs(upd + (size_t)k * B * H, H, w->e);
     modules_matmul_acc((Rows){upd, (size_t)B * H, H}, (Rows){L->ctx + (size_t)ts * B * CX, (size_t)Ts * B * CX, CX},
-                       L->Wo, K, B, CX, H, act);
+                       L->Wo, K, B, w->e, CX, H, act);
     for (int k = 0; k < K; k++)
-        for (int b = 0; b < B; b++) {
+        for (int b = w->e.b0; b < w->e.b1; b++) {
             const size_t kb = (size_t)k * B + b;
             float *hn = w->hnew + kb * H, *u = upd + kb * H;
             if (!act[kb]) {
@@ -393,39 +410,12 @@ static void layer_forward(Layer *L, Scratch *w, int t, int ts, int Ts, int B, co
                 hn[j] = ht[j] + u[j];
             }
         }
-    memcpy(h, w->hnew, sizeof(float) * (size_t)K * B * H);
+    for (int k = 0; k < K; k++) copy_envs(h + (size_t)k * B * H, w->hnew + (size_t)k * B * H, H, w->e);
     if (L->out)
-        for (int b = 0; b < B; b++)
+        for (int b = w->e.b0; b < w->e.b1; b++)
             for (int k = 0; k < K; k++)
                 memcpy(L->out + ((size_t)t * B + b) * K * H + (size_t)k * H, h + ((size_t)k * B + b) * H,
                        sizeof(float) * H);
-}
-
-/* Runs the stack over T steps; with save, keeps every step's intermediates for the backward.
- * Returns 0, or 1 if scratch memory could not be allocated. */
-int rims_stack_forward(int T, int B, int L, int save, const uint8_t *starts, const float *x_keys, const float *x_feed,
-                       Layer *layers) {
-    Scratch w[8];
-    if (L < 1 || L > 8) return 2;
-    int ok = 1;
-    for (int l = 0; l < L; l++) ok &= scratch_alloc(&w[l], &layers[l], B);
-    const int Ts = save ? T : 1;
-    for (int t = 0; ok && t < T; t++) {
-        const int ts = save ? t : 0;
-        for (int l = 0; l < L; l++)
-            for (int b = 0; b < B; b++)
-                if (starts[t * B + b])
-                    for (int k = 0; k < layers[l].K; k++) {
-                        memset(layers[l].h + ((size_t)k * B + b) * layers[l].H, 0, sizeof(float) * layers[l].H);
-                        memset(layers[l].c + ((size_t)k * B + b) * layers[l].H, 0, sizeof(float) * layers[l].H);
-                    }
-        for (int l = 0; l < L; l++) {
-            for (int s = 0; s < layers[l].S; s++) fill_slot(layers, l, s, t, ts, T, B, x_keys, x_feed);
-            layer_forward(&layers[l], &w[l], t, ts, Ts, B, x_feed);
-        }
-    }
-    for (int l = 0; l < L; l++) scratch_free(&w[l]);
-    return ok ? 0 : 1;
 }
 
 /* Gradients of one layer's step t: gh_prev/gc_prev (w) for the state entering it, d_kv of its
@@ -439,9 +429,9 @@ static void layer_backward(Layer *L, Scratch *w, int t, int T, int B, const floa
     float *gh = L->gh, *gc = L->gc, *x = w->x, *dctx = w->dctx;
 
     /* Residual tanh, then d_ctx = d_comm @ W_out^T (active modules only use their update). */
-    memset(dctx, 0, sizeof(float) * (size_t)K * B * CX);
+    for (int k = 0; k < K; k++) clear_envs(dctx + (size_t)k * B * CX, CX, w->e);
     for (int k = 0; k < K; k++)
-        for (int b = 0; b < B; b++) {
+        for (int b = w->e.b0; b < w->e.b1; b++) {
             const size_t kb = (size_t)k * B + b;
             float *dc = L->dcomm + (((size_t)k * T + t) * B + b) * H;
             if (!act[kb]) {
@@ -452,9 +442,9 @@ static void layer_backward(Layer *L, Scratch *w, int t, int T, int B, const floa
             for (int j = 0; j < H; j++) dc[j] = g[j] * (1.0f - u[j] * u[j]);
         }
     modules_matmul_acc((Rows){dctx, (size_t)B * CX, CX}, (Rows){L->dcomm + (size_t)t * B * H, (size_t)T * B * H, H},
-                       L->WoT, K, B, H, CX, act);
+                       L->WoT, K, B, w->e, H, CX, act);
     /* Attention across modules, per env and head: A[i][j] = softmax_j(scale * q_i . k_j). */
-    for (int b = 0; b < B; b++)
+    for (int b = w->e.b0; b < w->e.b1; b++)
         for (int hd = 0; hd < L->NC; hd++) {
             const float *A = L->attn + ((((size_t)t * B + b) * L->NC + hd) * K) * K;
             const int off = hd * (2 * L->CK + L->CV);
@@ -476,12 +466,12 @@ static void layer_backward(Layer *L, Scratch *w, int t, int T, int B, const floa
             square_matmul_acc(dm + 2 * L->CK, ds, w->dAT, dcx, cs, K, L->CV); /* d v_j = sum_i A[i][j] d ctx_i */
         }
     /* x = dh + dqkv @ W_qkv^T: the gradient w.r.t. h~ (= h_cell if active, h_prev if not). */
-    memcpy(x, gh, sizeof(float) * (size_t)K * B * H);
+    for (int k = 0; k < K; k++) copy_envs(x + (size_t)k * B * H, gh + (size_t)k * B * H, H, w->e);
     modules_matmul_acc((Rows){x, (size_t)B * H, H}, (Rows){L->dqkv + (size_t)t * B * C3, (size_t)T * B * C3, C3},
-                       L->WcT, K, B, C3, H, NULL);
+                       L->WcT, K, B, w->e, C3, H, NULL);
     /* Cells: d pre (the first G columns of dz) and the gradient of c_prev. */
     for (int k = 0; k < K; k++)
-        for (int b = 0; b < B; b++) {
+        for (int b = w->e.b0; b < w->e.b1; b++) {
             const size_t kb = (size_t)k * B + b, row = ((size_t)t * K + k) * B + b;
             float *z = L->dz + (((size_t)k * T + t) * B + b) * R;
             float *ghp = w->gh_prev + kb * H, *gcp = w->gc_prev + kb * H;
@@ -508,14 +498,14 @@ static void layer_backward(Layer *L, Scratch *w, int t, int T, int B, const floa
         }
     /* Without drives: d att = d pre @ W_ih^T. */
     if (!L->drives) {
-        memset(w->datt, 0, sizeof(float) * (size_t)K * B * V);
+        for (int k = 0; k < K; k++) clear_envs(w->datt + (size_t)k * B * V, V, w->e);
         modules_matmul_acc((Rows){w->datt, (size_t)B * V, V}, (Rows){L->dz + (size_t)t * B * R, (size_t)T * B * R, R},
-                           L->WihT, K, B, G, V, act);
+                           L->WihT, K, B, w->e, G, V, act);
     }
     /* Input attention: d of the slot probabilities, then of the scores, queries and keys|values. */
     float *dkv = L->d_kv + (size_t)t * S * B * KV;
     for (int k = 0; k < K; k++)
-        for (int b = 0; b < B; b++) {
+        for (int b = w->e.b0; b < w->e.b1; b++) {
             const size_t kb = (size_t)k * B + b;
             if (!act[kb]) continue;
             float *z = L->dz + (((size_t)k * T + t) * B + b) * R;
@@ -548,68 +538,164 @@ static void layer_backward(Layer *L, Scratch *w, int t, int T, int B, const floa
         }
     /* Active modules' h_prev gets its gradient through the recurrent product only. */
     modules_matmul_acc((Rows){w->gh_prev, (size_t)B * H, H}, (Rows){L->dz + (size_t)t * B * R, (size_t)T * B * R, R},
-                       L->WrT, K, B, R, H, act);
+                       L->WrT, K, B, w->e, R, H, act);
 }
 
 /* Adds d u = d_kv[s] @ slot_kv^T of a per-step slot to its source layer's h gradient (target). */
-static void slot_input_backward(const Layer *L, int s, int t, int B, const Layer *src, float *target, float *du) {
+static void slot_input_backward(const Layer *L, int s, int t, int B, Envs e, const Layer *src, float *target,
+                                float *du) {
     const int KV = L->Q + L->V, width = L->width[s];
     const float *dkv = L->d_kv + ((size_t)t * L->S + s) * B * KV;
-    memset(du, 0, sizeof(float) * (size_t)B * width);
-    int b = 0;
-    for (; b + 2 <= B; b += 2)
+    clear_envs(du, width, e);
+    int b = e.b0;
+    for (; b + 2 <= e.b1; b += 2)
         rows_matmul_acc(du + (size_t)b * width, du + (size_t)(b + 1) * width, dkv + (size_t)b * KV,
                         dkv + (size_t)(b + 1) * KV, L->slot_kvT[s], width, KV, width);
-    if (b < B) rows_matmul_acc(du + (size_t)b * width, NULL, dkv + (size_t)b * KV, NULL, L->slot_kvT[s], width, KV, width);
+    if (b < e.b1)
+        rows_matmul_acc(du + (size_t)b * width, NULL, dkv + (size_t)b * KV, NULL, L->slot_kvT[s], width, KV, width);
     for (int k = 0; k < src->K; k++)
-        for (b = 0; b < B; b++)
+        for (b = e.b0; b < e.b1; b++)
             axpy(target + ((size_t)k * B + b) * src->H, 1.0f, du + (size_t)b * width + (size_t)k * src->H, src->H);
 }
 
-/* Backward through time of rims_stack_forward (run with save=1): see the layouts above. */
-int rims_stack_backward(int T, int B, int L, const uint8_t *starts, const float *x_drives, Layer *layers) {
-    Scratch w[8];
-    if (L < 1 || L > 8) return 2;
+/* One thread's share of a call: the envs e of the whole sequence (envs never interact here). */
+typedef struct {
+    int T, B, L, save;
+    const uint8_t *starts;
+    const float *x_keys, *x_feed;
+    Layer *layers;
+    Envs e;
+    int status;
+} Job;
+
+#define MAX_LAYERS 8
+#define MAX_THREADS 16
+
+static int scratch_all(Scratch *w, const Job *j) {
     int ok = 1;
+    for (int l = 0; l < j->L; l++) {
+        ok &= scratch_alloc(&w[l], &j->layers[l], j->B);
+        w[l].e = j->e;
+    }
+    return ok;
+}
+
+/* Zero the rows (state, or its gradient) of this job's envs whose episode starts at step t. */
+static void reset_envs(const Job *j, int t, float *const *h, float *const *c) {
+    for (int l = 0; l < j->L; l++) {
+        const Layer *Ll = &j->layers[l];
+        for (int b = j->e.b0; b < j->e.b1; b++)
+            if (j->starts[t * j->B + b])
+                for (int k = 0; k < Ll->K; k++) {
+                    memset(h[l] + ((size_t)k * j->B + b) * Ll->H, 0, sizeof(float) * Ll->H);
+                    memset(c[l] + ((size_t)k * j->B + b) * Ll->H, 0, sizeof(float) * Ll->H);
+                }
+    }
+}
+
+static void *forward_job(void *arg) {
+    Job *j = arg;
+    Scratch w[MAX_LAYERS];
+    float *h[MAX_LAYERS], *c[MAX_LAYERS];
+    int ok = scratch_all(w, j);
+    for (int l = 0; l < j->L; l++) h[l] = j->layers[l].h, c[l] = j->layers[l].c;
+    const int Ts = j->save ? j->T : 1;
+    for (int t = 0; ok && t < j->T; t++) {
+        const int ts = j->save ? t : 0;
+        reset_envs(j, t, h, c);
+        for (int l = 0; l < j->L; l++) {
+            for (int s = 0; s < j->layers[l].S; s++) fill_slot(j->layers, l, s, t, ts, j->B, j->e, j->x_keys, j->x_feed);
+            layer_forward(&j->layers[l], &w[l], t, ts, Ts, j->B, j->x_feed);
+        }
+    }
+    for (int l = 0; l < j->L; l++) scratch_free(&w[l]);
+    j->status = ok ? 0 : 1;
+    return NULL;
+}
+
+static void *backward_job(void *arg) {
+    Job *j = arg;
+    Layer *layers = j->layers;
+    const int B = j->B, L = j->L;
+    Scratch w[MAX_LAYERS];
+    float *gh_prev[MAX_LAYERS], *gc_prev[MAX_LAYERS];
+    int ok = scratch_all(w, j);
     size_t widest = 1;
     for (int l = 0; l < L; l++) {
-        ok &= scratch_alloc(&w[l], &layers[l], B);
-        for (int s = 0; s < layers[l].S; s++) widest = (size_t)layers[l].width[s] > widest ? (size_t)layers[l].width[s] : widest;
+        gh_prev[l] = w[l].gh_prev, gc_prev[l] = w[l].gc_prev;
+        for (int s = 0; s < layers[l].S; s++)
+            widest = (size_t)layers[l].width[s] > widest ? (size_t)layers[l].width[s] : widest;
     }
     float *du = malloc(sizeof(float) * (size_t)B * widest);
     ok &= du != NULL;
-    for (int t = T - 1; ok && t >= 0; t--) {
+    for (int t = j->T - 1; ok && t >= 0; t--) {
         for (int l = 0; l < L; l++)
             if (layers[l].d_out) {
                 const Layer *Ll = &layers[l];
                 for (int k = 0; k < Ll->K; k++)
-                    for (int b = 0; b < B; b++)
+                    for (int b = j->e.b0; b < j->e.b1; b++)
                         axpy(Ll->gh + ((size_t)k * B + b) * Ll->H, 1.0f,
                              Ll->d_out + ((size_t)t * B + b) * Ll->K * Ll->H + (size_t)k * Ll->H, Ll->H);
             }
         for (int l = L - 1; l >= 0; l--) { /* the upper layers used the lower ones' results of this step */
-            layer_backward(&layers[l], &w[l], t, T, B, x_drives);
+            layer_backward(&layers[l], &w[l], t, j->T, B, j->x_feed);
             for (int s = 0; s < layers[l].S; s++) {
                 if (l == 0 && s == 0) continue; /* x's slot: d_kv is the caller's */
                 if (s == 0) /* bottom-up read layer l-1's h at this step */
-                    slot_input_backward(&layers[l], s, t, B, &layers[l - 1], layers[l - 1].gh, du);
+                    slot_input_backward(&layers[l], s, t, B, j->e, &layers[l - 1], layers[l - 1].gh, du);
                 else /* top-down read layer l+1's h from step t-1 */
-                    slot_input_backward(&layers[l], s, t, B, &layers[l + 1], w[l + 1].gh_prev, du);
+                    slot_input_backward(&layers[l], s, t, B, j->e, &layers[l + 1], w[l + 1].gh_prev, du);
             }
         }
-        for (int l = 0; l < L; l++) {
-            Layer *Ll = &layers[l];
-            for (int b = 0; b < B; b++)
-                if (starts[t * B + b]) /* the state entering step t was reset: no gradient before it */
-                    for (int k = 0; k < Ll->K; k++) {
-                        memset(w[l].gh_prev + ((size_t)k * B + b) * Ll->H, 0, sizeof(float) * Ll->H);
-                        memset(w[l].gc_prev + ((size_t)k * B + b) * Ll->H, 0, sizeof(float) * Ll->H);
-                    }
-            memcpy(Ll->gh, w[l].gh_prev, sizeof(float) * (size_t)Ll->K * B * Ll->H);
-            memcpy(Ll->gc, w[l].gc_prev, sizeof(float) * (size_t)Ll->K * B * Ll->H);
-        }
+        reset_envs(j, t, gh_prev, gc_prev); /* the state entering step t was reset: no gradient before it */
+        for (int l = 0; l < L; l++)
+            for (int k = 0; k < layers[l].K; k++) {
+                const size_t block = (size_t)k * B * layers[l].H;
+                copy_envs(layers[l].gh + block, gh_prev[l] + block, layers[l].H, j->e);
+                copy_envs(layers[l].gc + block, gc_prev[l] + block, layers[l].H, j->e);
+            }
     }
     for (int l = 0; l < L; l++) scratch_free(&w[l]);
     free(du);
-    return ok ? 0 : 1;
+    j->status = ok ? 0 : 1;
+    return NULL;
+}
+
+/* Runs `job` over the envs split among `threads` threads (the caller's thread takes the first
+ * share; a thread that cannot be started runs its share on the caller's). */
+static int run_split(void *(*job)(void *), Job base, int threads) {
+    if (base.L < 1 || base.L > MAX_LAYERS) return 2;
+    threads = threads < 1 ? 1 : threads;
+    threads = threads > MAX_THREADS ? MAX_THREADS : threads;
+    threads = threads > base.B ? (base.B > 0 ? base.B : 1) : threads;
+    Job jobs[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0}, status = 0;
+    for (int i = 0; i < threads; i++) {
+        jobs[i] = base;
+        jobs[i].e = (Envs){(int)((long)base.B * i / threads), (int)((long)base.B * (i + 1) / threads)};
+    }
+    for (int i = 1; i < threads; i++) started[i] = pthread_create(&ids[i], NULL, job, &jobs[i]) == 0;
+    job(&jobs[0]);
+    for (int i = 1; i < threads; i++) {
+        if (started[i])
+            pthread_join(ids[i], NULL);
+        else
+            job(&jobs[i]);
+    }
+    for (int i = 0; i < threads; i++) status = jobs[i].status > status ? jobs[i].status : status;
+    return status;
+}
+
+/* Runs the stack over T steps; with save, keeps every step's intermediates for the backward.
+ * Returns 0, 1 if scratch memory could not be allocated, 2 for an unsupported layer count. */
+int rims_stack_forward(int T, int B, int L, int save, const uint8_t *starts, const float *x_keys, const float *x_feed,
+                       Layer *layers, int threads) {
+    return run_split(forward_job, (Job){T, B, L, save, starts, x_keys, x_feed, layers, {0, B}, 0}, threads);
+}
+
+/* Backward through time of rims_stack_forward (run with save=1): see the layouts above. */
+int rims_stack_backward(int T, int B, int L, const uint8_t *starts, const float *x_drives, Layer *layers,
+                        int threads) {
+    return run_split(backward_job, (Job){T, B, L, 1, starts, NULL, x_drives, layers, {0, B}, 0}, threads);
 }
