@@ -508,3 +508,25 @@ def test_saved_buffers_return_to_the_pool_without_the_garbage_collector(stack: s
         assert len(_POOL.free) == 2 and all(len(buffers) == 1 for buffers in _POOL.free.values())
     finally:
         gc.enable()
+
+
+def test_splitting_the_envs_among_threads_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel gives each of its threads a share of the envs: results must be bit-for-bit those of
+    one thread (an odd batch, so the shares differ in size). Only the kernel's thread count varies:
+    torch's own matmuls may round differently with another thread count."""
+    from policies.cores import rims
+
+    core = BRIMs(IN, layers=[{"num_modules": 4, "module_size": 6, "k_active": 2}] * 2).train()
+    x, starts, g = episode(T=20, B=5)
+    state0 = torch.randn(5, core.state_size, generator=g) * 0.5
+    w_out = torch.randn(20, 5, core.output_size, generator=g)
+    w_state = torch.randn(5, core.state_size, generator=g)
+    assert rims._kernel_threads(20, 5) >= 1
+    results = []
+    for threads in (1, 3):
+        monkeypatch.setattr(rims, "_kernel_threads", lambda T, B, n=threads: n)
+        results.append(run_with_grads(core, x, state0, starts, w_out, w_state))  # type: ignore[arg-type]
+    (out1, state1, info1, grads1, _), (out3, state3, info3, grads3, _) = results
+    assert torch.equal(out1, out3) and torch.equal(state1, state3)
+    assert all(torch.equal(info1[key], info3[key]) for key in info1)
+    assert all(torch.equal(a, b) for a, b in zip(grads1, grads3, strict=True))
