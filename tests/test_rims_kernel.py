@@ -23,8 +23,8 @@ from policies.cores import native
 from policies.cores.native import rims_kernel
 from policies.cores.brims import BRIMs
 from policies.cores.rims import RIMs
-
-IN = 11
+from tests.test_rims import IN
+from tests.test_rims import small as rims_small
 
 
 @pytest.fixture(autouse=True)
@@ -38,18 +38,8 @@ def _fresh_kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def small(**kwargs: Any) -> RIMs:
-    """A small RIMs (LSTM cells, one input head: the kernel applies), in training mode."""
-    args: dict[str, Any] = dict(
-        num_modules=5,
-        module_size=8,
-        k_active=3,
-        input_key_size=6,
-        num_comm_heads=2,
-        comm_key_size=4,
-        comm_value_size=5,
-    )
-    args.update(kwargs)
-    return RIMs(IN, **args).train()
+    """test_rims.py's small RIMs (LSTM cells, one input head: the kernel applies), in training mode."""
+    return rims_small(**kwargs).train()
 
 
 def python_engine(core: RIMs) -> RIMs:
