@@ -520,3 +520,70 @@ def test_splitting_the_envs_among_threads_changes_nothing(monkeypatch: pytest.Mo
     assert torch.equal(out1, out3) and torch.equal(state1, state3)
     assert all(torch.equal(info1[key], info3[key]) for key in info1)
     assert all(torch.equal(a, b) for a, b in zip(grads1, grads3, strict=True))
+
+
+def test_wiring_the_kernel_does_not_know_runs_the_python_engine() -> None:
+    """Precomputed drives on an upper layer are legal for the Python engine but not the kernel's wiring:
+    the core must fall back (the kernel would read the wrong buffer), with the same result as native=False."""
+    core = BRIMs(IN, layers=[{"num_modules": 4, "module_size": 6, "k_active": 2}] * 2).eval()
+    core.layers[1].precomputed_drives = True  # type: ignore[union-attr]
+    x, starts, _ = episode(T=5, B=3)
+    assert core.kernel_for(x) is None
+    reference = copy.deepcopy(core)
+    reference.native = False
+    with torch.no_grad():
+        assert torch.equal(core(x, core.initial_state(3), starts)[0], reference(x, core.initial_state(3), starts)[0])
+
+
+def test_communication_dropout_alone_keeps_training_on_the_python_engine() -> None:
+    """The kernel has no attention dropout: a layer with only communication dropout must not lose it."""
+    core = small()
+    for layer in core.layers:
+        layer.comm_attention_dropout = 0.5  # type: ignore[union-attr]
+    x, _, _ = episode(T=4, B=2)
+    assert core.kernel_for(x) is None
+    assert core.eval().kernel_for(x) is not None
+
+
+def test_editing_the_returned_attention_does_not_change_gradients() -> None:
+    """info is the caller's: writing into it must not reach the backward, which reads the same probabilities."""
+    core = BRIMs(IN, layers=[{"num_modules": 4, "module_size": 6, "k_active": 2}] * 2).train()
+    x, starts, _ = episode(T=6, B=2)
+
+    def grad_x(edit: bool) -> Tensor:
+        xx = x.clone().requires_grad_(True)
+        out, _, info = core(xx, core.initial_state(2), starts, return_info=True)
+        if edit:
+            info["input_attention_0"].zero_()
+        out.square().sum().backward()
+        assert xx.grad is not None
+        return xx.grad
+
+    assert torch.equal(grad_x(False), grad_x(True))
+
+
+def test_saturated_null_attention_still_ranks_modules_by_their_scores() -> None:
+    """BRIMs' bottom layer with slot scores of -20, -30, -18, -25, -40 for modules 0-4 (both slots): the
+    null attention rounds to exactly 1 for every module, yet modules 2 and 0 score best and must be the
+    active ones, in both engines (ranking by the null probability would tie and pick modules 0 and 1)."""
+    K, H = 5, 4
+    core = BRIMs(IN, layers=[{"num_modules": K, "module_size": H, "k_active": 2}] * 2, input_key_size=1).eval()
+    scores = torch.tensor([-20.0, -30.0, -18.0, -25.0, -40.0])
+    bottom = core.layers[0]
+    with torch.no_grad():
+        bottom.query.copy_((scores / H).view(K, 1, 1).expand(K, H, 1))  # q_k = score_k when h = 1
+        for s, width in enumerate(bottom.slot_sizes):  # every slot's key is 1 when its input is all ones
+            bottom.slot_key_value[s].zero_()
+            bottom.slot_key_value[s][:, 0] = 1.0 / width
+    state = torch.zeros(1, core.state_size)
+    state[0, : K * H] = 1.0  # bottom layer's h
+    state[0, 2 * K * H : 3 * K * H] = 1.0  # top layer's h (the top-down slot's input)
+    x, starts = torch.ones(1, 1, IN), torch.zeros(1, 1, dtype=torch.bool)
+    reference = copy.deepcopy(core)
+    reference.native = False
+    expected = torch.tensor([True, False, True, False, False])
+    with torch.no_grad():
+        for engine in (core, reference):
+            _, _, info = engine(x, state, starts, return_info=True)
+            assert torch.equal(info["input_attention_0"][0, 0, :, 0], torch.ones(K))  # saturated
+            assert torch.equal(info["active_0"][0, 0], expected)

@@ -391,12 +391,13 @@ class RIMsLayer(nn.Module):
             if self.k_active == K:
                 active = torch.ones(K, B, dtype=torch.bool, device=h.device)
             else:
-                if nh == 1 and len(keys) == 1:
-                    # Least null attention = largest score; ranked by the score itself (as the kernel
-                    # does), since sigmoid(-score) rounds to exactly 1 below about -16.6 and ties there.
-                    criterion = -score[..., 0]
+                if nh == 1:
+                    # One head: least null attention = largest log-sum-exp of the slot scores (the
+                    # score itself for one slot), ranked so (as the kernel does) because the null
+                    # probability rounds to exactly 1 once every score is below about -16.6 and ties.
+                    criterion = -(score[..., 0] if len(keys) == 1 else torch.logsumexp(score[..., 0, :], dim=-1))
                 else:
-                    criterion = null[..., 0] if nh == 1 else null.mean(-1)
+                    criterion = null.mean(-1)
                 chosen = torch.sort(criterion, dim=0, stable=True).indices[: self.k_active]
                 active = torch.zeros(K, B, dtype=torch.bool, device=h.device).scatter_(0, chosen, True)
         keep = active.unsqueeze(-1)
@@ -753,8 +754,9 @@ class RIMsStackCore(RecurrentCore):
         """The C kernel if it applies to this core and input, else None (the Python engine runs).
 
         It applies with ``native`` and ``fused_backward`` on, LSTM cells and one input head in
-        every layer, float32 CPU input, state and parameters, no CPU autocast (which would hand
-        it bfloat16), and no attention dropout while training.
+        every layer, the slot wiring of RIMs/BRIMs (precomputed drives only for a bottom layer
+        whose one slot is ``x``), a non-empty batch of float32 CPU input, state and parameters,
+        no CPU autocast (which would hand it bfloat16), and no attention dropout while training.
 
         :param x: the input sequence; :param state: the state entering it (checked too when given).
         """
@@ -764,12 +766,20 @@ class RIMsStackCore(RecurrentCore):
             and self.fused_backward
             and len(layers) <= KERNEL_MAX_LAYERS
             and all(layer.cell == "lstm" and layer.num_input_heads == 1 for layer in layers)
+            and all(len(layer.slot_sizes) <= _MAX_SLOTS for layer in layers)
+            and all(
+                layer.precomputed_drives == (li == 0 and len(layer.slot_sizes) == 1) for li, layer in enumerate(layers)
+            )
+            and x.shape[1] > 0
             and x.device.type == "cpu"
             and x.dtype == torch.float32
             and (state is None or (state.device.type == "cpu" and state.dtype == torch.float32))
             and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in self.parameters())
             and not torch.is_autocast_enabled("cpu")
-            and not (self.training and any(layer.input_attention_dropout > 0.0 for layer in layers))
+            and not (
+                self.training
+                and any(max(layer.input_attention_dropout, layer.comm_attention_dropout) > 0.0 for layer in layers)
+            )
         )
         return rims_kernel() if applies else None
 
@@ -804,7 +814,8 @@ class RIMsStackCore(RecurrentCore):
         for li in range(L):
             suffix = self._info_suffix(li)
             info[f"active{suffix}"] = diagnostics[li].transpose(1, 2).bool()  # (T, B, K)
-            info[f"input_attention{suffix}"] = diagnostics[L + li].transpose(1, 2)  # (T, B, K, 1 + slots)
+            # A copy: the backward reads these probabilities, and info is the caller's to modify.
+            info[f"input_attention{suffix}"] = diagnostics[L + li].transpose(1, 2).clone()  # (T, B, K, 1 + slots)
         return out, new_state, info
 
     # ------------------------------------------------------------------ Python engine
@@ -1182,6 +1193,13 @@ class KernelRun(NamedTuple):
     lease: _Lease | None  # keeps the pooled buffer of ``saved`` from reuse while alive
 
 
+def _check_status(status: int) -> None:
+    if status == 1:
+        raise MemoryError("the RIMs kernel could not allocate its step buffers")
+    if status != 0:
+        raise ValueError("the RIMs kernel does not support this layer wiring (kernel_for should have said so)")
+
+
 def _kernel_threads(T: int, B: int) -> int:
     """Threads the kernel splits the envs among: torch's CPU thread count, once a call has enough work
     (starting a thread costs about as much as a few env steps, so a rollout's one-step calls stay on one)."""
@@ -1295,8 +1313,7 @@ def _kernel_run(
         T, B, len(layers), int(save), pointer(starts, torch.uint8), pointer(x_keys.detach()),
         pointer(x_feed.detach()), ctypes.addressof(structs), _kernel_threads(T, B),
     )  # fmt: skip
-    if status != 0:
-        raise MemoryError("the RIMs kernel could not allocate its step buffers")
+    _check_status(status)
     out = torch.cat([outs[li] for li in core.output_layers], dim=-1) if len(outs) > 1 else outs[core.output_layers[0]]
     new_state = torch.cat([hc.permute(2, 0, 1, 3).reshape(B, -1) for hc in states], dim=1)
     return KernelRun(out, new_state, active, probs, saved, lease)
@@ -1402,12 +1419,16 @@ class _KernelStack(torch.autograd.Function):
             _set(struct, "gc", grads[li][1])
             structs[li] = struct
         status = ctx.lib.rims_stack_backward(
-            T, B, len(layers), pointer(starts, torch.uint8), pointer(x_feed), ctypes.addressof(structs),
+            T,
+            B,
+            len(layers),
+            pointer(starts, torch.uint8),
+            pointer(x_feed),
+            ctypes.addressof(structs),
             _kernel_threads(T, B),
         )
         del keep
-        if status != 0:
-            raise MemoryError("the RIMs kernel could not allocate its step buffers")
+        _check_status(status)
         # Weight gradients: one batched matmul each over all T*B rows (the kernel laid them out so).
         rows = T * B
         d_weights = []

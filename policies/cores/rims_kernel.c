@@ -318,7 +318,12 @@ static void layer_forward(Layer *L, Scratch *w, int t, int ts, int Ts, int B, co
                 total = p[0] = exp_approx(-m);
                 for (int s = 0; s < S; s++) total += (p[1 + s] = exp_approx(sc[s] - m));
                 for (int s = 0; s <= S; s++) p[s] /= total;
-                w->rank[kb] = -p[0]; /* least null attention first */
+                /* least null attention first, ranked by the log-sum-exp of the slot scores (the null
+                 * probability itself rounds to exactly 1 once every score is below about -16.6) */
+                float top = sc[0], sum = 0.0f;
+                for (int s = 1; s < S; s++) top = sc[s] > top ? sc[s] : top;
+                for (int s = 0; s < S; s++) sum += expf(sc[s] - top);
+                w->rank[kb] = top + logf(sum);
             }
         }
     /* Top-k per env (ties: the lower module index). */
@@ -661,6 +666,10 @@ static void *backward_job(void *arg) {
  * share; a thread that cannot be started runs its share on the caller's). */
 static int run_split(void *(*job)(void *), Job base, int threads) {
     if (base.L < 1 || base.L > MAX_LAYERS) return 2;
+    for (int l = 0; l < base.L; l++) { /* the wiring this engine knows (rims.py's kernel_for checks it too) */
+        const Layer *Ll = &base.layers[l];
+        if (Ll->S < 1 || Ll->S > MAX_SLOTS || (Ll->drives && (l > 0 || Ll->S != 1))) return 2;
+    }
     threads = threads < 1 ? 1 : threads;
     threads = threads > MAX_THREADS ? MAX_THREADS : threads;
     threads = threads > base.B ? (base.B > 0 ? base.B : 1) : threads;
