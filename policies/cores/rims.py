@@ -8,7 +8,10 @@ every step (shared/DESIGN.md, "RIMs"; Goyal et al. 2019):
    null key and value are exactly zero), queries are per-module projections of
    ``h_{t-1,k}``; softmax over slots per module and head;
 2. the ``k_active`` modules putting the least (head-averaged) attention on the
-   null slot are active: a hard, detached top-k on the softmax probabilities;
+   null slot are active: a hard, detached top-k on the softmax probabilities (with
+   one head ranked by the log-sum-exp of the slot scores: the same order, without
+   the null probability rounding to exactly 1 for very negative scores); ties go to
+   the lower module index;
 3. each active module runs its own cell on its attended input (all K cells in
    one batched matmul); inactive modules keep their state: ``h~ = h_{t-1}``;
 4. communication: multi-head attention of the modules over all modules' ``h~``
