@@ -97,10 +97,11 @@ def run_with_grads(
     ],
     ids=["K6-H32-k4", "K5-H7-all-active", "K3-H85-k1", "T1-B16", "T40-B2", "B1"],
 )
-def test_kernel_matches_python_engine(T: int, B: int, kwargs: dict[str, Any]) -> None:
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_kernel_matches_python_engine(T: int, B: int, kwargs: dict[str, Any], cell: str) -> None:
     """Training with the kernel is training the same model: outputs, final state, active sets, attention
     and every gradient (inputs, initial state, parameters) equal the Python engine's, resets included."""
-    core = small(**kwargs)
+    core = small(**kwargs, cell=cell)
     ref = python_engine(core)
     x, starts, g = episode(T, B)
     state0 = torch.randn(B, core.state_size, generator=g) * 0.5
@@ -139,11 +140,14 @@ def test_kernel_matches_python_engine(T: int, B: int, kwargs: dict[str, Any]) ->
     ],
     ids=["2-layers", "2-layers-all", "3-layers-T1", "1-layer-B1"],
 )
-def test_brims_kernel_matches_python_engine(T: int, B: int, layers: list[tuple[int, int, int]], output: str) -> None:
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_brims_kernel_matches_python_engine(
+    T: int, B: int, layers: list[tuple[int, int, int]], output: str, cell: str
+) -> None:
     """BRIMs trains through the same kernel: outputs, state, every layer's active sets and attention,
     and every gradient equal its Python engine's, resets included (bottom-up and top-down slots)."""
     specs = [{"num_modules": k, "module_size": h, "k_active": a} for k, h, a in layers]
-    core = BRIMs(IN, layers=specs, output=output, input_key_size=12, num_comm_heads=2, comm_key_size=8,
+    core = BRIMs(IN, layers=specs, output=output, cell=cell, input_key_size=12, num_comm_heads=2, comm_key_size=8,
                  comm_value_size=6).train()  # fmt: skip
     ref = copy.deepcopy(core)
     ref.native = False
@@ -183,7 +187,7 @@ def _eval(core: RIMs, x: Tensor) -> tuple[RIMs, Tensor]:
     "kwargs,prepare,uses_kernel",
     [
         (dict(), None, True),
-        (dict(cell="gru"), None, False),
+        (dict(cell="gru"), None, True),
         (dict(num_input_heads=2), None, False),
         (dict(), _double, False),
         (dict(dropout=0.3), None, False),
@@ -196,8 +200,8 @@ def _eval(core: RIMs, x: Tensor) -> tuple[RIMs, Tensor]:
 def test_kernel_used_exactly_where_it_applies(
     kwargs: dict[str, Any], prepare: Callable[[RIMs, Tensor], tuple[RIMs, Tensor]] | None, uses_kernel: bool
 ) -> None:
-    """The kernel runs for LSTM, one input head, float32 on the CPU, the fused backward and no dropout while
-    training; everywhere else RIMs still runs (forward and backward) through the Python engine."""
+    """The kernel runs for LSTM or GRU cells, one input head, float32 on the CPU, the fused backward and no
+    dropout while training; everywhere else RIMs still runs (forward and backward) through the Python engine."""
     core = small(**kwargs)
     x, starts, g = episode(T=6, B=3)
     if prepare is not None:

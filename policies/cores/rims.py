@@ -756,8 +756,8 @@ class RIMsStackCore(RecurrentCore):
     def kernel_for(self, x: Tensor, state: Tensor | None = None) -> ctypes.CDLL | None:
         """The C kernel if it applies to this core and input, else None (the Python engine runs).
 
-        It applies with ``native`` and ``fused_backward`` on, LSTM cells and one input head in
-        every layer, the slot wiring of RIMs/BRIMs (precomputed drives only for a bottom layer
+        It applies with ``native`` and ``fused_backward`` on, one input head in every layer (LSTM
+        or GRU cells), the slot wiring of RIMs/BRIMs (precomputed drives only for a bottom layer
         whose one slot is ``x``), a non-empty batch of float32 CPU input, state and parameters,
         no CPU autocast (which would hand it bfloat16), and no attention dropout while training.
 
@@ -768,7 +768,7 @@ class RIMsStackCore(RecurrentCore):
             self.native
             and self.fused_backward
             and len(layers) <= KERNEL_MAX_LAYERS
-            and all(layer.cell == "lstm" and layer.num_input_heads == 1 for layer in layers)
+            and all(layer.num_input_heads == 1 for layer in layers)
             and all(len(layer.slot_sizes) <= _MAX_SLOTS for layer in layers)
             and all(
                 layer.precomputed_drives == (li == 0 and len(layer.slot_sizes) == 1) for li, layer in enumerate(layers)
@@ -1115,11 +1115,11 @@ class RIMs(RIMsStackCore):
 
 KERNEL_MAX_LAYERS = 8  # the kernel's fixed per-layer scratch table
 _MAX_SLOTS = 2
-_INT_FIELDS = ("K", "H", "Q", "V", "k_active", "NC", "CK", "CV", "S", "drives")
+_INT_FIELDS = ("K", "H", "Q", "V", "k_active", "NC", "CK", "CV", "S", "drives", "gru")
 _POINTER_FIELDS = (
     "Wr", "br", "Wih", "Wc", "Wo", "slot_kv", "WrT", "WihT", "WcT", "WoT", "slot_kvT", "h", "c", "out", "d_out",
     "active", "probs", "hprev", "htil", "ctx", "att", "cprev", "gates", "tc", "upd", "qkv", "query", "attn", "kv", "u",
-    "dz", "dqkv", "dcomm", "d_kv", "d_drives", "gh", "gc",
+    "dz", "dqkv", "dcomm", "d_kv", "d_drives", "gh", "gc", "bih", "dinp",
 )  # fmt: skip
 _PER_SLOT = ("slot_kv", "slot_kvT", "u")
 _SLOT_INPUTS = tuple(f"u{s}" for s in range(_MAX_SLOTS))  # saved per-step slot inputs: the ``u`` array field
@@ -1196,6 +1196,18 @@ class KernelRun(NamedTuple):
     lease: _Lease | None  # keeps the pooled buffer of ``saved`` from reuse while alive
 
 
+def _state_parts(state: Tensor, layers: Sequence[RIMsLayer]) -> list[Tensor]:
+    """Per-layer copies ``(parts, K, B, H)`` of a flat ``(B, state_size)`` state (or its gradient):
+    parts ``[h, c]`` for LSTM, ``[h]`` for GRU; copies, so the kernel never writes the caller's memory."""
+    B, parts, offset = state.shape[0], [], 0
+    for layer in layers:
+        K, H, n = layer.num_modules, layer.module_size, 2 if layer.cell == "lstm" else 1
+        part = state[:, offset : offset + layer.state_size].reshape(B, n, K, H).permute(1, 2, 0, 3)
+        parts.append(part.clone(memory_format=torch.contiguous_format))
+        offset += layer.state_size
+    return parts
+
+
 def _check_status(status: int) -> None:
     if status == 1:
         raise MemoryError("the RIMs kernel could not allocate its step buffers")
@@ -1219,7 +1231,7 @@ def _layer_struct(layer: RIMsLayer) -> KernelLayer:
     sizes = (
         layer.num_modules, layer.module_size, layer.input_key_size, layer.input_value_size, layer.k_active,
         layer.num_comm_heads, layer.comm_key_size, layer.comm_value_size, len(layer.slot_sizes),
-        int(layer.precomputed_drives),
+        int(layer.precomputed_drives), int(layer.cell == "gru"),
     )  # fmt: skip
     for name, value in zip(_INT_FIELDS, sizes, strict=True):
         setattr(struct, name, value)
@@ -1263,7 +1275,8 @@ def _kernel_run(
         shape = {
             "hprev": (K, Ts, B, H), "htil": (K, Ts, B, H), "ctx": (K, Ts, B, CX),
             "att": (0,) if layer.precomputed_drives else (K, Ts, B, V),
-            "cprev": (Ts, K, B, H), "gates": (Ts, K, B, G), "tc": (Ts, K, B, H), "upd": (Ts, K, B, H),
+            "cprev": (Ts, K, B, H) if layer.cell == "lstm" else (0,), "gates": (Ts, K, B, G),
+            "tc": (Ts, K, B, H), "upd": (Ts, K, B, H),
             "qkv": (Ts, K, B, C3), "query": (Ts, K, B, Q), "attn": (Ts, B, layer.num_comm_heads, K, K),
             "kv": (Ts, S, B, Q + V),
         }  # fmt: skip
@@ -1281,13 +1294,7 @@ def _kernel_run(
     else:
         saved = [{name: new(*shape) for name, shape in per_layer.items()} for per_layer in shapes]
 
-    # Per-layer (2, K, B, H) copies of the state, updated in place (never the caller's memory).
-    states, offset = [], 0
-    for layer in layers:
-        K, H = layer.num_modules, layer.module_size
-        part = state.detach()[:, offset : offset + layer.state_size]
-        states.append(part.reshape(B, 2, K, H).permute(1, 2, 0, 3).clone(memory_format=torch.contiguous_format))
-        offset += layer.state_size
+    states = _state_parts(state.detach(), layers)
     outs = {li: new(T, B, layers[li].output_size) for li in core.output_layers}
     active = [new(T, layer.num_modules, B, dtype=torch.uint8) for layer in layers]
     probs = [new(T, layer.num_modules, B, 1 + len(layer.slot_sizes)) for layer in layers]
@@ -1303,8 +1310,9 @@ def _kernel_run(
             struct.slot_kv[s] = None if (li == 0 and s == 0) else pointer(kv.detach())
             if f"u{s}" in saved[li]:
                 struct.u[s] = pointer(saved[li][f"u{s}"])
+        _set(struct, "bih", None if w.input_bias is None else w.input_bias.detach())
         _set(struct, "h", states[li][0])
-        _set(struct, "c", states[li][1])
+        _set(struct, "c", states[li][1] if layer.cell == "lstm" else None)
         _set(struct, "out", outs.get(li))
         _set(struct, "active", active[li], torch.uint8)
         _set(struct, "probs", probs[li])
@@ -1360,16 +1368,7 @@ class _KernelStack(torch.autograd.Function):
         def new(*shape: int) -> Tensor:
             return torch.empty(shape, dtype=torch.float32, device="cpu")
 
-        # Per-layer (2, K, B, H) state gradients (in: final state, out: initial state), copies.
-        grads, offset = [], 0
-        for layer in layers:
-            part = d_state[:, offset : offset + layer.state_size]
-            grads.append(
-                part.reshape(B, 2, layer.num_modules, layer.module_size)
-                .permute(1, 2, 0, 3)
-                .clone(memory_format=torch.contiguous_format)
-            )
-            offset += layer.state_size
+        grads = _state_parts(d_state, layers)  # in: the final state's gradient; out: the initial state's
         d_outs, col = {}, 0
         for li in core.output_layers:
             d_outs[li] = d_out[..., col : col + layers[li].output_size].contiguous()
@@ -1378,7 +1377,8 @@ class _KernelStack(torch.autograd.Function):
         for layer in layers:
             K, H, R = layer.num_modules, layer.module_size, layer.gate_size + layer.input_key_size
             C3 = layer.num_comm_heads * (2 * layer.comm_key_size + layer.comm_value_size)
-            shapes += [(K, T, B, R), (K, T, B, C3), (K, T, B, H)]
+            d_inp = (K, T, B, layer.gate_size) if layer.cell == "gru" else (0,)  # GRU's cell-input gradient
+            shapes += [(K, T, B, R), (K, T, B, C3), (K, T, B, H), d_inp]
         buffer, views = _POOL.carve(*shapes)  # given back below
         structs = (KernelLayer * len(layers))()
         keep: list[Tensor] = []  # every tensor whose address the kernel gets, alive until it returns
@@ -1410,16 +1410,17 @@ class _KernelStack(torch.autograd.Function):
             _set(struct, "active", run.active[li], torch.uint8)
             _set(struct, "probs", run.probs[li])
             _set(struct, "d_out", d_outs.get(li))
-            dz, dqkv, dcomm = views[3 * li : 3 * li + 3]
+            dz, dqkv, dcomm, dinp = views[4 * li : 4 * li + 4]
             d_kv = torch.zeros(T, S, B, KV, dtype=torch.float32, device="cpu")
             d_kvs.append(d_kv)
             for name, t in (("dz", dz), ("dqkv", dqkv), ("dcomm", dcomm), ("d_kv", d_kv)):
                 _set(struct, name, t)
+            _set(struct, "dinp", dinp if layer.cell == "gru" else None)
             if layer.precomputed_drives:
                 d_drives = new(T, B, K, G)
                 _set(struct, "d_drives", d_drives)
             _set(struct, "gh", grads[li][0])
-            _set(struct, "gc", grads[li][1])
+            _set(struct, "gc", grads[li][1] if layer.cell == "lstm" else None)
             structs[li] = struct
         status = ctx.lib.rims_stack_backward(
             T,
@@ -1438,10 +1439,12 @@ class _KernelStack(torch.autograd.Function):
         for li, layer in enumerate(layers):
             K, H, G = layer.num_modules, layer.module_size, layer.gate_size
             sv = run.saved[li]
-            dz, dqkv, dcomm = (v.view(K, rows, -1) for v in views[3 * li : 3 * li + 3])
+            dz, dqkv, dcomm = (v.view(K, rows, -1) for v in views[4 * li : 4 * li + 3])
+            # The cell input's gradient: LSTM's is dz's gate columns, GRU's its own (b_ih has a gradient).
+            d_inp = views[4 * li + 3].view(K, rows, G) if layer.cell == "gru" else dz[..., :G]
             g_input = None
             if not layer.precomputed_drives:
-                g_input = torch.bmm(sv["att"].view(K, rows, -1).transpose(1, 2), dz[..., :G])
+                g_input = torch.bmm(sv["att"].view(K, rows, -1).transpose(1, 2), d_inp)
             g_slots = []
             for s in range(len(layer.slot_sizes)):
                 if li == 0 and s == 0:
@@ -1454,7 +1457,7 @@ class _KernelStack(torch.autograd.Function):
                     torch.bmm(sv["hprev"].view(K, rows, H).transpose(1, 2), dz),
                     dz.sum(1, keepdim=True),
                     g_input,
-                    None,
+                    d_inp.sum(1, keepdim=True) if layer.cell == "gru" else None,
                     torch.bmm(sv["htil"].view(K, rows, H).transpose(1, 2), dqkv),
                     torch.bmm(sv["ctx"].view(K, rows, -1).transpose(1, 2), dcomm),
                     tuple(g_slots),  # type: ignore[arg-type]
@@ -1464,6 +1467,6 @@ class _KernelStack(torch.autograd.Function):
         d_x_keys = d_kvs[0][:, 0, :, : first.input_key_size].contiguous()
         d_x_feed = d_drives if first.precomputed_drives else d_kvs[0][:, 0, :, first.input_key_size :].contiguous()
         d_state0 = torch.cat([g.permute(2, 0, 1, 3).reshape(B, -1) for g in grads], dim=1)
-        del dz, dqkv, dcomm, views
+        del dz, dqkv, dcomm, dinp, d_inp, views
         _POOL.give(buffer)
         return (None, None, None, d_state0, d_x_keys, d_x_feed, *_flatten_weights(d_weights))

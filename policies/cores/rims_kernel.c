@@ -106,6 +106,21 @@ static void lstm_cell(float *restrict gate, const float *restrict pre, const flo
     }
 }
 
+/* The GRU cell of one module and env: pin (the input part: b_ih + W_ih v, to which a * drive is
+ * added when given) and rec (b_hh + W_hh h) give gate = [r, z, n], h_n = rec's n part, and
+ * h = n + z * (h_prev - n), with tanh computed as 2 * sigmoid(2x) - 1 like the Python engine. */
+static void gru_cell(float *restrict gate, const float *restrict rec, float *restrict pin, const float *restrict drive,
+                     float a, const float *restrict h_prev, float *restrict h_n, float *restrict h, int H) {
+    if (drive)
+        for (int j = 0; j < 3 * H; j++) pin[j] += a * drive[j];
+    for (int j = 0; j < 2 * H; j++) gate[j] = sigmoidf(pin[j] + rec[j]);
+    for (int j = 0; j < H; j++) {
+        h_n[j] = rec[2 * H + j];
+        gate[2 * H + j] = tanh_approx(pin[2 * H + j] + gate[j] * h_n[j]);
+        h[j] = gate[2 * H + j] + gate[H + j] * (h_prev[j] - gate[2 * H + j]);
+    }
+}
+
 /* Two rows at once: y_r (N) += x_r (M) @ W (M, N), W's rows ws apart. Blocks of 32 outputs
  * (4 registers per row) stay in registers over the whole reduction, and the two rows share every
  * load of W: 8 independent accumulators keep the multiply-add units busy. A lone row (y1 NULL) runs
@@ -210,7 +225,7 @@ static void transpose_square(float *restrict out, const float *restrict in, int 
 
 /* One layer: mirrored field for field by KernelLayer (a ctypes.Structure) in rims.py. */
 typedef struct {
-    int K, H, Q, V, k_active, NC, CK, CV, S, drives;
+    int K, H, Q, V, k_active, NC, CK, CV, S, drives, gru;
     int width[MAX_SLOTS];
     const float *Wr, *br, *Wih, *Wc, *Wo, *slot_kv[MAX_SLOTS];
     const float *WrT, *WihT, *WcT, *WoT, *slot_kvT[MAX_SLOTS];
@@ -220,18 +235,24 @@ typedef struct {
     float *probs;
     float *hprev, *htil, *ctx, *att, *cprev, *gates, *tc, *upd, *qkv, *query, *attn, *kv, *u[MAX_SLOTS];
     float *dz, *dqkv, *dcomm, *d_kv, *d_drives, *gh, *gc;
+    const float *bih; /* GRU: the input bias (K, G) */
+    float *dinp;      /* GRU: (K, T, B, G), the gradient of the cell input (LSTM's is dz's first G columns) */
 } Layer;
+
+/* Gate width: LSTM [i, f, o, g], GRU [r, z, n]. */
+static inline int gates_of(const Layer *L) { return (L->gru ? 3 : 4) * L->H; }
 
 /* Per-layer scratch of one step. */
 typedef struct {
     Envs e;
-    float *rec, *rank, *hnew, *dctx, *x, *dA, *dAT, *datt, *gh_prev, *gc_prev;
+    float *rec, *pin, *rank, *hnew, *dctx, *x, *dA, *dAT, *datt, *gh_prev, *gc_prev;
     uint8_t *chosen;
 } Scratch;
 
 static int scratch_alloc(Scratch *w, const Layer *L, int B) {
-    const int K = L->K, H = L->H, R = 4 * L->H + L->Q, CX = L->NC * L->CV;
+    const int K = L->K, H = L->H, G = gates_of(L), R = G + L->Q, CX = L->NC * L->CV;
     w->rec = malloc(sizeof(float) * (size_t)K * B * R);
+    w->pin = malloc(sizeof(float) * (size_t)K * B * G);
     w->rank = malloc(sizeof(float) * (size_t)K * B);
     w->hnew = malloc(sizeof(float) * (size_t)K * B * H);
     w->dctx = malloc(sizeof(float) * (size_t)K * B * CX);
@@ -242,12 +263,12 @@ static int scratch_alloc(Scratch *w, const Layer *L, int B) {
     w->gh_prev = malloc(sizeof(float) * (size_t)K * B * H);
     w->gc_prev = malloc(sizeof(float) * (size_t)K * B * H);
     w->chosen = malloc((size_t)K);
-    return w->rec && w->rank && w->hnew && w->dctx && w->x && w->dA && w->dAT && w->datt && w->gh_prev &&
+    return w->rec && w->pin && w->rank && w->hnew && w->dctx && w->x && w->dA && w->dAT && w->datt && w->gh_prev &&
            w->gc_prev && w->chosen;
 }
 
 static void scratch_free(Scratch *w) {
-    free(w->rec), free(w->rank), free(w->hnew), free(w->dctx), free(w->x), free(w->dA), free(w->dAT);
+    free(w->rec), free(w->pin), free(w->rank), free(w->hnew), free(w->dctx), free(w->x), free(w->dA), free(w->dAT);
     free(w->datt), free(w->gh_prev), free(w->gc_prev), free(w->chosen);
 }
 
@@ -285,14 +306,14 @@ static inline int ranks_before(float a, float b) { /* a NaN rank comes last, as 
 }
 
 static void layer_forward(Layer *L, Scratch *w, int t, int ts, int Ts, int B, const float *x_drives) {
-    const int K = L->K, H = L->H, Q = L->Q, V = L->V, S = L->S, G = 4 * H, R = G + Q, KV = Q + V;
+    const int K = L->K, H = L->H, Q = L->Q, V = L->V, S = L->S, G = gates_of(L), R = G + Q, KV = Q + V;
     const int C3 = L->NC * (2 * L->CK + L->CV), CX = L->NC * L->CV;
     const float scale = 1.0f / sqrtf((float)L->CK);
     float *h = L->h, *c = L->c, *rec = w->rec;
     for (int k = 0; k < K; k++) {
         const size_t first = (size_t)w->e.b0 * H, n = sizeof(float) * (size_t)(w->e.b1 - w->e.b0) * H;
         memcpy(L->hprev + ((size_t)k * Ts + ts) * B * H + first, h + (size_t)k * B * H + first, n);
-        memcpy(L->cprev + ((size_t)ts * K + k) * B * H + first, c + (size_t)k * B * H + first, n);
+        if (c) memcpy(L->cprev + ((size_t)ts * K + k) * B * H + first, c + (size_t)k * B * H + first, n);
         for (int b = w->e.b0; b < w->e.b1; b++) memcpy(rec + ((size_t)k * B + b) * R, L->br + (size_t)k * R, sizeof(float) * R);
     }
     /* Cell pre-activations from h and the (pre-scaled) queries, for every module: one product. */
@@ -337,6 +358,15 @@ static void layer_forward(Layer *L, Scratch *w, int t, int ts, int Ts, int B, co
         }
         for (int k = 0; k < K; k++) act[k * B + b] = w->chosen[k];
     }
+    /* The cell input: LSTM adds it to rec's gate columns; GRU keeps it apart (pin = b_ih + ...),
+     * since its n gate multiplies only the recurrent part by r. */
+    float *pre = rec;
+    size_t pre_stride = R;
+    if (L->gru) {
+        pre = w->pin, pre_stride = G;
+        for (int k = 0; k < K; k++)
+            for (int b = w->e.b0; b < w->e.b1; b++) memcpy(pre + ((size_t)k * B + b) * G, L->bih + (size_t)k * G, sizeof(float) * G);
+    }
     /* Without drives: the attended value att = sum_s p_s v_s (every module), and W_ih on it. */
     if (!L->drives) {
         for (int k = 0; k < K; k++)
@@ -347,8 +377,8 @@ static void layer_forward(Layer *L, Scratch *w, int t, int ts, int Ts, int B, co
                 memset(a, 0, sizeof(float) * V);
                 for (int s = 0; s < S; s++) axpy(a, p[1 + s], kv + ((size_t)s * B + b) * KV + Q, V);
             }
-        modules_matmul_acc((Rows){rec, (size_t)B * R, R}, (Rows){L->att + (size_t)ts * B * V, (size_t)Ts * B * V, V},
-                           L->Wih, K, B, w->e, V, G, act);
+        modules_matmul_acc((Rows){pre, (size_t)B * pre_stride, pre_stride},
+                           (Rows){L->att + (size_t)ts * B * V, (size_t)Ts * B * V, V}, L->Wih, K, B, w->e, V, G, act);
     }
     /* Cells of the active modules; inactive ones carry h_{t-1} into communication. */
     for (int k = 0; k < K; k++)
@@ -362,7 +392,10 @@ static void layer_forward(Layer *L, Scratch *w, int t, int ts, int Ts, int B, co
             const size_t row = ((size_t)ts * K + k) * B + b;
             const float *drive = L->drives ? x_drives + (((size_t)t * B + b) * K + k) * G : NULL;
             const float a = L->probs[((size_t)t * K * B + kb) * (1 + S) + 1];
-            lstm_cell(L->gates + row * G, rec + kb * R, drive, a, c + kb * H, L->tc + row * H, ht, H);
+            if (L->gru) /* tc keeps GRU's h_n */
+                gru_cell(L->gates + row * G, rec + kb * R, pre + kb * G, drive, a, h + kb * H, L->tc + row * H, ht, H);
+            else
+                lstm_cell(L->gates + row * G, rec + kb * R, drive, a, c + kb * H, L->tc + row * H, ht, H);
         }
     const float *htil = L->htil + (size_t)ts * B * H; /* module k's rows start at k * Ts * B * H */
     const size_t htil_stride_k = (size_t)Ts * B * H;
@@ -422,7 +455,7 @@ static void layer_forward(Layer *L, Scratch *w, int t, int ts, int Ts, int B, co
 /* Gradients of one layer's step t: gh_prev/gc_prev (w) for the state entering it, d_kv of its
  * slots, d_drives, and the per-step weight-gradient factors dz, dqkv, dcomm. */
 static void layer_backward(Layer *L, Scratch *w, int t, int T, int B, const float *x_drives) {
-    const int K = L->K, H = L->H, Q = L->Q, V = L->V, S = L->S, G = 4 * H, R = G + Q, KV = Q + V;
+    const int K = L->K, H = L->H, Q = L->Q, V = L->V, S = L->S, G = gates_of(L), R = G + Q, KV = Q + V;
     const int C3 = L->NC * (2 * L->CK + L->CV), CX = L->NC * L->CV;
     const float scale = 1.0f / sqrtf((float)L->CK);
     const uint8_t *act = L->active + (size_t)t * K * B;
@@ -476,12 +509,29 @@ static void layer_backward(Layer *L, Scratch *w, int t, int T, int B, const floa
             const size_t kb = (size_t)k * B + b, row = ((size_t)t * K + k) * B + b;
             float *z = L->dz + (((size_t)k * T + t) * B + b) * R;
             float *ghp = w->gh_prev + kb * H, *gcp = w->gc_prev + kb * H;
-            const float *xk = x + kb * H, *gck = gc + kb * H;
+            const float *xk = x + kb * H, *gck = gc ? gc + kb * H : NULL;
+            float *di = L->gru ? L->dinp + (((size_t)k * T + t) * B + b) * G : NULL;
             if (!act[kb]) {
                 memcpy(ghp, xk, sizeof(float) * H);
-                memcpy(gcp, gck, sizeof(float) * H);
+                if (gc) memcpy(gcp, gck, sizeof(float) * H);
                 memset(z, 0, sizeof(float) * R);
+                if (di) memset(di, 0, sizeof(float) * G);
                 if (L->drives) memset(L->d_drives + (((size_t)t * B + b) * K + k) * G, 0, sizeof(float) * G);
+                continue;
+            }
+            if (L->gru) { /* d of [r, z, n] pre-activations: di for the input part, z for the recurrent */
+                const float *gate = L->gates + row * G, *hn = L->tc + row * H;
+                const float *hp = L->hprev + (((size_t)k * T + t) * B + b) * H;
+                for (int j = 0; j < H; j++) {
+                    const float r = gate[j], zg = gate[H + j], n = gate[2 * H + j], dhc = xk[j];
+                    const float dpn = dhc * (1.0f - zg) * (1.0f - n * n);
+                    const float dr = dpn * hn[j] * r * (1.0f - r), dzg = dhc * (hp[j] - n) * zg * (1.0f - zg);
+                    di[j] = z[j] = dr;
+                    di[H + j] = z[H + j] = dzg;
+                    di[2 * H + j] = dpn;
+                    z[2 * H + j] = dpn * r;
+                    ghp[j] = dhc * zg; /* h = n + z (h_prev - n); the recurrent product adds the rest */
+                }
                 continue;
             }
             const float *gate = L->gates + row * G, *tcr = L->tc + row * H, *cp = L->cprev + row * H;
@@ -497,11 +547,12 @@ static void layer_backward(Layer *L, Scratch *w, int t, int T, int B, const floa
             }
             memset(ghp, 0, sizeof(float) * H); /* filled by the recurrent product below */
         }
-    /* Without drives: d att = d pre @ W_ih^T. */
+    /* Without drives: d att = d pre @ W_ih^T, d pre being the cell input's gradient. */
     if (!L->drives) {
         for (int k = 0; k < K; k++) clear_envs(w->datt + (size_t)k * B * V, V, w->e);
-        modules_matmul_acc((Rows){w->datt, (size_t)B * V, V}, (Rows){L->dz + (size_t)t * B * R, (size_t)T * B * R, R},
-                           L->WihT, K, B, w->e, G, V, act);
+        const Rows dpre = L->gru ? (Rows){L->dinp + (size_t)t * B * G, (size_t)T * B * G, G}
+                                 : (Rows){L->dz + (size_t)t * B * R, (size_t)T * B * R, R};
+        modules_matmul_acc((Rows){w->datt, (size_t)B * V, V}, dpre, L->WihT, K, B, w->e, G, V, act);
     }
     /* Input attention: d of the slot probabilities, then of the scores, queries and keys|values. */
     float *dkv = L->d_kv + (size_t)t * S * B * KV;
@@ -513,10 +564,11 @@ static void layer_backward(Layer *L, Scratch *w, int t, int T, int B, const floa
             const float *p = L->probs + ((size_t)t * K * B + kb) * (1 + S);
             const float *q = L->query + (((size_t)t * K + k) * B + b) * Q;
             float dp[MAX_SLOTS], dsc[MAX_SLOTS];
-            if (L->drives) { /* pre = rec + p_1 * drive */
+            if (L->drives) { /* cell input = ... + p_1 * drive */
                 const size_t drow = (((size_t)t * B + b) * K + k) * G;
-                dp[0] = dot(z, x_drives + drow, G);
-                for (int j = 0; j < G; j++) L->d_drives[drow + j] = p[1] * z[j];
+                const float *dpre = L->gru ? L->dinp + (((size_t)k * T + t) * B + b) * G : z;
+                dp[0] = dot(dpre, x_drives + drow, G);
+                for (int j = 0; j < G; j++) L->d_drives[drow + j] = p[1] * dpre[j];
             } else { /* att = sum_s p_s v_s */
                 const float *da = w->datt + kb * V;
                 for (int s = 0; s < S; s++) {
@@ -589,7 +641,7 @@ static void reset_envs(const Job *j, int t, float *const *h, float *const *c) {
             if (j->starts[t * j->B + b])
                 for (int k = 0; k < Ll->K; k++) {
                     memset(h[l] + ((size_t)k * j->B + b) * Ll->H, 0, sizeof(float) * Ll->H);
-                    memset(c[l] + ((size_t)k * j->B + b) * Ll->H, 0, sizeof(float) * Ll->H);
+                    if (c[l]) memset(c[l] + ((size_t)k * j->B + b) * Ll->H, 0, sizeof(float) * Ll->H);
                 }
     }
 }
@@ -623,7 +675,7 @@ static void *backward_job(void *arg) {
     int ok = scratch_all(w, j);
     size_t widest = 1;
     for (int l = 0; l < L; l++) {
-        gh_prev[l] = w[l].gh_prev, gc_prev[l] = w[l].gc_prev;
+        gh_prev[l] = w[l].gh_prev, gc_prev[l] = layers[l].gc ? w[l].gc_prev : NULL;
         for (int s = 0; s < layers[l].S; s++)
             widest = (size_t)layers[l].width[s] > widest ? (size_t)layers[l].width[s] : widest;
     }
@@ -653,7 +705,7 @@ static void *backward_job(void *arg) {
             for (int k = 0; k < layers[l].K; k++) {
                 const size_t block = (size_t)k * B * layers[l].H;
                 copy_envs(layers[l].gh + block, gh_prev[l] + block, layers[l].H, j->e);
-                copy_envs(layers[l].gc + block, gc_prev[l] + block, layers[l].H, j->e);
+                if (layers[l].gc) copy_envs(layers[l].gc + block, gc_prev[l] + block, layers[l].H, j->e);
             }
     }
     for (int l = 0; l < L; l++) scratch_free(&w[l]);
