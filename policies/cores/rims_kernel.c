@@ -121,49 +121,55 @@ static void gru_cell(float *restrict gate, const float *restrict rec, float *res
     }
 }
 
-/* Two rows at once: y_r (N) += x_r (M) @ W (M, N), W's rows ws apart. Blocks of 32 outputs
- * (4 registers per row) stay in registers over the whole reduction, and the two rows share every
- * load of W: 8 independent accumulators keep the multiply-add units busy. A lone row (y1 NULL) runs
- * the same code beside a throwaway copy of itself, so a row's result never depends on whether it
- * had a partner (which changes with how the envs are split among threads). */
+/* One or two rows at once: y_r (N) += x_r (M) @ W (M, N), W's rows ws apart. Blocks of 32
+ * outputs (4 registers per row) stay in registers over the whole reduction, and the two rows share
+ * every load of W: 8 independent accumulators keep the multiply-add units busy. A lone row (y1
+ * NULL) takes its own copy of the loops, so its rounding may differ from a paired row's in the last
+ * bit (which rows pair depends on the batch, the active modules and the thread split). */
 static void rows_matmul_acc(float *restrict y0, float *restrict y1, const float *restrict x0,
                             const float *restrict x1, const float *restrict W, size_t ws, int M, int N) {
-    float spare[N > 0 ? N : 1];
-    if (!y1) {
-        memcpy(spare, y0, sizeof(float) * (size_t)N);
-        y1 = spare, x1 = x0;
-    }
     int j0 = 0;
     for (; j0 + 32 <= N; j0 += 32) {
         v8f a0[4], a1[4];
-        for (int u = 0; u < 4; u++) a0[u] = load8(y0 + j0 + 8 * u), a1[u] = load8(y1 + j0 + 8 * u);
-        for (int m = 0; m < M; m++) {
-            const float *w = W + m * ws + j0, s0 = x0[m], s1 = x1[m];
-            for (int u = 0; u < 4; u++) {
-                const v8f wu = load8(w + 8 * u);
-                a0[u] += s0 * wu;
-                a1[u] += s1 * wu;
+        for (int u = 0; u < 4; u++) a0[u] = load8(y0 + j0 + 8 * u);
+        if (y1) {
+            for (int u = 0; u < 4; u++) a1[u] = load8(y1 + j0 + 8 * u);
+            for (int m = 0; m < M; m++) {
+                const float *w = W + m * ws + j0, s0 = x0[m], s1 = x1[m];
+                for (int u = 0; u < 4; u++) {
+                    const v8f wu = load8(w + 8 * u);
+                    a0[u] += s0 * wu;
+                    a1[u] += s1 * wu;
+                }
+            }
+            for (int u = 0; u < 4; u++) store8(y1 + j0 + 8 * u, a1[u]);
+        } else {
+            for (int m = 0; m < M; m++) {
+                const float *w = W + m * ws + j0, s0 = x0[m];
+                for (int u = 0; u < 4; u++) a0[u] += s0 * load8(w + 8 * u);
             }
         }
-        for (int u = 0; u < 4; u++) store8(y0 + j0 + 8 * u, a0[u]), store8(y1 + j0 + 8 * u, a1[u]);
+        for (int u = 0; u < 4; u++) store8(y0 + j0 + 8 * u, a0[u]);
     }
     for (; j0 + 8 <= N; j0 += 8) {
-        v8f a0 = load8(y0 + j0), a1 = load8(y1 + j0);
+        v8f a0 = load8(y0 + j0), a1 = y1 ? load8(y1 + j0) : a0;
         for (int m = 0; m < M; m++) {
             const v8f wu = load8(W + m * ws + j0);
             a0 += x0[m] * wu;
-            a1 += x1[m] * wu;
+            if (y1) a1 += x1[m] * wu;
         }
-        store8(y0 + j0, a0), store8(y1 + j0, a1);
+        store8(y0 + j0, a0);
+        if (y1) store8(y1 + j0, a1);
     }
     for (; j0 < N; j0++) { /* the last N % 8 columns, each a running sum kept in a register */
-        float a0 = y0[j0], a1 = y1[j0];
+        float a0 = y0[j0], a1 = y1 ? y1[j0] : 0.0f;
         for (int m = 0; m < M; m++) {
             const float wm = W[m * ws + j0];
             a0 += x0[m] * wm;
-            a1 += x1[m] * wm;
+            if (y1) a1 += x1[m] * wm;
         }
-        y0[j0] = a0, y1[j0] = a1;
+        y0[j0] = a0;
+        if (y1) y1[j0] = a1;
     }
 }
 
