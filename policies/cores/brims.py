@@ -62,7 +62,7 @@ class BRIMs(RIMsStackCore):
         concatenated bottom first).
     :param fused_backward: train through the hand-written backward (default) or, with ``False``,
         plain autograd through the same forward.
-    :param native: run the time loop in the C kernel where it applies (LSTM cells, one input head,
+    :param native: run the time loop in the C kernel where it applies (LSTM or GRU cells, one input head,
         float32 on the CPU; see :meth:`RIMsStackCore.kernel_for`); ``False``: the Python engine.
 
     The state concatenates the layers' states (bottom first), each laid out as in RIMs.

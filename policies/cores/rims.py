@@ -48,7 +48,7 @@ How it is made fast (an agent's bottleneck is many tiny ops per step):
   one large batched matmul over all T steps at the end instead of T small ones.
   The same forward code run under ordinary autograd (``fused_backward=False``)
   is the reference the tests compare the fused gradients against.
-* With LSTM cells and one input head on the CPU in float32, the whole time loop,
+* With one input head (LSTM or GRU cells) on the CPU in float32, the whole time loop,
   forward and backward, runs in a C kernel (``rims_kernel.c``, :class:`_KernelStack`):
   one call per sequence instead of ~40 tensor ops per step and layer, whose fixed
   cost dominates at agent batch sizes. It computes what the Python engine above
@@ -1062,7 +1062,7 @@ class RIMs(RIMsStackCore):
     :param fused_backward: train through the hand-written backward (fast, default); ``False``
         lets autograd differentiate the same forward (reference, slower).
     :param native: run the time loop in the C kernel (``rims_kernel.c``, see
-        :mod:`policies.cores.native`) where it applies: LSTM cells, one input head, float32 on
+        :mod:`policies.cores.native`) where it applies: one input head (LSTM or GRU cells), float32 on
         the CPU, ``fused_backward`` on, and no attention dropout while training. Elsewhere, or
         with ``False``, the Python engine runs (the same function; the kernel is tested against it).
     :raises ValueError: naming the argument, for a size < 1, ``k_active > num_modules``,

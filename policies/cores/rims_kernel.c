@@ -1,4 +1,4 @@
-/* RIMs and BRIMs with LSTM cells and one input-attention head: the whole time loop in C.
+/* RIMs and BRIMs (LSTM or GRU cells, one input-attention head): the whole time loop in C.
  *
  * The same computation as RIMsLayer.step / step_backward and RIMsStackCore._run / _backward in
  * rims.py (that Python engine is the reference the tests compare this kernel against). Why C: an
@@ -11,7 +11,8 @@
  * bottom-up is x_t for layer 0 and layer l-1's new h at step t otherwise; top-down is layer l+1's h
  * from step t-1 (none for the top layer). S = the layer's non-null slots (1 or 2).
  *
- * Sizes per layer: K modules of H units, G = 4H gates, Q query/key width, V value width, R = G + Q
+ * Sizes per layer: K modules of H units, G gates (4H for LSTM [i, f, o, g], 3H for GRU [r, z, n]),
+ * Q query/key width, V value width, R = G + Q
  * columns of the recurrent product (W_hh next to the pre-scaled query weights), NC communication
  * heads of key width CK and value width CV, C3 = NC*(2*CK + CV) columns of the communication Q/K/V
  * product (per head [q|k|v]), CX = NC*CV the context width, KV = Q + V.
@@ -24,15 +25,18 @@
  * Layouts of the Layer fields (float32, contiguous, row-major; Ts = T when saving, else 1):
  *   Wr (K, H, R)  br (K, R)  Wih (K, V, G)  Wc (K, H, C3)  Wo (K, CX, H)  slot_kv[s] (width_s, KV)
  *   WrT (K, R, H)  WihT (K, G, V)  WcT (K, C3, H)  WoT (K, H, CX)  slot_kvT[s] (KV, width_s)
- *   h, c (K, B, H): state, in place   out (T, B, K*H) or NULL   d_out (T, B, K*H) or NULL
+ *   bih (K, G): GRU's input bias (LSTM has one bias, in br)
+ *   h, c (K, B, H): state, in place (c NULL for GRU)   out (T, B, K*H) or NULL   d_out likewise
  *   active (T, K, B) uint8   probs (T, K, B, 1 + S): [null, slots]
  *   hprev, htil (K, Ts, B, H)  ctx (K, Ts, B, CX)  att (K, Ts, B, V): so weight gradients are one bmm
- *   cprev, tc, upd (Ts, K, B, H)  gates (Ts, K, B, G) as [i, f, o, g]  qkv (Ts, K, B, C3)
+ *   cprev (LSTM), tc (LSTM: tanh(c); GRU: the recurrent n part), upd (Ts, K, B, H)
+ *   gates (Ts, K, B, G) as activations   qkv (Ts, K, B, C3)
  *   query (Ts, K, B, Q)  attn (Ts, B, NC, K, K) as [query module i][key module j]
  *   kv (Ts, S, B, KV): each slot's keys|values   u[s] (Ts, B, width_s): per-step slot inputs
  *   backward: dz (K, T, B, R)  dqkv (K, T, B, C3)  dcomm (K, T, B, H)  d_kv (T, S, B, KV), zeroed
- *   d_drives (T, B, K, G) for a drives layer   gh, gc (K, B, H): in, the final state's gradient;
- *   out, the initial state's
+ *   d_drives (T, B, K, G) for a drives layer   dinp (K, T, B, G) for GRU: the cell input's gradient
+ *   (LSTM's is dz's first G columns)   gh, gc (K, B, H): in, the final state's gradient; out, the
+ *   initial state's (gc NULL for GRU)
  * Entries of inactive modules in gates, tc and upd are never written and never read.
  */
 #include <math.h>
