@@ -787,15 +787,21 @@ class RIMsStackCore(RecurrentCore):
         return rims_kernel() if applies else None
 
     def _kernel_forward(
-        self, lib: ctypes.CDLL, x: Tensor, state: Tensor, episode_starts: Tensor, return_info: bool
+        self,
+        lib: ctypes.CDLL,
+        state: Tensor,
+        starts: Tensor,
+        weights: list[LayerWeights],
+        keys0: Tensor,
+        feeds0: Tensor,
+        return_info: bool,
     ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """:meth:`forward` through the C kernel (inputs already checked)."""
+        """:meth:`forward` through the C kernel, from the same prepared weights and x-slot keys and feeds
+        as the Python engine (``starts`` bool ``(T, B)``)."""
         layers: list[RIMsLayer] = list(self.layers)  # type: ignore[arg-type]
-        T, B = x.shape[:2]
+        T, B = starts.shape
         first = layers[0]
-        starts = episode_starts.to(device=x.device, dtype=torch.bool).to(torch.uint8).contiguous()
-        weights = [layer.prepare() for layer in layers]
-        keys0, feeds0 = first.slot_forward(weights[0], 0, x)  # x's slot, all T steps at once
+        starts = starts.to(torch.uint8).contiguous()
         # The kernel's layouts: keys (T, B, key); drives (T, B, K, gates) (slot_forward's, transposed) or values.
         x_keys = keys0.reshape(T, B, first.input_key_size).contiguous()
         if first.precomputed_drives:
@@ -966,14 +972,14 @@ class RIMsStackCore(RecurrentCore):
             suffixes both with ``_{layer}``.
         """
         self.check_inputs(x, state, episode_starts)
-        lib = self.kernel_for(x, state)
-        if lib is not None:
-            return self._kernel_forward(lib, x, state, episode_starts, return_info)
         starts = episode_starts.to(device=x.device, dtype=torch.bool)
-        any_start = starts.any(dim=1).tolist()
         layers: list[RIMsLayer] = list(self.layers)  # type: ignore[arg-type]
         weights = [layer.prepare() for layer in layers]
         keys0, feeds0 = layers[0].slot_forward(weights[0], 0, x)  # x's slot: all T steps at once
+        lib = self.kernel_for(x, state)
+        if lib is not None:
+            return self._kernel_forward(lib, state, starts, weights, keys0, feeds0, return_info)
+        any_start = starts.any(dim=1).tolist()
         info: dict[str, Tensor] | None = {} if return_info else None
         needs_grad = torch.is_grad_enabled() and (state.requires_grad or keys0.requires_grad or feeds0.requires_grad)
         if needs_grad and self.fused_backward:
@@ -1221,6 +1227,11 @@ def _kernel_threads(T: int, B: int) -> int:
     return max(1, min(torch.get_num_threads(), B)) if T * B >= 64 else 1
 
 
+def _empty(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A CPU tensor for the kernel: explicit dtype and device, whatever torch's defaults are."""
+    return torch.empty(shape, dtype=dtype, device="cpu")
+
+
 def _set(struct: KernelLayer, name: str, t: Tensor | None, dtype: torch.dtype = torch.float32) -> None:
     setattr(struct, name, None if t is None else pointer(t, dtype))
 
@@ -1263,9 +1274,6 @@ def _kernel_run(
     T, B = x_keys.shape[:2]
     Ts = T if save else 1
 
-    def new(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
-        return torch.empty(shape, dtype=dtype, device="cpu")
-
     shapes: list[dict[str, tuple[int, ...]]] = []
     for li, layer in enumerate(layers):
         K, H, G, Q, V = (layer.num_modules, layer.module_size, layer.gate_size, layer.input_key_size,
@@ -1292,12 +1300,12 @@ def _kernel_run(
         it = iter(views)
         saved = [{name: next(it) for name in per_layer} for per_layer in shapes]
     else:
-        saved = [{name: new(*shape) for name, shape in per_layer.items()} for per_layer in shapes]
+        saved = [{name: _empty(*shape) for name, shape in per_layer.items()} for per_layer in shapes]
 
     states = _state_parts(state.detach(), layers)
-    outs = {li: new(T, B, layers[li].output_size) for li in core.output_layers}
-    active = [new(T, layer.num_modules, B, dtype=torch.uint8) for layer in layers]
-    probs = [new(T, layer.num_modules, B, 1 + len(layer.slot_sizes)) for layer in layers]
+    outs = {li: _empty(T, B, layers[li].output_size) for li in core.output_layers}
+    active = [_empty(T, layer.num_modules, B, dtype=torch.uint8) for layer in layers]
+    probs = [_empty(T, layer.num_modules, B, 1 + len(layer.slot_sizes)) for layer in layers]
     structs = (KernelLayer * len(layers))()
     for li, (layer, w) in enumerate(zip(layers, weights, strict=True)):
         struct = _layer_struct(layer)
@@ -1365,9 +1373,6 @@ class _KernelStack(torch.autograd.Function):
         weights = _unflatten_weights(ctx.flat_weights, layers)
         T, B = x_keys.shape[:2]
 
-        def new(*shape: int) -> Tensor:
-            return torch.empty(shape, dtype=torch.float32, device="cpu")
-
         grads = _state_parts(d_state, layers)  # in: the final state's gradient; out: the initial state's
         d_outs, col = {}, 0
         for li in core.output_layers:
@@ -1417,7 +1422,7 @@ class _KernelStack(torch.autograd.Function):
                 _set(struct, name, t)
             _set(struct, "dinp", dinp if layer.cell == "gru" else None)
             if layer.precomputed_drives:
-                d_drives = new(T, B, K, G)
+                d_drives = _empty(T, B, K, G)
                 _set(struct, "d_drives", d_drives)
             _set(struct, "gh", grads[li][0])
             _set(struct, "gc", grads[li][1] if layer.cell == "lstm" else None)
