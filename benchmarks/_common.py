@@ -23,7 +23,12 @@ def config_for(core: str, env: str = "doorkey", overrides: list[str] | None = No
                        [*extra, "log.progress_bar=false", *(overrides or [])])
 
 
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The metrics rows (one per update) a run wrote into ``run_dir``."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def train_and_read(config: dict[str, Any], run_dir: Path, stop_at_frames: int | None = None) -> list[dict[str, Any]]:
     """Train ``config`` into ``run_dir`` and return its metrics rows (one per update)."""
     Trainer(config, run_dir).run(stop_at_frames=stop_at_frames)
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run_dir)

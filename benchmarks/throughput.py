@@ -8,7 +8,8 @@ ALE/Breakout-v5: 8 envs, for lstm and rims (configs/atari/breakout-<core>-ppo.ya
 
     python benchmarks/throughput.py [--updates 6] [--cores lstm gru rims brims thalnet] [--no-atari]
 
-Prints the median frames/s over the updates after the first (which pays one-off costs).
+Prints the median frames/s over the updates after the first (which pays one-off costs). The cores
+of a row group take turns, one update each, so that the machine's drift in speed hits them alike.
 """
 
 from __future__ import annotations
@@ -19,18 +20,30 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import config_for, train_and_read
+from _common import Trainer, config_for, read_metrics
 
 
-def measure(core: str, env: str, updates: int, overrides: list[str]) -> tuple[float, float, float]:
-    """Median (frames/s, rollout s, update s) over ``updates`` PPO updates after a warm-up one."""
-    config = config_for(core, env, overrides)
-    frames = (updates + 1) * config["algo"]["n_steps"] * config["env"]["n_envs"]
+def measure(cores: list[str], env: str, updates: int, overrides: list[str]) -> dict[str, tuple[float, float, float]]:
+    """Median (frames/s, rollout s, update s) per core over ``updates`` PPO updates after a warm-up one.
+
+    The cores take turns, one update each: this machine's speed drifts by tens of percent over
+    minutes, and timing the cores one after the other made their ratio drift with it.
+    """
+    configs = {core: config_for(core, env, overrides) for core in cores}
     with tempfile.TemporaryDirectory() as tmp:
-        rows = train_and_read(config, Path(tmp), stop_at_frames=frames)[1:]
-    return (statistics.median(r["time/fps"] for r in rows),
-            statistics.median(r["time/rollout_seconds"] for r in rows),
-            statistics.median(r["time/update_seconds"] for r in rows))
+        trainers = {core: Trainer(config, Path(tmp) / core) for core, config in configs.items()}
+        for update in range(1, updates + 2):
+            for trainer in trainers.values():
+                trainer.run(stop_at_frames=update * trainer.frames_per_rollout)
+        rows = {core: read_metrics(Path(tmp) / core)[1:] for core in cores}
+    return {
+        core: (
+            statistics.median(r["time/fps"] for r in core_rows),
+            statistics.median(r["time/rollout_seconds"] for r in core_rows),
+            statistics.median(r["time/update_seconds"] for r in core_rows),
+        )
+        for core, core_rows in rows.items()
+    }
 
 
 def main() -> None:
@@ -49,12 +62,11 @@ def main() -> None:
     if not args.no_atari:
         runs.append(("breakout", "2 whole seqs", args.atari_cores, [*threads, "algo.anneal_lr=false"]))
     for env, minibatch, cores, overrides in runs:
-        baseline = None
-        for core in cores:
-            fps, rollout, update = measure(core, env, args.updates, overrides)
-            baseline = fps if core == "lstm" else baseline
+        results = measure(cores, env, args.updates, overrides)
+        baseline = results["lstm"][0] if "lstm" in results else None
+        env_id = "MiniGrid-DoorKey-5x5-v0" if env == "doorkey" else "ALE/Breakout-v5"
+        for core, (fps, rollout, update) in results.items():
             ratio = f"{fps / baseline:.2f}x" if baseline else "-"
-            env_id = "MiniGrid-DoorKey-5x5-v0" if env == "doorkey" else "ALE/Breakout-v5"
             print(f"{env_id:<26}{minibatch:<17}{core:<10}{fps:>10.0f}{rollout:>11.2f}{update:>10.2f}{ratio:>9}",
                   flush=True)
     print("goals (2-core CPU, 2 whole sequences per minibatch): DoorKey lstm >= 2100 frames/s; rims >= 0.7x lstm")

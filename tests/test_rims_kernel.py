@@ -528,17 +528,29 @@ def test_splitting_the_envs_among_threads_changes_nothing(monkeypatch: pytest.Mo
         assert (a - b).abs().max() <= 1e-6 * max(1.0, float(b.abs().max()))
 
 
-def test_wiring_the_kernel_does_not_know_runs_the_python_engine() -> None:
-    """Precomputed drives on an upper layer are legal for the Python engine but not the kernel's wiring:
-    the core must fall back (the kernel would read the wrong buffer), with the same result as native=False."""
+def test_precomputed_drives_are_the_python_engines_choice() -> None:
+    """The kernel applies W_ih to the attended value itself (active modules only), so a layer that
+    precomputes its drives for the Python engine (RIMs' layer, or here an upper BRIMs layer, which the
+    Python engine can only run forward) still runs in the kernel, with the Python engine's result."""
     core = BRIMs(IN, layers=[{"num_modules": 4, "module_size": 6, "k_active": 2}] * 2).eval()
     core.layers[1].precomputed_drives = True  # type: ignore[union-attr]
-    x, starts, _ = episode(T=5, B=3)
-    assert core.kernel_for(x) is None
-    reference = copy.deepcopy(core)
-    reference.native = False
+    x, starts, g = episode(T=5, B=3)
+    assert core.kernel_for(x) is not None
+    state0 = torch.randn(3, core.state_size, generator=g) * 0.5
     with torch.no_grad():
-        assert torch.equal(core(x, core.initial_state(3), starts)[0], reference(x, core.initial_state(3), starts)[0])
+        out_k, state_k = core(x, state0, starts)
+        out_r, state_r = python_engine(core)(x, state0, starts)
+    assert (out_k - out_r).abs().max() <= 1e-5 and (state_k - state_r).abs().max() <= 1e-5
+
+
+def test_wiring_the_kernel_does_not_know_is_refused() -> None:
+    """A layer whose slots are not the RIMs/BRIMs wiring (here the top layer reading a second slot) is
+    not handed to the kernel."""
+    core = BRIMs(IN, layers=[{"num_modules": 4, "module_size": 6, "k_active": 2}] * 2)
+    x, _, _ = episode(T=5, B=3)
+    assert core.kernel_for(x) is not None
+    core.layers[1].slot_sizes = (*core.layers[1].slot_sizes, 24)  # type: ignore[union-attr]
+    assert core.kernel_for(x) is None
 
 
 def test_communication_dropout_alone_keeps_training_on_the_python_engine() -> None:

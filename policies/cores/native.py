@@ -107,11 +107,11 @@ def rims_kernel() -> ctypes.CDLL | None:
             stacklevel=2,
         )
         return None
-    # (T, B, L, save, starts, x_keys, x_feed, layers, threads) and (T, B, L, starts, x_drives, layers,
-    # threads): the layer array goes as a pointer to KernelLayer structures (policies/cores/rims.py).
+    # (T, B, L, save, starts, x_keys, x_values, layers, threads) and (T, B, L, starts, layers, threads):
+    # the layer array goes as a pointer to KernelLayer structures (policies/cores/rims.py).
     c_int, c_void_p = ctypes.c_int, ctypes.c_void_p
     lib.rims_stack_forward.argtypes = [c_int, c_int, c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_int]
-    lib.rims_stack_backward.argtypes = [c_int, c_int, c_int, c_void_p, c_void_p, c_void_p, c_int]
+    lib.rims_stack_backward.argtypes = [c_int, c_int, c_int, c_void_p, c_void_p, c_int]
     lib.rims_stack_forward.restype = lib.rims_stack_backward.restype = c_int
     return lib
 

@@ -286,8 +286,13 @@ class RIMsLayer(nn.Module):
 
     # ------------------------------------------------------------------ forward pieces
 
-    def prepare(self) -> LayerWeights:
-        """Rearrange the weights for the per-step code; once per forward (differentiable)."""
+    def prepare(self, precomputed_drives: bool | None = None) -> LayerWeights:
+        """Rearrange the weights for the per-step code; once per forward (differentiable).
+
+        :param precomputed_drives: lay ``W_ih`` out for precomputed drives or not (see
+            :class:`LayerWeights`); None: as this layer's ``precomputed_drives`` says.
+        """
+        drives = self.precomputed_drives if precomputed_drives is None else precomputed_drives
         K, nh, dk, dv, G = (
             self.num_modules,
             self.num_input_heads,
@@ -299,7 +304,7 @@ class RIMsLayer(nn.Module):
         recurrent = torch.cat([self.weight_hh, self.query * (1.0 / math.sqrt(dk))], dim=-1)
         b_hh = self.bias if self.cell == "lstm" else self.bias_hh
         recurrent_bias = torch.cat([b_hh, b_hh.new_zeros(K, nh * dk)], dim=-1).unsqueeze(1)
-        if not self.precomputed_drives:
+        if not drives:
             input_weight = self.weight_ih
         elif nh == 1:
             input_weight = self.weight_ih.permute(1, 0, 2).reshape(dv, K * G)
@@ -316,13 +321,16 @@ class RIMsLayer(nn.Module):
             tuple(self.slot_key_value),
         )
 
-    def slot_forward(self, w: LayerWeights, slot: int, inputs: Tensor) -> tuple[Tensor, Tensor]:
+    def slot_forward(
+        self, w: LayerWeights, slot: int, inputs: Tensor, precomputed_drives: bool | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Keys and feeds of one slot, for inputs with any leading shape ``(..., B, width)``.
 
-        :param w: from :meth:`prepare`.
+        :param w: from :meth:`prepare` (called with the same ``precomputed_drives``).
         :param slot: index of the (non-null) slot.
         :param inputs: ``(..., B, slot_sizes[slot])``, e.g. ``(T, B, in)`` for all steps at once.
-        :return: ``keys`` ``(..., B, heads, key)`` and ``feeds``: with ``precomputed_drives`` the
+        :param precomputed_drives: feed drives or values; None: as this layer's ``precomputed_drives`` says.
+        :return: ``keys`` ``(..., B, heads, key)`` and ``feeds``: with precomputed drives the
             drives ``(..., K, B, gates)`` for one head, else ``(..., K, B, heads, gates)``
             (``drive[k] = value @ W_ih[k]`` per head); otherwise the values ``(..., B, value)``
             for one head, else ``(..., B, heads, value)``.
@@ -337,7 +345,7 @@ class RIMsLayer(nn.Module):
         kv = inputs @ w.slot_kv[slot]
         keys, values = kv.split([nh * dk, nh * dv], dim=-1)
         keys = keys.unflatten(-1, (nh, dk))
-        if not self.precomputed_drives:
+        if not (self.precomputed_drives if precomputed_drives is None else precomputed_drives):
             return keys, (values if nh == 1 else values.unflatten(-1, (nh, dv)))
         if nh == 1:
             return keys, (values @ w.input_weight).unflatten(-1, (K, G)).transpose(-2, -3)
@@ -757,9 +765,11 @@ class RIMsStackCore(RecurrentCore):
         """The C kernel if it applies to this core and input, else None (the Python engine runs).
 
         It applies with ``native`` and ``fused_backward`` on, one input head in every layer (LSTM
-        or GRU cells), the slot wiring of RIMs/BRIMs (precomputed drives only for a bottom layer
-        whose one slot is ``x``), a non-empty batch of float32 CPU input, state and parameters,
-        no CPU autocast (which would hand it bfloat16), and no attention dropout while training.
+        or GRU cells), the slot wiring of RIMs/BRIMs (every layer reads ``x`` or the layer below,
+        and all but the top one the layer above), a non-empty batch of float32 CPU input, state
+        and parameters, no CPU autocast (which would hand it bfloat16), and no attention dropout
+        while training. A layer's ``precomputed_drives`` does not matter: the kernel applies
+        ``W_ih`` to the attended value itself, for the active modules only.
 
         :param x: the input sequence; :param state: the state entering it (checked too when given).
         """
@@ -769,10 +779,7 @@ class RIMsStackCore(RecurrentCore):
             and self.fused_backward
             and len(layers) <= KERNEL_MAX_LAYERS
             and all(layer.num_input_heads == 1 for layer in layers)
-            and all(len(layer.slot_sizes) <= _MAX_SLOTS for layer in layers)
-            and all(
-                layer.precomputed_drives == (li == 0 and len(layer.slot_sizes) == 1) for li, layer in enumerate(layers)
-            )
+            and _stack_wiring(layers)
             and x.shape[1] > 0
             and x.device.type == "cpu"
             and x.dtype == torch.float32
@@ -793,23 +800,19 @@ class RIMsStackCore(RecurrentCore):
         starts: Tensor,
         weights: list[LayerWeights],
         keys0: Tensor,
-        feeds0: Tensor,
+        values0: Tensor,
         return_info: bool,
     ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """:meth:`forward` through the C kernel, from the same prepared weights and x-slot keys and feeds
-        as the Python engine (``starts`` bool ``(T, B)``)."""
+        """:meth:`forward` through the C kernel, from weights prepared and x-slot keys and values
+        computed without precomputed drives (``starts`` bool ``(T, B)``)."""
         layers: list[RIMsLayer] = list(self.layers)  # type: ignore[arg-type]
         T, B = starts.shape
         first = layers[0]
         starts = starts.to(torch.uint8).contiguous()
-        # The kernel's layouts: keys (T, B, key); drives (T, B, K, gates) (slot_forward's, transposed) or values.
         x_keys = keys0.reshape(T, B, first.input_key_size).contiguous()
-        if first.precomputed_drives:
-            x_feed = feeds0.transpose(1, 2).contiguous()
-        else:
-            x_feed = feeds0.reshape(T, B, first.input_value_size).contiguous()
+        x_values = values0.reshape(T, B, first.input_value_size).contiguous()
         flat = [None if w is None else w.contiguous() for w in _flatten_weights(weights)]
-        inputs = (state.contiguous(), x_keys, x_feed, *flat)
+        inputs = (state.contiguous(), x_keys, x_values, *flat)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
             out, new_state, *diagnostics = _KernelStack.apply(self, lib, starts, *inputs)
         else:
@@ -974,9 +977,12 @@ class RIMsStackCore(RecurrentCore):
         self.check_inputs(x, state, episode_starts)
         starts = episode_starts.to(device=x.device, dtype=torch.bool)
         layers: list[RIMsLayer] = list(self.layers)  # type: ignore[arg-type]
-        weights = [layer.prepare() for layer in layers]
-        keys0, feeds0 = layers[0].slot_forward(weights[0], 0, x)  # x's slot: all T steps at once
         lib = self.kernel_for(x, state)
+        # The kernel applies W_ih to the attended value itself (for the active modules only), so it
+        # takes the x slot's values, never precomputed drives.
+        drives = False if lib is not None else None
+        weights = [layer.prepare(drives) for layer in layers]
+        keys0, feeds0 = layers[0].slot_forward(weights[0], 0, x, drives)  # x's slot: all T steps at once
         if lib is not None:
             return self._kernel_forward(lib, state, starts, weights, keys0, feeds0, return_info)
         any_start = starts.any(dim=1).tolist()
@@ -991,6 +997,18 @@ class RIMsStackCore(RecurrentCore):
         if info is None:
             return out, new_state
         return out, new_state, info
+
+
+def _stack_wiring(layers: Sequence[RIMsLayer]) -> bool:
+    """Whether every layer reads the slots RIMs/BRIMs wire (the C kernel's): ``x`` (layer 0) or the
+    layer below's ``h``, then the layer above's ``h`` for all but the top layer."""
+    for li, layer in enumerate(layers):
+        expected = [layer.slot_sizes[0] if li == 0 else layers[li - 1].output_size]
+        if li < len(layers) - 1:
+            expected.append(layers[li + 1].output_size)
+        if list(layer.slot_sizes) != expected:
+            return False
+    return True
 
 
 def _flat(h: Tensor) -> Tensor:
@@ -1121,11 +1139,11 @@ class RIMs(RIMsStackCore):
 
 KERNEL_MAX_LAYERS = 8  # the kernel's fixed per-layer scratch table
 _MAX_SLOTS = 2
-_INT_FIELDS = ("K", "H", "Q", "V", "k_active", "NC", "CK", "CV", "S", "drives", "gru")
+_INT_FIELDS = ("K", "H", "Q", "V", "k_active", "NC", "CK", "CV", "S", "gru")
 _POINTER_FIELDS = (
     "Wr", "br", "Wih", "Wc", "Wo", "slot_kv", "WrT", "WihT", "WcT", "WoT", "slot_kvT", "h", "c", "out", "d_out",
     "active", "probs", "hprev", "htil", "ctx", "att", "cprev", "gates", "tc", "upd", "qkv", "query", "attn", "kv", "u",
-    "dz", "dqkv", "dcomm", "d_kv", "d_drives", "gh", "gc", "bih", "dinp",
+    "dz", "dqkv", "dcomm", "d_kv", "gh", "gc", "bih", "dinp",
 )  # fmt: skip
 _PER_SLOT = ("slot_kv", "slot_kvT", "u")
 _SLOT_INPUTS = tuple(f"u{s}" for s in range(_MAX_SLOTS))  # saved per-step slot inputs: the ``u`` array field
@@ -1242,7 +1260,7 @@ def _layer_struct(layer: RIMsLayer) -> KernelLayer:
     sizes = (
         layer.num_modules, layer.module_size, layer.input_key_size, layer.input_value_size, layer.k_active,
         layer.num_comm_heads, layer.comm_key_size, layer.comm_value_size, len(layer.slot_sizes),
-        int(layer.precomputed_drives), int(layer.cell == "gru"),
+        int(layer.cell == "gru"),
     )  # fmt: skip
     for name, value in zip(_INT_FIELDS, sizes, strict=True):
         setattr(struct, name, value)
@@ -1257,15 +1275,16 @@ def _kernel_run(
     starts: Tensor,
     state: Tensor,
     x_keys: Tensor,
-    x_feed: Tensor,
+    x_values: Tensor,
     *flat_weights: Tensor | None,
     save: bool,
 ) -> KernelRun:
     """One call of the kernel's forward over the whole sequence (no autograd).
 
-    :param starts: ``(T, B)`` uint8; ``state`` ``(B, state_size)``; ``x_keys`` ``(T, B, key)``;
-        ``x_feed``: the bottom layer's drives ``(T, B, K, gates)`` or values ``(T, B, value)``.
-    :param flat_weights: :func:`_flatten_weights` of every layer's :meth:`RIMsLayer.prepare`.
+    :param starts: ``(T, B)`` uint8; ``state`` ``(B, state_size)``; ``x_keys`` ``(T, B, key)`` and
+        ``x_values`` ``(T, B, value)``: the bottom layer's x slot.
+    :param flat_weights: :func:`_flatten_weights` of every layer's :meth:`RIMsLayer.prepare`, without
+        precomputed drives (``input_weight`` is ``W_ih`` ``(K, value, gates)``).
     :param save: keep every step's intermediates for the backward (in a pooled buffer), else one
         step's scratch.
     """
@@ -1282,7 +1301,7 @@ def _kernel_run(
         C3, CX = nc * (2 * layer.comm_key_size + layer.comm_value_size), nc * layer.comm_value_size
         shape = {
             "hprev": (K, Ts, B, H), "htil": (K, Ts, B, H), "ctx": (K, Ts, B, CX),
-            "att": (0,) if layer.precomputed_drives else (K, Ts, B, V),
+            "att": (K, Ts, B, V),
             "cprev": (Ts, K, B, H) if layer.cell == "lstm" else (0,), "gates": (Ts, K, B, G),
             "tc": (Ts, K, B, H), "upd": (Ts, K, B, H),
             "qkv": (Ts, K, B, C3), "query": (Ts, K, B, Q), "attn": (Ts, B, layer.num_comm_heads, K, K),
@@ -1311,7 +1330,7 @@ def _kernel_run(
         struct = _layer_struct(layer)
         _set(struct, "Wr", w.recurrent.detach())
         _set(struct, "br", w.recurrent_bias.detach())
-        _set(struct, "Wih", None if layer.precomputed_drives else w.input_weight.detach())
+        _set(struct, "Wih", w.input_weight.detach())
         _set(struct, "Wc", w.comm_qkv.detach())
         _set(struct, "Wo", w.comm_out.detach())
         for s, kv in enumerate(w.slot_kv):
@@ -1330,7 +1349,7 @@ def _kernel_run(
         structs[li] = struct
     status = lib.rims_stack_forward(
         T, B, len(layers), int(save), pointer(starts, torch.uint8), pointer(x_keys.detach()),
-        pointer(x_feed.detach()), ctypes.addressof(structs), _kernel_threads(T, B),
+        pointer(x_values.detach()), ctypes.addressof(structs), _kernel_threads(T, B),
     )  # fmt: skip
     _check_status(status)
     out = torch.cat([outs[li] for li in core.output_layers], dim=-1) if len(outs) > 1 else outs[core.output_layers[0]]
@@ -1349,16 +1368,16 @@ class _KernelStack(torch.autograd.Function):
         starts: Tensor,
         state: Tensor,
         x_keys: Tensor,
-        x_feed: Tensor,
+        x_values: Tensor,
         *flat_weights: Tensor | None,
     ) -> tuple[Tensor, ...]:
-        run = _kernel_run(core, lib, starts, state, x_keys, x_feed, *flat_weights, save=True)
+        run = _kernel_run(core, lib, starts, state, x_keys, x_values, *flat_weights, save=True)
         # Saved intermediates and their lease live on ctx, freed with the graph (a retained graph keeps them).
         # Never the outputs themselves: out -> grad_fn -> ctx -> out would be a cycle that only the garbage
         # collector breaks, holding the pooled buffer (tens of MB) until it runs.
         ctx.core, ctx.lib = core, lib
         ctx.run = run._replace(out=None, state=None)
-        ctx.tensors = (starts, x_keys.detach(), x_feed.detach())
+        ctx.starts = starts
         ctx.flat_weights = [None if w is None else w.detach() for w in flat_weights]
         ctx.mark_non_differentiable(*run.active, *run.probs)
         return (run.out, run.state, *run.active, *run.probs)
@@ -1368,10 +1387,10 @@ class _KernelStack(torch.autograd.Function):
     def backward(ctx: Any, d_out: Tensor, d_state: Tensor, *_: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         core: RIMsStackCore = ctx.core
         run: KernelRun = ctx.run
-        starts, x_keys, x_feed = ctx.tensors
+        starts = ctx.starts
         layers: list[RIMsLayer] = list(core.layers)  # type: ignore[arg-type]
         weights = _unflatten_weights(ctx.flat_weights, layers)
-        T, B = x_keys.shape[:2]
+        T, B = starts.shape
 
         grads = _state_parts(d_state, layers)  # in: the final state's gradient; out: the initial state's
         d_outs, col = {}, 0
@@ -1387,22 +1406,20 @@ class _KernelStack(torch.autograd.Function):
         buffer, views = _POOL.carve(*shapes)  # given back below
         structs = (KernelLayer * len(layers))()
         keep: list[Tensor] = []  # every tensor whose address the kernel gets, alive until it returns
-        d_kvs, d_drives = [], None
+        d_kvs = []
         for li, (layer, w) in enumerate(zip(layers, weights, strict=True)):
-            K, G = layer.num_modules, layer.gate_size
             S, KV = len(layer.slot_sizes), layer.input_key_size + layer.input_value_size
             struct = _layer_struct(layer)
             # Contiguous transposes once per backward, so the kernel's products run along rows.
             transposed = {
                 "WrT": w.recurrent.transpose(1, 2).contiguous(),
-                "WihT": None if layer.precomputed_drives else w.input_weight.transpose(1, 2).contiguous(),
+                "WihT": w.input_weight.transpose(1, 2).contiguous(),
                 "WcT": w.comm_qkv.transpose(1, 2).contiguous(),
                 "WoT": w.comm_out.transpose(1, 2).contiguous(),
             }
             for name, t in transposed.items():
                 _set(struct, name, t)
-                if t is not None:
-                    keep.append(t)
+                keep.append(t)
             for s, kv in enumerate(w.slot_kv):
                 if li > 0 or s > 0:
                     kv_t = kv.t().contiguous()
@@ -1421,20 +1438,11 @@ class _KernelStack(torch.autograd.Function):
             for name, t in (("dz", dz), ("dqkv", dqkv), ("dcomm", dcomm), ("d_kv", d_kv)):
                 _set(struct, name, t)
             _set(struct, "dinp", dinp if layer.cell == "gru" else None)
-            if layer.precomputed_drives:
-                d_drives = _empty(T, B, K, G)
-                _set(struct, "d_drives", d_drives)
             _set(struct, "gh", grads[li][0])
             _set(struct, "gc", grads[li][1] if layer.cell == "lstm" else None)
             structs[li] = struct
         status = ctx.lib.rims_stack_backward(
-            T,
-            B,
-            len(layers),
-            pointer(starts, torch.uint8),
-            pointer(x_feed),
-            ctypes.addressof(structs),
-            _kernel_threads(T, B),
+            T, B, len(layers), pointer(starts, torch.uint8), ctypes.addressof(structs), _kernel_threads(T, B)
         )
         del keep
         _check_status(status)
@@ -1447,9 +1455,7 @@ class _KernelStack(torch.autograd.Function):
             dz, dqkv, dcomm = (v.view(K, rows, -1) for v in views[4 * li : 4 * li + 3])
             # The cell input's gradient: LSTM's is dz's gate columns, GRU's its own (b_ih has a gradient).
             d_inp = views[4 * li + 3].view(K, rows, G) if layer.cell == "gru" else dz[..., :G]
-            g_input = None
-            if not layer.precomputed_drives:
-                g_input = torch.bmm(sv["att"].view(K, rows, -1).transpose(1, 2), d_inp)
+            g_input = torch.bmm(sv["att"].view(K, rows, -1).transpose(1, 2), d_inp)
             g_slots = []
             for s in range(len(layer.slot_sizes)):
                 if li == 0 and s == 0:
@@ -1468,10 +1474,8 @@ class _KernelStack(torch.autograd.Function):
                     tuple(g_slots),  # type: ignore[arg-type]
                 )
             )
-        first = layers[0]
-        d_x_keys = d_kvs[0][:, 0, :, : first.input_key_size].contiguous()
-        d_x_feed = d_drives if first.precomputed_drives else d_kvs[0][:, 0, :, first.input_key_size :].contiguous()
+        d_x_keys, d_x_values = d_kvs[0][:, 0].split([layers[0].input_key_size, layers[0].input_value_size], dim=-1)
         d_state0 = torch.cat([g.permute(2, 0, 1, 3).reshape(B, -1) for g in grads], dim=1)
         del dz, dqkv, dcomm, dinp, d_inp, views
         _POOL.give(buffer)
-        return (None, None, None, d_state0, d_x_keys, d_x_feed, *_flatten_weights(d_weights))
+        return (None, None, None, d_state0, d_x_keys, d_x_values, *_flatten_weights(d_weights))

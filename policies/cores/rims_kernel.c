@@ -17,10 +17,10 @@
  * heads of key width CK and value width CV, C3 = NC*(2*CK + CV) columns of the communication Q/K/V
  * product (per head [q|k|v]), CX = NC*CV the context width, KV = Q + V.
  *
- * The x slot comes precomputed for all T: x_keys (T, B, Q) and x_feed, which is either the drives
- * v_t @ W_ih[k] (T, B, K, G) ("drives" layers: RIMs, whose only slot is x) or the values (T, B, V).
- * A per-step slot's keys|values are u @ slot_kv (u the source layer's h, flattened (B, K'*H')), and
- * a layer without drives applies W_ih to the attended value at each step.
+ * The x slot comes precomputed for all T: x_keys (T, B, Q) and x_values (T, B, V). A per-step
+ * slot's keys|values are u @ slot_kv (u the source layer's h, flattened (B, K'*H')). Every layer
+ * applies W_ih to the attended value at each step, for the active modules only (the Python engine
+ * may instead precompute RIMs' drives v_t @ W_ih[k] for every module and step: the same function).
  *
  * Layouts of the Layer fields (float32, contiguous, row-major; Ts = T when saving, else 1):
  *   Wr (K, H, R)  br (K, R)  Wih (K, V, G)  Wc (K, H, C3)  Wo (K, CX, H)  slot_kv[s] (width_s, KV)
@@ -34,7 +34,7 @@
  *   query (Ts, K, B, Q)  attn (Ts, B, NC, K, K) as [query module i][key module j]
  *   kv (Ts, S, B, KV): each slot's keys|values   u[s] (Ts, B, width_s): per-step slot inputs
  *   backward: dz (K, T, B, R)  dqkv (K, T, B, C3)  dcomm (K, T, B, H)  d_kv (T, S, B, KV), zeroed
- *   d_drives (T, B, K, G) for a drives layer   dinp (K, T, B, G) for GRU: the cell input's gradient
+ *   dinp (K, T, B, G) for GRU: the cell input's gradient
  *   (LSTM's is dz's first G columns)   gh, gc (K, B, H): in, the final state's gradient; out, the
  *   initial state's (gc NULL for GRU)
  * Entries of inactive modules in gates, tc and upd are never written and never read.
@@ -94,15 +94,12 @@ static inline float sigmoidf(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
 /* tanh(x) = 2 * sigmoid(2x) - 1, as the Python engine computes it. */
 static inline float tanh_approx(float x) { return 2.0f / (1.0f + exp_approx(-2.0f * x)) - 1.0f; }
 
-/* The LSTM cell of one module and env: gate = [i, f, o, g] activations of pre (+ a * drive, when
- * given), c = f * c + i * g (in place), tc = tanh(c), h = o * tc. */
-static void lstm_cell(float *restrict gate, const float *restrict pre, const float *restrict drive, float a,
-                      float *restrict c, float *restrict tc, float *restrict h, int H) {
-    for (int j = 0; j < 4 * H; j++) gate[j] = pre[j];
-    if (drive)
-        for (int j = 0; j < 4 * H; j++) gate[j] += a * drive[j];
-    for (int j = 0; j < 3 * H; j++) gate[j] = sigmoidf(gate[j]);
-    for (int j = 3 * H; j < 4 * H; j++) gate[j] = tanh_approx(gate[j]);
+/* The LSTM cell of one module and env: gate = [i, f, o, g] activations of the pre-activations pre,
+ * c = f * c + i * g (in place), tc = tanh(c), h = o * tc. */
+static void lstm_cell(float *restrict gate, const float *restrict pre, float *restrict c, float *restrict tc,
+                      float *restrict h, int H) {
+    for (int j = 0; j < 3 * H; j++) gate[j] = sigmoidf(pre[j]);
+    for (int j = 3 * H; j < 4 * H; j++) gate[j] = tanh_approx(pre[j]);
     for (int j = 0; j < H; j++) {
         c[j] = gate[H + j] * c[j] + gate[j] * gate[3 * H + j];
         tc[j] = tanh_approx(c[j]);
@@ -110,13 +107,29 @@ static void lstm_cell(float *restrict gate, const float *restrict pre, const flo
     }
 }
 
-/* The GRU cell of one module and env: pin (the input part: b_ih + W_ih v, to which a * drive is
- * added when given) and rec (b_hh + W_hh h) give gate = [r, z, n], h_n = rec's n part, and
- * h = n + z * (h_prev - n), with tanh computed as 2 * sigmoid(2x) - 1 like the Python engine. */
-static void gru_cell(float *restrict gate, const float *restrict rec, float *restrict pin, const float *restrict drive,
-                     float a, const float *restrict h_prev, float *restrict h_n, float *restrict h, int H) {
-    if (drive)
-        for (int j = 0; j < 3 * H; j++) pin[j] += a * drive[j];
+/* Backward of lstm_cell: from dh (the gradient of h) and dc_next (of c, from the next step), the
+ * gradients dz of the [i, f, o, g] pre-activations and dc_prev of c_prev. The pointers never alias,
+ * which lets the compiler vectorise the loop. */
+static void lstm_cell_backward(float *restrict dz, float *restrict dc_prev, const float *restrict gate,
+                               const float *restrict tc, const float *restrict c_prev, const float *restrict dh,
+                               const float *restrict dc_next, int H) {
+    for (int j = 0; j < H; j++) {
+        const float ig = gate[j], fg = gate[H + j], og = gate[2 * H + j], gg = gate[3 * H + j];
+        const float tcn = tc[j], dhc = dh[j];
+        const float dcc = dhc * og * (1.0f - tcn * tcn) + dc_next[j];
+        dz[j] = dcc * gg * ig * (1.0f - ig);
+        dz[H + j] = dcc * c_prev[j] * fg * (1.0f - fg);
+        dz[2 * H + j] = dhc * tcn * og * (1.0f - og);
+        dz[3 * H + j] = dcc * ig * (1.0f - gg * gg);
+        dc_prev[j] = dcc * fg;
+    }
+}
+
+/* The GRU cell of one module and env: pin (the input part, b_ih + W_ih v) and rec (b_hh + W_hh h)
+ * give gate = [r, z, n], h_n = rec's n part, and h = n + z * (h_prev - n), with tanh computed as
+ * 2 * sigmoid(2x) - 1 like the Python engine. */
+static void gru_cell(float *restrict gate, const float *restrict rec, const float *restrict pin,
+                     const float *restrict h_prev, float *restrict h_n, float *restrict h, int H) {
     for (int j = 0; j < 2 * H; j++) gate[j] = sigmoidf(pin[j] + rec[j]);
     for (int j = 0; j < H; j++) {
         h_n[j] = rec[2 * H + j];
@@ -199,31 +212,49 @@ static inline void copy_envs(float *to, const float *from, int n, Envs e) {
     memcpy(to + (size_t)e.b0 * n, from + (size_t)e.b0 * n, sizeof(float) * (size_t)(e.b1 - e.b0) * n);
 }
 
-/* y[k][b] += x[k][b] @ W[k] for every module k and env b in e, W (K, M, N); rows where `only`
- * (K, B) is 0 are skipped. Rows go through the product in pairs, sharing the loads of W[k]. */
-static void modules_matmul_acc(Rows y, Rows x, const float *W, int K, int B, Envs e, int M, int N,
-                               const uint8_t *only) {
-    for (int k = 0; k < K; k++) {
-        const float *Wk = W + (size_t)k * M * N;
-        int pending = -1; /* a row waiting for its partner */
-        for (int b = e.b0; b < e.b1; b++) {
-            if (only && !only[k * B + b]) continue;
-            if (pending < 0) {
-                pending = b;
-                continue;
-            }
-            rows_matmul_acc(row(y, k, pending), row(y, k, b), row(x, k, pending), row(x, k, b), Wk, N, M, N);
-            pending = -1;
+/* Y_i += X_i @ W (W (M, N), its rows ws apart) for the rows i < n picked by pick[i * ps] == want
+ * (every row when pick is NULL). Picked rows go through the product in pairs, sharing the loads of W. */
+static void picked_matmul_acc(float *Y, size_t ys, const float *X, size_t xs, int n, const uint8_t *pick, size_t ps,
+                              int want, const float *W, size_t ws, int M, int N) {
+    int pending = -1; /* a row waiting for its partner */
+    for (int i = 0; i < n; i++) {
+        if (pick && pick[i * ps] != want) continue;
+        if (pending < 0) {
+            pending = i;
+            continue;
         }
-        if (pending >= 0) rows_matmul_acc(row(y, k, pending), NULL, row(x, k, pending), NULL, Wk, N, M, N);
+        rows_matmul_acc(Y + pending * ys, Y + i * ys, X + pending * xs, X + i * xs, W, ws, M, N);
+        pending = -1;
     }
+    if (pending >= 0) rows_matmul_acc(Y + pending * ys, NULL, X + pending * xs, NULL, W, ws, M, N);
 }
 
-/* Y[i] += X[i] @ V for the K rows i of a K x K matrix X (row-major), V's K rows vs apart. */
-static void square_matmul_acc(float *Y, size_t ys, const float *X, const float *V, size_t vs, int K, int N) {
-    int i = 0;
-    for (; i + 2 <= K; i += 2) rows_matmul_acc(Y + i * ys, Y + (i + 1) * ys, X + i * K, X + (i + 1) * K, V, vs, K, N);
-    if (i < K) rows_matmul_acc(Y + i * ys, NULL, X + i * K, NULL, V, vs, K, N);
+/* A block of per-module weights: module k's (M, N) block starts at p + k * ks, its rows rs apart
+ * (a block may be some columns of a wider matrix). */
+typedef struct {
+    const float *p;
+    size_t ks, rs;
+} Weights;
+
+static inline Weights dense(const float *W, int M, int N) { return (Weights){W, (size_t)M * N, (size_t)N}; }
+
+/* y[k][b] += x[k][b] @ W[k] (M, N) for every module k and env b in e whose only[k][b] (K, B) is
+ * `want` (every one when only is NULL). */
+static void modules_matmul_acc(Rows y, Rows x, Weights W, int K, int B, Envs e, int M, int N, const uint8_t *only,
+                               int want) {
+    for (int k = 0; k < K; k++)
+        picked_matmul_acc(row(y, k, e.b0), y.bs, row(x, k, e.b0), x.bs, e.b1 - e.b0, only ? only + k * B + e.b0 : NULL, 1,
+                          want, W.p + k * W.ks, W.rs, M, N);
+}
+
+/* K rounded up to whole registers of 8 floats: the row width of transposed per-module blocks. */
+static inline int padded(int K) { return (K + 7) / 8 * 8; }
+
+/* out[c][j] (width, Kp) = the c-th entry of module j's row, in[j * ms + c], for the K modules. */
+static void transpose_modules(float *restrict out, const float *restrict in, size_t ms, int K, int width) {
+    const int Kp = padded(K);
+    for (int j = 0; j < K; j++)
+        for (int c = 0; c < width; c++) out[c * Kp + j] = in[j * ms + c];
 }
 
 static void transpose_square(float *restrict out, const float *restrict in, int K) {
@@ -235,7 +266,7 @@ static void transpose_square(float *restrict out, const float *restrict in, int 
 
 /* One layer: mirrored field for field by KernelLayer (a ctypes.Structure) in rims.py. */
 typedef struct {
-    int K, H, Q, V, k_active, NC, CK, CV, S, drives, gru;
+    int K, H, Q, V, k_active, NC, CK, CV, S, gru;
     int width[MAX_SLOTS];
     const float *Wr, *br, *Wih, *Wc, *Wo, *slot_kv[MAX_SLOTS];
     const float *WrT, *WihT, *WcT, *WoT, *slot_kvT[MAX_SLOTS];
@@ -244,7 +275,7 @@ typedef struct {
     uint8_t *active;
     float *probs;
     float *hprev, *htil, *ctx, *att, *cprev, *gates, *tc, *upd, *qkv, *query, *attn, *kv, *u[MAX_SLOTS];
-    float *dz, *dqkv, *dcomm, *d_kv, *d_drives, *gh, *gc;
+    float *dz, *dqkv, *dcomm, *d_kv, *gh, *gc;
     const float *bih; /* GRU: the input bias (K, G) */
     float *dinp;      /* GRU: (K, T, B, G), the gradient of the cell input (LSTM's is dz's first G columns) */
 } Layer;
@@ -256,6 +287,7 @@ static inline int gates_of(const Layer *L) { return (L->gru ? 3 : 4) * L->H; }
 typedef struct {
     Envs e;
     float *rec, *pin, *rank, *hnew, *dctx, *x, *dA, *dAT, *datt, *gh_prev, *gc_prev;
+    float *tr, *sc; /* a head's keys or values transposed (width, Kp), zero-padded; rows' scores (K, Kp) */
     uint8_t *chosen;
 } Scratch;
 
@@ -273,26 +305,29 @@ static int scratch_alloc(Scratch *w, const Layer *L, int B) {
     w->gh_prev = malloc(sizeof(float) * (size_t)K * B * H);
     w->gc_prev = malloc(sizeof(float) * (size_t)K * B * H);
     w->chosen = malloc((size_t)K);
+    const int width = L->CK > L->CV ? L->CK : L->CV;
+    w->tr = calloc((size_t)width * padded(K), sizeof(float)); /* the padding columns stay zero */
+    w->sc = malloc(sizeof(float) * (size_t)K * padded(K));
     return w->rec && w->pin && w->rank && w->hnew && w->dctx && w->x && w->dA && w->dAT && w->datt && w->gh_prev &&
-           w->gc_prev && w->chosen;
+           w->gc_prev && w->chosen && w->tr && w->sc;
 }
 
 static void scratch_free(Scratch *w) {
     free(w->rec), free(w->pin), free(w->rank), free(w->hnew), free(w->dctx), free(w->x), free(w->dA), free(w->dAT);
-    free(w->datt), free(w->gh_prev), free(w->gc_prev), free(w->chosen);
+    free(w->datt), free(w->gh_prev), free(w->gc_prev), free(w->chosen), free(w->tr), free(w->sc);
 }
 
 /* Keys|values of slot s of layer l at step t into kv[ts][s]: from x for layer 0's first slot, else
  * u @ slot_kv with u the source layer's h flattened to (B, K'*H') (kept in u[s] for the backward). */
 static void fill_slot(Layer *layers, int l, int s, int t, int ts, int B, Envs e, const float *x_keys,
-                      const float *x_feed) {
+                      const float *x_values) {
     Layer *L = &layers[l];
     const int KV = L->Q + L->V;
     float *kv = L->kv + ((size_t)ts * L->S + s) * B * KV;
     if (l == 0 && s == 0) {
         for (int b = e.b0; b < e.b1; b++) {
             memcpy(kv + (size_t)b * KV, x_keys + ((size_t)t * B + b) * L->Q, sizeof(float) * L->Q);
-            if (!L->drives) memcpy(kv + (size_t)b * KV + L->Q, x_feed + ((size_t)t * B + b) * L->V, sizeof(float) * L->V);
+            memcpy(kv + (size_t)b * KV + L->Q, x_values + ((size_t)t * B + b) * L->V, sizeof(float) * L->V);
         }
         return;
     }
@@ -304,18 +339,15 @@ static void fill_slot(Layer *layers, int l, int s, int t, int ts, int B, Envs e,
             memcpy(u + (size_t)b * width + (size_t)k * src->H, src->h + ((size_t)k * B + b) * src->H,
                    sizeof(float) * src->H);
     clear_envs(kv, KV, e);
-    int b = e.b0;
-    for (; b + 2 <= e.b1; b += 2)
-        rows_matmul_acc(kv + (size_t)b * KV, kv + (size_t)(b + 1) * KV, u + (size_t)b * width, u + (size_t)(b + 1) * width,
-                        L->slot_kv[s], KV, width, KV);
-    if (b < e.b1) rows_matmul_acc(kv + (size_t)b * KV, NULL, u + (size_t)b * width, NULL, L->slot_kv[s], KV, width, KV);
+    picked_matmul_acc(kv + (size_t)e.b0 * KV, KV, u + (size_t)e.b0 * width, width, e.b1 - e.b0, NULL, 0, 1, L->slot_kv[s],
+                      KV, width, KV);
 }
 
 static inline int ranks_before(float a, float b) { /* a NaN rank comes last, as in the Python engine's sort */
     return a > b || (b != b && a == a);
 }
 
-static void layer_forward(Layer *L, Scratch *w, int t, int ts, int Ts, int B, const float *x_drives) {
+static void layer_forward(Layer *L, Scratch *w, int t, int ts, int Ts, int B) {
     const int K = L->K, H = L->H, Q = L->Q, V = L->V, S = L->S, G = gates_of(L), R = G + Q, KV = Q + V;
     const int C3 = L->NC * (2 * L->CK + L->CV), CX = L->NC * L->CV;
     const float scale = 1.0f / sqrtf((float)L->CK);
@@ -326,8 +358,10 @@ static void layer_forward(Layer *L, Scratch *w, int t, int ts, int Ts, int B, co
         if (c) memcpy(L->cprev + ((size_t)ts * K + k) * B * H + first, c + (size_t)k * B * H + first, n);
         for (int b = w->e.b0; b < w->e.b1; b++) memcpy(rec + ((size_t)k * B + b) * R, L->br + (size_t)k * R, sizeof(float) * R);
     }
-    /* Cell pre-activations from h and the (pre-scaled) queries, for every module: one product. */
-    modules_matmul_acc((Rows){rec, (size_t)B * R, R}, (Rows){h, (size_t)B * H, H}, L->Wr, K, B, w->e, H, R, NULL);
+    /* The (pre-scaled) input-attention queries of every module, from h (rec's last Q columns). */
+    const Rows rec_rows = {rec, (size_t)B * R, R}, h_rows = {h, (size_t)B * H, H};
+    modules_matmul_acc((Rows){rec + G, rec_rows.ks, R}, h_rows, (Weights){L->Wr + G, (size_t)H * R, R}, K, B, w->e, H,
+                       Q, NULL, 1);
 
     /* Input attention over [null, slots]; the null key is zero, so its score is exactly 0. */
     uint8_t *act = L->active + (size_t)t * K * B;
@@ -368,6 +402,8 @@ static void layer_forward(Layer *L, Scratch *w, int t, int ts, int Ts, int B, co
         }
         for (int k = 0; k < K; k++) act[k * B + b] = w->chosen[k];
     }
+    /* The cell's recurrent pre-activations, of the active modules only (rec's first G columns). */
+    modules_matmul_acc(rec_rows, h_rows, (Weights){L->Wr, (size_t)H * R, R}, K, B, w->e, H, G, act, 1);
     /* The cell input: LSTM adds it to rec's gate columns; GRU keeps it apart (pin = b_ih + ...),
      * since its n gate multiplies only the recurrent part by r. */
     float *pre = rec;
@@ -377,19 +413,19 @@ static void layer_forward(Layer *L, Scratch *w, int t, int ts, int Ts, int B, co
         for (int k = 0; k < K; k++)
             for (int b = w->e.b0; b < w->e.b1; b++) memcpy(pre + ((size_t)k * B + b) * G, L->bih + (size_t)k * G, sizeof(float) * G);
     }
-    /* Without drives: the attended value att = sum_s p_s v_s (every module), and W_ih on it. */
-    if (!L->drives) {
-        for (int k = 0; k < K; k++)
-            for (int b = w->e.b0; b < w->e.b1; b++) {
-                const size_t kb = (size_t)k * B + b;
-                const float *p = L->probs + ((size_t)t * K * B + kb) * (1 + S);
-                float *a = L->att + (((size_t)k * Ts + ts) * B + b) * V;
-                memset(a, 0, sizeof(float) * V);
-                for (int s = 0; s < S; s++) axpy(a, p[1 + s], kv + ((size_t)s * B + b) * KV + Q, V);
-            }
-        modules_matmul_acc((Rows){pre, (size_t)B * pre_stride, pre_stride},
-                           (Rows){L->att + (size_t)ts * B * V, (size_t)Ts * B * V, V}, L->Wih, K, B, w->e, V, G, act);
-    }
+    /* The attended value att = sum_s p_s v_s (every module: the weight gradient reads it), and W_ih
+     * on it for the active modules. */
+    for (int k = 0; k < K; k++)
+        for (int b = w->e.b0; b < w->e.b1; b++) {
+            const size_t kb = (size_t)k * B + b;
+            const float *p = L->probs + ((size_t)t * K * B + kb) * (1 + S);
+            float *a = L->att + (((size_t)k * Ts + ts) * B + b) * V;
+            memset(a, 0, sizeof(float) * V);
+            for (int s = 0; s < S; s++) axpy(a, p[1 + s], kv + ((size_t)s * B + b) * KV + Q, V);
+        }
+    modules_matmul_acc((Rows){pre, (size_t)B * pre_stride, pre_stride},
+                       (Rows){L->att + (size_t)ts * B * V, (size_t)Ts * B * V, V}, dense(L->Wih, V, G), K, B, w->e, V, G,
+                       act, 1);
     /* Cells of the active modules; inactive ones carry h_{t-1} into communication. */
     for (int k = 0; k < K; k++)
         for (int b = w->e.b0; b < w->e.b1; b++) {
@@ -400,31 +436,45 @@ static void layer_forward(Layer *L, Scratch *w, int t, int ts, int Ts, int B, co
                 continue;
             }
             const size_t row = ((size_t)ts * K + k) * B + b;
-            const float *drive = L->drives ? x_drives + (((size_t)t * B + b) * K + k) * G : NULL;
-            const float a = L->probs[((size_t)t * K * B + kb) * (1 + S) + 1];
             if (L->gru) /* tc keeps GRU's h_n */
-                gru_cell(L->gates + row * G, rec + kb * R, pre + kb * G, drive, a, h + kb * H, L->tc + row * H, ht, H);
+                gru_cell(L->gates + row * G, rec + kb * R, pre + kb * G, h + kb * H, L->tc + row * H, ht, H);
             else
-                lstm_cell(L->gates + row * G, rec + kb * R, drive, a, c + kb * H, L->tc + row * H, ht, H);
+                lstm_cell(L->gates + row * G, rec + kb * R, c + kb * H, L->tc + row * H, ht, H);
         }
     const float *htil = L->htil + (size_t)ts * B * H; /* module k's rows start at k * Ts * B * H */
     const size_t htil_stride_k = (size_t)Ts * B * H;
 
-    /* Communication Q/K/V of every module from h~. */
+    /* Communication Q/K/V from h~: keys and values of every module, queries of the active ones
+     * only (an inactive module's context would be dropped; its query columns stay zero). */
     float *qkv = L->qkv + (size_t)ts * K * B * C3;
+    const int head = 2 * L->CK + L->CV, Kp = padded(K);
+    const Rows qkv_rows = {qkv, (size_t)B * C3, C3}, htil_rows = {(float *)htil, htil_stride_k, H};
     for (int k = 0; k < K; k++) clear_envs(qkv + (size_t)k * B * C3, C3, w->e);
-    modules_matmul_acc((Rows){qkv, (size_t)B * C3, C3}, (Rows){(float *)htil, htil_stride_k, H}, L->Wc, K, B, w->e, H, C3,
-                       NULL);
-    /* Attention across modules per env and head; ctx_i = sum_j softmax_j(k_j . q_i) v_j. */
+    modules_matmul_acc(qkv_rows, htil_rows, dense(L->Wc, H, C3), K, B, w->e, H, C3, act, 1);
+    for (int hd = 0; hd < L->NC; hd++) {
+        const int kv0 = hd * head + L->CK; /* this head's [k | v] columns */
+        modules_matmul_acc((Rows){qkv + kv0, qkv_rows.ks, C3}, htil_rows, (Weights){L->Wc + kv0, (size_t)H * C3, C3}, K,
+                           B, w->e, H, L->CK + L->CV, act, 0);
+    }
+    /* Attention across modules per env and head, for the active modules' queries: A[i][j] =
+     * softmax_j(scale * q_i . k_j) (an inactive i's row is zero), ctx_i = sum_j A[i][j] v_j. The keys
+     * are transposed first, so each query's K scores come from one product. */
     for (int b = w->e.b0; b < w->e.b1; b++)
         for (int hd = 0; hd < L->NC; hd++) {
             float *A = L->attn + ((((size_t)ts * B + b) * L->NC + hd) * K) * K;
-            const float *base = qkv + (size_t)b * C3 + hd * (2 * L->CK + L->CV); /* module j: + j * B * C3 */
+            const float *base = qkv + (size_t)b * C3 + hd * head; /* module j: + j * B * C3 */
             const size_t ms = (size_t)B * C3;
+            transpose_modules(w->tr, base + L->CK, ms, K, L->CK);
+            memset(w->sc, 0, sizeof(float) * (size_t)K * Kp);
+            picked_matmul_acc(w->sc, Kp, base, ms, K, act + b, B, 1, w->tr, Kp, L->CK, Kp);
             for (int i = 0; i < K; i++) {
                 float *Ai = A + i * K, m = -INFINITY, sum = 0.0f;
+                if (!act[i * B + b]) {
+                    memset(Ai, 0, sizeof(float) * K);
+                    continue;
+                }
                 for (int j = 0; j < K; j++) {
-                    Ai[j] = scale * dot(base + j * ms + L->CK, base + i * ms, L->CK);
+                    Ai[j] = scale * w->sc[i * Kp + j];
                     m = Ai[j] > m ? Ai[j] : m;
                 }
                 for (int j = 0; j < K; j++) sum += (Ai[j] = exp_approx(Ai[j] - m));
@@ -433,13 +483,13 @@ static void layer_forward(Layer *L, Scratch *w, int t, int ts, int Ts, int B, co
             float *cx = L->ctx + ((size_t)ts * B + b) * CX + hd * L->CV; /* module i: + i * Ts * B * CX */
             const size_t cs = (size_t)Ts * B * CX;
             for (int i = 0; i < K; i++) memset(cx + i * cs, 0, sizeof(float) * L->CV);
-            square_matmul_acc(cx, cs, A, base + 2 * L->CK, ms, K, L->CV);
+            picked_matmul_acc(cx, cs, A, K, K, act + b, B, 1, base + 2 * L->CK, ms, K, L->CV);
         }
     /* Bounded residual for the active modules: h = h~ + tanh(ctx @ W_out[k]); others keep h, c. */
     float *upd = L->upd + (size_t)ts * K * B * H;
     for (int k = 0; k < K; k++) clear_envs(upd + (size_t)k * B * H, H, w->e);
     modules_matmul_acc((Rows){upd, (size_t)B * H, H}, (Rows){L->ctx + (size_t)ts * B * CX, (size_t)Ts * B * CX, CX},
-                       L->Wo, K, B, w->e, CX, H, act);
+                       dense(L->Wo, CX, H), K, B, w->e, CX, H, act, 1);
     for (int k = 0; k < K; k++)
         for (int b = w->e.b0; b < w->e.b1; b++) {
             const size_t kb = (size_t)k * B + b;
@@ -463,8 +513,8 @@ static void layer_forward(Layer *L, Scratch *w, int t, int ts, int Ts, int B, co
 }
 
 /* Gradients of one layer's step t: gh_prev/gc_prev (w) for the state entering it, d_kv of its
- * slots, d_drives, and the per-step weight-gradient factors dz, dqkv, dcomm. */
-static void layer_backward(Layer *L, Scratch *w, int t, int T, int B, const float *x_drives) {
+ * slots, and the per-step weight-gradient factors dz, dqkv, dcomm (and GRU's dinp). */
+static void layer_backward(Layer *L, Scratch *w, int t, int T, int B) {
     const int K = L->K, H = L->H, Q = L->Q, V = L->V, S = L->S, G = gates_of(L), R = G + Q, KV = Q + V;
     const int C3 = L->NC * (2 * L->CK + L->CV), CX = L->NC * L->CV;
     const float scale = 1.0f / sqrtf((float)L->CK);
@@ -486,33 +536,40 @@ static void layer_backward(Layer *L, Scratch *w, int t, int T, int B, const floa
             for (int j = 0; j < H; j++) dc[j] = g[j] * (1.0f - u[j] * u[j]);
         }
     modules_matmul_acc((Rows){dctx, (size_t)B * CX, CX}, (Rows){L->dcomm + (size_t)t * B * H, (size_t)T * B * H, H},
-                       L->WoT, K, B, w->e, H, CX, act);
-    /* Attention across modules, per env and head: A[i][j] = softmax_j(scale * q_i . k_j). */
+                       dense(L->WoT, H, CX), K, B, w->e, H, CX, act, 1);
+    /* Attention across modules, per env and head: A[i][j] = softmax_j(scale * q_i . k_j) for the
+     * active modules i (an inactive module's context was dropped: its rows of A, dA and dS are zero). */
+    const int head = 2 * L->CK + L->CV, Kp = padded(K);
     for (int b = w->e.b0; b < w->e.b1; b++)
         for (int hd = 0; hd < L->NC; hd++) {
             const float *A = L->attn + ((((size_t)t * B + b) * L->NC + hd) * K) * K;
-            const int off = hd * (2 * L->CK + L->CV);
+            const int off = hd * head;
             const float *base = qkv + (size_t)b * C3 + off, *dcx = dctx + (size_t)b * CX + hd * L->CV;
             const size_t ms = (size_t)B * C3, cs = (size_t)B * CX; /* module strides */
+            /* dA[i][j] = d ctx_i . v_j: the values transposed, so each row comes from one product */
+            transpose_modules(w->tr, base + 2 * L->CK, ms, K, L->CV);
+            memset(w->sc, 0, sizeof(float) * (size_t)K * Kp);
+            picked_matmul_acc(w->sc, Kp, dcx, cs, K, act + b, B, 1, w->tr, Kp, L->CV, Kp);
             for (int i = 0; i < K; i++) { /* dS = A * (dA - sum_j A dA), times the score scale */
                 float *dSi = w->dA + i * K, s = 0.0f;
-                for (int j = 0; j < K; j++) dSi[j] = dot(dcx + i * cs, base + j * ms + 2 * L->CK, L->CV);
-                for (int j = 0; j < K; j++) s += A[i * K + j] * dSi[j];
-                for (int j = 0; j < K; j++) dSi[j] = A[i * K + j] * (dSi[j] - s) * scale;
+                const float *dAi = w->sc + i * Kp;
+                for (int j = 0; j < K; j++) s += A[i * K + j] * dAi[j];
+                for (int j = 0; j < K; j++) dSi[j] = A[i * K + j] * (dAi[j] - s) * scale;
             }
             float *dm = L->dqkv + ((size_t)t * B + b) * C3 + off; /* module m: + m * T * B * C3 */
             const size_t ds = (size_t)T * B * C3;
-            for (int m = 0; m < K; m++) memset(dm + m * ds, 0, sizeof(float) * (2 * L->CK + L->CV));
-            square_matmul_acc(dm, ds, w->dA, base + L->CK, ms, K, L->CK); /* d q_i = sum_j dS[i][j] k_j */
+            for (int m = 0; m < K; m++) memset(dm + m * ds, 0, sizeof(float) * head);
+            /* d q_i = sum_j dS[i][j] k_j (zero for inactive i) */
+            picked_matmul_acc(dm, ds, w->dA, K, K, act + b, B, 1, base + L->CK, ms, K, L->CK);
             transpose_square(w->dAT, w->dA, K);
-            square_matmul_acc(dm + L->CK, ds, w->dAT, base, ms, K, L->CK); /* d k_j = sum_i dS[i][j] q_i */
+            picked_matmul_acc(dm + L->CK, ds, w->dAT, K, K, NULL, 0, 1, base, ms, K, L->CK); /* d k_j = sum_i dS[i][j] q_i */
             transpose_square(w->dAT, A, K);
-            square_matmul_acc(dm + 2 * L->CK, ds, w->dAT, dcx, cs, K, L->CV); /* d v_j = sum_i A[i][j] d ctx_i */
+            picked_matmul_acc(dm + 2 * L->CK, ds, w->dAT, K, K, NULL, 0, 1, dcx, cs, K, L->CV); /* d v_j = sum_i A[i][j] d ctx_i */
         }
     /* x = dh + dqkv @ W_qkv^T: the gradient w.r.t. h~ (= h_cell if active, h_prev if not). */
     for (int k = 0; k < K; k++) copy_envs(x + (size_t)k * B * H, gh + (size_t)k * B * H, H, w->e);
-    modules_matmul_acc((Rows){x, (size_t)B * H, H}, (Rows){L->dqkv + (size_t)t * B * C3, (size_t)T * B * C3, C3},
-                       L->WcT, K, B, w->e, C3, H, NULL);
+    const Rows x_rows = {x, (size_t)B * H, H}, dqkv_rows = {L->dqkv + (size_t)t * B * C3, (size_t)T * B * C3, C3};
+    modules_matmul_acc(x_rows, dqkv_rows, dense(L->WcT, C3, H), K, B, w->e, C3, H, NULL, 1);
     /* Cells: d pre (the first G columns of dz) and the gradient of c_prev. */
     for (int k = 0; k < K; k++)
         for (int b = w->e.b0; b < w->e.b1; b++) {
@@ -526,7 +583,6 @@ static void layer_backward(Layer *L, Scratch *w, int t, int T, int B, const floa
                 if (gc) memcpy(gcp, gck, sizeof(float) * H);
                 memset(z, 0, sizeof(float) * R);
                 if (di) memset(di, 0, sizeof(float) * G);
-                if (L->drives) memset(L->d_drives + (((size_t)t * B + b) * K + k) * G, 0, sizeof(float) * G);
                 continue;
             }
             if (L->gru) { /* d of [r, z, n] pre-activations: di for the input part, z for the recurrent */
@@ -544,26 +600,14 @@ static void layer_backward(Layer *L, Scratch *w, int t, int T, int B, const floa
                 }
                 continue;
             }
-            const float *gate = L->gates + row * G, *tcr = L->tc + row * H, *cp = L->cprev + row * H;
-            for (int j = 0; j < H; j++) {
-                const float ig = gate[j], fg = gate[H + j], og = gate[2 * H + j], gg = gate[3 * H + j];
-                const float tcn = tcr[j], dhc = xk[j];
-                const float dcc = dhc * og * (1.0f - tcn * tcn) + gck[j];
-                z[j] = dcc * gg * ig * (1.0f - ig);
-                z[H + j] = dcc * cp[j] * fg * (1.0f - fg);
-                z[2 * H + j] = dhc * tcn * og * (1.0f - og);
-                z[3 * H + j] = dcc * ig * (1.0f - gg * gg);
-                gcp[j] = dcc * fg;
-            }
+            lstm_cell_backward(z, gcp, L->gates + row * G, L->tc + row * H, L->cprev + row * H, xk, gck, H);
             memset(ghp, 0, sizeof(float) * H); /* filled by the recurrent product below */
         }
-    /* Without drives: d att = d pre @ W_ih^T, d pre being the cell input's gradient. */
-    if (!L->drives) {
-        for (int k = 0; k < K; k++) clear_envs(w->datt + (size_t)k * B * V, V, w->e);
-        const Rows dpre = L->gru ? (Rows){L->dinp + (size_t)t * B * G, (size_t)T * B * G, G}
-                                 : (Rows){L->dz + (size_t)t * B * R, (size_t)T * B * R, R};
-        modules_matmul_acc((Rows){w->datt, (size_t)B * V, V}, dpre, L->WihT, K, B, w->e, G, V, act);
-    }
+    /* d att = d pre @ W_ih^T, d pre being the cell input's gradient. */
+    for (int k = 0; k < K; k++) clear_envs(w->datt + (size_t)k * B * V, V, w->e);
+    const Rows dpre = L->gru ? (Rows){L->dinp + (size_t)t * B * G, (size_t)T * B * G, G}
+                             : (Rows){L->dz + (size_t)t * B * R, (size_t)T * B * R, R};
+    modules_matmul_acc((Rows){w->datt, (size_t)B * V, V}, dpre, dense(L->WihT, G, V), K, B, w->e, G, V, act, 1);
     /* Input attention: d of the slot probabilities, then of the scores, queries and keys|values. */
     float *dkv = L->d_kv + (size_t)t * S * B * KV;
     for (int k = 0; k < K; k++)
@@ -574,17 +618,10 @@ static void layer_backward(Layer *L, Scratch *w, int t, int T, int B, const floa
             const float *p = L->probs + ((size_t)t * K * B + kb) * (1 + S);
             const float *q = L->query + (((size_t)t * K + k) * B + b) * Q;
             float dp[MAX_SLOTS], dsc[MAX_SLOTS];
-            if (L->drives) { /* cell input = ... + p_1 * drive */
-                const size_t drow = (((size_t)t * B + b) * K + k) * G;
-                const float *dpre = L->gru ? L->dinp + (((size_t)k * T + t) * B + b) * G : z;
-                dp[0] = dot(dpre, x_drives + drow, G);
-                for (int j = 0; j < G; j++) L->d_drives[drow + j] = p[1] * dpre[j];
-            } else { /* att = sum_s p_s v_s */
-                const float *da = w->datt + kb * V;
-                for (int s = 0; s < S; s++) {
-                    dp[s] = dot(da, kv + ((size_t)s * B + b) * KV + Q, V);
-                    axpy(dkv + ((size_t)s * B + b) * KV + Q, p[1 + s], da, V);
-                }
+            const float *da = w->datt + kb * V;
+            for (int s = 0; s < S; s++) { /* att = sum_s p_s v_s */
+                dp[s] = dot(da, kv + ((size_t)s * B + b) * KV + Q, V);
+                axpy(dkv + ((size_t)s * B + b) * KV + Q, p[1 + s], da, V);
             }
             if (S == 1) {
                 dsc[0] = dp[0] * p[1] * (1.0f - p[1]);
@@ -601,7 +638,7 @@ static void layer_backward(Layer *L, Scratch *w, int t, int T, int B, const floa
         }
     /* Active modules' h_prev gets its gradient through the recurrent product only. */
     modules_matmul_acc((Rows){w->gh_prev, (size_t)B * H, H}, (Rows){L->dz + (size_t)t * B * R, (size_t)T * B * R, R},
-                       L->WrT, K, B, w->e, R, H, act);
+                       dense(L->WrT, R, H), K, B, w->e, R, H, act, 1);
 }
 
 /* Adds d u = d_kv[s] @ slot_kv^T of a per-step slot to its source layer's h gradient (target). */
@@ -610,14 +647,10 @@ static void slot_input_backward(const Layer *L, int s, int t, int B, Envs e, con
     const int KV = L->Q + L->V, width = L->width[s];
     const float *dkv = L->d_kv + ((size_t)t * L->S + s) * B * KV;
     clear_envs(du, width, e);
-    int b = e.b0;
-    for (; b + 2 <= e.b1; b += 2)
-        rows_matmul_acc(du + (size_t)b * width, du + (size_t)(b + 1) * width, dkv + (size_t)b * KV,
-                        dkv + (size_t)(b + 1) * KV, L->slot_kvT[s], width, KV, width);
-    if (b < e.b1)
-        rows_matmul_acc(du + (size_t)b * width, NULL, dkv + (size_t)b * KV, NULL, L->slot_kvT[s], width, KV, width);
+    picked_matmul_acc(du + (size_t)e.b0 * width, width, dkv + (size_t)e.b0 * KV, KV, e.b1 - e.b0, NULL, 0, 1,
+                      L->slot_kvT[s], width, KV, width);
     for (int k = 0; k < src->K; k++)
-        for (b = e.b0; b < e.b1; b++)
+        for (int b = e.b0; b < e.b1; b++)
             axpy(target + ((size_t)k * B + b) * src->H, 1.0f, du + (size_t)b * width + (size_t)k * src->H, src->H);
 }
 
@@ -625,7 +658,7 @@ static void slot_input_backward(const Layer *L, int s, int t, int B, Envs e, con
 typedef struct {
     int T, B, L, save;
     const uint8_t *starts;
-    const float *x_keys, *x_feed;
+    const float *x_keys, *x_values;
     Layer *layers;
     Envs e;
     int status;
@@ -667,8 +700,8 @@ static void *forward_job(void *arg) {
         const int ts = j->save ? t : 0;
         reset_envs(j, t, h, c);
         for (int l = 0; l < j->L; l++) {
-            for (int s = 0; s < j->layers[l].S; s++) fill_slot(j->layers, l, s, t, ts, j->B, j->e, j->x_keys, j->x_feed);
-            layer_forward(&j->layers[l], &w[l], t, ts, Ts, j->B, j->x_feed);
+            for (int s = 0; s < j->layers[l].S; s++) fill_slot(j->layers, l, s, t, ts, j->B, j->e, j->x_keys, j->x_values);
+            layer_forward(&j->layers[l], &w[l], t, ts, Ts, j->B);
         }
     }
     for (int l = 0; l < j->L; l++) scratch_free(&w[l]);
@@ -701,7 +734,7 @@ static void *backward_job(void *arg) {
                              Ll->d_out + ((size_t)t * B + b) * Ll->K * Ll->H + (size_t)k * Ll->H, Ll->H);
             }
         for (int l = L - 1; l >= 0; l--) { /* the upper layers used the lower ones' results of this step */
-            layer_backward(&layers[l], &w[l], t, j->T, B, j->x_feed);
+            layer_backward(&layers[l], &w[l], t, j->T, B);
             for (int s = 0; s < layers[l].S; s++) {
                 if (l == 0 && s == 0) continue; /* x's slot: d_kv is the caller's */
                 if (s == 0) /* bottom-up read layer l-1's h at this step */
@@ -729,8 +762,10 @@ static void *backward_job(void *arg) {
 static int run_split(void *(*job)(void *), Job base, int threads) {
     if (base.L < 1 || base.L > MAX_LAYERS) return 2;
     for (int l = 0; l < base.L; l++) { /* the wiring this engine knows (rims.py's kernel_for checks it too) */
-        const Layer *Ll = &base.layers[l];
-        if (Ll->S < 1 || Ll->S > MAX_SLOTS || (Ll->drives && (l > 0 || Ll->S != 1))) return 2;
+        const Layer *Ll = &base.layers[l], *below = &base.layers[l - (l > 0)], *above = &base.layers[l + (l < base.L - 1)];
+        if (Ll->S != (l < base.L - 1 ? 2 : 1)) return 2;
+        if (l > 0 && Ll->width[0] != below->K * below->H) return 2;
+        if (l < base.L - 1 && Ll->width[1] != above->K * above->H) return 2;
     }
     threads = threads < 1 ? 1 : threads;
     threads = threads > MAX_THREADS ? MAX_THREADS : threads;
@@ -755,14 +790,13 @@ static int run_split(void *(*job)(void *), Job base, int threads) {
 }
 
 /* Runs the stack over T steps; with save, keeps every step's intermediates for the backward.
- * Returns 0, 1 if scratch memory could not be allocated, 2 for an unsupported layer count. */
-int rims_stack_forward(int T, int B, int L, int save, const uint8_t *starts, const float *x_keys, const float *x_feed,
+ * Returns 0, 1 if scratch memory could not be allocated, 2 for a layer count or wiring it does not know. */
+int rims_stack_forward(int T, int B, int L, int save, const uint8_t *starts, const float *x_keys, const float *x_values,
                        Layer *layers, int threads) {
-    return run_split(forward_job, (Job){T, B, L, save, starts, x_keys, x_feed, layers, {0, B}, 0}, threads);
+    return run_split(forward_job, (Job){T, B, L, save, starts, x_keys, x_values, layers, {0, B}, 0}, threads);
 }
 
 /* Backward through time of rims_stack_forward (run with save=1): see the layouts above. */
-int rims_stack_backward(int T, int B, int L, const uint8_t *starts, const float *x_drives, Layer *layers,
-                        int threads) {
-    return run_split(backward_job, (Job){T, B, L, 1, starts, NULL, x_drives, layers, {0, B}, 0}, threads);
+int rims_stack_backward(int T, int B, int L, const uint8_t *starts, Layer *layers, int threads) {
+    return run_split(backward_job, (Job){T, B, L, 1, starts, NULL, NULL, layers, {0, B}, 0}, threads);
 }
