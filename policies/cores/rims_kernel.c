@@ -247,16 +247,6 @@ static void modules_matmul_acc(Rows y, Rows x, Weights W, int K, int B, Envs e, 
                           want, W.p + k * W.ks, W.rs, M, N);
 }
 
-/* K rounded up to whole registers of 8 floats: the row width of transposed per-module blocks. */
-static inline int padded(int K) { return (K + 7) / 8 * 8; }
-
-/* out[c][j] (width, Kp) = the c-th entry of module j's row, in[j * ms + c], for the K modules. */
-static void transpose_modules(float *restrict out, const float *restrict in, size_t ms, int K, int width) {
-    const int Kp = padded(K);
-    for (int j = 0; j < K; j++)
-        for (int c = 0; c < width; c++) out[c * Kp + j] = in[j * ms + c];
-}
-
 static void transpose_square(float *restrict out, const float *restrict in, int K) {
     for (int i = 0; i < K; i++)
         for (int j = 0; j < K; j++) out[j * K + i] = in[i * K + j];
@@ -287,7 +277,6 @@ static inline int gates_of(const Layer *L) { return (L->gru ? 3 : 4) * L->H; }
 typedef struct {
     Envs e;
     float *rec, *pin, *rank, *hnew, *dctx, *x, *dA, *dAT, *datt, *gh_prev, *gc_prev;
-    float *tr, *sc; /* a head's keys or values transposed (width, Kp), zero-padded; rows' scores (K, Kp) */
     uint8_t *chosen;
 } Scratch;
 
@@ -305,16 +294,13 @@ static int scratch_alloc(Scratch *w, const Layer *L, int B) {
     w->gh_prev = malloc(sizeof(float) * (size_t)K * B * H);
     w->gc_prev = malloc(sizeof(float) * (size_t)K * B * H);
     w->chosen = malloc((size_t)K);
-    const int width = L->CK > L->CV ? L->CK : L->CV;
-    w->tr = calloc((size_t)width * padded(K), sizeof(float)); /* the padding columns stay zero */
-    w->sc = malloc(sizeof(float) * (size_t)K * padded(K));
     return w->rec && w->pin && w->rank && w->hnew && w->dctx && w->x && w->dA && w->dAT && w->datt && w->gh_prev &&
-           w->gc_prev && w->chosen && w->tr && w->sc;
+           w->gc_prev && w->chosen;
 }
 
 static void scratch_free(Scratch *w) {
     free(w->rec), free(w->pin), free(w->rank), free(w->hnew), free(w->dctx), free(w->x), free(w->dA), free(w->dAT);
-    free(w->datt), free(w->gh_prev), free(w->gc_prev), free(w->chosen), free(w->tr), free(w->sc);
+    free(w->datt), free(w->gh_prev), free(w->gc_prev), free(w->chosen);
 }
 
 /* Keys|values of slot s of layer l at step t into kv[ts][s]: from x for layer 0's first slot, else
@@ -444,29 +430,21 @@ static void layer_forward(Layer *L, Scratch *w, int t, int ts, int Ts, int B) {
     const float *htil = L->htil + (size_t)ts * B * H; /* module k's rows start at k * Ts * B * H */
     const size_t htil_stride_k = (size_t)Ts * B * H;
 
-    /* Communication Q/K/V from h~: keys and values of every module, queries of the active ones
-     * only (an inactive module's context would be dropped; its query columns stay zero). */
+    /* Communication Q/K/V of every module from h~ (an inactive module's query is unused, but
+     * skipping it would break the env pairs that share the loads of W_qkv: slower at small batches). */
     float *qkv = L->qkv + (size_t)ts * K * B * C3;
-    const int head = 2 * L->CK + L->CV, Kp = padded(K);
-    const Rows qkv_rows = {qkv, (size_t)B * C3, C3}, htil_rows = {(float *)htil, htil_stride_k, H};
+    const int head = 2 * L->CK + L->CV;
     for (int k = 0; k < K; k++) clear_envs(qkv + (size_t)k * B * C3, C3, w->e);
-    modules_matmul_acc(qkv_rows, htil_rows, dense(L->Wc, H, C3), K, B, w->e, H, C3, act, 1);
-    for (int hd = 0; hd < L->NC; hd++) {
-        const int kv0 = hd * head + L->CK; /* this head's [k | v] columns */
-        modules_matmul_acc((Rows){qkv + kv0, qkv_rows.ks, C3}, htil_rows, (Weights){L->Wc + kv0, (size_t)H * C3, C3}, K,
-                           B, w->e, H, L->CK + L->CV, act, 0);
-    }
-    /* Attention across modules per env and head, for the active modules' queries: A[i][j] =
-     * softmax_j(scale * q_i . k_j) (an inactive i's row is zero), ctx_i = sum_j A[i][j] v_j. The keys
-     * are transposed first, so each query's K scores come from one product. */
+    modules_matmul_acc((Rows){qkv, (size_t)B * C3, C3}, (Rows){(float *)htil, htil_stride_k, H}, dense(L->Wc, H, C3), K,
+                       B, w->e, H, C3, NULL, 1);
+    /* Attention across modules per env and head, for the active modules' queries (an inactive
+     * module's context would be dropped; its row of A is zero): A[i][j] = softmax_j(scale * q_i . k_j),
+     * ctx_i = sum_j A[i][j] v_j. */
     for (int b = w->e.b0; b < w->e.b1; b++)
         for (int hd = 0; hd < L->NC; hd++) {
             float *A = L->attn + ((((size_t)ts * B + b) * L->NC + hd) * K) * K;
             const float *base = qkv + (size_t)b * C3 + hd * head; /* module j: + j * B * C3 */
             const size_t ms = (size_t)B * C3;
-            transpose_modules(w->tr, base + L->CK, ms, K, L->CK);
-            memset(w->sc, 0, sizeof(float) * (size_t)K * Kp);
-            picked_matmul_acc(w->sc, Kp, base, ms, K, act + b, B, 1, w->tr, Kp, L->CK, Kp);
             for (int i = 0; i < K; i++) {
                 float *Ai = A + i * K, m = -INFINITY, sum = 0.0f;
                 if (!act[i * B + b]) {
@@ -474,7 +452,7 @@ static void layer_forward(Layer *L, Scratch *w, int t, int ts, int Ts, int B) {
                     continue;
                 }
                 for (int j = 0; j < K; j++) {
-                    Ai[j] = scale * w->sc[i * Kp + j];
+                    Ai[j] = scale * dot(base + j * ms + L->CK, base + i * ms, L->CK);
                     m = Ai[j] > m ? Ai[j] : m;
                 }
                 for (int j = 0; j < K; j++) sum += (Ai[j] = exp_approx(Ai[j] - m));
@@ -539,22 +517,22 @@ static void layer_backward(Layer *L, Scratch *w, int t, int T, int B) {
                        dense(L->WoT, H, CX), K, B, w->e, H, CX, act, 1);
     /* Attention across modules, per env and head: A[i][j] = softmax_j(scale * q_i . k_j) for the
      * active modules i (an inactive module's context was dropped: its rows of A, dA and dS are zero). */
-    const int head = 2 * L->CK + L->CV, Kp = padded(K);
+    const int head = 2 * L->CK + L->CV;
     for (int b = w->e.b0; b < w->e.b1; b++)
         for (int hd = 0; hd < L->NC; hd++) {
             const float *A = L->attn + ((((size_t)t * B + b) * L->NC + hd) * K) * K;
             const int off = hd * head;
             const float *base = qkv + (size_t)b * C3 + off, *dcx = dctx + (size_t)b * CX + hd * L->CV;
             const size_t ms = (size_t)B * C3, cs = (size_t)B * CX; /* module strides */
-            /* dA[i][j] = d ctx_i . v_j: the values transposed, so each row comes from one product */
-            transpose_modules(w->tr, base + 2 * L->CK, ms, K, L->CV);
-            memset(w->sc, 0, sizeof(float) * (size_t)K * Kp);
-            picked_matmul_acc(w->sc, Kp, dcx, cs, K, act + b, B, 1, w->tr, Kp, L->CV, Kp);
             for (int i = 0; i < K; i++) { /* dS = A * (dA - sum_j A dA), times the score scale */
                 float *dSi = w->dA + i * K, s = 0.0f;
-                const float *dAi = w->sc + i * Kp;
-                for (int j = 0; j < K; j++) s += A[i * K + j] * dAi[j];
-                for (int j = 0; j < K; j++) dSi[j] = A[i * K + j] * (dAi[j] - s) * scale;
+                if (!act[i * B + b]) {
+                    memset(dSi, 0, sizeof(float) * K);
+                    continue;
+                }
+                for (int j = 0; j < K; j++) dSi[j] = dot(dcx + i * cs, base + j * ms + 2 * L->CK, L->CV);
+                for (int j = 0; j < K; j++) s += A[i * K + j] * dSi[j];
+                for (int j = 0; j < K; j++) dSi[j] = A[i * K + j] * (dSi[j] - s) * scale;
             }
             float *dm = L->dqkv + ((size_t)t * B + b) * C3 + off; /* module m: + m * T * B * C3 */
             const size_t ds = (size_t)T * B * C3;
@@ -568,8 +546,8 @@ static void layer_backward(Layer *L, Scratch *w, int t, int T, int B) {
         }
     /* x = dh + dqkv @ W_qkv^T: the gradient w.r.t. h~ (= h_cell if active, h_prev if not). */
     for (int k = 0; k < K; k++) copy_envs(x + (size_t)k * B * H, gh + (size_t)k * B * H, H, w->e);
-    const Rows x_rows = {x, (size_t)B * H, H}, dqkv_rows = {L->dqkv + (size_t)t * B * C3, (size_t)T * B * C3, C3};
-    modules_matmul_acc(x_rows, dqkv_rows, dense(L->WcT, C3, H), K, B, w->e, C3, H, NULL, 1);
+    modules_matmul_acc((Rows){x, (size_t)B * H, H}, (Rows){L->dqkv + (size_t)t * B * C3, (size_t)T * B * C3, C3},
+                       dense(L->WcT, C3, H), K, B, w->e, C3, H, NULL, 1);
     /* Cells: d pre (the first G columns of dz) and the gradient of c_prev. */
     for (int k = 0; k < K; k++)
         for (int b = w->e.b0; b < w->e.b1; b++) {
