@@ -286,13 +286,17 @@ class RIMsLayer(nn.Module):
 
     # ------------------------------------------------------------------ forward pieces
 
+    def _drives(self, precomputed_drives: bool | None) -> bool:
+        """Whether drives are precomputed: as asked, or as this layer's ``precomputed_drives`` says (None)."""
+        return self.precomputed_drives if precomputed_drives is None else precomputed_drives
+
     def prepare(self, precomputed_drives: bool | None = None) -> LayerWeights:
         """Rearrange the weights for the per-step code; once per forward (differentiable).
 
         :param precomputed_drives: lay ``W_ih`` out for precomputed drives or not (see
             :class:`LayerWeights`); None: as this layer's ``precomputed_drives`` says.
         """
-        drives = self.precomputed_drives if precomputed_drives is None else precomputed_drives
+        drives = self._drives(precomputed_drives)
         K, nh, dk, dv, G = (
             self.num_modules,
             self.num_input_heads,
@@ -345,7 +349,7 @@ class RIMsLayer(nn.Module):
         kv = inputs @ w.slot_kv[slot]
         keys, values = kv.split([nh * dk, nh * dv], dim=-1)
         keys = keys.unflatten(-1, (nh, dk))
-        if not (self.precomputed_drives if precomputed_drives is None else precomputed_drives):
+        if not self._drives(precomputed_drives):
             return keys, (values if nh == 1 else values.unflatten(-1, (nh, dv)))
         if nh == 1:
             return keys, (values @ w.input_weight).unflatten(-1, (K, G)).transpose(-2, -3)
