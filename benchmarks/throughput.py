@@ -6,7 +6,7 @@ of 2 whole 128-step sequences (``algo.seq_len=null``, the setting of the goals b
 shipped 16-step chunks (16 chunks per minibatch, each from its stored start state).
 ALE/Breakout-v5: 8 envs, for lstm and rims (configs/atari/breakout-<core>-ppo.yaml).
 
-    python benchmarks/throughput.py [--updates 6] [--cores lstm gru rims brims thalnet] [--no-atari]
+    python benchmarks/throughput.py [--updates 8] [--cores lstm gru rims brims thalnet] [--no-atari]
 
 Prints the median frames/s over the updates after the first (which pays one-off costs). The cores
 of a row group take turns, one update each, so that the machine's drift in speed hits them alike.
@@ -48,7 +48,7 @@ def measure(cores: list[str], env: str, updates: int, overrides: list[str]) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--updates", type=int, default=6, help="timed updates per core (after one warm-up)")
+    parser.add_argument("--updates", type=int, default=8, help="timed updates per core (after one warm-up)")
     parser.add_argument("--cores", nargs="+", default=["lstm", "gru", "rims", "brims", "thalnet"])
     parser.add_argument("--atari-cores", nargs="+", default=["lstm", "rims"])
     parser.add_argument("--no-atari", action="store_true", help="skip the Breakout measurement")
