@@ -31,13 +31,15 @@
  *   hprev, htil (K, Ts, B, H)  ctx (K, Ts, B, CX)  att (K, Ts, B, V): so weight gradients are one bmm
  *   cprev (LSTM), tc (LSTM: tanh(c); GRU: the recurrent n part), upd (Ts, K, B, H)
  *   gates (Ts, K, B, G) as activations   qkv (Ts, K, B, C3)
- *   query (Ts, K, B, Q)  attn (Ts, B, NC, K, K) as [query module i][key module j]
+ *   query (Ts, K, B, Q)  attn (Ts, B, NC, K, K) as [query module i][key module j], zero rows
+ *   for inactive i (an inactive module's context is dropped, so its query attends to nothing)
  *   kv (Ts, S, B, KV): each slot's keys|values   u[s] (Ts, B, width_s): per-step slot inputs
  *   backward: dz (K, T, B, R)  dqkv (K, T, B, C3)  dcomm (K, T, B, H)  d_kv (T, S, B, KV), zeroed
  *   dinp (K, T, B, G) for GRU: the cell input's gradient
  *   (LSTM's is dz's first G columns)   gh, gc (K, B, H): in, the final state's gradient; out, the
  *   initial state's (gc NULL for GRU)
- * Entries of inactive modules in gates, tc and upd are never written and never read.
+ * Entries of inactive modules in gates, tc and upd, and rec's gate columns, are never written and
+ * never read: the cells, W_ih and the residual update run for the active modules only.
  */
 #include <math.h>
 #include <pthread.h>
