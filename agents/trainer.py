@@ -311,6 +311,11 @@ class Trainer:
         os.replace(tmp, path)
 
     # -- interruption --------------------------------------------------------------------
+    @property
+    def stop_signal(self) -> str | None:
+        """Name of the signal (``"SIGINT"``, ``"SIGTERM"``) that stopped training early, else None."""
+        return self._stop_signal
+
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
         """SIGINT/SIGTERM ask the loop to finish the current update and checkpoint; a second SIGINT aborts."""

@@ -29,12 +29,17 @@ def measure(cores: list[str], env: str, updates: int, overrides: list[str]) -> d
     The cores take turns, one update each: this machine's speed drifts by tens of percent over
     minutes, and timing the cores one after the other made their ratio drift with it.
     """
+    if len(set(cores)) < len(cores):
+        raise SystemExit(f"each core once, please: {cores}")
     configs = {core: config_for(core, env, overrides) for core in cores}
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {core: Trainer(config, Path(tmp) / core) for core, config in configs.items()}
+        trainers = [Trainer(config, Path(tmp) / core) for core, config in configs.items()]
         for update in range(1, updates + 2):
-            for trainer in trainers.values():
+            # Rounds alternate direction, so that a core does not always follow the same one.
+            for trainer in trainers if update % 2 else trainers[::-1]:
                 trainer.run(stop_at_frames=update * trainer.frames_per_rollout)
+                if trainer.stop_signal is not None:
+                    raise SystemExit(f"stopped by {trainer.stop_signal}")
         rows = {core: read_metrics(Path(tmp) / core)[1:] for core in cores}
     return {
         core: (

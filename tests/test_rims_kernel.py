@@ -21,6 +21,7 @@ from torch import Tensor
 
 from policies.cores import native
 from policies.cores.native import rims_kernel
+from policies.cores import rims as rims_module
 from policies.cores.brims import BRIMs
 from policies.cores.rims import RIMs
 from tests.test_rims import IN
@@ -551,6 +552,17 @@ def test_wiring_the_kernel_does_not_know_is_refused() -> None:
     assert core.kernel_for(x) is not None
     core.layers[1].slot_sizes = (*core.layers[1].slot_sizes, 24)  # type: ignore[union-attr]
     assert core.kernel_for(x) is None
+
+
+def test_the_kernel_itself_refuses_a_wiring_it_does_not_know(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should Python's check ever let an unknown wiring through, the kernel refuses it (a clear error)
+    instead of reading buffers that are not there."""
+    core = BRIMs(IN, layers=[{"num_modules": 4, "module_size": 6, "k_active": 2}] * 2).eval()
+    core.layers[1].slot_sizes = (*core.layers[1].slot_sizes, 24)  # type: ignore[union-attr]
+    monkeypatch.setattr(rims_module, "_stack_wiring", lambda layers: True)
+    x, starts, _ = episode(T=5, B=3)
+    with torch.no_grad(), pytest.raises(ValueError, match="wiring"):
+        core(x, core.initial_state(3), starts)
 
 
 def test_communication_dropout_alone_keeps_training_on_the_python_engine() -> None:

@@ -38,8 +38,9 @@
  *   dinp (K, T, B, G) for GRU: the cell input's gradient
  *   (LSTM's is dz's first G columns)   gh, gc (K, B, H): in, the final state's gradient; out, the
  *   initial state's (gc NULL for GRU)
- * Entries of inactive modules in gates, tc and upd are never written and never read: the cell
- * pre-activations, W_ih, the cells and the residual update run for the active modules only.
+ * Entries of inactive modules in gates and tc are never written and never read, and their upd is
+ * zero: the cell pre-activations, W_ih, the cells and the residual update run for the active
+ * modules only.
  */
 #include <math.h>
 #include <pthread.h>
