@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 import shutil
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -326,6 +328,28 @@ def test_second_load_reuses_the_cached_build(monkeypatch: pytest.MonkeyPatch, tm
         x, starts, _ = episode(T=3, B=2)
         out, _ = core(x, core.initial_state(2), starts)  # the reloaded library runs
         assert "Kernel" in grad_fn_name(out)
+    finally:
+        rims_kernel.cache_clear()
+
+
+def test_builds_unused_for_a_month_are_deleted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Each edit or upgrade leaves a build behind in the cache: loading the kernel deletes the ones no
+    process has loaded for 30 days, keeps recent ones, and marks an old build it loads as used."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    rims_kernel.cache_clear()
+    try:
+        assert rims_kernel() is not None
+        folder = tmp_path / "modular-memory-rl"
+        (current,) = folder.glob("*.so")
+        stale, recent, other = folder / "rims_kernel-x-stale.so", folder / "rims_kernel-x-recent.so", folder / "a.so"
+        month_ago = time.time() - native.STALE_SECONDS - 3600
+        for path, when in ((stale, month_ago), (recent, time.time() - 3600), (other, month_ago), (current, month_ago)):
+            path.touch(exist_ok=True)
+            os.utime(path, (when, when))
+        rims_kernel.cache_clear()
+        assert rims_kernel() is not None
+        assert sorted(folder.iterdir()) == sorted([current, recent, other])  # only the stale build went
+        assert time.time() - current.stat().st_mtime < 60  # the loaded build counts as used again
     finally:
         rims_kernel.cache_clear()
 

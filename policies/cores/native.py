@@ -2,8 +2,9 @@
 
 The kernel is compiled on first use with the system C compiler (``$CC``, else ``cc`` or ``gcc``)
 into ``$XDG_CACHE_HOME/modular-memory-rl/`` (default ``~/.cache/...``), under a name that hashes
-the source, the flags and the CPU, so an edit or another machine gets its own build. No torch
-headers are involved: a build takes about a second. Where no compiler is found or the build
+the source, the flags and the CPU, so an edit or another machine gets its own build (builds no
+process has loaded for 30 days are deleted). No torch headers are involved: a build takes about
+a second. Where no compiler is found or the build
 fails, :func:`rims_kernel` warns once and returns None, and RIMs/BRIMs run their Python engine (same
 results, slower on small batches). Set ``MODULAR_MEMORY_NATIVE=0`` (or false/no/off) to turn the kernel off.
 """
@@ -18,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 import warnings
 from functools import cache
 from pathlib import Path
@@ -31,6 +33,8 @@ SOURCE = Path(__file__).with_name("rims_kernel.c")
 FLAGS = ("-O3", "-ffp-contract=fast", "-pthread", "-fPIC", "-shared", "-std=c11")
 # Tuned for the CPU it runs on (AVX2/AVX-512 on x86); a compiler that refuses it builds without.
 NATIVE_FLAG = "-march=native"
+# Builds unused this long are deleted (each edit, upgrade or compiler change leaves one behind).
+STALE_SECONDS = 30 * 24 * 3600
 
 
 def cache_dir() -> Path:
@@ -75,6 +79,22 @@ def _build(compiler: list[str], target: Path) -> None:
             os.unlink(tmp)
 
 
+def _forget_stale_builds(used: Path) -> None:
+    """Mark ``used`` as used (its mtime, refreshed at most daily) and delete the other builds in its
+    folder that no process has loaded for :data:`STALE_SECONDS`. Best effort: a shared or read-only
+    cache folder is left as it is."""
+    now = time.time()
+    for build in used.parent.glob("rims_kernel-*.so"):
+        try:
+            age = now - build.stat().st_mtime
+            if build == used and age > 24 * 3600:
+                os.utime(build)
+            elif build != used and age > STALE_SECONDS:
+                build.unlink()
+        except OSError:
+            pass
+
+
 @cache
 def rims_kernel() -> ctypes.CDLL | None:
     """The loaded kernel library, or None (turned off, or it could not be built; warned once)."""
@@ -98,6 +118,7 @@ def rims_kernel() -> ctypes.CDLL | None:
         if not target.exists():
             _build(compiler, target)
         lib = ctypes.CDLL(str(target))
+        _forget_stale_builds(target)
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", None) or str(exc)
         warnings.warn(
