@@ -589,6 +589,21 @@ def test_the_kernel_itself_refuses_a_wiring_it_does_not_know(monkeypatch: pytest
         core(x, core.initial_state(3), starts)
 
 
+@pytest.mark.parametrize("native_engine", [True, False], ids=["kernel", "python-engine"])
+def test_backward_after_an_in_place_weight_change_is_refused(native_engine: bool) -> None:
+    """Like autograd's own ops: a weight changed in place between forward and backward (an optimizer
+    step too early) raises instead of mixing old activations with new weights."""
+    core = small()
+    core.native = native_engine
+    x, starts, _ = episode(T=4, B=2)
+    out, _ = core(x, core.initial_state(2), starts)
+    assert ("Kernel" in grad_fn_name(out)) == native_engine
+    with torch.no_grad():
+        core.layers[0].comm_qkv.add_(0.1)  # type: ignore[union-attr]
+    with pytest.raises(RuntimeError, match="inplace"):
+        out.sum().backward()
+
+
 def test_communication_dropout_alone_keeps_training_on_the_python_engine() -> None:
     """The kernel has no attention dropout: a layer with only communication dropout must not lose it."""
     core = small()

@@ -1052,8 +1052,10 @@ class _FusedRIMsStack(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         weights = _unflatten_weights(flat_weights, list(core.layers))  # type: ignore[arg-type]
         out, new_state, records = core._run(weights, state, keys0, feeds0, starts, any_start, True, info)
-        # Intermediates live on ctx (not save_for_backward): there are many, all created here.
-        ctx.core, ctx.weights, ctx.records = core, weights, records
+        # Intermediates live on ctx (not save_for_backward): there are many, all created here. The
+        # weights are saved, so that autograd refuses a backward after they were changed in place.
+        ctx.save_for_backward(*flat_weights)
+        ctx.core, ctx.records = core, records
         ctx.starts, ctx.any_start = starts, any_start
         ctx.n_weights = len(flat_weights)
         return out, new_state
@@ -1062,8 +1064,9 @@ class _FusedRIMsStack(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, d_out: Tensor, d_state: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         core: RIMsStackCore = ctx.core
+        weights = _unflatten_weights(ctx.saved_tensors, list(core.layers))  # type: ignore[arg-type]
         d_state0, d_keys0, d_feeds0, d_weights = core._backward(
-            ctx.weights, ctx.records, d_out, d_state, ctx.starts, ctx.any_start
+            weights, ctx.records, d_out, d_state, ctx.starts, ctx.any_start
         )
         # ctx.records stays: backward may run again with retain_graph=True; autograd frees ctx with the graph.
         flat = _flatten_weights(d_weights)
@@ -1382,7 +1385,7 @@ class _KernelStack(torch.autograd.Function):
         ctx.core, ctx.lib = core, lib
         ctx.run = run._replace(out=None, state=None)
         ctx.starts = starts
-        ctx.flat_weights = [None if w is None else w.detach() for w in flat_weights]
+        ctx.save_for_backward(*flat_weights)  # autograd refuses a backward after they changed in place
         ctx.mark_non_differentiable(*run.active, *run.probs)
         return (run.out, run.state, *run.active, *run.probs)
 
@@ -1393,7 +1396,7 @@ class _KernelStack(torch.autograd.Function):
         run: KernelRun = ctx.run
         starts = ctx.starts
         layers: list[RIMsLayer] = list(core.layers)  # type: ignore[arg-type]
-        weights = _unflatten_weights(ctx.flat_weights, layers)
+        weights = _unflatten_weights(ctx.saved_tensors, layers)
         T, B = starts.shape
 
         grads = _state_parts(d_state, layers)  # in: the final state's gradient; out: the initial state's
