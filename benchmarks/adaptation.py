@@ -281,6 +281,15 @@ def markdown_body(results: list[FinetuneResult], args: argparse.Namespace, tasks
         "",
         f"![fine-tuning return curves]({image})",
     ]
+    if not any(r.frames_to_threshold is not None for r in results):
+        # Said with the numbers, so that a reader of a run where nothing adapted does not read a ranking into it.
+        lines[1:1] = [
+            "",
+            f"No model reached {args.threshold} within {args.finetune_frames} fine-tuning frames, so this run does "
+            "not rank them: the budget is too small for the held-out task (a fresh PPO agent needs on the order of "
+            "1M frames on DoorKey-8x8). \"First return\" is the mean of the few episodes that end first, mostly "
+            "short and successful ones.",
+        ]
     if args.quick:
         lines[0:0] = ["**Quick mode: tiny settings, the numbers are meaningless.**", ""]
     return "\n".join(lines)
