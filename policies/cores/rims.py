@@ -1261,6 +1261,15 @@ def _set(struct: KernelLayer, name: str, t: Tensor | None, dtype: torch.dtype = 
     setattr(struct, name, None if t is None else pointer(t, dtype))
 
 
+def _point_at_saved(struct: KernelLayer, saved: dict[str, Tensor]) -> None:
+    """Point a layer's intermediate fields at a run's saved buffers (``u{s}``: the per-slot ``u`` array)."""
+    for name, t in saved.items():
+        if name in _SLOT_INPUTS:
+            struct.u[_SLOT_INPUTS.index(name)] = pointer(t)
+        else:
+            _set(struct, name, t)
+
+
 def _layer_struct(layer: RIMsLayer) -> KernelLayer:
     """A :class:`KernelLayer` with the layer's sizes filled in (pointers to be set)."""
     struct = KernelLayer()
@@ -1342,17 +1351,13 @@ def _kernel_run(
         _set(struct, "Wo", w.comm_out.detach())
         for s, kv in enumerate(w.slot_kv):
             struct.slot_kv[s] = None if (li == 0 and s == 0) else pointer(kv.detach())
-            if f"u{s}" in saved[li]:
-                struct.u[s] = pointer(saved[li][f"u{s}"])
         _set(struct, "bih", None if w.input_bias is None else w.input_bias.detach())
         _set(struct, "h", states[li][0])
         _set(struct, "c", states[li][1] if layer.cell == "lstm" else None)
         _set(struct, "out", outs.get(li))
         _set(struct, "active", active[li], torch.uint8)
         _set(struct, "probs", probs[li])
-        for name, t in saved[li].items():
-            if name not in _SLOT_INPUTS:
-                _set(struct, name, t)
+        _point_at_saved(struct, saved[li])
         structs[li] = struct
     status = lib.rims_stack_forward(
         T, B, len(layers), int(save), pointer(starts, torch.uint8), pointer(x_keys.detach()),
@@ -1432,10 +1437,7 @@ class _KernelStack(torch.autograd.Function):
                     kv_t = kv.t().contiguous()
                     keep.append(kv_t)
                     struct.slot_kvT[s] = pointer(kv_t)
-                    struct.u[s] = pointer(run.saved[li][f"u{s}"])
-            for name, t in run.saved[li].items():
-                if name not in _SLOT_INPUTS:
-                    _set(struct, name, t)
+            _point_at_saved(struct, run.saved[li])
             _set(struct, "active", run.active[li], torch.uint8)
             _set(struct, "probs", run.probs[li])
             _set(struct, "d_out", d_outs.get(li))
