@@ -6,6 +6,7 @@ Public API::
                  mission=False, env_kwargs=None, level_seeds=None, render_mode=None,
                  max_episode_steps=None, terminal_on_life_loss=False) -> VecEnv
     make_env(env_id, seed=None, **same per-env options) -> gym.Env
+    env_seeds(seed, n_envs) -> list[int]  # env i's seed: SeedSequence(seed).spawn(n_envs)[i]
     check_env_id(env_id) -> None          # ValueError with close matches / ROM help
     env_family(env_id) -> "minigrid" | "atari" | "other"
     Suite, EnvSpec, SUITES, list_suites(), get_suite(name, **params)
@@ -13,7 +14,7 @@ Public API::
 This package imports neither ``agents`` nor ``policies``.
 """
 
-from .factory import VEC_ENV_TYPES, EnvFamily, check_env_id, env_family, make_env, make_vec_env
+from .factory import VEC_ENV_TYPES, EnvFamily, check_env_id, env_family, env_seeds, make_env, make_vec_env
 from .minigrid import MISSION_MAX_LEN, MISSION_VOCAB, PAD_ID, UNK_ID, VOCAB_SIZE, tokenize_mission
 from .suites import SUITES, EnvSpec, Suite, get_suite, list_suites
 from .wrappers import LevelSeedWrapper
@@ -32,6 +33,7 @@ __all__ = [
     "Suite",
     "check_env_id",
     "env_family",
+    "env_seeds",
     "get_suite",
     "list_suites",
     "make_env",

@@ -10,13 +10,14 @@ from __future__ import annotations
 import difflib
 import functools
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 import numbers
 from typing import Any, Literal
 
 import ale_py
 import gymnasium as gym
 import minigrid  # noqa: F401  (importing minigrid registers the MiniGrid and BabyAI ids)
+import numpy as np
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import (
     DummyVecEnv,
@@ -207,10 +208,26 @@ def _ignoring_sigint(make: Callable[[], gym.Env]) -> gym.Env:
     return make()
 
 
+def env_seeds(seed: int | Sequence[int], n_envs: int) -> list[int]:
+    """The seeds of ``n_envs`` envs of a run with seed ``seed``: one independent stream per env.
+
+    Each env's seed comes from its own child of ``numpy.random.SeedSequence(seed)``
+    (64 bits), so runs with nearby seeds share no env: with ``seed + i`` (SB3's rule) runs
+    with seeds 1 and 2 shared all but one of their envs' level streams.
+
+    Args:
+        seed: the run's seed (a non-negative int), or a sequence of them (``[seed, frames]``
+            gives a run a fresh set of streams later on).
+        n_envs: how many env seeds to draw.
+    """
+    children = np.random.SeedSequence(seed).spawn(n_envs)
+    return [int(child.generate_state(1, dtype=np.uint64)[0]) for child in children]
+
+
 def make_vec_env(
     env_id: str,
     n_envs: int = 1,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     *,
     vec_env: str = "dummy",
     frame_stack: int = 4,
@@ -238,8 +255,9 @@ def make_vec_env(
     Args:
         env_id: a registered gymnasium id (see :func:`check_env_id`).
         n_envs: number of parallel envs (>= 1).
-        seed: env i is seeded with ``seed + i`` at the first reset (env,
-            action space and level-seed picker), so runs are reproducible.
+        seed: env i is seeded with ``env_seeds(seed, n_envs)[i]`` at the first reset
+            (env, action space and level-seed picker): reproducible, and no two seeds
+            share an env stream.
         vec_env: "dummy" (DummyVecEnv, in process) or "subproc" (SubprocVecEnv).
         frame_stack: Atari only: number of stacked frames (1 makes memory
             necessary, 4 is the usual protocol); ignored by other families.
@@ -263,11 +281,12 @@ def make_vec_env(
     """
     _check_options(env_id, n_envs, vec_env, frame_stack, mission, env_kwargs, level_seeds, max_episode_steps)
     family = env_family(env_id)
+    seeds = env_seeds(seed, n_envs)
     env_fns = [
         functools.partial(
             make_env,
             env_id,
-            int(seed) + i,
+            seeds[i],
             clip_rewards=clip_rewards,
             mission=mission,
             env_kwargs=dict(env_kwargs) if env_kwargs else None,
@@ -283,7 +302,8 @@ def make_vec_env(
         # its update and checkpoint instead of finding its envs dead.
         env_fns = [functools.partial(_ignoring_sigint, fn) for fn in env_fns]
     venv: VecEnv = SubprocVecEnv(env_fns) if vec_env == "subproc" else DummyVecEnv(env_fns)
-    venv.seed(int(seed))  # env i gets seed + i at its next (first) reset
+    # Env i gets seeds[i] at its next (first) reset; VecEnv.seed would give it seed + i.
+    venv._seeds = list(seeds)
     if family == "atari":
         if frame_stack > 1:
             venv = VecFrameStack(venv, n_stack=frame_stack)

@@ -60,7 +60,7 @@ class EnvSpec:
 
         Args:
             n_envs: number of parallel envs.
-            seed: base seed (env i gets seed + i).
+            seed: the envs' seed (env i gets ``env_seeds(seed, n_envs)[i]``).
             **overrides: further make_vec_env options (e.g. clip_rewards=False
                 for evaluation, frame_stack=1); they take precedence over ``options``.
         """

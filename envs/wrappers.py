@@ -21,7 +21,7 @@ class LevelSeedWrapper(gym.Wrapper):
     generator, so the sequence of levels is reproducible: it is seeded with
     ``seed`` at construction and re-seeded whenever ``reset`` receives an
     explicit ``seed`` (as Stable-Baselines3 vec envs do on their first reset,
-    with ``seed + i`` for env i). The seed given to the wrapped env is always a
+    with env i's seed from ``env_seeds``). The seed given to the wrapped env is always a
     member of ``level_seeds``.
 
     Args:

@@ -18,6 +18,7 @@ from envs import (
     Suite,
     check_env_id,
     env_family,
+    env_seeds,
     get_suite,
     list_suites,
     make_env,
@@ -93,10 +94,24 @@ def test_minigrid_seeding_is_reproducible():
     c = _rollout(make_vec_env("MiniGrid-DoorKey-8x8-v0", n_envs=2, seed=3), actions)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
-    # env i is seeded with seed + i
+    # env 0 of a run is env 0 of a larger run with the same seed (its stream does not depend on n_envs)
     single = make_vec_env("MiniGrid-DoorKey-8x8-v0", n_envs=1, seed=4).reset()
-    pair = make_vec_env("MiniGrid-DoorKey-8x8-v0", n_envs=2, seed=3).reset()
-    assert np.array_equal(single[0], pair[1])
+    pair = make_vec_env("MiniGrid-DoorKey-8x8-v0", n_envs=2, seed=4).reset()
+    assert np.array_equal(single[0], pair[0])
+
+
+def test_no_two_run_seeds_share_an_env_stream():
+    # SB3's seed + i gave runs with seeds 1 and 2 fifteen of sixteen envs in common.
+    seeds = {run_seed: env_seeds(run_seed, 16) for run_seed in range(0, 20)}
+    streams = [s for per_run in seeds.values() for s in per_run]
+    assert len(set(streams)) == len(streams)
+    assert env_seeds(3, 16) == seeds[3]  # reproducible
+    assert env_seeds([3, 1024], 16) != seeds[3]  # a later stream of the same run is a new one
+    # and what the envs see: each env's first level differs between run seeds 1 and 2
+    first = {s: make_vec_env("MiniGrid-DoorKey-8x8-v0", n_envs=4, seed=s).reset() for s in (1, 2)}
+    for i in range(4):
+        for j in range(4):
+            assert not np.array_equal(first[1][i], first[2][j])
 
 
 def test_mission_tokens():
