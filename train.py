@@ -2,48 +2,87 @@
 
     python train.py                                   # embedded default: RIMs + PPO on DoorKey-5x5
     python train.py --config configs/minigrid/doorkey-lstm-ppo.yaml total_frames=200000 core.hidden_size=64
+    python train.py core.name=brims --run-dir runs/memory-brims env.id=MiniGrid-MemoryS7-v0
     python train.py --resume runs/doorkey-5x5-rims-ppo [total_frames=300000]
 
-Any config field can be overridden with a dotted ``key=value``.
+Any config field can be overridden with a dotted ``key=value``, anywhere on the line.
+A new run never writes into a directory that holds a run: the default runs/<name> takes the
+next free suffix (runs/<name>_2, ...), an explicit --run-dir holding a run is refused.
+
+Exit status: 0 done, 2 bad input or training stopped by an error (the last good checkpoint is
+kept), 130 stopped by Ctrl-C (SIGINT), 143 stopped by SIGTERM (both after saving a checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
+# Only light modules here: the config and the run directory are checked before torch, gymnasium
+# and SB3 are imported (seconds), so --help and a mistyped key answer at once.
 from agents.config import ConfigError, load_config, parse_overrides
-from agents.trainer import Trainer, TrainingError
+from agents.run_dir import RunDirError, default_run_dir, prepare_run_dir, refuse_existing_run
 from policies.checkpoint import CheckpointError
 
+# Exit status of a run stopped by a signal: 128 + the signal number, as a shell reports it.
+SIGNAL_EXIT = {"SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser (importing it does not import torch)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="YAML config file (default: the embedded DoorKey-5x5 RIMs PPO)")
-    parser.add_argument("--run-dir", type=Path, help="output directory (default: runs/<config name>)")
+    parser.add_argument("--run-dir", type=Path,
+                        help="output directory, which must not hold a run (default: runs/<config name>, "
+                             "or the next free runs/<config name>_<n>)")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its last checkpoint")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. core.k_active=3")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; ``key=value`` overrides may come before, between or after the options."""
+    return build_parser().parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run train.py with ``argv`` (``sys.argv[1:]`` by default) and return its exit status."""
     args = parse_args(argv)
     try:
+        # Everything the user typed is checked here, before the heavy imports and any env is built.
         if args.resume is not None:
             if args.config is not None or args.run_dir is not None:
                 raise ConfigError("--resume takes the run's own config and directory: drop --config/--run-dir")
-            trainer = Trainer.resume(args.resume, parse_overrides(args.overrides))
+            overrides = parse_overrides(args.overrides)
+            if not args.resume.is_dir():
+                raise CheckpointError(f"checkpoint file not found: {args.resume / 'checkpoint.pt'} "
+                                      f"(--resume takes a run directory)")
         else:
             config = load_config(args.config, args.overrides)
-            run_dir = args.run_dir if args.run_dir is not None else Path("runs") / config["name"]
-            trainer = Trainer(config, run_dir)
-        print(f"training {trainer.config['name']}: {trainer.config['core']['name']} core, "
-              f"{trainer.config['algo']['name']} on {trainer.config['env']['id']} -> {trainer.run_dir}")
-        checkpoint = trainer.run()
-    except (ConfigError, CheckpointError, TrainingError) as exc:
+            if args.run_dir is not None:
+                run_dir = args.run_dir
+                refuse_existing_run(run_dir)
+            else:
+                run_dir = default_run_dir(config["name"])
+            prepare_run_dir(run_dir)
+
+        from agents.trainer import Trainer, TrainingError  # torch, gymnasium, SB3: seconds
+
+        try:
+            trainer = Trainer.resume(args.resume, overrides) if args.resume is not None else Trainer(config, run_dir)
+            print(f"training {trainer.config['name']}: {trainer.config['core']['name']} core, "
+                  f"{trainer.config['algo']['name']} on {trainer.config['env']['id']} -> {trainer.run_dir}")
+            checkpoint = trainer.run()
+        except TrainingError as exc:
+            if args.debug:
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    except (ConfigError, CheckpointError, RunDirError) as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
@@ -52,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print("interrupted; the last checkpoint written is intact", file=sys.stderr)
-        return 130
+        return SIGNAL_EXIT["SIGINT"]
+    if trainer.stop_signal is not None:
+        # The trainer printed where the checkpoint is and the resume command; a scheduler that
+        # preempted the job must see that it did not finish.
+        return SIGNAL_EXIT.get(trainer.stop_signal, 1)
     print(f"done: {trainer.frames} frames, checkpoint {checkpoint}")
     return 0
 

@@ -1,31 +1,47 @@
-"""Agents: rollout storage, GAE, recurrent PPO and A2C, meta-learning (Meta-RIMs), and the training loop."""
+"""Agents: rollout storage, GAE, recurrent PPO and A2C, meta-learning (Meta-RIMs), and the training loop.
 
-from agents.a2c import RecurrentA2C
-from agents.config import ConfigError, load_config, resolve_config
-from agents.evaluation import EvaluationError, evaluate_policy
+The public names below are imported on first use (PEP 562), so ``import agents.config`` (what
+``train.py`` needs to validate a config) does not pull in torch, gymnasium or SB3.
+"""
 
-# Importing agents.meta registers algo.name meta_ppo / multitask_ppo and the config's meta section.
-from agents.meta import MetaPPO, MultiTaskPPO, TaskSchedule
-from agents.optim import NonFiniteError
-from agents.ppo import RecurrentPPO
-from agents.storage import RolloutStorage, compute_gae
-from agents.trainer import Trainer, TrainingError, train
+from __future__ import annotations
 
-__all__ = [
-    "ConfigError",
-    "EvaluationError",
-    "MetaPPO",
-    "MultiTaskPPO",
-    "NonFiniteError",
-    "RecurrentA2C",
-    "RecurrentPPO",
-    "RolloutStorage",
-    "TaskSchedule",
-    "Trainer",
-    "TrainingError",
-    "compute_gae",
-    "evaluate_policy",
-    "load_config",
-    "resolve_config",
-    "train",
-]
+import importlib
+from typing import Any
+
+# Public name -> the module that defines it. agents.meta registers algo.name meta_ppo / multitask_ppo
+# and the config's meta section when imported; agents.config imports it when a config names them.
+_EXPORTS: dict[str, str] = {
+    "ConfigError": "agents.config",
+    "EvaluationError": "agents.evaluation",
+    "MetaPPO": "agents.meta",
+    "MultiTaskPPO": "agents.meta",
+    "NonFiniteError": "agents.optim",
+    "RecurrentA2C": "agents.a2c",
+    "RecurrentPPO": "agents.ppo",
+    "RolloutStorage": "agents.storage",
+    "TaskSchedule": "agents.meta",
+    "Trainer": "agents.trainer",
+    "TrainingError": "agents.trainer",
+    "compute_gae": "agents.storage",
+    "evaluate_policy": "agents.evaluation",
+    "load_config": "agents.config",
+    "resolve_config": "agents.config",
+    "train": "agents.trainer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module defining a public name on first access."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'agents' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later accesses skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    """The module's attributes, the lazily imported public names included."""
+    return sorted({*globals(), *__all__})

@@ -4,24 +4,33 @@ A config is a nested dict of plain types. Every field has a default here; a YAML
 file and command-line overrides (dotted keys, ``core.k_active=3``) change them.
 Unknown keys, wrong types and out-of-range values raise ``ConfigError`` naming the
 key, before any work starts. The core's fields are its constructor's arguments, read
-from its signature, so a new core argument needs no edit here.
+from its source (``ast``, so validating a config never imports torch), so a new core argument
+needs no edit here.
+
+This module imports no torch, gymnasium or SB3: ``train.py`` validates a config and reports a
+mistyped key in well under a second. Algorithms registered by ``agents.meta`` (``meta_ppo``,
+``multitask_ppo``, the ``meta`` section) are imported on demand, when a config names them.
 """
 
 from __future__ import annotations
 
+import ast
 import copy
 import difflib
+import functools
+import importlib
+import importlib.util
 import inspect
 import math
+import os
+import re
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-
-from policies import CORES
 
 
 class ConfigError(ValueError):
@@ -47,12 +56,31 @@ def _non_negative(value: Any) -> bool:
     return value >= 0
 
 
+# Device types torch.device accepts, checked by spelling only (importing torch costs seconds); the
+# trainer refuses a well-spelled device this machine does not have.
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|hpu|mtia|meta|xla|ipu|privateuseone)(:\d+)?")
+
+
 def _is_device(value: Any) -> bool:
+    return _DEVICE.fullmatch(value) is not None
+
+
+def _is_name(value: Any) -> bool:
+    # A run's name becomes runs/<name>: a path ("../x", "/tmp/x", "a/b") would write elsewhere.
+    return value is None or (value not in ("", ".", "..") and not any(c in value for c in "/\\\0"))
+
+
+def _is_float32_positive(value: Any) -> bool:
+    # torch optimisers hold lr as a Python float but the update is float32: 1e-50 rounds to 0, 1e39 to inf.
     try:
-        torch.device(value)
-    except RuntimeError:
+        as_float32 = struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
         return False
-    return True
+    return value > 0 and as_float32 > 0 and math.isfinite(as_float32)
+
+
+def _is_thread_count(value: Any) -> bool:
+    return value is None or 1 <= value <= (os.cpu_count() or 1)
 
 
 def _unit(value: Any) -> bool:
@@ -63,13 +91,14 @@ INT, FLOAT, BOOL, STR = (int,), (float, int), (bool,), (str,)
 OPT_FLOAT, OPT_INT, OPT_STR = (float, int, type(None)), (int, type(None)), (str, type(None))
 
 TOP_FIELDS: dict[str, Field] = {
-    "name": Field(None, OPT_STR),
+    "name": Field(None, OPT_STR, _is_name, "a plain name, not a path (not empty, '.' or '..', and no slashes)"),
     "seed": Field(1, INT, lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     "total_frames": Field(100_000, INT, _positive, "> 0"),
     "device": Field("cpu", STR, _is_device, "a torch device such as 'cpu', 'cuda' or 'cuda:1'"),
     # Small recurrent models step through time with many tiny ops: one thread avoids the cost of
-    # synchronising threads per op (and oversubscription next to env processes). 0 = torch's default.
-    "torch_threads": Field(1, INT, _non_negative, ">= 0 (0 keeps torch's default)"),
+    # synchronising threads per op (and oversubscription next to env processes). null = torch's default.
+    "torch_threads": Field(1, OPT_INT, _is_thread_count,
+                           f"between 1 and this machine's CPU count ({os.cpu_count()}), or null for torch's default"),
 }
 
 ENV_FIELDS: dict[str, Field] = {
@@ -98,7 +127,7 @@ LOG_FIELDS: dict[str, Field] = {
 
 def _algo_fields(**overrides: Any) -> dict[str, Field]:
     fields = {
-        "lr": Field(3e-4, FLOAT, _positive, "> 0"),
+        "lr": Field(3e-4, FLOAT, _is_float32_positive, "> 0 and representable in float32 (about 1.2e-38 to 3.4e38)"),
         "n_steps": Field(128, INT, _positive, "> 0"),
         "n_epochs": Field(4, INT, _positive, "> 0"),
         "num_minibatches": Field(8, INT, _positive, "> 0"),
@@ -137,14 +166,131 @@ ALGO_FIELDS: dict[str, dict[str, Field]] = {
 }
 
 
+class _Unreadable(Exception):
+    """The core sources are laid out in a way the ``ast`` reader does not follow (then torch is imported)."""
+
+
+def _policies_dir() -> Path:
+    # find_spec of a top-level package locates it without running its __init__.
+    spec = importlib.util.find_spec("policies")
+    if spec is None or not spec.submodule_search_locations:
+        raise _Unreadable("package 'policies' not found")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _module_tree(module: str) -> ast.Module:
+    parts = module.split(".")
+    if parts[0] != "policies":
+        raise _Unreadable(f"core module {module} is outside the policies package")
+    base = _policies_dir().joinpath(*parts[1:])
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return ast.parse(path.read_text(encoding="utf-8"))
+    raise _Unreadable(f"no source for {module}")
+
+
+def _imported_names(tree: ast.Module, module: str, is_package: bool = False) -> dict[str, str]:
+    """Name -> module it was imported from, for the ``from X import Name`` lines of a module."""
+    package = module if is_package else module.rpartition(".")[0]
+    names = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom):
+            source = node.module or ""
+            if node.level:  # a relative import: resolve against this module's package
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                source = ".".join([*anchor, source] if source else anchor)
+            for alias in node.names:
+                names[alias.asname or alias.name] = source
+    return names
+
+
+@functools.cache
+def core_registry() -> dict[str, tuple[str, str]]:
+    """Core names -> (module, class), as ``CORES`` in ``policies/cores/__init__.py`` lists them.
+
+    Read from the source with ``ast``, so listing the cores does not import torch; falls back to
+    importing ``policies.cores`` where that file is laid out otherwise.
+    """
+    try:
+        tree = _module_tree("policies.cores")
+        imported = _imported_names(tree, "policies.cores", is_package=True)
+        for node in tree.body:
+            target = node.target if isinstance(node, ast.AnnAssign) else (
+                node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+            if isinstance(target, ast.Name) and target.id == "CORES" and isinstance(node.value, ast.Dict):
+                registry = {}
+                for key, value in zip(node.value.keys, node.value.values):
+                    if not (isinstance(key, ast.Constant) and isinstance(value, ast.Name) and value.id in imported):
+                        raise _Unreadable("CORES is not a literal mapping of names to imported classes")
+                    registry[key.value] = (imported[value.id], value.id)
+                return registry
+        raise _Unreadable("no CORES mapping")
+    except (_Unreadable, OSError, SyntaxError):
+        from policies.cores import CORES  # imports torch: slower, same answer
+
+        return {name: (cls.__module__, cls.__name__) for name, cls in CORES.items()}
+
+
+def _init_defaults_from_source(module: str, class_name: str, depth: int = 0) -> dict[str, Any]:
+    """The keyword arguments after ``(self, input_size)`` of a class's ``__init__`` and their defaults
+    (``inspect.Parameter.empty`` for none), following single inheritance through the sources."""
+    if depth > 8:
+        raise _Unreadable("inheritance too deep")
+    tree = _module_tree(module)
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    if class_name not in classes:
+        raise _Unreadable(f"class {class_name} not found in {module}")
+    node = classes[class_name]
+    init = next((item for item in node.body if isinstance(item, ast.FunctionDef) and item.name == "__init__"), None)
+    if init is None:  # inherited: the first base class's __init__, as the MRO of single inheritance gives
+        if not node.bases or not isinstance(node.bases[0], ast.Name):
+            raise _Unreadable(f"cannot follow the base class of {class_name}")
+        base = node.bases[0].id
+        if base in classes:
+            return _init_defaults_from_source(module, base, depth + 1)
+        imported = _imported_names(tree, module)
+        if base not in imported:
+            raise _Unreadable(f"base {base} of {class_name} is not imported by name")
+        return _init_defaults_from_source(imported[base], base, depth + 1)
+    args = init.args
+    positional = [*args.posonlyargs, *args.args]
+    defaults: list[Any] = [inspect.Parameter.empty] * (len(positional) - len(args.defaults)) + list(args.defaults)
+    pairs = list(zip(positional, defaults))[2:]  # skip self, input_size
+    pairs += list(zip(args.kwonlyargs, [d if d is not None else inspect.Parameter.empty for d in args.kw_defaults]))
+    result = {}
+    for arg, default in pairs:
+        try:
+            result[arg.arg] = default if default is inspect.Parameter.empty else ast.literal_eval(default)
+        except ValueError:
+            raise _Unreadable(f"default of {class_name}.{arg.arg} is not a literal") from None
+    return result
+
+
+def core_arguments(core_name: str) -> dict[str, Any]:
+    """A core's constructor keyword arguments and their defaults (``inspect.Parameter.empty`` for none).
+
+    Read from the source with ``ast`` (no torch import); a core written in a way the reader does not
+    follow (a non-literal default, a base class from elsewhere) is imported and inspected instead.
+    """
+    module, class_name = core_registry()[core_name]
+    try:
+        return _init_defaults_from_source(module, class_name)
+    except (_Unreadable, OSError, SyntaxError):
+        return core_arguments_from_signature(getattr(importlib.import_module(module), class_name))
+
+
+def core_arguments_from_signature(cls: type) -> dict[str, Any]:
+    """The same as ``core_arguments`` for an imported class, from ``inspect.signature``."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # skip self, input_size
+    return {p.name: p.default for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
 def core_fields(core_name: str) -> dict[str, Field]:
     """Fields of ``core.*`` for a core: its constructor arguments with their defaults."""
     fields: dict[str, Field] = {}
-    signature = inspect.signature(CORES[core_name].__init__)
-    for name, param in list(signature.parameters.items())[2:]:  # skip self, input_size
-        if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
-            continue
-        default = None if param.default is inspect.Parameter.empty else param.default
+    for name, default in core_arguments(core_name).items():
+        default = None if default is inspect.Parameter.empty else default
         if isinstance(default, bool):
             types: tuple[type, ...] = BOOL
         elif isinstance(default, float):
@@ -160,6 +306,20 @@ def core_fields(core_name: str) -> dict[str, Field]:
             types = (object,)
         fields[name] = Field(default, types)
     return fields
+
+
+# Algorithms and config sections another module registers when imported, by the name a config uses:
+# imported only when a config names them (agents.meta imports torch).
+PLUGIN_ALGOS: dict[str, str] = {"meta_ppo": "agents.meta", "multitask_ppo": "agents.meta"}
+PLUGIN_SECTIONS: dict[str, str] = {"meta": "agents.meta"}
+
+
+def load_plugins(algo_name: Any = None, sections: Sequence[str] = ()) -> None:
+    """Import the modules that register ``algo_name`` and the given config sections, if any do."""
+    modules = {PLUGIN_ALGOS[algo_name]} if isinstance(algo_name, str) and algo_name in PLUGIN_ALGOS else set()
+    modules |= {PLUGIN_SECTIONS[name] for name in sections if name in PLUGIN_SECTIONS}
+    for module in sorted(modules):
+        importlib.import_module(module)
 
 
 def _suggest(key: str, allowed: Sequence[str]) -> str:
@@ -238,7 +398,9 @@ def resolve_config(raw: dict[str, Any] | None) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping of keys to values, got {raw!r}")
     sections = {"env": ENV_FIELDS, "core": None, "algo": None, "policy": POLICY_FIELDS, "log": LOG_FIELDS}
-    allowed_top = list(TOP_FIELDS) + list(sections) + list(EXTRA_SECTIONS)
+    algo_raw = raw.get("algo")
+    load_plugins(algo_raw.get("name") if isinstance(algo_raw, dict) else None, [str(key) for key in raw])
+    allowed_top = list(dict.fromkeys([*TOP_FIELDS, *sections, *EXTRA_SECTIONS, *PLUGIN_SECTIONS]))
     for key in raw:
         if key not in allowed_top:
             raise ConfigError(f"unknown config key {key!r}{_suggest(str(key), allowed_top)}")
@@ -252,14 +414,16 @@ def resolve_config(raw: dict[str, Any] | None) -> dict[str, Any]:
             raise ConfigError(f"{name} must be a mapping of keys to values (e.g. {name}.name=...), got {raw[name]!r}")
     core_raw = dict(raw.get("core") or {})
     core_name = core_raw.pop("name", "rims")
-    if core_name not in CORES:
-        raise ConfigError(f"core.name must be one of {', '.join(map(repr, CORES))}, got {core_name!r}")
+    cores = core_registry()
+    if not isinstance(core_name, str) or core_name not in cores:
+        raise ConfigError(f"core.name must be one of {', '.join(map(repr, cores))}, got {core_name!r}")
     config["core"] = {"name": core_name, **_validate_section("core", core_raw, core_fields(core_name))}
 
     algo_raw = dict(raw.get("algo") or {})
     algo_name = algo_raw.pop("name", "ppo")
-    if algo_name not in ALGO_FIELDS:
-        raise ConfigError(f"algo.name must be one of {', '.join(map(repr, ALGO_FIELDS))}, got {algo_name!r}")
+    if not isinstance(algo_name, str) or algo_name not in ALGO_FIELDS:
+        names = list(dict.fromkeys([*ALGO_FIELDS, *PLUGIN_ALGOS]))
+        raise ConfigError(f"algo.name must be one of {', '.join(map(repr, names))}, got {algo_name!r}")
     config["algo"] = {"name": algo_name, **_validate_section("algo", algo_raw, ALGO_FIELDS[algo_name])}
 
     for name, make_fields in EXTRA_SECTIONS.items():

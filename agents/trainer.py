@@ -10,12 +10,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import math
 import os
 import pickle
 import random
 import signal
+import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Iterator
 from importlib import metadata
@@ -29,15 +32,32 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv,
 from tqdm import tqdm
 
 from agents.a2c import RecurrentA2C
-from agents.config import PPO_ONLY_KEYS, ConfigError, merge, resolve_config
+from agents.config import PPO_ONLY_KEYS, ConfigError, load_plugins, merge, resolve_config
 from agents.logger import RunLogger
 from agents.optim import NonFiniteError, PolicyUpdater
 from agents.ppo import RecurrentPPO
 from agents.rollout import RolloutState, collect_rollout, start_rollouts
+from agents.run_dir import (
+    RunLock,
+    atomic_write,
+    default_run_dir,
+    load_snapshot_key,
+    prepare_run_dir,
+    refuse_existing_run,
+    remove_stale_temp_files,
+    usable_snapshot_key,
+    write_failure,
+)
 from agents.storage import RolloutStorage
 from envs import check_env_id, make_vec_env
 from policies.actor_critic import RecurrentActorCritic, obs_to_tensor
-from policies.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, space_to_dict
+from policies.checkpoint import (
+    CheckpointError,
+    CheckpointWriteError,
+    load_checkpoint,
+    save_checkpoint,
+    space_to_dict,
+)
 
 try:
     PACKAGE_VERSION = metadata.version("modular-memory-rl")
@@ -52,18 +72,18 @@ ENVS_STATE_FILE = "envs_state.pkl"
 
 
 def snapshot_key() -> bytes:
-    """This user's secret key for authenticating env snapshots, created on first use (mode 600)."""
-    path = Path(os.environ.get("MODULAR_RL_KEY_FILE", Path.home() / ".cache" / "modular-memory-rl" / "snapshot.key"))
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(os.urandom(32))
-    return path.read_bytes()
+    """This user's secret key for authenticating env snapshots (``agents.run_dir.load_snapshot_key``).
+
+    :raises SnapshotKeyError: if it cannot be read or created, or is not a 32-byte key.
+    """
+    return load_snapshot_key()
 
 
 class TrainingError(RuntimeError):
-    """Training stopped for a reason the user must see (non-finite loss, crashed env); work is saved."""
+    """Training stopped for a reason the user must see (non-finite values, crashed env, full disk).
+
+    The message says what was kept: the last good checkpoint is never replaced by a bad one.
+    """
 
 
 def env_options(env_config: dict[str, Any]) -> dict[str, Any]:
@@ -85,6 +105,43 @@ def build_policy(config: dict[str, Any], observation_space: Any, action_space: A
         )
     except ValueError as exc:
         raise ConfigError(f"cannot build the policy for env {config['env']['id']!r}: {exc}") from None
+
+
+def check_run_consistency(checkpoint: dict[str, Any], config: dict[str, Any], run_dir: str | Path) -> None:
+    """Refuse a checkpoint whose config does not describe its own policy or rollout state.
+
+    A checkpoint's config and policy spec are written together, so a mismatch means a file was
+    edited or files of different runs were mixed: resuming would train a policy other than the
+    one the config (and evaluate.py) describes.
+
+    :raises CheckpointError: naming the field that disagrees.
+    """
+    spec = checkpoint.get("policy", {}).get("spec") if isinstance(checkpoint.get("policy"), dict) else None
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"the checkpoint in {run_dir} holds no policy spec to check its config against")
+    core = dict(config["core"])
+    expected = {"core": core.pop("name"), "core_kwargs": core, "head_hidden_size": config["policy"]["head_hidden_size"]}
+    for key, value in expected.items():
+        saved = spec.get(key)
+        if key == "core_kwargs" and isinstance(saved, dict):
+            # Arguments a newer core version added take their defaults in the resolved config.
+            saved = {**{k: v for k, v in value.items() if k not in saved}, **saved}
+        if saved != value:
+            raise CheckpointError(f"the checkpoint in {run_dir} is inconsistent: its config gives policy {key}={value!r} "
+                                  f"but its saved policy has {key}={saved!r}; refusing to resume a mixed-up run")
+    rollout = checkpoint.get("rollout")
+    n_envs = config["env"]["n_envs"]
+    if isinstance(rollout, dict) and hasattr(rollout.get("state"), "shape") and rollout["state"].shape[0] != n_envs:
+        raise CheckpointError(f"the checkpoint in {run_dir} is inconsistent: its config has env.n_envs={n_envs} "
+                              f"but its rollout state holds {rollout['state'].shape[0]} envs")
+
+
+def _flat_keys(nested: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in nested.items():
+        dotted = f"{prefix}{key}"
+        keys.extend(_flat_keys(value, f"{dotted}.") if isinstance(value, dict) and value else [dotted])
+    return keys
 
 
 def _base_venv(venv: VecEnv) -> VecEnv:
@@ -125,8 +182,17 @@ class Trainer:
     def __init__(self, config: dict[str, Any], run_dir: str | Path, checkpoint: dict[str, Any] | None = None) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
+        # The run directory first, before envs and policy are built: a path that cannot be written,
+        # a directory holding another run (for a new run) or one another process is using.
+        prepare_run_dir(self.run_dir)
+        self._lock = RunLock(self.run_dir)
+        self._lock.probe()
+        self._new_run = checkpoint is None
+        if self._new_run:
+            refuse_existing_run(self.run_dir)
+        self._started = False  # run() has taken over the directory (stale temp files removed)
         seed = config["seed"]
-        if config["torch_threads"]:
+        if config["torch_threads"]:  # None (or 0 in runs saved before 0 was refused): torch's default
             torch.set_num_threads(config["torch_threads"])
         random.seed(seed)
         np.random.seed(seed)
@@ -135,6 +201,14 @@ class Trainer:
         self.device = torch.device(config["device"])
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device='cuda' but no CUDA GPU is available; use device=cpu")
+        try:  # the config only checks the spelling; whether this machine has the device is checked here
+            torch.empty(0, device=self.device)
+        except (RuntimeError, AssertionError) as exc:
+            raise ConfigError(f"device={config['device']!r} is not available on this machine "
+                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); use device=cpu") from None
+        load_plugins(config["algo"]["name"])  # a config resolved in another process: register its updater
+        # Checked once at the start: an unusable key skips only the env snapshot, never a checkpoint.
+        self._snapshot_key = usable_snapshot_key() if config["env"]["vec_env"] == "dummy" else None
 
         env_config = config["env"]
         try:
@@ -169,16 +243,19 @@ class Trainer:
             try:
                 self._load_training_state(checkpoint, envs_restored)
             except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                if isinstance(exc, CheckpointError):
+                    raise
+                details = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
                 raise CheckpointError(f"cannot resume from the checkpoint in {self.run_dir}: "
-                                      f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+                                      f"{type(exc).__name__}: {details}") from None
         # An updater with a task schedule (meta-PPO) may start on another task than env.id.
         self._maybe_switch_task(None)
 
     # -- construction helpers -------------------------------------------------------------
-    def make_envs(self, env_id: str, options: dict[str, Any], seed: int | None = None) -> VecEnv:
+    def make_envs(self, env_id: str, options: dict[str, Any], seed: int | list[int] | None = None) -> VecEnv:
         """Build the training vec env (reward clipping on; evaluation builds its own without).
 
-        :param seed: base env seed, the config's ``seed`` by default.
+        :param seed: the envs' seed (``envs.env_seeds``), the config's ``seed`` by default.
         """
         env_config = self.config["env"]
         seed = self.config["seed"] if seed is None else seed
@@ -186,6 +263,11 @@ class Trainer:
             return make_vec_env(env_id, env_config["n_envs"], seed, clip_rewards=True, **options)
         except (ValueError, TypeError) as exc:  # TypeError: env.env_kwargs the env does not take
             raise ConfigError(f"env: {exc}") from None
+        except AssertionError as exc:  # e.g. MiniGrid asserts on a grid size it cannot build
+            frames = traceback.extract_tb(exc.__traceback__)
+            check = str(exc) or (frames[-1].line if frames and frames[-1].line else "an assertion failed")
+            raise ConfigError(f"env.env_kwargs={options.get('env_kwargs', {})!r} rejected by {env_id}: {check}"
+                              ) from None
 
     @classmethod
     def resume(cls, run_dir: str | Path, overrides: dict[str, Any] | None = None) -> Trainer:
@@ -195,20 +277,36 @@ class Trainer:
         :param overrides: only ``total_frames`` may change on resume (to extend a run).
         :raises CheckpointError: if the checkpoint is unusable; ConfigError for a bad override.
         """
-        checkpoint = load_checkpoint(Path(run_dir) / "checkpoint.pt")
-        for key in overrides or {}:
+        for key in _flat_keys(overrides or {}):
+            if key == "env.n_envs":
+                raise ConfigError("env.n_envs cannot change on --resume: the checkpoint's rollout state, env "
+                                  "snapshot and optimiser were made with its own count; start a new run")
             if key != "total_frames":
                 raise ConfigError(f"{key} cannot change on --resume (only total_frames can); start a new run")
+        checkpoint = load_checkpoint(Path(run_dir) / "checkpoint.pt")
         if not isinstance(checkpoint.get("config"), dict):
             raise CheckpointError(f"the checkpoint in {run_dir} holds no training config to resume with")
         saved = checkpoint["config"]
         if isinstance(saved.get("algo"), dict) and saved["algo"].get("name") == "a2c":
             # Runs saved before A2C refused the PPO-only keys carry them (ignored then): drop them.
             saved = {**saved, "algo": {k: v for k, v in saved["algo"].items() if k not in PPO_ONLY_KEYS}}
+        threads, cpus = saved.get("torch_threads"), os.cpu_count() or 1
+        if threads == 0:  # saved before 0 was refused, when it meant torch's default (now null)
+            saved = {**saved, "torch_threads": None}
+        elif isinstance(threads, int) and not isinstance(threads, bool) and threads > cpus:
+            # A run moved to a smaller machine: fewer threads change speed, not what is computed.
+            print(f"warning: the run used torch_threads={threads}; this machine has {cpus} CPUs, so it "
+                  f"continues with {cpus}", file=sys.stderr)
+            saved = {**saved, "torch_threads": cpus}
         try:
             config = resolve_config(merge(saved, overrides or {}))
         except ConfigError as exc:
             raise ConfigError(f"cannot resume {run_dir}: {exc}") from None
+        done = checkpoint.get("frames")
+        if isinstance(done, int) and config["total_frames"] < done:
+            raise ConfigError(f"cannot resume {run_dir} with total_frames={config['total_frames']}: the run has "
+                              f"already done {done} frames; give total_frames={done} or more")
+        check_run_consistency(checkpoint, config, run_dir)
         return cls(config, run_dir, checkpoint=checkpoint)
 
     def _restore_envs(self, checkpoint: dict[str, Any]) -> VecEnv | None:
@@ -221,21 +319,42 @@ class Trainer:
         path = self.run_dir / ENVS_STATE_FILE
         if not path.is_file():
             return None
+        if self._snapshot_key is None:
+            tqdm.write(f"warning: without a usable snapshot key {path} cannot be checked; resuming with fresh episodes")
+            return None
         blob = path.read_bytes()
         tag, body = blob[:32], blob[32:]
-        if not hmac.compare_digest(tag, hmac.new(snapshot_key(), body, hashlib.sha256).digest()):
+        if len(tag) != 32 or not hmac.compare_digest(tag, hmac.new(self._snapshot_key, body, hashlib.sha256).digest()):
             tqdm.write(f"warning: {path} was not written by this user; resuming with fresh episodes")
             return None
         try:
             saved = pickle.loads(body)  # authenticated above: this user wrote it
         except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError):
             return None
-        if saved.get("frames") != checkpoint["frames"]:
+        if not isinstance(saved, dict) or saved.get("frames") != checkpoint["frames"]:
             return None  # a kill between the snapshot and the checkpoint: the envs moved on since
-        return saved["venv"]
+        venv = saved.get("venv")
+        env_id, n_envs = checkpoint["env"]["id"], self.config["env"]["n_envs"]
+        refused = None
+        if saved.get("env_id") != env_id:
+            refused = f"it holds envs of {saved.get('env_id')!r}, the checkpoint was trained on {env_id!r}"
+        elif getattr(venv, "num_envs", None) != n_envs:
+            refused = f"it holds {getattr(venv, 'num_envs', None)} envs, the run has env.n_envs={n_envs}"
+        if refused is not None:
+            tqdm.write(f"warning: {path} does not belong to this checkpoint ({refused}); not used, resuming with "
+                       "fresh episodes")
+            with contextlib.suppress(Exception):
+                venv.close()
+            return None
+        return venv
 
     def _load_training_state(self, checkpoint: dict[str, Any], envs_restored: bool) -> None:
-        self.policy.load_state_dict(checkpoint["policy"]["state_dict"])
+        try:
+            self.policy.load_state_dict(checkpoint["policy"]["state_dict"])
+        except RuntimeError as exc:  # torch lists every missing/unexpected/mis-shaped tensor: keep them all
+            details = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            raise CheckpointError(f"cannot resume from the checkpoint in {self.run_dir}: its weights do not fit the "
+                                  f"{self.config['core']['name']!r} policy its config describes: {details}") from None
         self.updater.load_state_dict(checkpoint["updater"])
         self.frames, self.updates = checkpoint["frames"], checkpoint["updates"]
         _set_rng_state(checkpoint["rng"], self.generator)
@@ -275,40 +394,93 @@ class Trainer:
         ``checkpoints/checkpoint_<frames>.pt`` holds each one and ``checkpoint.pt`` the latest;
         ``envs_state.pkl`` (the envs, for an exact resume) is written first, so a kill between
         the two leaves a snapshot the previous checkpoint does not match (and resume resets envs).
+        Before anything is written the policy must give finite outputs on the last rollout's
+        observations: an exploded model never replaces a good checkpoint.
 
         :param snapshot_envs: also pickle the envs (in-process envs only) for an exact resume.
+        :raises TrainingError: if the policy's outputs are not finite, or a write fails (a full disk:
+            the message names the path and the free space; the previous checkpoint is intact).
         """
-        if snapshot_envs and isinstance(_base_venv(self.venv), DummyVecEnv):
-            try:
-                blob = pickle.dumps({"frames": self.frames, "venv": self.venv})
-            except (pickle.PicklingError, TypeError, AttributeError):
-                blob = None  # an env that cannot be pickled: resume will start fresh episodes
-            if blob is not None:
-                tag = hmac.new(snapshot_key(), blob, hashlib.sha256).digest()
-                self._atomic_write(self.run_dir / ENVS_STATE_FILE, tag + blob)
-        numbered = self.run_dir / "checkpoints" / f"checkpoint_{self.frames:012d}.pt"
-        save_checkpoint(numbered, self.checkpoint_payload())
-        latest = self.run_dir / "checkpoint.pt"
-        tmp = self.run_dir / ".checkpoint.pt.link"
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(numbered, tmp)  # a second name for the same bytes, swapped in atomically
-            os.replace(tmp, latest)
-        except OSError:
-            save_checkpoint(latest, self.checkpoint_payload())
-        kept = sorted((self.run_dir / "checkpoints").glob("checkpoint_*.pt"))
-        for old in kept[: -self.config["log"]["keep_checkpoints"]]:
-            old.unlink()
-        return latest
+        with self._lock:
+            problem = self._non_finite_policy()
+            if problem is not None:
+                raise TrainingError(self._stopped(problem))
+            if snapshot_envs and self._snapshot_key is not None and isinstance(_base_venv(self.venv), DummyVecEnv):
+                try:
+                    blob = pickle.dumps({"frames": self.frames, "env_id": self.task[0], "venv": self.venv})
+                except (pickle.PicklingError, TypeError, AttributeError):
+                    blob = None  # an env that cannot be pickled: resume will start fresh episodes
+                if blob is not None:
+                    tag = hmac.new(self._snapshot_key, blob, hashlib.sha256).digest()
+                    path = self.run_dir / ENVS_STATE_FILE
+                    with self._write_errors(path):
+                        atomic_write(path, tag + blob)
+            numbered = self.run_dir / "checkpoints" / f"checkpoint_{self.frames:012d}.pt"
+            latest = self.run_dir / "checkpoint.pt"
+            with self._write_errors(numbered):
+                save_checkpoint(numbered, self.checkpoint_payload())
+            with self._write_errors(latest):
+                tmp = latest.with_name(f".{latest.name}.{os.getpid()}.{random.getrandbits(32):08x}.link.tmp")
+                try:
+                    os.link(numbered, tmp)  # a second name for the same bytes, swapped in atomically
+                    os.replace(tmp, latest)
+                except OSError:
+                    tmp.unlink(missing_ok=True)
+                    save_checkpoint(latest, self.checkpoint_payload())
+            kept = sorted((self.run_dir / "checkpoints").glob("checkpoint_*.pt"))
+            for old in kept[: -self.config["log"]["keep_checkpoints"]]:
+                old.unlink()
+            return latest
 
-    @staticmethod
-    def _atomic_write(path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+    @contextlib.contextmanager
+    def _write_errors(self, path: Path) -> Iterator[None]:
+        """Turn a failed write of ``path`` (full disk, no permission) into one TrainingError line."""
+        try:
+            yield
+        except CheckpointWriteError as exc:
+            raise TrainingError(self._stopped(str(exc), advice="free some space, then resume")) from None
+        except OSError as exc:
+            raise TrainingError(self._stopped(write_failure(path, exc), advice="free some space, then resume")) from None
+
+    def _stopped(self, problem: str, advice: str = "lower algo.lr or algo.max_grad_norm, then resume") -> str:
+        """The message of a run that stops on a problem: what happened and what was kept."""
+        latest = self.run_dir / "checkpoint.pt"
+        kept = (f"The last good checkpoint is kept at {latest} (not overwritten); {advice} with "
+                f"`python train.py --resume {self.run_dir}`." if latest.exists() else "No checkpoint had been written yet.")
+        return f"training stopped at {self.frames} frames: {problem}. {kept}"
+
+    @torch.no_grad()
+    def _non_finite_policy(self) -> str | None:
+        """Why the policy may not be saved (non-finite weights or outputs on the last rollout), or None.
+
+        Huge but finite weights pass a parameter check and still give inf/NaN logits: running the
+        last rollout's observations through the policy catches both.
+        """
+        bad = [name for name, param in self.policy.named_parameters() if not torch.isfinite(param).all()]
+        if bad:
+            return f"the policy's weights are non-finite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+        storage = self.storage
+        try:
+            dist, values, _ = self.policy(storage.obs, storage.states[0], storage.episode_starts)
+        except ValueError:  # torch.distributions refuses NaN parameters
+            return "the policy's outputs are non-finite on the last rollout's observations"
+        logits = dist.logits if hasattr(dist, "logits") else dist.mean
+        if not (torch.isfinite(logits).all() and torch.isfinite(values).all()):
+            return "the policy's outputs are non-finite on the last rollout's observations"
+        return None
+
+    def _non_finite_rollout(self) -> str | None:
+        """Which part of the last rollout is non-finite (NaN or inf), or None."""
+        storage = self.storage
+        parts = {"rewards": storage.rewards, "values": storage.values, "log-probabilities": storage.log_probs,
+                 "advantages": storage.advantages, "returns": storage.returns, "recurrent states": storage.states}
+        obs = storage.obs if isinstance(storage.obs, dict) else {"": storage.obs}
+        parts.update({f"observations{' ' + key if key else ''}": value for key, value in obs.items()
+                      if value.is_floating_point()})
+        for name, tensor in parts.items():
+            if not torch.isfinite(tensor).all():
+                return f"the rollout's {name} are non-finite"
+        return None
 
     # -- interruption --------------------------------------------------------------------
     @property
@@ -338,23 +510,48 @@ class Trainer:
     def run(self, stop_at_frames: int | None = None) -> Path:
         """Train until ``total_frames`` (or a signal, or ``stop_at_frames``) and return the checkpoint path.
 
+        The run directory is locked for the whole call (``agents.run_dir.RunLock``): a second process
+        on it is refused. A run stops after the update that reaches ``total_frames``, so it may do up
+        to one rollout (``n_steps * n_envs`` frames) more; the progress bar counts to that end.
+
         :param stop_at_frames: stop after the first update that reaches this many frames, as if
             interrupted (checkpoint written, run resumable).
-        :raises TrainingError: on a non-finite loss or gradient (the last good checkpoint is kept) or a
-            crashed env (a checkpoint is written first).
+        :raises TrainingError: on non-finite values in a rollout or an update (the last good checkpoint
+            is kept), a failed write (full disk), or a crashed env (a checkpoint is written first).
+        :raises RunDirError: if another process holds the run directory, or (for a new run) another
+            run has been written there since this trainer was built.
         """
         config, algo = self.config, self.config["algo"]
         total = config["total_frames"]
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        resumed = self.frames > 0
-        logger = RunLogger(self.run_dir, purge_step=self.frames if resumed else None)
+        with self._lock:
+            if not self._started:
+                if self._new_run:  # under the lock: nobody wrote a run here since the check in __init__
+                    refuse_existing_run(self.run_dir)
+                remove_stale_temp_files(self.run_dir)  # left by a killed write; no live writer under the lock
+                self._started = True
+            config_path = self.run_dir / "config.yaml"
+            with self._write_errors(config_path):
+                atomic_write(config_path, yaml.safe_dump(config, sort_keys=False).encode())
+            resumed = self.frames > 0
+            logger = RunLogger(self.run_dir, purge_step=self.frames if resumed else None)
+            try:
+                return self._train(logger, total, algo, stop_at_frames)
+            finally:
+                logger.close()
+
+    def _train(self, logger: RunLogger, total: int, algo: dict[str, Any], stop_at_frames: int | None) -> Path:
+        config = self.config
         if self.rollout_state is None:
             self.rollout_state = start_rollouts(self.policy, self.venv)
         next_checkpoint = (self.frames // config["log"]["checkpoint_interval_frames"] + 1) * \
             config["log"]["checkpoint_interval_frames"]
-        bar = tqdm(total=total, initial=min(self.frames, total), unit="frames", dynamic_ncols=True,
+        # The loop stops after the update that reaches total_frames: whole rollouts, so the bar's
+        # end is the frame count the run will really reach, not total_frames.
+        remaining = max(0, total - self.frames)
+        end = self.frames + math.ceil(remaining / self.frames_per_rollout) * self.frames_per_rollout
+        bar = tqdm(total=end, initial=self.frames, unit="frames", dynamic_ncols=True,
                    disable=not config["log"]["progress_bar"], mininterval=1.0, desc=config["name"])
+        bar.set_postfix_str("fps=- ret=-", refresh=False)  # no episode has ended yet: no mean return
         checkpoint_path = self.run_dir / "checkpoint.pt"
         try:
             with self._stop_on_signals():
@@ -368,23 +565,40 @@ class Trainer:
                         )
                     except (EOFError, BrokenPipeError, ConnectionError) as exc:
                         raise TrainingError(self._env_crash_message(exc)) from None
+                    except ValueError as exc:  # torch.distributions refusing NaN logits
+                        if "invalid values" not in str(exc) and self._non_finite_policy() is None:
+                            raise
+                        raise TrainingError(self._stopped(
+                            f"the policy gave non-finite action probabilities during the rollout of update "
+                            f"{self.updates + 1}")) from None
+                    problem = self._non_finite_rollout()
+                    if problem is not None:
+                        raise TrainingError(self._stopped(f"{problem} (update {self.updates + 1})"))
                     collected = time.perf_counter()
                     try:
                         update_stats = self.updater.update(self.storage)
                     except NonFiniteError as exc:
-                        kept = (f"The last good checkpoint is kept at {checkpoint_path} (not overwritten); "
-                                f"lower algo.lr or algo.max_grad_norm, then resume with --resume."
-                                if checkpoint_path.exists() else "No checkpoint had been written yet.")
-                        raise TrainingError(f"training stopped at {self.frames} frames: {exc} during update "
-                                            f"{self.updates + 1}. {kept}") from None
+                        raise TrainingError(self._stopped(f"{exc} during update {self.updates + 1}")) from None
+                    except ValueError as exc:  # NaN logits while replaying the rollout
+                        if "invalid values" not in str(exc) and self._non_finite_policy() is None:
+                            raise
+                        raise TrainingError(self._stopped(
+                            f"the policy's outputs became non-finite during update {self.updates + 1}")) from None
+                    bad = [name for name, param in self.policy.named_parameters() if not torch.isfinite(param).all()]
+                    if bad:
+                        raise TrainingError(self._stopped(
+                            f"update {self.updates + 1} made the policy's weights non-finite ({', '.join(bad[:3])})"))
                     ended = time.perf_counter()
                     self.frames += self.frames_per_rollout
                     self.updates += 1
                     self.recent_episodes.extend(rollout_stats.episodes)
-                    self._log(logger, rollout_stats, update_stats, started, collected, ended)
-                    bar.update(min(self.frames, total) - bar.n)
-                    bar.set_postfix(fps=f"{self.frames_per_rollout / (ended - started):.0f}",
-                                    ret=f"{self._mean('r'):.2f}", refresh=False)
+                    with self._write_errors(self.run_dir / "metrics.jsonl"):
+                        self._log(logger, rollout_stats, update_stats, started, collected, ended)
+                    mean_return = self._mean("r")
+                    # The postfix first, then the count: one refresh shows both (no line with stale numbers).
+                    bar.set_postfix_str(f"fps={self.frames_per_rollout / (ended - started):.0f} ret="
+                                        + ("-" if math.isnan(mean_return) else f"{mean_return:.2f}"), refresh=False)
+                    bar.update(self.frames - bar.n)
                     self._maybe_switch_task(rollout_stats)
                     if self.frames >= next_checkpoint:
                         self.save()
@@ -394,7 +608,6 @@ class Trainer:
                 checkpoint_path = self.save()
         finally:
             bar.close()
-            logger.close()
         if self._stop_signal is not None:
             tqdm.write(f"{self._stop_signal}: stopped after {self.frames} frames; checkpoint saved to "
                        f"{checkpoint_path}. Resume with: python train.py --resume {self.run_dir}")
@@ -405,7 +618,7 @@ class Trainer:
 
         An updater may define ``next_task(frames, rollout_stats) -> (env_id, options) | None``
         (``rollout_stats`` is None when the trainer only asks, at construction); a returned task
-        different from the current one replaces the envs (same count; base seed ``seed + frames``,
+        different from the current one replaces the envs (same count; seeds from ``[seed, frames]``,
         so a task visited again gets new levels rather than replaying the same ones), and the next
         rollout starts fresh episodes from a zero core state.
         """
@@ -416,7 +629,7 @@ class Trainer:
         if task is None or task == self.task:
             return
         env_id, options = task
-        venv = self.make_envs(env_id, options, seed=self.config["seed"] + self.frames)
+        venv = self.make_envs(env_id, options, seed=[self.config["seed"], self.frames])
         if (venv.observation_space, venv.action_space) != (self.venv.observation_space, self.venv.action_space):
             venv.close()
             raise ConfigError(f"task {env_id!r} has other observation/action spaces than the current task; "
@@ -467,7 +680,9 @@ def train(config: dict[str, Any], run_dir: str | Path | None = None) -> Path:
     """Train a new agent; return the path of its final checkpoint.
 
     :param config: a resolved config (``agents.config.load_config``).
-    :param run_dir: output directory, ``runs/<config name>`` by default.
+    :param run_dir: output directory; by default ``runs/<config name>``, or ``runs/<config name>_2``,
+        ``_3``, ... when that holds a run already.
+    :raises RunDirError: if ``run_dir`` holds a run or is in use (a new run never writes into one).
     """
-    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config["name"]
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config["name"])
     return Trainer(config, run_dir).run()

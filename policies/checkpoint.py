@@ -5,21 +5,26 @@ A checkpoint is a ``torch.save`` of a dict of tensors and plain Python types
 refuses any object that would need code to rebuild. Spaces are stored as plain
 dicts (``space_to_dict``) and the policy as its constructor arguments plus a
 state dict, so a file alone is enough to rebuild the policy.
+
+torch, numpy and gymnasium are imported inside the functions that use them, so importing
+``CheckpointError`` (as ``train.py`` does before validating a config) stays fast.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-from gymnasium import spaces
+if TYPE_CHECKING:
+    import torch
+    from gymnasium import spaces
 
 FORMAT = "modular-memory-rl/checkpoint"
 # Bump when a checkpoint written by an older version can no longer be read.
@@ -34,8 +39,39 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: missing, truncated, foreign, unsafe or incompatible."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, no permission); the file it replaces is intact."""
+
+
+def free_space(path: str | Path) -> str:
+    """The free space of the file system holding ``path`` (or its nearest existing parent), for messages."""
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        try:
+            free = shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+        for unit in ("bytes", "KiB", "MiB", "GiB"):
+            if free < 1024 or unit == "GiB":
+                return f"{free:.0f} {unit}" if unit == "bytes" else f"{free:.1f} {unit}"
+            free /= 1024
+    return "unknown"
+
+
+def write_error_reason(exc: BaseException) -> str:
+    """Why a write failed, in words: the OSError behind it (torch wraps it in a RuntimeError) if any."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return "no space left on device" if seen.errno == errno.ENOSPC else (seen.strerror or str(seen))
+        seen = seen.__cause__ or seen.__context__
+    return f"write failed ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})"
+
+
 def space_to_dict(space: spaces.Space) -> dict[str, Any]:
     """Describe a Gymnasium space with plain types (lists, ints, strings)."""
+    from gymnasium import spaces
+
     if isinstance(space, spaces.Discrete):
         return {"type": "Discrete", "n": int(space.n), "start": int(space.start)}
     if isinstance(space, spaces.Box):
@@ -53,6 +89,9 @@ def space_to_dict(space: spaces.Space) -> dict[str, Any]:
 
 def space_from_dict(data: dict[str, Any]) -> spaces.Space:
     """Inverse of ``space_to_dict``."""
+    import numpy as np
+    from gymnasium import spaces
+
     kind = data["type"]
     if kind == "Discrete":
         return spaces.Discrete(data["n"], start=data.get("start", 0))
@@ -71,14 +110,25 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     fsynced and then renamed over ``path``: a kill at any moment leaves either the
     previous file or the new one, never a truncated mix.
 
+    The temporary file is named ``.<name>.<pid>.<random>.tmp``: unique per process and call, and
+    recognisable, so a run removes those a killed write left behind when it starts again.
+
     :param path: destination file.
     :param payload: dict of tensors and plain Python types (no objects needing code to load).
     :return: the path written.
+    :raises CheckpointWriteError: if the bytes cannot be written (a full disk, no permission): the
+        message names the path and the free space; ``path`` itself is left as it was.
     """
+    import torch
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {write_error_reason(exc)} "
+                                   f"({free_space(path.parent)} free)") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(payload, handle)
@@ -86,6 +136,11 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
             os.fsync(handle.fileno())
         _before_rename_hook()
         os.replace(tmp_name, path)
+    except (OSError, RuntimeError) as exc:  # torch reports a failed write as a RuntimeError
+        Path(tmp_name).unlink(missing_ok=True)
+        kept = "the previous file is intact" if path.exists() else "nothing was written"
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {write_error_reason(exc)} "
+                                   f"({free_space(path.parent)} free on its file system); {kept}") from None
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
@@ -115,6 +170,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     :raises CheckpointError: if the file is missing, truncated, unsafe (would run code),
         not a checkpoint of this package, or from an incompatible format version.
     """
+    import torch
+
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"

@@ -1,0 +1,300 @@
+"""Run directories: where a run may write, who may write there, and the key that signs env snapshots.
+
+The guarantees the trainer builds on (README, "Interrupting and resuming"):
+
+- A new run never writes into a directory that holds a run (``holds_run``): the default name
+  takes the next free suffix (``runs/<name>``, ``runs/<name>_2``, ...), an explicit directory
+  holding a run is refused with a message naming ``--resume``.
+- One process at a time writes into a run directory: ``RunLock`` takes an OS advisory lock
+  (``fcntl.flock``) on ``<run_dir>/.lock``. The kernel drops it when the process ends, however it
+  ends, so a ``kill -9`` leaves no stale lock. Under ``torchrun`` only rank 0 (environment variable
+  ``RANK``) writes, so only rank 0 takes it.
+- Temporary files are named ``.<target>.<pid>.<random>.tmp`` and renamed over their target; those
+  a killed write left behind are removed when the run starts again (under the lock).
+- The snapshot key (``snapshot_key_path``) is checked when a run starts; if it cannot be used the
+  run warns once and only skips the env snapshot.
+
+This module imports no torch, so ``train.py`` checks the run directory before the heavy imports.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import IO
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; runs are then not protected against a second process
+    fcntl = None  # type: ignore[assignment]
+
+# What a run writes into its directory: any of them present means the directory holds a run.
+RUN_FILES: tuple[str, ...] = ("checkpoint.pt", "config.yaml", "metrics.jsonl", "envs_state.pkl", "tb", "checkpoints")
+LOCK_FILE = ".lock"
+KEY_SIZE = 32
+
+
+class RunDirError(RuntimeError):
+    """A run directory that cannot be used: holds another run, is locked, or is not a writable directory."""
+
+
+class SnapshotKeyError(OSError):
+    """The snapshot key cannot be read, created, or is not a key (wrong length)."""
+
+
+def holds_run(run_dir: str | Path) -> list[str]:
+    """The names of ``RUN_FILES`` present in ``run_dir`` (empty: no run there)."""
+    run_dir = Path(run_dir)
+    return [name for name in RUN_FILES if (run_dir / name).exists()] if run_dir.is_dir() else []
+
+
+def default_run_dir(name: str, root: str | Path = "runs") -> Path:
+    """``root/name`` if it holds no run, else the first of ``root/name_2``, ``root/name_3``, ... that does not."""
+    root = Path(root)
+    candidate, suffix = root / name, 1
+    while holds_run(candidate) or (candidate.exists() and not candidate.is_dir()):
+        suffix += 1
+        candidate = root / f"{name}_{suffix}"
+    return candidate
+
+
+def refuse_existing_run(run_dir: str | Path) -> None:
+    """Raise RunDirError if ``run_dir`` holds a run: a new run must not replace or mix with its files."""
+    found = holds_run(run_dir)
+    if found:
+        raise RunDirError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
+                          f"`python train.py --resume {run_dir}`, or give a new run another --run-dir")
+
+
+def _name_max(directory: Path) -> int:
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def prepare_run_dir(run_dir: str | Path) -> Path:
+    """Create ``run_dir`` if needed and check that this process can write there.
+
+    :return: the directory.
+    :raises RunDirError: one line naming the problem: the path is a file, lies under a file, has a
+        component longer than the file system allows, or cannot be created or written.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"run directory {run_dir} is a file, not a directory; choose another --run-dir")
+    existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise RunDirError(f"cannot use run directory {run_dir}: {existing} is a file, not a directory")
+    limit = _name_max(existing)
+    too_long = [part for part in run_dir.parts if len(os.fsencode(part)) > limit]
+    if too_long:
+        raise RunDirError(f"cannot use run directory {run_dir}: the name {too_long[0][:40]}... is "
+                          f"{len(os.fsencode(too_long[0]))} bytes, longer than the {limit} this file system allows")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise RunDirError(f"cannot write in run directory {run_dir}: {exc.strerror or exc}") from None
+    return run_dir
+
+
+def remove_stale_temp_files(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary files killed writes left in ``run_dir`` and ``run_dir/checkpoints``.
+
+    Only call this while holding the run's lock: then no live process is writing them.
+    :return: the files removed.
+    """
+    removed = []
+    for directory in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        if not directory.is_dir():
+            continue
+        for path in directory.iterdir():
+            # .<target>.<pid>.<random>.tmp, and the fixed names of earlier versions.
+            stale = path.name.startswith(".") and (path.name.endswith(".tmp") or path.name == ".checkpoint.pt.link")
+            if stale and path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def temp_path(path: Path) -> Path:
+    """A temporary name next to ``path``, unique per process and call: ``.<name>.<pid>.<random>.tmp``."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file renamed over it (all or nothing).
+
+    :raises OSError: as the write raised it (``write_failure`` turns it into a message).
+    """
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with tmp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_failure(path: str | Path, exc: BaseException) -> str:
+    """One line for a failed write: the path, why, and the free space where it was going."""
+    from policies.checkpoint import free_space, write_error_reason
+
+    return f"cannot write {path}: {write_error_reason(exc)} ({free_space(Path(path).parent)} free on its file system)"
+
+
+def current_rank() -> int:
+    """This process's rank under ``torchrun`` (environment variable ``RANK``), 0 otherwise."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+class RunLock:
+    """An exclusive OS advisory lock on ``<run_dir>/.lock`` for as long as a run writes there.
+
+    ``fcntl.flock`` locks belong to the open file: the kernel releases them when the process
+    exits, even on ``kill -9``, so no stale lock survives a crash. Re-entrant within one object.
+
+    :param run_dir: the run directory (must exist).
+    :param rank: the process's rank under ``torchrun``; only rank 0 writes, so only rank 0 locks
+        (others treat ``acquire`` as done). None reads ``RANK`` from the environment.
+    """
+
+    def __init__(self, run_dir: str | Path, rank: int | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.rank = current_rank() if rank is None else rank
+        self._handle: IO[str] | None = None
+        self._depth = 0
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock now."""
+        return self._depth > 0
+
+    def acquire(self) -> None:
+        """Take the lock, or raise RunDirError naming the process that holds it."""
+        if self._depth > 0:
+            self._depth += 1
+            return
+        if self.rank != 0 or fcntl is None:
+            self._depth = 1
+            return
+        path = self.run_dir / LOCK_FILE
+        try:
+            handle = path.open("a+")
+        except OSError as exc:
+            raise RunDirError(f"cannot lock run directory {self.run_dir}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                raise RunDirError(f"run directory {self.run_dir} is in use by another training process "
+                                  f"(pid {holder}); wait for it to end or stop it, then use "
+                                  f"`python train.py --resume {self.run_dir}`") from None
+            raise RunDirError(f"cannot lock run directory {self.run_dir}: {exc.strerror or exc}") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")  # for the message a second process prints
+        handle.flush()
+        self._handle, self._depth = handle, 1
+
+    def release(self) -> None:
+        """Undo one ``acquire``; the last one unlocks."""
+        if self._depth == 0:
+            return
+        self._depth -= 1
+        if self._depth == 0 and self._handle is not None:
+            self._handle.close()  # closing the file drops the flock
+            self._handle = None
+
+    def probe(self) -> None:
+        """Raise RunDirError now if another process holds the lock (without keeping it)."""
+        if self.held:
+            return
+        self.acquire()
+        self.release()
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# -- the snapshot key --------------------------------------------------------------------------
+_WARNED: set[str] = set()
+
+
+def snapshot_key_path() -> Path:
+    """Where this user's snapshot key lives: ``$MODULAR_RL_KEY_FILE``, else ``~/.cache/modular-memory-rl/snapshot.key``."""
+    configured = os.environ.get("MODULAR_RL_KEY_FILE")
+    return Path(configured) if configured else Path.home() / ".cache" / "modular-memory-rl" / "snapshot.key"
+
+
+def load_snapshot_key(create: bool = True) -> bytes:
+    """This user's secret key for authenticating env snapshots (32 random bytes, mode 600).
+
+    Created atomically on first use: the bytes go to a temporary file that is then hard-linked to
+    the key's name, so two processes creating it at once both end up with the same complete key.
+
+    :param create: create the key if it does not exist.
+    :raises SnapshotKeyError: if the key cannot be read or created, or is not 32 bytes (a 0-byte
+        key would make every signature forgeable).
+    """
+    path = snapshot_key_path()
+    try:
+        if create and not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = temp_path(path)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(os.urandom(KEY_SIZE))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                try:
+                    os.link(tmp, path)  # fails if another process linked its key first: use that one
+                except FileExistsError:
+                    pass
+            finally:
+                tmp.unlink(missing_ok=True)
+        key = path.read_bytes()
+    except OSError as exc:
+        raise SnapshotKeyError(f"cannot use the snapshot key {path}: {exc.strerror or exc}") from None
+    if len(key) != KEY_SIZE:
+        raise SnapshotKeyError(f"the snapshot key {path} holds {len(key)} bytes, not {KEY_SIZE}: "
+                               "not a key this package wrote (delete it to get a new one)")
+    return key
+
+
+def usable_snapshot_key() -> bytes | None:
+    """The snapshot key, or None after a one-time warning when it cannot be used.
+
+    Without a key a run still writes its checkpoints; it only skips the env snapshot
+    (``envs_state.pkl``), so a resume starts fresh episodes.
+    """
+    try:
+        return load_snapshot_key()
+    except SnapshotKeyError as exc:
+        if str(exc) not in _WARNED:
+            _WARNED.add(str(exc))
+            print(f"warning: {exc}. Checkpoints are written as usual, but the env snapshot (envs_state.pkl) "
+                  "is skipped, so a resume starts fresh episodes; set MODULAR_RL_KEY_FILE to a writable "
+                  "file to keep it", file=sys.stderr)
+        return None
