@@ -76,6 +76,8 @@ def reference(core: ThalNet, x: Tensor, state: Tensor, starts: Tensor) -> tuple[
             r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
             n = torch.tanh(i_n + r * h_n)
             new_h.append((1 - z) * n + z * h[m])
+            if m == 0:  # the input module runs first: the others read its new center features
+                center = torch.cat([new_h[0][:, :C], center[:, C:]], dim=1)
         h = new_h
         outs.append(h[-1])
         if step_weights:

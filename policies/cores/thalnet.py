@@ -8,13 +8,20 @@ Step t, for M modules of size H, C center features per module and read size R:
 
 1. Center ``c_t`` (size ``S = M*C``): the first C features of every module's
    hidden state from step t-1, concatenated in module order.
-2. Read: each module m reads a context ``r_m`` (size R) from ``c_t`` with the
-   chosen reading mechanism (below).
+2. Read: each module m reads a context ``r_m`` (size R) from the center with
+   the chosen reading mechanism (below).
 3. Feed-forward: ``z_m = ELU(W_m r_m + b_m)``, plus ``U x_t`` for the input
    module (module 0) only.
 4. GRU: ``h_m = GRU_m(z_m, h_m)``. Its first C features are module m's
-   contribution to the next center; module M-1 (the output module) is the
-   core's output, size H.
+   contribution to the center; module M-1 (the output module) is the core's
+   output, size H.
+
+The input module runs first: it reads ``c_t`` and updates, and its new center
+features replace its slot of ``c_t`` before the other modules read. So the
+output at step t can depend on ``x_t``. With every module reading ``c_t`` as
+it stands (the paper's synchronous step), ``x_t`` reaches the output module
+one step later at the earliest: an agent would act on the previous
+observation, a handicap that has nothing to do with modularity.
 
 Reading mechanisms (``reading=``), each giving R read values per module:
 
@@ -27,6 +34,12 @@ Reading mechanisms (``reading=``), each giving R read values per module:
 * ``"fast_gaussian"``: R read heads, each a Gaussian window over the center
   positions whose mean (in ``[0, S-1]``) and width (``>= 0.5`` positions) are
   computed from the module's own previous features, normalised to sum to 1.
+  The heads start spread evenly over the center, each as wide as the spacing
+  between them, so every module's features are read from the first step. (All
+  heads starting at the middle of the center, a window of about one position
+  there, read no input-module feature, and the Gaussian's tails were exactly 0
+  in float32: the output did not depend on the input and no gradient could
+  move the windows.)
 
 State layout (flat, batch first): ``(B, M*H)``, module m's GRU hidden state in
 columns ``[m*H, (m+1)*H)``; its first C columns are module m's center features.
@@ -133,7 +146,19 @@ class ThalNet(RecurrentCore):
             num_read_params = R * S if self.reading == "fast_softmax" else 2 * R
             self.read_query_weight = _uniform((M, H, num_read_params), H)
             self.read_query_bias = nn.Parameter(torch.zeros(M, 1, num_read_params))
+            if self.reading == "fast_gaussian":
+                with torch.no_grad():
+                    self.read_query_bias.copy_(self._spread_gaussian_heads())
             self.register_buffer("center_positions", torch.arange(S, dtype=torch.float32), persistent=False)
+
+    def _spread_gaussian_heads(self) -> Tensor:
+        """Read biases ``(1, 1, 2R)`` that place head j's window at ``(j + 1/2) S / R``, as wide as the spacing."""
+        R, S = self.read_size, self.center_size
+        fraction = (torch.arange(R, dtype=torch.float32) + 0.5) / R
+        mean_bias = torch.logit(fraction)  # sigmoid(bias) * (S - 1) is the window's mean
+        width = max((S - 1) / R, 1.0)
+        width_bias = torch.full((R,), math.log(math.expm1(width - MIN_GAUSSIAN_WIDTH)))  # softplus^-1
+        return torch.cat([mean_bias, width_bias]).view(1, 1, 2 * R)
 
     # ------------------------------------------------------------------ groups
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -262,7 +287,14 @@ class ThalNet(RecurrentCore):
         """
         T, B, _ = ff_preact.shape
         M, H, C, S = self.num_modules, self.module_size, self.center_size_per_module, self.center_size
-        ff_preact_steps = ff_preact.unbind(0)  # see _forward_fast for why not ff_preact[t]
+        # The input module (columns :H) runs first; the others read the center it updated.
+        read_ff_input, read_ff_others = read_ff_weight.split([H, (M - 1) * H], dim=1)
+        # The others' read of the center, split at the input module's slot: the rows of the
+        # slot multiply its new features, the rest the old center.
+        read_ff_slot, read_ff_rest = read_ff_others.split([C, S - C], dim=0)
+        ff_input_steps, ff_others_steps = (p.unbind(0) for p in ff_preact.split([H, (M - 1) * H], dim=2))
+        input_weight, others_weight = self.gru_input_weight.split([1, M - 1])
+        input_bias, others_bias = self.gru_input_bias.split([1, M - 1])
         h = state.view(B, M, H).transpose(0, 1)  # (M, B, H)
         outs: list[Tensor] = []
         for t in range(T):
@@ -270,9 +302,17 @@ class ThalNet(RecurrentCore):
                 h = _reset(h, starts[t])
             center = h[:, :, :C].transpose(0, 1).reshape(B, S)
             hidden_gates = torch.baddbmm(self.gru_hidden_bias, h, self.gru_hidden_weight)
-            ff = F.elu(torch.addmm(ff_preact_steps[t], center, read_ff_weight)).view(B, M, H).transpose(0, 1)
-            input_gates = torch.baddbmm(self.gru_input_bias, ff, self.gru_input_weight)
-            h = _gru_update(input_gates, hidden_gates, h)
+            # split, not slices: one backward node instead of a zero-filled copy per slice.
+            h_input, h_others = h.split([1, M - 1])
+            gates_input, gates_others = hidden_gates.split([1, M - 1])
+            _, center_rest = center.split([C, S - C], dim=1)
+            ff_input = F.elu(torch.addmm(ff_input_steps[t], center, read_ff_input)).unsqueeze(0)
+            h_input = _gru_update(torch.baddbmm(input_bias, ff_input, input_weight), gates_input, h_input)
+            others_preact = torch.addmm(ff_others_steps[t], center_rest, read_ff_rest)
+            ff_others = F.elu(torch.addmm(others_preact, h_input[0, :, :C], read_ff_slot))
+            ff_others = ff_others.view(B, M - 1, H).transpose(0, 1)
+            h_others = _gru_update(torch.baddbmm(others_bias, ff_others, others_weight), gates_others, h_others)
+            h = torch.cat([h_input, h_others])
             outs.append(h[-1])
         return torch.stack(outs), h.transpose(0, 1).reshape(B, M * H)
 
@@ -296,6 +336,9 @@ class ThalNet(RecurrentCore):
         # unbind, not ff_preact[t]: the backward of T separate selects would build
         # T full-size zero tensors (quadratic in T); unbind's backward is one stack.
         ff_preact_steps = ff_preact.unbind(0)
+        input_weight, others_weight = self.gru_input_weight.split([1, M - 1])
+        input_bias, others_bias = self.gru_input_bias.split([1, M - 1])
+        read_input, read_others = self.ff_read_weight.split([1, M - 1])
         h = state.view(B, M, H).transpose(0, 1)  # (M, B, H)
         outs: list[Tensor] = []
         step_read_weights: list[Tensor] = []
@@ -306,12 +349,22 @@ class ThalNet(RecurrentCore):
             hidden_proj = torch.baddbmm(hidden_bias, h, hidden_weight)
             # split, not two slices: one backward node instead of two zero-filled copies.
             hidden_gates, query = hidden_proj.split([3 * H, hidden_proj.shape[-1] - 3 * H], dim=-1)
-            context, weights = self._fast_read(query, center)
-            ff = F.elu(torch.baddbmm(ff_preact_steps[t], context, self.ff_read_weight))
+            # The input module first (module docstring), then the others read its new features.
+            ff_input_preact, ff_others_preact = ff_preact_steps[t].split([1, M - 1])
+            query_input, query_others = query.split([1, M - 1])
+            gates_input, gates_others = hidden_gates.split([1, M - 1])
+            h_input, h_others = h.split([1, M - 1])
+            context, weights_input = self._fast_read(query_input, center)
+            ff_input = F.elu(torch.baddbmm(ff_input_preact, context, read_input))
+            h_input = _gru_update(torch.baddbmm(input_bias, ff_input, input_weight), gates_input, h_input)
+            center = torch.cat([h_input[0, :, :C], center.split([C, S - C], dim=1)[1]], dim=1)
+            context, weights_others = self._fast_read(query_others, center)
+            ff_others = F.elu(torch.baddbmm(ff_others_preact, context, read_others))
+            h_others = _gru_update(torch.baddbmm(others_bias, ff_others, others_weight), gates_others, h_others)
+            h = torch.cat([h_input, h_others])
             if return_info:
+                weights = torch.cat([weights_input, weights_others])
                 step_read_weights.append(weights.mean(dim=2).transpose(0, 1))
-            input_gates = torch.baddbmm(self.gru_input_bias, ff, self.gru_input_weight)
-            h = _gru_update(input_gates, hidden_gates, h)
             outs.append(h[-1])
         read_weights = torch.stack(step_read_weights) if return_info else None
         return torch.stack(outs), h.transpose(0, 1).reshape(B, M * H), read_weights
