@@ -23,7 +23,7 @@ from pathlib import Path
 # Only light modules here: the config and the run directory are checked before torch, gymnasium
 # and SB3 are imported (seconds), so --help and a mistyped key answer at once.
 from agents.config import ConfigError, load_config, parse_overrides
-from agents.run_dir import RunDirError, default_run_dir, prepare_run_dir, refuse_existing_run
+from agents.run_dir import RunDirError, RunLock, default_run_dir, prepare_run_dir, refuse_existing_run
 from policies.checkpoint import CheckpointError
 
 # Exit status of a run stopped by a signal: 128 + the signal number, as a shell reports it.
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.resume.is_dir():
                 raise CheckpointError(f"checkpoint file not found: {args.resume / 'checkpoint.pt'} "
                                       f"(--resume takes a run directory)")
+            RunLock(args.resume).probe()  # another process training there: say so before loading anything
         else:
             config = load_config(args.config, args.overrides)
             if args.run_dir is not None:

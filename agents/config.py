@@ -127,7 +127,7 @@ LOG_FIELDS: dict[str, Field] = {
 
 def _algo_fields(**overrides: Any) -> dict[str, Field]:
     fields = {
-        "lr": Field(3e-4, FLOAT, _is_float32_positive, "> 0 and representable in float32 (about 1.2e-38 to 3.4e38)"),
+        "lr": Field(3e-4, FLOAT, _is_float32_positive, "> 0 and representable in float32 (about 1.4e-45 to 3.4e38)"),
         "n_steps": Field(128, INT, _positive, "> 0"),
         "n_epochs": Field(4, INT, _positive, "> 0"),
         "num_minibatches": Field(8, INT, _positive, "> 0"),

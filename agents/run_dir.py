@@ -48,12 +48,16 @@ class SnapshotKeyError(OSError):
 def holds_run(run_dir: str | Path) -> list[str]:
     """The names of ``RUN_FILES`` present in ``run_dir`` (empty: no run there)."""
     run_dir = Path(run_dir)
-    return [name for name in RUN_FILES if (run_dir / name).exists()] if run_dir.is_dir() else []
+    try:
+        return [name for name in RUN_FILES if (run_dir / name).exists()] if run_dir.is_dir() else []
+    except OSError:  # a name too long, no permission: prepare_run_dir reports it
+        return []
 
 
 def default_run_dir(name: str, root: str | Path = "runs") -> Path:
     """``root/name`` if it holds no run, else the first of ``root/name_2``, ``root/name_3``, ... that does not."""
     root = Path(root)
+    check_run_dir_path(root / name)  # a name too long for the file system fails every suffix: say so once
     candidate, suffix = root / name, 1
     while holds_run(candidate) or (candidate.exists() and not candidate.is_dir()):
         suffix += 1
@@ -76,6 +80,31 @@ def _name_max(directory: Path) -> int:
         return 255
 
 
+def check_run_dir_path(run_dir: str | Path) -> None:
+    """Refuse a run directory path that cannot be one: a file, a path under a file, a name too long.
+
+    :raises RunDirError: one line naming the problem.
+    """
+    run_dir = Path(run_dir)
+
+    def exists(path: Path) -> bool:
+        try:
+            return path.exists()
+        except OSError:  # Python 3.11's exists() raises for a name too long: checked below
+            return False
+
+    existing = next((p for p in (run_dir, *run_dir.parents) if exists(p)), Path("."))
+    limit = _name_max(existing if existing.is_dir() else existing.parent)
+    too_long = [part for part in run_dir.parts if len(os.fsencode(part)) > limit]
+    if too_long:
+        raise RunDirError(f"cannot use that run directory: the name {too_long[0][:40]}... is "
+                          f"{len(os.fsencode(too_long[0]))} bytes, longer than the {limit} this file system allows")
+    if existing == run_dir and not run_dir.is_dir():
+        raise RunDirError(f"run directory {run_dir} is a file, not a directory; choose another --run-dir")
+    if not existing.is_dir():
+        raise RunDirError(f"cannot use run directory {run_dir}: {existing} is a file, not a directory")
+
+
 def prepare_run_dir(run_dir: str | Path) -> Path:
     """Create ``run_dir`` if needed and check that this process can write there.
 
@@ -84,18 +113,12 @@ def prepare_run_dir(run_dir: str | Path) -> Path:
         component longer than the file system allows, or cannot be created or written.
     """
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"run directory {run_dir} is a file, not a directory; choose another --run-dir")
-    existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), Path("."))
-    if not existing.is_dir():
-        raise RunDirError(f"cannot use run directory {run_dir}: {existing} is a file, not a directory")
-    limit = _name_max(existing)
-    too_long = [part for part in run_dir.parts if len(os.fsencode(part)) > limit]
-    if too_long:
-        raise RunDirError(f"cannot use run directory {run_dir}: the name {too_long[0][:40]}... is "
-                          f"{len(os.fsencode(too_long[0]))} bytes, longer than the {limit} this file system allows")
+    check_run_dir_path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"cannot create run directory {run_dir}: {exc.strerror or exc}") from None
+    try:
         probe = run_dir / f".write-test.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         probe.touch()
         probe.unlink()

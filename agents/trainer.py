@@ -275,7 +275,9 @@ class Trainer:
 
         :param run_dir: a run directory written by an earlier ``Trainer``.
         :param overrides: only ``total_frames`` may change on resume (to extend a run).
-        :raises CheckpointError: if the checkpoint is unusable; ConfigError for a bad override.
+        :raises CheckpointError: if the checkpoint is unusable or disagrees with itself (config vs policy
+            spec, rollout state vs env.n_envs); ConfigError for a bad override or ``total_frames`` below
+            the frames done; RunDirError if another process is training in ``run_dir``.
         """
         for key in _flat_keys(overrides or {}):
             if key == "env.n_envs":
@@ -283,6 +285,8 @@ class Trainer:
                                   "snapshot and optimiser were made with its own count; start a new run")
             if key != "total_frames":
                 raise ConfigError(f"{key} cannot change on --resume (only total_frames can); start a new run")
+        if Path(run_dir).is_dir():  # a run another process is training: say so, whatever its files hold now
+            RunLock(run_dir).probe()
         checkpoint = load_checkpoint(Path(run_dir) / "checkpoint.pt")
         if not isinstance(checkpoint.get("config"), dict):
             raise CheckpointError(f"the checkpoint in {run_dir} holds no training config to resume with")
@@ -320,12 +324,13 @@ class Trainer:
         if not path.is_file():
             return None
         if self._snapshot_key is None:
-            tqdm.write(f"warning: without a usable snapshot key {path} cannot be checked; resuming with fresh episodes")
+            tqdm.write(f"warning: without a usable snapshot key {path} cannot be checked; resuming with fresh episodes",
+                       file=sys.stderr)
             return None
         blob = path.read_bytes()
         tag, body = blob[:32], blob[32:]
         if len(tag) != 32 or not hmac.compare_digest(tag, hmac.new(self._snapshot_key, body, hashlib.sha256).digest()):
-            tqdm.write(f"warning: {path} was not written by this user; resuming with fresh episodes")
+            tqdm.write(f"warning: {path} was not written by this user; resuming with fresh episodes", file=sys.stderr)
             return None
         try:
             saved = pickle.loads(body)  # authenticated above: this user wrote it
@@ -342,7 +347,7 @@ class Trainer:
             refused = f"it holds {getattr(venv, 'num_envs', None)} envs, the run has env.n_envs={n_envs}"
         if refused is not None:
             tqdm.write(f"warning: {path} does not belong to this checkpoint ({refused}); not used, resuming with "
-                       "fresh episodes")
+                       "fresh episodes", file=sys.stderr)
             with contextlib.suppress(Exception):
                 venv.close()
             return None

@@ -1,0 +1,377 @@
+"""Runs never lose or silently replace work (issue 12): real files, real processes, real signals.
+
+Each case asserts the message, the exit status and that every file that existed before is intact.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import hmac
+import json
+import os
+import pickle
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from agents import run_dir as run_dir_module
+from agents.config import load_config
+from agents.run_dir import RunDirError, SnapshotKeyError, load_snapshot_key
+from agents.trainer import Trainer, TrainingError
+from policies.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+# 32 frames per update, a 16-unit LSTM: each update takes milliseconds.
+TINY = ["core.name=lstm", "core.hidden_size=16", "env.n_envs=2", "algo.n_steps=16", "algo.seq_len=null",
+        "algo.num_minibatches=1", "log.progress_bar=false"]
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (but the lock file, whose content is the last holder's pid) and its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def tiny_run(run_dir: Path, frames: int = 32, *extra: str) -> Trainer:
+    trainer = Trainer(load_config(None, [*TINY, "total_frames=100000", *extra]), run_dir)
+    trainer.run(stop_at_frames=frames)
+    return trainer
+
+
+def main(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str]:
+    code = train.main(argv)
+    return code, capsys.readouterr().err
+
+
+def one_line_error(err: str) -> bool:
+    return "Traceback" not in err and err.count("\n") == 1 and err.startswith("error: ")
+
+
+@pytest.fixture(autouse=True)
+def own_key(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A snapshot key of the test's own, so no test depends on (or changes) the user's."""
+    path = tmp_path_factory.mktemp("key") / "snapshot.key"
+    monkeypatch.setenv("MODULAR_RL_KEY_FILE", str(path))
+    return path
+
+
+# -- run directories -----------------------------------------------------------------------------
+def test_a_new_run_never_writes_into_a_directory_holding_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    tiny_run(run)
+    before = files_of(run)
+    code, err = main(capsys, [*TINY, "total_frames=64", "--run-dir", str(run)])
+    assert code == 2 and one_line_error(err)
+    assert "already holds a run" in err and f"--resume {run}" in err
+    with pytest.raises(RunDirError, match="already holds a run"):
+        Trainer(load_config(None, TINY), run)
+    assert files_of(run) == before
+    # The default name takes the next free suffix instead, as rl-zoo3 does.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (run).rename(tmp_path / "runs" / "doorkey-5x5-lstm-ppo")
+    assert main(capsys, [*TINY, "total_frames=32"])[0] == 0
+    assert main(capsys, [*TINY, "total_frames=32"])[0] == 0
+    assert files_of(tmp_path / "runs" / "doorkey-5x5-lstm-ppo") == before
+    for suffix in ("_2", "_3"):
+        assert load_checkpoint(tmp_path / "runs" / f"doorkey-5x5-lstm-ppo{suffix}")["frames"] == 32
+
+
+@pytest.mark.parametrize("case", ["file", "under_file", "uncreatable", "too_long", "dotdot", "absolute", "empty"])
+def test_unusable_run_directory_is_one_line_before_envs_are_built(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    import agents.trainer
+
+    def no_envs(*args: object, **kwargs: object) -> None:
+        raise AssertionError("envs were built before the run directory was checked")
+
+    monkeypatch.setattr(agents.trainer, "make_vec_env", no_envs)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("precious")
+    argv, expected = {
+        "file": (["--run-dir", "a_file"], "a_file is a file"),
+        "under_file": (["--run-dir", "a_file/run"], "a_file is a file"),
+        "uncreatable": (["--run-dir", "/proc/modular-memory-rl/run"], "cannot create run directory"),
+        "too_long": ([f"name={'x' * 300}"], "longer than the"),
+        "dotdot": (["name=../escaped"], "name must be a plain name, not a path"),
+        "absolute": ([f"name={tmp_path / 'abs'}"], "name must be a plain name, not a path"),
+        "empty": (["name="], "name must be a plain name"),
+    }[case]
+    code, err = main(capsys, [*TINY, *argv])
+    assert code == 2 and one_line_error(err) and expected in err, err
+    assert (tmp_path / "a_file").read_text() == "precious"
+    assert not (tmp_path.parent / "escaped").exists() and not (tmp_path / "abs").exists()
+
+
+def wait_for_rows(path: Path, process: subprocess.Popen, rows: int) -> None:
+    deadline = time.time() + 120
+    while not path.exists() or path.read_text().count("\n") < rows:
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, "training never logged"
+        time.sleep(0.1)
+
+
+def test_one_process_per_run_directory_sigint_exit_130_and_no_stale_lock_after_kill_9(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cmd = [sys.executable, "train.py"]
+    first = subprocess.Popen([*cmd, *TINY, "total_frames=100000000", "--run-dir", str(run)], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_rows(run / "metrics.jsonl", first, 1)
+        # A second process on the same directory is refused, whatever it asks for.
+        second = subprocess.run([*cmd, "--resume", str(run)], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and one_line_error(second.stderr), second.stderr
+        assert "in use by another training process" in second.stderr and f"pid {first.pid}" in second.stderr
+        third = subprocess.run([*cmd, *TINY, "--run-dir", str(run)], cwd=REPO, capture_output=True, text=True,
+                               timeout=120)
+        assert third.returncode == 2 and "already holds a run" in third.stderr
+        # Ctrl-C: the update finishes, a checkpoint is written, exit 130 with the resume command.
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 130, err
+    assert f"python train.py --resume {run}" in out + err and "done:" not in out
+    frames = load_checkpoint(run / "checkpoint.pt")["frames"]
+    assert frames >= 32
+
+    # kill -9 in the middle of a resumed run: the kernel drops the lock, and the next resume works.
+    rows = (run / "metrics.jsonl").read_text().count("\n")
+    resumed = subprocess.Popen([*cmd, "--resume", str(run), "total_frames=100000000"], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_rows(run / "metrics.jsonl", resumed, rows + 2)
+    finally:
+        resumed.send_signal(signal.SIGKILL)
+        resumed.communicate(timeout=60)
+    # Temp files a killed write left behind are removed when the run starts again.
+    stale = [run / f".checkpoint.pt.{resumed.pid}.abcd1234.tmp", run / "checkpoints" / ".checkpoint_1.pt.999.x.tmp",
+             run / ".envs_state.pkl.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a write")
+    trainer = Trainer.resume(run, {"total_frames": 100000000})
+    trainer.run(stop_at_frames=trainer.frames + 32)
+    assert not any(path.exists() for path in stale)
+    assert load_checkpoint(run / "checkpoint.pt")["frames"] == trainer.frames
+
+
+def test_temp_names_are_unique_per_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from policies import checkpoint as checkpoint_module
+
+    trainer = tiny_run(tmp_path / "run")
+    seen: list[str] = []
+    monkeypatch.setattr(checkpoint_module, "_before_rename_hook",
+                        lambda: seen.extend(p.name for p in (tmp_path / "run").rglob("*.tmp")))
+    trainer.save()
+    assert seen and all(f".{os.getpid()}." in name for name in seen)
+
+
+# -- the snapshot key ----------------------------------------------------------------------------
+def test_unusable_key_location_skips_only_the_env_snapshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    # A path no process can create (as a read-only or missing $HOME/.cache would be).
+    monkeypatch.setenv("MODULAR_RL_KEY_FILE", "/proc/modular-memory-rl-test/snapshot.key")
+    code, err = main(capsys, [*TINY, "total_frames=64", "log.checkpoint_interval_frames=32",
+                              "--run-dir", str(tmp_path / "run")])
+    assert code == 0, err
+    assert err.count("snapshot key") == 1 and "env snapshot (envs_state.pkl) is skipped" in err
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["frames"] == 64
+    assert not (tmp_path / "run" / "envs_state.pkl").exists()
+
+
+def test_snapshot_key_is_created_atomically_by_concurrent_processes(tmp_path: Path) -> None:
+    key = tmp_path / "keys" / "snapshot.key"
+    script = ("import sys; from agents.run_dir import load_snapshot_key; sys.stdout.write(load_snapshot_key().hex())")
+    env = {**os.environ, "MODULAR_RL_KEY_FILE": str(key)}
+    processes = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    results = [process.communicate(timeout=60) for process in processes]
+    assert all(process.returncode == 0 for process in processes), results
+    keys = {out for out, _ in results}
+    assert len(keys) == 1 and len(bytes.fromhex(keys.pop())) == 32
+    assert [p.name for p in key.parent.iterdir()] == ["snapshot.key"]  # no temp file left
+
+
+def test_a_forged_snapshot_is_never_unpickled(tmp_path: Path, own_key: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.test_robustness import _RunsCode
+
+    run = tmp_path / "run"
+    tiny_run(run)
+    marker = tmp_path / "pwned"
+    body = pickle.dumps(_RunsCode(marker))
+    # An empty key file: a signature with HMAC(b"", body) must not be trusted.
+    own_key.write_bytes(b"")
+    with pytest.raises(SnapshotKeyError, match="holds 0 bytes"):
+        load_snapshot_key()
+    (run / "envs_state.pkl").write_bytes(hmac.new(b"", body, hashlib.sha256).digest() + body)
+    resumed = Trainer.resume(run, {"total_frames": 64})
+    assert resumed.rollout_state is None and not marker.exists()
+    assert "holds 0 bytes" in capsys.readouterr().err
+
+
+# -- non-finite values ---------------------------------------------------------------------------
+def test_nan_weights_stop_the_rollout_with_one_message(tmp_path: Path) -> None:
+    trainer = tiny_run(tmp_path / "run")
+    good = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    with torch.no_grad():
+        trainer.policy.actor[-1].weight.fill_(float("nan"))  # NaN logits: Categorical would raise ValueError
+    with pytest.raises(TrainingError, match="non-finite") as info:
+        trainer.run()
+    assert "not overwritten" in str(info.value) and "Categorical" not in str(info.value)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == good
+
+
+def test_an_exploded_model_never_replaces_a_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = tiny_run(tmp_path / "run", 32, "log.checkpoint_interval_frames=32")
+    before = files_of(tmp_path / "run")
+    original = type(trainer.updater).update
+
+    def exploding(self, storage):  # a finite loss, then weights that overflow float32 in the forward pass
+        stats = original(self, storage)
+        with torch.no_grad():
+            for param in trainer.policy.parameters():
+                param.mul_(1e30)
+        return stats
+
+    monkeypatch.setattr(type(trainer.updater), "update", exploding)
+    with pytest.raises(TrainingError, match="outputs are non-finite on the last rollout") as info:
+        trainer.run()
+    assert "not overwritten" in str(info.value)
+    assert files_of(tmp_path / "run")["checkpoint.pt"] == before["checkpoint.pt"]
+    assert sorted((tmp_path / "run" / "checkpoints").iterdir()) == [tmp_path / "run" / "checkpoints" /
+                                                                    "checkpoint_000000000032.pt"]
+
+
+# -- metrics.jsonl -------------------------------------------------------------------------------
+def test_resume_drops_a_partial_metrics_line_and_rewrites_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    tiny_run(run, 64)
+    metrics = run / "metrics.jsonl"
+    with metrics.open("a") as handle:
+        handle.write('{"frames": 96, "train/po')  # what a kill or a full disk leaves
+    partial = metrics.read_bytes()
+
+    # A kill during the rewrite (before its rename) leaves the file as it was.
+    from agents import logger as logger_module
+
+    def killed(*args: object) -> None:
+        raise KeyboardInterrupt("killed before the rename")
+
+    monkeypatch.setattr(run_dir_module.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        logger_module.RunLogger(run, purge_step=64)
+    monkeypatch.undo()
+    assert metrics.read_bytes() == partial and not list(run.glob(".metrics.jsonl.*"))
+
+    resumed = Trainer.resume(run, {"total_frames": 96})
+    resumed.run()
+    assert "dropped a partial last line" in capsys.readouterr().err
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [row["frames"] for row in rows] == [32, 64, 96]
+
+
+# -- a full disk ---------------------------------------------------------------------------------
+def test_full_disk_in_a_real_process_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    tiny_run(run)
+    before = files_of(run)
+    limit = len(before["checkpoint.pt"]) // 2  # every file this process writes stops there: a small disk
+
+    def small_disk() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run([sys.executable, "train.py", "--resume", str(run), "total_frames=64"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120, preexec_fn=small_disk)
+    assert result.returncode == 2, result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: training stopped at 64 frames: cannot write checkpoint ")
+    assert "checkpoint_000000000064.pt" in error and " free on its file system" in error
+    assert f"The last good checkpoint is kept at {run / 'checkpoint.pt'}" in error
+    assert "Traceback" not in result.stderr
+    after = files_of(run)
+    for name in ("checkpoint.pt", "checkpoints/checkpoint_000000000032.pt"):
+        assert after[name] == before[name], name
+    assert not [name for name in after if name.endswith(".tmp")]
+
+
+def test_no_space_left_names_the_path_and_the_free_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = tiny_run(tmp_path / "run")
+    before = files_of(tmp_path / "run")
+
+    def full_disk_writer(payload: object, handle) -> None:  # the write call a full disk fails
+        handle.write(b"PK\x03\x04 partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk_writer)
+    trainer.frames += 32
+    with pytest.raises(TrainingError) as info:
+        trainer.save()
+    message = str(info.value)
+    assert "cannot write checkpoint" in message and "no space left on device" in message
+    assert "free on its file system" in message and "checkpoint_000000000064.pt" in message
+    assert files_of(tmp_path / "run")["checkpoint.pt"] == before["checkpoint.pt"]
+    assert not list((tmp_path / "run").rglob("*.tmp"))
+
+
+# -- resume consistency --------------------------------------------------------------------------
+def _edit_checkpoint(path: Path, edit) -> None:
+    payload = torch.load(path, weights_only=True)
+    edit(payload)
+    path.unlink()  # checkpoint.pt is a hard link to checkpoints/...: do not write through it
+    torch.save(payload, path)
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("config_vs_spec", "inconsistent: its config gives policy core_kwargs"),
+        ("frames_below", "already done 32 frames; give total_frames=32 or more"),
+        ("n_envs", "env.n_envs cannot change on --resume"),
+        ("weights", "actor.2.weight"),
+    ],
+)
+def test_resume_consistency(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, expected: str) -> None:
+    run = tmp_path / "run"
+    tiny_run(run)
+    argv = ["--resume", str(run)]
+    if case == "config_vs_spec":
+        _edit_checkpoint(run / "checkpoint.pt", lambda p: p["config"]["core"].update(hidden_size=32))
+    elif case == "frames_below":
+        argv.append("total_frames=16")
+    elif case == "n_envs":
+        argv.append("env.n_envs=4")
+    else:  # weights that do not fit: every mismatch is named, not only the first line
+        def drop(payload: dict) -> None:
+            del payload["policy"]["state_dict"]["actor.2.weight"], payload["policy"]["state_dict"]["critic.2.bias"]
+        _edit_checkpoint(run / "checkpoint.pt", drop)
+    before = files_of(run)
+    code, err = main(capsys, argv)
+    assert code == 2 and one_line_error(err) and expected in err, err
+    if case == "weights":
+        assert "critic.2.bias" in err
+    assert files_of(run) == before
+
+
+def test_env_snapshot_of_another_env_is_refused(tmp_path: Path, own_key: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    tiny_run(run)
+    key = load_snapshot_key()
+    body = pickle.dumps({"frames": 32, "env_id": "MiniGrid-Empty-5x5-v0", "venv": None})
+    (run / "envs_state.pkl").write_bytes(hmac.new(key, body, hashlib.sha256).digest() + body)
+    resumed = Trainer.resume(run)
+    assert resumed.rollout_state is None
+    err = capsys.readouterr().err
+    assert "does not belong to this checkpoint" in err and "MiniGrid-Empty-5x5-v0" in err
