@@ -7,85 +7,193 @@
     python evaluate.py --list-suites
 
 Episodes run with the checkpoint's own env preprocessing but unclipped rewards, the
-recurrent state reset at every episode start. Exactly --episodes finished episodes are
-counted per env (each parallel env has a fixed quota, so short episodes are not favoured).
+recurrent state reset at every episode start. Exactly --episodes episodes run per env,
+side by side in parallel envs; episode i is seeded by its own seeds (from --seed and i),
+so its return does not depend on --n-envs. Means come with a 95% bootstrap interval.
 """
 
 from __future__ import annotations
 
+# Only the standard library and the argument parser are imported at the top: --help and bad
+# arguments answer in a fraction of a second. torch, gymnasium, ale-py and SB3 are imported by
+# main() once the arguments are known to be good.
 import argparse
+import contextlib
 import json
 import math
+import os
 import re
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import yaml
-
-from agents.evaluation import (
-    EvalTarget,
-    EvaluationError,
-    check_spaces,
-    evaluate_policy,
-    evaluation_options,
-    own_target,
-    resolve_targets,
-    save_video,
-    short_env_name,
-    video_format_available,
-)
-from envs import list_suites
-from policies.checkpoint import CheckpointError
-from policies.policy import Policy, load_policy
+if TYPE_CHECKING:  # for annotations only; never imported at run time from here
+    from agents.evaluation import EvalTarget
+    from policies.policy import Policy
 
 # Seeds away from the small ones training configs use, so evaluation episodes are not the
 # first training levels replayed.
 DEFAULT_SEED = 10_000
+DEFAULT_MAX_VIDEO_FRAMES = 1000
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoints", nargs="*", type=Path, metavar="CHECKPOINT",
-                        help="checkpoint files (or run directories holding checkpoint.pt)")
+class UsageError(Exception):
+    """A command line that cannot be run as given (an output that cannot be written, ...)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the usage of this many options would bury the message."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser (standard library only: building and using it imports no torch)."""
+    parser = _Parser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT",
+                        help="checkpoint files (or run directories holding checkpoint.pt); local paths")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--suite", help="evaluate on this held-out suite's train and held-out envs (see --list-suites)")
     where.add_argument("--env", action="append", dest="envs", metavar="ID", help="evaluate on this env id (repeatable)")
     parser.add_argument("--suite-param", action="append", default=[], metavar="KEY=VALUE",
                         help="parameter of a parametric suite, e.g. --suite atari-modes --suite-param game=Breakout")
     parser.add_argument("--list-suites", action="store_true", help="list the held-out suites and exit")
-    parser.add_argument("--episodes", type=int, default=100, help="finished episodes per env (default 100)")
+    parser.add_argument("--episodes", type=int, default=100, help="episodes per env (default 100)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
-                        help=f"env i is seeded with SEED+i (default {DEFAULT_SEED})")
-    parser.add_argument("--deterministic", action="store_true", help="take the most likely action instead of sampling")
-    parser.add_argument("--n-envs", type=int, default=8, help="parallel envs (default 8, at most --episodes)")
+                        help=f"evaluation seed (>= 0, default {DEFAULT_SEED}): episode i's env seed and action "
+                             "samples come from it and i alone")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="take the most likely action instead of sampling (greedy MiniGrid policies can "
+                             "loop until the time limit)")
+    parser.add_argument("--n-envs", type=int, default=None,
+                        help="parallel envs (default: --episodes, at most 100; the results do not depend on it)")
     parser.add_argument("--max-episode-steps", type=int, metavar="N", help="truncate episodes after N steps")
     parser.add_argument("--video", type=Path, metavar="DIR", help="write a video of the first episode per env here")
     parser.add_argument("--video-format", choices=("gif", "mp4"), default="gif",
                         help="gif (default, needs nothing more) or mp4 (needs imageio-ffmpeg)")
-    parser.add_argument("--plot", type=Path, metavar="DIR", help="write a PNG of module activity per env here")
+    parser.add_argument("--max-video-frames", type=int, default=DEFAULT_MAX_VIDEO_FRAMES, metavar="N",
+                        help=f"keep at most N frames per video (default {DEFAULT_MAX_VIDEO_FRAMES}; 0 keeps all; "
+                             "a 16x16 MiniGrid episode can last 2560 steps)")
+    parser.add_argument("--plot", type=Path, metavar="DIR",
+                        help="write a PNG of the first episode's module activity per env here")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --json file and existing plots/videos of the same names "
+                             "(without it they are refused before any episode runs)")
     parser.add_argument("--device", default="cpu", help="torch device for the policies (default cpu)")
     parser.add_argument("--torch-threads", type=int, default=1, metavar="N",
-                        help="CPU threads for torch (default 1: acting on a few envs gains nothing from more, "
-                             "and on a busy machine extra threads make it many times slower); 0 keeps torch's default")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+                        help="CPU threads for torch (default 1: on a busy machine extra threads make it many "
+                             "times slower); 0 keeps torch's default")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line (exit status 2 with one line on bad arguments)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.list_suites and not args.checkpoints:
         parser.error("give at least one CHECKPOINT (or --list-suites)")
-    if args.episodes < 1 or args.n_envs < 1:
-        parser.error("--episodes and --n-envs must be >= 1")
+    if args.episodes < 1:
+        parser.error(f"--episodes must be >= 1, got {args.episodes}")
+    if args.n_envs is not None and args.n_envs < 1:
+        parser.error(f"--n-envs must be >= 1, got {args.n_envs}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     if args.max_episode_steps is not None and args.max_episode_steps < 1:
-        parser.error("--max-episode-steps must be >= 1")
+        parser.error(f"--max-episode-steps must be >= 1, got {args.max_episode_steps}")
+    if args.max_video_frames < 0:
+        parser.error(f"--max-video-frames must be >= 0 (0 keeps all frames), got {args.max_video_frames}")
+    if args.torch_threads < 0:
+        parser.error(f"--torch-threads must be >= 0, got {args.torch_threads}")
     if args.suite_param and args.suite is None:
         parser.error("--suite-param needs --suite")
     return args
 
 
+# -- output destinations, checked before any episode runs ---------------------------------------
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def check_output_dir(folder: Path, option: str) -> None:
+    """Check that files can be written in ``folder`` (created later if missing), creating nothing.
+
+    :raises UsageError: when ``folder`` or one of its parents is a file, or its nearest existing
+        parent cannot be written to (a temporary file is created and removed there to find out).
+    """
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == folder else f"is under {existing}, which is a file"
+        raise UsageError(f"{option} {folder}: {where}, not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".evaluate-write-check-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{option} {folder}: cannot write in {existing} ({_reason(exc)})") from None
+
+
+def check_output_file(path: Path, option: str, overwrite: bool) -> None:
+    """Check that ``path`` can be written, and is not an existing file unless ``overwrite``.
+
+    :raises UsageError: a folder at ``path``, an existing file without ``overwrite``, or a parent
+        folder that cannot hold it (see :func:`check_output_dir`).
+    """
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise UsageError(f"{option} {path} exists; pass --overwrite to replace it, or choose another name")
+    check_output_dir(path.parent, option)
+
+
+def check_planned_files(paths: list[Path], option: str, overwrite: bool) -> None:
+    """Refuse to replace existing plots/videos unless ``overwrite`` (never lose a file silently)."""
+    folders = [p for p in paths if p.is_dir()]
+    if folders:
+        raise UsageError(f"{option}: {folders[0]} is a folder where a file would go")
+    existing = [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise UsageError(f"{option}: {existing[0]} exists{more}; pass --overwrite to replace, or choose another folder")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name next to ``path`` to write to; it replaces ``path`` only once written whole.
+
+    A failed or interrupted write leaves the old file (if any) as it was and no temporary behind.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(descriptor)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        yield Path(temp)
+        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
+        os.replace(temp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+
+
+# -- tables -----------------------------------------------------------------------------------
+
+
 def print_suites() -> None:
     """Print every suite with its train and held-out env ids."""
+    from envs import list_suites
+
     for suite in list_suites():
         print(f"{suite.name}: {suite.description}")
         for split, specs in (("train", suite.train), ("held-out", suite.heldout)):
@@ -95,15 +203,17 @@ def print_suites() -> None:
 
 def parse_suite_params(items: list[str]) -> dict[str, Any]:
     """``["game=Breakout", "num_train=50"]`` -> ``{"game": "Breakout", "num_train": 50}`` (YAML values)."""
+    import yaml
+
     params: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise EvaluationError(f"--suite-param {item!r} must look like KEY=VALUE")
+            raise UsageError(f"--suite-param {item!r} must look like KEY=VALUE")
         try:
             params[key] = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise EvaluationError(f"--suite-param {key}: value {text!r} is not valid YAML ({exc})") from None
+            raise UsageError(f"--suite-param {key}: value {text!r} is not valid YAML ({exc})") from None
     return params
 
 
@@ -131,6 +241,15 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
 
+def _with_ci(value: float | None, ci: list[float] | None, show: Any = _number) -> str:
+    """``"0.74 [0.66, 0.81]"``: a mean and its 95% interval."""
+    if value is None:
+        return "-"
+    if not ci or any(c is None or math.isnan(c) for c in ci):
+        return show(value)
+    return f"{show(value)} [{show(ci[0])}, {show(ci[1])}]"
+
+
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
     """Plain-text table, columns padded to their widest cell (first column left-aligned)."""
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
@@ -143,16 +262,30 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
 
 def _env_cell(result: dict[str, Any]) -> str:
     """The env id, plus the suite entry's name where one id has several variants (modes, level seeds)."""
+    from agents.evaluation import short_env_name
+
     plain = short_env_name(result["env_id"])
-    return result["env_id"] if result["name"] == plain else f"{result['env_id']} [{result['name']}]"
+    cell = result["env_id"] if result["name"] == plain else f"{result['env_id']} [{result['name']}]"
+    return cell + (" *" if result.get("training_env") else "")
+
+
+TRAINING_ENV_NOTE = "* the env the checkpoint was trained on"
+CI_NOTE = "[95% bootstrap interval over episodes]"
 
 
 def single_table(results: list[dict[str, Any]]) -> str:
     """One checkpoint: a row per env."""
-    headers = ["env", "split", "episodes", "mean return", "std", "success", "mean length"]
-    rows = [[_env_cell(r), r["split"] or "-", str(r["episodes"]), _number(r["mean_return"]),
-             _number(r["std_return"]), _percent(r["success_rate"]), _number(r["mean_length"], 1)] for r in results]
-    return format_table(headers, rows)
+    from agents.evaluation import SPLIT_WORDS
+
+    headers = ["env", "split", "episodes", "mean return [95% CI]", "std", "success [95% CI]", "mean length",
+               "timed out"]
+    rows = [[_env_cell(r), SPLIT_WORDS.get(r["split"], r["split"]) or "-", str(r["episodes"]),
+             _with_ci(r["mean_return"], r.get("mean_return_ci")), _number(r["std_return"]),
+             _with_ci(r["success_rate"], r.get("success_rate_ci"), _percent), _number(r["mean_length"], 1),
+             _percent(sum(r["truncated"]) / len(r["truncated"])) if r.get("truncated") else "-"]
+            for r in results]
+    notes = [TRAINING_ENV_NOTE] if any(r.get("training_env") for r in results) else []
+    return "\n".join([format_table(headers, rows), *notes])
 
 
 def comparison_table(runs: list[dict[str, Any]]) -> str:
@@ -171,34 +304,71 @@ def comparison_table(runs: list[dict[str, Any]]) -> str:
             r = by_label.get(column)
             if r is None:
                 cells.append("")
-            elif r["success_rate"] is None:
-                cells.append(_number(r["mean_return"]))
-            else:
-                cells.append(f"{_number(r['mean_return'])} / {_percent(r['success_rate'])}")
+                continue
+            cell = _with_ci(r["mean_return"], r.get("mean_return_ci"))
+            if r["success_rate"] is not None:
+                cell += f" / {_with_ci(r['success_rate'], r.get('success_rate_ci'), _percent)}"
+            cells.append(cell + (" *" if r.get("training_env") else ""))
         rows.append([run["label"], run["core"], *cells])
-    note = "cells: mean return / success rate"
-    return format_table(headers, rows) + f"\n({note})"
+    notes = [f"(cells: mean return / success rate, each {CI_NOTE})"]
+    if any(r.get("training_env") for run in runs for r in run["results"]):
+        notes.append(TRAINING_ENV_NOTE)
+    return "\n".join([format_table(headers, rows), *notes])
+
+
+# -- the command ------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; return the exit status (0 ok, 2 bad input)."""
+    """Run the CLI; return the exit status (0 ok, 2 bad input, 130 interrupted)."""
     args = parse_args(argv)
     if args.list_suites:
         print_suites()
         return 0
     try:
+        # Outputs are checked before anything heavy is imported or any episode runs: a typo in
+        # --json must not surface after minutes of evaluation, with the results lost.
+        if args.json is not None:
+            check_output_file(args.json, "--json", args.overwrite)
+        for option, folder in (("--plot", args.plot), ("--video", args.video)):
+            if folder is not None:
+                check_output_dir(folder, option)
         return _evaluate(args)
-    except (CheckpointError, EvaluationError, OSError) as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if args.debug or not _is_input_error(exc):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _is_input_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is bad input (one message, exit 2) rather than a bug (a traceback)."""
+    if isinstance(exc, (UsageError, OSError)):
+        return True
+    # The package's own errors; looked up only if their modules were imported (they were, if raised).
+    known = [getattr(sys.modules.get(module), name, None) for module, name in
+             (("agents.evaluation", "EvaluationError"), ("policies.checkpoint", "CheckpointError"))]
+    return any(isinstance(exc, cls) for cls in known if isinstance(cls, type))
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from agents.evaluation import (
+        SPLIT_WORDS,
+        EvaluationError,
+        check_spaces,
+        evaluate_policy,
+        evaluation_options,
+        own_target,
+        resolve_targets,
+        video_format_available,
+    )
+    from policies.policy import load_policy
+
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     try:
@@ -212,44 +382,59 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise EvaluationError("--video-format mp4 needs imageio-ffmpeg (pip install imageio-ffmpeg); use gif")
     suite_targets = resolve_targets(args.suite, args.envs, parse_suite_params(args.suite_param))
 
-    # Load every checkpoint and check every (checkpoint, env) pair before running any episode,
-    # so a bad last argument does not surface after minutes of evaluation.
-    labels = checkpoint_labels(args.checkpoints)
-    plans: list[tuple[str, Policy, list[tuple[EvalTarget, dict[str, Any]]]]] = []
+    # Load every checkpoint and check every (checkpoint, env) pair and every output file before
+    # running any episode, so a bad last argument does not surface after minutes of evaluation.
+    labels = checkpoint_labels([Path(c) for c in args.checkpoints])
+    plans: list[tuple[str, Policy, list[tuple[EvalTarget, dict[str, Any], str]]]] = []
     for label, path in zip(labels, args.checkpoints, strict=True):
-        policy = load_policy(path, device=args.device)
+        policy = load_policy(path, device=args.device)  # the raw string: a URL is refused by name
         targets = suite_targets if suite_targets is not None else [own_target(policy)]
         pairs = []
         for target in targets:
             options = evaluation_options(policy, target, overrides)
             check_spaces(policy, target.env_id, options)
-            pairs.append((target, options))
+            pairs.append((target, options, _file_stem(f"{label}-{target.name}")))
         plans.append((label, policy, pairs))
+    stems = [stem for _, _, pairs in plans for _, _, stem in pairs]
+    if args.plot is not None:
+        check_planned_files([args.plot / f"{stem}.png" for stem in stems], "--plot", args.overwrite)
+    if args.video is not None:
+        check_planned_files([args.video / f"{stem}.{args.video_format}" for stem in stems], "--video", args.overwrite)
 
     runs: list[dict[str, Any]] = []
     for label, policy, pairs in plans:
         run: dict[str, Any] = {"checkpoint": str(policy.path), "label": label, "core": policy.core_name,
                                "train_env": policy.env_id, "results": []}
-        for target, options in pairs:
+        for target, options, stem in pairs:
             result = evaluate_policy(
                 policy, target.env_id, options, episodes=args.episodes, seed=args.seed,
                 deterministic=args.deterministic, record_video=args.video is not None,
                 record_info=args.plot is not None, n_envs=args.n_envs, progress=not args.no_progress,
-                desc=f"{label} {target.name}",
+                desc=f"{label} {target.name}", max_video_frames=args.max_video_frames or None,
             )
-            stem = _file_stem(f"{label}-{target.name}")
-            frames, trace = result.pop("frames", None), result.pop("trace", None)
+            training_env = target.is_training_env(policy)
+            result.update(name=target.name, split=target.split, env_label=target.label, training_env=training_env)
+            frames, total, trace = result.pop("frames", None), result.pop("frames_total", None), result.pop("trace", None)
             if frames is not None:
-                result["video"] = str(save_video(frames, args.video / f"{stem}.{args.video_format}"))
+                path = args.video / f"{stem}.{args.video_format}"
+                _save_video(frames, path)
+                result.update(video=str(path), video_frames=len(frames), video_frames_total=total)
+                if total is not None and total > len(frames):
+                    print(f"note: {path} shows the first {len(frames)} of the episode's {total} frames "
+                          f"(cut by --max-video-frames {args.max_video_frames}; 0 keeps all)")
             if trace is not None:
-                result["plot"] = str(_save_plot(trace, args.plot / f"{stem}.png", f"{label} on {target.label}",
-                                                policy.core_name))
-            result.update(name=target.name, split=target.split, env_label=target.label)
+                parts = [SPLIT_WORDS.get(target.split, target.split)] if target.split else []
+                parts += ["the checkpoint's training env"] if training_env else []
+                where = f"{target.name} ({', '.join(parts)})" if parts else target.name
+                path = args.plot / f"{stem}.png"
+                _save_plot(trace, path, f"{label} ({policy.core_name}) on {where}", policy.core_name,
+                           result.get("first_episode"), args.episodes)
+                result["plot"] = str(path)
             run["results"].append(result)
         runs.append(run)
 
     protocol = (f"{args.episodes} episode{'s' if args.episodes != 1 else ''} per env, "
-                f"{'deterministic' if args.deterministic else 'sampled'} actions")
+                f"{'deterministic' if args.deterministic else 'sampled'} actions, seed {args.seed}")
     if len(runs) == 1:
         print(f"{runs[0]['label']} ({runs[0]['core']}, trained on {runs[0]['train_env']}), {protocol}:")
         print(single_table(runs[0]["results"]))
@@ -258,20 +443,30 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(comparison_table(runs))
     if args.json is not None:
         report = {"episodes": args.episodes, "seed": args.seed, "deterministic": args.deterministic,
-                  "suite": args.suite, "checkpoints": runs}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
+                  "suite": args.suite, "max_video_frames": args.max_video_frames, "checkpoints": runs}
+        with atomic_path(args.json) as temp:
+            temp.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
         print(f"results written to {args.json}")
     return 0
 
 
-def _save_plot(trace: dict[str, Any], path: Path, title: str, core: str) -> Path:
+def _save_video(frames: list[Any], path: Path) -> None:
+    from agents.evaluation import save_video
+
+    with atomic_path(path) as temp:
+        save_video(frames, temp)
+
+
+def _save_plot(trace: dict[str, Any], path: Path, title: str, core: str, episode: dict[str, Any] | None,
+               episodes: int) -> None:
     # matplotlib is imported only when --plot asks for it (it is slow to import).
     from agents.plots import plot_episode_info, save_figure
 
     if set(trace) == {"state_norm"}:
         print(f"note: the {core} core reports no module diagnostics; {path} shows the hidden-state norm only")
-    return save_figure(plot_episode_info(trace, title), path)
+    figure = plot_episode_info(trace, title, episode=episode, episodes=episodes)
+    with atomic_path(path) as temp:
+        save_figure(figure, temp)
 
 
 def _jsonable(value: Any) -> Any:

@@ -20,17 +20,26 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
-__all__ = ["plot_bars", "plot_episode_info", "save_figure"]
+__all__ = ["episode_caption", "plot_bars", "plot_episode_info", "save_figure"]
 
 _ACTIVE_KEY = re.compile(r"^active(_\d+)?$")
 # ThalNet modules shown one panel each; beyond this the panels would be unreadable.
 MAX_READ_PANELS = 8
+# Module on/off: two colours with a key, not a 0-1 colour scale (there is nothing in between).
+INACTIVE_COLOUR, ACTIVE_COLOUR = "#e6e6e6", "#1f4e9c"
+# Behaviour events (agents.evaluation's words) -> line colour; others are grey.
+EVENT_COLOURS = {"picks up key": "#c8a000", "opens door": "#8b4513", "reaches goal": "#2ca02c",
+                 "steps into lava": "#d62728"}
 
 
 def _layer_suffixes(trace: dict[str, np.ndarray]) -> list[str]:
@@ -39,66 +48,159 @@ def _layer_suffixes(trace: dict[str, np.ndarray]) -> list[str]:
     return sorted(suffixes, key=lambda s: int(s[1:]) if s else -1)
 
 
-def _heatmap(fig: Figure, ax: Axes, data: np.ndarray, title: str, ylabel: str, vmin: float | None = None,
-             vmax: float | None = None, cmap: str = "viridis") -> None:
-    """Draw ``data`` (rows x time) with time on the x axis and a colour bar."""
+def _heatmap(fig: Figure, ax: Axes, data: np.ndarray, title: str, ylabel: str, colorbar_label: str,
+             vmin: float | None = None, vmax: float | None = None, cmap: str = "viridis") -> None:
+    """Draw ``data`` (rows x time) with time on the x axis and a labelled colour bar."""
     image = ax.imshow(data, aspect="auto", interpolation="nearest", origin="lower", cmap=cmap, vmin=vmin, vmax=vmax)
     ax.set_title(title, fontsize=9, loc="left")
     ax.set_ylabel(ylabel)
     if data.shape[0] <= 16:  # one tick per module while they are readable
         ax.set_yticks(range(data.shape[0]))
-    fig.colorbar(image, ax=ax, pad=0.01, fraction=0.03)
+    bar = fig.colorbar(image, ax=ax, pad=0.01, fraction=0.03)
+    bar.set_label(colorbar_label, fontsize=8)
 
 
-def plot_episode_info(trace: dict[str, np.ndarray], title: str = "") -> Figure:
-    """Figure of a core's diagnostics over one episode (module x time heatmaps).
+def _on_off(ax: Axes, active: np.ndarray, title: str) -> None:
+    """Draw which modules were active (rows x time, bool) in two colours, with a key."""
+    cmap = ListedColormap([INACTIVE_COLOUR, ACTIVE_COLOUR])
+    ax.imshow(active.astype(float), aspect="auto", interpolation="nearest", origin="lower", cmap=cmap,
+              norm=BoundaryNorm([-0.5, 0.5, 1.5], cmap.N))
+    ax.set_title(title, fontsize=9, loc="left")
+    ax.set_ylabel("module")
+    if active.shape[0] <= 16:
+        ax.set_yticks(range(active.shape[0]))
+    # The key sits above the panel, right of its title: beside it, it would push every colour bar
+    # below out to the right.
+    ax.legend(handles=[Patch(facecolor=ACTIVE_COLOUR, label="active"),
+                       Patch(facecolor=INACTIVE_COLOUR, edgecolor="#999999", label="inactive")],
+              loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=2, fontsize=8, frameon=False,
+              borderaxespad=0.1, handlelength=1.2)
 
-    Panels: for RIMs (and each BRIMs layer) which modules were active at each step and the
-    attention each module put on the input slot (and on the top-down slot, for BRIMs); for
-    ThalNet the read weights of each module over the center; for every core the norm of
-    the recurrent state, the only panel for LSTM/GRU (which report no diagnostics).
+
+def episode_caption(episode: dict[str, Any], episodes: int | None = None) -> str:
+    """One line on the episode a figure shows: which one, its return, success, length, how it ended.
+
+    :param episode: ``{"index", "return", "length", "success" (None if unknown), "truncated"}``
+        (``evaluate_policy``'s ``"first_episode"``).
+    :param episodes: how many episodes the evaluation ran, if it is worth saying.
+    """
+    index = episode.get("index", 0)
+    which = f"episode {index}" + (f" of {episodes} (seeded; the first)" if episodes and index == 0 else
+                                  f" of {episodes}" if episodes else "")
+    parts = [which]
+    if episode.get("return") is not None:
+        parts.append(f"return {episode['return']:.2f}")
+    if episode.get("success") is not None:
+        parts.append("success" if episode["success"] else "no success")
+    if episode.get("length") is not None:
+        parts.append(f"{episode['length']} steps")
+    if episode.get("truncated") is not None:
+        parts.append("timed out (truncated at the step limit)" if episode["truncated"]
+                     else "ended by the env (terminated)")
+    return ", ".join(parts)
+
+
+def _draw_events(fig: Figure, strip: Axes, axes: Sequence[Axes], events: Sequence[tuple[int, str]]) -> None:
+    """Dashed lines at the steps of behaviour events across every panel, named in the top strip and a legend."""
+    strip.set_title("what the agent did", fontsize=9, loc="left")
+    strip.set_ylim(0, 1)
+    strip.set_yticks([])
+    for side in ("left", "right", "top"):
+        strip.spines[side].set_visible(False)
+    colours: dict[str, str] = {}
+    left, right = axes[-1].get_xlim()
+    for n, (step, what) in enumerate(events):
+        colour = colours.setdefault(what, EVENT_COLOURS.get(what, "#7f7f7f"))
+        for ax in (strip, *axes):
+            ax.axvline(step, color=colour, linestyle="--", linewidth=1.2, alpha=0.9)
+        # Three heights in turn, so names of events a few steps apart do not overlap; names in the
+        # right third run leftwards, so none sticks out of the figure.
+        leftwards = step > left + 0.67 * (right - left)
+        strip.annotate(what, xy=(step, (0.68, 0.37, 0.06)[n % 3]), xytext=(-3 if leftwards else 3, 0),
+                       textcoords="offset points", fontsize=8, color=colour, ha="right" if leftwards else "left",
+                       va="bottom", annotation_clip=False)
+    steps = {what: [str(step) for step, w in events if w == what] for what in colours}
+    handles = [Line2D([], [], color=colour, linestyle="--",
+                      label=f"{what} (step{'s' if len(steps[what]) > 1 else ''} {', '.join(steps[what])})")
+               for what, colour in colours.items()]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(handles)), fontsize=8, frameon=False)
+
+
+def plot_episode_info(
+    trace: dict[str, np.ndarray],
+    title: str = "",
+    episode: dict[str, Any] | None = None,
+    episodes: int | None = None,
+) -> Figure:
+    """Figure of a core's diagnostics over one episode (module x time panels).
+
+    Panels: for RIMs (and each BRIMs layer) which modules were active at each step (two colours
+    with a key) and how much attention each module gave to the observation (and, for BRIMs, to
+    the layer above); for ThalNet how much each module read from each center position; for every
+    core the size (norm) of the recurrent state, the only panel for LSTM/GRU (which report no
+    diagnostics). With ``episode``, the title says which episode this is, its return, success,
+    length and whether it timed out, and dashed lines mark its behaviour events (MiniGrid: the
+    steps where the agent picks up the key, opens the door, reaches the goal).
 
     :param trace: info key -> array with time first, for one env (see the module docstring).
     :param title: figure title (e.g. the checkpoint and env).
+    :param episode: the episode shown (``evaluate_policy``'s ``"first_episode"``: index, return,
+        success, length, truncated, events as ``(step, words)``), or None.
+    :param episodes: how many episodes the evaluation ran (for the caption).
     :return: the figure; ``save_figure`` writes it, a notebook shows it.
     """
-    panels: list[tuple[str, np.ndarray, str, dict]] = []  # (title, rows x time, ylabel, heatmap kwargs)
+    panels: list[tuple[str, np.ndarray, str, str, dict]] = []  # (title, rows x time, ylabel, bar label, kwargs)
     for suffix in _layer_suffixes(trace):
         layer = f" (layer {suffix[1:]})" if suffix else ""
-        active = np.asarray(trace[f"active{suffix}"], dtype=float)  # (T, K)
-        panels.append((f"active modules{layer}", active.T, "module", {"vmin": 0, "vmax": 1, "cmap": "Greys"}))
+        active = np.asarray(trace[f"active{suffix}"], dtype=bool)  # (T, K)
+        panels.append((f"which modules are active at each step{layer}", active.T, "module", "", {"on_off": True}))
         attention = trace.get(f"input_attention{suffix}")
         if attention is not None and attention.shape[-1] > 1:
-            panels.append((f"input attention on the input slot{layer}", attention[..., 1].T, "module",
+            panels.append((f"attention each module gives to the observation{layer} (the rest goes to an empty "
+                           "input)", attention[..., 1].T, "module", "attention to the observation",
                            {"vmin": 0, "vmax": 1}))
         if attention is not None and attention.shape[-1] > 2:
-            panels.append((f"input attention on the top-down slot{layer}", attention[..., 2].T, "module",
-                           {"vmin": 0, "vmax": 1}))
+            panels.append((f"attention each module gives to the layer above{layer} (top-down)", attention[..., 2].T,
+                           "module", "attention to the layer above", {"vmin": 0, "vmax": 1}))
     if "read_weights" in trace:
         reads = np.asarray(trace["read_weights"], dtype=float)  # (T, M, S)
         for module in range(min(reads.shape[1], MAX_READ_PANELS)):
-            panels.append((f"read weights of module {module} over the center", reads[:, module, :].T,
-                           "center position", {"vmin": 0}))
+            panels.append((f"how much module {module} reads from each position of the center", reads[:, module, :].T,
+                           "center position", "read weight", {"vmin": 0}))
 
     norm = trace.get("state_norm")
     n_rows = len(panels) + (1 if norm is not None else 0)
     if n_rows == 0:
         raise ValueError("the trace holds nothing to plot (no module diagnostics and no state_norm)")
-    fig = Figure(figsize=(10, 1.9 * len(panels) + (1.6 if norm is not None else 0) + 0.6), layout="constrained")
+    events = list((episode or {}).get("events") or [])
+    height = 1.9 * len(panels) + (1.6 if norm is not None else 0) + 0.8 + (1.0 if events else 0)
+    fig = Figure(figsize=(11, height), layout="constrained")
     FigureCanvasAgg(fig)  # an Agg canvas: savefig works without pyplot or a display
-    axes = fig.subplots(n_rows, 1, sharex=True, squeeze=False)[:, 0]
-    for ax, (panel_title, data, ylabel, kwargs) in zip(axes, panels, strict=False):  # the last axis is the norm's
-        _heatmap(fig, ax, data, panel_title, ylabel, **kwargs)
+    ratios = [1.0] * n_rows
+    if events:  # a thin strip on top names what the agent did, above the panels its lines cross
+        ratios = [0.3, *ratios]
+    all_axes = fig.subplots(len(ratios), 1, sharex=True, squeeze=False, height_ratios=ratios)[:, 0]
+    strip, axes = (all_axes[0], all_axes[1:]) if events else (None, all_axes)
+    for ax, (panel_title, data, ylabel, bar_label, kwargs) in zip(axes, panels, strict=False):  # last: the norm
+        if kwargs.pop("on_off", False):
+            _on_off(ax, data, panel_title)
+        else:
+            _heatmap(fig, ax, data, panel_title, ylabel, bar_label, **kwargs)
     if norm is not None:
         ax = axes[-1]
         ax.plot(np.arange(len(norm)), norm, color="tab:blue")
         ax.set_xlim(-0.5, len(norm) - 0.5)
-        what = "recurrent state norm" if panels else "recurrent state norm (this core reports no module diagnostics)"
-        ax.set_title(what, fontsize=9, loc="left")
-        ax.set_ylabel("||state||")
-    axes[-1].set_xlabel("step")
-    if title:
-        fig.suptitle(title, fontsize=10)
+        what = "size of the memory: norm of the recurrent state after each step"
+        ax.set_title(what if panels else f"{what} (this core reports no module diagnostics)", fontsize=9, loc="left")
+        ax.set_ylabel("state norm")
+    axes[-1].set_xlabel("step of the episode")
+    if strip is not None:
+        _draw_events(fig, strip, axes, events)
+    lines = [title] if title else []
+    if episode is not None:
+        lines.append(episode_caption(episode, episodes))
+    if lines:
+        fig.suptitle("\n".join(lines), fontsize=10)
     return fig
 
 

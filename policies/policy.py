@@ -1,19 +1,26 @@
 """Load a trained policy from its checkpoint file and run it on numpy observations.
 
     from policies import load_policy
+    from agents.evaluation import make_policy_env
     policy = load_policy("runs/doorkey-rims/checkpoint.pt")      # or the run directory
-    venv = policy.make_env(n_envs=1)                             # the training wrappers, raw rewards
+    venv = make_policy_env(policy, n_envs=1)                     # the training wrappers, raw rewards
     obs, state, start = venv.reset(), policy.initial_state(1), np.ones(1, bool)
-    action, state = policy.act(obs, state, start, deterministic=True)
+    action, state = policy.act(obs, state, start)
 
 The file alone is enough: the checkpoint stores the actor-critic's constructor
 arguments (``spec``), its weights, the observation and action spaces as plain
 dicts and the env id and options it was trained with. Nothing in the file is
 executed (``load_checkpoint`` reads it with ``torch.load(weights_only=True)``).
+
+This module does not build envs: ``policies`` imports neither ``envs`` nor ``agents``
+(DESIGN.md), so the env a policy runs in comes from ``agents.evaluation.make_policy_env``.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +28,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 from torch import Tensor
+from torch.distributions import Categorical
 
 from policies.actor_critic import RecurrentActorCritic, obs_to_tensor
 from policies.checkpoint import CheckpointError, load_checkpoint, space_from_dict
@@ -85,6 +93,7 @@ class Policy:
         episode_start: np.ndarray,
         deterministic: bool = False,
         return_info: bool = False,
+        uniforms: np.ndarray | None = None,
     ) -> tuple[np.ndarray, Tensor] | tuple[np.ndarray, Tensor, dict[str, np.ndarray]]:
         """Pick actions for one step of a batch of envs.
 
@@ -96,14 +105,25 @@ class Policy:
         :param deterministic: take the most likely action instead of sampling one.
         :param return_info: also return the core's diagnostics for this step, numpy arrays with
             the env dimension first (e.g. RIMs ``active`` ``(n_envs, K)``); empty for LSTM/GRU.
+        :param uniforms: numbers in (0, 1) to sample with instead of torch's global RNG, one
+            per env (``(n_envs,)``) for discrete actions, ``(n_envs, action_dim)`` for Box
+            actions; each is turned into an action by the inverse CDF of that env's action
+            distribution. Each env's actions can then follow its own random stream, whatever
+            other envs share the batch (evaluation seeds every episode this way). Ignored
+            when ``deterministic``.
         :return: ``(actions, new_state)``: actions as a numpy array the vec env's ``step``
             accepts; plus ``info`` when asked.
         """
         obs_t = obs_to_tensor(obs, self.device)
         starts = torch.as_tensor(np.asarray(episode_start, dtype=bool), device=self.device)
-        actions, _, _, state, *info = self.model.act(
-            obs_t, state, starts, deterministic=deterministic, return_info=return_info
-        )
+        if uniforms is None or deterministic:
+            actions, _, _, state, *info = self.model.act(
+                obs_t, state, starts, deterministic=deterministic, return_info=return_info
+            )
+        else:
+            with_time = {k: v.unsqueeze(0) for k, v in obs_t.items()} if isinstance(obs_t, dict) else obs_t.unsqueeze(0)
+            dist, _, state, *info = self.model(with_time, state, starts.unsqueeze(0), return_info=return_info)
+            actions = _inverse_cdf_sample(dist, torch.as_tensor(np.asarray(uniforms), device=self.device))
         actions_np = actions.cpu().numpy()
         if not return_info:
             return actions_np, state
@@ -111,30 +131,29 @@ class Policy:
         step_info = {key: value[0].detach().cpu().numpy() for key, value in info[0].items()}
         return actions_np, state, step_info
 
-    def make_env(self, n_envs: int = 1, seed: int = 0, **overrides: Any) -> Any:
-        """Build a vector env with the wrappers the policy was trained with.
-
-        Rewards are not clipped (``clip_rewards=False``) unless an override says so, so
-        episode returns are raw scores.
-
-        :param n_envs: number of parallel envs.
-        :param seed: env i is seeded with ``seed + i``.
-        :param overrides: ``envs.make_vec_env`` options replacing the training ones
-            (e.g. ``render_mode="rgb_array"``, ``max_episode_steps=100``, ``env_id`` to
-            build another env with the same preprocessing).
-        :return: a Stable-Baselines3 ``VecEnv``.
-        """
-        # policies does not import envs (DESIGN.md), but the notebook API asks the policy to build
-        # its own env: the import happens here, only when called, so the package layers stay apart.
-        from envs import make_vec_env
-
-        env_id = overrides.pop("env_id", self.env_id)
-        options = {**self.env_options, "clip_rewards": False, **overrides}
-        return make_vec_env(env_id, n_envs, seed, **options)
-
     def __repr__(self) -> str:
         source = f", path={str(self.path)!r}" if self.path is not None else ""
         return f"Policy(core={self.core_name!r}, env_id={self.env_id!r}{source})"
+
+
+def _inverse_cdf_sample(dist: torch.distributions.Distribution, uniforms: Tensor) -> Tensor:
+    """Actions ``(1, B, ...)`` from ``dist`` (batch shape ``(1, B)``) by the inverse CDF of ``uniforms``.
+
+    Categorical: the first action whose cumulative probability exceeds u (summed in float64,
+    so the last boundary is 1 up to rounding, and clamped to the last action for the rest).
+    Diagonal Gaussian: mean + std * sqrt(2) * erfinv(2u - 1) per dimension.
+    """
+    if isinstance(dist, Categorical):
+        cumulative = dist.probs[0].double().cumsum(-1)  # (B, n)
+        u = uniforms.double().reshape(-1, 1)
+        if u.shape[0] != cumulative.shape[0]:
+            raise ValueError(f"uniforms must have one number per env ({cumulative.shape[0]}), got shape "
+                             f"{tuple(uniforms.shape)}")
+        index = (cumulative <= u).sum(-1).clamp_(max=cumulative.shape[-1] - 1)
+        return index.unsqueeze(0)
+    normal = dist.normal  # DiagGaussian
+    u = uniforms.to(normal.mean.dtype).reshape(normal.mean.shape[1:])
+    return normal.mean + normal.stddev * math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
 
 
 def policy_from_checkpoint(
@@ -179,16 +198,82 @@ def policy_from_checkpoint(
     return Policy(model, env_id, env_options, data.get("config", {}), device=device, path=path)
 
 
-def load_policy(path: str | Path, device: str | torch.device = "cpu") -> Policy:
+# A URL scheme ("https://", "s3://"); also the form Path() leaves of one ("https:/host/...").
+# Two letters at least, so a Windows drive ("C:/") is not taken for one.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
+# The first bytes of what torch.save writes: a zip archive (torch >= 1.6) or a pickle (older,
+# protocol 2+). Anything else is not a checkpoint whatever its name.
+_CHECKPOINT_MAGIC: tuple[bytes, ...] = (b"PK\x03\x04", b"\x80")
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """Why ``path`` (an existing file) is plainly not a torch checkpoint, or None if it may be one.
+
+    Gives YAML configs and other text their own message: torch would call them
+    "truncated or corrupt", which sends the user looking for a broken download.
+    """
+    try:
+        with path.open("rb") as file:
+            head = file.read(4096)
+    except OSError:
+        return None  # load_checkpoint reports unreadable files
+    if not head:
+        return f"{path} is empty (0 bytes), not a checkpoint"
+    if head.startswith(_CHECKPOINT_MAGIC):
+        return None
+    hint = "give the checkpoint.pt that training writes (runs/NAME/checkpoint.pt) or its run directory"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"{path} is not a torch checkpoint (it is neither a zip archive nor a pickle); {hint}"
+    if path.suffix.lower() in (".yaml", ".yml") or re.search(r"^[A-Za-z_][\w.-]*:", text, re.MULTILINE):
+        config_hint = " (a config? train with it: python train.py --config FILE)" if "core" in text or "env" in text else ""
+        return f"{path} is a YAML/text file{config_hint}, not a checkpoint; {hint}"
+    return f"{path} is a text file, not a checkpoint; {hint}"
+
+
+def _device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device, refusing one this machine does not have (one clear message)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"device {device!r} is not a torch device ({exc}); use 'cpu' or 'cuda'") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but torch finds no CUDA GPU here "
+                         "(torch.cuda.is_available() is False); use device='cpu'")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but this machine has no MPS device; use device='cpu'")
+    return parsed
+
+
+def load_policy(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Policy:
     """Load a trained policy from a checkpoint file or a run directory, without running code from it.
 
-    :param path: a ``checkpoint.pt`` written by training, or the run directory holding one.
+    :param path: a ``checkpoint.pt`` written by training, or the run directory holding one
+        (a local path: ``str`` or ``os.PathLike``).
     :param device: where the model runs (``"cpu"`` by default, ``"cuda"`` for a GPU).
-    :raises CheckpointError: if the file is missing, truncated, unsafe, not a checkpoint of this
-        package, of an incompatible format version, or does not hold a usable policy.
+    :raises TypeError: if ``path`` is not a path (e.g. an already loaded checkpoint dict:
+        use ``policy_from_checkpoint`` for that).
+    :raises ValueError: if ``device`` is not one this machine has (e.g. ``"cuda"`` without a GPU).
+    :raises CheckpointError: if ``path`` is a URL, or the file is missing, empty, a YAML/text
+        file, truncated, unsafe, not a checkpoint of this package, of an incompatible format
+        version, or does not hold a usable policy.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoint.pt"
-    data = load_checkpoint(path, map_location=device)
-    return policy_from_checkpoint(data, device=device, path=path)
+    if not isinstance(path, (str, os.PathLike)):
+        hint = " (an already loaded checkpoint dict goes to policies.policy.policy_from_checkpoint)" \
+            if isinstance(path, dict) else ""
+        raise TypeError(f"load_policy takes the path of a checkpoint file or run directory (str or "
+                        f"pathlib.Path), got {type(path).__name__}{hint}")
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise TypeError(f"load_policy takes a str path, got {type(text).__name__}")
+    if _URL.match(text):
+        raise CheckpointError(f"URLs are not supported ({text}): download the checkpoint and give its local path")
+    parsed_device = _device(device)
+    checkpoint = Path(text)
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / "checkpoint.pt"
+    if checkpoint.is_file() and (reason := _not_a_checkpoint(checkpoint)) is not None:
+        raise CheckpointError(reason)
+    data = load_checkpoint(checkpoint, map_location=parsed_device)
+    return policy_from_checkpoint(data, device=parsed_device, path=checkpoint)
