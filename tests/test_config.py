@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from agents.config import ConfigError, load_config, parse_overrides
+from agents.config import (
+    ConfigError,
+    core_arguments,
+    core_arguments_from_signature,
+    core_registry,
+    load_config,
+    parse_overrides,
+)
 
+REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted(Path(__file__).resolve().parent.parent.glob("configs/**/*.yaml"))
 
 
@@ -99,3 +110,60 @@ def test_shipped_configs_cover_every_core_family_and_algo() -> None:
             assert f"{env}-{core}-ppo" in names and f"{env}-{core}-a2c" in names
         for game in ("pong", "breakout"):
             assert f"{game}-{core}-ppo" in names
+
+
+def test_cli_parser_and_config_validation_do_not_import_the_heavy_stack() -> None:
+    # A fresh interpreter: what train.py needs before training must not pull in torch & co (seconds).
+    script = (
+        "import sys\n"
+        "import train\n"
+        "args = train.parse_args(['core.name=brims', '--run-dir', 'runs/x', 'total_frames=4096'])\n"
+        "from agents.config import ConfigError, load_config\n"
+        "for name in ('lstm', 'gru', 'rims', 'brims', 'thalnet'):\n"
+        "    load_config(None, [f'core.name={name}'])\n"
+        "try:\n"
+        "    load_config(None, ['core.hiden_size=3', 'core.name=lstm'])\n"
+        "except ConfigError as exc:\n"
+        "    assert 'hidden_size' in str(exc)\n"
+        "import agents, policies, agents.run_dir\n"
+        "from policies.checkpoint import CheckpointError\n"
+        "heavy = [m for m in ('torch', 'gymnasium', 'stable_baselines3', 'ale_py', 'minigrid') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_core_fields_read_from_source_match_the_constructors() -> None:
+    # The ast reader (no torch) must give what inspect gives on the imported classes.
+    from policies.cores import CORES
+
+    assert list(core_registry()) == list(CORES)
+    for name, cls in CORES.items():
+        assert core_arguments(name) == core_arguments_from_signature(cls), name
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["algo.lr=1e-50"], "representable in float32"),
+        (["algo.lr=1e39"], "representable in float32"),
+        (["algo.lr=.nan"], "algo.lr must be finite"),
+        (["algo.lr=0"], "algo.lr must be > 0"),
+        (["torch_threads=0"], "torch_threads must be between 1 and this machine's CPU count"),
+        ([f"torch_threads={(os.cpu_count() or 1) + 1}"], "torch_threads must be between 1"),
+        (["name=../x"], "name must be a plain name, not a path"),
+        (["name=/tmp/x"], "name must be a plain name, not a path"),
+        (["device=cuda:x"], "device must be a torch device"),
+    ],
+)
+def test_refused_values(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_accepted_edge_values() -> None:
+    config = load_config(None, ["torch_threads=null", "device=cuda:1", f"torch_threads={os.cpu_count() or 1}"])
+    assert config["torch_threads"] == (os.cpu_count() or 1) and config["device"] == "cuda:1"
+    assert load_config(None, ["algo.lr=1e-40"])["algo"]["lr"] == 1e-40  # a float32 subnormal is still > 0

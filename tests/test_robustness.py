@@ -49,6 +49,9 @@ def run_main(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, 
         (["core.dropout=0.2"], "core.dropout > 0 is not supported"),
         (["algo.seq_len=5"], "algo.seq_len=5 must divide algo.n_steps=16"),
         (["env.env_kwargs={agent_view_size: 3}"], "at least 4x4"),
+        (["env.env_kwargs={size: 2}"], "env.env_kwargs={'size': 2} rejected by MiniGrid-DoorKey-5x5-v0"),
+        (["torch_threads=0"], "torch_threads must be between 1 and"),
+        (["algo.lr=1e-60"], "representable in float32"),
     ],
 )
 def test_bad_training_input_exits_2_with_one_message(

@@ -79,3 +79,39 @@ def test_default_run_name_and_directory(tmp_path: Path, monkeypatch: pytest.Monk
     assert train.main([*TINY_MINIGRID, *MINIBATCHES["ppo"], "total_frames=64", "core.num_modules=2",
                        "core.module_size=8", "core.k_active=1"]) == 0
     assert (tmp_path / "runs" / "doorkey-5x5-rims-ppo" / "checkpoint.pt").is_file()
+    # A second run of the same config never replaces the first: it takes the next free suffix.
+    first = (tmp_path / "runs" / "doorkey-5x5-rims-ppo" / "checkpoint.pt").read_bytes()
+    assert train.main([*TINY_MINIGRID, *MINIBATCHES["ppo"], "total_frames=64", "core.num_modules=2",
+                       "core.module_size=8", "core.k_active=1"]) == 0
+    assert (tmp_path / "runs" / "doorkey-5x5-rims-ppo_2" / "checkpoint.pt").is_file()
+    assert (tmp_path / "runs" / "doorkey-5x5-rims-ppo" / "checkpoint.pt").read_bytes() == first
+
+
+def test_overrides_are_accepted_anywhere_on_the_command_line(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    argv = ["core.name=lstm", "env.id=MiniGrid-Empty-5x5-v0", "--run-dir", str(run_dir), "total_frames=64",
+            "core.hidden_size=16", "--debug", *TINY_MINIGRID, *MINIBATCHES["ppo"]]
+    args = train.parse_args(argv)
+    assert args.run_dir == run_dir and args.debug
+    assert args.overrides[:2] == ["core.name=lstm", "env.id=MiniGrid-Empty-5x5-v0"]
+    assert "total_frames=64" in args.overrides and "core.hidden_size=16" in args.overrides
+    assert train.main(argv) == 0
+    checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
+    assert checkpoint["frames"] == 64 and checkpoint["config"]["env"]["id"] == "MiniGrid-Empty-5x5-v0"
+    assert checkpoint["config"]["core"] == {"name": "lstm", "hidden_size": 16}
+
+
+def test_progress_bar_shows_no_nan_and_ends_at_the_frames_done(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    # 40 frames in updates of 32: the run does 64, and the bar counts to 64, not to 40.
+    config = load_config(None, [*TINY_MINIGRID, *MINIBATCHES["ppo"], "core.name=lstm", "core.hidden_size=16",
+                                "env.n_envs=2", "log.progress_bar=true", "total_frames=40"])
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.run()
+    assert trainer.frames == 64
+    err = capsys.readouterr().err
+    displays = [part for part in err.replace("\r", "\n").split("\n") if part.strip()]
+    assert displays and "64/64" in displays[-1] and "ret=-" in displays[-1]
+    assert not any("nan" in part or "/40 " in part for part in displays)
+    # Every display of the final count shows the same numbers (no last line with other figures).
+    assert len({part.split("<")[0] + part.split(",", 1)[-1] for part in displays if "64/64" in part}) == 1
