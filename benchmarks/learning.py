@@ -1,59 +1,200 @@
-"""Does PPO learn DoorKey-5x5? Frames until the mean return of the last 100 episodes reaches 0.9.
+"""Do the shipped configs learn on every seed? Frames to a threshold and the return at the end of the budget.
 
-    python benchmarks/learning.py [--seeds 1 2 3] [--cores lstm rims] [--frames lstm=100000 rims=150000]
+    python benchmarks/learning.py --configs default configs/minigrid/doorkey-*-ppo.yaml --seeds 1-10
+    python benchmarks/learning.py --configs default --seeds 100-104 --set algo.anneal_lr=true --tag anneal
+    MODULAR_MEMORY_NATIVE=0 python benchmarks/learning.py --configs default --seeds 1-10 --tag python-engine
 
-Goal: median over 3 seeds reaches 0.9 within 100k frames with LSTMCore and 150k with RIMs
-(shipped configs configs/minigrid/doorkey-<core>-ppo.yaml).
+Every (config, seed) is an ordinary ``python train.py`` run in its own directory under
+``--out`` (default ``benchmarks/out/learning``), ``--jobs`` of them at a time (one torch
+thread each). Running the same command again skips finished runs and resumes interrupted
+ones (``--resume``), so a long sweep can be stopped and continued. ``default`` names the
+embedded default config (a bare ``python train.py``).
+
+Per seed it prints the frames at which the mean return of the last 100 episodes first
+reached ``--threshold`` (with at least 100 episodes finished), the mean return of the
+last 100 episodes at the end of the budget, and whether the run stayed learned (final >=
+``--final``); per config, the count of seeds that reached the threshold and stayed.
+
+Tune on seeds >= 100; report on seeds 1-10.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
 import statistics
-import tempfile
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from _common import config_for, train_and_read
-
-THRESHOLD = 0.9
-BUDGET = {"lstm": 100_000, "gru": 100_000, "rims": 150_000, "brims": 150_000, "thalnet": 150_000}
+REPO = Path(__file__).resolve().parent.parent
+WINDOW = 100  # episodes in the mean return, as the trainer's log.return_window
 
 
-def frames_to_threshold(rows: list[dict]) -> int | None:
-    """Frames at the first update whose mean over a full window of 100 episodes reaches THRESHOLD."""
+@dataclass(frozen=True)
+class Job:
+    """One training run of a sweep: a config (or the embedded default) at one seed."""
+
+    label: str
+    config: str | None  # a YAML path, or None for the embedded default
+    overrides: tuple[str, ...]
+    seed: int
+    run_dir: Path
+
+
+def parse_seeds(items: list[str]) -> list[int]:
+    """``["1-3", "7"]`` -> ``[1, 2, 3, 7]``."""
+    seeds: list[int] = []
+    for item in items:
+        first, _, last = item.partition("-")
+        seeds.extend(range(int(first), int(last or first) + 1))
+    return seeds
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    """The metrics rows of a run; a partial last line (a killed write) is dropped."""
+    path = run_dir / "metrics.jsonl"
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+def frames_to_threshold(rows: list[dict], threshold: float) -> int | None:
+    """Frames at the first update whose mean over a full window of 100 episodes reaches ``threshold``."""
     episodes = 0
     for row in rows:
         episodes += int(row.get("rollout/episodes") or 0)
-        if episodes >= 100 and (row.get("rollout/ep_return_mean") or 0) >= THRESHOLD:
-            return row["frames"]
+        if episodes >= WINDOW and (row.get("rollout/ep_return_mean") or 0.0) >= threshold:
+            return int(row["frames"])
     return None
+
+
+def final_return(rows: list[dict]) -> float:
+    """The mean return of the last 100 episodes at the last update (0.0 before any episode ended)."""
+    return next((row["rollout/ep_return_mean"] for row in reversed(rows)
+                 if row.get("rollout/ep_return_mean") is not None), 0.0)
+
+
+def total_frames(job: Job) -> int:
+    """The run's budget, read from its resolved config once it exists."""
+    import yaml
+
+    config = yaml.safe_load((job.run_dir / "config.yaml").read_text())
+    return int(config["total_frames"])
+
+
+def is_finished(job: Job) -> bool:
+    """A run is finished when its last logged update reached its budget."""
+    rows = read_rows(job.run_dir)
+    return bool(rows) and (job.run_dir / "config.yaml").is_file() and rows[-1]["frames"] >= total_frames(job)
+
+
+def command(job: Job) -> list[str]:
+    """The train.py command line that starts the run, or resumes it if it has a checkpoint."""
+    if (job.run_dir / "checkpoint.pt").is_file():
+        return [sys.executable, "train.py", "--resume", str(job.run_dir)]
+    config = ["--config", job.config] if job.config else []
+    return [sys.executable, "train.py", *config, "--run-dir", str(job.run_dir),
+            f"seed={job.seed}", "log.progress_bar=false", "torch_threads=1", *job.overrides]
+
+
+def run_all(jobs: list[Job], parallel: int) -> None:
+    """Run the unfinished jobs, ``parallel`` at a time, each as its own train.py process."""
+    todo = [job for job in jobs if not is_finished(job)]
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already finished; {len(todo)} to run, {parallel} at a time",
+          flush=True)
+    running: list[tuple[Job, subprocess.Popen, float]] = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        while todo or running:
+            while todo and len(running) < parallel:
+                job = todo.pop(0)
+                job.run_dir.parent.mkdir(parents=True, exist_ok=True)
+                log = (job.run_dir.parent / f"{job.run_dir.name}.log").open("a")
+                running.append((job, subprocess.Popen(command(job), cwd=REPO, stdout=log, stderr=log, env=env),
+                                time.time()))
+            time.sleep(2)
+            for entry in list(running):
+                job, process, started = entry
+                if process.poll() is None:
+                    continue
+                running.remove(entry)
+                status = "done" if process.returncode == 0 else f"exit code {process.returncode} (see its .log)"
+                print(f"  {job.label} seed {job.seed}: {status} in {time.time() - started:.0f} s", flush=True)
+    except KeyboardInterrupt:
+        for _, process, _ in running:
+            process.terminate()  # train.py checkpoints on SIGTERM; the next call resumes
+        for _, process, _ in running:
+            process.wait()
+        print("stopped; run the same command again to continue", flush=True)
+        raise SystemExit(130) from None
+
+
+def report(jobs: list[Job], threshold: float, final_bar: float) -> str:
+    """Per seed and per config: frames to threshold, final return, and the count of seeds that made it."""
+    lines = [f"{'config':<28}{'seed':>5}{'budget':>9}{'to ' + str(threshold):>10}{'final':>8}{'fps':>7}  verdict"]
+    by_label: dict[str, list[Job]] = {}
+    for job in jobs:
+        by_label.setdefault(job.label, []).append(job)
+    for label, group in by_label.items():
+        made, reached, hits = 0, 0, []
+        for job in group:
+            rows = read_rows(job.run_dir)
+            if not rows or not is_finished(job):
+                lines.append(f"{label:<28}{job.seed:>5}{'':>9}{'unfinished':>10}")
+                continue
+            hit, final = frames_to_threshold(rows, threshold), final_return(rows)
+            fps = statistics.median(row["time/fps"] for row in rows)
+            reached += hit is not None
+            ok = hit is not None and final >= final_bar
+            made += ok
+            hits.append(hit if hit is not None else float("inf"))
+            verdict = "learned" if ok else ("collapsed" if hit is not None else "not reached")
+            lines.append(f"{label:<28}{job.seed:>5}{total_frames(job):>9}{hit if hit else '-':>10}{final:>8.3f}"
+                         f"{fps:>7.0f}  {verdict}")
+        median = statistics.median(hits) if hits else float("inf")
+        lines.append(f"{label:<28}  reached {threshold} on {reached}/{len(group)}, reached and still >= {final_bar} "
+                     f"at the end on {made}/{len(group)}; median frames to {threshold}: {median}")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--cores", nargs="+", default=["lstm", "rims"])
-    parser.add_argument("--frames", nargs="*", default=[], metavar="CORE=N", help="override a core's frame budget")
+    parser.add_argument("--configs", nargs="+", default=["default"],
+                        help="config files, or 'default' for the embedded default")
+    parser.add_argument("--seeds", nargs="+", default=["1-10"], help="seeds or ranges, e.g. 1-10 100")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every config")
+    parser.add_argument("--tag", default="", help="name of this variant (runs go to OUT/<config>[-tag]/seed_<s>)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2, one per core here)")
+    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--final", type=float, default=0.85, help="return the run must keep at the end of the budget")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "learning")
+    parser.add_argument("--report-only", action="store_true", help="print the table from finished runs, train nothing")
     args = parser.parse_args()
-    budget = dict(BUDGET)
-    budget.update({k: int(float(v)) for k, v in (item.split("=") for item in args.frames)})
 
-    print(f"{'core':<9}{'seed':>5}{'budget':>9}{'frames to 0.9':>15}{'final return':>14}{'fps':>7}")
-    for core in args.cores:
-        reached = []
-        for seed in args.seeds:
-            config = config_for(core, "doorkey", [f"seed={seed}", f"total_frames={budget[core]}"])
-            with tempfile.TemporaryDirectory() as tmp:
-                rows = train_and_read(config, Path(tmp))
-            hit = frames_to_threshold(rows)
-            reached.append(hit if hit is not None else float("inf"))
-            final = next((r["rollout/ep_return_mean"] for r in reversed(rows) if r.get("rollout/ep_return_mean")), 0)
-            fps = statistics.median(r["time/fps"] for r in rows)
-            print(f"{core:<9}{seed:>5}{budget[core]:>9}{hit if hit else 'not reached':>15}{final:>14.3f}{fps:>7.0f}",
-                  flush=True)
-        median = statistics.median(reached)
-        verdict = "meets" if median <= budget[core] else "misses"
-        print(f"{core:<9}{'median':>5}{budget[core]:>9}{median:>15}  {verdict} the goal", flush=True)
+    jobs = []
+    for config in args.configs:
+        name = "default" if config == "default" else Path(config).stem
+        if config != "default" and not (REPO / config).is_file() and not Path(config).is_file():
+            parser.error(f"no config file {config}")
+        # Variants with other overrides get their own directories, so no run is mixed with another.
+        suffix = args.tag or (hashlib.sha1(" ".join(args.set).encode()).hexdigest()[:6] if args.set else "")
+        label = f"{name}-{suffix}" if suffix else name
+        for seed in parse_seeds(args.seeds):
+            jobs.append(Job(label, None if config == "default" else str(config), tuple(args.set), seed,
+                            args.out / label / f"seed_{seed}"))
+    if not args.report_only:
+        run_all(jobs, args.jobs)
+    print(report(jobs, args.threshold, args.final), flush=True)
 
 
 if __name__ == "__main__":

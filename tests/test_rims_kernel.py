@@ -285,6 +285,30 @@ def test_no_compiler_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_p
         rims_kernel.cache_clear()
 
 
+def test_kernel_build_names_the_flags_actually_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A compiler that refuses -march=native gets the portable build, and kernel_build says so (runs record it)."""
+    picky = tmp_path / "picky-cc"
+    picky.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = "-march=native" ] && exit 1; done\nexec cc "$@"\n')
+    picky.chmod(0o755)
+    monkeypatch.setenv("CC", str(picky))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    rims_kernel.cache_clear()
+    try:
+        build = native.kernel_build()
+        assert build["engine"] == "c-kernel"
+        assert build["flags"] == " ".join(native.FLAGS) and native.NATIVE_FLAG not in build["flags"]
+        assert build["cpu"] and build["compiler"]
+        monkeypatch.delenv("CC")  # the usual compiler builds the tuned kernel, under another name
+        rims_kernel.cache_clear()
+        assert native.kernel_build()["flags"].endswith(native.NATIVE_FLAG)
+        assert len(list((tmp_path / "cache" / "modular-memory-rl").glob("*.so"))) == 2
+        monkeypatch.setenv(native.DISABLE_ENV, "0")
+        rims_kernel.cache_clear()
+        assert native.kernel_build() == {"engine": "python", "reason": f"{native.DISABLE_ENV}=0"}
+    finally:
+        rims_kernel.cache_clear()
+
+
 def test_ties_after_reset_go_to_the_lowest_modules() -> None:
     """Right after a reset every module scores exactly 0: both engines activate modules 0..k_active-1."""
     core = small(num_modules=4, k_active=2)

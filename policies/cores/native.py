@@ -7,6 +7,11 @@ process has loaded for 30 days are deleted). No torch headers are involved: a bu
 a second. Where no compiler is found or the build
 fails, :func:`rims_kernel` warns once and returns None, and RIMs/BRIMs run their Python engine (same
 results, slower on small batches). Set ``MODULAR_MEMORY_NATIVE=0`` (or false/no/off) to turn the kernel off.
+
+The build is tuned for the CPU it runs on (``-march=native``, FMA contraction): the fastest code
+here, and rounding that differs from the Python engine's and from other CPUs'. The shipped configs
+are meant to learn whichever rounding runs (benchmarks/learning.py checks the default with both
+engines); :func:`kernel_build` says which build a process uses, and every run records it.
 """
 
 from __future__ import annotations
@@ -58,25 +63,28 @@ def _cpu_signature() -> str:
     return "\n".join(dict.fromkeys(wanted))  # first of each (every core repeats them)
 
 
-def _build(compiler: list[str], target: Path) -> None:
+def _build(compiler: list[str], flags: tuple[str, ...], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: processes starting together never load a half-written file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        for flags in ((*FLAGS, NATIVE_FLAG), FLAGS):
-            command = [*compiler, *flags, "-o", tmp, str(SOURCE), "-lm"]
-            try:
-                subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
-                break
-            except subprocess.CalledProcessError:
-                if NATIVE_FLAG not in flags:
-                    raise
+        command = [*compiler, *flags, "-o", tmp, str(SOURCE), "-lm"]
+        subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
         os.chmod(tmp, 0o755)  # mkstemp made it private; others sharing the cache may load it
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _compiler_version(compiler: list[str]) -> str:
+    """The first line of ``compiler --version`` (the build's rounding depends on it too)."""
+    try:
+        result = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return " ".join(compiler)
+    return (result.stdout.splitlines() or [" ".join(compiler)])[0].strip()
 
 
 def _forget_stale_builds(used: Path) -> None:
@@ -95,6 +103,21 @@ def _forget_stale_builds(used: Path) -> None:
             pass
 
 
+def kernel_build() -> dict[str, str]:
+    """Which RIMs/BRIMs engine this process runs, and how the kernel was built: what a result's rounding depends on.
+
+    :return: ``{"engine": "c-kernel", "flags", "compiler", "cpu"}``, or ``{"engine": "python", "reason"}``.
+    """
+    lib = rims_kernel()
+    if lib is None:
+        disabled = os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off")
+        return {"engine": "python", "reason": f"{DISABLE_ENV}=0" if disabled else "the kernel could not be built"}
+    return dict(_LOADED_BUILD)
+
+
+_LOADED_BUILD: dict[str, str] = {}
+
+
 @cache
 def rims_kernel() -> ctypes.CDLL | None:
     """The loaded kernel library, or None (turned off, or it could not be built; warned once)."""
@@ -111,14 +134,24 @@ def rims_kernel() -> ctypes.CDLL | None:
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         return None
     try:
-        flags = " ".join((*FLAGS, NATIVE_FLAG))
-        parts = [SOURCE.read_bytes(), flags.encode(), _cpu_signature().encode(), " ".join(compiler).encode()]
-        key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-        target = cache_dir() / f"rims_kernel-{platform.machine()}-{key}.so"
-        if not target.exists():
-            _build(compiler, target)
+        source, cpu = SOURCE.read_bytes(), _cpu_signature()
+        # The tuned build first; a compiler that refuses -march=native gets the portable one.
+        for flags in ((*FLAGS, NATIVE_FLAG), FLAGS):
+            parts = [source, " ".join(flags).encode(), cpu.encode(), " ".join(compiler).encode()]
+            key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+            target = cache_dir() / f"rims_kernel-{platform.machine()}-{key}.so"
+            try:
+                if not target.exists():
+                    _build(compiler, flags, target)
+                break
+            except subprocess.CalledProcessError:
+                if NATIVE_FLAG not in flags:
+                    raise
         lib = ctypes.CDLL(str(target))
         _forget_stale_builds(target)
+        model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("model name")),
+                     platform.processor() or platform.machine())
+        _LOADED_BUILD.update(engine="c-kernel", flags=" ".join(flags), compiler=_compiler_version(compiler), cpu=model)
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", None) or str(exc)
         warnings.warn(
