@@ -70,9 +70,13 @@ class RunLogger:
         self.jsonl.flush()
 
     def close(self) -> None:
-        """Flush and close both outputs."""
-        self.writer.close()
-        try:
-            self.jsonl.close()
-        except OSError:  # a full disk failing the last flush: the rows written before stay
-            pass
+        """Flush and close both outputs.
+
+        A failing last flush (a full disk) is not raised: close runs while an error that already
+        names the problem is on its way out, and the rows written before stay.
+        """
+        for close in (self.writer.close, self.jsonl.close):
+            try:
+                close()
+            except OSError:
+                pass

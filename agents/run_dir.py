@@ -121,7 +121,7 @@ def prepare_run_dir(run_dir: str | Path) -> Path:
     try:
         probe = run_dir / f".write-test.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         probe.touch()
-        probe.unlink()
+        probe.unlink(missing_ok=True)  # a run starting there may have swept it away as a stale temp file
     except OSError as exc:
         raise RunDirError(f"cannot write in run directory {run_dir}: {exc.strerror or exc}") from None
     return run_dir
@@ -265,7 +265,10 @@ _WARNED: set[str] = set()
 
 
 def snapshot_key_path() -> Path:
-    """Where this user's snapshot key lives: ``$MODULAR_RL_KEY_FILE``, else ``~/.cache/modular-memory-rl/snapshot.key``."""
+    """Where this user's snapshot key lives.
+
+    ``$MODULAR_RL_KEY_FILE`` if set, else ``~/.cache/modular-memory-rl/snapshot.key``.
+    """
     configured = os.environ.get("MODULAR_RL_KEY_FILE")
     return Path(configured) if configured else Path.home() / ".cache" / "modular-memory-rl" / "snapshot.key"
 

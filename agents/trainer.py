@@ -127,8 +127,9 @@ def check_run_consistency(checkpoint: dict[str, Any], config: dict[str, Any], ru
             # Arguments a newer core version added take their defaults in the resolved config.
             saved = {**{k: v for k, v in value.items() if k not in saved}, **saved}
         if saved != value:
-            raise CheckpointError(f"the checkpoint in {run_dir} is inconsistent: its config gives policy {key}={value!r} "
-                                  f"but its saved policy has {key}={saved!r}; refusing to resume a mixed-up run")
+            raise CheckpointError(f"the checkpoint in {run_dir} is inconsistent: its config gives policy "
+                                  f"{key}={value!r} but its saved policy has {key}={saved!r}; "
+                                  "refusing to resume a mixed-up run")
     rollout = checkpoint.get("rollout")
     n_envs = config["env"]["n_envs"]
     if isinstance(rollout, dict) and hasattr(rollout.get("state"), "shape") and rollout["state"].shape[0] != n_envs:
@@ -204,8 +205,9 @@ class Trainer:
         try:  # the config only checks the spelling; whether this machine has the device is checked here
             torch.empty(0, device=self.device)
         except (RuntimeError, AssertionError) as exc:
-            raise ConfigError(f"device={config['device']!r} is not available on this machine "
-                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); use device=cpu") from None
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"device={config['device']!r} is not available on this machine ({reason}); "
+                              "use device=cpu") from None
         load_plugins(config["algo"]["name"])  # a config resolved in another process: register its updater
         # Checked once at the start: an unusable key skips only the env snapshot, never a checkpoint.
         self._snapshot_key = usable_snapshot_key() if config["env"]["vec_env"] == "dummy" else None
@@ -445,13 +447,15 @@ class Trainer:
         except CheckpointWriteError as exc:
             raise TrainingError(self._stopped(str(exc), advice="free some space, then resume")) from None
         except OSError as exc:
-            raise TrainingError(self._stopped(write_failure(path, exc), advice="free some space, then resume")) from None
+            raise TrainingError(self._stopped(write_failure(path, exc),
+                                              advice="free some space, then resume")) from None
 
     def _stopped(self, problem: str, advice: str = "lower algo.lr or algo.max_grad_norm, then resume") -> str:
         """The message of a run that stops on a problem: what happened and what was kept."""
         latest = self.run_dir / "checkpoint.pt"
         kept = (f"The last good checkpoint is kept at {latest} (not overwritten); {advice} with "
-                f"`python train.py --resume {self.run_dir}`." if latest.exists() else "No checkpoint had been written yet.")
+                f"`python train.py --resume {self.run_dir}`." if latest.exists()
+                else "No checkpoint had been written yet.")
         return f"training stopped at {self.frames} frames: {problem}. {kept}"
 
     @torch.no_grad()
@@ -538,7 +542,8 @@ class Trainer:
             with self._write_errors(config_path):
                 atomic_write(config_path, yaml.safe_dump(config, sort_keys=False).encode())
             resumed = self.frames > 0
-            logger = RunLogger(self.run_dir, purge_step=self.frames if resumed else None)
+            with self._write_errors(self.run_dir / "metrics.jsonl"):
+                logger = RunLogger(self.run_dir, purge_step=self.frames if resumed else None)
             try:
                 return self._train(logger, total, algo, stop_at_frames)
             finally:
