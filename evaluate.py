@@ -19,6 +19,7 @@ from __future__ import annotations
 # main() once the arguments are known to be good.
 import argparse
 import contextlib
+import errno
 import json
 import math
 import os
@@ -119,11 +120,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _reason(exc: OSError) -> str:
-    return exc.strerror or str(exc)
+    """An OSError in words; errors whose own words would mislead (ENOENT from /proc) say "not writable"."""
+    clear = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+    words = exc.strerror or str(exc)
+    return words if exc.errno in clear else f"not a writable folder: {words}"
 
 
-def check_output_dir(folder: Path, option: str) -> None:
+def check_output_dir(folder: Path, option: str, shown: Path | None = None) -> None:
     """Check that files can be written in ``folder`` (created later if missing), creating nothing.
+
+    :param folder: the folder the outputs go to.
+    :param option: the command-line option, for messages.
+    :param shown: the path the user gave, for messages (default ``folder``).
 
     :raises UsageError: when ``folder`` or one of its parents is a file, or its nearest existing
         parent cannot be written to (a temporary file is created and removed there to find out).
@@ -134,13 +142,13 @@ def check_output_dir(folder: Path, option: str) -> None:
             break
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
-        where = "is a file" if existing == folder else f"is under {existing}, which is a file"
-        raise UsageError(f"{option} {folder}: {where}, not a folder")
+        where = "is a file" if existing == (shown or folder) else f"is under {existing}, which is a file"
+        raise UsageError(f"{option} {shown or folder}: {where}, not a folder")
     try:
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".evaluate-write-check-"):
             pass
     except OSError as exc:
-        raise UsageError(f"{option} {folder}: cannot write in {existing} ({_reason(exc)})") from None
+        raise UsageError(f"{option} {shown or folder}: cannot write in {existing} ({_reason(exc)})") from None
 
 
 def check_output_file(path: Path, option: str, overwrite: bool) -> None:
@@ -153,7 +161,7 @@ def check_output_file(path: Path, option: str, overwrite: bool) -> None:
         raise UsageError(f"{option} {path} is a folder; give a file name")
     if path.exists() and not overwrite:
         raise UsageError(f"{option} {path} exists; pass --overwrite to replace it, or choose another name")
-    check_output_dir(path.parent, option)
+    check_output_dir(path.parent, option, shown=path)
 
 
 def check_planned_files(paths: list[Path], option: str, overwrite: bool) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -294,11 +295,11 @@ class _Schedule:
         self.slot_episode[slot] = episode
         return episode
 
-    def add_frame(self, frame: np.ndarray) -> None:
-        """Keep a frame of the drawn episode, up to ``max_frames``."""
+    def add_frame(self, render: Callable[[], np.ndarray]) -> None:
+        """Count a frame of the drawn episode; draw and keep it while under ``max_frames``."""
         self.frames_seen += 1
         if self.max_frames is None or len(self.frames) < self.max_frames:
-            self.frames.append(frame)
+            self.frames.append(render())  # drawn only when kept: drawing is most of a video's cost
 
 
 def _minigrid(env: gym.Env) -> Any | None:
@@ -397,7 +398,7 @@ class _EpisodeSlot(gym.Wrapper):
         self.last_obs = obs
         if self.episode == self.schedule.watched:
             if self.schedule.record_frames:
-                self.schedule.add_frame(self._frame())
+                self.schedule.add_frame(self._frame)
             if self.base is not None:
                 self.before = _minigrid_state(self.base)
         return obs, {}
@@ -409,7 +410,7 @@ class _EpisodeSlot(gym.Wrapper):
         obs, reward, terminated, truncated, info = self.env.step(action)
         if self.episode == self.schedule.watched:
             if self.schedule.record_frames:
-                self.schedule.add_frame(self._frame())
+                self.schedule.add_frame(self._frame)
             if self.base is not None and self.before is not None:
                 after = _minigrid_state(self.base)
                 self.schedule.events += [(self.t, event) for event in
@@ -630,6 +631,8 @@ def bootstrap_ci(
         return float("nan"), float("nan")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be between 0 and 1, got {confidence}")
+    if np.all(data == data[0]):  # no spread: the interval is the value itself, not its rounding
+        return float(data[0]), float(data[0])
     rng = np.random.default_rng(seed)
     means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(axis=1)
     tail = (1.0 - confidence) / 2.0

@@ -21,7 +21,17 @@ from PIL import Image
 
 import evaluate
 from agents.config import load_config
-from agents.evaluation import EvalTarget, EvaluationError, evaluate_policy, evaluation_options, resolve_targets
+from agents.evaluation import (
+    EvalTarget,
+    EvaluationError,
+    bootstrap_ci,
+    episode_seeds,
+    evaluate_policy,
+    evaluation_options,
+    make_policy_env,
+    resolve_targets,
+    step_uniforms,
+)
 from agents.trainer import Trainer
 from policies import CheckpointError, Policy, RecurrentActorCritic, load_policy
 from policies.checkpoint import FORMAT
@@ -83,7 +93,7 @@ def test_load_policy_round_trip_gives_the_same_actions(rims_run: tuple[Path, Tra
     assert loaded.action_space == trainer.venv.action_space
     assert load_policy(run_dir).env_id == DOORKEY_5  # the run directory works too
 
-    venv = loaded.make_env(n_envs=2, seed=3)
+    venv = make_policy_env(loaded, n_envs=2, seed=3)
     obs = venv.reset()
     states = [loaded.initial_state(2), in_memory.initial_state(2)]
     starts = np.ones(2, dtype=bool)
@@ -129,8 +139,9 @@ def test_evaluate_policy_counts_exactly_the_asked_episodes(rims_run: tuple[Path,
     assert again["returns"] == first["returns"] and again["lengths"] == first["lengths"]
 
 
-class _FixedLengthEnv(gym.Env):
-    """Episodes of 1 step (even seeds) or 20 steps (odd seeds), reward 1 per step: return = length."""
+class _SeededLengthEnv(gym.Env):
+    """Episodes of 1 to 4 steps (the reset seed picks), reward = the action taken: the return
+    depends on the episode's seed (its length) and on its sampled actions."""
 
     observation_space = spaces.Box(0, 255, (7, 7, 3), np.uint8)
     action_space = spaces.Discrete(7)
@@ -140,25 +151,75 @@ class _FixedLengthEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        if seed is not None:  # the vec env seeds sub-env i with seed + i on its first reset only
-            self.length = 1 if seed % 2 == 0 else 20
+        self.length = 1 + int(self.np_random.integers(4))
         self.t = 0
         return np.zeros((7, 7, 3), np.uint8), {}
 
     def step(self, action):
         self.t += 1
-        return np.zeros((7, 7, 3), np.uint8), 1.0, self.t >= self.length, False, {}
+        return np.full((7, 7, 3), self.t, np.uint8), float(action), self.t >= self.length, False, {}
 
 
-gym.register("EvalTestFixedLength-v0", entry_point=_FixedLengthEnv)
+gym.register("EvalTestSeededLength-v0", entry_point=_SeededLengthEnv)
 
 
-def test_evaluate_policy_does_not_favour_short_episodes(rims_run: tuple[Path, Trainer]) -> None:
-    # Sub-env 0 finishes an episode every step, sub-env 1 every 20 steps. Counting the first 4
-    # episodes to finish would give 4 one-step episodes; a quota of 2 per sub-env gives 2 of each.
-    result = evaluate_policy(load_policy(rims_run[0]), "EvalTestFixedLength-v0", {}, episodes=4, seed=0, n_envs=2)
-    assert sorted(result["returns"]) == [1.0, 1.0, 20.0, 20.0]
-    assert result["mean_length"] == 10.5 and result["success_rate"] is None
+def test_parallel_evaluation_gives_the_episodes_of_sequential_evaluation(rims_run: tuple[Path, Trainer]) -> None:
+    # Episode i is seeded by its own seeds (env reset and action samples), so running the episodes
+    # one at a time in one env or side by side in several gives the same per-episode returns, in
+    # episode order, and exactly the asked number of episodes (no favouring of short ones).
+    policy = load_policy(rims_run[0])
+    sequential = evaluate_policy(policy, "EvalTestSeededLength-v0", {}, episodes=9, seed=5, n_envs=1)
+    for n_envs in (4, 9):
+        parallel = evaluate_policy(policy, "EvalTestSeededLength-v0", {}, episodes=9, seed=5, n_envs=n_envs)
+        assert parallel["episodes"] == len(parallel["returns"]) == 9 and parallel["n_envs"] == n_envs
+        assert parallel["returns"] == sequential["returns"] and parallel["lengths"] == sequential["lengths"]
+        assert parallel["mean_return"] == sequential["mean_return"]
+    assert len(set(sequential["lengths"])) > 1 and len(set(sequential["returns"])) > 1  # the test can tell
+    # Each length is the one its episode's env seed gives, whatever ran before it in that env.
+    env_seeds, _ = episode_seeds(5, 9)
+    expected = []
+    for env_seed in env_seeds:
+        env = _SeededLengthEnv()
+        env.reset(seed=int(env_seed))
+        expected.append(env.length)
+    assert sequential["lengths"] == expected
+    other = evaluate_policy(policy, "EvalTestSeededLength-v0", {}, episodes=9, seed=6, n_envs=3)
+    assert other["returns"] != sequential["returns"]  # the seed matters
+
+
+def test_parallel_equals_sequential_on_minigrid(rims_run: tuple[Path, Trainer]) -> None:
+    policy = load_policy(rims_run[0])
+    options = evaluation_options(policy, EvalTarget(DOORKEY_5), {"max_episode_steps": 40})
+    one = evaluate_policy(policy, DOORKEY_5, options, episodes=5, seed=11, n_envs=1, record_info=True)
+    many = evaluate_policy(policy, DOORKEY_5, options, episodes=5, seed=11, n_envs=5, record_info=True)
+    assert one["returns"] == many["returns"] and one["lengths"] == many["lengths"] and many["episodes"] == 5
+    np.testing.assert_array_equal(one["trace"]["active"], many["trace"]["active"])  # episode 0, both ways
+    assert len(many["trace"]["state_norm"]) == many["lengths"][0] == many["first_episode"]["length"]
+
+
+def test_episode_seeds_and_uniforms_are_per_episode() -> None:
+    seeds, keys = episode_seeds(3, 5)
+    seeds_more, keys_more = episode_seeds(3, 8)
+    np.testing.assert_array_equal(seeds, seeds_more[:5])  # episode i does not depend on how many run
+    np.testing.assert_array_equal(keys, keys_more[:5])
+    assert len(set(seeds.tolist())) == 5 and not np.array_equal(seeds, keys)
+    u = step_uniforms(np.repeat(keys[:1], 1000), np.arange(1000))
+    assert u.min() > 0.0 and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.05
+    np.testing.assert_array_equal(u[:10], step_uniforms(np.repeat(keys[:1], 10), np.arange(10)))
+
+
+def test_bootstrap_ci_on_known_arrays() -> None:
+    assert bootstrap_ci([0.7] * 20) == (0.7, 0.7)
+    assert bootstrap_ci([2.0]) == (2.0, 2.0)
+    assert all(math.isnan(x) for x in bootstrap_ci([]))
+    # Half successes over 100 episodes: the mean's standard error is 0.05, so about 0.5 +- 0.098.
+    low, high = bootstrap_ci([0.0, 1.0] * 50)
+    assert 0.38 < low < 0.42 and 0.58 < high < 0.62
+    assert bootstrap_ci([0.0, 1.0] * 50) == (low, high)  # a fixed seed: a pure function
+    low, high = bootstrap_ci(np.arange(10.0))
+    assert 2.5 < low < 4.5 < 5.5 < high < 6.5  # around the mean 4.5
+    low90, high90 = bootstrap_ci(np.arange(10.0), confidence=0.9)
+    assert low < low90 < high90 < high
 
 
 def test_evaluation_options_carry_preprocessing_but_not_the_training_level() -> None:
@@ -216,23 +277,33 @@ def test_cli_two_envs_writes_table_json_video_and_plot(
     code, stdout, _ = _run_cli(
         capsys, rims_run[0] / "checkpoint.pt", "--env", DOORKEY_5, "--env", DOORKEY_6, "--episodes", "3",
         "--n-envs", "2", "--max-episode-steps", "12", "--seed", "1", "--video", out / "video",
-        "--plot", out / "plots", "--json", out / "results.json", "--no-progress",
+        "--plot", out / "plots", "--json", out / "results.json", "--no-progress", "--max-video-frames", "4",
     )
     assert code == 0
-    assert DOORKEY_5 in stdout and DOORKEY_6 in stdout and "mean return" in stdout and "success" in stdout
+    assert DOORKEY_5 in stdout and DOORKEY_6 in stdout and "mean return [95% CI]" in stdout and "success" in stdout
+    # The checkpoint's own training env is marked; the other one is not.
+    assert f"{DOORKEY_5} *" in stdout and f"{DOORKEY_6} *" not in stdout and "* the env the checkpoint was trained on" in stdout
     report = json.loads((out / "results.json").read_text())
     (run,) = report["checkpoints"]
     assert run["core"] == "rims" and [r["env_id"] for r in run["results"]] == [DOORKEY_5, DOORKEY_6]
+    assert [r["training_env"] for r in run["results"]] == [True, False]
     for result in run["results"]:
-        assert result["episodes"] == 3 and len(result["returns"]) == 3
+        assert result["episodes"] == 3 and len(result["returns"]) == 3 and len(result["truncated"]) == 3
         assert all(math.isfinite(result[k]) for k in ("mean_return", "std_return", "mean_length"))
-        assert result["success_rate"] is not None
+        low, high = result["mean_return_ci"]
+        assert low <= result["mean_return"] <= high
+        assert result["success_rate"] is not None and len(result["success_rate_ci"]) == 2
         video, plot = Path(result["video"]), Path(result["plot"])
         assert video.suffix == ".gif" and video.stat().st_size > 0 and plot.stat().st_size > 0
         frames = iio.imread(video, index=None)
-        assert frames.ndim == 4 and frames.shape[0] >= 1 and frames.shape[-1] == 3
+        assert frames.ndim == 4 and 1 <= frames.shape[0] <= 4 and frames.shape[-1] == 3
+        # The video was cut at 4 frames of the episode's length + 1, and the output says so.
+        first = result["first_episode"]
+        assert result["video_frames"] == 4 and result["video_frames_total"] == first["length"] + 1
+        assert f"{video} shows the first 4 of the episode's {first['length'] + 1} frames" in stdout
         with Image.open(plot) as image:
             assert image.format == "PNG" and image.size[0] > 100
+    assert not list(out.rglob(".*tmp*"))  # atomic writes leave no temporaries
 
 
 def test_cli_suite_evaluates_train_and_heldout_envs(
@@ -268,6 +339,16 @@ def test_cli_several_checkpoints_give_one_table(
     assert (tmp_path / "plots" / "tiny-lstm-DoorKey-6x6.png").stat().st_size > 0
 
 
+def test_cli_suite_train_env_is_not_called_the_checkpoints_env(
+    rims_run: tuple[Path, Trainer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Trained on DoorKey-5x5, evaluated on the memory suite: its train env is the suite's, not the checkpoint's.
+    code, stdout, _ = _run_cli(capsys, rims_run[0], "--suite", "memory", "--episodes", "1", "--max-episode-steps", "2",
+                               "--no-progress", "--plot", tmp_path / "plots")
+    assert code == 0 and "suite train env" in stdout and " * " not in stdout and "trained on" not in stdout.split("\n", 1)[1]
+    assert "(train)" not in stdout
+
+
 def test_cli_lists_suites(capsys: pytest.CaptureFixture[str]) -> None:
     code, stdout, _ = _run_cli(capsys, "--list-suites")
     assert code == 0
@@ -294,12 +375,19 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory, rims_run: tuple[Path, Tr
     torch.save({"state_dict": {"weight": torch.zeros(3)}}, folder / "foreign.pt")
     torch.save({"format": FORMAT, "format_version": 999}, folder / "future.pt")
     _malicious_checkpoint(folder / "malicious.pt", folder / "MARKER")
+    (folder / "config.yaml").write_text((ROOT / "configs" / "minigrid" / "doorkey-rims-ppo.yaml").read_text())
+    (folder / "notes.txt").write_text("a checkpoint? no: notes\n")
+    (folder / "empty.pt").write_bytes(b"")
     return {"folder": folder, "run": rims_run[0]}
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["{folder}/config.yaml"], "config.yaml is a YAML/text file (a config?"),
+        (["{folder}/notes.txt"], "notes.txt is a text file, not a checkpoint"),
+        (["{folder}/empty.pt"], "is empty (0 bytes)"),
+        (["https://example.org/runs/checkpoint.pt"], "URLs are not supported"),
         (["{folder}/missing.pt"], "not found"),
         (["{folder}/truncated.pt"], "truncated"),
         (["{folder}/foreign.pt"], "not a checkpoint of this package"),
@@ -309,7 +397,7 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory, rims_run: tuple[Path, Tr
         (["{run}", "--env", "MiniGrid-DorKey-5x5-v0"], "Did you mean"),
         (["{run}", "--suite", "doorkeys"], "available suites"),
     ],
-    ids=["missing", "truncated", "foreign", "future-version", "malicious", "space-mismatch", "unknown-env",
+    ids=["yaml", "text", "empty", "url", "missing", "truncated", "foreign", "future-version", "malicious", "space-mismatch", "unknown-env",
          "unknown-suite"],
 )
 def test_cli_bad_input_exits_2_with_one_message(
@@ -348,6 +436,110 @@ def test_missing_checkpoint_in_a_subprocess_exits_2(tmp_path: Path) -> None:
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: checkpoint file not found: {tmp_path / 'nope.pt'}"]
+
+
+# -- outputs are checked before any episode runs; nothing is lost or silently replaced ----------
+
+
+def _cli_process(*argv: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, argv), "--no-progress"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_existing_json_is_refused_before_any_episode_and_kept(rims_run: tuple[Path, Trainer], tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    results.write_text('{"earlier": "results"}\n')
+    args = (rims_run[0], "--env", DOORKEY_6, "--episodes", "1", "--max-episode-steps", "2", "--json", results)
+    refused = _cli_process(*args, "--plot", tmp_path / "plots")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines() == [
+        f"error: --json {results} exists; pass --overwrite to replace it, or choose another name"]
+    assert refused.stdout == "" and not (tmp_path / "plots").exists()  # no episode ran, nothing written
+    assert results.read_text() == '{"earlier": "results"}\n'
+    replaced = _cli_process(*args, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert json.loads(results.read_text())["checkpoints"][0]["results"][0]["env_id"] == DOORKEY_6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temporary left
+
+
+@pytest.mark.parametrize(
+    ("option", "where", "message"),
+    [
+        ("--json", "{file}/results.json", "is under {file}, which is a file, not a folder"),
+        ("--json", "{tmp}", "is a folder; give a file name"),
+        ("--json", "/proc/evaluate-test/results.json", "cannot write in /proc"),
+        ("--plot", "{file}", "is a file, not a folder"),
+        ("--video", "{file}/videos", "is under {file}, which is a file, not a folder"),
+        ("--plot", "/proc/evaluate-test", "cannot write in /proc"),
+    ],
+    ids=["json-under-file", "json-is-folder", "json-unwritable", "plot-is-file", "video-under-file", "plot-unwritable"],
+)
+def test_unusable_destinations_exit_2_before_any_episode(
+    rims_run: tuple[Path, Trainer], tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, where: str,
+    message: str,
+) -> None:
+    file = tmp_path / "a-file"
+    file.write_text("keep me\n")
+    target = where.format(file=file, tmp=tmp_path)
+    code, stdout, stderr = _run_cli(capsys, rims_run[0], "--episodes", "1", option, target)
+    assert code == 2 and stdout == ""
+    assert stderr.startswith(f"error: {option} {target}") and message.format(file=file) in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert file.read_text() == "keep me\n"
+
+
+def test_existing_plot_and_video_files_are_refused_without_overwrite(
+    rims_run: tuple[Path, Trainer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    earlier = plots / "tiny-rims-DoorKey-5x5.png"
+    earlier.write_bytes(b"an earlier plot")
+    args = (rims_run[0], "--episodes", "1", "--max-episode-steps", "2", "--no-progress", "--plot", plots)
+    code, stdout, stderr = _run_cli(capsys, *args)
+    assert code == 2 and stdout == "" and f"--plot: {earlier} exists; pass --overwrite" in stderr
+    assert earlier.read_bytes() == b"an earlier plot"
+    code, _, _ = _run_cli(capsys, *args, "--overwrite")
+    assert code == 0
+    with Image.open(earlier) as image:
+        assert image.format == "PNG"
+
+
+def test_negative_seed_is_one_line_exit_2(rims_run: tuple[Path, Trainer]) -> None:
+    result = _cli_process(rims_run[0], "--seed", "-1")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == ["evaluate.py: error: --seed must be >= 0, got -1 (see --help)"]
+
+
+def test_load_policy_refuses_non_paths_urls_and_missing_gpus(rims_run: tuple[Path, Trainer], tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"takes the path of a checkpoint file .* got dict .*policy_from_checkpoint"):
+        load_policy({"policy": {}})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="got int"):
+        load_policy(3)  # type: ignore[arg-type]
+    with pytest.raises(CheckpointError, match="URLs are not supported"):
+        load_policy("https://example.org/checkpoint.pt")
+    with pytest.raises(CheckpointError, match="URLs are not supported"):
+        load_policy(Path("s3://bucket/checkpoint.pt"))  # what Path() leaves of a URL
+    yaml_file = tmp_path / "config.yaml"
+    yaml_file.write_text("core:\n  name: rims\n")
+    with pytest.raises(CheckpointError, match="is a YAML/text file"):
+        load_policy(yaml_file)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"no CUDA GPU here .* use device='cpu'"):
+            load_policy(rims_run[0], "cuda")
+    with pytest.raises(ValueError, match="is not a torch device"):
+        load_policy(rims_run[0], "gpu0")
+
+
+def test_the_argument_parser_imports_no_heavy_library() -> None:
+    # A fresh interpreter: what evaluate.py and its parser import on their own.
+    code = ("import sys, evaluate; evaluate.parse_args(['run/checkpoint.pt', '--suite', 'doorkey']); "
+            "evaluate.build_parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'gymnasium', 'ale_py', 'stable_baselines3', 'minigrid', 'matplotlib',"
+            " 'numpy', 'agents.evaluation', 'envs', 'policies') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 # -- the generalisation benchmark --------------------------------------------------------------
