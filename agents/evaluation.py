@@ -602,7 +602,9 @@ def evaluate_policy(
         results["first_episode"] = {
             "index": watched, "return": first.get("r"), "length": first.get("l"),
             "success": None if "is_success" not in first else bool(first["is_success"]),
-            "truncated": first.get("truncated"), "events": list(schedule.events),
+            "truncated": first.get("truncated"),
+            # None where the env has no behaviour events to report (not MiniGrid); [] where it has but none happened.
+            "events": list(schedule.events) if dummy.envs[0].base is not None else None,
         }
     if record_video:
         results["frames"] = schedule.frames

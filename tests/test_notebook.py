@@ -1,8 +1,12 @@
-"""The quickstart notebook runs top to bottom (trains, loads, runs an episode, plots), so it cannot rot."""
+"""The quickstart notebook runs top to bottom (trains, loads, runs an episode, plots), and the README's
+notebook snippet finishes an episode, so neither can rot."""
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -28,3 +32,37 @@ def test_quickstart_notebook_executes(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "episode return" in text and "MiniGrid-DoorKey-6x6-v0: mean return" in text
     # The module-activation plot is shown inline.
     assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+def _readme_snippet() -> str:
+    """The README's notebook snippet: the python block between its start and end markers."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("<!-- notebook-snippet: start")
+    end = readme.index("<!-- notebook-snippet: end -->", start)
+    blocks = re.findall(r"```python\n(.*?)```", readme[start:end], flags=re.DOTALL)
+    assert len(blocks) == 1, "the README's notebook-snippet markers must hold exactly one python block"
+    return blocks[0]
+
+
+def test_readme_snippet_finishes_an_episode(tmp_path: Path) -> None:
+    # The snippet runs verbatim, in a fresh interpreter, against a tiny checkpoint trained where it
+    # looks for the default one (runs/doorkey-5x5-rims-ppo/ under the working directory).
+    snippet = _readme_snippet()
+    match = re.search(r'load_policy\("([^"]+)"\)', snippet)
+    assert match is not None and "deterministic=True" not in snippet
+    run_dir = tmp_path / Path(match.group(1)).parent
+    from agents.config import load_config
+    from agents.trainer import Trainer
+
+    config = load_config(None, ["core.num_modules=2", "core.module_size=8", "core.k_active=1", "env.n_envs=2",
+                                "algo.n_steps=16", "algo.num_minibatches=1", "total_frames=32",
+                                "log.progress_bar=false"])
+    Trainer(config, run_dir).run()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    found = re.fullmatch(r"episode return (-?\d+\.\d\d) after (\d+) steps\n", result.stdout)
+    assert found is not None, result.stdout
+    # DoorKey-5x5 ends an episode within 250 steps (its own limit), terminated or truncated.
+    assert 1 <= int(found.group(2)) <= 250

@@ -1,0 +1,104 @@
+"""The episode figure says what it shows: titles, axis and colour-bar labels, the on/off key, the
+episode's summary and its behaviour events (checked on the figure's texts, then drawn to a PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+
+from agents.plots import episode_caption, plot_episode_info, save_figure
+
+
+def _texts(fig: Figure) -> list[str]:
+    """Every text on the figure: titles, labels, annotations, legend entries."""
+    texts = [text.get_text() for text in fig.texts]
+    if fig._suptitle is not None:
+        texts.append(fig._suptitle.get_text())
+    for legend in fig.legends:
+        texts += [text.get_text() for text in legend.get_texts()]
+    for ax in fig.axes:
+        texts += [ax.get_title(loc="left"), ax.get_title(), ax.get_xlabel(), ax.get_ylabel()]
+        texts += [text.get_text() for text in ax.texts]
+        if ax.get_legend() is not None:
+            texts += [text.get_text() for text in ax.get_legend().get_texts()]
+    return [text for text in texts if text]
+
+
+def _rims_trace(steps: int = 12, modules: int = 4) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {"active": rng.random((steps, modules)) > 0.5,
+            "input_attention": rng.dirichlet(np.ones(2), size=(steps, modules)),
+            "state_norm": rng.random(steps)}
+
+
+def test_rims_figure_names_the_episode_its_panels_and_events(tmp_path: Path) -> None:
+    episode = {"index": 0, "return": 0.5, "length": 12, "success": False, "truncated": True,
+               "events": [(3, "picks up key"), (5, "opens door"), (9, "picks up key")]}
+    fig = plot_episode_info(_rims_trace(), "tiny-rims (rims) on DoorKey-6x6 (held-out)", episode=episode, episodes=100)
+    texts = _texts(fig)
+    title = fig._suptitle.get_text()
+    assert title.splitlines() == ["tiny-rims (rims) on DoorKey-6x6 (held-out)",
+                                  "episode 0 of 100 (seeded; the first), return 0.50, no success, 12 steps, "
+                                  "timed out (truncated at the step limit)"]
+    # On/off panel: two colours with a key, no colour bar.
+    assert "which modules are active at each step" in texts
+    active_ax = next(ax for ax in fig.axes if ax.get_title(loc="left") == "which modules are active at each step")
+    assert [t.get_text() for t in active_ax.get_legend().get_texts()] == ["active", "inactive"]
+    assert active_ax.images[0].cmap.N == 2
+    # Every colour bar is labelled; one for the attention panel only.
+    colorbars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert [ax.get_ylabel() for ax in colorbars] == ["attention to the observation"]
+    assert any(text.startswith("attention each module gives to the observation") for text in texts)
+    assert "size of the memory: norm of the recurrent state after each step" in texts
+    assert "state norm" in texts and "step of the episode" in texts
+    # Behaviour events: named above the panels and in a legend with their steps.
+    assert "what the agent did" in texts
+    assert texts.count("picks up key") == 2 and "opens door" in texts
+    assert "picks up key (steps 3, 9)" in texts and "opens door (step 5)" in texts
+    # Plain words only.
+    assert not [t for t in texts if "input slot" in t or "recurrent state norm" in t]
+    path = save_figure(fig, tmp_path / "rims.png")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] >= 1000
+
+
+def test_brims_and_thalnet_colour_bars_are_labelled() -> None:
+    rng = np.random.default_rng(1)
+    steps = 6
+    brims = {"state_norm": rng.random(steps)}
+    for layer, slots in ((0, 3), (1, 2)):
+        brims[f"active_{layer}"] = rng.random((steps, 3)) > 0.5
+        brims[f"input_attention_{layer}"] = rng.dirichlet(np.ones(slots), size=(steps, 3))
+    fig = plot_episode_info(brims)
+    texts = _texts(fig)
+    assert "which modules are active at each step (layer 0)" in texts
+    assert any(t.startswith("attention each module gives to the layer above (layer 0)") for t in texts)
+    labels = [ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert labels == ["attention to the observation", "attention to the layer above", "attention to the observation"]
+    thalnet = {"read_weights": rng.dirichlet(np.ones(5), size=(steps, 2)), "state_norm": rng.random(steps)}
+    fig = plot_episode_info(thalnet)
+    assert "how much module 1 reads from each position of the center" in _texts(fig)
+    assert [ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>"] == ["read weight", "read weight"]
+
+
+def test_lstm_figure_says_there_are_no_module_diagnostics() -> None:
+    fig = plot_episode_info({"state_norm": np.arange(5.0)}, episode={"index": 0, "return": 1.0, "length": 5,
+                                                                   "success": True, "truncated": False})
+    texts = _texts(fig)
+    assert any("this core reports no module diagnostics" in t for t in texts)
+    assert fig._suptitle.get_text() == "episode 0, return 1.00, success, 5 steps, ended by the env (terminated)"
+
+
+def test_a_minigrid_episode_without_events_says_so() -> None:
+    episode = {"index": 0, "return": 0.0, "length": 12, "success": False, "truncated": True, "events": []}
+    fig = plot_episode_info(_rims_trace(), "t", episode=episode)
+    assert fig._suptitle.get_text().endswith("; no key picked up, door opened or goal reached")
+    assert "what the agent did" not in _texts(fig)
+
+
+def test_episode_caption_without_success_information() -> None:
+    assert episode_caption({"index": 3, "return": -21.0, "length": 900, "success": None, "truncated": False}, 10) \
+        == "episode 3 of 10, return -21.00, 900 steps, ended by the env (terminated)"
