@@ -1,0 +1,301 @@
+"""Where a study's jobs run: a local pool of worker threads driving subprocesses, or Ray tasks.
+
+Both executors run :func:`agents.study.execute_job` for each job (train.py, then evaluate.py, as
+subprocesses) and show one live line: runs done / running / queued / failed and the frames per
+second of the runs training now (read from their ``metrics.jsonl``).
+
+- ``run_local``: ``workers`` jobs at a time on this machine (default: the CPU count), one torch
+  thread each. Ctrl-C (or SIGTERM) asks every running train.py to checkpoint and stop (SIGINT to
+  each), waits for them and returns; a second Ctrl-C makes them abort at once (their last
+  checkpoint is intact).
+- ``run_ray``: each job is a Ray task with ``num_cpus``/``num_gpus`` requests, on the cluster at
+  ``address`` (``auto``: the one ``ray start`` set up here) or a new local instance. Ray is
+  imported here only, so the package never needs it unless asked; Ctrl-C cancels the tasks, which
+  stop their subprocesses the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from agents.study import Job, JobResult, StudyError, execute_job, job_state
+
+RAY_MISSING = 'the ray executor needs Ray, which is not installed: pip install -e ".[cluster]"'
+
+
+def default_workers() -> int:
+    """As many workers as this process may use CPU cores."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _last_row_fps(run_dir: Path, since: float) -> float:
+    """``time/fps`` of the last metrics row of a run written after ``since`` (0 if none)."""
+    path = run_dir / "metrics.jsonl"
+    try:
+        if path.stat().st_mtime < since:
+            return 0.0
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 4096))
+            lines = handle.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return 0.0
+    import json
+
+    for line in reversed(lines):
+        try:
+            return float(json.loads(line).get("time/fps") or 0.0)
+        except (ValueError, AttributeError):
+            continue
+    return 0.0
+
+
+class Display:
+    """One live status line (rewritten in place on a terminal, a line every 30 s otherwise)."""
+
+    def __init__(self, name: str, total: int, done: int, stream: TextIO | None = None) -> None:
+        self.name, self.total, self.done_before = name, total, done
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.started = time.time()
+        self._last_print = 0.0
+        self._width = 0
+
+    def line(self, done: int, running: Sequence[Job], queued: int, failed: int) -> str:
+        """The status line for these counts."""
+        fps = sum(_last_row_fps(Path(job.run_dir), time.time() - 30) for job in running)
+        elapsed = int(time.time() - self.started)
+        return (f"{self.name}: {done}/{self.total} runs done, {len(running)} running, {queued} queued"
+                + (f", {failed} failed" if failed else "") + f" | {fps:,.0f} frames/s | {elapsed // 60}m{elapsed % 60:02d}s")
+
+    def update(self, done: int, running: Sequence[Job], queued: int, failed: int, force: bool = False) -> None:
+        """Show the counts (rate-limited)."""
+        now = time.time()
+        if not force and now - self._last_print < (1.0 if self.tty else 30.0):
+            return
+        self._last_print = now
+        text = self.line(done, running, queued, failed)
+        if self.tty:
+            self.stream.write("\r" + text.ljust(self._width))
+            self._width = len(text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        """Print a line without breaking the live line."""
+        if self.tty and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self._width = 0
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the live line."""
+        if self.tty and self._width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._width = 0
+
+
+def _report(display: Display, result: JobResult) -> None:
+    if result.status == "done":
+        display.message(f"  {result.key}: done")
+    elif result.status == "failed":
+        display.message(f"  {result.key}: FAILED: {result.message}")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[list[str]]:
+    """Within the block SIGTERM raises KeyboardInterrupt (so a scheduler's stop is a clean stop)."""
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(_signum: int, _frame: Any) -> None:
+        received.append("SIGTERM")
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What an executor came to: one result per job it ran, and whether it was stopped (and by what)."""
+
+    results: list[JobResult]
+    stopped: str | None = None  # "SIGINT" or "SIGTERM"
+
+
+def run_local(jobs: Sequence[Job], workers: int | None = None, display: Display | None = None) -> Outcome:
+    """Run ``jobs`` on this machine, ``workers`` at a time (default: the CPU count).
+
+    :return: the results of the jobs that ran, and ``stopped`` when Ctrl-C / SIGTERM stopped the pool
+        (the running jobs were asked to checkpoint; queued ones never started).
+    """
+    workers = workers or default_workers()
+    display = display or Display("study", len(jobs), 0)
+    todo: queue.Queue[Job] = queue.Queue()
+    for job in jobs:
+        todo.put(job)
+    level = [0]  # 0 run, 1 stop (checkpoint and exit), 2 abort (a second Ctrl-C)
+    running: dict[str, Job] = {}
+    results: list[JobResult] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while level[0] == 0:
+            try:
+                job = todo.get_nowait()
+            except queue.Empty:
+                return
+            with lock:
+                running[job.key] = job
+            try:
+                result = execute_job(job, lambda: level[0])
+            except Exception as exc:  # a bug must not hang the pool: report it as this job's failure
+                result = JobResult(job.key, "failed", f"{type(exc).__name__}: {exc}")
+            with lock:
+                running.pop(job.key, None)
+                results.append(result)
+            _report(display, result)
+
+    threads = [threading.Thread(target=worker, daemon=True, name=f"study-worker-{i}") for i in range(workers)]
+    stopped: str | None = None
+    with _sigterm_as_interrupt() as received:
+        for thread in threads:
+            thread.start()
+        while any(thread.is_alive() for thread in threads):
+            try:
+                for thread in threads:
+                    thread.join(timeout=0.5)
+                with lock:
+                    current = list(running.values())
+                    done = sum(r.status == "done" for r in results)
+                    failed = sum(r.status == "failed" for r in results)
+                display.update(display.done_before + done, current, todo.qsize(), failed)
+            except KeyboardInterrupt:
+                stopped = received[-1] if received else "SIGINT"
+                level[0] = min(2, level[0] + 1)
+                display.message("stopping: asked the running runs to checkpoint and exit (Ctrl-C again to abort them)"
+                                if level[0] == 1 else "aborting the running runs (their last checkpoints are intact)")
+    display.close()
+    return Outcome(results, stopped)
+
+
+def _ray_execute(job: Job) -> JobResult:
+    """A Ray task: run one job on whichever node Ray chose (paths must be on a shared file system)."""
+    repo = job.repo if (Path(job.repo) / "train.py").is_file() else str(Path(__file__).resolve().parent.parent)
+    local = dataclasses.replace(job, python=sys.executable, repo=repo)
+    interrupted = [0]
+
+    def should_stop() -> int:
+        return interrupted[0]
+
+    try:
+        return execute_job(local, should_stop)
+    except KeyboardInterrupt:  # cancelled between subprocesses
+        return JobResult(job.key, "stopped", "cancelled")
+
+
+def import_ray() -> Any:
+    """Import Ray, or raise StudyError naming the extra that installs it."""
+    try:
+        import ray
+    except ImportError:
+        raise StudyError(RAY_MISSING) from None
+    return ray
+
+
+def run_ray(jobs: Sequence[Job], address: str | None = None, workers: int | None = None,
+            cpus_per_run: float = 1.0, gpus_per_run: float = 0.0, display: Display | None = None,
+            init: Callable[..., Any] | None = None) -> Outcome:
+    """Run ``jobs`` as Ray tasks.
+
+    :param address: a Ray cluster's address, ``auto`` for the one started here with ``ray start``,
+        or None for a new local instance (of ``workers`` CPUs, default all).
+    :param cpus_per_run: each task's ``num_cpus`` request.
+    :param gpus_per_run: each task's ``num_gpus`` request (runs then need ``device=cuda`` in their config).
+    :param init: called instead of ``ray.init`` when given (tests connect to their own instance).
+    """
+    ray = import_ray()
+    display = display or Display("study", len(jobs), 0)
+    started_here = False
+    if not ray.is_initialized():
+        options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        if address:
+            options["address"] = address
+        elif workers:
+            options["num_cpus"] = workers
+        try:
+            (init or ray.init)(**options)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise StudyError(f"cannot connect to Ray{f' at {address}' if address else ''}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        started_here = True
+    task = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)(_ray_execute)
+    pending = {task.remote(job): job for job in jobs}
+    results: list[JobResult] = []
+    stopped: str | None = None
+    started = time.time()
+    try:
+        with _sigterm_as_interrupt() as received:
+            while pending:
+                try:
+                    ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                    for ref in ready:
+                        job = pending.pop(ref)
+                        try:
+                            result = ray.get(ref)
+                        except Exception as exc:  # a task that died (node lost, worker killed)
+                            result = JobResult(job.key, "failed", f"Ray task failed: {str(exc).splitlines()[0]}")
+                        results.append(result)
+                        _report(display, result)
+                    running = [job for job in pending.values() if _log_touched_since(job, started)]
+                    display.update(display.done_before + sum(r.status == "done" for r in results), running,
+                                   len(pending) - len(running), sum(r.status == "failed" for r in results))
+                except KeyboardInterrupt:
+                    stopped = received[-1] if received else "SIGINT"
+                    display.message("stopping: cancelling the Ray tasks (running runs checkpoint and exit)")
+                    for ref in pending:
+                        with contextlib.suppress(Exception):
+                            ray.cancel(ref)
+                    for ref, job in list(pending.items()):
+                        try:
+                            results.append(ray.get(ref))
+                        except Exception:
+                            results.append(JobResult(job.key, "stopped", "cancelled"))
+                    pending.clear()
+    finally:
+        display.close()
+        if started_here:
+            ray.shutdown()
+    return Outcome(results, stopped)
+
+
+def _log_touched_since(job: Job, since: float) -> bool:
+    """Whether a job has started in this session (its log was written to since ``since``) and is not done."""
+    try:
+        touched = Path(job.log).stat().st_mtime >= since
+    except OSError:
+        return False
+    return touched and not job_state(job).done

@@ -1,0 +1,604 @@
+"""A study's statistics, plots and ``report.md``, from finished runs (no training, no torch).
+
+Statistics follow rliable (Agarwal et al. 2021, "Deep RL at the edge of the statistical
+precipice") and are small pure functions over score arrays of shape ``(runs, envs)``:
+
+- :func:`iqm` and :func:`mean` of all runs x envs; :func:`interval_estimates` gives them with 95%
+  stratified bootstrap intervals (runs resampled with replacement within each env);
+- :func:`probability_of_improvement` P(X > Y) (Mann-Whitney, averaged over envs) and its interval
+  (:func:`poi_interval`, the bootstrap resamples runs of X and Y independently);
+- :func:`performance_profile`: the fraction of runs x envs scoring above each threshold tau, with
+  intervals;
+- :func:`sample_sd` (ddof=1) and :func:`smallest_detectable_difference`, the difference in mean
+  a two-sided Welch-type comparison of these many runs could detect with 80% power at the 5%
+  level, given the observed seed-to-seed spread.
+
+rliable (and its bootstrap library ``arch``) is imported inside the functions that need it.
+
+``load_scores(study)`` returns ``{model: array(runs, envs)}`` for a notebook; ``write_report``
+writes ``studies/<study>/report.md`` and its PNG plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agents.study import (
+    DEFAULT_ROOT,
+    Study,
+    StudyError,
+    code_versions,
+    config_hash,
+    eval_path,
+    job_state,
+    load_study_dir,
+    plan,
+    read_json,
+    read_provenance,
+    resolved_config,
+    run_dir,
+    study_dir,
+)
+
+CONFIDENCE = 0.95
+REPS = 10_000
+STATS_MISSING = 'study reports need rliable, which is not installed: pip install -e ".[test]" (or pip install rliable "pandas<3")'
+
+
+def _rliable() -> tuple[Any, Any]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from rliable import library, metrics
+    except ImportError:
+        raise StudyError(STATS_MISSING) from None
+    return library, metrics
+
+
+def _bootstrap(library: Any, *args: Any, **kwargs: Any) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """rliable's ``get_interval_estimates`` without arch's warning about its seeded RandomState."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="random_state is deprecated", category=FutureWarning)
+        return library.get_interval_estimates(*args, **kwargs)
+
+
+# -- statistics: pure functions over (runs, envs) arrays ------------------------------------------
+
+
+def _check(scores: np.ndarray) -> np.ndarray:
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.size == 0:
+        raise ValueError(f"scores must be a non-empty (runs, envs) array, got shape {scores.shape}")
+    return scores
+
+
+def iqm(scores: np.ndarray) -> float:
+    """Interquartile mean of all runs x envs: the mean of the middle 50% (25% trimmed each side)."""
+    _, metrics = _rliable()
+    return float(metrics.aggregate_iqm(_check(scores)))
+
+
+def mean(scores: np.ndarray) -> float:
+    """Mean of all runs x envs."""
+    return float(np.mean(_check(scores)))
+
+
+def interval_estimates(score_dict: dict[str, np.ndarray], reps: int = REPS, seed: int = 0,
+                       confidence: float = CONFIDENCE) -> dict[str, dict[str, tuple[float, float, float]]]:
+    """IQM and mean of each model with stratified bootstrap intervals.
+
+    :param score_dict: ``{model: array(runs, envs)}``.
+    :param reps: bootstrap resamples.
+    :param seed: seed of the resampling (the same inputs give the same intervals).
+    :return: ``{model: {"iqm": (point, low, high), "mean": (point, low, high)}}``.
+    """
+    library, metrics = _rliable()
+    scores = {name: _check(value) for name, value in score_dict.items()}
+
+    def aggregate(x: np.ndarray) -> np.ndarray:
+        return np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)])
+
+    points, intervals = _bootstrap(library,
+        scores, aggregate, reps=reps, confidence_interval_size=confidence,
+        random_state=np.random.RandomState(seed))
+    return {name: {stat: (float(points[name][i]), float(intervals[name][0, i]), float(intervals[name][1, i]))
+                   for i, stat in enumerate(("iqm", "mean"))} for name in scores}
+
+
+def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> float:
+    """P(X > Y): for each env the probability that a random run of X beats one of Y (ties count
+    half), averaged over envs. 1.0 when every run of X beats every run of Y on every env."""
+    _, metrics = _rliable()
+    x, y = _check(x), _check(y)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"x and y need the same envs, got {x.shape[1]} and {y.shape[1]}")
+    return float(metrics.probability_of_improvement(x, y))
+
+
+def poi_interval(x: np.ndarray, y: np.ndarray, reps: int = REPS, seed: int = 0,
+                 confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """P(X > Y) with its stratified bootstrap interval: ``(point, low, high)``."""
+    library, metrics = _rliable()
+    x, y = _check(x), _check(y)
+    points, intervals = _bootstrap(library,
+        {"pair": (x, y)}, lambda a, b: np.array([metrics.probability_of_improvement(a, b)]), reps=reps,
+        confidence_interval_size=confidence, random_state=np.random.RandomState(seed))
+    return float(points["pair"][0]), float(intervals["pair"][0, 0]), float(intervals["pair"][1, 0])
+
+
+def score_distribution(scores: np.ndarray, taus: np.ndarray) -> np.ndarray:
+    """The fraction of runs x envs scoring strictly above each tau (rliable's run-score distribution)."""
+    scores = _check(scores)
+    return np.array([float(np.mean(scores > tau)) for tau in np.asarray(taus, dtype=np.float64)])
+
+
+def performance_profile(score_dict: dict[str, np.ndarray], taus: np.ndarray, reps: int = 2000, seed: int = 0,
+                        confidence: float = CONFIDENCE) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Performance profiles with stratified bootstrap bands: ``{model: (profile, low, high)}`` over ``taus``."""
+    library, _ = _rliable()
+    taus = np.asarray(taus, dtype=np.float64)
+    points, intervals = _bootstrap(library,
+        {name: _check(value) for name, value in score_dict.items()}, lambda x: score_distribution(x, taus),
+        reps=reps, confidence_interval_size=confidence, random_state=np.random.RandomState(seed))
+    return {name: (points[name], intervals[name][0], intervals[name][1]) for name in score_dict}
+
+
+def sample_sd(values: Sequence[float] | np.ndarray) -> float:
+    """Sample standard deviation (ddof=1); nan for fewer than two values."""
+    data = np.asarray(values, dtype=np.float64)
+    return float(np.std(data, ddof=1)) if data.size >= 2 else float("nan")
+
+
+def smallest_detectable_difference(sd_x: float, n_x: int, sd_y: float, n_y: int, alpha: float = 0.05,
+                                   power: float = 0.8) -> float:
+    """The smallest difference in mean two groups of runs could detect, from their spread.
+
+    ``(t_{1-alpha/2, df} + t_{power, df}) * sqrt(sd_x^2/n_x + sd_y^2/n_y)`` with ``df = n_x + n_y - 2``:
+    a difference this large is found by a two-sided test at level ``alpha`` with probability
+    ``power``; smaller ones are within what these seeds can tell apart from seed noise.
+    nan when either group has fewer than two runs.
+    """
+    from scipy import stats
+
+    if n_x < 2 or n_y < 2 or not (math.isfinite(sd_x) and math.isfinite(sd_y)):
+        return float("nan")
+    df = n_x + n_y - 2
+    spread = math.sqrt(sd_x**2 / n_x + sd_y**2 / n_y)
+    return float((stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * spread)
+
+
+# -- reading a study's results ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """One run's evaluation results: ``returns[point]`` is an array over the study's envs (nan: missing)."""
+
+    model: str
+    seed: int
+    run_dir: Path
+    config_sha256: str | None
+    versions: list[str]
+    returns: dict[int, np.ndarray]
+    successes: dict[int, np.ndarray]
+    frames: dict[int, int]  # planned point -> frames of the checkpoint evaluated there
+    finished: bool
+
+    @property
+    def provenance(self) -> str:
+        """``config <hash> code <versions>``: what must be equal for runs to be pooled."""
+        return f"config {(self.config_sha256 or 'unknown')[:12]}, code {' then '.join(self.versions) or 'unknown'}"
+
+
+@dataclasses.dataclass
+class StudyResults:
+    """Everything the report needs, read from a study directory."""
+
+    study: Study
+    directory: Path
+    envs: list[str]
+    held_out: list[bool]
+    models: list[str]
+    baselines: list[str]
+    runs: dict[str, list[RunRecord]]
+    missing: list[str]
+
+    def scores(self, point: int | None = None, held_out_only: bool = False) -> dict[str, np.ndarray]:
+        """``{model: array(runs, envs)}`` of mean returns at ``point`` (default: the end of the budget),
+        over the runs evaluated there, in seed order."""
+        point = self.study.total_frames if point is None else point
+        columns = [i for i, h in enumerate(self.held_out) if h or not held_out_only]
+        out = {}
+        for model in self.models:
+            rows = [r.returns[point][columns] for r in self.runs.get(model, []) if point in r.returns]
+            out[model] = np.array(rows, dtype=np.float64).reshape(len(rows), len(columns))
+        return out
+
+    def seeds(self, model: str, point: int | None = None) -> list[int]:
+        """The seeds of a model's runs evaluated at ``point`` (the rows of :meth:`scores`)."""
+        point = self.study.total_frames if point is None else point
+        return [r.seed for r in self.runs.get(model, []) if point in r.returns]
+
+
+def _env_order(study: Study, directory: Path) -> tuple[list[str], list[bool]]:
+    """The study's envs and which are held out, read from the first result JSON (no gymnasium import)."""
+    for model in study.models:
+        for seed in study.seeds:
+            data = read_json(eval_path(run_dir(directory, model.label, seed), study.total_frames))
+            if isinstance(data, dict) and data.get("checkpoints"):
+                results = data["checkpoints"][0]["results"]
+                names = [r["name"] for r in results]
+                if study.eval.suite is not None:
+                    return names, [r.get("split") == "held-out" for r in results]
+                return names, [name in study.eval.held_out for name in names]
+    raise StudyError(f"{directory}: no run has finished its final evaluation yet; nothing to report")
+
+
+def load_results(study: str | Path, root: str | Path = DEFAULT_ROOT, split_versions: bool = False) -> StudyResults:
+    """Read every run of a study (name, directory or study file) and its evaluations.
+
+    :param split_versions: list runs of one model made by different code or configs apart (as
+        ``model@<provenance>``) instead of refusing them.
+    :raises StudyError: no such study, nothing evaluated yet, or (without ``split_versions``) runs of
+        one model that differ in config hash or code version.
+    """
+    directory = study_dir(study, root)
+    spec = load_study_dir(directory)
+    envs, held_out = _env_order(spec, directory)
+    runs: dict[str, list[RunRecord]] = {}
+    missing: list[str] = []
+    for job in plan(spec, directory):
+        record = _read_run(job.model, job.seed, Path(job.run_dir), envs, spec)
+        state = job_state(job)
+        if not state.done:
+            missing.append(f"{job.key} ({'trained to ' + str(state.trained_frames) + ' frames' if state.started else 'not started'}"
+                           f"{', evaluations missing at ' + ', '.join(map(str, state.evals_missing)) if state.evals_missing else ''})")
+        if record.returns:
+            runs.setdefault(job.model, []).append(record)
+    models = [m.label for m in spec.models]
+    split: dict[str, list[RunRecord]] = {}
+    for model in models:
+        groups: dict[str, list[RunRecord]] = {}
+        for record in runs.get(model, []):
+            groups.setdefault(record.provenance, []).append(record)
+        if len(groups) > 1 and not split_versions:
+            listing = "; ".join(f"{len(v)} run(s) with {k} (seeds {', '.join(str(r.seed) for r in v)})"
+                                for k, v in groups.items())
+            raise StudyError(f"model {model} mixes runs of different code or configs: {listing}. "
+                             f"Rerun them from one version, or pass --split-versions to list them apart")
+        for n, group in enumerate(groups.values(), start=1):
+            split[model if len(groups) == 1 else f"{model}@{n}"] = group
+    labels = [label for model in models for label in split if label == model or label.startswith(f"{model}@")]
+    baselines = [label for label in labels if _is_lstm(spec, label.split("@")[0])]
+    return StudyResults(spec, directory, envs, held_out, labels, baselines, split, missing)
+
+
+def _is_lstm(study: Study, label: str) -> bool:
+    try:
+        return resolved_config(study, study.model(label), study.seeds[0])["core"]["name"] == "lstm"
+    except Exception:
+        return False
+
+
+def _read_run(model: str, seed: int, directory: Path, envs: list[str], study: Study) -> RunRecord:
+    provenance = read_provenance(directory)
+    returns: dict[int, np.ndarray] = {}
+    successes: dict[int, np.ndarray] = {}
+    frames: dict[int, int] = {}
+    for point in study.points:
+        data = read_json(eval_path(directory, point))
+        if not isinstance(data, dict) or not data.get("checkpoints"):
+            continue
+        checkpoint = data["checkpoints"][0]
+        by_name = {r["name"]: r for r in checkpoint["results"]}
+        returns[point] = np.array([by_name[e]["mean_return"] if e in by_name else np.nan for e in envs])
+        successes[point] = np.array([by_name[e]["success_rate"] if e in by_name and by_name[e]["success_rate"]
+                                     is not None else np.nan for e in envs], dtype=np.float64)
+        name = Path(checkpoint["checkpoint"]).stem
+        frames[point] = int(name.split("_")[-1]) if name.split("_")[-1].isdigit() else point
+    config_sha = (provenance or {}).get("config_sha256")
+    try:  # what the run really used, if train.py wrote it
+        import yaml
+
+        written = yaml.safe_load((directory / "config.yaml").read_text())
+        config_sha = config_hash(written) if isinstance(written, dict) else config_sha
+    except (OSError, ValueError):
+        pass
+    return RunRecord(model, seed, directory, config_sha, code_versions(provenance), returns, successes, frames,
+                     study.total_frames in returns)
+
+
+def load_scores(study: str | Path, point: int | None = None, held_out_only: bool = False,
+                root: str | Path = DEFAULT_ROOT) -> dict[str, np.ndarray]:
+    """``{model: array(runs, envs)}``: mean evaluation return per run (rows, seed order) and env
+    (columns, the study's env order; ``load_results(study).envs`` names them) at ``point`` frames
+    (default: the end of the budget), for a notebook.
+
+    :param held_out_only: keep only the held-out envs' columns.
+    """
+    return load_results(study, root).scores(point, held_out_only)
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _ci(triple: tuple[float, float, float]) -> str:
+    return f"{_fmt(triple[0])} [{_fmt(triple[1])}, {_fmt(triple[2])}]"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|",
+            *("| " + " | ".join(row) + " |" for row in rows), ""]
+
+
+def verdict(model: str, baseline: str, poi: tuple[float, float, float]) -> str:
+    """The sentence a probability of improvement and its interval support (never more)."""
+    point, low, high = poi
+    if low > 0.5:
+        return f"{model} improves on {baseline} (P(improvement) {_fmt(point)}, interval [{_fmt(low)}, {_fmt(high)}] above 0.5)"
+    if high < 0.5:
+        return f"{model} does worse than {baseline} (P(improvement) {_fmt(point)}, interval [{_fmt(low)}, {_fmt(high)}] below 0.5)"
+    return (f"the intervals do not separate {model} from {baseline} (P(improvement) {_fmt(point)}, "
+            f"interval [{_fmt(low)}, {_fmt(high)}] contains 0.5)")
+
+
+def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) -> str:
+    """The report's markdown (and, with ``plots``, its PNGs in ``<study dir>/plots/``)."""
+    study, envs = results.study, results.envs
+    held = [e for e, h in zip(envs, results.held_out, strict=True) if h]
+    final = results.scores()
+    final = {m: s for m, s in final.items() if len(s)}
+    if not final:
+        raise StudyError(f"{results.directory}: no run has finished its final evaluation yet; nothing to report")
+    heldout_scores = {m: s[:, results.held_out] for m, s in final.items()}
+    lines = [f"# Study: {study.name}", ""]
+    if study.description:
+        lines += [study.description.strip(), ""]
+    lines += [f"Generated by `python study.py report {study.name}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+              " from the finished runs; nothing here is written by hand.", ""]
+
+    # Protocol.
+    lines += ["## Protocol", ""]
+    spec = study.eval
+    where = f"suite `{spec.suite}`" if spec.suite else "env ids " + ", ".join(f"`{e}`" for e in spec.envs)
+    lines += [f"- Budget: {study.total_frames:,} training frames per run; seeds {_seed_text(study.seeds)} "
+              f"({len(study.seeds)} per model).",
+              f"- Evaluation ({where}) with `evaluate.py --seed {spec.seed}`"
+              f"{' --deterministic' if spec.deterministic else ' (sampled actions)'}: {spec.episodes} episodes per env at "
+              f"{', '.join(f'{p:,}' for p in study.points if p != study.total_frames) or 'no intermediate point'} frames, "
+              f"{spec.final_episodes} at the end. Held out: {', '.join(held)}.",
+              f"- Every run meets the same evaluation levels (paired): evaluation episode i is seeded from child i of "
+              f"`SeedSequence({spec.seed})` for every model and seed, whereas run s trains on the level streams of "
+              f"`SeedSequence(s).spawn(n_envs)` (s in {_seed_text(study.seeds)}), so no evaluation seed is a training "
+              "seed. The held-out envs are never trained on; on the training env itself a small grid has few "
+              "distinct layouts, so some evaluation levels can look like training levels.",
+              "- Score of a run on an env: its mean return over the evaluation episodes. Statistics over runs "
+              f"(rliable): IQM and mean with {int(CONFIDENCE * 100)}% stratified bootstrap intervals ({reps:,} resamples), "
+              "probability of improvement P(X > Y) with its interval, performance profiles, sample SD (ddof=1).", ""]
+    rows = []
+    for label in results.models:
+        model = study.model(label.split("@")[0])
+        records = results.runs.get(label, [])
+        rows.append([label, f"`{_short_path(model.config)}`", " ".join(f"`{o}`" for o in model.overrides) or "-",
+                     str(sum(r.finished for r in records)),
+                     ", ".join(sorted({r.provenance for r in records})) or "-"])
+    lines += _table(["model", "config", "overrides", "finished runs", "provenance (config hash, code version)"], rows)
+    if results.missing:
+        lines += [f"Not included (unfinished or failed): {'; '.join(results.missing)}.", ""]
+    counts = {len(s) for s in final.values()}
+    if len(counts) > 1:
+        lines += ["**Models have different numbers of finished runs**: compare with care.", ""]
+
+    # Aggregate over held-out envs.
+    estimates = interval_estimates(heldout_scores, reps=reps)
+    lines += ["## Held-out envs, aggregated (end of budget)", ""]
+    lines += _table(["model", "runs", "IQM [95% CI]", "mean [95% CI]"],
+                    [[m, str(len(heldout_scores[m])), _ci(estimates[m]["iqm"]), _ci(estimates[m]["mean"])]
+                     for m in heldout_scores])
+
+    # Per env.
+    lines += ["## Per env (end of budget)", "", "IQM [95% CI] / mean [95% CI] over runs; * marks held-out envs.", ""]
+    per_env = {}
+    for j, env in enumerate(envs):
+        per_env[env] = interval_estimates({m: s[:, [j]] for m, s in final.items()}, reps=reps)
+    rows = [[m, *(f"{_ci(per_env[e][m]['iqm'])} / {_ci(per_env[e][m]['mean'])}" for e in envs)] for m in final]
+    lines += _table(["model", *(e + (" *" if h else "") for e, h in zip(envs, results.held_out, strict=True))], rows)
+
+    # Probability of improvement and detectable differences.
+    conclusions = []
+    if results.baselines:
+        lines += ["## Probability of improvement over the LSTM baselines (held-out envs)", ""]
+        rows = []
+        for baseline in results.baselines:
+            if baseline not in heldout_scores:
+                continue
+            for m in heldout_scores:
+                if m == baseline:
+                    continue
+                poi = poi_interval(heldout_scores[m], heldout_scores[baseline], reps=reps)
+                rows.append([m, baseline, _ci(poi)])
+                if m not in results.baselines:
+                    conclusions.append(verdict(m, baseline, poi))
+        lines += _table(["model X", "baseline Y", "P(X > Y) [95% CI]"], rows)
+    per_run = {m: s.mean(axis=1) for m, s in heldout_scores.items()}
+    lines += ["## Smallest detectable difference (held-out mean return per run)", "",
+              "From the observed seed-to-seed spread: the difference in mean held-out return that a two-sided test "
+              "at the 5% level would detect with 80% power, `(t(0.975, df) + t(0.8, df)) * sqrt(sd_x^2/n_x + sd_y^2/n_y)`. "
+              "Smaller true differences are within what these seeds can tell apart from seed noise.", ""]
+    rows = []
+    for baseline in results.baselines or list(per_run)[:1]:
+        if baseline not in per_run:
+            continue
+        for m in per_run:
+            if m == baseline:
+                continue
+            x, y = per_run[m], per_run[baseline]
+            sdd = smallest_detectable_difference(sample_sd(x), len(x), sample_sd(y), len(y))
+            rows.append([m, baseline, f"{_fmt(float(np.mean(x)) - float(np.mean(y)), 3)}", _fmt(sdd, 3)])
+    lines += _table(["model X", "baseline Y", "observed mean(X) - mean(Y)", "smallest detectable difference"], rows)
+
+    # Held-out return against training frames.
+    lines += ["## Held-out return during training", "", "Mean held-out return over runs [95% CI] at each point "
+              "(checkpoint frames are the first whole rollout at or after the point).", ""]
+    curve: dict[str, list[tuple[float, float, float]]] = {}
+    for point in study.points:
+        scores = {m: s[:, results.held_out] for m, s in results.scores(point).items() if len(s)}
+        estimates_at = interval_estimates(scores, reps=min(reps, 2000)) if scores else {}
+        for m in final:
+            curve.setdefault(m, []).append(estimates_at[m]["mean"] if m in estimates_at else (np.nan,) * 3)
+    lines += _table(["model", *(f"{p:,}" for p in study.points)],
+                    [[m, *(_ci(t) for t in curve[m])] for m in final])
+
+    # Per-seed tables.
+    lines += ["## Per seed (end of budget)", "", "Mean return per run; the last rows give the mean and the sample SD "
+              "(ddof=1) over runs.", ""]
+    for j, env in enumerate(envs):
+        seeds = sorted({s for m in final for s in results.seeds(m)})
+        rows = []
+        for seed in seeds:
+            row = [str(seed)]
+            for m in final:
+                index = results.seeds(m).index(seed) if seed in results.seeds(m) else None
+                row.append(_fmt(final[m][index, j]) if index is not None else "-")
+            rows.append(row)
+        rows.append(["mean", *(_fmt(float(np.mean(final[m][:, j]))) for m in final)])
+        rows.append(["SD", *(_fmt(sample_sd(final[m][:, j])) for m in final)])
+        lines += [f"**{env}**{' (held out)' if results.held_out[j] else ''}", ""]
+        lines += _table(["seed", *final], rows)
+
+    lines += ["## What the intervals support", ""]
+    lines += [f"- {c}." for c in conclusions] or ["- No LSTM baseline in this study: no comparison made."]
+    lines += [""]
+    if plots:
+        figures = write_plots(results, heldout_scores, estimates, curve, reps=reps)
+        lines += ["## Plots", "", *(f"![{name}](plots/{name}.png)" for name in figures), ""]
+    return "\n".join(lines)
+
+
+def _seed_text(seeds: Sequence[int]) -> str:
+    s = sorted(seeds)
+    return f"{s[0]}-{s[-1]}" if s == list(range(s[0], s[-1] + 1)) and len(s) > 2 else ", ".join(map(str, s))
+
+
+def _short_path(path: Path) -> str:
+    from agents.study import REPO
+
+    try:
+        return str(path.relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def write_plots(results: StudyResults, heldout_scores: dict[str, np.ndarray],
+                estimates: dict[str, dict[str, tuple[float, float, float]]],
+                curve: dict[str, list[tuple[float, float, float]]], reps: int = REPS) -> list[str]:
+    """Write the report's PNGs into ``<study dir>/plots/`` and return their names."""
+    from matplotlib.figure import Figure
+
+    from agents.plots import save_figure
+    from agents.study import atomic_write
+
+    folder = results.directory / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    models = list(heldout_scores)
+    written = []
+
+    def save(name: str, figure: Figure) -> None:
+        temp = folder / f".{name}.tmp.png"
+        save_figure(figure, temp)
+        atomic_write(folder / f"{name}.png", temp.read_bytes())
+        temp.unlink(missing_ok=True)
+        written.append(name)
+
+    # Interval estimates.
+    figure = Figure(figsize=(9, 0.6 * len(models) + 1.6))
+    for k, stat in enumerate(("iqm", "mean")):
+        ax = figure.add_subplot(1, 2, k + 1)
+        for i, m in enumerate(models):
+            point, low, high = estimates[m][stat]
+            ax.barh(i, high - low, left=low, height=0.6, alpha=0.5, color=f"C{i}")
+            ax.plot([point, point], [i - 0.3, i + 0.3], color="k")
+        ax.set_yticks(range(len(models)), models if k == 0 else [""] * len(models))
+        ax.set_title(f"{stat.upper() if stat == 'iqm' else 'Mean'} held-out return (95% CI)")
+        ax.set_xlabel("return")
+    figure.tight_layout()
+    save("interval_estimates", figure)
+
+    # Probability of improvement.
+    pairs = [(m, b) for b in results.baselines if b in heldout_scores for m in models if m != b]
+    if pairs:
+        figure = Figure(figsize=(7, 0.5 * len(pairs) + 1.4))
+        ax = figure.add_subplot(1, 1, 1)
+        for i, (m, b) in enumerate(pairs):
+            point, low, high = poi_interval(heldout_scores[m], heldout_scores[b], reps=reps)
+            ax.barh(i, high - low, left=low, height=0.6, alpha=0.5, color=f"C{models.index(m)}")
+            ax.plot([point, point], [i - 0.3, i + 0.3], color="k")
+        ax.axvline(0.5, color="grey", linestyle="--")
+        ax.set_yticks(range(len(pairs)), [f"P({m} > {b})" for m, b in pairs])
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("probability of improvement (95% CI), held-out envs")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # long labels: tight_layout may give up
+            figure.tight_layout()
+        save("probability_of_improvement", figure)
+
+    # Performance profiles.
+    everything = np.concatenate([s.ravel() for s in heldout_scores.values()])
+    taus = np.linspace(min(0.0, float(everything.min())), max(1.0, float(everything.max())), 51)
+    profiles = performance_profile(heldout_scores, taus, reps=min(reps, 2000))
+    figure = Figure(figsize=(6, 4))
+    ax = figure.add_subplot(1, 1, 1)
+    for i, m in enumerate(models):
+        profile, low, high = profiles[m]
+        ax.plot(taus, profile, label=m, color=f"C{i}")
+        ax.fill_between(taus, low, high, color=f"C{i}", alpha=0.2)
+    ax.set_xlabel("held-out return threshold tau")
+    ax.set_ylabel("fraction of runs x envs with score > tau")
+    ax.legend()
+    figure.tight_layout()
+    save("performance_profile", figure)
+
+    # Held-out return against training frames.
+    figure = Figure(figsize=(6, 4))
+    ax = figure.add_subplot(1, 1, 1)
+    points = np.array(results.study.points, dtype=np.float64)
+    for i, m in enumerate(models):
+        values = np.array(curve[m], dtype=np.float64)
+        ax.plot(points, values[:, 0], marker="o", label=m, color=f"C{i}")
+        ax.fill_between(points, values[:, 1], values[:, 2], color=f"C{i}", alpha=0.2)
+    ax.set_xlabel("training frames")
+    ax.set_ylabel("mean held-out return (95% CI)")
+    ax.legend()
+    figure.tight_layout()
+    save("heldout_vs_frames", figure)
+    return written
+
+
+def write_report(study: str | Path, root: str | Path = DEFAULT_ROOT, split_versions: bool = False,
+                 reps: int = REPS) -> Path:
+    """Rebuild ``<study dir>/report.md`` and its plots from the finished runs (trains nothing)."""
+    from agents.study import atomic_write
+
+    results = load_results(study, root, split_versions=split_versions)
+    text = build_report(results, reps=reps)
+    path = results.directory / "report.md"
+    atomic_write(path, text.encode())
+    return path
+
+
+__all__ = ["RunRecord", "StudyResults", "build_report", "interval_estimates", "iqm", "load_results", "load_scores",
+           "mean", "performance_profile", "poi_interval", "probability_of_improvement", "sample_sd",
+           "score_distribution", "smallest_detectable_difference", "verdict", "write_report"]
+

@@ -1,0 +1,991 @@
+"""Studies: many seeds of several models, trained and evaluated as ordinary runs, with a resumable plan.
+
+A study file (``configs/studies/*.yaml``) names models (a label, a train.py config file and
+overrides), seeds, a training budget, the points during training at which to evaluate, the
+evaluation envs and the episodes per env. ``python study.py run FILE`` turns it into one job
+per (model, seed):
+
+- training is ``python train.py --config C --run-dir studies/<study>/runs/<model>/seed_<s> seed=S
+  total_frames=T ...`` (or ``python train.py --resume DIR`` for a run that has a checkpoint), so
+  every run is an ordinary run with the files train.py writes;
+- evaluation is ``python evaluate.py CHECKPOINT... --env ... --episodes N --seed E --json ...``
+  on the numbered checkpoints train.py keeps (``checkpoints/checkpoint_<frames>.pt``; the study
+  sets ``log.checkpoint_interval_frames`` to the greatest common divisor of the evaluation points
+  and ``log.keep_checkpoints`` high enough that none of them is deleted). Each point's result is
+  an evaluate.py JSON in ``<run_dir>/eval/point_<frames>.json``.
+
+The study never copies train.py's or evaluate.py's logic; it runs them. Running a study again
+skips finished work (a run whose last checkpoint reached the budget, an evaluation whose JSON
+exists) and resumes interrupted runs with ``--resume``. Every run records its provenance (the git
+commit, whether the tree was modified and a hash of the modification, a hash of its resolved
+config) in ``<run_dir>/provenance.json``; a run whose resolved config no longer matches the study
+is refused rather than continued.
+
+This module imports no torch: a study file is checked (configs included, with ``agents.config``)
+in about a second, before any work starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from agents.config import ConfigError, load_config
+from agents.run_dir import atomic_write
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory lock on the study directory
+    fcntl = None  # type: ignore[assignment]
+
+# The repository root: train.py and evaluate.py are run from here.
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_ROOT = Path("studies")
+# evaluate.py's default: far from the small seeds training configs use (see README, Studies).
+DEFAULT_EVAL_SEED = 10_000
+EXECUTORS = ("local", "ray")
+PROVENANCE_FILE = "provenance.json"
+# What a run executes: a change here changes the code version a run records.
+CODE_PATHS = ("agents", "policies", "envs", "train.py", "evaluate.py")
+STUDY_COPY = "study.yaml"
+# Config keys the study sets itself for every run; a model may not override them.
+STUDY_KEYS = ("seed", "total_frames", "log.checkpoint_interval_frames", "log.keep_checkpoints",
+              "log.progress_bar", "torch_threads")
+# Left out of the config hash: they differ between the runs of one model (seed) or do not change
+# what is learned (the run's name, logging and checkpoint cadence, torch's thread count).
+UNHASHED_KEYS = ("seed", "name", "log", "torch_threads")
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+class StudyError(ValueError):
+    """A study that cannot be run or reported as asked; the message says what and where."""
+
+
+# -- the study file -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of a study: a label, a train.py config file and its overrides."""
+
+    label: str
+    config: Path
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What evaluate.py runs at each evaluation point.
+
+    :param points: frames at which to evaluate during training (the budget is always added).
+    :param suite: an evaluate.py suite (its held-out envs are held out), or None.
+    :param suite_params: parameters of a parametric suite (``--suite-param``).
+    :param envs: env ids (``--env``), when no suite is given.
+    :param held_out: the names of the held-out envs (short names, e.g. ``DoorKey-6x6``).
+    :param episodes: episodes per env at the intermediate points.
+    :param final_episodes: episodes per env at the end of the budget.
+    :param seed: evaluate.py's ``--seed``: the same for every run, so every model meets the same levels.
+    :param deterministic: greedy actions instead of sampled ones.
+    """
+
+    points: tuple[int, ...]
+    suite: str | None = None
+    suite_params: tuple[tuple[str, Any], ...] = ()
+    envs: tuple[str, ...] = ()
+    held_out: tuple[str, ...] = ()
+    episodes: int = 20
+    final_episodes: int = 100
+    seed: int = DEFAULT_EVAL_SEED
+    deterministic: bool = False
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    """Where the jobs run: ``local`` (a process pool here) or ``ray`` (a Ray cluster)."""
+
+    name: str = "local"
+    workers: int | None = None
+    address: str | None = None
+    cpus_per_run: float = 1.0
+    gpus_per_run: float = 0.0
+
+
+@dataclass(frozen=True)
+class Study:
+    """A parsed, checked study file."""
+
+    name: str
+    description: str
+    models: tuple[ModelSpec, ...]
+    seeds: tuple[int, ...]
+    total_frames: int
+    eval: EvalSpec
+    executor: ExecutorSpec
+    overrides: tuple[str, ...] = ()
+    source: Path | None = None
+
+    @property
+    def points(self) -> tuple[int, ...]:
+        """Every evaluation point, the end of the budget included, ascending."""
+        return tuple(sorted({*self.eval.points, self.total_frames}))
+
+    def model(self, label: str) -> ModelSpec:
+        """The model with this label."""
+        for model in self.models:
+            if model.label == label:
+                return model
+        raise StudyError(f"study {self.name} has no model {label!r} (models: {', '.join(m.label for m in self.models)})")
+
+
+TOP_KEYS = {"name", "description", "models", "seeds", "total_frames", "budget", "eval", "executor", "overrides"}
+MODEL_KEYS = {"label", "config", "overrides"}
+EVAL_KEYS = {"points", "suite", "suite_params", "envs", "episodes", "final_episodes", "seed", "deterministic"}
+ENV_KEYS = {"id", "held_out"}
+EXECUTOR_KEYS = {"name", "workers", "address", "cpus_per_run", "gpus_per_run"}
+BUDGET_KEYS = {"total_frames"}
+
+
+def _where(path: Path | None) -> str:
+    return f"{path}: " if path is not None else ""
+
+
+def _unknown(keys: Any, allowed: set[str], section: str, path: Path | None) -> None:
+    unknown = sorted(set(keys) - allowed)
+    if unknown:
+        raise StudyError(f"{_where(path)}unknown key {section}{unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _int(value: Any, what: str, path: Path | None, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise StudyError(f"{_where(path)}{what} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def parse_seeds(value: Any, path: Path | None = None) -> tuple[int, ...]:
+    """Seeds from a study file: a list of ints and ``"a-b"`` ranges, or one such string (``"1-10"``)."""
+    items = value if isinstance(value, list) else [value]
+    seeds: list[int] = []
+    for item in items:
+        if isinstance(item, str) and re.fullmatch(r"\s*\d+\s*-\s*\d+\s*", item):
+            first, last = (int(part) for part in item.split("-"))
+            if last < first:
+                raise StudyError(f"{_where(path)}seeds: empty range {item!r}")
+            seeds.extend(range(first, last + 1))
+        elif isinstance(item, int) and not isinstance(item, bool) and 0 <= item < 2**32:
+            seeds.append(item)
+        elif item is None and value is None:
+            break
+        else:
+            raise StudyError(f"{_where(path)}seeds: {item!r} is not a seed (an integer in [0, 2**32)) or a range 'a-b'")
+    if not seeds:
+        raise StudyError(f"{_where(path)}seeds is empty: list at least one seed (e.g. seeds: 1-10)")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise StudyError(f"{_where(path)}seeds: seed {repeated[0]} is listed twice")
+    return tuple(seeds)
+
+
+def _overrides(value: Any, what: str, path: Path | None) -> tuple[str, ...]:
+    """Overrides as ``key=value`` strings, from a mapping or a list of strings."""
+    if value is None:
+        return ()
+    if isinstance(value, dict):
+        return tuple(f"{key}={json.dumps(item)}" for key, item in value.items())  # JSON is YAML
+    if isinstance(value, list) and all(isinstance(item, str) and "=" in item for item in value):
+        return tuple(value)
+    raise StudyError(f"{_where(path)}{what} must be a mapping (key: value) or a list of 'key=value' strings")
+
+
+def _resolve_config_path(text: Any, path: Path | None) -> Path:
+    if not isinstance(text, str) or not text:
+        raise StudyError(f"{_where(path)}a model's config must be a file path, got {text!r}")
+    candidates = [Path(text)] if Path(text).is_absolute() else [Path.cwd() / text, REPO / text]
+    if path is not None and not Path(text).is_absolute():
+        candidates.append(path.parent / text)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise StudyError(f"{_where(path)}config file not found: {text} (looked in {Path.cwd()} and {REPO})")
+
+
+def parse_study(raw: Any, path: Path | None = None, check_envs: bool = True) -> Study:
+    """Check a study file's contents and return the Study, or raise StudyError naming the first problem.
+
+    Every model's config is resolved with its overrides and the study's own settings (as train.py
+    would, ``agents.config.load_config``), so a mistyped key fails here, before any work starts.
+
+    :param raw: the parsed YAML.
+    :param path: the file it came from (for messages and relative config paths).
+    :param check_envs: also check the evaluation env ids / suite (imports gymnasium: about a second).
+    """
+    if not isinstance(raw, dict):
+        raise StudyError(f"{_where(path)}a study file must be a YAML mapping (name, models, seeds, ...)")
+    _unknown(raw, TOP_KEYS, "", path)
+    name = raw.get("name")
+    if not isinstance(name, str) or not _LABEL.fullmatch(name):
+        raise StudyError(f"{_where(path)}name must be a plain name (letters, digits, '_', '.', '+', '-'), got {name!r}")
+    description = raw.get("description") or ""
+    if not isinstance(description, str):
+        raise StudyError(f"{_where(path)}description must be text")
+
+    if "budget" in raw and "total_frames" in raw:
+        raise StudyError(f"{_where(path)}give the budget once: total_frames or budget.total_frames")
+    budget = raw.get("budget", {"total_frames": raw.get("total_frames")})
+    if not isinstance(budget, dict):
+        raise StudyError(f"{_where(path)}budget must be a mapping with total_frames")
+    _unknown(budget, BUDGET_KEYS, "budget.", path)
+    total_frames = _int(budget.get("total_frames"), "total_frames", path)
+
+    seeds = parse_seeds(raw.get("seeds"), path)
+    common = _overrides(raw.get("overrides"), "overrides", path)
+
+    models_raw = raw.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise StudyError(f"{_where(path)}models must be a non-empty list of {{label, config, overrides}}")
+    models: list[ModelSpec] = []
+    for index, item in enumerate(models_raw):
+        if not isinstance(item, dict):
+            raise StudyError(f"{_where(path)}models[{index}] must be a mapping with label and config")
+        _unknown(item, MODEL_KEYS, f"models[{index}].", path)
+        label = item.get("label")
+        if not isinstance(label, str) or not _LABEL.fullmatch(label):
+            raise StudyError(f"{_where(path)}models[{index}].label must be a plain name (letters, digits, "
+                             f"'_', '.', '+', '-'; it names a directory), got {label!r}")
+        if any(m.label == label for m in models):
+            raise StudyError(f"{_where(path)}model label {label!r} is used twice; each model needs its own label")
+        config = _resolve_config_path(item.get("config"), path)
+        overrides = _overrides(item.get("overrides"), f"models[{index}].overrides", path)
+        for text in (*overrides, *common):
+            key = text.partition("=")[0].strip()
+            if key in STUDY_KEYS:
+                raise StudyError(f"{_where(path)}model {label}: {key} is set by the study "
+                                 f"(seeds, total_frames, eval points), not by overrides")
+        models.append(ModelSpec(label, config, overrides))
+
+    evaluation = _parse_eval(raw.get("eval"), total_frames, path)
+    executor = _parse_executor(raw.get("executor"), path)
+    study = Study(name, description, tuple(models), seeds, total_frames, evaluation, executor, common, path)
+    for model in study.models:  # every config, as train.py will resolve it
+        try:
+            resolved_config(study, model, study.seeds[0])
+        except ConfigError as exc:
+            raise StudyError(f"{_where(path)}model {model.label} ({model.config}): {exc}") from None
+    if check_envs:
+        eval_envs(study)
+    return study
+
+
+def _parse_eval(raw: Any, total_frames: int, path: Path | None) -> EvalSpec:
+    if not isinstance(raw, dict):
+        raise StudyError(f"{_where(path)}eval must be a mapping (points, envs or suite, episodes, final_episodes)")
+    _unknown(raw, EVAL_KEYS, "eval.", path)
+    points_raw = raw.get("points") or []
+    if not isinstance(points_raw, list):
+        raise StudyError(f"{_where(path)}eval.points must be a list of frame counts")
+    points = tuple(sorted({_int(p, "eval.points[...]", path) for p in points_raw}))
+    if points and points[-1] > total_frames:
+        raise StudyError(f"{_where(path)}eval.points: {points[-1]} is beyond total_frames {total_frames}")
+    suite, envs_raw = raw.get("suite"), raw.get("envs")
+    if (suite is None) == (envs_raw is None):
+        raise StudyError(f"{_where(path)}eval needs exactly one of suite (an evaluate.py suite) or envs (env ids)")
+    envs: list[str] = []
+    held_out: list[str] = []
+    if envs_raw is not None:
+        if not isinstance(envs_raw, list) or not envs_raw:
+            raise StudyError(f"{_where(path)}eval.envs must be a non-empty list of {{id, held_out}}")
+        for index, item in enumerate(envs_raw):
+            if isinstance(item, str):
+                item = {"id": item, "held_out": True}
+            if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+                raise StudyError(f"{_where(path)}eval.envs[{index}] must be an env id or {{id: ..., held_out: ...}}")
+            _unknown(item, ENV_KEYS, f"eval.envs[{index}].", path)
+            if not isinstance(item.get("held_out", True), bool):
+                raise StudyError(f"{_where(path)}eval.envs[{index}].held_out must be true or false")
+            if item["id"] in envs:
+                raise StudyError(f"{_where(path)}eval.envs: {item['id']} is listed twice")
+            envs.append(item["id"])
+            if item.get("held_out", True):
+                held_out.append(short_env_name(item["id"]))
+        if not held_out:
+            raise StudyError(f"{_where(path)}eval.envs: mark at least one env held_out: true")
+    elif not isinstance(suite, str):
+        raise StudyError(f"{_where(path)}eval.suite must be a suite name (python evaluate.py --list-suites)")
+    params = raw.get("suite_params") or {}
+    if not isinstance(params, dict) or (params and suite is None):
+        raise StudyError(f"{_where(path)}eval.suite_params must be a mapping, and needs eval.suite")
+    episodes = _int(raw.get("episodes", 20), "eval.episodes", path)
+    final_episodes = _int(raw.get("final_episodes", 100), "eval.final_episodes", path)
+    seed = _int(raw.get("seed", DEFAULT_EVAL_SEED), "eval.seed", path, minimum=0)
+    deterministic = raw.get("deterministic", False)
+    if not isinstance(deterministic, bool):
+        raise StudyError(f"{_where(path)}eval.deterministic must be true or false")
+    return EvalSpec(points, suite, tuple(sorted(params.items())), tuple(envs), tuple(held_out), episodes,
+                    final_episodes, seed, deterministic)
+
+
+def _parse_executor(raw: Any, path: Path | None) -> ExecutorSpec:
+    if raw is None:
+        return ExecutorSpec()
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict):
+        raise StudyError(f"{_where(path)}executor must be a mapping (name, workers, address, cpus_per_run, gpus_per_run)")
+    _unknown(raw, EXECUTOR_KEYS, "executor.", path)
+    name = raw.get("name", "local")
+    check_executor(name, path)
+    workers = raw.get("workers")
+    if workers is not None:
+        _int(workers, "executor.workers", path)
+    address = raw.get("address")
+    if address is not None and not isinstance(address, str):
+        raise StudyError(f"{_where(path)}executor.address must be text (an address or 'auto')")
+    resources = {}
+    for key, default in (("cpus_per_run", 1.0), ("gpus_per_run", 0.0)):
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
+                (key == "cpus_per_run" and value == 0):
+            raise StudyError(f"{_where(path)}executor.{key} must be a number {'> 0' if key == 'cpus_per_run' else '>= 0'}")
+        resources[key] = float(value)
+    return ExecutorSpec(name, workers, address, resources["cpus_per_run"], resources["gpus_per_run"])
+
+
+def check_executor(name: Any, path: Path | None = None) -> None:
+    """Raise StudyError for an executor name other than ``local`` or ``ray``."""
+    if name not in EXECUTORS:
+        raise StudyError(f"{_where(path)}unknown executor {name!r} (executors: {', '.join(EXECUTORS)})")
+
+
+def load_study(path: str | Path, check_envs: bool = True) -> Study:
+    """Read and check a study file (see :func:`parse_study`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise StudyError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_study(raw, path, check_envs=check_envs)
+
+
+def short_env_name(env_id: str) -> str:
+    """``DoorKey-6x6`` for ``MiniGrid-DoorKey-6x6-v0`` (evaluate.py's result ``name`` for an ``--env``)."""
+    short = env_id.split("/")[-1]
+    for prefix in ("MiniGrid-", "BabyAI-"):
+        short = short.removeprefix(prefix)
+    return short.rsplit("-v", 1)[0]
+
+
+def eval_envs(study: Study) -> list[tuple[str, bool]]:
+    """The evaluation envs as ``(name, held_out)``, in evaluate.py's order; checks ids and suites.
+
+    :raises StudyError: an unknown env id or suite, or suite parameters it does not take.
+    """
+    from agents.evaluation import EvaluationError, resolve_targets  # gymnasium: about a second
+
+    spec = study.eval
+    try:
+        targets = resolve_targets(spec.suite, list(spec.envs) or None, dict(spec.suite_params))
+    except EvaluationError as exc:
+        raise StudyError(f"{_where(study.source)}eval: {exc}") from None
+    if spec.suite is not None:
+        return [(t.name, t.split == "held-out") for t in targets or []]
+    return [(t.name, t.name in spec.held_out) for t in targets or []]
+
+
+# -- runs: directories, configs, provenance --------------------------------------------------------
+
+
+def study_dir(name_or_path: str | Path, root: str | Path = DEFAULT_ROOT) -> Path:
+    """The output directory of a study: ``root/<name>``, or the given directory / study file's study."""
+    text = str(name_or_path)
+    candidate = Path(text)
+    if candidate.is_dir() and (candidate / STUDY_COPY).is_file():
+        return candidate
+    if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+        return Path(root) / load_study(candidate, check_envs=False).name
+    if not _LABEL.fullmatch(text):
+        raise StudyError(f"{text!r} is neither a study name, a study directory nor a study file")
+    return Path(root) / text
+
+
+def run_dir(root: Path, model: str, seed: int) -> Path:
+    """``<study dir>/runs/<model>/seed_<seed>``."""
+    return root / "runs" / model / f"seed_{seed}"
+
+
+def checkpoint_interval(study: Study) -> int:
+    """The greatest common divisor of the evaluation points: train.py saves a checkpoint at each multiple."""
+    return math.gcd(*study.points)
+
+
+def keep_checkpoints(study: Study) -> int:
+    """Numbered checkpoints to keep: every one the interval makes, plus room for stops and resumes."""
+    return study.total_frames // checkpoint_interval(study) + 1 + 1000
+
+
+def study_overrides(study: Study, seed: int) -> list[str]:
+    """The settings the study gives every run (after the model's own overrides, so they win)."""
+    return [f"seed={seed}", f"total_frames={study.total_frames}",
+            f"log.checkpoint_interval_frames={checkpoint_interval(study)}",
+            f"log.keep_checkpoints={keep_checkpoints(study)}", "log.progress_bar=false", "torch_threads=1"]
+
+
+def resolved_config(study: Study, model: ModelSpec, seed: int) -> dict[str, Any]:
+    """The config train.py will resolve for this run (raises ConfigError as train.py would)."""
+    return load_config(model.config, [*model.overrides, *study.overrides, *study_overrides(study, seed)])
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """SHA-256 of a resolved config without the keys that differ between a model's runs (``UNHASHED_KEYS``)."""
+    kept = {key: value for key, value in config.items() if key not in UNHASHED_KEYS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def code_version(repo: Path = REPO) -> dict[str, Any]:
+    """The git commit of ``repo``, whether tracked code differs from it, and a hash of that difference.
+
+    ``diff_sha256`` hashes ``git diff HEAD`` over the code a run executes (``CODE_PATHS``: the
+    packages, train.py and evaluate.py; not tests, docs or configs, whose effect the config hash
+    covers), so runs made from the same uncommitted change group together and runs from different
+    ones do not. Outside a git checkout the commit is None.
+    """
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None, "diff_sha256": None}
+    diff = git("diff", "HEAD", "--", *CODE_PATHS) or ""
+    return {"commit": commit.strip(), "dirty": bool(diff),
+            "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None}
+
+
+def version_tag(version: dict[str, Any]) -> str:
+    """``abc1234`` or ``abc1234+dirty.<hash>`` (``unknown`` outside git)."""
+    commit = version.get("commit")
+    if not commit:
+        return "unknown"
+    tag = commit[:10]
+    if version.get("dirty"):
+        tag += f"+dirty.{(version.get('diff_sha256') or '')[:8]}"
+    return tag
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's contents, or None if it is missing or unreadable (a partial write never is: writes are atomic)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_provenance(directory: Path) -> dict[str, Any] | None:
+    """A run directory's ``provenance.json``, or None."""
+    data = read_json(directory / PROVENANCE_FILE)
+    return data if isinstance(data, dict) else None
+
+
+def record_session(directory: Path, step: str, config_sha256: str, version: dict[str, Any]) -> None:
+    """Append this session (train or eval step, code version) to the run's provenance.json."""
+    data = read_provenance(directory) or {"config_sha256": config_sha256, "sessions": []}
+    data.setdefault("sessions", []).append({"step": step, **version, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / PROVENANCE_FILE, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def code_versions(provenance: dict[str, Any] | None) -> list[str]:
+    """The distinct code versions (``version_tag``) that trained or evaluated a run, in order of first use."""
+    tags = [version_tag(s) for s in (provenance or {}).get("sessions", [])]
+    return list(dict.fromkeys(tags))
+
+
+def checkpoint_frames(directory: Path) -> dict[int, Path]:
+    """Frames -> numbered checkpoint (``checkpoints/checkpoint_<frames>.pt``) of a run."""
+    found = {}
+    folder = directory / "checkpoints"
+    if folder.is_dir():
+        for path in folder.glob("checkpoint_*.pt"):
+            match = re.fullmatch(r"checkpoint_(\d+)\.pt", path.name)
+            if match:
+                found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def checkpoint_for_point(checkpoints: dict[int, Path], point: int) -> tuple[int, Path] | None:
+    """The first checkpoint at or after ``point`` frames (train.py saves after whole rollouts)."""
+    for frames, path in checkpoints.items():
+        if frames >= point:
+            return frames, path
+    return None
+
+
+def eval_path(directory: Path, point: int) -> Path:
+    """Where the evaluate.py JSON of one evaluation point goes."""
+    return directory / "eval" / f"point_{point:012d}.json"
+
+
+# -- jobs -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One (model, seed) of a study: train (or resume), then evaluate at each point.
+
+    Plain data (paths as strings) so it travels to another process or a Ray worker.
+    """
+
+    study: str
+    model: str
+    seed: int
+    run_dir: str
+    config: str
+    overrides: tuple[str, ...]
+    total_frames: int
+    points: tuple[int, ...]
+    episodes: int
+    final_episodes: int
+    eval_args: tuple[str, ...]
+    config_sha256: str
+    log: str
+    version: str = "{}"  # JSON of code_version() when the study was started
+    repo: str = str(REPO)
+    python: str = sys.executable
+
+    @property
+    def key(self) -> str:
+        """``model/seed_<s>``."""
+        return f"{self.model}/seed_{self.seed}"
+
+
+def eval_arguments(spec: EvalSpec) -> tuple[str, ...]:
+    """evaluate.py's options for a study's evaluation (the same for every run: paired levels)."""
+    args = ["--seed", str(spec.seed), "--no-progress", "--torch-threads", "1"]
+    if spec.suite is not None:
+        args += ["--suite", spec.suite]
+        for key, value in spec.suite_params:
+            args += ["--suite-param", f"{key}={json.dumps(value)}"]
+    for env in spec.envs:
+        args += ["--env", env]
+    if spec.deterministic:
+        args.append("--deterministic")
+    return tuple(args)
+
+
+def plan(study: Study, root: Path, version: dict[str, Any] | None = None) -> list[Job]:
+    """One job per (model, seed), in seed-major order (every model advances together).
+
+    :param version: the code version to record for the runs (``code_version()``, computed once when
+        the study starts, so every run of one invocation records the same one).
+    """
+    jobs = []
+    version_text = json.dumps(version or {}, sort_keys=True)
+    for seed in study.seeds:
+        for model in study.models:
+            config = resolved_config(study, model, seed)
+            directory = run_dir(root, model.label, seed)
+            jobs.append(Job(
+                study=study.name, model=model.label, seed=seed, run_dir=str(directory.resolve()),
+                config=str(model.config), overrides=(*model.overrides, *study.overrides, *study_overrides(study, seed)),
+                total_frames=study.total_frames, points=study.points, episodes=study.eval.episodes,
+                final_episodes=study.eval.final_episodes, eval_args=eval_arguments(study.eval),
+                config_sha256=config_hash(config),
+                log=str((root / "logs" / f"{model.label}-seed_{seed}.log").resolve()), version=version_text,
+            ))
+    return jobs
+
+
+@dataclass
+class JobState:
+    """How far a job has got, read from its run directory."""
+
+    trained_frames: int = 0
+    started: bool = False
+    training_done: bool = False
+    evals_missing: list[int] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        """Training reached the budget and every evaluation point has its JSON."""
+        return self.training_done and not self.evals_missing
+
+
+def job_state(job: Job) -> JobState:
+    """Read a job's progress from its run directory (checkpoints and evaluation JSONs only: no torch)."""
+    directory = Path(job.run_dir)
+    checkpoints = checkpoint_frames(directory)
+    frames = max(checkpoints, default=0)
+    return JobState(trained_frames=frames, started=(directory / "config.yaml").is_file(),
+                    training_done=frames >= job.total_frames,
+                    evals_missing=[p for p in job.points if not eval_path(directory, p).is_file()])
+
+
+def check_existing_run(job: Job) -> None:
+    """Refuse a run directory that holds a run of another config (the study or a config file changed).
+
+    :raises StudyError: naming the run, the recorded and the planned config hash.
+    """
+    directory = Path(job.run_dir)
+    config_file = directory / "config.yaml"
+    if not config_file.is_file():
+        return
+    try:
+        config = yaml.safe_load(config_file.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise StudyError(f"{config_file} cannot be read ({exc}); move the run away to start it again") from None
+    found = config_hash(config) if isinstance(config, dict) else "unreadable"
+    if found != job.config_sha256:
+        changed = _changed_keys(config, job) if isinstance(config, dict) else []
+        detail = f" (differs in {', '.join(changed[:4])})" if changed else ""
+        raise StudyError(f"{directory} was trained with another config than the study now asks{detail}; "
+                         f"refusing to continue or mix it. Give the study a new name, or move that run away")
+
+
+def _changed_keys(config: dict[str, Any], job: Job) -> list[str]:
+    try:
+        planned = load_config(job.config, list(job.overrides))
+    except ConfigError:
+        return []
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for key, value in d.items():
+            if isinstance(value, dict) and value:
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    a, b = flat(config), flat(planned)
+    return sorted(k for k in a.keys() | b.keys()
+                  if a.get(k) != b.get(k) and k.split(".")[0] not in UNHASHED_KEYS)
+
+
+# -- running one job (in a worker thread, process or Ray task) --------------------------------------
+
+
+@dataclass
+class JobResult:
+    """What running a job came to: ``done``, ``stopped`` (by a signal) or ``failed`` (with a message)."""
+
+    key: str
+    status: str
+    message: str = ""
+    trained: bool = False
+
+
+class StopRequested(Exception):
+    """Raised inside a job when the study is being stopped."""
+
+
+def train_command(job: Job) -> list[str]:
+    """The train.py command line: ``--resume`` for a run that has a checkpoint, a new run otherwise."""
+    train = str(Path(job.repo) / "train.py")
+    if (Path(job.run_dir) / "checkpoint.pt").is_file():
+        return [job.python, train, "--resume", job.run_dir]
+    return [job.python, train, "--config", job.config, "--run-dir", job.run_dir, *job.overrides]
+
+
+def eval_commands(job: Job) -> list[tuple[list[int], list[str], Path]]:
+    """The evaluate.py calls a job still needs: ``(points, command, batch JSON)``.
+
+    Points evaluated with the same number of episodes share one call (the intermediate points take
+    ``episodes``, the end of the budget ``final_episodes``); each call writes one batch JSON that :func:`split_batch` cuts into one
+    evaluate.py JSON per point.
+    """
+    directory = Path(job.run_dir)
+    checkpoints = checkpoint_frames(directory)
+    missing = [p for p in job.points if not eval_path(directory, p).is_file()]
+    groups: dict[int, list[int]] = {}
+    for point in missing:  # points with the same number of episodes share one call
+        groups.setdefault(job.final_episodes if point == job.total_frames else job.episodes, []).append(point)
+    calls = []
+    for episodes, points in groups.items():
+        paths = []
+        for point in points:
+            found = checkpoint_for_point(checkpoints, point)
+            if found is None:
+                raise StudyError(f"{directory}: no checkpoint at or after {point} frames to evaluate "
+                                 f"(the study's eval points changed after the run was trained?)")
+            paths.append(str(found[1]))
+        batch = directory / "eval" / f".batch-{os.getpid()}-{points[0]}.json"
+        command = [job.python, str(Path(job.repo) / "evaluate.py"), *paths, "--episodes", str(episodes),
+                   *job.eval_args, "--json", str(batch), "--overwrite"]
+        calls.append((points, command, batch))
+    return calls
+
+
+def split_batch(batch: Path, points: list[int], directory: Path) -> None:
+    """Cut one evaluate.py JSON over several checkpoints into one JSON per evaluation point."""
+    data = read_json(batch)
+    if not isinstance(data, dict) or len(data.get("checkpoints", [])) != len(points):
+        raise StudyError(f"{batch}: evaluate.py wrote no usable result")
+    for point, checkpoint in zip(points, data["checkpoints"], strict=True):
+        single = {**{k: v for k, v in data.items() if k != "checkpoints"}, "point": point,
+                  "checkpoints": [checkpoint]}
+        atomic_write(eval_path(directory, point), (json.dumps(single, indent=2) + "\n").encode())
+    batch.unlink(missing_ok=True)
+
+
+def _child_env() -> dict[str, str]:
+    # One thread per run: BLAS/OpenMP pools would oversubscribe the cores the pool shares out.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_command(command: list[str], cwd: str, log: IO[str], should_stop: Callable[[], int]) -> int:
+    """Run one command in its own process group and return its exit status.
+
+    ``should_stop()`` is polled twice a second and returns 0 (go on), 1 (stop) or 2 (abort): each
+    rise sends the child one SIGINT (train.py checkpoints and exits 130 on the first, aborts on the
+    second; its last checkpoint is intact either way). A KeyboardInterrupt in this thread (a Ray
+    cancel) counts as one more step.
+    """
+    log.write(f"$ {' '.join(command)}\n")
+    log.flush()
+    process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(),
+                               start_new_session=True)
+    sent, interrupts = 0, 0
+    while True:
+        try:
+            return process.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+        except KeyboardInterrupt:
+            interrupts += 1
+        wanted = min(2, max(int(should_stop()), interrupts))
+        while sent < wanted:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGINT)
+            sent += 1
+
+
+def execute_job(job: Job, should_stop: Callable[[], int] = lambda: 0) -> JobResult:
+    """Train (or resume) the job's run to its budget, then evaluate every point that has no result.
+
+    Runs train.py and evaluate.py as subprocesses from the repository root; their output goes to
+    the job's log file. Safe to call again after any stop: finished steps are skipped.
+    """
+    directory = Path(job.run_dir)
+    Path(job.log).parent.mkdir(parents=True, exist_ok=True)
+    version = json.loads(job.version) or code_version(Path(job.repo))
+    trained = False
+    with open(job.log, "a", encoding="utf-8") as log:
+        log.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {job.key} (pid {os.getpid()})\n")
+        try:
+            state = job_state(job)
+            if not state.training_done:
+                check_existing_run(job)
+                record_session(directory, "train", job.config_sha256, version)
+                code = run_command(train_command(job), job.repo, log, should_stop)
+                trained = True
+                if code in (130, 143):
+                    return JobResult(job.key, "stopped", f"train.py stopped by a signal (exit {code})", trained)
+                if code != 0:
+                    return JobResult(job.key, "failed", f"train.py exit {code}: {_last_error(job.log)}", trained)
+                if not job_state(job).training_done:
+                    return JobResult(job.key, "failed", "train.py ended before the budget", trained)
+            calls = eval_commands(job)
+            if calls:
+                record_session(directory, "eval", job.config_sha256, version)
+            for points, command, batch in calls:
+                if should_stop():
+                    return JobResult(job.key, "stopped", "stopped before evaluating", trained)
+                code = run_command(command, job.repo, log, should_stop)
+                if code in (130, 143):
+                    batch.unlink(missing_ok=True)
+                    return JobResult(job.key, "stopped", f"evaluate.py stopped by a signal (exit {code})", trained)
+                if code != 0:
+                    batch.unlink(missing_ok=True)
+                    return JobResult(job.key, "failed", f"evaluate.py exit {code}: {_last_error(job.log)}", trained)
+                split_batch(batch, points, directory)
+        except StudyError as exc:
+            log.write(f"error: {exc}\n")
+            return JobResult(job.key, "failed", str(exc), trained)
+        except OSError as exc:
+            log.write(f"error: {exc}\n")
+            return JobResult(job.key, "failed", f"{exc.strerror or exc} ({getattr(exc, 'filename', '')})", trained)
+    return JobResult(job.key, "done", "", trained)
+
+
+def _last_error(log_path: str) -> str:
+    """The last line starting with ``error:`` in a job's log (or its last line), for the summary."""
+    try:
+        lines = [line.strip() for line in Path(log_path).read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "see its log"
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors[-1] if errors else lines[-1] if lines else "no output")[:300] + f" (log: {log_path})"
+
+
+# -- the study directory ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def study_lock(root: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``<study dir>/.lock``: one ``study.py run`` per study at a time."""
+    root.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    handle = (root / ".lock").open("a+")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise StudyError(f"study {root} is being run by another process (pid {holder}); "
+                             f"wait for it or stop it, then run again") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def save_study_copy(study: Study, root: Path) -> None:
+    """Keep the study file in its output directory (what ``report`` reads); an older, different copy
+    is kept as ``study.yaml.<n>``, never replaced silently."""
+    text = study.source.read_text(encoding="utf-8") if study.source else yaml.safe_dump(dataclasses.asdict(study))
+    # Config paths as absolute paths: the copy must mean the same from any directory.
+    raw = yaml.safe_load(text)
+    for item, model in zip(raw.get("models", []), study.models, strict=False):
+        if isinstance(item, dict):
+            item["config"] = str(model.config)
+    text = f"# copy of {study.source} made by study.py run\n" + yaml.safe_dump(raw, sort_keys=False)
+    target = root / STUDY_COPY
+    if target.is_file():
+        old = target.read_text(encoding="utf-8")
+        if yaml.safe_load(old) == raw:
+            return
+        n = 1
+        while (root / f"{STUDY_COPY}.{n}").exists():
+            n += 1
+        os.replace(target, root / f"{STUDY_COPY}.{n}")
+        print(f"note: the study file changed since the last run; the previous copy is kept as "
+              f"{root / f'{STUDY_COPY}.{n}'}")
+    atomic_write(target, text.encode())
+
+
+def load_study_dir(directory: Path) -> Study:
+    """The study kept in a study directory (``study.yaml``), without re-checking envs."""
+    path = directory / STUDY_COPY
+    if not path.is_file():
+        raise StudyError(f"{directory} holds no study (no {STUDY_COPY}); run `python study.py run FILE` first")
+    return load_study(path, check_envs=False)
+
+
+def continue_command(study: Study, executor: str, workers: int | None, address: str | None) -> str:
+    """The command that continues a stopped study."""
+    parts = ["python", "study.py", "run", str(study.source or study.name)]
+    if executor != study.executor.name:
+        parts += ["--executor", executor]
+    if workers is not None:
+        parts += ["--workers", str(workers)]
+    if address is not None:
+        parts += ["--address", address]
+    return " ".join(parts)
+
+
+def summarize_states(jobs: Sequence[Job]) -> dict[str, int]:
+    """Counts of finished, started (partly trained or evaluated) and untouched jobs."""
+    counts = {"done": 0, "partial": 0, "new": 0}
+    for job in jobs:
+        state = job_state(job)
+        counts["done" if state.done else "partial" if state.started else "new"] += 1
+    return counts
+
+
+# -- running a study --------------------------------------------------------------------------------
+
+
+def run_study(study: Study, root: Path, executor: str | None = None, workers: int | None = None,
+              address: str | None = None, ray_init: Callable[..., Any] | None = None,
+              report: bool = True) -> int:
+    """Run every unfinished job of ``study`` and return the exit status (0 done, 1 some failed,
+    130/143 stopped by SIGINT/SIGTERM; the printed command continues it).
+
+    Everything is checked before any work starts: the executor (Ray installed?), every model's
+    config and every existing run's config hash. Finished jobs are skipped, interrupted ones resumed.
+
+    :param root: the study's output directory (``studies/<name>``).
+    :param ray_init: passed to the Ray executor in place of ``ray.init`` (tests).
+    :param report: write ``report.md`` once every job is done.
+    """
+    from agents import executors  # imports this module: imported here, not at the top
+
+    executor = executor or study.executor.name
+    check_executor(executor)
+    if executor == "ray":
+        executors.import_ray()
+    if workers is not None and workers < 1:
+        raise StudyError(f"--workers must be >= 1, got {workers}")
+    address = address or study.executor.address
+    workers = workers or study.executor.workers
+    jobs = plan(study, root, code_version())
+    for job in jobs:
+        check_existing_run(job)
+    with study_lock(root):
+        save_study_copy(study, root)
+        states = {job.key: job_state(job) for job in jobs}
+        todo = [job for job in jobs if not states[job.key].done]
+        partial = sum(states[job.key].started and not states[job.key].done for job in jobs)
+        where = f"ray{f' at {address}' if address else ' (local instance)'}" if executor == "ray" else \
+            f"local, {workers or executors.default_workers()} workers"
+        print(f"study {study.name}: {len(jobs)} runs ({len(study.models)} models x {len(study.seeds)} seeds, "
+              f"{study.total_frames:,} frames each) in {root}; {len(jobs) - len(todo)} finished, "
+              f"{partial} to continue, {len(todo) - partial} to start; executor {where}", flush=True)
+        if todo:
+            display = executors.Display(study.name, len(jobs), len(jobs) - len(todo))
+            if executor == "ray":
+                outcome = executors.run_ray(todo, address=address, workers=workers,
+                                            cpus_per_run=study.executor.cpus_per_run,
+                                            gpus_per_run=study.executor.gpus_per_run, display=display, init=ray_init)
+            else:
+                outcome = executors.run_local(todo, workers=workers, display=display)
+        else:
+            outcome = executors.Outcome([], None)
+        counts = summarize_states(jobs)
+        failed = [r for r in outcome.results if r.status == "failed"]
+        print(f"study {study.name}: {counts['done']}/{len(jobs)} runs done, {counts['partial']} partly done, "
+              f"{counts['new']} not started" + (f", {len(failed)} failed this time" if failed else ""), flush=True)
+        for result in failed:
+            print(f"  failed: {result.key}: {result.message}", flush=True)
+        if outcome.stopped is not None:
+            print(f"stopped ({outcome.stopped}); every run keeps its last checkpoint. Continue with: "
+                  f"{continue_command(study, executor, workers, address)}", flush=True)
+            return 130 if outcome.stopped == "SIGINT" else 143
+        if counts["done"] < len(jobs):
+            print(f"some runs did not finish; see their logs in {root / 'logs'}, then continue with: "
+                  f"{continue_command(study, executor, workers, address)}", flush=True)
+            return 1
+    if report:
+        from agents.report import write_report
+
+        try:
+            path = write_report(root, root=root.parent)
+        except StudyError as exc:
+            print(f"note: no report written: {exc}", flush=True)
+        else:
+            print(f"report written to {path}", flush=True)
+    return 0

@@ -1,0 +1,122 @@
+"""Run a study (models x seeds, trained and evaluated as ordinary runs) and report it with rliable statistics.
+
+    python study.py run configs/studies/doorkey-generalization.yaml             # this machine, one run per core
+    python study.py run configs/studies/doorkey-generalization.yaml --workers 1
+    python study.py run configs/studies/doorkey-generalization.yaml --executor ray --address auto
+    python study.py status doorkey-generalization                               # what is done, what is left
+    python study.py report doorkey-generalization                               # rebuild report.md, train nothing
+
+Outputs go to studies/<study>/ (--root to change): runs/<model>/seed_<s>/ (what train.py writes,
+plus eval/point_<frames>.json from evaluate.py and provenance.json), logs/, report.md, plots/.
+Running the same command again skips finished work and resumes interrupted runs; Ctrl-C stops
+cleanly (every run checkpoints) and prints the command that continues.
+
+Exit status: 0 done, 1 some runs failed (their logs say why), 2 bad input (one line), 130/143
+stopped by SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from agents.config import ConfigError
+from agents.study import DEFAULT_ROOT, StudyError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser (no torch, no Ray)."""
+    parser = _Parser(prog="study.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = commands.add_parser("run", help="train and evaluate every unfinished run of a study file")
+    run.add_argument("study", type=Path, help="study file (configs/studies/*.yaml)")
+    run.add_argument("--executor", help="local (default: the study file's) or ray")
+    run.add_argument("--workers", type=int, help="runs at a time (local; default: the CPU count) or the CPUs of a new "
+                                                 "local Ray instance")
+    run.add_argument("--address", help="Ray cluster address, or 'auto' for the one `ray start` set up on this machine")
+    run.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="where study directories go (default studies/)")
+    run.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
+    for name, text in (("status", "show which runs are finished, partly done or not started"),
+                       ("report", "rebuild studies/<study>/report.md and its plots from finished runs")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("study", help="study name, study directory, or study file")
+        sub.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="where study directories are (default studies/)")
+        if name == "report":
+            sub.add_argument("--split-versions", action="store_true",
+                             help="list runs of one model made by different code or configs apart instead of refusing")
+            sub.add_argument("--reps", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    return parser
+
+
+def _status(study_arg: str, root: Path) -> int:
+    from agents.study import job_state, load_study_dir, plan, study_dir
+
+    directory = study_dir(study_arg, root)
+    study = load_study_dir(directory)
+    jobs = plan(study, directory)
+    done = 0
+    for job in jobs:
+        state = job_state(job)
+        done += state.done
+        if state.done:
+            what = "done"
+        elif not state.started:
+            what = "not started"
+        else:
+            what = f"trained {state.trained_frames:,}/{job.total_frames:,} frames"
+            if state.evals_missing:
+                what += f", evaluations missing at {', '.join(f'{p:,}' for p in state.evals_missing)}"
+        print(f"{job.key:<40} {what}")
+    print(f"{done}/{len(jobs)} runs done")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            from agents.study import check_executor, load_study, run_study
+
+            if args.executor is not None:
+                check_executor(args.executor)
+            if args.workers is not None and args.workers < 1:
+                raise StudyError(f"--workers must be >= 1, got {args.workers}")
+            study = load_study(args.study)
+            return run_study(study, args.root / study.name, executor=args.executor, workers=args.workers,
+                             address=args.address, report=not args.no_report)
+        if args.command == "status":
+            return _status(args.study, args.root)
+        from agents.report import write_report
+
+        if args.reps < 100:
+            raise StudyError(f"--reps must be >= 100, got {args.reps}")
+        path = write_report(args.study, args.root, split_versions=args.split_versions, reps=args.reps)
+        print(f"report written to {path}")
+        return 0
+    except (StudyError, ConfigError) as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
