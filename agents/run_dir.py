@@ -68,9 +68,12 @@ def default_run_dir(name: str, root: str | Path = "runs") -> Path:
 def refuse_existing_run(run_dir: str | Path) -> None:
     """Raise RunDirError if ``run_dir`` holds a run: a new run must not replace or mix with its files."""
     found = holds_run(run_dir)
-    if found:
+    if found and "checkpoint.pt" in found:
         raise RunDirError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
                           f"`python train.py --resume {run_dir}`, or give a new run another --run-dir")
+    if found:  # a run stopped before its first checkpoint: nothing to resume, but its files are kept
+        raise RunDirError(f"{run_dir} already holds a run that wrote no checkpoint ({', '.join(found)}), so "
+                          "--resume cannot continue it; delete that directory or give a new run another --run-dir")
 
 
 def _name_max(directory: Path) -> int:

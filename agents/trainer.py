@@ -178,6 +178,9 @@ class Trainer:
     :param config: a resolved config (``agents.config.load_config``).
     :param run_dir: where ``config.yaml``, TensorBoard events, ``metrics.jsonl`` and checkpoints go.
     :param checkpoint: a loaded checkpoint to resume from (``Trainer.resume`` builds it), or None.
+    :raises RunDirError: before any env or policy is built, if ``run_dir`` cannot be a run directory
+        (a file, under a file, not writable, a name too long), is in use by another process, or, for
+        a new run, already holds a run (``agents.run_dir``: a new run never writes into one).
     """
 
     def __init__(self, config: dict[str, Any], run_dir: str | Path, checkpoint: dict[str, Any] | None = None) -> None:

@@ -86,6 +86,15 @@ def test_a_new_run_never_writes_into_a_directory_holding_a_run(tmp_path: Path, c
         assert load_checkpoint(tmp_path / "runs" / f"doorkey-5x5-lstm-ppo{suffix}")["frames"] == 32
 
 
+def test_a_run_without_checkpoint_is_kept_and_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"frames": 32}\n')  # killed before its first checkpoint
+    code, err = main(capsys, [*TINY, "--run-dir", str(run)])
+    assert code == 2 and one_line_error(err) and "wrote no checkpoint" in err and "delete that directory" in err
+    assert files_of(run) == {"metrics.jsonl": b'{"frames": 32}\n'}
+
+
 @pytest.mark.parametrize("case", ["file", "under_file", "uncreatable", "too_long", "dotdot", "absolute", "empty"])
 def test_unusable_run_directory_is_one_line_before_envs_are_built(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, case: str
