@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deterministic", action="store_true",
                         help="take the most likely action instead of sampling (greedy MiniGrid policies can "
                              "loop until the time limit)")
-    parser.add_argument("--n-envs", type=int, default=None,
-                        help="parallel envs (default: --episodes, at most 100; the results do not depend on it)")
+    parser.add_argument("--n-envs", type=int, default=None, metavar="N",
+                        help="parallel envs (default: --episodes, at most 100); the per-episode results do not "
+                             "depend on it, up to float rounding in the batched forward pass")
     parser.add_argument("--max-episode-steps", type=int, metavar="N", help="truncate episodes after N steps")
     parser.add_argument("--video", type=Path, metavar="DIR", help="write a video of the first episode per env here")
     parser.add_argument("--video-format", choices=("gif", "mp4"), default="gif",

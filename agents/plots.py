@@ -100,30 +100,38 @@ def episode_caption(episode: dict[str, Any], episodes: int | None = None) -> str
     return ", ".join(parts)
 
 
+def _event_kinds(events: Sequence[tuple[int, str]]) -> list[str]:
+    """The kinds of events, in order of first occurrence."""
+    return list(dict.fromkeys(what for _, what in events))
+
+
 def _draw_events(fig: Figure, strip: Axes, axes: Sequence[Axes], events: Sequence[tuple[int, str]]) -> None:
-    """Dashed lines at the steps of behaviour events across every panel, named in the top strip and a legend."""
+    """Behaviour events: every one as a tick on its kind's row of the top strip; the first key pickup,
+    door opening, goal (or lava) as a dashed line across every panel, named in a legend.
+
+    Only first occurrences cross the panels: a weakly trained agent picks the key up and drops it
+    dozens of times in one episode, and a line (or a label) for each would hide the panels.
+    """
+    kinds = _event_kinds(events)
+    colours = {what: EVENT_COLOURS.get(what, "#7f7f7f") for what in kinds}
     strip.set_title("what the agent did", fontsize=9, loc="left")
-    strip.set_ylim(0, 1)
-    strip.set_yticks([])
-    for side in ("left", "right", "top"):
-        strip.spines[side].set_visible(False)
-    colours: dict[str, str] = {}
-    left, right = axes[-1].get_xlim()
-    for n, (step, what) in enumerate(events):
-        colour = colours.setdefault(what, EVENT_COLOURS.get(what, "#7f7f7f"))
-        for ax in (strip, *axes):
-            ax.axvline(step, color=colour, linestyle="--", linewidth=1.2, alpha=0.9)
-        # Three heights in turn, so names of events a few steps apart do not overlap; names in the
-        # right third run leftwards, so none sticks out of the figure.
-        leftwards = step > left + 0.67 * (right - left)
-        strip.annotate(what, xy=(step, (0.68, 0.37, 0.06)[n % 3]), xytext=(-3 if leftwards else 3, 0),
-                       textcoords="offset points", fontsize=8, color=colour, ha="right" if leftwards else "left",
-                       va="bottom", annotation_clip=False)
-    steps = {what: [str(step) for step, w in events if w == what] for what in colours}
-    handles = [Line2D([], [], color=colour, linestyle="--",
-                      label=f"{what} (step{'s' if len(steps[what]) > 1 else ''} {', '.join(steps[what])})")
-               for what, colour in colours.items()]
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(handles)), fontsize=8, frameon=False)
+    for row, what in enumerate(kinds):
+        steps = [step for step, w in events if w == what]
+        strip.plot(steps, [row] * len(steps), linestyle="none", marker="|", markersize=9, markeredgewidth=1.5,
+                   color=colours[what])
+    strip.set_ylim(-0.6, len(kinds) - 0.4)
+    strip.set_yticks(range(len(kinds)), kinds, fontsize=8)
+    strip.invert_yaxis()  # first kind on top
+    handles = []
+    for what in (kind for kind in kinds if kind in EVENT_COLOURS):  # milestones; drops etc. stay in the strip
+        steps = [step for step, w in events if w == what]
+        for ax in axes:
+            ax.axvline(steps[0], color=colours[what], linestyle="--", linewidth=1.2, alpha=0.9)
+        label = f"{what} (step {steps[0]})" if len(steps) == 1 else f"{what} ({len(steps)} times, first at step {steps[0]})"
+        handles.append(Line2D([], [], color=colours[what], linestyle="--", label=label))
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(handles)), fontsize=8,
+                   frameon=False, title="dashed lines: the first time the agent", title_fontsize=8)
 
 
 def plot_episode_info(
@@ -173,12 +181,13 @@ def plot_episode_info(
     if n_rows == 0:
         raise ValueError("the trace holds nothing to plot (no module diagnostics and no state_norm)")
     events = list((episode or {}).get("events") or [])
-    height = 1.9 * len(panels) + (1.6 if norm is not None else 0) + 0.8 + (1.0 if events else 0)
+    strip_rows = len(_event_kinds(events))
+    height = 1.9 * len(panels) + (1.6 if norm is not None else 0) + 0.8 + (0.5 + 0.25 * strip_rows if events else 0)
     fig = Figure(figsize=(11, height), layout="constrained")
     FigureCanvasAgg(fig)  # an Agg canvas: savefig works without pyplot or a display
     ratios = [1.0] * n_rows
-    if events:  # a thin strip on top names what the agent did, above the panels its lines cross
-        ratios = [0.3, *ratios]
+    if events:  # a strip on top, a row per kind of event, above the panels the first ones cross
+        ratios = [0.15 + 0.13 * strip_rows, *ratios]
     all_axes = fig.subplots(len(ratios), 1, sharex=True, squeeze=False, height_ratios=ratios)[:, 0]
     strip, axes = (all_axes[0], all_axes[1:]) if events else (None, all_axes)
     for ax, (panel_title, data, ylabel, bar_label, kwargs) in zip(axes, panels, strict=False):  # last: the norm

@@ -531,6 +531,13 @@ def test_load_policy_refuses_non_paths_urls_and_missing_gpus(rims_run: tuple[Pat
         load_policy(rims_run[0], "gpu0")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_cuda_without_a_gpu_is_one_line_exit_2(rims_run: tuple[Path, Trainer], capsys: pytest.CaptureFixture[str]) -> None:
+    code, stdout, stderr = _run_cli(capsys, rims_run[0], "--device", "cuda", "--episodes", "1")
+    assert code == 2 and stdout == ""
+    assert stderr.strip().splitlines() == ["error: --device cuda, but no CUDA GPU is available here; use --device cpu"]
+
+
 def test_the_argument_parser_imports_no_heavy_library() -> None:
     # A fresh interpreter: what evaluate.py and its parser import on their own.
     code = ("import sys, evaluate; evaluate.parse_args(['run/checkpoint.pt', '--suite', 'doorkey']); "

@@ -18,7 +18,7 @@ def _texts(fig: Figure) -> list[str]:
     if fig._suptitle is not None:
         texts.append(fig._suptitle.get_text())
     for legend in fig.legends:
-        texts += [text.get_text() for text in legend.get_texts()]
+        texts += [legend.get_title().get_text(), *(text.get_text() for text in legend.get_texts())]
     for ax in fig.axes:
         texts += [ax.get_title(loc="left"), ax.get_title(), ax.get_xlabel(), ax.get_ylabel()]
         texts += [text.get_text() for text in ax.texts]
@@ -54,10 +54,11 @@ def test_rims_figure_names_the_episode_its_panels_and_events(tmp_path: Path) -> 
     assert any(text.startswith("attention each module gives to the observation") for text in texts)
     assert "size of the memory: norm of the recurrent state after each step" in texts
     assert "state norm" in texts and "step of the episode" in texts
-    # Behaviour events: named above the panels and in a legend with their steps.
-    assert "what the agent did" in texts
-    assert texts.count("picks up key") == 2 and "opens door" in texts
-    assert "picks up key (steps 3, 9)" in texts and "opens door (step 5)" in texts
+    # Behaviour events: a row per kind in the strip above the panels, the first of each in a legend.
+    strip = next(ax for ax in fig.axes if ax.get_title(loc="left") == "what the agent did")
+    assert [label.get_text() for label in strip.get_yticklabels()] == ["picks up key", "opens door"]
+    assert "picks up key (2 times, first at step 3)" in texts and "opens door (step 5)" in texts
+    assert "dashed lines: the first time the agent" in texts
     # Plain words only.
     assert not [t for t in texts if "input slot" in t or "recurrent state norm" in t]
     path = save_figure(fig, tmp_path / "rims.png")
