@@ -58,7 +58,7 @@ def _non_negative(value: Any) -> bool:
 
 # Device types torch.device accepts, checked by spelling only (importing torch costs seconds); the
 # trainer refuses a well-spelled device this machine does not have.
-_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|hpu|mtia|meta|xla|ipu|privateuseone)(:\d+)?")
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|hpu|mtia|xla|ipu|privateuseone)(:\d+)?")
 
 
 def _is_device(value: Any) -> bool:

@@ -207,8 +207,9 @@ class Trainer:
             raise ConfigError("device='cuda' but no CUDA GPU is available; use device=cpu")
         try:  # the config only checks the spelling; whether this machine has the device is checked here
             torch.empty(0, device=self.device)
-        except (RuntimeError, AssertionError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        except (RuntimeError, AssertionError, ImportError, ValueError) as exc:  # torch raises all of these
+            # torch's first sentence says why (not compiled with it, no such backend); the rest lists backends.
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0].split(". ")[0][:160]
             raise ConfigError(f"device={config['device']!r} is not available on this machine ({reason}); "
                               "use device=cpu") from None
         load_plugins(config["algo"]["name"])  # a config resolved in another process: register its updater

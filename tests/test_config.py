@@ -12,6 +12,7 @@ import yaml
 
 from agents.config import (
     ConfigError,
+    _init_defaults_from_source,
     core_arguments,
     core_arguments_from_signature,
     core_registry,
@@ -141,6 +142,9 @@ def test_core_fields_read_from_source_match_the_constructors() -> None:
 
     assert list(core_registry()) == list(CORES)
     for name, cls in CORES.items():
+        module, class_name = core_registry()[name]
+        # The ast reader itself (core_arguments would fall back to importing on a layout it cannot read).
+        assert _init_defaults_from_source(module, class_name) == core_arguments_from_signature(cls), name
         assert core_arguments(name) == core_arguments_from_signature(cls), name
 
 
