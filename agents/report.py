@@ -63,11 +63,21 @@ def _rliable() -> tuple[Any, Any]:
     return library, metrics
 
 
-def _bootstrap(library: Any, *args: Any, **kwargs: Any) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """rliable's ``get_interval_estimates`` without arch's warning about its seeded RandomState."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="random_state is deprecated", category=FutureWarning)
-        return library.get_interval_estimates(*args, **kwargs)
+def _bootstrap(library: Any, *args: Any, seed: int = 0, **kwargs: Any) -> tuple[dict[str, np.ndarray],
+                                                                                dict[str, np.ndarray]]:
+    """rliable's ``get_interval_estimates``, reproducible: the same inputs and seed give the same intervals.
+
+    rliable 1.2's stratified bootstrap draws from numpy's global generator (and arch's bootstrap
+    from its ``random_state``): both are seeded here and the global state is put back afterwards.
+    """
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="random_state is deprecated", category=FutureWarning)
+            return library.get_interval_estimates(*args, random_state=np.random.RandomState(seed), **kwargs)
+    finally:
+        np.random.set_state(state)
 
 
 # -- statistics: pure functions over (runs, envs) arrays ------------------------------------------
@@ -107,8 +117,7 @@ def interval_estimates(score_dict: dict[str, np.ndarray], reps: int = REPS, seed
         return np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)])
 
     points, intervals = _bootstrap(library,
-        scores, aggregate, reps=reps, confidence_interval_size=confidence,
-        random_state=np.random.RandomState(seed))
+        scores, aggregate, reps=reps, confidence_interval_size=confidence, seed=seed)
     return {name: {stat: (float(points[name][i]), float(intervals[name][0, i]), float(intervals[name][1, i]))
                    for i, stat in enumerate(("iqm", "mean"))} for name in scores}
 
@@ -130,7 +139,7 @@ def poi_interval(x: np.ndarray, y: np.ndarray, reps: int = REPS, seed: int = 0,
     x, y = _check(x), _check(y)
     points, intervals = _bootstrap(library,
         {"pair": (x, y)}, lambda a, b: np.array([metrics.probability_of_improvement(a, b)]), reps=reps,
-        confidence_interval_size=confidence, random_state=np.random.RandomState(seed))
+        confidence_interval_size=confidence, seed=seed)
     return float(points["pair"][0]), float(intervals["pair"][0, 0]), float(intervals["pair"][1, 0])
 
 
@@ -147,7 +156,7 @@ def performance_profile(score_dict: dict[str, np.ndarray], taus: np.ndarray, rep
     taus = np.asarray(taus, dtype=np.float64)
     points, intervals = _bootstrap(library,
         {name: _check(value) for name, value in score_dict.items()}, lambda x: score_distribution(x, taus),
-        reps=reps, confidence_interval_size=confidence, random_state=np.random.RandomState(seed))
+        reps=reps, confidence_interval_size=confidence, seed=seed)
     return {name: (points[name], intervals[name][0], intervals[name][1]) for name in score_dict}
 
 

@@ -462,8 +462,12 @@ def code_version(repo: Path = REPO) -> dict[str, Any]:
     ``diff_sha256`` hashes ``git diff HEAD`` over the code a run executes (``CODE_PATHS``: the
     packages, train.py and evaluate.py; not tests, docs or configs, whose effect the config hash
     covers), so runs made from the same uncommitted change group together and runs from different
-    ones do not. Outside a git checkout the commit is None.
+    ones do not. Outside a git checkout the commit is None. ``$MODULAR_RL_CODE_VERSION``, when
+    set, is recorded as the commit instead (an install without git history, a release tag).
     """
+    configured = os.environ.get("MODULAR_RL_CODE_VERSION")
+    if configured:
+        return {"commit": configured, "dirty": False, "diff_sha256": None}
     def git(*args: str) -> str | None:
         try:
             done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=30)

@@ -1,0 +1,324 @@
+"""Studies: statistics against hand-computed values, study-file refusals, and tiny real studies run
+end to end (local pool with a Ctrl-C and a resume, a local Ray instance), reports rebuilt without training."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import study as study_cli
+from agents import report
+from agents.study import (
+    StudyError,
+    checkpoint_for_point,
+    checkpoint_interval,
+    job_state,
+    load_study,
+    parse_seeds,
+    plan,
+    run_study,
+    summarize_states,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+# Every run records this code version, so other edits to the working tree during the test do not
+# make the runs of one model look like different code.
+VERSION = "test-version"
+TINY_RUN = {"env.n_envs": 2, "algo.n_steps": 32, "algo.num_minibatches": 1, "algo.n_epochs": 1, "algo.seq_len": 16}
+
+
+def tiny_study(name: str = "tiny", model_names: tuple[str, ...] = ("lstm", "rims"), seeds: tuple[int, ...] = (1, 2),
+               **extra: object) -> dict:
+    """2 models x 2 seeds x 1024 frames (rollouts of 64), evaluated at 512 and 1024 frames on one held-out env."""
+    model_defs = {
+        "lstm": {"label": "lstm", "config": "configs/minigrid/doorkey-lstm-ppo.yaml",
+                 "overrides": {"core.hidden_size": 16}},
+        "rims": {"label": "rims", "config": "configs/minigrid/doorkey-rims-ppo.yaml",
+                 "overrides": {"core.num_modules": 2, "core.module_size": 8, "core.k_active": 1}},
+    }
+    raw = {"name": name, "models": [model_defs[m] for m in model_names], "overrides": dict(TINY_RUN),
+           "seeds": list(seeds), "total_frames": 1024,
+           "eval": {"points": [512], "envs": [{"id": "MiniGrid-DoorKey-6x6-v0", "held_out": True}],
+                    "episodes": 3, "final_episodes": 3}}
+    raw.update(extra)
+    return raw
+
+
+def write_study(folder: Path, raw: dict, filename: str = "study.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / filename
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """(mtime_ns, size) of every file under ``folder``."""
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def metrics_frames(run_dir: Path) -> list[int]:
+    return [json.loads(line)["frames"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def fixed_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODULAR_RL_CODE_VERSION", VERSION)
+
+
+# -- statistics on fixed arrays ------------------------------------------------------------------
+
+
+def test_iqm_and_mean_of_known_scores() -> None:
+    # 12 scores 1..12: the IQM drops the lowest and highest 3 and averages 4..9.
+    scores = np.arange(1, 13, dtype=float).reshape(4, 3)
+    assert report.iqm(scores) == pytest.approx(6.5)
+    assert report.mean(scores) == pytest.approx(6.5)
+    outlier = np.array([[1.0], [2.0], [3.0], [4.0], [5.0], [6.0], [7.0], [100.0]])
+    assert report.iqm(outlier) == pytest.approx((3 + 4 + 5 + 6) / 4)  # the two lowest and highest are trimmed
+    assert report.mean(outlier) == pytest.approx(128 / 8)
+
+
+def test_interval_estimates_contain_the_point_and_are_reproducible() -> None:
+    rng = np.random.default_rng(0)
+    scores = {"a": rng.uniform(size=(10, 3)), "b": rng.uniform(0.5, 1.0, size=(10, 3))}
+    first = report.interval_estimates(scores, reps=500, seed=3)
+    assert first == report.interval_estimates(scores, reps=500, seed=3)
+    for model, values in scores.items():
+        for stat, expected in (("iqm", report.iqm(values)), ("mean", values.mean())):
+            point, low, high = first[model][stat]
+            assert point == pytest.approx(expected)
+            assert low <= point <= high
+            assert high - low > 0
+
+
+def test_probability_of_improvement_hand_computed() -> None:
+    dominating, dominated = np.full((5, 2), 0.9), np.full((4, 2), 0.1)
+    assert report.probability_of_improvement(dominating, dominated) == 1.0
+    assert report.probability_of_improvement(dominated, dominating) == 0.0
+    assert report.poi_interval(dominating + np.arange(5)[:, None] * 0.01, dominated, reps=300) == (1.0, 1.0, 1.0)
+    # x = (1, 3), y = (2, 0): 3 of the 4 pairs have x > y.
+    assert report.probability_of_improvement(np.array([[1.0], [3.0]]), np.array([[2.0], [0.0]])) == 0.75
+    # A tie counts half: x = (1, 2) against y = (1, 1): 0.5 + 0.5 + 1 + 1 over 4 pairs.
+    assert report.probability_of_improvement(np.array([[1.0], [2.0]]), np.array([[1.0], [1.0]])) == 0.75
+    point, low, high = report.poi_interval(np.array([[0.2], [0.6], [0.9]]), np.array([[0.1], [0.5], [0.7]]), reps=500)
+    assert low <= point <= high
+
+
+def test_sample_sd_and_smallest_detectable_difference() -> None:
+    from scipy import stats
+
+    assert report.sample_sd([1.0, 2.0, 3.0, 4.0]) == pytest.approx(math.sqrt(5 / 3))  # ddof=1, not sqrt(5/4)
+    assert math.isnan(report.sample_sd([1.0]))
+    # The issue's case: seed SD 0.33, 10 seeds each.
+    expected = (stats.t.ppf(0.975, 18) + stats.t.ppf(0.8, 18)) * math.sqrt(2 * 0.33**2 / 10)
+    assert report.smallest_detectable_difference(0.33, 10, 0.33, 10) == pytest.approx(expected)
+    assert report.smallest_detectable_difference(0.33, 10, 0.33, 10) == pytest.approx(0.437, abs=1e-3)
+    assert report.smallest_detectable_difference(0.33, 3, 0.33, 3) > 0.75  # 3 seeds detect only large gaps
+    assert math.isnan(report.smallest_detectable_difference(0.3, 1, 0.3, 10))
+
+
+def test_performance_profile_and_verdicts() -> None:
+    scores = np.array([[0.0, 0.5], [1.0, 0.25]])
+    assert report.score_distribution(scores, np.array([-1.0, 0.2, 0.5, 1.0])).tolist() == [1.0, 0.75, 0.25, 0.0]
+    profile, low, high = report.performance_profile({"a": scores}, np.array([0.2, 0.5]), reps=200)["a"]
+    assert profile.tolist() == [0.75, 0.25]
+    assert np.all(low <= profile) and np.all(profile <= high)
+    assert "improves on" in report.verdict("rims", "lstm", (0.8, 0.6, 0.95))
+    assert "do not separate" in report.verdict("rims", "lstm", (0.6, 0.4, 0.8))
+    assert "worse" in report.verdict("rims", "lstm", (0.2, 0.1, 0.4))
+
+
+# -- study files -----------------------------------------------------------------------------------
+
+
+def test_study_file_plan(tmp_path: Path) -> None:
+    study = load_study(write_study(tmp_path, tiny_study(seeds=(3, 1))))
+    assert [m.label for m in study.models] == ["lstm", "rims"]
+    assert study.points == (512, 1024) and checkpoint_interval(study) == 512
+    jobs = plan(study, tmp_path / "out")
+    assert [job.key for job in jobs] == ["lstm/seed_3", "rims/seed_3", "lstm/seed_1", "rims/seed_1"]
+    assert "seed=3" in jobs[0].overrides and "log.checkpoint_interval_frames=512" in jobs[0].overrides
+    # Paired evaluation: every job uses the same evaluate.py seed.
+    assert {job.eval_args for job in jobs} == {jobs[0].eval_args} and "10000" in jobs[0].eval_args
+    assert len({job.config_sha256 for job in jobs if job.model == "lstm"}) == 1  # the seed is not hashed
+    assert parse_seeds("1-10") == tuple(range(1, 11)) and parse_seeds([1, "4-5"]) == (1, 4, 5)
+    assert checkpoint_for_point({448: Path("a"), 576: Path("b")}, 512) == (576, Path("b"))
+
+
+BAD_STUDIES = {
+    "unknown key": ({"episodes_per_env": 5}, "unknown key 'episodes_per_env'"),
+    "missing config file": ({"models": [{"label": "x", "config": "configs/nope.yaml"}]}, "config file not found"),
+    "empty seeds": ({"seeds": []}, "seeds is empty"),
+    "unknown executor": ({"executor": {"name": "slurm"}}, "unknown executor 'slurm'"),
+    "label used twice": ({"models": [{"label": "a", "config": "configs/minigrid/doorkey-lstm-ppo.yaml"},
+                                     {"label": "a", "config": "configs/minigrid/doorkey-rims-ppo.yaml"}]},
+                         "label 'a' is used twice"),
+    "bad override": ({"overrides": {"algo.nsteps": 3}}, "algo.nsteps"),
+    "study key overridden": ({"overrides": {"total_frames": 5}}, "set by the study"),
+    "unknown env": ({"eval": {"envs": ["MiniGrid-Nope-v0"], "points": []}}, "MiniGrid-Nope-v0"),
+}
+
+
+@pytest.fixture
+def trained_dir(tmp_path: Path) -> Path:
+    """A study directory holding a (fake) trained run, to check that refusals touch nothing."""
+    run = tmp_path / "out" / "tiny" / "runs" / "lstm" / "seed_1"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint_000000000512.pt").write_bytes(b"weights")
+    (run / "metrics.jsonl").write_text('{"frames": 512}\n')
+    return tmp_path / "out"
+
+
+@pytest.mark.parametrize("case", list(BAD_STUDIES))
+def test_bad_study_files_give_one_line_and_exit_2(tmp_path: Path, trained_dir: Path, case: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    change, message = BAD_STUDIES[case]
+    path = write_study(tmp_path, tiny_study(**change))
+    before = snapshot(trained_dir)
+    assert study_cli.main(["run", str(path), "--root", str(trained_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert snapshot(trained_dir) == before
+
+
+def test_ray_missing_and_bad_options_refused_before_any_work(tmp_path: Path, trained_dir: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_study(tmp_path, tiny_study())
+    before = snapshot(trained_dir)
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    assert study_cli.main(["run", str(path), "--root", str(trained_dir), "--executor", "ray"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'pip install -e ".[cluster]"' in err
+    assert study_cli.main(["run", str(path), "--root", str(trained_dir), "--executor", "pbs"]) == 2
+    assert "unknown executor 'pbs'" in capsys.readouterr().err
+    assert study_cli.main(["run", str(tmp_path / "missing.yaml"), "--root", str(trained_dir)]) == 2
+    assert "study file not found" in capsys.readouterr().err
+    assert snapshot(trained_dir) == before
+
+
+def test_bad_study_file_from_the_command_line(tmp_path: Path) -> None:
+    path = write_study(tmp_path, tiny_study(seeds=[]))
+    done = subprocess.run([sys.executable, str(REPO / "study.py"), "run", str(path), "--root", str(tmp_path / "o")],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"error: {path}: seeds is empty: list at least one seed (e.g. seeds: 1-10)"]
+    assert not (tmp_path / "o").exists()
+
+
+# -- tiny real studies -------------------------------------------------------------------------------
+
+
+def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version: None) -> None:
+    """Ctrl-C mid-study, run again (nothing trained twice), run a third time (nothing at all), report."""
+    path = write_study(tmp_path, tiny_study())
+    root = tmp_path / "out"
+    env = {**os.environ, "MODULAR_RL_CODE_VERSION": VERSION}
+    process = subprocess.Popen([sys.executable, str(REPO / "study.py"), "run", str(path), "--root", str(root),
+                                "--workers", "1", "--no-report"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    first = root / "tiny" / "runs" / "lstm" / "seed_1"
+    deadline = time.time() + 120
+    while not list((first / "checkpoints").glob("checkpoint_*.pt")) and time.time() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    assert f"Continue with: python study.py run {path} --workers 1" in output
+
+    study = load_study(path)
+    jobs = plan(study, root / "tiny")
+    counts = summarize_states(jobs)
+    assert counts["done"] <= 1 and counts["new"] >= 3  # one worker: the other runs never started
+    stopped = snapshot(root / "tiny" / "runs")
+    checkpoints_then = {k: v for k, v in stopped.items() if "/checkpoints/" in k}
+    assert checkpoints_then  # the interrupted run kept what it had saved
+
+    assert run_study(study, root / "tiny", workers=2, report=False) == 0
+    assert summarize_states(jobs) == {"done": 4, "partial": 0, "new": 0}
+    after = snapshot(root / "tiny" / "runs")
+    # Nothing trained twice: every checkpoint the stopped study wrote is untouched, and each run's
+    # frame counter went up one rollout at a time to the budget.
+    assert {k: after[k] for k in checkpoints_then} == checkpoints_then
+    for job in jobs:
+        run = Path(job.run_dir)
+        frames = metrics_frames(run)
+        assert frames == list(range(64, 1025, 64)), job.key
+        assert sorted(p.name for p in (run / "eval").iterdir()) == ["point_000000000512.json",
+                                                                    "point_000000001024.json"]
+        provenance = json.loads((run / "provenance.json").read_text())
+        assert provenance["config_sha256"] == job.config_sha256
+        assert {s["commit"] for s in provenance["sessions"]} == {VERSION}
+    log = Path(jobs[0].log).read_text()
+    assert log.count("--run-dir") == 1  # lstm/seed_1 started once as a new run, never from scratch again
+
+    # A third run trains and evaluates nothing.
+    assert run_study(study, root / "tiny", report=False) == 0
+    assert snapshot(root / "tiny" / "runs") == after
+
+    # The report is rebuilt from the finished runs without training.
+    assert study_cli.main(["report", "tiny", "--root", str(root), "--reps", "200"]) == 0
+    assert snapshot(root / "tiny" / "runs") == after
+    text = (root / "tiny" / "report.md").read_text()
+    for section in ("## Held-out envs, aggregated", "## Probability of improvement over the LSTM baselines",
+                    "## Smallest detectable difference", "## Per seed", "## What the intervals support"):
+        assert section in text
+    assert {p.name for p in (root / "tiny" / "plots").iterdir()} == {
+        "interval_estimates.png", "probability_of_improvement.png", "performance_profile.png",
+        "heldout_vs_frames.png"}
+    scores = report.load_scores("tiny", root=root)
+    assert set(scores) == {"lstm", "rims"} and all(s.shape == (2, 1) for s in scores.values())
+    for job in jobs:
+        data = json.loads((Path(job.run_dir) / "eval" / "point_000000001024.json").read_text())
+        row = report.load_results("tiny", root).seeds(job.model).index(job.seed)
+        assert scores[job.model][row, 0] == pytest.approx(data["checkpoints"][0]["results"][0]["mean_return"])
+        assert data["seed"] == 10000 and data["episodes"] == 3
+
+    # Runs of one model from two code versions are refused, or listed apart when asked.
+    provenance_path = Path(jobs[0].run_dir) / "provenance.json"
+    provenance = json.loads(provenance_path.read_text())
+    provenance["sessions"][0]["commit"] = "another-version"
+    provenance_path.write_text(json.dumps(provenance))
+    with pytest.raises(StudyError, match="model lstm mixes runs of different code or configs"):
+        report.load_results("tiny", root)
+    assert set(report.load_results("tiny", root, split_versions=True).models) == {"lstm@1", "lstm@2", "rims"}
+
+
+def test_ray_study_end_to_end(tmp_path: Path, fixed_version: None) -> None:
+    ray = pytest.importorskip("ray")
+    # One model x 2 seeds: the two runs go to the two Ray CPUs side by side.
+    path = write_study(tmp_path, tiny_study(name="tiny-ray", model_names=("rims",), executor={"name": "ray"}))
+    root = tmp_path / "out" / "tiny-ray"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert run_study(load_study(path), root, report=False) == 0
+    finally:
+        ray.shutdown()
+    jobs = plan(load_study(path), root)
+    assert all(job_state(job).done for job in jobs)
+    for job in jobs:
+        assert metrics_frames(Path(job.run_dir))[-1] == 1024
+    assert report.load_scores(root, root=tmp_path / "out")["rims"].shape == (2, 1)
+
+
+def test_report_of_a_study_with_nothing_evaluated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_study(tmp_path, tiny_study())
+    folder = tmp_path / "out" / "tiny"
+    folder.mkdir(parents=True)
+    shutil.copy(path, folder / "study.yaml")
+    assert study_cli.main(["report", "tiny", "--root", str(tmp_path / "out")]) == 2
+    assert "nothing to report" in capsys.readouterr().err
+    assert study_cli.main(["report", "nope", "--root", str(tmp_path / "out")]) == 2
+    assert "holds no study" in capsys.readouterr().err
