@@ -1,9 +1,13 @@
 """Evaluating a trained policy: episodes in a vector env, raw scores, success rates, videos and traces.
 
-Read :func:`evaluate_policy` for the loop. The rest decides *where* to evaluate
-(a suite's train and held-out envs, given ids, or the policy's own training env)
-and with which env options, and checks that the env's spaces fit the policy
-before any episode runs.
+Read :func:`evaluate_policy` for the loop: every episode has its own seeds
+(:func:`episode_seeds` for the env's reset, :func:`step_uniforms` for its sampled
+actions), and the episodes run side by side in one in-process vector env whose
+sub-envs take the next unstarted episode as they finish one, so the results do not
+depend on how many run at once. The rest decides *where* to evaluate (a suite's train
+and held-out envs, given ids, or the policy's own training env) and with which env
+options, checks that the env's spaces fit the policy before any episode runs, and
+builds the env a notebook runs a policy in (:func:`make_policy_env`).
 """
 
 from __future__ import annotations
@@ -183,7 +187,7 @@ def check_spaces(policy: Policy, env_id: str, options: dict[str, Any]) -> None:
     :param options: its ``make_vec_env`` options (``evaluation_options``).
     :raises EvaluationError: naming both spaces when they differ, or when the env cannot be built.
     """
-    venv = _make_venv(env_id, 1, 0, options)
+    venv = _make_venv(env_id, 1, 0, {**options, "vec_env": "dummy"})  # no subprocess just to read spaces
     try:
         message = _spaces_error(policy, env_id, venv)
     finally:
