@@ -50,7 +50,7 @@ from agents.study import (
 
 CONFIDENCE = 0.95
 REPS = 10_000
-STATS_MISSING = 'study reports need rliable, which is not installed: pip install -e ".[test]" (or pip install rliable "pandas<3")'
+STATS_MISSING = 'study reports need rliable, which is not installed: pip install -e ".[stats]"'
 
 
 def _rliable() -> tuple[Any, Any]:
