@@ -49,7 +49,7 @@ from agents.run_dir import (
     write_failure,
 )
 from agents.storage import RolloutStorage
-from envs import check_env_id, make_vec_env
+from envs import check_env_id, make_env, make_vec_env
 from policies.actor_critic import RecurrentActorCritic, obs_to_tensor
 from policies.checkpoint import (
     CheckpointError,
@@ -69,6 +69,9 @@ except metadata.PackageNotFoundError:  # running from a source checkout that was
 UPDATERS: dict[str, type[PolicyUpdater]] = {"ppo": RecurrentPPO, "a2c": RecurrentA2C}
 
 ENVS_STATE_FILE = "envs_state.pkl"
+# The env options that ``envs.make_env`` (one env) takes; the others are vec-env options.
+SINGLE_ENV_OPTIONS: tuple[str, ...] = ("mission", "env_kwargs", "level_seeds", "max_episode_steps",
+                                       "terminal_on_life_loss")
 
 
 def snapshot_key() -> bytes:
@@ -266,6 +269,11 @@ class Trainer:
         env_config = self.config["env"]
         seed = self.config["seed"] if seed is None else seed
         try:
+            if options.get("vec_env") == "subproc":
+                # Options the env refuses would fail in every worker, each printing its own traceback,
+                # and reach this process as a broken pipe: build one env here first to name the problem.
+                single = {key: options[key] for key in SINGLE_ENV_OPTIONS if key in options}
+                make_env(env_id, None, clip_rewards=True, **single).close()
             return make_vec_env(env_id, env_config["n_envs"], seed, clip_rewards=True, **options)
         except (ValueError, TypeError) as exc:  # TypeError: env.env_kwargs the env does not take
             raise ConfigError(f"env: {exc}") from None
