@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("interrupted; the last checkpoint written is intact", file=sys.stderr)
         return SIGNAL_EXIT["SIGINT"]
-    if trainer.stop_signal is not None:
+    if trainer.stopped_early:
         # The trainer printed where the checkpoint is and the resume command; a scheduler that
         # preempted the job must see that it did not finish.
         return SIGNAL_EXIT.get(trainer.stop_signal, 1)

@@ -509,6 +509,11 @@ class Trainer:
         """Name of the signal (``"SIGINT"``, ``"SIGTERM"``) that stopped training early, else None."""
         return self._stop_signal
 
+    @property
+    def stopped_early(self) -> bool:
+        """Whether a signal stopped training before ``total_frames`` (a signal during the last update does not)."""
+        return self._stop_signal is not None and self.frames < self.config["total_frames"]
+
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
         """SIGINT/SIGTERM ask the loop to finish the current update and checkpoint; a second SIGINT aborts."""
@@ -630,7 +635,7 @@ class Trainer:
                 checkpoint_path = self.save()
         finally:
             bar.close()
-        if self._stop_signal is not None:
+        if self.stopped_early:
             tqdm.write(f"{self._stop_signal}: stopped after {self.frames} frames; checkpoint saved to "
                        f"{checkpoint_path}. Resume with: python train.py --resume {self.run_dir}")
         return checkpoint_path
