@@ -600,7 +600,11 @@ class Trainer:
                             f"{self.updates + 1}")) from None
                     problem = self._non_finite_rollout()
                     if problem is not None:
-                        raise TrainingError(self._stopped(f"{problem} (update {self.updates + 1})"))
+                        from_env = "rewards" in problem or "observations" in problem
+                        raise TrainingError(self._stopped(
+                            f"{problem} (update {self.updates + 1})",
+                            advice="check the env's rewards and observations, then resume" if from_env else
+                            "lower algo.lr or algo.max_grad_norm, then resume"))
                     collected = time.perf_counter()
                     try:
                         update_stats = self.updater.update(self.storage)

@@ -241,6 +241,27 @@ def test_nan_weights_stop_the_rollout_with_one_message(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == good
 
 
+def test_nan_rewards_from_the_env_stop_with_one_message(tmp_path: Path) -> None:
+    import numpy as np
+    from stable_baselines3.common.vec_env import VecEnvWrapper
+
+    class NanRewards(VecEnvWrapper):
+        def reset(self):
+            return self.venv.reset()
+
+        def step_wait(self):
+            obs, rewards, dones, infos = self.venv.step_wait()
+            return obs, np.full_like(rewards, np.nan), dones, infos
+
+    trainer = tiny_run(tmp_path / "run")
+    before = files_of(tmp_path / "run")
+    trainer.venv = NanRewards(trainer.venv)
+    with pytest.raises(TrainingError, match="the rollout's rewards are non-finite") as info:
+        trainer.run()
+    assert "check the env's rewards" in str(info.value) and "not overwritten" in str(info.value)
+    assert files_of(tmp_path / "run")["checkpoint.pt"] == before["checkpoint.pt"]
+
+
 def test_an_exploded_model_never_replaces_a_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     trainer = tiny_run(tmp_path / "run", 32, "log.checkpoint_interval_frames=32")
     before = files_of(tmp_path / "run")
