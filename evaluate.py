@@ -376,7 +376,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         resolve_targets,
         video_format_available,
     )
-    from policies.policy import load_policy
+    from policies.policy import check_device, load_policy
 
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
@@ -386,6 +386,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise EvaluationError(f"--device {args.device!r}: {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EvaluationError("--device cuda, but no CUDA GPU is available here; use --device cpu")
+    try:
+        check_device(device)  # the other devices this machine lacks (MPS), in load_policy's words
+    except ValueError as exc:
+        raise EvaluationError(f"--device {args.device}: {exc}") from None
     overrides = {"max_episode_steps": args.max_episode_steps} if args.max_episode_steps is not None else {}
     if args.video is not None and not video_format_available(f".{args.video_format}"):
         raise EvaluationError("--video-format mp4 needs imageio-ffmpeg (pip install imageio-ffmpeg); use gif")

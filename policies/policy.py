@@ -33,7 +33,7 @@ from torch.distributions import Categorical
 from policies.actor_critic import RecurrentActorCritic, obs_to_tensor
 from policies.checkpoint import CheckpointError, load_checkpoint, space_from_dict
 
-__all__ = ["Policy", "load_policy"]
+__all__ = ["Policy", "check_device", "load_policy"]
 
 
 class Policy:
@@ -232,8 +232,11 @@ def _not_a_checkpoint(path: Path) -> str | None:
     return f"{path} is a text file, not a checkpoint; {hint}"
 
 
-def _device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch.device, refusing one this machine does not have (one clear message)."""
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device, refusing one this machine does not have (one clear message).
+
+    :raises ValueError: not a torch device, or CUDA/MPS asked for where there is none.
+    """
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as exc:
@@ -269,7 +272,7 @@ def load_policy(path: str | os.PathLike[str], device: str | torch.device = "cpu"
         raise TypeError(f"load_policy takes a str path, got {type(text).__name__}")
     if _URL.match(text):
         raise CheckpointError(f"URLs are not supported ({text}): download the checkpoint and give its local path")
-    parsed_device = _device(device)
+    parsed_device = check_device(device)
     checkpoint = Path(text)
     if checkpoint.is_dir():
         checkpoint = checkpoint / "checkpoint.pt"
