@@ -38,6 +38,7 @@ from agents.optim import NonFiniteError, PolicyUpdater
 from agents.ppo import RecurrentPPO
 from agents.rollout import RolloutState, collect_rollout, start_rollouts
 from agents.run_dir import (
+    RunDirError,
     RunLock,
     atomic_write,
     default_run_dir,
@@ -148,6 +149,15 @@ def _flat_keys(nested: dict[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime, size) of a file, or None if it does not exist: a checkpoint replaced by a rename changes it."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
 def _base_venv(venv: VecEnv) -> VecEnv:
     while isinstance(venv, VecEnvWrapper):
         venv = venv.venv
@@ -198,6 +208,9 @@ class Trainer:
         if self._new_run:
             refuse_existing_run(self.run_dir)
         self._started = False  # run() has taken over the directory (stale temp files removed)
+        # The checkpoint.pt this trainer continues from (Trainer.resume sets it): the lock is taken
+        # when training starts, and by then another process may have trained the run further.
+        self._loaded_from: tuple[int, int, int] | None = None
         seed = config["seed"]
         if config["torch_threads"]:  # None (or 0 in runs saved before 0 was refused): torch's default
             torch.set_num_threads(config["torch_threads"])
@@ -301,6 +314,7 @@ class Trainer:
                 raise ConfigError(f"{key} cannot change on --resume (only total_frames can); start a new run")
         if Path(run_dir).is_dir():  # a run another process is training: say so, whatever its files hold now
             RunLock(run_dir).probe()
+        loaded_from = _file_identity(Path(run_dir) / "checkpoint.pt")
         checkpoint = load_checkpoint(Path(run_dir) / "checkpoint.pt")
         if not isinstance(checkpoint.get("config"), dict):
             raise CheckpointError(f"the checkpoint in {run_dir} holds no training config to resume with")
@@ -325,7 +339,9 @@ class Trainer:
             raise ConfigError(f"cannot resume {run_dir} with total_frames={config['total_frames']}: the run has "
                               f"already done {done} frames; give total_frames={done} or more")
         check_run_consistency(checkpoint, config, run_dir)
-        return cls(config, run_dir, checkpoint=checkpoint)
+        trainer = cls(config, run_dir, checkpoint=checkpoint)
+        trainer._loaded_from = loaded_from
+        return trainer
 
     def _restore_envs(self, checkpoint: dict[str, Any]) -> VecEnv | None:
         """Unpickle the envs saved with the checkpoint, if this user wrote them and they match it.
@@ -449,6 +465,8 @@ class Trainer:
             kept = sorted((self.run_dir / "checkpoints").glob("checkpoint_*.pt"))
             for old in kept[: -self.config["log"]["keep_checkpoints"]]:
                 old.unlink()
+            if self._loaded_from is not None:
+                self._loaded_from = _file_identity(latest)  # this trainer's own checkpoint is the one to continue
             return latest
 
     @contextlib.contextmanager
@@ -553,6 +571,11 @@ class Trainer:
             if not self._started:
                 if self._new_run:  # under the lock: nobody wrote a run here since the check in __init__
                     refuse_existing_run(self.run_dir)
+                elif self._loaded_from is not None and \
+                        _file_identity(self.run_dir / "checkpoint.pt") != self._loaded_from:
+                    raise RunDirError(f"the run in {self.run_dir} was trained further by another process after "
+                                      f"this one loaded its checkpoint; resume it again with "
+                                      f"`python train.py --resume {self.run_dir}`")
                 remove_stale_temp_files(self.run_dir)  # left by a killed write; no live writer under the lock
                 self._started = True
             config_path = self.run_dir / "config.yaml"

@@ -174,6 +174,17 @@ def test_one_process_per_run_directory_sigint_exit_130_and_no_stale_lock_after_k
     assert load_checkpoint(run / "checkpoint.pt")["frames"] == trainer.frames
 
 
+def test_a_resume_that_another_trainer_overtook_is_refused(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    tiny_run(run)
+    late = Trainer.resume(run, {"total_frames": 128})  # loaded at 32 frames, not started yet
+    Trainer.resume(run, {"total_frames": 128}).run(stop_at_frames=64)
+    before = files_of(run)
+    with pytest.raises(RunDirError, match="trained further by another process"):
+        late.run()
+    assert files_of(run) == before and load_checkpoint(run / "checkpoint.pt")["frames"] == 64
+
+
 def test_temp_names_are_unique_per_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from policies import checkpoint as checkpoint_module
 
