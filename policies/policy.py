@@ -123,7 +123,7 @@ class Policy:
         else:
             with_time = {k: v.unsqueeze(0) for k, v in obs_t.items()} if isinstance(obs_t, dict) else obs_t.unsqueeze(0)
             dist, _, state, *info = self.model(with_time, state, starts.unsqueeze(0), return_info=return_info)
-            actions = _inverse_cdf_sample(dist, torch.as_tensor(np.asarray(uniforms), device=self.device))
+            actions = _inverse_cdf_sample(dist, torch.as_tensor(np.asarray(uniforms), device=self.device))[0]
         actions_np = actions.cpu().numpy()
         if not return_info:
             return actions_np, state

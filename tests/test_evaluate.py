@@ -124,6 +124,22 @@ def test_act_resets_the_state_where_an_episode_starts(rims_run: tuple[Path, Trai
     assert not torch.equal(state_a[1], state_b[1])  # env 1 carried its state
 
 
+def test_act_with_uniforms_samples_by_the_inverse_cdf(rims_run: tuple[Path, Trainer]) -> None:
+    policy = load_policy(rims_run[0])
+    rng = np.random.default_rng(0)
+    obs = rng.integers(0, 6, size=(4, *policy.observation_space.shape)).astype(np.uint8)
+    state, starts = policy.initial_state(4), np.ones(4, dtype=bool)
+    with torch.no_grad():
+        dist, _, _ = policy.model(torch.as_tensor(obs)[None], state, torch.as_tensor(starts)[None])
+    cumulative = dist.probs[0].double().cumsum(-1).numpy()
+    uniforms = np.array([1e-9, 0.3, 0.7, 1 - 1e-9])
+    actions, new_state = policy.act(obs, state, starts, uniforms=uniforms)
+    expected = [min(int(np.searchsorted(row, u, side="right")), row.size - 1) for row, u in zip(cumulative, uniforms)]
+    assert actions.shape == (4,) and actions.tolist() == expected
+    assert actions[0] == 0 and actions[3] == cumulative.shape[1] - 1  # the ends of the distribution
+    torch.testing.assert_close(new_state, policy.act(obs, state, starts)[1])  # the state does not depend on it
+
+
 # -- evaluate_policy --------------------------------------------------------------------------
 
 
