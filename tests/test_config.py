@@ -21,7 +21,9 @@ from agents.config import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIGS = sorted(Path(__file__).resolve().parent.parent.glob("configs/**/*.yaml"))
+# Training configs; configs/studies/ holds study files (study.py), which name training configs.
+CONFIGS = sorted(p for p in REPO.glob("configs/**/*.yaml")
+                 if "studies" not in p.relative_to(REPO / "configs").parts)
 
 
 def test_overrides_parse_to_nested_typed_values() -> None:
