@@ -79,8 +79,9 @@ class Display:
         """The status line for these counts."""
         fps = sum(_last_row_fps(Path(job.run_dir), time.time() - 30) for job in running)
         elapsed = int(time.time() - self.started)
-        return (f"{self.name}: {done}/{self.total} runs done, {len(running)} running, {queued} queued"
-                + (f", {failed} failed" if failed else "") + f" | {fps:,.0f} frames/s | {elapsed // 60}m{elapsed % 60:02d}s")
+        failures = f", {failed} failed" if failed else ""
+        return (f"{self.name}: {done}/{self.total} runs done, {len(running)} running, {queued} queued{failures} | "
+                f"{fps:,.0f} frames/s | {elapsed // 60}m{elapsed % 60:02d}s")
 
     def update(self, done: int, running: Sequence[Job], queued: int, failed: int, force: bool = False) -> None:
         """Show the counts (rate-limited)."""
@@ -172,7 +173,7 @@ def run_local(jobs: Sequence[Job], workers: int | None = None, display: Display 
                 running[job.key] = job
             try:
                 result = execute_job(job, lambda: level[0])
-            except Exception as exc:  # a bug must not hang the pool: report it as this job's failure
+            except Exception as exc:  # noqa: BLE001 - a bug must not hang the pool: this job's failure
                 result = JobResult(job.key, "failed", f"{type(exc).__name__}: {exc}")
             with lock:
                 running.pop(job.key, None)
@@ -206,13 +207,8 @@ def _ray_execute(job: Job) -> JobResult:
     """A Ray task: run one job on whichever node Ray chose (paths must be on a shared file system)."""
     repo = job.repo if (Path(job.repo) / "train.py").is_file() else str(Path(__file__).resolve().parent.parent)
     local = dataclasses.replace(job, python=sys.executable, repo=repo)
-    interrupted = [0]
-
-    def should_stop() -> int:
-        return interrupted[0]
-
-    try:
-        return execute_job(local, should_stop)
+    try:  # a cancel during a subprocess reaches run_command as a KeyboardInterrupt: it stops the child
+        return execute_job(local)
     except KeyboardInterrupt:  # cancelled between subprocesses
         return JobResult(job.key, "stopped", "cancelled")
 
@@ -266,7 +262,7 @@ def run_ray(jobs: Sequence[Job], address: str | None = None, workers: int | None
                         job = pending.pop(ref)
                         try:
                             result = ray.get(ref)
-                        except Exception as exc:  # a task that died (node lost, worker killed)
+                        except Exception as exc:  # noqa: BLE001 - a task that died (node lost, worker killed)
                             result = JobResult(job.key, "failed", f"Ray task failed: {str(exc).splitlines()[0]}")
                         results.append(result)
                         _report(display, result)
@@ -277,12 +273,12 @@ def run_ray(jobs: Sequence[Job], address: str | None = None, workers: int | None
                     stopped = received[-1] if received else "SIGINT"
                     display.message("stopping: cancelling the Ray tasks (running runs checkpoint and exit)")
                     for ref in pending:
-                        with contextlib.suppress(Exception):
+                        with contextlib.suppress(Exception):  # already finished
                             ray.cancel(ref)
                     for ref, job in list(pending.items()):
                         try:
                             results.append(ray.get(ref))
-                        except Exception:
+                        except Exception:  # noqa: BLE001 - TaskCancelledError and the like
                             results.append(JobResult(job.key, "stopped", "cancelled"))
                     pending.clear()
     finally:

@@ -149,7 +149,8 @@ class Study:
         for model in self.models:
             if model.label == label:
                 return model
-        raise StudyError(f"study {self.name} has no model {label!r} (models: {', '.join(m.label for m in self.models)})")
+        known = ", ".join(m.label for m in self.models)
+        raise StudyError(f"study {self.name} has no model {label!r} (models: {known})")
 
 
 TOP_KEYS = {"name", "description", "models", "seeds", "total_frames", "budget", "eval", "executor", "overrides"}
@@ -344,7 +345,8 @@ def _parse_executor(raw: Any, path: Path | None) -> ExecutorSpec:
     if isinstance(raw, str):
         raw = {"name": raw}
     if not isinstance(raw, dict):
-        raise StudyError(f"{_where(path)}executor must be a mapping (name, workers, address, cpus_per_run, gpus_per_run)")
+        raise StudyError(f"{_where(path)}executor must be a mapping "
+                         "(name, workers, address, cpus_per_run, gpus_per_run)")
     _unknown(raw, EXECUTOR_KEYS, "executor.", path)
     name = raw.get("name", "local")
     check_executor(name, path)
@@ -359,7 +361,8 @@ def _parse_executor(raw: Any, path: Path | None) -> ExecutorSpec:
         value = raw.get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
                 (key == "cpus_per_run" and value == 0):
-            raise StudyError(f"{_where(path)}executor.{key} must be a number {'> 0' if key == 'cpus_per_run' else '>= 0'}")
+            bound = "> 0" if key == "cpus_per_run" else ">= 0"
+            raise StudyError(f"{_where(path)}executor.{key} must be a number {bound}")
         resources[key] = float(value)
     return ExecutorSpec(name, workers, address, resources["cpus_per_run"], resources["gpus_per_run"])
 
@@ -712,8 +715,8 @@ def eval_commands(job: Job) -> list[tuple[list[int], list[str], Path]]:
     """The evaluate.py calls a job still needs: ``(points, command, batch JSON)``.
 
     Points evaluated with the same number of episodes share one call (the intermediate points take
-    ``episodes``, the end of the budget ``final_episodes``); each call writes one batch JSON that :func:`split_batch` cuts into one
-    evaluate.py JSON per point.
+    ``episodes``, the end of the budget ``final_episodes``); each call writes one batch JSON that
+    :func:`split_batch` cuts into one evaluate.py JSON per point.
     """
     directory = Path(job.run_dir)
     checkpoints = checkpoint_frames(directory)
@@ -806,6 +809,8 @@ def execute_job(job: Job, should_stop: Callable[[], int] = lambda: 0) -> JobResu
                     return JobResult(job.key, "failed", f"train.py exit {code}: {_last_error(job.log)}", trained)
                 if not job_state(job).training_done:
                     return JobResult(job.key, "failed", "train.py ended before the budget", trained)
+            for stale in (directory / "eval").glob(".batch-*.json"):  # left by a killed study (one study at a time)
+                stale.unlink(missing_ok=True)
             calls = eval_commands(job)
             if calls:
                 record_session(directory, "eval", job.config_sha256, version)
@@ -944,7 +949,10 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
         executors.import_ray()
     if workers is not None and workers < 1:
         raise StudyError(f"--workers must be >= 1, got {workers}")
-    address = address or study.executor.address
+    if address is not None and executor != "ray":
+        raise StudyError(f"--address is for the ray executor; this study runs with executor {executor!r} "
+                         "(add --executor ray)")
+    address = address or (study.executor.address if executor == "ray" else None)
     workers = workers or study.executor.workers
     jobs = plan(study, root, code_version())
     for job in jobs:

@@ -88,6 +88,11 @@ def test_iqm_and_mean_of_known_scores() -> None:
     outlier = np.array([[1.0], [2.0], [3.0], [4.0], [5.0], [6.0], [7.0], [100.0]])
     assert report.iqm(outlier) == pytest.approx((3 + 4 + 5 + 6) / 4)  # the two lowest and highest are trimmed
     assert report.mean(outlier) == pytest.approx(128 / 8)
+    # The bootstrap's fast IQM is rliable's (scipy's trim_mean) number.
+    rng = np.random.default_rng(1)
+    for shape in [(10, 3), (7, 1), (5, 4), (1, 1)]:
+        values = rng.normal(size=shape)
+        assert report.fast_iqm(values) == pytest.approx(report.iqm(values), abs=1e-12)
 
 
 def test_interval_estimates_contain_the_point_and_are_reproducible() -> None:
@@ -214,7 +219,8 @@ def test_bad_study_file_from_the_command_line(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(REPO / "study.py"), "run", str(path), "--root", str(tmp_path / "o")],
                           capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [f"error: {path}: seeds is empty: list at least one seed (e.g. seeds: 1-10)"]
+    expected = f"error: {path}: seeds is empty: list at least one seed (e.g. seeds: 1-10)"
+    assert done.stderr.strip().splitlines() == [expected]
     assert not (tmp_path / "o").exists()
 
 
@@ -266,6 +272,13 @@ def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version:
 
     # A third run trains and evaluates nothing.
     assert run_study(study, root / "tiny", report=False) == 0
+    assert snapshot(root / "tiny" / "runs") == after
+
+    # A changed model config is refused, not continued or mixed with the runs made before.
+    changed = tiny_study()
+    changed["models"][0]["overrides"] = {"core.hidden_size": 24}
+    with pytest.raises(StudyError, match="was trained with another config than the study now asks"):
+        run_study(load_study(write_study(tmp_path, changed, "changed.yaml")), root / "tiny", report=False)
     assert snapshot(root / "tiny" / "runs") == after
 
     # The report is rebuilt from the finished runs without training.
