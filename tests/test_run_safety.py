@@ -133,8 +133,10 @@ def wait_for_rows(path: Path, process: subprocess.Popen, rows: int) -> None:
 def test_one_process_per_run_directory_sigint_exit_130_and_no_stale_lock_after_kill_9(tmp_path: Path) -> None:
     run = tmp_path / "run"
     cmd = [sys.executable, "train.py"]
+    # Its snapshot key cannot be created (as under a read-only $HOME/.cache): the stop still saves.
+    unusable_key = {**os.environ, "MODULAR_RL_KEY_FILE": "/proc/modular-memory-rl-test/snapshot.key"}
     first = subprocess.Popen([*cmd, *TINY, "total_frames=100000000", "--run-dir", str(run)], cwd=REPO,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=unusable_key)
     try:
         wait_for_rows(run / "metrics.jsonl", first, 1)
         # A second process on the same directory is refused, whatever it asks for.
@@ -151,6 +153,7 @@ def test_one_process_per_run_directory_sigint_exit_130_and_no_stale_lock_after_k
         first.kill()
     assert first.returncode == 130, err
     assert f"python train.py --resume {run}" in out + err and "done:" not in out
+    assert err.count("cannot use the snapshot key") == 1 and not (run / "envs_state.pkl").exists()
     frames = load_checkpoint(run / "checkpoint.pt")["frames"]
     assert frames >= 32
 
