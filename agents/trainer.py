@@ -599,9 +599,9 @@ class Trainer:
         # end is the frame count the run will really reach, not total_frames.
         remaining = max(0, total - self.frames)
         end = self.frames + math.ceil(remaining / self.frames_per_rollout) * self.frames_per_rollout
-        bar = tqdm(total=end, initial=self.frames, unit="frames", dynamic_ncols=True,
+        # "-" until the first update (fps) and the first finished episode (mean return), not nan.
+        bar = tqdm(total=end, initial=self.frames, unit="frames", dynamic_ncols=True, postfix="fps=- ret=-",
                    disable=not config["log"]["progress_bar"], mininterval=1.0, desc=config["name"])
-        bar.set_postfix_str("fps=- ret=-", refresh=False)  # no episode has ended yet: no mean return
         checkpoint_path = self.run_dir / "checkpoint.pt"
         try:
             with self._stop_on_signals():
