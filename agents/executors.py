@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from agents.study import Job, JobResult, StudyError, execute_job, job_state
+from agents.study import Job, JobResult, StudyError, execute_job, job_state, request_stop, stop_level
 
 RAY_MISSING = 'the ray executor needs Ray, which is not installed: pip install -e ".[cluster]"'
 
@@ -172,7 +172,7 @@ def run_local(jobs: Sequence[Job], workers: int | None = None, display: Display 
             with lock:
                 running[job.key] = job
             try:
-                result = execute_job(job, lambda: level[0])
+                result = execute_job(job, lambda stop_file=job.stop_file: max(level[0], stop_level(stop_file)))
             except Exception as exc:  # noqa: BLE001 - a bug must not hang the pool: this job's failure
                 result = JobResult(job.key, "failed", f"{type(exc).__name__}: {exc}")
             with lock:
@@ -252,6 +252,7 @@ def run_ray(jobs: Sequence[Job], address: str | None = None, workers: int | None
     pending = {task.remote(job): job for job in jobs}
     results: list[JobResult] = []
     stopped: str | None = None
+    level = 0
     started = time.time()
     try:
         with _sigterm_as_interrupt() as received:
@@ -271,16 +272,16 @@ def run_ray(jobs: Sequence[Job], address: str | None = None, workers: int | None
                                    len(pending) - len(running), sum(r.status == "failed" for r in results))
                 except KeyboardInterrupt:
                     stopped = received[-1] if received else "SIGINT"
-                    display.message("stopping: cancelling the Ray tasks (running runs checkpoint and exit)")
-                    for ref in pending:
-                        with contextlib.suppress(Exception):  # already finished
-                            ray.cancel(ref)
-                    for ref, job in list(pending.items()):
-                        try:
-                            results.append(ray.get(ref))
-                        except Exception:  # noqa: BLE001 - TaskCancelledError and the like
-                            results.append(JobResult(job.key, "stopped", "cancelled"))
-                    pending.clear()
+                    level = min(2, level + 1)
+                    display.message("stopping: asked the running runs to checkpoint and exit (Ctrl-C again to abort "
+                                    "them)" if level == 1 else "aborting the running runs (their last checkpoints "
+                                    "are intact)")
+                    # The stop file reaches tasks on every node (shared file system); tasks that have
+                    # not started yet see it and return at once.
+                    for job in pending.values():
+                        if job.stop_file:
+                            request_stop(job.stop_file, level)
+                            break
     finally:
         display.close()
         if started_here:

@@ -60,6 +60,7 @@ DEFAULT_ROOT = Path("studies")
 DEFAULT_EVAL_SEED = 10_000
 EXECUTORS = ("local", "ray")
 PROVENANCE_FILE = "provenance.json"
+STOP_FILE = ".stop"
 # What a run executes: a change here changes the code version a run records.
 CODE_PATHS = ("agents", "policies", "envs", "train.py", "evaluate.py")
 STUDY_COPY = "study.yaml"
@@ -449,8 +450,12 @@ def study_overrides(study: Study, seed: int) -> list[str]:
 
 
 def resolved_config(study: Study, model: ModelSpec, seed: int) -> dict[str, Any]:
-    """The config train.py will resolve for this run (raises ConfigError as train.py would)."""
-    return load_config(model.config, [*model.overrides, *study.overrides, *study_overrides(study, seed)])
+    """The config train.py will resolve for this run (raises ConfigError as train.py would).
+
+    Precedence, lowest first: the model's config file, the study's ``overrides`` (for every model),
+    the model's own ``overrides``, then the study's settings (``study_overrides``).
+    """
+    return load_config(model.config, [*study.overrides, *model.overrides, *study_overrides(study, seed)])
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -574,6 +579,7 @@ class Job:
     config_sha256: str
     log: str
     version: str = "{}"  # JSON of code_version() when the study was started
+    stop_file: str = ""  # <study dir>/.stop: its level (1 stop, 2 abort) tells jobs on any node to stop
     repo: str = str(REPO)
     python: str = sys.executable
 
@@ -611,11 +617,12 @@ def plan(study: Study, root: Path, version: dict[str, Any] | None = None) -> lis
             directory = run_dir(root, model.label, seed)
             jobs.append(Job(
                 study=study.name, model=model.label, seed=seed, run_dir=str(directory.resolve()),
-                config=str(model.config), overrides=(*model.overrides, *study.overrides, *study_overrides(study, seed)),
+                config=str(model.config), overrides=(*study.overrides, *model.overrides, *study_overrides(study, seed)),
                 total_frames=study.total_frames, points=study.points, episodes=study.eval.episodes,
                 final_episodes=study.eval.final_episodes, eval_args=eval_arguments(study.eval),
                 config_sha256=config_hash(config),
                 log=str((root / "logs" / f"{model.label}-seed_{seed}.log").resolve()), version=version_text,
+                stop_file=str((root / STOP_FILE).resolve()),
             ))
     return jobs
 
@@ -784,12 +791,36 @@ def run_command(command: list[str], cwd: str, log: IO[str], should_stop: Callabl
             sent += 1
 
 
-def execute_job(job: Job, should_stop: Callable[[], int] = lambda: 0) -> JobResult:
+def stop_level(stop_file: str | Path) -> int:
+    """The level written in a study's stop file: 0 (none: go on), 1 (stop after a checkpoint), 2 (abort)."""
+    if not stop_file:
+        return 0
+    try:
+        text = Path(stop_file).read_text().strip()
+    except OSError:
+        return 0
+    return 2 if text == "2" else 1
+
+
+def request_stop(stop_file: str | Path, level: int) -> None:
+    """Ask every job of a study, on any node of a shared file system, to stop (1) or abort (2)."""
+    atomic_write(Path(stop_file), f"{level}\n".encode())
+
+
+def execute_job(job: Job, should_stop: Callable[[], int] | None = None) -> JobResult:
     """Train (or resume) the job's run to its budget, then evaluate every point that has no result.
 
     Runs train.py and evaluate.py as subprocesses from the repository root; their output goes to
     the job's log file. Safe to call again after any stop: finished steps are skipped.
+
+    :param should_stop: polled while a subprocess runs (0 go on, 1 stop, 2 abort); by default the
+        level in the study's stop file (``request_stop``), which reaches jobs on every node.
     """
+    if should_stop is None:
+        def should_stop() -> int:
+            return stop_level(job.stop_file) if job.stop_file else 0
+    if should_stop():
+        return JobResult(job.key, "stopped", "the study is stopping")
     directory = Path(job.run_dir)
     Path(job.log).parent.mkdir(parents=True, exist_ok=True)
     version = json.loads(job.version) or code_version(Path(job.repo))
@@ -958,6 +989,7 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
     for job in jobs:
         check_existing_run(job)
     with study_lock(root):
+        (root / STOP_FILE).unlink(missing_ok=True)  # a stop request of an earlier session
         save_study_copy(study, root)
         states = {job.key: job_state(job) for job in jobs}
         todo = [job for job in jobs if not states[job.key].done]
