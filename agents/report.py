@@ -491,6 +491,11 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
             curve.setdefault(m, []).append(estimates_at[m]["mean"] if m in estimates_at else (np.nan,) * 3)
     lines += _table(["model", *(f"{p:,}" for p in study.points)],
                     [[m, *(_ci(t) for t in curve[m])] for m in final])
+    evaluated = []
+    for point in study.points:
+        frames = sorted({r.frames[point] for rs in results.runs.values() for r in rs if point in r.frames})
+        evaluated.append(f"{point:,}: {' or '.join(f'{f:,}' for f in frames) or '-'}")
+    lines += [f"Frames of the checkpoints evaluated at each point: {'; '.join(evaluated)}.", ""]
 
     # Per-seed tables.
     lines += ["## Per seed (end of budget)", "", "Mean return per run; the last rows give the mean and the sample SD "
@@ -560,9 +565,11 @@ def write_plots(results: StudyResults, heldout_scores: dict[str, np.ndarray],
         ax = figure.add_subplot(1, 2, k + 1)
         for i, m in enumerate(models):
             point, low, high = estimates[m][stat]
-            ax.barh(i, high - low, left=low, height=0.6, alpha=0.5, color=f"C{i}")
-            ax.plot([point, point], [i - 0.3, i + 0.3], color="k")
+            ax.errorbar(point, i, xerr=[[point - low], [high - point]], fmt="o", capsize=5, color=f"C{i}")
         ax.set_yticks(range(len(models)), models if k == 0 else [""] * len(models))
+        ax.set_ylim(-0.6, len(models) - 0.4)
+        ax.margins(x=0.1)
+        ax.grid(axis="x", alpha=0.3)
         ax.set_title(f"{stat.upper() if stat == 'iqm' else 'Mean'} held-out return (95% CI)")
         ax.set_xlabel("return")
     figure.tight_layout()
@@ -575,11 +582,12 @@ def write_plots(results: StudyResults, heldout_scores: dict[str, np.ndarray],
         ax = figure.add_subplot(1, 1, 1)
         for i, (m, b) in enumerate(pairs):
             point, low, high = pois[m, b]
-            ax.barh(i, high - low, left=low, height=0.6, alpha=0.5, color=f"C{models.index(m)}")
-            ax.plot([point, point], [i - 0.3, i + 0.3], color="k")
+            ax.errorbar(point, i, xerr=[[point - low], [high - point]], fmt="o", capsize=5,
+                        color=f"C{models.index(m)}")
         ax.axvline(0.5, color="grey", linestyle="--")
         ax.set_yticks(range(len(pairs)), [f"P({m} > {b})" for m, b in pairs])
-        ax.set_xlim(0, 1)
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.6, len(pairs) - 0.4)
         ax.set_xlabel("probability of improvement (95% CI), held-out envs")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # long labels: tight_layout may give up
