@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("report", "rebuild studies/<study>/report.md and its plots from finished runs")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("study", help="study name, study directory, or study file")
-        sub.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="where study directories are (default studies/)")
+        sub.add_argument("--root", type=Path, default=DEFAULT_ROOT,
+                         help="where study directories are (default studies/)")
         if name == "report":
             sub.add_argument("--split-versions", action="store_true",
                              help="list runs of one model made by different code or configs apart instead of refusing")
