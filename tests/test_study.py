@@ -335,3 +335,22 @@ def test_report_of_a_study_with_nothing_evaluated(tmp_path: Path, capsys: pytest
     assert "nothing to report" in capsys.readouterr().err
     assert study_cli.main(["report", "nope", "--root", str(tmp_path / "out")]) == 2
     assert "holds no study" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["doorkey-generalization", "multiroom-generalization"])
+def test_shipped_study_files_are_valid_and_no_level_stream_is_shared(name: str, tmp_path: Path) -> None:
+    from agents.evaluation import episode_seeds
+    from agents.study import resolved_config
+    from envs import env_seeds
+
+    study = load_study(REPO / "configs" / "studies" / f"{name}.yaml")
+    assert study.seeds == tuple(range(1, 11)) and len(study.points) >= 4
+    streams = []
+    for job in plan(study, tmp_path):
+        config = resolved_config(study, study.model(job.model), job.seed)
+        streams += env_seeds(config["seed"], config["env"]["n_envs"])
+    # Seed s gives every model the same level streams (paired), and no two seeds share one ...
+    assert len(set(streams)) == len(study.seeds) * config["env"]["n_envs"]
+    # ... and no evaluation episode starts from a training stream's seed.
+    final_episodes = study.eval.final_episodes
+    assert not set(streams) & set(episode_seeds(study.eval.seed, final_episodes)[0].tolist())
