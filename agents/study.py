@@ -831,6 +831,10 @@ def execute_job(job: Job, should_stop: Callable[[], int] | None = None) -> JobRe
             state = job_state(job)
             if not state.training_done:
                 check_existing_run(job)
+                moved = set_aside_unresumable(directory)
+                if moved is not None:
+                    log.write(f"note: {directory} held a run killed before its first checkpoint; moved it to "
+                              f"{moved} and starting the run again\n")
                 record_session(directory, "train", job.config_sha256, version)
                 code = run_command(train_command(job), job.repo, log, should_stop)
                 trained = True
@@ -863,6 +867,21 @@ def execute_job(job: Job, should_stop: Callable[[], int] | None = None) -> JobRe
             log.write(f"error: {exc}\n")
             return JobResult(job.key, "failed", f"{exc.strerror or exc} ({getattr(exc, 'filename', '')})", trained)
     return JobResult(job.key, "done", "", trained)
+
+
+def set_aside_unresumable(directory: Path) -> Path | None:
+    """Move a run killed before its first checkpoint (train.py files but no ``checkpoint.pt``) to
+    ``<dir>.unfinished-<n>``, so the run can start again; nothing is deleted. Returns the new path."""
+    from agents.run_dir import holds_run
+
+    if (directory / "checkpoint.pt").is_file() or not holds_run(directory):
+        return None
+    n = 1
+    while directory.with_name(f"{directory.name}.unfinished-{n}").exists():
+        n += 1
+    target = directory.with_name(f"{directory.name}.unfinished-{n}")
+    os.replace(directory, target)
+    return target
 
 
 def _last_error(log_path: str) -> str:

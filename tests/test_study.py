@@ -354,3 +354,19 @@ def test_shipped_study_files_are_valid_and_no_level_stream_is_shared(name: str, 
     # ... and no evaluation episode starts from a training stream's seed.
     final_episodes = study.eval.final_episodes
     assert not set(streams) & set(episode_seeds(study.eval.seed, final_episodes)[0].tolist())
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_set_aside_not_lost(tmp_path: Path) -> None:
+    from agents.study import set_aside_unresumable
+
+    run = tmp_path / "seed_1"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 1\n")
+    (run / "metrics.jsonl").write_text("")
+    assert set_aside_unresumable(run) == tmp_path / "seed_1.unfinished-1"
+    assert not run.exists() and (tmp_path / "seed_1.unfinished-1" / "config.yaml").read_text() == "seed: 1\n"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 1\n")
+    (run / "checkpoint.pt").write_bytes(b"x")
+    assert set_aside_unresumable(run) is None and (run / "checkpoint.pt").is_file()  # resumable: left alone
+    assert set_aside_unresumable(tmp_path / "empty") is None
