@@ -83,6 +83,25 @@ def snapshot_key() -> bytes:
     return load_snapshot_key()
 
 
+def numerics_build(core_config: dict[str, Any]) -> dict[str, str]:
+    """What a run's floating-point rounding depends on: torch's version and the RIMs/BRIMs engine that runs.
+
+    The C kernel is built for the CPU it runs on (``-march=native``), so the same seed rounds
+    differently on another machine or with the Python engine; each run records which it had.
+
+    :param core_config: the config's ``core`` section.
+    """
+    build = {"torch": str(torch.__version__)}
+    if core_config["name"] in ("rims", "brims"):
+        if core_config.get("native") is False:
+            build.update(engine="python", reason="core.native=false")
+        else:
+            from policies.cores.native import kernel_build
+
+            build.update(kernel_build())
+    return build
+
+
 class TrainingError(RuntimeError):
     """Training stopped for a reason the user must see (non-finite values, crashed env, full disk).
 
@@ -406,6 +425,7 @@ class Trainer:
         """Everything needed to rebuild the policy, and to resume training exactly."""
         payload: dict[str, Any] = {
             "package_version": PACKAGE_VERSION,
+            "numerics": numerics_build(self.config["core"]),
             "config": self.config,
             "policy": {"spec": self.policy.spec, "state_dict": self.policy.state_dict()},
             "observation_space": space_to_dict(self.venv.observation_space),
@@ -580,7 +600,10 @@ class Trainer:
                 self._started = True
             config_path = self.run_dir / "config.yaml"
             with self._write_errors(config_path):
-                atomic_write(config_path, yaml.safe_dump(config, sort_keys=False).encode())
+                numerics = ", ".join(f"{key} {value}" for key, value in numerics_build(config["core"]).items())
+                header = (f"# The resolved config of this run (every default filled in).\n"
+                          f"# Written by a process with: {numerics}\n")
+                atomic_write(config_path, (header + yaml.safe_dump(config, sort_keys=False)).encode())
             resumed = self.frames > 0
             with self._write_errors(self.run_dir / "metrics.jsonl"):
                 logger = RunLogger(self.run_dir, purge_step=self.frames if resumed else None)

@@ -44,6 +44,16 @@ def test_tiny_minigrid_run_writes_a_loadable_checkpoint(tmp_path: Path, core: st
     if core in ("rims", "brims"):
         assert any(key.startswith("modules/active") for key in rows[0])
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    # The run records what its rounding depends on, in the checkpoint and in config.yaml's header.
+    numerics = checkpoint["numerics"]
+    assert numerics["torch"] == str(torch.__version__)
+    if core in ("rims", "brims"):
+        from policies.cores.native import kernel_build
+
+        assert {k: numerics[k] for k in kernel_build()} == kernel_build()
+    header = (run_dir / "config.yaml").read_text().splitlines()[1]
+    assert header.startswith("# Written by a process with: ")
+    assert all(f"{key} {value}" in header for key, value in numerics.items())
 
 
 @pytest.mark.parametrize("algo", ["ppo", "a2c"])
