@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "compute_gae": "agents.storage",
     "evaluate_policy": "agents.evaluation",
     "load_config": "agents.config",
+    "make_policy_env": "agents.evaluation",
     "resolve_config": "agents.config",
     "train": "agents.trainer",
 }
