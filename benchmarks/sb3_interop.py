@@ -1,0 +1,259 @@
+"""sb3-contrib's RecurrentPPO driving this package's RIMs core (policies/sb3.py) on MiniGrid-DoorKey-5x5.
+
+    python benchmarks/sb3_interop.py                                  # learning (seeds 1-5) and frames/s
+    python benchmarks/sb3_interop.py --only learning --seeds 1-5 --frames 300000
+    python benchmarks/sb3_interop.py --only fps --fps-frames 20000     # frames/s only (a few minutes)
+
+Learning: for each seed, ``RecurrentPPO(RecurrentCorePolicy, core="rims")`` trains for ``--frames``
+frames on DoorKey-5x5 (SB3's own ``make_vec_env`` with this package's ``wrap_minigrid``), and the
+script prints the frames at which the mean return of the last 100 episodes first reached
+``--threshold`` (0.9; at least 100 episodes finished) and that mean at the end. Seeds run one after
+the other, one torch thread. Each run saves its model and episode log under
+``--out/<policy>/seed_<s>/`` every ``--checkpoint-frames``; running the same command again skips
+finished seeds and continues an interrupted one from its last save (fresh episodes: the envs'
+unfinished episodes are not saved). ``--learn-policies rims lstm-sb3`` also trains sb3-contrib's own
+LSTM policy for comparison.
+
+Frames/s: sb3-contrib's own ``CnnLstmPolicy`` with an LSTM as wide as the RIMs core's output
+(6 modules x 32 = 192), the same features extractor (this package's grid encoder) and the same
+heads, against ``RecurrentCorePolicy`` with the RIMs core and with an LSTM core of the same width
+(the adapter's own overhead). The policies train in turns of ``--fps-chunk`` frames until each has
+done ``--fps-frames`` (after one untimed warm-up rollout each), so load from other work on the
+machine falls on all of them alike. Frames/s counts rollouts and updates, as SB3's ``time/fps``;
+the rollout share is given too.
+
+PPO settings follow the package's DoorKey config where sb3-contrib has them (16 envs, 128 steps,
+4 epochs, 8 minibatches, lr 1e-3, entropy 0.01, ...). sb3-contrib trains on whole rollout
+sequences cut at episode starts, not on the package's 16-step chunks, so the figures are not
+those of ``python train.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as `python benchmarks/sb3_interop.py` from a source checkout
+
+import torch  # noqa: E402
+from sb3_contrib import RecurrentPPO  # noqa: E402
+from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
+from stable_baselines3.common.env_util import make_vec_env  # noqa: E402
+from stable_baselines3.common.vec_env import VecEnv  # noqa: E402
+
+from envs.minigrid import wrap_minigrid  # noqa: E402
+from policies.sb3 import EncoderFeaturesExtractor, RecurrentCorePolicy  # noqa: E402
+
+ENV_ID = "MiniGrid-DoorKey-5x5-v0"
+WINDOW = 100  # episodes in the mean return
+RIMS = {"num_modules": 6, "module_size": 32, "k_active": 4}  # the package's DoorKey RIMs config
+WIDTH = RIMS["num_modules"] * RIMS["module_size"]  # the RIMs core's output width, the LSTMs' hidden size
+PPO_KWARGS: dict[str, Any] = {
+    "n_steps": 128, "batch_size": 256, "n_epochs": 4, "learning_rate": 1e-3, "gamma": 0.99, "gae_lambda": 0.95,
+    "clip_range": 0.2, "ent_coef": 0.01, "vf_coef": 0.5, "max_grad_norm": 0.5,
+}  # fmt: skip
+N_ENVS = 16
+# Policy label -> (policy class or name, policy_kwargs).
+POLICIES: dict[str, tuple[Any, dict[str, Any]]] = {
+    "rims": (RecurrentCorePolicy, {"core": "rims", "core_kwargs": RIMS}),
+    "lstm-core": (RecurrentCorePolicy, {"core": "lstm", "core_kwargs": {"hidden_size": WIDTH}}),
+    "lstm-sb3": ("CnnLstmPolicy", {"lstm_hidden_size": WIDTH, "features_extractor_class": EncoderFeaturesExtractor,
+                                   "normalize_images": False}),
+}
+POLICY_NAMES = {"rims": f"RecurrentCorePolicy(rims {RIMS['num_modules']}x{RIMS['module_size']}, "
+                        f"{RIMS['k_active']} active)",
+                "lstm-core": f"RecurrentCorePolicy(lstm {WIDTH})",
+                "lstm-sb3": f"sb3-contrib CnnLstmPolicy(lstm {WIDTH})"}
+
+
+def make_env(seed: int) -> VecEnv:
+    """DoorKey-5x5 through SB3's make_vec_env and this package's MiniGrid wrapper."""
+    return make_vec_env(ENV_ID, n_envs=N_ENVS, seed=seed, wrapper_class=wrap_minigrid)
+
+
+def make_model(label: str, env: VecEnv, seed: int) -> RecurrentPPO:
+    """A RecurrentPPO with the policy ``label`` of :data:`POLICIES`."""
+    policy, policy_kwargs = POLICIES[label]
+    return RecurrentPPO(policy, env, seed=seed, device="cpu", policy_kwargs=policy_kwargs, **PPO_KWARGS)
+
+
+class EpisodeLog(BaseCallback):
+    """Records (frames, return) of every finished episode, and saves model and log every ``save_every`` frames."""
+
+    def __init__(self, episodes: list[list[float]], save_every: int, save: Any) -> None:
+        super().__init__()
+        self.episodes, self.save_every, self.save = episodes, save_every, save
+        self.next_save = 0
+
+    def _on_training_start(self) -> None:
+        self.next_save = self.num_timesteps + self.save_every
+
+    def _on_step(self) -> bool:
+        for info in self.locals["infos"]:
+            if "episode" in info:
+                self.episodes.append([self.num_timesteps, float(info["episode"]["r"])])
+        return True
+
+    def _on_rollout_end(self) -> None:
+        # After a whole rollout, so a resumed run restarts at a rollout boundary.
+        if self.num_timesteps >= self.next_save:
+            self.save()
+            self.next_save = self.num_timesteps + self.save_every
+
+
+def frames_to_threshold(episodes: list[list[float]], threshold: float) -> int | None:
+    """Frames at which the mean of the last 100 episode returns (100 finished at least) first reached ``threshold``."""
+    window: deque[float] = deque(maxlen=WINDOW)
+    for frames, ret in episodes:
+        window.append(ret)
+        if len(window) == WINDOW and statistics.fmean(window) >= threshold:
+            return int(frames)
+    return None
+
+
+def final_return(episodes: list[list[float]]) -> float | None:
+    """The mean return of the last 100 episodes (None before any ended)."""
+    last = [ret for _, ret in episodes[-WINDOW:]]
+    return statistics.fmean(last) if last else None
+
+
+def learn_seed(label: str, seed: int, frames: int, out: Path, save_every: int, threshold: float) -> dict[str, Any]:
+    """Train one seed to ``frames`` frames (continuing a saved run) and return its result, saved as result.json."""
+    run_dir = out / label / f"seed_{seed}"
+    result_path = run_dir / "result.json"
+    if result_path.is_file():
+        result = json.loads(result_path.read_text())
+        if result["frames"] >= frames:
+            return result
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_path, log_path = run_dir / "model.zip", run_dir / "episodes.json"
+    env = make_env(seed)
+    episodes: list[list[float]] = []
+    if model_path.is_file() and log_path.is_file():
+        model = RecurrentPPO.load(model_path, env=env, device="cpu")
+        episodes = json.loads(log_path.read_text())
+        print(f"  {label} seed {seed}: continuing from {model.num_timesteps} frames", flush=True)
+    else:
+        model = make_model(label, env, seed)
+
+    def save() -> None:
+        # Model first, then the log: a kill in between leaves a log behind its model, never ahead of it.
+        model.save(run_dir / "model.tmp.zip")
+        os.replace(run_dir / "model.tmp.zip", model_path)
+        (run_dir / "episodes.tmp.json").write_text(json.dumps(episodes))
+        os.replace(run_dir / "episodes.tmp.json", log_path)
+
+    started = time.perf_counter()
+    done_before = model.num_timesteps
+    if model.num_timesteps < frames:
+        model.learn(frames - model.num_timesteps, callback=EpisodeLog(episodes, save_every, save),
+                    reset_num_timesteps=False)
+        save()
+    result = {"policy": label, "seed": seed, "frames": int(model.num_timesteps),
+              "frames_to_threshold": frames_to_threshold(episodes, threshold), "threshold": threshold,
+              "final_return": final_return(episodes), "episodes": len(episodes),
+              "fps": (model.num_timesteps - done_before) / max(time.perf_counter() - started, 1e-9)}
+    result_path.write_text(json.dumps(result, indent=1))
+    env.close()
+    return result
+
+
+class RolloutClock(BaseCallback):
+    """Adds up the wall time spent collecting rollouts (the rest of ``learn`` is updates)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def _on_rollout_start(self) -> None:
+        self._start = time.perf_counter()
+
+    def _on_rollout_end(self) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+    def _on_step(self) -> bool:
+        return True
+
+
+def measure_fps(labels: list[str], frames: int, chunk: int) -> list[str]:
+    """Train the policies in turns of ``chunk`` frames to ``frames`` each; one table row per policy."""
+    rollout = PPO_KWARGS["n_steps"] * N_ENVS
+    models = {label: make_model(label, make_env(0), seed=0) for label in labels}
+    clocks = {label: RolloutClock() for label in labels}
+    seconds = dict.fromkeys(labels, 0.0)
+    done = dict.fromkeys(labels, 0)
+    for model in models.values():  # untimed warm-up: kernel build, first allocations
+        model.learn(rollout)
+    while any(done[label] < frames for label in labels):
+        for label in labels:
+            if done[label] >= frames:
+                continue
+            model = models[label]
+            before = model.num_timesteps
+            started = time.perf_counter()
+            model.learn(chunk, callback=clocks[label], reset_num_timesteps=False)
+            seconds[label] += time.perf_counter() - started
+            done[label] += model.num_timesteps - before
+    rows = [f"{'policy':<46}{'params':>9}{'frames':>8}{'seconds':>9}{'frames/s':>10}{'rollout share':>15}"]
+    for label in labels:
+        params = sum(p.numel() for p in models[label].policy.parameters())
+        rows.append(f"{POLICY_NAMES[label]:<46}{params:>9}{done[label]:>8}{seconds[label]:>9.1f}"
+                    f"{done[label] / seconds[label]:>10.0f}{clocks[label].seconds / seconds[label]:>15.0%}")
+    return rows
+
+
+def parse_seeds(items: list[str]) -> list[int]:
+    """``["1-3", "7"]`` -> ``[1, 2, 3, 7]``."""
+    seeds: list[int] = []
+    for item in items:
+        first, _, last = item.partition("-")
+        seeds.extend(range(int(first), int(last or first) + 1))
+    return seeds
+
+
+def main() -> None:
+    """Run the learning benchmark and/or the frames/s comparison and print their tables."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=("learning", "fps"), help="run one half only")
+    parser.add_argument("--seeds", nargs="+", default=["1-5"], help="seeds or ranges, e.g. 1-5 7")
+    parser.add_argument("--frames", type=int, default=300_000, help="learning budget per seed")
+    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--learn-policies", nargs="+", default=["rims"], choices=list(POLICIES))
+    parser.add_argument("--checkpoint-frames", type=int, default=32_768, help="save a learning run this often")
+    parser.add_argument("--fps-frames", type=int, default=20_480, help="timed frames per policy")
+    parser.add_argument("--fps-chunk", type=int, default=4096, help="frames per turn in the frames/s comparison")
+    parser.add_argument("--fps-policies", nargs="+", default=["rims", "lstm-sb3", "lstm-core"], choices=list(POLICIES))
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "sb3_interop")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # agent-sized batches; the other cores stay free for other runs
+
+    print(f"sb3-contrib RecurrentPPO on {ENV_ID}, {N_ENVS} envs, {PPO_KWARGS}", flush=True)
+    if args.only != "fps":
+        rows = [f"{'policy':<12}{'seed':>5}{'frames':>9}{'to ' + str(args.threshold):>10}{'final':>8}{'fps':>7}"]
+        for label in args.learn_policies:
+            results = [learn_seed(label, seed, args.frames, args.out, args.checkpoint_frames, args.threshold)
+                       for seed in parse_seeds(args.seeds)]
+            for r in results:
+                final = "-" if r["final_return"] is None else f"{r['final_return']:.3f}"
+                rows.append(f"{label:<12}{r['seed']:>5}{r['frames']:>9}{r['frames_to_threshold'] or '-':>10}"
+                            f"{final:>8}{r['fps']:>7.0f}")
+            reached = sum(r["frames_to_threshold"] is not None for r in results)
+            rows.append(f"{label:<12} reached {args.threshold} on {reached}/{len(results)} seeds "
+                        f"within {args.frames} frames")
+        print("\n".join(rows), flush=True)
+    if args.only != "learning":
+        print(f"frames/s, {args.fps_frames} frames each in turns of {args.fps_chunk}, one torch thread:", flush=True)
+        print("\n".join(measure_fps(args.fps_policies, args.fps_frames, args.fps_chunk)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
