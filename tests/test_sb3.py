@@ -189,7 +189,7 @@ def test_one_core_call_matches_sb3_contrib_step_loop(name: str) -> None:
 
 @pytest.mark.parametrize(("policy_kwargs", "critic_core"), [({"shared_lstm": True, "enable_critic_lstm": False}, False),
                                                             ({"enable_critic_lstm": False}, False)])
-def test_critic_choices(policy_kwargs: dict[str, Any], critic_core: bool) -> None:
+def test_critic_choices(policy_kwargs: dict[str, Any], critic_core: bool, tmp_path: Path) -> None:
     env = make_env()
     model = make_model("rims", env, n_epochs=1, **policy_kwargs)
     policy = model.policy
@@ -200,6 +200,13 @@ def test_critic_choices(policy_kwargs: dict[str, Any], critic_core: bool) -> Non
     missing = [n for n, p in policy.lstm_actor.core.named_parameters()
                if p.grad is None or torch.count_nonzero(p.grad) == 0]
     assert not missing, f"parameters without gradient: {missing}"
+    # The policy alone (policy.save / RecurrentCorePolicy.load) keeps its core and critic choice.
+    policy.save(tmp_path / "policy.pt")
+    loaded = RecurrentCorePolicy.load(tmp_path / "policy.pt")
+    assert (loaded.core_name, loaded.shared_lstm, loaded.lstm_critic is None) == ("rims", policy.shared_lstm, True)
+    obs, starts = env.reset(), np.ones(N_ENVS, dtype=bool)
+    assert torch.equal(action_probs(policy, obs, random_state(policy), starts),
+                       action_probs(loaded, obs, random_state(policy), starts))
 
 
 @pytest.mark.parametrize(("policy_kwargs", "message"), [
