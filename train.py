@@ -11,11 +11,17 @@ next free suffix (runs/<name>_2, ...), an explicit --run-dir holding a run is re
 
 Exit status: 0 done, 2 bad input or training stopped by an error (the last good checkpoint is
 kept), 130 stopped by Ctrl-C (SIGINT), 143 stopped by SIGTERM (both after saving a checkpoint).
+
+    torchrun --standalone --nproc_per_node=2 train.py ...   # one agent trained by 2 processes
+
+Under torchrun (agents/distributed.py) every rank runs this script; rank 0 prints and writes the
+run, and each rank exits with the status above (torchrun then reports a non-zero one as a failure).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -49,6 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_intermixed_args(argv)
 
 
+def _main_rank() -> bool:
+    """Whether this process is rank 0 under torchrun (environment variable ``RANK``), or not under torchrun."""
+    return os.environ.get("RANK", "0") in ("0", "")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run train.py with ``argv`` (``sys.argv[1:]`` by default) and return its exit status."""
     args = parse_args(argv)
@@ -71,28 +82,47 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir = default_run_dir(config["name"])
             prepare_run_dir(run_dir)
 
+        from agents import distributed
         from agents.trainer import Trainer, TrainingError  # torch, gymnasium, SB3: seconds
 
+        main_rank = distributed.is_main()
+        if args.resume is None and distributed.env_world_size() > 1:
+            # Under torchrun every rank trains into rank 0's choice of directory (runs/<name>_<n>).
+            distributed.setup(config["device"])
+            run_dir = distributed.broadcast_object(run_dir)
         try:
             trainer = Trainer.resume(args.resume, overrides) if args.resume is not None else Trainer(config, run_dir)
-            print(f"training {trainer.config['name']}: {trainer.config['core']['name']} core, "
-                  f"{trainer.config['algo']['name']} on {trainer.config['env']['id']} -> {trainer.run_dir}")
+            if main_rank:
+                processes = f", {trainer.world_size} processes" if trainer.world_size > 1 else ""
+                print(f"training {trainer.config['name']}: {trainer.config['core']['name']} core, "
+                      f"{trainer.config['algo']['name']} on {trainer.config['env']['id']}{processes} -> "
+                      f"{trainer.run_dir}")
             checkpoint = trainer.run()
         except TrainingError as exc:
             if args.debug:
                 raise
-            print(f"error: {exc}", file=sys.stderr)
+            # Training errors can be one rank's own (its envs): every rank says what stopped it.
+            where = "" if distributed.world_size() == 1 else f" (rank {distributed.rank()})"
+            print(f"error{where}: {exc}", file=sys.stderr)
             return 2
+        finally:
+            distributed.shutdown()
     except (ConfigError, CheckpointError, RunDirError) as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        # Bad input is the same on every rank (same command line, same files): rank 0 alone says it.
+        if _main_rank():
+            print(f"error: {exc}", file=sys.stderr)
+        elif getattr(exc, "rank_specific", False):  # e.g. this rank has no GPU of its own
+            print(f"error (rank {os.environ.get('RANK')}): {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C: the last checkpoint written is intact (atomic writes)
         if args.debug:
             raise
         print("interrupted; the last checkpoint written is intact", file=sys.stderr)
         return SIGNAL_EXIT["SIGINT"]
+    if not main_rank:
+        return SIGNAL_EXIT.get(trainer.stop_signal, 1) if trainer.stopped_early else 0
     if trainer.stopped_early:
         # The trainer printed where the checkpoint is and the resume command; a scheduler that
         # preempted the job must see that it did not finish.

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from agents import distributed
+
 
 class NonFiniteError(RuntimeError):
     """A loss or gradient became NaN or infinite; the parameters were not updated."""
@@ -40,14 +42,26 @@ def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, max_grad_norm:
     Only the optimiser's parameters are clipped and changed, so a second optimiser's
     parameters (meta-learning's other group) stay exactly as they are.
 
+    Under torchrun (``agents.distributed``) the gradients are averaged over all ranks after the
+    backward, so the clip and the step see the same gradient on every rank; in a one-process run
+    nothing else happens.
+
     :return: the gradient norm before clipping.
     :raises NonFiniteError: if the loss or the gradient norm is not finite; nothing is changed then.
+        Under torchrun a non-finite loss on any rank raises on every rank.
     """
-    if not torch.isfinite(loss):
+    spread = distributed.active()
+    loss_finite = bool(torch.isfinite(loss))
+    if not loss_finite and not spread:
         raise NonFiniteError(f"the loss is {loss.item()}")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if loss_finite:
+        loss.backward()
+    # Every rank must join the all-reduce, also one whose loss is not finite (else the others wait forever).
+    if spread and not distributed.average_gradients(params, loss_finite):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteError(f"the loss is {loss.item()}" if not loss_finite else "the loss is non-finite on another rank")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)

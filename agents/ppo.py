@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from agents import distributed
 from agents.optim import PolicyUpdater, gradient_step
 from agents.storage import RolloutStorage
 
@@ -63,7 +64,10 @@ class RecurrentPPO(PolicyUpdater):
                 stats["value_loss"].append(value_loss.item())
                 stats["entropy"].append(entropy_mean.item())
                 stats["grad_norm"].append(grad_norm)
-            if a["target_kl"] is not None and np.mean(stats["approx_kl"][-a["num_minibatches"]:]) > a["target_kl"]:
+            # Under torchrun every rank must stop after the same epoch (the gradient all-reduce pairs
+            # their steps), so the decision uses the KL averaged over ranks (unchanged in one process).
+            if a["target_kl"] is not None and \
+                    distributed.mean_over_ranks(np.mean(stats["approx_kl"][-a["num_minibatches"]:])) > a["target_kl"]:
                 break
         result = {key: float(np.mean(values)) for key, values in stats.items()}
         result["first_logprob_error"] = first_logprob_error

@@ -31,6 +31,7 @@ import yaml
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecEnvWrapper
 from tqdm import tqdm
 
+from agents import distributed
 from agents.a2c import RecurrentA2C
 from agents.config import PPO_ONLY_KEYS, ConfigError, load_plugins, merge, resolve_config
 from agents.logger import RunLogger
@@ -233,13 +234,15 @@ class Trainer:
         seed = config["seed"]
         if config["torch_threads"]:  # None (or 0 in runs saved before 0 was refused): torch's default
             torch.set_num_threads(config["torch_threads"])
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        self.generator = torch.Generator().manual_seed(seed)
+        # Under torchrun each rank samples actions and shuffles from its own streams; rank 0 (and a
+        # one-process run) uses the config seed itself. Weights are broadcast from rank 0 below.
+        self.generator = torch.Generator()
+        self._seed_rngs(distributed.rank_rng_seed(seed))
         self.device = torch.device(config["device"])
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device='cuda' but no CUDA GPU is available; use device=cpu")
+        distributed.setup(config["device"])  # joins torchrun's process group; nothing in a world of 1
+        self.world_size = distributed.world_size()
         try:  # the config only checks the spelling; whether this machine has the device is checked here
             torch.empty(0, device=self.device)
         except (RuntimeError, AssertionError, ImportError, ValueError) as exc:  # torch raises all of these
@@ -249,7 +252,9 @@ class Trainer:
                               "use device=cpu") from None
         load_plugins(config["algo"]["name"])  # a config resolved in another process: register its updater
         # Checked once at the start: an unusable key skips only the env snapshot, never a checkpoint.
-        self._snapshot_key = usable_snapshot_key() if config["env"]["vec_env"] == "dummy" else None
+        # Under torchrun there is no env snapshot (a distributed resume starts fresh episodes on every rank).
+        self._snapshot_key = usable_snapshot_key() \
+            if config["env"]["vec_env"] == "dummy" and self.world_size == 1 else None
 
         env_config = config["env"]
         try:
@@ -260,7 +265,7 @@ class Trainer:
         self.task: tuple[str, dict[str, Any]] = (env_config["id"], env_options(env_config))
         if checkpoint is not None:
             self.task = (checkpoint["env"]["id"], checkpoint["env"]["options"])
-        self.venv = self._restore_envs(checkpoint) if checkpoint is not None else None
+        self.venv = self._restore_envs(checkpoint) if checkpoint is not None and self.world_size == 1 else None
         envs_restored = self.venv is not None
         if self.venv is None:
             self.venv = self.make_envs(*self.task)
@@ -274,7 +279,8 @@ class Trainer:
             self.updater = updater_cls(self.policy, algo, generator=self.generator)
         self.storage = RolloutStorage(algo["n_steps"], env_config["n_envs"], self.venv.observation_space,
                                       self.venv.action_space, self.policy.state_size, self.device)
-        self.frames_per_rollout = algo["n_steps"] * env_config["n_envs"]
+        # Frames count every rank's envs: total_frames is the whole run's, however many processes train it.
+        self.frames_per_rollout = algo["n_steps"] * env_config["n_envs"] * self.world_size
         self.frames = 0
         self.updates = 0
         self.rollout_state: RolloutState | None = None
@@ -289,8 +295,21 @@ class Trainer:
                 details = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
                 raise CheckpointError(f"cannot resume from the checkpoint in {self.run_dir}: "
                                       f"{type(exc).__name__}: {details}") from None
+            if distributed.rank() > 0:  # the checkpoint holds rank 0's RNG states: give this rank its own
+                self._seed_rngs(distributed.rank_rng_seed([seed, self.frames]))
+        # Every rank starts from rank 0's weights; the barrier also keeps rank 0 from writing into the
+        # run directory (run()) before every rank has checked it in this constructor.
+        distributed.broadcast_module(self.policy)
+        distributed.barrier()
         # An updater with a task schedule (meta-PPO) may start on another task than env.id.
         self._maybe_switch_task(None)
+
+    def _seed_rngs(self, seed: int) -> None:
+        """Seed Python's, numpy's and torch's global RNGs and the minibatch generator with ``seed``."""
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        self.generator.manual_seed(seed)
 
     # -- construction helpers -------------------------------------------------------------
     def make_envs(self, env_id: str, options: dict[str, Any], seed: int | list[int] | None = None) -> VecEnv:
@@ -299,7 +318,8 @@ class Trainer:
         :param seed: the envs' seed (``envs.env_seeds``), the config's ``seed`` by default.
         """
         env_config = self.config["env"]
-        seed = self.config["seed"] if seed is None else seed
+        # Under torchrun rank r >= 1 draws its env seeds from its own SeedSequence; rank 0's are unchanged.
+        seed = distributed.rank_seed(self.config["seed"] if seed is None else seed)
         try:
             if options.get("vec_env") == "subproc":
                 # Options the env refuses would fail in every worker, each printing its own traceback,
@@ -335,6 +355,7 @@ class Trainer:
             RunLock(run_dir).probe()
         loaded_from = _file_identity(Path(run_dir) / "checkpoint.pt")
         checkpoint = load_checkpoint(Path(run_dir) / "checkpoint.pt")
+        distributed.check_resume_world_size(checkpoint.get("world_size"), run_dir)
         if not isinstance(checkpoint.get("config"), dict):
             raise CheckpointError(f"the checkpoint in {run_dir} holds no training config to resume with")
         saved = checkpoint["config"]
@@ -436,6 +457,7 @@ class Trainer:
             "updates": self.updates,
             "rng": _rng_state(self.generator),
             "recent_episodes": list(self.recent_episodes),
+            "world_size": self.world_size,  # a resume must use as many processes (torchrun)
         }
         if self.rollout_state is not None:
             obs = obs_to_tensor(self.rollout_state.obs, "cpu")
@@ -456,6 +478,8 @@ class Trainer:
         :raises TrainingError: if the policy's outputs are not finite, or a write fails (a full disk:
             the message names the path and the free space; the previous checkpoint is intact).
         """
+        if not distributed.is_main():  # rank 0 writes the checkpoint; the weights are the same on every rank
+            return self.run_dir / "checkpoint.pt"
         with self._lock:
             problem = self._non_finite_policy()
             if problem is not None:
@@ -587,6 +611,8 @@ class Trainer:
         """
         config, algo = self.config, self.config["algo"]
         total = config["total_frames"]
+        if not distributed.is_main():  # under torchrun only rank 0 checks and writes the run directory
+            return self._train(None, total, algo, stop_at_frames)
         with self._lock:
             if not self._started:
                 if self._new_run:  # under the lock: nobody wrote a run here since the check in __init__
@@ -612,7 +638,8 @@ class Trainer:
             finally:
                 logger.close()
 
-    def _train(self, logger: RunLogger, total: int, algo: dict[str, Any], stop_at_frames: int | None) -> Path:
+    def _train(self, logger: RunLogger | None, total: int, algo: dict[str, Any], stop_at_frames: int | None) -> Path:
+        """The loop of ``run``; ``logger`` is None on ranks other than 0 (they write nothing)."""
         config = self.config
         if self.rollout_state is None:
             self.rollout_state = start_rollouts(self.policy, self.venv)
@@ -624,7 +651,8 @@ class Trainer:
         end = self.frames + math.ceil(remaining / self.frames_per_rollout) * self.frames_per_rollout
         # "-" until the first update (fps) and the first finished episode (mean return), not nan.
         bar = tqdm(total=end, initial=self.frames, unit="frames", dynamic_ncols=True, postfix="fps=- ret=-",
-                   disable=not config["log"]["progress_bar"], mininterval=1.0, desc=config["name"])
+                   disable=not config["log"]["progress_bar"] or logger is None, mininterval=1.0,
+                   desc=config["name"])
         checkpoint_path = self.run_dir / "checkpoint.pt"
         try:
             with self._stop_on_signals():
@@ -668,9 +696,11 @@ class Trainer:
                     ended = time.perf_counter()
                     self.frames += self.frames_per_rollout
                     self.updates += 1
+                    self._gather_rollout_stats(rollout_stats)  # every rank's episodes (one process: as is)
                     self.recent_episodes.extend(rollout_stats.episodes)
-                    with self._write_errors(self.run_dir / "metrics.jsonl"):
-                        self._log(logger, rollout_stats, update_stats, started, collected, ended)
+                    if logger is not None:
+                        with self._write_errors(self.run_dir / "metrics.jsonl"):
+                            self._log(logger, rollout_stats, update_stats, started, collected, ended)
                     mean_return = self._mean("r")
                     # The postfix first, then the count: one refresh shows both (no line with stale numbers).
                     bar.set_postfix_str(f"fps={self.frames_per_rollout / (ended - started):.0f} ret="
@@ -680,14 +710,20 @@ class Trainer:
                     if self.frames >= next_checkpoint:
                         self.save()
                         next_checkpoint += config["log"]["checkpoint_interval_frames"]
-                    if self._stop_signal is not None or (stop_at_frames is not None and self.frames >= stop_at_frames):
+                    # A signal on any rank stops every rank after this same update (one process: its own).
+                    stop_signal = distributed.agree_stop(self._stop_signal)
+                    if stop_signal is not None and self._stop_signal is None:
+                        self._stop_signal = stop_signal
+                    if stop_signal is not None or (stop_at_frames is not None and self.frames >= stop_at_frames):
                         break
                 checkpoint_path = self.save()
+                distributed.barrier()  # no rank exits (and lets torchrun stop the others) before the checkpoint
         finally:
             bar.close()
-        if self.stopped_early:
+        if self.stopped_early and logger is not None:
+            launcher = "python" if self.world_size == 1 else f"torchrun --nproc_per_node={self.world_size}"
             tqdm.write(f"{self._stop_signal}: stopped after {self.frames} frames; checkpoint saved to "
-                       f"{checkpoint_path}. Resume with: python train.py --resume {self.run_dir}")
+                       f"{checkpoint_path}. Resume with: {launcher} train.py --resume {self.run_dir}")
         return checkpoint_path
 
     def _maybe_switch_task(self, rollout_stats: Any) -> None:
@@ -727,6 +763,20 @@ class Trainer:
         saved = self.save(snapshot_envs=False)
         return (f"a subprocess env of {self.config['env']['id']!r} crashed: {crashed or type(exc).__name__}. "
                 f"Checkpoint saved to {saved}; resume with: python train.py --resume {self.run_dir}")
+
+    def _gather_rollout_stats(self, rollout_stats: Any) -> None:
+        """Under torchrun, replace a rollout's episodes by every rank's (rank order) and average module activity.
+
+        Every rank then logs, checkpoints and feeds the task schedule (meta-PPO's curriculum) the
+        same episodes, so the ranks stay in step; in one process nothing changes.
+        """
+        if not distributed.active():
+            return
+        active = {key: value.cpu() for key, value in rollout_stats.active_fraction.items()}
+        gathered = distributed.gather_objects((rollout_stats.episodes, active))
+        rollout_stats.episodes = [episode for episodes, _ in gathered for episode in episodes]
+        rollout_stats.active_fraction = {key: torch.stack([fractions[key] for _, fractions in gathered]).mean(0)
+                                         for key in active}
 
     def _mean(self, key: str) -> float:
         values = [episode[key] for episode in self.recent_episodes if key in episode]
