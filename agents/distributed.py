@@ -5,7 +5,8 @@ place through environment variables (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, `
 ``MASTER_PORT``). This module is everything the trainer and the updaters need to know about it:
 
 * :func:`setup` joins the process group (``gloo`` on CPU, ``nccl`` on CUDA; automatic, or
-  ``MODULAR_RL_DIST_BACKEND=gloo|nccl``). A CUDA rank uses GPU ``LOCAL_RANK``.
+  ``MODULAR_RL_DIST_BACKEND=gloo|nccl``). A CUDA rank uses GPU ``LOCAL_RANK`` (with gloo, ranks
+  may share GPUs: ``LOCAL_RANK`` modulo the node's GPU count).
 * :func:`rank_seed` / :func:`rank_rng_seed`: each rank runs its own ``env.n_envs`` envs with env
   seeds no other rank uses, and samples actions from its own random streams. Rank 0 keeps exactly
   the seeds of a one-process run.
@@ -154,8 +155,9 @@ def choose_backend(device: str) -> str:
 def setup(device: str) -> None:
     """Join torchrun's process group, once; with a world size of 1 do nothing.
 
-    A CUDA rank is pinned to GPU ``LOCAL_RANK`` first, so ``device=cuda`` means that rank's own GPU
-    (an explicit ``cuda:<i>`` is left as given). Calling it again is a no-op.
+    A CUDA rank is pinned to GPU ``LOCAL_RANK`` first (modulo the GPU count with gloo), so
+    ``device=cuda`` means that rank's own GPU (an explicit ``cuda:<i>`` is left as given). Calling it
+    again is a no-op.
 
     :param device: the config's ``device``.
     :raises DistributedError: one line, for a backend that cannot run here (nccl without CUDA, fewer
@@ -176,11 +178,13 @@ def setup(device: str) -> None:
             raise DistributedError(f"device={device!r} but no CUDA GPU is available; use device=cpu (backend gloo)")
         count = torch.cuda.device_count()
         if device == "cuda":
-            if local_rank() >= count:
+            if local_rank() >= count and backend == "nccl":  # NCCL refuses two ranks on one GPU
                 raise DistributedError(f"rank {rank()} has LOCAL_RANK={local_rank()} but this node has {count} "
-                                       f"GPU(s); start at most {count} processes per node (--nproc_per_node)",
+                                       f"GPU(s); start at most {count} processes per node (--nproc_per_node), or "
+                                       f"set {BACKEND_ENV}=gloo to share GPUs between processes",
                                        rank_specific=True)
-            torch.cuda.set_device(local_rank())
+            # gloo: ranks share the node's GPUs round-robin (its collectives go through CPU memory).
+            torch.cuda.set_device(local_rank() % count)
         else:
             torch.cuda.set_device(torch.device(device))
     if backend == "nccl" and not torch.distributed.is_nccl_available():
@@ -250,9 +254,13 @@ def broadcast_module(module: nn.Module) -> None:
     import torch
     import torch.distributed as dist
 
+    device = _collective_device()
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(tensor.data, src=0)
+            buffer = tensor.detach().to(device)  # the tensor itself when it already lives there
+            dist.broadcast(buffer, src=0)
+            if buffer.data_ptr() != tensor.data_ptr():
+                tensor.copy_(buffer)
 
 
 def broadcast_object(obj: T) -> T:
@@ -295,7 +303,7 @@ def average_gradients(params: Sequence[nn.Parameter], loss_finite: bool = True) 
     import torch.distributed as dist
 
     params = list(params)
-    device = _collective_device() if not params else params[0].device
+    device = _collective_device()  # gloo: CPU memory (its CUDA support is partial); nccl: this rank's GPU
     chunks = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(device, torch.float32)
               for p in params]
     present = torch.tensor([p.grad is not None for p in params] + [not loss_finite], dtype=torch.float32,
@@ -308,7 +316,7 @@ def average_gradients(params: Sequence[nn.Parameter], loss_finite: bool = True) 
     for p, chunk, count in zip(params, chunks, counts[:-1], strict=True):
         size = chunk.numel()
         if count > 0:
-            p.grad = (flat[offset:offset + size] / n).view_as(p).to(p.dtype)
+            p.grad = (flat[offset:offset + size] / n).view_as(p).to(p.device, p.dtype)
         offset += size
     return counts[-1] == 0
 
