@@ -167,6 +167,22 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint_and_resume(tmp_path: P
     assert "torchrun --nproc_per_node=2 train.py --resume" in plain.stderr and "Traceback" not in plain.stderr
 
 
+def test_a_one_process_run_refuses_a_two_process_resume(tmp_path: Path) -> None:
+    out, run_dir = tmp_path / "out", tmp_path / "run"
+    plain = subprocess.run([sys.executable, str(REPO / "train.py"), *TINY, "total_frames=32", "--run-dir", str(run_dir)],
+                           cwd=tmp_path, env=_env(out), capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 0, plain.stderr
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    result = _run(tmp_path, 2, ["--resume", str(run_dir), "total_frames=64"], out)
+    assert result.returncode != 0 and "exitcode  : 2" in result.stderr
+    # One line, from rank 0 only, naming both counts and the command that resumes the run; nothing written.
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert errors == [f"error: cannot resume {run_dir} with 2 processes: it was trained with world size 1; resume it "
+                      f"with one process: `python train.py --resume {run_dir}`, or start a new run to change the "
+                      "process count"]
+    assert (run_dir / "checkpoint.pt").read_bytes() == before and not list(out.glob("rank*.pt"))
+
+
 # -- the helpers, in one process (world size 1: every collective is a no-op) ----------------------------
 def test_rank_seeds_are_unique_and_rank_0_keeps_the_plain_seeds() -> None:
     assert distributed.rank_seed(7, 0) == 7 and distributed.rank_seed([7, 640], 0) == [7, 640]
