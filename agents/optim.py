@@ -61,7 +61,8 @@ def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, max_grad_norm:
     # Every rank must join the all-reduce, also one whose loss is not finite (else the others wait forever).
     if spread and not distributed.average_gradients(params, loss_finite):
         optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteError(f"the loss is {loss.item()}" if not loss_finite else "the loss is non-finite on another rank")
+        raise NonFiniteError(f"the loss is {loss.item()}" if not loss_finite
+                             else "the loss is non-finite on another rank")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)

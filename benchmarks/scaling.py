@@ -88,7 +88,8 @@ def run_fps(nproc: int, config_args: list[str], updates: int, workdir: Path, env
     result = subprocess.run(command, cwd=workdir, env=environment, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - started
     if result.returncode != 0:
-        raise RuntimeError(f"{nproc} process(es) failed ({result.returncode}): {(result.stdout + result.stderr)[-2000:]}")
+        tail = (result.stdout + result.stderr)[-2000:]
+        raise RuntimeError(f"{nproc} process(es) failed ({result.returncode}): {tail}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     fps = [row["time/fps"] for row in rows[1:]] or [rows[0]["time/fps"]]
     return {"processes": nproc, "frames": rows[-1]["frames"], "updates": len(rows), "fps": statistics.median(fps),
@@ -199,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"GPU: {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}", flush=True)
             core_rows = gpu_cores(repeats=10)
             for row in core_rows:
-                print(f"cuda {row['core']:<30} engine {row['engine']:<8} {row['ms']:8.1f} ms/seq  x{row['x_lstm']:.2f} LSTM")
+                print(f"cuda {row['core']:<30} engine {row['engine']:<8} {row['ms']:8.1f} ms/seq  "
+                      f"x{row['x_lstm']:.2f} LSTM")
             rows += core_rows
             rows += gpu_ppo(args.updates, procs)
     if args.json:

@@ -169,8 +169,8 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint_and_resume(tmp_path: P
 
 def test_a_one_process_run_refuses_a_two_process_resume(tmp_path: Path) -> None:
     out, run_dir = tmp_path / "out", tmp_path / "run"
-    plain = subprocess.run([sys.executable, str(REPO / "train.py"), *TINY, "total_frames=32", "--run-dir", str(run_dir)],
-                           cwd=tmp_path, env=_env(out), capture_output=True, text=True, timeout=60)
+    plain = subprocess.run([sys.executable, str(REPO / "train.py"), *TINY, "total_frames=32", "--run-dir",
+                            str(run_dir)], cwd=tmp_path, env=_env(out), capture_output=True, text=True, timeout=60)
     assert plain.returncode == 0, plain.stderr
     before = (run_dir / "checkpoint.pt").read_bytes()
     result = _run(tmp_path, 2, ["--resume", str(run_dir), "total_frames=64"], out)
