@@ -268,7 +268,11 @@ class Trainer:
         self.venv = self._restore_envs(checkpoint) if checkpoint is not None and self.world_size == 1 else None
         envs_restored = self.venv is not None
         if self.venv is None:
-            self.venv = self.make_envs(*self.task)
+            # A distributed resume starts fresh episodes, from env streams past the checkpoint's frames
+            # rather than replaying the run's first levels (a one-process run keeps its seeds as before).
+            frames_done = checkpoint.get("frames") if checkpoint is not None else None
+            fresh = [seed, frames_done] if self.world_size > 1 and isinstance(frames_done, int) else None
+            self.venv = self.make_envs(*self.task, seed=fresh)
         self.policy = build_policy(config, self.venv.observation_space, self.venv.action_space).to(self.device)
         algo = config["algo"]
         updater_cls = UPDATERS[algo["name"]]

@@ -157,7 +157,8 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint_and_resume(tmp_path: P
     assert [row["frames"] for row in _rows(run_dir)] == list(range(64, done + 129, 64))
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert _same_weights(ranks[0]["state_dict"], ranks[1]["state_dict"])
-    assert ranks[1]["seeds"] == [[1, distributed.RANK_TAG, 1]]
+    # Fresh episodes on every rank, from env streams past the checkpoint's frames (not the run's first ones).
+    assert ranks[0]["seeds"] == [[1, done]] and ranks[1]["seeds"] == [[1, done, distributed.RANK_TAG, 1]]
 
     # Another world size is refused with one line naming both counts and the command that resumes it.
     plain = subprocess.run([sys.executable, str(REPO / "train.py"), "--resume", str(run_dir)], cwd=tmp_path,
