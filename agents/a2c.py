@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agents.optim import PolicyUpdater, gradient_step
-from agents.ppo import explained_variance
+from agents.ppo import explained_variance, normalize_advantages
 from agents.storage import RolloutStorage
 
 
@@ -23,9 +23,8 @@ class RecurrentA2C(PolicyUpdater):
             storage.obs, storage.actions, states, storage.episode_starts
         )
         first_logprob_error = (log_probs - storage.log_probs).detach().abs().max().item()
-        advantages = storage.advantages
-        if a["normalize_advantage"] and advantages.numel() > 1:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        # One minibatch, the whole rollout: "batch" and true agree.
+        advantages = normalize_advantages(storage.advantages, a["normalize_advantage"], storage.advantages)
         policy_loss = -(advantages * log_probs).mean()
         value_loss = 0.5 * (storage.returns - values).pow(2).mean()
         entropy_mean = entropy.mean()

@@ -139,7 +139,10 @@ def _algo_fields(**overrides: Any) -> dict[str, Field]:
         "ent_coef": Field(0.01, FLOAT, _non_negative, ">= 0"),
         "vf_coef": Field(0.5, FLOAT, _non_negative, ">= 0"),
         "max_grad_norm": Field(0.5, FLOAT, _positive, "> 0"),
-        "normalize_advantage": Field(True, BOOL),
+        # true: per minibatch (SB3, CleanRL); "batch": once over the whole rollout, so a minibatch without
+        # any reward is not blown up to unit scale (that noise is most of the signal while rewards are rare).
+        "normalize_advantage": Field(True, (bool, str), lambda v: v in (True, False, "batch"),
+                                     "true (per minibatch), false or 'batch' (over the whole rollout)"),
         "anneal_lr": Field(False, BOOL),
         "optimizer": Field("adam", STR, choices=("adam", "rmsprop")),
         "optimizer_eps": Field(1e-5, FLOAT, _positive, "> 0"),

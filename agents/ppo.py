@@ -16,6 +16,21 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
     return float("nan") if var == 0 else float(1 - (returns - values).var() / var)
 
 
+def normalize_advantages(advantages: torch.Tensor, mode: bool | str, rollout: torch.Tensor) -> torch.Tensor:
+    """Advantages of a minibatch as the update uses them.
+
+    :param advantages: the minibatch's advantages.
+    :param mode: ``True`` (zero mean, unit scale within the minibatch), ``"batch"`` (the same with
+        the mean and scale of the whole rollout) or ``False`` (as they are).
+    :param rollout: every advantage of the rollout (read by ``"batch"``).
+    """
+    if mode == "batch":
+        return (advantages - rollout.mean()) / (rollout.std() + 1e-8)
+    if mode and advantages.numel() > 1:
+        return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    return advantages
+
+
 class RecurrentPPO(PolicyUpdater):
     """PPO update for a recurrent actor-critic (Schulman et al. 2017, with whole-sequence minibatches).
 
@@ -40,9 +55,7 @@ class RecurrentPPO(PolicyUpdater):
                     # Before any gradient step the replay must reproduce the rollout exactly.
                     first_logprob_error = log_ratio.detach().abs().max().item()
                 ratio = log_ratio.exp()
-                advantages = batch.advantages
-                if a["normalize_advantage"] and advantages.numel() > 1:
-                    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+                advantages = normalize_advantages(batch.advantages, a["normalize_advantage"], storage.advantages)
 
                 policy_loss = torch.max(
                     -advantages * ratio, -advantages * ratio.clamp(1 - a["clip_range"], 1 + a["clip_range"])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from agents.config import load_config
+from agents.ppo import normalize_advantages
 from agents.rollout import collect_rollout, start_rollouts
 from agents.storage import RolloutStorage, compute_gae
 from agents.trainer import build_policy
@@ -66,6 +67,22 @@ def test_gae_bootstraps_from_last_value_when_episode_continues() -> None:
     adv, _ = compute_gae(rewards, values, torch.zeros(2, 1, dtype=torch.bool), torch.tensor([1.0]),
                          torch.tensor([False]), gamma=0.5, gae_lambda=1.0)
     torch.testing.assert_close(adv, torch.tensor([[0.25], [0.5]]))
+
+
+def test_advantage_normalization_per_minibatch_and_per_rollout() -> None:
+    # A rollout with one rewarded stretch (env 0) and noise elsewhere, split in two minibatches.
+    generator = torch.Generator().manual_seed(0)
+    rollout = 0.01 * torch.randn(8, 4, generator=generator)
+    rollout[4:, 0] += torch.tensor([0.4, 0.6, 0.8, 1.0])
+    without_reward = rollout[:, 1:]
+    per_minibatch = normalize_advantages(without_reward, True, rollout)
+    per_rollout = normalize_advantages(without_reward, "batch", rollout)
+    # Per minibatch, pure noise is blown up to unit scale; over the rollout it stays small beside the reward.
+    torch.testing.assert_close(per_minibatch.std(), torch.tensor(1.0))
+    assert per_rollout.abs().max() < 0.5 * normalize_advantages(rollout, "batch", rollout).max()
+    whole = normalize_advantages(rollout, "batch", rollout)
+    torch.testing.assert_close((whole.mean(), whole.std()), (torch.tensor(0.0), torch.tensor(1.0)))
+    assert torch.equal(normalize_advantages(rollout, False, rollout), rollout)
 
 
 @pytest.mark.parametrize("core", list(SMALL_CORES))
