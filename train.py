@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"{trainer.config['algo']['name']} on {trainer.config['env']['id']}{processes} -> "
                       f"{trainer.run_dir}")
             checkpoint = trainer.run()
+            if trainer.world_size > 1:
+                # Every rank is done (rank 0 wrote the checkpoint). The first rank to exit makes torchrun
+                # SIGTERM the others: that must not turn their own status (0, 143) into a kill mid-exit.
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
         except TrainingError as exc:
             if args.debug:
                 raise
