@@ -73,16 +73,17 @@ def _torchrun(tmp_path: Path, nproc: int, args: list[str], out: Path) -> list[st
             str(worker), *args]
 
 
-def _env(out: Path) -> dict[str, str]:
+def _env(out: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items()
-           if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(DIST_TEST_OUT=str(out), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+           if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", distributed.BACKEND_ENV)}
+    env.update(DIST_TEST_OUT=str(out), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(extra or {}))
     return env
 
 
-def _run(tmp_path: Path, nproc: int, args: list[str], out: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(_torchrun(tmp_path, nproc, args, out), cwd=tmp_path, env=_env(out), capture_output=True,
-                          text=True, timeout=timeout)
+def _run(tmp_path: Path, nproc: int, args: list[str], out: Path, timeout: float = 120,
+         extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(_torchrun(tmp_path, nproc, args, out), cwd=tmp_path, env=_env(out, extra_env),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -210,6 +211,8 @@ def test_one_process_is_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_bad_distributed_input_is_one_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(distributed.BACKEND_ENV, raising=False)
+    assert distributed.choose_backend("cuda") == "nccl" and distributed.choose_backend("cpu") == "gloo"
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv(distributed.BACKEND_ENV, "nccl")
@@ -230,6 +233,13 @@ def test_bad_distributed_input_is_one_clear_message(monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_nccl_backend_is_chosen_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(distributed.BACKEND_ENV, raising=False)
-    assert distributed.choose_backend("cuda") == "nccl" and distributed.choose_backend("cpu") == "gloo"
+def test_two_processes_on_cuda(tmp_path: Path) -> None:
+    # NCCL needs a GPU per process; on a one-GPU machine both ranks share it through gloo.
+    extra = {} if torch.cuda.device_count() >= 2 else {distributed.BACKEND_ENV: "gloo"}
+    out, run_dir = tmp_path / "out", tmp_path / "run"
+    result = _run(tmp_path, 2, [*TINY, "device=cuda", "total_frames=128", "--run-dir", str(run_dir)], out,
+                  extra_env=extra)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False, map_location="cpu") for r in (0, 1)]
+    assert [r["frames"] for r in ranks] == [128, 128]
+    assert _same_weights(ranks[0]["state_dict"], ranks[1]["state_dict"])
