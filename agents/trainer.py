@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import random
+import secrets
 import signal
 import sys
 import threading
@@ -84,22 +85,29 @@ def snapshot_key() -> bytes:
     return load_snapshot_key()
 
 
-def numerics_build(core_config: dict[str, Any]) -> dict[str, str]:
+def numerics_build(policy: RecurrentActorCritic) -> dict[str, str]:
     """What a run's floating-point rounding depends on: torch's version and the RIMs/BRIMs engine that runs.
 
     The C kernel is built for the CPU it runs on (``-march=native``), so the same seed rounds
     differently on another machine or with the Python engine; each run records which it had.
 
-    :param core_config: the config's ``core`` section.
+    :param policy: the policy being trained (its core, device and train/eval mode decide the engine).
     """
     build = {"torch": str(torch.__version__)}
-    if core_config["name"] in ("rims", "brims"):
-        if core_config.get("native") is False:
-            build.update(engine="python", reason="core.native=false")
-        else:
+    core = policy.core
+    kernel_for = getattr(core, "kernel_for", None)
+    if kernel_for is not None:  # RIMs and BRIMs: asked exactly as their forward asks
+        device = next(core.parameters()).device
+        if kernel_for(torch.zeros(1, 1, core.input_size, device=device)) is not None:
             from policies.cores.native import kernel_build
 
             build.update(kernel_build())
+        else:
+            from policies.cores.native import DISABLE_ENV, rims_kernel
+
+            reason = (f"{DISABLE_ENV}=0 or no C compiler" if core.native and device.type == "cpu"
+                      and rims_kernel() is None else "the kernel does not apply to this core or device")
+            build.update(engine="python", reason=reason)
     return build
 
 
@@ -450,7 +458,7 @@ class Trainer:
         """Everything needed to rebuild the policy, and to resume training exactly."""
         payload: dict[str, Any] = {
             "package_version": PACKAGE_VERSION,
-            "numerics": numerics_build(self.config["core"]),
+            "numerics": numerics_build(self.policy),
             "config": self.config,
             "policy": {"spec": self.policy.spec, "state_dict": self.policy.state_dict()},
             "observation_space": space_to_dict(self.venv.observation_space),
@@ -503,7 +511,8 @@ class Trainer:
             with self._write_errors(numbered):
                 save_checkpoint(numbered, self.checkpoint_payload())
             with self._write_errors(latest):
-                tmp = latest.with_name(f".{latest.name}.{os.getpid()}.{random.getrandbits(32):08x}.link.tmp")
+                # secrets, not random: random's state is part of the checkpoint and must not move here.
+                tmp = latest.with_name(f".{latest.name}.{os.getpid()}.{secrets.token_hex(4)}.link.tmp")
                 try:
                     os.link(numbered, tmp)  # a second name for the same bytes, swapped in atomically
                     os.replace(tmp, latest)
@@ -547,6 +556,7 @@ class Trainer:
         if bad:
             return f"the policy's weights are non-finite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
         storage = self.storage
+        # Draws no random numbers (training refuses core.dropout > 0), so the saved RNG state is untouched.
         try:
             dist, values, _ = self.policy(storage.obs, storage.states[0], storage.episode_starts)
         except ValueError:  # torch.distributions refuses NaN parameters
@@ -630,7 +640,7 @@ class Trainer:
                 self._started = True
             config_path = self.run_dir / "config.yaml"
             with self._write_errors(config_path):
-                numerics = ", ".join(f"{key} {value}" for key, value in numerics_build(config["core"]).items())
+                numerics = ", ".join(f"{key} {value}" for key, value in numerics_build(self.policy).items())
                 header = (f"# The resolved config of this run (every default filled in).\n"
                           f"# Written by a process with: {numerics}\n")
                 atomic_write(config_path, (header + yaml.safe_dump(config, sort_keys=False)).encode())

@@ -56,6 +56,25 @@ def test_tiny_minigrid_run_writes_a_loadable_checkpoint(tmp_path: Path, core: st
     assert all(f"{key} {value}" in header for key, value in numerics.items())
 
 
+def test_numerics_name_the_engine_that_runs() -> None:
+    # The engine is asked as the core's forward asks: a RIMs core with native=False runs Python.
+    from agents.trainer import build_policy, numerics_build
+    from envs import make_vec_env
+
+    venv = make_vec_env("MiniGrid-DoorKey-5x5-v0", 1, 0)
+    for native in (True, False):
+        config = load_config(None, [f"core.native={str(native).lower()}"])
+        numerics = numerics_build(build_policy(config, venv.observation_space, venv.action_space))
+        if native:
+            from policies.cores.native import kernel_build
+
+            assert numerics == {"torch": str(torch.__version__), **kernel_build()}
+        else:
+            assert numerics["engine"] == "python" and "does not apply" in numerics["reason"]
+    lstm = build_policy(load_config(None, ["core.name=lstm"]), venv.observation_space, venv.action_space)
+    assert numerics_build(lstm) == {"torch": str(torch.__version__)}
+
+
 @pytest.mark.parametrize("algo", ["ppo", "a2c"])
 @pytest.mark.parametrize("core", list(SMALL_CORES))
 def test_tiny_atari_run(tmp_path: Path, core: str, algo: str) -> None:
