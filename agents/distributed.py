@@ -113,7 +113,9 @@ def rank() -> int:
         import torch.distributed as dist
 
         return dist.get_rank()
-    return _env_int("RANK", 0)
+    # A RANK left by a scheduler without a WORLD_SIZE above 1 is not a torchrun rank: a plain run
+    # that took it would train and write nothing.
+    return _env_int("RANK", 0) if env_world_size() > 1 else 0
 
 
 def local_rank() -> int:

@@ -180,9 +180,13 @@ def write_failure(path: str | Path, exc: BaseException) -> str:
 
 
 def current_rank() -> int:
-    """This process's rank under ``torchrun`` (environment variable ``RANK``), 0 otherwise."""
+    """This process's rank under ``torchrun`` (``RANK`` with a ``WORLD_SIZE`` above 1), 0 otherwise.
+
+    A ``RANK`` some scheduler left without a world of several processes is ignored: a plain run
+    that believed it was not rank 0 would train without its lock and write nothing.
+    """
     try:
-        return int(os.environ.get("RANK", "0"))
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
     except ValueError:
         return 0
 

@@ -243,3 +243,14 @@ def test_two_processes_on_cuda(tmp_path: Path) -> None:
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False, map_location="cpu") for r in (0, 1)]
     assert [r["frames"] for r in ranks] == [128, 128]
     assert _same_weights(ranks[0]["state_dict"], ranks[1]["state_dict"])
+
+
+def test_a_stray_rank_without_a_world_is_rank_0(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Some schedulers export RANK for their own purposes: a plain run must still write its files.
+    from agents.run_dir import current_rank
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.rank() == 0 and distributed.is_main() and current_rank() == 0
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert distributed.rank() == 3 and not distributed.is_main() and current_rank() == 3
