@@ -90,6 +90,9 @@ def _check(scores: np.ndarray) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2 or scores.size == 0:
         raise ValueError(f"scores must be a non-empty (runs, envs) array, got shape {scores.shape}")
+    if not np.isfinite(scores).all():
+        # A missing score (an env a run was never evaluated on) must not be trimmed away silently.
+        raise ValueError("scores must be finite: a run lacks a score for some env")
     return scores
 
 
@@ -102,7 +105,7 @@ def iqm(scores: np.ndarray) -> float:
 def fast_iqm(scores: np.ndarray) -> float:
     """The same number as :func:`iqm` (``scipy.stats.trim_mean(scores, 0.25, axis=None)``), without
     scipy's per-call overhead: the bootstrap calls it tens of thousands of times."""
-    values = np.sort(np.asarray(scores, dtype=np.float64), axis=None)
+    values = np.sort(_check(scores), axis=None)
     cut = int(0.25 * values.size)
     return float(values[cut: values.size - cut].mean())
 
@@ -238,14 +241,19 @@ class StudyResults:
         columns = [i for i, h in enumerate(self.held_out) if h or not held_out_only]
         out = {}
         for model in self.models:
-            rows = [r.returns[point][columns] for r in self.runs.get(model, []) if point in r.returns]
+            rows = [r.returns[point][columns] for r in self._evaluated(model, point)]
             out[model] = np.array(rows, dtype=np.float64).reshape(len(rows), len(columns))
         return out
 
     def seeds(self, model: str, point: int | None = None) -> list[int]:
         """The seeds of a model's runs evaluated at ``point`` (the rows of :meth:`scores`)."""
         point = self.study.total_frames if point is None else point
-        return [r.seed for r in self.runs.get(model, []) if point in r.returns]
+        return [r.seed for r in self._evaluated(model, point)]
+
+    def _evaluated(self, model: str, point: int) -> list[RunRecord]:
+        """A model's runs with a score for every env at ``point``: a run evaluated on fewer envs (the
+        study's envs changed since) is left out rather than scored on what it has."""
+        return [r for r in self.runs.get(model, []) if point in r.returns and np.isfinite(r.returns[point]).all()]
 
 
 def _env_order(study: Study, directory: Path) -> tuple[list[str], list[bool]]:

@@ -280,6 +280,11 @@ def parse_study(raw: Any, path: Path | None = None, check_envs: bool = True) -> 
         models.append(ModelSpec(label, config, overrides))
 
     evaluation = _parse_eval(raw.get("eval"), total_frames, path)
+    if evaluation.seed in seeds:
+        # Evaluation episode i and training env i of run `seed` would both take child i of SeedSequence(seed).
+        raise StudyError(f"{_where(path)}eval.seed {evaluation.seed} is also a training seed: its evaluation "
+                         f"levels would be that run's training levels; pick one outside seeds (default "
+                         f"{DEFAULT_EVAL_SEED})")
     executor = _parse_executor(raw.get("executor"), path)
     study = Study(name, description, tuple(models), seeds, total_frames, evaluation, executor, common, path)
     for model in study.models:  # every config, as train.py will resolve it
@@ -465,13 +470,15 @@ def config_hash(config: dict[str, Any]) -> str:
 
 
 def code_version(repo: Path = REPO) -> dict[str, Any]:
-    """The git commit of ``repo``, whether tracked code differs from it, and a hash of that difference.
+    """The git commit of ``repo``, whether the code differs from it, and a hash of the code itself.
 
-    ``diff_sha256`` hashes ``git diff HEAD`` over the code a run executes (``CODE_PATHS``: the
-    packages, train.py and evaluate.py; not tests, docs or configs, whose effect the config hash
-    covers), so runs made from the same uncommitted change group together and runs from different
-    ones do not. Outside a git checkout the commit is None. ``$MODULAR_RL_CODE_VERSION``, when
-    set, is recorded as the commit instead (an install without git history, a release tag).
+    ``code_sha256`` hashes the files of the code a run executes (``CODE_PATHS``: the packages,
+    train.py and evaluate.py; not tests, docs or configs, whose effect the config hash covers) as
+    they are on disk; it is what :func:`version_tag` groups runs by, so a study continued after a
+    commit that did not touch that code (or that committed it as it ran) stays one version.
+    ``diff_sha256`` hashes ``git diff HEAD`` over the same paths. Outside a git checkout the commit
+    is None. ``$MODULAR_RL_CODE_VERSION``, when set, is recorded instead (an install without git
+    history, a release tag).
     """
     configured = os.environ.get("MODULAR_RL_CODE_VERSION")
     if configured:
@@ -485,14 +492,31 @@ def code_version(repo: Path = REPO) -> dict[str, Any]:
 
     commit = git("rev-parse", "HEAD")
     if commit is None:
-        return {"commit": None, "dirty": None, "diff_sha256": None}
+        return {"commit": None, "dirty": None, "diff_sha256": None, "code_sha256": None}
     diff = git("diff", "HEAD", "--", *CODE_PATHS) or ""
+    # The code itself, as it is on disk (CODE_PATHS' files that git tracks or would track), so a
+    # commit that touches only docs, tests or configs, or that commits the code as it ran, is the same version.
+    files = sorted(set((git("ls-files", "--cached", "--others", "--exclude-standard", "--", *CODE_PATHS)
+                        or "").splitlines()))
+    code = hashlib.sha256()
+    for name in files:
+        try:
+            code.update(name.encode() + b"\0" + (repo / name).read_bytes() + b"\0")
+        except OSError:  # deleted in the working tree: its absence is part of the version
+            code.update(name.encode() + b"\0deleted\0")
     return {"commit": commit.strip(), "dirty": bool(diff),
-            "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None}
+            "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None,
+            "code_sha256": code.hexdigest()}
 
 
 def version_tag(version: dict[str, Any]) -> str:
-    """``abc1234`` or ``abc1234+dirty.<hash>`` (``unknown`` outside git)."""
+    """``code.<hash>`` of the code a run executed (``unknown`` outside git).
+
+    Provenance written before the code hash existed is tagged by its commit (``abc1234``, or
+    ``abc1234+dirty.<hash>``); ``$MODULAR_RL_CODE_VERSION`` is used as it is.
+    """
+    if version.get("code_sha256"):
+        return f"code.{version['code_sha256'][:10]}"
     commit = version.get("commit")
     if not commit:
         return "unknown"

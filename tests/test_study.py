@@ -93,6 +93,9 @@ def test_iqm_and_mean_of_known_scores() -> None:
     for shape in [(10, 3), (7, 1), (5, 4), (1, 1)]:
         values = rng.normal(size=shape)
         assert report.fast_iqm(values) == pytest.approx(report.iqm(values), abs=1e-12)
+    # A missing score is refused, not trimmed away (sorting puts NaN last, inside the trimmed tail).
+    with pytest.raises(ValueError, match="finite"):
+        report.fast_iqm(np.array([[1.0, 2.0, np.nan], [3.0, 4.0, 5.0], [6.0, 7.0, 8.0], [0.0, 1.0, 2.0]]))
 
 
 def test_interval_estimates_contain_the_point_and_are_reproducible() -> None:
@@ -173,6 +176,9 @@ BAD_STUDIES = {
     "bad override": ({"overrides": {"algo.nsteps": 3}}, "algo.nsteps"),
     "study key overridden": ({"overrides": {"total_frames": 5}}, "set by the study"),
     "unknown env": ({"eval": {"envs": ["MiniGrid-Nope-v0"], "points": []}}, "MiniGrid-Nope-v0"),
+    "eval seed is a training seed": ({"eval": {"points": [512], "seed": 2, "episodes": 3, "final_episodes": 3,
+                                               "envs": [{"id": "MiniGrid-DoorKey-6x6-v0", "held_out": True}]}},
+                                     "eval.seed 2 is also a training seed"),
 }
 
 
@@ -370,3 +376,32 @@ def test_a_run_killed_before_its_first_checkpoint_is_set_aside_not_lost(tmp_path
     (run / "checkpoint.pt").write_bytes(b"x")
     assert set_aside_unresumable(run) is None and (run / "checkpoint.pt").is_file()  # resumable: left alone
     assert set_aside_unresumable(tmp_path / "empty") is None
+
+
+def test_code_version_ignores_commits_outside_the_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A study stopped, a README commit, the study continued: still one version of the code.
+    import subprocess
+
+    from agents.study import code_version, version_tag
+
+    monkeypatch.delenv("MODULAR_RL_CODE_VERSION", raising=False)
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "agents").mkdir()
+    (tmp_path / "agents" / "loop.py").write_text("x = 1\n")
+    (tmp_path / "README.md").write_text("docs\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "one")
+    first = version_tag(code_version(tmp_path))
+    (tmp_path / "README.md").write_text("more docs\n")
+    git("commit", "-q", "-am", "docs")
+    assert version_tag(code_version(tmp_path)) == first
+    (tmp_path / "agents" / "loop.py").write_text("x = 2\n")
+    uncommitted = version_tag(code_version(tmp_path))
+    assert uncommitted != first
+    git("commit", "-q", "-am", "code")
+    assert version_tag(code_version(tmp_path)) == uncommitted  # the same code, committed or not
