@@ -162,6 +162,10 @@ def check_run_consistency(checkpoint: dict[str, Any], config: dict[str, Any], ru
             raise CheckpointError(f"the checkpoint in {run_dir} is inconsistent: its config gives policy "
                                   f"{key}={value!r} but its saved policy has {key}={saved!r}; "
                                   "refusing to resume a mixed-up run")
+    from policies.cores import CORES
+    from policies.policy import check_core_revision
+
+    check_core_revision(spec, CORES[expected["core"]].revision, f"the checkpoint in {run_dir}")
     rollout = checkpoint.get("rollout")
     n_envs = config["env"]["n_envs"]
     if isinstance(rollout, dict) and hasattr(rollout.get("state"), "shape") and rollout["state"].shape[0] != n_envs:

@@ -103,6 +103,7 @@ class RecurrentActorCritic(nn.Module):
 
         self.encoder = make_encoder(observation_space)
         self.core = make_core(core, self.encoder.output_size, **core_kwargs)
+        self.spec["core_revision"] = self.core.revision  # what the core computes (RecurrentCore.revision)
         width = self.core.output_size
         self.actor = nn.Sequential(
             _layer_init(nn.Linear(width, head_hidden_size), np.sqrt(2)),

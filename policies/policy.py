@@ -156,6 +156,22 @@ def _inverse_cdf_sample(dist: torch.distributions.Distribution, uniforms: Tensor
     return normal.mean + normal.stddev * math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
 
 
+def check_core_revision(spec: dict[str, Any], revision: int, where: object) -> None:
+    """Refuse weights trained with another revision of their core's computation (``RecurrentCore.revision``).
+
+    :param spec: the checkpoint's policy spec (no ``core_revision``: revision 1, before it was recorded).
+    :param revision: the revision this version of the core computes.
+    :raises CheckpointError: naming both revisions.
+    """
+    saved = spec.get("core_revision", 1)
+    if saved != revision:
+        raise CheckpointError(
+            f"{where} holds a {spec.get('core')} core of revision {saved}, and this version of the package "
+            f"computes revision {revision} (see the core's docstring): its weights would run through another "
+            f"computation than the one they were trained for; retrain it, or use the package version that wrote it"
+        )
+
+
 def policy_from_checkpoint(
     data: dict[str, Any], device: str | torch.device = "cpu", path: Path | None = None
 ) -> Policy:
@@ -195,6 +211,7 @@ def policy_from_checkpoint(
             f"cannot rebuild the policy stored in {where} (written by package version "
             f"{data.get('package_version')}): {detail}"
         ) from None
+    check_core_revision(spec, model.core.revision, where)
     return Policy(model, env_id, env_options, data.get("config", {}), device=device, path=path)
 
 

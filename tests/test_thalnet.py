@@ -227,3 +227,31 @@ def test_unknown_reading_lists_the_allowed_ones() -> None:
 def test_zero_input_size_raises() -> None:
     with pytest.raises(ValueError, match="input_size"):
         ThalNet(0)
+
+
+@pytest.mark.parametrize("core", ["thalnet", "lstm"])
+def test_checkpoints_of_another_core_revision_are_refused(tmp_path: Any, core: str) -> None:
+    # ThalNet's step changed (revision 2: the input module first) with the same parameters: weights
+    # trained by revision 1 must not load silently into the new computation. LSTM is still revision 1,
+    # so its checkpoints written before revisions were recorded load as before.
+    import train
+    from agents.trainer import Trainer
+    from policies import load_policy
+    from policies.checkpoint import CheckpointError
+
+    sizes = (["core.num_modules=2", "core.module_size=8", "core.center_size_per_module=4"] if core == "thalnet"
+             else ["core.hidden_size=8"])
+    run = tmp_path / "run"
+    assert train.main([f"core.name={core}", *sizes, "total_frames=128", "env.n_envs=2", "algo.n_steps=64",
+                       "algo.num_minibatches=1", "log.progress_bar=false", "--run-dir", str(run)]) == 0
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert checkpoint["policy"]["spec"]["core_revision"] == (2 if core == "thalnet" else 1)
+    del checkpoint["policy"]["spec"]["core_revision"]  # as written before revisions were recorded
+    torch.save(checkpoint, run / "checkpoint.pt")
+    if core == "lstm":
+        assert load_policy(run / "checkpoint.pt").model.spec["core"] == "lstm"
+        return
+    with pytest.raises(CheckpointError, match="thalnet core of revision 1"):
+        load_policy(run / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="revision 1"):
+        Trainer.resume(run, {"total_frames": 256})

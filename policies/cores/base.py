@@ -64,6 +64,10 @@ class RecurrentCore(nn.Module):
     input_size: int
     output_size: int
     state_size: int
+    # Raised when what a core computes changes while its parameters keep their names and shapes:
+    # checkpoints record it, and one of another revision is refused instead of silently running
+    # its weights through the new computation.
+    revision: int = 1
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> Tensor:
         """Zero state for ``batch_size`` envs, shape ``(batch_size, state_size)``.

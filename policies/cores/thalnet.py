@@ -92,6 +92,9 @@ class ThalNet(RecurrentCore):
     :raises ValueError: for a size < 1, ``num_modules < 2``, ``C > H`` or an unknown reading.
     """
 
+    # 2: the input module runs first each step (2026-12-02); revision 1 read the center synchronously.
+    revision = 2
+
     def __init__(
         self,
         input_size: int,
