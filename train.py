@@ -75,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
             RunLock(args.resume).probe()  # another process training there: say so before loading anything
         else:
             config = load_config(args.config, args.overrides)
+            from envs.registry import check_env_id  # gymnasium, MiniGrid and ALE ids only: half a second
+
+            try:
+                check_env_id(config["env"]["id"])
+            except ValueError as exc:
+                raise ConfigError(f"env.id: {exc}") from None
             if args.run_dir is not None:
                 run_dir = args.run_dir
                 refuse_existing_run(run_dir)

@@ -270,6 +270,41 @@ def _init_defaults_from_source(module: str, class_name: str, depth: int = 0) -> 
     return result
 
 
+def core_defines(core_name: str, method: str) -> bool:
+    """Whether a core's class, or a base class of it other than ``RecurrentCore``, defines ``method``.
+
+    Read from the source with ``ast`` like :func:`core_arguments` (no torch import); a layout the
+    reader does not follow imports the class instead.
+    """
+    module, class_name = core_registry()[core_name]
+    try:
+        for _depth in range(9):
+            tree = _module_tree(module)
+            classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+            if class_name == "RecurrentCore":
+                return False  # the base class's own method is the default, not a definition of the core's
+            if class_name not in classes:
+                raise _Unreadable(f"class {class_name} not found in {module}")
+            node = classes[class_name]
+            if any(isinstance(item, ast.FunctionDef) and item.name == method for item in node.body):
+                return True
+            if not node.bases or not isinstance(node.bases[0], ast.Name):
+                return False  # a root class: nothing more to inherit
+            base = node.bases[0].id
+            if base not in classes:
+                imported = _imported_names(tree, module)
+                if base not in imported:
+                    raise _Unreadable(f"base {base} of {class_name} is not imported by name")
+                module = imported[base]
+            class_name = base
+        raise _Unreadable("inheritance too deep")
+    except (_Unreadable, OSError, SyntaxError):
+        from policies.cores import RecurrentCore  # imports torch: slower, same answer
+
+        cls = getattr(importlib.import_module(core_registry()[core_name][0]), core_registry()[core_name][1])
+        return getattr(cls, method) is not getattr(RecurrentCore, method, None)
+
+
 def core_arguments(core_name: str) -> dict[str, Any]:
     """A core's constructor keyword arguments and their defaults (``inspect.Parameter.empty`` for none).
 
@@ -313,8 +348,8 @@ def core_fields(core_name: str) -> dict[str, Field]:
 
 # Algorithms and config sections another module registers when imported, by the name a config uses:
 # imported only when a config names them (agents.meta imports torch).
-PLUGIN_ALGOS: dict[str, str] = {"meta_ppo": "agents.meta", "multitask_ppo": "agents.meta"}
-PLUGIN_SECTIONS: dict[str, str] = {"meta": "agents.meta"}
+PLUGIN_ALGOS: dict[str, str] = {"meta_ppo": "agents.meta_config", "multitask_ppo": "agents.meta_config"}
+PLUGIN_SECTIONS: dict[str, str] = {"meta": "agents.meta_config"}
 
 
 def load_plugins(algo_name: Any = None, sections: Sequence[str] = ()) -> None:

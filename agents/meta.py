@@ -38,115 +38,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from agents.config import (
-    ALGO_FIELDS,
-    BOOL,
-    ENV_FIELDS,
-    EXTRA_SECTIONS,
-    FLOAT,
-    INT,
-    OPT_STR,
-    ConfigError,
-    Field,
-    _algo_fields,
-)
+from agents.config import ConfigError
+import agents.meta_config  # noqa: F401  (registers meta_ppo, multitask_ppo and the meta section with the config)
 from agents.ppo import RecurrentPPO
 from agents.rollout import RolloutStats
 from agents.storage import RolloutStorage
 from agents.trainer import UPDATERS, env_options
 from envs import EnvSpec, check_env_id, get_suite
-from policies import CORES, RecurrentCore
 
 # A task is what the trainer builds envs from: (env id, make_vec_env options).
 Task = tuple[str, dict[str, Any]]
-
-# make_vec_env options a task entry of ``meta.tasks`` may set for itself (the env section's are the default).
-TASK_OPTION_KEYS: tuple[str, ...] = tuple(key for key in ENV_FIELDS if key not in ("id", "n_envs"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Config: the ``meta`` section and the two algorithm names
-# ---------------------------------------------------------------------------------------------
-def _is_task_list(value: list) -> bool:
-    """Each entry is an env id or a mapping with an ``id`` (and optional ``name`` and env options)."""
-    if not value:
-        return False
-    for entry in value:
-        if isinstance(entry, str):
-            continue
-        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
-            return False
-        if set(entry) - {"id", "name", *TASK_OPTION_KEYS}:
-            return False
-    return True
-
-
-def _positive_or_none(value: Any) -> bool:
-    return value is None or value > 0
-
-
-# Where the tasks come from and in which order; shared by meta_ppo and multitask_ppo.
-TASK_FIELDS: dict[str, Field] = {
-    # The training tasks (exactly one of tasks and suite): env ids, or {id, name?, <env option>...} mappings.
-    "tasks": Field(None, (list, type(None)), _is_task_list,
-                   f"a non-empty list of env ids or mappings with an 'id' (optional: name, "
-                   f"{', '.join(TASK_OPTION_KEYS)})"),
-    # ... or the training list of a held-out suite of envs/suites.py (e.g. doorkey).
-    "suite": Field(None, OPT_STR),
-    # sample: a uniformly drawn task per cycle; curriculum: the tasks in order.
-    "task_schedule": Field("sample", (str,), choices=("sample", "curriculum")),
-    # The curriculum moves on after this many frames on a task ...
-    "curriculum_frames": Field(None, (int, type(None)), _positive_or_none, "> 0 or null"),
-    # ... or once the mean return of the last return_window episodes on it reaches this.
-    "curriculum_return": Field(None, (float, int, type(None))),
-    # Episodes per task in meta/return/<task> and the curriculum's return test.
-    "return_window": Field(20, INT, lambda v: v > 0, "> 0"),
-}
-
-META_FIELDS: dict[str, Field] = {
-    **TASK_FIELDS,
-    "fast_lr": Field(1e-3, FLOAT, lambda v: v > 0, "> 0"),  # learning rate of the inner updates
-    "slow_lr": Field(2.5e-4, FLOAT, lambda v: v > 0, "> 0"),  # learning rate of the outer update
-    "inner_updates": Field(4, INT, lambda v: v > 0, "> 0"),  # fast updates (rollouts) per outer update
-    "reverse": Field(False, BOOL),  # fast attention, slow modules (the paper's ablation)
-    "encoder_heads": Field("fast", (str,), choices=("fast", "slow")),  # group of the encoder and the heads
-}
-
-MULTITASK_FIELDS: dict[str, Field] = {
-    **TASK_FIELDS,
-    "rollouts_per_task": Field(5, INT, lambda v: v > 0, "> 0"),  # rollouts between two schedule decisions
-}
-
-
-def has_parameter_split(core_name: str) -> bool:
-    """Whether the core class named ``core_name`` splits its parameters into modules and attention."""
-    return CORES[core_name].parameter_groups is not RecurrentCore.parameter_groups
-
-
-def _meta_section(config: dict[str, Any]) -> dict[str, Field] | None:
-    """The ``meta`` section's fields for the resolved-so-far ``config`` (None: the section does not apply)."""
-    algo = config["algo"]["name"]
-    if algo == "meta_ppo":
-        core = config["core"]["name"]
-        # Fail at config time, before any env or policy is built.
-        if not has_parameter_split(core):
-            raise ConfigError(
-                f"algo.name='meta_ppo' needs a modular core whose parameters split into modules and attention, "
-                f"but core.name={core!r} has no such split; use core.name=rims, brims or thalnet "
-                f"(or algo.name=multitask_ppo to train {core!r} on the same tasks with plain PPO)"
-            )
-        return META_FIELDS
-    if algo == "multitask_ppo":
-        return MULTITASK_FIELDS
-    return None
-
-
-def _meta_algo_fields() -> dict[str, Field]:
-    # meta_ppo has two learning rates (meta.fast_lr, meta.slow_lr); a third, unused algo.lr would mislead.
-    fields = _algo_fields()
-    del fields["lr"]
-    return fields
-
 
 # ---------------------------------------------------------------------------------------------
 # Tasks and their schedule
@@ -576,9 +477,6 @@ class MultiTaskPPO(RecurrentPPO):
         self.schedule.load_state_dict(state["schedule"])
 
 
-# Registration: config validation knows the algorithms and the section, the trainer the update rules.
-ALGO_FIELDS["meta_ppo"] = _meta_algo_fields()
-ALGO_FIELDS["multitask_ppo"] = _algo_fields()
-EXTRA_SECTIONS["meta"] = _meta_section
+# Registration: the trainer knows the update rules (agents.meta_config registers the config side).
 UPDATERS["meta_ppo"] = MetaPPO  # type: ignore[assignment]  # two PolicyUpdaters inside, same interface
 UPDATERS["multitask_ppo"] = MultiTaskPPO

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import importlib
 import math
 import os
 import pickle
@@ -70,6 +71,8 @@ except metadata.PackageNotFoundError:  # running from a source checkout that was
 # Update rules by ``algo.name``; agents.meta adds "meta_ppo" and "multitask_ppo". A rule with a
 # ``from_config(config, policy, generator)`` classmethod is built by it, others as (policy, algo, generator=...).
 UPDATERS: dict[str, type[PolicyUpdater]] = {"ppo": RecurrentPPO, "a2c": RecurrentA2C}
+# The modules that add an update rule to UPDATERS when imported (their config side is torch-free).
+PLUGIN_UPDATERS: dict[str, str] = {"meta_ppo": "agents.meta", "multitask_ppo": "agents.meta"}
 
 ENVS_STATE_FILE = "envs_state.pkl"
 # The env options that ``envs.make_env`` (one env) takes; the others are vec-env options.
@@ -287,6 +290,8 @@ class Trainer:
             self.venv = self.make_envs(*self.task, seed=fresh)
         self.policy = build_policy(config, self.venv.observation_space, self.venv.action_space).to(self.device)
         algo = config["algo"]
+        if algo["name"] not in UPDATERS and algo["name"] in PLUGIN_UPDATERS:
+            importlib.import_module(PLUGIN_UPDATERS[algo["name"]])
         updater_cls = UPDATERS[algo["name"]]
         if hasattr(updater_cls, "from_config"):
             # An updater that needs more than the algo section (meta-PPO: the meta section) reads the config.

@@ -14,10 +14,19 @@ Public API::
 This package imports neither ``agents`` nor ``policies``.
 """
 
-from .factory import VEC_ENV_TYPES, EnvFamily, check_env_id, env_family, env_seeds, make_env, make_vec_env
-from .minigrid import MISSION_MAX_LEN, MISSION_VOCAB, PAD_ID, UNK_ID, VOCAB_SIZE, tokenize_mission
-from .suites import SUITES, EnvSpec, Suite, get_suite, list_suites
-from .wrappers import LevelSeedWrapper
+import importlib
+from typing import Any
+
+# Public name -> the submodule that defines it, imported on first use (PEP 562): ``envs.registry``
+# (env ids, no SB3 or torch) can then be used before the training stack is imported.
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(["VEC_ENV_TYPES", "env_seeds", "make_env", "make_vec_env"], "envs.factory"),
+    **dict.fromkeys(["EnvFamily", "check_env_id", "env_family"], "envs.registry"),
+    **dict.fromkeys(["MISSION_MAX_LEN", "MISSION_VOCAB", "PAD_ID", "UNK_ID", "VOCAB_SIZE", "tokenize_mission"],
+                    "envs.minigrid"),
+    **dict.fromkeys(["SUITES", "EnvSpec", "Suite", "get_suite", "list_suites"], "envs.suites"),
+    "LevelSeedWrapper": "envs.wrappers",
+}
 
 __all__ = [
     "MISSION_MAX_LEN",
@@ -40,3 +49,17 @@ __all__ = [
     "make_vec_env",
     "tokenize_mission",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule defining a public name on first access."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'envs' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later accesses skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    """The module's attributes, the lazily imported public names included."""
+    return sorted({*globals(), *__all__})

@@ -15,6 +15,7 @@ from agents.config import (
     _init_defaults_from_source,
     core_arguments,
     core_arguments_from_signature,
+    core_defines,
     core_registry,
     load_config,
     parse_overrides,
@@ -128,14 +129,46 @@ def test_cli_parser_and_config_validation_do_not_import_the_heavy_stack() -> Non
         "    load_config(None, ['core.hiden_size=3', 'core.name=lstm'])\n"
         "except ConfigError as exc:\n"
         "    assert 'hidden_size' in str(exc)\n"
+        "for meta in ('doorkey-sizes', 'multiroom'):\n"  # meta_ppo / multitask_ppo configs too
+        "    load_config(f'configs/meta/{meta}.yaml', [])\n"
+        "load_config(None, ['algo.name=multitask_ppo', 'core.name=lstm', 'meta.tasks=[MiniGrid-DoorKey-5x5-v0]'])\n"
+        "for bad, words in ((['meta.fast_lrr=1'], 'fast_lr'), (['core.name=lstm'], 'no such split')):\n"
+        "    try:\n"
+        "        load_config('configs/meta/doorkey-sizes.yaml', bad)\n"
+        "    except ConfigError as exc:\n"
+        "        assert words in str(exc), exc\n"
+        "    else:\n"
+        "        raise AssertionError(bad)\n"
         "import agents, policies, agents.run_dir\n"
         "from policies.checkpoint import CheckpointError\n"
         "heavy = [m for m in ('torch', 'gymnasium', 'stable_baselines3', 'ale_py', 'minigrid') if m in sys.modules]\n"
+        "import envs.registry\n"  # what train.py checks env.id with: gymnasium's registry, no SB3 or torch
+        "heavy += [m for m in ('torch', 'stable_baselines3') if m in sys.modules]\n"
         "print(heavy)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_bad_env_id_is_refused_before_the_heavy_imports(tmp_path: Path) -> None:
+    script = ("import sys, train\n"
+              "code = train.main(['env.id=MiniGrid-DoorKy-5x5-v0', '--run-dir', sys.argv[1]])\n"
+              "print(code, [m for m in ('torch', 'stable_baselines3') if m in sys.modules])\n")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.stdout.strip() == "2 []", result.stderr
+    assert "env.id: Unknown environment id 'MiniGrid-DoorKy-5x5-v0'" in result.stderr
+    assert "MiniGrid-DoorKey-5x5-v0" in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_core_defines_read_from_source_matches_the_classes() -> None:
+    from policies.cores import CORES, RecurrentCore
+
+    for name, cls in CORES.items():
+        expected = cls.parameter_groups is not RecurrentCore.parameter_groups
+        assert core_defines(name, "parameter_groups") == expected, name
+    assert core_defines("rims", "forward") and not core_defines("lstm", "no_such_method")
 
 
 def test_core_fields_read_from_source_match_the_constructors() -> None:
