@@ -40,6 +40,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from learning import parse_seeds  # benchmarks/ is on sys.path when a benchmark runs as a script
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as `python benchmarks/sb3_interop.py` from a source checkout
 
@@ -209,15 +211,6 @@ def measure_fps(labels: list[str], frames: int, chunk: int) -> list[str]:
         rows.append(f"{POLICY_NAMES[label]:<46}{params:>9}{done[label]:>8}{seconds[label]:>9.1f}"
                     f"{done[label] / seconds[label]:>10.0f}{clocks[label].seconds / seconds[label]:>15.0%}")
     return rows
-
-
-def parse_seeds(items: list[str]) -> list[int]:
-    """``["1-3", "7"]`` -> ``[1, 2, 3, 7]``."""
-    seeds: list[int] = []
-    for item in items:
-        first, _, last = item.partition("-")
-        seeds.extend(range(int(first), int(last or first) + 1))
-    return seeds
 
 
 def main() -> None:
