@@ -25,7 +25,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,27 +235,40 @@ def core_registry() -> dict[str, tuple[str, str]]:
         return {name: (cls.__module__, cls.__name__) for name, cls in CORES.items()}
 
 
-def _init_defaults_from_source(module: str, class_name: str, depth: int = 0) -> dict[str, Any]:
-    """The keyword arguments after ``(self, input_size)`` of a class's ``__init__`` and their defaults
-    (``inspect.Parameter.empty`` for none), following single inheritance through the sources."""
-    if depth > 8:
-        raise _Unreadable("inheritance too deep")
-    tree = _module_tree(module)
-    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
-    if class_name not in classes:
-        raise _Unreadable(f"class {class_name} not found in {module}")
-    node = classes[class_name]
-    init = next((item for item in node.body if isinstance(item, ast.FunctionDef) and item.name == "__init__"), None)
-    if init is None:  # inherited: the first base class's __init__, as the MRO of single inheritance gives
-        if not node.bases or not isinstance(node.bases[0], ast.Name):
+def _class_chain(module: str, class_name: str) -> Iterator[tuple[str, ast.ClassDef]]:
+    """A class's definition and then its bases', following single inheritance through the sources
+    (the first base, as the MRO of single inheritance gives) until a class with no base."""
+    for _depth in range(9):
+        tree = _module_tree(module)
+        classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+        if class_name not in classes:
+            raise _Unreadable(f"class {class_name} not found in {module}")
+        node = classes[class_name]
+        yield class_name, node
+        if not node.bases:
+            return
+        if not isinstance(node.bases[0], ast.Name):
             raise _Unreadable(f"cannot follow the base class of {class_name}")
         base = node.bases[0].id
-        if base in classes:
-            return _init_defaults_from_source(module, base, depth + 1)
-        imported = _imported_names(tree, module)
-        if base not in imported:
-            raise _Unreadable(f"base {base} of {class_name} is not imported by name")
-        return _init_defaults_from_source(imported[base], base, depth + 1)
+        if base not in classes:
+            imported = _imported_names(tree, module)
+            if base not in imported:
+                raise _Unreadable(f"base {base} of {class_name} is not imported by name")
+            module = imported[base]
+        class_name = base
+    raise _Unreadable("inheritance too deep")
+
+
+def _defines(node: ast.ClassDef, method: str) -> ast.FunctionDef | None:
+    return next((item for item in node.body if isinstance(item, ast.FunctionDef) and item.name == method), None)
+
+
+def _init_defaults_from_source(module: str, class_name: str) -> dict[str, Any]:
+    """The keyword arguments after ``(self, input_size)`` of a class's ``__init__`` and their defaults
+    (``inspect.Parameter.empty`` for none), following single inheritance through the sources."""
+    init = next((found for _, node in _class_chain(module, class_name) if (found := _defines(node, "__init__"))), None)
+    if init is None:
+        raise _Unreadable(f"no __init__ found for {class_name}")
     args = init.args
     positional = [*args.posonlyargs, *args.args]
     defaults: list[Any] = [inspect.Parameter.empty] * (len(positional) - len(args.defaults)) + list(args.defaults)
@@ -278,26 +291,12 @@ def core_defines(core_name: str, method: str) -> bool:
     """
     module, class_name = core_registry()[core_name]
     try:
-        for _depth in range(9):
-            tree = _module_tree(module)
-            classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
-            if class_name == "RecurrentCore":
+        for name, node in _class_chain(module, class_name):
+            if name == "RecurrentCore":
                 return False  # the base class's own method is the default, not a definition of the core's
-            if class_name not in classes:
-                raise _Unreadable(f"class {class_name} not found in {module}")
-            node = classes[class_name]
-            if any(isinstance(item, ast.FunctionDef) and item.name == method for item in node.body):
+            if _defines(node, method) is not None:
                 return True
-            if not node.bases or not isinstance(node.bases[0], ast.Name):
-                return False  # a root class: nothing more to inherit
-            base = node.bases[0].id
-            if base not in classes:
-                imported = _imported_names(tree, module)
-                if base not in imported:
-                    raise _Unreadable(f"base {base} of {class_name} is not imported by name")
-                module = imported[base]
-            class_name = base
-        raise _Unreadable("inheritance too deep")
+        return False  # a root class: nothing more to inherit
     except (_Unreadable, OSError, SyntaxError):
         from policies.cores import RecurrentCore  # imports torch: slower, same answer
 
