@@ -427,7 +427,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             )
             training_env = target.is_training_env(policy)
             result.update(name=target.name, split=target.split, env_label=target.label, training_env=training_env)
-            frames, total, trace = result.pop("frames", None), result.pop("frames_total", None), result.pop("trace", None)
+            frames, total = result.pop("frames", None), result.pop("frames_total", None)
+            trace = result.pop("trace", None)
             if frames is not None:
                 path = args.video / f"{stem}.{args.video_format}"
                 _save_video(frames, path)

@@ -33,9 +33,9 @@ from policies.policy import Policy
 __all__ = [
     "CARRIED_OPTIONS",
     "DEFAULT_N_ENVS",
+    "SPLIT_WORDS",
     "EvalTarget",
     "EvaluationError",
-    "SPLIT_WORDS",
     "bootstrap_ci",
     "check_spaces",
     "episode_seeds",

@@ -127,7 +127,8 @@ def _draw_events(fig: Figure, strip: Axes, axes: Sequence[Axes], events: Sequenc
         steps = [step for step, w in events if w == what]
         for ax in axes:
             ax.axvline(steps[0], color=colours[what], linestyle="--", linewidth=1.2, alpha=0.9)
-        label = f"{what} (step {steps[0]})" if len(steps) == 1 else f"{what} ({len(steps)} times, first at step {steps[0]})"
+        label = (f"{what} (step {steps[0]})" if len(steps) == 1
+                 else f"{what} ({len(steps)} times, first at step {steps[0]})")
         handles.append(Line2D([], [], color=colours[what], linestyle="--", label=label))
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(handles)), fontsize=8,

@@ -244,7 +244,8 @@ def _not_a_checkpoint(path: Path) -> str | None:
     except UnicodeDecodeError:
         return f"{path} is not a torch checkpoint (it is neither a zip archive nor a pickle); {hint}"
     if path.suffix.lower() in (".yaml", ".yml") or re.search(r"^[A-Za-z_][\w.-]*:", text, re.MULTILINE):
-        config_hint = " (a config? train with it: python train.py --config FILE)" if "core" in text or "env" in text else ""
+        looks_like_config = "core" in text or "env" in text
+        config_hint = " (a config? train with it: python train.py --config FILE)" if looks_like_config else ""
         return f"{path} is a YAML/text file{config_hint}, not a checkpoint; {hint}"
     return f"{path} is a text file, not a checkpoint; {hint}"
 

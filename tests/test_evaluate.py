@@ -298,7 +298,8 @@ def test_cli_two_envs_writes_table_json_video_and_plot(
     assert code == 0
     assert DOORKEY_5 in stdout and DOORKEY_6 in stdout and "mean return [95% CI]" in stdout and "success" in stdout
     # The checkpoint's own training env is marked; the other one is not.
-    assert f"{DOORKEY_5} *" in stdout and f"{DOORKEY_6} *" not in stdout and "* the env the checkpoint was trained on" in stdout
+    assert f"{DOORKEY_5} *" in stdout and f"{DOORKEY_6} *" not in stdout
+    assert "* the env the checkpoint was trained on" in stdout
     report = json.loads((out / "results.json").read_text())
     (run,) = report["checkpoints"]
     assert run["core"] == "rims" and [r["env_id"] for r in run["results"]] == [DOORKEY_5, DOORKEY_6]
@@ -361,7 +362,8 @@ def test_cli_suite_train_env_is_not_called_the_checkpoints_env(
     # Trained on DoorKey-5x5, evaluated on the memory suite: its train env is the suite's, not the checkpoint's.
     code, stdout, _ = _run_cli(capsys, rims_run[0], "--suite", "memory", "--episodes", "1", "--max-episode-steps", "2",
                                "--no-progress", "--plot", tmp_path / "plots")
-    assert code == 0 and "suite train env" in stdout and " * " not in stdout and "trained on" not in stdout.split("\n", 1)[1]
+    assert code == 0 and "suite train env" in stdout and " * " not in stdout
+    assert "trained on" not in stdout.split("\n", 1)[1]
     assert "(train)" not in stdout
 
 
@@ -413,7 +415,8 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory, rims_run: tuple[Path, Tr
         (["{run}", "--env", "MiniGrid-DorKey-5x5-v0"], "Did you mean"),
         (["{run}", "--suite", "doorkeys"], "available suites"),
     ],
-    ids=["yaml", "text", "empty", "url", "missing", "truncated", "foreign", "future-version", "malicious", "space-mismatch", "unknown-env",
+    ids=["yaml", "text", "empty", "url", "missing", "truncated", "foreign", "future-version", "malicious",
+         "space-mismatch", "unknown-env",
          "unknown-suite"],
 )
 def test_cli_bad_input_exits_2_with_one_message(
@@ -548,7 +551,8 @@ def test_load_policy_refuses_non_paths_urls_and_missing_gpus(rims_run: tuple[Pat
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
-def test_cuda_without_a_gpu_is_one_line_exit_2(rims_run: tuple[Path, Trainer], capsys: pytest.CaptureFixture[str]) -> None:
+def test_cuda_without_a_gpu_is_one_line_exit_2(rims_run: tuple[Path, Trainer],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
     code, stdout, stderr = _run_cli(capsys, rims_run[0], "--device", "cuda", "--episodes", "1")
     assert code == 2 and stdout == ""
     assert stderr.strip().splitlines() == ["error: --device cuda, but no CUDA GPU is available here; use --device cpu"]
