@@ -44,7 +44,7 @@ from agents.ppo import RecurrentPPO
 from agents.rollout import RolloutStats
 from agents.storage import RolloutStorage
 from agents.trainer import UPDATERS, env_options
-from envs import EnvSpec, check_env_id, get_suite
+from envs import EnvSpec, check_env_id, get_suite, make_vec_env
 
 # A task is what the trainer builds envs from: (env id, make_vec_env options).
 Task = tuple[str, dict[str, Any]]
@@ -206,10 +206,62 @@ class TaskSchedule:
         self.generator.set_state(state["generator"])
 
 
+def _spaces(env_id: str, options: dict[str, Any]) -> tuple[Any, Any]:
+    """The observation and action spaces of the training vec env of ``env_id`` with ``options``."""
+    # One in-process env is enough to read the spaces (the wrappers, frame stacking included, are
+    # those of training); subprocess workers would cost a process per task for nothing.
+    try:
+        venv = make_vec_env(env_id, 1, 0, clip_rewards=True, **{**options, "vec_env": "dummy"})
+    except (ValueError, TypeError, AssertionError) as exc:
+        raise ConfigError(f"cannot build {env_id!r} with options {options!r}: {exc}") from None
+    try:
+        return venv.observation_space, venv.action_space
+    finally:
+        venv.close()
+
+
+def check_task_spaces(config: dict[str, Any], tasks: Sequence[Task]) -> None:
+    """Refuse a task list whose observation or action spaces differ from those of ``env.id``.
+
+    The policy is built once, for ``env.id``'s spaces; every task must fit it. Checked when the
+    update rule is built (before the first rollout), rather than when the schedule first reaches
+    an odd task, which could be many updates into a run.
+
+    :raises ConfigError: naming the first task that differs, its spaces and ``env.id``'s.
+    """
+    env_id = config["env"]["id"]
+    reference = _spaces(env_id, env_options(config["env"]))
+    key = "meta.suite" if config["meta"].get("suite") is not None else "meta.tasks"
+    seen: dict[str, tuple[Any, Any]] = {}
+    differing: list[tuple[int, Task, tuple[Any, Any]]] = []
+    for index, task in enumerate(tasks):
+        identity = repr(task)
+        if identity not in seen:
+            seen[identity] = _spaces(*task)
+        if seen[identity] != reference:
+            differing.append((index, task, seen[identity]))
+    if differing:
+        index, (task_id, options), spaces = differing[0]
+        base = env_options(config["env"])
+        own = {k: v for k, v in options.items() if base.get(k) != v}  # what the task sets itself
+        parts = [f"{name} space {mine} where env.id {env_id} has {theirs}"
+                 for name, mine, theirs in zip(("observation", "action"), spaces, reference, strict=True)
+                 if mine != theirs]
+        more = f"; {len(differing) - 1} more task(s) differ too" if len(differing) > 1 else ""
+        raise ConfigError(f"{key}[{index}] ({task_id}{f' with {own}' if own else ''}) has {' and '.join(parts)}"
+                          f"{more}: every task of a run must have env.id's observation and action spaces, "
+                          "the ones the policy is built for")
+
+
 def schedule_from_config(config: dict[str, Any]) -> TaskSchedule:
-    """The :class:`TaskSchedule` a resolved config's ``meta`` section describes (seeded from ``seed``)."""
+    """The :class:`TaskSchedule` a resolved config's ``meta`` section describes (seeded from ``seed``).
+
+    :raises ConfigError: a task list as :func:`resolve_tasks` refuses it, or with spaces that differ
+        (:func:`check_task_spaces`).
+    """
     meta = config["meta"]
     tasks, names = resolve_tasks(config)
+    check_task_spaces(config, tasks)
     # Its own stream, apart from the trainer's minibatch generator that shares the config seed.
     return TaskSchedule(tasks, names, meta["task_schedule"], meta["curriculum_frames"], meta["curriculum_return"],
                         meta["return_window"], seed=config["seed"] + 104_729)

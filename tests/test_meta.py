@@ -286,3 +286,23 @@ def test_multitask_ppo_trains_an_lstm_on_the_same_tasks(tmp_path: Path) -> None:
     trainer.run()
     assert [row["meta/task_index"] for row in rows(tmp_path)] == [0, 0, 1, 1]
     assert trainer.task[0] == DK6
+
+
+@pytest.mark.parametrize("algo", ["meta_ppo", "multitask_ppo"])
+def test_a_task_list_whose_spaces_differ_is_refused_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], algo: str
+) -> None:
+    # mission: true turns the observation into a Dict (image + mission tokens): a policy built for
+    # env.id's image-only space could not read it. Found before the first rollout, one line, exit 2.
+    overrides = [*TINY, f"meta.tasks=[{DK5}, {{id: {DK6}, mission: true}}]", "meta.task_schedule=curriculum",
+                 "meta.curriculum_frames=16", "total_frames=64"]
+    config = ["--config", str(META_CONFIG)]
+    if algo == "multitask_ppo":  # the embedded default (RIMs PPO) switched to the multi-task baseline
+        config = []
+        overrides = [o for o in overrides if not o.startswith("meta.inner_updates")] + ["algo.name=multitask_ppo"]
+    code = train.main([*config, *overrides, "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "meta.tasks[1] (MiniGrid-DoorKey-6x6-v0 with {'mission': True}) has observation space Dict" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "checkpoint.pt").exists()
