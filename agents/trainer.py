@@ -812,6 +812,9 @@ class Trainer:
                                      for key, value in update_stats.items() if isinstance(value, (int, float))}
         if rollout_stats.episodes:
             scalars["rollout/ep_return_mean"] = self._mean("r")
+            # This rollout's episodes alone (the window above mixes in older ones): the per-rollout
+            # learning curve that agents/adaptation.py measures adaptation on.
+            scalars["rollout/ep_return_rollout"] = float(np.mean([e["r"] for e in rollout_stats.episodes]))
             scalars["rollout/ep_length_mean"] = self._mean("l")
             if any("is_success" in e for e in self.recent_episodes):
                 scalars["rollout/success_rate"] = self._mean("is_success")
