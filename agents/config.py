@@ -99,6 +99,10 @@ TOP_FIELDS: dict[str, Field] = {
     # synchronising threads per op (and oversubscription next to env processes). null = torch's default.
     "torch_threads": Field(1, OPT_INT, _is_thread_count,
                            f"between 1 and this machine's CPU count ({os.cpu_count()}), or null for torch's default"),
+    # A checkpoint (or a run directory) whose policy weights a new run starts from, with a fresh optimiser
+    # (fine-tuning: studies' adaptation protocol). Its policy must be the one this config builds; a
+    # resumed run ignores it (its own checkpoint holds the weights).
+    "init_from": Field(None, OPT_STR, lambda v: v.strip() != "", "a checkpoint path or run directory, or null"),
 }
 
 ENV_FIELDS: dict[str, Field] = {

@@ -318,6 +318,8 @@ class Trainer:
                                       f"{type(exc).__name__}: {details}") from None
             if distributed.rank() > 0:  # the checkpoint holds rank 0's RNG states: give this rank its own
                 self._seed_rngs(distributed.rank_rng_seed([seed, self.frames]))
+        elif config.get("init_from"):
+            self._init_weights(config["init_from"])
         # Every rank starts from rank 0's weights; the barrier also keeps rank 0 from writing into the
         # run directory (run()) before every rank has checked it in this constructor.
         distributed.broadcast_module(self.policy)
@@ -443,6 +445,45 @@ class Trainer:
                 venv.close()
             return None
         return venv
+
+    def _init_weights(self, source: str) -> None:
+        """Load the policy weights of another run's checkpoint (``init_from``) into this new run.
+
+        Only the weights: the optimiser, frame count, RNG states and task schedule stay those of a
+        fresh run. The checkpoint's policy (core, its arguments and revision, head size) and its
+        observation and action spaces must be this run's.
+
+        :raises CheckpointError: naming the file and what differs.
+        """
+        path = Path(source).expanduser()
+        path = path / "checkpoint.pt" if path.is_dir() else path
+        if not path.is_file():
+            raise CheckpointError(f"init_from: checkpoint file not found: {path}")
+        loaded = load_checkpoint(path)
+        policy = loaded.get("policy")
+        spec = policy.get("spec") if isinstance(policy, dict) else None
+        if not isinstance(spec, dict) or "state_dict" not in policy:
+            raise CheckpointError(f"init_from: {path} holds no policy weights and spec")
+        from policies.policy import check_core_revision
+
+        check_core_revision(spec, self.policy.spec.get("core_revision", 1), f"init_from: {path}")
+        for key in ("core", "core_kwargs", "head_hidden_size"):
+            saved, mine = spec.get(key), self.policy.spec[key]
+            if key == "core_kwargs" and isinstance(saved, dict):  # arguments a newer core added: their defaults
+                saved = {**{k: v for k, v in mine.items() if k not in saved}, **saved}
+            if saved != mine:
+                raise CheckpointError(f"init_from: {path} holds a policy with {key}={saved!r}, this run builds "
+                                      f"{key}={mine!r}; the core and head settings must match the checkpoint's")
+        for key in ("observation_space", "action_space"):
+            mine = space_to_dict(getattr(self.venv, key))
+            if loaded.get(key) != mine:
+                raise CheckpointError(f"init_from: {path} was trained with {key.replace('_', ' ')} "
+                                      f"{loaded.get(key)!r}, this run's env has {mine!r}")
+        try:
+            self.policy.load_state_dict(policy["state_dict"])
+        except RuntimeError as exc:
+            details = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            raise CheckpointError(f"init_from: the weights of {path} do not fit this run's policy: {details}") from None
 
     def _load_training_state(self, checkpoint: dict[str, Any], envs_restored: bool) -> None:
         try:

@@ -75,3 +75,37 @@ def test_read_curve_from_metrics_rows(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text(json.dumps(old[0]) + "\n")
     with pytest.raises(ValueError, match="written before the trainer logged"):
         read_curve(tmp_path)
+
+
+# -- init_from: a new run that starts from another run's weights ---------------------------------------
+
+
+def test_init_from_loads_the_weights_only_and_refuses_another_policy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    import train
+    from agents.config import load_config
+    from agents.trainer import Trainer
+    from policies.checkpoint import load_checkpoint
+
+    tiny = ["core.name=lstm", "core.hidden_size=16", "env.n_envs=2", "algo.n_steps=16", "algo.num_minibatches=1",
+            "algo.n_epochs=1", "log.progress_bar=false", "total_frames=32"]
+    threads = torch.get_num_threads()
+    try:
+        assert train.main([*tiny, "--run-dir", str(tmp_path / "a")]) == 0
+        source = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+        tuned = Trainer(load_config(None, [*tiny, "seed=7", f"init_from={tmp_path / 'a'}"]), tmp_path / "b")
+        for key, value in tuned.policy.state_dict().items():
+            assert torch.equal(value, source["policy"]["state_dict"][key]), key
+        assert tuned.frames == 0 and not tuned.updater.optimizer.state_dict()["state"]  # a fresh optimiser
+        # Another core size, or a file that is not there: one line, exit 2, before any training.
+        for extra, message in ((["core.hidden_size=24"], "holds a policy with core_kwargs="),
+                               ([], "checkpoint file not found")):
+            target = tmp_path / "a" if extra else tmp_path / "missing"
+            code = train.main([*tiny, *extra, f"init_from={target}", "--run-dir", str(tmp_path / f"c{len(extra)}")])
+            err = capsys.readouterr().err
+            assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1, err
+    finally:
+        torch.set_num_threads(threads)
