@@ -1,8 +1,19 @@
-"""Optimisers, learning-rate scaling and the one guarded gradient step all algorithms use."""
+"""Optimisers, learning-rate scaling and the one guarded gradient step all algorithms use.
+
+``Adam`` and ``RMSprop`` here are small copies of torch 2.13's CPU single-tensor implementations
+(``torch/optim/adam.py`` ``_single_tensor_adam``, ``torch/optim/rmsprop.py``
+``_single_tensor_rmsprop``) for the settings this package uses. They do the same tensor ops in the
+same order, so the parameters they produce are bit-for-bit those of ``torch.optim.Adam`` and
+``torch.optim.RMSprop``, and their ``state_dict`` has torch's format (checkpoints load either way).
+They exist because torch.optim's first ``add_param_group``/``step``/``zero_grad`` call imports
+``torch._dynamo`` (and sympy), which took seconds of every run's start-up.
+"""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -14,29 +25,219 @@ class NonFiniteError(RuntimeError):
     """A loss or gradient became NaN or infinite; the parameters were not updated."""
 
 
-def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, eps: float) -> torch.optim.Optimizer:
-    """Adam or RMSprop over ``params``.
+def _scalar_dtype() -> torch.dtype:
+    """The dtype torch.optim keeps ``state["step"]`` in (``optimizer._get_scalar_dtype``)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class Optimizer:
+    """What ``Adam`` and ``RMSprop`` share: one parameter group, lazily created per-parameter state,
+    and ``zero_grad``/``state_dict``/``load_state_dict`` as ``torch.optim.Optimizer`` has them.
+
+    A subclass sets ``off`` (the group entries torch.optim writes for features this class does not
+    implement, all off: 0, False or None), ``state_keys`` (its per-parameter state) and ``step``, and
+    passes its group's entries in torch.optim's order (so that ``state_dict()`` equals torch's).
+    """
+
+    off: tuple[str, ...] = ()
+    state_keys: tuple[str, ...] = ()
+
+    def __init__(self, params: Iterable[nn.Parameter], hyper: dict[str, Any]) -> None:
+        params = list(params)
+        if not params:
+            raise ValueError("optimizer got an empty parameter list")
+        for p in params:
+            if not isinstance(p, Tensor) or not (p.is_leaf or p.retains_grad) or p.is_complex():
+                raise ValueError("the optimizer only takes real leaf tensors")
+        if not hyper["lr"] >= 0.0 or not hyper["eps"] >= 0.0:
+            raise ValueError(f"lr and eps must be >= 0, got {hyper['lr']} and {hyper['eps']}")
+        self.param_groups: list[dict[str, Any]] = [{"params": params, **hyper}]
+        self.state: dict[Tensor, dict[str, Tensor]] = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop (or zero) the gradients of all parameters, like ``torch.optim.Optimizer.zero_grad``."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
+
+    def step(self) -> None:
+        """Update every parameter that has a gradient (parameters without one are left alone)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"state": {index: {...}}, "param_groups": [{..., "params": [index, ...]}]}``, torch.optim's format.
+
+        Like torch's, the state tensors are the optimiser's own (not copies).
+        """
+        index: dict[int, int] = {}
+        groups = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                index.setdefault(id(p), len(index))
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = [index[id(p)] for p in group["params"]]
+            groups.append(packed)
+        return {"state": {index[id(p)]: s for p, s in self.state.items()}, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned, or what the torch.optim class of the same name saved.
+
+        The saved hyperparameters (lr, eps, betas or alpha) replace the current ones, as in torch.
+        The state tensors are copied and cast to their parameter's dtype and device (``step`` keeps its
+        own, as in torch).
+
+        :raises ValueError: if the groups do not match this optimiser's parameters, or the saved
+            optimiser used a setting this class does not implement (amsgrad, weight decay, momentum, ...).
+        """
+        saved_groups = copy.deepcopy(state_dict["param_groups"])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
+                             "optimizer's group")
+        groups, params_by_index = [], {}
+        for saved, group in zip(saved_groups, self.param_groups):
+            for key in self.off:
+                loaded = saved.setdefault(key, group[key])  # older torch did not write them all
+                if loaded:
+                    raise ValueError(f"the saved optimizer has {key}={loaded!r}; {type(self).__name__} does not "
+                                     f"implement {key}")
+            params_by_index.update(zip(saved["params"], group["params"]))
+            groups.append({**saved, "params": group["params"]})
+        state: dict[Tensor, dict[str, Tensor]] = {}
+        for index, saved_state in state_dict["state"].items():
+            if index not in params_by_index or set(saved_state) != set(self.state_keys):
+                raise ValueError(f"the saved optimizer state {index!r} holds {sorted(saved_state)!r}, not the "
+                                 f"state of parameter {index!r} of {type(self).__name__}: {list(self.state_keys)}")
+            p = params_by_index[index]
+            state[p] = {}
+            for key in self.state_keys:
+                value = saved_state[key]
+                if key == "step":  # torch keeps step where and as it was (a float from torch < 1.12)
+                    value = value.clone() if torch.is_tensor(value) else torch.tensor(float(value),
+                                                                                       dtype=_scalar_dtype())
+                else:
+                    value = value.to(dtype=p.dtype if p.is_floating_point() else value.dtype, device=p.device,
+                                     copy=True)
+                state[p][key] = value
+        self.param_groups, self.state = groups, state
+
+
+class Adam(Optimizer):
+    """Adam (betas (0.9, 0.999) by default, no weight decay, no amsgrad), bit-for-bit torch 2.13's CPU
+    ``torch.optim.Adam`` (``_single_tensor_adam``), whose op order and Python-float bias corrections it copies.
+    """
+
+    off = ("weight_decay", "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
+           "decoupled_weight_decay")
+    state_keys = ("step", "exp_avg", "exp_avg_sq")
+
+    def __init__(self, params: Iterable[nn.Parameter], lr: float, eps: float,
+                 betas: tuple[float, float] = (0.9, 0.999)) -> None:
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": 0, "amsgrad": False,
+                                  "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
+                                  "fused": None, "decoupled_weight_decay": False})
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One Adam update of every parameter that has a gradient."""
+        for group in self.param_groups:
+            lr, eps = group["lr"], group["eps"]
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                grad = param.grad
+                if grad is None:
+                    continue
+                state = self.state.get(param)
+                if state is None:
+                    state = self.state[param] = {
+                        "step": torch.tensor(0.0, dtype=_scalar_dtype()),
+                        "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                        "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+                    }
+                step_t, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
+                step_t += 1
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step = step_t.item()
+                bias_correction1 = 1 - beta1**step
+                bias_correction2 = 1 - beta2**step
+                step_size = lr / bias_correction1
+                bias_correction2_sqrt = bias_correction2**0.5
+                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+                param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+class RMSprop(Optimizer):
+    """RMSprop (alpha 0.99 by default, no momentum, not centered, no weight decay), bit-for-bit torch
+    2.13's CPU ``torch.optim.RMSprop`` (``_single_tensor_rmsprop``), whose op order it copies.
+    """
+
+    off = ("momentum", "centered", "weight_decay", "capturable", "foreach", "maximize", "differentiable")
+    state_keys = ("step", "square_avg")
+
+    def __init__(self, params: Iterable[nn.Parameter], lr: float, eps: float, alpha: float = 0.99) -> None:
+        if not alpha >= 0.0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        super().__init__(params, {"lr": lr, "momentum": 0, "alpha": alpha, "eps": eps, "centered": False,
+                                  "weight_decay": 0, "capturable": False, "foreach": None, "maximize": False,
+                                  "differentiable": False})
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One RMSprop update of every parameter that has a gradient."""
+        for group in self.param_groups:
+            lr, alpha, eps = group["lr"], group["alpha"], group["eps"]
+            for param in group["params"]:
+                grad = param.grad
+                if grad is None:
+                    continue
+                state = self.state.get(param)
+                if state is None:
+                    state = self.state[param] = {
+                        "step": torch.zeros((), dtype=_scalar_dtype()),
+                        "square_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                    }
+                square_avg = state["square_avg"]
+                state["step"] += 1
+                square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+                avg = square_avg.sqrt().add_(eps)
+                param.addcdiv_(grad, avg, value=-lr)
+
+
+def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, eps: float) -> Optimizer:
+    """Adam or RMSprop over ``params`` (this module's classes: torch.optim's updates and state format).
 
     :param params: the parameters this optimiser may change (and no others).
     :param name: ``"adam"`` or ``"rmsprop"``.
     :param lr: learning rate.
     :param eps: the optimiser's epsilon.
     """
-    params = list(params)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, eps=eps)
+        return Adam(params, lr=lr, eps=eps)
     if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, alpha=0.99, eps=eps)
+        return RMSprop(params, lr=lr, alpha=0.99, eps=eps)
     raise ValueError(f"optimizer must be 'adam' or 'rmsprop', got {name!r}")
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_learning_rate(optimizer: Optimizer, lr: float) -> None:
     """Set every parameter group of ``optimizer`` to ``lr``."""
     for group in optimizer.param_groups:
         group["lr"] = lr
 
 
-def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, max_grad_norm: float) -> float:
+def gradient_step(optimizer: Optimizer, loss: Tensor, max_grad_norm: float) -> float:
     """Backpropagate ``loss`` and step ``optimizer`` on its own parameters, clipping their norm.
 
     Only the optimiser's parameters are clipped and changed, so a second optimiser's
