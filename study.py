@@ -8,6 +8,8 @@
 
 Outputs go to studies/<study>/ (--root to change): runs/<model>/seed_<s>/ (what train.py writes,
 plus eval/point_<frames>.json from evaluate.py and provenance.json), logs/, report.md, plots/.
+A `kind: adaptation` study (configs/studies/adaptation-*.yaml) pre-trains its models there, then
+fine-tunes them into finetune/<run>/<task>/seed_<s>/, and reports how fast each adapted.
 Running the same command again skips finished work and resumes interrupted runs; Ctrl-C stops
 cleanly (every run checkpoints) and prints the command that continues.
 
@@ -59,11 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _status(study_arg: str, root: Path) -> int:
-    from agents.study import job_state, load_study_dir, plan, study_dir
+    from agents.study import all_jobs, job_state, load_study_dir, study_dir
 
     directory = study_dir(study_arg, root)
     study = load_study_dir(directory)
-    jobs = plan(study, directory)
+    jobs = all_jobs(study, directory)  # an adaptation study's fine-tuning runs included
     done = 0
     for job in jobs:
         state = job_state(job)

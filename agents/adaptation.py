@@ -25,15 +25,23 @@ Measures (each one number per run, so a study aggregates them over runs with rli
   pre-trained agent on the held-out task, before any update.
 - :func:`final_return`: the mean of the last rollouts' values (the end of the curve).
 
-:func:`read_curve` reads ``(frames, values)`` from a run directory.
+:func:`read_curve` reads ``(frames, values)`` from a run directory; :func:`build_adaptation_report`
+writes the report of a ``kind: adaptation`` study (``python study.py report <study>``): the
+pre-training return of each model on its training tasks (flagged below ``pretrain.criterion``),
+the measures above per fine-tuning row with rliable intervals, and the study's questions answered
+with probabilities of improvement.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -143,5 +151,337 @@ def read_curve(run_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return np.array(frames, dtype=np.float64), np.array([by_frames[f] for f in frames], dtype=np.float64)
 
 
-__all__ = ["ROLLOUT_RETURN_KEY", "area_under_curve", "fill_curve", "final_return", "frames_to_threshold",
-           "read_curve", "zero_shot_return"]
+# -- the report of an adaptation study ---------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FinetuneRecord:
+    """One finished fine-tuning run and its measures."""
+
+    label: str
+    task: str
+    seed: int
+    frames: np.ndarray
+    values: np.ndarray
+    auc: float
+    frames_to_threshold: int | None
+    final: float
+    provenance: str
+
+
+def load_finetunes(study: Any, directory: Path) -> tuple[dict[str, list[FinetuneRecord]], list[str]]:
+    """The finished fine-tuning runs of an adaptation study by row label, and the unfinished ones (keys)."""
+    from agents.study import code_versions, finetune_plan, job_state, read_provenance, short_env_name
+
+    spec = study.adaptation
+    records: dict[str, list[FinetuneRecord]] = {run.label: [] for run in spec.runs}
+    missing = []
+    for job in finetune_plan(study, directory):
+        state = job_state(job)
+        if not state.done:
+            progress = f"trained to {state.trained_frames:,} frames" if state.started else "not started"
+            missing.append(f"{job.key} ({progress})")
+            continue
+        label = job.model.split("/")[0]
+        task = next(t for t in spec.tasks if short_env_name(t) == job.model.split("/", 1)[1])
+        frames, values = read_curve(job.run_dir)
+        provenance = read_provenance(Path(job.run_dir)) or {}
+        versions = " then ".join(code_versions(provenance)) or "unknown"
+        records[label].append(FinetuneRecord(
+            label, task, job.seed, frames, values, area_under_curve(frames, values),
+            frames_to_threshold(frames, values, spec.threshold), final_return(frames, values),
+            f"config {str(provenance.get('config_sha256') or 'unknown')[:12]}, code {versions}"))
+    return records, missing
+
+
+def _matrix(records: list[FinetuneRecord], tasks: Sequence[str], measure: str,
+            budget: int) -> tuple[np.ndarray, list[int]]:
+    """``(runs, tasks)`` of one measure over the seeds that finished every task (frames to threshold:
+    a run that never reached it counts as the budget, a lower bound on its time)."""
+    by_seed: dict[int, dict[str, float]] = {}
+    for r in records:
+        value = getattr(r, measure)
+        if measure == "frames_to_threshold":
+            value = float(budget if value is None else value)
+        by_seed.setdefault(r.seed, {})[r.task] = float(value)
+    seeds = sorted(s for s, row in by_seed.items() if all(t in row for t in tasks))
+    return np.array([[by_seed[s][t] for t in tasks] for s in seeds], dtype=np.float64).reshape(len(seeds),
+                                                                                                len(tasks)), seeds
+
+
+def build_adaptation_report(directory: Path, root: str | Path, split_versions: bool = False,
+                            reps: int = 10_000) -> str:
+    """The markdown of an adaptation study's report (and its PNGs in ``<study dir>/plots/``).
+
+    :raises StudyError: nothing finished yet, or (without ``split_versions``) runs of one model from
+        different code or configs (as :func:`agents.report.load_results`).
+    """
+    from agents import report as rp
+    from agents.study import StudyError, load_study_dir, short_env_name
+
+    study = load_study_dir(directory)
+    spec = study.adaptation
+    pre = rp.load_results(directory, root, split_versions=split_versions)
+    finetunes, ft_missing = load_finetunes(study, directory)
+    small = min(reps, rp.SMALL_REPS)
+    train_cols = [i for i, h in enumerate(pre.held_out) if not h]
+    held_names = [short_env_name(t) for t in spec.tasks]
+    held_cols = [pre.envs.index(n) for n in held_names if n in pre.envs]
+    final = {m: s for m, s in pre.scores().items() if len(s)}
+    if not final:
+        raise StudyError(f"{directory}: no pre-training run has finished its evaluation yet; nothing to report")
+
+    lines = [f"# Adaptation study: {study.name}", ""]
+    if study.description:
+        lines += [study.description.strip(), ""]
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines += [f"Generated by `python study.py report {study.name}` on {when} from the finished runs; nothing here "
+              "is written by hand.", ""]
+
+    # Protocol.
+    ppo = ", ".join(f"`{o.removeprefix('algo.')}`" for o in spec.ppo) or "PPO's defaults"
+    lines += ["## Protocol", "",
+              f"- **Pre-training**: every model trains on {', '.join(f'`{t}`' for t in spec.train_tasks)} for "
+              f"{study.total_frames:,} frames; seeds {rp._seed_text(study.seeds)} ({len(study.seeds)} per model). "
+              f"At the end each run is evaluated with `evaluate.py --seed {study.eval.seed}` (sampled actions), "
+              f"{spec.episodes} episodes per env, on its training tasks (the pre-training return; a model whose "
+              f"mean over runs is below the criterion {spec.criterion:g} is flagged) and on the held-out tasks "
+              "(the zero-shot return, before any update).",
+              f"- **Fine-tuning** on the held-out {', '.join(f'`{t}`' for t in spec.tasks)} for "
+              f"{spec.total_frames:,} frames, seed s of a row starting from the weights of seed s of its model. "
+              f"Rule `ppo`: plain PPO on all parameters with a fresh optimiser and the same settings for every "
+              f"model ({ppo}; nothing of the pre-training algorithm carries over); rule `meta`: the model's own "
+              "meta_ppo rule (fast/slow groups) with the held-out task as its only task; `scratch`: the same "
+              "architecture and rule from random weights.",
+              "- **Measures**, from each fine-tuning run's per-rollout curve (the mean return of the episodes that "
+              "finished in each rollout; a rollout in which no episode finished carries the last rollout's value, "
+              "and counts 0 before the first finished episode): *area under the curve* = the mean return over the "
+              "budget (each rollout weighted by its frames); *frames to threshold* = the frames after the first "
+              f"rollout whose episodes' mean return reaches {spec.threshold:g} (a run that never does counts as "
+              "the whole budget, a lower bound, and the table says how many did); *zero-shot* = the pre-trained "
+              "model's evaluation return on the held-out task; *final* = the mean of the last 10% of the rollouts.",
+              f"- Statistics (rliable): IQM and mean over runs x tasks with {int(rp.CONFIDENCE * 100)}% stratified "
+              f"bootstrap intervals ({reps:,} resamples), probabilities of improvement P(X > Y) with their intervals "
+              f"({small:,} resamples). A model with a single run has no interval (shown as a zero-width one).", ""]
+    rows = [[m.label, f"`{rp._short_path(m.config)}`", " ".join(f"`{o}`" for o in m.overrides) or "-",
+             str(sum(r.finished for r in pre.runs.get(m.label, [])))] for m in study.models]
+    lines += rp._table(["model", "config", "overrides", "finished pre-training runs"], rows)
+    rows = [[r.label, r.source, r.rule, "random" if r.scratch else f"pre-trained {r.source}",
+             str(len(finetunes[r.label]))] for r in spec.runs]
+    lines += rp._table(["fine-tuning run", "model", "rule", "initial weights", "finished runs"], rows)
+    missing = [*pre.missing, *ft_missing]
+    if missing:
+        lines += [f"Not included (unfinished or failed): {'; '.join(missing)}.", ""]
+
+    # Pre-training.
+    train_scores = {m: s[:, train_cols] for m, s in final.items()}
+    estimates = rp.interval_estimates(train_scores, reps=reps)
+    below: set[str] = set()
+    rows = []
+    for m, scores in train_scores.items():
+        per_run = scores.mean(axis=1)
+        flag = estimates[m]["mean"][0] < spec.criterion
+        if flag:
+            below.add(m.split("@")[0])
+        rows.append([m, str(len(scores)), rp._ci(estimates[m]["iqm"]), rp._ci(estimates[m]["mean"]),
+                     " / ".join(rp._fmt(float(v)) for v in scores.mean(axis=0)),
+                     f"{int(np.sum(per_run < spec.criterion))}/{len(per_run)}",
+                     "**below the criterion**" if flag else "reached"])
+    train_names = " / ".join(pre.envs[i] for i in train_cols)
+    lines += ["## Pre-training: return on the training tasks", "",
+              f"Evaluation return at the end of pre-training on the training tasks; criterion {spec.criterion:g} "
+              "(mean over runs). A model below it has not learned its tasks, and what its fine-tuning rows "
+              "measure is not what pre-training gives.", ""]
+    lines += rp._table(["model", "runs", "IQM [95% CI]", "mean [95% CI]", f"mean per task ({train_names})",
+                        "runs below criterion", "criterion"], rows)
+
+    # Fine-tuning measures.
+    measures: dict[str, dict[str, np.ndarray]] = {"auc": {}, "frames_to_threshold": {}, "final": {}}
+    for run in spec.runs:
+        for measure in measures:
+            matrix, _ = _matrix(finetunes[run.label], spec.tasks, measure, spec.total_frames)
+            if len(matrix):
+                measures[measure][run.label] = matrix
+    zero_shot: dict[str, np.ndarray] = {}
+    for run in spec.runs:
+        if not run.scratch and run.source in final and held_cols:
+            zero_shot[run.label] = final[run.source][:, held_cols]
+    labels = list(measures["auc"])
+    ci = {name: rp.interval_estimates(values, reps=reps) if values else {} for name, values in
+          (*measures.items(), ("zero_shot", zero_shot))}
+    rows = []
+    for run in spec.runs:
+        if run.label not in measures["auc"]:
+            rows.append([run.label, run.source + (" (below criterion)" if run.source in below else ""), run.rule,
+                         "0", "-", "-", "-", "-", "-"])
+            continue
+        records = finetunes[run.label]
+        reached = sum(r.frames_to_threshold is not None for r in records)
+        rows.append([run.label, ("scratch " if run.scratch else "") + run.source +
+                     (" (**below criterion**)" if run.source in below and not run.scratch else ""), run.rule,
+                     str(len(measures["auc"][run.label])), rp._ci(ci["auc"][run.label]["iqm"]),
+                     rp._ci(ci["auc"][run.label]["mean"]),
+                     f"{_frames_ci(ci['frames_to_threshold'][run.label]['iqm'])} ({reached}/{len(records)} reached)",
+                     rp._ci(ci["zero_shot"][run.label]["mean"]) if run.label in zero_shot else "- (random weights)",
+                     rp._ci(ci["final"][run.label]["mean"])])
+    lines += ["## Fine-tuning on the held-out tasks", "",
+              "Per row: runs x tasks. Higher area and zero-shot are better; fewer frames to threshold are better.", ""]
+    lines += rp._table(["run", "from", "rule", "runs", "area IQM [95% CI]", "area mean [95% CI]",
+                        f"frames to {spec.threshold:g}, IQM [95% CI]", "zero-shot mean [95% CI]",
+                        "final mean [95% CI]"], rows)
+
+    # The questions.
+    pois: dict[tuple[str, str], tuple[float, float, float]] = {}
+    lines += ["## The questions", ""]
+    if not spec.questions:
+        lines += ["The study file asks none.", ""]
+    for question in spec.questions:
+        lines += [f"### {question.text}", ""]
+        rows, answers = [], []
+        for x in question.x:
+            for y in question.y:
+                if x not in measures["auc"] or y not in measures["auc"]:
+                    rows.append([x, y, "- (no finished runs)", "-"])
+                    continue
+                area = rp.poi_interval(measures["auc"][x], measures["auc"][y], reps=small)
+                # Fewer frames is better: P(X > Y) on the negated frames is P(X reaches it sooner).
+                speed = rp.poi_interval(-measures["frames_to_threshold"][x], -measures["frames_to_threshold"][y],
+                                        reps=small)
+                pois[x, y] = area
+                rows.append([x, y, rp._ci(area), rp._ci(speed)])
+                # A from-scratch row does not depend on pre-training: only pre-trained sources can be flagged.
+                flagged = [spec.run(r).source for r in (x, y)
+                           if spec.run(r).source in below and not spec.run(r).scratch]
+                caveat = f" (but {', '.join(sorted(set(flagged)))} did not reach the pre-training criterion)" \
+                    if flagged else ""
+                answers.append(f"area under the curve: {rp.verdict(x, y, area)}{caveat}")
+                sooner = rp.verdict(x, y, speed).replace("improves on", "reaches the threshold sooner than")
+                answers.append(f"frames to threshold: {sooner.replace('does worse than', 'reaches it later than')}")
+        lines += rp._table(["X", "Y", "P(area X > area Y) [95% CI]", "P(X reaches the threshold sooner) [95% CI]"],
+                           rows)
+        lines += [f"- {a}." for a in answers] or ["- No comparison: runs missing."]
+        lines += [""]
+
+    # Per seed.
+    lines += ["## Per seed", "", "Area under the curve / frames to threshold (`>` budget: never reached) per "
+              "fine-tuning run, averaged over tasks.", ""]
+    seeds = sorted({r.seed for rs in finetunes.values() for r in rs})
+    rows = []
+    for seed in seeds:
+        row = [str(seed)]
+        for label in labels:
+            mine = [r for r in finetunes[label] if r.seed == seed]
+            if not mine:
+                row.append("-")
+                continue
+            frames = [r.frames_to_threshold for r in mine]
+            text = f"> {spec.total_frames:,}" if all(f is None for f in frames) else \
+                f"{int(np.mean([spec.total_frames if f is None else f for f in frames])):,}"
+            row.append(f"{np.mean([r.auc for r in mine]):.2f} / {text}")
+        rows.append(row)
+    lines += rp._table(["seed", *labels], rows)
+    provenances = {label: sorted({r.provenance for r in finetunes[label]}) for label in labels}
+    mixed = [label for label, p in provenances.items() if len(p) > 1]
+    if mixed:
+        lines += [f"**Fine-tuning runs of {', '.join(mixed)} come from different code or configs**: "
+                  f"{'; '.join(f'{m}: {provenances[m]}' for m in mixed)}. Compare with care.", ""]
+
+    figures = _write_plots(directory, study, finetunes, ci["auc"], pois, small)
+    lines += ["## Plots", "", *(f"![{name}](plots/{name}.png)" for name in figures), ""]
+    return "\n".join(lines)
+
+
+def _frames_ci(triple: tuple[float, float, float]) -> str:
+    return f"{triple[0]:,.0f} [{triple[1]:,.0f}, {triple[2]:,.0f}]"
+
+
+def _step_curve(frames: np.ndarray, values: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """The filled per-rollout curve read at ``grid`` frames (the value of the last rollout ended by then)."""
+    filled = fill_curve(values)
+    index = np.searchsorted(frames, grid, side="right") - 1
+    return np.where(index >= 0, filled[np.clip(index, 0, None)], 0.0)
+
+
+def _write_plots(directory: Path, study: Any, finetunes: dict[str, list[FinetuneRecord]],
+                 auc: dict[str, dict[str, tuple[float, float, float]]],
+                 pois: dict[tuple[str, str], tuple[float, float, float]], reps: int) -> list[str]:
+    """Fine-tuning curves, the area's interval estimates and the questions' probabilities of improvement."""
+    from matplotlib.figure import Figure
+
+    from agents.plots import save_figure
+    from agents.run_dir import atomic_write
+
+    spec = study.adaptation
+    folder = directory / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+    labels = [run.label for run in spec.runs if finetunes[run.label]]
+
+    def save(name: str, figure: Figure) -> None:
+        temp = folder / f".{name}.tmp.png"
+        save_figure(figure, temp)
+        atomic_write(folder / f"{name}.png", temp.read_bytes())
+        temp.unlink(missing_ok=True)
+        written.append(name)
+
+    grid = np.linspace(0, spec.total_frames, 101)[1:]
+    rng = np.random.default_rng(0)
+    figure = Figure(figsize=(7.5, 4.5))
+    ax = figure.add_subplot(1, 1, 1)
+    for i, label in enumerate(labels):
+        curves = np.array([_step_curve(r.frames, r.values, grid) for r in finetunes[label]])
+        mean_curve = curves.mean(axis=0)
+        # A 95% percentile bootstrap band of the mean over runs (runs resampled with replacement).
+        draws = rng.integers(0, len(curves), size=(min(reps, 1000), len(curves)))
+        means = curves[draws].mean(axis=1)
+        low, high = np.percentile(means, [2.5, 97.5], axis=0)
+        style = "--" if spec.run(label).scratch else ":" if spec.run(label).rule == "meta" else "-"
+        ax.plot(grid, mean_curve, style, color=f"C{i}", label=f"{label} ({len(curves)})")
+        ax.fill_between(grid, low, high, color=f"C{i}", alpha=0.15)
+    ax.axhline(spec.threshold, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xlabel(f"fine-tuning frames on {', '.join(spec.tasks)}")
+    ax.set_ylabel("mean return of the rollout's episodes")
+    ax.set_title("Fine-tuning curves (mean over runs, 95% bootstrap band)")
+    ax.legend(fontsize=8, loc="upper left")
+    figure.tight_layout()
+    save("finetune_curves", figure)
+
+    if auc:
+        figure = Figure(figsize=(9, 0.5 * len(auc) + 1.6))
+        for k, stat in enumerate(("iqm", "mean")):
+            ax = figure.add_subplot(1, 2, k + 1)
+            for i, label in enumerate(auc):
+                point, low, high = auc[label][stat]
+                ax.errorbar(point, i, xerr=[[point - low], [high - point]], fmt="o", capsize=5,
+                            color=f"C{labels.index(label)}")
+            ax.set_yticks(range(len(auc)), list(auc) if k == 0 else [""] * len(auc))
+            ax.set_ylim(-0.6, len(auc) - 0.4)
+            ax.margins(x=0.1)
+            ax.grid(axis="x", alpha=0.3)
+            ax.set_title(f"{'IQM' if stat == 'iqm' else 'Mean'} area under the curve (95% CI)")
+            ax.set_xlabel("mean return over the fine-tuning budget")
+        figure.tight_layout()
+        save("area_interval_estimates", figure)
+
+    if pois:
+        pairs = list(pois)
+        figure = Figure(figsize=(7, 0.5 * len(pairs) + 1.4))
+        ax = figure.add_subplot(1, 1, 1)
+        for i, (x, y) in enumerate(pairs):
+            point, low, high = pois[x, y]
+            ax.errorbar(point, i, xerr=[[point - low], [high - point]], fmt="o", capsize=5,
+                        color=f"C{labels.index(x)}")
+        ax.axvline(0.5, color="grey", linestyle="--")
+        ax.set_yticks(range(len(pairs)), [f"P({x} > {y})" for x, y in pairs])
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.6, len(pairs) - 0.4)
+        ax.set_xlabel("probability of improvement of the area under the curve (95% CI)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            figure.tight_layout()
+        save("probability_of_improvement", figure)
+    return written
+
+
+__all__ = ["ROLLOUT_RETURN_KEY", "FinetuneRecord", "area_under_curve", "build_adaptation_report", "fill_curve",
+           "final_return", "frames_to_threshold", "load_finetunes", "read_curve", "zero_shot_return"]

@@ -639,6 +639,13 @@ def write_report(study: str | Path, root: str | Path = DEFAULT_ROOT, split_versi
     """Rebuild ``<study dir>/report.md`` and its plots from the finished runs (trains nothing)."""
     from agents.study import atomic_write
 
+    directory = study_dir(study, root)
+    if load_study_dir(directory).adaptation is not None:  # pre-training, fine-tuning, adaptation measures
+        from agents.adaptation import build_adaptation_report
+
+        text = build_adaptation_report(directory, root, split_versions=split_versions, reps=reps)
+        atomic_write(directory / "report.md", text.encode())
+        return directory / "report.md"
     results = load_results(study, root, split_versions=split_versions)
     text = build_report(results, reps=reps)
     path = results.directory / "report.md"

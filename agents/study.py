@@ -21,6 +21,18 @@ commit, whether the tree was modified and a hash of the modification, a hash of 
 config) in ``<run_dir>/provenance.json``; a run whose resolved config no longer matches the study
 is refused rather than continued.
 
+A study file of ``kind: adaptation`` (``configs/studies/adaptation-*.yaml``) asks how fast
+pre-trained models adapt to held-out tasks. Its ``models`` are pre-trained (``meta_ppo`` or
+``multitask_ppo``, the same tasks and budget) as the jobs above, each then evaluated on its
+training tasks (the pre-training return) and on the held-out tasks (the zero-shot return). Its
+``finetune`` section lists fine-tuning runs: a pre-trained model's weights (``init_from``, a fresh
+optimiser) trained on one held-out task by a rule, ``ppo`` (plain PPO on all parameters, the same
+``finetune.ppo`` settings for every model) or ``meta`` (Meta-RIMs' own meta_ppo rule), or the same
+architecture from random weights (``scratch: true``). Each fine-tuning run is one more ordinary
+run directory under ``studies/<study>/finetune/<run>/<task>/seed_<s>``, started once its
+pre-training run is done, skipped when finished and resumed when interrupted like every job.
+``agents.adaptation`` turns them into the report.
+
 This module imports no torch: a study file is checked (configs included, with ``agents.config``)
 in about a second, before any work starts.
 """
@@ -69,7 +81,7 @@ STUDY_KEYS = ("seed", "total_frames", "log.checkpoint_interval_frames", "log.kee
               "log.progress_bar", "torch_threads")
 # Left out of the config hash: they differ between the runs of one model (seed) or do not change
 # what is learned (the run's name, logging and checkpoint cadence, torch's thread count).
-UNHASHED_KEYS = ("seed", "name", "log", "torch_threads")
+UNHASHED_KEYS = ("seed", "name", "log", "torch_threads", "init_from")
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
@@ -127,8 +139,69 @@ class ExecutorSpec:
 
 
 @dataclass(frozen=True)
+class FinetuneRun:
+    """One fine-tuning row of an adaptation study.
+
+    :param label: the row's name (a directory name).
+    :param source: the pre-trained model whose architecture (and, unless ``scratch``, weights) it uses.
+    :param rule: ``ppo`` (plain PPO on all parameters, a fresh optimiser, the study's ``finetune.ppo``
+        settings) or ``meta`` (the source's own meta_ppo rule, on the held-out task alone).
+    :param scratch: start from random weights instead of the pre-trained ones.
+    """
+
+    label: str
+    source: str
+    rule: str = "ppo"
+    scratch: bool = False
+
+
+@dataclass(frozen=True)
+class Question:
+    """A question the report answers: does each row of ``x`` beat each row of ``y``?"""
+
+    text: str
+    x: tuple[str, ...]
+    y: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AdaptationSpec:
+    """The ``finetune`` and ``pretrain`` sections of a ``kind: adaptation`` study.
+
+    :param train_tasks: the pre-training tasks (env ids), the same for every model.
+    :param tasks: the held-out fine-tuning tasks (env ids); one fine-tuning run per task.
+    :param total_frames: the fine-tuning budget of every run.
+    :param threshold: the per-rollout return whose first crossing times the adaptation.
+    :param criterion: the return on the training tasks a pre-trained model must reach (else it is flagged).
+    :param episodes: evaluation episodes per env at the end of pre-training (training tasks and zero-shot).
+    :param ppo: the plain-PPO rule as ``algo.<key>=<value>`` overrides (after ``algo.name=ppo``).
+    :param overrides: for every fine-tuning run (env settings such as ``env.n_envs``).
+    :param runs: the fine-tuning rows.
+    :param questions: what the report answers with probabilities of improvement.
+    """
+
+    train_tasks: tuple[str, ...]
+    tasks: tuple[str, ...]
+    total_frames: int
+    threshold: float
+    criterion: float
+    episodes: int
+    ppo: tuple[str, ...]
+    overrides: tuple[str, ...]
+    runs: tuple[FinetuneRun, ...]
+    questions: tuple[Question, ...] = ()
+
+    def run(self, label: str) -> FinetuneRun:
+        """The fine-tuning row with this label."""
+        for item in self.runs:
+            if item.label == label:
+                return item
+        raise StudyError(f"no fine-tuning run {label!r} (runs: {', '.join(r.label for r in self.runs)})")
+
+
+@dataclass(frozen=True)
 class Study:
-    """A parsed, checked study file."""
+    """A parsed, checked study file (``adaptation`` is set for ``kind: adaptation``)."""
 
     name: str
     description: str
@@ -139,6 +212,7 @@ class Study:
     executor: ExecutorSpec
     overrides: tuple[str, ...] = ()
     source: Path | None = None
+    adaptation: AdaptationSpec | None = None
 
     @property
     def points(self) -> tuple[int, ...]:
@@ -154,7 +228,16 @@ class Study:
         raise StudyError(f"study {self.name} has no model {label!r} (models: {known})")
 
 
-TOP_KEYS = {"name", "description", "models", "seeds", "total_frames", "budget", "eval", "executor", "overrides"}
+TOP_KEYS = {"name", "kind", "description", "models", "seeds", "total_frames", "budget", "eval", "executor",
+            "overrides"}
+ADAPTATION_TOP_KEYS = (TOP_KEYS - {"eval"}) | {"pretrain", "finetune", "questions"}
+PRETRAIN_KEYS = {"criterion", "episodes", "eval_seed"}
+FINETUNE_KEYS = {"tasks", "total_frames", "threshold", "ppo", "overrides", "runs"}
+FINETUNE_RUN_KEYS = {"label", "from", "rule", "scratch"}
+QUESTION_KEYS = {"text", "x", "y"}
+KINDS = ("training", "adaptation")
+# What a fine-tuning run's overrides may not set: the study sets them (or, for algo/meta, the rule does).
+FINETUNE_RESERVED = (*STUDY_KEYS, "init_from", "env.id")
 MODEL_KEYS = {"label", "config", "overrides"}
 EVAL_KEYS = {"points", "suite", "suite_params", "envs", "episodes", "final_episodes", "seed", "deterministic"}
 ENV_KEYS = {"id", "held_out"}
@@ -237,7 +320,13 @@ def parse_study(raw: Any, path: Path | None = None, check_envs: bool = True) -> 
     """
     if not isinstance(raw, dict):
         raise StudyError(f"{_where(path)}a study file must be a YAML mapping (name, models, seeds, ...)")
-    _unknown(raw, TOP_KEYS, "", path)
+    kind = raw.get("kind", "training")
+    if kind not in KINDS:
+        raise StudyError(f"{_where(path)}kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind == "adaptation" and "eval" in raw:
+        raise StudyError(f"{_where(path)}an adaptation study has no eval section: it evaluates every pre-trained "
+                         "model on its training tasks and the fine-tuning tasks (pretrain.episodes)")
+    _unknown(raw, ADAPTATION_TOP_KEYS if kind == "adaptation" else TOP_KEYS, "", path)
     name = raw.get("name")
     if not isinstance(name, str) or not _LABEL.fullmatch(name):
         raise StudyError(f"{_where(path)}name must be a plain name (letters, digits, '_', '.', '+', '-'), got {name!r}")
@@ -279,22 +368,167 @@ def parse_study(raw: Any, path: Path | None = None, check_envs: bool = True) -> 
                                  f"(seeds, total_frames, eval points), not by overrides")
         models.append(ModelSpec(label, config, overrides))
 
-    evaluation = _parse_eval(raw.get("eval"), total_frames, path)
+    adaptation = None
+    if kind == "adaptation":
+        adaptation, evaluation = _parse_adaptation(raw, models, common, path)
+    else:
+        evaluation = _parse_eval(raw.get("eval"), total_frames, path)
     if evaluation.seed in seeds:
         # Evaluation episode i and training env i of run `seed` would both take child i of SeedSequence(seed).
         raise StudyError(f"{_where(path)}eval.seed {evaluation.seed} is also a training seed: its evaluation "
                          f"levels would be that run's training levels; pick one outside seeds (default "
                          f"{DEFAULT_EVAL_SEED})")
     executor = _parse_executor(raw.get("executor"), path)
-    study = Study(name, description, tuple(models), seeds, total_frames, evaluation, executor, common, path)
+    study = Study(name, description, tuple(models), seeds, total_frames, evaluation, executor, common, path,
+                  adaptation)
     for model in study.models:  # every config, as train.py will resolve it
         try:
             resolved_config(study, model, study.seeds[0])
         except ConfigError as exc:
             raise StudyError(f"{_where(path)}model {model.label} ({model.config}): {exc}") from None
+    if adaptation is not None:
+        _check_finetune_configs(study)
     if check_envs:
         eval_envs(study)
     return study
+
+
+def _number(value: Any, what: str, path: Path | None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise StudyError(f"{_where(path)}{what} must be a number, got {value!r}")
+    return float(value)
+
+
+def _task_ids(config: dict[str, Any], label: str, path: Path | None) -> tuple[str, ...]:
+    """A pre-training model's tasks as env ids (evaluate.py runs env ids with their default options)."""
+    meta = config.get("meta") or {}
+    if meta.get("suite") is not None or not meta.get("tasks"):
+        raise StudyError(f"{_where(path)}model {label}: an adaptation study needs meta.tasks as a list of env ids "
+                         "(not meta.suite), so that every model provably trains on the same tasks")
+    ids = []
+    for entry in meta["tasks"]:
+        if isinstance(entry, dict):
+            if set(entry) - {"id", "name"}:
+                raise StudyError(f"{_where(path)}model {label}: task {entry['id']} sets env options "
+                                 f"({', '.join(sorted(set(entry) - {'id', 'name'}))}); the study evaluates env ids "
+                                 "with their default options, so list plain env ids")
+            entry = entry["id"]
+        ids.append(entry)
+    return tuple(ids)
+
+
+def _parse_adaptation(raw: dict[str, Any], models: list[ModelSpec], common: tuple[str, ...],
+                      path: Path | None) -> tuple[AdaptationSpec, EvalSpec]:
+    """The ``pretrain``, ``finetune`` and ``questions`` sections, and the evaluation at the end of pre-training."""
+    pretrain = raw.get("pretrain") or {}
+    if not isinstance(pretrain, dict):
+        raise StudyError(f"{_where(path)}pretrain must be a mapping (criterion, episodes, eval_seed)")
+    _unknown(pretrain, PRETRAIN_KEYS, "pretrain.", path)
+    criterion = _number(pretrain.get("criterion", 0.5), "pretrain.criterion", path)
+    episodes = _int(pretrain.get("episodes", 50), "pretrain.episodes", path)
+    eval_seed = _int(pretrain.get("eval_seed", DEFAULT_EVAL_SEED), "pretrain.eval_seed", path, minimum=0)
+
+    train_tasks: tuple[str, ...] | None = None
+    for model in models:
+        try:
+            config = load_config(model.config, [*common, *model.overrides])
+        except ConfigError as exc:
+            raise StudyError(f"{_where(path)}model {model.label} ({model.config}): {exc}") from None
+        if config["algo"]["name"] not in ("meta_ppo", "multitask_ppo"):
+            raise StudyError(f"{_where(path)}model {model.label}: pre-training needs algo.name meta_ppo or "
+                             f"multitask_ppo (a task distribution), got {config['algo']['name']!r}")
+        tasks = _task_ids(config, model.label, path)
+        if train_tasks is not None and tasks != train_tasks:
+            raise StudyError(f"{_where(path)}model {model.label} trains on {', '.join(tasks)}, model "
+                             f"{models[0].label} on {', '.join(train_tasks)}: every model must pre-train on the "
+                             "same tasks")
+        train_tasks = tasks
+    assert train_tasks is not None  # models is non-empty
+
+    section = raw.get("finetune")
+    if not isinstance(section, dict):
+        raise StudyError(f"{_where(path)}finetune must be a mapping (tasks, total_frames, threshold, ppo, "
+                         "overrides, runs)")
+    _unknown(section, FINETUNE_KEYS, "finetune.", path)
+    tasks_raw = section.get("tasks")
+    if isinstance(tasks_raw, str):
+        tasks_raw = [tasks_raw]
+    if not isinstance(tasks_raw, list) or not tasks_raw or not all(isinstance(t, str) for t in tasks_raw):
+        raise StudyError(f"{_where(path)}finetune.tasks must be a non-empty list of env ids (the held-out tasks)")
+    if len(set(tasks_raw)) < len(tasks_raw):
+        raise StudyError(f"{_where(path)}finetune.tasks lists a task twice")
+    seen = [t for t in tasks_raw if t in train_tasks]
+    if seen:
+        raise StudyError(f"{_where(path)}finetune.tasks: {seen[0]} is a pre-training task; fine-tuning tasks must "
+                         "be held out")
+    frames = _int(section.get("total_frames"), "finetune.total_frames", path)
+    threshold = _number(section.get("threshold"), "finetune.threshold", path)
+    ppo_raw = section.get("ppo") or {}
+    if not isinstance(ppo_raw, dict):
+        raise StudyError(f"{_where(path)}finetune.ppo must be a mapping of algo settings (lr, n_steps, ...)")
+    if "name" in ppo_raw:
+        raise StudyError(f"{_where(path)}finetune.ppo: name is set by the rule (ppo)")
+    ppo = tuple(f"algo.{key}={json.dumps(value)}" for key, value in ppo_raw.items())
+    overrides = _overrides(section.get("overrides"), "finetune.overrides", path)
+    for text in overrides:
+        key = text.partition("=")[0].strip()
+        if key in FINETUNE_RESERVED or key.split(".")[0] in ("algo", "meta", "log"):
+            raise StudyError(f"{_where(path)}finetune.overrides: {key} is set by the study or the rule "
+                             "(algo settings of the ppo rule go in finetune.ppo)")
+
+    runs_raw = section.get("runs")
+    if not isinstance(runs_raw, list) or not runs_raw:
+        raise StudyError(f"{_where(path)}finetune.runs must be a non-empty list of {{label, from, rule, scratch}}")
+    labels = {m.label for m in models}
+    runs: list[FinetuneRun] = []
+    for index, item in enumerate(runs_raw):
+        if not isinstance(item, dict):
+            raise StudyError(f"{_where(path)}finetune.runs[{index}] must be a mapping with label, from and rule")
+        _unknown(item, FINETUNE_RUN_KEYS, f"finetune.runs[{index}].", path)
+        label = item.get("label")
+        if not isinstance(label, str) or not _LABEL.fullmatch(label):
+            raise StudyError(f"{_where(path)}finetune.runs[{index}].label must be a plain name, got {label!r}")
+        if any(r.label == label for r in runs):
+            raise StudyError(f"{_where(path)}fine-tuning run label {label!r} is used twice")
+        source = item.get("from")
+        if source not in labels:
+            raise StudyError(f"{_where(path)}finetune.runs[{index}].from must be a model label "
+                             f"({', '.join(sorted(labels))}), got {source!r}")
+        rule = item.get("rule", "ppo")
+        if rule not in ("ppo", "meta"):
+            raise StudyError(f"{_where(path)}finetune.runs[{index}].rule must be ppo or meta, got {rule!r}")
+        scratch = item.get("scratch", False)
+        if not isinstance(scratch, bool):
+            raise StudyError(f"{_where(path)}finetune.runs[{index}].scratch must be true or false")
+        runs.append(FinetuneRun(label, source, rule, scratch))
+
+    questions: list[Question] = []
+    questions_raw = raw.get("questions") or []
+    if not isinstance(questions_raw, list):
+        raise StudyError(f"{_where(path)}questions must be a list of {{text, x, y}}")
+    run_labels = [r.label for r in runs]
+    for index, item in enumerate(questions_raw):
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+            raise StudyError(f"{_where(path)}questions[{index}] must be a mapping with text, x and y")
+        _unknown(item, QUESTION_KEYS, f"questions[{index}].", path)
+        sides = []
+        for side in ("x", "y"):
+            value = item.get(side)
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not value or any(v not in run_labels for v in value):
+                raise StudyError(f"{_where(path)}questions[{index}].{side} must list fine-tuning run labels "
+                                 f"({', '.join(run_labels)}), got {item.get(side)!r}")
+            sides.append(tuple(value))
+        questions.append(Question(item["text"], sides[0], sides[1]))
+
+    spec = AdaptationSpec(train_tasks, tuple(tasks_raw), frames, threshold, criterion, episodes, ppo, overrides,
+                          tuple(runs), tuple(questions))
+    # Pre-training runs are evaluated once, at the end: on the training tasks (the pre-training return)
+    # and on the held-out tasks before any update (the zero-shot return), with the same episodes.
+    evaluation = EvalSpec(points=(), envs=(*train_tasks, *tasks_raw),
+                          held_out=tuple(short_env_name(t) for t in tasks_raw), episodes=episodes,
+                          final_episodes=episodes, seed=eval_seed)
+    return spec, evaluation
 
 
 def _parse_eval(raw: Any, total_frames: int, path: Path | None) -> EvalSpec:
@@ -438,7 +672,13 @@ def run_dir(root: Path, model: str, seed: int) -> Path:
 
 
 def checkpoint_interval(study: Study) -> int:
-    """The greatest common divisor of the evaluation points: train.py saves a checkpoint at each multiple."""
+    """The greatest common divisor of the evaluation points: train.py saves a checkpoint at each multiple.
+
+    An adaptation study evaluates its pre-training runs only at the end (train.py always checkpoints
+    there), so they checkpoint every quarter of the budget: a killed run loses at most that much.
+    """
+    if study.adaptation is not None:
+        return math.ceil(study.total_frames / 4)
     return math.gcd(*study.points)
 
 
@@ -715,6 +955,110 @@ def _changed_keys(config: dict[str, Any], job: Job) -> list[str]:
     a, b = flat(config), flat(planned)
     return sorted(k for k in a.keys() | b.keys()
                   if a.get(k) != b.get(k) and k.split(".")[0] not in UNHASHED_KEYS)
+
+
+# -- adaptation studies: the fine-tuning runs ---------------------------------------------------------
+
+
+def finetune_dir(root: Path, label: str, task: str, seed: int) -> Path:
+    """``<study dir>/finetune/<run>/<task short name>/seed_<seed>``."""
+    return root / "finetune" / label / short_env_name(task) / f"seed_{seed}"
+
+
+def finetune_overrides(study: Study, run: FinetuneRun, task: str, seed: int, root: Path) -> list[str]:
+    """The overrides (on the source model's config file) of one fine-tuning run, in precedence order.
+
+    ``ppo``: the source's own overrides without their ``algo.*``/``meta.*`` keys (what pre-training
+    used does not carry over), then ``algo.name=ppo`` (which starts the algo section from PPO's
+    defaults, see ``agents.config.load_config``), the study's ``finetune.ppo`` settings and no
+    ``meta`` section: every model gets the same rule. ``meta``: the source's config as it is, with
+    the held-out task as its only task. Then the task, ``finetune.overrides``, the pre-trained weights
+    (``init_from``, unless ``scratch``) and the study's settings (seed, budget, checkpoints).
+    """
+    spec = study.adaptation
+    assert spec is not None
+    model = study.model(run.source)
+    inherited = [*study.overrides, *model.overrides]
+    if run.rule == "ppo":
+        inherited = [o for o in inherited if o.partition("=")[0].strip().split(".")[0] not in ("algo", "meta")]
+        rule = ["algo.name=ppo", *spec.ppo, "meta=null"]
+    else:
+        rule = [f"meta.tasks={json.dumps([task])}", "meta.suite=null", "meta.task_schedule=sample"]
+    weights = [] if run.scratch else [f"init_from={(run_dir(root, run.source, seed) / 'checkpoint.pt').resolve()}"]
+    interval = math.ceil(spec.total_frames / 4)
+    return [*inherited, *rule, f"env.id={task}", *spec.overrides, *weights, f"seed={seed}",
+            f"total_frames={spec.total_frames}", f"log.checkpoint_interval_frames={interval}",
+            "log.keep_checkpoints=1010", "log.progress_bar=false", "torch_threads=1"]
+
+
+def _check_finetune_configs(study: Study) -> None:
+    """Resolve every fine-tuning config (as train.py will) and check that the ``ppo`` rule is one rule.
+
+    :raises StudyError: a config train.py would refuse, a ``meta`` rule on a model that is not
+        meta_ppo, or ``ppo`` runs whose algo or env settings differ (other than env.id).
+    """
+    spec = study.adaptation
+    assert spec is not None
+    where = _where(study.source)
+    seen: dict[str, tuple[str, str]] = {}
+    for run in spec.runs:
+        model = study.model(run.source)
+        for task in spec.tasks:
+            try:
+                config = load_config(model.config, finetune_overrides(study, run, task, study.seeds[0], Path("x")))
+            except ConfigError as exc:
+                raise StudyError(f"{where}fine-tuning run {run.label} on {task}: {exc}") from None
+            if run.rule == "meta" and config["algo"]["name"] != "meta_ppo":
+                raise StudyError(f"{where}fine-tuning run {run.label}: rule meta needs a meta_ppo model; "
+                                 f"{run.source} is {config['algo']['name']}")
+            if run.rule != "ppo":
+                continue
+            settings = json.dumps({"algo": config["algo"], "env": {**config["env"], "id": None}}, sort_keys=True)
+            first = seen.setdefault(task, (run.label, settings))
+            if first[1] != settings:
+                raise StudyError(f"{where}fine-tuning runs {first[0]} and {run.label} (rule ppo) would train with "
+                                 "different algo or env settings; the ppo rule must be the same for every model "
+                                 "(set them in finetune.ppo and finetune.overrides, not in a model's overrides)")
+
+
+def finetune_plan(study: Study, root: Path, version: dict[str, Any] | None = None) -> list[Job]:
+    """One job per (seed, fine-tuning run, task), seed-major like :func:`plan`; empty for other studies.
+
+    A job trains only (no evaluation points): its measures come from its own learning curve.
+    """
+    spec = study.adaptation
+    if spec is None:
+        return []
+    jobs = []
+    version_text = json.dumps(version or {}, sort_keys=True)
+    for seed in study.seeds:
+        for run in spec.runs:
+            model = study.model(run.source)
+            for task in spec.tasks:
+                overrides = finetune_overrides(study, run, task, seed, root)
+                config = load_config(model.config, overrides)
+                short = short_env_name(task)
+                jobs.append(Job(
+                    study=study.name, model=f"{run.label}/{short}", seed=seed,
+                    run_dir=str(finetune_dir(root, run.label, task, seed).resolve()), config=str(model.config),
+                    overrides=tuple(overrides), total_frames=spec.total_frames, points=(), episodes=1,
+                    final_episodes=1, eval_args=(), config_sha256=config_hash(config),
+                    log=str((root / "logs" / f"finetune-{run.label}-{short}-seed_{seed}.log").resolve()),
+                    version=version_text, stop_file=str((root / STOP_FILE).resolve()),
+                ))
+    return jobs
+
+
+def all_jobs(study: Study, root: Path, version: dict[str, Any] | None = None) -> list[Job]:
+    """Every job of a study: the training (pre-training) jobs, then any fine-tuning jobs."""
+    return [*plan(study, root, version), *finetune_plan(study, root, version)]
+
+
+def pretrain_job_for(study: Study, job: Job, root: Path) -> str | None:
+    """The run directory a fine-tuning job takes its weights from (None: from scratch or not a fine-tuning job)."""
+    if study.adaptation is None or not any(o.startswith("init_from=") for o in job.overrides):
+        return None
+    return str(run_dir(root, study.adaptation.run(job.model.split("/")[0]).source, job.seed).resolve())
 
 
 # -- running one job (in a worker thread, process or Ray task) --------------------------------------
@@ -1028,7 +1372,7 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
                          "(add --executor ray)")
     address = address or (study.executor.address if executor == "ray" else None)
     workers = workers or study.executor.workers
-    jobs = plan(study, root, code_version())
+    jobs = all_jobs(study, root, code_version())
     for job in jobs:
         check_existing_run(job)
     with study_lock(root):
@@ -1039,29 +1383,57 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
         partial = sum(states[job.key].started and not states[job.key].done for job in jobs)
         where = f"ray{f' at {address}' if address else ' (local instance)'}" if executor == "ray" else \
             f"local, {workers or executors.default_workers()} workers"
-        print(f"study {study.name}: {len(jobs)} runs ({len(study.models)} models x {len(study.seeds)} seeds, "
-              f"{study.total_frames:,} frames each) in {root}; {len(jobs) - len(todo)} finished, "
+        if study.adaptation is None:
+            shape = f"{len(study.models)} models x {len(study.seeds)} seeds, {study.total_frames:,} frames each"
+        else:
+            spec = study.adaptation
+            shape = (f"pre-training {len(study.models)} models x {len(study.seeds)} seeds x "
+                     f"{study.total_frames:,} frames, fine-tuning {len(spec.runs)} runs x {len(spec.tasks)} "
+                     f"task(s) x {len(study.seeds)} seeds x {spec.total_frames:,} frames")
+        print(f"study {study.name}: {len(jobs)} runs ({shape}) in {root}; {len(jobs) - len(todo)} finished, "
               f"{partial} to continue, {len(todo) - partial} to start; executor {where}", flush=True)
-        if todo:
-            display = executors.Display(study.name, len(jobs), len(jobs) - len(todo))
+        # Fine-tuning runs that start from pre-trained weights wait for their pre-training run: a first
+        # phase runs everything else, a second one the fine-tuning runs whose weights are then ready.
+        waiting = [job for job in todo if pretrain_job_for(study, job, root) is not None]
+        phases = [[job for job in todo if job not in waiting], waiting]
+        results: list[JobResult] = []
+        stopped: str | None = None
+        blocked: list[str] = []
+        done_before = len(jobs) - len(todo)
+        display = executors.Display(study.name, len(jobs), done_before) if todo else None
+        for number, phase in enumerate(phases):
+            if number == 1:
+                finished = {job.run_dir for job in jobs if job_state(job).done}
+                ready = [job for job in phase if pretrain_job_for(study, job, root) in finished]
+                blocked = [f"{job.key} (its pre-training run {Path(pretrain_job_for(study, job, root) or '')} "
+                           "is not done)" for job in phase if job not in ready]
+                phase = ready
+            if not phase:
+                continue
+            assert display is not None
+            display.done_before = done_before + sum(r.status == "done" for r in results)
             if executor == "ray":
-                outcome = executors.run_ray(todo, address=address, workers=workers,
+                outcome = executors.run_ray(phase, address=address, workers=workers,
                                             cpus_per_run=study.executor.cpus_per_run,
                                             gpus_per_run=study.executor.gpus_per_run, display=display, init=ray_init)
             else:
-                outcome = executors.run_local(todo, workers=workers, display=display)
-        else:
-            outcome = executors.Outcome([], None)
+                outcome = executors.run_local(phase, workers=workers, display=display)
+            results += outcome.results
+            if outcome.stopped is not None:
+                stopped = outcome.stopped
+                break
         counts = summarize_states(jobs)
-        failed = [r for r in outcome.results if r.status == "failed"]
+        failed = [r for r in results if r.status == "failed"]
         print(f"study {study.name}: {counts['done']}/{len(jobs)} runs done, {counts['partial']} partly done, "
               f"{counts['new']} not started" + (f", {len(failed)} failed this time" if failed else ""), flush=True)
         for result in failed:
             print(f"  failed: {result.key}: {result.message}", flush=True)
-        if outcome.stopped is not None:
-            print(f"stopped ({outcome.stopped}); every run keeps its last checkpoint. Continue with: "
+        for text in blocked:
+            print(f"  not started: {text}", flush=True)
+        if stopped is not None:
+            print(f"stopped ({stopped}); every run keeps its last checkpoint. Continue with: "
                   f"{continue_command(study, executor, workers, address)}", flush=True)
-            return 130 if outcome.stopped == "SIGINT" else 143
+            return 130 if stopped == "SIGINT" else 143
         if counts["done"] < len(jobs):
             print(f"some runs did not finish; see their logs in {root / 'logs'}, then continue with: "
                   f"{continue_command(study, executor, workers, address)}", flush=True)

@@ -109,3 +109,108 @@ def test_init_from_loads_the_weights_only_and_refuses_another_policy(
             assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1, err
     finally:
         torch.set_num_threads(threads)
+
+
+# -- a tiny adaptation study, end to end ----------------------------------------------------------------
+
+TINY_META = {"env.n_envs": 2, "algo.n_steps": 16, "algo.num_minibatches": 1, "algo.n_epochs": 1,
+             "algo.seq_len": 16, "meta.inner_updates": 1}
+
+
+def tiny_adaptation_study() -> dict:
+    """Meta-RIMs (meta_ppo) and an LSTM (multitask_ppo) pre-trained on DoorKey 5x5 + 6x6 for 128 frames, then
+    fine-tuned on DoorKey-8x8 for 64 (short episodes, so that some finish); one seed."""
+    return {
+        "name": "tiny-adapt", "kind": "adaptation", "seeds": [1], "total_frames": 128,
+        "overrides": {"env.max_episode_steps": 12},
+        "models": [
+            {"label": "meta-rims", "config": "configs/meta/doorkey-sizes.yaml",
+             "overrides": {**TINY_META, "core.module_size": 8}},
+            {"label": "lstm", "config": "configs/meta/doorkey-sizes-multitask.yaml",
+             "overrides": {**{k: v for k, v in TINY_META.items() if not k.startswith("meta.")},
+                           "meta.rollouts_per_task": 2, "core.name": "lstm", "core.hidden_size": 16}},
+        ],
+        "pretrain": {"criterion": 0.5, "episodes": 2},
+        "finetune": {"tasks": ["MiniGrid-DoorKey-8x8-v0"], "total_frames": 64, "threshold": 0.1,
+                     "ppo": {"lr": 0.001, "n_steps": 16, "num_minibatches": 1, "n_epochs": 1, "seq_len": 16},
+                     "overrides": {"env.n_envs": 2, "env.max_episode_steps": 6},
+                     "runs": [{"label": "meta-rims.ppo", "from": "meta-rims", "rule": "ppo"},
+                              {"label": "meta-rims.meta", "from": "meta-rims", "rule": "meta"},
+                              {"label": "lstm.scratch", "from": "lstm", "rule": "ppo", "scratch": True}]},
+        "questions": [{"text": "Does Meta-RIMs adapt faster than a fresh LSTM?", "x": ["meta-rims.ppo"],
+                       "y": ["lstm.scratch"]}],
+    }
+
+
+def test_tiny_adaptation_study_pretrains_finetunes_reports_and_reruns_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+
+    import study as study_cli
+    from agents.config import load_config
+    from agents.study import all_jobs, finetune_plan, job_state, load_study, plan, run_study
+    from policies.checkpoint import load_checkpoint
+
+    monkeypatch.setenv("MODULAR_RL_CODE_VERSION", "test-version")
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(tiny_adaptation_study(), sort_keys=False))
+    root = tmp_path / "out"
+    study = load_study(path)
+    assert study.eval.envs == ("MiniGrid-DoorKey-5x5-v0", "MiniGrid-DoorKey-6x6-v0", "MiniGrid-DoorKey-8x8-v0")
+    assert run_study(study, root / "tiny-adapt", workers=2, report=False) == 0
+    directory = root / "tiny-adapt"
+    jobs = all_jobs(study, directory)
+    assert len(jobs) == 2 + 3 and all(job_state(job).done for job in jobs)
+
+    # Pre-training runs were evaluated on their tasks and the held-out one; fine-tuning runs are ordinary runs.
+    for job in plan(study, directory):
+        data = json.loads((Path(job.run_dir) / "eval" / "point_000000000128.json").read_text())
+        assert [r["name"] for r in data["checkpoints"][0]["results"]] == ["DoorKey-5x5", "DoorKey-6x6", "DoorKey-8x8"]
+    tuned = {job.model.split("/")[0] + f"/{job.seed}": job for job in finetune_plan(study, directory)}
+    ppo = yaml.safe_load((Path(tuned["meta-rims.ppo/1"].run_dir) / "config.yaml").read_text())
+    meta = yaml.safe_load((Path(tuned["meta-rims.meta/1"].run_dir) / "config.yaml").read_text())
+    scratch = yaml.safe_load((Path(tuned["lstm.scratch/1"].run_dir) / "config.yaml").read_text())
+    assert ppo["algo"]["name"] == "ppo" and "meta" not in ppo and ppo["env"]["id"] == "MiniGrid-DoorKey-8x8-v0"
+    assert ppo["algo"] == {**scratch["algo"]} and ppo["env"] == scratch["env"]  # one rule for every model
+    assert ppo["init_from"] == str((directory / "runs" / "meta-rims" / "seed_1" / "checkpoint.pt").resolve())
+    assert meta["algo"]["name"] == "meta_ppo" and meta["meta"]["tasks"] == ["MiniGrid-DoorKey-8x8-v0"]
+    assert scratch["init_from"] is None and scratch["core"]["name"] == "lstm"
+    # The fine-tuning run started from the pre-trained weights (its first rollout was collected with them).
+    assert load_config(None, []).get("init_from") is None
+    assert load_checkpoint(Path(tuned["meta-rims.ppo/1"].run_dir) / "checkpoint.pt")["frames"] == 64
+
+    # Rerunning trains and evaluates nothing.
+    before = {str(p): p.stat().st_mtime_ns for p in (directory / "runs").rglob("*") if p.is_file()}
+    before.update({str(p): p.stat().st_mtime_ns for p in (directory / "finetune").rglob("*") if p.is_file()})
+    assert run_study(study, directory, report=False) == 0
+    after = {str(p): p.stat().st_mtime_ns for p in (directory / "runs").rglob("*") if p.is_file()}
+    after.update({str(p): p.stat().st_mtime_ns for p in (directory / "finetune").rglob("*") if p.is_file()})
+    assert after == before
+
+    # The report: pre-training returns with the criterion, the measures, the question, the plots.
+    assert study_cli.main(["report", "tiny-adapt", "--root", str(root), "--reps", "200"]) == 0
+    text = (directory / "report.md").read_text()
+    for section in ("## Pre-training: return on the training tasks", "## Fine-tuning on the held-out tasks",
+                    "### Does Meta-RIMs adapt faster than a fresh LSTM?", "## Per seed", "a rollout in which no "
+                    "episode finished carries the last rollout's value"):
+        assert section in text, section
+    assert "**below the criterion**" in text  # 128 frames learn nothing: flagged, not hidden
+    assert {p.name for p in (directory / "plots").iterdir()} == {
+        "finetune_curves.png", "area_interval_estimates.png", "probability_of_improvement.png"}
+    assert study_cli.main(["status", "tiny-adapt", "--root", str(root)]) == 0
+
+
+def test_shipped_adaptation_study_is_valid_and_refuses_a_meta_rule_on_a_baseline(tmp_path: Path) -> None:
+    import yaml
+
+    from agents.study import StudyError, all_jobs, load_study, parse_study
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "studies" / "adaptation-doorkey.yaml"
+    study = load_study(path)
+    assert study.adaptation is not None and len(study.seeds) >= 5
+    assert len(all_jobs(study, tmp_path)) == 4 * 5 + 7 * 5
+    raw = yaml.safe_load(path.read_text())
+    raw["finetune"]["runs"].append({"label": "rims.meta", "from": "rims", "rule": "meta"})
+    with pytest.raises(StudyError, match="rule meta needs a meta_ppo model"):
+        parse_study(raw, path, check_envs=False)
