@@ -24,8 +24,9 @@ DK5, DK6 = "MiniGrid-DoorKey-5x5-v0", "MiniGrid-DoorKey-6x6-v0"
 # The shipped meta config shrunk to a few seconds: 16 frames per rollout, cycles of 2 rollouts,
 # and one Adam step per update (so an update's largest parameter change is its learning rate).
 # One torch thread: these tiny batches run several times faster so on a busy 2-core machine.
-TINY = ["env.n_envs=2", "algo.n_steps=8", "algo.num_minibatches=1", "algo.n_epochs=1", "core.module_size=8",
-        "meta.inner_updates=1", "log.progress_bar=false", "torch_threads=1"]
+# Whole 8-step sequences (the shipped 16-step chunks would not divide 8 steps).
+TINY = ["env.n_envs=2", "algo.n_steps=8", "algo.num_minibatches=1", "algo.n_epochs=1", "algo.seq_len=null",
+        "core.module_size=8", "meta.inner_updates=1", "log.progress_bar=false", "torch_threads=1"]
 
 
 @pytest.fixture(autouse=True)
