@@ -115,6 +115,8 @@ ENV_FIELDS: dict[str, Field] = {
     "level_seeds": Field(None, (list, type(None))),
     "max_episode_steps": Field(None, OPT_INT),
     "terminal_on_life_loss": Field(False, BOOL),
+    # Who steps the envs: gymnasium + SB3 vec envs, or envpool (pip install -e ".[envpool]"; envs/envpool_backend.py).
+    "backend": Field("gymnasium", STR, choices=("gymnasium", "envpool")),
 }
 
 POLICY_FIELDS: dict[str, Field] = {

@@ -29,9 +29,11 @@ from .minigrid import wrap_minigrid
 from .registry import EnvFamily, check_env_id, env_family
 from .wrappers import LevelSeedWrapper
 
-__all__ = ["VEC_ENV_TYPES", "EnvFamily", "check_env_id", "env_family", "make_env", "make_vec_env"]
+__all__ = ["BACKENDS", "VEC_ENV_TYPES", "EnvFamily", "check_env_id", "env_family", "make_env", "make_vec_env"]
 
 VEC_ENV_TYPES: tuple[str, ...] = ("dummy", "subproc")
+#: Who steps the envs: gymnasium envs in an SB3 vec env, or an envpool pool (envs/envpool_backend.py).
+BACKENDS: tuple[str, ...] = ("gymnasium", "envpool")
 
 
 def _is_int(x: Any) -> bool:
@@ -169,6 +171,7 @@ def make_vec_env(
     render_mode: str | None = None,
     max_episode_steps: int | None = None,
     terminal_on_life_loss: bool = False,
+    backend: str = "gymnasium",
 ) -> VecEnv:
     """Build a Stable-Baselines3 vec env of ``n_envs`` copies of ``env_id``.
 
@@ -204,6 +207,11 @@ def make_vec_env(
             (None: the env's own limit).
         terminal_on_life_loss: Atari only: a lost life ends the learning
             episode (SB3's EpisodicLifeEnv). Off by default (ALE v5 protocol).
+        backend: "gymnasium" (the wrappers above in an SB3 vec env) or "envpool"
+            (``envs.envpool_backend.EnvPoolVecEnv``: same spaces, episode boundaries and
+            infos, stepped by envpool; MiniGrid/BabyAI and ALE/<Game>-v5 ids only; needs
+            ``pip install -e ".[envpool]"``; ``vec_env``, ``level_seeds`` and
+            ``render_mode`` do not apply).
 
     Raises:
         ValueError: unknown env id (with close matches), missing Atari ROM,
@@ -213,6 +221,11 @@ def make_vec_env(
     _check_options(env_id, n_envs, vec_env, frame_stack, mission, env_kwargs, level_seeds, max_episode_steps)
     family = env_family(env_id)
     seeds = env_seeds(seed, n_envs)
+    if backend != "gymnasium":
+        return _make_envpool_vec_env(env_id, seeds, family, backend, vec_env=vec_env, frame_stack=frame_stack,
+                                     clip_rewards=clip_rewards, mission=mission, env_kwargs=env_kwargs,
+                                     level_seeds=level_seeds, render_mode=render_mode,
+                                     max_episode_steps=max_episode_steps, terminal_on_life_loss=terminal_on_life_loss)
     env_fns = [
         functools.partial(
             make_env,
@@ -240,3 +253,31 @@ def make_vec_env(
             venv = VecFrameStack(venv, n_stack=frame_stack)
         venv = VecTransposeImage(venv)
     return venv
+
+
+def _make_envpool_vec_env(env_id: str, seeds: list[int], family: str, backend: str, *, vec_env: str,
+                          level_seeds: list[int] | None, render_mode: str | None, **options: Any) -> VecEnv:
+    """``make_vec_env(..., backend="envpool")``: check what envpool cannot do, then build the adapter."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    from . import envpool_backend  # no envpool import yet: that happens when the pool is built
+
+    envpool_backend.envpool_task_id(env_id, family)  # MiniGrid/BabyAI and ALE/<Game>-v5 only
+    refused = [(vec_env != "dummy", f"vec_env={vec_env!r} (envpool steps its envs in its own threads: "
+                                    "leave vec_env at 'dummy')"),
+               (level_seeds is not None, "level_seeds (envpool seeds each env once, when it is built)"),
+               (render_mode is not None, f"render_mode={render_mode!r}")]
+    for bad, what in refused:
+        if bad:
+            raise ValueError(f"backend=envpool does not support {what}; use backend=gymnasium")
+    envpool_backend.import_envpool()  # the install hint before any env is built
+    # The spaces (and the check that the options suit the id) come from the gymnasium backend itself.
+    reference = make_vec_env(env_id, 1, 0, **options)
+    try:
+        observation_space, action_space = reference.observation_space, reference.action_space
+    finally:
+        reference.close()
+    if family == "minigrid":
+        envpool_backend.warn_minigrid_levels(env_id)
+    return envpool_backend.EnvPoolVecEnv(env_id, seeds, family=family, observation_space=observation_space,
+                                         action_space=action_space, **options)
