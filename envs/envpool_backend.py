@@ -111,6 +111,8 @@ class EnvPoolVecEnv(VecEnv):
         terminal_on_life_loss: Atari: a lost life ends the learning episode (not the game).
     """
 
+    render_mode: str | None = None  # read by VecEnv.__init__; envpool's pools here do not render
+
     def __init__(
         self,
         env_id: str,
@@ -282,6 +284,15 @@ class EnvPoolVecEnv(VecEnv):
         reward = np.asarray(reward, np.float64)
         terminated = np.asarray(terminated, bool)
         truncated = np.asarray(truncated, bool).copy()
+        # envpool reports terminated = done & ~truncated: an episode that ends on its time-limit step
+        # reads as truncated only, where gymnasium says terminated and truncated (SB3: terminal, no
+        # bootstrap). Recovered where envpool leaves a trace: a MiniGrid/BabyAI reward is non-zero only on
+        # a terminal step (goal reached, Dynamic-Obstacles' collision); Atari's info["terminated"] is game over.
+        if self.family == "minigrid":
+            late = truncated & (reward != 0)
+        else:
+            late = truncated & (np.asarray(info["terminated"]) != 0)
+        terminated |= late
         self._ep_return += reward
         self._ep_length += 1
         self._limit_steps += 1
