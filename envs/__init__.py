@@ -4,7 +4,8 @@ Public API::
 
     make_vec_env(env_id, n_envs=1, seed=0, *, vec_env="dummy", frame_stack=4, clip_rewards=True,
                  mission=False, env_kwargs=None, level_seeds=None, render_mode=None,
-                 max_episode_steps=None, terminal_on_life_loss=False) -> VecEnv
+                 max_episode_steps=None, terminal_on_life_loss=False,
+                 backend="gymnasium") -> VecEnv  # or "envpool": envs.envpool_backend
     make_env(env_id, seed=None, **same per-env options) -> gym.Env
     env_seeds(seed, n_envs) -> list[int]  # env i's seed: SeedSequence(seed).spawn(n_envs)[i]
     check_env_id(env_id) -> None          # ValueError with close matches / ROM help

@@ -367,7 +367,7 @@ class EnvPoolVecEnv(VecEnv):
             self._pool.close()
             self._pool = None
 
-    def seed(self, seed: int | None = None) -> Sequence[None | int]:
+    def seed(self, seed: int | None = None) -> Sequence[int | None]:
         """New seeds (``seed + i``, SB3's rule) for the next reset, which rebuilds the envpool pool."""
         if seed is None:
             seed = int(np.random.randint(0, 2**31 - 1))
