@@ -5,9 +5,13 @@
     python study.py run configs/studies/doorkey-generalization.yaml --executor ray --address auto
     python study.py status doorkey-generalization                               # what is done, what is left
     python study.py report doorkey-generalization                               # rebuild report.md, train nothing
+    python study.py publish doorkey-generalization multiroom-generalization --out docs/results.md
 
 Outputs go to studies/<study>/ (--root to change): runs/<model>/seed_<s>/ (what train.py writes,
-plus eval/point_<frames>.json from evaluate.py and provenance.json), logs/, report.md, plots/.
+plus eval/point_<frames>.json from evaluate.py and provenance.json), logs/, sessions.jsonl (each `run`:
+command, start, end, machine), report.md, plots/. `publish` writes a results page (docs/results.md)
+from finished studies' reports, their PNGs under docs/results/<study>/; it refuses a study with
+unfinished runs or runs of more than one code version, and a page edited by hand (unless --force).
 A `kind: adaptation` study (configs/studies/adaptation-*.yaml) pre-trains its models there, then
 fine-tunes them into finetune/<run>/<task>/seed_<s>/, and reports how fast each adapted.
 Running the same command again skips finished work and resumes interrupted runs; Ctrl-C stops
@@ -57,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--split-versions", action="store_true",
                              help="list runs of one model made by different code or configs apart instead of refusing")
             sub.add_argument("--reps", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    publish = commands.add_parser("publish", help="write the results page from finished studies' reports")
+    publish.add_argument("studies", nargs="*", metavar="study",
+                         help="study names or directories (none: a page saying no study is published yet)")
+    publish.add_argument("--out", type=Path, required=True, help="the page to write, e.g. docs/results.md (its PNGs "
+                                                                 "go to <its folder>/<its stem>/<study>/)")
+    publish.add_argument("--root", type=Path, default=DEFAULT_ROOT,
+                         help="where study directories are (default studies/)")
+    publish.add_argument("--reps", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    publish.add_argument("--force", action="store_true", help="replace a page that was edited by hand")
     return parser
 
 
@@ -99,10 +112,15 @@ def main(argv: list[str] | None = None) -> int:
                              address=args.address, report=not args.no_report)
         if args.command == "status":
             return _status(args.study, args.root)
-        from agents.report import write_report
+        from agents.report import publish, write_report
 
         if args.reps < 100:
             raise StudyError(f"--reps must be >= 100, got {args.reps}")
+        if args.command == "publish":
+            command = " ".join(["python study.py publish", *map(str, args.studies), "--out", str(args.out)])
+            path = publish(args.studies, args.out, args.root, reps=args.reps, force=args.force, command=command)
+            print(f"results page written to {path} ({len(args.studies)} studies published)")
+            return 0
         path = write_report(args.study, args.root, split_versions=args.split_versions, reps=args.reps)
         print(f"report written to {path}")
         return 0

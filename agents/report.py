@@ -15,8 +15,14 @@ precipice") and are small pure functions over score arrays of shape ``(runs, env
 
 rliable (and its bootstrap library ``arch``) is imported inside the functions that need it.
 
+The report's conclusions (:func:`conclusion`, :func:`conclude`) follow mechanically from the
+intervals: an improvement on an LSTM baseline is claimed only when the IQM intervals do not overlap
+and the P(improvement) interval excludes 0.5; otherwise the sentence says what does not separate and
+gives the smallest difference the seeds could detect.
+
 ``load_scores(study)`` returns ``{model: array(runs, envs)}`` for a notebook; ``write_report``
-writes ``studies/<study>/report.md`` and its PNG plots.
+writes ``studies/<study>/report.md`` and its PNG plots; :func:`publish` writes the results page
+(``docs/results.md``) from finished studies' reports, refusing unfinished or mixed-version studies.
 """
 
 from __future__ import annotations
@@ -384,6 +390,54 @@ def verdict(model: str, baseline: str, poi: tuple[float, float, float]) -> str:
     return f"the intervals do not separate {model} from {baseline} ({numbers} contains 0.5)"
 
 
+def conclusion(model: str, baseline: str, iqm_x: tuple[float, float, float], iqm_y: tuple[float, float, float],
+               poi: tuple[float, float, float], detectable: float) -> str:
+    """The one sentence the intervals support about ``model`` against ``baseline`` (held-out envs), derived
+    mechanically: an improvement (or a deficit) is claimed only when both the IQM intervals do not overlap
+    and the P(improvement) interval excludes 0.5; one of the two alone is reported as such; otherwise
+    no difference is claimed and the smallest difference these seeds could detect is given.
+
+    :param iqm_x: ``(point, low, high)`` IQM of ``model``; ``iqm_y`` the same for ``baseline``.
+    :param poi: ``(point, low, high)`` of P(model > baseline).
+    :param detectable: :func:`smallest_detectable_difference` of the mean held-out return (nan: unknown).
+    """
+    iqms = f"IQM {_ci(iqm_x)} vs {_ci(iqm_y)}"
+    p = f"P({model} > {baseline}) {_ci(poi)}"
+    sdd = (f"smallest detectable difference in mean held-out return ~{_fmt(detectable)}" if math.isfinite(detectable)
+           else "smallest detectable difference unknown (fewer than two runs)")
+    iqm_above, iqm_below = iqm_x[1] > iqm_y[2], iqm_x[2] < iqm_y[1]
+    poi_above, poi_below = poi[1] > 0.5, poi[2] < 0.5
+    if iqm_above and poi_above:
+        return (f"{model} improves on {baseline} on the held-out envs: its IQM interval lies above {baseline}'s "
+                f"({iqms}) and {p} excludes 0.5")
+    if iqm_below and poi_below:
+        return (f"{model} does worse than {baseline} on the held-out envs: its IQM interval lies below "
+                f"{baseline}'s ({iqms}) and {p} excludes 0.5")
+    better, worse = iqm_above or poi_above, iqm_below or poi_below
+    if better and worse:
+        return f"the intervals disagree about {model} against {baseline} ({iqms}; {p}); no difference is claimed; {sdd}"
+    if better or worse:
+        side = "above" if better else "below"
+        if iqm_above or iqm_below:
+            held, missing = f"{model}'s IQM interval lies {side} {baseline}'s ({iqms})", f"{p} contains 0.5"
+        else:
+            held, missing = f"{p} lies {side} 0.5", f"the IQM intervals overlap ({iqms})"
+        return f"only one measure separates {model} from {baseline}: {held}, but {missing}; {sdd}"
+    return f"no difference between {model} and {baseline} the intervals can resolve ({iqms}; {p} contains 0.5); {sdd}"
+
+
+def conclude(model: str, baseline: str, x: np.ndarray, y: np.ndarray, reps: int = REPS, seed: int = 0) -> str:
+    """:func:`conclusion` computed from score arrays ``(runs, envs)`` of ``model`` (``x``) and ``baseline`` (``y``):
+    their IQM intervals, P(x > y) with its interval and the smallest detectable difference of the
+    per-run mean scores."""
+    x, y = _check(x), _check(y)
+    estimates = interval_estimates({"x": x, "y": y}, reps=reps, seed=seed)
+    poi = poi_interval(x, y, reps=min(reps, SMALL_REPS), seed=seed)
+    mx, my = x.mean(axis=1), y.mean(axis=1)
+    detectable = smallest_detectable_difference(sample_sd(mx), len(mx), sample_sd(my), len(my))
+    return conclusion(model, baseline, estimates["x"]["iqm"], estimates["y"]["iqm"], poi, detectable)
+
+
 def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) -> str:
     """The report's markdown (and, with ``plots``, its PNGs in ``<study dir>/plots/``)."""
     study, envs = results.study, results.envs
@@ -467,10 +521,14 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
                 poi = poi_interval(heldout_scores[m], heldout_scores[baseline], reps=poi_reps)
                 pois[m, baseline] = poi
                 rows.append([m, baseline, _ci(poi)])
-                if m not in results.baselines:
-                    conclusions.append(verdict(m, baseline, poi))
         lines += _table(["model X", "baseline Y", "P(X > Y) [95% CI]"], rows)
     per_run = {m: s.mean(axis=1) for m, s in heldout_scores.items()}
+    for (m, baseline), poi in pois.items():
+        if m not in results.baselines:
+            x, y = per_run[m], per_run[baseline]
+            detectable = smallest_detectable_difference(sample_sd(x), len(x), sample_sd(y), len(y))
+            conclusions.append(conclusion(m, baseline, estimates[m]["iqm"], estimates[baseline]["iqm"], poi,
+                                          detectable))
     lines += ["## Smallest detectable difference (held-out mean return per run)", "",
               "From the observed seed-to-seed spread: the difference in mean held-out return that a two-sided test "
               "at the 5% level would detect with 80% power, "
@@ -522,9 +580,12 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
         lines += [f"**{env}**{' (held out)' if results.held_out[j] else ''}", ""]
         lines += _table(["seed", *final], rows)
 
-    lines += ["## What the intervals support", ""]
+    lines += ["## What the intervals support", "", "Each sentence follows mechanically from the held-out intervals "
+              "above: an improvement is claimed only when the IQM intervals do not overlap and the P(improvement) "
+              "interval excludes 0.5.", ""]
     lines += [f"- {c}." for c in conclusions] or ["- No LSTM baseline in this study: no comparison made."]
     lines += [""]
+    lines += provenance_lines(study, results.directory)
     if plots:
         figures = write_plots(results, heldout_scores, estimates, curve, pois, reps=min(reps, SMALL_REPS))
         lines += ["## Plots", "", *(f"![{name}](plots/{name}.png)" for name in figures), ""]
@@ -653,7 +714,216 @@ def write_report(study: str | Path, root: str | Path = DEFAULT_ROOT, split_versi
     return path
 
 
-__all__ = ["RunRecord", "StudyResults", "build_report", "fast_iqm", "interval_estimates", "iqm", "load_results",
-           "load_scores", "mean", "performance_profile", "poi_interval", "probability_of_improvement", "sample_sd",
-           "score_distribution", "smallest_detectable_difference", "verdict", "write_report"]
+# -- provenance and publishing ---------------------------------------------------------------------
 
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    if minutes >= 60:
+        return f"{minutes // 60} h {minutes % 60:02d} min"
+    return f"{max(minutes, 1) if seconds else 0} min"
+
+
+def study_versions(study: Study, directory: Path) -> tuple[dict[str, list[str]], list[str], list[str]]:
+    """The code versions that trained and evaluated a study's runs (fine-tuning runs included).
+
+    :return: ``({version tag: [run keys]}, git commits recorded, runs without a recorded version)``.
+    """
+    from agents.study import all_jobs
+
+    versions: dict[str, list[str]] = {}
+    commits: list[str] = []
+    unknown: list[str] = []
+    for job in all_jobs(study, directory):
+        provenance = read_provenance(Path(job.run_dir))
+        tags = code_versions(provenance)
+        if not tags:
+            unknown.append(job.key)
+        for tag in tags:
+            versions.setdefault(tag, []).append(job.key)
+        for session in (provenance or {}).get("sessions", []):
+            commit = session.get("commit")
+            if commit:
+                text = commit[:10] + (" (with uncommitted changes)" if session.get("dirty") else "")
+                if text not in commits:
+                    commits.append(text)
+    return versions, commits, unknown
+
+
+def provenance_lines(study: Study, directory: Path) -> list[str]:
+    """The report's "Provenance" section: the commands that ran the study, when, on what machine, for how
+    long (from ``sessions.jsonl``, which ``study.py run`` appends to) and the code version of its runs."""
+    from agents.study import read_study_sessions
+
+    sessions = read_study_sessions(directory)
+    versions, commits, unknown = study_versions(study, directory)
+    lines = ["## Provenance", ""]
+    if sessions:
+        commands = list(dict.fromkeys(str(s.get("command")) for s in sessions))
+        machines = list(dict.fromkeys(
+            ", ".join(str(part) for part in (m.get("system"), m.get("cpu"), f"{m.get('cpus')} CPUs",
+                                             f"Python {m.get('python')}", f"torch {m.get('torch')}"))
+            for m in (s.get("machine") or {} for s in sessions)))
+        seconds = sum(float(s.get("seconds") or 0.0) for s in sessions)
+        lines += [f"- Command: {'; '.join(f'`{c}`' for c in commands)}.",
+                  f"- Run from {sessions[0].get('started')} to {sessions[-1].get('ended')} (UTC) in "
+                  f"{len(sessions)} session(s) of `study.py run`.",
+                  f"- Wall time: {_duration(seconds)} ({seconds:,.0f} s summed over the sessions).",
+                  f"- Machine (the one `study.py run` ran on; with Ray, the runs may have run elsewhere): "
+                  f"{'; '.join(machines)}."]
+    else:
+        lines += [f"- Command: `python study.py run {study.source or study.name}`; when, where and how long it ran "
+                  "were not recorded (the runs predate study.py's session log, sessions.jsonl)."]
+    listing = "; ".join(f"`{tag}` ({len(keys)} runs)" for tag, keys in versions.items()) or "not recorded"
+    lines += [f"- Code version (hash of agents/, policies/, envs/, train.py, evaluate.py): {listing}"
+              + (f"; git commit {', '.join(c for c in commits if c.split(' ')[0] not in versions)}"
+                 if any(c.split(" ")[0] not in versions for c in commits) else "")
+              + (f"; no version recorded for {', '.join(unknown)}" if unknown else "") + ".", ""]
+    return lines
+
+
+def check_publishable(study: str | Path, root: str | Path = DEFAULT_ROOT) -> tuple[Study, Path, str]:
+    """Refuse a study that cannot be published: unfinished runs, or runs made by more than one code version.
+
+    :return: ``(study, its directory, its one code version tag)``.
+    :raises StudyError: one line saying what is missing or mixed.
+    """
+    from agents.study import all_jobs
+
+    directory = study_dir(study, root)
+    spec = load_study_dir(directory)
+    jobs = all_jobs(spec, directory)
+    unfinished = [job.key for job in jobs if not job_state(job).done]
+    if unfinished:
+        shown = ", ".join(unfinished[:5]) + (f" and {len(unfinished) - 5} more" if len(unfinished) > 5 else "")
+        raise StudyError(f"study {spec.name} is not finished ({len(unfinished)} of {len(jobs)} runs: {shown}); "
+                         f"finish it with `python study.py run {spec.source or spec.name}` before publishing")
+    versions, _, unknown = study_versions(spec, directory)
+    if unknown:
+        raise StudyError(f"study {spec.name}: runs without a recorded code version ({', '.join(unknown[:5])}); "
+                         "rerun them before publishing")
+    if len(versions) > 1:
+        listing = "; ".join(f"{tag}: {len(keys)} runs" for tag, keys in versions.items())
+        raise StudyError(f"study {spec.name} mixes code versions ({listing}); rerun its runs from one version "
+                         "(a new study name) before publishing")
+    return spec, directory, next(iter(versions))
+
+
+GENERATED_MARK = "<!-- generated by study.py publish"
+
+
+def _page_hash(body: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def _previous_page(out: Path) -> tuple[bool, list[str]]:
+    """Whether ``out`` is absent or an unedited generated page, and the studies it published."""
+    import json
+
+    try:
+        text = out.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return True, []
+    first, _, body = text.partition("\n")
+    if not first.startswith(GENERATED_MARK):
+        return False, []
+    try:
+        meta = json.loads(first[len(GENERATED_MARK):].removesuffix("-->").strip().removeprefix(";").strip())
+    except ValueError:
+        return False, []
+    studies = [str(s) for s in meta.get("studies", [])] if isinstance(meta, dict) else []
+    return isinstance(meta, dict) and meta.get("sha256") == _page_hash(body), studies
+
+
+def _section(text: str, heading: str) -> list[str]:
+    """The bullet lines of one ``## heading`` section of a report."""
+    lines, inside = [], False
+    for line in text.splitlines():
+        if line.startswith("## "):
+            inside = line[3:].strip() == heading
+        elif inside and line.startswith("- "):
+            lines.append(line)
+    return lines
+
+
+def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = DEFAULT_ROOT, reps: int = REPS,
+            force: bool = False, command: str | None = None) -> Path:
+    """Write the results page ``out`` (e.g. ``docs/results.md``) from the reports of finished studies.
+
+    Every study is checked first (:func:`check_publishable`: all runs finished, one code version);
+    then its report is rebuilt from its runs (``write_report``), its PNGs are copied to
+    ``<out dir>/<out stem>/<study>/`` and its report goes into the page under a banner naming the
+    published studies and their code versions. With no study, the page says that none is published
+    yet. The page is written atomically and marked as generated; a page that was edited by hand (or
+    was not generated) is replaced only with ``force``.
+
+    :raises StudyError: a study that cannot be published, or a hand-edited page without ``force``.
+    """
+    import json
+    import shutil
+
+    from agents.study import atomic_write
+
+    out = Path(out)
+    checked = [check_publishable(s, root) for s in studies]
+    unedited, previous = _previous_page(out)
+    if not unedited and not force:
+        raise StudyError(f"{out} was edited by hand or not written by study.py publish; pass --force to replace it "
+                         "(its text stays in git)")
+    names = [spec.name for spec, _, _ in checked]
+    if len(set(names)) < len(names):
+        raise StudyError(f"a study is named twice: {', '.join(names)}")
+    assets = out.parent / out.stem
+    sections: list[str] = []
+    summary: list[str] = []
+    banner: list[str] = []
+    for spec, directory, version in checked:
+        report_path = write_report(directory, directory.parent, reps=reps)
+        text = report_path.read_text(encoding="utf-8")
+        target = assets / spec.name
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+        for png in sorted((directory / "plots").glob("*.png")):
+            shutil.copyfile(png, target / png.name)
+        link = f"{target.relative_to(out.parent).as_posix()}/"
+        body = [("#" + line if line.startswith("#") else line.replace("](plots/", f"]({link}"))
+                for line in text.splitlines()]
+        if "## Provenance" not in text:  # an adaptation report: the provenance is added here
+            body += ["#" + line if line.startswith("#") else line for line in provenance_lines(spec, directory)]
+        sections += [*body, ""]
+        _, commits, _ = study_versions(spec, directory)
+        commits = [c for c in commits if not version.startswith(c.split(" ")[0])]  # a version set by hand is its own
+        runs = len(list(directory.glob("runs/*/seed_*")))
+        banner.append(f"`{spec.name}` (code version `{version}`"
+                      + (f", git commit {', '.join(commits)}" if commits else "") + f"; {runs} runs)")
+        found = _section(text, "What the intervals support") or _section(text, "The questions")
+        summary += [f"- **{spec.name}**: {line[2:]}" for line in found]
+    for name in previous:
+        if name not in names and (assets / name).is_dir():
+            shutil.rmtree(assets / name)
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    command = command or "python study.py publish " + " ".join([*names, "--out", str(out)])
+    lines = ["# Results", "",
+             f"> Generated by `{command}` on {when} from the published studies' reports; do not edit by hand "
+             "(rerun the command: edits are refused, then lost with --force).", ""]
+    if checked:
+        lines += [f"> Published: {'; '.join(banner)}. Every run of a study finished, all made by the one code "
+                  "version named.", "", "## Summary", "", "What the intervals support, per study (details below).",
+                  "", *(summary or ["- No comparison made."]), "", *sections]
+    else:
+        lines += ["No study is published yet. Run one (`python study.py run configs/studies/<study>.yaml`), then "
+                  "publish it with `python study.py publish <study> --out docs/results.md`.", ""]
+    page = "\n".join(lines).rstrip("\n") + "\n"
+    mark = f"{GENERATED_MARK}; " + json.dumps({"studies": names, "sha256": _page_hash(page)}) + " -->"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, (mark + "\n" + page).encode())
+    return out
+
+
+__all__ = ["RunRecord", "StudyResults", "build_report", "check_publishable", "conclude", "conclusion", "fast_iqm",
+           "interval_estimates", "iqm", "load_results", "load_scores", "mean", "performance_profile", "poi_interval",
+           "probability_of_improvement", "provenance_lines", "publish", "sample_sd", "score_distribution",
+           "smallest_detectable_difference", "study_versions", "verdict", "write_report"]

@@ -73,6 +73,7 @@ DEFAULT_EVAL_SEED = 10_000
 EXECUTORS = ("local", "ray")
 PROVENANCE_FILE = "provenance.json"
 STOP_FILE = ".stop"
+SESSIONS_FILE = "sessions.jsonl"  # one line per `study.py run` that ran something: when, where, how long
 # What a run executes: a change here changes the code version a run records.
 CODE_PATHS = ("agents", "policies", "envs", "train.py", "evaluate.py")
 STUDY_COPY = "study.yaml"
@@ -1322,6 +1323,54 @@ def load_study_dir(directory: Path) -> Study:
     return load_study(path, check_envs=False)
 
 
+def machine_description() -> dict[str, Any]:
+    """This machine in a few words (no host name): OS, architecture, CPU model and count, Python and torch.
+
+    torch's version is read from its installed metadata, so nothing heavy is imported.
+    """
+    import platform
+    from importlib import metadata
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = None
+    return {"system": f"{platform.system()} {platform.machine()}", "cpu": cpu or "unknown CPU",
+            "cpus": os.cpu_count() or 1, "python": platform.python_version(), "torch": torch_version}
+
+
+def record_study_session(root: Path, record: dict[str, Any]) -> None:
+    """Append one ``study.py run`` session (command, start, end, seconds, machine...) to ``<root>/sessions.jsonl``."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / SESSIONS_FILE, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_study_sessions(root: Path) -> list[dict[str, Any]]:
+    """The sessions :func:`run_study` recorded in ``<root>/sessions.jsonl`` (unreadable lines skipped)."""
+    try:
+        lines = (root / SESSIONS_FILE).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    sessions = []
+    for line in lines:
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            sessions.append(data)
+    return sessions
+
+
 def continue_command(study: Study, executor: str, workers: int | None, address: str | None) -> str:
     """The command that continues a stopped study."""
     parts = ["python", "study.py", "run", str(study.source or study.name)]
@@ -1401,6 +1450,7 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
         blocked: list[str] = []
         done_before = len(jobs) - len(todo)
         display = executors.Display(study.name, len(jobs), done_before) if todo else None
+        started = time.time()
         for number, phase in enumerate(phases):
             if number == 1:
                 finished = {job.run_dir for job in jobs if job_state(job).done}
@@ -1424,6 +1474,16 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
                 break
         counts = summarize_states(jobs)
         failed = [r for r in results if r.status == "failed"]
+        if todo:
+            ended = time.time()
+            record_study_session(root, {
+                "command": continue_command(study, executor, workers, address),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                "ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ended)),
+                "seconds": round(ended - started, 1), "executor": executor,
+                "workers": workers if executor == "ray" else workers or executors.default_workers(),
+                "address": address, "machine": machine_description(), "jobs_run": len(results),
+                "done": counts["done"], "jobs": len(jobs), "stopped": stopped})
         print(f"study {study.name}: {counts['done']}/{len(jobs)} runs done, {counts['partial']} partly done, "
               f"{counts['new']} not started" + (f", {len(failed)} failed this time" if failed else ""), flush=True)
         for result in failed:

@@ -276,9 +276,15 @@ def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version:
     log = Path(jobs[0].log).read_text()
     assert log.count("--run-dir") == 1  # lstm/seed_1 started once as a new run, never from scratch again
 
-    # A third run trains and evaluates nothing.
+    # Each `run` that ran something logged itself (what the report's provenance says); a third run
+    # trains and evaluates nothing and logs nothing.
+    sessions = [json.loads(line) for line in (root / "tiny" / "sessions.jsonl").read_text().splitlines()]
+    assert [s["stopped"] for s in sessions] == ["SIGINT", None] and sessions[1]["done"] == 4
+    assert sessions[1]["command"] == f"python study.py run {path} --workers 2" and sessions[1]["seconds"] > 0
+    assert sessions[1]["machine"]["cpus"] == os.cpu_count() and "hostname" not in json.dumps(sessions)
     assert run_study(study, root / "tiny", report=False) == 0
     assert snapshot(root / "tiny" / "runs") == after
+    assert len((root / "tiny" / "sessions.jsonl").read_text().splitlines()) == 2
 
     # A changed model config is refused, not continued or mixed with the runs made before.
     changed = tiny_study()
@@ -292,7 +298,8 @@ def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version:
     assert snapshot(root / "tiny" / "runs") == after
     text = (root / "tiny" / "report.md").read_text()
     for section in ("## Held-out envs, aggregated", "## Probability of improvement over the LSTM baselines",
-                    "## Smallest detectable difference", "## Per seed", "## What the intervals support"):
+                    "## Smallest detectable difference", "## Per seed", "## What the intervals support",
+                    "## Provenance"):
         assert section in text
     assert {p.name for p in (root / "tiny" / "plots").iterdir()} == {
         "interval_estimates.png", "probability_of_improvement.png", "performance_profile.png",

@@ -1,0 +1,195 @@
+"""Publishing studies to the results page: a tiny finished study (runs written by hand, so no training),
+refusals (unfinished runs, mixed code versions, a hand-edited page), the conclusion rule on fixed
+arrays, and the benchmarks/generalization.py wrapper's command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import study as study_cli
+from agents import report
+from agents.study import (
+    config_hash,
+    eval_path,
+    load_study,
+    plan,
+    record_session,
+    resolved_config,
+    save_study_copy,
+)
+from tests.test_study import VERSION, tiny_study, write_study
+
+REPO = Path(__file__).resolve().parent.parent
+SEEDS = (1, 2, 3, 4, 5)
+# End-of-budget held-out returns per seed: rims clearly above both LSTMs, the two LSTMs alike.
+SCORES = {"lstm": [0.20, 0.35, 0.10, 0.30, 0.25], "lstm-24": [0.30, 0.15, 0.25, 0.20, 0.35],
+          "rims": [0.80, 0.90, 0.85, 0.70, 0.95]}
+
+
+def fake_study(tmp_path: Path, name: str = "tiny-pub") -> tuple[Path, Path]:
+    """A finished tiny study (3 models x 5 seeds) whose runs are written by hand: checkpoints at the
+    budget, evaluate.py-shaped JSONs at each point, provenance of one code version. Returns (root, study dir)."""
+    raw = tiny_study(name=name, seeds=SEEDS)
+    raw["models"].insert(1, {"label": "lstm-24", "config": "configs/minigrid/doorkey-lstm-ppo.yaml",
+                             "overrides": {"core.hidden_size": 24}})
+    study = load_study(write_study(tmp_path, raw))
+    root = tmp_path / "studies"
+    directory = root / name
+    directory.mkdir(parents=True)
+    save_study_copy(study, directory)
+    for job in plan(study, directory):
+        run = Path(job.run_dir)
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump(resolved_config(study, study.model(job.model), job.seed)))
+        for point in study.points:
+            (run / "checkpoints" / f"checkpoint_{point:012d}.pt").write_bytes(b"weights")
+            value = SCORES[job.model][SEEDS.index(job.seed)] * (point / study.total_frames)
+            data = {"seed": 10000, "episodes": 3, "checkpoints": [{
+                "checkpoint": str(run / "checkpoints" / f"checkpoint_{point:012d}.pt"),
+                "results": [{"name": "DoorKey-6x6", "mean_return": value, "success_rate": value}]}]}
+            eval_path(run, point).parent.mkdir(exist_ok=True)
+            eval_path(run, point).write_text(json.dumps(data))
+        record_session(run, "train", job.config_sha256, {"commit": VERSION, "dirty": False, "diff_sha256": None})
+        assert config_hash(yaml.safe_load((run / "config.yaml").read_text())) == job.config_sha256
+    (directory / "sessions.jsonl").write_text(json.dumps({
+        "command": f"python study.py run {study.source}", "started": "2026-12-01T10:00:00Z",
+        "ended": "2026-12-01T11:55:00Z", "seconds": 6900.0, "executor": "local", "workers": 2,
+        "machine": {"system": "Linux x86_64", "cpu": "Test CPU", "cpus": 2, "python": "3.12.0",
+                    "torch": "2.13.0"}}) + "\n")
+    return root, directory
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    return err
+
+
+# -- the conclusion rule on fixed arrays -------------------------------------------------------------
+
+
+def test_conclusion_follows_the_intervals() -> None:
+    rng = np.random.default_rng(0)
+    high = 0.8 + 0.05 * rng.standard_normal((10, 3))
+    low = 0.2 + 0.05 * rng.standard_normal((10, 3))
+    assert report.conclude("rims", "lstm", high, low, reps=200).startswith(
+        "rims improves on lstm on the held-out envs: its IQM interval lies above lstm's")
+    assert report.conclude("rims", "lstm", low, high, reps=200).startswith("rims does worse than lstm")
+    same = rng.uniform(size=(10, 3))
+    text = report.conclude("rims", "lstm", same, same[::-1].copy(), reps=200)
+    assert text.startswith("no difference between rims and lstm the intervals can resolve")
+    assert "smallest detectable difference in mean held-out return ~" in text
+    # The number given is smallest_detectable_difference of the per-run means.
+    means = same.mean(axis=1)
+    sdd = report.smallest_detectable_difference(report.sample_sd(means), 10, report.sample_sd(means), 10)
+    assert text.endswith(f"~{sdd:.2f}")
+
+    # Hand-made intervals: one measure alone claims nothing more than itself.
+    apart, overlap = ((0.8, 0.7, 0.9), (0.3, 0.2, 0.4)), ((0.6, 0.4, 0.8), (0.5, 0.3, 0.7))
+    assert report.conclusion("x", "y", *apart, (0.9, 0.7, 1.0), 0.2).startswith("x improves on y")
+    text = report.conclusion("x", "y", *apart, (0.7, 0.45, 0.9), 0.2)
+    assert text.startswith("only one measure separates x from y: x's IQM interval lies above y's")
+    assert "P(x > y) 0.70 [0.45, 0.90] contains 0.5" in text
+    text = report.conclusion("x", "y", *overlap, (0.7, 0.55, 0.9), 0.2)
+    assert "P(x > y) 0.70 [0.55, 0.90] lies above 0.5, but the IQM intervals overlap" in text
+    assert report.conclusion("x", "y", *overlap, (0.5, 0.3, 0.7), 0.25).startswith("no difference")
+    assert "unknown (fewer than two runs)" in report.conclusion("x", "y", *overlap, (0.5, 0.3, 0.7), math.nan)
+    assert "improves" not in report.conclusion("x", "y", *overlap, (0.5, 0.3, 0.7), 0.25)
+
+
+# -- publishing --------------------------------------------------------------------------------------
+
+
+def test_publish_a_finished_study(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root, directory = fake_study(tmp_path)
+    out = tmp_path / "docs" / "results.md"
+    assert study_cli.main(["publish", "tiny-pub", "--out", str(out), "--root", str(root), "--reps", "200"]) == 0
+    assert "1 studies published" in capsys.readouterr().out
+    text = out.read_text()
+    first, *_ = text.splitlines()
+    assert first.startswith("<!-- generated by study.py publish") and '"studies": ["tiny-pub"]' in first
+    assert "do not edit by hand" in text
+    assert "> Published: `tiny-pub` (code version `test-versi`; 15 runs)" in text
+    # The study's report, one heading level down, with its conclusions also in the summary.
+    assert "## Study: tiny-pub" in text and "### What the intervals support" in text
+    for baseline in ("lstm", "lstm-24"):  # against both LSTM baselines
+        sentence = f"rims improves on {baseline} on the held-out envs: its IQM interval lies above {baseline}'s"
+        assert f"- **tiny-pub**: {sentence}" in text and f"- {sentence}" in text
+        assert f"| rims | {baseline} |" in text
+    assert "### Smallest detectable difference" in text
+    # Provenance: command, dates, machine, wall time, code version.
+    assert "- Command: `python study.py run " in text
+    assert "2026-12-01T10:00:00Z to 2026-12-01T11:55:00Z" in text
+    assert "- Wall time: 1 h 55 min" in text and "Test CPU, 2 CPUs" in text
+    assert "`test-versi` (15 runs)." in text  # version_tag keeps 10 characters
+    # Plots copied next to the page and linked relative to it.
+    pngs = sorted(p.name for p in (tmp_path / "docs" / "results" / "tiny-pub").iterdir())
+    assert pngs == sorted(p.name for p in (directory / "plots").glob("*.png")) and len(pngs) == 4
+    for name in pngs:
+        assert f"(results/tiny-pub/{name})" in text
+    assert "](plots/" not in text
+
+    # A hand-edited page is refused (one line, untouched) unless --force.
+    out.write_text(out.read_text().replace("Results", "My results"))
+    edited = out.read_text()
+    assert study_cli.main(["publish", "--out", str(out), "--root", str(root)]) == 2
+    assert "edited by hand" in one_line_error(capsys) and out.read_text() == edited
+    # No study: the "nothing published yet" page, and the old study's plots are gone.
+    assert study_cli.main(["publish", "--out", str(out), "--root", str(root), "--force"]) == 0
+    text = out.read_text()
+    assert "No study is published yet" in text and "tiny-pub" not in text
+    assert not (tmp_path / "docs" / "results" / "tiny-pub").exists()
+    # A generated page is replaced without --force.
+    assert study_cli.main(["publish", "--out", str(out), "--root", str(root)]) == 0
+
+
+def test_publish_refuses_unfinished_and_mixed_studies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root, directory = fake_study(tmp_path)
+    out = tmp_path / "docs" / "results.md"
+    out.parent.mkdir()
+    out.write_text("# Results\n\nhand-written\n")
+    args = ["publish", "tiny-pub", "--out", str(out), "--root", str(root), "--reps", "200", "--force"]
+
+    missing = eval_path(directory / "runs" / "rims" / "seed_3", 1024)
+    saved = missing.read_text()
+    missing.unlink()
+    assert study_cli.main(args) == 2
+    err = one_line_error(capsys)
+    assert "study tiny-pub is not finished (1 of 15 runs: rims/seed_3)" in err and "python study.py run" in err
+    missing.write_text(saved)
+
+    provenance = directory / "runs" / "lstm" / "seed_2" / "provenance.json"
+    data = json.loads(provenance.read_text())
+    data["sessions"].append({**data["sessions"][0], "step": "eval", "commit": "another-version"})
+    provenance.write_text(json.dumps(data))
+    assert study_cli.main(args) == 2
+    err = one_line_error(capsys)
+    assert "study tiny-pub mixes code versions (test-versi: 15 runs; another-ve: 1 runs)" in err
+    assert study_cli.main(["publish", "nope", "--out", str(out), "--root", str(root)]) == 2
+    assert "holds no study" in one_line_error(capsys)
+    assert out.read_text() == "# Results\n\nhand-written\n" and not (out.parent / "results").exists()
+
+
+# -- the benchmark wrapper ---------------------------------------------------------------------------
+
+
+def test_generalization_wrapper_help_and_bad_input(tmp_path: Path) -> None:
+    script = str(REPO / "benchmarks" / "generalization.py")
+    done = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "doorkey-generalization.yaml" in done.stdout and "--report-only" in done.stdout
+    for extra in ([], ["--report-only"]):
+        done = subprocess.run([sys.executable, script, "--study", str(tmp_path / "nope.yaml"), "--root",
+                               str(tmp_path / "out"), *extra], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+            f"error: study file not found: {tmp_path / 'nope.yaml'}"], done.stderr
+    done = subprocess.run([sys.executable, script, "--workers", "many"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "--workers" in done.stderr
+    assert not (tmp_path / "out").exists()
