@@ -11,21 +11,23 @@ script prints the frames at which the mean return of the last 100 episodes first
 the other, one torch thread. Each run saves its model and episode log under
 ``--out/<policy>/seed_<s>/`` every ``--checkpoint-frames``; running the same command again skips
 finished seeds and continues an interrupted one from its last save (fresh episodes: the envs'
-unfinished episodes are not saved). ``--learn-policies rims lstm-sb3`` also trains sb3-contrib's own
-LSTM policy for comparison.
+unfinished episodes are not saved). ``--learn-policies rims peer`` also trains the peer (sb3-contrib's own
+LSTM policy, benchmarks/peer.py) for comparison.
 
-Frames/s: sb3-contrib's own ``CnnLstmPolicy`` with an LSTM as wide as the RIMs core's output
-(6 modules x 32 = 192), the same features extractor (this package's grid encoder) and the same
-heads, against ``RecurrentCorePolicy`` with the RIMs core and with an LSTM core of the same width
-(the adapter's own overhead). The policies train in turns of ``--fps-chunk`` frames until each has
-done ``--fps-frames`` (after one untimed warm-up rollout each), so load from other work on the
-machine falls on all of them alike. Frames/s counts rollouts and updates, as SB3's ``time/fps``;
-the rollout share is given too.
+Frames/s: the peer of benchmarks/peer.py (sb3-contrib's own ``CnnLstmPolicy``: the MiniGrid CNN, one
+LSTM of 128 shared by actor and critic, heads of one hidden layer of 64; the same peer as
+benchmarks/throughput.py's), against ``RecurrentCorePolicy`` with the RIMs core (6 modules of 32, 4
+active; this package's grid encoder, a separate critic core, as sb3-contrib's default) and with an
+LSTM core built exactly as the peer (same extractor, width, shared core and heads: the adapter's own
+overhead). The policies train in turns of ``--fps-chunk`` frames until each has done
+``--fps-frames`` (after one untimed warm-up rollout each), so load from other work on the machine
+falls on all of them alike. Frames/s counts rollouts and updates, as SB3's ``time/fps``; the rollout
+share is given too.
 
-PPO settings follow the package's DoorKey config where sb3-contrib has them (16 envs, 128 steps,
-4 epochs, 8 minibatches, lr 1e-3, entropy 0.01, ...). sb3-contrib trains on whole rollout
-sequences cut at episode starts, not on the package's 16-step chunks, so the figures are not
-those of ``python train.py``.
+PPO settings are the peer's (benchmarks/peer.py's ``PPO_KWARGS``: 16 envs, 128 steps, 4 epochs, 8
+minibatches of 256, lr 1e-3, entropy 0.01, ...), which follow the package's DoorKey config where
+sb3-contrib has them. sb3-contrib trains on whole rollout sequences cut at episode starts, not on the
+package's 16-step chunks, so the figures are not those of ``python train.py``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from learning import parse_seeds  # benchmarks/ is on sys.path when a benchmark runs as a script
+from peer import ENV_ID, LSTM_HIDDEN_SIZE, N_ENVS, PEER_NAME, POLICY_KWARGS, PPO_KWARGS, make_peer, make_peer_env
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as `python benchmarks/sb3_interop.py` from a source checkout
@@ -48,41 +51,36 @@ sys.path.insert(0, str(REPO))  # run as `python benchmarks/sb3_interop.py` from 
 import torch  # noqa: E402
 from sb3_contrib import RecurrentPPO  # noqa: E402
 from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
-from stable_baselines3.common.env_util import make_vec_env  # noqa: E402
 from stable_baselines3.common.vec_env import VecEnv  # noqa: E402
 
-from envs.minigrid import wrap_minigrid  # noqa: E402
-from policies.sb3 import EncoderFeaturesExtractor, RecurrentCorePolicy  # noqa: E402
+from policies.sb3 import RecurrentCorePolicy  # noqa: E402
 
-ENV_ID = "MiniGrid-DoorKey-5x5-v0"
 WINDOW = 100  # episodes in the mean return
 RIMS = {"num_modules": 6, "module_size": 32, "k_active": 4}  # the package's DoorKey RIMs config
-WIDTH = RIMS["num_modules"] * RIMS["module_size"]  # the RIMs core's output width, the LSTMs' hidden size
-PPO_KWARGS: dict[str, Any] = {
-    "n_steps": 128, "batch_size": 256, "n_epochs": 4, "learning_rate": 1e-3, "gamma": 0.99, "gae_lambda": 0.95,
-    "clip_range": 0.2, "ent_coef": 0.01, "vf_coef": 0.5, "max_grad_norm": 0.5,
-}  # fmt: skip
-N_ENVS = 16
-# Policy label -> (policy class or name, policy_kwargs).
+# The peer's policy arguments without its LSTM's: the adapter's LSTM core is built exactly as the peer.
+PEER_AS_CORE = {key: value for key, value in POLICY_KWARGS.items() if key not in ("lstm_hidden_size", "n_lstm_layers")}
+# Policy label -> (policy class, policy_kwargs); "peer" is benchmarks/peer.py's make_peer.
 POLICIES: dict[str, tuple[Any, dict[str, Any]]] = {
     "rims": (RecurrentCorePolicy, {"core": "rims", "core_kwargs": RIMS}),
-    "lstm-core": (RecurrentCorePolicy, {"core": "lstm", "core_kwargs": {"hidden_size": WIDTH}}),
-    "lstm-sb3": ("CnnLstmPolicy", {"lstm_hidden_size": WIDTH, "features_extractor_class": EncoderFeaturesExtractor,
-                                   "normalize_images": False}),
+    "lstm-core": (RecurrentCorePolicy, {"core": "lstm", "core_kwargs": {"hidden_size": LSTM_HIDDEN_SIZE},
+                                        **PEER_AS_CORE}),
+    "peer": (None, {}),
 }
 POLICY_NAMES = {"rims": f"RecurrentCorePolicy(rims {RIMS['num_modules']}x{RIMS['module_size']}, "
                         f"{RIMS['k_active']} active)",
-                "lstm-core": f"RecurrentCorePolicy(lstm {WIDTH})",
-                "lstm-sb3": f"sb3-contrib CnnLstmPolicy(lstm {WIDTH})"}
+                "lstm-core": f"RecurrentCorePolicy(lstm {LSTM_HIDDEN_SIZE}, as the peer)",
+                "peer": PEER_NAME}
 
 
 def make_env(seed: int) -> VecEnv:
-    """DoorKey-5x5 through SB3's make_vec_env and this package's MiniGrid wrapper."""
-    return make_vec_env(ENV_ID, n_envs=N_ENVS, seed=seed, wrapper_class=wrap_minigrid)
+    """DoorKey-5x5 through SB3's make_vec_env and this package's MiniGrid wrapper (the peer's env)."""
+    return make_peer_env(seed)
 
 
 def make_model(label: str, env: VecEnv, seed: int) -> RecurrentPPO:
-    """A RecurrentPPO with the policy ``label`` of :data:`POLICIES`."""
+    """A RecurrentPPO with the policy ``label`` of :data:`POLICIES` and the peer's PPO settings."""
+    if label == "peer":
+        return make_peer(env, seed=seed)
     policy, policy_kwargs = POLICIES[label]
     return RecurrentPPO(policy, env, seed=seed, device="cpu", policy_kwargs=policy_kwargs, **PPO_KWARGS)
 
@@ -205,10 +203,10 @@ def measure_fps(labels: list[str], frames: int, chunk: int) -> list[str]:
             model.learn(chunk, callback=clocks[label], reset_num_timesteps=False)
             seconds[label] += time.perf_counter() - started
             done[label] += model.num_timesteps - before
-    rows = [f"{'policy':<46}{'params':>9}{'frames':>8}{'seconds':>9}{'frames/s':>10}{'rollout share':>15}"]
+    rows = [f"{'policy':<72}{'params':>9}{'frames':>8}{'seconds':>9}{'frames/s':>10}{'rollout share':>15}"]
     for label in labels:
         params = sum(p.numel() for p in models[label].policy.parameters())
-        rows.append(f"{POLICY_NAMES[label]:<46}{params:>9}{done[label]:>8}{seconds[label]:>9.1f}"
+        rows.append(f"{POLICY_NAMES[label]:<72}{params:>9}{done[label]:>8}{seconds[label]:>9.1f}"
                     f"{done[label] / seconds[label]:>10.0f}{clocks[label].seconds / seconds[label]:>15.0%}")
     return rows
 
@@ -224,7 +222,7 @@ def main() -> None:
     parser.add_argument("--checkpoint-frames", type=int, default=32_768, help="save a learning run this often")
     parser.add_argument("--fps-frames", type=int, default=20_480, help="timed frames per policy")
     parser.add_argument("--fps-chunk", type=int, default=4096, help="frames per turn in the frames/s comparison")
-    parser.add_argument("--fps-policies", nargs="+", default=["rims", "lstm-sb3", "lstm-core"], choices=list(POLICIES))
+    parser.add_argument("--fps-policies", nargs="+", default=["rims", "peer", "lstm-core"], choices=list(POLICIES))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "sb3_interop")
     args = parser.parse_args()
     torch.set_num_threads(1)  # agent-sized batches; the other cores stay free for other runs
