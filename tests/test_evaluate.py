@@ -1,10 +1,9 @@
 """Evaluation: load_policy round trip, evaluate_policy, the evaluate.py CLI (tables, JSON, video, plots,
-errors) and the generalisation benchmark's quick mode, all on real tiny checkpoints."""
+errors), all on real tiny checkpoints (benchmarks/generalization.py is a study wrapper: tests/test_publish.py)."""
 
 from __future__ import annotations
 
 import builtins
-import importlib.util
 import json
 import math
 import subprocess
@@ -568,33 +567,3 @@ def test_the_argument_parser_imports_no_heavy_library() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
-
-# -- the generalisation benchmark --------------------------------------------------------------
-
-
-def _benchmark_module():
-    spec = importlib.util.spec_from_file_location("generalization", ROOT / "benchmarks" / "generalization.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_generalization_quick_writes_only_its_section(tmp_path: Path) -> None:
-    bench = _benchmark_module()
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    (docs / "results.md").write_text(
-        "# Results\n\n## Speed\n\nkeep me\n\n## Generalisation: DoorKey\n\nold numbers\n\n## Meta-RIMs\n\nkeep me too\n"
-    )
-    assert bench.main(["--quick", "--frames", "64", "--episodes", "2", "--max-episode-steps", "4",
-                       "--out", str(tmp_path / "runs"), "--docs", str(docs)]) == 0
-    text = (docs / "results.md").read_text()
-    assert "keep me\n" in text and "keep me too" in text and "old numbers" not in text
-    assert text.count("## Generalisation: DoorKey") == 1
-    assert text.index("## Speed") < text.index("## Generalisation") < text.index("## Meta-RIMs")
-    assert "| LSTM (ours, 1 seed) |" in text and "| RIMs (ours, 1 seed) |" in text and "Smoke run" in text
-    with Image.open(docs / "generalization.png") as image:
-        assert image.format == "PNG"
-    results = json.loads((tmp_path / "runs" / "results.json").read_text())
-    assert {run["core"] for run in results["runs"]} == {"lstm", "rims"}
