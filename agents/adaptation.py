@@ -262,7 +262,12 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
               "model's evaluation return on the held-out task; *final* = the mean of the last 10% of the rollouts.",
               f"- Statistics (rliable): IQM and mean over runs x tasks with {int(rp.CONFIDENCE * 100)}% stratified "
               f"bootstrap intervals ({reps:,} resamples), probabilities of improvement P(X > Y) with their intervals "
-              f"({small:,} resamples). A model with a single run has no interval (shown as a zero-width one).", ""]
+              f"({small:,} resamples). A model with a single run has no interval (shown as a zero-width one).",
+              "- Smallest detectable difference (the questions): from the observed seed-to-seed spread of the "
+              "area under the curve per run (mean over tasks), the difference in mean area that a two-sided test "
+              "at the 5% level would detect with 80% power, `(t(0.975, df) + t(0.8, df)) * sqrt(sd_x^2/n_x + "
+              "sd_y^2/n_y)`; smaller true differences are within what these seeds can tell apart from seed noise "
+              "(unknown with fewer than two runs).", ""]
     rows = [[m.label, f"`{rp._short_path(m.config)}`", " ".join(f"`{o}`" for o in m.overrides) or "-",
              str(sum(r.finished for r in pre.runs.get(m.label, [])))] for m in study.models]
     lines += rp._table(["model", "config", "overrides", "finished pre-training runs"], rows)
@@ -341,24 +346,30 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
         for x in question.x:
             for y in question.y:
                 if x not in measures["auc"] or y not in measures["auc"]:
-                    rows.append([x, y, "- (no finished runs)", "-"])
+                    rows.append([x, y, "- (no finished runs)", "-", "-", "-"])
                     continue
                 area = rp.poi_interval(measures["auc"][x], measures["auc"][y], reps=small)
+                # Per run (mean over tasks), as the generalisation report's held-out return per run.
+                area_x, area_y = measures["auc"][x].mean(axis=1), measures["auc"][y].mean(axis=1)
+                detectable = rp.detectable_difference(area_x, area_y)
                 # Fewer frames is better: P(X > Y) on the negated frames is P(X reaches it sooner).
                 speed = rp.poi_interval(-measures["frames_to_threshold"][x], -measures["frames_to_threshold"][y],
                                         reps=small)
                 pois[x, y] = area
-                rows.append([x, y, rp._ci(area), rp._ci(speed)])
+                rows.append([x, y, rp._ci(area), rp._ci(speed),
+                             rp._fmt(float(np.mean(area_x)) - float(np.mean(area_y)), 3), rp._fmt(detectable, 3)])
                 # A from-scratch row does not depend on pre-training: only pre-trained sources can be flagged.
                 flagged = [spec.run(r).source for r in (x, y)
                            if spec.run(r).source in below and not spec.run(r).scratch]
                 caveat = f" (but {', '.join(sorted(set(flagged)))} did not reach the pre-training criterion)" \
                     if flagged else ""
-                answers.append(f"area under the curve: {rp.verdict(x, y, area)}{caveat}")
+                sdd = (f"smallest detectable difference in mean area ~{rp._fmt(detectable)}"
+                       if math.isfinite(detectable) else "smallest detectable difference unknown (fewer than two runs)")
+                answers.append(f"area under the curve: {rp.verdict(x, y, area)}; {sdd}{caveat}")
                 sooner = rp.verdict(x, y, speed).replace("improves on", "reaches the threshold sooner than")
                 answers.append(f"frames to threshold: {sooner.replace('does worse than', 'reaches it later than')}")
-        lines += rp._table(["X", "Y", "P(area X > area Y) [95% CI]", "P(X reaches the threshold sooner) [95% CI]"],
-                           rows)
+        lines += rp._table(["X", "Y", "P(area X > area Y) [95% CI]", "P(X reaches the threshold sooner) [95% CI]",
+                            "observed mean area X - Y", "smallest detectable difference in mean area"], rows)
         lines += [f"- {a}." for a in answers] or ["- No comparison: runs missing."]
         lines += [""]
 

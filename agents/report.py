@@ -11,7 +11,8 @@ precipice") and are small pure functions over score arrays of shape ``(runs, env
   intervals;
 - :func:`sample_sd` (ddof=1) and :func:`smallest_detectable_difference`, the difference in mean
   a two-sided Welch-type comparison of these many runs could detect with 80% power at the 5%
-  level, given the observed seed-to-seed spread.
+  level, given the observed seed-to-seed spread (:func:`detectable_difference`: the same from
+  two arrays of per-run scores; the adaptation report uses it too).
 
 rliable (and its bootstrap library ``arch``) is imported inside the functions that need it.
 
@@ -202,6 +203,13 @@ def smallest_detectable_difference(sd_x: float, n_x: int, sd_y: float, n_y: int,
     df = n_x + n_y - 2
     spread = math.sqrt(sd_x**2 / n_x + sd_y**2 / n_y)
     return float((stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * spread)
+
+
+def detectable_difference(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
+    """:func:`smallest_detectable_difference` of two groups of per-run scores (one number per run),
+    from their sample SDs and sizes; nan when either group has fewer than two runs."""
+    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    return smallest_detectable_difference(sample_sd(x), len(x), sample_sd(y), len(y))
 
 
 # -- reading a study's results ----------------------------------------------------------------------
@@ -433,8 +441,7 @@ def conclude(model: str, baseline: str, x: np.ndarray, y: np.ndarray, reps: int 
     x, y = _check(x), _check(y)
     estimates = interval_estimates({"x": x, "y": y}, reps=reps, seed=seed)
     poi = poi_interval(x, y, reps=min(reps, SMALL_REPS), seed=seed)
-    mx, my = x.mean(axis=1), y.mean(axis=1)
-    detectable = smallest_detectable_difference(sample_sd(mx), len(mx), sample_sd(my), len(my))
+    detectable = detectable_difference(x.mean(axis=1), y.mean(axis=1))
     return conclusion(model, baseline, estimates["x"]["iqm"], estimates["y"]["iqm"], poi, detectable)
 
 
@@ -525,8 +532,7 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
     per_run = {m: s.mean(axis=1) for m, s in heldout_scores.items()}
     for (m, baseline), poi in pois.items():
         if m not in results.baselines:
-            x, y = per_run[m], per_run[baseline]
-            detectable = smallest_detectable_difference(sample_sd(x), len(x), sample_sd(y), len(y))
+            detectable = detectable_difference(per_run[m], per_run[baseline])
             conclusions.append(conclusion(m, baseline, estimates[m]["iqm"], estimates[baseline]["iqm"], poi,
                                           detectable))
     lines += ["## Smallest detectable difference (held-out mean return per run)", "",
@@ -542,7 +548,7 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
             if m == baseline:
                 continue
             x, y = per_run[m], per_run[baseline]
-            sdd = smallest_detectable_difference(sample_sd(x), len(x), sample_sd(y), len(y))
+            sdd = detectable_difference(x, y)
             rows.append([m, baseline, f"{_fmt(float(np.mean(x)) - float(np.mean(y)), 3)}", _fmt(sdd, 3)])
     lines += _table(["model X", "baseline Y", "observed mean(X) - mean(Y)", "smallest detectable difference"], rows)
 
@@ -923,7 +929,8 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
     return out
 
 
-__all__ = ["RunRecord", "StudyResults", "build_report", "check_publishable", "conclude", "conclusion", "fast_iqm",
+__all__ = ["RunRecord", "StudyResults", "build_report", "check_publishable", "conclude", "conclusion",
+           "detectable_difference", "fast_iqm",
            "interval_estimates", "iqm", "load_results", "load_scores", "mean", "performance_profile", "poi_interval",
            "probability_of_improvement", "provenance_lines", "publish", "sample_sd", "score_distribution",
            "smallest_detectable_difference", "study_versions", "verdict", "write_report"]

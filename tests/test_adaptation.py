@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -198,7 +199,29 @@ def test_tiny_adaptation_study_pretrains_finetunes_reports_and_reruns_nothing(
     assert "**below the criterion**" in text  # 128 frames learn nothing: flagged, not hidden
     assert {p.name for p in (directory / "plots").iterdir()} == {
         "finetune_curves.png", "area_interval_estimates.png", "probability_of_improvement.png"}
+    assert "| smallest detectable difference in mean area |" in text
+    assert "smallest detectable difference unknown (fewer than two runs)" in text  # one seed: no spread
     assert study_cli.main(["status", "tiny-adapt", "--root", str(root)]) == 0
+
+    # A second seed (copies of seed 1's runs) and known fine-tuning curves (rollouts of 32 frames): the
+    # question states the smallest difference in mean area its seeds could detect, computed by hand.
+    copy = yaml.safe_load((directory / "study.yaml").read_text())
+    copy["seeds"] = [1, 2]
+    (directory / "study.yaml").write_text(yaml.safe_dump(copy, sort_keys=False))
+    for parent in [*(directory / "runs").iterdir(), *(directory / "finetune").glob("*/*")]:
+        shutil.copytree(parent / "seed_1", parent / "seed_2")
+    curves = {("meta-rims.ppo", 1): [0.2, 0.4], ("meta-rims.ppo", 2): [0.4, 0.8],  # areas 0.3 and 0.6
+              ("lstm.scratch", 1): [0.0, 0.2], ("lstm.scratch", 2): [0.0, 0.0]}  # areas 0.1 and 0.0
+    for (label, seed), values in curves.items():
+        rows = [{"frames": 32 * (i + 1), "rollout/episodes": 1, "rollout/ep_return_rollout": v}
+                for i, v in enumerate(values)]
+        (directory / "finetune" / label / "DoorKey-8x8" / f"seed_{seed}" / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows))
+    assert study_cli.main(["report", "tiny-adapt", "--root", str(root), "--reps", "200"]) == 0
+    text = (directory / "report.md").read_text()
+    # (t(0.975, 2) + t(0.8, 2)) * sqrt(sd([0.3, 0.6])^2 / 2 + sd([0.1, 0.0])^2 / 2) = 5.3634 * 0.15811 = 0.848
+    assert "| meta-rims.ppo | lstm.scratch |" in text and "| 0.400 | 0.848 |" in text
+    assert "smallest detectable difference in mean area ~0.85" in text
 
 
 def test_shipped_adaptation_study_is_valid_and_refuses_a_meta_rule_on_a_baseline(tmp_path: Path) -> None:
