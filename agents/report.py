@@ -52,6 +52,7 @@ from agents.study import (
     read_provenance,
     resolved_config,
     run_dir,
+    short_commit,
     study_dir,
 )
 
@@ -750,7 +751,7 @@ def study_versions(study: Study, directory: Path) -> tuple[dict[str, list[str]],
         for session in (provenance or {}).get("sessions", []):
             commit = session.get("commit")
             if commit:
-                text = commit[:10] + (" (with uncommitted changes)" if session.get("dirty") else "")
+                text = short_commit(commit) + (" (with uncommitted changes)" if session.get("dirty") else "")
                 if text not in commits:
                     commits.append(text)
     return versions, commits, unknown

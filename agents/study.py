@@ -84,6 +84,7 @@ STUDY_KEYS = ("seed", "total_frames", "log.checkpoint_interval_frames", "log.kee
 # what is learned (the run's name, logging and checkpoint cadence, torch's thread count).
 UNHASHED_KEYS = ("seed", "name", "log", "torch_threads", "init_from")
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+_GIT_OBJECT_NAME = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 
 class StudyError(ValueError):
@@ -750,18 +751,26 @@ def code_version(repo: Path = REPO) -> dict[str, Any]:
             "code_sha256": code.hexdigest()}
 
 
+def short_commit(commit: str) -> str:
+    """A recorded ``commit`` as reports show it: a git object name (40 or 64 hex digits) cut to 10, any
+    other value (``$MODULAR_RL_CODE_VERSION``'s) whole."""
+    return commit[:10] if _GIT_OBJECT_NAME.fullmatch(commit) else commit
+
+
 def version_tag(version: dict[str, Any]) -> str:
     """``code.<hash>`` of the code a run executed (``unknown`` outside git).
 
-    Provenance written before the code hash existed is tagged by its commit (``abc1234``, or
-    ``abc1234+dirty.<hash>``); ``$MODULAR_RL_CODE_VERSION`` is used as it is.
+    Provenance written before the code hash existed is tagged by its commit, cut to 10 hex digits
+    (``abc1234567``, or ``abc1234567+dirty.<hash>``). A ``$MODULAR_RL_CODE_VERSION`` value is used as
+    it is, whole: it is a name someone chose (a release tag), and cutting it could merge two
+    versions that differ only after the 10th character (``release-2026-01`` and ``release-2026-02``).
     """
     if version.get("code_sha256"):
         return f"code.{version['code_sha256'][:10]}"
     commit = version.get("commit")
     if not commit:
         return "unknown"
-    tag = commit[:10]
+    tag = short_commit(commit)
     if version.get("dirty"):
         tag += f"+dirty.{(version.get('diff_sha256') or '')[:8]}"
     return tag

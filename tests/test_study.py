@@ -412,3 +412,22 @@ def test_code_version_ignores_commits_outside_the_code(tmp_path: Path, monkeypat
     assert uncommitted != first
     git("commit", "-q", "-am", "code")
     assert version_tag(code_version(tmp_path)) == uncommitted  # the same code, committed or not
+
+
+def test_version_tag_keeps_a_configured_version_whole_and_shortens_git_commits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from agents.study import code_version, version_tag
+
+    # Two release tags that share their first 10 characters stay two versions.
+    tags = []
+    for value in ("release-2026-01", "release-2026-02"):
+        monkeypatch.setenv("MODULAR_RL_CODE_VERSION", value)
+        tags.append(version_tag(code_version()))
+    assert tags == ["release-2026-01", "release-2026-02"]
+    # Provenance from before the code hash: a git commit is cut to 10 hex digits, plus its diff hash when dirty.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    assert version_tag({"commit": commit, "dirty": False}) == "0123456789"
+    assert version_tag({"commit": commit, "dirty": True, "diff_sha256": "feedbeef" * 8}) == "0123456789+dirty.feedbeef"
+    assert version_tag({"commit": None}) == "unknown"
+    assert version_tag({"commit": commit, "code_sha256": "ab" * 32}) == "code.ababababab"
