@@ -81,7 +81,8 @@ STUDY_COPY = "study.yaml"
 STUDY_KEYS = ("seed", "total_frames", "log.checkpoint_interval_frames", "log.keep_checkpoints",
               "log.progress_bar", "torch_threads")
 # Left out of the config hash: they differ between the runs of one model (seed) or do not change
-# what is learned (the run's name, logging and checkpoint cadence, torch's thread count).
+# what is learned (the run's name, logging and checkpoint cadence, torch's thread count). init_from's
+# path holds the study directory and the seed, so only whether it is set is hashed (config_hash).
 UNHASHED_KEYS = ("seed", "name", "log", "torch_threads", "init_from")
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 _GIT_OBJECT_NAME = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
@@ -706,8 +707,15 @@ def resolved_config(study: Study, model: ModelSpec, seed: int) -> dict[str, Any]
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    """SHA-256 of a resolved config without the keys that differ between a model's runs (``UNHASHED_KEYS``)."""
+    """SHA-256 of a resolved config without the keys that differ between a model's runs (``UNHASHED_KEYS``).
+
+    Whether ``init_from`` is set is hashed (not its path): a fine-tuning row switched between
+    pre-trained and random weights under the same label must not pass for the finished run of the other.
+    A config without ``init_from`` hashes as before the key existed.
+    """
     kept = {key: value for key, value in config.items() if key not in UNHASHED_KEYS}
+    if config.get("init_from"):
+        kept["init_from"] = True
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -963,8 +971,10 @@ def _changed_keys(config: dict[str, Any], job: Job) -> list[str]:
         return out
 
     a, b = flat(config), flat(planned)
-    return sorted(k for k in a.keys() | b.keys()
-                  if a.get(k) != b.get(k) and k.split(".")[0] not in UNHASHED_KEYS)
+    changed = [k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k.split(".")[0] not in UNHASHED_KEYS]
+    if bool(a.get("init_from")) != bool(b.get("init_from")):  # hashed as set or not (config_hash)
+        changed.append("init_from")
+    return sorted(changed)
 
 
 # -- adaptation studies: the fine-tuning runs ---------------------------------------------------------

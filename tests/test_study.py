@@ -431,3 +431,17 @@ def test_version_tag_keeps_a_configured_version_whole_and_shortens_git_commits(
     assert version_tag({"commit": commit, "dirty": True, "diff_sha256": "feedbeef" * 8}) == "0123456789+dirty.feedbeef"
     assert version_tag({"commit": None}) == "unknown"
     assert version_tag({"commit": commit, "code_sha256": "ab" * 32}) == "code.ababababab"
+
+
+def test_config_hash_tells_pretrained_from_random_weights_but_not_the_weights_path() -> None:
+    from agents.config import load_config
+    from agents.study import config_hash
+
+    plain = load_config(None, [])
+    assert plain["init_from"] is None
+    before_the_key = {k: v for k, v in plain.items() if k != "init_from"}
+    assert config_hash(plain) == config_hash(before_the_key)  # runs recorded before init_from existed still match
+    a = load_config(None, ["init_from=/studies/x/runs/rims/seed_1/checkpoint.pt"])
+    b = load_config(None, ["init_from=/elsewhere/x/runs/rims/seed_2/checkpoint.pt"])
+    # The path moves with the study directory and the seed; a row switched to (or from) scratch does not match.
+    assert config_hash(a) == config_hash(b) != config_hash(plain)
