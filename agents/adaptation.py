@@ -170,8 +170,11 @@ class FinetuneRecord:
 
 
 def load_finetunes(study: Any, directory: Path) -> tuple[dict[str, list[FinetuneRecord]], list[str]]:
-    """The finished fine-tuning runs of an adaptation study by row label, and the unfinished ones (keys)."""
-    from agents.study import code_versions, finetune_plan, job_state, read_provenance, short_env_name
+    """The finished fine-tuning runs of an adaptation study by row label, and the unfinished ones (keys).
+
+    :raises StudyError: a finished run whose learning curve cannot be read (:func:`read_curve`).
+    """
+    from agents.study import StudyError, code_versions, finetune_plan, job_state, read_provenance, short_env_name
 
     spec = study.adaptation
     records: dict[str, list[FinetuneRecord]] = {run.label: [] for run in spec.runs}
@@ -184,7 +187,10 @@ def load_finetunes(study: Any, directory: Path) -> tuple[dict[str, list[Finetune
             continue
         label = job.model.split("/")[0]
         task = next(t for t in spec.tasks if short_env_name(t) == job.model.split("/", 1)[1])
-        frames, values = read_curve(job.run_dir)
+        try:
+            frames, values = read_curve(job.run_dir)
+        except ValueError as exc:  # a finished run whose metrics.jsonl is gone or predates the per-rollout curve
+            raise StudyError(f"fine-tuning run {job.key}: {exc}") from None
         provenance = read_provenance(Path(job.run_dir)) or {}
         versions = " then ".join(code_versions(provenance)) or "unknown"
         records[label].append(FinetuneRecord(

@@ -144,7 +144,7 @@ def tiny_adaptation_study() -> dict:
 
 
 def test_tiny_adaptation_study_pretrains_finetunes_reports_and_reruns_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import yaml
 
@@ -222,6 +222,14 @@ def test_tiny_adaptation_study_pretrains_finetunes_reports_and_reruns_nothing(
     # (t(0.975, 2) + t(0.8, 2)) * sqrt(sd([0.3, 0.6])^2 / 2 + sd([0.1, 0.0])^2 / 2) = 5.3634 * 0.15811 = 0.848
     assert "| meta-rims.ppo | lstm.scratch |" in text and "| 0.400 | 0.848 |" in text
     assert "smallest detectable difference in mean area ~0.85" in text
+
+    # A finished run whose metrics.jsonl is gone: one line naming it, exit 2, no traceback.
+    (directory / "finetune" / "lstm.scratch" / "DoorKey-8x8" / "seed_2" / "metrics.jsonl").unlink()
+    capsys.readouterr()
+    assert study_cli.main(["report", "tiny-adapt", "--root", str(root), "--reps", "200"]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.jsonl: cannot be read" in err and "lstm.scratch" in err and "Traceback" not in err, err
+    assert err.count("\n") == 1, err
 
 
 def test_shipped_adaptation_study_is_valid_and_refuses_a_meta_rule_on_a_baseline(tmp_path: Path) -> None:
