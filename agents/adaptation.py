@@ -425,8 +425,7 @@ def _write_plots(directory: Path, study: Any, finetunes: dict[str, list[Finetune
     """Fine-tuning curves, the area's interval estimates and the questions' probabilities of improvement."""
     from matplotlib.figure import Figure
 
-    from agents.plots import save_figure
-    from agents.run_dir import atomic_write
+    from agents.plots import save_figure_atomic
 
     spec = study.adaptation
     folder = directory / "plots"
@@ -435,10 +434,7 @@ def _write_plots(directory: Path, study: Any, finetunes: dict[str, list[Finetune
     labels = [run.label for run in spec.runs if finetunes[run.label]]
 
     def save(name: str, figure: Figure) -> None:
-        temp = folder / f".{name}.tmp.png"
-        save_figure(figure, temp)
-        atomic_write(folder / f"{name}.png", temp.read_bytes())
-        temp.unlink(missing_ok=True)
+        save_figure_atomic(figure, folder / f"{name}.png")
         written.append(name)
 
     grid = np.linspace(0, spec.total_frames, 101)[1:]

@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-__all__ = ["episode_caption", "plot_bars", "plot_episode_info", "save_figure"]
+__all__ = ["episode_caption", "plot_bars", "plot_episode_info", "save_figure", "save_figure_atomic"]
 
 _ACTIVE_KEY = re.compile(r"^active(_\d+)?$")
 # ThalNet modules shown one panel each; beyond this the panels would be unreadable.
@@ -261,4 +261,19 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
+    return path
+
+
+def save_figure_atomic(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Write ``fig`` as a PNG like :func:`save_figure`, but through ``atomic_write`` (a temporary file
+    renamed over the old one), so that a report rebuilt over an old one never leaves a half-written plot."""
+    import io
+
+    from agents.run_dir import atomic_write
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    atomic_write(path, buffer.getvalue())
     return path

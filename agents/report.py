@@ -620,8 +620,7 @@ def write_plots(results: StudyResults, heldout_scores: dict[str, np.ndarray],
     """Write the report's PNGs into ``<study dir>/plots/`` and return their names."""
     from matplotlib.figure import Figure
 
-    from agents.plots import save_figure
-    from agents.study import atomic_write
+    from agents.plots import save_figure_atomic
 
     folder = results.directory / "plots"
     folder.mkdir(parents=True, exist_ok=True)
@@ -629,10 +628,7 @@ def write_plots(results: StudyResults, heldout_scores: dict[str, np.ndarray],
     written = []
 
     def save(name: str, figure: Figure) -> None:
-        temp = folder / f".{name}.tmp.png"
-        save_figure(figure, temp)
-        atomic_write(folder / f"{name}.png", temp.read_bytes())
-        temp.unlink(missing_ok=True)
+        save_figure_atomic(figure, folder / f"{name}.png")
         written.append(name)
 
     # Interval estimates.
