@@ -117,12 +117,18 @@ def make_peer(env: VecEnv | None = None, seed: int = 0, device: str = "cpu", **o
                         **{**PPO_KWARGS, **overrides})
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Train the peer for ``--frames`` frames and print one JSON line; bad arguments exit 2 with one message."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=102_400, help="frames to train (whole rollouts of 2048)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1, as the issue's peer)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    # Checked here: torch.set_num_threads(0) raises a RuntimeError, and learn(0) would divide by no frames.
+    if args.frames < 1:
+        parser.error(f"--frames must be at least 1, got {args.frames}")
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     model = make_peer(seed=args.seed)
     started = time.perf_counter()

@@ -239,3 +239,11 @@ def test_missing_sb3_contrib_names_the_extra() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert 'pip install "modular-memory-rl[sb3]"' in result.stdout
+
+
+@pytest.mark.parametrize("args", [["--frames", "0"], ["--threads", "0"]])
+def test_peer_benchmark_refuses_bad_arguments_with_one_message(args: list[str]) -> None:
+    result = subprocess.run([sys.executable, "benchmarks/peer.py", *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"{args[0]} must be at least 1, got 0" in result.stderr.splitlines()[-1]
