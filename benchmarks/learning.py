@@ -3,6 +3,7 @@
     python benchmarks/learning.py --configs default configs/minigrid/doorkey-*-ppo.yaml --seeds 1-10
     python benchmarks/learning.py --configs default --seeds 100-104 --set algo.anneal_lr=true --tag anneal
     MODULAR_MEMORY_NATIVE=0 python benchmarks/learning.py --configs default --seeds 1-10 --tag python-engine
+    python benchmarks/learning.py --configs default --seeds 1-5 --nproc 2 --jobs 1 --tag 2proc   # torchrun
 
 Every (config, seed) is an ordinary ``python train.py`` run in its own directory under
 ``--out`` (default ``benchmarks/out/learning``), ``--jobs`` of them at a time (one torch
@@ -44,6 +45,7 @@ class Job:
     overrides: tuple[str, ...]
     seed: int
     run_dir: Path
+    nproc: int = 1  # processes training the one run (torchrun when > 1)
 
 
 def parse_seeds(items: list[str]) -> list[int]:
@@ -99,11 +101,18 @@ def is_finished(job: Job) -> bool:
 
 
 def command(job: Job) -> list[str]:
-    """The train.py command line that starts the run, or resumes it if it has a checkpoint."""
+    """The train.py command line that starts the run, or resumes it if it has a checkpoint.
+
+    With ``job.nproc > 1`` the run is one agent trained by that many processes under torchrun
+    (``--standalone`` picks a free rendezvous port, so two sweeps never clash).
+    """
+    launcher = [sys.executable]
+    if job.nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={job.nproc}"]
     if (job.run_dir / "checkpoint.pt").is_file():
-        return [sys.executable, "train.py", "--resume", str(job.run_dir)]
+        return [*launcher, "train.py", "--resume", str(job.run_dir)]
     config = ["--config", job.config] if job.config else []
-    return [sys.executable, "train.py", *config, "--run-dir", str(job.run_dir),
+    return [*launcher, "train.py", *config, "--run-dir", str(job.run_dir),
             f"seed={job.seed}", "log.progress_bar=false", "torch_threads=1", *job.overrides]
 
 
@@ -175,11 +184,15 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every config")
     parser.add_argument("--tag", default="", help="name of this variant (runs go to OUT/<config>[-tag]/seed_<s>)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2, one per core here)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes per run: > 1 trains each run with torchrun (total_frames counts all of them)")
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--final", type=float, default=0.85, help="return the run must keep at the end of the budget")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "learning")
     parser.add_argument("--report-only", action="store_true", help="print the table from finished runs, train nothing")
     args = parser.parse_args()
+    if args.nproc < 1 or args.jobs < 1:
+        parser.error("--nproc and --jobs must be at least 1")
 
     jobs = []
     for config in args.configs:
@@ -191,7 +204,7 @@ def main() -> None:
         label = f"{name}-{suffix}" if suffix else name
         for seed in parse_seeds(args.seeds):
             jobs.append(Job(label, None if config == "default" else str(config), tuple(args.set), seed,
-                            args.out / label / f"seed_{seed}"))
+                            args.out / label / f"seed_{seed}", args.nproc))
     if not args.report_only:
         run_all(jobs, args.jobs)
     print(report(jobs, args.threshold, args.final), flush=True)
