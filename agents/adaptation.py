@@ -38,7 +38,6 @@ import dataclasses
 import json
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -425,7 +424,7 @@ def _write_plots(directory: Path, study: Any, finetunes: dict[str, list[Finetune
     """Fine-tuning curves, the area's interval estimates and the questions' probabilities of improvement."""
     from matplotlib.figure import Figure
 
-    from agents.plots import save_figure_atomic
+    from agents.plots import plot_probability_of_improvement, save_figure_atomic
 
     spec = study.adaptation
     folder = directory / "plots"
@@ -477,22 +476,8 @@ def _write_plots(directory: Path, study: Any, finetunes: dict[str, list[Finetune
         save("area_interval_estimates", figure)
 
     if pois:
-        pairs = list(pois)
-        figure = Figure(figsize=(7, 0.5 * len(pairs) + 1.4))
-        ax = figure.add_subplot(1, 1, 1)
-        for i, (x, y) in enumerate(pairs):
-            point, low, high = pois[x, y]
-            ax.errorbar(point, i, xerr=[[point - low], [high - point]], fmt="o", capsize=5,
-                        color=f"C{labels.index(x)}")
-        ax.axvline(0.5, color="grey", linestyle="--")
-        ax.set_yticks(range(len(pairs)), [f"P({x} > {y})" for x, y in pairs])
-        ax.set_xlim(-0.02, 1.02)
-        ax.set_ylim(-0.6, len(pairs) - 0.4)
-        ax.set_xlabel("probability of improvement of the area under the curve (95% CI)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            figure.tight_layout()
-        save("probability_of_improvement", figure)
+        save("probability_of_improvement", plot_probability_of_improvement(
+            pois, labels, "probability of improvement of the area under the curve (95% CI)"))
     return written
 
 

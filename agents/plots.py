@@ -18,6 +18,7 @@ a dict of numpy arrays with time first, for one env::
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-__all__ = ["episode_caption", "plot_bars", "plot_episode_info", "save_figure", "save_figure_atomic"]
+__all__ = ["episode_caption", "plot_bars", "plot_episode_info", "plot_probability_of_improvement", "save_figure",
+           "save_figure_atomic"]
 
 _ACTIVE_KEY = re.compile(r"^active(_\d+)?$")
 # ThalNet modules shown one panel each; beyond this the panels would be unreadable.
@@ -254,6 +256,31 @@ def plot_bars(
     if title:
         ax.set_title(title, fontsize=10)
     return fig
+
+
+def plot_probability_of_improvement(pois: dict[tuple[str, str], tuple[float, float, float]],
+                                    order: Sequence[str], xlabel: str) -> Figure:
+    """One row per pair ``(x, y)``: P(x > y) with its interval, coloured as ``x``'s place in ``order``.
+
+    :param pois: ``{(x, y): (point, low, high)}``, as ``agents.report.probability_of_improvement`` gives.
+    :param order: the labels in the order that sets their colours (``C0``, ``C1``, ...).
+    :param xlabel: what the probability is of.
+    """
+    pairs = list(pois)
+    figure = Figure(figsize=(7, 0.5 * len(pairs) + 1.4))
+    ax = figure.add_subplot(1, 1, 1)
+    for i, (x, y) in enumerate(pairs):
+        point, low, high = pois[x, y]
+        ax.errorbar(point, i, xerr=[[point - low], [high - point]], fmt="o", capsize=5, color=f"C{order.index(x)}")
+    ax.axvline(0.5, color="grey", linestyle="--")
+    ax.set_yticks(range(len(pairs)), [f"P({x} > {y})" for x, y in pairs])
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.6, len(pairs) - 0.4)
+    ax.set_xlabel(xlabel)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # long labels: tight_layout may give up
+        figure.tight_layout()
+    return figure
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:

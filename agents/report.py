@@ -620,7 +620,7 @@ def write_plots(results: StudyResults, heldout_scores: dict[str, np.ndarray],
     """Write the report's PNGs into ``<study dir>/plots/`` and return their names."""
     from matplotlib.figure import Figure
 
-    from agents.plots import save_figure_atomic
+    from agents.plots import plot_probability_of_improvement, save_figure_atomic
 
     folder = results.directory / "plots"
     folder.mkdir(parents=True, exist_ok=True)
@@ -648,23 +648,9 @@ def write_plots(results: StudyResults, heldout_scores: dict[str, np.ndarray],
     save("interval_estimates", figure)
 
     # Probability of improvement.
-    pairs = list(pois)
-    if pairs:
-        figure = Figure(figsize=(7, 0.5 * len(pairs) + 1.4))
-        ax = figure.add_subplot(1, 1, 1)
-        for i, (m, b) in enumerate(pairs):
-            point, low, high = pois[m, b]
-            ax.errorbar(point, i, xerr=[[point - low], [high - point]], fmt="o", capsize=5,
-                        color=f"C{models.index(m)}")
-        ax.axvline(0.5, color="grey", linestyle="--")
-        ax.set_yticks(range(len(pairs)), [f"P({m} > {b})" for m, b in pairs])
-        ax.set_xlim(-0.02, 1.02)
-        ax.set_ylim(-0.6, len(pairs) - 0.4)
-        ax.set_xlabel("probability of improvement (95% CI), held-out envs")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # long labels: tight_layout may give up
-            figure.tight_layout()
-        save("probability_of_improvement", figure)
+    if pois:
+        save("probability_of_improvement",
+             plot_probability_of_improvement(pois, models, "probability of improvement (95% CI), held-out envs"))
 
     # Performance profiles.
     everything = np.concatenate([s.ravel() for s in heldout_scores.values()])
