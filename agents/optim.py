@@ -54,6 +54,18 @@ class Optimizer:
         self.param_groups: list[dict[str, Any]] = [{"params": params, **hyper}]
         self.state: dict[Tensor, dict[str, Tensor]] = {}
 
+    def _state_of(self, param: Tensor) -> dict[str, Tensor]:
+        """``param``'s state, created on its first update as torch does: ``step`` a 0-d zero of the
+        scalar dtype, every other ``state_keys`` entry zeros like the parameter."""
+        state = self.state.get(param)
+        if state is None:
+            state = self.state[param] = {
+                key: torch.zeros((), dtype=_scalar_dtype()) if key == "step"
+                else torch.zeros_like(param, memory_format=torch.preserve_format)
+                for key in self.state_keys
+            }
+        return state
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop (or zero) the gradients of all parameters, like ``torch.optim.Optimizer.zero_grad``."""
         for group in self.param_groups:
@@ -159,13 +171,7 @@ class Adam(Optimizer):
                 grad = param.grad
                 if grad is None:
                     continue
-                state = self.state.get(param)
-                if state is None:
-                    state = self.state[param] = {
-                        "step": torch.tensor(0.0, dtype=_scalar_dtype()),
-                        "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
-                        "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
-                    }
+                state = self._state_of(param)
                 step_t, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
                 step_t += 1
                 exp_avg.lerp_(grad, 1 - beta1)
@@ -203,12 +209,7 @@ class RMSprop(Optimizer):
                 grad = param.grad
                 if grad is None:
                     continue
-                state = self.state.get(param)
-                if state is None:
-                    state = self.state[param] = {
-                        "step": torch.zeros((), dtype=_scalar_dtype()),
-                        "square_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
-                    }
+                state = self._state_of(param)
                 square_avg = state["square_avg"]
                 state["step"] += 1
                 square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
