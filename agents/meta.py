@@ -17,7 +17,8 @@ cycles of ``meta.inner_updates + 1`` rollouts on one task:
    ``meta.slow_lr`` (the outer loop). It is first order: the loss is that of fresh experience
    after the inner loop, and no gradient flows through the inner updates;
 3. then the task may change: ``next_task`` (the trainer's hook) returns the task the
-   :class:`TaskSchedule` picks, and the trainer rebuilds the envs for it.
+   :class:`TaskSchedule` picks, and the trainer switches the envs to it (each task keeps its own
+   envs, parked between visits, so an episode cut by a switch goes on when its task returns).
 
 :class:`MultiTaskPPO` (``algo.name: multitask_ppo``) is the baseline for the same task distribution:
 plain PPO on all parameters at ``algo.lr``, switching tasks every ``meta.rollouts_per_task``

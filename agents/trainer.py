@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import hmac
 import importlib
+import json
 import math
 import os
 import pickle
@@ -199,6 +200,11 @@ def _base_venv(venv: VecEnv) -> VecEnv:
     return venv
 
 
+def _task_key(task: tuple[str, dict[str, Any]]) -> str:
+    """A task's (env id, options) as a dict key (the options are plain YAML values)."""
+    return json.dumps(task, sort_keys=True, default=str)
+
+
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
     np_state = np.random.get_state()
     return {
@@ -305,6 +311,9 @@ class Trainer:
         self.frames = 0
         self.updates = 0
         self.rollout_state: RolloutState | None = None
+        # Envs of the tasks not being trained on right now, with where their rollouts stopped (meta-learning's
+        # task switches park them here, so that an episode cut by a switch continues when its task returns).
+        self.parked_tasks: dict[str, tuple[VecEnv, RolloutState]] = {}
         self.recent_episodes: deque[dict[str, float]] = deque(maxlen=config["log"]["return_window"])
         self._stop_signal: str | None = None
         if checkpoint is not None:
@@ -794,10 +803,15 @@ class Trainer:
         """Let an updater that trains on a task distribution (meta-PPO) change the envs' task.
 
         An updater may define ``next_task(frames, rollout_stats) -> (env_id, options) | None``
-        (``rollout_stats`` is None when the trainer only asks, at construction); a returned task
-        different from the current one replaces the envs (same count; seeds from ``[seed, frames]``,
-        so a task visited again gets new levels rather than replaying the same ones), and the next
-        rollout starts fresh episodes from a zero core state.
+        (``rollout_stats`` is None when the trainer only asks, at construction). A returned task
+        different from the current one becomes the envs' task: the current task's envs are parked
+        with their rollout state (observations, core states, episode starts), and the new task's
+        parked envs continue where they stopped, or, on its first visit, new envs are built (same
+        count; seeds from ``[seed, frames]``, so that no two tasks share level streams) and start
+        fresh episodes from a zero core state. Episodes thus run to their end across switches: a
+        switch every few rollouts of 32 steps would otherwise cut every episode longer than that
+        (DoorKey's run to 250-640 steps), and only the short ones could ever be learned from.
+        A resumed run restores the current task's envs; the parked ones start fresh episodes.
         """
         next_task = getattr(self.updater, "next_task", None)
         if next_task is None:
@@ -805,15 +819,20 @@ class Trainer:
         task = next_task(self.frames, rollout_stats)
         if task is None or task == self.task:
             return
-        env_id, options = task
-        venv = self.make_envs(env_id, options, seed=[self.config["seed"], self.frames])
-        if (venv.observation_space, venv.action_space) != (self.venv.observation_space, self.venv.action_space):
-            venv.close()
-            raise ConfigError(f"task {env_id!r} has other observation/action spaces than the current task; "
-                              "all tasks of a run must share them")
-        self.venv.close()
-        self.venv, self.task = venv, task
-        self.rollout_state = start_rollouts(self.policy, self.venv)
+        parked = self.parked_tasks.pop(_task_key(task), None)
+        if parked is None:
+            env_id, options = task
+            venv = self.make_envs(env_id, options, seed=[self.config["seed"], self.frames])
+            if (venv.observation_space, venv.action_space) != (self.venv.observation_space, self.venv.action_space):
+                venv.close()
+                raise ConfigError(f"task {env_id!r} has other observation/action spaces than the current task; "
+                                  "all tasks of a run must share them")
+            parked = (venv, start_rollouts(self.policy, venv))
+        if self.rollout_state is not None:
+            self.parked_tasks[_task_key(self.task)] = (self.venv, self.rollout_state)
+        else:
+            self.venv.close()
+        (self.venv, self.rollout_state), self.task = parked, task
 
     def _env_crash_message(self, exc: BaseException) -> str:
         base = _base_venv(self.venv)

@@ -228,6 +228,34 @@ def test_curriculum_run_switches_the_envs_to_the_next_task(tmp_path: Path) -> No
     assert [row["meta/task_index"] for row in rows(tmp_path)] == [0, 0, 1, 1, 1, 1]
 
 
+def test_a_task_switch_parks_the_envs_so_that_their_episodes_continue_when_the_task_returns(tmp_path: Path) -> None:
+    # Switching tasks every few short rollouts must not cut episodes: DoorKey's run to 250-640 steps,
+    # and a run that restarted them at every switch could only learn from the short ones.
+    # Starts on DK5 (the curriculum's first task); the script then decides the switches.
+    trainer = meta_trainer(tmp_path, "total_frames=64", "meta.task_schedule=curriculum",
+                           "meta.curriculum_frames=1000")  # 4 rollouts of 8 steps, 2 envs
+    first_venv = trainer.venv
+    script = [DK6, DK5, DK5, DK6]  # the task asked for after each update
+    seen = []
+
+    def next_task(frames, rollout_stats):
+        steps = [env.unwrapped.step_count for env in trainer.venv.envs]
+        seen.append((trainer.task[0], trainer.venv, steps))
+        return (script[len(seen) - 1], dict(trainer.task[1]))
+
+    trainer.updater.next_task = next_task
+    trainer.run()
+    assert [task for task, _, _ in seen] == [DK5, DK6, DK5, DK5]
+    assert [venv is first_venv for _, venv, _ in seen] == [True, False, True, True]
+    # DK5's episodes ran 8 steps, waited parked while DK6 ran, then went on: 16 and 24 steps, not
+    # 8 again (no episode of these untrained 2 envs ends within 24 steps of DoorKey-5x5's 250).
+    assert [steps for _, _, steps in seen] == [[8, 8], [8, 8], [16, 16], [24, 24]]
+    # Now on DK6 again: its parked envs came back (16 steps), and DK5's wait parked with theirs.
+    assert trainer.task[0] == DK6 and trainer.venv is seen[1][1]
+    assert [env.unwrapped.step_count for env in trainer.venv.envs] == [8, 8]
+    assert [venv for venv, _ in trainer.parked_tasks.values()] == [first_venv]
+
+
 # -- command line, checkpoint, resume ---------------------------------------------------------------
 def test_tiny_meta_run_from_the_command_line_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
