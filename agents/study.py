@@ -311,6 +311,16 @@ def _resolve_config_path(text: Any, path: Path | None) -> Path:
     raise StudyError(f"{_where(path)}config file not found: {text} (looked in {Path.cwd()} and {REPO})")
 
 
+def _new_label(label: Any, field: str, taken: list[str], what: str, path: Path | None) -> str:
+    """``label`` if it can name a directory and is not in ``taken``; else a StudyError naming ``field``."""
+    if not isinstance(label, str) or not _LABEL.fullmatch(label):
+        raise StudyError(f"{_where(path)}{field} must be a plain name (letters, digits, '_', '.', '+', '-'; "
+                         f"it names a directory), got {label!r}")
+    if label in taken:
+        raise StudyError(f"{_where(path)}{what} label {label!r} is used twice; each {what} needs its own label")
+    return label
+
+
 def parse_study(raw: Any, path: Path | None = None, check_envs: bool = True) -> Study:
     """Check a study file's contents and return the Study, or raise StudyError naming the first problem.
 
@@ -356,12 +366,7 @@ def parse_study(raw: Any, path: Path | None = None, check_envs: bool = True) -> 
         if not isinstance(item, dict):
             raise StudyError(f"{_where(path)}models[{index}] must be a mapping with label and config")
         _unknown(item, MODEL_KEYS, f"models[{index}].", path)
-        label = item.get("label")
-        if not isinstance(label, str) or not _LABEL.fullmatch(label):
-            raise StudyError(f"{_where(path)}models[{index}].label must be a plain name (letters, digits, "
-                             f"'_', '.', '+', '-'; it names a directory), got {label!r}")
-        if any(m.label == label for m in models):
-            raise StudyError(f"{_where(path)}model label {label!r} is used twice; each model needs its own label")
+        label = _new_label(item.get("label"), f"models[{index}].label", [m.label for m in models], "model", path)
         config = _resolve_config_path(item.get("config"), path)
         overrides = _overrides(item.get("overrides"), f"models[{index}].overrides", path)
         for text in (*overrides, *common):
@@ -488,11 +493,8 @@ def _parse_adaptation(raw: dict[str, Any], models: list[ModelSpec], common: tupl
         if not isinstance(item, dict):
             raise StudyError(f"{_where(path)}finetune.runs[{index}] must be a mapping with label, from and rule")
         _unknown(item, FINETUNE_RUN_KEYS, f"finetune.runs[{index}].", path)
-        label = item.get("label")
-        if not isinstance(label, str) or not _LABEL.fullmatch(label):
-            raise StudyError(f"{_where(path)}finetune.runs[{index}].label must be a plain name, got {label!r}")
-        if any(r.label == label for r in runs):
-            raise StudyError(f"{_where(path)}fine-tuning run label {label!r} is used twice")
+        label = _new_label(item.get("label"), f"finetune.runs[{index}].label", [r.label for r in runs],
+                           "fine-tuning run", path)
         source = item.get("from")
         if source not in labels:
             raise StudyError(f"{_where(path)}finetune.runs[{index}].from must be a model label "
