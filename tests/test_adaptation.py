@@ -245,3 +245,9 @@ def test_shipped_adaptation_study_is_valid_and_refuses_a_meta_rule_on_a_baseline
     raw["finetune"]["runs"].append({"label": "rims.meta", "from": "rims", "rule": "meta"})
     with pytest.raises(StudyError, match="rule meta needs a meta_ppo model"):
         parse_study(raw, path, check_envs=False)
+    raw["finetune"]["runs"][-1] = dict(raw["finetune"]["runs"][0])  # a label used twice
+    with pytest.raises(StudyError, match="fine-tuning run label 'meta-rims.ppo' is used twice"):
+        parse_study(raw, path, check_envs=False)
+    raw["finetune"]["runs"][-1]["label"] = "../escape"  # a label that is not a directory name
+    with pytest.raises(StudyError, match=r"finetune.runs\[7\].label must be a plain name"):
+        parse_study(raw, path, check_envs=False)
