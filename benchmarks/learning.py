@@ -14,7 +14,10 @@ embedded default config (a bare ``python train.py``).
 Per seed it prints the frames at which the mean return of the last 100 episodes first
 reached ``--threshold`` (with at least 100 episodes finished), the mean return of the
 last 100 episodes at the end of the budget, and whether the run stayed learned (final >=
-``--final``); per config, the count of seeds that reached the threshold and stayed.
+``--final``); per config, the count of seeds that reached the threshold and stayed. A
+multi-task config (``meta_ppo``, ``multitask_ppo``) counts as reaching the threshold when every
+training task's mean return (over that task's last ``meta.return_window`` episodes) has reached
+it, and its final return is the lowest task's (each task's is printed beside it).
 
 Tune on seeds >= 100; report on seeds 1-10.
 """
@@ -70,8 +73,27 @@ def read_rows(run_dir: Path) -> list[dict]:
     return rows
 
 
+TASK_RETURN = "meta/return/"  # a multi-task run's (meta_ppo, multitask_ppo) per-task mean return
+
+
+def task_returns(rows: list[dict]) -> list[dict[str, float]]:
+    """Per update of a multi-task run, each training task's latest mean return (over its last
+    ``meta.return_window`` episodes); tasks not yet visited are absent. Empty dicts for a one-task run."""
+    tasks = sorted({key for row in rows for key in row if key.startswith(TASK_RETURN)})
+    latest: dict[str, float] = {}
+    out = []
+    for row in rows:
+        latest.update({key[len(TASK_RETURN):]: row[key] for key in tasks if row.get(key) is not None})
+        out.append({name: latest[name] for name in sorted(latest)} if len(latest) == len(tasks) else {})
+    return out
+
+
 def frames_to_threshold(rows: list[dict], threshold: float) -> int | None:
-    """Frames at the first update whose mean over a full window of 100 episodes reaches ``threshold``."""
+    """Frames at the first update whose mean over a full window of 100 episodes reaches ``threshold``;
+    for a multi-task run, the first update at which every training task's mean return reaches it."""
+    if any(key.startswith(TASK_RETURN) for row in rows for key in row):
+        return next((int(row["frames"]) for row, tasks in zip(rows, task_returns(rows))
+                     if tasks and min(tasks.values()) >= threshold), None)
     episodes = 0
     for row in rows:
         episodes += int(row.get("rollout/episodes") or 0)
@@ -81,7 +103,11 @@ def frames_to_threshold(rows: list[dict], threshold: float) -> int | None:
 
 
 def final_return(rows: list[dict]) -> float:
-    """The mean return of the last 100 episodes at the last update (0.0 before any episode ended)."""
+    """The mean return of the last 100 episodes at the last update (0.0 before any episode ended);
+    for a multi-task run, the lowest of its training tasks' mean returns."""
+    tasks = task_returns(rows)
+    if tasks and any(tasks):
+        return min(tasks[-1].values()) if tasks[-1] else 0.0
     return next((row["rollout/ep_return_mean"] for row in reversed(rows)
                  if row.get("rollout/ep_return_mean") is not None), 0.0)
 
@@ -168,8 +194,10 @@ def report(jobs: list[Job], threshold: float, final_bar: float) -> str:
             made += ok
             hits.append(hit if hit is not None else float("inf"))
             verdict = "learned" if ok else ("collapsed" if hit is not None else "not reached")
+            per_task = task_returns(rows)[-1]
             lines.append(f"{label:<28}{job.seed:>5}{total_frames(job):>9}{hit if hit else '-':>10}{final:>8.3f}"
-                         f"{fps:>7.0f}  {verdict}")
+                         f"{fps:>7.0f}  {verdict}"
+                         + (" (" + ", ".join(f"{t} {r:.3f}" for t, r in per_task.items()) + ")" if per_task else ""))
         median = statistics.median(hits) if hits else float("inf")
         lines.append(f"{label:<28}  reached {threshold} on {reached}/{len(group)}, reached and still >= {final_bar} "
                      f"at the end on {made}/{len(group)}; median frames to {threshold}: {median}")
