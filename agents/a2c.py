@@ -11,7 +11,7 @@ class RecurrentA2C(PolicyUpdater):
     """Advantage actor-critic (Mnih et al. 2016, synchronous) for a recurrent actor-critic.
 
     ``algo`` is the resolved config section (lr, ent_coef, vf_coef, max_grad_norm,
-    normalize_advantage, optimizer (RMSprop by default), optimizer_eps); the constructor is
+    normalize_advantage, advantage_std_floor, optimizer (RMSprop by default), optimizer_eps); the constructor is
     ``PolicyUpdater``'s.
     """
 
@@ -24,7 +24,8 @@ class RecurrentA2C(PolicyUpdater):
         )
         first_logprob_error = (log_probs - storage.log_probs).detach().abs().max().item()
         # One minibatch, the whole rollout: "batch" and true agree.
-        advantages = normalize_advantages(storage.advantages, a["normalize_advantage"], storage.advantages)
+        advantages = normalize_advantages(storage.advantages, a["normalize_advantage"], storage.advantages,
+                                         a["advantage_std_floor"])
         policy_loss = -(advantages * log_probs).mean()
         value_loss = 0.5 * (storage.returns - values).pow(2).mean()
         entropy_mean = entropy.mean()

@@ -149,6 +149,9 @@ def _algo_fields(**overrides: Any) -> dict[str, Field]:
         # any reward is not blown up to unit scale (that noise is most of the signal while rewards are rare).
         "normalize_advantage": Field(True, (bool, str), lambda v: v in (True, False, "batch"),
                                      "true (per minibatch), false or 'batch' (over the whole rollout)"),
+        # The smallest advantage spread normalisation divides by (0: none): with rare rewards a minibatch
+        # or rollout without one holds only value errors, which unit scaling turns into full-size steps.
+        "advantage_std_floor": Field(0.0, FLOAT, _non_negative, ">= 0"),
         "anneal_lr": Field(False, BOOL),
         "optimizer": Field("adam", STR, choices=("adam", "rmsprop")),
         "optimizer_eps": Field(1e-5, FLOAT, _positive, "> 0"),

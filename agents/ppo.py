@@ -16,18 +16,22 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
     return float("nan") if var == 0 else float(1 - (returns - values).var() / var)
 
 
-def normalize_advantages(advantages: torch.Tensor, mode: bool | str, rollout: torch.Tensor) -> torch.Tensor:
+def normalize_advantages(advantages: torch.Tensor, mode: bool | str, rollout: torch.Tensor,
+                         std_floor: float = 0.0) -> torch.Tensor:
     """Advantages of a minibatch as the update uses them.
 
     :param advantages: the minibatch's advantages.
     :param mode: ``True`` (zero mean, unit scale within the minibatch), ``"batch"`` (the same with
         the mean and scale of the whole rollout) or ``False`` (as they are).
     :param rollout: every advantage of the rollout (read by ``"batch"``).
+    :param std_floor: the smallest standard deviation divided by: advantages that spread less (a
+        minibatch in which no reward was seen, only the value function's errors) are scaled up
+        less than to unit scale. 0 divides by the standard deviation itself.
     """
     if mode == "batch":
-        return (advantages - rollout.mean()) / (rollout.std() + 1e-8)
+        return (advantages - rollout.mean()) / (rollout.std().clamp_min(std_floor) + 1e-8)
     if mode and advantages.numel() > 1:
-        return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        return (advantages - advantages.mean()) / (advantages.std().clamp_min(std_floor) + 1e-8)
     return advantages
 
 
@@ -35,7 +39,8 @@ class RecurrentPPO(PolicyUpdater):
     """PPO update for a recurrent actor-critic (Schulman et al. 2017, with whole-sequence minibatches).
 
     ``algo`` is the resolved config section (lr, n_epochs, num_minibatches, seq_len, clip_range,
-    clip_range_vf, ent_coef, vf_coef, max_grad_norm, normalize_advantage, optimizer, optimizer_eps,
+    clip_range_vf, ent_coef, vf_coef, max_grad_norm, normalize_advantage, advantage_std_floor, optimizer,
+    optimizer_eps,
     target_kl); the constructor is ``PolicyUpdater``'s.
     """
 
@@ -55,7 +60,8 @@ class RecurrentPPO(PolicyUpdater):
                     # Before any gradient step the replay must reproduce the rollout exactly.
                     first_logprob_error = log_ratio.detach().abs().max().item()
                 ratio = log_ratio.exp()
-                advantages = normalize_advantages(batch.advantages, a["normalize_advantage"], storage.advantages)
+                advantages = normalize_advantages(batch.advantages, a["normalize_advantage"], storage.advantages,
+                                                  a["advantage_std_floor"])
 
                 policy_loss = torch.max(
                     -advantages * ratio, -advantages * ratio.clamp(1 - a["clip_range"], 1 + a["clip_range"])

@@ -85,6 +85,23 @@ def test_advantage_normalization_per_minibatch_and_per_rollout() -> None:
     assert torch.equal(normalize_advantages(rollout, False, rollout), rollout)
 
 
+def test_advantage_std_floor_limits_how_far_a_rewardless_minibatch_is_scaled_up() -> None:
+    generator = torch.Generator().manual_seed(0)
+    noise = 0.01 * torch.randn(16, 4, generator=generator)  # value errors only: std ~0.01
+    rewarded = noise.clone()
+    rewarded[12:, 0] += torch.tensor([0.4, 0.6, 0.8, 1.0])  # std ~0.17
+    centred = noise - noise.mean()
+    # A floor of 0 is the plain normalisation, bit for bit (the shipped configs' results do not move).
+    assert torch.equal(normalize_advantages(noise, True, noise, 0.0), centred / (noise.std() + 1e-8))
+    assert torch.equal(normalize_advantages(noise, True, noise), normalize_advantages(noise, True, noise, 0.0))
+    # Below the floor the spread is divided by the floor: the noise keeps its small size.
+    torch.testing.assert_close(normalize_advantages(noise, True, noise, 0.1), centred / (0.1 + 1e-8))
+    assert normalize_advantages(noise, True, noise, 0.1).std() < 0.15
+    # Above it nothing changes: a minibatch with a reward is normalised as before.
+    assert torch.equal(normalize_advantages(rewarded, True, rewarded, 0.1), normalize_advantages(rewarded, True, rewarded))
+    assert torch.equal(normalize_advantages(noise, "batch", rewarded, 0.1), normalize_advantages(noise, "batch", rewarded))
+
+
 @pytest.mark.parametrize("core", list(SMALL_CORES))
 def test_recomputed_log_probs_equal_stored_before_first_update(core: str) -> None:
     _, venv, policy, storage = small_setup(core, extra=("env.max_episode_steps=10",))
