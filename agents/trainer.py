@@ -76,6 +76,9 @@ UPDATERS: dict[str, type[PolicyUpdater]] = {"ppo": RecurrentPPO, "a2c": Recurren
 PLUGIN_UPDATERS: dict[str, str] = {"meta_ppo": "agents.meta", "multitask_ppo": "agents.meta"}
 
 ENVS_STATE_FILE = "envs_state.pkl"
+# Task envs kept alive between visits (meta-learning); beyond this many the least recently run is
+# closed, so that a long task list (a suite, subprocess envs) does not keep every task's envs open.
+MAX_PARKED_TASKS = 8
 # The env options that ``envs.make_env`` (one env) takes; the others are vec-env options.
 SINGLE_ENV_OPTIONS: tuple[str, ...] = ("mission", "env_kwargs", "level_seeds", "max_episode_steps",
                                        "terminal_on_life_loss")
@@ -811,7 +814,8 @@ class Trainer:
         fresh episodes from a zero core state. Episodes thus run to their end across switches: a
         switch every few rollouts of 32 steps would otherwise cut every episode longer than that
         (DoorKey's run to 250-640 steps), and only the short ones could ever be learned from.
-        A resumed run restores the current task's envs; the parked ones start fresh episodes.
+        A resumed run restores the current task's envs; the parked ones start fresh episodes, as do
+        those of a task closed because more than ``MAX_PARKED_TASKS`` were parked.
         """
         next_task = getattr(self.updater, "next_task", None)
         if next_task is None:
@@ -830,6 +834,9 @@ class Trainer:
             parked = (venv, start_rollouts(self.policy, venv))
         if self.rollout_state is not None:
             self.parked_tasks[_task_key(self.task)] = (self.venv, self.rollout_state)
+            if len(self.parked_tasks) > MAX_PARKED_TASKS:  # a long task list: the least recently run restarts
+                oldest = next(iter(self.parked_tasks))
+                self.parked_tasks.pop(oldest)[0].close()
         else:
             self.venv.close()
         (self.venv, self.rollout_state), self.task = parked, task

@@ -256,6 +256,20 @@ def test_a_task_switch_parks_the_envs_so_that_their_episodes_continue_when_the_t
     assert [venv for venv, _ in trainer.parked_tasks.values()] == [first_venv]
 
 
+def test_beyond_max_parked_tasks_the_least_recently_run_task_envs_are_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agents.trainer
+
+    monkeypatch.setattr(agents.trainer, "MAX_PARKED_TASKS", 0)
+    trainer = meta_trainer(tmp_path, "total_frames=32", "meta.task_schedule=curriculum", "meta.curriculum_frames=1000")
+    closed = []
+    monkeypatch.setattr(trainer.venv, "close", lambda: closed.append(True))
+    trainer.updater.next_task = lambda frames, stats: (DK6, dict(trainer.task[1]))
+    trainer.run()
+    assert trainer.task[0] == DK6 and trainer.parked_tasks == {} and closed == [True]
+
+
 # -- command line, checkpoint, resume ---------------------------------------------------------------
 def test_tiny_meta_run_from_the_command_line_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
