@@ -39,9 +39,8 @@ class RecurrentPPO(PolicyUpdater):
     """PPO update for a recurrent actor-critic (Schulman et al. 2017, with whole-sequence minibatches).
 
     ``algo`` is the resolved config section (lr, n_epochs, num_minibatches, seq_len, clip_range,
-    clip_range_vf, ent_coef, vf_coef, max_grad_norm, normalize_advantage, advantage_std_floor, optimizer,
-    optimizer_eps,
-    target_kl); the constructor is ``PolicyUpdater``'s.
+    clip_range_vf, ent_coef, vf_coef, max_grad_norm, normalize_advantage, advantage_std_floor,
+    optimizer, optimizer_eps, target_kl); the constructor is ``PolicyUpdater``'s.
     """
 
     def update(self, storage: RolloutStorage) -> dict[str, float]:

@@ -76,10 +76,12 @@ def read_rows(run_dir: Path) -> list[dict]:
 TASK_RETURN = "meta/return/"  # a multi-task run's (meta_ppo, multitask_ppo) per-task mean return
 
 
-def task_returns(rows: list[dict]) -> list[dict[str, float]]:
+def task_returns(rows: list[dict]) -> list[dict[str, float]] | None:
     """Per update of a multi-task run, each training task's latest mean return (over its last
-    ``meta.return_window`` episodes); tasks not yet visited are absent. Empty dicts for a one-task run."""
+    ``meta.return_window`` episodes), an empty dict until every task has one; None for a one-task run."""
     tasks = sorted({key for row in rows for key in row if key.startswith(TASK_RETURN)})
+    if not tasks:
+        return None
     latest: dict[str, float] = {}
     out = []
     for row in rows:
@@ -91,8 +93,9 @@ def task_returns(rows: list[dict]) -> list[dict[str, float]]:
 def frames_to_threshold(rows: list[dict], threshold: float) -> int | None:
     """Frames at the first update whose mean over a full window of 100 episodes reaches ``threshold``;
     for a multi-task run, the first update at which every training task's mean return reaches it."""
-    if any(key.startswith(TASK_RETURN) for row in rows for key in row):
-        return next((int(row["frames"]) for row, tasks in zip(rows, task_returns(rows))
+    per_task = task_returns(rows)
+    if per_task is not None:
+        return next((int(row["frames"]) for row, tasks in zip(rows, per_task)
                      if tasks and min(tasks.values()) >= threshold), None)
     episodes = 0
     for row in rows:
@@ -105,9 +108,9 @@ def frames_to_threshold(rows: list[dict], threshold: float) -> int | None:
 def final_return(rows: list[dict]) -> float:
     """The mean return of the last 100 episodes at the last update (0.0 before any episode ended);
     for a multi-task run, the lowest of its training tasks' mean returns."""
-    tasks = task_returns(rows)
-    if tasks and any(tasks):
-        return min(tasks[-1].values()) if tasks[-1] else 0.0
+    per_task = task_returns(rows)
+    if per_task is not None:
+        return min(per_task[-1].values()) if per_task[-1] else 0.0
     return next((row["rollout/ep_return_mean"] for row in reversed(rows)
                  if row.get("rollout/ep_return_mean") is not None), 0.0)
 
@@ -194,7 +197,7 @@ def report(jobs: list[Job], threshold: float, final_bar: float) -> str:
             made += ok
             hits.append(hit if hit is not None else float("inf"))
             verdict = "learned" if ok else ("collapsed" if hit is not None else "not reached")
-            per_task = task_returns(rows)[-1]
+            per_task = (task_returns(rows) or [{}])[-1]
             lines.append(f"{label:<28}{job.seed:>5}{total_frames(job):>9}{hit if hit else '-':>10}{final:>8.3f}"
                          f"{fps:>7.0f}  {verdict}"
                          + (" (" + ", ".join(f"{t} {r:.3f}" for t, r in per_task.items()) + ")" if per_task else ""))

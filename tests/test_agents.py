@@ -98,8 +98,10 @@ def test_advantage_std_floor_limits_how_far_a_rewardless_minibatch_is_scaled_up(
     torch.testing.assert_close(normalize_advantages(noise, True, noise, 0.1), centred / (0.1 + 1e-8))
     assert normalize_advantages(noise, True, noise, 0.1).std() < 0.15
     # Above it nothing changes: a minibatch with a reward is normalised as before.
-    assert torch.equal(normalize_advantages(rewarded, True, rewarded, 0.1), normalize_advantages(rewarded, True, rewarded))
-    assert torch.equal(normalize_advantages(noise, "batch", rewarded, 0.1), normalize_advantages(noise, "batch", rewarded))
+    assert torch.equal(normalize_advantages(rewarded, True, rewarded, 0.1),
+                       normalize_advantages(rewarded, True, rewarded))
+    assert torch.equal(normalize_advantages(noise, "batch", rewarded, 0.1),
+                       normalize_advantages(noise, "batch", rewarded))
 
 
 @pytest.mark.parametrize("core", list(SMALL_CORES))

@@ -250,7 +250,7 @@ def test_a_task_switch_parks_the_envs_so_that_their_episodes_continue_when_the_t
     # DK5's episodes ran 8 steps, waited parked while DK6 ran, then went on: 16 and 24 steps, not
     # 8 again (no episode of these untrained 2 envs ends within 24 steps of DoorKey-5x5's 250).
     assert [steps for _, _, steps in seen] == [[8, 8], [8, 8], [16, 16], [24, 24]]
-    # Now on DK6 again: its parked envs came back (16 steps), and DK5's wait parked with theirs.
+    # Now on DK6 again: its parked envs came back as they were (8 steps, its one rollout), and DK5's are parked.
     assert trainer.task[0] == DK6 and trainer.venv is seen[1][1]
     assert [env.unwrapped.step_count for env in trainer.venv.envs] == [8, 8]
     assert [venv for venv, _ in trainer.parked_tasks.values()] == [first_venv]
