@@ -44,7 +44,10 @@ from agents.study import (
     StudyError,
     code_versions,
     config_hash,
+    eval_arguments,
     eval_path,
+    eval_settings,
+    has_eval,
     job_state,
     load_study_dir,
     plan,
@@ -338,9 +341,13 @@ def _read_run(model: str, seed: int, directory: Path, envs: list[str], study: St
     returns: dict[int, np.ndarray] = {}
     successes: dict[int, np.ndarray] = {}
     frames: dict[int, int] = {}
+    eval_args = eval_arguments(study.eval)
     for point in study.points:
+        episodes = study.eval.final_episodes if point == study.total_frames else study.eval.episodes
+        if not has_eval(directory, point, eval_settings(eval_args, episodes)):
+            continue  # not evaluated, or with other settings than the study's now: not comparable
         data = read_json(eval_path(directory, point))
-        if not isinstance(data, dict) or not data.get("checkpoints"):
+        if not data.get("checkpoints"):
             continue
         checkpoint = data["checkpoints"][0]
         by_name = {r["name"]: r for r in checkpoint["results"]}

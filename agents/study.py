@@ -76,6 +76,11 @@ STOP_FILE = ".stop"
 SESSIONS_FILE = "sessions.jsonl"  # one line per `study.py run` that ran something: when, where, how long
 # What a run executes: a change here changes the code version a run records.
 CODE_PATHS = ("agents", "policies", "envs", "train.py", "evaluate.py")
+# Modules of CODE_PATHS that train.py and evaluate.py never import (tests/test_study.py checks): the study
+# runner and its report. Fixing a report between two sessions of a study must not split it into two
+# versions (the report refuses to mix them); what they compute is rebuilt from the runs by `report`.
+REPORT_ONLY_PATHS = ("agents/study.py", "agents/executors.py", "agents/report.py", "agents/plots.py",
+                     "agents/adaptation.py")
 STUDY_COPY = "study.yaml"
 # Config keys the study sets itself for every run; a model may not override them.
 STUDY_KEYS = ("seed", "total_frames", "log.checkpoint_interval_frames", "log.keep_checkpoints",
@@ -725,7 +730,8 @@ def code_version(repo: Path = REPO) -> dict[str, Any]:
     """The git commit of ``repo``, whether the code differs from it, and a hash of the code itself.
 
     ``code_sha256`` hashes the files of the code a run executes (``CODE_PATHS``: the packages,
-    train.py and evaluate.py; not tests, docs or configs, whose effect the config hash covers) as
+    train.py and evaluate.py, less the study runner and report, ``REPORT_ONLY_PATHS``; not tests,
+    docs or configs, whose effect the config hash covers) as
     they are on disk; it is what :func:`version_tag` groups runs by, so a study continued after a
     commit that did not touch that code (or that committed it as it ran) stays one version.
     ``diff_sha256`` hashes ``git diff HEAD`` over the same paths. Outside a git checkout the commit
@@ -745,11 +751,14 @@ def code_version(repo: Path = REPO) -> dict[str, Any]:
     commit = git("rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "dirty": None, "diff_sha256": None, "code_sha256": None}
-    diff = git("diff", "HEAD", "--", *CODE_PATHS) or ""
+    excluded = [f":(exclude){path}" for path in REPORT_ONLY_PATHS]
+    diff = git("diff", "HEAD", "--", *CODE_PATHS, *excluded) or ""
     # The code itself, as it is on disk (CODE_PATHS' files that git tracks or would track), so a
     # commit that touches only docs, tests or configs, or that commits the code as it ran, is the same version.
-    files = sorted(set((git("ls-files", "--cached", "--others", "--exclude-standard", "--", *CODE_PATHS)
-                        or "").splitlines()))
+    listed = git("ls-files", "--cached", "--others", "--exclude-standard", "--", *CODE_PATHS, *excluded)
+    if listed is None:  # git failed: hashing no files would give every such session the same bogus version
+        return {"commit": commit.strip(), "dirty": None, "diff_sha256": None, "code_sha256": None}
+    files = sorted(set(listed.splitlines()))
     code = hashlib.sha256()
     for name in files:
         try:
@@ -814,6 +823,23 @@ def code_versions(provenance: dict[str, Any] | None) -> list[str]:
     return list(dict.fromkeys(tags))
 
 
+def check_code_version(jobs: Sequence[Job], version: dict[str, Any]) -> None:
+    """Refuse to continue a study whose existing runs were trained or evaluated with other code.
+
+    A report refuses to mix code versions within a model, so going on would spend hours on runs that
+    could never be reported beside the ones already there.
+
+    :raises StudyError: naming a run, its version and the current one.
+    """
+    current = version_tag(version)
+    for job in jobs:
+        found = [tag for tag in code_versions(read_provenance(Path(job.run_dir))) if tag != current]
+        if found:
+            raise StudyError(f"{job.run_dir} was made with code version {found[0]}, and the code is now {current} "
+                             f"(agents/, policies/, envs/, train.py or evaluate.py changed); a study's runs must "
+                             f"come from one version. Restore that code, or run the study under a new name")
+
+
 def checkpoint_frames(directory: Path) -> dict[int, Path]:
     """Frames -> numbered checkpoint (``checkpoints/checkpoint_<frames>.pt``) of a run."""
     found = {}
@@ -837,6 +863,19 @@ def checkpoint_for_point(checkpoints: dict[int, Path], point: int) -> tuple[int,
 def eval_path(directory: Path, point: int) -> Path:
     """Where the evaluate.py JSON of one evaluation point goes."""
     return directory / "eval" / f"point_{point:012d}.json"
+
+
+def eval_settings(eval_args: Sequence[str], episodes: int) -> dict[str, Any]:
+    """What one evaluation point runs with, recorded in its JSON as ``study_eval``: a point evaluated
+    with other settings (the study file's eval section changed since) counts as not evaluated, so it
+    is evaluated again instead of mixing unpaired levels or episode counts into one report."""
+    return {"episodes": int(episodes), "args": list(eval_args)}
+
+
+def has_eval(directory: Path, point: int, settings: dict[str, Any]) -> bool:
+    """Whether the run in ``directory`` has its evaluation at ``point`` with these ``eval_settings``."""
+    data = read_json(eval_path(directory, point))
+    return isinstance(data, dict) and data.get("study_eval") == settings
 
 
 # -- jobs -------------------------------------------------------------------------------------------
@@ -871,6 +910,14 @@ class Job:
     def key(self) -> str:
         """``model/seed_<s>``."""
         return f"{self.model}/seed_{self.seed}"
+
+    def eval_settings(self, point: int) -> dict[str, Any]:
+        """:func:`eval_settings` of one of this job's points (the end of the budget takes ``final_episodes``)."""
+        return eval_settings(self.eval_args, self.final_episodes if point == self.total_frames else self.episodes)
+
+    def evals_missing(self) -> list[int]:
+        """The points without an evaluation made with this job's settings."""
+        return [p for p in self.points if not has_eval(Path(self.run_dir), p, self.eval_settings(p))]
 
 
 def eval_arguments(spec: EvalSpec) -> tuple[str, ...]:
@@ -933,7 +980,7 @@ def job_state(job: Job) -> JobState:
     frames = max(checkpoints, default=0)
     return JobState(trained_frames=frames, started=(directory / "config.yaml").is_file(),
                     training_done=frames >= job.total_frames,
-                    evals_missing=[p for p in job.points if not eval_path(directory, p).is_file()])
+                    evals_missing=job.evals_missing())
 
 
 def check_existing_run(job: Job) -> None:
@@ -1117,18 +1164,22 @@ def eval_commands(job: Job) -> list[tuple[list[int], list[str], Path]]:
     """
     directory = Path(job.run_dir)
     checkpoints = checkpoint_frames(directory)
-    missing = [p for p in job.points if not eval_path(directory, p).is_file()]
+    rollout = _rollout_frames(directory)
     groups: dict[int, list[int]] = {}
-    for point in missing:  # points with the same number of episodes share one call
-        groups.setdefault(job.final_episodes if point == job.total_frames else job.episodes, []).append(point)
+    for point in job.evals_missing():  # points with the same number of episodes share one call
+        groups.setdefault(job.eval_settings(point)["episodes"], []).append(point)
     calls = []
     for episodes, points in groups.items():
         paths = []
         for point in points:
             found = checkpoint_for_point(checkpoints, point)
-            if found is None:
-                raise StudyError(f"{directory}: no checkpoint at or after {point} frames to evaluate "
-                                 f"(the study's eval points changed after the run was trained?)")
+            if found is None or (rollout is not None and found[0] - point >= rollout):
+                # train.py saves at the first rollout boundary at or after each multiple of the interval:
+                # a checkpoint further away is another point's, and the model there is not this point's.
+                nearest = "none" if found is None else f"the nearest is at {found[0]:,} frames"
+                raise StudyError(f"{directory}: no checkpoint within a rollout after {point:,} frames to evaluate "
+                                 f"({nearest}); the study's eval points changed after the run was trained. "
+                                 "Restore them, or move the run away to train it again")
             paths.append(str(found[1]))
         batch = directory / "eval" / f".batch-{os.getpid()}-{points[0]}.json"
         command = [job.python, str(Path(job.repo) / "evaluate.py"), *paths, "--episodes", str(episodes),
@@ -1137,14 +1188,25 @@ def eval_commands(job: Job) -> list[tuple[list[int], list[str], Path]]:
     return calls
 
 
-def split_batch(batch: Path, points: list[int], directory: Path) -> None:
-    """Cut one evaluate.py JSON over several checkpoints into one JSON per evaluation point."""
+def _rollout_frames(directory: Path) -> int | None:
+    """Frames one rollout of the run in ``directory`` adds (n_envs x n_steps), or None if unreadable."""
+    try:
+        config = yaml.safe_load((directory / "config.yaml").read_text())
+        return int(config["env"]["n_envs"]) * int(config["algo"]["n_steps"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
+
+
+def split_batch(batch: Path, points: list[int], job: Job) -> None:
+    """Cut one evaluate.py JSON over several checkpoints into one JSON per evaluation point of ``job``
+    (each recording the job's :func:`eval_settings`)."""
+    directory = Path(job.run_dir)
     data = read_json(batch)
     if not isinstance(data, dict) or len(data.get("checkpoints", [])) != len(points):
         raise StudyError(f"{batch}: evaluate.py wrote no usable result")
     for point, checkpoint in zip(points, data["checkpoints"], strict=True):
         single = {**{k: v for k, v in data.items() if k != "checkpoints"}, "point": point,
-                  "checkpoints": [checkpoint]}
+                  "study_eval": job.eval_settings(point), "checkpoints": [checkpoint]}
         atomic_write(eval_path(directory, point), (json.dumps(single, indent=2) + "\n").encode())
     batch.unlink(missing_ok=True)
 
@@ -1213,7 +1275,15 @@ def execute_job(job: Job, should_stop: Callable[[], int] | None = None) -> JobRe
         return JobResult(job.key, "stopped", "the study is stopping")
     directory = Path(job.run_dir)
     Path(job.log).parent.mkdir(parents=True, exist_ok=True)
-    version = json.loads(job.version) or code_version(Path(job.repo))
+    planned = json.loads(job.version)
+    version = code_version(Path(job.repo))
+    if version.get("commit") is None and planned:
+        version = planned  # no git where the job runs (a cluster node): nothing to check against
+    elif planned and version_tag(version) != version_tag(planned):
+        # The study planned its jobs with other code (an edit or checkout while it ran): this job would
+        # record one version and execute another.
+        return JobResult(job.key, "failed", f"the code changed while the study ran ({version_tag(planned)} when it "
+                                            f"started, {version_tag(version)} now); run the study again")
     trained = False
     with open(job.log, "a", encoding="utf-8") as log:
         log.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {job.key} (pid {os.getpid()})\n")
@@ -1221,6 +1291,12 @@ def execute_job(job: Job, should_stop: Callable[[], int] | None = None) -> JobRe
             state = job_state(job)
             if not state.training_done:
                 check_existing_run(job)
+                try:
+                    now = config_hash(load_config(job.config, list(job.overrides)))
+                except ConfigError as exc:
+                    raise StudyError(f"{job.config} changed while the study ran and no longer loads: {exc}") from None
+                if now != job.config_sha256:
+                    raise StudyError(f"{job.config} changed while the study ran; run the study again")
                 moved = set_aside_unresumable(directory)
                 if moved is not None:
                     log.write(f"note: {directory} held a run killed before its first checkpoint; moved it to "
@@ -1249,7 +1325,7 @@ def execute_job(job: Job, should_stop: Callable[[], int] | None = None) -> JobRe
                 if code != 0:
                     batch.unlink(missing_ok=True)
                     return JobResult(job.key, "failed", f"evaluate.py exit {code}: {_last_error(job.log)}", trained)
-                split_batch(batch, points, directory)
+                split_batch(batch, points, job)
         except StudyError as exc:
             log.write(f"error: {exc}\n")
             return JobResult(job.key, "failed", str(exc), trained)
@@ -1442,9 +1518,11 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
                          "(add --executor ray)")
     address = address or (study.executor.address if executor == "ray" else None)
     workers = workers or study.executor.workers
-    jobs = all_jobs(study, root, code_version())
+    version = code_version()
+    jobs = all_jobs(study, root, version)
     for job in jobs:
         check_existing_run(job)
+    check_code_version(jobs, version)
     with study_lock(root):
         (root / STOP_FILE).unlink(missing_ok=True)  # a stop request of an earlier session
         save_study_copy(study, root)

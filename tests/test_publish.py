@@ -52,7 +52,7 @@ def fake_study(tmp_path: Path, name: str = "tiny-pub") -> tuple[Path, Path]:
         for point in study.points:
             (run / "checkpoints" / f"checkpoint_{point:012d}.pt").write_bytes(b"weights")
             value = SCORES[job.model][SEEDS.index(job.seed)] * (point / study.total_frames)
-            data = {"seed": 10000, "episodes": 3, "checkpoints": [{
+            data = {"seed": 10000, "episodes": 3, "study_eval": job.eval_settings(point), "checkpoints": [{
                 "checkpoint": str(run / "checkpoints" / f"checkpoint_{point:012d}.pt"),
                 "results": [{"name": "DoorKey-6x6", "mean_return": value, "success_rate": value}]}]}
             eval_path(run, point).parent.mkdir(exist_ok=True)

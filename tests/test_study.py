@@ -23,10 +23,12 @@ from agents.study import (
     StudyError,
     checkpoint_for_point,
     checkpoint_interval,
+    eval_path,
     job_state,
     load_study,
     parse_seeds,
     plan,
+    resolved_config,
     run_study,
     summarize_states,
 )
@@ -322,6 +324,74 @@ def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version:
     assert set(report.load_results("tiny", root, split_versions=True).models) == {"lstm@1", "lstm@2", "rims"}
 
 
+def test_other_code_is_refused_before_and_during_a_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Runs of one model from two code versions can never be reported together: a study continued with
+    # other code is refused before anything runs, and a job whose code changed after the study planned
+    # it (an edit or checkout mid-session) fails instead of recording one version and running another.
+    from agents.study import check_code_version, execute_job, record_session
+
+    study = load_study(write_study(tmp_path, tiny_study()))
+    root = tmp_path / "out"
+    monkeypatch.setenv("MODULAR_RL_CODE_VERSION", "first")
+    first = {"commit": "first", "dirty": False, "diff_sha256": None}
+    jobs = plan(study, root, first)
+    record_session(Path(jobs[0].run_dir), "train", jobs[0].config_sha256, first)
+    check_code_version(jobs, first)  # the same version: goes on
+    monkeypatch.setenv("MODULAR_RL_CODE_VERSION", "second")
+    second = {"commit": "second", "dirty": False, "diff_sha256": None}
+    with pytest.raises(StudyError, match="made with code version first, and the code is now second"):
+        run_study(study, root, report=False)
+    result = execute_job(jobs[1])  # planned with "first", runs under "second"
+    assert result.status == "failed" and "the code changed while the study ran (first" in result.message
+    assert not Path(jobs[1].run_dir).exists()  # nothing trained or recorded
+    check_code_version(plan(study, tmp_path / "other", second), second)  # a new study directory is fine
+
+
+def test_a_config_file_edited_while_the_study_runs_fails_its_job(tmp_path: Path, fixed_version: None) -> None:
+    from agents.study import execute_job
+
+    config = tmp_path / "lstm.yaml"
+    config.write_text((REPO / "configs/minigrid/doorkey-lstm-ppo.yaml").read_text())
+    raw = tiny_study(model_names=("lstm",), seeds=(1,))
+    raw["models"][0]["config"] = str(config)
+    study = load_study(write_study(tmp_path, raw))
+    job = plan(study, tmp_path / "out", {"commit": VERSION, "dirty": False, "diff_sha256": None})[0]
+    config.write_text(config.read_text().replace("ent_coef: 0.01", "ent_coef: 0.05"))
+    result = execute_job(job)
+    assert result.status == "failed" and "changed while the study ran" in result.message
+    assert not (Path(job.run_dir) / "config.yaml").exists()
+
+
+def test_evaluations_made_with_other_settings_or_points_are_not_taken(tmp_path: Path) -> None:
+    # A study file whose eval section changed after some runs were evaluated: a point evaluated with
+    # other episodes or levels is evaluated again (never mixed), and a new point with no checkpoint
+    # within a rollout after it is refused rather than served another point's model.
+    from agents.study import eval_commands, has_eval
+
+    study = load_study(write_study(tmp_path, tiny_study(model_names=("lstm",), seeds=(1,))))
+    job = plan(study, tmp_path / "out")[0]
+    run = Path(job.run_dir)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(resolved_config(study, study.model("lstm"), 1)))
+    for frames in (512, 1024):  # rollouts of 64 frames: the checkpoints of points 512 and 1024
+        (run / "checkpoints" / f"checkpoint_{frames:012d}.pt").write_bytes(b"weights")
+    assert [points for points, _, _ in eval_commands(job)] == [[512, 1024]]  # 3 episodes at both: one call
+    eval_path(run, 512).parent.mkdir()
+    eval_path(run, 512).write_text(json.dumps({"study_eval": job.eval_settings(512), "checkpoints": []}))
+    assert has_eval(run, 512, job.eval_settings(512)) and job.evals_missing() == [1024]
+
+    more_episodes = tiny_study(model_names=("lstm",), seeds=(1,))
+    more_episodes["eval"]["episodes"] = 5
+    changed = plan(load_study(write_study(tmp_path, more_episodes, "more.yaml")), tmp_path / "out")[0]
+    assert changed.run_dir == job.run_dir and changed.evals_missing() == [512, 1024]
+
+    new_point = tiny_study(model_names=("lstm",), seeds=(1,))
+    new_point["eval"]["points"] = [256]
+    moved = plan(load_study(write_study(tmp_path, new_point, "moved.yaml")), tmp_path / "out")[0]
+    with pytest.raises(StudyError, match=r"no checkpoint within a rollout after 256 frames to evaluate \(the nearest is at 512"):
+        eval_commands(moved)
+
+
 def test_ray_study_end_to_end(tmp_path: Path, fixed_version: None) -> None:
     ray = pytest.importorskip("ray")
     # One model x 2 seeds: the two runs go to the two Ray CPUs side by side.
@@ -412,6 +482,28 @@ def test_code_version_ignores_commits_outside_the_code(tmp_path: Path, monkeypat
     assert uncommitted != first
     git("commit", "-q", "-am", "code")
     assert version_tag(code_version(tmp_path)) == uncommitted  # the same code, committed or not
+    # A fix to the report between two sessions of a study leaves its runs one version.
+    (tmp_path / "agents" / "report.py").write_text("fixed = True\n")
+    assert version_tag(code_version(tmp_path)) == uncommitted
+
+
+def test_train_and_evaluate_never_import_the_report_only_modules() -> None:
+    # The code version leaves REPORT_ONLY_PATHS out because no run executes them; an import of one of
+    # them from the training or evaluation path would make that untrue.
+    import subprocess
+    import sys
+
+    from agents.study import REPORT_ONLY_PATHS
+
+    script = ("import sys, train, evaluate\n"
+              "from agents import trainer, evaluation, meta, distributed, rollout, ppo, a2c\n"
+              "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('agents', 'policies', 'envs'))))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=120, check=True)
+    imported = set(done.stdout.split())
+    assert "agents.trainer" in imported and "agents.evaluation" in imported
+    report_only = {path.removesuffix(".py").replace("/", ".") for path in REPORT_ONLY_PATHS}
+    assert not imported & report_only
 
 
 def test_version_tag_keeps_a_configured_version_whole_and_shortens_git_commits(
