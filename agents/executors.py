@@ -122,21 +122,25 @@ def _report(display: Display, result: JobResult) -> None:
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[list[str]]:
-    """Within the block SIGTERM raises KeyboardInterrupt (so a scheduler's stop is a clean stop)."""
+    """Within the block SIGTERM and SIGHUP raise KeyboardInterrupt, so a scheduler's stop or a closed
+    terminal (an ssh session that drops) is a clean stop: the runs, in their own sessions, would
+    otherwise go on training unsupervised, holding their run locks against the next `run`."""
     received: list[str] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
 
-    def handler(_signum: int, _frame: Any) -> None:
-        received.append("SIGTERM")
+    def handler(signum: int, _frame: Any) -> None:
+        received.append(signal.Signals(signum).name)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    caught = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {number: signal.signal(number, handler) for number in caught}
     try:
         yield received
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, action in previous.items():
+            signal.signal(number, action)
 
 
 @dataclasses.dataclass
@@ -144,7 +148,7 @@ class Outcome:
     """What an executor came to: one result per job it ran, and whether it was stopped (and by what)."""
 
     results: list[JobResult]
-    stopped: str | None = None  # "SIGINT" or "SIGTERM"
+    stopped: str | None = None  # "SIGINT", "SIGTERM" or "SIGHUP"
 
 
 def run_local(jobs: Sequence[Job], workers: int | None = None, display: Display | None = None) -> Outcome:

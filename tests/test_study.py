@@ -388,7 +388,8 @@ def test_evaluations_made_with_other_settings_or_points_are_not_taken(tmp_path: 
     new_point = tiny_study(model_names=("lstm",), seeds=(1,))
     new_point["eval"]["points"] = [256]
     moved = plan(load_study(write_study(tmp_path, new_point, "moved.yaml")), tmp_path / "out")[0]
-    with pytest.raises(StudyError, match=r"no checkpoint within a rollout after 256 frames to evaluate \(the nearest is at 512"):
+    refused = r"no checkpoint within a rollout after 256 frames to evaluate \(the nearest is at 512"
+    with pytest.raises(StudyError, match=refused):
         eval_commands(moved)
 
 
@@ -537,3 +538,17 @@ def test_config_hash_tells_pretrained_from_random_weights_but_not_the_weights_pa
     b = load_config(None, ["init_from=/elsewhere/x/runs/rims/seed_2/checkpoint.pt"])
     # The path moves with the study directory and the seed; a row switched to (or from) scratch does not match.
     assert config_hash(a) == config_hash(b) != config_hash(plain)
+
+
+def test_a_closed_terminal_stops_a_study_cleanly() -> None:
+    # SIGHUP (an ssh session that drops) must stop the pool like Ctrl-C, not kill study.py and leave
+    # its runs training on unsupervised; the previous handlers come back afterwards.
+    from agents.executors import _sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGHUP), signal.getsignal(signal.SIGTERM)
+    for number in (signal.SIGHUP, signal.SIGTERM):
+        with pytest.raises(KeyboardInterrupt), _sigterm_as_interrupt() as received:
+            os.kill(os.getpid(), number)
+            time.sleep(5)  # the handler interrupts this
+        assert received == [signal.Signals(number).name]
+    assert (signal.getsignal(signal.SIGHUP), signal.getsignal(signal.SIGTERM)) == before
