@@ -368,8 +368,11 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
                            if spec.run(r).source in below and not spec.run(r).scratch]
                 caveat = f" (but {', '.join(sorted(set(flagged)))} did not reach the pre-training criterion)" \
                     if flagged else ""
-                sdd = (f"smallest detectable difference in mean area ~{rp._fmt(detectable)}"
-                       if math.isfinite(detectable) else "smallest detectable difference unknown (fewer than two runs)")
+                if not math.isfinite(detectable):  # one run on a side: intervals of no width support nothing
+                    answers.append(f"{x} against {y}: too few runs to compare (smallest detectable difference "
+                                   f"unknown (fewer than two runs)): no claim is made{caveat}")
+                    continue
+                sdd = f"smallest detectable difference in mean area ~{rp._fmt(detectable)}"
                 answers.append(f"area under the curve: {rp.verdict(x, y, area)}; {sdd}{caveat}")
                 sooner = rp.verdict(x, y, speed).replace("improves on", "reaches the threshold sooner than")
                 answers.append(f"frames to threshold: {sooner.replace('does worse than', 'reaches it later than')}")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 import warnings
 from collections.abc import Sequence
@@ -415,9 +416,13 @@ def conclusion(model: str, baseline: str, iqm_x: tuple[float, float, float], iqm
 
     :param iqm_x: ``(point, low, high)`` IQM of ``model``; ``iqm_y`` the same for ``baseline``.
     :param poi: ``(point, low, high)`` of P(model > baseline).
-    :param detectable: :func:`smallest_detectable_difference` of the mean held-out return (nan: unknown).
+    :param detectable: :func:`smallest_detectable_difference` of the mean held-out return (nan: fewer
+        than two runs on a side, where the intervals have no width and no claim is made).
     """
     iqms = f"IQM {_ci(iqm_x)} vs {_ci(iqm_y)}"
+    if not math.isfinite(detectable):
+        return (f"too few runs to compare {model} with {baseline} (a model with one run has intervals of no "
+                f"width; {iqms}): no claim is made")
     p = f"P({model} > {baseline}) {_ci(poi)}"
     sdd = (f"smallest detectable difference in mean held-out return ~{_fmt(detectable)}" if math.isfinite(detectable)
            else "smallest detectable difference unknown (fewer than two runs)")
@@ -892,7 +897,7 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
         sections += [*body, ""]
         _, commits, _ = study_versions(spec, directory)
         commits = [c for c in commits if not version.startswith(c.split(" ")[0])]  # a version set by hand is its own
-        runs = len(list(directory.glob("runs/*/seed_*")))
+        runs = sum(re.fullmatch(r"seed_\d+", path.name) is not None for path in directory.glob("runs/*/seed_*"))
         banner.append(f"`{spec.name}` (code version `{version}`"
                       + (f", git commit {', '.join(commits)}" if commits else "") + f"; {runs} runs)")
         found = _section(text, "What the intervals support") or _section(text, "The questions")

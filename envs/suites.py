@@ -111,7 +111,8 @@ def multiroom() -> Suite:
         "multiroom",
         "MiniGrid MultiRoom: train 2 rooms of size <= 4, held out N4-S5 and N6 (more rooms)",
         _ids("MiniGrid-MultiRoom-", ["N2-S4"]),
-        _ids("MiniGrid-MultiRoom-", ["N4-S5", "N6"]),
+        # N4-S5-v1, not -v0: MiniGrid keeps the legacy id MultiRoom-N4-S5-v0 configured for 6 rooms.
+        [EnvSpec("MiniGrid-MultiRoom-N4-S5-v1"), EnvSpec("MiniGrid-MultiRoom-N6-v0")],
     )
 
 

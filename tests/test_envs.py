@@ -342,6 +342,12 @@ def test_suites_list_and_resolve():
         "MiniGrid-DoorKey-8x8-v0",
         "MiniGrid-DoorKey-16x16-v0",
     ]
+    # The multiroom suite holds out 4 and then 6 rooms (MiniGrid's MultiRoom-N4-S5-v0 has 6).
+    for spec, rooms in zip(get_suite("multiroom").heldout, (4, 6), strict=True):
+        env = gym.make(spec.env_id)
+        env.reset(seed=0)
+        assert len(env.unwrapped.rooms) == rooms, spec.env_id
+        env.close()
     with pytest.raises(ValueError, match="doorkey"):
         get_suite("no-such-suite")
     with pytest.raises(ValueError, match="accepted"):
