@@ -8,7 +8,15 @@ one point per rollout (``metrics.jsonl``):
 - ``values[i]``: the mean return of the episodes that *finished* during rollout i
   (``rollout/ep_return_rollout``), nan when none finished.
 
-**A rollout in which no episode finished** carries the value of the last rollout that had one
+The measures read that curve in **windows** of a fixed number of frames (``finetune.window_frames``,
+the same for every fine-tuning rule), :func:`window_curve`: a window's value is the mean return of
+every episode that finished in it (each rollout weighted by its episode count). Per rollout, a rule
+with short rollouts (the meta rule's 32 steps against PPO's 128) would be measured on points of a
+few episodes each, whose noise crosses a threshold far sooner; and the first rollouts would hold
+only the episodes short enough to have ended, the quick successes. A window of at least
+``n_envs x max_steps`` frames sees every env end an episode.
+
+**A window (or rollout) in which no episode finished** carries the value of the last one that had one
 (the best estimate of the policy's return is still the last one measured); **before the first
 finished episode** it counts as ``initial`` (0 by default: on the sparse-reward MiniGrid tasks a
 failed episode scores 0, and an agent none of whose episodes has ended has not reached the goal,
@@ -17,13 +25,13 @@ uses it.
 
 Measures (each one number per run, so a study aggregates them over runs with rliable):
 
-- :func:`area_under_curve`: the mean return over the fine-tuning budget, each rollout's value
-  weighted by the frames it took (equal rollouts: the plain mean). Higher = adapted earlier and better.
-- :func:`frames_to_threshold`: the frames after the first rollout whose value reaches
+- :func:`area_under_curve`: the mean return over the fine-tuning budget, each point's (window's)
+  value weighted by the frames it covers (equal windows: the plain mean). Higher = adapted earlier and better.
+- :func:`frames_to_threshold`: the frames at the end of the first point (window) whose value reaches
   ``threshold`` (None: never within the budget; a study counts it as the budget, a lower bound).
 - :func:`zero_shot_return`: the mean return of a fixed number of evaluation episodes of the
   pre-trained agent on the held-out task, before any update.
-- :func:`final_return`: the mean of the last rollouts' values (the end of the curve).
+- :func:`final_return`: the mean of the last points' values (the end of the curve).
 
 :func:`read_curve` reads ``(frames, values)`` from a run directory; :func:`build_adaptation_report`
 writes the report of a ``kind: adaptation`` study (``python study.py report <study>``): the
@@ -115,10 +123,44 @@ def final_return(frames: Sequence[float] | np.ndarray, values: Sequence[float] |
     return float(filled[-count:].mean())
 
 
+def window_curve(frames: Sequence[float] | np.ndarray, values: Sequence[float] | np.ndarray,
+                 episodes: Sequence[float] | np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """A per-rollout curve regrouped into windows of ``window`` frames.
+
+    Rollout i belongs to the window its end ``frames[i]`` falls in (``(0, window]``, ``(window,
+    2 window]``, ...); a window's value is the mean return of all the episodes that finished in it,
+    ``sum(episodes * values) / sum(episodes)``, nan when none did. Returns ``(window ends, values)``
+    over the windows that hold a rollout, the last one ending at the last rollout (a partial window).
+    """
+    frames_array, values_array = _curve(frames, values)
+    counts = np.asarray(episodes, dtype=np.float64)
+    if counts.shape != frames_array.shape or (counts < 0).any() or not np.isfinite(counts).all():
+        raise ValueError("episodes must be one finite, non-negative count per rollout")
+    if window < 1:
+        raise ValueError(f"window must be at least 1 frame, got {window}")
+    index = np.ceil(frames_array / window).astype(np.int64) - 1
+    finished = (counts > 0) & ~np.isnan(values_array)
+    ends, out = [], []
+    for w in np.unique(index):
+        mine = (index == w) & finished
+        ends.append(min(float((w + 1) * window), float(frames_array[index == w][-1])))
+        total = counts[mine].sum()
+        out.append(float((counts[mine] * values_array[mine]).sum() / total) if total > 0 else math.nan)
+    return np.array(ends, dtype=np.float64), np.array(out, dtype=np.float64)
+
+
 def read_curve(run_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """``(frames, values)`` of a run from its ``metrics.jsonl``: one point per rollout, nan where no
-    episode finished. A row logged twice for one frame count (never after train.py's purge on resume,
-    but cheap to guard) keeps its last copy.
+    episode finished (:func:`read_rollouts` without the episode counts)."""
+    frames, values, _ = read_rollouts(run_dir)
+    return frames, values
+
+
+def read_rollouts(run_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(frames, values, episodes)`` of a run from its ``metrics.jsonl``: one point per rollout, the
+    mean return of the episodes that finished in it (nan where none did) and how many finished. A row
+    logged twice for one frame count (never after train.py's purge on resume, but cheap to guard) keeps
+    its last copy.
 
     :raises ValueError: if the file is missing, empty, or was written before the trainer logged
         ``rollout/ep_return_rollout`` (a run whose curve cannot be read this way).
@@ -129,6 +171,7 @@ def read_curve(run_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     except OSError as exc:
         raise ValueError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     by_frames: dict[int, float] = {}
+    counts: dict[int, int] = {}
     has_key = had_episodes = False
     for line in lines:
         try:
@@ -141,13 +184,15 @@ def read_curve(run_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
         value = row.get(ROLLOUT_RETURN_KEY)
         has_key, had_episodes = has_key or value is not None, had_episodes or bool(episodes)
         by_frames[row["frames"]] = float(value) if episodes and value is not None else math.nan
+        counts[row["frames"]] = int(episodes) if value is not None else 0
     if not by_frames:
         raise ValueError(f"{path}: no metrics rows")
     if had_episodes and not has_key:
         raise ValueError(f"{path}: written before the trainer logged {ROLLOUT_RETURN_KEY}; its per-rollout "
                          "returns cannot be read")
     frames = sorted(by_frames)
-    return np.array(frames, dtype=np.float64), np.array([by_frames[f] for f in frames], dtype=np.float64)
+    return (np.array(frames, dtype=np.float64), np.array([by_frames[f] for f in frames], dtype=np.float64),
+            np.array([counts[f] for f in frames], dtype=np.float64))
 
 
 # -- the report of an adaptation study ---------------------------------------------------------------
@@ -187,7 +232,7 @@ def load_finetunes(study: Any, directory: Path) -> tuple[dict[str, list[Finetune
         label = job.model.split("/")[0]
         task = next(t for t in spec.tasks if short_env_name(t) == job.model.split("/", 1)[1])
         try:
-            frames, values = read_curve(job.run_dir)
+            frames, values = window_curve(*read_rollouts(job.run_dir), spec.window_frames)
         except ValueError as exc:  # a finished run whose metrics.jsonl is gone or predates the per-rollout curve
             raise StudyError(f"fine-tuning run {job.key}: {exc}") from None
         provenance = read_provenance(Path(job.run_dir)) or {}
@@ -258,13 +303,14 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
               f"model ({ppo}; nothing of the pre-training algorithm carries over); rule `meta`: the model's own "
               "meta_ppo rule (fast/slow groups) with the held-out task as its only task; `scratch`: the same "
               "architecture and rule from random weights.",
-              "- **Measures**, from each fine-tuning run's per-rollout curve (the mean return of the episodes that "
-              "finished in each rollout; a rollout in which no episode finished carries the last rollout's value, "
+              "- **Measures**, from each fine-tuning run's curve in windows of "
+              f"{spec.window_frames:,} frames, the same for every rule (the mean return of the episodes that "
+              "finished in each window; a window in which no episode finished carries the last window's value, "
               "and counts 0 before the first finished episode): *area under the curve* = the mean return over the "
-              "budget (each rollout weighted by its frames); *frames to threshold* = the frames after the first "
-              f"rollout whose episodes' mean return reaches {spec.threshold:g} (a run that never does counts as "
-              "the whole budget, a lower bound, and the table says how many did); *zero-shot* = the pre-trained "
-              "model's evaluation return on the held-out task; *final* = the mean of the last 10% of the rollouts.",
+              "budget (each window weighted by its frames); *frames to threshold* = the frames at the end of the "
+              f"first window whose episodes' mean return reaches {spec.threshold:g} (a run that never does counts "
+              "as the whole budget, a lower bound, and the table says how many did); *zero-shot* = the pre-trained "
+              "model's evaluation return on the held-out task; *final* = the mean of the last 10% of the windows.",
               f"- Statistics (rliable): IQM and mean over runs x tasks with {int(rp.CONFIDENCE * 100)}% stratified "
               f"bootstrap intervals ({reps:,} resamples), probabilities of improvement P(X > Y) with their intervals "
               f"({small:,} resamples). A model with a single run has no interval (shown as a zero-width one).",
@@ -485,4 +531,5 @@ def _write_plots(directory: Path, study: Any, finetunes: dict[str, list[Finetune
 
 
 __all__ = ["ROLLOUT_RETURN_KEY", "FinetuneRecord", "area_under_curve", "build_adaptation_report", "fill_curve",
-           "final_return", "frames_to_threshold", "load_finetunes", "read_curve", "zero_shot_return"]
+           "final_return", "frames_to_threshold", "load_finetunes", "read_curve", "read_rollouts",
+           "window_curve", "zero_shot_return"]

@@ -91,6 +91,10 @@ STUDY_KEYS = ("seed", "total_frames", "log.checkpoint_interval_frames", "log.kee
 UNHASHED_KEYS = ("seed", "name", "log", "torch_threads", "init_from")
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 _GIT_OBJECT_NAME = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+# The adaptation measures' window in fine-tuning frames: 5 rollouts of 16 envs x 128 steps (the ppo rule),
+# 20 of 16 x 32 (the meta configs' rule); and 640 steps per env, so that with episodes of at most 640
+# steps every env has ended one (a success or a time-out) within the first window.
+DEFAULT_WINDOW_FRAMES = 10_240
 
 
 class StudyError(ValueError):
@@ -179,13 +183,15 @@ class AdaptationSpec:
     :param train_tasks: the pre-training tasks (env ids), the same for every model.
     :param tasks: the held-out fine-tuning tasks (env ids); one fine-tuning run per task.
     :param total_frames: the fine-tuning budget of every run.
-    :param threshold: the per-rollout return whose first crossing times the adaptation.
+    :param threshold: the windowed return whose first crossing times the adaptation.
     :param criterion: the return on the training tasks a pre-trained model must reach (else it is flagged).
     :param episodes: evaluation episodes per env at the end of pre-training (training tasks and zero-shot).
     :param ppo: the plain-PPO rule as ``algo.<key>=<value>`` overrides (after ``algo.name=ppo``).
     :param overrides: for every fine-tuning run (env settings such as ``env.n_envs``).
     :param runs: the fine-tuning rows.
     :param questions: what the report answers with probabilities of improvement.
+    :param window_frames: the measures' window (``agents.adaptation.window_curve``): the same for every
+        rule, so that rows with short rollouts (the meta rule's) are not measured on noisier points.
     """
 
     train_tasks: tuple[str, ...]
@@ -198,6 +204,7 @@ class AdaptationSpec:
     overrides: tuple[str, ...]
     runs: tuple[FinetuneRun, ...]
     questions: tuple[Question, ...] = ()
+    window_frames: int = DEFAULT_WINDOW_FRAMES
 
     def run(self, label: str) -> FinetuneRun:
         """The fine-tuning row with this label."""
@@ -240,7 +247,7 @@ TOP_KEYS = {"name", "kind", "description", "models", "seeds", "total_frames", "b
             "overrides"}
 ADAPTATION_TOP_KEYS = (TOP_KEYS - {"eval"}) | {"pretrain", "finetune", "questions"}
 PRETRAIN_KEYS = {"criterion", "episodes", "eval_seed"}
-FINETUNE_KEYS = {"tasks", "total_frames", "threshold", "ppo", "overrides", "runs"}
+FINETUNE_KEYS = {"tasks", "total_frames", "threshold", "ppo", "overrides", "runs", "window_frames"}
 FINETUNE_RUN_KEYS = {"label", "from", "rule", "scratch"}
 QUESTION_KEYS = {"text", "x", "y"}
 KINDS = ("training", "adaptation")
@@ -476,6 +483,10 @@ def _parse_adaptation(raw: dict[str, Any], models: list[ModelSpec], common: tupl
                          "be held out")
     frames = _int(section.get("total_frames"), "finetune.total_frames", path)
     threshold = _number(section.get("threshold"), "finetune.threshold", path)
+    window = _int(section.get("window_frames", DEFAULT_WINDOW_FRAMES), "finetune.window_frames", path)
+    if window > frames:
+        raise StudyError(f"{_where(path)}finetune.window_frames ({window:,}) is longer than the fine-tuning budget "
+                         f"({frames:,})")
     ppo_raw = section.get("ppo") or {}
     if not isinstance(ppo_raw, dict):
         raise StudyError(f"{_where(path)}finetune.ppo must be a mapping of algo settings (lr, n_steps, ...)")
@@ -532,7 +543,7 @@ def _parse_adaptation(raw: dict[str, Any], models: list[ModelSpec], common: tupl
         questions.append(Question(item["text"], sides[0], sides[1]))
 
     spec = AdaptationSpec(train_tasks, tuple(tasks_raw), frames, threshold, criterion, episodes, ppo, overrides,
-                          tuple(runs), tuple(questions))
+                          tuple(runs), tuple(questions), window)
     # Pre-training runs are evaluated once, at the end: on the training tasks (the pre-training return)
     # and on the held-out tasks before any update (the zero-shot return), with the same episodes.
     evaluation = EvalSpec(points=(), envs=(*train_tasks, *tasks_raw),

@@ -45,6 +45,22 @@ def test_area_under_the_curve_is_the_frame_weighted_mean_return_over_the_budget(
             area_under_curve(frames, values)
 
 
+def test_window_curve_pools_the_episodes_of_each_window() -> None:
+    from agents.adaptation import window_curve
+
+    # Rollouts of 100 frames in windows of 200: each window is the mean over all its episodes.
+    frames, values = window_curve([100, 200, 300, 400, 500], [1.0, 0.0, NAN, NAN, 0.5], [1, 3, 0, 0, 2], 200)
+    assert frames.tolist() == [200, 400, 500]  # the last window is partial: it ends at the last rollout
+    assert values[0] == pytest.approx(0.25) and math.isnan(values[1]) and values[2] == pytest.approx(0.5)
+    # A short-rollout rule (four rollouts per window) and a long-rollout one with the same episodes get
+    # the same window values: the noise of one rollout's few episodes no longer crosses a threshold alone.
+    short = window_curve([25, 50, 75, 100], [1.0, 0.0, 0.0, 0.0], [1, 1, 1, 1], 100)
+    assert short[1].tolist() == [0.25] and frames_to_threshold(*short, 0.8) is None
+    assert frames_to_threshold([25, 50, 75, 100], [1.0, 0.0, 0.0, 0.0], 0.8) == 25  # per rollout it would
+    with pytest.raises(ValueError, match="one finite, non-negative count per rollout"):
+        window_curve([100, 200], [0.5, 0.5], [1], 100)
+
+
 def test_frames_to_threshold_is_the_first_rollout_whose_own_episodes_reach_it() -> None:
     frames = [100, 200, 300, 400]
     assert frames_to_threshold(frames, [NAN, 0.5, NAN, 1.0], 0.5) == 200
@@ -132,7 +148,7 @@ def tiny_adaptation_study() -> dict:
                            "meta.rollouts_per_task": 2, "core.name": "lstm", "core.hidden_size": 16}},
         ],
         "pretrain": {"criterion": 0.5, "episodes": 2},
-        "finetune": {"tasks": ["MiniGrid-DoorKey-8x8-v0"], "total_frames": 64, "threshold": 0.1,
+        "finetune": {"tasks": ["MiniGrid-DoorKey-8x8-v0"], "total_frames": 64, "threshold": 0.1, "window_frames": 32,
                      "ppo": {"lr": 0.001, "n_steps": 16, "num_minibatches": 1, "n_epochs": 1, "seq_len": 16},
                      "overrides": {"env.n_envs": 2, "env.max_episode_steps": 6},
                      "runs": [{"label": "meta-rims.ppo", "from": "meta-rims", "rule": "ppo"},
@@ -193,8 +209,8 @@ def test_tiny_adaptation_study_pretrains_finetunes_reports_and_reruns_nothing(
     assert study_cli.main(["report", "tiny-adapt", "--root", str(root), "--reps", "200"]) == 0
     text = (directory / "report.md").read_text()
     for section in ("## Pre-training: return on the training tasks", "## Fine-tuning on the held-out tasks",
-                    "### Does Meta-RIMs adapt faster than a fresh LSTM?", "## Per seed", "a rollout in which no "
-                    "episode finished carries the last rollout's value"):
+                    "### Does Meta-RIMs adapt faster than a fresh LSTM?", "## Per seed", "a window in which no "
+                    "episode finished carries the last window's value"):
         assert section in text, section
     assert "**below the criterion**" in text  # 128 frames learn nothing: flagged, not hidden
     assert {p.name for p in (directory / "plots").iterdir()} == {
@@ -242,6 +258,10 @@ def test_shipped_adaptation_study_is_valid_and_refuses_a_meta_rule_on_a_baseline
     assert study.adaptation is not None and len(study.seeds) >= 5
     assert len(all_jobs(study, tmp_path)) == 4 * 5 + 7 * 5
     raw = yaml.safe_load(path.read_text())
+    assert study.adaptation.window_frames == 10_240
+    too_long = {**raw, "finetune": {**raw["finetune"], "window_frames": 400_000}}
+    with pytest.raises(StudyError, match="window_frames .400,000. is longer than the fine-tuning budget"):
+        parse_study(too_long, path, check_envs=False)
     raw["finetune"]["runs"].append({"label": "rims.meta", "from": "rims", "rule": "meta"})
     with pytest.raises(StudyError, match="rule meta needs a meta_ppo model"):
         parse_study(raw, path, check_envs=False)
