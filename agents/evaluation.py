@@ -28,6 +28,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 from tqdm import tqdm
 
 from envs import check_env_id, get_suite, make_vec_env
+from envs.names import short_env_name
 from policies.policy import Policy
 
 __all__ = [
@@ -103,14 +104,6 @@ class EvalTarget:
     def is_training_env(self, policy: Policy) -> bool:
         """Whether this is the env ``policy`` was trained on (same id, no options of its own)."""
         return self.env_id == policy.env_id and not self.options
-
-
-def short_env_name(env_id: str) -> str:
-    """``"DoorKey-5x5"`` for ``"MiniGrid-DoorKey-5x5-v0"``, ``"Pong"`` for ``"ALE/Pong-v5"``."""
-    short = env_id.split("/")[-1]
-    for prefix in ("MiniGrid-", "BabyAI-"):
-        short = short.removeprefix(prefix)
-    return short.rsplit("-v", 1)[0]
 
 
 def resolve_targets(

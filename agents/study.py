@@ -59,6 +59,7 @@ import yaml
 
 from agents.config import ConfigError, load_config
 from agents.run_dir import atomic_write
+from envs.names import short_env_name
 
 try:
     import fcntl
@@ -644,14 +645,6 @@ def load_study(path: str | Path, check_envs: bool = True) -> Study:
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise StudyError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     return parse_study(raw, path, check_envs=check_envs)
-
-
-def short_env_name(env_id: str) -> str:
-    """``DoorKey-6x6`` for ``MiniGrid-DoorKey-6x6-v0`` (evaluate.py's result ``name`` for an ``--env``)."""
-    short = env_id.split("/")[-1]
-    for prefix in ("MiniGrid-", "BabyAI-"):
-        short = short.removeprefix(prefix)
-    return short.rsplit("-v", 1)[0]
 
 
 def eval_envs(study: Study) -> list[tuple[str, bool]]:
