@@ -17,8 +17,8 @@ fine-tunes them into finetune/<run>/<task>/seed_<s>/, and reports how fast each 
 Running the same command again skips finished work and resumes interrupted runs; Ctrl-C stops
 cleanly (every run checkpoints) and prints the command that continues.
 
-Exit status: 0 done, 1 some runs failed (their logs say why), 2 bad input (one line), 130/143
-stopped by SIGINT/SIGTERM.
+Exit status: 0 done, 1 some runs failed (their logs say why), 2 bad input (one line), 130/143/129
+stopped by SIGINT/SIGTERM/SIGHUP (a SIGHUP under nohup is ignored).
 """
 
 from __future__ import annotations

@@ -129,8 +129,10 @@ def window_curve(frames: Sequence[float] | np.ndarray, values: Sequence[float] |
 
     Rollout i belongs to the window its end ``frames[i]`` falls in (``(0, window]``, ``(window,
     2 window]``, ...); a window's value is the mean return of all the episodes that finished in it,
-    ``sum(episodes * values) / sum(episodes)``, nan when none did. Returns ``(window ends, values)``
-    over the windows that hold a rollout, the last one ending at the last rollout (a partial window).
+    ``sum(episodes * values) / sum(episodes)``, nan when none did. A last window cut short by the end
+    of the run (a budget that is not a multiple of the window) joins the one before it, so no point
+    rests on fewer frames than a window. Returns ``(window ends, values)`` over the windows that hold
+    a rollout, the last one ending at the last rollout.
     """
     frames_array, values_array = _curve(frames, values)
     counts = np.asarray(episodes, dtype=np.float64)
@@ -139,11 +141,14 @@ def window_curve(frames: Sequence[float] | np.ndarray, values: Sequence[float] |
     if window < 1:
         raise ValueError(f"window must be at least 1 frame, got {window}")
     index = np.ceil(frames_array / window).astype(np.int64) - 1
+    last = index[-1]
+    if last > 0 and frames_array[-1] < (last + 1) * window:
+        index[index == last] = last - 1
     finished = (counts > 0) & ~np.isnan(values_array)
     ends, out = [], []
     for w in np.unique(index):
         mine = (index == w) & finished
-        ends.append(min(float((w + 1) * window), float(frames_array[index == w][-1])))
+        ends.append(float(frames_array[-1]) if w == index[-1] else float((w + 1) * window))
         total = counts[mine].sum()
         out.append(float((counts[mine] * values_array[mine]).sum() / total) if total > 0 else math.nan)
     return np.array(ends, dtype=np.float64), np.array(out, dtype=np.float64)
@@ -216,9 +221,10 @@ class FinetuneRecord:
 def load_finetunes(study: Any, directory: Path) -> tuple[dict[str, list[FinetuneRecord]], list[str]]:
     """The finished fine-tuning runs of an adaptation study by row label, and the unfinished ones (keys).
 
-    :raises StudyError: a finished run whose learning curve cannot be read (:func:`read_curve`).
+    :raises StudyError: a finished run whose learning curve cannot be read (:func:`read_rollouts`).
     """
-    from agents.study import StudyError, code_versions, finetune_plan, job_state, read_provenance, short_env_name
+    from agents.study import StudyError, code_versions, finetune_plan, job_state, read_provenance
+    from envs.names import short_env_name
 
     spec = study.adaptation
     records: dict[str, list[FinetuneRecord]] = {run.label: [] for run in spec.runs}
@@ -237,9 +243,12 @@ def load_finetunes(study: Any, directory: Path) -> tuple[dict[str, list[Finetune
             raise StudyError(f"fine-tuning run {job.key}: {exc}") from None
         provenance = read_provenance(Path(job.run_dir)) or {}
         versions = " then ".join(code_versions(provenance)) or "unknown"
+        reached = frames_to_threshold(frames, values, spec.threshold)
+        if reached is not None:  # the last window ends at the last rollout, past the budget: not later than never
+            reached = min(reached, spec.total_frames)
         records[label].append(FinetuneRecord(
-            label, task, job.seed, frames, values, area_under_curve(frames, values),
-            frames_to_threshold(frames, values, spec.threshold), final_return(frames, values),
+            label, task, job.seed, frames, values, area_under_curve(frames, values), reached,
+            final_return(frames, values),
             f"config {str(provenance.get('config_sha256') or 'unknown')[:12]}, code {versions}"))
     return records, missing
 
@@ -267,7 +276,8 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
         different code or configs (as :func:`agents.report.load_results`).
     """
     from agents import report as rp
-    from agents.study import StudyError, load_study_dir, short_env_name
+    from agents.study import StudyError, load_study_dir
+    from envs.names import short_env_name
 
     study = load_study_dir(directory)
     spec = study.adaptation

@@ -91,25 +91,32 @@ class Display:
         self._last_print = now
         text = self.line(done, running, queued, failed)
         if self.tty:
-            self.stream.write("\r" + text.ljust(self._width))
+            self._write("\r" + text.ljust(self._width))
             self._width = len(text)
         else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+            self._write(text + "\n")
 
     def message(self, text: str) -> None:
         """Print a line without breaking the live line."""
         if self.tty and self._width:
-            self.stream.write("\r" + " " * self._width + "\r")
+            self._write("\r" + " " * self._width + "\r")
             self._width = 0
-        self.stream.write(text + "\n")
-        self.stream.flush()
+        self._write(text + "\n")
+
+    def _write(self, text: str) -> None:
+        # After a hangup the terminal answers every write with EIO: the display goes quiet rather than
+        # end the pool loop (which must still stop the runs it started).
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except OSError:
+            self.stream = open(os.devnull, "w")  # lives as long as the display
+            self.tty = False
 
     def close(self) -> None:
         """End the live line."""
         if self.tty and self._width:
-            self.stream.write("\n")
-            self.stream.flush()
+            self._write("\n")
             self._width = 0
 
 
@@ -124,7 +131,8 @@ def _report(display: Display, result: JobResult) -> None:
 def _sigterm_as_interrupt() -> Iterator[list[str]]:
     """Within the block SIGTERM and SIGHUP raise KeyboardInterrupt, so a scheduler's stop or a closed
     terminal (an ssh session that drops) is a clean stop: the runs, in their own sessions, would
-    otherwise go on training unsupervised, holding their run locks against the next `run`."""
+    otherwise go on training unsupervised, holding their run locks against the next `run`. A SIGHUP
+    that is ignored (``nohup``) stays ignored."""
     received: list[str] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
@@ -134,7 +142,9 @@ def _sigterm_as_interrupt() -> Iterator[list[str]]:
         received.append(signal.Signals(signum).name)
         raise KeyboardInterrupt
 
-    caught = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    caught = [signal.SIGTERM]
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        caught.append(signal.SIGHUP)  # not under nohup: a study started that way keeps running on a hangup
     previous = {number: signal.signal(number, handler) for number in caught}
     try:
         yield received
@@ -277,15 +287,15 @@ def run_ray(jobs: Sequence[Job], address: str | None = None, workers: int | None
                 except KeyboardInterrupt:
                     stopped = received[-1] if received else "SIGINT"
                     level = min(2, level + 1)
-                    display.message("stopping: asked the running runs to checkpoint and exit (Ctrl-C again to abort "
-                                    "them)" if level == 1 else "aborting the running runs (their last checkpoints "
-                                    "are intact)")
                     # The stop file reaches tasks on every node (shared file system); tasks that have
-                    # not started yet see it and return at once.
+                    # not started yet see it and return at once. Written before any output.
                     for job in pending.values():
                         if job.stop_file:
                             request_stop(job.stop_file, level)
                             break
+                    display.message("stopping: asked the running runs to checkpoint and exit (Ctrl-C again to abort "
+                                    "them)" if level == 1 else "aborting the running runs (their last checkpoints "
+                                    "are intact)")
     finally:
         display.close()
         if started_here:

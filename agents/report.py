@@ -277,10 +277,14 @@ class StudyResults:
 
 def _env_order(study: Study, directory: Path) -> tuple[list[str], list[bool]]:
     """The study's envs and which are held out, read from the first result JSON (no gymnasium import)."""
+    settings = eval_settings(eval_arguments(study.eval), study.eval.final_episodes)
     for model in study.models:
         for seed in study.seeds:
-            data = read_json(eval_path(run_dir(directory, model.label, seed), study.total_frames))
-            if isinstance(data, dict) and data.get("checkpoints"):
+            run = run_dir(directory, model.label, seed)
+            if not has_eval(run, study.total_frames, settings):
+                continue  # evaluated with other settings: its envs may not be the study's now
+            data = read_json(eval_path(run, study.total_frames))
+            if data.get("checkpoints"):
                 results = data["checkpoints"][0]["results"]
                 names = [r["name"] for r in results]
                 if study.eval.suite is not None:

@@ -77,9 +77,13 @@ STOP_FILE = ".stop"
 SESSIONS_FILE = "sessions.jsonl"  # one line per `study.py run` that ran something: when, where, how long
 # What a run executes: a change here changes the code version a run records.
 CODE_PATHS = ("agents", "policies", "envs", "train.py", "evaluate.py")
-# Modules of CODE_PATHS that train.py and evaluate.py never import (tests/test_study.py checks): the study
-# runner and its report. Fixing a report between two sessions of a study must not split it into two
-# versions (the report refuses to mix them); what they compute is rebuilt from the runs by `report`.
+CODE_SUFFIXES = (".py", ".c", ".h")  # the C kernel's source is code too
+# Modules of CODE_PATHS that train.py and evaluate.py never import (tests/test_study.py checks; evaluate.py's
+# --plot draws with agents.plots, which a study never asks for): the study runner and its report. Fixing a
+# report between two sessions of a study must not split it into two versions (the report refuses to mix
+# them); what they compute is rebuilt from the runs by `report`. The runner's choices that do shape a run
+# (its command lines, the settings it adds: agents/study.py's study_overrides, eval_arguments) are
+# recorded in each run's config hash and each evaluation's study_eval instead.
 REPORT_ONLY_PATHS = ("agents/study.py", "agents/executors.py", "agents/report.py", "agents/plots.py",
                      "agents/adaptation.py")
 STUDY_COPY = "study.yaml"
@@ -762,7 +766,8 @@ def code_version(repo: Path = REPO) -> dict[str, Any]:
     listed = git("ls-files", "--cached", "--others", "--exclude-standard", "--", *CODE_PATHS, *excluded)
     if listed is None:  # git failed: hashing no files would give every such session the same bogus version
         return {"commit": commit.strip(), "dirty": None, "diff_sha256": None, "code_sha256": None}
-    files = sorted(set(listed.splitlines()))
+    # Source files only: an editor's swap file or a stray note is not code.
+    files = sorted({name for name in listed.splitlines() if name.endswith(CODE_SUFFIXES)})
     code = hashlib.sha256()
     for name in files:
         try:
@@ -1280,14 +1285,9 @@ def execute_job(job: Job, should_stop: Callable[[], int] | None = None) -> JobRe
     directory = Path(job.run_dir)
     Path(job.log).parent.mkdir(parents=True, exist_ok=True)
     planned = json.loads(job.version)
-    version = code_version(Path(job.repo))
-    if version.get("commit") is None and planned:
-        version = planned  # no git where the job runs (a cluster node): nothing to check against
-    elif planned and version_tag(version) != version_tag(planned):
-        # The study planned its jobs with other code (an edit or checkout while it ran): this job would
-        # record one version and execute another.
-        return JobResult(job.key, "failed", f"the code changed while the study ran ({version_tag(planned)} when it "
-                                            f"started, {version_tag(version)} now); run the study again")
+    version, changed = _current_version(job, planned)
+    if changed:
+        return JobResult(job.key, "failed", changed)
     trained = False
     with open(job.log, "a", encoding="utf-8") as log:
         log.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {job.key} (pid {os.getpid()})\n")
@@ -1300,7 +1300,8 @@ def execute_job(job: Job, should_stop: Callable[[], int] | None = None) -> JobRe
                 except ConfigError as exc:
                     raise StudyError(f"{job.config} changed while the study ran and no longer loads: {exc}") from None
                 if now != job.config_sha256:
-                    raise StudyError(f"{job.config} changed while the study ran; run the study again")
+                    raise StudyError(f"{job.config} changed while the study ran; restore it, or start the study "
+                                     "under a new name")
                 moved = set_aside_unresumable(directory)
                 if moved is not None:
                     log.write(f"note: {directory} held a run killed before its first checkpoint; moved it to "
@@ -1318,6 +1319,10 @@ def execute_job(job: Job, should_stop: Callable[[], int] | None = None) -> JobRe
                 stale.unlink(missing_ok=True)
             calls = eval_commands(job)
             if calls:
+                # Hours may have passed since training started: the evaluation records the code it runs.
+                version, changed = _current_version(job, planned)
+                if changed:
+                    return JobResult(job.key, "failed", changed, trained)
                 record_session(directory, "eval", job.config_sha256, version)
             for points, command, batch in calls:
                 if should_stop():
@@ -1337,6 +1342,27 @@ def execute_job(job: Job, should_stop: Callable[[], int] | None = None) -> JobRe
             log.write(f"error: {exc}\n")
             return JobResult(job.key, "failed", f"{exc.strerror or exc} ({getattr(exc, 'filename', '')})", trained)
     return JobResult(job.key, "done", "", trained)
+
+
+def _current_version(job: Job, planned: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The code version to record for a step of ``job`` now, and why it may not run (None: it may).
+
+    A study plans its jobs with the code version of its start; a job that would run other code (an edit
+    or checkout while the study ran) must not record one version and execute another. Compared only
+    like with like (two code hashes, or two ``$MODULAR_RL_CODE_VERSION`` names): a node without git, or
+    one where the variable is set on one side only (a Ray worker), has nothing to compare, and the
+    planned version is recorded.
+    """
+    version = code_version(Path(job.repo))
+    if not planned:
+        return version, None
+    if (planned.get("commit") is None or version.get("commit") is None
+            or bool(planned.get("code_sha256")) != bool(version.get("code_sha256"))):
+        return planned, None
+    if version_tag(version) != version_tag(planned):
+        return version, (f"the code changed while the study ran ({version_tag(planned)} when it started, "
+                         f"{version_tag(version)} now); restore that code, or start the study under a new name")
+    return version, None
 
 
 def set_aside_unresumable(directory: Path) -> Path | None:
@@ -1500,7 +1526,7 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
               address: str | None = None, ray_init: Callable[..., Any] | None = None,
               report: bool = True) -> int:
     """Run every unfinished job of ``study`` and return the exit status (0 done, 1 some failed,
-    130/143 stopped by SIGINT/SIGTERM; the printed command continues it).
+    130/143/129 stopped by SIGINT/SIGTERM/SIGHUP; the printed command continues it).
 
     Everything is checked before any work starts: the executor (Ray installed?), every model's
     config and every existing run's config hash. Finished jobs are skipped, interrupted ones resumed.
@@ -1596,7 +1622,7 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
         if stopped is not None:
             print(f"stopped ({stopped}); every run keeps its last checkpoint. Continue with: "
                   f"{continue_command(study, executor, workers, address)}", flush=True)
-            return 130 if stopped == "SIGINT" else 143
+            return {"SIGINT": 130, "SIGHUP": 129}.get(stopped, 143)
         if counts["done"] < len(jobs):
             print(f"some runs did not finish; see their logs in {root / 'logs'}, then continue with: "
                   f"{continue_command(study, executor, workers, address)}", flush=True)

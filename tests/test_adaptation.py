@@ -48,10 +48,12 @@ def test_area_under_the_curve_is_the_frame_weighted_mean_return_over_the_budget(
 def test_window_curve_pools_the_episodes_of_each_window() -> None:
     from agents.adaptation import window_curve
 
-    # Rollouts of 100 frames in windows of 200: each window is the mean over all its episodes.
-    frames, values = window_curve([100, 200, 300, 400, 500], [1.0, 0.0, NAN, NAN, 0.5], [1, 3, 0, 0, 2], 200)
-    assert frames.tolist() == [200, 400, 500]  # the last window is partial: it ends at the last rollout
-    assert values[0] == pytest.approx(0.25) and math.isnan(values[1]) and values[2] == pytest.approx(0.5)
+    # Rollouts of 100 frames in windows of 200: each window is the mean over all its episodes; a window
+    # without a finished episode is nan; a last window cut short joins the one before it.
+    frames, values = window_curve([100, 200, 300, 400, 500, 600, 700], [1.0, 0.0, NAN, NAN, 0.5, 0.5, 1.0],
+                                  [1, 3, 0, 0, 2, 1, 1], 200)
+    assert frames.tolist() == [200, 400, 700]
+    assert values[0] == pytest.approx(0.25) and math.isnan(values[1]) and values[2] == pytest.approx(0.625)
     # A short-rollout rule (four rollouts per window) and a long-rollout one with the same episodes get
     # the same window values: the noise of one rollout's few episodes no longer crosses a threshold alone.
     short = window_curve([25, 50, 75, 100], [1.0, 0.0, 0.0, 0.0], [1, 1, 1, 1], 100)

@@ -552,3 +552,34 @@ def test_a_closed_terminal_stops_a_study_cleanly() -> None:
             time.sleep(5)  # the handler interrupts this
         assert received == [signal.Signals(number).name]
     assert (signal.getsignal(signal.SIGHUP), signal.getsignal(signal.SIGTERM)) == before
+    # Under nohup (SIGHUP ignored) a hangup is still ignored: the study goes on.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with _sigterm_as_interrupt() as received:
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.2)
+        assert received == []
+    finally:
+        signal.signal(signal.SIGHUP, before[0])
+
+
+def test_the_display_survives_a_terminal_that_is_gone() -> None:
+    # After a hangup every write to the terminal fails (EIO); the pool loop must still reach the code
+    # that stops its runs, so the display goes quiet instead of raising.
+    from agents.executors import Display
+
+    class GoneTerminal:
+        def isatty(self) -> bool:
+            return True
+
+        def write(self, text: str) -> int:
+            raise OSError(5, "Input/output error")
+
+        def flush(self) -> None:
+            raise OSError(5, "Input/output error")
+
+    display = Display("tiny", 4, 0, stream=GoneTerminal())
+    display.update(1, [], 2, 0, force=True)
+    display.message("stopping")
+    display.close()
+    assert not display.tty
