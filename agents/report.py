@@ -428,8 +428,7 @@ def conclusion(model: str, baseline: str, iqm_x: tuple[float, float, float], iqm
         return (f"too few runs to compare {model} with {baseline} (a model with one run has intervals of no "
                 f"width; {iqms}): no claim is made")
     p = f"P({model} > {baseline}) {_ci(poi)}"
-    sdd = (f"smallest detectable difference in mean held-out return ~{_fmt(detectable)}" if math.isfinite(detectable)
-           else "smallest detectable difference unknown (fewer than two runs)")
+    sdd = f"smallest detectable difference in mean held-out return ~{_fmt(detectable)}"  # finite: checked above
     iqm_above, iqm_below = iqm_x[1] > iqm_y[2], iqm_x[2] < iqm_y[1]
     poi_above, poi_below = poi[1] > 0.5, poi[2] < 0.5
     if iqm_above and poi_above:
