@@ -45,13 +45,12 @@ from agents.study import (
     StudyError,
     code_versions,
     config_hash,
-    eval_arguments,
     eval_path,
-    eval_settings,
     has_eval,
     job_state,
     load_study_dir,
     plan,
+    point_settings,
     read_json,
     read_provenance,
     resolved_config,
@@ -277,7 +276,7 @@ class StudyResults:
 
 def _env_order(study: Study, directory: Path) -> tuple[list[str], list[bool]]:
     """The study's envs and which are held out, read from the first result JSON (no gymnasium import)."""
-    settings = eval_settings(eval_arguments(study.eval), study.eval.final_episodes)
+    settings = point_settings(study, study.total_frames)
     for model in study.models:
         for seed in study.seeds:
             run = run_dir(directory, model.label, seed)
@@ -346,10 +345,8 @@ def _read_run(model: str, seed: int, directory: Path, envs: list[str], study: St
     returns: dict[int, np.ndarray] = {}
     successes: dict[int, np.ndarray] = {}
     frames: dict[int, int] = {}
-    eval_args = eval_arguments(study.eval)
     for point in study.points:
-        episodes = study.eval.final_episodes if point == study.total_frames else study.eval.episodes
-        if not has_eval(directory, point, eval_settings(eval_args, episodes)):
+        if not has_eval(directory, point, point_settings(study, point)):
             continue  # not evaluated, or with other settings than the study's now: not comparable
         data = read_json(eval_path(directory, point))
         if not data.get("checkpoints"):

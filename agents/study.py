@@ -881,6 +881,18 @@ def eval_settings(eval_args: Sequence[str], episodes: int) -> dict[str, Any]:
     return {"episodes": int(episodes), "args": list(eval_args)}
 
 
+def point_settings(study: Study, point: int) -> dict[str, Any]:
+    """:func:`eval_settings` of ``study``'s evaluation at ``point`` (see :func:`episodes_at`)."""
+    spec = study.eval
+    episodes = episodes_at(point, study.total_frames, spec.episodes, spec.final_episodes)
+    return eval_settings(eval_arguments(spec), episodes)
+
+
+def episodes_at(point: int, total_frames: int, episodes: int, final_episodes: int) -> int:
+    """Episodes per env at an evaluation point: ``final_episodes`` at the end of the budget, else ``episodes``."""
+    return final_episodes if point == total_frames else episodes
+
+
 def has_eval(directory: Path, point: int, settings: dict[str, Any]) -> bool:
     """Whether the run in ``directory`` has its evaluation at ``point`` with these ``eval_settings``."""
     data = read_json(eval_path(directory, point))
@@ -922,7 +934,7 @@ class Job:
 
     def eval_settings(self, point: int) -> dict[str, Any]:
         """:func:`eval_settings` of one of this job's points (the end of the budget takes ``final_episodes``)."""
-        return eval_settings(self.eval_args, self.final_episodes if point == self.total_frames else self.episodes)
+        return eval_settings(self.eval_args, episodes_at(point, self.total_frames, self.episodes, self.final_episodes))
 
     def evals_missing(self) -> list[int]:
         """The points without an evaluation made with this job's settings."""
