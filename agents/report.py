@@ -576,6 +576,17 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
             curve.setdefault(m, []).append(estimates_at[m]["mean"] if m in estimates_at else (np.nan,) * 3)
     lines += _table(["model", *(f"{p:,}" for p in study.points)],
                     [[m, *(_ci(t) for t in curve[m])] for m in final])
+    # The same per env (the training env too): an average over held-out envs can hide that one env
+    # improves while another declines. Drawn only (plots/return_vs_frames_per_env.png).
+    env_curves: dict[str, dict[str, list[tuple[float, float, float]]]] = {env: {} for env in envs}
+    for point in study.points:
+        at_point = {m: s for m, s in results.scores(point).items() if len(s)}
+        for j, env in enumerate(envs):
+            estimates_at = interval_estimates({m: s[:, [j]] for m, s in at_point.items()},
+                                              reps=min(reps, SMALL_REPS)) if at_point else {}
+            for m in final:
+                env_curves[env].setdefault(m, []).append(estimates_at[m]["mean"] if m in estimates_at
+                                                         else (np.nan,) * 3)
     evaluated = []
     for point in study.points:
         frames = sorted({r.frames[point] for rs in results.runs.values() for r in rs if point in r.frames})
@@ -606,7 +617,8 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
     lines += [""]
     lines += provenance_lines(study, results.directory)
     if plots:
-        figures = write_plots(results, heldout_scores, estimates, curve, pois, reps=min(reps, SMALL_REPS))
+        figures = write_plots(results, heldout_scores, estimates, curve, pois, reps=min(reps, SMALL_REPS),
+                              env_curves=env_curves)
         lines += ["## Plots", "", *(f"![{name}](plots/{name}.png)" for name in figures), ""]
     return "\n".join(lines)
 
@@ -625,11 +637,26 @@ def _short_path(path: Path) -> str:
         return str(path)
 
 
+def _frames_formatter() -> Any:
+    """Tick labels of a frames axis: 50k, 1.5M (full numbers collide on a narrow panel)."""
+    from matplotlib.ticker import FuncFormatter
+
+    def label(x: float, _position: int) -> str:
+        return f"{x / 1e6:g}M" if abs(x) >= 1e6 else f"{x / 1e3:g}k" if x else "0"
+
+    return FuncFormatter(label)
+
+
 def write_plots(results: StudyResults, heldout_scores: dict[str, np.ndarray],
                 estimates: dict[str, dict[str, tuple[float, float, float]]],
                 curve: dict[str, list[tuple[float, float, float]]],
-                pois: dict[tuple[str, str], tuple[float, float, float]], reps: int = SMALL_REPS) -> list[str]:
-    """Write the report's PNGs into ``<study dir>/plots/`` and return their names."""
+                pois: dict[tuple[str, str], tuple[float, float, float]], reps: int = SMALL_REPS,
+                env_curves: dict[str, dict[str, list[tuple[float, float, float]]]] | None = None) -> list[str]:
+    """Write the report's PNGs into ``<study dir>/plots/`` and return their names.
+
+    ``curve`` is each model's mean held-out return [95% CI] at the study's points; ``env_curves``, when
+    given, the same per env (env -> model -> points), drawn one panel per env.
+    """
     from matplotlib.figure import Figure
 
     from agents.plots import plot_probability_of_improvement, save_figure_atomic
@@ -689,10 +716,34 @@ def write_plots(results: StudyResults, heldout_scores: dict[str, np.ndarray],
         ax.plot(points, values[:, 0], marker="o", label=m, color=f"C{i}")
         ax.fill_between(points, values[:, 1], values[:, 2], color=f"C{i}", alpha=0.2)
     ax.set_xlabel("training frames")
+    ax.xaxis.set_major_formatter(_frames_formatter())
     ax.set_ylabel("mean held-out return (95% CI)")
     ax.legend()
     figure.tight_layout()
     save("heldout_vs_frames", figure)
+
+    # Return against training frames, one panel per env.
+    if env_curves:
+        held = dict(zip(results.envs, results.held_out, strict=True))
+        columns = min(len(env_curves), 4)
+        rows = -(-len(env_curves) // columns)
+        figure = Figure(figsize=(3.6 * columns, 3.2 * rows + 0.5))
+        for k, (env, by_model) in enumerate(env_curves.items()):
+            ax = figure.add_subplot(rows, columns, k + 1)
+            for i, m in enumerate(models):
+                values = np.array(by_model.get(m, [(np.nan,) * 3] * len(points)), dtype=np.float64)
+                ax.plot(points, values[:, 0], marker="o", markersize=3, label=m, color=f"C{i}")
+                ax.fill_between(points, values[:, 1], values[:, 2], color=f"C{i}", alpha=0.15)
+            ax.set_title(f"{env}{' (held out)' if held.get(env) else ' (training)'}", fontsize=10)
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+            ax.set_xlabel("training frames")
+            ax.xaxis.set_major_formatter(_frames_formatter())
+            if k % columns == 0:
+                ax.set_ylabel("mean return (95% CI)")
+        figure.axes[0].legend(fontsize=8)
+        figure.tight_layout()
+        save("return_vs_frames_per_env", figure)
     return written
 
 

@@ -305,7 +305,7 @@ def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version:
         assert section in text
     assert {p.name for p in (root / "tiny" / "plots").iterdir()} == {
         "interval_estimates.png", "probability_of_improvement.png", "performance_profile.png",
-        "heldout_vs_frames.png"}
+        "heldout_vs_frames.png", "return_vs_frames_per_env.png"}
     scores = report.load_scores("tiny", root=root)
     assert set(scores) == {"lstm", "rims"} and all(s.shape == (2, 1) for s in scores.values())
     for job in jobs:
