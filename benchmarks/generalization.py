@@ -1,7 +1,7 @@
 """Does a modular core generalise better than LSTM? Now a thin wrapper over the DoorKey generalisation study.
 
 The protocol (LSTM 128 and a parameter-matched LSTM 174, RIMs, BRIMs and ThalNet trained with PPO on
-DoorKey-5x5, seeds 1-10, 200k frames, evaluated during and at the end of training on the held-out
+DoorKey-5x5, seeds 1-10, 300k frames, evaluated during and at the end of training on the held-out
 DoorKey-6x6, 8x8 and 16x16 with paired evaluation levels; IQM, mean and probability of improvement
 with rliable intervals) lives in ``configs/studies/doorkey-generalization.yaml`` and is run by
 ``study.py``, one code path for every result::
