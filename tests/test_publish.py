@@ -133,7 +133,7 @@ def test_publish_a_finished_study(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "`test-version` (15 runs)." in text  # $MODULAR_RL_CODE_VERSION is used whole
     # Plots copied next to the page and linked relative to it.
     pngs = sorted(p.name for p in (tmp_path / "docs" / "results" / "tiny-pub").iterdir())
-    assert pngs == sorted(p.name for p in (directory / "plots").glob("*.png")) and len(pngs) == 4
+    assert pngs == sorted(p.name for p in (directory / "plots").glob("*.png")) and len(pngs) == 5
     for name in pngs:
         assert f"(results/tiny-pub/{name})" in text
     assert "](plots/" not in text
