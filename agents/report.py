@@ -735,7 +735,9 @@ def write_plots(results: StudyResults, heldout_scores: dict[str, np.ndarray],
                 ax.plot(points, values[:, 0], marker="o", markersize=3, label=m, color=f"C{i}")
                 ax.fill_between(points, values[:, 1], values[:, 2], color=f"C{i}", alpha=0.15)
             ax.set_title(f"{env}{' (held out)' if held.get(env) else ' (training)'}", fontsize=10)
-            ax.set_ylim(-0.02, 1.02)
+            drawn = np.array([v for series in by_model.values() for t in series for v in t], dtype=np.float64)
+            if drawn[np.isfinite(drawn)].size and 0 <= np.nanmin(drawn) and np.nanmax(drawn) <= 1:
+                ax.set_ylim(-0.02, 1.02)  # MiniGrid returns: one scale for every panel; raw scores keep their own
             ax.grid(alpha=0.3)
             ax.set_xlabel("training frames")
             ax.xaxis.set_major_formatter(_frames_formatter())
