@@ -568,25 +568,21 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
     # Held-out return against training frames.
     lines += ["## Held-out return during training", "", "Mean held-out return over runs [95% CI] at each point "
               "(checkpoint frames are the first whole rollout at or after the point).", ""]
-    curve: dict[str, list[tuple[float, float, float]]] = {}
-    for point in study.points:
-        scores = {m: s[:, results.held_out] for m, s in results.scores(point).items() if len(s)}
-        estimates_at = interval_estimates(scores, reps=min(reps, SMALL_REPS)) if scores else {}
-        for m in final:
-            curve.setdefault(m, []).append(estimates_at[m]["mean"] if m in estimates_at else (np.nan,) * 3)
-    lines += _table(["model", *(f"{p:,}" for p in study.points)],
-                    [[m, *(_ci(t) for t in curve[m])] for m in final])
-    # The same per env (the training env too): an average over held-out envs can hide that one env
-    # improves while another declines. Drawn only (plots/return_vs_frames_per_env.png).
-    env_curves: dict[str, dict[str, list[tuple[float, float, float]]]] = {env: {} for env in envs}
+    # The held-out average, and the same per env (the training env too; drawn only, in
+    # plots/return_vs_frames_per_env.png): an average can hide one env rising while another falls.
+    curve: dict[str, list[tuple[float, float, float]]] = {m: [] for m in final}
+    env_curves: dict[str, dict[str, list[tuple[float, float, float]]]] = {env: {m: [] for m in final} for env in envs}
+    # (where each point's estimates go, the score columns they are over)
+    targets = [(curve, results.held_out), *((env_curves[env], [j]) for j, env in enumerate(envs))]
     for point in study.points:
         at_point = {m: s for m, s in results.scores(point).items() if len(s)}
-        for j, env in enumerate(envs):
-            estimates_at = interval_estimates({m: s[:, [j]] for m, s in at_point.items()},
+        for target, column in targets:
+            estimates_at = interval_estimates({m: s[:, column] for m, s in at_point.items()},
                                               reps=min(reps, SMALL_REPS)) if at_point else {}
             for m in final:
-                env_curves[env].setdefault(m, []).append(estimates_at[m]["mean"] if m in estimates_at
-                                                         else (np.nan,) * 3)
+                target[m].append(estimates_at[m]["mean"] if m in estimates_at else (np.nan,) * 3)
+    lines += _table(["model", *(f"{p:,}" for p in study.points)],
+                    [[m, *(_ci(t) for t in curve[m])] for m in final])
     evaluated = []
     for point in study.points:
         frames = sorted({r.frames[point] for rs in results.runs.values() for r in rs if point in r.frames})
@@ -645,6 +641,17 @@ def _frames_formatter() -> Any:
         return f"{x / 1e6:g}M" if abs(x) >= 1e6 else f"{x / 1e3:g}k" if x else "0"
 
     return FuncFormatter(label)
+
+
+def _draw_curves(ax: Any, points: np.ndarray, by_model: dict[str, list[tuple[float, float, float]]],
+                 models: Sequence[str], markersize: float | None = None, alpha: float = 0.2) -> None:
+    """Each model's (mean, low, high) at the study's points: a line and its interval band on ``ax``."""
+    for i, m in enumerate(models):
+        values = np.array(by_model[m], dtype=np.float64)
+        ax.plot(points, values[:, 0], marker="o", markersize=markersize, label=m, color=f"C{i}")
+        ax.fill_between(points, values[:, 1], values[:, 2], color=f"C{i}", alpha=alpha)
+    ax.set_xlabel("training frames")
+    ax.xaxis.set_major_formatter(_frames_formatter())
 
 
 def write_plots(results: StudyResults, heldout_scores: dict[str, np.ndarray],
@@ -711,12 +718,7 @@ def write_plots(results: StudyResults, heldout_scores: dict[str, np.ndarray],
     figure = Figure(figsize=(6, 4))
     ax = figure.add_subplot(1, 1, 1)
     points = np.array(results.study.points, dtype=np.float64)
-    for i, m in enumerate(models):
-        values = np.array(curve[m], dtype=np.float64)
-        ax.plot(points, values[:, 0], marker="o", label=m, color=f"C{i}")
-        ax.fill_between(points, values[:, 1], values[:, 2], color=f"C{i}", alpha=0.2)
-    ax.set_xlabel("training frames")
-    ax.xaxis.set_major_formatter(_frames_formatter())
+    _draw_curves(ax, points, curve, models)
     ax.set_ylabel("mean held-out return (95% CI)")
     ax.legend()
     figure.tight_layout()
@@ -730,17 +732,12 @@ def write_plots(results: StudyResults, heldout_scores: dict[str, np.ndarray],
         figure = Figure(figsize=(3.6 * columns, 3.2 * rows + 0.5))
         for k, (env, by_model) in enumerate(env_curves.items()):
             ax = figure.add_subplot(rows, columns, k + 1)
-            for i, m in enumerate(models):
-                values = np.array(by_model.get(m, [(np.nan,) * 3] * len(points)), dtype=np.float64)
-                ax.plot(points, values[:, 0], marker="o", markersize=3, label=m, color=f"C{i}")
-                ax.fill_between(points, values[:, 1], values[:, 2], color=f"C{i}", alpha=0.15)
+            _draw_curves(ax, points, by_model, models, markersize=3, alpha=0.15)
             ax.set_title(f"{env}{' (held out)' if held.get(env) else ' (training)'}", fontsize=10)
             drawn = np.array([v for series in by_model.values() for t in series for v in t], dtype=np.float64)
             if drawn[np.isfinite(drawn)].size and 0 <= np.nanmin(drawn) and np.nanmax(drawn) <= 1:
                 ax.set_ylim(-0.02, 1.02)  # MiniGrid returns: one scale for every panel; raw scores keep their own
             ax.grid(alpha=0.3)
-            ax.set_xlabel("training frames")
-            ax.xaxis.set_major_formatter(_frames_formatter())
             if k % columns == 0:
                 ax.set_ylabel("mean return (95% CI)")
         figure.axes[0].legend(fontsize=8)
