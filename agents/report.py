@@ -305,16 +305,21 @@ def load_results(study: str | Path, root: str | Path = DEFAULT_ROOT, split_versi
     envs, held_out = _env_order(spec, directory)
     runs: dict[str, list[RunRecord]] = {}
     missing: list[str] = []
+    not_started: dict[str, list[int]] = {}  # model -> seeds: one entry per model, not one per run
     for job in plan(spec, directory):
         record = _read_run(job.model, job.seed, Path(job.run_dir), envs, spec)
         state = job_state(job)
-        if not state.done:
-            progress = f"trained to {state.trained_frames} frames" if state.started else "not started"
+        if not state.done and not state.started:
+            not_started.setdefault(job.model, []).append(job.seed)
+        elif not state.done:
+            progress = f"trained to {state.trained_frames:,} frames"
             if state.evals_missing:
-                progress += f", evaluations missing at {', '.join(map(str, state.evals_missing))}"
+                progress += f", evaluations missing at {', '.join(f'{f:,}' for f in state.evals_missing)}"
             missing.append(f"{job.key} ({progress})")
         if record.returns:
             runs.setdefault(job.model, []).append(record)
+    missing += [f"{model} seed{'s' if len(seeds) > 1 else ''} {_seed_text(seeds)} (not started)"
+                for model, seeds in not_started.items()]
     models = [m.label for m in spec.models]
     split: dict[str, list[RunRecord]] = {}
     for model in models:

@@ -323,6 +323,17 @@ def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version:
         report.load_results("tiny", root)
     assert set(report.load_results("tiny", root, split_versions=True).models) == {"lstm@1", "lstm@2", "rims"}
 
+    # What a report leaves out is named: a partly done run by itself, runs not started as one entry per model.
+    provenance["sessions"][0]["commit"] = VERSION
+    provenance_path.write_text(json.dumps(provenance))
+    (Path(jobs[0].run_dir) / "eval" / "point_000000001024.json").unlink()
+    for job in jobs[2:]:
+        shutil.rmtree(job.run_dir)
+    assert [job.key for job in jobs] == ["lstm/seed_1", "rims/seed_1", "lstm/seed_2", "rims/seed_2"]
+    assert report.load_results("tiny", root).missing == [
+        "lstm/seed_1 (trained to 1,024 frames, evaluations missing at 1,024)",
+        "lstm seed 2 (not started)", "rims seed 2 (not started)"]
+
 
 def test_other_code_is_refused_before_and_during_a_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Runs of one model from two code versions can never be reported together: a study continued with
