@@ -1434,16 +1434,22 @@ def save_study_copy(study: Study, root: Path) -> None:
     """Keep the study file in its output directory (what ``report`` reads); an older, different copy
     is kept as ``study.yaml.<n>``, never replaced silently."""
     text = study.source.read_text(encoding="utf-8") if study.source else yaml.safe_dump(dataclasses.asdict(study))
-    # Config paths as absolute paths: the copy must mean the same from any directory.
+    # The copy must mean the same from any directory, and in another checkout of the package (a copy of
+    # the study directory, a git worktree): config paths inside the package relative to its root
+    # (load_study looks there), others absolute.
     raw = yaml.safe_load(text)
     for item, model in zip(raw.get("models", []), study.models, strict=False):
         if isinstance(item, dict):
-            item["config"] = str(model.config)
+            item["config"] = _portable_path(model.config)
     text = f"# copy of {study.source} made by study.py run\n" + yaml.safe_dump(raw, sort_keys=False)
     target = root / STUDY_COPY
     if target.is_file():
-        old = target.read_text(encoding="utf-8")
-        if yaml.safe_load(old) == raw:
+        old = yaml.safe_load(target.read_text(encoding="utf-8"))
+        # A copy that differs only in how it spells the same config files (older copies held absolute
+        # paths) is the same study: rewritten in the portable form, not kept as a changed one.
+        if old == raw or _with_portable_configs(old, target) == raw:
+            if old != raw:
+                atomic_write(target, text.encode())
             return
         n = 1
         while (root / f"{STUDY_COPY}.{n}").exists():
@@ -1452,6 +1458,29 @@ def save_study_copy(study: Study, root: Path) -> None:
         print(f"note: the study file changed since the last run; the previous copy is kept as "
               f"{root / f'{STUDY_COPY}.{n}'}")
     atomic_write(target, text.encode())
+
+
+def _portable_path(path: Path) -> str:
+    """``path`` relative to the package root when it lies inside it, else absolute."""
+    try:
+        return path.resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
+def _with_portable_configs(raw: Any, source: Path) -> Any:
+    """A parsed study file with each model's config path in ``_portable_path`` form (as it was when unreadable)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("models"), list):
+        return raw
+    models = []
+    for item in raw["models"]:
+        if isinstance(item, dict):
+            try:
+                item = {**item, "config": _portable_path(_resolve_config_path(item.get("config"), source))}
+            except StudyError:
+                pass
+        models.append(item)
+    return {**raw, "models": models}
 
 
 def load_study_dir(directory: Path) -> Study:

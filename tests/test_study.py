@@ -26,10 +26,12 @@ from agents.study import (
     eval_path,
     job_state,
     load_study,
+    load_study_dir,
     parse_seeds,
     plan,
     resolved_config,
     run_study,
+    save_study_copy,
     summarize_states,
 )
 
@@ -151,6 +153,32 @@ def test_performance_profile_and_verdicts() -> None:
 
 
 # -- study files -----------------------------------------------------------------------------------
+
+
+def test_the_study_copy_names_configs_relative_to_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """study.yaml in a study directory means the same from any directory and in another checkout;
+    an older copy with absolute paths to the same configs is the same study, a changed one is kept aside."""
+    study = load_study(write_study(tmp_path, tiny_study()))
+    directory = tmp_path / "out"
+    directory.mkdir()
+    save_study_copy(study, directory)
+    copy = yaml.safe_load((directory / "study.yaml").read_text())
+    assert [m["config"] for m in copy["models"]] == ["configs/minigrid/doorkey-lstm-ppo.yaml",
+                                                      "configs/minigrid/doorkey-rims-ppo.yaml"]
+    monkeypatch.chdir(tmp_path)  # not the package root: the copy still finds its configs
+    assert [m.config for m in load_study_dir(directory).models] == [m.config for m in study.models]
+
+    for model in copy["models"]:  # the form older copies had
+        model["config"] = str(REPO / model["config"])
+    (directory / "study.yaml").write_text(yaml.safe_dump(copy, sort_keys=False))
+    save_study_copy(study, directory)
+    assert sorted(p.name for p in directory.iterdir()) == ["study.yaml"]
+    assert yaml.safe_load((directory / "study.yaml").read_text())["models"][0]["config"].startswith("configs/")
+
+    changed = tiny_study()
+    changed["models"][0]["config"] = "configs/minigrid/multiroom-lstm-ppo.yaml"
+    save_study_copy(load_study(write_study(tmp_path, changed, "changed.yaml")), directory)
+    assert sorted(p.name for p in directory.iterdir()) == ["study.yaml", "study.yaml.1"]
 
 
 def test_study_file_plan(tmp_path: Path) -> None:
