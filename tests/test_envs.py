@@ -186,6 +186,20 @@ def test_minigrid_wrapper_order():
     assert names[:4] == ["ImgObsWrapper", "Monitor", "SuccessInfoWrapper", "LevelSeedWrapper"]
 
 
+def test_minigrid_gets_the_vec_envs_numpy_actions_as_python_ints():
+    """A numpy integer action makes MiniGrid's IntEnum comparisons ~4x slower; the wrapper passes an int."""
+    venv = make_vec_env(DOORKEY, n_envs=2, seed=0)
+    venv.reset()
+    seen = []
+    for env in venv.envs:
+        base = env.unwrapped
+        original = base.step
+        base.step = lambda action, original=original: (seen.append(action), original(action))[1]
+    venv.step(np.array([2, 1], dtype=np.int64))
+    assert seen == [2, 1] and all(type(action) is int for action in seen)
+    venv.close()
+
+
 # --------------------------------------------------------------------------- Atari
 
 
