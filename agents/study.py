@@ -316,12 +316,17 @@ def _overrides(value: Any, what: str, path: Path | None) -> tuple[str, ...]:
     raise StudyError(f"{_where(path)}{what} must be a mapping (key: value) or a list of 'key=value' strings")
 
 
-def _resolve_config_path(text: Any, path: Path | None) -> Path:
+def _resolve_config_path(text: Any, path: Path | None, package_relative: bool = False) -> Path:
+    """The config file a study names: absolute, or relative to the working directory, the package root or the
+    study file; a study directory's copy (``package_relative``) names it relative to the package root only."""
     if not isinstance(text, str) or not text:
         raise StudyError(f"{_where(path)}a model's config must be a file path, got {text!r}")
-    candidates = [Path(text)] if Path(text).is_absolute() else [Path.cwd() / text, REPO / text]
-    if path is not None and not Path(text).is_absolute():
-        candidates.append(path.parent / text)
+    if Path(text).is_absolute():
+        candidates = [Path(text)]
+    elif package_relative:
+        candidates = [REPO / text]
+    else:
+        candidates = [Path.cwd() / text, REPO / text] + ([path.parent / text] if path is not None else [])
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
@@ -338,7 +343,7 @@ def _new_label(label: Any, field: str, taken: list[str], what: str, path: Path |
     return label
 
 
-def parse_study(raw: Any, path: Path | None = None, check_envs: bool = True) -> Study:
+def parse_study(raw: Any, path: Path | None = None, check_envs: bool = True, package_relative: bool = False) -> Study:
     """Check a study file's contents and return the Study, or raise StudyError naming the first problem.
 
     Every model's config is resolved with its overrides and the study's own settings (as train.py
@@ -347,6 +352,8 @@ def parse_study(raw: Any, path: Path | None = None, check_envs: bool = True) -> 
     :param raw: the parsed YAML.
     :param path: the file it came from (for messages and relative config paths).
     :param check_envs: also check the evaluation env ids / suite (imports gymnasium: about a second).
+    :param package_relative: relative config paths are relative to the package root only (a study
+        directory's copy, which must not pick up a same-named file in the working directory).
     """
     if not isinstance(raw, dict):
         raise StudyError(f"{_where(path)}a study file must be a YAML mapping (name, models, seeds, ...)")
@@ -384,7 +391,7 @@ def parse_study(raw: Any, path: Path | None = None, check_envs: bool = True) -> 
             raise StudyError(f"{_where(path)}models[{index}] must be a mapping with label and config")
         _unknown(item, MODEL_KEYS, f"models[{index}].", path)
         label = _new_label(item.get("label"), f"models[{index}].label", [m.label for m in models], "model", path)
-        config = _resolve_config_path(item.get("config"), path)
+        config = _resolve_config_path(item.get("config"), path, package_relative)
         overrides = _overrides(item.get("overrides"), f"models[{index}].overrides", path)
         for text in (*overrides, *common):
             key = text.partition("=")[0].strip()
@@ -639,8 +646,8 @@ def check_executor(name: Any, path: Path | None = None) -> None:
         raise StudyError(f"{_where(path)}unknown executor {name!r} (executors: {', '.join(EXECUTORS)})")
 
 
-def load_study(path: str | Path, check_envs: bool = True) -> Study:
-    """Read and check a study file (see :func:`parse_study`)."""
+def load_study(path: str | Path, check_envs: bool = True, package_relative: bool = False) -> Study:
+    """Read and check a study file (see :func:`parse_study`; ``package_relative`` for a study directory's copy)."""
     path = Path(path)
     if not path.is_file():
         raise StudyError(f"study file not found: {path}")
@@ -648,7 +655,7 @@ def load_study(path: str | Path, check_envs: bool = True) -> Study:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise StudyError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return parse_study(raw, path, check_envs=check_envs)
+    return parse_study(raw, path, check_envs=check_envs, package_relative=package_relative)
 
 
 def eval_envs(study: Study) -> list[tuple[str, bool]]:
@@ -1476,7 +1483,7 @@ def _with_portable_configs(raw: Any, source: Path) -> Any:
     for item in raw["models"]:
         if isinstance(item, dict):
             try:
-                item = {**item, "config": _portable_path(_resolve_config_path(item.get("config"), source))}
+                item = {**item, "config": _portable_path(_resolve_config_path(item.get("config"), source, True))}
             except StudyError:
                 pass
         models.append(item)
@@ -1488,7 +1495,7 @@ def load_study_dir(directory: Path) -> Study:
     path = directory / STUDY_COPY
     if not path.is_file():
         raise StudyError(f"{directory} holds no study (no {STUDY_COPY}); run `python study.py run FILE` first")
-    return load_study(path, check_envs=False)
+    return load_study(path, check_envs=False, package_relative=True)
 
 
 def machine_description() -> dict[str, Any]:

@@ -91,7 +91,8 @@ class GridEncoder(nn.Module):
         # The same lookup as self.embedding(idx), whose CPU backward (embedding_dense_backward) took
         # ~30% of this encoder's forward + backward on a 256-observation minibatch; index_select's
         # backward (index_add) gives the same gradient in a fraction of the time.
-        emb = self.embedding.weight.index_select(0, idx.flatten()).view(*idx.shape, -1)  # (N, H, W, 3, E)
+        emb = self.embedding.weight.index_select(0, idx.flatten())
+        emb = emb.view(*idx.shape, self.embedding.embedding_dim)  # (N, H, W, 3, E)
         emb = emb.flatten(3).permute(0, 3, 1, 2)  # (N, 3E, H, W)
         return self.cnn(emb)
 

@@ -165,8 +165,13 @@ def test_the_study_copy_names_configs_relative_to_the_package(tmp_path: Path, mo
     copy = yaml.safe_load((directory / "study.yaml").read_text())
     assert [m["config"] for m in copy["models"]] == ["configs/minigrid/doorkey-lstm-ppo.yaml",
                                                       "configs/minigrid/doorkey-rims-ppo.yaml"]
-    monkeypatch.chdir(tmp_path)  # not the package root: the copy still finds its configs
+    # From another directory, even one holding a same-named (edited) config, the copy means the package's files.
+    decoy = tmp_path / "configs" / "minigrid" / "doorkey-lstm-ppo.yaml"
+    decoy.parent.mkdir(parents=True)
+    decoy.write_text((REPO / "configs/minigrid/doorkey-lstm-ppo.yaml").read_text().replace("seed: 1", "seed: 7"))
+    monkeypatch.chdir(tmp_path)
     assert [m.config for m in load_study_dir(directory).models] == [m.config for m in study.models]
+    assert study.models[0].config == REPO / "configs/minigrid/doorkey-lstm-ppo.yaml"
 
     for model in copy["models"]:  # the form older copies had
         model["config"] = str(REPO / model["config"])
