@@ -589,22 +589,24 @@ def test_a_closed_terminal_stops_a_study_cleanly() -> None:
     # its runs training on unsupervised; the previous handlers come back afterwards.
     from agents.executors import _sigterm_as_interrupt
 
-    before = signal.getsignal(signal.SIGHUP), signal.getsignal(signal.SIGTERM)
-    for number in (signal.SIGHUP, signal.SIGTERM):
-        with pytest.raises(KeyboardInterrupt), _sigterm_as_interrupt() as received:
-            os.kill(os.getpid(), number)
-            time.sleep(5)  # the handler interrupts this
-        assert received == [signal.Signals(number).name]
-    assert (signal.getsignal(signal.SIGHUP), signal.getsignal(signal.SIGTERM)) == before
-    # Under nohup (SIGHUP ignored) a hangup is still ignored: the study goes on.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    outer_hangup = signal.getsignal(signal.SIGHUP)  # SIG_IGN when pytest itself runs under nohup
     try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a terminal's session
+        before = signal.getsignal(signal.SIGHUP), signal.getsignal(signal.SIGTERM)
+        for number in (signal.SIGHUP, signal.SIGTERM):
+            with pytest.raises(KeyboardInterrupt), _sigterm_as_interrupt() as received:
+                os.kill(os.getpid(), number)
+                time.sleep(5)  # the handler interrupts this
+            assert received == [signal.Signals(number).name]
+        assert (signal.getsignal(signal.SIGHUP), signal.getsignal(signal.SIGTERM)) == before
+        # Under nohup (SIGHUP ignored) a hangup is still ignored: the study goes on.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         with _sigterm_as_interrupt() as received:
             os.kill(os.getpid(), signal.SIGHUP)
             time.sleep(0.2)
         assert received == []
     finally:
-        signal.signal(signal.SIGHUP, before[0])
+        signal.signal(signal.SIGHUP, outer_hangup)
 
 
 def test_the_display_survives_a_terminal_that_is_gone() -> None:
