@@ -330,7 +330,8 @@ def _resolve_config_path(text: Any, path: Path | None, package_relative: bool = 
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
-    raise StudyError(f"{_where(path)}config file not found: {text} (looked in {Path.cwd()} and {REPO})")
+    looked = ", ".join(dict.fromkeys(map(str, candidates)))  # once each: the working directory may be the root
+    raise StudyError(f"{_where(path)}config file not found: {text} (looked for {looked})")
 
 
 def _new_label(label: Any, field: str, taken: list[str], what: str, path: Path | None) -> str:
