@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="where study directories are (default studies/)")
     publish.add_argument("--reps", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     publish.add_argument("--force", action="store_true", help="replace a page that was edited by hand")
+    publish.add_argument("--keep", action="store_true",
+                         help="keep the studies already on the page that are not named (as they were published), "
+                              "so studies whose runs are on other machines stay on it")
     return parser
 
 
@@ -112,14 +115,17 @@ def main(argv: list[str] | None = None) -> int:
                              address=args.address, report=not args.no_report)
         if args.command == "status":
             return _status(args.study, args.root)
-        from agents.report import publish, write_report
+        from agents.report import publish, published_studies, write_report
 
         if args.reps < 100:
             raise StudyError(f"--reps must be >= 100, got {args.reps}")
         if args.command == "publish":
-            command = " ".join(["python study.py publish", *map(str, args.studies), "--out", str(args.out)])
-            path = publish(args.studies, args.out, args.root, reps=args.reps, force=args.force, command=command)
-            print(f"results page written to {path} ({len(args.studies)} studies published)")
+            command = " ".join(["python study.py publish", *map(str, args.studies), "--out", str(args.out),
+                                *(["--keep"] if args.keep else [])])
+            path = publish(args.studies, args.out, args.root, reps=args.reps, force=args.force, command=command,
+                           keep=args.keep)
+            kept = f", {len(published_studies(path)) - len(args.studies)} kept" if args.keep else ""
+            print(f"results page written to {path} ({len(args.studies)} studies published{kept})")
             return 0
         path = write_report(args.study, args.root, split_versions=args.split_versions, reps=args.reps)
         print(f"report written to {path}")

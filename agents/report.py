@@ -893,6 +893,11 @@ def _previous_page(out: Path) -> tuple[bool, list[str]]:
     return isinstance(meta, dict) and meta.get("sha256") == _page_hash(body), studies
 
 
+def published_studies(page: str | Path) -> list[str]:
+    """The studies a results page written by :func:`publish` holds, in order (none for another page)."""
+    return _previous_page(Path(page))[1]
+
+
 def _section(text: str, heading: str) -> list[str]:
     """The bullet lines of one ``## heading`` section of a report."""
     lines, inside = [], False
@@ -904,8 +909,24 @@ def _section(text: str, heading: str) -> list[str]:
     return lines
 
 
+def _published_parts(text: str, name: str) -> tuple[str, list[str], list[str]]:
+    """One study's banner entry, summary lines and section (``## Study: name`` to the next study) on a page."""
+    lines = text.splitlines()
+    banner = next((line for line in lines if line.startswith("> Published: ")), "")
+    entry = re.search(r"`" + re.escape(name) + r"` \(code version `[^`]+`[^)]*\)", banner)
+    summary = [line for line in lines if line.startswith(f"- **{name}**: ")]
+    start = lines.index(f"## Study: {name}") if f"## Study: {name}" in lines else len(lines)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## Study: ")), len(lines))
+    section = lines[start:end]
+    while section and not section[-1].strip():
+        section.pop()
+    if entry is None or not section:
+        raise StudyError(f"cannot find study {name}'s section on the page to keep it; publish it again from its runs")
+    return entry.group(0), summary, section
+
+
 def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = DEFAULT_ROOT, reps: int = REPS,
-            force: bool = False, command: str | None = None) -> Path:
+            force: bool = False, command: str | None = None, keep: bool = False) -> Path:
     """Write the results page ``out`` (e.g. ``docs/results.md``) from the reports of finished studies.
 
     Every study is checked first (:func:`check_publishable`: all runs finished, one code version);
@@ -913,9 +934,13 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
     ``<out dir>/<out stem>/<study>/`` and its report goes into the page under a banner naming the
     published studies and their code versions. With no study, the page says that none is published
     yet. The page is written atomically and marked as generated; a page that was edited by hand (or
-    was not generated) is replaced only with ``force``.
+    was not generated) is replaced only with ``force``. With ``keep``, the studies already on the page
+    and not named here stay on it as they were published (text, summary lines and PNGs; they were
+    checked when they were published), so studies run on different machines or days, whose run
+    directories are not all on one machine, can be published one at a time.
 
-    :raises StudyError: a study that cannot be published, or a hand-edited page without ``force``.
+    :raises StudyError: a study that cannot be published, a hand-edited page without ``force``, or
+        ``keep`` with a page that is not an unedited generated one.
     """
     import json
     import shutil
@@ -931,10 +956,21 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
     names = [spec.name for spec, _, _ in checked]
     if len(set(names)) < len(names):
         raise StudyError(f"a study is named twice: {', '.join(names)}")
+    kept: dict[str, tuple[str, list[str], list[str]]] = {}
+    if keep:
+        if not unedited or not out.exists():
+            raise StudyError(f"--keep keeps the studies of a page written by study.py publish; {out} "
+                             + ("does not exist" if not out.exists() else "was edited by hand or not generated"))
+        previous_text = out.read_text(encoding="utf-8")
+        kept = {name: _published_parts(previous_text, name) for name in previous if name not in names}
     assets = out.parent / out.stem
     sections: list[str] = []
     summary: list[str] = []
     banner: list[str] = []
+    for entry, lines_kept, section in kept.values():  # kept studies first, in the page's order
+        banner.append(entry)
+        summary += lines_kept
+        sections += [*section, ""]
     for spec, directory, version in checked:
         report_path = write_report(directory, directory.parent, reps=reps)
         text = report_path.read_text(encoding="utf-8")
@@ -958,14 +994,15 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
         found = _section(text, "What the intervals support") or _section(text, "The questions")
         summary += [f"- **{spec.name}**: {line[2:]}" for line in found]
     for name in previous:
-        if name not in names and (assets / name).is_dir():
+        if name not in names and name not in kept and (assets / name).is_dir():
             shutil.rmtree(assets / name)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    command = command or "python study.py publish " + " ".join([*names, "--out", str(out)])
+    command = command or " ".join(["python study.py publish", *names, "--out", str(out), *(["--keep"] if keep else [])])
+    names = [*kept, *names]
     lines = ["# Results", "",
              f"> Generated by `{command}` on {when} from the published studies' reports; do not edit by hand "
              "(rerun the command: edits are refused, then lost with --force).", ""]
-    if checked:
+    if checked or kept:
         lines += [f"> Published: {'; '.join(banner)}. Every run of a study finished, all made by the one code "
                   "version named.", "", "## Summary", "", "What the intervals support, per study (details below).",
                   "", *(summary or ["- No comparison made."]), "", *sections]
@@ -982,5 +1019,6 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
 __all__ = ["RunRecord", "StudyResults", "build_report", "check_publishable", "conclude", "conclusion",
            "detectable_difference", "fast_iqm",
            "interval_estimates", "iqm", "load_results", "load_scores", "mean", "performance_profile", "poi_interval",
-           "probability_of_improvement", "provenance_lines", "publish", "sample_sd", "score_distribution",
+           "probability_of_improvement", "provenance_lines", "publish", "published_studies",
+           "sample_sd", "score_distribution",
            "smallest_detectable_difference", "study_versions", "verdict", "write_report"]

@@ -152,6 +152,42 @@ def test_publish_a_finished_study(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert study_cli.main(["publish", "--out", str(out), "--root", str(root)]) == 0
 
 
+def test_publish_keep_adds_a_study_beside_those_already_published(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    root, first = fake_study(tmp_path / "a", name="tiny-pub")
+    out = tmp_path / "docs" / "results.md"
+    assert study_cli.main(["publish", "tiny-pub", "--out", str(out), "--root", str(root), "--reps", "200"]) == 0
+    published = out.read_text()
+    section = published[published.index("## Study: tiny-pub"):].rstrip("\n")
+    # The first study's runs are gone (another machine, another day); a second study is published with --keep.
+    import shutil
+
+    shutil.rmtree(first)
+    other_root, _ = fake_study(tmp_path / "b", name="tiny-two")
+    args = ["publish", "tiny-two", "--out", str(out), "--root", str(other_root), "--reps", "200"]
+    assert study_cli.main([*args, "--keep"]) == 0
+    assert "1 studies published, 1 kept" in capsys.readouterr().out
+    text = out.read_text()
+    assert '"studies": ["tiny-pub", "tiny-two"]' in text.splitlines()[0]
+    assert "> Published: `tiny-pub` (code version `test-version`; 15 runs); `tiny-two` (code version" in text
+    assert section in text  # the kept study's text, word for word
+    assert "## Study: tiny-two" in text and text.index("## Study: tiny-pub") < text.index("## Study: tiny-two")
+    for name in ("tiny-pub", "tiny-two"):
+        assert f"- **{name}**: rims improves on lstm" in text
+        assert len(list((tmp_path / "docs" / "results" / name).glob("*.png"))) == 5
+    assert "--keep" in text.splitlines()[3]  # the command that made the page, as run
+    # Without --keep the page holds only the studies named, and the others' plots go.
+    assert study_cli.main(args) == 0
+    text = out.read_text()
+    assert "tiny-pub" not in text and not (tmp_path / "docs" / "results" / "tiny-pub").exists()
+    # --keep needs a page written by publish: a hand-edited one is refused, untouched.
+    out.write_text(text.replace("Results", "My results"))
+    edited = out.read_text()
+    assert study_cli.main([*args, "--keep", "--force"]) == 2
+    assert "--keep keeps the studies of a page written by study.py publish" in one_line_error(capsys)
+    assert out.read_text() == edited
+
+
 def test_publish_refuses_unfinished_and_mixed_studies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root, directory = fake_study(tmp_path)
     out = tmp_path / "docs" / "results.md"
