@@ -915,8 +915,10 @@ def _published_parts(text: str, name: str) -> tuple[str, list[str], list[str]]:
     banner = next((line for line in lines if line.startswith("> Published: ")), "")
     entry = re.search(r"`" + re.escape(name) + r"` \(code version `[^`]+`[^)]*\)", banner)
     summary = [line for line in lines if line.startswith(f"- **{name}**: ")]
-    start = lines.index(f"## Study: {name}") if f"## Study: {name}" in lines else len(lines)
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## Study: ")), len(lines))
+    headings = (f"## Study: {name}", f"## Adaptation study: {name}")  # a report's title, one level down
+    start = next((i for i, line in enumerate(lines) if line in headings), len(lines))
+    titles = ("## Study: ", "## Adaptation study: ")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith(titles)), len(lines))
     section = lines[start:end]
     while section and not section[-1].strip():
         section.pop()
@@ -988,7 +990,9 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
         sections += [*body, ""]
         _, commits, _ = study_versions(spec, directory)
         commits = [c for c in commits if not version.startswith(c.split(" ")[0])]  # a version set by hand is its own
-        runs = sum(re.fullmatch(r"seed_\d+", path.name) is not None for path in directory.glob("runs/*/seed_*"))
+        # Every run directory, an adaptation study's fine-tuning runs (runs/<label>/<task>/seed_<s>) included.
+        runs = sum(re.fullmatch(r"seed_\d+", path.name) is not None and path.is_dir()
+                   for path in directory.glob("runs/**/seed_*"))
         banner.append(f"`{spec.name}` (code version `{version}`"
                       + (f", git commit {', '.join(commits)}" if commits else "") + f"; {runs} runs)")
         found = _section(text, "What the intervals support") or _section(text, "The questions")
