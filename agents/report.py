@@ -915,9 +915,8 @@ def _published_parts(text: str, name: str) -> tuple[str, list[str], list[str]]:
     banner = next((line for line in lines if line.startswith("> Published: ")), "")
     entry = re.search(r"`" + re.escape(name) + r"` \(code version `[^`]+`[^)]*\)", banner)
     summary = [line for line in lines if line.startswith(f"- **{name}**: ")]
-    headings = (f"## Study: {name}", f"## Adaptation study: {name}")  # a report's title, one level down
-    start = next((i for i, line in enumerate(lines) if line in headings), len(lines))
-    titles = ("## Study: ", "## Adaptation study: ")
+    titles = ("## Study: ", "## Adaptation study: ")  # the two kinds of report's titles, one level down
+    start = next((i for i, line in enumerate(lines) if line in {title + name for title in titles}), len(lines))
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith(titles)), len(lines))
     section = lines[start:end]
     while section and not section[-1].strip():
