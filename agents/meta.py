@@ -178,11 +178,15 @@ class TaskSchedule:
                 and self.mean_return(self.index) >= self.curriculum_return)
 
     def stats(self) -> dict[str, float]:
-        """``meta/task_index`` and ``meta/return/<name>`` for every task with finished episodes."""
+        """``meta/task_index``, and for every task with finished episodes ``meta/return/<name>`` and
+        ``meta/return_episodes/<name>`` (how many episodes that mean is over, at most ``return_window``:
+        the first episodes to end on a new task are its short, successful ones, so a mean over a few
+        of them overstates the policy)."""
         stats = {"meta/task_index": float(self.index), "meta/task_switches": float(self.switches)}
         for index, name in enumerate(self.names):
             if self.returns[index]:
                 stats[f"meta/return/{name}"] = self.mean_return(index)
+                stats[f"meta/return_episodes/{name}"] = float(len(self.returns[index]))
         return stats
 
     def state_dict(self) -> dict[str, Any]:

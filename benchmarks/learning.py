@@ -74,26 +74,37 @@ def read_rows(run_dir: Path) -> list[dict]:
 
 
 TASK_RETURN = "meta/return/"  # a multi-task run's (meta_ppo, multitask_ppo) per-task mean return
+TASK_EPISODES = "meta/return_episodes/"  # ... and how many episodes that mean is over
 
 
-def task_returns(rows: list[dict]) -> list[dict[str, float]] | None:
+def task_returns(rows: list[dict], window: int | None = None) -> list[dict[str, float]] | None:
     """Per update of a multi-task run, each training task's latest mean return (over its last
-    ``meta.return_window`` episodes), an empty dict until every task has one; None for a one-task run."""
-    tasks = sorted({key for row in rows for key in row if key.startswith(TASK_RETURN)})
+    ``meta.return_window`` episodes), an empty dict until every task has one; None for a one-task run.
+
+    :param window: count a task's mean only once it is over this many episodes (the run's
+        ``meta.return_window``). The first episodes to end on a task a curriculum has just reached
+        are its short, successful ones, so a mean over a few of them overstates the policy. Rows
+        logged before the episode counts existed are taken as they are.
+    """
+    tasks = sorted({key[len(TASK_RETURN):] for row in rows for key in row if key.startswith(TASK_RETURN)})
     if not tasks:
         return None
     latest: dict[str, float] = {}
     out = []
     for row in rows:
-        latest.update({key[len(TASK_RETURN):]: row[key] for key in tasks if row.get(key) is not None})
+        for task in tasks:
+            episodes = row.get(TASK_EPISODES + task)
+            if row.get(TASK_RETURN + task) is not None and (window is None or episodes is None or episodes >= window):
+                latest[task] = row[TASK_RETURN + task]
         out.append({name: latest[name] for name in sorted(latest)} if len(latest) == len(tasks) else {})
     return out
 
 
-def frames_to_threshold(rows: list[dict], threshold: float) -> int | None:
+def frames_to_threshold(rows: list[dict], threshold: float, task_window: int | None = None) -> int | None:
     """Frames at the first update whose mean over a full window of 100 episodes reaches ``threshold``;
-    for a multi-task run, the first update at which every training task's mean return reaches it."""
-    per_task = task_returns(rows)
+    for a multi-task run, the first update at which every training task's mean return, over a full
+    window of ``task_window`` episodes (the run's ``meta.return_window``), reaches it."""
+    per_task = task_returns(rows, task_window)
     if per_task is not None:
         return next((int(row["frames"]) for row, tasks in zip(rows, per_task)
                      if tasks and min(tasks.values()) >= threshold), None)
@@ -115,12 +126,22 @@ def final_return(rows: list[dict]) -> float:
                  if row.get("rollout/ep_return_mean") is not None), 0.0)
 
 
-def total_frames(job: Job) -> int:
-    """The run's budget, read from its resolved config once it exists."""
+def run_config(job: Job) -> dict:
+    """The run's resolved config, once it exists."""
     import yaml
 
-    config = yaml.safe_load((job.run_dir / "config.yaml").read_text())
-    return int(config["total_frames"])
+    return yaml.safe_load((job.run_dir / "config.yaml").read_text())
+
+
+def total_frames(job: Job) -> int:
+    """The run's budget, read from its resolved config once it exists."""
+    return int(run_config(job)["total_frames"])
+
+
+def task_window(job: Job) -> int | None:
+    """A multi-task run's ``meta.return_window`` (episodes per task mean), None for a one-task run."""
+    meta = run_config(job).get("meta") or {}
+    return meta.get("return_window")
 
 
 def is_finished(job: Job) -> bool:
@@ -190,7 +211,7 @@ def report(jobs: list[Job], threshold: float, final_bar: float) -> str:
             if not rows or not is_finished(job):
                 lines.append(f"{label:<28}{job.seed:>5}{'':>9}{'unfinished':>10}")
                 continue
-            hit, final = frames_to_threshold(rows, threshold), final_return(rows)
+            hit, final = frames_to_threshold(rows, threshold, task_window(job)), final_return(rows)
             fps = statistics.median(row["time/fps"] for row in rows)
             reached += hit is not None
             ok = hit is not None and final >= final_bar

@@ -217,6 +217,8 @@ def test_curriculum_advances_when_the_return_window_reaches_the_threshold() -> N
     schedule.end_cycle(30)
     assert schedule.index == 1
     assert schedule.stats()["meta/return/a"] == pytest.approx((0.2 + 0.9 + 0.9) / 3)
+    assert schedule.stats()["meta/return_episodes/a"] == 3, "the window is full: 3 of the 5 episodes"
+    assert "meta/return/b" not in schedule.stats(), "no episode has ended on b yet"
 
 
 def test_curriculum_run_switches_the_envs_to_the_next_task(tmp_path: Path) -> None:

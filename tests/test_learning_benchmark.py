@@ -1,0 +1,51 @@
+"""benchmarks/learning.py's measures on hand-written metric rows (the sweep itself is train.py runs)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("learning_benchmark", REPO / "benchmarks" / "learning.py")
+learning = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = learning  # dataclasses look their module up there
+_spec.loader.exec_module(learning)
+
+
+def task_row(frames: int, **tasks: tuple[float, int]) -> dict:
+    """A multi-task run's metrics row: per task its mean return and how many episodes that is over."""
+    row: dict = {"frames": frames}
+    for name, (mean, episodes) in tasks.items():
+        row[f"meta/return/{name}"], row[f"meta/return_episodes/{name}"] = mean, episodes
+    return row
+
+
+def test_a_task_counts_toward_the_threshold_only_once_its_window_is_full() -> None:
+    # The curriculum has just reached task b: its first two episodes were short successes (0.8),
+    # then the policy fails there. A mean over those two would call the run learned at frame 200.
+    rows = [
+        task_row(100, a=(0.7, 50)),
+        task_row(200, a=(0.7, 50), b=(0.8, 2)),
+        task_row(300, a=(0.7, 50), b=(0.3, 50)),
+        task_row(400, a=(0.7, 50), b=(0.6, 50)),
+    ]
+    assert learning.frames_to_threshold(rows, 0.5, task_window=50) == 400
+    assert learning.frames_to_threshold(rows, 0.5) == 200, "without a window the lucky start counts"
+    assert learning.frames_to_threshold(rows, 0.65, task_window=50) is None
+    assert learning.final_return(rows) == 0.6, "the lowest task's mean at the end"
+
+
+def test_rows_logged_without_episode_counts_are_read_as_before() -> None:
+    rows = [{"frames": 100, "meta/return/a": 0.2}, {"frames": 200, "meta/return/a": 0.9, "meta/return/b": 0.7}]
+    assert learning.frames_to_threshold(rows, 0.5, task_window=50) == 200
+    assert learning.task_returns(rows) == [{}, {"a": 0.9, "b": 0.7}]
+
+
+def test_a_one_task_run_needs_100_finished_episodes() -> None:
+    rows = [{"frames": 100, "rollout/episodes": 60, "rollout/ep_return_mean": 0.95},
+            {"frames": 200, "rollout/episodes": 40, "rollout/ep_return_mean": 0.92},
+            {"frames": 300, "rollout/episodes": 10, "rollout/ep_return_mean": 0.5}]
+    assert learning.task_returns(rows) is None
+    assert learning.frames_to_threshold(rows, 0.9) == 200
+    assert learning.final_return(rows) == 0.5
