@@ -989,9 +989,10 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
         sections += [*body, ""]
         _, commits, _ = study_versions(spec, directory)
         commits = [c for c in commits if not version.startswith(c.split(" ")[0])]  # a version set by hand is its own
-        # Every run directory, an adaptation study's fine-tuning runs (runs/<label>/<task>/seed_<s>) included.
+        # Every run directory: runs/<model>/seed_<s> and an adaptation study's fine-tuning runs
+        # (finetune/<label>/<task>/seed_<s>, agents.study.finetune_dir).
         runs = sum(re.fullmatch(r"seed_\d+", path.name) is not None and path.is_dir()
-                   for path in directory.glob("runs/**/seed_*"))
+                   for pattern in ("runs/*/seed_*", "finetune/*/*/seed_*") for path in directory.glob(pattern))
         banner.append(f"`{spec.name}` (code version `{version}`"
                       + (f", git commit {', '.join(commits)}" if commits else "") + f"; {runs} runs)")
         found = _section(text, "What the intervals support") or _section(text, "The questions")
