@@ -946,7 +946,7 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
     import json
     import shutil
 
-    from agents.study import atomic_write
+    from agents.study import all_jobs, atomic_write
 
     out = Path(out)
     checked = [check_publishable(s, root) for s in studies]
@@ -989,10 +989,7 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
         sections += [*body, ""]
         _, commits, _ = study_versions(spec, directory)
         commits = [c for c in commits if not version.startswith(c.split(" ")[0])]  # a version set by hand is its own
-        # Every run directory: runs/<model>/seed_<s> and an adaptation study's fine-tuning runs
-        # (finetune/<label>/<task>/seed_<s>, agents.study.finetune_dir).
-        runs = sum(re.fullmatch(r"seed_\d+", path.name) is not None and path.is_dir()
-                   for pattern in ("runs/*/seed_*", "finetune/*/*/seed_*") for path in directory.glob(pattern))
+        runs = len(all_jobs(spec, directory))  # every run, an adaptation study's fine-tuning runs included
         banner.append(f"`{spec.name}` (code version `{version}`"
                       + (f", git commit {', '.join(commits)}" if commits else "") + f"; {runs} runs)")
         found = _section(text, "What the intervals support") or _section(text, "The questions")

@@ -138,12 +138,6 @@ def total_frames(job: Job) -> int:
     return int(run_config(job)["total_frames"])
 
 
-def task_window(job: Job) -> int | None:
-    """A multi-task run's ``meta.return_window`` (episodes per task mean), None for a one-task run."""
-    meta = run_config(job).get("meta") or {}
-    return meta.get("return_window")
-
-
 def is_finished(job: Job) -> bool:
     """A run is finished when its last logged update reached its budget."""
     rows = read_rows(job.run_dir)
@@ -211,7 +205,9 @@ def report(jobs: list[Job], threshold: float, final_bar: float) -> str:
             if not rows or not is_finished(job):
                 lines.append(f"{label:<28}{job.seed:>5}{'':>9}{'unfinished':>10}")
                 continue
-            hit, final = frames_to_threshold(rows, threshold, task_window(job)), final_return(rows)
+            config = run_config(job)
+            task_window = (config.get("meta") or {}).get("return_window")  # a multi-task run's; None otherwise
+            hit, final = frames_to_threshold(rows, threshold, task_window), final_return(rows)
             fps = statistics.median(row["time/fps"] for row in rows)
             reached += hit is not None
             ok = hit is not None and final >= final_bar
@@ -219,7 +215,7 @@ def report(jobs: list[Job], threshold: float, final_bar: float) -> str:
             hits.append(hit if hit is not None else float("inf"))
             verdict = "learned" if ok else ("collapsed" if hit is not None else "not reached")
             per_task = (task_returns(rows) or [{}])[-1]
-            lines.append(f"{label:<28}{job.seed:>5}{total_frames(job):>9}{hit if hit else '-':>10}{final:>8.3f}"
+            lines.append(f"{label:<28}{job.seed:>5}{config['total_frames']:>9}{hit if hit else '-':>10}{final:>8.3f}"
                          f"{fps:>7.0f}  {verdict}"
                          + (" (" + ", ".join(f"{t} {r:.3f}" for t, r in per_task.items()) + ")" if per_task else ""))
         median = statistics.median(hits) if hits else float("inf")
