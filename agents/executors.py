@@ -128,7 +128,7 @@ def _report(display: Display, result: JobResult) -> None:
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[list[str]]:
+def stop_signals_as_interrupt() -> Iterator[list[str]]:
     """Within the block SIGTERM and SIGHUP raise KeyboardInterrupt, so a scheduler's stop or a closed
     terminal (an ssh session that drops) is a clean stop: the runs, in their own sessions, would
     otherwise go on training unsupervised, holding their run locks against the next `run`. A SIGHUP
@@ -196,7 +196,7 @@ def run_local(jobs: Sequence[Job], workers: int | None = None, display: Display 
 
     threads = [threading.Thread(target=worker, daemon=True, name=f"study-worker-{i}") for i in range(workers)]
     stopped: str | None = None
-    with _sigterm_as_interrupt() as received:
+    with stop_signals_as_interrupt() as received:
         for thread in threads:
             thread.start()
         while any(thread.is_alive() for thread in threads):
@@ -269,7 +269,7 @@ def run_ray(jobs: Sequence[Job], address: str | None = None, workers: int | None
     level = 0
     started = time.time()
     try:
-        with _sigterm_as_interrupt() as received:
+        with stop_signals_as_interrupt() as received:
             while pending:
                 try:
                     ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)

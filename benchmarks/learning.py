@@ -8,7 +8,8 @@
 Every (config, seed) is an ordinary ``python train.py`` run in its own directory under
 ``--out`` (default ``benchmarks/out/learning``), ``--jobs`` of them at a time (one torch
 thread each). Running the same command again skips finished runs and resumes interrupted
-ones (``--resume``), so a long sweep can be stopped and continued. ``default`` names the
+ones (``--resume``), so a long sweep can be stopped and continued: Ctrl-C, ``kill`` (SIGTERM) or a
+hangup asks the running runs to checkpoint and exit, and the sweep exits 130, 143 or 129. ``default`` names the
 embedded default config (a bare ``python train.py``).
 
 Per seed it prints the frames at which the mean return of the last 100 episodes first
@@ -28,6 +29,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -36,6 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as `python benchmarks/learning.py` from a source checkout
+from agents.executors import stop_signals_as_interrupt  # noqa: E402
+
 WINDOW = 100  # episodes in the mean return, as the trainer's log.return_window
 
 
@@ -167,29 +172,33 @@ def run_all(jobs: list[Job], parallel: int) -> None:
           flush=True)
     running: list[tuple[Job, subprocess.Popen, float]] = []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    try:
-        while todo or running:
-            while todo and len(running) < parallel:
-                job = todo.pop(0)
-                job.run_dir.parent.mkdir(parents=True, exist_ok=True)
-                log = (job.run_dir.parent / f"{job.run_dir.name}.log").open("a")
-                running.append((job, subprocess.Popen(command(job), cwd=REPO, stdout=log, stderr=log, env=env),
-                                time.time()))
-            time.sleep(2)
-            for entry in list(running):
-                job, process, started = entry
-                if process.poll() is None:
-                    continue
-                running.remove(entry)
-                status = "done" if process.returncode == 0 else f"exit code {process.returncode} (see its .log)"
-                print(f"  {job.label} seed {job.seed}: {status} in {time.time() - started:.0f} s", flush=True)
-    except KeyboardInterrupt:
-        for _, process, _ in running:
-            process.terminate()  # train.py checkpoints on SIGTERM; the next call resumes
-        for _, process, _ in running:
-            process.wait()
-        print("stopped; run the same command again to continue", flush=True)
-        raise SystemExit(130) from None
+    # SIGTERM and SIGHUP stop the sweep like Ctrl-C: a plain `kill` would otherwise end this process and
+    # leave its train.py runs training unsupervised, holding their run locks against the next call.
+    with stop_signals_as_interrupt() as received:
+        try:
+            while todo or running:
+                while todo and len(running) < parallel:
+                    job = todo.pop(0)
+                    job.run_dir.parent.mkdir(parents=True, exist_ok=True)
+                    log = (job.run_dir.parent / f"{job.run_dir.name}.log").open("a")
+                    running.append((job, subprocess.Popen(command(job), cwd=REPO, stdout=log, stderr=log, env=env),
+                                    time.time()))
+                time.sleep(2)
+                for entry in list(running):
+                    job, process, started = entry
+                    if process.poll() is None:
+                        continue
+                    running.remove(entry)
+                    status = "done" if process.returncode == 0 else f"exit code {process.returncode} (see its .log)"
+                    print(f"  {job.label} seed {job.seed}: {status} in {time.time() - started:.0f} s", flush=True)
+        except KeyboardInterrupt:
+            for _, process, _ in running:
+                process.terminate()  # train.py checkpoints on SIGTERM; the next call resumes
+            for _, process, _ in running:
+                process.wait()
+            print("stopped; run the same command again to continue", flush=True)
+            stopped_by = received[-1] if received else "SIGINT"
+            raise SystemExit(128 + signal.Signals[stopped_by].value) from None
 
 
 def report(jobs: list[Job], threshold: float, final_bar: float) -> str:

@@ -1,9 +1,13 @@
-"""benchmarks/learning.py's measures on hand-written metric rows (the sweep itself is train.py runs)."""
+"""benchmarks/learning.py: its measures on hand-written metric rows, and a real sweep stopped by a real SIGTERM."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,3 +53,25 @@ def test_a_one_task_run_needs_100_finished_episodes() -> None:
     assert learning.task_returns(rows) is None
     assert learning.frames_to_threshold(rows, 0.9) == 200
     assert learning.final_return(rows) == 0.5
+
+
+def test_sigterm_stops_the_sweep_and_its_runs_checkpoint(tmp_path: Path) -> None:
+    # A plain `kill` of a sweep in the background must not leave its train.py runs training on
+    # unsupervised (holding their run locks): they checkpoint, and the same command resumes them.
+    command = [sys.executable, str(REPO / "benchmarks" / "learning.py"), "--configs", "default", "--seeds", "7",
+               "--jobs", "1", "--out", str(tmp_path), "--tag", "t", "--set", "total_frames=10000000",
+               "env.n_envs=2", "algo.n_steps=16", "algo.num_minibatches=1"]
+    sweep = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "default-t" / "seed_7" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and metrics.read_text().strip()) and time.time() < deadline:
+        assert sweep.poll() is None, sweep.communicate()[0]
+        time.sleep(0.2)
+    assert metrics.is_file(), "the run never logged an update"
+    os.kill(sweep.pid, signal.SIGTERM)
+    output = sweep.communicate(timeout=120)[0]
+    assert sweep.returncode == 128 + signal.SIGTERM, output
+    assert "stopped; run the same command again to continue" in output
+    run_log = (tmp_path / "default-t" / "seed_7.log").read_text()
+    assert "SIGTERM: stopped after" in run_log, run_log
+    assert (tmp_path / "default-t" / "seed_7" / "checkpoint.pt").is_file()

@@ -587,21 +587,21 @@ def test_config_hash_tells_pretrained_from_random_weights_but_not_the_weights_pa
 def test_a_closed_terminal_stops_a_study_cleanly() -> None:
     # SIGHUP (an ssh session that drops) must stop the pool like Ctrl-C, not kill study.py and leave
     # its runs training on unsupervised; the previous handlers come back afterwards.
-    from agents.executors import _sigterm_as_interrupt
+    from agents.executors import stop_signals_as_interrupt
 
     outer_hangup = signal.getsignal(signal.SIGHUP)  # SIG_IGN when pytest itself runs under nohup
     try:
         signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a terminal's session
         before = signal.getsignal(signal.SIGHUP), signal.getsignal(signal.SIGTERM)
         for number in (signal.SIGHUP, signal.SIGTERM):
-            with pytest.raises(KeyboardInterrupt), _sigterm_as_interrupt() as received:
+            with pytest.raises(KeyboardInterrupt), stop_signals_as_interrupt() as received:
                 os.kill(os.getpid(), number)
                 time.sleep(5)  # the handler interrupts this
             assert received == [signal.Signals(number).name]
         assert (signal.getsignal(signal.SIGHUP), signal.getsignal(signal.SIGTERM)) == before
         # Under nohup (SIGHUP ignored) a hangup is still ignored: the study goes on.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        with _sigterm_as_interrupt() as received:
+        with stop_signals_as_interrupt() as received:
             os.kill(os.getpid(), signal.SIGHUP)
             time.sleep(0.2)
         assert received == []
