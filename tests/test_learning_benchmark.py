@@ -74,4 +74,7 @@ def test_sigterm_stops_the_sweep_and_its_runs_checkpoint(tmp_path: Path) -> None
     assert "stopped; run the same command again to continue" in output
     run_log = (tmp_path / "default-t" / "seed_7.log").read_text()
     assert "SIGTERM: stopped after" in run_log, run_log
-    assert (tmp_path / "default-t" / "seed_7" / "checkpoint.pt").is_file()
+    run_dir = tmp_path / "default-t" / "seed_7"
+    assert (run_dir / "checkpoint.pt").is_file()
+    rerun = learning.Job("default-t", None, (), 7, run_dir, 1)
+    assert learning.command(rerun)[-2:] == ["--resume", str(run_dir)], "the same command resumes the run"
