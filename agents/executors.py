@@ -153,6 +153,12 @@ def stop_signals_as_interrupt() -> Iterator[list[str]]:
             signal.signal(number, action)
 
 
+def stop_exit_status(stopped: str) -> int:
+    """Exit status of a driver stopped by the signal named ``stopped`` ("SIGINT", "SIGTERM", "SIGHUP", as
+    ``stop_signals_as_interrupt`` records them): 128 + its number, as a shell reports it (130, 143, 129)."""
+    return 128 + signal.Signals[stopped].value
+
+
 @dataclasses.dataclass
 class Outcome:
     """What an executor came to: one result per job it ran, and whether it was stopped (and by what)."""

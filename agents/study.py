@@ -1671,7 +1671,7 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
         if stopped is not None:
             print(f"stopped ({stopped}); every run keeps its last checkpoint. Continue with: "
                   f"{continue_command(study, executor, workers, address)}", flush=True)
-            return {"SIGINT": 130, "SIGHUP": 129}.get(stopped, 143)
+            return executors.stop_exit_status(stopped)
         if counts["done"] < len(jobs):
             print(f"some runs did not finish; see their logs in {root / 'logs'}, then continue with: "
                   f"{continue_command(study, executor, workers, address)}", flush=True)

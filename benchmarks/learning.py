@@ -29,7 +29,6 @@ import argparse
 import hashlib
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as `python benchmarks/learning.py` from a source checkout
-from agents.executors import stop_signals_as_interrupt  # noqa: E402
+from agents.executors import stop_exit_status, stop_signals_as_interrupt  # noqa: E402
 
 WINDOW = 100  # episodes in the mean return, as the trainer's log.return_window
 
@@ -197,8 +196,7 @@ def run_all(jobs: list[Job], parallel: int) -> None:
             for _, process, _ in running:
                 process.wait()
             print("stopped; run the same command again to continue", flush=True)
-            stopped_by = received[-1] if received else "SIGINT"
-            raise SystemExit(128 + signal.Signals[stopped_by].value) from None
+            raise SystemExit(stop_exit_status(received[-1] if received else "SIGINT")) from None
 
 
 def report(jobs: list[Job], threshold: float, final_bar: float) -> str:
