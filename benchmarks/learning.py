@@ -180,8 +180,10 @@ def run_all(jobs: list[Job], parallel: int) -> None:
                     job = todo.pop(0)
                     job.run_dir.parent.mkdir(parents=True, exist_ok=True)
                     log = (job.run_dir.parent / f"{job.run_dir.name}.log").open("a")
-                    running.append((job, subprocess.Popen(command(job), cwd=REPO, stdout=log, stderr=log, env=env),
-                                    time.time()))
+                    # Its own session: a terminal's Ctrl-C or hangup reaches only this driver, which stops
+                    # every run the same way (below) instead of some runs seeing the signal and some not.
+                    running.append((job, subprocess.Popen(command(job), cwd=REPO, stdout=log, stderr=log, env=env,
+                                                          start_new_session=True), time.time()))
                 time.sleep(2)
                 for entry in list(running):
                     job, process, started = entry
@@ -193,8 +195,16 @@ def run_all(jobs: list[Job], parallel: int) -> None:
         except KeyboardInterrupt:
             for _, process, _ in running:
                 process.terminate()  # train.py checkpoints on SIGTERM; the next call resumes
-            for _, process, _ in running:
-                process.wait()
+            print(f"stopping: asked {len(running)} running run(s) to checkpoint and exit (again to abort them)",
+                  flush=True)
+            try:
+                for _, process, _ in running:
+                    process.wait()
+            except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM: do not wait for the checkpoints
+                for _, process, _ in running:
+                    process.kill()
+                    process.wait()
+                print("aborted the running runs (their last checkpoints are intact)", flush=True)
             print("stopped; run the same command again to continue", flush=True)
             raise SystemExit(stop_exit_status(received[-1] if received else "SIGINT")) from None
 

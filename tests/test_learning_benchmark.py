@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("learning_benchmark", REPO / "benchmarks" / "learning.py")
 learning = importlib.util.module_from_spec(_spec)
@@ -78,3 +80,35 @@ def test_sigterm_stops_the_sweep_and_its_runs_checkpoint(tmp_path: Path) -> None
     assert (run_dir / "checkpoint.pt").is_file()
     rerun = learning.Job("default-t", None, (), 7, run_dir, 1)
     assert learning.command(rerun)[-2:] == ["--resume", str(run_dir)], "the same command resumes the run"
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's children from Linux's /proc")
+def test_runs_have_their_own_session_and_a_second_sigterm_aborts_them(tmp_path: Path) -> None:
+    # A terminal's hangup or Ctrl-C goes to the driver only (which stops every run alike), and a second
+    # SIGTERM while the driver waits for its runs to checkpoint kills them instead of waiting on.
+    command = [sys.executable, str(REPO / "benchmarks" / "learning.py"), "--configs", "default", "--seeds", "8",
+               "--jobs", "1", "--out", str(tmp_path), "--tag", "t", "--set", "total_frames=10000000",
+               "env.n_envs=2", "algo.n_steps=16", "algo.num_minibatches=1"]
+    sweep = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not _children(sweep.pid) and time.time() < deadline:
+        assert sweep.poll() is None, sweep.communicate()[0]
+        time.sleep(0.1)
+    (run,) = _children(sweep.pid)
+    assert os.getsid(run) == run != os.getsid(sweep.pid), "the run leads a session of its own"
+    # A stopped run cannot act on the first SIGTERM, so the driver is surely still waiting at the second.
+    os.kill(run, signal.SIGSTOP)
+    os.kill(sweep.pid, signal.SIGTERM)
+    time.sleep(1.0)  # the handler interrupts the driver's poll at once; then it waits on the run
+    assert sweep.poll() is None, "the driver waits for the stopped run"
+    os.kill(sweep.pid, signal.SIGTERM)
+    output = sweep.communicate(timeout=60)[0]
+    assert "aborted the running runs" in output, output
+    assert sweep.returncode == 128 + signal.SIGTERM, output
+    with pytest.raises(ProcessLookupError):
+        os.kill(run, 0)
