@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -95,20 +96,28 @@ def test_runs_have_their_own_session_and_a_second_sigterm_aborts_them(tmp_path: 
                "--jobs", "1", "--out", str(tmp_path), "--tag", "t", "--set", "total_frames=10000000",
                "env.n_envs=2", "algo.n_steps=16", "algo.num_minibatches=1"]
     sweep = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 60
-    while not _children(sweep.pid) and time.time() < deadline:
-        assert sweep.poll() is None, sweep.communicate()[0]
-        time.sleep(0.1)
-    (run,) = _children(sweep.pid)
-    assert os.getsid(run) == run != os.getsid(sweep.pid), "the run leads a session of its own"
-    # A stopped run cannot act on the first SIGTERM, so the driver is surely still waiting at the second.
-    os.kill(run, signal.SIGSTOP)
-    os.kill(sweep.pid, signal.SIGTERM)
-    time.sleep(1.0)  # the handler interrupts the driver's poll at once; then it waits on the run
-    assert sweep.poll() is None, "the driver waits for the stopped run"
-    os.kill(sweep.pid, signal.SIGTERM)
-    output = sweep.communicate(timeout=60)[0]
-    assert "aborted the running runs" in output, output
-    assert sweep.returncode == 128 + signal.SIGTERM, output
-    with pytest.raises(ProcessLookupError):
-        os.kill(run, 0)
+    runs: list[int] = []
+    try:
+        deadline = time.time() + 60
+        while not runs and time.time() < deadline:
+            assert sweep.poll() is None, sweep.communicate()[0]
+            time.sleep(0.1)
+            runs = _children(sweep.pid)
+        (run,) = runs
+        assert os.getsid(run) == run != os.getsid(sweep.pid), "the run leads a session of its own"
+        # A stopped run cannot act on the first SIGTERM, so the driver is surely still waiting at the second.
+        os.kill(run, signal.SIGSTOP)
+        os.kill(sweep.pid, signal.SIGTERM)
+        time.sleep(1.0)  # the handler interrupts the driver's poll at once; then it waits on the run
+        assert sweep.poll() is None, "the driver waits for the stopped run"
+        os.kill(sweep.pid, signal.SIGTERM)
+        output = sweep.communicate(timeout=60)[0]
+        assert "aborted the running runs" in output, output
+        assert sweep.returncode == 128 + signal.SIGTERM, output
+        with pytest.raises(ProcessLookupError):
+            os.kill(run, 0)
+    finally:  # a failing assertion must not leave a 10M-frame run training in the background
+        for pid in [*runs, sweep.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        sweep.wait()
