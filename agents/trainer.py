@@ -8,6 +8,7 @@ meta-PPO) change the parameters, log, and checkpoint at intervals.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import importlib
@@ -289,7 +290,9 @@ class Trainer:
         self.task: tuple[str, dict[str, Any]] = (env_config["id"], env_options(env_config))
         if checkpoint is not None:
             self.task = (checkpoint["env"]["id"], checkpoint["env"]["options"])
-        self.venv = self._restore_envs(checkpoint) if checkpoint is not None and self.world_size == 1 else None
+        self.venv, restored_parked = None, {}
+        if checkpoint is not None and self.world_size == 1:
+            self.venv, restored_parked = self._restore_envs(checkpoint)
         envs_restored = self.venv is not None
         if self.venv is None:
             # A distributed resume starts fresh episodes, from env streams past the checkpoint's frames
@@ -316,7 +319,9 @@ class Trainer:
         self.rollout_state: RolloutState | None = None
         # Envs of the tasks not being trained on right now, with where their rollouts stopped (meta-learning's
         # task switches park them here, so that an episode cut by a switch continues when its task returns).
-        self.parked_tasks: dict[str, tuple[VecEnv, RolloutState]] = {}
+        self.parked_tasks: dict[str, tuple[VecEnv, RolloutState]] = {
+            key: (venv, dataclasses.replace(state, state=state.state.to(self.device)))
+            for key, (venv, state) in restored_parked.items()}
         self.recent_episodes: deque[dict[str, float]] = deque(maxlen=config["log"]["return_window"])
         self._stop_signal: str | None = None
         if checkpoint is not None:
@@ -418,31 +423,35 @@ class Trainer:
         trainer._loaded_from = loaded_from
         return trainer
 
-    def _restore_envs(self, checkpoint: dict[str, Any]) -> VecEnv | None:
+    def _restore_envs(self, checkpoint: dict[str, Any]) -> tuple[VecEnv | None, dict[str, tuple[VecEnv, RolloutState]]]:
         """Unpickle the envs saved with the checkpoint, if this user wrote them and they match it.
 
         The snapshot is a pickle (the envs' RNGs and unfinished episodes), so it is only read when
         its HMAC under this user's local key (``snapshot_key``) checks out: a run directory copied
         from someone else resumes with fresh episodes instead of running their pickle.
+
+        :return: the current task's envs (None: start fresh episodes) and the parked tasks' envs with
+            their rollout states (a meta-learning run's; empty when there are none or the envs are not used).
         """
         path = self.run_dir / ENVS_STATE_FILE
         if not path.is_file():
-            return None
+            return None, {}
         if self._snapshot_key is None:
             tqdm.write(f"warning: without a usable snapshot key {path} cannot be checked; resuming with fresh episodes",
                        file=sys.stderr)
-            return None
+            return None, {}
         blob = path.read_bytes()
         tag, body = blob[:32], blob[32:]
         if len(tag) != 32 or not hmac.compare_digest(tag, hmac.new(self._snapshot_key, body, hashlib.sha256).digest()):
             tqdm.write(f"warning: {path} was not written by this user; resuming with fresh episodes", file=sys.stderr)
-            return None
+            return None, {}
         try:
             saved = pickle.loads(body)  # authenticated above: this user wrote it
         except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError):
-            return None
+            return None, {}
         if not isinstance(saved, dict) or saved.get("frames") != checkpoint["frames"]:
-            return None  # a kill between the snapshot and the checkpoint: the envs moved on since
+            return None, {}  # a kill between the snapshot and the checkpoint: the envs moved on since
+        parked = saved.get("parked") or {}
         venv = saved.get("venv")
         env_id, n_envs = checkpoint["env"]["id"], self.config["env"]["n_envs"]
         refused = None
@@ -453,10 +462,11 @@ class Trainer:
         if refused is not None:
             tqdm.write(f"warning: {path} does not belong to this checkpoint ({refused}); not used, resuming with "
                        "fresh episodes", file=sys.stderr)
-            with contextlib.suppress(Exception):
-                venv.close()
-            return None
-        return venv
+            for unused in [venv, *(parked_venv for parked_venv, _ in parked.values())]:
+                with contextlib.suppress(Exception):
+                    unused.close()
+            return None, {}
+        return venv, parked
 
     def _init_weights(self, source: str) -> None:
         """Load the policy weights of another run's checkpoint (``init_from``) into this new run.
@@ -559,8 +569,13 @@ class Trainer:
             if problem is not None:
                 raise TrainingError(self._stopped(problem))
             if snapshot_envs and self._snapshot_key is not None and isinstance(_base_venv(self.venv), DummyVecEnv):
+                # The parked tasks' envs too (meta-learning), each with where its rollouts stopped, so that
+                # a resumed run continues their episodes when their task comes back, as it would have.
+                parked = {key: (venv, dataclasses.replace(state, state=state.state.cpu()))
+                          for key, (venv, state) in self.parked_tasks.items()}
                 try:
-                    blob = pickle.dumps({"frames": self.frames, "env_id": self.task[0], "venv": self.venv})
+                    blob = pickle.dumps({"frames": self.frames, "env_id": self.task[0], "venv": self.venv,
+                                         "parked": parked})
                 except (pickle.PicklingError, TypeError, AttributeError):
                     blob = None  # an env that cannot be pickled: resume will start fresh episodes
                 if blob is not None:
@@ -814,8 +829,9 @@ class Trainer:
         fresh episodes from a zero core state. Episodes thus run to their end across switches: a
         switch every few rollouts of 32 steps would otherwise cut every episode longer than that
         (DoorKey's run to 250-640 steps), and only the short ones could ever be learned from.
-        A resumed run restores the current task's envs; the parked ones start fresh episodes, as do
-        those of a task closed because more than ``MAX_PARKED_TASKS`` were parked.
+        A resumed run restores the current task's envs and the parked ones (from the env snapshot, with
+        their rollout states); a task closed because more than ``MAX_PARKED_TASKS`` were parked starts
+        fresh episodes when it comes back.
         """
         next_task = getattr(self.updater, "next_task", None)
         if next_task is None:

@@ -299,13 +299,17 @@ def test_tiny_meta_run_from_the_command_line_writes_a_loadable_checkpoint(tmp_pa
 
 
 def test_resume_of_a_meta_run_restores_phase_and_schedule(tmp_path: Path) -> None:
-    extra = ("total_frames=96", "meta.task_schedule=sample")
+    # 160 frames: the task parked at the stop (DoorKey-6x6, the first task) comes back at 112 frames,
+    # and its envs must go on with the episodes they were in, as in the uninterrupted run.
+    extra = ("total_frames=160", "meta.task_schedule=sample")
     whole = meta_trainer(tmp_path / "whole", *extra)
     whole.run()
     split = meta_trainer(tmp_path / "split", *extra)
     split.run(stop_at_frames=48)  # 3 rollouts: mid-cycle, the next update is an outer one
     saved = split.updater.state_dict()
+    assert split.parked_tasks, "a task should be parked at the stop"
     resumed = Trainer.resume(tmp_path / "split")
+    assert list(resumed.parked_tasks) == list(split.parked_tasks)
     meta: MetaPPO = resumed.updater
     assert resumed.frames == 48 and meta.phase == "outer" and meta.step == saved["step"] == 1
     assert meta.schedule.index == saved["schedule"]["index"] and resumed.task == meta.schedule.current
