@@ -83,9 +83,16 @@ def test_sigterm_stops_the_sweep_and_its_runs_checkpoint(tmp_path: Path) -> None
     assert learning.command(rerun)[-2:] == ["--resume", str(run_dir)], "the same command resumes the run"
 
 
-def _children(pid: int) -> list[int]:
-    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
-            for child in (task / "children").read_text().split()]
+def _train_children(pid: int) -> list[int]:
+    """The train.py processes ``pid`` started: exec'd already, so past Popen's setsid."""
+    children = [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+                for child in (task / "children").read_text().split()]
+    running = []
+    for child in children:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            if b"train.py" in Path(f"/proc/{child}/cmdline").read_bytes():
+                running.append(child)
+    return running
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's children from Linux's /proc")
@@ -102,7 +109,7 @@ def test_runs_have_their_own_session_and_a_second_sigterm_aborts_them(tmp_path: 
         while not runs and time.time() < deadline:
             assert sweep.poll() is None, sweep.communicate()[0]
             time.sleep(0.1)
-            runs = _children(sweep.pid)
+            runs = _train_children(sweep.pid)
         (run,) = runs
         assert os.getsid(run) == run != os.getsid(sweep.pid), "the run leads a session of its own"
         # A stopped run cannot act on the first SIGTERM, so the driver is surely still waiting at the second.
