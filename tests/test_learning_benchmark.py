@@ -58,13 +58,18 @@ def test_a_one_task_run_needs_100_finished_episodes() -> None:
     assert learning.final_return(rows) == 0.5
 
 
+def _start_sweep(out: Path, seed: int) -> subprocess.Popen:
+    """A real learning.py sweep of one tiny run of the embedded default, far too long to finish on its own."""
+    command = [sys.executable, str(REPO / "benchmarks" / "learning.py"), "--configs", "default", "--seeds", str(seed),
+               "--jobs", "1", "--out", str(out), "--tag", "t", "--set", "total_frames=10000000",
+               "env.n_envs=2", "algo.n_steps=16", "algo.num_minibatches=1"]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def test_sigterm_stops_the_sweep_and_its_runs_checkpoint(tmp_path: Path) -> None:
     # A plain `kill` of a sweep in the background must not leave its train.py runs training on
     # unsupervised (holding their run locks): they checkpoint, and the same command resumes them.
-    command = [sys.executable, str(REPO / "benchmarks" / "learning.py"), "--configs", "default", "--seeds", "7",
-               "--jobs", "1", "--out", str(tmp_path), "--tag", "t", "--set", "total_frames=10000000",
-               "env.n_envs=2", "algo.n_steps=16", "algo.num_minibatches=1"]
-    sweep = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sweep = _start_sweep(tmp_path, seed=7)
     metrics = tmp_path / "default-t" / "seed_7" / "metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.is_file() and metrics.read_text().strip()) and time.time() < deadline:
@@ -99,10 +104,7 @@ def _train_children(pid: int) -> list[int]:
 def test_runs_have_their_own_session_and_a_second_sigterm_aborts_them(tmp_path: Path) -> None:
     # A terminal's hangup or Ctrl-C goes to the driver only (which stops every run alike), and a second
     # SIGTERM while the driver waits for its runs to checkpoint kills them instead of waiting on.
-    command = [sys.executable, str(REPO / "benchmarks" / "learning.py"), "--configs", "default", "--seeds", "8",
-               "--jobs", "1", "--out", str(tmp_path), "--tag", "t", "--set", "total_frames=10000000",
-               "env.n_envs=2", "algo.n_steps=16", "algo.num_minibatches=1"]
-    sweep = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sweep = _start_sweep(tmp_path, seed=8)
     runs: list[int] = []
     try:
         deadline = time.time() + 60
