@@ -128,11 +128,26 @@ def _report(display: Display, result: JobResult) -> None:
 
 
 @contextlib.contextmanager
+def _stop_signals_handled(handler: Callable[[int, Any], None], with_sigint: bool) -> Iterator[None]:
+    """Install ``handler`` for SIGTERM and SIGHUP (and SIGINT when asked) within the block; a SIGHUP
+    that is ignored (``nohup``) stays ignored. The previous handlers come back afterwards."""
+    caught = [signal.SIGTERM, *([signal.SIGINT] if with_sigint else [])]
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        caught.append(signal.SIGHUP)  # not under nohup: a study started that way keeps running on a hangup
+    previous = {number: signal.signal(number, handler) for number in caught}
+    try:
+        yield
+    finally:
+        for number, action in previous.items():
+            signal.signal(number, action)
+
+
+@contextlib.contextmanager
 def stop_signals_as_interrupt() -> Iterator[list[str]]:
     """Within the block SIGTERM and SIGHUP raise KeyboardInterrupt, so a scheduler's stop or a closed
     terminal (an ssh session that drops) is a clean stop: the runs, in their own sessions, would
     otherwise go on training unsupervised, holding their run locks against the next `run`. A SIGHUP
-    that is ignored (``nohup``) stays ignored."""
+    that is ignored (``nohup``) stays ignored. The yielded list names the signals received."""
     received: list[str] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
@@ -142,15 +157,20 @@ def stop_signals_as_interrupt() -> Iterator[list[str]]:
         received.append(signal.Signals(signum).name)
         raise KeyboardInterrupt
 
-    caught = [signal.SIGTERM]
-    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-        caught.append(signal.SIGHUP)  # not under nohup: a study started that way keeps running on a hangup
-    previous = {number: signal.signal(number, handler) for number in caught}
-    try:
+    with _stop_signals_handled(handler, with_sigint=False):
         yield received
-    finally:
-        for number, action in previous.items():
-            signal.signal(number, action)
+
+
+@contextlib.contextmanager
+def stop_signals_recorded() -> Iterator[list[str]]:
+    """Within the block Ctrl-C (SIGINT), SIGTERM and SIGHUP only append their names to the yielded
+    list, for a loop that checks it between steps: unlike an interrupt, a signal then cannot cut a step
+    short, such as starting a process (between its fork and ``Popen``'s return an interrupt loses the
+    child, which trains on unsupervised). Must be entered in the main thread."""
+    received: list[str] = []
+    with _stop_signals_handled(lambda signum, _frame: received.append(signal.Signals(signum).name),
+                               with_sigint=True):
+        yield received
 
 
 def stop_exit_status(stopped: str) -> int:

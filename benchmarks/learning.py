@@ -38,7 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as `python benchmarks/learning.py` from a source checkout
-from agents.executors import stop_exit_status, stop_signals_as_interrupt  # noqa: E402
+from agents.executors import stop_exit_status, stop_signals_recorded  # noqa: E402
 
 WINDOW = 100  # episodes in the mean return, as the trainer's log.return_window
 
@@ -171,42 +171,46 @@ def run_all(jobs: list[Job], parallel: int) -> None:
           flush=True)
     running: list[tuple[Job, subprocess.Popen, float]] = []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # SIGTERM and SIGHUP stop the sweep like Ctrl-C: a plain `kill` would otherwise end this process and
-    # leave its train.py runs training unsupervised, holding their run locks against the next call.
-    with stop_signals_as_interrupt() as received:
-        try:
-            while todo or running:
-                while todo and len(running) < parallel:
-                    job = todo.pop(0)
-                    job.run_dir.parent.mkdir(parents=True, exist_ok=True)
-                    log = (job.run_dir.parent / f"{job.run_dir.name}.log").open("a")
-                    # Its own session: a terminal's Ctrl-C or hangup reaches only this driver, which stops
-                    # every run the same way (below) instead of some runs seeing the signal and some not.
-                    running.append((job, subprocess.Popen(command(job), cwd=REPO, stdout=log, stderr=log, env=env,
-                                                          start_new_session=True), time.time()))
-                time.sleep(2)
-                for entry in list(running):
-                    job, process, started = entry
-                    if process.poll() is None:
-                        continue
-                    running.remove(entry)
-                    status = "done" if process.returncode == 0 else f"exit code {process.returncode} (see its .log)"
-                    print(f"  {job.label} seed {job.seed}: {status} in {time.time() - started:.0f} s", flush=True)
-        except KeyboardInterrupt:
-            for _, process, _ in running:
-                process.terminate()  # train.py checkpoints on SIGTERM; the next call resumes
-            print(f"stopping: asked {len(running)} running run(s) to checkpoint and exit (again to abort them)",
-                  flush=True)
-            try:
-                for _, process, _ in running:
-                    process.wait()
-            except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM: do not wait for the checkpoints
+    # Ctrl-C, SIGTERM and SIGHUP stop the sweep: a plain `kill` would otherwise end this process and leave
+    # its train.py runs training unsupervised, holding their run locks against the next call. The signals
+    # are only recorded and this loop checks them between steps, so none can cut a launch short.
+    with stop_signals_recorded() as received:
+        while (todo or running) and not received:
+            while todo and len(running) < parallel:
+                job = todo.pop(0)
+                job.run_dir.parent.mkdir(parents=True, exist_ok=True)
+                # Its own session: a terminal's Ctrl-C or hangup reaches only this driver, which stops
+                # every run the same way (below) instead of some runs seeing the signal and some not.
+                with (job.run_dir.parent / f"{job.run_dir.name}.log").open("a") as log:
+                    process = subprocess.Popen(command(job), cwd=REPO, stdout=log, stderr=log, env=env,
+                                               start_new_session=True)
+                running.append((job, process, time.time()))
+            deadline = time.time() + 2
+            while time.time() < deadline and not received:
+                time.sleep(0.1)
+            for entry in list(running):
+                job, process, started = entry
+                if process.poll() is None:
+                    continue
+                running.remove(entry)
+                status = "done" if process.returncode == 0 else f"exit code {process.returncode} (see its .log)"
+                print(f"  {job.label} seed {job.seed}: {status} in {time.time() - started:.0f} s", flush=True)
+        if not received:
+            return
+        for _, process, _ in running:
+            process.terminate()  # train.py checkpoints on SIGTERM; the next call resumes
+        print(f"stopping: asked {len(running)} running run(s) to checkpoint and exit (again to abort them)",
+              flush=True)
+        while any(process.poll() is None for _, process, _ in running):
+            if len(received) > 1:  # a second Ctrl-C / SIGTERM: do not wait for the checkpoints
                 for _, process, _ in running:
                     process.kill()
                     process.wait()
                 print("aborted the running runs (their last checkpoints are intact)", flush=True)
-            print("stopped; run the same command again to continue", flush=True)
-            raise SystemExit(stop_exit_status(received[-1] if received else "SIGINT")) from None
+                break
+            time.sleep(0.1)
+        print("stopped; run the same command again to continue", flush=True)
+        raise SystemExit(stop_exit_status(received[-1]))
 
 
 def report(jobs: list[Job], threshold: float, final_bar: float) -> str:

@@ -609,6 +609,23 @@ def test_a_closed_terminal_stops_a_study_cleanly() -> None:
         signal.signal(signal.SIGHUP, outer_hangup)
 
 
+def test_recorded_stop_signals_never_cut_a_step_short() -> None:
+    # benchmarks/learning.py starts runs in its main thread: an interrupt between a run's fork and Popen's
+    # return would lose the child. Under stop_signals_recorded a stop signal (Ctrl-C too) only appends its
+    # name; the step it arrived in runs to its end, and the previous handlers come back.
+    from agents.executors import stop_signals_recorded
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with stop_signals_recorded() as received:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            started = time.monotonic()
+            os.kill(os.getpid(), number)
+            time.sleep(0.3)  # not interrupted
+            assert time.monotonic() - started >= 0.3
+        assert received == ["SIGINT", "SIGTERM"]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 def test_the_display_survives_a_terminal_that_is_gone() -> None:
     # After a hangup every write to the terminal fails (EIO); the pool loop must still reach the code
     # that stops its runs, so the display goes quiet instead of raising.
