@@ -165,3 +165,25 @@ def test_truncated_step_is_bootstrapped_with_value_of_final_observation() -> Non
     raw = torch.as_tensor(np.stack(raw_rewards), dtype=torch.float32)
     torch.testing.assert_close(storage.rewards[2], raw[2] + expected_bootstrap)
     torch.testing.assert_close(storage.rewards[[0, 1, 3]], raw[[0, 1, 3]])
+
+
+def test_act_samples_and_scores_actions_as_the_categorical_distribution_does() -> None:
+    """policy.act skips building torch's Categorical; its actions and log-probabilities must be the
+    distribution's to the bit, from the same random numbers (the update replays them with Categorical)."""
+    from torch.distributions import Categorical
+
+    from policies.actor_critic import _categorical_act
+
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        logits = torch.randn(16, 7, generator=generator) * (0.1 + trial % 7)
+        torch.manual_seed(trial)
+        dist = Categorical(logits=logits)
+        actions = dist.sample()
+        torch.manual_seed(trial)
+        ours, log_probs = _categorical_act(logits, deterministic=False)
+        assert torch.equal(ours, actions) and torch.equal(log_probs, dist.log_prob(actions))
+        greedy, greedy_log_probs = _categorical_act(logits, deterministic=True)
+        assert torch.equal(greedy, dist.probs.argmax(-1)) and torch.equal(greedy_log_probs, dist.log_prob(greedy))
+    with pytest.raises(ValueError, match="invalid values"):
+        _categorical_act(torch.full((2, 3), float("nan")), deterministic=False)

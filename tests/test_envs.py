@@ -203,6 +203,40 @@ def test_minigrid_gets_the_vec_envs_numpy_actions_as_python_ints():
 # --------------------------------------------------------------------------- Atari
 
 
+def test_in_process_vec_env_steps_like_sb3s_dummy_vec_env():
+    """InProcessVecEnv copies infos one level deep instead of deep-copying them: the same observations,
+    rewards, dones and infos as SB3's DummyVecEnv, and a returned info never changes afterwards."""
+    ours = make_vec_env(DOORKEY, n_envs=3, seed=5, max_episode_steps=6)
+    twin = make_vec_env(DOORKEY, n_envs=3, seed=5, max_episode_steps=6)
+    theirs = DummyVecEnv([lambda env=env: env for env in twin.envs])
+    theirs._seeds = list(twin._seeds)
+    assert type(ours).__name__ == "InProcessVecEnv" and isinstance(ours, DummyVecEnv)
+    assert np.array_equal(ours.reset(), theirs.reset())
+    rng = np.random.default_rng(0)
+    kept = []
+    for _ in range(20):
+        actions = rng.integers(0, 7, size=3)
+        obs_a, rew_a, done_a, infos_a = ours.step(actions)
+        obs_b, rew_b, done_b, infos_b = theirs.step(actions)
+        assert np.array_equal(obs_a, obs_b) and np.array_equal(rew_a, rew_b) and np.array_equal(done_a, done_b)
+        for info_a, info_b in zip(infos_a, infos_b):
+            assert info_a.keys() == info_b.keys()
+            for key in info_a:
+                if key == "terminal_observation":
+                    assert np.array_equal(info_a[key], info_b[key])
+                elif key == "episode":
+                    assert info_a[key]["r"] == info_b[key]["r"] and info_a[key]["l"] == info_b[key]["l"]
+                else:
+                    assert info_a[key] == info_b[key], key
+        kept.append((infos_a, [dict(info) for info in infos_a]))
+    assert any("terminal_observation" in info for infos, _ in kept for info in infos)  # episodes ended
+    for infos, snapshot in kept:  # later steps and resets left every returned info as it was
+        assert [info.keys() for info in infos] == [info.keys() for info in snapshot]
+        assert all(info[k] is snap[k] for info, snap in zip(infos, snapshot) for k in info)
+    ours.close()
+    theirs.close()
+
+
 @pytest.mark.parametrize("frame_stack", [1, 4])
 def test_atari_observation_shape(frame_stack):
     venv = make_vec_env(PONG, n_envs=2, seed=0, frame_stack=frame_stack)

@@ -201,6 +201,16 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) ->
         assert torch.isfinite(value).all()
 
 
+def test_nan_action_logits_in_the_rollout_stop_with_a_clear_error(tmp_path: Path) -> None:
+    trainer = tiny_trainer(tmp_path, "log.checkpoint_interval_frames=32")
+    trainer.run(stop_at_frames=32)
+    with torch.no_grad():  # poison the actor: the next rollout's logits are NaN
+        trainer.policy.actor[-1].bias.fill_(float("nan"))
+    with pytest.raises(TrainingError, match="non-finite action probabilities during the rollout"):
+        trainer.run()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["frames"] == 32
+
+
 def test_nan_through_the_cli_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from agents import ppo
