@@ -246,13 +246,32 @@ def test_fused_rnn_matches_step_by_step_cell_with_resets(name: str, reference: A
 def test_fused_rnn_calls_the_kernel_once_per_reset_time(name: str) -> None:
     core = build(name)
     calls: list[int] = []
-    core.rnn.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    run_rnn = core._run_rnn
+    core._run_rnn = lambda x, rnn_state: (calls.append(x.shape[0]), run_rnn(x, rnn_state))[1]
     x, state, starts = inputs(core)  # resets at t = 0, 3, 5 (two envs), T-1
     core(x, state, starts)
     assert calls == [3, 2, T - 1 - 5, 1]  # segments [0,3), [3,5), [5,T-1), [T-1,T)
     calls.clear()
     core(x, state, torch.zeros(T, B, dtype=torch.bool))
     assert calls == [T]
+
+
+@pytest.mark.parametrize("name", MONOLITHIC_CORES)
+def test_fused_rnn_calls_torchs_kernel_with_nn_rnns_numbers(name: str) -> None:
+    """The core calls torch.lstm / torch.gru directly (nn.LSTM's forward costs ~45 us of Python a call):
+    outputs, states and every gradient must be those of calling the nn.LSTM / nn.GRU module, to the bit."""
+    core = build(name)
+    x, state, starts = inputs(core)
+    results = []
+    for direct in (True, False):
+        core.zero_grad(set_to_none=True)
+        leaf = x.clone().requires_grad_(True)
+        if not direct:  # the module's own forward, per segment
+            core._run_rnn = lambda seg, rnn_state: core.rnn(seg, rnn_state)
+        out, final = core(leaf, state, starts)
+        (out.square().sum() + final.sin().sum()).backward()
+        results.append([out.detach(), final.detach(), leaf.grad, *(p.grad for p in core.parameters())])
+    assert len(results[0]) == 7 and all(torch.equal(a, b) for a, b in zip(*results))
 
 
 @pytest.mark.parametrize("name", MONOLITHIC_CORES)

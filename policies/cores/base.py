@@ -43,14 +43,16 @@ def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def reset_state(state: Tensor, starts: Tensor) -> Tensor:
-    """Zero the rows of ``state`` (B, ...) where ``starts`` (B,) is true.
+def reset_state(state: Tensor, starts: Tensor, batch_dim: int = 0) -> Tensor:
+    """Zero the rows of ``state`` (B, ...) where ``starts`` (B,) is true; ``batch_dim`` says which
+    dimension of ``state`` is B (1 for the ``(layers, B, H)`` state of torch's RNN kernels).
 
     ``torch.where`` rather than a multiply so a NaN or inf in a finished episode's
     state can never leak into the next one.
     """
-    mask = starts.view(-1, *([1] * (state.dim() - 1)))
-    return torch.where(mask, torch.zeros((), dtype=state.dtype, device=state.device), state)
+    shape = [1] * state.dim()
+    shape[batch_dim] = -1
+    return torch.where(starts.view(shape), torch.zeros((), dtype=state.dtype, device=state.device), state)
 
 
 class RecurrentCore(nn.Module):
