@@ -176,7 +176,7 @@ def run_all(jobs: list[Job], parallel: int) -> None:
     # are only recorded and this loop checks them between steps, so none can cut a launch short.
     with stop_signals_recorded() as received:
         while (todo or running) and not received:
-            while todo and len(running) < parallel:
+            while todo and len(running) < parallel and not received:
                 job = todo.pop(0)
                 job.run_dir.parent.mkdir(parents=True, exist_ok=True)
                 # Its own session: a terminal's Ctrl-C or hangup reaches only this driver, which stops
