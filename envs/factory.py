@@ -40,8 +40,9 @@ BACKENDS: tuple[str, ...] = ("gymnasium", "envpool")
 class InProcessVecEnv(DummyVecEnv):
     """SB3's DummyVecEnv (the envs stepped one after the other in this process), except that a step returns
     each env's info dict copied one level deep instead of ``copy.deepcopy`` of all of them: the deep copy
-    took ~3% of a whole DoorKey PPO run. Every env returns a new info dict per step and the terminal
-    observation is a new array, so the shallow copy keeps the caller's infos from changing under it."""
+    took ~3% of a whole DoorKey PPO run. The copy keeps a returned info from changing under the caller
+    even if an env reuses its dict; values inside are shared (an env's info values and terminal
+    observations are new objects each step in gymnasium, MiniGrid, ALE and SB3's wrappers)."""
 
     def step_wait(self) -> tuple[Any, np.ndarray, np.ndarray, list[dict[str, Any]]]:
         """Step every env with the actions given to ``step_async``; reset those whose episode ended."""
