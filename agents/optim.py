@@ -227,7 +227,7 @@ class Adam(Optimizer):
         if self._packed is not None and self._packed.key == key:
             return self._packed
         first = params[0]
-        if (self._packed is not None and any(id(param) in self._packed.members for param in params)) or any(
+        if (self._packed is not None and not set(self._packed.key).isdisjoint(key)) or any(
                 param.dtype != first.dtype or param.device != first.device or not param.is_contiguous()
                 or not param.is_floating_point() for param in params):
             return None  # another subset was packed, or one flat tensor cannot hold them all
@@ -242,7 +242,7 @@ class Adam(Optimizer):
             offset += param.numel()
         denom = torch.empty_like(flat["exp_avg_sq"])
         self._packed = _PackedAdamState(
-            key=key, members={id(param) for param in params}, exp_avg=flat["exp_avg"], exp_avg_sq=flat["exp_avg_sq"],
+            key=key, exp_avg=flat["exp_avg"], exp_avg_sq=flat["exp_avg_sq"],
             steps=steps, denom=denom, exp_avg_views=[state["exp_avg"] for state in states],
             denom_views=[view.view_as(param) for view, param in zip(denom.split([p.numel() for p in params]), params)],
         )
@@ -259,7 +259,6 @@ class _PackedAdamState:
     """Adam's state of one set of parameters as flat tensors; the per-parameter states are views of them."""
 
     key: tuple[int, ...]  # id() of each parameter, in order
-    members: set[int]
     exp_avg: Tensor
     exp_avg_sq: Tensor
     steps: Tensor  # (n_params,): state["step"] of parameter i is steps[i]
