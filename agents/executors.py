@@ -166,8 +166,12 @@ def stop_signals_recorded() -> Iterator[list[str]]:
     """Within the block Ctrl-C (SIGINT), SIGTERM and SIGHUP only append their names to the yielded
     list, for a loop that checks it between steps: unlike an interrupt, a signal then cannot cut a step
     short, such as starting a process (between its fork and ``Popen``'s return an interrupt loses the
-    child, which trains on unsupervised). Must be entered in the main thread."""
+    child, which trains on unsupervised). Outside the main thread, where Python cannot install signal
+    handlers, the list stays empty."""
     received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
     with _stop_signals_handled(lambda signum, _frame: received.append(signal.Signals(signum).name),
                                with_sigint=True):
         yield received
@@ -222,23 +226,27 @@ def run_local(jobs: Sequence[Job], workers: int | None = None, display: Display 
 
     threads = [threading.Thread(target=worker, daemon=True, name=f"study-worker-{i}") for i in range(workers)]
     stopped: str | None = None
-    with stop_signals_as_interrupt() as received:
+    # Signals are only recorded and checked between waits, never raised as KeyboardInterrupt: on
+    # Python 3.11 an interrupt landing in Thread.join marks the still-running worker as finished
+    # (CPython's bpo-45274 clean-up releases the worker's own lock), the loop ended and the process
+    # exited with its train.py runs training on unsupervised instead of checkpointing.
+    with stop_signals_recorded() as received:
         for thread in threads:
             thread.start()
+        seen = 0
         while any(thread.is_alive() for thread in threads):
-            try:
-                for thread in threads:
-                    thread.join(timeout=0.5)
-                with lock:
-                    current = list(running.values())
-                    done = sum(r.status == "done" for r in results)
-                    failed = sum(r.status == "failed" for r in results)
-                display.update(display.done_before + done, current, todo.qsize(), failed)
-            except KeyboardInterrupt:
-                stopped = received[-1] if received else "SIGINT"
-                level[0] = min(2, level[0] + 1)
+            time.sleep(0.2)
+            if len(received) > seen:
+                seen = len(received)
+                stopped = received[-1]
+                level[0] = min(2, seen)
                 display.message("stopping: asked the running runs to checkpoint and exit (Ctrl-C again to abort them)"
                                 if level[0] == 1 else "aborting the running runs (their last checkpoints are intact)")
+            with lock:
+                current = list(running.values())
+                done = sum(r.status == "done" for r in results)
+                failed = sum(r.status == "failed" for r in results)
+            display.update(display.done_before + done, current, todo.qsize(), failed)
     display.close()
     return Outcome(results, stopped)
 

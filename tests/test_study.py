@@ -268,6 +268,40 @@ def test_bad_study_file_from_the_command_line(tmp_path: Path) -> None:
 # -- tiny real studies -------------------------------------------------------------------------------
 
 
+def test_a_stopped_study_waits_for_its_runs_to_checkpoint(tmp_path: Path, fixed_version: None) -> None:
+    """SIGTERM while a run trains: the run is asked to stop, checkpoints, and has exited before the
+    driver does (a driver that left first, as on Python 3.11 when the signal landed in Thread.join,
+    left its run training unsupervised and holding the run's lock)."""
+    from agents.run_dir import RunLock
+
+    path = write_study(tmp_path, tiny_study(model_names=("lstm",), seeds=(1,), total_frames=10_000_000))
+    root = tmp_path / "out"
+    env = {**os.environ, "MODULAR_RL_CODE_VERSION": VERSION}
+    process = subprocess.Popen([sys.executable, str(REPO / "study.py"), "run", str(path), "--root", str(root),
+                                "--workers", "1", "--no-report"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    run = root / "tiny" / "runs" / "lstm" / "seed_1"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((run / "metrics.jsonl").is_file()
+                                             and (run / "metrics.jsonl").read_text().count("\n") >= 2):
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode == 143, output
+        RunLock(run).probe()  # nobody trains there any more
+        assert (run / "checkpoint.pt").is_file() and 0 < metrics_frames(run)[-1] < 10_000_000
+        assert "SIGINT: stopped after" in (root / "tiny" / "logs" / "lstm-seed_1.log").read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        try:
+            if run.is_dir():
+                RunLock(run).probe()
+        except Exception:  # noqa: BLE001 - still held: an orphaned run (the bug) would train 10M frames
+            os.kill(int((run / ".lock").read_text().strip()), signal.SIGKILL)
+
+
 def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version: None) -> None:
     """Ctrl-C mid-study, run again (nothing trained twice), run a third time (nothing at all), report."""
     path = write_study(tmp_path, tiny_study())
