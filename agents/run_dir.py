@@ -68,6 +68,10 @@ def default_run_dir(name: str, root: str | Path = "runs") -> Path:
 def refuse_existing_run(run_dir: str | Path) -> None:
     """Raise RunDirError if ``run_dir`` holds a run: a new run must not replace or mix with its files."""
     found = holds_run(run_dir)
+    holder = lock_holder(run_dir) if found else None
+    if holder is not None:
+        raise RunDirError(f"{run_dir} holds a run that another training process (pid {holder}) is training now; "
+                          "give a new run another --run-dir")
     if found and "checkpoint.pt" in found:
         raise RunDirError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
                           f"`python train.py --resume {run_dir}`, or give a new run another --run-dir")
@@ -191,6 +195,34 @@ def current_rank() -> int:
         return 0
 
 
+def _in_use(run_dir: Path, holder: str) -> str:
+    return (f"run directory {run_dir} is in use by another training process (pid {holder}); wait for it to end "
+            f"or stop it, then use `python train.py --resume {run_dir}`")
+
+
+def lock_holder(run_dir: str | Path) -> str | None:
+    """The pid (as the holder wrote it in ``.lock``) of a process training in ``run_dir`` now, or None.
+
+    Looks without creating anything: a directory without a ``.lock`` file has no holder.
+    """
+    path = Path(run_dir) / LOCK_FILE
+    if fcntl is None:
+        return None
+    try:
+        handle = path.open("r")
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                return handle.read().strip() or "unknown"
+            return None
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return None
+
+
 class RunLock:
     """An exclusive OS advisory lock on ``<run_dir>/.lock`` for as long as a run writes there.
 
@@ -233,9 +265,7 @@ class RunLock:
             holder = handle.read().strip() or "unknown"
             handle.close()
             if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-                raise RunDirError(f"run directory {self.run_dir} is in use by another training process "
-                                  f"(pid {holder}); wait for it to end or stop it, then use "
-                                  f"`python train.py --resume {self.run_dir}`") from None
+                raise RunDirError(_in_use(self.run_dir, holder)) from None
             raise RunDirError(f"cannot lock run directory {self.run_dir}: {exc.strerror or exc}") from None
         handle.seek(0)
         handle.truncate()
@@ -253,11 +283,13 @@ class RunLock:
             self._handle = None
 
     def probe(self) -> None:
-        """Raise RunDirError now if another process holds the lock (without keeping it)."""
-        if self.held:
+        """Raise RunDirError now if another process holds the lock (without taking it, or creating
+        a ``.lock`` file in a directory that has none)."""
+        if self.held or self.rank != 0:
             return
-        self.acquire()
-        self.release()
+        holder = lock_holder(self.run_dir)
+        if holder is not None:
+            raise RunDirError(_in_use(self.run_dir, holder))
 
     def __enter__(self) -> RunLock:
         self.acquire()

@@ -1387,11 +1387,19 @@ def _current_version(job: Job, planned: dict[str, Any]) -> tuple[dict[str, Any],
 
 def set_aside_unresumable(directory: Path) -> Path | None:
     """Move a run killed before its first checkpoint (train.py files but no ``checkpoint.pt``) to
-    ``<dir>.unfinished-<n>``, so the run can start again; nothing is deleted. Returns the new path."""
-    from agents.run_dir import holds_run
+    ``<dir>.unfinished-<n>``, so the run can start again; nothing is deleted. Returns the new path.
+
+    :raises StudyError: if a live process still trains there (say, a run a killed study left behind):
+        moving its directory away would make it fail at its next write.
+    """
+    from agents.run_dir import holds_run, lock_holder
 
     if (directory / "checkpoint.pt").is_file() or not holds_run(directory):
         return None
+    holder = lock_holder(directory)
+    if holder is not None:
+        raise StudyError(f"{directory} is being trained by another process (pid {holder}), perhaps a run a "
+                         "killed study left behind; stop it (it has no checkpoint yet), then run the study again")
     n = 1
     while directory.with_name(f"{directory.name}.unfinished-{n}").exists():
         n += 1

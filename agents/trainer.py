@@ -361,11 +361,20 @@ class Trainer:
         # Under torchrun rank r >= 1 draws its env seeds from its own SeedSequence; rank 0's are unchanged.
         seed = distributed.rank_seed(self.config["seed"] if seed is None else seed)
         try:
-            if options.get("vec_env") == "subproc":
-                # Options the env refuses would fail in every worker, each printing its own traceback,
-                # and reach this process as a broken pipe: build one env here first to name the problem.
+            if options.get("vec_env") == "subproc" or options.get("env_kwargs"):
+                # Options the env refuses would fail in every subprocess worker, each printing its own
+                # traceback, and reach this process as a broken pipe; and some env_kwargs (a MiniGrid
+                # size too small for its objects) fail only at the first reset, once the run has written
+                # its files. So one env is built and reset here first, to name the problem up front.
                 single = {key: options[key] for key in SINGLE_ENV_OPTIONS if key in options}
-                make_env(env_id, None, clip_rewards=True, **single).close()
+                probe = make_env(env_id, None, clip_rewards=True, **single)
+                try:
+                    probe.reset(seed=0)
+                except Exception as exc:  # noqa: BLE001 - whatever the env raises, the user's options caused it
+                    raise ConfigError(f"env.env_kwargs={options.get('env_kwargs', {})!r} rejected by {env_id} at "
+                                      f"its first reset: {type(exc).__name__}: {exc}") from None
+                finally:
+                    probe.close()
             return make_vec_env(env_id, env_config["n_envs"], seed, clip_rewards=True, **options)
         except (ValueError, TypeError) as exc:  # TypeError: env.env_kwargs the env does not take
             raise ConfigError(f"env: {exc}") from None

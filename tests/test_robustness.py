@@ -15,6 +15,7 @@ import torch
 
 import train
 from agents.config import load_config
+from agents.run_dir import holds_run
 from agents.trainer import Trainer, TrainingError
 from policies import checkpoint as checkpoint_module
 from policies.checkpoint import CheckpointError, load_checkpoint
@@ -53,6 +54,9 @@ def run_main(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, 
         (["env.env_kwargs={agent_view_size: 3}"], "at least 4x4"),
         (["env.env_kwargs={size: 2}"], "env.env_kwargs={'size': 2} rejected by MiniGrid-DoorKey-5x5-v0"),
         (["env.vec_env=subproc", "env.env_kwargs={size: 2}"], "env.env_kwargs={'size': 2} rejected by"),
+        # Built, but fails at the first reset (no room for the door and key): refused before the run writes.
+        (["env.env_kwargs={size: 3}"], "env.env_kwargs={'size': 3} rejected by MiniGrid-DoorKey-5x5-v0 at its first"),
+        (["env.vec_env=subproc", "env.env_kwargs={size: 3}"], "rejected by MiniGrid-DoorKey-5x5-v0 at its first"),
         (["torch_threads=0"], "torch_threads must be between 1 and"),
         (["algo.lr=1e-60"], "representable in float32"),
     ],
@@ -68,6 +72,17 @@ def test_bad_training_input_exits_2_with_one_message(
     assert code == 2
     assert message in err
     assert "Traceback" not in err and err.count("\n") == 1
+    assert not holds_run(tmp_path / "run")  # nothing written: the same --run-dir can take the corrected run
+
+
+def test_resume_of_a_folder_without_a_run_leaves_it_as_it_was(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "todo.txt").write_text("x")
+    code, err = run_main(capsys, ["--resume", str(folder)])
+    assert code == 2 and "checkpoint file not found" in err and err.count("\n") == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["todo.txt"]  # no .lock left behind
 
 
 def test_invalid_yaml_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -145,7 +145,9 @@ def test_one_process_per_run_directory_sigint_exit_130_and_no_stale_lock_after_k
         assert "in use by another training process" in second.stderr and f"pid {first.pid}" in second.stderr
         third = subprocess.run([*cmd, *TINY, "--run-dir", str(run)], cwd=REPO, capture_output=True, text=True,
                                timeout=120)
-        assert third.returncode == 2 and "already holds a run" in third.stderr
+        # A new run there is told that the run is being trained now (not to delete it or to resume it).
+        assert third.returncode == 2 and one_line_error(third.stderr), third.stderr
+        assert f"another training process (pid {first.pid}) is training now" in third.stderr
         # Ctrl-C: the update finishes, a checkpoint is written, exit 130 with the resume command.
         first.send_signal(signal.SIGINT)
         out, err = first.communicate(timeout=120)

@@ -532,6 +532,23 @@ def test_a_run_killed_before_its_first_checkpoint_is_set_aside_not_lost(tmp_path
     (run / "checkpoint.pt").write_bytes(b"x")
     assert set_aside_unresumable(run) is None and (run / "checkpoint.pt").is_file()  # resumable: left alone
     assert set_aside_unresumable(tmp_path / "empty") is None
+    # A run with no checkpoint that a live process still trains (left by a killed study) is not moved
+    # from under it: the study says who holds it.
+    held = tmp_path / "seed_2"
+    held.mkdir()
+    (held / "config.yaml").write_text("seed: 2\n")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from agents.run_dir import RunLock; "
+                               "lock = RunLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(60)", str(held)],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StudyError, match=rf"being trained by another process \(pid {holder.pid}\)"):
+            set_aside_unresumable(held)
+        assert (held / "config.yaml").is_file()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert set_aside_unresumable(held) == tmp_path / "seed_2.unfinished-1"  # its holder is gone
 
 
 def test_code_version_ignores_commits_outside_the_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
