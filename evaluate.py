@@ -14,7 +14,8 @@ so its return does not depend on --n-envs. Means come with a 95% bootstrap inter
 
 from __future__ import annotations
 
-# Only the standard library and the argument parser are imported at the top: --help and bad
+# Only the standard library, the argument parser and agents.run_dir (standard library only) are
+# imported at the top: --help and bad
 # arguments answer in a fraction of a second. torch, gymnasium, ale-py and SB3 are imported by
 # main() once the arguments are known to be good.
 import argparse
@@ -29,6 +30,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from agents.run_dir import cli_path
 
 if TYPE_CHECKING:  # for annotations only; never imported at run time from here
     from agents.evaluation import EvalTarget
@@ -73,15 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="parallel envs (default: --episodes, at most 100); the per-episode results do not "
                              "depend on it, up to float rounding in the batched forward pass")
     parser.add_argument("--max-episode-steps", type=int, metavar="N", help="truncate episodes after N steps")
-    parser.add_argument("--video", type=Path, metavar="DIR", help="write a video of the first episode per env here")
+    parser.add_argument("--video", type=cli_path, metavar="DIR", help="write a video of the first episode per env here")
     parser.add_argument("--video-format", choices=("gif", "mp4"), default="gif",
                         help="gif (default, needs nothing more) or mp4 (needs imageio-ffmpeg)")
     parser.add_argument("--max-video-frames", type=int, default=DEFAULT_MAX_VIDEO_FRAMES, metavar="N",
                         help=f"keep at most N frames per video (default {DEFAULT_MAX_VIDEO_FRAMES}; 0 keeps all; "
                              "a 16x16 MiniGrid episode can last 2560 steps)")
-    parser.add_argument("--plot", type=Path, metavar="DIR",
+    parser.add_argument("--plot", type=cli_path, metavar="DIR",
                         help="write a PNG of the first episode's module activity per env here")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--json", type=cli_path, metavar="FILE", help="write the results as JSON")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --json file and existing plots/videos of the same names "
                              "(without it they are refused before any episode runs)")
@@ -240,6 +243,30 @@ def _file_stem(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
 
 
+def _unique_stems(stems: list[str]) -> list[str]:
+    """``stems`` with each repeat numbered (``x``, ``x-2``, ``x-3``), so that no two name one file."""
+    taken: set[str] = set()
+    unique = []
+    for stem in stems:
+        candidate, n = stem, 1
+        while candidate in taken:
+            n += 1
+            candidate = f"{stem}-{n}"
+        taken.add(candidate)
+        unique.append(candidate)
+    return unique
+
+
+def _is_json_file(path: Path) -> bool:
+    """Whether ``path`` starts like a JSON document (what ``--json`` writes), not a checkpoint (zip or pickle)."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(64).lstrip()
+    except OSError:
+        return False
+    return head[:1] in (b"{", b"[")
+
+
 def _number(value: float | None, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -339,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         # --json must not surface after minutes of evaluation, with the results lost.
         if args.json is not None:
             check_output_file(args.json, "--json", args.overwrite)
+            if args.json.is_file() and not _is_json_file(args.json):  # e.g. `--json runs/*/checkpoint.pt`
+                raise UsageError(f"--json {args.json} exists and is not a JSON file (a checkpoint?); --overwrite "
+                                 "replaces only JSON results: choose another name")
         for option, folder in (("--plot", args.plot), ("--video", args.video)):
             if folder is not None:
                 check_output_dir(folder, option)
@@ -408,7 +438,12 @@ def _evaluate(args: argparse.Namespace) -> int:
             check_spaces(policy, target.env_id, options)
             pairs.append((target, options, _file_stem(f"{label}-{target.name}")))
         plans.append((label, policy, pairs))
-    stems = [stem for _, _, pairs in plans for _, _, stem in pairs]
+    # Two inputs can give one file name (a/b/sig and a_b/sig; the same run named twice): number the
+    # repeats so that no plot or video of this call replaces another.
+    stems = _unique_stems([stem for _, _, pairs in plans for _, _, stem in pairs])
+    numbered = iter(stems)
+    plans = [(label, policy, [(target, options, next(numbered)) for target, options, _ in pairs])
+             for label, policy, pairs in plans]
     if args.plot is not None:
         check_planned_files([args.plot / f"{stem}.png" for stem in stems], "--plot", args.overwrite)
     if args.video is not None:

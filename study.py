@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from agents.config import ConfigError
+from agents.run_dir import cli_path
 from agents.study import DEFAULT_ROOT, StudyError
 
 
@@ -44,18 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = commands.add_parser("run", help="train and evaluate every unfinished run of a study file")
-    run.add_argument("study", type=Path, help="study file (configs/studies/*.yaml)")
+    run.add_argument("study", type=cli_path, help="study file (configs/studies/*.yaml)")
     run.add_argument("--executor", help="local (default: the study file's) or ray")
     run.add_argument("--workers", type=int, help="runs at a time (local; default: the CPU count) or the CPUs of a new "
                                                  "local Ray instance")
     run.add_argument("--address", help="Ray cluster address, or 'auto' for the one `ray start` set up on this machine")
-    run.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="where study directories go (default studies/)")
+    run.add_argument("--root", type=cli_path, default=DEFAULT_ROOT,
+                     help="where study directories go (default studies/)")
     run.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
     for name, text in (("status", "show which runs are finished, partly done or not started"),
                        ("report", "rebuild studies/<study>/report.md and its plots from finished runs")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("study", help="study name, study directory, or study file")
-        sub.add_argument("--root", type=Path, default=DEFAULT_ROOT,
+        sub.add_argument("--root", type=cli_path, default=DEFAULT_ROOT,
                          help="where study directories are (default studies/)")
         if name == "report":
             sub.add_argument("--split-versions", action="store_true",
@@ -64,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     publish = commands.add_parser("publish", help="write the results page from finished studies' reports")
     publish.add_argument("studies", nargs="*", metavar="study",
                          help="study names or directories (none: a page saying no study is published yet)")
-    publish.add_argument("--out", type=Path, required=True, help="the page to write, e.g. docs/results.md (its PNGs "
-                                                                 "go to <its folder>/<its stem>/<study>/)")
-    publish.add_argument("--root", type=Path, default=DEFAULT_ROOT,
+    publish.add_argument("--out", type=cli_path, required=True,
+                         help="the page to write, e.g. docs/results.md (its PNGs go to "
+                              "<its folder>/<its stem>/<study>/)")
+    publish.add_argument("--root", type=cli_path, default=DEFAULT_ROOT,
                          help="where study directories are (default studies/)")
     publish.add_argument("--reps", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     publish.add_argument("--force", action="store_true", help="replace a page that was edited by hand")

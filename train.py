@@ -24,12 +24,11 @@ import argparse
 import os
 import signal
 import sys
-from pathlib import Path
 
 # Only light modules here: the config and the run directory are checked before torch, gymnasium
 # and SB3 are imported (seconds), so --help and a mistyped key answer at once.
 from agents.config import ConfigError, load_config, parse_overrides
-from agents.run_dir import RunDirError, RunLock, default_run_dir, prepare_run_dir, refuse_existing_run
+from agents.run_dir import RunDirError, RunLock, cli_path, default_run_dir, prepare_run_dir, refuse_existing_run
 from policies.checkpoint import CheckpointError
 
 # Exit status of a run stopped by a signal: 128 + the signal number, as a shell reports it.
@@ -39,11 +38,11 @@ SIGNAL_EXIT = {"SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (importing it does not import torch)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, help="YAML config file (default: the embedded DoorKey-5x5 RIMs PPO)")
-    parser.add_argument("--run-dir", type=Path,
+    parser.add_argument("--config", type=cli_path, help="YAML config file (default: the embedded DoorKey-5x5 RIMs PPO)")
+    parser.add_argument("--run-dir", type=cli_path,
                         help="output directory, which must not hold a run (default: runs/<config name>, "
                              "or the next free runs/<config name>_<n>)")
-    parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
+    parser.add_argument("--resume", type=cli_path, metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its last checkpoint")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. core.k_active=3")

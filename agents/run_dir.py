@@ -45,6 +45,16 @@ class SnapshotKeyError(OSError):
     """The snapshot key cannot be read, created, or is not a key (wrong length)."""
 
 
+def cli_path(text: str) -> Path:
+    """An argparse ``type`` for a path option: refuses an empty string (an unset shell variable, as in
+    ``--run-dir "$OUT"``), which ``Path`` would read as the current directory."""
+    if not text.strip():
+        import argparse
+
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder name")
+    return Path(text)
+
+
 def holds_run(run_dir: str | Path) -> list[str]:
     """The names of ``RUN_FILES`` present in ``run_dir`` (empty: no run there)."""
     run_dir = Path(run_dir)

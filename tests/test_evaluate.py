@@ -523,6 +523,38 @@ def test_existing_plot_and_video_files_are_refused_without_overwrite(
         assert image.format == "PNG"
 
 
+def test_json_never_replaces_a_checkpoint_even_with_overwrite(
+    rims_run: tuple[Path, Trainer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `evaluate.py --overwrite --json runs/*/checkpoint.pt` makes the first checkpoint the JSON path.
+    copy = tmp_path / "checkpoint.pt"
+    copy.write_bytes((rims_run[0] / "checkpoint.pt").read_bytes())
+    before = copy.read_bytes()
+    code, stdout, stderr = _run_cli(capsys, "--overwrite", "--json", copy, rims_run[0], "--episodes", "1")
+    assert code == 2 and stdout == "" and len(stderr.strip().splitlines()) == 1
+    assert f"--json {copy} exists and is not a JSON file" in stderr
+    assert copy.read_bytes() == before
+
+
+def test_inputs_that_name_one_file_get_numbered_plots(
+    rims_run: tuple[Path, Trainer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plots = tmp_path / "plots"
+    code, _, stderr = _run_cli(capsys, rims_run[0], f"{rims_run[0]}/", "--episodes", "1", "--max-episode-steps", "2",
+                               "--no-progress", "--plot", plots)
+    assert code == 0, stderr
+    names = sorted(p.name for p in plots.iterdir())
+    assert len(names) == 2 and names[0] == names[1].replace(".png", "-2.png"), names
+
+
+def test_an_empty_output_path_is_refused(rims_run: tuple[Path, Trainer], tmp_path: Path) -> None:
+    # "" (an unset shell variable) would be the current directory.
+    for option in ("--plot", "--video", "--json"):
+        result = _cli_process(rims_run[0], option, "")
+        assert result.returncode == 2 and result.stdout == ""
+        assert f"argument {option}: an empty path" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_negative_seed_is_one_line_exit_2(rims_run: tuple[Path, Trainer]) -> None:
     result = _cli_process(rims_run[0], "--seed", "-1")
     assert result.returncode == 2 and result.stdout == ""

@@ -85,6 +85,15 @@ def test_resume_of_a_folder_without_a_run_leaves_it_as_it_was(tmp_path: Path,
     assert sorted(p.name for p in folder.iterdir()) == ["todo.txt"]  # no .lock left behind
 
 
+@pytest.mark.parametrize("option", ["--run-dir", "--resume", "--config"])
+def test_an_empty_path_is_refused_not_read_as_the_current_directory(
+    option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stop:
+        train.main([option, ""])
+    assert stop.value.code == 2 and f"argument {option}: an empty path" in capsys.readouterr().err
+
+
 def test_invalid_yaml_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("core: {name: rims\n")

@@ -537,9 +537,9 @@ def test_a_run_killed_before_its_first_checkpoint_is_set_aside_not_lost(tmp_path
     held = tmp_path / "seed_2"
     held.mkdir()
     (held / "config.yaml").write_text("seed: 2\n")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from agents.run_dir import RunLock; "
-                               "lock = RunLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(60)", str(held)],
-                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    hold = ("import sys, time; from agents.run_dir import RunLock; lock = RunLock(sys.argv[1]); lock.acquire(); "
+            "print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(held)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(StudyError, match=rf"being trained by another process \(pid {holder.pid}\)"):
