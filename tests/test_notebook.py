@@ -19,11 +19,14 @@ def test_quickstart_notebook_executes(tmp_path: Path, monkeypatch: pytest.Monkey
     # The kernel inherits this environment: the package is importable from a temporary working
     # directory, where the notebook's run directory goes.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    client = NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()
+    for _ in range(2):  # run a second time, as a user does: a new run directory, not an error
+        executed = nbformat.from_dict(notebook)
+        NotebookClient(executed, timeout=600, kernel_name="python3",
+                       resources={"metadata": {"path": str(tmp_path)}}).execute()
+    notebook = executed
 
     assert (tmp_path / "runs" / "quickstart" / "checkpoint.pt").is_file()
+    assert (tmp_path / "runs" / "quickstart_2" / "checkpoint.pt").is_file()
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
