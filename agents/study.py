@@ -840,6 +840,56 @@ def code_versions(provenance: dict[str, Any] | None) -> list[str]:
     return list(dict.fromkeys(tags))
 
 
+def check_eval_spaces(study: Study, jobs: Sequence[Job]) -> None:
+    """Refuse an evaluation env that does not fit a model (another observation or action space) before
+    any run trains: evaluate.py would refuse it only once the model is trained, hours later.
+
+    :raises StudyError: naming the model, the env and both spaces.
+    """
+    if study.adaptation is not None:  # its tasks are the models' own training envs, checked by train.py
+        return
+    from agents.evaluation import CARRIED_OPTIONS, SAME_ENV_OPTIONS, EvaluationError, resolve_targets
+    from agents.trainer import env_options
+    from envs import make_vec_env
+
+    spec = study.eval
+    try:
+        targets = resolve_targets(spec.suite, list(spec.envs) or None, dict(spec.suite_params)) or []
+    except EvaluationError as exc:
+        raise StudyError(f"{_where(study.source)}eval: {exc}") from None
+
+    def spaces(env_id: str, options: dict[str, Any]) -> tuple[Any, Any]:
+        try:
+            venv = make_vec_env(env_id, 1, 0, **{**options, "vec_env": "dummy"})
+        except (ValueError, TypeError, AssertionError) as exc:
+            raise StudyError(f"{_where(study.source)}cannot build env {env_id!r} with options {options}: {exc}"
+                             ) from None
+        try:
+            return venv.observation_space, venv.action_space
+        finally:
+            venv.close()
+
+    checked: set[tuple[str, tuple[str, ...]]] = set()
+    for job in jobs:
+        if (job.config, job.overrides) in checked:
+            continue
+        checked.add((job.config, job.overrides))
+        try:
+            env = load_config(job.config, list(job.overrides))["env"]
+        except ConfigError as exc:
+            raise StudyError(f"model {job.model}: {exc}") from None
+        trained = env_options(env)
+        own = spaces(env["id"], trained)
+        for target in targets:
+            carried = CARRIED_OPTIONS + (SAME_ENV_OPTIONS if target.env_id == env["id"] else ())
+            options = {**{k: v for k, v in trained.items() if k in carried}, **target.options}
+            other = spaces(target.env_id, options)
+            if other != own:
+                raise StudyError(f"{_where(study.source)}eval env {target.env_id!r} does not fit model {job.model} "
+                                 f"(trained on {env['id']}): observation space {other[0]} and action space "
+                                 f"{other[1]}, where the model has {own[0]} and {own[1]}")
+
+
 def check_code_version(jobs: Sequence[Job], version: dict[str, Any]) -> None:
     """Refuse to continue a study whose existing runs were trained or evaluated with other code.
 
@@ -1610,6 +1660,7 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
     for job in jobs:
         check_existing_run(job)
     check_code_version(jobs, version)
+    check_eval_spaces(study, [job for job in jobs if not job_state(job).done])
     with study_lock(root):
         (root / STOP_FILE).unlink(missing_ok=True)  # a stop request of an earlier session
         save_study_copy(study, root)

@@ -255,6 +255,17 @@ def test_ray_missing_and_bad_options_refused_before_any_work(tmp_path: Path, tra
     assert snapshot(trained_dir) == before
 
 
+def test_an_eval_env_that_does_not_fit_a_model_is_refused_before_training(tmp_path: Path) -> None:
+    raw = tiny_study(model_names=("lstm",), seeds=(1,))
+    raw["eval"]["envs"] = [{"id": "MiniGrid-DoorKey-6x6-v0", "held_out": True}, {"id": "CartPole-v1", "held_out": True}]
+    path = write_study(tmp_path, raw)
+    done = subprocess.run([sys.executable, str(REPO / "study.py"), "run", str(path), "--root", str(tmp_path / "o")],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "eval env 'CartPole-v1' does not fit model lstm (trained on MiniGrid-DoorKey-5x5-v0)" in done.stderr
+    assert not (tmp_path / "o" / "tiny" / "runs").exists()  # nothing trained
+
+
 def test_bad_study_file_from_the_command_line(tmp_path: Path) -> None:
     path = write_study(tmp_path, tiny_study(seeds=[]))
     done = subprocess.run([sys.executable, str(REPO / "study.py"), "run", str(path), "--root", str(tmp_path / "o")],
