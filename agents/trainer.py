@@ -189,6 +189,14 @@ def _flat_keys(nested: dict[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
+def _lookup(nested: dict[str, Any], dotted: str) -> Any:
+    """The value at ``a.b.c`` in a nested dict (None where a part is missing)."""
+    value: Any = nested
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
 def _file_identity(path: Path) -> tuple[int, int, int] | None:
     """(inode, mtime, size) of a file, or None if it does not exist: a checkpoint replaced by a rename changes it."""
     try:
@@ -394,12 +402,6 @@ class Trainer:
             spec, rollout state vs env.n_envs); ConfigError for a bad override or ``total_frames`` below
             the frames done; RunDirError if another process is training in ``run_dir``.
         """
-        for key in _flat_keys(overrides or {}):
-            if key == "env.n_envs":
-                raise ConfigError("env.n_envs cannot change on --resume: the checkpoint's rollout state, env "
-                                  "snapshot and optimiser were made with its own count; start a new run")
-            if key != "total_frames":
-                raise ConfigError(f"{key} cannot change on --resume (only total_frames can); start a new run")
         if Path(run_dir).is_dir():  # a run another process is training: say so, whatever its files hold now
             RunLock(run_dir).probe()
         loaded_from = _file_identity(Path(run_dir) / "checkpoint.pt")
@@ -420,9 +422,17 @@ class Trainer:
                   f"continues with {cpus}", file=sys.stderr)
             saved = {**saved, "torch_threads": cpus}
         try:
-            config = resolve_config(merge(saved, overrides or {}))
+            config = resolve_config(merge(saved, overrides or {}))  # an unknown key is named here
+            own = resolve_config(saved)
         except ConfigError as exc:
             raise ConfigError(f"cannot resume {run_dir}: {exc}") from None
+        for key in _flat_keys(overrides or {}):
+            if key == "total_frames" or _lookup(config, key) == _lookup(own, key):
+                continue  # extending the run, or repeating one of its own values
+            if key == "env.n_envs":
+                raise ConfigError("env.n_envs cannot change on --resume: the checkpoint's rollout state, env "
+                                  "snapshot and optimiser were made with its own count; start a new run")
+            raise ConfigError(f"{key} cannot change on --resume (only total_frames can); start a new run")
         done = checkpoint.get("frames")
         if isinstance(done, int) and config["total_frames"] < done:
             raise ConfigError(f"cannot resume {run_dir} with total_frames={config['total_frames']}: the run has "

@@ -114,6 +114,12 @@ def test_resume_override_is_validated(tmp_path: Path, capsys: pytest.CaptureFixt
     assert code == 2 and "total_frames must be an integer" in err
     code, err = run_main(capsys, ["--resume", str(tmp_path), "algo.lr=1"])
     assert code == 2 and "only total_frames can" in err
+    code, err = run_main(capsys, ["--resume", str(tmp_path), "total_frame=64"])
+    assert code == 2 and "unknown config key 'total_frame'" in err  # a typo is named, not "cannot change"
+    # The run's own values may be repeated (a scheduler's command line that always passes them).
+    code, err = run_main(capsys, ["--resume", str(tmp_path), "log.progress_bar=false", "env.n_envs=2",
+                                  "total_frames=64"])
+    assert code == 0, err
 
 
 def test_missing_atari_roms_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
