@@ -513,6 +513,10 @@ class Trainer:
             if key == "core_kwargs" and isinstance(saved, dict):  # arguments a newer core added: their defaults
                 saved = {**{k: v for k, v in mine.items() if k not in saved}, **saved}
             if saved != mine:
+                if isinstance(saved, dict) and isinstance(mine, dict):  # name only the arguments that differ
+                    differ = sorted(set(saved) | set(mine), key=str)
+                    saved = {k: saved.get(k) for k in differ if saved.get(k) != mine.get(k)}
+                    mine = {k: mine.get(k) for k in saved}
                 raise CheckpointError(f"init_from: {path} holds a policy with {key}={saved!r}, this run builds "
                                       f"{key}={mine!r}; the core and head settings must match the checkpoint's")
         for key in ("observation_space", "action_space"):

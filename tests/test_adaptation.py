@@ -120,8 +120,9 @@ def test_init_from_loads_the_weights_only_and_refuses_another_policy(
             assert torch.equal(value, source["policy"]["state_dict"][key]), key
         assert tuned.frames == 0 and not tuned.updater.optimizer.state_dict()["state"]  # a fresh optimiser
         # Another core size, or a file that is not there: one line, exit 2, before any training.
-        for extra, message in ((["core.hidden_size=24"], "holds a policy with core_kwargs="),
-                               ([], "checkpoint file not found")):
+        # Only the differing core argument is named, not both whole dicts.
+        differ = "holds a policy with core_kwargs={'hidden_size': 16}, this run builds core_kwargs={'hidden_size': 24}"
+        for extra, message in ((["core.hidden_size=24"], differ), ([], "checkpoint file not found")):
             target = tmp_path / "a" if extra else tmp_path / "missing"
             code = train.main([*tiny, *extra, f"init_from={target}", "--run-dir", str(tmp_path / f"c{len(extra)}")])
             err = capsys.readouterr().err
