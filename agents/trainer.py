@@ -197,6 +197,21 @@ def _lookup(nested: dict[str, Any], dotted: str) -> Any:
     return value
 
 
+def _older_checkpoints_hint(run_dir: Path) -> str:
+    """For a damaged ``checkpoint.pt``: the numbered checkpoints kept beside it that are other files.
+
+    ``checkpoint.pt`` is a second name (hard link) of the newest ``checkpoints/checkpoint_<frames>.pt``,
+    so damage to one is damage to both; the older ones are separate files.
+    """
+    latest = _file_identity(run_dir / "checkpoint.pt")
+    older = [path for path in sorted((run_dir / "checkpoints").glob("checkpoint_*.pt"), reverse=True)
+             if latest is None or (_file_identity(path) or (None,))[0] != latest[0]]
+    if not older:
+        return ""
+    return (f"; older checkpoints are kept in {run_dir / 'checkpoints'} (newest {older[0].name}): copy one "
+            f"over checkpoint.pt to resume from it")
+
+
 def _file_identity(path: Path) -> tuple[int, int, int] | None:
     """(inode, mtime, size) of a file, or None if it does not exist: a checkpoint replaced by a rename changes it."""
     try:
@@ -405,7 +420,10 @@ class Trainer:
         if Path(run_dir).is_dir():  # a run another process is training: say so, whatever its files hold now
             RunLock(run_dir).probe()
         loaded_from = _file_identity(Path(run_dir) / "checkpoint.pt")
-        checkpoint = load_checkpoint(Path(run_dir) / "checkpoint.pt")
+        try:
+            checkpoint = load_checkpoint(Path(run_dir) / "checkpoint.pt")
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}{_older_checkpoints_hint(Path(run_dir))}") from None
         distributed.check_resume_world_size(checkpoint.get("world_size"), run_dir)
         if not isinstance(checkpoint.get("config"), dict):
             raise CheckpointError(f"the checkpoint in {run_dir} holds no training config to resume with")

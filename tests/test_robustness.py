@@ -320,6 +320,21 @@ def test_malicious_checkpoint_is_refused_without_running_code(tmp_path: Path,
     assert marker.exists()
 
 
+def test_a_damaged_checkpoint_points_to_the_older_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tiny_trainer(tmp_path, "log.checkpoint_interval_frames=32").run(stop_at_frames=96)
+    kept = sorted((tmp_path / "checkpoints").glob("checkpoint_*.pt"))
+    assert len(kept) >= 2
+    with (tmp_path / "checkpoint.pt").open("r+b") as handle:  # damaged in place: so is its hard-linked twin
+        handle.truncate(100)
+    code, err = run_main(capsys, ["--resume", str(tmp_path)])
+    assert code == 2 and "truncated or corrupt" in err and err.count("\n") == 1
+    assert f"older checkpoints are kept in {tmp_path / 'checkpoints'} (newest {kept[-2].name})" in err
+    (tmp_path / "checkpoint.pt").unlink()
+    (tmp_path / "checkpoint.pt").write_bytes(kept[-2].read_bytes())
+    code, err = run_main(capsys, ["--resume", str(tmp_path)])
+    assert code == 0, err
+
+
 @pytest.mark.parametrize("kind", ["truncated", "foreign", "version"])
 def test_unusable_checkpoints_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str) -> None:
     source = tmp_path / "src"
