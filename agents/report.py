@@ -254,8 +254,11 @@ class StudyResults:
 
     def scores(self, point: int | None = None, held_out_only: bool = False) -> dict[str, np.ndarray]:
         """``{model: array(runs, envs)}`` of mean returns at ``point`` (default: the end of the budget),
-        over the runs evaluated there, in seed order."""
-        point = self.study.total_frames if point is None else point
+        over the runs evaluated there, in seed order.
+
+        :raises ValueError: for a ``point`` that is not one of the study's evaluation points.
+        """
+        point = self._point(point)
         columns = [i for i, h in enumerate(self.held_out) if h or not held_out_only]
         out = {}
         for model in self.models:
@@ -265,8 +268,17 @@ class StudyResults:
 
     def seeds(self, model: str, point: int | None = None) -> list[int]:
         """The seeds of a model's runs evaluated at ``point`` (the rows of :meth:`scores`)."""
-        point = self.study.total_frames if point is None else point
+        point = self._point(point)
         return [r.seed for r in self._evaluated(model, point)]
+
+    def _point(self, point: int | None) -> int:
+        """``point``, or the end of the budget for None; an unknown point is an error, not empty scores."""
+        if point is None:
+            return self.study.total_frames
+        if point not in self.study.points:
+            raise ValueError(f"study {self.study.name} is evaluated at {list(self.study.points)} frames, "
+                             f"not at {point}")
+        return point
 
     def _evaluated(self, model: str, point: int) -> list[RunRecord]:
         """A model's runs with a score for every env at ``point``: a run evaluated on fewer envs (the

@@ -386,6 +386,9 @@ def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version:
         "heldout_vs_frames.png", "return_vs_frames_per_env.png"}
     scores = report.load_scores("tiny", root=root)
     assert set(scores) == {"lstm", "rims"} and all(s.shape == (2, 1) for s in scores.values())
+    assert report.load_scores("tiny", point=512, root=root)["lstm"].shape == (2, 1)
+    with pytest.raises(ValueError, match=r"evaluated at \[512, 1024\] frames, not at 12345"):
+        report.load_scores("tiny", point=12345, root=root)  # a typo is an error, not empty scores
     for job in jobs:
         data = json.loads((Path(job.run_dir) / "eval" / "point_000000001024.json").read_text())
         row = report.load_results("tiny", root).seeds(job.model).index(job.seed)
