@@ -43,8 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (no torch, no Ray)."""
     parser = _Parser(prog="study.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    # --debug after the command too (`study.py run F --debug`); SUPPRESS keeps the value given before it.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show full tracebacks for errors")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    run = commands.add_parser("run", help="train and evaluate every unfinished run of a study file")
+    run = commands.add_parser("run", help="train and evaluate every unfinished run of a study file", parents=[debug])
     run.add_argument("study", type=cli_path, help="study file (configs/studies/*.yaml)")
     run.add_argument("--executor", help="local (default: the study file's) or ray")
     run.add_argument("--workers", type=int, help="runs at a time (local; default: the CPU count) or the CPUs of a new "
@@ -55,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
     for name, text in (("status", "show which runs are finished, partly done or not started"),
                        ("report", "rebuild studies/<study>/report.md and its plots from finished runs")):
-        sub = commands.add_parser(name, help=text)
+        sub = commands.add_parser(name, help=text, parents=[debug])
         sub.add_argument("study", help="study name, study directory, or study file")
         sub.add_argument("--root", type=cli_path, default=DEFAULT_ROOT,
                          help="where study directories are (default studies/)")
@@ -63,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--split-versions", action="store_true",
                              help="list runs of one model made by different code or configs apart instead of refusing")
             sub.add_argument("--reps", type=int, default=10_000, help="bootstrap resamples (default 10000)")
-    publish = commands.add_parser("publish", help="write the results page from finished studies' reports")
+    publish = commands.add_parser("publish", help="write the results page from finished studies' reports",
+                                  parents=[debug])
     publish.add_argument("studies", nargs="*", metavar="study",
                          help="study names or directories (none: a page saying no study is published yet)")
     publish.add_argument("--out", type=cli_path, required=True,
@@ -80,10 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _status(study_arg: str, root: Path) -> int:
-    from agents.study import all_jobs, job_state, load_study_dir, study_dir
+    from agents.study import STUDY_COPY, all_jobs, job_state, load_study, load_study_dir, study_dir
 
     directory = study_dir(study_arg, root)
-    study = load_study_dir(directory)
+    given = Path(study_arg)
+    if given.suffix in (".yaml", ".yml") and given.is_file() and not (directory / STUDY_COPY).is_file():
+        study = load_study(given)  # a study file not run yet: every run is "not started"
+    else:
+        study = load_study_dir(directory)
     jobs = all_jobs(study, directory)  # an adaptation study's fine-tuning runs included
     done = 0
     for job in jobs:

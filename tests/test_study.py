@@ -255,6 +255,18 @@ def test_ray_missing_and_bad_options_refused_before_any_work(tmp_path: Path, tra
     assert snapshot(trained_dir) == before
 
 
+def test_status_of_a_study_file_not_run_yet_and_debug_after_the_command(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_study(tmp_path, tiny_study())
+    assert study_cli.main(["status", str(path), "--root", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "0/4 runs done" and sum("not started" in line for line in out) == 4
+    assert not (tmp_path / "out").exists()  # status writes nothing
+    with pytest.raises(StudyError, match="holds no study"):  # --debug after the command shows the error itself
+        study_cli.main(["status", "nosuch", "--root", str(tmp_path / "out"), "--debug"])
+    assert study_cli.main(["status", "nosuch", "--root", str(tmp_path / "out")]) == 2
+
+
 def test_an_eval_env_that_does_not_fit_a_model_is_refused_before_training(tmp_path: Path) -> None:
     raw = tiny_study(model_names=("lstm",), seeds=(1,))
     raw["eval"]["envs"] = [{"id": "MiniGrid-DoorKey-6x6-v0", "held_out": True}, {"id": "CartPole-v1", "held_out": True}]
