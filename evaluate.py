@@ -258,13 +258,14 @@ def _unique_stems(stems: list[str]) -> list[str]:
 
 
 def _is_json_file(path: Path) -> bool:
-    """Whether ``path`` starts like a JSON document (what ``--json`` writes), not a checkpoint (zip or pickle)."""
+    """Whether ``path`` is empty or starts like a JSON document (what ``--json`` writes), not a
+    checkpoint (zip or pickle)."""
     try:
         with path.open("rb") as handle:
-            head = handle.read(64).lstrip()
+            head = handle.read(64).removeprefix(b"\xef\xbb\xbf").lstrip()  # a UTF-8 byte-order mark
     except OSError:
         return False
-    return head[:1] in (b"{", b"[")
+    return head[:1] in (b"", b"{", b"[")
 
 
 def _number(value: float | None, digits: int = 2) -> str:

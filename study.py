@@ -90,7 +90,7 @@ def _status(study_arg: str, root: Path) -> int:
     directory = study_dir(study_arg, root)
     given = Path(study_arg)
     if given.suffix in (".yaml", ".yml") and given.is_file() and not (directory / STUDY_COPY).is_file():
-        study = load_study(given)  # a study file not run yet: every run is "not started"
+        study = load_study(given, check_envs=False)  # a study file not run yet: every run is "not started"
     else:
         study = load_study_dir(directory)
     jobs = all_jobs(study, directory)  # an adaptation study's fine-tuning runs included

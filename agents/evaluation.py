@@ -154,9 +154,14 @@ def evaluation_options(policy: Policy, target: EvalTarget, overrides: dict[str, 
     :param target: the env to evaluate it on.
     :param overrides: options that win over everything (e.g. ``{"max_episode_steps": 50}``).
     """
-    carried = CARRIED_OPTIONS + (SAME_ENV_OPTIONS if target.env_id == policy.env_id else ())
-    options = {key: value for key, value in policy.env_options.items() if key in carried}
-    return {**options, **target.options, "clip_rewards": False, **(overrides or {})}
+    return {**target_options(policy.env_id, policy.env_options, target), "clip_rewards": False, **(overrides or {})}
+
+
+def target_options(train_env_id: str, train_options: dict[str, Any], target: EvalTarget) -> dict[str, Any]:
+    """The options of ``target`` for a policy trained on ``train_env_id`` with ``train_options``: those
+    that define its interface (always) and its training env (same id only), then the target's own."""
+    carried = CARRIED_OPTIONS + (SAME_ENV_OPTIONS if target.env_id == train_env_id else ())
+    return {**{key: value for key, value in train_options.items() if key in carried}, **target.options}
 
 
 def _spaces_error(policy: Policy, env_id: str, venv: VecEnv) -> str | None:

@@ -179,7 +179,8 @@ def stop_signals_recorded() -> Iterator[list[str]]:
 
 def stop_exit_status(stopped: str) -> int:
     """Exit status of a driver stopped by the signal named ``stopped`` ("SIGINT", "SIGTERM", "SIGHUP", as
-    ``stop_signals_as_interrupt`` records them): 128 + its number, as a shell reports it (130, 143, 129)."""
+    ``stop_signals_as_interrupt`` and ``stop_signals_recorded`` record them): 128 + its number, as a shell
+    reports it (130, 143, 129)."""
     return 128 + signal.Signals[stopped].value
 
 
@@ -247,6 +248,8 @@ def run_local(jobs: Sequence[Job], workers: int | None = None, display: Display 
                 done = sum(r.status == "done" for r in results)
                 failed = sum(r.status == "failed" for r in results)
             display.update(display.done_before + done, current, todo.qsize(), failed)
+        if len(received) > seen:  # arrived as the last worker finished: still a stopped session
+            stopped = received[-1]
     display.close()
     return Outcome(results, stopped)
 

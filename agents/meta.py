@@ -45,7 +45,7 @@ from agents.ppo import RecurrentPPO
 from agents.rollout import RolloutStats
 from agents.storage import RolloutStorage
 from agents.trainer import UPDATERS, env_options
-from envs import EnvSpec, check_env_id, get_suite, make_vec_env
+from envs import EnvSpec, check_env_id, env_spaces, get_suite
 
 # A task is what the trainer builds envs from: (env id, make_vec_env options).
 Task = tuple[str, dict[str, Any]]
@@ -213,16 +213,10 @@ class TaskSchedule:
 
 def _spaces(env_id: str, options: dict[str, Any]) -> tuple[Any, Any]:
     """The observation and action spaces of the training vec env of ``env_id`` with ``options``."""
-    # One in-process env is enough to read the spaces (the wrappers, frame stacking included, are
-    # those of training); subprocess workers would cost a process per task for nothing.
     try:
-        venv = make_vec_env(env_id, 1, 0, clip_rewards=True, **{**options, "vec_env": "dummy"})
+        return env_spaces(env_id, options)
     except (ValueError, TypeError, AssertionError) as exc:
         raise ConfigError(f"cannot build {env_id!r} with options {options!r}: {exc}") from None
-    try:
-        return venv.observation_space, venv.action_space
-    finally:
-        venv.close()
 
 
 def check_task_spaces(config: dict[str, Any], tasks: Sequence[Task]) -> None:

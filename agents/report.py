@@ -394,6 +394,7 @@ def load_scores(study: str | Path, point: int | None = None, held_out_only: bool
     (default: the end of the budget), for a notebook.
 
     :param held_out_only: keep only the held-out envs' columns.
+    :raises ValueError: for a ``point`` that is not one of the study's evaluation points.
     """
     return load_results(study, root).scores(point, held_out_only)
 

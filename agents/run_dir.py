@@ -293,13 +293,13 @@ class RunLock:
             self._handle = None
 
     def probe(self) -> None:
-        """Raise RunDirError now if another process holds the lock (without taking it, or creating
-        a ``.lock`` file in a directory that has none)."""
-        if self.held or self.rank != 0:
+        """Raise RunDirError now if another process holds the lock, or it cannot be taken (a file system
+        without locks), without keeping it. A directory without a ``.lock`` has no holder: nothing is
+        created there (``--resume`` of a folder that holds no run leaves it as it was)."""
+        if self.held or not (self.run_dir / LOCK_FILE).is_file():
             return
-        holder = lock_holder(self.run_dir)
-        if holder is not None:
-            raise RunDirError(_in_use(self.run_dir, holder))
+        self.acquire()
+        self.release()
 
     def __enter__(self) -> RunLock:
         self.acquire()

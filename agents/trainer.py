@@ -189,6 +189,19 @@ def _flat_keys(nested: dict[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
+@contextlib.contextmanager
+def _refused_env_options(env_id: str, options: dict[str, Any]) -> Iterator[None]:
+    """Turn an env's refusal of the run's env options, as it builds, into one ConfigError line."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:  # TypeError: env.env_kwargs the env does not take
+        raise ConfigError(f"env: {exc}") from None
+    except AssertionError as exc:  # e.g. MiniGrid asserts on a grid size it cannot build
+        frames = traceback.extract_tb(exc.__traceback__)
+        check = str(exc) or (frames[-1].line if frames and frames[-1].line else "an assertion failed")
+        raise ConfigError(f"env.env_kwargs={options.get('env_kwargs', {})!r} rejected by {env_id}: {check}") from None
+
+
 def _lookup(nested: dict[str, Any], dotted: str) -> Any:
     """The value at ``a.b.c`` in a nested dict (None where a part is missing)."""
     value: Any = nested
@@ -204,12 +217,16 @@ def _older_checkpoints_hint(run_dir: Path) -> str:
     so damage to one is damage to both; the older ones are separate files.
     """
     latest = _file_identity(run_dir / "checkpoint.pt")
-    older = [path for path in sorted((run_dir / "checkpoints").glob("checkpoint_*.pt"), reverse=True)
-             if latest is None or (_file_identity(path) or (None,))[0] != latest[0]]
+    numbered = sorted((run_dir / "checkpoints").glob("checkpoint_*.pt"), reverse=True)
+    twin = [path for path in numbered if latest is not None and (_file_identity(path) or (None,))[0] == latest[0]]
+    older = [path for path in numbered if path not in twin]
     if not older:
         return ""
-    return (f"; older checkpoints are kept in {run_dir / 'checkpoints'} (newest {older[0].name}): copy one "
-            f"over checkpoint.pt to resume from it")
+    # Copying over checkpoint.pt would write through the link into the damaged numbered file, which a
+    # study reads by its name (frames): both names are moved away first.
+    damaged = " and ".join(str(path) for path in [run_dir / "checkpoint.pt", *twin])
+    return (f"; older checkpoints are kept in {run_dir / 'checkpoints'} (newest {older[0].name}): to resume "
+            f"from one, move {damaged} out of the run directory, then copy it to {run_dir / 'checkpoint.pt'}")
 
 
 def _file_identity(path: Path) -> tuple[int, int, int] | None:
@@ -383,7 +400,8 @@ class Trainer:
         env_config = self.config["env"]
         # Under torchrun rank r >= 1 draws its env seeds from its own SeedSequence; rank 0's are unchanged.
         seed = distributed.rank_seed(self.config["seed"] if seed is None else seed)
-        try:
+        probe = None
+        with _refused_env_options(env_id, options):
             if options.get("vec_env") == "subproc" or options.get("env_kwargs"):
                 # Options the env refuses would fail in every subprocess worker, each printing its own
                 # traceback, and reach this process as a broken pipe; and some env_kwargs (a MiniGrid
@@ -391,21 +409,18 @@ class Trainer:
                 # its files. So one env is built and reset here first, to name the problem up front.
                 single = {key: options[key] for key in SINGLE_ENV_OPTIONS if key in options}
                 probe = make_env(env_id, None, clip_rewards=True, **single)
-                try:
-                    probe.reset(seed=0)
-                except Exception as exc:  # noqa: BLE001 - whatever the env raises, the user's options caused it
-                    raise ConfigError(f"env.env_kwargs={options.get('env_kwargs', {})!r} rejected by {env_id} at "
-                                      f"its first reset: {type(exc).__name__}: {exc}") from None
-                finally:
-                    probe.close()
+        if probe is not None:
+            try:
+                probe.reset(seed=0)
+            except Exception as exc:
+                if not options.get("env_kwargs"):
+                    raise  # not the user's options: an env bug keeps its traceback
+                raise ConfigError(f"env.env_kwargs={options['env_kwargs']!r} rejected by {env_id} at its first "
+                                  f"reset: {type(exc).__name__}: {exc}") from None
+            finally:
+                probe.close()
+        with _refused_env_options(env_id, options):
             return make_vec_env(env_id, env_config["n_envs"], seed, clip_rewards=True, **options)
-        except (ValueError, TypeError) as exc:  # TypeError: env.env_kwargs the env does not take
-            raise ConfigError(f"env: {exc}") from None
-        except AssertionError as exc:  # e.g. MiniGrid asserts on a grid size it cannot build
-            frames = traceback.extract_tb(exc.__traceback__)
-            check = str(exc) or (frames[-1].line if frames and frames[-1].line else "an assertion failed")
-            raise ConfigError(f"env.env_kwargs={options.get('env_kwargs', {})!r} rejected by {env_id}: {check}"
-                              ) from None
 
     @classmethod
     def resume(cls, run_dir: str | Path, overrides: dict[str, Any] | None = None) -> Trainer:
@@ -423,7 +438,8 @@ class Trainer:
         try:
             checkpoint = load_checkpoint(Path(run_dir) / "checkpoint.pt")
         except CheckpointError as exc:
-            raise CheckpointError(f"{exc}{_older_checkpoints_hint(Path(run_dir))}") from None
+            damaged = "truncated or corrupt" in str(exc)  # the bytes, not the format or a refused object
+            raise CheckpointError(f"{exc}{_older_checkpoints_hint(Path(run_dir)) if damaged else ''}") from None
         distributed.check_resume_world_size(checkpoint.get("world_size"), run_dir)
         if not isinstance(checkpoint.get("config"), dict):
             raise CheckpointError(f"the checkpoint in {run_dir} holds no training config to resume with")
@@ -444,13 +460,17 @@ class Trainer:
             own = resolve_config(saved)
         except ConfigError as exc:
             raise ConfigError(f"cannot resume {run_dir}: {exc}") from None
-        for key in _flat_keys(overrides or {}):
-            if key == "total_frames" or _lookup(config, key) == _lookup(own, key):
-                continue  # extending the run, or repeating one of its own values
-            if key == "env.n_envs":
-                raise ConfigError("env.n_envs cannot change on --resume: the checkpoint's rollout state, env "
-                                  "snapshot and optimiser were made with its own count; start a new run")
-            raise ConfigError(f"{key} cannot change on --resume (only total_frames can); start a new run")
+        # Whole resolved configs are compared, not only the keys typed: an override of a mapping
+        # (env.env_kwargs={size: 8}) replaces it, and must not drop the run's other entries unnoticed.
+        # Keys given with the run's own values (a scheduler's fixed command line) change nothing.
+        changed = [key for key in dict.fromkeys([*_flat_keys(own), *_flat_keys(config)])
+                   if key != "total_frames" and _lookup(config, key) != _lookup(own, key)]
+        if "env.n_envs" in changed:
+            raise ConfigError("env.n_envs cannot change on --resume: the checkpoint's rollout state, env "
+                              "snapshot and optimiser were made with its own count; start a new run")
+        if changed:
+            raise ConfigError(f"{', '.join(changed)} cannot change on --resume (only total_frames can); "
+                              "start a new run")
         done = checkpoint.get("frames")
         if isinstance(done, int) and config["total_frames"] < done:
             raise ConfigError(f"cannot resume {run_dir} with total_frames={config['total_frames']}: the run has "
@@ -532,9 +552,10 @@ class Trainer:
                 saved = {**{k: v for k, v in mine.items() if k not in saved}, **saved}
             if saved != mine:
                 if isinstance(saved, dict) and isinstance(mine, dict):  # name only the arguments that differ
-                    differ = sorted(set(saved) | set(mine), key=str)
-                    saved = {k: saved.get(k) for k in differ if saved.get(k) != mine.get(k)}
-                    mine = {k: mine.get(k) for k in saved}
+                    unset = "<not set>"
+                    differ = [k for k in sorted(set(saved) | set(mine), key=str)
+                              if saved.get(k, unset) != mine.get(k, unset)]
+                    saved, mine = ({k: side.get(k, unset) for k in differ} for side in (saved, mine))
                 raise CheckpointError(f"init_from: {path} holds a policy with {key}={saved!r}, this run builds "
                                       f"{key}={mine!r}; the core and head settings must match the checkpoint's")
         for key in ("observation_space", "action_space"):

@@ -8,6 +8,7 @@ Public API::
                  backend="gymnasium") -> VecEnv  # or "envpool": envs.envpool_backend
     make_env(env_id, seed=None, **same per-env options) -> gym.Env
     env_seeds(seed, n_envs) -> list[int]  # env i's seed: SeedSequence(seed).spawn(n_envs)[i]
+    env_spaces(env_id, options) -> (observation_space, action_space)  # of make_vec_env's envs
     check_env_id(env_id) -> None          # ValueError with close matches / ROM help
     env_family(env_id) -> "minigrid" | "atari" | "other"
     Suite, EnvSpec, SUITES, list_suites(), get_suite(name, **params)
@@ -21,7 +22,7 @@ from typing import Any
 # Public name -> the submodule that defines it, imported on first use (PEP 562): ``envs.registry``
 # (env ids, no SB3 or torch) can then be used before the training stack is imported.
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(["VEC_ENV_TYPES", "env_seeds", "make_env", "make_vec_env"], "envs.factory"),
+    **dict.fromkeys(["VEC_ENV_TYPES", "env_seeds", "env_spaces", "make_env", "make_vec_env"], "envs.factory"),
     **dict.fromkeys(["EnvFamily", "check_env_id", "env_family"], "envs.registry"),
     **dict.fromkeys(["MISSION_MAX_LEN", "MISSION_VOCAB", "PAD_ID", "UNK_ID", "VOCAB_SIZE", "tokenize_mission"],
                     "envs.minigrid"),
@@ -44,6 +45,7 @@ __all__ = [
     "check_env_id",
     "env_family",
     "env_seeds",
+    "env_spaces",
     "get_suite",
     "list_suites",
     "make_env",

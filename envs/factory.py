@@ -304,3 +304,17 @@ def _make_envpool_vec_env(env_id: str, seeds: list[int], family: str, backend: s
         envpool_backend.warn_minigrid_levels(env_id)
     return envpool_backend.EnvPoolVecEnv(env_id, seeds, family=family, observation_space=observation_space,
                                          action_space=action_space, **options)
+
+
+def env_spaces(env_id: str, options: dict[str, Any]) -> tuple[gym.Space, gym.Space]:
+    """The observation and action spaces of ``make_vec_env(env_id, **options)``'s envs.
+
+    Read from one in-process gymnasium env: subprocess workers would cost a process for nothing, and
+    the envpool backend reports the gymnasium backend's spaces (so envpool need not be installed).
+    Raises what ``make_vec_env`` raises for options the env refuses.
+    """
+    venv = make_vec_env(env_id, 1, 0, **{**options, "vec_env": "dummy", "backend": "gymnasium"})
+    try:
+        return venv.observation_space, venv.action_space
+    finally:
+        venv.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,6 +115,8 @@ def test_resume_override_is_validated(tmp_path: Path, capsys: pytest.CaptureFixt
     assert code == 2 and "total_frames must be an integer" in err
     code, err = run_main(capsys, ["--resume", str(tmp_path), "algo.lr=1"])
     assert code == 2 and "only total_frames can" in err
+    code, err = run_main(capsys, ["--resume", str(tmp_path), "env.env_kwargs={size: 5}"])
+    assert code == 2 and "env.env_kwargs.size cannot change" in err  # a mapping's new entry counts too
     code, err = run_main(capsys, ["--resume", str(tmp_path), "total_frame=64"])
     assert code == 2 and "unknown config key 'total_frame'" in err  # a typo is named, not "cannot change"
     # The run's own values may be repeated (a scheduler's command line that always passes them).
@@ -329,10 +332,16 @@ def test_a_damaged_checkpoint_points_to_the_older_ones(tmp_path: Path, capsys: p
     code, err = run_main(capsys, ["--resume", str(tmp_path)])
     assert code == 2 and "truncated or corrupt" in err and err.count("\n") == 1
     assert f"older checkpoints are kept in {tmp_path / 'checkpoints'} (newest {kept[-2].name})" in err
-    (tmp_path / "checkpoint.pt").unlink()
-    (tmp_path / "checkpoint.pt").write_bytes(kept[-2].read_bytes())
+    assert f"move {tmp_path / 'checkpoint.pt'} and {kept[-1]} out of the run directory" in err
+    # Doing what it says: the damaged file goes (both of its names), the older one is copied in.
+    aside = tmp_path.parent / f"{tmp_path.name}-damaged"
+    aside.mkdir()
+    for damaged in (tmp_path / "checkpoint.pt", kept[-1]):
+        damaged.rename(aside / damaged.name)
+    shutil.copy(kept[-2], tmp_path / "checkpoint.pt")
     code, err = run_main(capsys, ["--resume", str(tmp_path)])
     assert code == 0, err
+    assert kept[-2].read_bytes() != (tmp_path / "checkpoint.pt").read_bytes()  # trained on, older copy untouched
 
 
 @pytest.mark.parametrize("kind", ["truncated", "foreign", "version"])

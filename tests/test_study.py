@@ -295,7 +295,7 @@ def test_a_stopped_study_waits_for_its_runs_to_checkpoint(tmp_path: Path, fixed_
     """SIGTERM while a run trains: the run is asked to stop, checkpoints, and has exited before the
     driver does (a driver that left first, as on Python 3.11 when the signal landed in Thread.join,
     left its run training unsupervised and holding the run's lock)."""
-    from agents.run_dir import RunLock
+    from agents.run_dir import RunLock, lock_holder
 
     path = write_study(tmp_path, tiny_study(model_names=("lstm",), seeds=(1,), total_frames=10_000_000))
     root = tmp_path / "out"
@@ -318,11 +318,9 @@ def test_a_stopped_study_waits_for_its_runs_to_checkpoint(tmp_path: Path, fixed_
     finally:
         if process.poll() is None:
             process.kill()
-        try:
-            if run.is_dir():
-                RunLock(run).probe()
-        except Exception:  # noqa: BLE001 - still held: an orphaned run (the bug) would train 10M frames
-            os.kill(int((run / ".lock").read_text().strip()), signal.SIGKILL)
+        holder = lock_holder(run)
+        if holder is not None and holder.isdigit():  # an orphaned run (the bug) would train 10M frames
+            os.kill(int(holder), signal.SIGKILL)
 
 
 def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version: None) -> None:
