@@ -59,6 +59,7 @@ from envs import check_env_id, make_env, make_vec_env
 from policies.actor_critic import RecurrentActorCritic, obs_to_tensor
 from policies.checkpoint import (
     CheckpointError,
+    DamagedCheckpointError,
     CheckpointWriteError,
     load_checkpoint,
     save_checkpoint,
@@ -437,9 +438,8 @@ class Trainer:
         loaded_from = _file_identity(Path(run_dir) / "checkpoint.pt")
         try:
             checkpoint = load_checkpoint(Path(run_dir) / "checkpoint.pt")
-        except CheckpointError as exc:
-            damaged = "truncated or corrupt" in str(exc)  # the bytes, not the format or a refused object
-            raise CheckpointError(f"{exc}{_older_checkpoints_hint(Path(run_dir)) if damaged else ''}") from None
+        except DamagedCheckpointError as exc:  # the bytes, not another format or a refused object
+            raise DamagedCheckpointError(f"{exc}{_older_checkpoints_hint(Path(run_dir))}") from None
         distributed.check_resume_world_size(checkpoint.get("world_size"), run_dir)
         if not isinstance(checkpoint.get("config"), dict):
             raise CheckpointError(f"the checkpoint in {run_dir} holds no training config to resume with")

@@ -39,6 +39,10 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: missing, truncated, foreign, unsafe or incompatible."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint file whose bytes are damaged (empty, truncated, corrupt), not merely of another kind."""
+
+
 class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written (disk full, no permission); the file it replaces is intact."""
 
@@ -162,6 +166,36 @@ def _before_rename_hook() -> None:
     """Does nothing; tests patch it to simulate a kill between the write and the rename."""
 
 
+# The first bytes of what torch.save writes: a zip archive (torch >= 1.6) or a pickle (older,
+# protocol 2+). Anything else is not a checkpoint whatever its name.
+_CHECKPOINT_MAGIC: tuple[bytes, ...] = (b"PK\x03\x04", b"\x80")
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """Why ``path`` (an existing file) is plainly not a torch checkpoint, or None if it may be one.
+
+    Gives YAML configs and other text their own message: torch would call them
+    "truncated or corrupt", which sends the user looking for a broken download.
+    """
+    try:
+        with path.open("rb") as file:
+            head = file.read(4096)
+    except OSError:
+        return None  # load_checkpoint reports unreadable files
+    if head.startswith(_CHECKPOINT_MAGIC):
+        return None
+    hint = "give the checkpoint.pt that training writes (runs/NAME/checkpoint.pt) or its run directory"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"{path} is not a torch checkpoint (it is neither a zip archive nor a pickle); {hint}"
+    if path.suffix.lower() in (".yaml", ".yml") or re.search(r"^[A-Za-z_][\w.-]*:", text, re.MULTILINE):
+        looks_like_config = "core" in text or "env" in text
+        config_hint = " (a config? train with it: python train.py --config FILE)" if looks_like_config else ""
+        return f"{path} is a YAML/text file{config_hint}, not a checkpoint; {hint}"
+    return f"{path} is a text file, not a checkpoint; {hint}"
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by ``save_checkpoint`` without executing code from it.
 
@@ -177,19 +211,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
+    if path.stat().st_size == 0:
+        raise DamagedCheckpointError(f"{path} is empty (0 bytes), not a checkpoint")
+    reason = _not_a_checkpoint(path)
+    if reason is not None:
+        raise CheckpointError(reason)
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's message spans many lines with terminal colour codes; keep the line naming the object.
         found = _GLOBAL.search(_ANSI.sub("", str(exc)))
         if found is None:  # not an object the safe loader refused: the bytes themselves are bad
-            raise CheckpointError(f"cannot read checkpoint {path}: corrupt file or not a torch checkpoint") from None
+            raise DamagedCheckpointError(f"cannot read checkpoint {path}: corrupt file or not a torch checkpoint"
+                                         ) from None
         raise CheckpointError(
             f"refusing to load {path}: it contains objects that would run code when loaded "
             f"(it references {found.group(1)}); a checkpoint of this package holds only tensors and plain types"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: truncated or corrupt file ({exc})") from None
+        raise DamagedCheckpointError(f"cannot read checkpoint {path}: truncated or corrupt file ({exc})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this package (no '{FORMAT}' marker)")
     version = data.get("format_version")

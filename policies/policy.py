@@ -218,38 +218,6 @@ def policy_from_checkpoint(
 # A URL scheme ("https://", "s3://"); also the form Path() leaves of one ("https:/host/...").
 # Two letters at least, so a Windows drive ("C:/") is not taken for one.
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
-# The first bytes of what torch.save writes: a zip archive (torch >= 1.6) or a pickle (older,
-# protocol 2+). Anything else is not a checkpoint whatever its name.
-_CHECKPOINT_MAGIC: tuple[bytes, ...] = (b"PK\x03\x04", b"\x80")
-
-
-def _not_a_checkpoint(path: Path) -> str | None:
-    """Why ``path`` (an existing file) is plainly not a torch checkpoint, or None if it may be one.
-
-    Gives YAML configs and other text their own message: torch would call them
-    "truncated or corrupt", which sends the user looking for a broken download.
-    """
-    try:
-        with path.open("rb") as file:
-            head = file.read(4096)
-    except OSError:
-        return None  # load_checkpoint reports unreadable files
-    if not head:
-        return f"{path} is empty (0 bytes), not a checkpoint"
-    if head.startswith(_CHECKPOINT_MAGIC):
-        return None
-    hint = "give the checkpoint.pt that training writes (runs/NAME/checkpoint.pt) or its run directory"
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return f"{path} is not a torch checkpoint (it is neither a zip archive nor a pickle); {hint}"
-    if path.suffix.lower() in (".yaml", ".yml") or re.search(r"^[A-Za-z_][\w.-]*:", text, re.MULTILINE):
-        looks_like_config = "core" in text or "env" in text
-        config_hint = " (a config? train with it: python train.py --config FILE)" if looks_like_config else ""
-        return f"{path} is a YAML/text file{config_hint}, not a checkpoint; {hint}"
-    return f"{path} is a text file, not a checkpoint; {hint}"
-
-
 def check_device(device: str | torch.device) -> torch.device:
     """``device`` as a torch.device, refusing one this machine does not have (one clear message).
 
@@ -294,7 +262,5 @@ def load_policy(path: str | os.PathLike[str], device: str | torch.device = "cpu"
     checkpoint = Path(text)
     if checkpoint.is_dir():
         checkpoint = checkpoint / "checkpoint.pt"
-    if checkpoint.is_file() and (reason := _not_a_checkpoint(checkpoint)) is not None:
-        raise CheckpointError(reason)
     data = load_checkpoint(checkpoint, map_location=parsed_device)
     return policy_from_checkpoint(data, device=parsed_device, path=checkpoint)

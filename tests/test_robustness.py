@@ -344,6 +344,18 @@ def test_a_damaged_checkpoint_points_to_the_older_ones(tmp_path: Path, capsys: p
     assert kept[-2].read_bytes() != (tmp_path / "checkpoint.pt").read_bytes()  # trained on, older copy untouched
 
 
+def test_train_and_evaluate_name_a_non_checkpoint_alike(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import evaluate
+
+    config = tmp_path / "doorkey.yaml"
+    config.write_text("core: {name: lstm}\nenv: {id: MiniGrid-DoorKey-5x5-v0}\n")
+    expected = f"{config} is a YAML/text file (a config? train with it: python train.py --config FILE)"
+    code, err = run_main(capsys, [*TINY, f"init_from={config}", "--run-dir", str(tmp_path / "run")])
+    assert code == 2 and expected in err and err.count("\n") == 1, err
+    assert evaluate.main([str(config), "--no-progress"]) == 2
+    assert expected in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kind", ["truncated", "foreign", "version"])
 def test_unusable_checkpoints_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str) -> None:
     source = tmp_path / "src"
