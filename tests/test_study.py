@@ -291,6 +291,14 @@ def test_bad_study_file_from_the_command_line(tmp_path: Path) -> None:
 # -- tiny real studies -------------------------------------------------------------------------------
 
 
+def _start_study(path: Path, root: Path) -> subprocess.Popen:
+    """``study.py run`` of ``path`` with one worker, as a real process whose output can be read."""
+    env = {**os.environ, "MODULAR_RL_CODE_VERSION": VERSION}
+    return subprocess.Popen([sys.executable, str(REPO / "study.py"), "run", str(path), "--root", str(root),
+                             "--workers", "1", "--no-report"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
 def test_a_stopped_study_waits_for_its_runs_to_checkpoint(tmp_path: Path, fixed_version: None) -> None:
     """SIGTERM while a run trains: the run is asked to stop, checkpoints, and has exited before the
     driver does (a driver that left first, as on Python 3.11 when the signal landed in Thread.join,
@@ -299,10 +307,7 @@ def test_a_stopped_study_waits_for_its_runs_to_checkpoint(tmp_path: Path, fixed_
 
     path = write_study(tmp_path, tiny_study(model_names=("lstm",), seeds=(1,), total_frames=10_000_000))
     root = tmp_path / "out"
-    env = {**os.environ, "MODULAR_RL_CODE_VERSION": VERSION}
-    process = subprocess.Popen([sys.executable, str(REPO / "study.py"), "run", str(path), "--root", str(root),
-                                "--workers", "1", "--no-report"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = _start_study(path, root)
     run = root / "tiny" / "runs" / "lstm" / "seed_1"
     try:
         deadline = time.time() + 120
@@ -327,10 +332,7 @@ def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version:
     """Ctrl-C mid-study, run again (nothing trained twice), run a third time (nothing at all), report."""
     path = write_study(tmp_path, tiny_study())
     root = tmp_path / "out"
-    env = {**os.environ, "MODULAR_RL_CODE_VERSION": VERSION}
-    process = subprocess.Popen([sys.executable, str(REPO / "study.py"), "run", str(path), "--root", str(root),
-                                "--workers", "1", "--no-report"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = _start_study(path, root)
     first = root / "tiny" / "runs" / "lstm" / "seed_1"
     deadline = time.time() + 120
     while not list((first / "checkpoints").glob("checkpoint_*.pt")) and time.time() < deadline:
