@@ -205,11 +205,6 @@ def current_rank() -> int:
         return 0
 
 
-def _in_use(run_dir: Path, holder: str) -> str:
-    return (f"run directory {run_dir} is in use by another training process (pid {holder}); wait for it to end "
-            f"or stop it, then use `python train.py --resume {run_dir}`")
-
-
 def lock_holder(run_dir: str | Path) -> str | None:
     """The pid (as the holder wrote it in ``.lock``) of a process training in ``run_dir`` now, or None.
 
@@ -275,7 +270,9 @@ class RunLock:
             holder = handle.read().strip() or "unknown"
             handle.close()
             if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-                raise RunDirError(_in_use(self.run_dir, holder)) from None
+                raise RunDirError(f"run directory {self.run_dir} is in use by another training process "
+                                  f"(pid {holder}); wait for it to end or stop it, then use "
+                                  f"`python train.py --resume {self.run_dir}`") from None
             raise RunDirError(f"cannot lock run directory {self.run_dir}: {exc.strerror or exc}") from None
         handle.seek(0)
         handle.truncate()

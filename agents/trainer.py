@@ -59,8 +59,8 @@ from envs import check_env_id, make_env, make_vec_env
 from policies.actor_critic import RecurrentActorCritic, obs_to_tensor
 from policies.checkpoint import (
     CheckpointError,
-    DamagedCheckpointError,
     CheckpointWriteError,
+    DamagedCheckpointError,
     load_checkpoint,
     save_checkpoint,
     space_to_dict,
