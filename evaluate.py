@@ -15,9 +15,8 @@ so its return does not depend on --n-envs. Means come with a 95% bootstrap inter
 from __future__ import annotations
 
 # Only the standard library, the argument parser and agents.run_dir (standard library only) are
-# imported at the top: --help and bad
-# arguments answer in a fraction of a second. torch, gymnasium, ale-py and SB3 are imported by
-# main() once the arguments are known to be good.
+# imported at the top: --help and bad arguments answer in a fraction of a second. torch, gymnasium,
+# ale-py and SB3 are imported by main() once the arguments are known to be good.
 import argparse
 import contextlib
 import errno
