@@ -664,16 +664,25 @@ def eval_envs(study: Study) -> list[tuple[str, bool]]:
 
     :raises StudyError: an unknown env id or suite, or suite parameters it does not take.
     """
+    spec = study.eval
+    targets = _eval_targets(study)
+    if spec.suite is not None:
+        return [(t.name, t.split == "held-out") for t in targets]
+    return [(t.name, t.name in spec.held_out) for t in targets]
+
+
+def _eval_targets(study: Study) -> list[Any]:
+    """The study's evaluation targets (``agents.evaluation.EvalTarget``), in evaluate.py's order.
+
+    :raises StudyError: an unknown env id or suite, or suite parameters it does not take.
+    """
     from agents.evaluation import EvaluationError, resolve_targets  # gymnasium: about a second
 
     spec = study.eval
     try:
-        targets = resolve_targets(spec.suite, list(spec.envs) or None, dict(spec.suite_params))
+        return resolve_targets(spec.suite, list(spec.envs) or None, dict(spec.suite_params)) or []
     except EvaluationError as exc:
         raise StudyError(f"{_where(study.source)}eval: {exc}") from None
-    if spec.suite is not None:
-        return [(t.name, t.split == "held-out") for t in targets or []]
-    return [(t.name, t.name in spec.held_out) for t in targets or []]
 
 
 # -- runs: directories, configs, provenance --------------------------------------------------------
@@ -849,15 +858,11 @@ def check_eval_spaces(study: Study, jobs: Sequence[Job]) -> None:
     """
     if study.adaptation is not None:  # its tasks are the models' own training envs, checked by train.py
         return
-    from agents.evaluation import EvaluationError, resolve_targets, target_options
+    from agents.evaluation import target_options
     from agents.trainer import env_options
     from envs import env_spaces
 
-    spec = study.eval
-    try:
-        targets = resolve_targets(spec.suite, list(spec.envs) or None, dict(spec.suite_params)) or []
-    except EvaluationError as exc:
-        raise StudyError(f"{_where(study.source)}eval: {exc}") from None
+    targets = _eval_targets(study)
     known: dict[str, tuple[Any, Any] | None] = {}
 
     def spaces(env_id: str, options: dict[str, Any]) -> tuple[Any, Any] | None:
@@ -871,7 +876,11 @@ def check_eval_spaces(study: Study, jobs: Sequence[Job]) -> None:
                 known[key] = None
         return known[key]
 
+    checked: set[str] = set()
     for job in jobs:
+        if job.model in checked:  # a model's env options are those of every seed
+            continue
+        checked.add(job.model)
         try:
             env = load_config(job.config, list(job.overrides))["env"]
         except ConfigError as exc:
