@@ -144,14 +144,21 @@ class RecurrentActorCritic(nn.Module):
         return DiagGaussian(logits, self.log_std)
 
     def _outputs(
-        self, obs: Observation, state: Tensor, episode_starts: Tensor, return_info: bool
-    ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-        """Encoder, core and heads over ``(T, B)``: ``(actor outputs, values, state, core info)``."""
+        self, obs: Observation, state: Tensor, episode_starts: Tensor, return_info: bool, final_state: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor | None, dict[str, Tensor]]:
+        """Encoder, core and heads over ``(T, B)``: ``(actor outputs, values, state, core info)``.
+
+        With ``final_state=False`` the state is None and the core may compute its outputs faster
+        (``RecurrentCore.outputs``): for replaying stored sequences, which never use that state.
+        """
         T, B = episode_starts.shape
         features = self.encoder(_flatten_time(obs)).view(T, B, -1)
-        core_out = self.core(features, state, episode_starts, return_info=return_info)
-        out = core_out[0]
-        return self.actor(out), self.critic(out).squeeze(-1), core_out[1], core_out[2] if return_info else {}
+        if final_state:
+            core_out = self.core(features, state, episode_starts, return_info=return_info)
+            out, state, info = core_out[0], core_out[1], core_out[2] if return_info else {}
+        else:
+            out, state, info = self.core.outputs(features, state, episode_starts), None, {}
+        return self.actor(out), self.critic(out).squeeze(-1), state, info
 
     def forward(
         self, obs: Observation, state: Tensor, episode_starts: Tensor, return_info: bool = False
@@ -215,5 +222,6 @@ class RecurrentActorCritic(nn.Module):
         :param episode_starts: ``(T, B)`` bool.
         :return: ``(log_probs, entropy, values)``, each ``(T, B)``.
         """
-        dist, values, _ = self(obs, state, episode_starts)
+        actor_out, values, _, _ = self._outputs(obs, state, episode_starts, return_info=False, final_state=False)
+        dist = self._distribution(actor_out)
         return dist.log_prob(actions), dist.entropy(), values

@@ -120,6 +120,22 @@ def test_recomputed_log_probs_equal_stored_before_first_update(core: str) -> Non
                 assert (values - batch.values).abs().max() < 1e-5
 
 
+def test_replay_runs_the_lstm_in_one_kernel_call_per_minibatch() -> None:
+    """evaluate_actions (every update's replay) asks the core for its outputs only (RecurrentCore.outputs):
+    the LSTM then runs a minibatch with resets inside in one kernel call instead of one per stretch."""
+    _, venv, policy, storage = small_setup("lstm", extra=("env.max_episode_steps=10",))
+    collect_rollout(policy, venv, storage, start_rollouts(policy, venv), 0.99, 0.95)
+    batch = next(iter(storage.minibatches(1, None)))
+    assert batch.episode_starts[1:].any(), "the test needs an episode boundary inside the rollout"
+    calls: list[int] = []
+    run_rnn = policy.core._run_rnn
+    policy.core._run_rnn = lambda x, rnn_state: (calls.append(x.shape[0]), run_rnn(x, rnn_state))[1]
+    policy.evaluate_actions(batch.obs, batch.actions, batch.initial_state, batch.episode_starts)
+    assert calls == [storage.n_steps]
+    policy(batch.obs, batch.initial_state, batch.episode_starts)  # forward: one call per stretch, exact state
+    assert len(calls) > 2
+
+
 def test_core_state_resets_exactly_at_episode_starts_during_rollout() -> None:
     _, venv, policy, storage = small_setup("rims", extra=("env.max_episode_steps=5",))
     last = start_rollouts(policy, venv)

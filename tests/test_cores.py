@@ -274,6 +274,56 @@ def test_fused_rnn_calls_torchs_kernel_with_nn_rnns_numbers(name: str) -> None:
     assert len(results[0]) == 7 and all(torch.equal(a, b) for a, b in zip(*results))
 
 
+@pytest.mark.parametrize("name", ALL_CORES)
+def test_outputs_are_forwards_outputs_with_the_same_gradients(name: str) -> None:
+    """``core.outputs`` (what an update's replay calls) gives forward's outputs, and the same gradients for
+    the inputs, the entering state and every parameter (the LSTM's packed call sums the weight gradients
+    in another order, hence a tolerance; everything else is the same arithmetic)."""
+    core = build(name).double()
+    x, state, starts = inputs(core)
+    x, state = x.double(), state.double()
+    weights = torch.linspace(-1, 1, core.output_size, dtype=torch.float64)
+    results = []
+    for method in (lambda *a: core(*a)[0], core.outputs):
+        core.zero_grad(set_to_none=True)
+        leaves = [x.clone().requires_grad_(True), state.clone().requires_grad_(True)]
+        out = method(*leaves, starts)
+        (out * weights).sin().sum().backward()
+        results.append([out.detach(), *(leaf.grad for leaf in leaves), *(p.grad for p in core.parameters())])
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+
+
+def test_lstm_outputs_packs_every_episode_piece_into_one_kernel_call() -> None:
+    """One kernel call however many reset times: pieces [0,3),[3,T) of env 1, [0,5),[5,T) of env 0 and 3,
+    [0,T) of env 2 (its reset at step 0 makes it enter with zeros), [T-1,T) of env 1: 8 columns of T steps.
+    The float32 outputs equal forward's to the bit; a sequence without later resets is forward's one call."""
+    core = build("lstm")
+    calls: list[tuple[int, ...]] = []
+    run_rnn = core._run_rnn
+    core._run_rnn = lambda x, rnn_state: (calls.append(tuple(x.shape[:2])), run_rnn(x, rnn_state))[1]
+    x, state, starts = inputs(core)  # resets at t = 0 (env 2), 3 (env 1), 5 (envs 0, 3), T-1 (env 1)
+    with torch.no_grad():
+        packed = core.outputs(x, state, starts)
+        assert calls == [(T, 8)]
+        calls.clear()
+        assert torch.equal(packed, core(x, state, starts)[0])
+        first_step_only = torch.zeros(T, B, dtype=torch.bool)
+        first_step_only[0] = True
+        core.outputs(x, state, first_step_only)
+        assert calls[-1] == (T, B)
+
+
+def test_gru_outputs_keeps_forwards_calls() -> None:
+    core = build("gru")
+    calls: list[int] = []
+    run_rnn = core._run_rnn
+    core._run_rnn = lambda x, rnn_state: (calls.append(x.shape[0]), run_rnn(x, rnn_state))[1]
+    x, state, starts = inputs(core)
+    assert torch.equal(core.outputs(x, state, starts), core(x, state, starts)[0])
+    assert calls == [3, 2, T - 1 - 5, 1] * 2
+
+
 @pytest.mark.parametrize("name", MONOLITHIC_CORES)
 def test_fused_rnn_uses_default_init_and_empty_info(name: str) -> None:
     core = build(name)
@@ -297,6 +347,8 @@ def test_core_runs_on_cuda_like_on_cpu(name: str) -> None:
         core = core.cuda()
         assert core.initial_state(B).device.type == "cuda"
         cuda_out, cuda_state = core(x.cuda(), state.cuda(), starts.cuda())
+        cuda_outputs = core.outputs(x.cuda(), state.cuda(), starts.cuda())
     assert cuda_out.device.type == "cuda" and cuda_state.device.type == "cuda"
+    torch.testing.assert_close(cuda_outputs.cpu(), cpu_out, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(cuda_out.cpu(), cpu_out, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(cuda_state.cpu(), cpu_state, atol=1e-4, rtol=1e-4)

@@ -105,6 +105,13 @@ class RecurrentCore(nn.Module):
         if tuple(episode_starts.shape) != (T, B):
             raise ValueError(f"episode_starts must have shape (T={T}, B={B}), got {tuple(episode_starts.shape)}")
 
+    def outputs(self, x: Tensor, state: Tensor, episode_starts: Tensor) -> Tensor:
+        """The outputs ``(T, B, output_size)`` of ``forward``, for callers that do not need the final state
+        (an update replaying stored sequences). A core that can compute them faster without that state
+        overrides this (the fused LSTM and GRU do); the default runs ``forward``.
+        """
+        return self(x, state, episode_starts)[0]
+
     def _precompute(self, x: Tensor) -> tuple[Tensor, ...]:
         return (x,)
 
