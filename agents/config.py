@@ -544,6 +544,34 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+# The folder holding agents/, configs/ and train.py: where the shipped configs live.
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def locate_config(path: str | Path) -> Path:
+    """The config file a user named: ``path`` itself when it is a file or absolute; else, when the package
+    has that relative path (``configs/minigrid/...``), the package's file, so that a shipped config can be
+    named from any directory, as study files name them. A path found nowhere comes back as given, for
+    ``read_yaml`` to refuse."""
+    path = Path(path)
+    if path.is_file() or path.is_absolute():
+        return path
+    shipped = PACKAGE_ROOT / path
+    return shipped if shipped.is_file() else path
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: what is wrong and where (its own text spans several lines, with the
+    offending line quoted)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(exc).split())
+    context = getattr(exc, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}" + (f" ({context})" if context else "")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file.
 
@@ -555,7 +583,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     if data is None:
@@ -572,7 +600,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     An override of ``core.name`` (``algo.name``) to another core (algorithm) drops the file's other
     ``core.*`` (``algo.*``) settings.
     """
-    raw = read_yaml(path) if path is not None else copy.deepcopy(DEFAULT_CONFIG)
+    if path is None:
+        raw = copy.deepcopy(DEFAULT_CONFIG)
+    else:
+        found = locate_config(path)
+        if not found.is_file() and not found.is_absolute():
+            raise ConfigError(f"config file not found: {path} (looked in {Path.cwd()} and {PACKAGE_ROOT})")
+        raw = read_yaml(found)
     update = parse_overrides(overrides)
     for section in ("core", "algo"):
         new_name = update[section].get("name") if isinstance(update.get(section), dict) else None

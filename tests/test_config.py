@@ -91,7 +91,11 @@ def test_config_file_errors(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("algo: {lr: [1, 2\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="not valid YAML") as raised:
+        load_config(bad)
+    assert "\n" not in str(raised.value)  # PyYAML's own text quotes the line over several
+    bad.write_text("a: 1\n  b: 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML: mapping values are not allowed here at line 2, column 4$"):
         load_config(bad)
     scalar = tmp_path / "scalar.yaml"
     scalar.write_text("42\n")
@@ -206,3 +210,16 @@ def test_accepted_edge_values() -> None:
     config = load_config(None, ["torch_threads=null", "device=cuda:1", f"torch_threads={os.cpu_count() or 1}"])
     assert config["torch_threads"] == (os.cpu_count() or 1) and config["device"] == "cuda:1"
     assert load_config(None, ["algo.lr=1e-40"])["algo"]["lr"] == 1e-40  # a float32 subnormal is still > 0
+
+
+def test_a_shipped_config_is_found_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--config configs/...`` names the package's file from any working directory (as study files do);
+    a file of that name in the working directory comes first, and a name found nowhere says where it looked."""
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/minigrid/doorkey-lstm-ppo.yaml")["core"]["name"] == "lstm"
+    local = tmp_path / "configs" / "minigrid" / "doorkey-lstm-ppo.yaml"
+    local.parent.mkdir(parents=True)
+    local.write_text("core: {name: gru}\n")
+    assert load_config("configs/minigrid/doorkey-lstm-ppo.yaml")["core"]["name"] == "gru"
+    with pytest.raises(ConfigError, match=f"config file not found: configs/nope.yaml \\(looked in {tmp_path} and "):
+        load_config("configs/nope.yaml")
