@@ -1470,7 +1470,11 @@ def _last_error(log_path: str) -> str:
     except OSError:
         return "see its log"
     errors = [line for line in lines if line.startswith("error:")]
-    return (errors[-1] if errors else lines[-1] if lines else "no output")[:300] + f" (log: {log_path})"
+    message = errors[-1] if errors else lines[-1] if lines else "no output"
+    if len(message) > 300:  # the whole line is in the log; cut at a space unless that loses too much (a long path)
+        cut = message.rfind(" ", 200, 297)
+        message = message[: cut if cut > 0 else 297] + " ..."
+    return f"{message} (log: {log_path})"
 
 
 # -- the study directory ----------------------------------------------------------------------------

@@ -723,3 +723,20 @@ def test_the_display_survives_a_terminal_that_is_gone() -> None:
     display.message("stopping")
     display.close()
     assert not display.tty
+
+
+def test_a_failed_jobs_summary_line_is_cut_at_a_word(tmp_path: Path) -> None:
+    """The study's console names a failed job by its log's last ``error:`` line, at most ~300 characters:
+    cut at a space (not mid-word) and marked, or hard-cut when the line has no space to cut at (a long path)."""
+    from agents.study import _last_error
+
+    log = tmp_path / "job.log"
+    words = " ".join(f"word{i:03d}" for i in range(60))  # 479 characters
+    log.write_text(f"training...\nerror: {words}\nTraceback-free tail\n")
+    summary = _last_error(str(log))
+    message, _, where = summary.partition(" (log: ")
+    assert where == f"{log})"
+    assert message.endswith(" ...") and len(message) <= 301
+    assert message[:-4].split(" ")[-1] in words.split(" ")  # the last word kept is whole
+    log.write_text("error: " + "x" * 400 + "\n")
+    assert _last_error(str(log)).startswith("error: " + "x" * 290) and " ... (log: " in _last_error(str(log))
