@@ -310,8 +310,24 @@ def test_lstm_outputs_packs_every_episode_piece_into_one_kernel_call() -> None:
         assert torch.equal(packed, core(x, state, starts)[0])
         first_step_only = torch.zeros(T, B, dtype=torch.bool)
         first_step_only[0] = True
+        packed_calls: list[int] = []
+        packed_outputs = core._packed_outputs
+        core._packed_outputs = lambda *args: (packed_calls.append(1), packed_outputs(*args))[1]
         core.outputs(x, state, first_step_only)
-        assert calls[-1] == (T, B)
+        assert calls[-1] == (T, B) and not packed_calls
+        core.outputs(x, state, starts)
+        assert packed_calls == [1]
+    # Where padding would cost more than the calls it saves (every env resetting at one step, an LSTM of
+    # 512: Atari's size) the outputs come from forward's calls.
+    torch.manual_seed(0)
+    wide = LSTMCore(INPUT_SIZE, 512)
+    wide._run_rnn = lambda x, rnn_state: (calls.append(tuple(x.shape[:2])), LSTMCore._run_rnn(wide, x, rnn_state))[1]
+    together = torch.zeros(T, B, dtype=torch.bool)
+    together[4] = True
+    calls.clear()
+    with torch.no_grad():
+        wide.outputs(x, 0.5 * torch.randn(B, wide.state_size), together)
+    assert calls == [(4, B), (T - 4, B)]
 
 
 def test_gru_outputs_keeps_forwards_calls() -> None:
