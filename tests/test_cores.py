@@ -295,8 +295,8 @@ def test_outputs_are_forwards_outputs_with_the_same_gradients(name: str) -> None
 
 
 def test_lstm_outputs_packs_every_episode_piece_into_one_kernel_call() -> None:
-    """One kernel call however many reset times: pieces [0,3),[3,T) of env 1, [0,5),[5,T) of env 0 and 3,
-    [0,T) of env 2 (its reset at step 0 makes it enter with zeros), [T-1,T) of env 1: 8 columns of T steps.
+    """One kernel call however many reset times: pieces [0,3), [3,T-1) and [T-1,T) of env 1, [0,5) and [5,T)
+    of envs 0 and 3, [0,T) of env 2 (its reset at step 0 makes it enter with zeros): 8 columns of T steps.
     The float32 outputs equal forward's to the bit; a sequence without later resets is forward's one call."""
     core = build("lstm")
     calls: list[tuple[int, ...]] = []

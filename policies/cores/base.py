@@ -108,7 +108,7 @@ class RecurrentCore(nn.Module):
     def outputs(self, x: Tensor, state: Tensor, episode_starts: Tensor) -> Tensor:
         """The outputs ``(T, B, output_size)`` of ``forward``, for callers that do not need the final state
         (an update replaying stored sequences). A core that can compute them faster without that state
-        overrides this (the fused LSTM and GRU do); the default runs ``forward``.
+        overrides this (the fused LSTM does); the default runs ``forward``.
         """
         return self(x, state, episode_starts)[0]
 

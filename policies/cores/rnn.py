@@ -2,7 +2,9 @@
 
 Both wrap a one-layer ``nn.LSTM`` / ``nn.GRU`` and run its fused kernel over whole
 stretches of the sequence: one kernel call per stretch between the time steps at
-which some env resets, instead of one Python step per time step.
+which some env resets, instead of one Python step per time step. An update's replay,
+which needs no final state, runs the LSTM's episode pieces as padded columns of one
+call instead (``FusedRNNCore.outputs``).
 
 State layouts (flat, batch first):
 
@@ -104,9 +106,11 @@ class FusedRNNCore(RecurrentCore):
         back to ``(T, B)``. Padding comes after a piece's last step, so it never reaches a kept output; it
         does spoil the kernel's final state, which is why this returns none.
 
-        Each column's arithmetic is that of forward's calls, so the outputs are forward's (to the bit on
-        this project's CPU: the first update's replay still reproduces the rollout exactly); the weight
-        gradients sum the same terms in another order, so they differ in rounding.
+        Each column's arithmetic is that of forward's calls, so the outputs are forward's (to the bit in
+        float32 on this project's CPU for two or more envs, so the first update's replay still reproduces
+        the rollout exactly; with one env, forward with autograd itself rounds differently from the
+        rollout's inference, and the packed call matches the rollout); the weight gradients sum the same
+        terms in another order, so they differ in rounding.
         """
         self.check_inputs(x, state, episode_starts)
         T = episode_starts.shape[0]
