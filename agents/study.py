@@ -57,7 +57,7 @@ from typing import IO, Any
 
 import yaml
 
-from agents.config import ConfigError, load_config
+from agents.config import PACKAGE_ROOT, ConfigError, load_config
 from agents.run_dir import atomic_write
 from envs.names import short_env_name
 
@@ -66,8 +66,8 @@ try:
 except ImportError:  # Windows: no advisory lock on the study directory
     fcntl = None  # type: ignore[assignment]
 
-# The repository root: train.py and evaluate.py are run from here.
-REPO = Path(__file__).resolve().parent.parent
+# The repository root (agents.config defines it): train.py and evaluate.py are run from here.
+REPO = PACKAGE_ROOT
 DEFAULT_ROOT = Path("studies")
 # evaluate.py's default: far from the small seeds training configs use (see README, Studies).
 DEFAULT_EVAL_SEED = 10_000
