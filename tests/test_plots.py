@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -103,3 +104,20 @@ def test_a_minigrid_episode_without_events_says_so() -> None:
 def test_episode_caption_without_success_information() -> None:
     assert episode_caption({"index": 3, "return": -21.0, "length": 900, "success": None, "truncated": False}, 10) \
         == "episode 3 of 10, return -21.00, 900 steps, ended by the env (terminated)"
+
+
+def test_saved_figures_keep_a_label_wider_than_the_figure(tmp_path: Path) -> None:
+    """A label that overflows the figure (long pair names, a long x label: tight_layout gives up) is saved
+    whole, by both writers: the PNG spans every drawn text instead of cutting it at the figure's edge."""
+    from agents.plots import plot_probability_of_improvement, save_figure_atomic
+
+    order = ["a-model-with-a-long-label.ppo", "another-long-label.scratch"]
+    fig = plot_probability_of_improvement({(order[0], order[1]): (0.4, 0.1, 0.8)}, order,
+                                          xlabel="a deliberately long x label " * 4)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    drawn = fig.get_tightbbox(renderer)  # inches: everything drawn, labels included
+    assert drawn.width > fig.get_figwidth()  # the label does overflow the 7-inch figure
+    for save in (save_figure, save_figure_atomic):
+        path = save(fig, tmp_path / f"{save.__name__}.png", dpi=100)
+        width, _ = Image.open(path).size
+        assert width >= drawn.width * 100 - 1, save.__name__
