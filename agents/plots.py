@@ -283,11 +283,17 @@ def plot_probability_of_improvement(pois: dict[tuple[str, str], tuple[float, flo
     return figure
 
 
+def _write_png(fig: Figure, target: Any, dpi: int) -> None:
+    """Draw ``fig`` as a PNG into ``target`` (a path or a binary file): the one place both writers below
+    set how. "tight": the image spans every drawn text, so a long label tight_layout gave up on stays whole."""
+    fig.savefig(target, format="png", dpi=dpi, bbox_inches="tight")
+
+
 def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     """Write ``fig`` as a PNG (creating the folder) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")  # "tight": a long label tight_layout gave up on stays whole
+    _write_png(fig, path, dpi)
     return path
 
 
@@ -301,6 +307,6 @@ def save_figure_atomic(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    _write_png(fig, buffer, dpi)
     atomic_write(path, buffer.getvalue())
     return path

@@ -10,7 +10,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from agents.plots import episode_caption, plot_episode_info, save_figure
+from agents.plots import (episode_caption, plot_episode_info, plot_probability_of_improvement, save_figure,
+                          save_figure_atomic)
 
 
 def _texts(fig: Figure) -> list[str]:
@@ -109,8 +110,6 @@ def test_episode_caption_without_success_information() -> None:
 def test_saved_figures_keep_a_label_wider_than_the_figure(tmp_path: Path) -> None:
     """A label that overflows the figure (long pair names, a long x label: tight_layout gives up) is saved
     whole, by both writers: the PNG spans every drawn text instead of cutting it at the figure's edge."""
-    from agents.plots import plot_probability_of_improvement, save_figure_atomic
-
     order = ["a-model-with-a-long-label.ppo", "another-long-label.scratch"]
     fig = plot_probability_of_improvement({(order[0], order[1]): (0.4, 0.1, 0.8)}, order,
                                           xlabel="a deliberately long x label " * 4)
