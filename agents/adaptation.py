@@ -428,10 +428,14 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
                     answers.append(f"{x} against {y}: too few runs to compare (smallest detectable difference "
                                    f"unknown (fewer than two runs)): no claim is made{caveat}")
                     continue
-                sdd = f"smallest detectable difference in mean area ~{rp._fmt(detectable)}"
-                answers.append(f"area under the curve: {rp.verdict(x, y, area)}; {sdd}{caveat}")
+                # The area answers by the generalisation report's rule (IQM intervals and P(improvement) both);
+                # frames to threshold, a secondary measure often censored at the budget, by P(improvement) alone.
+                answers.append(rp.conclusion(x, y, ci["auc"][x]["iqm"], ci["auc"][y]["iqm"], area, detectable,
+                                             where="in area under the fine-tuning curve",
+                                             per_run="mean area") + caveat)
                 sooner = rp.verdict(x, y, speed).replace("improves on", "reaches the threshold sooner than")
-                answers.append(f"frames to threshold: {sooner.replace('does worse than', 'reaches it later than')}")
+                sooner = sooner.replace("does worse than", "reaches it later than")
+                answers.append(f"frames to threshold (by P(improvement) alone): {sooner}")
         lines += rp._table(["X", "Y", "P(area X > area Y) [95% CI]", "P(X reaches the threshold sooner) [95% CI]",
                             "observed mean area X - Y", "smallest detectable difference in mean area"], rows)
         lines += [f"- {a}." for a in answers] or ["- No comparison: runs missing."]
@@ -461,6 +465,7 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
         lines += [f"**Fine-tuning runs of {', '.join(mixed)} come from different code or configs**: "
                   f"{'; '.join(f'{m}: {provenances[m]}' for m in mixed)}. Compare with care.", ""]
 
+    lines += rp.provenance_lines(study, directory)
     figures = _write_plots(directory, study, finetunes, ci["auc"], pois, small)
     lines += ["## Plots", "", *(f"![{name}](plots/{name}.png)" for name in figures), ""]
     return "\n".join(lines)

@@ -427,30 +427,35 @@ def verdict(model: str, baseline: str, poi: tuple[float, float, float]) -> str:
 
 
 def conclusion(model: str, baseline: str, iqm_x: tuple[float, float, float], iqm_y: tuple[float, float, float],
-               poi: tuple[float, float, float], detectable: float) -> str:
-    """The one sentence the intervals support about ``model`` against ``baseline`` (held-out envs), derived
-    mechanically: an improvement (or a deficit) is claimed only when both the IQM intervals do not overlap
-    and the P(improvement) interval excludes 0.5; one of the two alone is reported as such; otherwise
-    no difference is claimed and the smallest difference these seeds could detect is given.
+               poi: tuple[float, float, float], detectable: float, where: str = "on the held-out envs",
+               per_run: str = "mean held-out return") -> str:
+    """The one sentence the intervals support about ``model`` against ``baseline``, derived mechanically:
+    an improvement (or a deficit) is claimed only when both the IQM intervals do not overlap and the
+    P(improvement) interval excludes 0.5; one of the two alone is reported as such; otherwise no
+    difference is claimed and the smallest difference these seeds could detect is given. Higher scores
+    are better.
 
     :param iqm_x: ``(point, low, high)`` IQM of ``model``; ``iqm_y`` the same for ``baseline``.
     :param poi: ``(point, low, high)`` of P(model > baseline).
-    :param detectable: :func:`smallest_detectable_difference` of the mean held-out return (nan: fewer
-        than two runs on a side, where the intervals have no width and no claim is made).
+    :param detectable: :func:`smallest_detectable_difference` of the per-run score (nan: fewer than two
+        runs on a side, where the intervals have no width and no claim is made).
+    :param where: what the scores measure, as the sentence names it (the generalisation report's held-out
+        envs; the adaptation report's area under the fine-tuning curve).
+    :param per_run: the per-run score ``detectable`` is a difference of.
     """
     iqms = f"IQM {_ci(iqm_x)} vs {_ci(iqm_y)}"
     if not math.isfinite(detectable):
         return (f"too few runs to compare {model} with {baseline} (a model with one run has intervals of no "
                 f"width; {iqms}): no claim is made")
     p = f"P({model} > {baseline}) {_ci(poi)}"
-    sdd = f"smallest detectable difference in mean held-out return ~{_fmt(detectable)}"  # finite: checked above
+    sdd = f"smallest detectable difference in {per_run} ~{_fmt(detectable)}"  # finite: checked above
     iqm_above, iqm_below = iqm_x[1] > iqm_y[2], iqm_x[2] < iqm_y[1]
     poi_above, poi_below = poi[1] > 0.5, poi[2] < 0.5
     if iqm_above and poi_above:
-        return (f"{model} improves on {baseline} on the held-out envs: its IQM interval lies above {baseline}'s "
+        return (f"{model} improves on {baseline} {where}: its IQM interval lies above {baseline}'s "
                 f"({iqms}) and {p} excludes 0.5")
     if iqm_below and poi_below:
-        return (f"{model} does worse than {baseline} on the held-out envs: its IQM interval lies below "
+        return (f"{model} does worse than {baseline} {where}: its IQM interval lies below "
                 f"{baseline}'s ({iqms}) and {p} excludes 0.5")
     better, worse = iqm_above or poi_above, iqm_below or poi_below
     if better and worse:
@@ -997,8 +1002,6 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
         link = f"{target.relative_to(out.parent).as_posix()}/"
         body = [("#" + line if line.startswith("#") else line.replace("](plots/", f"]({link}"))
                 for line in text.splitlines()]
-        if "## Provenance" not in text:  # an adaptation report: the provenance is added here
-            body += ["#" + line if line.startswith("#") else line for line in provenance_lines(spec, directory)]
         sections += [*body, ""]
         _, commits, _ = study_versions(spec, directory)
         commits = [c for c in commits if not version.startswith(c.split(" ")[0])]  # a version set by hand is its own
