@@ -430,9 +430,9 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
                     continue
                 # The area answers by the generalisation report's rule (IQM intervals and P(improvement) both);
                 # frames to threshold, a secondary measure often censored at the budget, by P(improvement) alone.
-                answers.append(rp.conclusion(x, y, ci["auc"][x]["iqm"], ci["auc"][y]["iqm"], area, detectable,
-                                             where="in area under the fine-tuning curve",
-                                             per_run="mean area") + caveat)
+                area_answer = rp.conclusion(x, y, ci["auc"][x]["iqm"], ci["auc"][y]["iqm"], area, detectable,
+                                            where="", per_run="mean area")
+                answers.append(f"area under the curve: {area_answer}{caveat}")
                 sooner = rp.verdict(x, y, speed).replace("improves on", "reaches the threshold sooner than")
                 sooner = sooner.replace("does worse than", "reaches it later than")
                 answers.append(f"frames to threshold (by P(improvement) alone): {sooner}")

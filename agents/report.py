@@ -439,8 +439,8 @@ def conclusion(model: str, baseline: str, iqm_x: tuple[float, float, float], iqm
     :param poi: ``(point, low, high)`` of P(model > baseline).
     :param detectable: :func:`smallest_detectable_difference` of the per-run score (nan: fewer than two
         runs on a side, where the intervals have no width and no claim is made).
-    :param where: what the scores measure, as the sentence names it (the generalisation report's held-out
-        envs; the adaptation report's area under the fine-tuning curve).
+    :param where: where the scores were measured, as the sentence names it after an improvement or a
+        deficit ("" to name nothing: the adaptation report names its measure before the sentence).
     :param per_run: the per-run score ``detectable`` is a difference of.
     """
     iqms = f"IQM {_ci(iqm_x)} vs {_ci(iqm_y)}"
@@ -449,13 +449,14 @@ def conclusion(model: str, baseline: str, iqm_x: tuple[float, float, float], iqm
                 f"width; {iqms}): no claim is made")
     p = f"P({model} > {baseline}) {_ci(poi)}"
     sdd = f"smallest detectable difference in {per_run} ~{_fmt(detectable)}"  # finite: checked above
+    where = f" {where}" if where else ""
     iqm_above, iqm_below = iqm_x[1] > iqm_y[2], iqm_x[2] < iqm_y[1]
     poi_above, poi_below = poi[1] > 0.5, poi[2] < 0.5
     if iqm_above and poi_above:
-        return (f"{model} improves on {baseline} {where}: its IQM interval lies above {baseline}'s "
+        return (f"{model} improves on {baseline}{where}: its IQM interval lies above {baseline}'s "
                 f"({iqms}) and {p} excludes 0.5")
     if iqm_below and poi_below:
-        return (f"{model} does worse than {baseline} {where}: its IQM interval lies below "
+        return (f"{model} does worse than {baseline}{where}: its IQM interval lies below "
                 f"{baseline}'s ({iqms}) and {p} excludes 0.5")
     better, worse = iqm_above or poi_above, iqm_below or poi_below
     if better and worse:
