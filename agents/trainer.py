@@ -57,6 +57,7 @@ from agents.run_dir import (
 from agents.storage import RolloutStorage
 from envs import check_env_id, make_env, make_vec_env
 from policies.actor_critic import RecurrentActorCritic, obs_to_tensor
+from policies.encoders import GridEncoder
 from policies.checkpoint import (
     CheckpointError,
     CheckpointWriteError,
@@ -95,28 +96,42 @@ def snapshot_key() -> bytes:
 
 
 def numerics_build(policy: RecurrentActorCritic) -> dict[str, str]:
-    """What a run's floating-point rounding depends on: torch's version and the RIMs/BRIMs engine that runs.
+    """What a run's floating-point rounding depends on: torch's version and the engines that run.
 
-    The C kernel is built for the CPU it runs on (``-march=native``), so the same seed rounds
-    differently on another machine or with the Python engine; each run records which it had.
+    RIMs/BRIMs run their time loop in the C kernel or in Python (``engine``), and the MiniGrid grid
+    encoder in the C kernel or in torch's layers (``encoder``). The C kernels are built for the CPU
+    they run on (``-march=native``), so the same seed rounds differently on another machine or with
+    the other engine; where a kernel runs, its build (flags, compiler, CPU) is recorded too.
 
-    :param policy: the policy being trained (its core, device and train/eval mode decide the engine).
+    :param policy: the policy being trained (its core, encoder and device decide the engines).
     """
+    from policies.native import DISABLE_ENV, kernel_build, native_library
+
     build = {"torch": str(torch.__version__)}
+    no_kernel = f"{DISABLE_ENV}=0 or no C compiler"
+    kernel_runs = False
     core = policy.core
     kernel_for = getattr(core, "kernel_for", None)
     if kernel_for is not None:  # RIMs and BRIMs: asked exactly as their forward asks
         device = next(core.parameters()).device
         if kernel_for(torch.zeros(1, 1, core.input_size, device=device)) is not None:
-            from policies.cores.native import kernel_build
-
-            build.update(kernel_build())
+            build["engine"] = "c-kernel"
+            kernel_runs = True
         else:
-            from policies.cores.native import DISABLE_ENV, rims_kernel
-
-            reason = (f"{DISABLE_ENV}=0 or no C compiler" if core.native and device.type == "cpu"
-                      and rims_kernel() is None else "the kernel does not apply to this core or device")
+            reason = (no_kernel if core.native and device.type == "cpu" and native_library() is None
+                      else "the kernel does not apply to this core or device")
             build.update(engine="python", reason=reason)
+    grid = next((module for module in policy.modules() if isinstance(module, GridEncoder)), None)
+    if grid is not None:
+        if grid.uses_kernel():
+            build["encoder"] = "c-kernel"
+            kernel_runs = True
+        else:
+            on_cpu = grid.embedding.weight.device.type == "cpu"
+            build["encoder"] = "torch (" + (no_kernel if grid.native and on_cpu and native_library() is None
+                                            else "the kernel does not apply to this encoder or device") + ")"
+    if kernel_runs:
+        build.update({key: value for key, value in kernel_build().items() if key != "engine"})
     return build
 
 

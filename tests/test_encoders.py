@@ -43,10 +43,11 @@ def test_grid_features_vary_with_the_observation_at_initialisation() -> None:
 
 
 def test_grid_encoder_is_the_embedding_then_the_cnn_and_takes_an_empty_batch() -> None:
-    """The encoder looks its embeddings up with index_select (a faster backward than nn.Embedding's):
-    the same features and gradients as the module call, and an empty batch still has its shape."""
+    """The torch path (the C kernel's reference, tests/test_grid_kernel.py) looks its embeddings up with
+    index_select (a faster backward than nn.Embedding's): the same features and gradients as the
+    module call, and an empty batch still has its shape."""
     torch.manual_seed(0)
-    encoder = GridEncoder(GRID)
+    encoder = GridEncoder(GRID, native=False)
     obs = torch.randint(0, 11, (32, 7, 7, 3), dtype=torch.uint8)
     idx = obs.long() + encoder.channel_offsets
     reference = encoder.cnn(encoder.embedding(idx).flatten(3).permute(0, 3, 1, 2))

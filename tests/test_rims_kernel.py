@@ -1,4 +1,4 @@
-"""Tests of the RIMs/BRIMs C kernel (policies/cores/rims_kernel.c, built and loaded by policies/cores/native.py).
+"""Tests of the RIMs/BRIMs C kernel (policies/cores/rims_kernel.c, built and loaded by policies/native.py).
 
 The Python engine of RIMs (``native=False``) is the reference: where the kernel applies it must give the
 same outputs, states, diagnostics and gradients, and where it does not (or cannot be built) RIMs must
@@ -21,8 +21,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from policies.cores import native
-from policies.cores.native import rims_kernel
+from policies import native
+from policies.native import native_library
 from policies.cores import rims as rims_module
 from policies.cores.brims import BRIMs
 from policies.cores.rims import RIMs
@@ -35,9 +35,9 @@ def _fresh_kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test starts with the kernel enabled and not yet loaded, and leaves nothing cached for the next."""
     torch.manual_seed(0)
     monkeypatch.delenv(native.DISABLE_ENV, raising=False)
-    rims_kernel.cache_clear()
+    native_library.cache_clear()
     yield
-    rims_kernel.cache_clear()
+    native_library.cache_clear()
 
 
 def small(**kwargs: Any) -> RIMs:
@@ -227,9 +227,9 @@ def test_kernel_used_exactly_where_it_applies(
 def test_env_var_turns_the_kernel_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """MODULAR_MEMORY_NATIVE=0 turns the kernel off, and RIMs still trains through the Python engine."""
     monkeypatch.setenv(native.DISABLE_ENV, "0")
-    rims_kernel.cache_clear()
+    native_library.cache_clear()
     try:
-        assert rims_kernel() is None
+        assert native_library() is None
         core = small()
         x, starts, g = episode(T=6, B=3)
         assert core.kernel_for(x) is None
@@ -239,7 +239,7 @@ def test_env_var_turns_the_kernel_off(monkeypatch: pytest.MonkeyPatch) -> None:
         for name, p in core.named_parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     finally:
-        rims_kernel.cache_clear()
+        native_library.cache_clear()
 
 
 def test_failing_compiler_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -250,14 +250,14 @@ def test_failing_compiler_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, 
     broken.chmod(0o755)
     monkeypatch.setenv("CC", str(broken))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no cached build to fall back on
-    rims_kernel.cache_clear()
+    native_library.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="RIMs C kernel") as record:
-            assert rims_kernel() is None
+        with pytest.warns(RuntimeWarning, match="could not build the C kernels") as record:
+            assert native_library() is None
         assert "out of order" in str(record[0].message)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # warned once: the result is remembered
-            assert rims_kernel() is None
+            assert native_library() is None
         assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
         core = small()
         x, starts, _ = episode(T=4, B=2)
@@ -266,23 +266,23 @@ def test_failing_compiler_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, 
         (out.sum() + state.sum()).backward()
         assert x.grad is not None and torch.isfinite(x.grad).all()
     finally:
-        rims_kernel.cache_clear()
+        native_library.cache_clear()
 
 
 def test_no_compiler_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Without any C compiler the kernel is None (with a RuntimeWarning) and RIMs still runs."""
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))  # neither cc nor gcc to be found
-    rims_kernel.cache_clear()
+    native_library.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="C compiler"):
-            assert rims_kernel() is None
+            assert native_library() is None
         core = small()
         x, starts, _ = episode(T=3, B=2)
         out, _ = core(x, core.initial_state(2), starts)
         assert torch.isfinite(out).all()
     finally:
-        rims_kernel.cache_clear()
+        native_library.cache_clear()
 
 
 def test_kernel_build_names_the_flags_actually_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -292,21 +292,21 @@ def test_kernel_build_names_the_flags_actually_used(monkeypatch: pytest.MonkeyPa
     picky.chmod(0o755)
     monkeypatch.setenv("CC", str(picky))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    rims_kernel.cache_clear()
+    native_library.cache_clear()
     try:
         build = native.kernel_build()
         assert build["engine"] == "c-kernel"
         assert build["flags"] == " ".join(native.FLAGS) and native.NATIVE_FLAG not in build["flags"]
         assert build["cpu"] and build["compiler"]
         monkeypatch.delenv("CC")  # the usual compiler builds the tuned kernel, under another name
-        rims_kernel.cache_clear()
+        native_library.cache_clear()
         assert native.kernel_build()["flags"].endswith(native.NATIVE_FLAG)
         assert len(list((tmp_path / "cache" / "modular-memory-rl").glob("*.so"))) == 2
         monkeypatch.setenv(native.DISABLE_ENV, "0")
-        rims_kernel.cache_clear()
+        native_library.cache_clear()
         assert native.kernel_build() == {"engine": "python", "reason": f"{native.DISABLE_ENV}=0"}
     finally:
-        rims_kernel.cache_clear()
+        native_library.cache_clear()
 
 
 def test_ties_after_reset_go_to_the_lowest_modules() -> None:
@@ -332,9 +332,9 @@ def test_ties_after_reset_go_to_the_lowest_modules() -> None:
 def test_second_load_reuses_the_cached_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The kernel is built once into $XDG_CACHE_HOME/modular-memory-rl/ and later loads reuse that file."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    rims_kernel.cache_clear()
+    native_library.cache_clear()
     try:
-        assert rims_kernel() is not None
+        assert native_library() is not None
         folder = tmp_path / "modular-memory-rl"
         built = sorted(folder.glob("*.so"))
         assert len(built) == 1 and sorted(folder.iterdir()) == built  # and no leftover temporary file
@@ -344,8 +344,8 @@ def test_second_load_reuses_the_cached_build(monkeypatch: pytest.MonkeyPatch, tm
             raise AssertionError("the kernel was rebuilt although a cached build exists")
 
         monkeypatch.setattr(native, "_build", no_build)
-        rims_kernel.cache_clear()
-        lib = rims_kernel()
+        native_library.cache_clear()
+        lib = native_library()
         assert lib is not None and Path(lib._name) == built[0]
         assert built[0].stat().st_mtime_ns == mtime and sorted(folder.glob("*.so")) == built
         core = small()
@@ -353,29 +353,31 @@ def test_second_load_reuses_the_cached_build(monkeypatch: pytest.MonkeyPatch, tm
         out, _ = core(x, core.initial_state(2), starts)  # the reloaded library runs
         assert "Kernel" in grad_fn_name(out)
     finally:
-        rims_kernel.cache_clear()
+        native_library.cache_clear()
 
 
 def test_builds_unused_for_a_month_are_deleted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Each edit or upgrade leaves a build behind in the cache: loading the kernel deletes the ones no
     process has loaded for 30 days, keeps recent ones, and marks an old build it loads as used."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    rims_kernel.cache_clear()
+    native_library.cache_clear()
     try:
-        assert rims_kernel() is not None
+        assert native_library() is not None
         folder = tmp_path / "modular-memory-rl"
         (current,) = folder.glob("*.so")
-        stale, recent, other = folder / "rims_kernel-x-stale.so", folder / "rims_kernel-x-recent.so", folder / "a.so"
+        stale, recent = folder / f"{native.BUILD_PREFIX}x-stale.so", folder / f"{native.BUILD_PREFIX}x-recent.so"
+        old_name, other = folder / "rims_kernel-x-stale.so", folder / "a.so"  # a build from before the rename
         month_ago = time.time() - native.STALE_SECONDS - 3600
-        for path, when in ((stale, month_ago), (recent, time.time() - 3600), (other, month_ago), (current, month_ago)):
+        for path, when in ((stale, month_ago), (recent, time.time() - 3600), (other, month_ago), (current, month_ago),
+                           (old_name, month_ago)):
             path.touch(exist_ok=True)
             os.utime(path, (when, when))
-        rims_kernel.cache_clear()
-        assert rims_kernel() is not None
-        assert sorted(folder.iterdir()) == sorted([current, recent, other])  # only the stale build went
+        native_library.cache_clear()
+        assert native_library() is not None
+        assert sorted(folder.iterdir()) == sorted([current, recent, other])  # only the stale builds went
         assert time.time() - current.stat().st_mtime < 60  # the loaded build counts as used again
     finally:
-        rims_kernel.cache_clear()
+        native_library.cache_clear()
 
 
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
@@ -527,10 +529,10 @@ def test_compiler_command_with_arguments(monkeypatch: pytest.MonkeyPatch, tmp_pa
         pytest.skip("no C compiler on this machine")
     monkeypatch.setenv("CC", f"env {compiler}")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    rims_kernel.cache_clear()
+    native_library.cache_clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert rims_kernel() is not None
+        assert native_library() is not None
 
 
 @pytest.mark.parametrize("stack", ["rims", "brims"])

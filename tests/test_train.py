@@ -47,10 +47,12 @@ def test_tiny_minigrid_run_writes_a_loadable_checkpoint(tmp_path: Path, core: st
     # The run records what its rounding depends on, in the checkpoint and in config.yaml's header.
     numerics = checkpoint["numerics"]
     assert numerics["torch"] == str(torch.__version__)
-    if core in ("rims", "brims"):
-        from policies.cores.native import kernel_build
+    from policies.native import kernel_build
 
+    if core in ("rims", "brims"):
         assert {k: numerics[k] for k in kernel_build()} == kernel_build()
+    # Every core reads the grid through the encoder's C kernel here, and the run says so.
+    assert numerics["encoder"] == "c-kernel" and numerics["cpu"] == kernel_build()["cpu"]
     header = (run_dir / "config.yaml").read_text().splitlines()[1]
     assert header.startswith("# Written by a process with: ")
     assert all(f"{key} {value}" in header for key, value in numerics.items())
@@ -66,13 +68,16 @@ def test_numerics_name_the_engine_that_runs() -> None:
         config = load_config(None, [f"core.native={str(native).lower()}"])
         numerics = numerics_build(build_policy(config, venv.observation_space, venv.action_space))
         if native:
-            from policies.cores.native import kernel_build
+            from policies.native import kernel_build
 
-            assert numerics == {"torch": str(torch.__version__), **kernel_build()}
+            assert numerics == {"torch": str(torch.__version__), **kernel_build(), "encoder": "c-kernel"}
         else:
             assert numerics["engine"] == "python" and "does not apply" in numerics["reason"]
     lstm = build_policy(load_config(None, ["core.name=lstm"]), venv.observation_space, venv.action_space)
-    assert numerics_build(lstm) == {"torch": str(torch.__version__)}
+    assert numerics_build(lstm)["encoder"] == "c-kernel" and "engine" not in numerics_build(lstm)
+    lstm.encoder.native = False
+    assert numerics_build(lstm) == {"torch": str(torch.__version__),
+                                    "encoder": "torch (the kernel does not apply to this encoder or device)"}
 
 
 @pytest.mark.parametrize("algo", ["ppo", "a2c"])

@@ -73,7 +73,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from policies.cores.base import RecurrentCore, check_choice, check_positive_int
-from policies.cores.native import pointer, rims_kernel
+from policies.native import native_library, pointer
 
 CELLS: tuple[str, ...] = ("lstm", "gru")
 
@@ -697,7 +697,7 @@ class RIMsStackCore(RecurrentCore):
     (concatenated). ``fused_backward=True`` trains through the hand-written backward;
     ``False`` lets autograd differentiate the same forward ops (slower reference).
     ``native=True`` runs the whole time loop, forward and backward, in the C kernel
-    (``rims_kernel.c``, see :mod:`policies.cores.native`) where :meth:`kernel_for` says it
+    (``rims_kernel.c``, see :mod:`policies.native`) where :meth:`kernel_for` says it
     applies; elsewhere the Python engine below runs (the same function; the kernel is tested
     against it). Double backward (gradients of gradients) is supported by neither.
     """
@@ -795,7 +795,7 @@ class RIMsStackCore(RecurrentCore):
                 and any(max(layer.input_attention_dropout, layer.comm_attention_dropout) > 0.0 for layer in layers)
             )
         )
-        return rims_kernel() if applies else None
+        return native_library() if applies else None
 
     def _kernel_forward(
         self,
@@ -1093,7 +1093,7 @@ class RIMs(RIMsStackCore):
     :param fused_backward: train through the hand-written backward (fast, default); ``False``
         lets autograd differentiate the same forward (reference, slower).
     :param native: run the time loop in the C kernel (``rims_kernel.c``, see
-        :mod:`policies.cores.native`) where it applies: one input head (LSTM or GRU cells), float32 on
+        :mod:`policies.native`) where it applies: one input head (LSTM or GRU cells), float32 on
         the CPU, ``fused_backward`` on, and no attention dropout while training. Elsewhere, or
         with ``False``, the Python engine runs (the same function; the kernel is tested against it).
     :raises ValueError: naming the argument, for a size < 1, ``k_active > num_modules``,

@@ -1,15 +1,17 @@
-"""The C kernel of the RIMs/BRIMs time loop (``rims_kernel.c``): built once per machine, loaded with ctypes.
+"""The package's C kernels, built once per machine into one library and loaded with ctypes.
 
-The kernel is compiled on first use with the system C compiler (``$CC``, else ``cc`` or ``gcc``)
-into ``$XDG_CACHE_HOME/modular-memory-rl/`` (default ``~/.cache/...``), under a name that hashes
-the source, the flags and the CPU, so an edit or another machine gets its own build (builds no
-process has loaded for 30 days are deleted). No torch headers are involved: a build takes about
-a second. Where no compiler is found or the build
-fails, :func:`rims_kernel` warns once and returns None, and RIMs/BRIMs run their Python engine (same
-results, slower on small batches). Set ``MODULAR_MEMORY_NATIVE=0`` (or false/no/off) to turn the kernel off.
+Two sources: the RIMs/BRIMs time loop (``cores/rims_kernel.c``) and the MiniGrid grid encoder
+(``grid_kernel.c``). They are compiled together on first use with the system C compiler (``$CC``,
+else ``cc`` or ``gcc``) into ``$XDG_CACHE_HOME/modular-memory-rl/`` (default ``~/.cache/...``),
+under a name that hashes the sources, the flags and the CPU, so an edit or another machine gets its
+own build (builds no process has loaded for 30 days are deleted). No torch headers are involved: a
+build takes about two seconds. Where no compiler is found or the build fails, :func:`native_library`
+warns once and returns None: RIMs/BRIMs run their Python engine and the grid encoder its torch
+layers (same results up to rounding, slower on small batches). Set ``MODULAR_MEMORY_NATIVE=0`` (or
+false/no/off) to turn the kernels off.
 
 The build is tuned for the CPU it runs on (``-march=native``, FMA contraction): the fastest code
-here, and rounding that differs from the Python engine's and from other CPUs'. The shipped configs
+here, and rounding that differs from the torch/Python paths' and from other CPUs'. The shipped configs
 are meant to learn whichever rounding runs (benchmarks/learning.py checks the default with both
 engines); :func:`kernel_build` says which build a process uses, and every run records it.
 """
@@ -33,7 +35,9 @@ import torch
 from torch import Tensor
 
 DISABLE_ENV = "MODULAR_MEMORY_NATIVE"
-SOURCE = Path(__file__).with_name("rims_kernel.c")
+SOURCES = (Path(__file__).parent / "cores" / "rims_kernel.c", Path(__file__).with_name("grid_kernel.c"))
+BUILD_PREFIX = "kernels-"
+FALLBACK = "RIMs and BRIMs run their slower Python engine, the grid encoder its torch layers"
 # -ffp-contract=fast: ISO C mode would otherwise forbid fusing a*b+c into one FMA instruction.
 FLAGS = ("-O3", "-ffp-contract=fast", "-pthread", "-fPIC", "-shared", "-std=c11")
 # Tuned for the CPU it runs on (AVX2/AVX-512 on x86); a compiler that refuses it builds without.
@@ -69,7 +73,7 @@ def _build(compiler: list[str], flags: tuple[str, ...], target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        command = [*compiler, *flags, "-o", tmp, str(SOURCE), "-lm"]
+        command = [*compiler, *flags, "-o", tmp, *map(str, SOURCES), "-lm"]
         subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
         os.chmod(tmp, 0o755)  # mkstemp made it private; others sharing the cache may load it
         os.replace(tmp, target)
@@ -92,7 +96,8 @@ def _forget_stale_builds(used: Path) -> None:
     folder that no process has loaded for :data:`STALE_SECONDS`. Best effort: a shared or read-only
     cache folder is left as it is."""
     now = time.time()
-    for build in used.parent.glob("rims_kernel-*.so"):
+    # rims_kernel-*: the name of builds before the grid encoder joined (kept for the 30 days too).
+    for build in [*used.parent.glob(f"{BUILD_PREFIX}*.so"), *used.parent.glob("rims_kernel-*.so")]:
         try:
             age = now - build.stat().st_mtime
             if build == used and age > 24 * 3600:
@@ -104,11 +109,11 @@ def _forget_stale_builds(used: Path) -> None:
 
 
 def kernel_build() -> dict[str, str]:
-    """Which RIMs/BRIMs engine this process runs, and how the kernel was built: what a result's rounding depends on.
+    """Whether this process has the C kernels, and how they were built: what a result's rounding depends on.
 
     :return: ``{"engine": "c-kernel", "flags", "compiler", "cpu"}``, or ``{"engine": "python", "reason"}``.
     """
-    lib = rims_kernel()
+    lib = native_library()
     if lib is None:
         disabled = os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off")
         return {"engine": "python", "reason": f"{DISABLE_ENV}=0" if disabled else "the kernel could not be built"}
@@ -119,7 +124,7 @@ _LOADED_BUILD: dict[str, str] = {}
 
 
 @cache
-def rims_kernel() -> ctypes.CDLL | None:
+def native_library() -> ctypes.CDLL | None:
     """The loaded kernel library, or None (turned off, or it could not be built; warned once)."""
     if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
@@ -130,16 +135,16 @@ def rims_kernel() -> ctypes.CDLL | None:
         compiler = [os.environ["CC"]]
     compiler = compiler or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
     if not compiler:
-        message = "no C compiler found for the RIMs C kernel: RIMs and BRIMs run their slower Python engine"
+        message = f"no C compiler found for the C kernels: {FALLBACK}"
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         return None
     try:
-        source, cpu = SOURCE.read_bytes(), _cpu_signature()
+        source, cpu = b"\0".join(path.read_bytes() for path in SOURCES), _cpu_signature()
         # The tuned build first; a compiler that refuses -march=native gets the portable one.
         for flags in ((*FLAGS, NATIVE_FLAG), FLAGS):
             parts = [source, " ".join(flags).encode(), cpu.encode(), " ".join(compiler).encode()]
             key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-            target = cache_dir() / f"rims_kernel-{platform.machine()}-{key}.so"
+            target = cache_dir() / f"{BUILD_PREFIX}{platform.machine()}-{key}.so"
             try:
                 if not target.exists():
                     _build(compiler, flags, target)
@@ -155,8 +160,7 @@ def rims_kernel() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", None) or str(exc)
         warnings.warn(
-            f"could not build the RIMs C kernel ({detail.strip()[:300]}): "
-            "RIMs and BRIMs run their slower Python engine",
+            f"could not build the C kernels ({detail.strip()[:300]}): {FALLBACK}",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -167,6 +171,10 @@ def rims_kernel() -> ctypes.CDLL | None:
     lib.rims_stack_forward.argtypes = [c_int, c_int, c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_int]
     lib.rims_stack_backward.argtypes = [c_int, c_int, c_int, c_void_p, c_void_p, c_int]
     lib.rims_stack_forward.restype = lib.rims_stack_backward.restype = c_int
+    # (shape, obs, 7 parameters, out + 5 saved) and (shape, obs, emb, w1..w3, 5 saved, d_out, 7 gradients).
+    lib.grid_forward.argtypes = [c_void_p] * 15
+    lib.grid_backward.argtypes = [c_void_p] * 19
+    lib.grid_forward.restype = lib.grid_backward.restype = c_int
     return lib
 
 
@@ -178,7 +186,7 @@ def pointer(t: Tensor, dtype: torch.dtype = torch.float32) -> int:
     """
     if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
         raise ValueError(
-            f"the RIMs kernel takes contiguous CPU {dtype} tensors, got {t.dtype} on {t.device}"
+            f"the C kernels take contiguous CPU {dtype} tensors, got {t.dtype} on {t.device}"
             f"{'' if t.is_contiguous() else ', not contiguous'}"
         )
     return t.data_ptr()
