@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from policies.native import native_library, pointer
 
@@ -82,6 +83,7 @@ class GridEncoder(nn.Module):
             raise ValueError(f"the grid encoder needs a view of at least 4x4 cells, got {height}x{width} "
                              "(MiniGrid's agent_view_size)")
         self.native = native
+        self.view_shape = (height, width, 3)
         self.embedding = nn.Embedding(3 * GRID_VOCAB_PER_CHANNEL, embedding_dim)
         # Each channel gets its own rows of the table: object 3 and colour 3 differ.
         self.register_buffer("channel_offsets", torch.arange(3) * GRID_VOCAB_PER_CHANNEL, persistent=False)
@@ -109,7 +111,13 @@ class GridEncoder(nn.Module):
                 and native_library() is not None)
 
     def forward(self, obs: Tensor) -> Tensor:
-        """:param obs: (N, H, W, 3) integer indices. :return: (N, output_size) features."""
+        """:param obs: (N, H, W, 3) integer indices. :return: (N, output_size) features.
+
+        :raises ValueError: for observations of another shape than the view the encoder was built for.
+        """
+        if obs.dim() != 4 or tuple(obs.shape[1:]) != self.view_shape:
+            raise ValueError(f"the grid encoder was built for (N, {', '.join(map(str, self.view_shape))}) "
+                             f"observations, got shape {tuple(obs.shape)}")
         if obs.device.type == "cpu" and self.uses_kernel():
             if obs.dtype != torch.uint8:  # the kernel clamps uint8 indices to the table itself
                 obs = obs.clamp(0, GRID_VOCAB_PER_CHANNEL - 1).to(torch.uint8)
@@ -162,18 +170,23 @@ class _GridKernel(torch.autograd.Function):
         if status != 0:
             raise MemoryError("the grid encoder's C kernel could not allocate its scratch memory")
         ctx.shape = shape
-        ctx.save_for_backward(obs, emb, w1, w2, w3, r1, p, arg, r2, r3)
+        # A copy of obs: the caller may reuse its buffer (a numpy array's, unseen by autograd) before backward.
+        ctx.save_for_backward(obs.clone(), emb, w1, w2, w3, r1, p, arg, r2, r3)
         return out
 
     @staticmethod
+    @once_differentiable  # the gradients come out of C with no graph behind them
     def backward(ctx, d_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         obs, emb, w1, w2, w3, r1, p, arg, r2, r3 = ctx.saved_tensors
+        # Kept in a name of its own: a temporary .contiguous() copy would be freed before the C call reads it
+        # (BabyAI's torch.cat hands the grid encoder a strided slice of the gradient).
+        d_out = d_out.contiguous()
         grads = [torch.zeros_like(t) for t in (emb, w1)] + [w1.new_zeros(w1.shape[0])]
         grads += [torch.zeros_like(w2), w2.new_zeros(w2.shape[0]), torch.zeros_like(w3), w3.new_zeros(w3.shape[0])]
         lib = native_library()
         status = lib.grid_backward(ctypes.byref(ctx.shape), pointer(obs, torch.uint8),
                                    *map(pointer, (emb, w1, w2, w3, r1, p)), pointer(arg, torch.uint8),
-                                   pointer(r2), pointer(r3), pointer(d_out.contiguous()), *map(pointer, grads))
+                                   pointer(r2), pointer(r3), pointer(d_out), *map(pointer, grads))
         if status != 0:
             raise MemoryError("the grid encoder's C kernel could not allocate its scratch memory")
         return (None, None, *grads)
