@@ -9,7 +9,6 @@ the torch layers where the kernel does not apply.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -21,13 +20,8 @@ from policies.encoders import GRID_VOCAB_PER_CHANNEL, GridEncoder, GridMissionEn
 from policies.native import native_library
 
 
-@pytest.fixture(autouse=True)
-def _fresh_kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    torch.manual_seed(0)
-    monkeypatch.delenv(native.DISABLE_ENV, raising=False)
-    native_library.cache_clear()
-    yield
-    native_library.cache_clear()
+# Each test starts with the kernels enabled and not yet loaded (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("fresh_native_kernels")
 
 
 def encoder_pair(view: int, embedding_dim: int = 8) -> tuple[GridEncoder, GridEncoder]:

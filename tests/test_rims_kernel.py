@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +30,8 @@ from tests.test_rims import IN
 from tests.test_rims import small as rims_small
 
 
-@pytest.fixture(autouse=True)
-def _fresh_kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Each test starts with the kernel enabled and not yet loaded, and leaves nothing cached for the next."""
-    torch.manual_seed(0)
-    monkeypatch.delenv(native.DISABLE_ENV, raising=False)
-    native_library.cache_clear()
-    yield
-    native_library.cache_clear()
+# Each test starts with the kernels enabled and not yet loaded (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("fresh_native_kernels")
 
 
 def small(**kwargs: Any) -> RIMs:
