@@ -32,12 +32,15 @@ its levels with its own random number generator, so the same seed gives other le
 comparable on MiniGrid, and the backend stays ``gymnasium`` by default for every family.
 
 ``import envpool`` takes seconds, so it happens only in :func:`import_envpool`, when an
-envpool env is built.
+envpool env is built, and imports only the registrations of the families used here.
 """
 
 from __future__ import annotations
 
+import importlib
+import sys
 import time
+import types
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -55,15 +58,38 @@ ENVPOOL_INSTALL_HINT = 'pip install -e ".[envpool]"'
 # gymnasium ALE kwargs that mean the same in envpool's Atari config.
 _ATARI_KWARGS = ("mode", "difficulty", "repeat_action_probability", "full_action_space")
 _MINIGRID_WARNED = False
+# envpool's registration modules for the families this backend runs (see import_envpool).
+_REGISTRATIONS = ("envpool.minigrid.registration", "envpool.atari.registration")
 
 
 def import_envpool() -> Any:
-    """Import envpool (seconds), or raise ValueError saying which extra installs it."""
+    """Import envpool with the MiniGrid/BabyAI and Atari registrations only, or raise ValueError naming the extra.
+
+    ``import envpool`` imports ``envpool.entry``, which registers every family envpool has; Jumanji's
+    registration alone imports matplotlib (of ~1.3 s in all on this project's machine; ~0.15 s for the
+    two families this backend runs). So a placeholder stands in for ``envpool.entry`` while envpool is
+    imported, the two registrations run, and the placeholder is removed: ``import envpool.entry``
+    afterwards registers the other families as usual. Where envpool was imported already, it is used as
+    it is; where its layout differs from 1.2.5's, the whole registry is imported.
+    """
+    loaded = sys.modules.get("envpool")
+    if loaded is not None:
+        return loaded
+    placeholder = types.ModuleType("envpool.entry")
+    sys.modules["envpool.entry"] = placeholder
     try:
         import envpool
     except ImportError as exc:
         raise ValueError(f"env.backend=envpool needs the envpool package, which is not installed here ({exc}): "
                          f"install it with `{ENVPOOL_INSTALL_HINT}`") from None
+    finally:
+        if sys.modules.get("envpool.entry") is placeholder:
+            del sys.modules["envpool.entry"]
+    try:
+        for name in _REGISTRATIONS:
+            importlib.import_module(name)
+    except ImportError:
+        importlib.import_module("envpool.entry")  # another layout: every registration, as `import envpool` does
     return envpool
 
 

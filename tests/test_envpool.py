@@ -89,6 +89,19 @@ def _assert_same_steps(gym_steps: list[tuple[Any, ...]], pool_steps: list[tuple[
     return ends
 
 
+def test_import_envpool_registers_only_the_families_used(envpool: Any) -> None:
+    # In a fresh process: the backend's import skips envpool's other registrations (Jumanji's imports
+    # matplotlib, seconds), and `import envpool.entry` afterwards still registers every family.
+    code = ("import sys; from envs.envpool_backend import import_envpool; envpool = import_envpool(); "
+            "ids = set(envpool.list_all_envs()); "
+            "assert {'MiniGrid-DoorKey-5x5-v0', 'BabyAI-GoToLocal-v0', 'Pong-v5'} <= ids, sorted(ids)[:5]; "
+            "assert 'CartPole-v1' not in ids and 'envpool.jumanji' not in sys.modules, 'all families imported'; "
+            "assert 'envpool.entry' not in sys.modules, 'placeholder left behind'; "
+            "import envpool.entry; assert 'CartPole-v1' in envpool.list_all_envs(), 'entry did not register'; "
+            "assert import_envpool() is envpool")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
 # MiniGrid-Empty-5x5: the same level whatever the seed (agent at (1, 1) facing right, goal at (3, 3)).
 TO_GOAL = [2, 2, 1, 2, 2]  # forward, forward, right, forward, forward: reward 1 - 0.9 * 5/100
 # 95 left turns face the agent down; then down, down, left turn, forward, forward reaches the goal on
