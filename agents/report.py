@@ -840,9 +840,15 @@ def provenance_lines(study: Study, directory: Path) -> list[str]:
                                              f"Python {m.get('python')}", f"torch {m.get('torch')}"))
             for m in (s.get("machine") or {} for s in sessions)))
         seconds = sum(float(s.get("seconds") or 0.0) for s in sessions)
+        # A session that never recorded its end was killed outright (or runs still): it counts up to its
+        # last heartbeat (study.py renews the record each minute).
+        unended = sum(s.get("ended") is None for s in sessions)
+        last = sessions[-1].get("ended") or sessions[-1].get("last_seen")
         lines += [f"- Command: {'; '.join(f'`{c}`' for c in commands)}.",
-                  f"- Run from {sessions[0].get('started')} to {sessions[-1].get('ended')} (UTC) in "
-                  f"{len(sessions)} session(s) of `study.py run`.",
+                  f"- Run from {sessions[0].get('started')} to {last} (UTC) in "
+                  f"{len(sessions)} session(s) of `study.py run`"
+                  + (f"; {unended} of them did not record an end (killed, or still running) and count up to "
+                     "their last heartbeat, at most a minute short" if unended else "") + ".",
                   f"- Wall time: {_duration(seconds)} ({seconds:,.0f} s summed over the sessions).",
                   f"- Machine (the one `study.py run` ran on; with Ray, the runs may have run elsewhere): "
                   f"{'; '.join(machines)}."]

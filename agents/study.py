@@ -75,6 +75,7 @@ EXECUTORS = ("local", "ray")
 PROVENANCE_FILE = "provenance.json"
 STOP_FILE = ".stop"
 SESSIONS_FILE = "sessions.jsonl"  # one line per `study.py run` that ran something: when, where, how long
+SESSION_HEARTBEAT_SECONDS = 60.0  # how often a running session renews its record (study_session)
 # What a run executes: a change here changes the code version a run records.
 CODE_PATHS = ("agents", "policies", "envs", "train.py", "evaluate.py")
 CODE_SUFFIXES = (".py", ".c", ".h")  # the C kernel's source is code too
@@ -1597,6 +1598,70 @@ def record_study_session(root: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record, sort_keys=True) + "\n")
 
 
+def update_study_session(root: Path, session: str, fields: dict[str, Any]) -> None:
+    """Set ``fields`` in the ``sessions.jsonl`` record whose ``"session"`` is ``session`` (the file is
+    rewritten whole through a temporary file, so a kill mid-write leaves the old one)."""
+    path = root / SESSIONS_FILE
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines):
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, dict) and data.get("session") == session:
+            lines[number] = json.dumps({**data, **fields}, sort_keys=True)
+    atomic_write(path, "".join(f"{line}\n" for line in lines).encode("utf-8"))
+
+
+@contextlib.contextmanager
+def study_session(root: Path, record: dict[str, Any], heartbeat_seconds: float = SESSION_HEARTBEAT_SECONDS
+                  ) -> Iterator[dict[str, Any]]:
+    """Record a ``study.py run`` session in ``sessions.jsonl`` from its start, not only at its end.
+
+    The record is written at once (``"ended": null``) and its ``"last_seen"`` and ``"seconds"`` are
+    renewed every ``heartbeat_seconds`` while the body runs, so a session killed outright (SIGKILL, a
+    machine or sandbox that stops) still counts in the report's provenance, up to its last heartbeat.
+    The body adds its closing fields (``done``, ``stopped``, ...) to the yielded dict; on leaving,
+    ``"ended"`` is set and they are written.
+    """
+    import threading
+
+    started = time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))
+    session = f"{stamp}-{os.getpid()}"
+    record_study_session(root, {**record, "session": session, "started": stamp, "ended": None,
+                                "last_seen": stamp, "seconds": 0.0})
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def renew() -> dict[str, Any]:
+        now = time.time()
+        return {"last_seen": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+                "seconds": round(now - started, 1)}
+
+    def beat() -> None:
+        while not stop.wait(heartbeat_seconds):
+            with lock:
+                if stop.is_set():
+                    return
+                try:
+                    update_study_session(root, session, renew())
+                except OSError:
+                    pass  # a full disk must not stop the study; the end of the session writes again
+
+    thread = threading.Thread(target=beat, name="study-session-heartbeat", daemon=True)
+    thread.start()
+    closing: dict[str, Any] = {}
+    try:
+        yield closing
+    finally:
+        with lock:
+            stop.set()
+        thread.join()
+        fields = renew()
+        update_study_session(root, session, {**closing, **fields, "ended": fields["last_seen"]})
+
+
 def read_study_sessions(root: Path) -> list[dict[str, Any]]:
     """The sessions :func:`run_study` recorded in ``<root>/sessions.jsonl`` (unreadable lines skipped)."""
     try:
@@ -1696,40 +1761,37 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
         blocked: list[str] = []
         done_before = len(jobs) - len(todo)
         display = executors.Display(study.name, len(jobs), done_before) if todo else None
-        started = time.time()
-        for number, phase in enumerate(phases):
-            if number == 1:
-                finished = {job.run_dir for job in jobs if job_state(job).done}
-                ready = [job for job in phase if pretrain_job_for(study, job, root) in finished]
-                blocked = [f"{job.key} (its pre-training run {Path(pretrain_job_for(study, job, root) or '')} "
-                           "is not done)" for job in phase if job not in ready]
-                phase = ready
-            if not phase:
-                continue
-            assert display is not None
-            display.done_before = done_before + sum(r.status == "done" for r in results)
-            if executor == "ray":
-                outcome = executors.run_ray(phase, address=address, workers=workers,
-                                            cpus_per_run=study.executor.cpus_per_run,
-                                            gpus_per_run=study.executor.gpus_per_run, display=display, init=ray_init)
-            else:
-                outcome = executors.run_local(phase, workers=workers, display=display)
-            results += outcome.results
-            if outcome.stopped is not None:
-                stopped = outcome.stopped
-                break
-        counts = summarize_states(jobs)
+        # Recorded from its start (and renewed each minute), so a killed session still counts in the report.
+        session_record = {"command": continue_command(study, executor, workers, address), "executor": executor,
+                          "workers": workers if executor == "ray" else workers or executors.default_workers(),
+                          "address": address, "machine": machine_description(), "jobs": len(jobs),
+                          "done": done_before, "jobs_run": 0, "stopped": None}
+        with (study_session(root, session_record) if todo else contextlib.nullcontext({})) as closing:
+            for number, phase in enumerate(phases):
+                if number == 1:
+                    finished = {job.run_dir for job in jobs if job_state(job).done}
+                    ready = [job for job in phase if pretrain_job_for(study, job, root) in finished]
+                    blocked = [f"{job.key} (its pre-training run {Path(pretrain_job_for(study, job, root) or '')} "
+                               "is not done)" for job in phase if job not in ready]
+                    phase = ready
+                if not phase:
+                    continue
+                assert display is not None
+                display.done_before = done_before + sum(r.status == "done" for r in results)
+                if executor == "ray":
+                    outcome = executors.run_ray(phase, address=address, workers=workers,
+                                                cpus_per_run=study.executor.cpus_per_run,
+                                                gpus_per_run=study.executor.gpus_per_run, display=display,
+                                                init=ray_init)
+                else:
+                    outcome = executors.run_local(phase, workers=workers, display=display)
+                results += outcome.results
+                if outcome.stopped is not None:
+                    stopped = outcome.stopped
+                    break
+            counts = summarize_states(jobs)
+            closing.update(jobs_run=len(results), done=counts["done"], stopped=stopped)
         failed = [r for r in results if r.status == "failed"]
-        if todo:
-            ended = time.time()
-            record_study_session(root, {
-                "command": continue_command(study, executor, workers, address),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-                "ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ended)),
-                "seconds": round(ended - started, 1), "executor": executor,
-                "workers": workers if executor == "ray" else workers or executors.default_workers(),
-                "address": address, "machine": machine_description(), "jobs_run": len(results),
-                "done": counts["done"], "jobs": len(jobs), "stopped": stopped})
         print(f"study {study.name}: {counts['done']}/{len(jobs)} runs done, {counts['partial']} partly done, "
               f"{counts['new']} not started" + (f", {len(failed)} failed this time" if failed else ""), flush=True)
         for result in failed:

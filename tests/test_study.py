@@ -328,6 +328,50 @@ def test_a_stopped_study_waits_for_its_runs_to_checkpoint(tmp_path: Path, fixed_
             os.kill(int(holder), signal.SIGKILL)
 
 
+def test_a_study_session_killed_outright_still_counts_in_the_provenance(tmp_path: Path, fixed_version: None) -> None:
+    """SIGKILL gives study.py no chance to write anything: its session was recorded when it started, so
+    the report still says it ran (before, only sessions that ended were recorded, and a study killed with
+    its machine lost that session's dates and wall time from its provenance)."""
+    from agents.report import provenance_lines
+    from agents.run_dir import lock_holder
+
+    path = write_study(tmp_path, tiny_study(model_names=("lstm",), seeds=(1,), total_frames=10_000_000))
+    root = tmp_path / "out"
+    process = _start_study(path, root)
+    run = root / "tiny" / "runs" / "lstm" / "seed_1"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run / "metrics.jsonl").is_file():
+            time.sleep(0.1)
+        process.kill()
+        process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        holder = lock_holder(run)
+        if holder is not None and holder.isdigit():  # the run the killed driver left training
+            os.kill(int(holder), signal.SIGKILL)
+    sessions = [json.loads(line) for line in (root / "tiny" / "sessions.jsonl").read_text().splitlines()]
+    assert len(sessions) == 1 and sessions[0]["ended"] is None and sessions[0]["started"]
+    assert sessions[0]["command"] == f"python study.py run {path} --workers 1"
+    lines = "\n".join(provenance_lines(load_study(path), root / "tiny"))
+    assert f"Run from {sessions[0]['started']} to {sessions[0]['last_seen']} (UTC) in 1 session(s)" in lines
+    assert "1 of them did not record an end" in lines, lines
+
+
+def test_a_study_session_renews_its_record_and_closes_it(tmp_path: Path) -> None:
+    from agents.study import read_study_sessions, study_session
+
+    with study_session(tmp_path, {"command": "c"}, heartbeat_seconds=0.05) as closing:
+        time.sleep(0.5)
+        (running,) = read_study_sessions(tmp_path)
+        assert running["ended"] is None and running["seconds"] > 0  # renewed while the body runs
+        closing["done"] = 3
+    (ended,) = read_study_sessions(tmp_path)
+    assert ended["ended"] == ended["last_seen"] and ended["seconds"] >= 0.5 and ended["done"] == 3
+    assert ended["session"] == running["session"] and ended["command"] == "c"
+
+
 def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version: None) -> None:
     """Ctrl-C mid-study, run again (nothing trained twice), run a third time (nothing at all), report."""
     path = write_study(tmp_path, tiny_study())
