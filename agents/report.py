@@ -827,7 +827,7 @@ def study_versions(study: Study, directory: Path) -> tuple[dict[str, list[str]],
 
 def provenance_lines(study: Study, directory: Path) -> list[str]:
     """The report's "Provenance" section: the commands that ran the study, when, on what machine, for how
-    long (from ``sessions.jsonl``, which ``study.py run`` appends to) and the code version of its runs."""
+    long (from ``sessions.jsonl``, where each ``study.py run`` records itself) and the code version of its runs."""
     from agents.study import read_study_sessions
 
     sessions = read_study_sessions(directory)
@@ -843,12 +843,16 @@ def provenance_lines(study: Study, directory: Path) -> list[str]:
         # A session that never recorded its end was killed outright (or runs still): it counts up to its
         # last heartbeat (study.py renews the record each minute).
         unended = sum(s.get("ended") is None for s in sessions)
-        last = sessions[-1].get("ended") or sessions[-1].get("last_seen")
+        # Times are ISO-8601 UTC strings of one format, so they order as text; the file's order need not
+        # be time order (a record is written when its session starts, older ones when theirs ended).
+        first = min((str(s["started"]) for s in sessions if s.get("started")), default="?")
+        last = max((str(s.get("ended") or s.get("last_seen")) for s in sessions
+                    if s.get("ended") or s.get("last_seen")), default="?")
         lines += [f"- Command: {'; '.join(f'`{c}`' for c in commands)}.",
-                  f"- Run from {sessions[0].get('started')} to {last} (UTC) in "
+                  f"- Run from {first} to {last} (UTC) in "
                   f"{len(sessions)} session(s) of `study.py run`"
                   + (f"; {unended} of them did not record an end (killed, or still running) and count up to "
-                     "their last heartbeat, at most a minute short" if unended else "") + ".",
+                     "their last recorded heartbeat (renewed each minute)" if unended else "") + ".",
                   f"- Wall time: {_duration(seconds)} ({seconds:,.0f} s summed over the sessions).",
                   f"- Machine (the one `study.py run` ran on; with Ray, the runs may have run elsewhere): "
                   f"{'; '.join(machines)}."]

@@ -1620,18 +1620,18 @@ def study_session(root: Path, record: dict[str, Any], heartbeat_seconds: float =
 
     The record is written at once (``"ended": null``) and its ``"last_seen"`` and ``"seconds"`` are
     renewed every ``heartbeat_seconds`` while the body runs, so a session killed outright (SIGKILL, a
-    machine or sandbox that stops) still counts in the report's provenance, up to its last heartbeat.
+    sandbox that stops) still counts in the report's provenance, up to its last recorded heartbeat.
     The body adds its closing fields (``done``, ``stopped``, ...) to the yielded dict; on leaving,
     ``"ended"`` is set and they are written.
     """
     import threading
+    import uuid
 
     started = time.time()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))
-    session = f"{stamp}-{os.getpid()}"
+    session = uuid.uuid4().hex
     record_study_session(root, {**record, "session": session, "started": stamp, "ended": None,
                                 "last_seen": stamp, "seconds": 0.0})
-    lock = threading.Lock()
     stop = threading.Event()
 
     def renew() -> dict[str, Any]:
@@ -1641,13 +1641,10 @@ def study_session(root: Path, record: dict[str, Any], heartbeat_seconds: float =
 
     def beat() -> None:
         while not stop.wait(heartbeat_seconds):
-            with lock:
-                if stop.is_set():
-                    return
-                try:
-                    update_study_session(root, session, renew())
-                except OSError:
-                    pass  # a full disk must not stop the study; the end of the session writes again
+            try:
+                update_study_session(root, session, renew())
+            except OSError:
+                pass  # a full disk must not stop the study; the end of the session writes again
 
     thread = threading.Thread(target=beat, name="study-session-heartbeat", daemon=True)
     thread.start()
@@ -1655,11 +1652,14 @@ def study_session(root: Path, record: dict[str, Any], heartbeat_seconds: float =
     try:
         yield closing
     finally:
-        with lock:
-            stop.set()
-        thread.join()
+        stop.set()
+        thread.join()  # a heartbeat write under way ends before the closing one (no older record over it)
         fields = renew()
-        update_study_session(root, session, {**closing, **fields, "ended": fields["last_seen"]})
+        try:
+            update_study_session(root, session, {**closing, **fields, "ended": fields["last_seen"]})
+        except OSError as exc:  # must not hide the body's own error, nor turn a finished study into one
+            print(f"warning: could not record the end of this session in {root / SESSIONS_FILE} ({exc}); "
+                  "the report counts it up to its last heartbeat", file=sys.stderr, flush=True)
 
 
 def read_study_sessions(root: Path) -> list[dict[str, Any]]:

@@ -363,13 +363,28 @@ def test_a_study_session_renews_its_record_and_closes_it(tmp_path: Path) -> None
     from agents.study import read_study_sessions, study_session
 
     with study_session(tmp_path, {"command": "c"}, heartbeat_seconds=0.05) as closing:
-        time.sleep(0.5)
-        (running,) = read_study_sessions(tmp_path)
+        deadline = time.time() + 30
+        while (running := read_study_sessions(tmp_path)[0])["seconds"] == 0 and time.time() < deadline:
+            time.sleep(0.05)
         assert running["ended"] is None and running["seconds"] > 0  # renewed while the body runs
         closing["done"] = 3
-    (ended,) = read_study_sessions(tmp_path)
-    assert ended["ended"] == ended["last_seen"] and ended["seconds"] >= 0.5 and ended["done"] == 3
+    with study_session(tmp_path, {"command": "d"}):  # a second session in the same second is its own record
+        pass
+    ended, second = read_study_sessions(tmp_path)
+    assert ended["ended"] == ended["last_seen"] and ended["seconds"] >= running["seconds"] and ended["done"] == 3
     assert ended["session"] == running["session"] and ended["command"] == "c"
+    assert second["command"] == "d" and "done" not in second and second["ended"] is not None
+
+
+def test_a_study_session_whose_end_cannot_be_written_keeps_the_bodys_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from agents.study import SESSIONS_FILE, study_session
+
+    with pytest.raises(RuntimeError, match="the body's own"):
+        with study_session(tmp_path, {"command": "c"}):
+            (tmp_path / SESSIONS_FILE).unlink()  # the closing write fails: FileNotFoundError
+            raise RuntimeError("the body's own error")
+    assert "could not record the end of this session" in capsys.readouterr().err
 
 
 def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version: None) -> None:
