@@ -3,6 +3,7 @@ end to end (local pool with a Ctrl-C and a resume, a local Ray instance), report
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -299,40 +301,11 @@ def _start_study(path: Path, root: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
-def test_a_stopped_study_waits_for_its_runs_to_checkpoint(tmp_path: Path, fixed_version: None) -> None:
-    """SIGTERM while a run trains: the run is asked to stop, checkpoints, and has exited before the
-    driver does (a driver that left first, as on Python 3.11 when the signal landed in Thread.join,
-    left its run training unsupervised and holding the run's lock)."""
-    from agents.run_dir import RunLock, lock_holder
-
-    path = write_study(tmp_path, tiny_study(model_names=("lstm",), seeds=(1,), total_frames=10_000_000))
-    root = tmp_path / "out"
-    process = _start_study(path, root)
-    run = root / "tiny" / "runs" / "lstm" / "seed_1"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not ((run / "metrics.jsonl").is_file()
-                                             and (run / "metrics.jsonl").read_text().count("\n") >= 2):
-            time.sleep(0.1)
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=120)
-        assert process.returncode == 143, output
-        RunLock(run).probe()  # nobody trains there any more
-        assert (run / "checkpoint.pt").is_file() and 0 < metrics_frames(run)[-1] < 10_000_000
-        assert "SIGINT: stopped after" in (root / "tiny" / "logs" / "lstm-seed_1.log").read_text()
-    finally:
-        if process.poll() is None:
-            process.kill()
-        holder = lock_holder(run)
-        if holder is not None and holder.isdigit():  # an orphaned run (the bug) would train 10M frames
-            os.kill(int(holder), signal.SIGKILL)
-
-
-def test_a_study_session_killed_outright_still_counts_in_the_provenance(tmp_path: Path, fixed_version: None) -> None:
-    """SIGKILL gives study.py no chance to write anything: its session was recorded when it started, so
-    the report still says it ran (before, only sessions that ended were recorded, and a study killed with
-    its machine lost that session's dates and wall time from its provenance)."""
-    from agents.report import provenance_lines
+@contextlib.contextmanager
+def _one_long_run_study(tmp_path: Path) -> Iterator[tuple[Path, Path, subprocess.Popen, Path]]:
+    """``study.py run`` of one 10M-frame run, once that run trains (its first metrics line written):
+    ``(study file, output root, the driver process, the run's directory)``. On leaving, neither the
+    driver nor a run it left behind is still running (a 10M-frame run would train for hours)."""
     from agents.run_dir import lock_holder
 
     path = write_study(tmp_path, tiny_study(model_names=("lstm",), seeds=(1,), total_frames=10_000_000))
@@ -343,14 +316,42 @@ def test_a_study_session_killed_outright_still_counts_in_the_provenance(tmp_path
         deadline = time.time() + 120
         while time.time() < deadline and not (run / "metrics.jsonl").is_file():
             time.sleep(0.1)
-        process.kill()
-        process.communicate(timeout=60)
+        yield path, root, process, run
     finally:
         if process.poll() is None:
             process.kill()
         holder = lock_holder(run)
-        if holder is not None and holder.isdigit():  # the run the killed driver left training
+        if holder is not None and holder.isdigit():
             os.kill(int(holder), signal.SIGKILL)
+
+
+def test_a_stopped_study_waits_for_its_runs_to_checkpoint(tmp_path: Path, fixed_version: None) -> None:
+    """SIGTERM while a run trains: the run is asked to stop, checkpoints, and has exited before the
+    driver does (a driver that left first, as on Python 3.11 when the signal landed in Thread.join,
+    left its run training unsupervised and holding the run's lock)."""
+    from agents.run_dir import RunLock
+
+    with _one_long_run_study(tmp_path) as (_, root, process, run):
+        deadline = time.time() + 120
+        while time.time() < deadline and (run / "metrics.jsonl").read_text().count("\n") < 2:
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode == 143, output
+        RunLock(run).probe()  # nobody trains there any more
+        assert (run / "checkpoint.pt").is_file() and 0 < metrics_frames(run)[-1] < 10_000_000
+        assert "SIGINT: stopped after" in (root / "tiny" / "logs" / "lstm-seed_1.log").read_text()
+
+
+def test_a_study_session_killed_outright_still_counts_in_the_provenance(tmp_path: Path, fixed_version: None) -> None:
+    """SIGKILL gives study.py no chance to write anything: its session was recorded when it started, so
+    the report still says it ran (before, only sessions that ended were recorded, and a study killed with
+    its machine lost that session's dates and wall time from its provenance)."""
+    from agents.report import provenance_lines
+
+    with _one_long_run_study(tmp_path) as (path, root, process, _):
+        process.kill()
+        process.communicate(timeout=60)
     sessions = [json.loads(line) for line in (root / "tiny" / "sessions.jsonl").read_text().splitlines()]
     assert len(sessions) == 1 and sessions[0]["ended"] is None and sessions[0]["started"]
     assert sessions[0]["command"] == f"python study.py run {path} --workers 1"
