@@ -188,6 +188,24 @@ def test_publish_keep_adds_a_study_beside_those_already_published(tmp_path: Path
     assert out.read_text() == edited
 
 
+def test_publish_keep_leaves_a_republished_study_in_its_place(tmp_path: Path) -> None:
+    root_one, _ = fake_study(tmp_path / "a", name="tiny-pub")
+    root_two, _ = fake_study(tmp_path / "b", name="tiny-two")
+    out = tmp_path / "docs" / "results.md"
+
+    def publish(name: str, root: Path, *extra: str) -> str:
+        assert study_cli.main(["publish", name, "--out", str(out), "--root", str(root), "--reps", "200", *extra]) == 0
+        return out.read_text()
+
+    publish("tiny-two", root_two)
+    publish("tiny-pub", root_one, "--keep")  # a new study follows the ones on the page
+    text = publish("tiny-two", root_two, "--keep")  # published again (rerun runs): it stays first
+    assert '"studies": ["tiny-two", "tiny-pub"]' in text.splitlines()[0]
+    assert text.index("## Study: tiny-two") < text.index("## Study: tiny-pub")
+    assert text.index("- **tiny-two**:") < text.index("- **tiny-pub**:")
+    assert text.index("`tiny-two` (code version") < text.index("`tiny-pub` (code version")
+
+
 def test_publish_refuses_unfinished_and_mixed_studies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root, directory = fake_study(tmp_path)
     out = tmp_path / "docs" / "results.md"
