@@ -15,7 +15,7 @@ of all ranks over rank 0's wall time per update, rollout and update included) ov
 the first, which pays one-off costs. ``--rounds`` alternates the process counts, so the drift of a
 shared machine hits both alike. The speed-up is N-process frames/s over 1-process frames/s.
 
-GPU part (``--gpu``, needs CUDA; written but not yet run anywhere):
+GPU part (``--gpu``, needs CUDA; first run on one H200, 2026-12-04, figures in the README):
 
 * each core's forward + backward on CUDA over one (T=128, B=16, input 512) sequence, against
   LSTMCore (``nn.LSTM``) on CUDA, with the engine that ran (RIMs/BRIMs: the C kernel is CPU-only,

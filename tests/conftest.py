@@ -19,3 +19,22 @@ def fresh_native_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     native.native_library.cache_clear()
     yield
     native.native_library.cache_clear()
+
+
+@pytest.fixture
+def fp32_on_cuda() -> Iterator[None]:
+    """CUDA arithmetic in full float32 for the test's duration.
+
+    On Ampere and newer GPUs PyTorch lets cuDNN's convolutions and RNNs use TF32 (10-bit mantissa) by
+    default, which moves a CUDA result ~1e-3 from the CPU's (seen on an H200: the GRU core 3.5e-4, the grid
+    encoder 8e-4). The CUDA-vs-CPU tests compare the float32 computations, so they turn TF32 off.
+    """
+    import torch
+
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul

@@ -355,6 +355,7 @@ def test_fused_rnn_uses_default_init_and_empty_info(name: str) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ALL_CORES)
+@pytest.mark.usefixtures("fp32_on_cuda")
 def test_core_runs_on_cuda_like_on_cpu(name: str) -> None:
     core = build(name)
     x, state, starts = inputs(core)

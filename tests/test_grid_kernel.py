@@ -162,6 +162,7 @@ def test_torch_layers_run_where_the_kernel_does_not_apply(monkeypatch: pytest.Mo
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.usefixtures("fp32_on_cuda")
 def test_cuda_encoder_runs_the_torch_layers() -> None:
     encoder, reference = encoder_pair(7)
     encoder = encoder.cuda()

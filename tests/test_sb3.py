@@ -75,10 +75,10 @@ def action_probs(policy: RecurrentCorePolicy, obs: np.ndarray, state: tuple[np.n
                  starts: np.ndarray) -> torch.Tensor:
     """The actor's action probabilities for a batch of observations entering with ``state``."""
     obs_tensor, _ = policy.obs_to_tensor(obs)
-    with torch.no_grad():
-        dist, _ = policy.get_distribution(obs_tensor, tuple(torch.as_tensor(s) for s in state),
-                                          torch.as_tensor(starts, dtype=torch.float32))
-    return dist.distribution.probs
+    with torch.no_grad():  # SB3's device="auto" puts the policy on a GPU where there is one
+        dist, _ = policy.get_distribution(obs_tensor, tuple(torch.as_tensor(s, device=policy.device) for s in state),
+                                          torch.as_tensor(starts, dtype=torch.float32, device=policy.device))
+    return dist.distribution.probs.cpu()
 
 
 @pytest.mark.parametrize("name", ALL_CORES)
@@ -229,6 +229,7 @@ def test_extractor_reads_the_grid_in_either_layout() -> None:
     model = make_model("gru", env)
     channel_first = model.policy.features_extractor
     channel_first.load_state_dict(channel_last.state_dict())
+    channel_first.cpu()  # SB3's device="auto" put it on a GPU where there is one
     torch.testing.assert_close(channel_first(obs.permute(0, 3, 1, 2)), channel_last(obs))
 
 
