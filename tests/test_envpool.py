@@ -116,8 +116,8 @@ def test_a_broken_envpool_registry_is_one_message(envpool: Any) -> None:
             "else:\n    sys.exit('imported a broken registry without a word')\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("env.backend=envpool: envpool 1.2.5 is installed but its registry does not "
-                                    "import (no module named envpool.entry)"), result.stdout
+    assert result.stdout.startswith(f"env.backend=envpool: envpool {envpool.__version__} is installed but its "
+                                    "registry does not import (no module named envpool.entry)"), result.stdout
     assert INSTALL in result.stdout and len(result.stdout.strip().splitlines()) == 1
 
 

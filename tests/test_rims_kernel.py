@@ -716,7 +716,9 @@ def test_frozen_parameter_calls_equal_fresh_ones_and_notice_a_weight_change(make
         kept.append((fresh, reused))
     for fresh, reused in kept:  # later calls did not write into earlier results
         assert all(torch.equal(a, b) for a, b in zip(fresh, reused))
-    assert core in rims_module._PLANS
+    # One plan served all those calls, and it keeps the three most recent shapes.
+    plan = rims_module._PLANS[core].plan
+    assert list(plan.calls) == [(5, 16), (1, 3), (1, 16)]
     x, starts = torch.randn(1, 16, IN, generator=g), torch.zeros(1, 16, dtype=torch.bool)
     state = 0.5 * torch.randn(16, core.state_size, generator=g)
     before = _inference_call(core, x, state, starts, frozen=True)
@@ -724,7 +726,7 @@ def test_frozen_parameter_calls_equal_fresh_ones_and_notice_a_weight_change(make
     core(x, state, starts)[0].square().sum().backward()
     optimizer.step()  # in place: the parameters' version counters move
     after = _inference_call(core, x, state, starts, frozen=True)
-    assert not torch.equal(before[0], after[0])
+    assert not torch.equal(before[0], after[0]) and rims_module._PLANS[core].plan is not plan
     assert all(torch.equal(a, b) for a, b in zip(after, _inference_call(core, x, state, starts, frozen=False)))
     core.load_state_dict(make().state_dict())  # another core's weights, copied in place
     loaded = _inference_call(core, x, state, starts, frozen=True)
@@ -753,13 +755,10 @@ def test_frozen_parameters_leave_training_and_inference_made_weights_alone() -> 
             reused = made_in_inference(x, state, starts)
     assert torch.equal(fresh[0], reused[0]) and made_in_inference not in rims_module._PLANS
     results: dict[str, tuple[Tensor, object]] = {}
-    both_planned = threading.Barrier(2)
 
     def step(name: str) -> None:
         out = _inference_call(core, x, state, starts, frozen=True)[0]
-        results[name] = (out, rims_module._PLANS[core].plan)
-        if name != "main":
-            both_planned.wait(timeout=60)  # both threads alive at once: their plans cannot be one
+        results[name] = (out, rims_module._PLANS[core].plan)  # held here: no two can share an id
 
     threads = [threading.Thread(target=step, args=(name,)) for name in ("a", "b")]
     for thread in threads:
@@ -769,3 +768,19 @@ def test_frozen_parameters_leave_training_and_inference_made_weights_alone() -> 
     step("main")
     assert len({id(plan) for _, plan in results.values()}) == 3
     assert all(torch.equal(out, results["main"][0]) for out, _ in results.values())
+
+
+def test_a_plan_made_in_inference_mode_serves_a_no_grad_call() -> None:
+    """A rollout's plan is made under inference_mode; a later call of the same shape under plain no_grad
+    (a notebook's, a test's) reuses it: its buffers must be ordinary tensors it may write."""
+    from policies.cores import frozen_parameters
+
+    core = small().eval()
+    x, starts, g = episode(T=1, B=4)
+    state = torch.randn(4, core.state_size, generator=g)
+    in_inference = _inference_call(core, x, state, starts, frozen=True)
+    plan = rims_module._PLANS[core].plan
+    with torch.no_grad(), frozen_parameters():
+        out, new_state = core(x, state, starts)
+    assert rims_module._PLANS[core].plan is plan
+    assert torch.equal(out, in_inference[0]) and torch.equal(new_state, in_inference[1])

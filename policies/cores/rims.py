@@ -1451,23 +1451,33 @@ def _parameter_key(core: nn.Module) -> tuple[tuple[int, int], ...] | None:
 
 class _InferencePlan:
     """What a core's no-grad kernel calls inside :func:`frozen_parameters` reuse while its parameters stay
-    the same: the prepared weights and, for the most recent few (T, B) shapes, a set-up kernel call."""
+    the same: the prepared weights and, for the most recent few (T, B) shapes, a set-up kernel call.
+
+    Its tensors are ordinary ones even when made under ``torch.inference_mode`` (a rollout's), so a later
+    call under plain ``no_grad`` can still write its buffers.
+    """
 
     keep_shapes = 3  # a rollout's step, a time-limit bootstrap's few envs, evaluation's shrinking batch
+    keep_max_rows = 4096  # a longer call (T * B rows) is set up afresh: its buffers are not worth holding
 
     def __init__(self, core: RIMsStackCore, key: tuple[tuple[int, int], ...]) -> None:
         self.key = key
-        with torch.no_grad():
+        # The parameters' storages, held so that no other tensor can take their addresses while the key
+        # names them (an address reused with an equal version counter would pass for the same parameter).
+        self.pinned = tuple(p.detach() for p in core.parameters())
+        with torch.inference_mode(False), torch.no_grad():
             self.weights = [layer.prepare(False) for layer in core.layers]  # type: ignore[union-attr]
-        self.flat = [None if w is None else w.contiguous() for w in _flatten_weights(self.weights)]
+            self.flat = [None if w is None else w.contiguous() for w in _flatten_weights(self.weights)]
         self.calls: dict[tuple[int, int], _KernelCall] = {}  # least recently used first
 
     def call(self, core: RIMsStackCore, T: int, B: int) -> _KernelCall:
         """The set-up kernel call for this shape, made on first use."""
         call = self.calls.pop((T, B), None)
         if call is None:
-            call = _kernel_setup(core, T, B, self.flat, save=False)
-        self.calls[(T, B)] = call
+            with torch.inference_mode(False):
+                call = _kernel_setup(core, T, B, self.flat, save=False)
+        if T * B <= self.keep_max_rows:
+            self.calls[(T, B)] = call
         while len(self.calls) > self.keep_shapes:
             self.calls.pop(next(iter(self.calls)))
         return call
@@ -1483,9 +1493,7 @@ def _inference_plan(core: RIMsStackCore) -> _InferencePlan | None:
     key = _parameter_key(core)
     if key is None:
         return None
-    per_thread = _PLANS.get(core)
-    if per_thread is None:
-        per_thread = _PLANS[core] = threading.local()
+    per_thread = _PLANS.setdefault(core, threading.local())  # one per core, even if two threads race here
     plan: _InferencePlan | None = getattr(per_thread, "plan", None)
     if plan is None or plan.key != key:
         plan = per_thread.plan = _InferencePlan(core, key)
