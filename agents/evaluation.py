@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from envs import check_env_id, get_suite, make_vec_env
 from envs.names import short_env_name
+from policies.cores import frozen_parameters
 from policies.policy import Policy
 
 __all__ = [
@@ -546,10 +547,11 @@ def evaluate_policy(
     shown_finished = 0
     started = time.perf_counter()
     try:
-        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        with torch.random.fork_rng(devices=[]), torch.inference_mode(), frozen_parameters():
             # Actions are sampled from the per-episode streams, not torch's RNG; fork and seed it
             # anyway, so anything in a policy that draws from it is seeded and the caller's stream
-            # stays untouched. inference_mode: nothing here needs autograd, and acting is faster without it.
+            # stays untouched. inference_mode: nothing here needs autograd, and acting is faster without it;
+            # frozen_parameters: nor changes the policy, so a core may keep its set-up between steps.
             torch.manual_seed(int(seed) % 2**63)
             obs = venv.reset()
             state = policy.initial_state(n_envs)

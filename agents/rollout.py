@@ -12,6 +12,7 @@ from torch import Tensor
 
 from agents.storage import RolloutStorage
 from policies.actor_critic import RecurrentActorCritic, obs_to_tensor
+from policies.cores import frozen_parameters
 
 
 @dataclass
@@ -66,8 +67,9 @@ def collect_rollout(
     # inference_mode rather than no_grad: the steps never need autograd, and skipping its bookkeeping
     # (version counters, view tracking) made policy.act for 16 envs ~1.5x faster on CPU. What the steps
     # create is copied into the storage. The advantages are computed outside it: the update differentiates
-    # through tensors made from them, and inference tensors cannot be saved for backward.
-    with torch.inference_mode():
+    # through tensors made from them, and inference tensors cannot be saved for backward. frozen_parameters:
+    # nothing here changes the policy, so a core may keep its per-call set-up from one step to the next.
+    with torch.inference_mode(), frozen_parameters():
         for t in range(storage.n_steps):
             obs_t = obs_to_tensor(obs, device)
             starts_t = torch.as_tensor(starts, device=device)

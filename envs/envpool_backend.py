@@ -89,7 +89,12 @@ def import_envpool() -> Any:
         for name in _REGISTRATIONS:
             importlib.import_module(name)
     except ImportError:
-        importlib.import_module("envpool.entry")  # another layout: every registration, as `import envpool` does
+        try:
+            importlib.import_module("envpool.entry")  # another layout: every registration, as `import envpool` does
+        except ImportError as exc:  # a broken install (an asset package missing, a mismatched version)
+            raise ValueError(f"env.backend=envpool: envpool {getattr(envpool, '__version__', '?')} is installed but "
+                             f"its registry does not import ({exc}); reinstall it with "
+                             f"`{ENVPOOL_INSTALL_HINT}`") from None
     return envpool
 
 

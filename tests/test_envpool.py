@@ -102,6 +102,25 @@ def test_import_envpool_registers_only_the_families_used(envpool: Any) -> None:
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
 
 
+def test_a_broken_envpool_registry_is_one_message(envpool: Any) -> None:
+    # envpool imports but no registration does (an asset package missing, say): one line naming the
+    # extra to reinstall, not an ImportError traceback from inside envpool.
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name in ('envpool.minigrid.registration', 'envpool.entry'):\n"
+            "            raise ImportError('no module named ' + name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from envs.envpool_backend import import_envpool\n"
+            "try:\n    import_envpool()\nexcept ValueError as exc:\n    print(exc)\n"
+            "else:\n    sys.exit('imported a broken registry without a word')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"env.backend=envpool: envpool {envpool.__version__} is installed but its "
+                                    "registry does not import (no module named envpool.entry)"), result.stdout
+    assert INSTALL in result.stdout and len(result.stdout.strip().splitlines()) == 1
+
+
 # MiniGrid-Empty-5x5: the same level whatever the seed (agent at (1, 1) facing right, goal at (3, 3)).
 TO_GOAL = [2, 2, 1, 2, 2]  # forward, forward, right, forward, forward: reward 1 - 0.9 * 5/100
 # 95 left turns face the agent down; then down, down, left turn, forward, forward reaches the goal on

@@ -7,6 +7,7 @@ quietly fall back to the Python engine.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import os
@@ -676,3 +677,110 @@ def test_saturated_null_attention_still_ranks_modules_by_their_scores() -> None:
             _, _, info = engine(x, state, starts, return_info=True)
             assert torch.equal(info["input_attention_0"][0, 0, :, 0], torch.ones(K))  # saturated
             assert torch.equal(info["active_0"][0, 0], expected)
+
+
+# -- set-up kept between rollout steps (frozen_parameters) -----------------------------------------------
+
+
+def _brims_small() -> BRIMs:
+    return BRIMs(IN, layers=[{"num_modules": 5, "module_size": 8, "k_active": 3},
+                             {"num_modules": 4, "module_size": 6, "k_active": 2}], output="all",
+                 input_key_size=12, num_comm_heads=2, comm_key_size=8, comm_value_size=6)  # fmt: skip
+
+
+def _inference_call(core: RIMs, x: Tensor, state: Tensor, starts: Tensor, frozen: bool) -> tuple[Tensor, ...]:
+    """``core``'s no-autograd call as a rollout step makes it, inside ``frozen_parameters`` or not."""
+    from policies.cores import frozen_parameters
+
+    with torch.inference_mode(), frozen_parameters() if frozen else contextlib.nullcontext():
+        out, new_state, info = core(x, state, starts, return_info=True)
+    return (out, new_state, *(info[key] for key in sorted(info)))
+
+
+@pytest.mark.parametrize("make", [small, _brims_small], ids=["rims", "brims"])
+def test_frozen_parameter_calls_equal_fresh_ones_and_notice_a_weight_change(make: Callable[[], RIMs]) -> None:
+    """Inside frozen_parameters a no-autograd call reuses the weights prepared and the kernel set up by the
+    calls before it: results are bit for bit a fresh call's, for every shape in turn (a rollout step, a
+    time-limit bootstrap's few envs, a longer sequence, then the rollout step again), caller-owned (the
+    next call does not overwrite them), and an optimizer step or load_state_dict between calls is seen."""
+    core = make().eval()
+    g = torch.Generator().manual_seed(3)
+    kept: list[tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = []
+    for T, B in [(1, 16), (1, 16), (1, 2), (5, 16), (1, 3), (1, 16)]:
+        x = torch.randn(T, B, IN, generator=g)
+        state = 0.5 * torch.randn(B, core.state_size, generator=g)
+        starts = torch.rand(T, B, generator=g) < 0.3
+        fresh = _inference_call(core, x, state, starts, frozen=False)
+        reused = _inference_call(core, x, state, starts, frozen=True)
+        assert len(fresh) == len(reused) and all(torch.equal(a, b) for a, b in zip(fresh, reused))
+        kept.append((fresh, reused))
+    for fresh, reused in kept:  # later calls did not write into earlier results
+        assert all(torch.equal(a, b) for a, b in zip(fresh, reused))
+    # One plan served all those calls, and it keeps the three most recent shapes.
+    plan = rims_module._PLANS[core].plan
+    assert list(plan.calls) == [(5, 16), (1, 3), (1, 16)]
+    x, starts = torch.randn(1, 16, IN, generator=g), torch.zeros(1, 16, dtype=torch.bool)
+    state = 0.5 * torch.randn(16, core.state_size, generator=g)
+    before = _inference_call(core, x, state, starts, frozen=True)
+    optimizer = torch.optim.SGD(core.parameters(), lr=0.5)
+    core(x, state, starts)[0].square().sum().backward()
+    optimizer.step()  # in place: the parameters' version counters move
+    after = _inference_call(core, x, state, starts, frozen=True)
+    assert not torch.equal(before[0], after[0]) and rims_module._PLANS[core].plan is not plan
+    assert all(torch.equal(a, b) for a, b in zip(after, _inference_call(core, x, state, starts, frozen=False)))
+    core.load_state_dict(make().state_dict())  # another core's weights, copied in place
+    loaded = _inference_call(core, x, state, starts, frozen=True)
+    assert all(torch.equal(a, b) for a, b in zip(loaded, _inference_call(core, x, state, starts, frozen=False)))
+
+
+def test_frozen_parameters_leave_training_and_inference_made_weights_alone() -> None:
+    """With autograd on, frozen_parameters changes nothing (the kernel's training path runs); a core whose
+    parameters were made under inference_mode (no version counter) is never planned; each thread gets its
+    own plan (the kernel releases the GIL: two threads must not share buffers)."""
+    import threading
+
+    from policies.cores import frozen_parameters
+
+    core = small()
+    x, starts, g = episode(T=4, B=3)
+    state = torch.randn(3, core.state_size, generator=g)
+    with frozen_parameters():
+        out, _ = core(x, state, starts)
+    assert "Kernel" in grad_fn_name(out) and core not in rims_module._PLANS
+    with torch.inference_mode():
+        made_in_inference = small()
+        assert made_in_inference.kernel_for(x) is not None
+        fresh = made_in_inference(x, state, starts)
+        with frozen_parameters():
+            reused = made_in_inference(x, state, starts)
+    assert torch.equal(fresh[0], reused[0]) and made_in_inference not in rims_module._PLANS
+    results: dict[str, tuple[Tensor, object]] = {}
+
+    def step(name: str) -> None:
+        out = _inference_call(core, x, state, starts, frozen=True)[0]
+        results[name] = (out, rims_module._PLANS[core].plan)  # held here: no two can share an id
+
+    threads = [threading.Thread(target=step, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    step("main")
+    assert len({id(plan) for _, plan in results.values()}) == 3
+    assert all(torch.equal(out, results["main"][0]) for out, _ in results.values())
+
+
+def test_a_plan_made_in_inference_mode_serves_a_no_grad_call() -> None:
+    """A rollout's plan is made under inference_mode; a later call of the same shape under plain no_grad
+    (a notebook's, a test's) reuses it: its buffers must be ordinary tensors it may write."""
+    from policies.cores import frozen_parameters
+
+    core = small().eval()
+    x, starts, g = episode(T=1, B=4)
+    state = torch.randn(4, core.state_size, generator=g)
+    in_inference = _inference_call(core, x, state, starts, frozen=True)
+    plan = rims_module._PLANS[core].plan
+    with torch.no_grad(), frozen_parameters():
+        out, new_state = core(x, state, starts)
+    assert rims_module._PLANS[core].plan is plan
+    assert torch.equal(out, in_inference[0]) and torch.equal(new_state, in_inference[1])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from policies.cores.base import RecurrentCore
+from policies.cores.base import RecurrentCore, frozen_parameters, parameters_frozen
 from policies.cores.brims import BRIMs
 from policies.cores.rims import RIMs
 from policies.cores.rnn import GRUCore, LSTMCore
@@ -36,4 +36,5 @@ def make_core(name: str, input_size: int, **kwargs: Any) -> RecurrentCore:
         raise ValueError(f"bad argument for core {name!r}: {exc}") from None
 
 
-__all__ = ["CORES", "BRIMs", "GRUCore", "LSTMCore", "RIMs", "RecurrentCore", "ThalNet", "make_core"]
+__all__ = ["CORES", "BRIMs", "GRUCore", "LSTMCore", "RIMs", "RecurrentCore", "ThalNet", "frozen_parameters", "make_core",
+           "parameters_frozen"]

@@ -23,10 +23,38 @@ Step-wise cores implement two hooks and inherit ``forward``:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+_PARAMETERS_FROZEN: ContextVar[bool] = ContextVar("parameters_frozen", default=False)
+
+
+@contextmanager
+def frozen_parameters() -> Iterator[None]:
+    """A scope whose code changes no core's parameters (nor its sizes): rollouts and evaluation enter it.
+
+    Inside it a core may keep, from one call to the next, work that depends only on its parameters
+    (RIMs and BRIMs keep their prepared weights and the C kernel's set-up, which cost a rollout step
+    about as much as the kernel's arithmetic). What is kept is checked against each parameter's
+    storage and version counter on every call, so an optimizer step or ``load_state_dict`` between
+    calls is noticed; a change through ``.data`` is not, which is why only such scopes use it.
+    Scopes nest; the flag is per thread (and per asyncio task).
+    """
+    token = _PARAMETERS_FROZEN.set(True)
+    try:
+        yield
+    finally:
+        _PARAMETERS_FROZEN.reset(token)
+
+
+def parameters_frozen() -> bool:
+    """Whether the caller is inside :func:`frozen_parameters`."""
+    return _PARAMETERS_FROZEN.get()
 
 
 def check_positive_int(name: str, value: Any) -> int:

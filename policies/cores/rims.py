@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import threading
 import weakref
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -72,7 +73,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from policies.cores.base import RecurrentCore, check_choice, check_positive_int
+from policies.cores.base import RecurrentCore, check_choice, check_positive_int, parameters_frozen
 from policies.native import native_library, pointer
 
 CELLS: tuple[str, ...] = ("lstm", "gru")
@@ -806,15 +807,22 @@ class RIMsStackCore(RecurrentCore):
         keys0: Tensor,
         values0: Tensor,
         return_info: bool,
+        plan: _InferencePlan | None = None,
     ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]:
         """:meth:`forward` through the C kernel, from weights prepared and x-slot keys and values
-        computed without precomputed drives (``starts`` bool ``(T, B)``)."""
+        computed without precomputed drives (``starts`` bool ``(T, B)``); with ``plan`` (no autograd,
+        ``weights`` are the plan's), through its kept set-up."""
         layers: list[RIMsLayer] = list(self.layers)  # type: ignore[arg-type]
         T, B = starts.shape
         first = layers[0]
         starts = starts.to(torch.uint8).contiguous()
         x_keys = keys0.reshape(T, B, first.input_key_size).contiguous()
         x_values = values0.reshape(T, B, first.input_value_size).contiguous()
+        if plan is not None:  # no autograd, parameters frozen: the set-up of earlier calls serves again
+            run = _kernel_launch(self, lib, plan.call(self, T, B), starts, state, x_keys, x_values, save=False,
+                                 reused=True)
+            out, new_state, diagnostics = run.out, run.state, [*run.active, *run.probs]
+            return self._with_info(out, new_state, diagnostics, return_info)
         flat = [None if w is None else w.contiguous() for w in _flatten_weights(weights)]
         inputs = (state.contiguous(), x_keys, x_values, *flat)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
@@ -823,9 +831,16 @@ class RIMsStackCore(RecurrentCore):
             with torch.no_grad():
                 run = _kernel_run(self, lib, starts, *inputs, save=False)
             out, new_state, diagnostics = run.out, run.state, [*run.active, *run.probs]
+        return self._with_info(out, new_state, diagnostics, return_info)
+
+    def _with_info(
+        self, out: Tensor, new_state: Tensor, diagnostics: Sequence[Tensor], return_info: bool
+    ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The kernel's results as :meth:`forward` returns them; ``diagnostics``: per layer ``active``
+        ``(T, K, B)``, then per layer ``probs`` ``(T, K, B, 1 + slots)``, copied into ``info``."""
         if not return_info:
             return out, new_state
-        L = len(layers)
+        L = len(self.layers)
         info: dict[str, Tensor] = {}
         for li in range(L):
             suffix = self._info_suffix(li)
@@ -985,10 +1000,13 @@ class RIMsStackCore(RecurrentCore):
         # The kernel applies W_ih to the attended value itself (for the active modules only), so it
         # takes the x slot's values, never precomputed drives.
         drives = False if lib is not None else None
-        weights = [layer.prepare(drives) for layer in layers]
+        # A rollout's or evaluation's step (no autograd, parameters frozen) reuses the weights prepared
+        # and the kernel set up by the calls before it, as long as no parameter changed.
+        plan = _inference_plan(self) if lib is not None and not torch.is_grad_enabled() and parameters_frozen() else None
+        weights = plan.weights if plan is not None else [layer.prepare(drives) for layer in layers]
         keys0, feeds0 = layers[0].slot_forward(weights[0], 0, x, drives)  # x's slot: all T steps at once
         if lib is not None:
-            return self._kernel_forward(lib, state, starts, weights, keys0, feeds0, return_info)
+            return self._kernel_forward(lib, state, starts, weights, keys0, feeds0, return_info, plan)
         any_start = starts.any(dim=1).tolist()
         info: dict[str, Tensor] | None = {} if return_info else None
         needs_grad = torch.is_grad_enabled() and (state.requires_grad or keys0.requires_grad or feeds0.requires_grad)
@@ -1227,14 +1245,15 @@ class KernelRun(NamedTuple):
     lease: _Lease | None  # keeps the pooled buffer of ``saved`` from reuse while alive
 
 
-def _state_parts(state: Tensor, layers: Sequence[RIMsLayer]) -> list[Tensor]:
+def _state_parts(state: Tensor, layers: Sequence[RIMsLayer], into: Sequence[Tensor] | None = None) -> list[Tensor]:
     """Per-layer copies ``(parts, K, B, H)`` of a flat ``(B, state_size)`` state (or its gradient):
-    parts ``[h, c]`` for LSTM, ``[h]`` for GRU; copies, so the kernel never writes the caller's memory."""
+    parts ``[h, c]`` for LSTM, ``[h]`` for GRU; copies, so the kernel never writes the caller's memory.
+    ``into``: contiguous tensors of those shapes to copy into (returned), instead of new ones."""
     B, parts, offset = state.shape[0], [], 0
-    for layer in layers:
+    for li, layer in enumerate(layers):
         K, H, n = layer.num_modules, layer.module_size, 2 if layer.cell == "lstm" else 1
         part = state[:, offset : offset + layer.state_size].reshape(B, n, K, H).permute(1, 2, 0, 3)
-        parts.append(part.clone(memory_format=torch.contiguous_format))
+        parts.append(part.clone(memory_format=torch.contiguous_format) if into is None else into[li].copy_(part))
         offset += layer.state_size
     return parts
 
@@ -1285,28 +1304,32 @@ def _layer_struct(layer: RIMsLayer) -> KernelLayer:
     return struct
 
 
-def _kernel_run(
-    core: RIMsStackCore,
-    lib: ctypes.CDLL,
-    starts: Tensor,
-    state: Tensor,
-    x_keys: Tensor,
-    x_values: Tensor,
-    *flat_weights: Tensor | None,
-    save: bool,
-) -> KernelRun:
-    """One call of the kernel's forward over the whole sequence (no autograd).
+class _KernelCall(NamedTuple):
+    """One kernel forward set up: the layer structs, pointing at the weights and at these buffers."""
 
-    :param starts: ``(T, B)`` uint8; ``state`` ``(B, state_size)``; ``x_keys`` ``(T, B, key)`` and
-        ``x_values`` ``(T, B, value)``: the bottom layer's x slot.
+    structs: ctypes.Array  # KernelLayer per layer
+    states: list[Tensor]  # per layer (parts, K, B, H): the state entering, the final state after the call
+    outs: dict[int, Tensor]  # per output layer (T, B, output_size)
+    active: list[Tensor]  # per layer (T, K, B) uint8
+    probs: list[Tensor]  # per layer (T, K, B, 1 + slots)
+    saved: list[dict[str, Tensor]]  # per layer, the intermediates (every step's with save, else one step's)
+    lease: _Lease | None  # keeps the pooled buffer of ``saved`` from reuse while alive (save only)
+    weights: tuple[Tensor | None, ...]  # the detached weights the structs point at, kept alive with them
+
+
+def _kernel_setup(
+    core: RIMsStackCore, T: int, B: int, flat_weights: Sequence[Tensor | None], save: bool
+) -> _KernelCall:
+    """Allocate a forward's buffers and fill in the layer structs (all but the entering state's values).
+
     :param flat_weights: :func:`_flatten_weights` of every layer's :meth:`RIMsLayer.prepare`, without
-        precomputed drives (``input_weight`` is ``W_ih`` ``(K, value, gates)``).
+        precomputed drives (``input_weight`` is ``W_ih`` ``(K, value, gates)``), contiguous.
     :param save: keep every step's intermediates for the backward (in a pooled buffer), else one
         step's scratch.
     """
     layers: list[RIMsLayer] = list(core.layers)  # type: ignore[arg-type]
-    weights = _unflatten_weights(flat_weights, layers)
-    T, B = x_keys.shape[:2]
+    detached = tuple(None if w is None else w.detach() for w in flat_weights)
+    weights = _unflatten_weights(detached, layers)
     Ts = T if save else 1
 
     shapes: list[dict[str, tuple[int, ...]]] = []
@@ -1337,21 +1360,21 @@ def _kernel_run(
     else:
         saved = [{name: _empty(*shape) for name, shape in per_layer.items()} for per_layer in shapes]
 
-    states = _state_parts(state.detach(), layers)
+    states = [_empty(2 if layer.cell == "lstm" else 1, layer.num_modules, B, layer.module_size) for layer in layers]
     outs = {li: _empty(T, B, layers[li].output_size) for li in core.output_layers}
     active = [_empty(T, layer.num_modules, B, dtype=torch.uint8) for layer in layers]
     probs = [_empty(T, layer.num_modules, B, 1 + len(layer.slot_sizes)) for layer in layers]
     structs = (KernelLayer * len(layers))()
     for li, (layer, w) in enumerate(zip(layers, weights, strict=True)):
         struct = _layer_struct(layer)
-        _set(struct, "Wr", w.recurrent.detach())
-        _set(struct, "br", w.recurrent_bias.detach())
-        _set(struct, "Wih", w.input_weight.detach())
-        _set(struct, "Wc", w.comm_qkv.detach())
-        _set(struct, "Wo", w.comm_out.detach())
+        _set(struct, "Wr", w.recurrent)
+        _set(struct, "br", w.recurrent_bias)
+        _set(struct, "Wih", w.input_weight)
+        _set(struct, "Wc", w.comm_qkv)
+        _set(struct, "Wo", w.comm_out)
         for s, kv in enumerate(w.slot_kv):
-            struct.slot_kv[s] = None if (li == 0 and s == 0) else pointer(kv.detach())
-        _set(struct, "bih", None if w.input_bias is None else w.input_bias.detach())
+            struct.slot_kv[s] = None if (li == 0 and s == 0) else pointer(kv)
+        _set(struct, "bih", w.input_bias)
         _set(struct, "h", states[li][0])
         _set(struct, "c", states[li][1] if layer.cell == "lstm" else None)
         _set(struct, "out", outs.get(li))
@@ -1359,14 +1382,122 @@ def _kernel_run(
         _set(struct, "probs", probs[li])
         _point_at_saved(struct, saved[li])
         structs[li] = struct
+    return _KernelCall(structs, states, outs, active, probs, saved, lease, detached)
+
+
+def _kernel_launch(
+    core: RIMsStackCore,
+    lib: ctypes.CDLL,
+    call: _KernelCall,
+    starts: Tensor,
+    state: Tensor,
+    x_keys: Tensor,
+    x_values: Tensor,
+    save: bool,
+    reused: bool = False,
+) -> KernelRun:
+    """Run the kernel's forward over the whole sequence with a set-up call (no autograd).
+
+    :param starts: ``(T, B)`` uint8; ``state`` ``(B, state_size)``; ``x_keys`` ``(T, B, key)`` and
+        ``x_values`` ``(T, B, value)``: the bottom layer's x slot, contiguous.
+    :param reused: the call's buffers serve later calls too, so the output is copied out of them
+        (``active`` and ``probs`` are always the call's own buffers).
+    """
+    layers: list[RIMsLayer] = list(core.layers)  # type: ignore[arg-type]
+    T, B = x_keys.shape[:2]
+    _state_parts(state.detach(), layers, into=call.states)
     status = lib.rims_stack_forward(
         T, B, len(layers), int(save), pointer(starts, torch.uint8), pointer(x_keys.detach()),
-        pointer(x_values.detach()), ctypes.addressof(structs), _kernel_threads(T, B),
+        pointer(x_values.detach()), ctypes.addressof(call.structs), _kernel_threads(T, B),
     )  # fmt: skip
     _check_status(status)
-    out = torch.cat([outs[li] for li in core.output_layers], dim=-1) if len(outs) > 1 else outs[core.output_layers[0]]
-    new_state = torch.cat([hc.permute(2, 0, 1, 3).reshape(B, -1) for hc in states], dim=1)
-    return KernelRun(out, new_state, active, probs, saved, lease)
+    outs = [call.outs[li] for li in core.output_layers]
+    out = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0].clone() if reused else outs[0]
+    new_state = torch.cat([hc.permute(2, 0, 1, 3).reshape(B, -1) for hc in call.states], dim=1)
+    return KernelRun(out, new_state, call.active, call.probs, call.saved, call.lease)
+
+
+def _kernel_run(
+    core: RIMsStackCore,
+    lib: ctypes.CDLL,
+    starts: Tensor,
+    state: Tensor,
+    x_keys: Tensor,
+    x_values: Tensor,
+    *flat_weights: Tensor | None,
+    save: bool,
+) -> KernelRun:
+    """One call of the kernel's forward over the whole sequence (no autograd), set up afresh.
+
+    Arguments as :func:`_kernel_setup` and :func:`_kernel_launch` take them.
+    """
+    call = _kernel_setup(core, x_keys.shape[0], x_keys.shape[1], flat_weights, save)
+    return _kernel_launch(core, lib, call, starts, state, x_keys, x_values, save)
+
+
+# ------------------------------------------------------------------ set-up kept between rollout steps
+
+
+def _parameter_key(core: nn.Module) -> tuple[tuple[int, int], ...] | None:
+    """Each parameter's storage address and version counter (an in-place change bumps it), or None if a
+    parameter was made under ``torch.inference_mode`` and has no version counter to watch."""
+    key = []
+    for p in core.parameters():
+        if p.is_inference():
+            return None
+        key.append((p.data_ptr(), p._version))
+    return tuple(key)
+
+
+class _InferencePlan:
+    """What a core's no-grad kernel calls inside :func:`frozen_parameters` reuse while its parameters stay
+    the same: the prepared weights and, for the most recent few (T, B) shapes, a set-up kernel call.
+
+    Its tensors are ordinary ones even when made under ``torch.inference_mode`` (a rollout's), so a later
+    call under plain ``no_grad`` can still write its buffers.
+    """
+
+    keep_shapes = 3  # a rollout's step, a time-limit bootstrap's few envs, evaluation's shrinking batch
+    keep_max_rows = 4096  # a longer call (T * B rows) is set up afresh: its buffers are not worth holding
+
+    def __init__(self, core: RIMsStackCore, key: tuple[tuple[int, int], ...]) -> None:
+        self.key = key
+        # The parameters' storages, held so that no other tensor can take their addresses while the key
+        # names them (an address reused with an equal version counter would pass for the same parameter).
+        self.pinned = tuple(p.detach() for p in core.parameters())
+        with torch.inference_mode(False), torch.no_grad():
+            self.weights = [layer.prepare(False) for layer in core.layers]  # type: ignore[union-attr]
+            self.flat = [None if w is None else w.contiguous() for w in _flatten_weights(self.weights)]
+        self.calls: dict[tuple[int, int], _KernelCall] = {}  # least recently used first
+
+    def call(self, core: RIMsStackCore, T: int, B: int) -> _KernelCall:
+        """The set-up kernel call for this shape, made on first use."""
+        call = self.calls.pop((T, B), None)
+        if call is None:
+            with torch.inference_mode(False):
+                call = _kernel_setup(core, T, B, self.flat, save=False)
+        if T * B <= self.keep_max_rows:
+            self.calls[(T, B)] = call
+        while len(self.calls) > self.keep_shapes:
+            self.calls.pop(next(iter(self.calls)))
+        return call
+
+
+# Per core and per thread (the kernel releases the GIL, so two threads must never share buffers; a
+# thread's plans go with it). Weak keys: a core's plans go with the core, and none is pickled or copied with it.
+_PLANS: weakref.WeakKeyDictionary[nn.Module, threading.local] = weakref.WeakKeyDictionary()
+
+
+def _inference_plan(core: RIMsStackCore) -> _InferencePlan | None:
+    """This thread's plan for ``core``, rebuilt if a parameter changed since; None if it cannot be kept."""
+    key = _parameter_key(core)
+    if key is None:
+        return None
+    per_thread = _PLANS.setdefault(core, threading.local())  # one per core, even if two threads race here
+    plan: _InferencePlan | None = getattr(per_thread, "plan", None)
+    if plan is None or plan.key != key:
+        plan = per_thread.plan = _InferencePlan(core, key)
+    return plan
 
 
 class _KernelStack(torch.autograd.Function):
