@@ -1493,7 +1493,9 @@ def _inference_plan(core: RIMsStackCore) -> _InferencePlan | None:
     key = _parameter_key(core)
     if key is None:
         return None
-    per_thread = _PLANS.setdefault(core, threading.local())  # one per core, even if two threads race here
+    per_thread = _PLANS.get(core)
+    if per_thread is None:  # setdefault: one per core, even if two threads race here
+        per_thread = _PLANS.setdefault(core, threading.local())
     plan: _InferencePlan | None = getattr(per_thread, "plan", None)
     if plan is None or plan.key != key:
         plan = per_thread.plan = _InferencePlan(core, key)
