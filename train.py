@@ -24,6 +24,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 
 # Only light modules here: the config and the run directory are checked before torch, gymnasium
 # and SB3 are imported (seconds), so --help and a mistyped key answer at once.
@@ -52,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; ``key=value`` overrides may come before, between or after the options."""
     return build_parser().parse_intermixed_args(argv)
+
+
+# How long a rank that stays quiet about bad input waits before exiting (see main's error branch).
+_QUIET_RANK_EXIT_DELAY_S = 2.0
 
 
 def _main_rank() -> bool:
@@ -121,9 +126,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # Bad input is the same on every rank (same command line, same files): rank 0 alone says it.
         if _main_rank():
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                # The first rank to exit makes torchrun SIGTERM the others: rank 0 must not die before saying it.
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             print(f"error: {exc}", file=sys.stderr)
         elif getattr(exc, "rank_specific", False):  # e.g. this rank has no GPU of its own
             print(f"error (rank {os.environ.get('RANK')}): {exc}", file=sys.stderr)
+        else:
+            # A silent rank leaves rank 0 a moment to reach its message before torchrun stops it: a loaded
+            # machine (or node) can put rank 0 behind.
+            time.sleep(_QUIET_RANK_EXIT_DELAY_S)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C: the last checkpoint written is intact (atomic writes)
         if args.debug:

@@ -33,7 +33,7 @@ TINY = ["core.name=lstm", "core.hidden_size=16", "env.n_envs=2", "algo.n_steps=1
 
 # Runs train.main as torchrun's worker and keeps, per rank, what the test needs to compare.
 WORKER = f"""
-import os, sys
+import os, sys, time
 from pathlib import Path
 sys.path.insert(0, {str(REPO)!r})
 import torch
@@ -61,6 +61,8 @@ def run(self, *args, **kwargs):
                     "seeds": seeds, "world_size": self.world_size}}, out / f"rank{{rank}}.pt")
 
 trainer_module.Trainer.run = run
+if rank == 0:  # a rank 0 behind the others, as on a loaded machine
+    time.sleep(float(os.environ.get("DIST_TEST_RANK0_DELAY_S", "0")))
 sys.exit(train.main(sys.argv[1:]))
 """
 
@@ -175,7 +177,10 @@ def test_a_one_process_run_refuses_a_two_process_resume(tmp_path: Path) -> None:
                             str(run_dir)], cwd=tmp_path, env=_env(out), capture_output=True, text=True, timeout=60)
     assert plain.returncode == 0, plain.stderr
     before = (run_dir / "checkpoint.pt").read_bytes()
-    result = _run(tmp_path, 2, ["--resume", str(run_dir), "total_frames=64"], out)
+    # Rank 0 starts late: rank 1, silent about bad input, must not exit (and have torchrun stop rank 0) before
+    # rank 0 has said what is wrong.
+    result = _run(tmp_path, 2, ["--resume", str(run_dir), "total_frames=64"], out,
+                  extra_env={"DIST_TEST_RANK0_DELAY_S": "0.7"})
     assert result.returncode != 0 and "exitcode  : 2" in result.stderr
     # One line, from rank 0 only, naming both counts and the command that resumes the run; nothing written.
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
