@@ -130,6 +130,36 @@ def wait_for_rows(path: Path, process: subprocess.Popen, rows: int) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.parametrize("glance", ["LOCK_SH", "LOCK_EX"])
+def test_a_glance_at_the_lock_does_not_refuse_a_run_nor_name_a_holder(tmp_path: Path, glance: str) -> None:
+    """``lock_holder`` (``study.py status``) and ``RunLock.probe`` (``evaluate.py``) hold the lock for an
+    instant: a run starting in that instant waits it out instead of calling the directory in use, and
+    a glance meeting another glance finds no holder. A holder that stays is still refused."""
+    import fcntl
+    import threading
+
+    from agents.run_dir import LOCK_FILE, RunLock, lock_holder
+
+    (tmp_path / LOCK_FILE).write_text("")
+    glancer = (tmp_path / LOCK_FILE).open("r")  # another open file: flock sees it as another holder
+    fcntl.flock(glancer.fileno(), getattr(fcntl, glance) | fcntl.LOCK_NB)
+    release = threading.Timer(0.1, fcntl.flock, (glancer.fileno(), fcntl.LOCK_UN))
+    release.start()
+    try:
+        if glance == "LOCK_EX":
+            assert lock_holder(tmp_path) is None
+        with RunLock(tmp_path, rank=0) as lock:
+            assert lock.held
+            assert lock_holder(tmp_path) == str(os.getpid())
+            started = time.monotonic()
+            with pytest.raises(RunDirError, match=f"in use by another training process \\(pid {os.getpid()}\\)"):
+                RunLock(tmp_path, rank=0).acquire()
+            assert time.monotonic() - started >= run_dir_module.LOCK_RETRY_SECONDS
+    finally:
+        release.join()
+        glancer.close()
+
+
 def test_one_process_per_run_directory_sigint_exit_130_and_no_stale_lock_after_kill_9(tmp_path: Path) -> None:
     run = tmp_path / "run"
     cmd = [sys.executable, "train.py"]
