@@ -206,9 +206,10 @@ def current_rank() -> int:
         return 0
 
 
-# Looking for a holder takes the lock for an instant (``lock_holder``'s shared lock, ``RunLock.probe``'s
-# exclusive one), so a process that finds it taken tries again for this long before it believes a
-# training process holds it: ``study.py status`` looking while a run starts must not stop that run.
+# Looking for a holder takes the lock for an instant (``lock_holder``'s shared lock, as ``refuse_existing_run``
+# and ``study.py run`` look; ``RunLock.probe``'s exclusive one, as ``train.py --resume`` looks), so a process
+# that finds it taken tries again for this long before it believes a training process holds it: one
+# process looking while another's run starts must not stop that run.
 LOCK_RETRY_SECONDS = 0.25
 _LOCK_BUSY = (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN)
 
