@@ -29,7 +29,7 @@ import time
 # Only light modules here: the config and the run directory are checked before torch, gymnasium
 # and SB3 are imported (seconds), so --help and a mistyped key answer at once.
 from agents.config import ConfigError, load_config, parse_overrides
-from agents.distributed import env_world_size
+from agents.distributed import DistributedError, env_world_size
 from agents.run_dir import (RunDirError, RunLock, cli_path, current_rank, default_run_dir, prepare_run_dir,
                             refuse_existing_run)
 from policies.checkpoint import CheckpointError
@@ -60,6 +60,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # How long a rank that stays quiet about bad input waits before exiting (see main's error branch). It
 # costs nothing when rank 0 reports: torchrun stops the other ranks as soon as rank 0 has exited.
 _QUIET_RANK_EXIT_DELAY_S = 10.0
+
+
+def _several_processes() -> bool:
+    """Whether torchrun started this process among several (a ``WORLD_SIZE`` that is no number: not)."""
+    try:
+        return env_world_size() > 1
+    except DistributedError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         # behind): a silent rank waits for rank 0 to report and exit, and rank 0, once here, ignores the
         # SIGTERM until it has.
         if current_rank() == 0:
-            if env_world_size() > 1:
+            if _several_processes():
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
             print(f"error: {exc}", file=sys.stderr)
         elif getattr(exc, "rank_specific", False):  # e.g. this rank has no GPU of its own
