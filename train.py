@@ -29,7 +29,9 @@ import time
 # Only light modules here: the config and the run directory are checked before torch, gymnasium
 # and SB3 are imported (seconds), so --help and a mistyped key answer at once.
 from agents.config import ConfigError, load_config, parse_overrides
-from agents.run_dir import RunDirError, RunLock, cli_path, default_run_dir, prepare_run_dir, refuse_existing_run
+from agents.distributed import DistributedError, env_world_size
+from agents.run_dir import (RunDirError, RunLock, cli_path, current_rank, default_run_dir, prepare_run_dir,
+                            refuse_existing_run)
 from policies.checkpoint import CheckpointError
 
 # Exit status of a run stopped by a signal: 128 + the signal number, as a shell reports it.
@@ -55,13 +57,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_intermixed_args(argv)
 
 
-# How long a rank that stays quiet about bad input waits before exiting (see main's error branch).
-_QUIET_RANK_EXIT_DELAY_S = 2.0
+# How long a rank that stays quiet about bad input waits before exiting (see main's error branch). It
+# costs nothing when rank 0 reports: torchrun stops the other ranks as soon as rank 0 has exited.
+_QUIET_RANK_EXIT_DELAY_S = 10.0
 
 
-def _main_rank() -> bool:
-    """Whether this process is rank 0 under torchrun (environment variable ``RANK``), or not under torchrun."""
-    return os.environ.get("RANK", "0") in ("0", "")
+def _several_processes() -> bool:
+    """Whether torchrun started this process among several (a ``WORLD_SIZE`` that is no number: not)."""
+    try:
+        return env_world_size() > 1
+    except DistributedError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,16 +131,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         # Bad input is the same on every rank (same command line, same files): rank 0 alone says it.
-        if _main_rank():
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                # The first rank to exit makes torchrun SIGTERM the others: rank 0 must not die before saying it.
+        # The first rank to exit makes torchrun SIGTERM the others, so a silent rank that exited at once
+        # could have rank 0 stopped before it said anything (a loaded machine or node can put rank 0
+        # behind): a silent rank waits for rank 0 to report and exit, and rank 0, once here, ignores the
+        # SIGTERM until it has.
+        if current_rank() == 0:
+            if _several_processes():
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
             print(f"error: {exc}", file=sys.stderr)
         elif getattr(exc, "rank_specific", False):  # e.g. this rank has no GPU of its own
-            print(f"error (rank {os.environ.get('RANK')}): {exc}", file=sys.stderr)
+            print(f"error (rank {current_rank()}): {exc}", file=sys.stderr)
         else:
-            # A silent rank leaves rank 0 a moment to reach its message before torchrun stops it: a loaded
-            # machine (or node) can put rank 0 behind.
             time.sleep(_QUIET_RANK_EXIT_DELAY_S)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C: the last checkpoint written is intact (atomic writes)

@@ -23,6 +23,7 @@ import errno
 import os
 import secrets
 import sys
+import time
 from pathlib import Path
 from typing import IO
 
@@ -205,6 +206,28 @@ def current_rank() -> int:
         return 0
 
 
+# Looking for a holder takes the lock for an instant (``lock_holder``'s shared lock, as ``refuse_existing_run``
+# and ``study.py run`` look; ``RunLock.probe``'s exclusive one, as ``train.py --resume`` looks), so a process
+# that finds it taken tries again for this long before it believes a training process holds it: one
+# process looking while another's run starts must not stop that run.
+LOCK_RETRY_SECONDS = 0.25
+_LOCK_BUSY = (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN)
+
+
+def _flock(handle: IO[str], operation: int) -> OSError | None:
+    """Take ``operation`` (``LOCK_SH`` or ``LOCK_EX``) on ``handle`` without blocking for longer than
+    :data:`LOCK_RETRY_SECONDS`; None when taken, else the last error (errno in ``_LOCK_BUSY``: held)."""
+    deadline = time.monotonic() + LOCK_RETRY_SECONDS
+    while True:
+        try:
+            fcntl.flock(handle.fileno(), operation | fcntl.LOCK_NB)
+            return None
+        except OSError as exc:
+            if exc.errno not in _LOCK_BUSY or time.monotonic() >= deadline:
+                return exc
+        time.sleep(0.01)
+
+
 def lock_holder(run_dir: str | Path) -> str | None:
     """The pid (as the holder wrote it in ``.lock``) of a process training in ``run_dir`` now, or None.
 
@@ -218,12 +241,9 @@ def lock_holder(run_dir: str | Path) -> str | None:
     except OSError:
         return None
     with handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-                return handle.read().strip() or "unknown"
-            return None
+        error = _flock(handle, fcntl.LOCK_SH)
+        if error is not None:
+            return (handle.read().strip() or "unknown") if error.errno in _LOCK_BUSY else None
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
     return None
 
@@ -263,13 +283,12 @@ class RunLock:
             handle = path.open("a+")
         except OSError as exc:
             raise RunDirError(f"cannot lock run directory {self.run_dir}: {exc.strerror or exc}") from None
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
+        exc = _flock(handle, fcntl.LOCK_EX)
+        if exc is not None:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             handle.close()
-            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+            if exc.errno in _LOCK_BUSY:
                 raise RunDirError(f"run directory {self.run_dir} is in use by another training process "
                                   f"(pid {holder}); wait for it to end or stop it, then use "
                                   f"`python train.py --resume {self.run_dir}`") from None

@@ -130,6 +130,57 @@ def wait_for_rows(path: Path, process: subprocess.Popen, rows: int) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.parametrize("glance", ["LOCK_SH", "LOCK_EX"])
+def test_a_glance_at_the_lock_does_not_refuse_a_run_nor_name_a_holder(tmp_path: Path, glance: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``lock_holder`` (``refuse_existing_run``, ``study.py run``) and ``RunLock.probe`` (``train.py --resume``)
+    hold the lock for an instant: a run starting in that instant waits it out instead of calling the
+    directory in use, and a glance meeting another glance finds no holder. A holder that stays is still
+    refused, after the wait."""
+    import fcntl
+    import threading
+
+    from agents.run_dir import LOCK_FILE, RunLock, lock_holder
+
+    # A loaded machine may run the glance's release late: wait for it far longer than the code does.
+    monkeypatch.setattr(run_dir_module, "LOCK_RETRY_SECONDS", 10.0)
+    (tmp_path / LOCK_FILE).write_text("")
+    glancer = (tmp_path / LOCK_FILE).open("r")  # another open file: flock sees it as another holder
+    fcntl.flock(glancer.fileno(), getattr(fcntl, glance) | fcntl.LOCK_NB)
+    release = threading.Timer(0.1, fcntl.flock, (glancer.fileno(), fcntl.LOCK_UN))
+    release.start()
+    try:
+        if glance == "LOCK_EX":
+            assert lock_holder(tmp_path) is None
+        with RunLock(tmp_path, rank=0) as lock:
+            assert lock.held
+            assert lock_holder(tmp_path) == str(os.getpid())
+            monkeypatch.setattr(run_dir_module, "LOCK_RETRY_SECONDS", 0.3)
+            started = time.monotonic()
+            with pytest.raises(RunDirError, match=f"in use by another training process \\(pid {os.getpid()}\\)"):
+                RunLock(tmp_path, rank=0).acquire()
+            assert time.monotonic() - started >= 0.3
+    finally:
+        release.join()
+        glancer.close()
+
+
+def test_a_file_system_without_locks_is_said_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a lock held by another process is waited for: any other flock error (ENOLCK on a file system
+    without locks) stops the run at once, with its reason."""
+    import fcntl
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(run_dir_module, "LOCK_RETRY_SECONDS", 10.0)
+    started = time.monotonic()
+    with pytest.raises(RunDirError, match=f"cannot lock run directory {tmp_path}: {os.strerror(errno.ENOLCK)}"):
+        run_dir_module.RunLock(tmp_path, rank=0).acquire()
+    assert time.monotonic() - started < 5.0
+
+
 def test_one_process_per_run_directory_sigint_exit_130_and_no_stale_lock_after_kill_9(tmp_path: Path) -> None:
     run = tmp_path / "run"
     cmd = [sys.executable, "train.py"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,16 @@ def test_progress_bar_shows_no_nan_and_ends_at_the_frames_done(tmp_path: Path,
     assert not any("nan" in part or "/40 " in part for part in displays)
     # Every display of the final count shows the same numbers (no last line with other figures).
     assert len({part.split("<")[0] + part.split(",", 1)[-1] for part in displays if "64/64" in part}) == 1
+
+
+@pytest.mark.parametrize("env", [{"RANK": "3"}, {"RANK": "1", "WORLD_SIZE": "two"}])
+def test_a_stray_rank_outside_torchrun_still_says_what_is_wrong(env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A ``RANK`` a scheduler left (no ``WORLD_SIZE`` above 1, or one that is not a number) is not a torchrun
+    rank: bad input gets its message at once, not the silence (and the wait) of a torchrun rank > 0."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    started = time.monotonic()
+    assert train.main(["core.nmae=lstm"]) == 2
+    assert capsys.readouterr().err.startswith("error: ") and time.monotonic() - started < 5
