@@ -18,6 +18,7 @@ from agents.config import (
     core_defines,
     core_registry,
     load_config,
+    parse_yaml,
     parse_overrides,
 )
 
@@ -84,6 +85,19 @@ def test_a2c_refuses_ppo_only_keys(key: str) -> None:
 def test_bad_overrides_name_the_key(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
         load_config(None, overrides)
+
+
+def test_parse_yaml_reads_every_shipped_file_as_pyyaml_does() -> None:
+    # libyaml (the fast path) and PyYAML's own loader must agree on every config and study file shipped.
+    files = sorted((REPO / "configs").rglob("*.yaml"))
+    assert len(files) > 20
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        assert parse_yaml(text) == yaml.safe_load(text), path
+    for text in ("3e-4", "1e-3", "null", "[1, 2]", "{a: 1}", "yes", "0x10", "'x'", ""):
+        assert parse_yaml(text) == yaml.safe_load(text), text
+    with pytest.raises(yaml.YAMLError, match="mapping values are not allowed here"):  # PyYAML's own words
+        parse_yaml("a: 1\n  b: 2\n")
 
 
 def test_config_file_errors(tmp_path: Path) -> None:
