@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import IO
 
+from agents.distributed import env_rank
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; runs are then not protected against a second process
@@ -194,18 +196,6 @@ def write_failure(path: str | Path, exc: BaseException) -> str:
     return f"cannot write {path}: {write_error_reason(exc)} ({free_space(Path(path).parent)} free on its file system)"
 
 
-def current_rank() -> int:
-    """This process's rank under ``torchrun`` (``RANK`` with a ``WORLD_SIZE`` above 1), 0 otherwise.
-
-    A ``RANK`` some scheduler left without a world of several processes is ignored: a plain run
-    that believed it was not rank 0 would train without its lock and write nothing.
-    """
-    try:
-        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
-    except ValueError:
-        return 0
-
-
 # Looking for a holder takes the lock for an instant (``lock_holder``'s shared lock, as ``refuse_existing_run``
 # and ``study.py run`` look; ``RunLock.probe``'s exclusive one, as ``train.py --resume`` looks), so a process
 # that finds it taken tries again for this long before it believes a training process holds it: one
@@ -261,7 +251,7 @@ class RunLock:
 
     def __init__(self, run_dir: str | Path, rank: int | None = None) -> None:
         self.run_dir = Path(run_dir)
-        self.rank = current_rank() if rank is None else rank
+        self.rank = env_rank() if rank is None else rank
         self._handle: IO[str] | None = None
         self._depth = 0
 
