@@ -246,7 +246,8 @@ class RunLock:
 
     :param run_dir: the run directory (must exist).
     :param rank: the process's rank under ``torchrun``; only rank 0 writes, so only rank 0 locks
-        (others treat ``acquire`` as done). None reads ``RANK`` from the environment.
+        (others treat ``acquire`` as done). None reads torchrun's ``RANK`` (``agents.distributed.env_rank``;
+        a ``RANK`` or ``WORLD_SIZE`` that is no number raises its ``DistributedError``).
     """
 
     def __init__(self, run_dir: str | Path, rank: int | None = None) -> None:

@@ -57,7 +57,7 @@ from typing import IO, Any
 
 import yaml
 
-from agents.config import PACKAGE_ROOT, ConfigError, load_config, parse_yaml
+from agents.config import PACKAGE_ROOT, ConfigError, load_config, load_written_yaml, parse_yaml
 from agents.run_dir import atomic_write
 from envs.names import short_env_name
 
@@ -1078,7 +1078,7 @@ def check_existing_run(job: Job) -> None:
     if not config_file.is_file():
         return
     try:
-        config = parse_yaml(config_file.read_text())
+        config = load_written_yaml(config_file.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise StudyError(f"{config_file} cannot be read ({exc}); move the run away to start it again") from None
     found = config_hash(config) if isinstance(config, dict) else "unreadable"
@@ -1276,7 +1276,7 @@ def eval_commands(job: Job) -> list[tuple[list[int], list[str], Path]]:
 def _rollout_frames(directory: Path) -> int | None:
     """Frames one rollout of the run in ``directory`` adds (n_envs x n_steps), or None if unreadable."""
     try:
-        config = parse_yaml((directory / "config.yaml").read_text())
+        config = load_written_yaml((directory / "config.yaml").read_text())
         return int(config["env"]["n_envs"]) * int(config["algo"]["n_steps"])
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
         return None
@@ -1520,7 +1520,7 @@ def save_study_copy(study: Study, root: Path) -> None:
     text = f"# copy of {study.source} made by study.py run\n" + yaml.safe_dump(raw, sort_keys=False)
     target = root / STUDY_COPY
     if target.is_file():
-        old = parse_yaml(target.read_text(encoding="utf-8"))
+        old = load_written_yaml(target.read_text(encoding="utf-8"))
         # A copy that differs only in how it spells the same config files (older copies held absolute
         # paths) is the same study: rewritten in the portable form, not kept as a changed one.
         if old == raw or _with_portable_configs(old, target) == raw:
