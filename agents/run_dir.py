@@ -27,8 +27,6 @@ import time
 from pathlib import Path
 from typing import IO
 
-from agents.distributed import env_rank
-
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; runs are then not protected against a second process
@@ -252,7 +250,11 @@ class RunLock:
 
     def __init__(self, run_dir: str | Path, rank: int | None = None) -> None:
         self.run_dir = Path(run_dir)
-        self.rank = env_rank() if rank is None else rank
+        if rank is None:
+            from agents.distributed import env_rank  # here, not at the top: evaluate.py's parser imports this module
+
+            rank = env_rank()
+        self.rank = rank
         self._handle: IO[str] | None = None
         self._depth = 0
 
