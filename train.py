@@ -29,9 +29,8 @@ import time
 # Only light modules here: the config and the run directory are checked before torch, gymnasium
 # and SB3 are imported (seconds), so --help and a mistyped key answer at once.
 from agents.config import ConfigError, load_config, parse_overrides
-from agents.distributed import DistributedError, env_world_size
-from agents.run_dir import (RunDirError, RunLock, cli_path, current_rank, default_run_dir, prepare_run_dir,
-                            refuse_existing_run)
+from agents.distributed import DistributedError, env_rank, env_world_size
+from agents.run_dir import RunDirError, RunLock, cli_path, default_run_dir, prepare_run_dir, refuse_existing_run
 from policies.checkpoint import CheckpointError
 
 # Exit status of a run stopped by a signal: 128 + the signal number, as a shell reports it.
@@ -68,6 +67,15 @@ def _several_processes() -> bool:
         return env_world_size() > 1
     except DistributedError:
         return False
+
+
+def _reporting_rank() -> int:
+    """The rank that reports an error: this process's, or 0 where torchrun's variables are no numbers
+    (that is then the error being reported)."""
+    try:
+        return env_rank()
+    except DistributedError:
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,12 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         # could have rank 0 stopped before it said anything (a loaded machine or node can put rank 0
         # behind): a silent rank waits for rank 0 to report and exit, and rank 0, once here, ignores the
         # SIGTERM until it has.
-        if current_rank() == 0:
+        if _reporting_rank() == 0:
             if _several_processes():
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
             print(f"error: {exc}", file=sys.stderr)
         elif getattr(exc, "rank_specific", False):  # e.g. this rank has no GPU of its own
-            print(f"error (rank {current_rank()}): {exc}", file=sys.stderr)
+            print(f"error (rank {_reporting_rank()}): {exc}", file=sys.stderr)
         else:
             time.sleep(_QUIET_RANK_EXIT_DELAY_S)
         return 2

@@ -190,14 +190,22 @@ def _policies_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+# A study plans dozens of runs, each resolving its config and so reading its core's constructor from
+# these sources: each source text is parsed once per process (a source edited meanwhile is parsed anew).
+@functools.lru_cache(maxsize=64)
+def _parsed_source(text: str) -> ast.Module:
+    return ast.parse(text)
+
+
 def _module_tree(module: str) -> ast.Module:
+    """The parsed source of a module of the ``policies`` package (shared: the callers only read it)."""
     parts = module.split(".")
     if parts[0] != "policies":
         raise _Unreadable(f"core module {module} is outside the policies package")
     base = _policies_dir().joinpath(*parts[1:])
     for path in (base.with_suffix(".py"), base / "__init__.py"):
         if path.is_file():
-            return ast.parse(path.read_text(encoding="utf-8"))
+            return _parsed_source(path.read_text(encoding="utf-8"))
     raise _Unreadable(f"no source for {module}")
 
 
@@ -520,7 +528,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r} must look like key=value, e.g. core.k_active=3")
         try:
-            value = yaml.safe_load(text) if text else ""
+            value = parse_yaml(text) if text else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"value of override {key!r} is not valid YAML: {exc}") from None
         node = nested
@@ -560,6 +568,36 @@ def locate_config(path: str | Path) -> Path:
     return shipped if shipped.is_file() else path
 
 
+@functools.lru_cache(maxsize=1024)
+def _parsed_yaml(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load(text)``, parsed once per process for each text (a study resolves the same config
+    files and overrides for every run it plans); each call gets its own copy, free to modify.
+
+    :raises yaml.YAMLError: for text that is not valid YAML (raised again on every call).
+    """
+    return copy.deepcopy(_parsed_yaml(text))
+
+
+# libyaml's parser where PyYAML has it, ~10x faster. Only for YAML this package wrote with
+# ``yaml.safe_dump`` (a run's config.yaml, a study's copy), which both parsers read alike: libyaml accepts
+# some hand-written text that PyYAML refuses (a tab before a comment), so hand-written files go through
+# :func:`parse_yaml`.
+_FAST_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def load_written_yaml(text: str) -> Any:
+    """Parse YAML that ``yaml.safe_dump`` wrote, through libyaml where available (PyYAML's own loader for
+    text libyaml refuses, so errors are PyYAML's)."""
+    try:
+        return yaml.load(text, Loader=_FAST_YAML_LOADER)
+    except (yaml.YAMLError, UnicodeEncodeError):
+        return yaml.safe_load(text)
+
+
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """PyYAML's error on one line: what is wrong and where (its own text spans several lines, with the
     offending line quoted)."""
@@ -581,7 +619,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     except (OSError, UnicodeDecodeError) as exc:

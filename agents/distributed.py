@@ -98,6 +98,15 @@ def env_world_size() -> int:
     return max(1, _env_int("WORLD_SIZE", 1))
 
 
+def env_rank() -> int:
+    """This process's rank as torchrun announced it (``RANK``), 0 outside a world of several processes.
+
+    A ``RANK`` some scheduler left without a ``WORLD_SIZE`` above 1 is ignored: a plain run that believed
+    it was not rank 0 would train without its lock and write nothing.
+    """
+    return _env_int("RANK", 0) if env_world_size() > 1 else 0
+
+
 def world_size() -> int:
     """How many processes train this agent: the process group's size once joined, else ``WORLD_SIZE``."""
     if "torch" in sys.modules and _group():
@@ -113,9 +122,7 @@ def rank() -> int:
         import torch.distributed as dist
 
         return dist.get_rank()
-    # A RANK left by a scheduler without a WORLD_SIZE above 1 is not a torchrun rank: a plain run
-    # that took it would train and write nothing.
-    return _env_int("RANK", 0) if env_world_size() > 1 else 0
+    return env_rank()
 
 
 def local_rank() -> int:

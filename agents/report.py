@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from agents.config import load_written_yaml
 from agents.study import (
     DEFAULT_ROOT,
     Study,
@@ -377,9 +378,7 @@ def _read_run(model: str, seed: int, directory: Path, envs: list[str], study: St
         frames[point] = int(name.split("_")[-1]) if name.split("_")[-1].isdigit() else point
     config_sha = (provenance or {}).get("config_sha256")
     try:  # what the run really used, if train.py wrote it
-        import yaml
-
-        written = yaml.safe_load((directory / "config.yaml").read_text())
+        written = load_written_yaml((directory / "config.yaml").read_text())
         config_sha = config_hash(written) if isinstance(written, dict) else config_sha
     except (OSError, ValueError):
         pass

@@ -194,18 +194,6 @@ def write_failure(path: str | Path, exc: BaseException) -> str:
     return f"cannot write {path}: {write_error_reason(exc)} ({free_space(Path(path).parent)} free on its file system)"
 
 
-def current_rank() -> int:
-    """This process's rank under ``torchrun`` (``RANK`` with a ``WORLD_SIZE`` above 1), 0 otherwise.
-
-    A ``RANK`` some scheduler left without a world of several processes is ignored: a plain run
-    that believed it was not rank 0 would train without its lock and write nothing.
-    """
-    try:
-        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
-    except ValueError:
-        return 0
-
-
 # Looking for a holder takes the lock for an instant (``lock_holder``'s shared lock, as ``refuse_existing_run``
 # and ``study.py run`` look; ``RunLock.probe``'s exclusive one, as ``train.py --resume`` looks), so a process
 # that finds it taken tries again for this long before it believes a training process holds it: one
@@ -256,12 +244,17 @@ class RunLock:
 
     :param run_dir: the run directory (must exist).
     :param rank: the process's rank under ``torchrun``; only rank 0 writes, so only rank 0 locks
-        (others treat ``acquire`` as done). None reads ``RANK`` from the environment.
+        (others treat ``acquire`` as done). None reads torchrun's ``RANK`` (``agents.distributed.env_rank``;
+        a ``RANK`` or ``WORLD_SIZE`` that is no number raises its ``DistributedError``).
     """
 
     def __init__(self, run_dir: str | Path, rank: int | None = None) -> None:
         self.run_dir = Path(run_dir)
-        self.rank = current_rank() if rank is None else rank
+        if rank is None:
+            from agents.distributed import env_rank  # here, not at the top: evaluate.py's parser imports this module
+
+            rank = env_rank()
+        self.rank = rank
         self._handle: IO[str] | None = None
         self._depth = 0
 

@@ -57,7 +57,7 @@ from typing import IO, Any
 
 import yaml
 
-from agents.config import PACKAGE_ROOT, ConfigError, load_config
+from agents.config import PACKAGE_ROOT, ConfigError, load_config, load_written_yaml, parse_yaml
 from agents.run_dir import atomic_write
 from envs.names import short_env_name
 
@@ -654,7 +654,7 @@ def load_study(path: str | Path, check_envs: bool = True, package_relative: bool
     if not path.is_file():
         raise StudyError(f"study file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise StudyError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     return parse_study(raw, path, check_envs=check_envs, package_relative=package_relative)
@@ -1078,7 +1078,7 @@ def check_existing_run(job: Job) -> None:
     if not config_file.is_file():
         return
     try:
-        config = yaml.safe_load(config_file.read_text())
+        config = load_written_yaml(config_file.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise StudyError(f"{config_file} cannot be read ({exc}); move the run away to start it again") from None
     found = config_hash(config) if isinstance(config, dict) else "unreadable"
@@ -1276,7 +1276,7 @@ def eval_commands(job: Job) -> list[tuple[list[int], list[str], Path]]:
 def _rollout_frames(directory: Path) -> int | None:
     """Frames one rollout of the run in ``directory`` adds (n_envs x n_steps), or None if unreadable."""
     try:
-        config = yaml.safe_load((directory / "config.yaml").read_text())
+        config = load_written_yaml((directory / "config.yaml").read_text())
         return int(config["env"]["n_envs"]) * int(config["algo"]["n_steps"])
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
         return None
@@ -1513,14 +1513,14 @@ def save_study_copy(study: Study, root: Path) -> None:
     # The copy must mean the same from any directory, and in another checkout of the package (a copy of
     # the study directory, a git worktree): config paths inside the package relative to its root
     # (load_study looks there), others absolute.
-    raw = yaml.safe_load(text)
+    raw = parse_yaml(text)
     for item, model in zip(raw.get("models", []), study.models, strict=False):
         if isinstance(item, dict):
             item["config"] = _portable_path(model.config)
     text = f"# copy of {study.source} made by study.py run\n" + yaml.safe_dump(raw, sort_keys=False)
     target = root / STUDY_COPY
     if target.is_file():
-        old = yaml.safe_load(target.read_text(encoding="utf-8"))
+        old = load_written_yaml(target.read_text(encoding="utf-8"))
         # A copy that differs only in how it spells the same config files (older copies held absolute
         # paths) is the same study: rewritten in the portable form, not kept as a changed one.
         if old == raw or _with_portable_configs(old, target) == raw:

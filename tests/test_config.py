@@ -18,6 +18,8 @@ from agents.config import (
     core_defines,
     core_registry,
     load_config,
+    load_written_yaml,
+    parse_yaml,
     parse_overrides,
 )
 
@@ -84,6 +86,35 @@ def test_a2c_refuses_ppo_only_keys(key: str) -> None:
 def test_bad_overrides_name_the_key(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
         load_config(None, overrides)
+
+
+def test_yaml_parsing_is_pyyaml_for_hand_written_text_and_libyaml_only_for_written_yaml(tmp_path: Path) -> None:
+    # parse_yaml (configs, study files, overrides) is PyYAML's safe_load, cached per text: a fresh copy
+    # each call, and text PyYAML refuses stays refused on every call, libyaml or not.
+    text = (REPO / "configs" / "minigrid" / "doorkey-rims-ppo.yaml").read_text()
+    first = parse_yaml(text)
+    assert first == yaml.safe_load(text)
+    first["core"]["name"] = "changed"
+    assert parse_yaml(text)["core"]["name"] == "rims"
+    for bad in ("seed: 1\t# a tab before a comment", "[a?b]", "a: 1\n  b: 2\n"):  # libyaml accepts the first two
+        for _ in range(2):
+            with pytest.raises(yaml.YAMLError):
+                parse_yaml(bad)
+    assert parse_yaml("a: !") == {"a": None}  # libyaml would give ''
+    with pytest.raises(ConfigError, match="override 'algo.lr' is not valid YAML"):  # a surrogate from argv
+        parse_overrides(["algo.lr=\udcff"])
+    bad = tmp_path / "tab.yaml"
+    bad.write_text("seed: 1\t# comment\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
+    # load_written_yaml (what yaml.safe_dump wrote: run configs, study copies) reads them alike.
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        assert load_written_yaml(yaml.safe_dump(data, sort_keys=False)) == data, path
+    with pytest.raises(yaml.YAMLError, match="special characters are not allowed"):  # not libyaml's UnicodeEncodeError
+        load_written_yaml("x: \udcff")
+    with pytest.raises(yaml.YAMLError, match="mapping values are not allowed here"):  # PyYAML's own words
+        load_written_yaml("a: 1\n  b: 2\n")
 
 
 def test_config_file_errors(tmp_path: Path) -> None:

@@ -252,10 +252,10 @@ def test_two_processes_on_cuda(tmp_path: Path) -> None:
 
 def test_a_stray_rank_without_a_world_is_rank_0(monkeypatch: pytest.MonkeyPatch) -> None:
     # Some schedulers export RANK for their own purposes: a plain run must still write its files.
-    from agents.run_dir import current_rank
+    from agents.run_dir import RunLock
 
     monkeypatch.setenv("RANK", "3")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert distributed.rank() == 0 and distributed.is_main() and current_rank() == 0
+    assert distributed.rank() == 0 and distributed.is_main() and RunLock(".").rank == 0
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert distributed.rank() == 3 and not distributed.is_main() and current_rank() == 3
+    assert distributed.rank() == 3 and not distributed.is_main() and RunLock(".").rank == 3
