@@ -48,6 +48,12 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _sb3_logs_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without a log folder SB3's learn() makes an empty /tmp/SB3-<date> per model; keep them in the test's own.
+    monkeypatch.setenv("SB3_LOGDIR", str(tmp_path / "sb3-logs"))
+
+
 def test_every_core_is_covered() -> None:
     assert set(CORE_KWARGS) == set(CORES)
 
