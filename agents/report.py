@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from agents.config import load_written_yaml
 from agents.study import (
@@ -380,7 +381,7 @@ def _read_run(model: str, seed: int, directory: Path, envs: list[str], study: St
     try:  # what the run really used, if train.py wrote it
         written = load_written_yaml((directory / "config.yaml").read_text())
         config_sha = config_hash(written) if isinstance(written, dict) else config_sha
-    except (OSError, ValueError):
+    except (OSError, ValueError, yaml.YAMLError):  # unreadable: as if absent, the recorded hash stands
         pass
     return RunRecord(model, seed, directory, config_sha, code_versions(provenance), returns, successes, frames,
                      study.total_frames in returns)

@@ -152,6 +152,17 @@ def test_publish_a_finished_study(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert study_cli.main(["publish", "--out", str(out), "--root", str(root)]) == 0
 
 
+def test_a_damaged_run_config_is_read_as_absent(tmp_path: Path) -> None:
+    # A run's config.yaml edited into invalid YAML must not stop the report with a traceback: the hash the
+    # run recorded when it started stands, as when the file is missing.
+    root, directory = fake_study(tmp_path)
+    run = next(path for path in (directory / "runs").rglob("config.yaml"))
+    run.write_text("core: {name: [rims\n")
+    out = tmp_path / "docs" / "results.md"
+    assert study_cli.main(["publish", "tiny-pub", "--out", str(out), "--root", str(root), "--reps", "200"]) == 0
+    assert "rims improves on lstm" in out.read_text()
+
+
 def test_publish_keep_adds_a_study_beside_those_already_published(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     root, first = fake_study(tmp_path / "a", name="tiny-pub")
