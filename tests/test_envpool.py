@@ -232,9 +232,9 @@ def test_atari_settings_are_the_gymnasium_backends(envpool: Any) -> None:
     assert pool.observation_space == reference.observation_space  # (4, 84, 84) uint8
     assert pool.action_space == reference.action_space  # v5's minimal action set (6 for Pong)
     ale = reference.venv.envs[0].unwrapped  # type: ignore[attr-defined]
-    assert ale._repeat_action_probability == 0.25 if hasattr(ale, "_repeat_action_probability") else True
     config = pool.pool_config
-    assert config["repeat_action_probability"] == 0.25  # envpool's default is 0
+    # The same sticky actions as the gymnasium backend's ALE (v5's 0.25; envpool's default is 0).
+    assert config["repeat_action_probability"] == ale.ale.getFloat("repeat_action_probability") == 0.25
     assert config["frame_skip"] == 4 and config["noop_max"] == 30 and config["use_fire_reset"]
     assert not config["episodic_life"] and not config["reward_clip"] and not config["full_action_space"]
     assert config["max_episode_steps"] == 27000  # 108,000 emulator frames, v5's limit
