@@ -271,15 +271,25 @@ def test_atari_episodes_are_whole_games_with_raw_scores(envpool: Any, life_loss:
 
 
 def test_atari_rewards_clipped_scores_raw(envpool: Any) -> None:
-    pool = make_vec_env("ALE/Breakout-v5", 2, 1, backend="envpool")
-    pool.reset()
-    rng = np.random.default_rng(1)
-    seen = set()
-    for _ in range(400):
-        _, reward, _, _ = pool.step(rng.integers(0, 4, 2))
-        seen |= set(reward.tolist())
-    assert seen <= {-1.0, 0.0, 1.0}
-    pool.close()
+    # Space Invaders scores 5 to 30 points an invader (Breakout's first rows score 1, which clipping leaves
+    # as it is): the same seeds and actions without and with clipping give the raw rewards and their signs,
+    # and the same raw episode scores.
+    runs = []
+    for clip in (False, True):
+        pool = make_vec_env("ALE/SpaceInvaders-v5", 2, 1, backend="envpool", clip_rewards=clip)
+        pool.reset()
+        rng = np.random.default_rng(1)
+        rewards, scores = [], []
+        for _ in range(400):
+            _, reward, _, infos = pool.step(rng.integers(0, pool.action_space.n, 2))
+            rewards.append(reward.copy())
+            scores += [info["episode"]["r"] for info in infos if "episode" in info]
+        pool.close()
+        runs.append((np.stack(rewards), scores))
+    (raw, raw_scores), (clipped, clipped_scores) = runs
+    assert raw.max() > 1.0, "no reward above 1: the test cannot tell clipped from raw"
+    np.testing.assert_array_equal(clipped, np.sign(raw))
+    assert clipped_scores and clipped_scores == raw_scores and max(clipped_scores) > 1.0
 
 
 # -- refusals and a training run -------------------------------------------------------------------
