@@ -168,7 +168,6 @@ def test_tiny_adaptation_study_pretrains_finetunes_reports_and_reruns_nothing(
     import yaml
 
     import study as study_cli
-    from agents.config import load_config
     from agents.study import all_jobs, finetune_plan, job_state, load_study, plan, run_study
     from policies.checkpoint import load_checkpoint
 
@@ -196,8 +195,23 @@ def test_tiny_adaptation_study_pretrains_finetunes_reports_and_reruns_nothing(
     assert ppo["init_from"] == str((directory / "runs" / "meta-rims" / "seed_1" / "checkpoint.pt").resolve())
     assert meta["algo"]["name"] == "meta_ppo" and meta["meta"]["tasks"] == ["MiniGrid-DoorKey-8x8-v0"]
     assert scratch["init_from"] is None and scratch["core"]["name"] == "lstm"
-    # The fine-tuning run started from the pre-trained weights (its first rollout was collected with them).
-    assert load_config(None, []).get("init_from") is None
+    # The fine-tuning runs start from what their written configs build: the pre-trained weights, bit for bit,
+    # for a run from a pre-trained model; a scratch run's own initialisation, not the pre-trained LSTM's.
+    import torch
+
+    from agents.trainer import Trainer
+
+    threads = torch.get_num_threads()
+    try:
+        for label, source, same in (("meta-rims.ppo", "meta-rims", True), ("meta-rims.meta", "meta-rims", True),
+                                    ("lstm.scratch", "lstm", False)):
+            config = yaml.safe_load((Path(tuned[f"{label}/1"].run_dir) / "config.yaml").read_text())
+            start = Trainer(config, tmp_path / "rebuilt" / label).policy.state_dict()
+            trained = load_checkpoint(directory / "runs" / source / "seed_1" / "checkpoint.pt")["policy"]["state_dict"]
+            assert start.keys() == trained.keys(), label
+            assert all(torch.equal(start[key], trained[key]) for key in start) == same, label
+    finally:
+        torch.set_num_threads(threads)
     assert load_checkpoint(Path(tuned["meta-rims.ppo/1"].run_dir) / "checkpoint.pt")["frames"] == 64
 
     # Rerunning trains and evaluates nothing.

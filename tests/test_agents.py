@@ -113,11 +113,14 @@ def test_recomputed_log_probs_equal_stored_before_first_update(core: str) -> Non
     assert storage.episode_starts[1:].any(), "the test needs an episode boundary inside the rollout"
     with torch.no_grad():
         for seq_len in (None, 8):
+            replayed = 0
             for batch in storage.minibatches(2, seq_len):
                 log_probs, _, values = policy.evaluate_actions(
                     batch.obs, batch.actions, batch.initial_state, batch.episode_starts)
                 assert (log_probs - batch.log_probs).abs().max() < 1e-5
                 assert (values - batch.values).abs().max() < 1e-5
+                replayed += batch.actions.numel()
+            assert replayed == storage.n_steps * storage.n_envs, "the minibatches must cover the whole rollout"
 
 
 def test_replay_runs_the_lstm_in_one_kernel_call_per_minibatch() -> None:

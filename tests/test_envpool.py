@@ -232,9 +232,9 @@ def test_atari_settings_are_the_gymnasium_backends(envpool: Any) -> None:
     assert pool.observation_space == reference.observation_space  # (4, 84, 84) uint8
     assert pool.action_space == reference.action_space  # v5's minimal action set (6 for Pong)
     ale = reference.venv.envs[0].unwrapped  # type: ignore[attr-defined]
-    assert ale._repeat_action_probability == 0.25 if hasattr(ale, "_repeat_action_probability") else True
     config = pool.pool_config
-    assert config["repeat_action_probability"] == 0.25  # envpool's default is 0
+    # The same sticky actions as the gymnasium backend's ALE (v5's 0.25; envpool's default is 0).
+    assert config["repeat_action_probability"] == ale.ale.getFloat("repeat_action_probability") == 0.25
     assert config["frame_skip"] == 4 and config["noop_max"] == 30 and config["use_fire_reset"]
     assert not config["episodic_life"] and not config["reward_clip"] and not config["full_action_space"]
     assert config["max_episode_steps"] == 27000  # 108,000 emulator frames, v5's limit
@@ -271,15 +271,25 @@ def test_atari_episodes_are_whole_games_with_raw_scores(envpool: Any, life_loss:
 
 
 def test_atari_rewards_clipped_scores_raw(envpool: Any) -> None:
-    pool = make_vec_env("ALE/Breakout-v5", 2, 1, backend="envpool")
-    pool.reset()
-    rng = np.random.default_rng(1)
-    seen = set()
-    for _ in range(400):
-        _, reward, _, _ = pool.step(rng.integers(0, 4, 2))
-        seen |= set(reward.tolist())
-    assert seen <= {-1.0, 0.0, 1.0}
-    pool.close()
+    # Space Invaders scores 5 to 30 points an invader (Breakout's first rows score 1, which clipping leaves
+    # as it is): the same seeds and actions without and with clipping give the raw rewards and their signs,
+    # and the same raw episode scores.
+    runs = []
+    for clip in (False, True):
+        pool = make_vec_env("ALE/SpaceInvaders-v5", 2, 1, backend="envpool", clip_rewards=clip)
+        pool.reset()
+        rng = np.random.default_rng(1)
+        rewards, scores = [], []
+        for _ in range(400):
+            _, reward, _, infos = pool.step(rng.integers(0, pool.action_space.n, 2))
+            rewards.append(reward.copy())
+            scores += [info["episode"]["r"] for info in infos if "episode" in info]
+        pool.close()
+        runs.append((np.stack(rewards), scores))
+    (raw, raw_scores), (clipped, clipped_scores) = runs
+    assert raw.max() > 1.0, "no reward above 1: the test cannot tell clipped from raw"
+    np.testing.assert_array_equal(clipped, np.sign(raw))
+    assert clipped_scores and clipped_scores == raw_scores and max(clipped_scores) > 1.0
 
 
 # -- refusals and a training run -------------------------------------------------------------------

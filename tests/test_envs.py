@@ -158,10 +158,10 @@ def test_level_seeds_fix_the_layout():
     other = make_vec_env("MiniGrid-DoorKey-8x8-v0", n_envs=1, seed=0, level_seeds=[8])
     layouts_a, layouts_b, layouts_other = [], [], []
     for _ in range(3):  # reset repeatedly: every reset uses level seed 7 (or 8)
-        for venv, out in ((same_a, layouts_a), (same_b, layouts_b), (other, layouts_other)):
+        for venv, out, level in ((same_a, layouts_a, 7), (same_b, layouts_b, 7), (other, layouts_other, 8)):
             venv.reset()
             out.append(_layout(venv))
-            assert venv.reset_infos[0]["level_seed"] in (7, 8)
+            assert venv.reset_infos[0]["level_seed"] == level
     assert all(np.array_equal(x, layouts_a[0]) for x in layouts_a + layouts_b)
     assert not np.array_equal(layouts_a[0], layouts_other[0])
 
@@ -303,7 +303,8 @@ def test_atari_episode_return_is_the_raw_score():
 def test_atari_mode_and_difficulty_pass_through():
     venv = make_vec_env(PONG, n_envs=1, seed=0, frame_stack=1, env_kwargs={"mode": 1, "difficulty": 1})
     assert venv.reset().shape == (1, 1, 84, 84)
-    assert venv.venv.envs[0].unwrapped._game_mode == 1
+    base = venv.venv.envs[0].unwrapped
+    assert base._game_mode == 1 and base._game_difficulty == 1
 
 
 def test_missing_rom_message(monkeypatch):

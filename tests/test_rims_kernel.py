@@ -426,7 +426,8 @@ def test_kernel_leaves_its_inputs_untouched(B: int) -> None:
 
 
 def test_saturated_attention_selects_the_same_modules() -> None:
-    """With large inputs the null attention saturates; both engines must still pick the same modules."""
+    """With large inputs the null attention saturates; both engines must still pick the same modules: the two
+    best scores (modules 0 and 3), though modules 1-3 all round to a null attention of exactly 1."""
     core = RIMs(1, num_modules=4, module_size=2, k_active=2, input_key_size=1, num_comm_heads=1, comm_key_size=1)
     with torch.no_grad():
         # h = 1 everywhere and key = x = 1: module k's score is 2 * query[k] = [5, -40, -30, -20].
@@ -439,7 +440,9 @@ def test_saturated_attention_selects_the_same_modules() -> None:
     with torch.no_grad():
         _, _, info_k = core(x, state.clone(), starts, return_info=True)
         _, _, info_r = python_engine(core)(x, state.clone(), starts, return_info=True)
+    assert torch.equal(info_k["input_attention"][0, 0, 1:, 0], torch.ones(3))  # saturated: a tie by the null
     assert torch.equal(info_k["active"], info_r["active"])
+    assert torch.equal(info_k["active"][0, 0], torch.tensor([True, False, False, True]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train
-from agents.config import load_config
+from agents.config import ConfigError, load_config
 from agents.run_dir import holds_run
 from agents.trainer import Trainer, TrainingError
 from policies import checkpoint as checkpoint_module
@@ -135,8 +135,10 @@ def test_missing_atari_roms_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, ca
 
 
 def test_debug_flag_shows_the_traceback(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(Exception, match="algo.lrr"):
+    # The error itself, raised where it arose (not wrapped, and not printed as the one-line message).
+    with pytest.raises(ConfigError, match="algo.lrr"):
         train.main(["algo.lrr=1", "--debug"])
+    assert capsys.readouterr().err == ""
 
 
 def test_cli_error_has_no_traceback_in_a_real_process(tmp_path: Path) -> None:

@@ -456,6 +456,14 @@ def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version:
     assert {p.name for p in (root / "tiny" / "plots").iterdir()} == {
         "interval_estimates.png", "probability_of_improvement.png", "performance_profile.png",
         "heldout_vs_frames.png", "return_vs_frames_per_env.png"}
+    # The tiny untrained runs score alike (both seeds of a model the same), which any row order would match:
+    # each run's final evaluation gets a score of its own (in the file evaluate.py wrote), which must come
+    # back in that run's row.
+    for i, job in enumerate(jobs):
+        path = Path(job.run_dir) / "eval" / "point_000000001024.json"
+        data = json.loads(path.read_text())
+        data["checkpoints"][0]["results"][0]["mean_return"] = 0.1 * (i + 1)
+        path.write_text(json.dumps(data))
     scores = report.load_scores("tiny", root=root)
     assert set(scores) == {"lstm", "rims"} and all(s.shape == (2, 1) for s in scores.values())
     assert report.load_scores("tiny", point=512, root=root)["lstm"].shape == (2, 1)
