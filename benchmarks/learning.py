@@ -18,7 +18,10 @@ last 100 episodes at the end of the budget, and whether the run stayed learned (
 ``--final``); per config, the count of seeds that reached the threshold and stayed. A
 multi-task config (``meta_ppo``, ``multitask_ppo``) counts as reaching the threshold when every
 training task's mean return (over that task's last ``meta.return_window`` episodes) has reached
-it, and its final return is the lowest task's (each task's is printed beside it).
+it, and its final return is the lowest task's (each task's is printed beside it). It also draws every
+run's return curve, a panel per config and a line per seed (dashed while unfinished), into
+``OUT/curves/<config>+<config>....png`` (``--no-plot`` to skip): a run that learned, collapsed and
+learned again passes the table's test, and only the curve shows it.
 
 Tune on seeds >= 100; report on seeds 1-10.
 """
@@ -104,20 +107,25 @@ def task_returns(rows: list[dict], window: int | None = None) -> list[dict[str, 
     return out
 
 
-def frames_to_threshold(rows: list[dict], threshold: float, task_window: int | None = None) -> int | None:
-    """Frames at the first update whose mean over a full window of 100 episodes reaches ``threshold``;
-    for a multi-task run, the first update at which every training task's mean return, over a full
-    window of ``task_window`` episodes (the run's ``meta.return_window``), reaches it."""
+def return_curve(rows: list[dict], task_window: int | None = None) -> list[tuple[int, float]]:
+    """``(frames, mean return)`` at every update from the first with a full window of 100 finished
+    episodes; for a multi-task run, the lowest training task's mean return from the first update at
+    which every task has one over a full window of ``task_window`` episodes (``meta.return_window``)."""
     per_task = task_returns(rows, task_window)
     if per_task is not None:
-        return next((int(row["frames"]) for row, tasks in zip(rows, per_task)
-                     if tasks and min(tasks.values()) >= threshold), None)
-    episodes = 0
+        return [(int(row["frames"]), min(tasks.values())) for row, tasks in zip(rows, per_task) if tasks]
+    curve, episodes = [], 0
     for row in rows:
         episodes += int(row.get("rollout/episodes") or 0)
-        if episodes >= WINDOW and (row.get("rollout/ep_return_mean") or 0.0) >= threshold:
-            return int(row["frames"])
-    return None
+        mean = row.get("rollout/ep_return_mean")
+        if episodes >= WINDOW and mean is not None:
+            curve.append((int(row["frames"]), float(mean)))
+    return curve
+
+
+def frames_to_threshold(rows: list[dict], threshold: float, task_window: int | None = None) -> int | None:
+    """Frames at the first point of :func:`return_curve` that reaches ``threshold``, or None."""
+    return next((frames for frames, mean in return_curve(rows, task_window) if mean >= threshold), None)
 
 
 def final_return(rows: list[dict]) -> float:
@@ -245,6 +253,62 @@ def report(jobs: list[Job], threshold: float, final_bar: float) -> str:
     return "\n".join(lines)
 
 
+def curves_path(out: Path, labels: list[str]) -> Path:
+    """Where the sweep's curves go: ``OUT/curves/<label>+<label>....png``, one file per set of configs (and
+    tags), which a rerun of the same command rewrites; a long list is shortened and told apart by a hash."""
+    name = "+".join(labels)
+    if len(name) > 100:
+        name = f"{labels[0]}+{len(labels) - 1}-more-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return out / "curves" / f"{name}.png"
+
+
+def plot_curves(jobs: list[Job], threshold: float, path: Path) -> Path | None:
+    """Draw every run's :func:`return_curve`, one panel per config, a line per seed (dashed while the run is
+    unfinished), the threshold as a grey line and a dot where a seed first reached it; None if no run has a
+    point yet. Written atomically, so a sweep watched while it runs never shows a half-written file."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from agents.plots import save_figure_atomic
+
+    by_label: dict[str, list[Job]] = {}
+    for job in jobs:
+        by_label.setdefault(job.label, []).append(job)
+    columns = min(len(by_label), 4)
+    rows_of_panels = -(-len(by_label) // columns)
+    fig = Figure(figsize=(4.2 * columns, 3.2 * rows_of_panels), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows_of_panels, columns, squeeze=False, sharey=True).ravel()
+    drawn = False
+    for ax, (label, group) in zip(axes, by_label.items()):
+        multi_task = False
+        for i, job in enumerate(group):
+            rows = read_rows(job.run_dir)
+            config = run_config(job) if rows and (job.run_dir / "config.yaml").is_file() else {}
+            task_window = (config.get("meta") or {}).get("return_window")
+            multi_task = multi_task or task_returns(rows) is not None
+            curve = return_curve(rows, task_window)
+            if not curve:
+                continue
+            frames, means = zip(*curve)
+            ax.plot([f / 1000 for f in frames], means, color=f"C{i % 10}", linewidth=1.2,
+                    linestyle="-" if is_finished(job) else "--", label=f"seed {job.seed}")
+            hit = next((f for f, m in curve if m >= threshold), None)
+            if hit is not None:
+                ax.plot(hit / 1000, threshold, "o", color=f"C{i % 10}", markersize=4)
+            drawn = True
+        ax.axhline(threshold, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("frames (thousands)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
+        ax.set_ylabel("lowest task's mean return" if multi_task else "mean return, last 100 episodes", fontsize=8)
+    for ax in axes[len(by_label):]:
+        ax.set_visible(False)
+    return save_figure_atomic(fig, path) if drawn else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["default"],
@@ -261,6 +325,8 @@ def main() -> None:
                              "MultiRoom-N2-S4's best possible return is ~0.85, so 0.8 and 0.75 there)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "learning")
     parser.add_argument("--report-only", action="store_true", help="print the table from finished runs, train nothing")
+    parser.add_argument("--no-plot", action="store_true",
+                        help="do not draw the return curves (by default OUT/curves/<configs>.png, rewritten each time)")
     args = parser.parse_args()
     if args.nproc < 1 or args.jobs < 1:
         parser.error("--nproc and --jobs must be at least 1")
@@ -280,6 +346,10 @@ def main() -> None:
         run_all(jobs, args.jobs)
     final = args.final if args.final is not None else round(args.threshold - 0.05, 6)
     print(report(jobs, args.threshold, final), flush=True)
+    if not args.no_plot:
+        labels = list(dict.fromkeys(job.label for job in jobs))
+        written = plot_curves(jobs, args.threshold, curves_path(args.out, labels))
+        print(f"curves: {written}" if written else "curves: no run has a full window of episodes yet", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -56,6 +57,38 @@ def test_a_one_task_run_needs_100_finished_episodes() -> None:
     assert learning.task_returns(rows) is None
     assert learning.frames_to_threshold(rows, 0.9) == 200
     assert learning.final_return(rows) == 0.5
+
+
+def test_the_return_curve_starts_at_a_full_window_and_the_threshold_is_its_first_point_above() -> None:
+    rows = [{"frames": 100, "rollout/episodes": 60, "rollout/ep_return_mean": 0.95},
+            {"frames": 200, "rollout/episodes": 40, "rollout/ep_return_mean": 0.5},
+            {"frames": 300, "rollout/episodes": 0, "rollout/ep_return_mean": None},
+            {"frames": 400, "rollout/episodes": 30, "rollout/ep_return_mean": 0.85}]
+    assert learning.return_curve(rows) == [(200, 0.5), (400, 0.85)]
+    assert learning.frames_to_threshold(rows, 0.8) == 400
+    tasks = [task_row(100, a=(0.9, 50)), task_row(200, a=(0.9, 50), b=(0.4, 50))]
+    assert learning.return_curve(tasks, task_window=50) == [(200, 0.4)], "the lowest task, once every task has one"
+
+
+def _fake_run(out: Path, label: str, seed: int, rows: list[dict], budget: int) -> learning.Job:
+    run_dir = out / label / f"seed_{seed}"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (run_dir / "config.yaml").write_text(f"total_frames: {budget}\n")
+    return learning.Job(label, None, (), seed, run_dir)
+
+
+def test_curves_are_drawn_per_config_and_only_once_a_run_has_a_point(tmp_path: Path) -> None:
+    learned = [{"frames": 1000 * i, "rollout/episodes": 50, "rollout/ep_return_mean": 0.1 * i} for i in range(1, 11)]
+    early = [{"frames": 1000, "rollout/episodes": 10, "rollout/ep_return_mean": 0.2}]
+    jobs = [_fake_run(tmp_path, "a", 1, learned, 10000), _fake_run(tmp_path, "b", 1, early, 10000)]
+    path = learning.curves_path(tmp_path, ["a", "b"])
+    assert path == tmp_path / "curves" / "a+b.png"
+    assert learning.plot_curves(jobs[1:], 0.8, path) is None and not path.exists(), "no point yet: no figure"
+    assert learning.plot_curves(jobs, 0.8, path) == path
+    assert path.read_bytes().startswith(b"\x89PNG")
+    long = learning.curves_path(tmp_path, [f"config-{i}-with-a-long-name" for i in range(8)])
+    assert long.name.startswith("config-0-with-a-long-name+7-more-") and len(long.name) < 80
 
 
 def _start_sweep(out: Path, seed: int) -> subprocess.Popen:
