@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import sys
 import time
@@ -156,12 +157,23 @@ def remove_stale_temp_files(run_dir: str | Path) -> list[Path]:
         if not directory.is_dir():
             continue
         for path in directory.iterdir():
-            # .<target>.<pid>.<random>.tmp, and the fixed names of earlier versions.
-            stale = path.name.startswith(".") and (path.name.endswith(".tmp") or path.name == ".checkpoint.pt.link")
-            if stale and path.is_file():
+            if _is_temp_name(path.name, directory) and path.is_file():
                 path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
+
+
+# temp_path's names: .<target>.<pid>.<8 hex digits>.tmp
+_TEMP_NAME = re.compile(r"\.(?P<target>.+)\.\d+\.[0-9a-f]{8}\.tmp")
+
+
+def _is_temp_name(name: str, directory: Path) -> bool:
+    """Whether ``name`` is a temporary file of this package's writes: :func:`temp_path`'s pattern, or an
+    earlier version's fixed ``.<target>.tmp`` / ``.checkpoint.pt.link`` next to the file it was writing.
+    Any other dot file (a user's ``.notes.tmp``) is left alone."""
+    if _TEMP_NAME.fullmatch(name) or name == ".checkpoint.pt.link":
+        return True
+    return name.startswith(".") and name.endswith(".tmp") and (directory / name[1:-len(".tmp")]).is_file()
 
 
 def temp_path(path: Path) -> Path:

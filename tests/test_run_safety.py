@@ -221,13 +221,16 @@ def test_one_process_per_run_directory_sigint_exit_130_and_no_stale_lock_after_k
         resumed.send_signal(signal.SIGKILL)
         resumed.communicate(timeout=60)
     # Temp files a killed write left behind are removed when the run starts again.
-    stale = [run / f".checkpoint.pt.{resumed.pid}.abcd1234.tmp", run / "checkpoints" / ".checkpoint_1.pt.999.x.tmp",
-             run / ".envs_state.pkl.tmp"]
-    for path in stale:
+    stale = [run / f".checkpoint.pt.{resumed.pid}.abcd1234.tmp", run / "checkpoints" / ".checkpoint_1.pt.999.0badf00d.tmp",
+             run / ".metrics.jsonl.tmp"]  # the last: an earlier version's fixed name, beside metrics.jsonl
+    # A user's own dot files are not temp files of ours, whatever they end with.
+    kept = [run / ".notes.tmp", run / ".config.yaml.backup.tmp", run / "checkpoints" / ".mine.1.tmp"]
+    for path in stale + kept:
         path.write_bytes(b"half a write")
     trainer = Trainer.resume(run, {"total_frames": 100000000})
     trainer.run(stop_at_frames=trainer.frames + 32)
     assert not any(path.exists() for path in stale)
+    assert all(path.read_bytes() == b"half a write" for path in kept)
     assert load_checkpoint(run / "checkpoint.pt")["frames"] == trainer.frames
 
 
