@@ -162,6 +162,9 @@ def check_output_file(path: Path, option: str, overwrite: bool) -> None:
     """
     if path.is_dir():
         raise UsageError(f"{option} {path} is a folder; give a file name")
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        # The result is renamed over the path: that would replace the link, the pipe or the device itself.
+        raise UsageError(f"{option} {path} is a link, pipe or device, not a regular file; give a file name")
     if path.exists() and not overwrite:
         raise UsageError(f"{option} {path} exists; pass --overwrite to replace it, or choose another name")
     check_output_dir(path.parent, option, shown=path)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import builtins
 import json
 import math
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -509,6 +511,25 @@ def test_unusable_destinations_exit_2_before_any_episode(
     assert stderr.startswith(f"error: {option} {target}") and message.format(file=file) in stderr
     assert len(stderr.strip().splitlines()) == 1
     assert file.read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_json_over_a_link_or_pipe_is_refused_even_with_overwrite(
+    rims_run: tuple[Path, Trainer], tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    # The results are renamed over --json: that would replace the link (its target left stale) or the pipe.
+    target = tmp_path / "results.json"
+    target.write_text('{"earlier": "results"}\n')
+    path = tmp_path / "out.json"
+    if kind == "symlink":
+        path.symlink_to(target)
+    else:
+        os.mkfifo(path)
+    code, stdout, stderr = _run_cli(capsys, rims_run[0], "--episodes", "1", "--json", path, "--overwrite")
+    assert code == 2 and stdout == "" and len(stderr.strip().splitlines()) == 1
+    assert f"--json {path} is a link, pipe or device, not a regular file" in stderr
+    assert path.is_symlink() if kind == "symlink" else stat.S_ISFIFO(path.lstat().st_mode)
+    assert target.read_text() == '{"earlier": "results"}\n'
 
 
 def test_existing_plot_and_video_files_are_refused_without_overwrite(
