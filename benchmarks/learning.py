@@ -32,6 +32,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -44,6 +45,7 @@ sys.path.insert(0, str(REPO))  # run as `python benchmarks/learning.py` from a s
 from agents.executors import stop_exit_status, stop_signals_recorded  # noqa: E402
 
 WINDOW = 100  # episodes in the mean return, as the trainer's log.return_window
+MAX_SEEDS = 10_000  # per range: more is a typo (1-1000000), not a sweep
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,13 @@ def parse_seeds(items: list[str]) -> list[int]:
     """``["1-3", "7"]`` -> ``[1, 2, 3, 7]``."""
     seeds: list[int] = []
     for item in items:
-        first, _, last = item.partition("-")
-        seeds.extend(range(int(first), int(last or first) + 1))
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+        if match is None:
+            raise ValueError(f"--seeds: {item!r} is not a seed or a range like 1-10")
+        first, last = int(match[1]), int(match[2] or match[1])
+        if last < first or last - first >= MAX_SEEDS:
+            raise ValueError(f"--seeds: {item!r} is empty or longer than {MAX_SEEDS} seeds")
+        seeds.extend(range(first, last + 1))
     return seeds
 
 
@@ -72,7 +79,8 @@ def read_rows(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     rows = []
     if path.is_file():
-        for line in path.read_text().splitlines():
+        # A byte that is no UTF-8 (a damaged file) ends the rows there, as a partial line does.
+        for line in path.read_text(errors="replace").splitlines():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
@@ -172,12 +180,14 @@ def command(job: Job) -> list[str]:
             f"seed={job.seed}", "log.progress_bar=false", "torch_threads=1", *job.overrides]
 
 
-def run_all(jobs: list[Job], parallel: int) -> None:
-    """Run the unfinished jobs, ``parallel`` at a time, each as its own train.py process."""
+def run_all(jobs: list[Job], parallel: int) -> list[Job]:
+    """Run the unfinished jobs, ``parallel`` at a time, each as its own train.py process; return those
+    whose train.py failed (a bad override, a broken config: their logs say why)."""
     todo = [job for job in jobs if not is_finished(job)]
     print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already finished; {len(todo)} to run, {parallel} at a time",
           flush=True)
     running: list[tuple[Job, subprocess.Popen, float]] = []
+    failed: list[Job] = []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Ctrl-C, SIGTERM and SIGHUP stop the sweep: a plain `kill` would otherwise end this process and leave
     # its train.py runs training unsupervised, holding their run locks against the next call. The signals
@@ -202,9 +212,11 @@ def run_all(jobs: list[Job], parallel: int) -> None:
                     continue
                 running.remove(entry)
                 status = "done" if process.returncode == 0 else f"exit code {process.returncode} (see its .log)"
+                if process.returncode != 0:
+                    failed.append(job)
                 print(f"  {job.label} seed {job.seed}: {status} in {time.time() - started:.0f} s", flush=True)
         if not received:
-            return
+            return failed
         for _, process, _ in running:
             process.terminate()  # train.py checkpoints on SIGTERM; the next call resumes
         print(f"stopping: asked {len(running)} running run(s) to checkpoint and exit (again to abort them)",
@@ -330,6 +342,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.nproc < 1 or args.jobs < 1:
         parser.error("--nproc and --jobs must be at least 1")
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file, not a folder")
 
     jobs = []
     for config in args.configs:
@@ -339,17 +357,20 @@ def main() -> None:
         # Variants with other overrides get their own directories, so no run is mixed with another.
         suffix = args.tag or (hashlib.sha1(" ".join(args.set).encode()).hexdigest()[:6] if args.set else "")
         label = f"{name}-{suffix}" if suffix else name
-        for seed in parse_seeds(args.seeds):
+        for seed in seeds:
             jobs.append(Job(label, None if config == "default" else str(config), tuple(args.set), seed,
                             args.out / label / f"seed_{seed}", args.nproc))
-    if not args.report_only:
-        run_all(jobs, args.jobs)
+    failed = [] if args.report_only else run_all(jobs, args.jobs)
     final = args.final if args.final is not None else round(args.threshold - 0.05, 6)
     print(report(jobs, args.threshold, final), flush=True)
     if not args.no_plot:
         labels = list(dict.fromkeys(job.label for job in jobs))
         written = plot_curves(jobs, args.threshold, curves_path(args.out, labels))
         print(f"curves: {written}" if written else "curves: no run has a full window of episodes yet", flush=True)
+    if failed:
+        logs = ", ".join(str(job.run_dir.parent / f"{job.run_dir.name}.log") for job in failed[:3])
+        print(f"error: {len(failed)} run(s) failed; see {logs}{' ...' if len(failed) > 3 else ''}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

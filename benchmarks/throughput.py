@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as `python benchmarks/throughput.py` from a source checkout
 FIRST_STEP_ENV = "MMRL_FIRST_STEP_FILE"
 STARTUP_GOAL_S = 4.0
 
@@ -356,7 +357,8 @@ def main() -> None:
     parser.add_argument("--pong", action="store_true", help="also Pong frames/s with each backend")
     parser.add_argument("--pong-frames", type=int, default=8192, help="Pong frames per run (whole rollouts: 1024)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds one run may take")
-    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--json", type=Path, help="also write the raw results here (a new file)")
+    parser.add_argument("--overwrite", action="store_true", help="let --json replace an existing file")
     per = parser.add_argument_group("per-update mode (--per-update)")
     per.add_argument("--per-update", action="store_true", help="the older in-process per-core table instead")
     per.add_argument("--updates", type=int, default=8, help="timed updates per core (after one warm-up)")
@@ -365,14 +367,26 @@ def main() -> None:
     per.add_argument("--no-atari", action="store_true", help="skip the Breakout measurement")
     per.add_argument("--threads", type=int, default=1, help="torch threads per run (0: torch's default)")
     args = parser.parse_args()
+    for option in ("frames", "rounds", "pong_frames", "timeout", "updates"):
+        if getattr(args, option) <= 0:
+            parser.error(f"--{option.replace('_', '-')} must be positive")
+    if args.threads < 0:
+        parser.error("--threads must be 0 (torch's default) or more")
+    if args.json is not None:  # checked before the runs, which take an hour, not after them
+        if args.json.is_symlink() or (args.json.exists() and not args.json.is_file()):
+            parser.error(f"--json {args.json} is a folder, link, pipe or device; give a file name")
+        if args.json.exists() and not args.overwrite:
+            parser.error(f"--json {args.json} exists; pass --overwrite to replace it, or choose another name")
+        if not args.json.resolve().parent.is_dir():
+            parser.error(f"--json {args.json}: no folder {args.json.resolve().parent}")
     if args.per_update:
         per_update(args)
         return
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
     results = whole_process(args)
     if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=1))
+        from agents.run_dir import atomic_write
+
+        atomic_write(args.json, json.dumps(results, indent=1).encode())
 
 
 if __name__ == "__main__":

@@ -163,3 +163,27 @@ def test_runs_have_their_own_session_and_a_second_sigterm_aborts_them(tmp_path: 
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         sweep.wait()
+
+
+@pytest.mark.parametrize(("items", "message"), [(["abc"], "'abc' is not a seed"), (["-1"], "'-1' is not a seed"),
+                                                (["5-1"], "'5-1' is empty"), (["1-99999999999"], "longer than")])
+def test_bad_seeds_are_refused(items: list[str], message: str) -> None:
+    assert learning.parse_seeds(["1-3", "7"]) == [1, 2, 3, 7]
+    with pytest.raises(ValueError, match=message):
+        learning.parse_seeds(items)
+
+
+def test_a_sweep_whose_runs_fail_exits_1_and_names_their_logs(tmp_path: Path) -> None:
+    # train.py refuses the unknown key at once (exit 2); the sweep reports it and must not exit 0.
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "learning.py"), "--configs", "default",
+                           "--seeds", "3", "--jobs", "1", "--out", str(tmp_path), "--no-plot", "--set", "no_such_key=1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    log = tmp_path / f"default-{learning.hashlib.sha1(b'no_such_key=1').hexdigest()[:6]}" / "seed_3.log"
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"error: 1 run(s) failed; see {log}" in done.stderr and "no_such_key" in log.read_text()
+    assert "Traceback" not in done.stderr
+
+
+def test_a_metrics_file_with_a_damaged_byte_reads_up_to_it(tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"frames": 1}\n\xff\xfe\n{"frames": 3}\n')
+    assert learning.read_rows(tmp_path) == [{"frames": 1}]

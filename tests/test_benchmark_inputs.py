@@ -1,0 +1,38 @@
+"""The benchmarks' command lines refuse bad input before any run starts: one message, exit 2, no file replaced."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _benchmark(script: str, *args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--frames", "-5"], "--frames must be positive"),
+        (["--rounds", "0"], "--rounds must be positive"),
+        (["--json", "{existing}"], "exists; pass --overwrite"),
+        (["--json", "{existing}", "--overwrite", "--frames", "0"], "--frames must be positive"),
+        (["--json", "{tmp}"], "is a folder, link, pipe or device"),
+        (["--json", "{tmp}/no/such/folder/out.json"], "no folder"),
+    ],
+    ids=["negative-frames", "zero-rounds", "existing-json", "overwrite-still-checks", "json-folder", "json-no-parent"],
+)
+def test_throughput_refuses_bad_input_before_running(tmp_path: Path, args: list[str], message: str) -> None:
+    existing = tmp_path / "earlier.json"
+    existing.write_text('{"earlier": 1}')
+    done = _benchmark("throughput.py", *(a.format(existing=existing, tmp=tmp_path) for a in args))
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert existing.read_text() == '{"earlier": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier.json"]
