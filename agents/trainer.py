@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import hmac
 import importlib
@@ -243,6 +244,16 @@ def _older_checkpoints_hint(run_dir: Path) -> str:
     damaged = " and ".join(str(path) for path in [run_dir / "checkpoint.pt", *twin])
     return (f"; older checkpoints are kept in {run_dir / 'checkpoints'} (newest {older[0].name}): to resume "
             f"from one, move {damaged} out of the run directory, then copy it to {run_dir / 'checkpoint.pt'}")
+
+
+def _write_advice(exc: BaseException) -> str:
+    """What to do about a failed write: free space for a full disk or quota, else fix the path itself."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return "free some space, then resume"
+        seen = seen.__cause__ or seen.__context__
+    return "make that path writable (or move what is in its way), then resume"
 
 
 def _file_identity(path: Path) -> tuple[int, int, int] | None:
@@ -686,10 +697,11 @@ class Trainer:
         try:
             yield
         except CheckpointWriteError as exc:
-            raise TrainingError(self._stopped(str(exc), advice="free some space, then resume")) from None
+            raise TrainingError(self._stopped(str(exc), advice=_write_advice(exc))) from None
         except OSError as exc:
-            raise TrainingError(self._stopped(write_failure(path, exc),
-                                              advice="free some space, then resume")) from None
+            # The path the system names (e.g. a file where the tb/ folder goes) rather than the one meant.
+            where = Path(exc.filename) if exc.filename else path
+            raise TrainingError(self._stopped(write_failure(where, exc), advice=_write_advice(exc))) from None
 
     def _stopped(self, problem: str, advice: str = "lower algo.lr or algo.max_grad_norm, then resume") -> str:
         """The message of a run that stops on a problem: what happened and what was kept."""

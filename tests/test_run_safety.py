@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -422,8 +423,21 @@ def test_no_space_left_names_the_path_and_the_free_space(tmp_path: Path, monkeyp
     message = str(info.value)
     assert "cannot write checkpoint" in message and "no space left on device" in message
     assert "free on its file system" in message and "checkpoint_000000000064.pt" in message
+    assert "free some space, then resume" in message
     assert files_of(tmp_path / "run")["checkpoint.pt"] == before["checkpoint.pt"]
     assert not list((tmp_path / "run").rglob("*.tmp"))
+
+
+def test_a_write_blocked_by_a_file_in_the_way_names_it_and_is_not_called_a_full_disk(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    tiny_run(run)
+    shutil.rmtree(run / "tb")
+    (run / "tb").write_text("a file where the TensorBoard folder goes\n")
+    with pytest.raises(TrainingError) as info:
+        Trainer.resume(run, {"total_frames": 128}).run()
+    message = str(info.value)
+    assert f"cannot write {run / 'tb'}" in message and "free some space" not in message, message
+    assert "make that path writable (or move what is in its way)" in message
 
 
 # -- resume consistency --------------------------------------------------------------------------
