@@ -481,6 +481,13 @@ class Trainer:
             print(f"warning: the run used torch_threads={threads}; this machine has {cpus} CPUs, so it "
                   f"continues with {cpus}", file=sys.stderr)
             saved = {**saved, "torch_threads": cpus}
+        # Another core or algorithm would be refused below too, but by a key of the old one that the new
+        # one lacks ("unknown config key core.num_modules"): name the key the user typed instead.
+        for key in ("core.name", "algo.name"):
+            wanted = _lookup(overrides or {}, key)
+            if wanted is not None and wanted != _lookup(saved, key):
+                raise ConfigError(f"{key} cannot change on --resume (the run is {key}={_lookup(saved, key)}; only "
+                                  "total_frames can change); start a new run")
         try:
             config = resolve_config(merge(saved, overrides or {}))  # an unknown key is named here
             own = resolve_config(saved)

@@ -117,6 +117,9 @@ def test_resume_override_is_validated(tmp_path: Path, capsys: pytest.CaptureFixt
     assert code == 2 and "only total_frames can" in err
     code, err = run_main(capsys, ["--resume", str(tmp_path), "env.env_kwargs={size: 5}"])
     assert code == 2 and "env.env_kwargs.size cannot change" in err  # a mapping's new entry counts too
+    for key, value in (("core.name", "lstm"), ("algo.name", "a2c")):  # named as typed, not by a key it drops
+        code, err = run_main(capsys, ["--resume", str(tmp_path), f"{key}={value}"])
+        assert code == 2 and f"{key} cannot change on --resume" in err and "unknown config key" not in err, err
     code, err = run_main(capsys, ["--resume", str(tmp_path), "total_frame=64"])
     assert code == 2 and "unknown config key 'total_frame'" in err  # a typo is named, not "cannot change"
     # The run's own values may be repeated (a scheduler's command line that always passes them).
