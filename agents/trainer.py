@@ -65,6 +65,7 @@ from policies.checkpoint import (
     DamagedCheckpointError,
     load_checkpoint,
     save_checkpoint,
+    space_from_dict,
     space_to_dict,
 )
 
@@ -244,6 +245,15 @@ def _older_checkpoints_hint(run_dir: Path) -> str:
     damaged = " and ".join(str(path) for path in [run_dir / "checkpoint.pt", *twin])
     return (f"; older checkpoints are kept in {run_dir / 'checkpoints'} (newest {older[0].name}): to resume "
             f"from one, move {damaged} out of the run directory, then copy it to {run_dir / 'checkpoint.pt'}")
+
+
+def _space_text(data: Any) -> str:
+    """A stored space as gymnasium writes it (``Box(0, 255, (7, 7, 3), uint8)``), not its per-element bounds."""
+    try:
+        return repr(space_from_dict(data))
+    except Exception:  # a malformed entry: show its start
+        text = repr(data)
+        return text if len(text) <= 200 else f"{text[:200]}..."
 
 
 def _write_advice(exc: BaseException) -> str:
@@ -595,7 +605,7 @@ class Trainer:
             mine = space_to_dict(getattr(self.venv, key))
             if loaded.get(key) != mine:
                 raise CheckpointError(f"init_from: {path} was trained with {key.replace('_', ' ')} "
-                                      f"{loaded.get(key)!r}, this run's env has {mine!r}")
+                                      f"{_space_text(loaded.get(key))}, this run's env has {_space_text(mine)}")
         try:
             self.policy.load_state_dict(policy["state_dict"])
         except RuntimeError as exc:

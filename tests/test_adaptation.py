@@ -127,6 +127,13 @@ def test_init_from_loads_the_weights_only_and_refuses_another_policy(
             code = train.main([*tiny, *extra, f"init_from={target}", "--run-dir", str(tmp_path / f"c{len(extra)}")])
             err = capsys.readouterr().err
             assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1, err
+        # Another view size: the spaces as gymnasium writes them, not every element's bounds (a 229 KB line
+        # for an Atari frame stack).
+        code = train.main([*tiny, "env.env_kwargs={agent_view_size: 5}", f"init_from={tmp_path / 'a'}",
+                           "--run-dir", str(tmp_path / "d")])
+        err = capsys.readouterr().err
+        assert code == 2 and "was trained with observation space Box(0, 255, (7, 7, 3), uint8)" in err, err
+        assert "this run's env has Box(0, 255, (5, 5, 3), uint8)" in err and len(err) < 400, err
     finally:
         torch.set_num_threads(threads)
 
