@@ -40,6 +40,8 @@ if TYPE_CHECKING:  # for annotations only; never imported at run time from here
 # first training levels replayed.
 DEFAULT_SEED = 10_000
 DEFAULT_MAX_VIDEO_FRAMES = 1000
+MAX_EPISODES = 1_000_000  # per env: more is a typo, and would run for days
+MAX_ENVS = 65_536  # parallel envs, as for training (env.n_envs)
 
 
 class UsageError(Exception):
@@ -102,18 +104,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.list_suites and not args.checkpoints:
         parser.error("give at least one CHECKPOINT (or --list-suites)")
-    if args.episodes < 1:
-        parser.error(f"--episodes must be >= 1, got {args.episodes}")
-    if args.n_envs is not None and args.n_envs < 1:
-        parser.error(f"--n-envs must be >= 1, got {args.n_envs}")
+    if not 1 <= args.episodes <= MAX_EPISODES:
+        parser.error(f"--episodes must be between 1 and {MAX_EPISODES:,}, got {args.episodes}")
+    if args.n_envs is not None and not 1 <= args.n_envs <= MAX_ENVS:
+        parser.error(f"--n-envs must be between 1 and {MAX_ENVS:,}, got {args.n_envs}")
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
     if args.max_episode_steps is not None and args.max_episode_steps < 1:
         parser.error(f"--max-episode-steps must be >= 1, got {args.max_episode_steps}")
     if args.max_video_frames < 0:
         parser.error(f"--max-video-frames must be >= 0 (0 keeps all frames), got {args.max_video_frames}")
-    if args.torch_threads < 0:
-        parser.error(f"--torch-threads must be >= 0, got {args.torch_threads}")
+    cpus = os.cpu_count() or 1
+    if not 0 <= args.torch_threads <= cpus:  # more threads than CPUs only slows a run (or exhausts memory)
+        parser.error(f"--torch-threads must be between 0 and this machine's {cpus} CPUs, got {args.torch_threads}")
     if args.suite_param and args.suite is None:
         parser.error("--suite-param needs --suite")
     return args

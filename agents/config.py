@@ -83,6 +83,13 @@ def _is_thread_count(value: Any) -> bool:
     return value is None or 1 <= value <= (os.cpu_count() or 1)
 
 
+MAX_ENVS = 65_536  # envs in one process: more is a typo (env.n_envs=100000000 hung building seeds)
+
+
+def _env_count(value: Any) -> bool:
+    return 1 <= value <= MAX_ENVS
+
+
 def _unit(value: Any) -> bool:
     return 0 <= value <= 1
 
@@ -107,7 +114,7 @@ TOP_FIELDS: dict[str, Field] = {
 
 ENV_FIELDS: dict[str, Field] = {
     "id": Field("MiniGrid-DoorKey-5x5-v0", STR),
-    "n_envs": Field(16, INT, _positive, "> 0"),
+    "n_envs": Field(16, INT, _env_count, f"between 1 and {MAX_ENVS:,}"),
     "vec_env": Field("dummy", STR, choices=("dummy", "subproc")),
     "frame_stack": Field(4, INT, _positive, "> 0"),
     "mission": Field(False, BOOL),

@@ -39,6 +39,7 @@ in about a second, before any work starts.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -282,6 +283,9 @@ def _int(value: Any, what: str, path: Path | None, minimum: int = 1) -> int:
     return value
 
 
+MAX_STUDY_SEEDS = 10_000  # in one range: more is a typo (1-100000000), not a study
+
+
 def parse_seeds(value: Any, path: Path | None = None) -> tuple[int, ...]:
     """Seeds from a study file: a list of ints and ``"a-b"`` ranges, or one such string (``"1-10"``)."""
     items = value if isinstance(value, list) else [value]
@@ -291,6 +295,9 @@ def parse_seeds(value: Any, path: Path | None = None) -> tuple[int, ...]:
             first, last = (int(part) for part in item.split("-"))
             if last < first:
                 raise StudyError(f"{_where(path)}seeds: empty range {item!r}")
+            if last - first >= MAX_STUDY_SEEDS or last >= 2**32:
+                raise StudyError(f"{_where(path)}seeds: range {item!r} is longer than {MAX_STUDY_SEEDS:,} seeds "
+                                 "or ends beyond 2**32 - 1")
             seeds.extend(range(first, last + 1))
         elif isinstance(item, int) and not isinstance(item, bool) and 0 <= item < 2**32:
             seeds.append(item)
@@ -300,7 +307,7 @@ def parse_seeds(value: Any, path: Path | None = None) -> tuple[int, ...]:
             raise StudyError(f"{_where(path)}seeds: {item!r} is not a seed (an integer in [0, 2**32)) or a range 'a-b'")
     if not seeds:
         raise StudyError(f"{_where(path)}seeds is empty: list at least one seed (e.g. seeds: 1-10)")
-    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    repeated = sorted(s for s, n in collections.Counter(seeds).items() if n > 1)
     if repeated:
         raise StudyError(f"{_where(path)}seeds: seed {repeated[0]} is listed twice")
     return tuple(seeds)

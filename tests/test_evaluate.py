@@ -581,10 +581,20 @@ def test_an_empty_output_path_is_refused(rims_run: tuple[Path, Trainer], tmp_pat
         assert f"argument {option}: an empty path" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_negative_seed_is_one_line_exit_2(rims_run: tuple[Path, Trainer]) -> None:
-    result = _cli_process(rims_run[0], "--seed", "-1")
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--seed", "-1"], "--seed must be >= 0, got -1"),
+     (["--episodes", "99999999999999999999999"], "--episodes must be between 1 and 1,000,000"),
+     (["--n-envs", "100000"], "--n-envs must be between 1 and 65,536"),
+     (["--torch-threads", "99999"], "--torch-threads must be between 0 and this machine's")],
+    ids=["negative-seed", "huge-episodes", "huge-n-envs", "more-threads-than-cpus"],
+)
+def test_out_of_range_numbers_are_one_line_exit_2(rims_run: tuple[Path, Trainer], args: list[str],
+                                                    message: str) -> None:
+    result = _cli_process(rims_run[0], *args)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.strip().splitlines() == ["evaluate.py: error: --seed must be >= 0, got -1 (see --help)"]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"evaluate.py: error: {message}") and line.endswith("(see --help)"), line
 
 
 def test_load_policy_refuses_non_paths_urls_and_missing_gpus(rims_run: tuple[Path, Trainer], tmp_path: Path) -> None:

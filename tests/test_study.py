@@ -206,6 +206,7 @@ BAD_STUDIES = {
     "unknown key": ({"episodes_per_env": 5}, "unknown key 'episodes_per_env'"),
     "missing config file": ({"models": [{"label": "x", "config": "configs/nope.yaml"}]}, "config file not found"),
     "empty seeds": ({"seeds": []}, "seeds is empty"),
+    "huge seed range": ({"seeds": ["1-100000000"]}, "is longer than 10,000 seeds"),
     "unknown executor": ({"executor": {"name": "slurm"}}, "unknown executor 'slurm'"),
     "label used twice": ({"models": [{"label": "a", "config": "configs/minigrid/doorkey-lstm-ppo.yaml"},
                                      {"label": "a", "config": "configs/minigrid/doorkey-rims-ppo.yaml"}]},
