@@ -150,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if args.debug:
             raise
-        print(f"error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
+        # The file meant, not the temporary one a rename failed from (filename2 is the rename's target).
+        path = exc.filename2 or exc.filename
+        print(f"error: {exc.strerror or exc}{f': {path}' if path else ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

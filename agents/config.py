@@ -537,7 +537,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         try:
             value = parse_yaml(text) if text else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"value of override {key!r} is not valid YAML: {exc}") from None
+            raise ConfigError(f"value of override {key!r} is not valid YAML: {_yaml_problem(exc)}") from None
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -623,8 +623,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     :raises ConfigError: if the file does not exist, is not valid YAML, or is not a mapping.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a YAML file")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file {path} is not a regular file (a device or pipe)" if path.exists()
+                          else f"config file not found: {path}")
     try:
         data = parse_yaml(path.read_text())
     except yaml.YAMLError as exc:

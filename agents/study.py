@@ -659,7 +659,8 @@ def load_study(path: str | Path, check_envs: bool = True, package_relative: bool
     """Read and check a study file (see :func:`parse_study`; ``package_relative`` for a study directory's copy)."""
     path = Path(path)
     if not path.is_file():
-        raise StudyError(f"study file not found: {path}")
+        raise StudyError(f"study file {path} is a folder or device, not a YAML file" if path.exists()
+                         else f"study file not found: {path}")
     try:
         raw = parse_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:

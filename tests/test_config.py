@@ -104,6 +104,12 @@ def test_yaml_parsing_is_pyyaml_for_hand_written_text_and_libyaml_only_for_writt
     assert parse_yaml("a: !") == {"a": None}  # libyaml would give ''
     with pytest.raises(ConfigError, match="override 'algo.lr' is not valid YAML"):  # a surrogate from argv
         parse_overrides(["algo.lr=\udcff"])
+    with pytest.raises(ConfigError) as raised:  # on one line, as a config file's error is
+        parse_overrides(["env.id=["])
+    assert "\n" not in str(raised.value) and "at line 1, column 2" in str(raised.value)
+    for where, message in ((tmp_path, "is a folder; give a YAML file"), (Path("/dev/null"), "is not a regular file")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(where)
     bad = tmp_path / "tab.yaml"
     bad.write_text("seed: 1\t# comment\n")
     with pytest.raises(ConfigError, match="is not valid YAML"):

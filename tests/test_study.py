@@ -255,6 +255,8 @@ def test_ray_missing_and_bad_options_refused_before_any_work(tmp_path: Path, tra
     assert "unknown executor 'pbs'" in capsys.readouterr().err
     assert study_cli.main(["run", str(tmp_path / "missing.yaml"), "--root", str(trained_dir)]) == 2
     assert "study file not found" in capsys.readouterr().err
+    assert study_cli.main(["run", str(tmp_path), "--root", str(trained_dir)]) == 2
+    assert f"study file {tmp_path} is a folder or device, not a YAML file" in capsys.readouterr().err
     assert snapshot(trained_dir) == before
 
 
@@ -809,3 +811,17 @@ def test_a_failed_jobs_summary_line_is_cut_at_a_word(tmp_path: Path) -> None:
     assert message[:-4].split(" ")[-1] in words.split(" ")  # the last word kept is whole
     log.write_text("error: " + "x" * 400 + "\n")
     assert _last_error(str(log)).startswith("error: " + "x" * 290) and " ... (log: " in _last_error(str(log))
+
+
+def test_a_failed_rename_names_the_file_meant_not_the_temporary(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import agents.report
+
+    report = tmp_path / "report.md"
+
+    def rename_onto_a_folder(*args: object, **kwargs: object) -> Path:  # os.replace(tmp, report.md), report.md a folder
+        raise IsADirectoryError(21, "Is a directory", str(tmp_path / ".report.md.1.abcd.tmp"), None, str(report))
+
+    monkeypatch.setattr(agents.report, "write_report", rename_onto_a_folder)
+    assert study_cli.main(["report", "some-study", "--root", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: Is a directory: {report}\n"
