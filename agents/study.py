@@ -869,7 +869,7 @@ def check_eval_spaces(study: Study, jobs: Sequence[Job]) -> None:
         return
     from agents.evaluation import target_options
     from agents.trainer import env_options
-    from envs import env_spaces
+    from envs import check_env_id, env_family, env_spaces
 
     targets = _eval_targets(study)
     known: dict[str, tuple[Any, Any] | None] = {}
@@ -894,6 +894,13 @@ def check_eval_spaces(study: Study, jobs: Sequence[Job]) -> None:
             env = load_config(job.config, list(job.overrides))["env"]
         except ConfigError as exc:
             raise StudyError(f"model {job.model}: {exc}") from None
+        if env_family(env["id"]) == "minigrid":
+            # minigrid is this package's own dependency, so an id it lacks is a typo here and on every worker
+            # (an env of another family may be registered only where the runs go: left to train.py there).
+            try:
+                check_env_id(env["id"])
+            except ValueError as exc:
+                raise StudyError(f"{_where(study.source)}model {job.model}: {exc}") from None
         trained = env_options(env)
         own = spaces(env["id"], trained)
         for target in targets if own is not None else []:

@@ -214,6 +214,8 @@ BAD_STUDIES = {
     "bad override": ({"overrides": {"algo.nsteps": 3}}, "algo.nsteps"),
     "study key overridden": ({"overrides": {"total_frames": 5}}, "set by the study"),
     "unknown env": ({"eval": {"envs": ["MiniGrid-Nope-v0"], "points": []}}, "MiniGrid-Nope-v0"),
+    "unknown training env": ({"overrides": {"env.id": "MiniGrid-DoorKey-5x5-v9"}},
+                             "Unknown environment id 'MiniGrid-DoorKey-5x5-v9'"),
     "eval seed is a training seed": ({"eval": {"points": [512], "seed": 2, "episodes": 3, "final_episodes": 3,
                                                "envs": [{"id": "MiniGrid-DoorKey-6x6-v0", "held_out": True}]}},
                                      "eval.seed 2 is also a training seed"),
