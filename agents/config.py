@@ -617,17 +617,25 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"{problem}{where}" + (f" ({context})" if context else "")
 
 
+def yaml_file_problem(path: Path, what: str) -> str | None:
+    """Why ``path`` cannot be read as a YAML file (missing, a folder, a device or pipe), or None."""
+    if path.is_dir():
+        return f"{what} {path} is a folder; give a YAML file"
+    if not path.is_file():
+        return f"{what} {path} is not a regular file (a device or pipe)" if path.exists() else \
+            f"{what} not found: {path}"
+    return None
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file.
 
     :raises ConfigError: if the file does not exist, is not valid YAML, or is not a mapping.
     """
     path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"config file {path} is a folder; give a YAML file")
-    if not path.is_file():
-        raise ConfigError(f"config file {path} is not a regular file (a device or pipe)" if path.exists()
-                          else f"config file not found: {path}")
+    problem = yaml_file_problem(path, "config file")
+    if problem is not None:
+        raise ConfigError(problem)
     try:
         data = parse_yaml(path.read_text())
     except yaml.YAMLError as exc:

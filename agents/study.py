@@ -58,7 +58,8 @@ from typing import IO, Any
 
 import yaml
 
-from agents.config import PACKAGE_ROOT, ConfigError, load_config, load_written_yaml, parse_yaml
+from agents.config import (PACKAGE_ROOT, ConfigError, load_config, load_written_yaml, parse_yaml,
+                           yaml_file_problem)
 from agents.run_dir import atomic_write
 from envs.names import short_env_name
 
@@ -658,9 +659,9 @@ def check_executor(name: Any, path: Path | None = None) -> None:
 def load_study(path: str | Path, check_envs: bool = True, package_relative: bool = False) -> Study:
     """Read and check a study file (see :func:`parse_study`; ``package_relative`` for a study directory's copy)."""
     path = Path(path)
-    if not path.is_file():
-        raise StudyError(f"study file {path} is a folder or device, not a YAML file" if path.exists()
-                         else f"study file not found: {path}")
+    problem = yaml_file_problem(path, "study file")
+    if problem is not None:
+        raise StudyError(problem)
     try:
         raw = parse_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:

@@ -67,6 +67,7 @@ from policies.checkpoint import (
     save_checkpoint,
     space_from_dict,
     space_to_dict,
+    underlying_os_error,
 )
 
 try:
@@ -258,11 +259,9 @@ def _space_text(data: Any) -> str:
 
 def _write_advice(exc: BaseException) -> str:
     """What to do about a failed write: free space for a full disk or quota, else fix the path itself."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            return "free some space, then resume"
-        seen = seen.__cause__ or seen.__context__
+    os_error = underlying_os_error(exc)
+    if os_error is not None and os_error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return "free some space, then resume"
     return "make that path writable (or move what is in its way), then resume"
 
 

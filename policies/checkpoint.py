@@ -62,13 +62,22 @@ def free_space(path: str | Path) -> str:
     return "unknown"
 
 
-def write_error_reason(exc: BaseException) -> str:
-    """Why a write failed, in words: the OSError behind it (torch wraps it in a RuntimeError) if any."""
+def underlying_os_error(exc: BaseException) -> OSError | None:
+    """The OSError (with an errno) behind a failed write, following causes and contexts (torch wraps it in
+    a RuntimeError; a CheckpointWriteError is raised while handling it); None if there is none."""
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno is not None:
-            return "no space left on device" if seen.errno == errno.ENOSPC else (seen.strerror or str(seen))
+            return seen
         seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def write_error_reason(exc: BaseException) -> str:
+    """Why a write failed, in words: the OSError behind it if any."""
+    os_error = underlying_os_error(exc)
+    if os_error is not None:
+        return "no space left on device" if os_error.errno == errno.ENOSPC else (os_error.strerror or str(os_error))
     return f"write failed ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})"
 
 

@@ -258,7 +258,7 @@ def test_ray_missing_and_bad_options_refused_before_any_work(tmp_path: Path, tra
     assert study_cli.main(["run", str(tmp_path / "missing.yaml"), "--root", str(trained_dir)]) == 2
     assert "study file not found" in capsys.readouterr().err
     assert study_cli.main(["run", str(tmp_path), "--root", str(trained_dir)]) == 2
-    assert f"study file {tmp_path} is a folder or device, not a YAML file" in capsys.readouterr().err
+    assert f"study file {tmp_path} is a folder; give a YAML file" in capsys.readouterr().err
     assert snapshot(trained_dir) == before
 
 
