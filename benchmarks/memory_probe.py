@@ -1,0 +1,214 @@
+"""Why a MiniGrid Memory policy fails: does it look at the cue, and does its recurrent state keep it?
+
+In MiniGrid-MemoryS<N>-v0 the agent starts in a small room facing east, towards a hallway; an object
+(a key or a ball: the cue) lies behind it, at x = 1. At the hallway's end a key and a ball lie one on
+each side, and the episode succeeds if the agent steps beside the one that matches the cue. The agent
+starts at x = 1 (where the cue is in view from the first step) in a quarter of the episodes of
+MemoryS7; elsewhere it must turn round to see the cue. A policy at chance (a mean return near 0.5) can
+fail in two ways, and they call for different changes:
+
+- it never turns round to look, so its memory has nothing to keep (an exploration failure);
+- it looks, but its state no longer holds the cue when it chooses (a memory failure).
+
+For each checkpoint this runs episodes with the policy (sampled actions, as in training) and reports:
+the success rate; the share of episodes in which the cue was ever in the agent's view before the choice,
+and the success rate with and without a sighting; and how well a linear probe reads the cue from the
+core's state (the whole state: for an LSTM both h and c) at two moments: just after the last step that
+had the cue in view (is it written?) and at the final step (is it still there when the policy chooses?),
+both over the episodes that saw the cue (the others cannot hold it).
+The probe is a ridge-regression classifier fitted on half the episodes and scored on the other half,
+both ways round, averaged (`probe_accuracy`); 0.5 is chance, since the cue is a key or a ball with
+equal odds.
+
+    python benchmarks/memory_probe.py runs/memory-rims-ppo/checkpoint.pt runs/memory-lstm-ppo/checkpoint.pt
+    python benchmarks/memory_probe.py CKPT --episodes 1000 --json probe.json
+
+Exit status: 0 done; 2 bad input (a missing or damaged checkpoint, a policy not trained on a MiniGrid
+Memory env), with one line naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Run from anywhere: the package lives one folder up.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+@dataclass
+class ProbeResult:
+    """What `probe_checkpoint` measured on one policy."""
+
+    checkpoint: str
+    episodes: int
+    success_rate: float
+    cue_seen: float  # share of episodes with the cue in view at some step
+    success_when_seen: float | None  # None when no episode saw (or every episode saw) the cue
+    success_when_unseen: float | None
+    # Probe accuracies over the episodes that saw the cue (None with fewer than 4 of them):
+    probe_after_sighting: float | None  # the state just after the last step with the cue in view
+    probe_at_choice: float | None  # the state of the final step
+
+
+def probe_accuracy(features: np.ndarray, labels: np.ndarray, ridge: float = 1.0) -> float:
+    """Held-out accuracy of a linear read-out of binary ``labels`` from ``features``.
+
+    A ridge-regression classifier on standardised features (targets -1 and +1), fitted on the first
+    half of the rows and scored on the second, then the other way round; the mean of the two.
+
+    :param features: ``(n, d)`` one row per episode.
+    :param labels: ``(n,)`` zeros and ones.
+    :param ridge: the L2 penalty (on standardised features; it keeps a wide state from fitting noise).
+    :return: accuracy in [0, 1]; 0.5 is chance for balanced labels.
+    """
+    features = np.asarray(features, dtype=np.float64)
+    targets = np.where(np.asarray(labels) > 0, 1.0, -1.0)
+    half = len(targets) // 2
+    if half < 2:
+        raise ValueError(f"probe_accuracy needs at least 4 rows, got {len(targets)}")
+    folds = [(slice(0, half), slice(half, None)), (slice(half, None), slice(0, half))]
+    scores = []
+    for fit, score in folds:
+        mean = features[fit].mean(axis=0)
+        scale = features[fit].std(axis=0) + 1e-6
+        x_fit = np.hstack([(features[fit] - mean) / scale, np.ones((len(targets[fit]), 1))])
+        x_score = np.hstack([(features[score] - mean) / scale, np.ones((len(targets[score]), 1))])
+        penalty = ridge * np.eye(x_fit.shape[1])
+        penalty[-1, -1] = 0.0  # the intercept is not shrunk
+        weights = np.linalg.solve(x_fit.T @ x_fit + penalty, x_fit.T @ targets[fit])
+        scores.append(float((np.sign(x_score @ weights) == targets[score]).mean()))
+    return float(np.mean(scores))
+
+
+def _cue_is_key(env) -> bool:
+    """Whether the cue of ``env``'s current episode is a key (else a ball)."""
+    from minigrid.core.world_object import Key
+
+    base = env.unwrapped
+    return isinstance(base.grid.get(1, base.height // 2 - 1), Key)
+
+
+def _cue_in_view(env) -> bool:
+    """Whether the cue's cell is inside the agent's current view."""
+    base = env.unwrapped
+    return bool(base.in_view(1, base.height // 2 - 1))
+
+
+def probe_checkpoint(path: str, episodes: int = 400, n_envs: int = 16, seed: int = 0) -> ProbeResult:
+    """Run ``episodes`` episodes of the policy in ``path`` on its Memory env and measure (module doc).
+
+    :raises ValueError: when the policy was not trained on a MiniGrid Memory env.
+    """
+    import torch
+
+    from agents.evaluation import make_policy_env
+    from policies import load_policy
+
+    policy = load_policy(path)
+    if not policy.env_id.startswith("MiniGrid-Memory"):
+        raise ValueError(f"{path} was trained on {policy.env_id}, not a MiniGrid-Memory env")
+    torch.manual_seed(seed)  # the sampled actions
+    venv = make_policy_env(policy, n_envs=n_envs, seed=seed, vec_env="dummy")
+    envs = venv.envs
+    obs = venv.reset()
+    state = policy.initial_state(n_envs)
+    starts = np.ones(n_envs, dtype=bool)
+    cue = [_cue_is_key(env) for env in envs]
+    seen = np.zeros(n_envs, dtype=bool)
+    after_sighting: list[np.ndarray | None] = [None] * n_envs
+    rows: list[tuple[bool, bool, bool, np.ndarray | None, np.ndarray]] = []
+    while len(rows) < episodes:
+        in_view = [_cue_in_view(env) for env in envs]  # of the observation the policy is about to see
+        actions, state = policy.act(obs, state, starts)
+        step_state = state.detach().cpu().numpy()
+        for i in np.flatnonzero(in_view):
+            seen[i] = True
+            after_sighting[i] = step_state[i].copy()
+        obs, rewards, dones, _ = venv.step(actions)
+        for i in np.flatnonzero(dones):
+            rows.append((cue[i], bool(rewards[i] > 0), bool(seen[i]), after_sighting[i], step_state[i].copy()))
+            cue[i] = _cue_is_key(envs[i])  # the vec env has already reset it
+            seen[i], after_sighting[i] = False, None
+        starts = dones
+    venv.close()
+    rows = rows[:episodes]
+    success = np.array([r[1] for r in rows])
+    saw = np.array([r[2] for r in rows])
+    sighted = [r for r in rows if r[2]]
+    sighted_cue = np.array([r[0] for r in sighted])
+    enough = len(sighted) >= 4
+    return ProbeResult(
+        checkpoint=str(path),
+        episodes=len(rows),
+        success_rate=float(success.mean()),
+        cue_seen=float(saw.mean()),
+        success_when_seen=float(success[saw].mean()) if saw.any() else None,
+        success_when_unseen=float(success[~saw].mean()) if (~saw).any() else None,
+        probe_after_sighting=probe_accuracy(np.stack([r[3] for r in sighted]), sighted_cue) if enough else None,
+        probe_at_choice=probe_accuracy(np.stack([r[4] for r in sighted]), sighted_cue) if enough else None,
+    )
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def table(results: list[ProbeResult]) -> str:
+    """A markdown table of ``results``, one row per checkpoint."""
+    lines = ["| checkpoint | episodes | success | cue seen | success if seen | if unseen | probe after sighting | probe at choice |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.checkpoint} | {r.episodes} | {r.success_rate:.2f} | {r.cue_seen:.2f} | "
+                     f"{_number(r.success_when_seen)} | {_number(r.success_when_unseen)} | "
+                     f"{_number(r.probe_after_sighting)} | {_number(r.probe_at_choice)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks/memory_probe.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoints", nargs="+", help="checkpoint files of policies trained on MiniGrid-MemoryS*-v0")
+    parser.add_argument("--episodes", type=int, default=400, help="episodes per checkpoint (default 400)")
+    parser.add_argument("--n-envs", type=int, default=16, help="envs stepped together (default 16)")
+    parser.add_argument("--seed", type=int, default=0, help="env and action-sampling seed (default 0)")
+    parser.add_argument("--json", type=Path, help="also write the results here (refused if it exists)")
+    args = parser.parse_args(argv)
+    if not 8 <= args.episodes <= 1_000_000:
+        parser.error(f"--episodes must be between 8 and 1,000,000, got {args.episodes}")
+    if not 1 <= args.n_envs <= 1024:
+        parser.error(f"--n-envs must be between 1 and 1024, got {args.n_envs}")
+    if args.json is not None and (args.json.exists() or args.json.is_symlink()):
+        parser.error(f"--json {args.json} exists; give a new file name")
+
+    import torch
+
+    from policies.checkpoint import CheckpointError
+
+    torch.set_num_threads(1)
+    results = []
+    for path in args.checkpoints:
+        try:
+            result = probe_checkpoint(path, args.episodes, args.n_envs, args.seed)
+        except (CheckpointError, ValueError, OSError) as exc:
+            print(f"memory_probe: {exc}", file=sys.stderr)
+            return 2
+        results.append(result)
+        print(table([result]).splitlines()[-1], flush=True)
+    print(table(results))
+    if args.json is not None:
+        try:
+            args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+        except OSError as exc:
+            print(f"memory_probe: could not write --json {args.json}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

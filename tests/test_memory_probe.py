@@ -1,0 +1,126 @@
+"""benchmarks/memory_probe.py: the linear probe on known features, the cue's identity and visibility
+read from real MiniGrid Memory envs, and the command on a real tiny MemoryS7 checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import minigrid  # noqa: F401  (registers the MiniGrid ids)
+import numpy as np
+import pytest
+import torch
+
+from agents.config import load_config
+from agents.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("memory_probe", REPO / "benchmarks" / "memory_probe.py")
+memory_probe = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = memory_probe  # dataclasses look their module up there
+_spec.loader.exec_module(memory_probe)
+
+TINY = ["env.n_envs=2", "algo.n_steps=16", "algo.num_minibatches=1", "total_frames=32", "log.progress_bar=false",
+        "core.name=lstm", "core.hidden_size=16"]
+
+
+def test_probe_reads_a_linear_code_and_not_noise() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    noise = rng.normal(size=(400, 20))
+    coded = noise.copy()
+    coded[:, 7] += 3.0 * (2 * labels - 1)  # one direction carries the label
+    assert memory_probe.probe_accuracy(coded, labels) > 0.95
+    assert 0.4 < memory_probe.probe_accuracy(noise, labels) < 0.6, "no code: chance"
+    # A code spread thinly over all dimensions is still read (the ridge does not wipe it out).
+    spread = noise + 0.5 * (2 * labels - 1)[:, None]
+    assert memory_probe.probe_accuracy(spread, labels) > 0.9
+    with pytest.raises(ValueError, match="at least 4"):
+        memory_probe.probe_accuracy(coded[:3], labels[:3])
+
+
+def _memory_env_with_agent_at(x: int) -> gym.Env:
+    for seed in range(200):
+        env = gym.make("MiniGrid-MemoryS7-v0")
+        env.reset(seed=seed)
+        if env.unwrapped.agent_pos[0] == x:
+            return env
+        env.close()
+    raise AssertionError(f"no MemoryS7 level in 200 seeds starts the agent at x={x}")
+
+
+def test_cue_identity_and_visibility_follow_the_grid() -> None:
+    env = _memory_env_with_agent_at(3)
+    base = env.unwrapped
+    cue = base.grid.get(1, base.height // 2 - 1)
+    assert memory_probe._cue_is_key(env) == (cue.type == "key")
+    # The cue lies one row above the agent's and two columns behind it. Turning left round the compass:
+    # east (behind), north (ahead-left, in view), west (ahead-right, in view), south (behind again).
+    in_view = [memory_probe._cue_in_view(env)]
+    for _ in range(3):
+        env.step(base.actions.left)
+        in_view.append(memory_probe._cue_in_view(env))
+    assert in_view == [False, True, True, False]
+    # The other cue type, on another level: identity is read per episode, not fixed.
+    kinds = set()
+    for seed in range(20):
+        env.reset(seed=seed)
+        kinds.add(memory_probe._cue_is_key(env))
+    assert kinds == {True, False}
+    env.close()
+    assert memory_probe._cue_in_view(_memory_env_with_agent_at(1)), "from x=1 the cue is in view at once"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Acting on a few envs is fastest single-threaded (and main sets it); restore afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def memory_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("memory") / "run"
+    Trainer(load_config(None, [*TINY, "env.id=MiniGrid-MemoryS7-v0"]), run_dir).run()
+    return run_dir / "checkpoint.pt"
+
+
+def test_probe_checkpoint_counts_episodes_and_splits_success_by_sighting(memory_checkpoint: Path) -> None:
+    result = memory_probe.probe_checkpoint(str(memory_checkpoint), episodes=24, n_envs=4, seed=3)
+    assert result.episodes == 24
+    # An untrained policy wanders: it sees the cue in some episodes (at least those starting at x=1) but not all.
+    assert 0.0 < result.cue_seen < 1.0
+    seen = round(result.cue_seen * 24)
+    mixed = (result.success_when_seen * seen + result.success_when_unseen * (24 - seen)) / 24
+    assert mixed == pytest.approx(result.success_rate)
+    again = memory_probe.probe_checkpoint(str(memory_checkpoint), episodes=24, n_envs=4, seed=3)
+    assert again == result, "the seed fixes the envs and the sampled actions"
+
+
+def test_cli_writes_table_and_json_and_refuses_bad_input(
+    memory_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "probe.json"
+    assert memory_probe.main([str(memory_checkpoint), "--episodes", "16", "--n-envs", "4", "--json", str(out)]) == 0
+    assert "| probe at choice |" in capsys.readouterr().out
+    [row] = json.loads(out.read_text())
+    assert row["episodes"] == 16 and row["checkpoint"] == str(memory_checkpoint)
+
+    before = out.read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        memory_probe.main([str(memory_checkpoint), "--json", str(out)])
+    assert exit_info.value.code == 2 and "exists" in capsys.readouterr().err
+    assert out.read_text() == before, "an existing file is never replaced"
+
+    assert memory_probe.main([str(tmp_path / "missing.pt")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+    doorkey_dir = tmp_path / "doorkey"
+    Trainer(load_config(None, TINY), doorkey_dir).run()
+    assert memory_probe.main([str(doorkey_dir / "checkpoint.pt")]) == 2
+    assert "not a MiniGrid-Memory env" in capsys.readouterr().err
