@@ -11,7 +11,8 @@ fail in two ways, and they call for different changes:
 - it looks, but its state no longer holds the cue when it chooses (a memory failure).
 
 For each checkpoint this runs episodes with the policy (sampled actions, as in training) and reports:
-the success rate; the share of episodes in which the cue was ever in the agent's view before the choice,
+the success rate; the share of episodes in which the cue was ever in the agent's observation before the
+choice (inside its 7x7 view and not hidden by a wall),
 and the success rate with and without a sighting; and how well a linear probe reads the cue from the
 core's state (the whole state: for an LSTM both h and c) at two moments: just after the last step that
 had the cue in view (is it written?) and at the final step (is it still there when the policy chooses?),
@@ -95,9 +96,13 @@ def _cue_is_key(env) -> bool:
 
 
 def _cue_in_view(env) -> bool:
-    """Whether the cue's cell is inside the agent's current view."""
+    """Whether the cue is in the agent's current observation: inside its view and not hidden by a wall."""
     base = env.unwrapped
-    return bool(base.in_view(1, base.height // 2 - 1))
+    view = base.relative_coords(1, base.height // 2 - 1)
+    if view is None:
+        return False
+    _, visible = base.gen_obs_grid()
+    return bool(visible[view])
 
 
 def probe_checkpoint(path: str, episodes: int = 400, n_envs: int = 16, seed: int = 0) -> ProbeResult:
@@ -114,7 +119,8 @@ def probe_checkpoint(path: str, episodes: int = 400, n_envs: int = 16, seed: int
     if not policy.env_id.startswith("MiniGrid-Memory"):
         raise ValueError(f"{path} was trained on {policy.env_id}, not a MiniGrid-Memory env")
     torch.manual_seed(seed)  # the sampled actions
-    venv = make_policy_env(policy, n_envs=n_envs, seed=seed, vec_env="dummy")
+    # In-process gymnasium envs whatever the policy trained with: the probe reads each env's grid.
+    venv = make_policy_env(policy, n_envs=n_envs, seed=seed, vec_env="dummy", backend="gymnasium")
     envs = venv.envs
     obs = venv.reset()
     state = policy.initial_state(n_envs)

@@ -74,6 +74,20 @@ def test_cue_identity_and_visibility_follow_the_grid() -> None:
     assert memory_probe._cue_in_view(_memory_env_with_agent_at(1)), "from x=1 the cue is in view at once"
 
 
+def test_a_cue_behind_a_wall_is_not_seen() -> None:
+    # MemoryS11: from (7, 7), facing west, the cue's cell lies inside the agent's 7x7 view square, but the
+    # hallway's walls hide it: the observation shows it as unseen, and so must the probe.
+    env = gym.make("MiniGrid-MemoryS11-v0")
+    env.reset(seed=0)
+    base = env.unwrapped
+    base.agent_pos, base.agent_dir = np.array((7, 7)), 2
+    assert base.in_view(1, base.height // 2 - 1), "inside the view square"
+    assert not memory_probe._cue_in_view(env)
+    base.agent_pos = np.array((4, 5))  # in the hallway's mouth, facing the start room
+    assert memory_probe._cue_in_view(env)
+    env.close()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """Acting on a few envs is fastest single-threaded (and main sets it); restore afterwards."""
