@@ -21,6 +21,21 @@ def fresh_native_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     native.native_library.cache_clear()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a test module, restored afterwards (use with ``pytest.mark.usefixtures``).
+
+    Tests act on a few envs and train on tiny batches: a second thread only contends with other work for
+    the machine's cores, which makes such steps several times slower.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def fp32_on_cuda() -> Iterator[None]:
     """CUDA arithmetic in full float32 for the test's duration.

@@ -46,13 +46,7 @@ TINY_CORES = {
 DOORKEY_5, DOORKEY_6 = "MiniGrid-DoorKey-5x5-v0", "MiniGrid-DoorKey-6x6-v0"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Acting on two envs is fastest single-threaded (and evaluate.main sets it); restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as evaluate.main sets it
 
 
 def _train(run_dir: Path, core: str) -> Trainer:

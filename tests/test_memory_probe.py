@@ -12,7 +12,6 @@ import gymnasium as gym
 import minigrid  # noqa: F401  (registers the MiniGrid ids)
 import numpy as np
 import pytest
-import torch
 
 from agents.config import load_config
 from agents.trainer import Trainer
@@ -88,13 +87,7 @@ def test_a_cue_behind_a_wall_is_not_seen() -> None:
     env.close()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Acting on a few envs is fastest single-threaded (and main sets it); restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as main sets it
 
 
 @pytest.fixture(scope="module")

@@ -39,13 +39,7 @@ CORE_KWARGS: dict[str, dict[str, Any]] = {
 ALL_CORES = list(CORE_KWARGS)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Tiny batches: a second thread only contends with other work for the machine's cores (several times slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)
