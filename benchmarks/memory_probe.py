@@ -18,20 +18,23 @@ core's state (the whole state: for an LSTM both h and c) at two moments: just af
 had the cue in view (is it written?) and at the final step (is it still there when the policy chooses?),
 both over the episodes that saw the cue (the others cannot hold it).
 The probe is a ridge-regression classifier fitted on half the episodes and scored on the other half,
-both ways round, averaged (`probe_accuracy`); 0.5 is chance, since the cue is a key or a ball with
-equal odds.
+both ways round, and scored by balanced accuracy (`probe_accuracy`): 0.5 is chance however uneven the
+keys and balls among the sighted episodes. Each env contributes its first episodes, the same number for
+every env, so long episodes count as often as short ones.
 
     python benchmarks/memory_probe.py runs/memory-rims-ppo/checkpoint.pt runs/memory-lstm-ppo/checkpoint.pt
     python benchmarks/memory_probe.py CKPT --episodes 1000 --json probe.json
 
-Exit status: 0 done; 2 bad input (a missing or damaged checkpoint, a policy not trained on a MiniGrid
-Memory env), with one line naming it.
+Exit status: 0 done; 1 the --json file could not be written at the end (the table was printed); 2 bad
+input (a missing or damaged checkpoint, a policy not trained on a MiniGrid Memory env, a bad number, a
+--json file that exists or a folder that cannot take it), with one line naming it, before any probing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,16 +60,18 @@ class ProbeResult:
     probe_at_choice: float | None  # the state of the final step
 
 
-def probe_accuracy(features: np.ndarray, labels: np.ndarray, ridge: float = 1.0) -> float:
-    """Held-out accuracy of a linear read-out of binary ``labels`` from ``features``.
+def probe_accuracy(features: np.ndarray, labels: np.ndarray, ridge: float = 1.0) -> float | None:
+    """Held-out balanced accuracy of a linear read-out of binary ``labels`` from ``features``.
 
     A ridge-regression classifier on standardised features (targets -1 and +1), fitted on the first
-    half of the rows and scored on the second, then the other way round; the mean of the two.
+    half of the rows and scored on the second, then the other way round; the mean of the two. Each
+    half is scored by balanced accuracy (the mean of the two classes' hit rates), so a read-out that
+    only learned which cue is commoner scores 0.5, however uneven the split.
 
     :param features: ``(n, d)`` one row per episode.
     :param labels: ``(n,)`` zeros and ones.
     :param ridge: the L2 penalty (on standardised features; it keeps a wide state from fitting noise).
-    :return: accuracy in [0, 1]; 0.5 is chance for balanced labels.
+    :return: balanced accuracy in [0, 1], 0.5 being chance; None when a half lacks one of the classes.
     """
     features = np.asarray(features, dtype=np.float64)
     targets = np.where(np.asarray(labels) > 0, 1.0, -1.0)
@@ -74,6 +79,8 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, ridge: float = 1.0)
     if half < 2:
         raise ValueError(f"probe_accuracy needs at least 4 rows, got {len(targets)}")
     folds = [(slice(0, half), slice(half, None)), (slice(half, None), slice(0, half))]
+    if any(len(set(targets[part])) < 2 for fold in folds for part in fold):
+        return None
     scores = []
     for fit, score in folds:
         mean = features[fit].mean(axis=0)
@@ -83,7 +90,8 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, ridge: float = 1.0)
         penalty = ridge * np.eye(x_fit.shape[1])
         penalty[-1, -1] = 0.0  # the intercept is not shrunk
         weights = np.linalg.solve(x_fit.T @ x_fit + penalty, x_fit.T @ targets[fit])
-        scores.append(float((np.sign(x_score @ weights) == targets[score]).mean()))
+        hits = np.sign(x_score @ weights) == targets[score]
+        scores.append(float(np.mean([hits[targets[score] == side].mean() for side in (-1.0, 1.0)])))
     return float(np.mean(scores))
 
 
@@ -105,23 +113,36 @@ def _cue_in_view(env) -> bool:
     return bool(visible[view])
 
 
-def probe_checkpoint(path: str, episodes: int = 400, n_envs: int = 16, seed: int = 0) -> ProbeResult:
-    """Run ``episodes`` episodes of the policy in ``path`` on its Memory env and measure (module doc).
+def load_memory_policy(path: str):
+    """The policy in ``path``, checked to be trained on a MiniGrid Memory env.
 
-    :raises ValueError: when the policy was not trained on a MiniGrid Memory env.
+    :raises CheckpointError: when the file is missing or not a checkpoint.
+    :raises ValueError: when the policy was trained on another env.
     """
-    import torch
-
-    from agents.evaluation import make_policy_env
     from policies import load_policy
 
     policy = load_policy(path)
     if not policy.env_id.startswith("MiniGrid-Memory"):
         raise ValueError(f"{path} was trained on {policy.env_id}, not a MiniGrid-Memory env")
-    torch.manual_seed(seed)  # the sampled actions
-    # In-process gymnasium envs whatever the policy trained with: the probe reads each env's grid.
-    venv = make_policy_env(policy, n_envs=n_envs, seed=seed, vec_env="dummy", backend="gymnasium")
+    return policy
+
+
+def probe_policy(policy, venv, episodes: int, name: str = "") -> ProbeResult:
+    """Run ``episodes`` episodes of ``policy`` in ``venv`` (in-process MiniGrid Memory envs) and measure.
+
+    Each env contributes a fixed share of the episodes, its first ones (env i ``episodes // n_envs``,
+    one more for the first ``episodes % n_envs``): counting episodes in the order they end would favour
+    short ones, and the policies that look back have the longer episodes.
+
+    :param policy: anything with ``initial_state(n_envs)`` and ``act(obs, state, episode_start)`` as
+        :class:`policies.Policy` has them.
+    :param venv: a vec env with ``.envs`` (the gymnasium envs, stepped in this process).
+    :param episodes: how many episodes to measure.
+    :param name: what the result calls the policy.
+    """
     envs = venv.envs
+    n_envs = len(envs)
+    quota = [episodes // n_envs + (i < episodes % n_envs) for i in range(n_envs)]
     obs = venv.reset()
     state = policy.initial_state(n_envs)
     starts = np.ones(n_envs, dtype=bool)
@@ -129,7 +150,8 @@ def probe_checkpoint(path: str, episodes: int = 400, n_envs: int = 16, seed: int
     seen = np.zeros(n_envs, dtype=bool)
     after_sighting: list[np.ndarray | None] = [None] * n_envs
     rows: list[tuple[bool, bool, bool, np.ndarray | None, np.ndarray]] = []
-    while len(rows) < episodes:
+    done_per_env = [0] * n_envs
+    while any(done < want for done, want in zip(done_per_env, quota)):
         in_view = [_cue_in_view(env) for env in envs]  # of the observation the policy is about to see
         actions, state = policy.act(obs, state, starts)
         step_state = state.detach().cpu().numpy()
@@ -138,19 +160,19 @@ def probe_checkpoint(path: str, episodes: int = 400, n_envs: int = 16, seed: int
             after_sighting[i] = step_state[i].copy()
         obs, rewards, dones, _ = venv.step(actions)
         for i in np.flatnonzero(dones):
-            rows.append((cue[i], bool(rewards[i] > 0), bool(seen[i]), after_sighting[i], step_state[i].copy()))
+            if done_per_env[i] < quota[i]:
+                rows.append((cue[i], bool(rewards[i] > 0), bool(seen[i]), after_sighting[i], step_state[i].copy()))
+                done_per_env[i] += 1
             cue[i] = _cue_is_key(envs[i])  # the vec env has already reset it
             seen[i], after_sighting[i] = False, None
         starts = dones
-    venv.close()
-    rows = rows[:episodes]
     success = np.array([r[1] for r in rows])
     saw = np.array([r[2] for r in rows])
     sighted = [r for r in rows if r[2]]
     sighted_cue = np.array([r[0] for r in sighted])
     enough = len(sighted) >= 4
     return ProbeResult(
-        checkpoint=str(path),
+        checkpoint=name,
         episodes=len(rows),
         success_rate=float(success.mean()),
         cue_seen=float(saw.mean()),
@@ -159,6 +181,26 @@ def probe_checkpoint(path: str, episodes: int = 400, n_envs: int = 16, seed: int
         probe_after_sighting=probe_accuracy(np.stack([r[3] for r in sighted]), sighted_cue) if enough else None,
         probe_at_choice=probe_accuracy(np.stack([r[4] for r in sighted]), sighted_cue) if enough else None,
     )
+
+
+def probe_checkpoint(path: str, episodes: int = 400, n_envs: int = 16, seed: int = 0) -> ProbeResult:
+    """Load the policy in ``path`` and measure it on ``episodes`` episodes of its Memory env (module doc).
+
+    :raises CheckpointError: when the file is missing or not a checkpoint.
+    :raises ValueError: when the policy was not trained on a MiniGrid Memory env.
+    """
+    import torch
+
+    from agents.evaluation import make_policy_env
+
+    policy = load_memory_policy(path)
+    torch.manual_seed(seed)  # the sampled actions
+    # In-process gymnasium envs whatever the policy trained with: the probe reads each env's grid.
+    venv = make_policy_env(policy, n_envs=n_envs, seed=seed, vec_env="dummy", backend="gymnasium")
+    try:
+        return probe_policy(policy, venv, episodes, name=str(path))
+    finally:
+        venv.close()
 
 
 def _number(value: float | None) -> str:
@@ -189,27 +231,35 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--episodes must be between 8 and 1,000,000, got {args.episodes}")
     if not 1 <= args.n_envs <= 1024:
         parser.error(f"--n-envs must be between 1 and 1024, got {args.n_envs}")
-    if args.json is not None and (args.json.exists() or args.json.is_symlink()):
-        parser.error(f"--json {args.json} exists; give a new file name")
+    if not 0 <= args.seed < 2**31:
+        parser.error(f"--seed must be between 0 and 2**31 - 1, got {args.seed}")
+    if args.json is not None:
+        if args.json.exists() or args.json.is_symlink():
+            parser.error(f"--json {args.json} exists; give a new file name")
+        folder = args.json.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            parser.error(f"--json {args.json}: {folder} is not a folder this user can write to")
 
     import torch
 
     from policies.checkpoint import CheckpointError
 
     torch.set_num_threads(1)
+    try:  # every checkpoint is checked before any is probed: a bad last one must not waste the others' time
+        for path in args.checkpoints:
+            load_memory_policy(path)
+    except (CheckpointError, ValueError, OSError) as exc:
+        print(f"memory_probe: {exc}", file=sys.stderr)
+        return 2
     results = []
     for path in args.checkpoints:
-        try:
-            result = probe_checkpoint(path, args.episodes, args.n_envs, args.seed)
-        except (CheckpointError, ValueError, OSError) as exc:
-            print(f"memory_probe: {exc}", file=sys.stderr)
-            return 2
-        results.append(result)
-        print(table([result]).splitlines()[-1], flush=True)
+        results.append(probe_checkpoint(path, args.episodes, args.n_envs, args.seed))
+        print(f"probed {path}", file=sys.stderr, flush=True)
     print(table(results))
     if args.json is not None:
         try:
-            args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+            with args.json.open("x") as out:  # "x": never replaces a file that appeared meanwhile
+                out.write(json.dumps([asdict(r) for r in results], indent=2) + "\n")
         except OSError as exc:
             print(f"memory_probe: could not write --json {args.json}: {exc.strerror or exc}", file=sys.stderr)
             return 1

@@ -12,8 +12,10 @@ import gymnasium as gym
 import minigrid  # noqa: F401  (registers the MiniGrid ids)
 import numpy as np
 import pytest
+import torch
 
 from agents.config import load_config
+from envs import make_vec_env
 from agents.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +41,16 @@ def test_probe_reads_a_linear_code_and_not_noise() -> None:
     assert memory_probe.probe_accuracy(spread, labels) > 0.9
     with pytest.raises(ValueError, match="at least 4"):
         memory_probe.probe_accuracy(coded[:3], labels[:3])
+
+
+def test_probe_scores_a_majority_guess_as_chance() -> None:
+    # 80% of the labels are ones and the features are noise: a read-out that answers "one" is right 80%
+    # of the time, but it has learned nothing about the label, and balanced accuracy says so.
+    rng = np.random.default_rng(1)
+    labels = (rng.random(400) < 0.8).astype(int)
+    assert 0.4 < memory_probe.probe_accuracy(rng.normal(size=(400, 20)), labels) < 0.6
+    one_sided = np.array([0, 1, 0, 1, 1, 1, 1, 1])  # the second half has no zeros: nothing to score
+    assert memory_probe.probe_accuracy(rng.normal(size=(8, 3)), one_sided) is None
 
 
 def _memory_env_with_agent_at(x: int) -> gym.Env:
@@ -90,6 +102,60 @@ def test_a_cue_behind_a_wall_is_not_seen() -> None:
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as main sets it
 
 
+class ScriptedPolicy:
+    """Takes one fixed action and keeps a perfect memory: its state is +1 / -1 once the cue (key / ball)
+    has been in view this episode, 0 before, plus a column of noise. It reads the live envs, so what the
+    probe records can be checked against what happened."""
+
+    def __init__(self, envs: list, action: int) -> None:
+        self.envs, self.action = envs, action
+        self.start_x: list[list[int]] = [[] for _ in envs]  # per env, each episode's starting column
+
+    def initial_state(self, n_envs: int) -> torch.Tensor:
+        return torch.zeros(n_envs, 2)
+
+    def act(self, obs, state: torch.Tensor, episode_start: np.ndarray):
+        state = state.clone()
+        state[torch.as_tensor(episode_start)] = 0.0
+        for i, env in enumerate(self.envs):
+            if episode_start[i]:
+                self.start_x[i].append(int(env.unwrapped.agent_pos[0]))
+            if memory_probe._cue_in_view(env):
+                state[i, 0] = 1.0 if memory_probe._cue_is_key(env) else -1.0
+        state[:, 1] = torch.randn(len(self.envs))
+        return np.full(len(self.envs), self.action), state
+
+
+def _scripted_run(action: int, episodes: int) -> tuple:
+    venv = make_vec_env("MiniGrid-MemoryS7-v0", n_envs=4, seed=5, max_episode_steps=12)
+    policy = ScriptedPolicy(venv.envs, action)
+    try:
+        return memory_probe.probe_policy(policy, venv, episodes), policy
+    finally:
+        venv.close()
+
+
+def test_an_agent_that_turns_round_sees_every_cue_and_its_memory_reads_perfectly() -> None:
+    # Turning left in place faces north within one step, and from every start the cue is then in view.
+    # A probe reading the state of another episode (the cue label read before the env's reset, the state
+    # taken after it) would score near 0.5 against this perfect memory.
+    result, _ = _scripted_run(action=0, episodes=18)
+    assert result.episodes == 18
+    assert result.cue_seen == 1.0 and result.success_rate == 0.0  # time limit: no object reached
+    assert result.probe_after_sighting == 1.0 and result.probe_at_choice == 1.0
+
+
+def test_an_agent_that_never_turns_sees_the_cue_only_from_the_first_column() -> None:
+    # Walking east, the cue (behind, at x=1) is in view only in episodes that start at x=1. The probe
+    # counts each env's first episodes (3, 3, 2, 2 here): the expected share follows from the starts.
+    result, policy = _scripted_run(action=2, episodes=10)
+    quota = [3, 3, 2, 2]
+    starting_in_view = sum(x == 1 for starts, n in zip(policy.start_x, quota) for x in starts[:n])
+    assert 0 < starting_in_view < 10, "seed 5 should give a mix of starts"
+    assert result.episodes == 10
+    assert result.cue_seen == pytest.approx(starting_in_view / 10), "a sighting must not carry into the next episode"
+
+
 @pytest.fixture(scope="module")
 def memory_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("memory") / "run"
@@ -97,15 +163,13 @@ def memory_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir / "checkpoint.pt"
 
 
-def test_probe_checkpoint_counts_episodes_and_splits_success_by_sighting(memory_checkpoint: Path) -> None:
-    result = memory_probe.probe_checkpoint(str(memory_checkpoint), episodes=24, n_envs=4, seed=3)
-    assert result.episodes == 24
+def test_probe_checkpoint_is_fixed_by_its_seed(memory_checkpoint: Path) -> None:
+    result = memory_probe.probe_checkpoint(str(memory_checkpoint), episodes=12, n_envs=4, seed=3)
+    assert result.episodes == 12
     # An untrained policy wanders: it sees the cue in some episodes (at least those starting at x=1) but not all.
     assert 0.0 < result.cue_seen < 1.0
-    seen = round(result.cue_seen * 24)
-    mixed = (result.success_when_seen * seen + result.success_when_unseen * (24 - seen)) / 24
-    assert mixed == pytest.approx(result.success_rate)
-    again = memory_probe.probe_checkpoint(str(memory_checkpoint), episodes=24, n_envs=4, seed=3)
+    assert result.checkpoint == str(memory_checkpoint)
+    again = memory_probe.probe_checkpoint(str(memory_checkpoint), episodes=12, n_envs=4, seed=3)
     assert again == result, "the seed fixes the envs and the sampled actions"
 
 
@@ -126,6 +190,13 @@ def test_cli_writes_table_and_json_and_refuses_bad_input(
 
     assert memory_probe.main([str(tmp_path / "missing.pt")]) == 2
     assert "not found" in capsys.readouterr().err
+    # A bad checkpoint after a good one is found before the good one is probed (no "probed" line).
+    assert memory_probe.main([str(memory_checkpoint), str(tmp_path / "missing.pt")]) == 2
+    assert "probed" not in capsys.readouterr().err
+    for bad in (["--seed", "-1"], ["--json", str(tmp_path / "no" / "such" / "folder.json")]):
+        with pytest.raises(SystemExit) as exit_info:
+            memory_probe.main([str(memory_checkpoint), *bad])
+        assert exit_info.value.code == 2 and bad[0] in capsys.readouterr().err
 
     doorkey_dir = tmp_path / "doorkey"
     Trainer(load_config(None, TINY), doorkey_dir).run()
