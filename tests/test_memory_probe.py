@@ -166,8 +166,6 @@ def memory_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_probe_checkpoint_is_fixed_by_its_seed(memory_checkpoint: Path) -> None:
     result = memory_probe.probe_checkpoint(str(memory_checkpoint), episodes=12, n_envs=4, seed=3)
     assert result.episodes == 12
-    # An untrained policy wanders: it sees the cue in some episodes (at least those starting at x=1) but not all.
-    assert 0.0 < result.cue_seen < 1.0
     assert result.checkpoint == str(memory_checkpoint)
     again = memory_probe.probe_checkpoint(str(memory_checkpoint), episodes=12, n_envs=4, seed=3)
     assert again == result, "the seed fixes the envs and the sampled actions"
