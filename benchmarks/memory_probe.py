@@ -183,9 +183,10 @@ def probe_policy(policy, venv, episodes: int, name: str = "") -> ProbeResult:
     )
 
 
-def probe_checkpoint(path: str, episodes: int = 400, n_envs: int = 16, seed: int = 0) -> ProbeResult:
+def probe_checkpoint(path: str, episodes: int = 400, n_envs: int = 16, seed: int = 0, policy=None) -> ProbeResult:
     """Load the policy in ``path`` and measure it on ``episodes`` episodes of its Memory env (module doc).
 
+    :param policy: the policy ``load_memory_policy(path)`` already returned, if the caller has it.
     :raises CheckpointError: when the file is missing or not a checkpoint.
     :raises ValueError: when the policy was not trained on a MiniGrid Memory env.
     """
@@ -193,7 +194,8 @@ def probe_checkpoint(path: str, episodes: int = 400, n_envs: int = 16, seed: int
 
     from agents.evaluation import make_policy_env
 
-    policy = load_memory_policy(path)
+    if policy is None:
+        policy = load_memory_policy(path)
     torch.manual_seed(seed)  # the sampled actions
     # In-process gymnasium envs whatever the policy trained with: the probe reads each env's grid.
     venv = make_policy_env(policy, n_envs=n_envs, seed=seed, vec_env="dummy", backend="gymnasium")
@@ -246,14 +248,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     try:  # every checkpoint is checked before any is probed: a bad last one must not waste the others' time
-        for path in args.checkpoints:
-            load_memory_policy(path)
+        policies = [load_memory_policy(path) for path in args.checkpoints]
     except (CheckpointError, ValueError, OSError) as exc:
         print(f"memory_probe: {exc}", file=sys.stderr)
         return 2
     results = []
-    for path in args.checkpoints:
-        results.append(probe_checkpoint(path, args.episodes, args.n_envs, args.seed))
+    for path, policy in zip(args.checkpoints, policies):
+        results.append(probe_checkpoint(path, args.episodes, args.n_envs, args.seed, policy=policy))
         print(f"probed {path}", file=sys.stderr, flush=True)
     print(table(results))
     if args.json is not None:
