@@ -19,7 +19,6 @@ from __future__ import annotations
 # ale-py and SB3 are imported by main() once the arguments are known to be good.
 import argparse
 import contextlib
-import errno
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agents.run_dir import cli_path
+from agents.run_dir import cli_path, output_file_problem, output_folder_problem
 
 if TYPE_CHECKING:  # for annotations only; never imported at run time from here
     from agents.evaluation import EvalTarget
@@ -123,54 +122,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- output destinations, checked before any episode runs ---------------------------------------
-
-
-def _reason(exc: OSError) -> str:
-    """An OSError in words; errors whose own words would mislead (ENOENT from /proc) say "not writable"."""
-    clear = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
-    words = exc.strerror or str(exc)
-    return words if exc.errno in clear else f"not a writable folder: {words}"
-
-
-def check_output_dir(folder: Path, option: str, shown: Path | None = None) -> None:
-    """Check that files can be written in ``folder`` (created later if missing), creating nothing.
-
-    :param folder: the folder the outputs go to.
-    :param option: the command-line option, for messages.
-    :param shown: the path the user gave, for messages (default ``folder``).
-
-    :raises UsageError: when ``folder`` or one of its parents is a file, or its nearest existing
-        parent cannot be written to (a temporary file is created and removed there to find out).
-    """
-    existing = folder
-    while not existing.exists():
-        if existing.parent == existing:
-            break
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        where = "is a file" if existing == (shown or folder) else f"is under {existing}, which is a file"
-        raise UsageError(f"{option} {shown or folder}: {where}, not a folder")
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".evaluate-write-check-"):
-            pass
-    except OSError as exc:
-        raise UsageError(f"{option} {shown or folder}: cannot write in {existing} ({_reason(exc)})") from None
-
-
-def check_output_file(path: Path, option: str, overwrite: bool) -> None:
-    """Check that ``path`` can be written, and is not an existing file unless ``overwrite``.
-
-    :raises UsageError: a folder at ``path``, an existing file without ``overwrite``, or a parent
-        folder that cannot hold it (see :func:`check_output_dir`).
-    """
-    if path.is_dir():
-        raise UsageError(f"{option} {path} is a folder; give a file name")
-    if path.is_symlink() or (path.exists() and not path.is_file()):
-        # The result is renamed over the path: that would replace the link, the pipe or the device itself.
-        raise UsageError(f"{option} {path} is a link, pipe or device, not a regular file; give a file name")
-    if path.exists() and not overwrite:
-        raise UsageError(f"{option} {path} exists; pass --overwrite to replace it, or choose another name")
-    check_output_dir(path.parent, option, shown=path)
 
 
 def check_planned_files(paths: list[Path], option: str, overwrite: bool) -> None:
@@ -371,13 +322,16 @@ def main(argv: list[str] | None = None) -> int:
         # Outputs are checked before anything heavy is imported or any episode runs: a typo in
         # --json must not surface after minutes of evaluation, with the results lost.
         if args.json is not None:
-            check_output_file(args.json, "--json", args.overwrite)
+            problem = output_file_problem(args.json, args.overwrite)
+            if problem:
+                raise UsageError(f"--json {problem}")
             if args.json.is_file() and not _is_json_file(args.json):  # e.g. `--json runs/*/checkpoint.pt`
                 raise UsageError(f"--json {args.json} exists and is not a JSON file (a checkpoint?); --overwrite "
                                  "replaces only JSON results: choose another name")
         for option, folder in (("--plot", args.plot), ("--video", args.video)):
-            if folder is not None:
-                check_output_dir(folder, option)
+            problem = output_folder_problem(folder) if folder is not None else None
+            if problem:
+                raise UsageError(f"{option} {problem}")
         return _evaluate(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -13,6 +13,10 @@ The guarantees the trainer builds on (README, "Interrupting and resuming"):
   a killed write left behind are removed when the run starts again (under the lock).
 - The snapshot key (``snapshot_key_path``) is checked when a run starts; if it cannot be used the
   run warns once and only skips the env snapshot.
+- A command-line output file or folder (``evaluate.py``'s ``--json``, ``--plot``, ``--video``, the
+  benchmarks' ``--json``) is checked before the long work that fills it (``output_file_problem``,
+  ``output_folder_problem``): an existing file is never replaced unless asked, a missing folder is
+  made when the output is written.
 
 This module imports no torch, so ``train.py`` checks the run directory before the heavy imports.
 """
@@ -24,6 +28,7 @@ import os
 import re
 import secrets
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import IO
@@ -197,6 +202,59 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_problem_words(exc: OSError) -> str:
+    """An OSError in words; errors whose own words would mislead (ENOENT from /proc) say "not writable"."""
+    clear = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+    words = exc.strerror or str(exc)
+    return words if exc.errno in clear else f"not a writable folder: {words}"
+
+
+def output_folder_problem(folder: Path, shown: Path | None = None) -> str | None:
+    """Why outputs cannot be written in ``folder`` (created when first written if missing), or None.
+
+    The one check of a command-line output folder or file's folder (``evaluate.py``, the benchmarks),
+    made before any long work so a typo does not surface after it. Creates nothing: a temporary file
+    is made and removed in the nearest existing folder to find out whether it can be written.
+
+    :param folder: where the outputs go.
+    :param shown: the path the user gave, for the message (default ``folder``).
+    :return: a message starting with the path (the caller puts its option name in front), or None.
+    """
+    shown = shown or folder
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == shown else f"is under {existing}, which is a file"
+        return f"{shown}: {where}, not a folder"
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        return f"{shown}: cannot write in {existing} ({_write_problem_words(exc)})"
+    return None
+
+
+def output_file_problem(path: Path, overwrite: bool = False, overwrite_option: str | None = "--overwrite") -> str | None:
+    """Why ``path`` cannot take a new output file, or None (see :func:`output_folder_problem`).
+
+    Refused: a folder, a link, pipe or device (a write renamed over it would replace the link or the
+    device itself), an existing file unless ``overwrite``, a parent folder that cannot hold it.
+
+    :param overwrite_option: the option that allows replacing a file, named in the message (None: the
+        command has none).
+    """
+    if path.is_dir():
+        return f"{path} is a folder; give a file name"
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        return f"{path} is a link, pipe or device, not a regular file; give a file name"
+    if path.exists() and not overwrite:
+        if overwrite_option is None:
+            return f"{path} exists; give a new file name"
+        return f"{path} exists; pass {overwrite_option} to replace it, or choose another name"
+    return output_folder_problem(path.parent, shown=path)
 
 
 def write_failure(path: str | Path, exc: BaseException) -> str:

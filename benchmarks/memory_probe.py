@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -236,11 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.seed < 2**31:
         parser.error(f"--seed must be between 0 and 2**31 - 1, got {args.seed}")
     if args.json is not None:
-        if args.json.exists() or args.json.is_symlink():
-            parser.error(f"--json {args.json} exists; give a new file name")
-        folder = args.json.parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            parser.error(f"--json {args.json}: {folder} is not a folder this user can write to")
+        from agents.run_dir import output_file_problem
+
+        problem = output_file_problem(args.json, overwrite=False, overwrite_option=None)
+        if problem:
+            parser.error(f"--json {problem}")
 
     import torch
 
@@ -259,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     if args.json is not None:
         try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
             with args.json.open("x") as out:  # "x": never replaces a file that appeared meanwhile
                 out.write(json.dumps([asdict(r) for r in results], indent=2) + "\n")
         except OSError as exc:

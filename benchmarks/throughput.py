@@ -373,12 +373,11 @@ def main() -> None:
     if args.threads < 0:
         parser.error("--threads must be 0 (torch's default) or more")
     if args.json is not None:  # checked before the runs, which take an hour, not after them
-        if args.json.is_symlink() or (args.json.exists() and not args.json.is_file()):
-            parser.error(f"--json {args.json} is a folder, link, pipe or device; give a file name")
-        if args.json.exists() and not args.overwrite:
-            parser.error(f"--json {args.json} exists; pass --overwrite to replace it, or choose another name")
-        if not args.json.resolve().parent.is_dir():
-            parser.error(f"--json {args.json}: no folder {args.json.resolve().parent}")
+        from agents.run_dir import output_file_problem
+
+        problem = output_file_problem(args.json, args.overwrite)
+        if problem:
+            parser.error(f"--json {problem}")
     if args.per_update:
         per_update(args)
         return
@@ -386,6 +385,7 @@ def main() -> None:
     if args.json is not None:
         from agents.run_dir import atomic_write
 
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(args.json, json.dumps(results, indent=1).encode())
 
 

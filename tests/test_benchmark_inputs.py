@@ -24,10 +24,10 @@ def _benchmark(script: str, *args: str | Path) -> subprocess.CompletedProcess:
         (["--rounds", "0"], "--rounds must be positive"),
         (["--json", "{existing}"], "exists; pass --overwrite"),
         (["--json", "{existing}", "--overwrite", "--frames", "0"], "--frames must be positive"),
-        (["--json", "{tmp}"], "is a folder, link, pipe or device"),
-        (["--json", "{tmp}/no/such/folder/out.json"], "no folder"),
+        (["--json", "{tmp}"], "is a folder; give a file name"),
+        (["--json", "{existing}/out.json"], "which is a file, not a folder"),
     ],
-    ids=["negative-frames", "zero-rounds", "existing-json", "overwrite-still-checks", "json-folder", "json-no-parent"],
+    ids=["negative-frames", "zero-rounds", "existing-json", "overwrite-still-checks", "json-folder", "json-parent-is-a-file"],
 )
 def test_throughput_refuses_bad_input_before_running(tmp_path: Path, args: list[str], message: str) -> None:
     existing = tmp_path / "earlier.json"

@@ -174,7 +174,7 @@ def test_probe_checkpoint_is_fixed_by_its_seed(memory_checkpoint: Path) -> None:
 def test_cli_writes_table_and_json_and_refuses_bad_input(
     memory_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / "probe.json"
+    out = tmp_path / "new" / "probe.json"  # a missing folder is made, as evaluate.py's --json does
     assert memory_probe.main([str(memory_checkpoint), "--episodes", "16", "--n-envs", "4", "--json", str(out)]) == 0
     assert "| probe at choice |" in capsys.readouterr().out
     [row] = json.loads(out.read_text())
@@ -191,10 +191,11 @@ def test_cli_writes_table_and_json_and_refuses_bad_input(
     # A bad checkpoint after a good one is found before the good one is probed (no "probed" line).
     assert memory_probe.main([str(memory_checkpoint), str(tmp_path / "missing.pt")]) == 2
     assert "probed" not in capsys.readouterr().err
-    for bad in (["--seed", "-1"], ["--json", str(tmp_path / "no" / "such" / "folder.json")]):
+    for bad, message in ((["--seed", "-1"], "--seed must be"), (["--json", str(out / "x.json")], "which is a file"),
+                         (["--json", str(tmp_path)], "is a folder")):
         with pytest.raises(SystemExit) as exit_info:
             memory_probe.main([str(memory_checkpoint), *bad])
-        assert exit_info.value.code == 2 and bad[0] in capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
     doorkey_dir = tmp_path / "doorkey"
     Trainer(load_config(None, TINY), doorkey_dir).run()
