@@ -47,6 +47,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -1695,9 +1696,16 @@ def read_study_sessions(root: Path) -> list[dict[str, Any]]:
     return sessions
 
 
-def continue_command(study: Study, executor: str, workers: int | None, address: str | None) -> str:
-    """The command that continues a stopped study."""
-    parts = ["python", "study.py", "run", str(study.source or study.name)]
+def continue_command(study: Study, executor: str, workers: int | None, address: str | None,
+                     root: Path | None = None) -> str:
+    """The command that continues a stopped study.
+
+    :param root: the study's directory (``<--root>/<name>``); a ``--root`` other than the default is
+        named, or the command would start the study afresh under ``studies/``.
+    """
+    parts = ["python", "study.py", "run", shlex.quote(str(study.source or study.name))]
+    if root is not None and root.parent != DEFAULT_ROOT:
+        parts += ["--root", shlex.quote(str(root.parent))]
     if executor != study.executor.name:
         parts += ["--executor", executor]
     if workers is not None:
@@ -1778,7 +1786,7 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
         done_before = len(jobs) - len(todo)
         display = executors.Display(study.name, len(jobs), done_before) if todo else None
         # Recorded from its start (and renewed each minute), so a killed session still counts in the report.
-        session_record = {"command": continue_command(study, executor, workers, address), "executor": executor,
+        session_record = {"command": continue_command(study, executor, workers, address, root), "executor": executor,
                           "workers": workers if executor == "ray" else workers or executors.default_workers(),
                           "address": address, "machine": machine_description(), "jobs": len(jobs),
                           "done": done_before, "jobs_run": 0, "stopped": None}
@@ -1816,11 +1824,11 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
             print(f"  not started: {text}", flush=True)
         if stopped is not None:
             print(f"stopped ({stopped}); every run keeps its last checkpoint. Continue with: "
-                  f"{continue_command(study, executor, workers, address)}", flush=True)
+                  f"{continue_command(study, executor, workers, address, root)}", flush=True)
             return executors.stop_exit_status(stopped)
         if counts["done"] < len(jobs):
             print(f"some runs did not finish; see their logs in {root / 'logs'}, then continue with: "
-                  f"{continue_command(study, executor, workers, address)}", flush=True)
+                  f"{continue_command(study, executor, workers, address, root)}", flush=True)
             return 1
     if report:
         from agents.report import write_report

@@ -359,7 +359,7 @@ def test_a_study_session_killed_outright_still_counts_in_the_provenance(tmp_path
         process.communicate(timeout=60)
     sessions = [json.loads(line) for line in (root / "tiny" / "sessions.jsonl").read_text().splitlines()]
     assert len(sessions) == 1 and sessions[0]["ended"] is None and sessions[0]["started"]
-    assert sessions[0]["command"] == f"python study.py run {path} --workers 1"
+    assert sessions[0]["command"] == f"python study.py run {path} --root {root} --workers 1"
     lines = "\n".join(provenance_lines(load_study(path), root / "tiny"))
     assert f"Run from {sessions[0]['started']} to {sessions[0]['last_seen']} (UTC) in 1 session(s)" in lines
     assert "1 of them did not record an end" in lines, lines
@@ -405,7 +405,8 @@ def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version:
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130, output
-    assert f"Continue with: python study.py run {path} --workers 1" in output
+    # The command to continue names --root: without it, it would start the study afresh under studies/.
+    assert f"Continue with: python study.py run {path} --root {root} --workers 1" in output
 
     study = load_study(path)
     jobs = plan(study, root / "tiny")
@@ -437,7 +438,7 @@ def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version:
     # trains and evaluates nothing and logs nothing.
     sessions = [json.loads(line) for line in (root / "tiny" / "sessions.jsonl").read_text().splitlines()]
     assert [s["stopped"] for s in sessions] == ["SIGINT", None] and sessions[1]["done"] == 4
-    assert sessions[1]["command"] == f"python study.py run {path} --workers 2" and sessions[1]["seconds"] > 0
+    assert sessions[1]["command"] == f"python study.py run {path} --root {root} --workers 2" and sessions[1]["seconds"] > 0
     assert sessions[1]["machine"]["cpus"] == os.cpu_count() and "hostname" not in json.dumps(sessions)
     assert run_study(study, root / "tiny", report=False) == 0
     assert snapshot(root / "tiny" / "runs") == after
