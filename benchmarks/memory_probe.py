@@ -16,7 +16,9 @@ choice (inside its 7x7 view and not hidden by a wall),
 and the success rate with and without a sighting; and how well a linear probe reads the cue from the
 core's state (the whole state: for an LSTM both h and c) at two moments: just after the last step that
 had the cue in view (is it written?) and at the final step (is it still there when the policy chooses?),
-both over the episodes that saw the cue (the others cannot hold it).
+both over the episodes that saw the cue (the others cannot hold it), and at every step in between:
+the probe's accuracy k steps after the last sighting, for k = 0 to 15, over the sighted episodes that
+lasted that long (``probe_by_lag``; in the JSON, and drawn with ``--plot``): how fast the state forgets.
 The probe is a ridge-regression classifier fitted on half the episodes and scored on the other half,
 both ways round, and scored by balanced accuracy (`probe_accuracy`): 0.5 is chance however uneven the
 keys and balls among the sighted episodes. Each env contributes its first episodes, the same number for
@@ -24,10 +26,12 @@ every env, so long episodes count as often as short ones.
 
     python benchmarks/memory_probe.py runs/memory-rims-ppo/checkpoint.pt runs/memory-lstm-ppo/checkpoint.pt
     python benchmarks/memory_probe.py CKPT --episodes 1000 --json probe.json
+    python benchmarks/memory_probe.py CKPT1 CKPT2 --plot forgetting.png   # probe accuracy by steps since the cue
 
-Exit status: 0 done; 1 the --json file could not be written at the end (the table was printed); 2 bad
-input (a missing or damaged checkpoint, a policy not trained on a MiniGrid Memory env, a bad number, a
---json file that exists or a folder that cannot take it), with one line naming it, before any probing.
+Exit status: 0 done; 1 the --json or --plot file could not be written at the end (the table was
+printed); 2 bad input (a missing or damaged checkpoint, a policy not trained on a MiniGrid Memory env, a
+bad number, a --json or --plot file that exists or a folder that cannot take it), with one line naming
+it, before any probing.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ import numpy as np
 # Run from anywhere: the package lives one folder up.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+MAX_LAG = 15  # steps after the last sighting that probe_by_lag measures (MemoryS7's hallway is ~5-10 steps)
+MIN_LAG_EPISODES = 16  # fewer sighted episodes that last k steps: no probe at lag k (None)
+
 
 @dataclass
 class ProbeResult:
@@ -57,6 +64,9 @@ class ProbeResult:
     # Probe accuracies over the episodes that saw the cue (None with fewer than 4 of them):
     probe_after_sighting: float | None  # the state just after the last step with the cue in view
     probe_at_choice: float | None  # the state of the final step
+    # probe_by_lag[k]: the state k steps after the last sighting, over the sighted episodes that lasted
+    # k more steps (None with fewer than MIN_LAG_EPISODES of them); [0] is probe_after_sighting's states.
+    probe_by_lag: list[float | None]
 
 
 def probe_accuracy(features: np.ndarray, labels: np.ndarray, ridge: float = 1.0) -> float | None:
@@ -147,29 +157,38 @@ def probe_policy(policy, venv, episodes: int, name: str = "") -> ProbeResult:
     starts = np.ones(n_envs, dtype=bool)
     cue = [_cue_is_key(env) for env in envs]
     seen = np.zeros(n_envs, dtype=bool)
-    after_sighting: list[np.ndarray | None] = [None] * n_envs
-    rows: list[tuple[bool, bool, bool, np.ndarray | None, np.ndarray]] = []
+    # Per env, the states from the last sighting on: [0] just after it, [k] k steps later (MAX_LAG at most).
+    since_sighting: list[list[np.ndarray]] = [[] for _ in range(n_envs)]
+    rows: list[tuple[bool, bool, bool, list[np.ndarray], np.ndarray]] = []
     done_per_env = [0] * n_envs
     while any(done < want for done, want in zip(done_per_env, quota)):
         in_view = [_cue_in_view(env) for env in envs]  # of the observation the policy is about to see
         actions, state = policy.act(obs, state, starts)
         step_state = state.detach().cpu().numpy()
-        for i in np.flatnonzero(in_view):
-            seen[i] = True
-            after_sighting[i] = step_state[i].copy()
+        for i in range(n_envs):
+            if in_view[i]:
+                seen[i] = True
+                since_sighting[i] = [step_state[i].copy()]
+            elif seen[i] and len(since_sighting[i]) <= MAX_LAG:
+                since_sighting[i].append(step_state[i].copy())
         obs, rewards, dones, _ = venv.step(actions)
         for i in np.flatnonzero(dones):
             if done_per_env[i] < quota[i]:
-                rows.append((cue[i], bool(rewards[i] > 0), bool(seen[i]), after_sighting[i], step_state[i].copy()))
+                rows.append((cue[i], bool(rewards[i] > 0), bool(seen[i]), since_sighting[i], step_state[i].copy()))
                 done_per_env[i] += 1
             cue[i] = _cue_is_key(envs[i])  # the vec env has already reset it
-            seen[i], after_sighting[i] = False, None
+            seen[i], since_sighting[i] = False, []
         starts = dones
     success = np.array([r[1] for r in rows])
     saw = np.array([r[2] for r in rows])
     sighted = [r for r in rows if r[2]]
     sighted_cue = np.array([r[0] for r in sighted])
     enough = len(sighted) >= 4
+    by_lag: list[float | None] = []
+    for lag in range(MAX_LAG + 1):
+        lasted = [r for r in sighted if len(r[3]) > lag]
+        by_lag.append(probe_accuracy(np.stack([r[3][lag] for r in lasted]), np.array([r[0] for r in lasted]))
+                      if len(lasted) >= MIN_LAG_EPISODES else None)
     return ProbeResult(
         checkpoint=name,
         episodes=len(rows),
@@ -177,8 +196,9 @@ def probe_policy(policy, venv, episodes: int, name: str = "") -> ProbeResult:
         cue_seen=float(saw.mean()),
         success_when_seen=float(success[saw].mean()) if saw.any() else None,
         success_when_unseen=float(success[~saw].mean()) if (~saw).any() else None,
-        probe_after_sighting=probe_accuracy(np.stack([r[3] for r in sighted]), sighted_cue) if enough else None,
+        probe_after_sighting=probe_accuracy(np.stack([r[3][0] for r in sighted]), sighted_cue) if enough else None,
         probe_at_choice=probe_accuracy(np.stack([r[4] for r in sighted]), sighted_cue) if enough else None,
+        probe_by_lag=by_lag,
     )
 
 
@@ -204,6 +224,43 @@ def probe_checkpoint(path: str, episodes: int = 400, n_envs: int = 16, seed: int
         venv.close()
 
 
+def _short_name(checkpoint: str) -> str:
+    """``.../memory-rims-ppo-k1/seed_3/checkpoint.pt`` -> ``memory-rims-ppo-k1/seed_3`` (a legend label)."""
+    path = Path(checkpoint)
+    if path.name == "checkpoint.pt":
+        path = path.parent
+    return "/".join(path.parts[-2:])
+
+
+def plot_by_lag(results: list[ProbeResult], path: Path) -> Path:
+    """Draw each result's ``probe_by_lag`` (a line per checkpoint; lags without a probe left out) to ``path``.
+
+    :return: the PNG written (through a temporary file: a failed write leaves no partial file).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from agents.plots import save_figure_atomic
+
+    fig = Figure(figsize=(6.4, 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for result in results:
+        points = [(lag, acc) for lag, acc in enumerate(result.probe_by_lag) if acc is not None]
+        if points:
+            lags, accuracy = zip(*points)
+            ax.plot(lags, accuracy, marker="o", markersize=3, label=_short_name(result.checkpoint))
+    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
+    ax.set_xlabel("steps since the cue was last in view")
+    ax.set_ylabel("probe balanced accuracy (held out)")
+    ax.set_ylim(0.4, 1.02)
+    ax.set_xlim(-0.3, MAX_LAG + 0.3)
+    ax.grid(alpha=0.3)
+    ax.set_title("Does the core's state still hold the cue?", fontsize=10)
+    ax.legend(fontsize=6, loc="lower left")
+    return save_figure_atomic(fig, path, dpi=120)
+
+
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -227,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-envs", type=int, default=16, help="envs stepped together (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="env and action-sampling seed (default 0)")
     parser.add_argument("--json", type=Path, help="also write the results here (refused if it exists)")
+    parser.add_argument("--plot", type=Path, help="also draw probe accuracy by steps since the cue to this PNG "
+                                                  "(refused if it exists)")
     args = parser.parse_args(argv)
     if not 8 <= args.episodes <= 1_000_000:
         parser.error(f"--episodes must be between 8 and 1,000,000, got {args.episodes}")
@@ -234,12 +293,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--n-envs must be between 1 and 1024, got {args.n_envs}")
     if not 0 <= args.seed < 2**31:
         parser.error(f"--seed must be between 0 and 2**31 - 1, got {args.seed}")
-    if args.json is not None:
-        from agents.run_dir import output_file_problem
+    from agents.run_dir import output_file_problem
 
-        problem = output_file_problem(args.json, overwrite=False, overwrite_option=None)
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        problem = path and output_file_problem(path, overwrite=False, overwrite_option=None)
         if problem:
-            parser.error(f"--json {problem}")
+            parser.error(f"{option} {problem}")
+    if args.json is not None and args.plot is not None and args.json.resolve() == args.plot.resolve():
+        parser.error(f"--json and --plot are the same file ({args.json}); give two names")
 
     import torch
 
@@ -256,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(probe_checkpoint(path, args.episodes, args.n_envs, args.seed, policy=policy))
         print(f"probed {path}", file=sys.stderr, flush=True)
     print(table(results))
+    status = 0
     if args.json is not None:
         try:
             args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -263,8 +325,17 @@ def main(argv: list[str] | None = None) -> int:
                 out.write(json.dumps([asdict(r) for r in results], indent=2) + "\n")
         except OSError as exc:
             print(f"memory_probe: could not write --json {args.json}: {exc.strerror or exc}", file=sys.stderr)
-            return 1
-    return 0
+            status = 1
+    if args.plot is not None:
+        try:
+            if args.plot.exists():  # appeared while probing: never replaced
+                raise FileExistsError(f"{args.plot} exists")
+            args.plot.parent.mkdir(parents=True, exist_ok=True)
+            print(f"plot: {plot_by_lag(results, args.plot)}")
+        except OSError as exc:
+            print(f"memory_probe: could not write --plot {args.plot}: {exc.strerror or exc}", file=sys.stderr)
+            status = 1
+    return status
 
 
 if __name__ == "__main__":

@@ -156,6 +156,51 @@ def test_an_agent_that_never_turns_sees_the_cue_only_from_the_first_column() -> 
     assert result.cue_seen == pytest.approx(starting_in_view / 10), "a sighting must not carry into the next episode"
 
 
+class ForgetfulPolicy(ScriptedPolicy):
+    """ScriptedPolicy whose memory lasts ``hold`` steps: the state keeps the cue at the sighting and for
+    ``hold - 1`` more steps, then only noise, so the probe must fall from 1.0 to chance at lag ``hold``."""
+
+    def __init__(self, envs: list, action: int, hold: int) -> None:
+        super().__init__(envs, action)
+        self.hold = hold
+        self.since = [None] * len(envs)  # steps since the last sighting (None: none this episode)
+
+    def act(self, obs, state: torch.Tensor, episode_start: np.ndarray):
+        state = state.clone()
+        for i, env in enumerate(self.envs):
+            if episode_start[i]:
+                self.since[i] = None
+            if memory_probe._cue_in_view(env):
+                self.since[i] = 0
+                state[i, 0] = 1.0 if memory_probe._cue_is_key(env) else -1.0
+            elif self.since[i] is not None:
+                self.since[i] += 1
+            if self.since[i] is None or self.since[i] >= self.hold:
+                state[i, 0] = 0.0
+        state[:, 1] = torch.randn(len(self.envs))
+        return np.full(len(self.envs), self.action), state
+
+
+def test_probe_by_lag_finds_when_a_memory_fades() -> None:
+    # Walking east for the 12-step limit: the episodes that start at x=1 see the cue at their first step
+    # only, so their states 0-11 steps after it are all recorded; a memory of 4 steps reads 1.0 at lags
+    # 0-3 and chance after, and lags past the episode's end have no episodes and no probe.
+    torch.manual_seed(0)
+    venv = make_vec_env("MiniGrid-MemoryS7-v0", n_envs=4, seed=5, max_episode_steps=12)
+    try:
+        result = memory_probe.probe_policy(ForgetfulPolicy(venv.envs, action=2, hold=4), venv, episodes=160)
+    finally:
+        venv.close()
+    lags = result.probe_by_lag
+    assert len(lags) == memory_probe.MAX_LAG + 1
+    assert lags[0] == result.probe_after_sighting == 1.0
+    assert lags[:4] == [1.0] * 4, lags
+    faded = lags[4:12]
+    assert None not in faded and max(faded) < 0.85 and 0.3 < float(np.mean(faded)) < 0.7, lags
+    assert lags[12:] == [None] * (memory_probe.MAX_LAG - 11), "no episode lasts 12 steps past its sighting"
+    assert result.probe_at_choice is not None and result.probe_at_choice < 0.85  # the choice is at lag 11
+
+
 @pytest.fixture(scope="module")
 def memory_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("memory") / "run"
@@ -175,10 +220,19 @@ def test_cli_writes_table_and_json_and_refuses_bad_input(
     memory_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "new" / "probe.json"  # a missing folder is made, as evaluate.py's --json does
-    assert memory_probe.main([str(memory_checkpoint), "--episodes", "16", "--n-envs", "4", "--json", str(out)]) == 0
+    plot = tmp_path / "plots" / "lag.png"
+    assert memory_probe.main([str(memory_checkpoint), "--episodes", "16", "--n-envs", "4", "--json", str(out),
+                              "--plot", str(plot)]) == 0
     assert "| probe at choice |" in capsys.readouterr().out
     [row] = json.loads(out.read_text())
     assert row["episodes"] == 16 and row["checkpoint"] == str(memory_checkpoint)
+    assert len(row["probe_by_lag"]) == memory_probe.MAX_LAG + 1
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    before_plot = plot.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        memory_probe.main([str(memory_checkpoint), "--plot", str(plot)])
+    assert exit_info.value.code == 2 and "--plot" in capsys.readouterr().err
+    assert plot.read_bytes() == before_plot, "an existing plot is never replaced"
 
     before = out.read_text()
     with pytest.raises(SystemExit) as exit_info:
