@@ -67,6 +67,7 @@ class ProbeResult:
     # probe_by_lag[k]: the state k steps after the last sighting, over the sighted episodes that lasted
     # k more steps (None with fewer than MIN_LAG_EPISODES of them); [0] is probe_after_sighting's states.
     probe_by_lag: list[float | None]
+    lag_episodes: list[int]  # [k]: how many sighted episodes lasted k steps past their last sighting
 
 
 def probe_accuracy(features: np.ndarray, labels: np.ndarray, ridge: float = 1.0) -> float | None:
@@ -199,6 +200,7 @@ def probe_policy(policy, venv, episodes: int, name: str = "") -> ProbeResult:
         probe_after_sighting=probe_accuracy(np.stack([r[3][0] for r in sighted]), sighted_cue) if enough else None,
         probe_at_choice=probe_accuracy(np.stack([r[4] for r in sighted]), sighted_cue) if enough else None,
         probe_by_lag=by_lag,
+        lag_episodes=[sum(len(r[3]) > lag for r in sighted) for lag in range(MAX_LAG + 1)],
     )
 
 
@@ -253,10 +255,11 @@ def plot_by_lag(results: list[ProbeResult], path: Path) -> Path:
     ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
     ax.set_xlabel("steps since the cue was last in view")
     ax.set_ylabel("probe balanced accuracy (held out)")
-    ax.set_ylim(0.4, 1.02)
+    ax.set_ylim(0.25, 1.02)
     ax.set_xlim(-0.3, MAX_LAG + 0.3)
     ax.grid(alpha=0.3)
-    ax.set_title("Does the core's state still hold the cue?", fontsize=10)
+    ax.set_title("Does the core's state still hold the cue? (each lag: the sighted episodes that lasted it)",
+                 fontsize=9)
     ax.legend(fontsize=6, loc="lower left")
     return save_figure_atomic(fig, path, dpi=120)
 

@@ -198,6 +198,8 @@ def test_probe_by_lag_finds_when_a_memory_fades() -> None:
     faded = lags[4:12]
     assert None not in faded and max(faded) < 0.85 and 0.3 < float(np.mean(faded)) < 0.7, lags
     assert lags[12:] == [None] * (memory_probe.MAX_LAG - 11), "no episode lasts 12 steps past its sighting"
+    sighted = result.lag_episodes[0]
+    assert sighted >= 16 and result.lag_episodes[:12] == [sighted] * 12 and result.lag_episodes[12:] == [0] * 4
     assert result.probe_at_choice is not None and result.probe_at_choice < 0.85  # the choice is at lag 11
 
 
