@@ -223,16 +223,18 @@ def output_folder_problem(folder: Path, shown: Path | None = None) -> str | None
     :return: a message starting with the path (the caller puts its option name in front), or None.
     """
     shown = shown or folder
-    existing = folder
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        where = "is a file" if existing == shown else f"is under {existing}, which is a file"
-        return f"{shown}: {where}, not a folder"
     try:
+        existing = folder
+        # A link to nothing counts as there (exists() follows links): making the folder would fail on it.
+        while not (existing.exists() or existing.is_symlink()) and existing.parent != existing:
+            existing = existing.parent
+        if not existing.is_dir():
+            what = "a link to nothing" if not existing.exists() else "a file" if existing.is_file() else "a pipe or device"
+            where = f"is {what}" if existing == shown else f"is under {existing}, which is {what}"
+            return f"{shown}: {where}, not a folder"
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check-"):
             pass
-    except OSError as exc:
+    except OSError as exc:  # a name too long, a permission on the way, ...
         return f"{shown}: cannot write in {existing} ({_write_problem_words(exc)})"
     return None
 
@@ -246,11 +248,15 @@ def output_file_problem(path: Path, overwrite: bool = False, overwrite_option: s
     :param overwrite_option: the option that allows replacing a file, named in the message (None: the
         command has none).
     """
-    if path.is_dir():
-        return f"{path} is a folder; give a file name"
-    if path.is_symlink() or (path.exists() and not path.is_file()):
-        return f"{path} is a link, pipe or device, not a regular file; give a file name"
-    if path.exists() and not overwrite:
+    try:
+        if path.is_dir():
+            return f"{path} is a folder; give a file name"
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            return f"{path} is a link, pipe or device, not a regular file; give a file name"
+        exists = path.exists()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        return f"{path}: {exc.strerror or exc}"
+    if exists and not overwrite:
         if overwrite_option is None:
             return f"{path} exists; give a new file name"
         return f"{path} exists; pass {overwrite_option} to replace it, or choose another name"

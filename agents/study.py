@@ -1700,18 +1700,20 @@ def continue_command(study: Study, executor: str, workers: int | None, address: 
                      root: Path | None = None) -> str:
     """The command that continues a stopped study.
 
-    :param root: the study's directory (``<--root>/<name>``); a ``--root`` other than the default is
-        named, or the command would start the study afresh under ``studies/``.
+    :param root: the study's directory; where it is ``<--root>/<name>`` (as ``study.py run`` makes it) a
+        ``--root`` other than the default is named, or the command would start the study afresh under
+        ``studies/``. A directory named otherwise (``run_study`` called from Python) cannot be given to
+        ``study.py run`` at all, and adds nothing.
     """
     parts = ["python", "study.py", "run", shlex.quote(str(study.source or study.name))]
-    if root is not None and root.parent != DEFAULT_ROOT:
+    if root is not None and root.name == study.name and root.parent != DEFAULT_ROOT:
         parts += ["--root", shlex.quote(str(root.parent))]
     if executor != study.executor.name:
         parts += ["--executor", executor]
     if workers is not None:
         parts += ["--workers", str(workers)]
     if address is not None:
-        parts += ["--address", address]
+        parts += ["--address", shlex.quote(address)]
     return " ".join(parts)
 
 

@@ -235,14 +235,16 @@ def _short_name(checkpoint: str) -> str:
 
 
 def plot_by_lag(results: list[ProbeResult], path: Path) -> Path:
-    """Draw each result's ``probe_by_lag`` (a line per checkpoint; lags without a probe left out) to ``path``.
+    """Draw each result's ``probe_by_lag`` (a line per checkpoint; lags without a probe left out) as a PNG
+    at ``path``, a new file: one that exists, even one that appeared while probing, is never replaced.
 
-    :return: the PNG written (through a temporary file: a failed write leaves no partial file).
+    :raises FileExistsError: when ``path`` exists (nothing is written).
+    :raises OSError: when it cannot be written (no partial file is left).
     """
+    import io
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from agents.plots import save_figure_atomic
 
     fig = Figure(figsize=(6.4, 4.0))
     FigureCanvasAgg(fig)
@@ -255,13 +257,24 @@ def plot_by_lag(results: list[ProbeResult], path: Path) -> Path:
     ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
     ax.set_xlabel("steps since the cue was last in view")
     ax.set_ylabel("probe balanced accuracy (held out)")
-    ax.set_ylim(0.25, 1.02)
+    lowest = min((a for r in results for a in r.probe_by_lag if a is not None), default=0.5)
+    ax.set_ylim(min(0.25, lowest - 0.03), 1.02)
     ax.set_xlim(-0.3, MAX_LAG + 0.3)
     ax.grid(alpha=0.3)
     ax.set_title("Does the core's state still hold the cue? (each lag: the sighted episodes that lasted it)",
                  fontsize=9)
     ax.legend(fontsize=6, loc="lower left")
-    return save_figure_atomic(fig, path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120, bbox_inches="tight")
+    try:
+        with path.open("xb") as out:  # "x": never replaces a file, even one that appeared meanwhile
+            out.write(png.getvalue())
+    except FileExistsError:
+        raise
+    except OSError:
+        path.unlink(missing_ok=True)  # ours, half written
+        raise
+    return path
 
 
 def _number(value: float | None) -> str:
@@ -302,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         problem = path and output_file_problem(path, overwrite=False, overwrite_option=None)
         if problem:
             parser.error(f"{option} {problem}")
+    if args.plot is not None and args.plot.suffix.lower() != ".png":
+        parser.error(f"--plot {args.plot}: the figure is a PNG; give a name ending in .png")
     if args.json is not None and args.plot is not None and args.json.resolve() == args.plot.resolve():
         parser.error(f"--json and --plot are the same file ({args.json}); give two names")
 
@@ -331,8 +346,6 @@ def main(argv: list[str] | None = None) -> int:
             status = 1
     if args.plot is not None:
         try:
-            if args.plot.exists():  # appeared while probing: never replaced
-                raise FileExistsError(f"{args.plot} exists")
             args.plot.parent.mkdir(parents=True, exist_ok=True)
             print(f"plot: {plot_by_lag(results, args.plot)}")
         except OSError as exc:

@@ -385,8 +385,18 @@ def main() -> None:
     if args.json is not None:
         from agents.run_dir import atomic_write
 
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(args.json, json.dumps(results, indent=1).encode())
+        data = json.dumps(results, indent=1).encode()
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            if args.overwrite:
+                atomic_write(args.json, data)
+            else:  # "x": a file that appeared during the hour of runs is not replaced either
+                with args.json.open("xb") as out:
+                    out.write(data)
+        except OSError as exc:
+            print(f"throughput: could not write --json {args.json}: {exc.strerror or exc} (the table above has "
+                  "the results)", file=sys.stderr)
+            sys.exit(1)
 
 
 if __name__ == "__main__":

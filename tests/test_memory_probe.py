@@ -248,7 +248,9 @@ def test_cli_writes_table_and_json_and_refuses_bad_input(
     assert memory_probe.main([str(memory_checkpoint), str(tmp_path / "missing.pt")]) == 2
     assert "probed" not in capsys.readouterr().err
     for bad, message in ((["--seed", "-1"], "--seed must be"), (["--json", str(out / "x.json")], "which is a file"),
-                         (["--json", str(tmp_path)], "is a folder")):
+                         (["--json", str(tmp_path)], "is a folder"),
+                         (["--plot", str(tmp_path / "lag.svg")], "ending in .png"),
+                         (["--json", str(tmp_path / "same.png"), "--plot", str(tmp_path / "same.png")], "same file")):
         with pytest.raises(SystemExit) as exit_info:
             memory_probe.main([str(memory_checkpoint), *bad])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -490,3 +490,27 @@ def test_env_snapshot_of_another_env_is_refused(tmp_path: Path, own_key: Path,
     assert resumed.rollout_state is None
     err = capsys.readouterr().err
     assert "does not belong to this checkpoint" in err and "MiniGrid-Empty-5x5-v0" in err
+
+
+def test_output_paths_are_checked_in_one_place(tmp_path: Path) -> None:
+    from agents.run_dir import output_file_problem, output_folder_problem
+
+    existing = tmp_path / "earlier.json"
+    existing.write_text("{}")
+    assert output_file_problem(tmp_path / "new" / "deeper" / "out.json") is None, "missing folders are made later"
+    assert output_file_problem(existing) == f"{existing} exists; pass --overwrite to replace it, or choose another name"
+    assert output_file_problem(existing, overwrite=True) is None
+    assert output_file_problem(existing, overwrite_option=None) == f"{existing} exists; give a new file name"
+    assert output_file_problem(tmp_path) == f"{tmp_path} is a folder; give a file name"
+    assert output_file_problem(existing / "out.json") == f"{existing / 'out.json'}: is under {existing}, which is a " \
+                                                        "file, not a folder"
+    os.mkfifo(tmp_path / "pipe")
+    assert "is a link, pipe or device" in output_file_problem(tmp_path / "pipe", overwrite=True)
+    assert output_folder_problem(tmp_path / "pipe") == f"{tmp_path / 'pipe'}: is a pipe or device, not a folder"
+    # A link to nothing is not a missing folder: creating the folder there would fail after the work.
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    assert output_file_problem(tmp_path / "gone" / "out.json") == \
+        f"{tmp_path / 'gone' / 'out.json'}: is under {tmp_path / 'gone'}, which is a link to nothing, not a folder"
+    too_long = output_file_problem(tmp_path / ("x" * 300))  # a message, not an exception
+    assert too_long is not None and str(tmp_path) in too_long
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier.json", "gone", "pipe"], "nothing created"

@@ -828,3 +828,15 @@ def test_a_failed_rename_names_the_file_meant_not_the_temporary(monkeypatch: pyt
     monkeypatch.setattr(agents.report, "write_report", rename_onto_a_folder)
     assert study_cli.main(["report", "some-study", "--root", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"error: Is a directory: {report}\n"
+
+
+def test_the_command_to_continue_names_the_root_only_where_study_py_can_take_it(tmp_path: Path) -> None:
+    from agents.study import DEFAULT_ROOT, continue_command
+
+    study = load_study(write_study(tmp_path / "my studies", tiny_study()))
+    quoted = f"'{tmp_path / 'my studies' / 'study.yaml'}'"
+    assert continue_command(study, "local", 2, None, DEFAULT_ROOT / "tiny") == f"python study.py run {quoted} --workers 2"
+    assert continue_command(study, "local", None, None, tmp_path / "out dir" / "tiny") == \
+        f"python study.py run {quoted} --root '{tmp_path / 'out dir'}'"
+    # A directory not named after the study (run_study from Python) cannot be passed as --root/<name>.
+    assert continue_command(study, "local", None, None, tmp_path / "elsewhere") == f"python study.py run {quoted}"
