@@ -133,6 +133,14 @@ def _train_children(pid: int) -> list[int]:
     return running
 
 
+def _process_state(pid: int) -> str:
+    """Linux's one-letter state of ``pid`` (R, S, T stopped, Z exited but not reaped), or "gone"."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return "gone"
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's children from Linux's /proc")
 def test_runs_have_their_own_session_and_a_second_sigterm_aborts_them(tmp_path: Path) -> None:
     # A terminal's hangup or Ctrl-C goes to the driver only (which stops every run alike), and a second
@@ -149,9 +157,14 @@ def test_runs_have_their_own_session_and_a_second_sigterm_aborts_them(tmp_path: 
         assert os.getsid(run) == run != os.getsid(sweep.pid), "the run leads a session of its own"
         # A stopped run cannot act on the first SIGTERM, so the driver is surely still waiting at the second.
         os.kill(run, signal.SIGSTOP)
+        run_log = tmp_path / "default-t" / "seed_8.log"
+        deadline = time.time() + 30
+        while _process_state(run) != "T" and time.time() < deadline:  # a run that had died is a zombie (Z)
+            time.sleep(0.05)
+        assert _process_state(run) == "T", f"the run is not stopped ({_process_state(run)}): {run_log.read_text()}"
         os.kill(sweep.pid, signal.SIGTERM)
         time.sleep(1.0)  # the handler interrupts the driver's poll at once; then it waits on the run
-        assert sweep.poll() is None, "the driver waits for the stopped run"
+        assert sweep.poll() is None, f"the driver waits for the stopped run: {sweep.communicate()[0]}"
         os.kill(sweep.pid, signal.SIGTERM)
         output = sweep.communicate(timeout=60)[0]
         assert "aborted the running runs" in output, output
