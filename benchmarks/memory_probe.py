@@ -27,6 +27,7 @@ every env, so long episodes count as often as short ones.
     python benchmarks/memory_probe.py runs/memory-rims-ppo/checkpoint.pt runs/memory-lstm-ppo/checkpoint.pt
     python benchmarks/memory_probe.py CKPT --episodes 1000 --json probe.json
     python benchmarks/memory_probe.py CKPT1 CKPT2 --plot forgetting.png   # probe accuracy by steps since the cue
+    python benchmarks/memory_probe.py CKPT --env MiniGrid-MemoryS9-v0     # on a held-out hallway length
 
 Exit status: 0 done; 1 the --json or --plot file could not be written at the end (the table was
 printed); 2 bad input (a missing or damaged checkpoint, a policy not trained on a MiniGrid Memory env, a
@@ -204,34 +205,41 @@ def probe_policy(policy, venv, episodes: int, name: str = "") -> ProbeResult:
     )
 
 
-def probe_checkpoint(path: str, episodes: int = 400, n_envs: int = 16, seed: int = 0, policy=None) -> ProbeResult:
+def probe_checkpoint(path: str, episodes: int = 400, n_envs: int = 16, seed: int = 0, policy=None,
+                     env_id: str | None = None) -> ProbeResult:
     """Load the policy in ``path`` and measure it on ``episodes`` episodes of its Memory env (module doc).
 
     :param policy: the policy ``load_memory_policy(path)`` already returned, if the caller has it.
+    :param env_id: another MiniGrid Memory env to measure it on (a held-out hallway length; default: its own).
     :raises CheckpointError: when the file is missing or not a checkpoint.
-    :raises ValueError: when the policy was not trained on a MiniGrid Memory env.
+    :raises ValueError: when the policy was not trained on a MiniGrid Memory env, or ``env_id`` is not one.
     """
     import torch
 
     from agents.evaluation import make_policy_env
 
+    if env_id is not None and not env_id.startswith("MiniGrid-Memory"):
+        raise ValueError(f"--env {env_id} is not a MiniGrid-Memory env")
     if policy is None:
         policy = load_memory_policy(path)
     torch.manual_seed(seed)  # the sampled actions
     # In-process gymnasium envs whatever the policy trained with: the probe reads each env's grid.
-    venv = make_policy_env(policy, n_envs=n_envs, seed=seed, vec_env="dummy", backend="gymnasium")
+    venv = make_policy_env(policy, n_envs=n_envs, seed=seed, env_id=env_id, vec_env="dummy", backend="gymnasium")
     try:
-        return probe_policy(policy, venv, episodes, name=str(path))
+        return probe_policy(policy, venv, episodes, name=str(path) if env_id is None else f"{path} on {env_id}")
     finally:
         venv.close()
 
 
 def _short_name(checkpoint: str) -> str:
-    """``.../memory-rims-ppo-k1/seed_3/checkpoint.pt`` -> ``memory-rims-ppo-k1/seed_3`` (a legend label)."""
-    path = Path(checkpoint)
+    """``.../memory-rims-ppo-k1/seed_3/checkpoint.pt`` -> ``memory-rims-ppo-k1/seed_3`` (a legend label;
+    ``... on MiniGrid-MemoryS9-v0`` keeps its env, shortened to ``on S9``)."""
+    name, _, env_id = checkpoint.partition(" on ")
+    path = Path(name)
     if path.name == "checkpoint.pt":
         path = path.parent
-    return "/".join(path.parts[-2:])
+    where = f" on {env_id.removeprefix('MiniGrid-Memory').removesuffix('-v0')}" if env_id else ""
+    return "/".join(path.parts[-2:]) + where
 
 
 def plot_by_lag(results: list[ProbeResult], path: Path) -> Path:
@@ -299,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--episodes", type=int, default=400, help="episodes per checkpoint (default 400)")
     parser.add_argument("--n-envs", type=int, default=16, help="envs stepped together (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="env and action-sampling seed (default 0)")
+    parser.add_argument("--env", help="probe on this MiniGrid Memory env instead of the training one, e.g. "
+                                      "MiniGrid-MemoryS9-v0 (a held-out hallway length)")
     parser.add_argument("--json", type=Path, help="also write the results here (refused if it exists)")
     parser.add_argument("--plot", type=Path, help="also draw probe accuracy by steps since the cue to this PNG "
                                                   "(refused if it exists)")
@@ -309,6 +319,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--n-envs must be between 1 and 1024, got {args.n_envs}")
     if not 0 <= args.seed < 2**31:
         parser.error(f"--seed must be between 0 and 2**31 - 1, got {args.seed}")
+    if args.env is not None:
+        from envs.registry import check_env_id
+
+        if not args.env.startswith("MiniGrid-Memory"):
+            parser.error(f"--env {args.env} is not a MiniGrid-Memory env (the probe reads the Memory envs' cue)")
+        try:
+            check_env_id(args.env)
+        except ValueError as exc:
+            parser.error(f"--env: {exc}")
     from agents.run_dir import output_file_problem
 
     for option, path in (("--json", args.json), ("--plot", args.plot)):
@@ -332,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = []
     for path, policy in zip(args.checkpoints, policies):
-        results.append(probe_checkpoint(path, args.episodes, args.n_envs, args.seed, policy=policy))
+        results.append(probe_checkpoint(path, args.episodes, args.n_envs, args.seed, policy=policy, env_id=args.env))
         print(f"probed {path}", file=sys.stderr, flush=True)
     print(table(results))
     status = 0

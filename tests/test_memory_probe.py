@@ -210,6 +210,14 @@ def memory_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir / "checkpoint.pt"
 
 
+def test_probe_checkpoint_on_a_held_out_hallway(memory_checkpoint: Path) -> None:
+    result = memory_probe.probe_checkpoint(str(memory_checkpoint), episodes=8, n_envs=4, seed=3,
+                                           env_id="MiniGrid-MemoryS11-v0")
+    assert result.episodes == 8 and result.checkpoint == f"{memory_checkpoint} on MiniGrid-MemoryS11-v0"
+    with pytest.raises(ValueError, match="not a MiniGrid-Memory env"):
+        memory_probe.probe_checkpoint(str(memory_checkpoint), episodes=8, env_id="MiniGrid-DoorKey-5x5-v0")
+
+
 def test_probe_checkpoint_is_fixed_by_its_seed(memory_checkpoint: Path) -> None:
     result = memory_probe.probe_checkpoint(str(memory_checkpoint), episodes=12, n_envs=4, seed=3)
     assert result.episodes == 12
@@ -250,6 +258,8 @@ def test_cli_writes_table_and_json_and_refuses_bad_input(
     for bad, message in ((["--seed", "-1"], "--seed must be"), (["--json", str(out / "x.json")], "which is a file"),
                          (["--json", str(tmp_path)], "is a folder"),
                          (["--plot", str(tmp_path / "lag.svg")], "ending in .png"),
+                         (["--env", "MiniGrid-DoorKey-5x5-v0"], "not a MiniGrid-Memory env"),
+                         (["--env", "MiniGrid-MemoryS8-v0"], "MiniGrid-MemoryS8-v0"),
                          (["--json", str(tmp_path / "same.png"), "--plot", str(tmp_path / "same.png")], "same file")):
         with pytest.raises(SystemExit) as exit_info:
             memory_probe.main([str(memory_checkpoint), *bad])
