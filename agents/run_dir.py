@@ -363,6 +363,12 @@ class RunLock:
                                   f"`python train.py --resume {self.run_dir}`") from None
             raise RunDirError(f"cannot lock run directory {self.run_dir}: {exc.strerror or exc}") from None
         handle.seek(0)
+        earlier = handle.read(64).strip()
+        if earlier and not earlier.isdigit():  # a lock holds a pid, or nothing yet: this is someone's own file
+            handle.close()
+            raise RunDirError(f"{path} exists and is not a run lock (this package locks a run directory with a "
+                              f"file of that name, and would overwrite it); move it, or choose another directory")
+        handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")  # for the message a second process prints
         handle.flush()

@@ -96,6 +96,19 @@ def test_a_run_without_checkpoint_is_kept_and_named(tmp_path: Path, capsys: pyte
     assert files_of(run) == {"metrics.jsonl": b'{"frames": 32}\n'}
 
 
+def test_a_users_own_lock_file_is_never_overwritten(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "project"
+    run.mkdir()
+    (run / ".lock").write_text("my own notes\n")  # a file of the user's that happens to have the lock's name
+    code, err = main(capsys, [*TINY, "--run-dir", str(run), "total_frames=32"])
+    assert code == 2 and one_line_error(err) and "is not a run lock" in err, err
+    assert (run / ".lock").read_text() == "my own notes\n"
+    # A stale lock of an earlier process (a pid) is this package's own: the run takes it.
+    (run / ".lock").write_text("123456\n")
+    assert main(capsys, [*TINY, "--run-dir", str(run), "total_frames=32"])[0] == 0
+    assert (run / ".lock").read_text().strip().isdigit()
+
+
 @pytest.mark.parametrize("case", ["file", "under_file", "uncreatable", "too_long", "dotdot", "absolute", "empty"])
 def test_unusable_run_directory_is_one_line_before_envs_are_built(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, case: str
