@@ -204,6 +204,24 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         raise
 
 
+def write_new_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` as a new file, making missing folders: a file already there, even one
+    that appeared after :func:`output_file_problem` checked the path, is never replaced (exclusive
+    create; ``atomic_write`` is the one that replaces), and a failed write leaves no partial file.
+
+    :raises FileExistsError: when ``path`` exists (nothing is written).
+    :raises OSError: when the folder or the file cannot be written.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("xb")  # from here the file is ours to remove if the write fails
+    try:
+        with handle:
+            handle.write(data)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 def _write_problem_words(exc: OSError) -> str:
     """An OSError in words; errors whose own words would mislead (ENOENT from /proc) say "not writable"."""
     clear = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)

@@ -254,6 +254,8 @@ def plot_by_lag(results: list[ProbeResult], path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from agents.run_dir import write_new_file
+
     fig = Figure(figsize=(6.4, 4.0))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -274,14 +276,7 @@ def plot_by_lag(results: list[ProbeResult], path: Path) -> Path:
     ax.legend(fontsize=6, loc="lower left")
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120, bbox_inches="tight")
-    try:
-        with path.open("xb") as out:  # "x": never replaces a file, even one that appeared meanwhile
-            out.write(png.getvalue())
-    except FileExistsError:
-        raise
-    except OSError:
-        path.unlink(missing_ok=True)  # ours, half written
-        raise
+    write_new_file(path, png.getvalue())
     return path
 
 
@@ -328,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             check_env_id(args.env)
         except ValueError as exc:
             parser.error(f"--env: {exc}")
-    from agents.run_dir import output_file_problem
+    from agents.run_dir import output_file_problem, write_new_file
 
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         problem = path and output_file_problem(path, overwrite=False, overwrite_option=None)
@@ -356,16 +351,13 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     status = 0
     if args.json is not None:
-        try:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            with args.json.open("x") as out:  # "x": never replaces a file that appeared meanwhile
-                out.write(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+        try:  # a new file: one that appeared while probing is kept
+            write_new_file(args.json, (json.dumps([asdict(r) for r in results], indent=2) + "\n").encode())
         except OSError as exc:
             print(f"memory_probe: could not write --json {args.json}: {exc.strerror or exc}", file=sys.stderr)
             status = 1
     if args.plot is not None:
         try:
-            args.plot.parent.mkdir(parents=True, exist_ok=True)
             print(f"plot: {plot_by_lag(results, args.plot)}")
         except OSError as exc:
             print(f"memory_probe: could not write --plot {args.plot}: {exc.strerror or exc}", file=sys.stderr)

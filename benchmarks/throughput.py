@@ -383,16 +383,15 @@ def main() -> None:
         return
     results = whole_process(args)
     if args.json is not None:
-        from agents.run_dir import atomic_write
+        from agents.run_dir import atomic_write, write_new_file
 
         data = json.dumps(results, indent=1).encode()
         try:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
             if args.overwrite:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(args.json, data)
-            else:  # "x": a file that appeared during the hour of runs is not replaced either
-                with args.json.open("xb") as out:
-                    out.write(data)
+            else:  # a new file: one that appeared during the hour of runs is kept too
+                write_new_file(args.json, data)
         except OSError as exc:
             print(f"throughput: could not write --json {args.json}: {exc.strerror or exc} (the table above has "
                   "the results)", file=sys.stderr)

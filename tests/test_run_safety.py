@@ -527,3 +527,15 @@ def test_output_paths_are_checked_in_one_place(tmp_path: Path) -> None:
     too_long = output_file_problem(tmp_path / ("x" * 300))  # a message, not an exception
     assert too_long is not None and str(tmp_path) in too_long
     assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier.json", "gone", "pipe"], "nothing created"
+
+
+
+def test_a_new_output_file_never_replaces_one_that_appeared(tmp_path: Path) -> None:
+    from agents.run_dir import write_new_file
+
+    target = tmp_path / "new" / "folder" / "out.json"
+    write_new_file(target, b"{}")
+    assert target.read_bytes() == b"{}", "missing folders are made"
+    with pytest.raises(FileExistsError):
+        write_new_file(target, b"[1]")
+    assert target.read_bytes() == b"{}"
