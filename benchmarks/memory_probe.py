@@ -48,6 +48,7 @@ import numpy as np
 # Run from anywhere: the package lives one folder up.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+MEMORY_ENV_PREFIX = "MiniGrid-Memory"  # the envs whose cue this probe knows where to find
 MAX_LAG = 15  # steps after the last sighting that probe_by_lag measures (MemoryS7's hallway is ~5-10 steps)
 MIN_LAG_EPISODES = 16  # fewer sighted episodes that last k steps: no probe at lag k (None)
 
@@ -133,7 +134,7 @@ def load_memory_policy(path: str):
     from policies import load_policy
 
     policy = load_policy(path)
-    if not policy.env_id.startswith("MiniGrid-Memory"):
+    if not policy.env_id.startswith(MEMORY_ENV_PREFIX):
         raise ValueError(f"{path} was trained on {policy.env_id}, not a MiniGrid-Memory env")
     return policy
 
@@ -187,8 +188,10 @@ def probe_policy(policy, venv, episodes: int, name: str = "") -> ProbeResult:
     sighted_cue = np.array([r[0] for r in sighted])
     enough = len(sighted) >= 4
     by_lag: list[float | None] = []
+    lag_episodes: list[int] = []
     for lag in range(MAX_LAG + 1):
         lasted = [r for r in sighted if len(r[3]) > lag]
+        lag_episodes.append(len(lasted))
         by_lag.append(probe_accuracy(np.stack([r[3][lag] for r in lasted]), np.array([r[0] for r in lasted]))
                       if len(lasted) >= MIN_LAG_EPISODES else None)
     return ProbeResult(
@@ -201,7 +204,7 @@ def probe_policy(policy, venv, episodes: int, name: str = "") -> ProbeResult:
         probe_after_sighting=probe_accuracy(np.stack([r[3][0] for r in sighted]), sighted_cue) if enough else None,
         probe_at_choice=probe_accuracy(np.stack([r[4] for r in sighted]), sighted_cue) if enough else None,
         probe_by_lag=by_lag,
-        lag_episodes=[sum(len(r[3]) > lag for r in sighted) for lag in range(MAX_LAG + 1)],
+        lag_episodes=lag_episodes,
     )
 
 
@@ -218,7 +221,7 @@ def probe_checkpoint(path: str, episodes: int = 400, n_envs: int = 16, seed: int
 
     from agents.evaluation import make_policy_env
 
-    if env_id is not None and not env_id.startswith("MiniGrid-Memory"):
+    if env_id is not None and not env_id.startswith(MEMORY_ENV_PREFIX):
         raise ValueError(f"--env {env_id} is not a MiniGrid-Memory env")
     if policy is None:
         policy = load_memory_policy(path)
@@ -317,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.env is not None:
         from envs.registry import check_env_id
 
-        if not args.env.startswith("MiniGrid-Memory"):
+        if not args.env.startswith(MEMORY_ENV_PREFIX):
             parser.error(f"--env {args.env} is not a MiniGrid-Memory env (the probe reads the Memory envs' cue)")
         try:
             check_env_id(args.env)
