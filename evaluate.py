@@ -18,18 +18,15 @@ from __future__ import annotations
 # imported at the top: --help and bad arguments answer in a fraction of a second. torch, gymnasium,
 # ale-py and SB3 are imported by main() once the arguments are known to be good.
 import argparse
-import contextlib
 import json
 import math
 import os
 import re
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agents.run_dir import cli_path, output_file_problem, output_folder_problem
+from agents.run_dir import atomic_output, cli_path, output_file_problem, output_folder_problem
 
 if TYPE_CHECKING:  # for annotations only; never imported at run time from here
     from agents.evaluation import EvalTarget
@@ -133,26 +130,6 @@ def check_planned_files(paths: list[Path], option: str, overwrite: bool) -> None
     if existing and not overwrite:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise UsageError(f"{option}: {existing[0]} exists{more}; pass --overwrite to replace, or choose another folder")
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary name next to ``path`` to write to; it replaces ``path`` only once written whole.
-
-    A failed or interrupted write leaves the old file (if any) as it was and no temporary behind.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(descriptor)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        yield Path(temp)
-        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
-        os.replace(temp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
 
 
 # -- tables -----------------------------------------------------------------------------------
@@ -453,7 +430,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json is not None:
         report = {"episodes": args.episodes, "seed": args.seed, "deterministic": args.deterministic,
                   "suite": args.suite, "max_video_frames": args.max_video_frames, "checkpoints": runs}
-        with atomic_path(args.json) as temp:
+        with atomic_output(args.json) as temp:
             temp.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
         print(f"results written to {args.json}")
     return 0
@@ -462,20 +439,19 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _save_video(frames: list[Any], path: Path) -> None:
     from agents.evaluation import save_video
 
-    with atomic_path(path) as temp:
+    with atomic_output(path) as temp:
         save_video(frames, temp)
 
 
 def _save_plot(trace: dict[str, Any], path: Path, title: str, core: str, episode: dict[str, Any] | None,
                episodes: int) -> None:
     # matplotlib is imported only when --plot asks for it (it is slow to import).
-    from agents.plots import plot_episode_info, save_figure
+    from agents.plots import plot_episode_info, save_figure_atomic
 
     if set(trace) == {"state_norm"}:
         print(f"note: the {core} core reports no module diagnostics; {path} shows the hidden-state norm only")
     figure = plot_episode_info(trace, title, episode=episode, episodes=episodes)
-    with atomic_path(path) as temp:
-        save_figure(figure, temp)
+    save_figure_atomic(figure, path)
 
 
 def _jsonable(value: Any) -> Any:

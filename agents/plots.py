@@ -283,8 +283,8 @@ def plot_probability_of_improvement(pois: dict[tuple[str, str], tuple[float, flo
     return figure
 
 
-def _write_png(fig: Figure, target: Any, dpi: int) -> None:
-    """Draw ``fig`` as a PNG into ``target`` (a path or a binary file): the one place both writers below
+def _write_png(fig: Figure, target: str | Path, dpi: int) -> None:
+    """Draw ``fig`` as a PNG into the file ``target``: the one place both writers below
     set how. "tight": the image spans every drawn text, so a long label tight_layout gave up on stays whole."""
     fig.savefig(target, format="png", dpi=dpi, bbox_inches="tight")
 
@@ -298,15 +298,11 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
 
 
 def save_figure_atomic(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
-    """Write ``fig`` as a PNG like :func:`save_figure`, but through ``atomic_write`` (a temporary file
-    renamed over the old one), so that a report rebuilt over an old one never leaves a half-written plot."""
-    import io
-
-    from agents.run_dir import atomic_write
+    """Write ``fig`` as a PNG like :func:`save_figure`, but through a temporary file renamed over the old
+    one (``atomic_output``), so that a plot rebuilt over an old one is never left half-written."""
+    from agents.run_dir import atomic_output
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    _write_png(fig, buffer, dpi)
-    atomic_write(path, buffer.getvalue())
+    with atomic_output(path) as temp:
+        _write_png(fig, temp, dpi)
     return path

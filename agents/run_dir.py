@@ -23,6 +23,7 @@ This module imports no torch, so ``train.py`` checks the run directory before th
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -30,6 +31,7 @@ import secrets
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -202,6 +204,23 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` for a writer that wants a file name rather than bytes (a video or
+    plot library): it replaces ``path`` when the block ends without error and is removed when it raises,
+    so an old file stays whole until the new one is. The name ends in ``path``'s suffix, from which such
+    writers pick the format; the folder is made if missing.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    tmp = tmp.with_name(tmp.name + path.suffix)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_new_file(path: Path, data: bytes) -> None:

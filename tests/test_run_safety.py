@@ -539,3 +539,20 @@ def test_a_new_output_file_never_replaces_one_that_appeared(tmp_path: Path) -> N
     with pytest.raises(FileExistsError):
         write_new_file(target, b"[1]")
     assert target.read_bytes() == b"{}"
+
+
+def test_an_output_written_by_name_replaces_the_old_file_only_when_whole(tmp_path: Path) -> None:
+    """atomic_output: what evaluate.py's videos and plots are written through (their libraries want a
+    file name, whose suffix picks the format)."""
+    from agents.run_dir import atomic_output
+
+    target = tmp_path / "videos" / "episode.gif"
+    with atomic_output(target) as temp:
+        assert temp.parent == target.parent and temp.suffix == ".gif" and temp != target
+        temp.write_bytes(b"first")
+    assert target.read_bytes() == b"first", "missing folders are made, the file renamed into place"
+    with pytest.raises(RuntimeError, match="writer failed"), atomic_output(target) as temp:
+        temp.write_bytes(b"half")
+        raise RuntimeError("writer failed")
+    assert target.read_bytes() == b"first", "a failed write leaves the old file as it was"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["episode.gif"], "and no temporary behind"
