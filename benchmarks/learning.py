@@ -146,22 +146,24 @@ def final_return(rows: list[dict]) -> float:
                  if row.get("rollout/ep_return_mean") is not None), 0.0)
 
 
-def run_config(job: Job) -> dict:
-    """The run's resolved config, once it exists."""
+def read_run(job: Job) -> tuple[list[dict], dict | None]:
+    """The run's metrics rows and its resolved config (None until it exists), each file read once, so a
+    report or plot of a run that is still writing describes one moment of it."""
     import yaml
 
-    return yaml.safe_load((job.run_dir / "config.yaml").read_text())
+    config_path = job.run_dir / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
+    return read_rows(job.run_dir), config
 
 
-def total_frames(job: Job) -> int:
-    """The run's budget, read from its resolved config once it exists."""
-    return int(run_config(job)["total_frames"])
+def finished(rows: list[dict], config: dict | None) -> bool:
+    """A run is finished when its last logged update reached the budget in its resolved config."""
+    return bool(rows) and config is not None and rows[-1]["frames"] >= int(config["total_frames"])
 
 
 def is_finished(job: Job) -> bool:
-    """A run is finished when its last logged update reached its budget."""
-    rows = read_rows(job.run_dir)
-    return bool(rows) and (job.run_dir / "config.yaml").is_file() and rows[-1]["frames"] >= total_frames(job)
+    """Whether ``job``'s run is :func:`finished`, read from its files."""
+    return finished(*read_run(job))
 
 
 def command(job: Job) -> list[str]:
@@ -242,11 +244,10 @@ def report(jobs: list[Job], threshold: float, final_bar: float) -> str:
     for label, group in by_label.items():
         made, reached, hits = 0, 0, []
         for job in group:
-            rows = read_rows(job.run_dir)
-            if not rows or not is_finished(job):
+            rows, config = read_run(job)
+            if not finished(rows, config):
                 lines.append(f"{label:<28}{job.seed:>5}{'':>9}{'unfinished':>10}")
                 continue
-            config = run_config(job)
             task_window = (config.get("meta") or {}).get("return_window")  # a multi-task run's; None otherwise
             hit, final = frames_to_threshold(rows, threshold, task_window), final_return(rows)
             fps = statistics.median(row["time/fps"] for row in rows)
@@ -295,16 +296,15 @@ def plot_curves(jobs: list[Job], threshold: float, path: Path) -> Path | None:
     for ax, (label, group) in zip(axes, by_label.items()):
         multi_task = False
         for i, job in enumerate(group):
-            rows = read_rows(job.run_dir)
-            config = run_config(job) if rows and (job.run_dir / "config.yaml").is_file() else {}
-            task_window = (config.get("meta") or {}).get("return_window")
+            rows, config = read_run(job)
+            task_window = ((config or {}).get("meta") or {}).get("return_window")
             multi_task = multi_task or task_returns(rows) is not None
             curve = return_curve(rows, task_window)
             if not curve:
                 continue
             frames, means = zip(*curve)
             ax.plot([f / 1000 for f in frames], means, color=f"C{i % 10}", linewidth=1.2,
-                    linestyle="-" if is_finished(job) else "--", label=f"seed {job.seed}")
+                    linestyle="-" if finished(rows, config) else "--", label=f"seed {job.seed}")
             hit = next((f for f, m in curve if m >= threshold), None)
             if hit is not None:
                 ax.plot(hit / 1000, threshold, "o", color=f"C{i % 10}", markersize=4)
