@@ -321,14 +321,10 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
               f"first window whose episodes' mean return reaches {spec.threshold:g} (a run that never does counts "
               "as the whole budget, a lower bound, and the table says how many did); *zero-shot* = the pre-trained "
               "model's evaluation return on the held-out task; *final* = the mean of the last 10% of the windows.",
-              f"- Statistics (rliable): IQM and mean over runs x tasks with {int(rp.CONFIDENCE * 100)}% stratified "
-              f"bootstrap intervals ({reps:,} resamples), probabilities of improvement P(X > Y) with their intervals "
-              f"({small:,} resamples). A model with a single run has no interval (shown as a zero-width one).",
-              "- Smallest detectable difference (the questions): from the observed seed-to-seed spread of the "
-              "area under the curve per run (mean over tasks), the difference in mean area that a two-sided test "
-              "at the 5% level would detect with 80% power, `(t(0.975, df) + t(0.8, df)) * sqrt(sd_x^2/n_x + "
-              "sd_y^2/n_y)`; smaller true differences are within what these seeds can tell apart from seed noise "
-              "(unknown with fewer than two runs).", ""]
+              rp.statistics_protocol(reps, "runs x tasks", "a fine-tuning row's seed s starts from its model's "
+                                     "seed s, and every row's seed s meets the same evaluation levels"),
+              "- Smallest detectable difference (the questions): " + rp.detectable_protocol(
+                  "area under the curve per run (mean over tasks)"), ""]
     rows = [[m.label, f"`{rp._short_path(m.config)}`", " ".join(f"`{o}`" for o in m.overrides) or "-",
              str(sum(r.finished for r in pre.runs.get(m.label, [])))] for m in study.models]
     lines += rp._table(["model", "config", "overrides", "finished pre-training runs"], rows)
@@ -409,15 +405,16 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
                 if x not in measures["auc"] or y not in measures["auc"]:
                     rows.append([x, y, "- (no finished runs)", "-", "-", "-"])
                     continue
-                area = rp.poi_interval(measures["auc"][x], measures["auc"][y], reps=small)
+                area = rp.poi_interval(measures["auc"][x], measures["auc"][y], reps=reps)
+                area_p = rp.poi_permutation_p(measures["auc"][x], measures["auc"][y])
                 # Per run (mean over tasks), as the generalisation report's held-out return per run.
                 area_x, area_y = measures["auc"][x].mean(axis=1), measures["auc"][y].mean(axis=1)
                 detectable = rp.detectable_difference(area_x, area_y)
                 # Fewer frames is better: P(X > Y) on the negated frames is P(X reaches it sooner).
-                speed = rp.poi_interval(-measures["frames_to_threshold"][x], -measures["frames_to_threshold"][y],
-                                        reps=small)
+                frames_x, frames_y = -measures["frames_to_threshold"][x], -measures["frames_to_threshold"][y]
+                speed, speed_p = rp.poi_interval(frames_x, frames_y, reps=reps), rp.poi_permutation_p(frames_x, frames_y)
                 pois[x, y] = area
-                rows.append([x, y, rp._ci(area), rp._ci(speed),
+                rows.append([x, y, f"{rp._ci(area)}, p {area_p:.3f}", f"{rp._ci(speed)}, p {speed_p:.3f}",
                              rp._fmt(float(np.mean(area_x)) - float(np.mean(area_y)), 3), rp._fmt(detectable, 3)])
                 # A from-scratch row does not depend on pre-training: only pre-trained sources can be flagged.
                 flagged = [spec.run(r).source for r in (x, y)
@@ -429,14 +426,15 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
                                    f"unknown (fewer than two runs)): no claim is made{caveat}")
                     continue
                 # The area answers by the generalisation report's rule (IQM intervals and P(improvement) both);
-                # frames to threshold, a secondary measure often censored at the budget, by P(improvement) alone.
+                # frames to threshold, a secondary measure often censored at the budget, by P(improvement) and its test.
                 area_answer = rp.conclusion(x, y, ci["auc"][x]["iqm"], ci["auc"][y]["iqm"], area, detectable,
-                                            where="", per_run="mean area")
+                                            where="", per_run="mean area", p_value=area_p)
                 answers.append(f"area under the curve: {area_answer}{caveat}")
-                sooner = rp.verdict(x, y, speed).replace("improves on", "reaches the threshold sooner than")
+                sooner = rp.verdict(x, y, speed, speed_p).replace("improves on", "reaches the threshold sooner than")
                 sooner = sooner.replace("does worse than", "reaches it later than")
-                answers.append(f"frames to threshold (by P(improvement) alone): {sooner}")
-        lines += rp._table(["X", "Y", "P(area X > area Y) [95% CI]", "P(X reaches the threshold sooner) [95% CI]",
+                answers.append(f"frames to threshold (by P(improvement) and its permutation test): {sooner}")
+        lines += rp._table(["X", "Y", "P(area X > area Y) [95% CI], permutation test p",
+                            "P(X reaches the threshold sooner) [95% CI], permutation test p",
                             "observed mean area X - Y", "smallest detectable difference in mean area"], rows)
         lines += [f"- {a}." for a in answers] or ["- No comparison: runs missing."]
         lines += [""]

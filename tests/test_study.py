@@ -150,7 +150,7 @@ def test_performance_profile_and_verdicts() -> None:
     assert profile.tolist() == [0.75, 0.25]
     assert np.all(low <= profile) and np.all(profile <= high)
     assert "improves on" in report.verdict("rims", "lstm", (0.8, 0.6, 0.95))
-    assert "do not separate" in report.verdict("rims", "lstm", (0.6, 0.4, 0.8))
+    assert "does not separate" in report.verdict("rims", "lstm", (0.6, 0.4, 0.8))
     assert "worse" in report.verdict("rims", "lstm", (0.2, 0.1, 0.4))
 
 
