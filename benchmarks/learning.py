@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import statistics
@@ -235,6 +236,31 @@ def run_all(jobs: list[Job], parallel: int) -> list[Job]:
         raise SystemExit(stop_exit_status(received[-1]))
 
 
+def binomial_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Clopper-Pearson (exact) interval of a success rate from ``successes`` of ``trials``: how little a
+    count of seeds such as 1 of 5 pins down (0.01-0.72). (0, 1) for no trials.
+
+    Each end solves a binomial tail equal to ``(1 - confidence) / 2`` by bisection (no scipy needed).
+    """
+    tail = (1 - confidence) / 2
+
+    def at_least(k: int, p: float) -> float:  # P(X >= k) for X ~ Binomial(trials, p): increasing in p
+        return sum(math.comb(trials, i) * p**i * (1 - p) ** (trials - i) for i in range(k, trials + 1))
+
+    def solve(k: int, target: float) -> float:  # the p at which at_least(k, p) = target
+        low, high = 0.0, 1.0
+        for _ in range(60):
+            middle = (low + high) / 2
+            low, high = (middle, high) if at_least(k, middle) < target else (low, middle)
+        return (low + high) / 2
+
+    if trials == 0:
+        return 0.0, 1.0
+    lower = 0.0 if successes == 0 else solve(successes, tail)  # P(X >= successes) = tail
+    upper = 1.0 if successes == trials else solve(successes + 1, 1 - tail)  # P(X <= successes) = tail
+    return lower, upper
+
+
 def report(jobs: list[Job], threshold: float, final_bar: float) -> str:
     """Per seed and per config: frames to threshold, final return, and the count of seeds that made it."""
     lines = [f"{'config':<28}{'seed':>5}{'budget':>9}{'to ' + str(threshold):>10}{'final':>8}{'fps':>7}  verdict"]
@@ -242,12 +268,13 @@ def report(jobs: list[Job], threshold: float, final_bar: float) -> str:
     for job in jobs:
         by_label.setdefault(job.label, []).append(job)
     for label, group in by_label.items():
-        made, reached, hits = 0, 0, []
+        made, reached, done, hits = 0, 0, 0, []
         for job in group:
             rows, config = read_run(job)
             if not finished(rows, config):
                 lines.append(f"{label:<28}{job.seed:>5}{'':>9}{'unfinished':>10}")
                 continue
+            done += 1
             task_window = (config.get("meta") or {}).get("return_window")  # a multi-task run's; None otherwise
             hit, final = frames_to_threshold(rows, threshold, task_window), final_return(rows)
             fps = statistics.median(row["time/fps"] for row in rows)
@@ -261,8 +288,11 @@ def report(jobs: list[Job], threshold: float, final_bar: float) -> str:
                          f"{fps:>7.0f}  {verdict}"
                          + (" (" + ", ".join(f"{t} {r:.3f}" for t, r in per_task.items()) + ")" if per_task else ""))
         median = statistics.median(hits) if hits else float("inf")
-        lines.append(f"{label:<28}  reached {threshold} on {reached}/{len(group)}, reached and still >= {final_bar} "
-                     f"at the end on {made}/{len(group)}; median frames to {threshold}: {median}")
+        low, high = binomial_interval(made, done)
+        unfinished = f" ({len(group) - done} unfinished, not counted)" if done < len(group) else ""
+        lines.append(f"{label:<28}  reached {threshold} on {reached}/{done}, reached and still >= {final_bar} "
+                     f"at the end on {made}/{done} (95% CI of the rate {low:.2f}-{high:.2f}){unfinished}; "
+                     f"median frames to {threshold}: {median}")
     return "\n".join(lines)
 
 

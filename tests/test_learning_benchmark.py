@@ -91,6 +91,26 @@ def test_curves_are_drawn_per_config_and_only_once_a_run_has_a_point(tmp_path: P
     assert long.name.startswith("config-0-with-a-long-name+7-more-") and len(long.name) < 80
 
 
+def test_the_summary_counts_finished_runs_with_an_exact_interval(tmp_path: Path) -> None:
+    """1 of 5 and 5 of 5 say less than they seem to (Clopper-Pearson: 0.01-0.72 and 0.48-1.00); a run
+    still going is left out of the count, not counted as failed."""
+    from scipy import stats
+
+    for successes, trials in [(1, 5), (5, 5), (0, 5), (7, 10), (3, 4)]:
+        expected = stats.binomtest(successes, trials).proportion_ci(method="exact")
+        assert learning.binomial_interval(successes, trials) == pytest.approx((expected.low, expected.high), abs=1e-9)
+    assert learning.binomial_interval(0, 0) == (0.0, 1.0)
+
+    learned = [{"frames": 1000 * i, "rollout/episodes": 50, "rollout/ep_return_mean": 0.1 * i, "time/fps": 900}
+               for i in range(1, 11)]
+    flat = [{**row, "rollout/ep_return_mean": 0.2} for row in learned]
+    jobs = [_fake_run(tmp_path, "a", 1, learned, 10000), _fake_run(tmp_path, "a", 2, flat, 10000),
+            _fake_run(tmp_path, "a", 3, learned[:3], 10000)]
+    summary = learning.report(jobs, 0.8, 0.75).splitlines()[-1]
+    assert "reached 0.8 on 1/2, reached and still >= 0.75 at the end on 1/2 (95% CI of the rate 0.01-0.99) " \
+           "(1 unfinished, not counted)" in summary, summary
+
+
 def _start_sweep(out: Path, seed: int) -> subprocess.Popen:
     """A real learning.py sweep of one tiny run of the embedded default, far too long to finish on its own."""
     command = [sys.executable, str(REPO / "benchmarks" / "learning.py"), "--configs", "default", "--seeds", str(seed),
