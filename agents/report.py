@@ -666,7 +666,8 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
                      ", ".join(sorted({r.provenance for r in records})) or "-"])
     lines += _table(["model", "config", "overrides", "finished runs", "provenance (config hash, code version)"], rows)
     if results.missing:
-        lines += [f"Not included (unfinished or failed): {'; '.join(results.missing)}.", ""]
+        lines += [f"Unfinished or not started (an unfinished run counts only at the evaluation points it has "
+                  f"reached): {'; '.join(results.missing)}.", ""]
     counts = {len(s) for s in final.values()}
     if len(counts) > 1:
         lines += ["**Models have different numbers of finished runs**: compare with care.", ""]
