@@ -476,6 +476,13 @@ def load_scores(study: str | Path, point: int | None = None, held_out_only: bool
 # -- report ----------------------------------------------------------------------------------------
 
 
+def per_env_poi(x: np.ndarray, y: np.ndarray, reps: int = REPS) -> list[str]:
+    """P(X > Y) on each env alone, with its interval and permutation p, as table cells. The pooled P
+    weighs an env every model fails (all ties: 0.5) as much as one that tells them apart."""
+    return [f"{_ci(poi_interval(x[:, [k]], y[:, [k]], reps=reps))}, p {poi_permutation_p(x[:, [k]], y[:, [k]]):.3f}"
+            for k in range(x.shape[1])]
+
+
 def statistics_protocol(reps: int, unit: str, runs_share: str) -> str:
     """The protocol's statistics bullet, one text for the generalisation and the adaptation reports.
 
@@ -701,11 +708,13 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
             for m in heldout_scores:
                 if m == baseline:
                     continue
-                poi = poi_interval(heldout_scores[m], heldout_scores[baseline], reps=reps)
-                pois[m, baseline] = poi
-                p_values[m, baseline] = poi_permutation_p(heldout_scores[m], heldout_scores[baseline])
-                rows.append([m, baseline, _ci(poi), f"{p_values[m, baseline]:.3f}"])
-        lines += _table(["model X", "baseline Y", "P(X > Y) [95% CI]", "permutation test p (P = 0.5)"], rows)
+                x, y = heldout_scores[m], heldout_scores[baseline]
+                pois[m, baseline] = poi_interval(x, y, reps=reps)
+                p_values[m, baseline] = poi_permutation_p(x, y)
+                rows.append([m, baseline, _ci(pois[m, baseline]), f"{p_values[m, baseline]:.3f}",
+                             *(per_env_poi(x, y, reps) if x.shape[1] > 1 else [])])
+        lines += _table(["model X", "baseline Y", "P(X > Y) [95% CI]", "permutation test p (P = 0.5)",
+                         *(f"{env} alone: P [95% CI], p" for env in held if len(held) > 1)], rows)
     per_run = {m: s.mean(axis=1) for m, s in heldout_scores.items()}
     for (m, baseline), poi in pois.items():
         if m not in results.baselines:

@@ -154,6 +154,14 @@ def test_poi_statistics_match_rliable_and_an_exact_rank_test() -> None:
     assert many == pytest.approx(1 / 2001)
 
 
+def test_per_env_poi_tells_an_env_that_separates_from_one_every_model_fails() -> None:
+    better = np.column_stack([np.linspace(0.6, 0.7, 5), np.zeros(5)])  # env 1: every run at 0
+    worse = np.column_stack([np.linspace(0.1, 0.2, 5), np.zeros(5)])
+    assert report.poi_interval(better, worse, reps=500)[0] == 0.75  # pooled: env 1's ties pull it to the middle
+    first, second = report.per_env_poi(better, worse, reps=500)
+    assert first == "1.00 [1.00, 1.00], p 0.008" and second == "0.50 [0.50, 0.50], p 1.000"
+
+
 def test_a_models_interval_does_not_depend_on_the_other_models() -> None:
     rng = np.random.default_rng(1)
     scores = {"a": rng.random((5, 2)), "b": rng.random((5, 2))}
