@@ -777,8 +777,8 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
         lines += _table(["seed", *final], rows)
 
     lines += ["## What the intervals support", "", "Each sentence follows mechanically from the held-out intervals "
-              "above: an improvement is claimed only when the IQM intervals do not overlap and the P(improvement) "
-              "interval excludes 0.5.", ""]
+              "above: an improvement is claimed only when the IQM intervals do not overlap, the P(improvement) "
+              f"interval excludes 0.5 and its permutation test gives p < {ALPHA}.", ""]
     lines += [f"- {c}." for c in conclusions] or ["- No LSTM baseline in this study: no comparison made."]
     lines += [""]
     lines += provenance_lines(study, results.directory)
