@@ -41,39 +41,73 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def _last_row_fps(run_dir: Path, since: float) -> float:
-    """``time/fps`` of the last metrics row of a run written after ``since`` (0 if none)."""
+def _last_row(run_dir: Path, since: float = 0.0) -> dict[str, Any]:
+    """The last metrics row of a run, if written after ``since`` (else, or if none, an empty dict)."""
     path = run_dir / "metrics.jsonl"
     try:
         if path.stat().st_mtime < since:
-            return 0.0
+            return {}
         with path.open("rb") as handle:
             handle.seek(0, os.SEEK_END)
             size = handle.tell()
             handle.seek(max(0, size - 4096))
             lines = handle.read().decode(errors="replace").strip().splitlines()
     except OSError:
-        return 0.0
+        return {}
     import json
 
     for line in reversed(lines):
         try:
-            return float(json.loads(line).get("time/fps") or 0.0)
-        except (ValueError, AttributeError):
+            row = json.loads(line)
+        except ValueError:
             continue
-    return 0.0
+        if isinstance(row, dict):
+            return row
+    return {}
+
+
+def _last_row_fps(run_dir: Path, since: float) -> float:
+    """``time/fps`` of the last metrics row of a run written after ``since`` (0 if none)."""
+    try:
+        return float(_last_row(run_dir, since).get("time/fps") or 0.0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def frames_left(jobs: Sequence[Job]) -> int:
+    """Training frames the jobs still have to run, from each run's last metrics row."""
+    left = 0
+    for job in jobs:
+        try:
+            trained = int(_last_row(Path(job.run_dir)).get("frames") or 0)
+        except (TypeError, ValueError):
+            trained = 0
+        left += max(job.total_frames - trained, 0)
+    return left
+
+
+def _duration(seconds: float) -> str:
+    """``1h05m`` / ``12m`` / ``40s``."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m" if seconds >= 60 else f"{seconds}s"
 
 
 class Display:
     """One live status line (rewritten in place on a terminal, a line every 30 s otherwise)."""
 
-    def __init__(self, name: str, total: int, done: int, stream: TextIO | None = None) -> None:
+    def __init__(self, name: str, total: int, done: int, stream: TextIO | None = None,
+                 todo: Sequence[Job] = ()) -> None:
+        """:param todo: the jobs this session runs; with them the line estimates the time left."""
         self.name, self.total, self.done_before = name, total, done
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
         self.started = time.time()
         self._last_print = 0.0
         self._width = 0
+        self.todo = list(todo)
+        self.frames_at_start = frames_left(self.todo)
 
     def line(self, done: int, running: Sequence[Job], queued: int, failed: int) -> str:
         """The status line for these counts."""
@@ -81,7 +115,18 @@ class Display:
         elapsed = int(time.time() - self.started)
         failures = f", {failed} failed" if failed else ""
         return (f"{self.name}: {done}/{self.total} runs done, {len(running)} running, {queued} queued{failures} | "
-                f"{fps:,.0f} frames/s | {elapsed // 60}m{elapsed % 60:02d}s")
+                f"{fps:,.0f} frames/s | {elapsed // 60}m{elapsed % 60:02d}s{self._time_left(elapsed)}")
+
+    def _time_left(self, elapsed: float) -> str:
+        """``, ~1h05m left``: the frames left at this session's average rate so far (evaluations and
+        start-up included, as they take their share of the time); empty until a minute's progress."""
+        if not self.todo or elapsed < 60:
+            return ""
+        left = frames_left(self.todo)
+        trained = self.frames_at_start - left
+        if trained <= 0:
+            return ""
+        return f", ~{_duration(elapsed * left / trained)} left" if left else ""
 
     def update(self, done: int, running: Sequence[Job], queued: int, failed: int, force: bool = False) -> None:
         """Show the counts (rate-limited)."""

@@ -1786,7 +1786,7 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
         stopped: str | None = None
         blocked: list[str] = []
         done_before = len(jobs) - len(todo)
-        display = executors.Display(study.name, len(jobs), done_before) if todo else None
+        display = executors.Display(study.name, len(jobs), done_before, todo=todo) if todo else None
         # Recorded from its start (and renewed each minute), so a killed session still counts in the report.
         session_record = {"command": continue_command(study, executor, workers, address, root), "executor": executor,
                           "workers": workers if executor == "ray" else workers or executors.default_workers(),

@@ -777,6 +777,29 @@ def test_recorded_stop_signals_never_cut_a_step_short() -> None:
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
+def test_the_status_line_estimates_the_time_left_from_this_sessions_rate(tmp_path: Path) -> None:
+    import io
+
+    from agents.executors import Display
+    from agents.study import Job
+
+    jobs = []
+    for seed in (1, 2):
+        (tmp_path / f"seed_{seed}").mkdir()
+        jobs.append(Job(study="tiny", model="lstm", seed=seed, run_dir=str(tmp_path / f"seed_{seed}"), config="c.yaml",
+                        overrides=(), total_frames=1000, points=(1000,), episodes=1, final_episodes=1, eval_args=(),
+                        config_sha256="", log=str(tmp_path / f"seed_{seed}.log")))
+    # Seed 1 had trained 200 frames before this session: 1,800 frames to go when it starts.
+    (tmp_path / "seed_1" / "metrics.jsonl").write_text(json.dumps({"frames": 200, "time/fps": 100}) + "\n")
+    display = Display("tiny", 2, 0, stream=io.StringIO(), todo=jobs)
+    display.started -= 30
+    assert "left" not in display.line(0, jobs, 0, 0), "no estimate before a minute's progress"
+    display.started -= 90  # two minutes in, 600 frames trained: 1,200 to go at 300 a minute
+    (tmp_path / "seed_1" / "metrics.jsonl").write_text(json.dumps({"frames": 600, "time/fps": 100}) + "\n")
+    (tmp_path / "seed_2" / "metrics.jsonl").write_text("not json\n" + json.dumps({"frames": 200}) + "\n")
+    assert display.line(0, jobs, 0, 0).endswith("| 2m00s, ~4m left")
+
+
 def test_the_display_survives_a_terminal_that_is_gone() -> None:
     # After a hangup every write to the terminal fails (EIO); the pool loop must still reach the code
     # that stops its runs, so the display goes quiet instead of raising.
