@@ -394,6 +394,7 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
 
     # The questions.
     pois: dict[tuple[str, str], tuple[float, float, float]] = {}
+    area_p_values: dict[tuple[str, str], float] = {}
     lines += ["## The questions", ""]
     if not spec.questions:
         lines += ["The study file asks none.", ""]
@@ -413,7 +414,7 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
                 # Fewer frames is better: P(X > Y) on the negated frames is P(X reaches it sooner).
                 frames_x, frames_y = -measures["frames_to_threshold"][x], -measures["frames_to_threshold"][y]
                 speed, speed_p = rp.poi_interval(frames_x, frames_y, reps=reps), rp.poi_permutation_p(frames_x, frames_y)
-                pois[x, y] = area
+                pois[x, y], area_p_values[x, y] = area, area_p
                 rows.append([x, y, f"{rp._ci(area)}, p {area_p:.3f}", f"{rp._ci(speed)}, p {speed_p:.3f}",
                              rp._fmt(float(np.mean(area_x)) - float(np.mean(area_y)), 3), rp._fmt(detectable, 3)])
                 # A from-scratch row does not depend on pre-training: only pre-trained sources can be flagged.
@@ -464,7 +465,7 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
                   f"{'; '.join(f'{m}: {provenances[m]}' for m in mixed)}. Compare with care.", ""]
 
     lines += rp.provenance_lines(study, directory)
-    figures = _write_plots(directory, study, finetunes, ci["auc"], pois, small)
+    figures = _write_plots(directory, study, finetunes, ci["auc"], pois, area_p_values, small)
     lines += ["## Plots", "", *(f"![{name}](plots/{name}.png)" for name in figures), ""]
     return "\n".join(lines)
 
@@ -482,7 +483,8 @@ def _step_curve(frames: np.ndarray, values: np.ndarray, grid: np.ndarray) -> np.
 
 def _write_plots(directory: Path, study: Any, finetunes: dict[str, list[FinetuneRecord]],
                  auc: dict[str, dict[str, tuple[float, float, float]]],
-                 pois: dict[tuple[str, str], tuple[float, float, float]], reps: int) -> list[str]:
+                 pois: dict[tuple[str, str], tuple[float, float, float]], p_values: dict[tuple[str, str], float],
+                 reps: int) -> list[str]:
     """Fine-tuning curves, the area's interval estimates and the questions' probabilities of improvement."""
     from matplotlib.figure import Figure
 
@@ -539,7 +541,7 @@ def _write_plots(directory: Path, study: Any, finetunes: dict[str, list[Finetune
 
     if pois:
         save("probability_of_improvement", plot_probability_of_improvement(
-            pois, labels, "probability of improvement of the area under the curve (95% CI)"))
+            pois, labels, "probability of improvement of the area under the curve (95% CI)", p_values, rp.ALPHA))
     return written
 
 

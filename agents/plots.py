@@ -259,24 +259,32 @@ def plot_bars(
 
 
 def plot_probability_of_improvement(pois: dict[tuple[str, str], tuple[float, float, float]],
-                                    order: Sequence[str], xlabel: str) -> Figure:
+                                    order: Sequence[str], xlabel: str,
+                                    p_values: dict[tuple[str, str], float] | None = None,
+                                    alpha: float = 0.05) -> Figure:
     """One row per pair ``(x, y)``: P(x > y) with its interval, coloured as ``x``'s place in ``order``.
 
-    :param pois: ``{(x, y): (point, low, high)}``, as ``agents.report.probability_of_improvement`` gives.
+    :param pois: ``{(x, y): (point, low, high)}``, as ``agents.report.poi_interval`` gives.
     :param order: the labels in the order that sets their colours (``C0``, ``C1``, ...).
     :param xlabel: what the probability is of.
+    :param p_values: each pair's permutation test p-value: written in its label, and a pair the test
+        does not separate from 0.5 (p >= ``alpha``) is drawn with a hollow marker, however its interval lies.
     """
     pairs = list(pois)
     figure = Figure(figsize=(7, 0.5 * len(pairs) + 1.4))
     ax = figure.add_subplot(1, 1, 1)
     for i, (x, y) in enumerate(pairs):
         point, low, high = pois[x, y]
-        ax.errorbar(point, i, xerr=[[point - low], [high - point]], fmt="o", capsize=5, color=f"C{order.index(x)}")
+        color = f"C{order.index(x)}"
+        hollow = p_values is not None and p_values[x, y] >= alpha
+        ax.errorbar(point, i, xerr=[[point - low], [high - point]], fmt="o", capsize=5, color=color,
+                    markerfacecolor="white" if hollow else color)
     ax.axvline(0.5, color="grey", linestyle="--")
-    ax.set_yticks(range(len(pairs)), [f"P({x} > {y})" for x, y in pairs])
+    labels = [f"P({x} > {y})" + ("" if p_values is None else f", p {p_values[x, y]:.3f}") for x, y in pairs]
+    ax.set_yticks(range(len(pairs)), labels)
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.6, len(pairs) - 0.4)
-    ax.set_xlabel(xlabel)
+    ax.set_xlabel(xlabel + ("" if p_values is None else f"; hollow: permutation test p >= {alpha:g}"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # long labels: tight_layout may give up
         figure.tight_layout()

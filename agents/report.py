@@ -783,7 +783,7 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
     lines += [""]
     lines += provenance_lines(study, results.directory)
     if plots:
-        figures = write_plots(results, heldout_scores, estimates, curve, pois, reps=min(reps, SMALL_REPS),
+        figures = write_plots(results, heldout_scores, estimates, curve, pois, p_values, reps=min(reps, SMALL_REPS),
                               env_curves=env_curves)
         lines += ["## Plots", "", *(f"![{name}](plots/{name}.png)" for name in figures), ""]
     return "\n".join(lines)
@@ -827,7 +827,8 @@ def _draw_curves(ax: Any, points: np.ndarray, by_model: dict[str, list[tuple[flo
 def write_plots(results: StudyResults, heldout_scores: dict[str, np.ndarray],
                 estimates: dict[str, dict[str, tuple[float, float, float]]],
                 curve: dict[str, list[tuple[float, float, float]]],
-                pois: dict[tuple[str, str], tuple[float, float, float]], reps: int = SMALL_REPS,
+                pois: dict[tuple[str, str], tuple[float, float, float]],
+                p_values: dict[tuple[str, str], float] | None = None, reps: int = SMALL_REPS,
                 env_curves: dict[str, dict[str, list[tuple[float, float, float]]]] | None = None) -> list[str]:
     """Write the report's PNGs into ``<study dir>/plots/`` and return their names.
 
@@ -866,7 +867,8 @@ def write_plots(results: StudyResults, heldout_scores: dict[str, np.ndarray],
     # Probability of improvement.
     if pois:
         save("probability_of_improvement",
-             plot_probability_of_improvement(pois, models, "probability of improvement (95% CI), held-out envs"))
+             plot_probability_of_improvement(pois, models, "probability of improvement (95% CI), held-out envs",
+                                             p_values, ALPHA))
 
     # Performance profiles.
     everything = np.concatenate([s.ravel() for s in heldout_scores.values()])

@@ -120,3 +120,15 @@ def test_saved_figures_keep_a_label_wider_than_the_figure(tmp_path: Path) -> Non
         path = save(fig, tmp_path / f"{save.__name__}.png", dpi=100)
         width, _ = Image.open(path).size
         assert width >= drawn.width * 100 - 1, save.__name__
+
+
+def test_a_pair_its_permutation_test_does_not_separate_is_drawn_hollow() -> None:
+    """An interval off 0.5 with p 0.095 (five runs against five) must not look like a separated pair."""
+    order = ["x", "y", "z"]
+    fig = plot_probability_of_improvement({("x", "y"): (0.84, 0.52, 1.0), ("z", "y"): (0.96, 0.76, 1.0)}, order,
+                                          "P", p_values={("x", "y"): 0.095, ("z", "y"): 0.016})
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["P(x > y), p 0.095", "P(z > y), p 0.016"]
+    faces = [line.get_markerfacecolor() for line in ax.lines if line.get_marker() == "o"]
+    assert faces == ["white", "C2"]
+    assert "hollow: permutation test p >= 0.05" in ax.get_xlabel()
