@@ -489,6 +489,7 @@ def _write_plots(directory: Path, study: Any, finetunes: dict[str, list[Finetune
     from matplotlib.figure import Figure
 
     from agents.plots import plot_probability_of_improvement, save_figure_atomic
+    from agents.report import ALPHA
 
     spec = study.adaptation
     folder = directory / "plots"
@@ -541,7 +542,7 @@ def _write_plots(directory: Path, study: Any, finetunes: dict[str, list[Finetune
 
     if pois:
         save("probability_of_improvement", plot_probability_of_improvement(
-            pois, labels, "probability of improvement of the area under the curve (95% CI)", p_values, rp.ALPHA))
+            pois, labels, "probability of improvement of the area under the curve (95% CI)", p_values, ALPHA))
     return written
 
 
