@@ -222,23 +222,29 @@ def poi_permutation_p(x: np.ndarray, y: np.ndarray, max_relabellings: int = MAX_
     runs, n_x = len(pooled), len(x)
     observed = abs(float(_wins(x, y)) - 0.5)
     total = math.comb(runs, n_x)
-    if total <= max_relabellings:
-        import itertools
-
-        groups = np.array(list(itertools.combinations(range(runs), n_x)), dtype=np.int64)
-    else:
-        groups = np.argsort(np.random.default_rng(seed).random((max_relabellings, runs)), axis=1)[:, :n_x]
-    in_x = np.zeros((len(groups), runs))
-    np.put_along_axis(in_x, groups, 1.0, axis=1)
+    exact = total <= max_relabellings
     # P(X > Y) of a relabelling is the mean of pairwise[i, j] over its (X run i, Y run j) pairs:
     # per env the pair's win (ties half), averaged over envs, which commutes with the mean over pairs.
     above, tied = pooled[:, None, :] > pooled[None, :, :], pooled[:, None, :] == pooled[None, :, :]
     pairwise = (above + 0.5 * tied).mean(axis=-1)  # (runs, runs)
-    p = np.einsum("ri,ij,rj->r", in_x, pairwise, 1.0 - in_x) / (n_x * (runs - n_x))
-    as_far = int(np.count_nonzero(np.abs(p - 0.5) >= observed - 1e-12))
-    if total <= max_relabellings:
-        return as_far / total
-    return (as_far + 1) / (max_relabellings + 1)
+    if exact:
+        import itertools
+
+        combinations = itertools.combinations(range(runs), n_x)
+    rng = np.random.default_rng(seed)
+    count = total if exact else max_relabellings
+    as_far = 0
+    for part in _chunks(count, runs):  # a few MB at a time, however many runs
+        size = part.stop - part.start
+        if exact:
+            groups = np.array(list(itertools.islice(combinations, size)), dtype=np.int64).reshape(size, n_x)
+        else:
+            groups = np.argsort(rng.random((size, runs)), axis=1)[:, :n_x]
+        in_x = np.zeros((size, runs))
+        np.put_along_axis(in_x, groups, 1.0, axis=1)
+        p = np.einsum("ri,ij,rj->r", in_x, pairwise, 1.0 - in_x) / (n_x * (runs - n_x))
+        as_far += int(np.count_nonzero(np.abs(p - 0.5) >= observed - 1e-12))
+    return as_far / total if exact else (as_far + 1) / (max_relabellings + 1)
 
 
 def score_distribution(scores: np.ndarray, taus: np.ndarray) -> np.ndarray:
