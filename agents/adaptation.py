@@ -322,8 +322,10 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
               "as the whole budget, a lower bound, and the table says how many did); *zero-shot* = the pre-trained "
               "model's evaluation return on the held-out task; *final* = the mean of the last 10% of the windows.",
               rp.statistics_protocol(reps, "runs x tasks", "a fine-tuning row's seed s starts from its model's "
-                                     "seed s, and every row's seed s meets the same evaluation levels"),
-              "- Smallest detectable difference (the questions): " + rp.detectable_protocol(
+                                     "seed s, and every row's seed s meets the same evaluation levels",
+                                     secondary=" (frames to threshold, a secondary measure censored at the "
+                                     "budget, by the P(X > Y) interval and its test alone)"),
+              "- Smallest detectable difference (the questions). " + rp.detectable_protocol(
                   "area under the curve per run (mean over tasks)"), ""]
     rows = [[m.label, f"`{rp._short_path(m.config)}`", " ".join(f"`{o}`" for o in m.overrides) or "-",
              str(sum(r.finished for r in pre.runs.get(m.label, [])))] for m in study.models]
@@ -413,7 +415,8 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
                 detectable = rp.detectable_difference(area_x, area_y)
                 # Fewer frames is better: P(X > Y) on the negated frames is P(X reaches it sooner).
                 frames_x, frames_y = -measures["frames_to_threshold"][x], -measures["frames_to_threshold"][y]
-                speed, speed_p = rp.poi_interval(frames_x, frames_y, reps=reps), rp.poi_permutation_p(frames_x, frames_y)
+                speed = rp.poi_interval(frames_x, frames_y, reps=reps)
+                speed_p = rp.poi_permutation_p(frames_x, frames_y)
                 pois[x, y], area_p_values[x, y] = area, area_p
                 rows.append([x, y, f"{rp._ci(area)}, p {area_p:.3f}", f"{rp._ci(speed)}, p {speed_p:.3f}",
                              rp._fmt(float(np.mean(area_x)) - float(np.mean(area_y)), 3), rp._fmt(detectable, 3)])

@@ -108,6 +108,7 @@ class Display:
         self._width = 0
         self.todo = list(todo)
         self.frames_at_start = frames_left(self.todo)
+        self._left, self._left_read_at = self.frames_at_start, 0.0
 
     def line(self, done: int, running: Sequence[Job], queued: int, failed: int) -> str:
         """The status line for these counts."""
@@ -122,7 +123,10 @@ class Display:
         start-up included, as they take their share of the time); empty until a minute's progress."""
         if not self.todo or elapsed < 60:
             return ""
-        left = frames_left(self.todo)
+        # Read the runs' files at most every 15 s (a terminal's line is redrawn every second).
+        if time.time() - self._left_read_at >= 15:
+            self._left, self._left_read_at = frames_left(self.todo), time.time()
+        left = self._left
         trained = self.frames_at_start - left
         if trained <= 0:
             return ""

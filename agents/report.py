@@ -206,14 +206,20 @@ def poi_interval(x: np.ndarray, y: np.ndarray, reps: int = REPS, seed: int = 0,
 
 def poi_permutation_p(x: np.ndarray, y: np.ndarray, max_relabellings: int = MAX_RELABELLINGS,
                       seed: int = 0) -> float:
-    """Two-sided permutation test of P(X > Y) = 0.5: the share of relabellings of the pooled runs (a run
-    keeps its row of env scores) whose P(X > Y) lies at least as far from 0.5 as the observed one.
+    """Two-sided permutation test with P(X > Y) as its statistic: the share of relabellings of the pooled
+    runs (a run keeps its row of env scores) whose P(X > Y) lies at least as far from 0.5 as the observed
+    one.
+
+    What it tests exactly is that the two models' runs are interchangeable (one distribution of scores),
+    which implies P = 0.5; it holds its 5% level at any n under that null (5 against 5 can reach
+    p = 2/252 = 0.008 at best). Two models with P = 0.5 but very different spreads and unequal numbers of
+    runs (12 tight runs against 3 spread ones) are rejected more often than 5%; with equal numbers of runs,
+    as in a study, only slightly (6% at 5 against 5). The bootstrap interval of :func:`poi_interval` is
+    too narrow at a handful of runs per model (percentile intervals undercover; five runs that all beat
+    five give [1.00, 1.00]), which is why a claim needs this test as well.
 
     Exact, over every relabelling, when there are at most ``max_relabellings`` (10 runs against 10:
     184,756); otherwise that many random relabellings (seeded), counted with the observed one.
-    With a handful of runs per model the bootstrap interval of :func:`poi_interval` is too narrow
-    (percentile intervals undercover at small n; five runs each that all beat all give [1.00, 1.00]);
-    this test is exact at any n: 5 against 5 can reach p = 2/252 = 0.008 at best.
     """
     x, y = _check(x), _check(y)
     if x.shape[1] != y.shape[1]:
@@ -242,7 +248,7 @@ def poi_permutation_p(x: np.ndarray, y: np.ndarray, max_relabellings: int = MAX_
             groups = np.argsort(rng.random((size, runs)), axis=1)[:, :n_x]
         in_x = np.zeros((size, runs))
         np.put_along_axis(in_x, groups, 1.0, axis=1)
-        p = np.einsum("ri,ij,rj->r", in_x, pairwise, 1.0 - in_x) / (n_x * (runs - n_x))
+        p = ((in_x @ pairwise) * (1.0 - in_x)).sum(axis=1) / (n_x * (runs - n_x))
         as_far += int(np.count_nonzero(np.abs(p - 0.5) >= observed - 1e-12))
     return as_far / total if exact else (as_far + 1) / (max_relabellings + 1)
 
@@ -489,24 +495,26 @@ def per_env_poi(x: np.ndarray, y: np.ndarray, reps: int = REPS) -> list[str]:
             for k in range(x.shape[1])]
 
 
-def statistics_protocol(reps: int, unit: str, runs_share: str) -> str:
+def statistics_protocol(reps: int, unit: str, runs_share: str, secondary: str = "") -> str:
     """The protocol's statistics bullet, one text for the generalisation and the adaptation reports.
 
     :param unit: what the IQM is over ("runs x envs").
     :param runs_share: what two models' runs of the same seed have in common (why they are still
         compared as independent samples).
+    :param secondary: a sentence on a measure judged otherwise (the adaptation report's frames to threshold).
     """
     return (f"- Statistics over runs (rliable): IQM and mean over {unit} with {int(CONFIDENCE * 100)}% stratified "
             f"bootstrap intervals ({reps:,} resamples; each model's from the same seed, so an interval does not "
             "depend on the other models in the report); the probability of improvement P(X > Y) (per env the "
             "share of (run of X, run of Y) pairs X wins, ties half, averaged over envs) with its percentile "
             f"bootstrap interval ({reps:,} resamples of X's and Y's runs, independently) and a two-sided "
-            "permutation test of P = 0.5 (exact over every relabelling of the runs when there are at most "
+            "permutation test with P(X > Y) as its statistic (of the null that the two models' runs are "
+            "interchangeable; exact over every relabelling of the runs when there are at most "
             f"{MAX_RELABELLINGS:,}, else that many random ones). Comparisons treat two models' runs as independent "
             f"samples: {runs_share}, but no comparison pairs them. A difference is claimed only when the IQM "
-            f"intervals are apart, the P(X > Y) interval excludes 0.5 and the permutation test gives p < {ALPHA}; "
-            "nothing corrects for the number of comparisons in a report. A model with a single run has no "
-            "interval (shown as a zero-width one).")
+            f"intervals are apart, the P(X > Y) interval excludes 0.5 and the permutation test gives p < {ALPHA}"
+            f"{secondary}; nothing corrects for the number of comparisons in a report. A model with a single run "
+            "has no interval (shown as a zero-width one).")
 
 
 def detectable_protocol(score: str) -> str:
@@ -549,16 +557,18 @@ def _poi_words(poi: tuple[float, float, float], p_value: float | None, digits: i
     A side needs the interval to exclude 0.5 and, when given, the permutation test to reject
     P = 0.5 at ``ALPHA``: at a few runs per model the bootstrap interval alone is too narrow.
     """
-    point, low, high = poi
-    tested = "" if p_value is None else f", permutation test p {p_value:.3f}"
-    numbers = f"{_ci(poi, digits)}{tested}"
+    low, high = poi[1], poi[2]
+    numbers = _ci(poi, digits)
     side = 1 if low > 0.5 else -1 if high < 0.5 else 0
+    where = "above" if side > 0 else "below"
+    if p_value is None:
+        return side, f"{numbers} {'contains 0.5' if side == 0 else f'lies {where} 0.5'}"
     if side == 0:
-        return 0, f"{numbers}: its interval contains 0.5"
-    if p_value is not None and p_value >= ALPHA:
-        return 0, (f"{numbers}: its interval lies {'above' if side > 0 else 'below'} 0.5, but the permutation "
-                   f"test does not reject 0.5 at the {ALPHA:.0%} level")
-    return side, f"{numbers}: {'above' if side > 0 else 'below'} 0.5"
+        return 0, f"{numbers} contains 0.5 (permutation test p {p_value:.3f})"
+    if p_value >= ALPHA:
+        return 0, (f"{numbers} lies {where} 0.5, but its permutation test does not reject 0.5 "
+                   f"(p {p_value:.3f} >= {ALPHA})")
+    return side, f"{numbers} lies {where} 0.5 (permutation test p {p_value:.3f})"
 
 
 def verdict(model: str, baseline: str, poi: tuple[float, float, float], p_value: float | None = None) -> str:
@@ -617,8 +627,8 @@ def conclusion(model: str, baseline: str, iqm_x: tuple[float, float, float], iqm
             held, missing = f"{model}'s IQM interval lies {side} {baseline}'s ({iqms})", p
         else:
             held, missing = p, f"the IQM intervals overlap ({iqms})"
-        return f"only one measure separates {model} from {baseline}: {held}; but {missing}; {sdd}"
-    return f"no difference between {model} and {baseline} the intervals can resolve ({iqms}; {p}); {sdd}"
+        return f"only one measure separates {model} from {baseline}: {held}; the other does not: {missing}; {sdd}"
+    return f"no difference between {model} and {baseline} the measures can resolve ({iqms}; {p}); {sdd}"
 
 
 def conclude(model: str, baseline: str, x: np.ndarray, y: np.ndarray, reps: int = REPS, seed: int = 0) -> str:

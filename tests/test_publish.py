@@ -85,22 +85,22 @@ def test_conclusion_follows_the_intervals() -> None:
     assert report.conclude("rims", "lstm", low, high, reps=200).startswith("rims does worse than lstm")
     same = rng.uniform(size=(10, 3))
     text = report.conclude("rims", "lstm", same, same[::-1].copy(), reps=200)
-    assert text.startswith("no difference between rims and lstm the intervals can resolve")
+    assert text.startswith("no difference between rims and lstm the measures can resolve")
     # The number given is smallest_detectable_difference of the per-run means.
     means = same.mean(axis=1)
     sdd = report.smallest_detectable_difference(report.sample_sd(means), 10, report.sample_sd(means), 10)
     assert text.endswith(f"a difference in mean held-out return below ~{sdd:.2f} (the smallest a t-test on these "
                          "runs detects with 80% power) cannot be ruled out")
-    assert "permutation test p 1.000" in text  # a model against its own runs reordered: P is exactly 0.5
+    assert "contains 0.5 (permutation test p 1.000)" in text  # its own runs reordered: P is exactly 0.5
 
     # Hand-made intervals: one measure alone claims nothing more than itself.
     apart, overlap = ((0.8, 0.7, 0.9), (0.3, 0.2, 0.4)), ((0.6, 0.4, 0.8), (0.5, 0.3, 0.7))
     assert report.conclusion("x", "y", *apart, (0.9, 0.7, 1.0), 0.2).startswith("x improves on y")
     text = report.conclusion("x", "y", *apart, (0.7, 0.45, 0.9), 0.2)
     assert text.startswith("only one measure separates x from y: x's IQM interval lies above y's")
-    assert "P(x > y) 0.70 [0.45, 0.90]: its interval contains 0.5" in text
+    assert "; the other does not: P(x > y) 0.70 [0.45, 0.90] contains 0.5;" in text
     text = report.conclusion("x", "y", *overlap, (0.7, 0.55, 0.9), 0.2)
-    assert "P(x > y) 0.70 [0.55, 0.90]: above 0.5; but the IQM intervals overlap" in text
+    assert "P(x > y) 0.70 [0.55, 0.90] lies above 0.5; the other does not: the IQM intervals overlap" in text
     assert report.conclusion("x", "y", *overlap, (0.5, 0.3, 0.7), 0.25).startswith("no difference")
     # One run on a side (no detectable difference known): intervals of no width support no claim.
     assert report.conclusion("x", "y", *apart, (1.0, 1.0, 1.0), math.nan).startswith("too few runs to compare x with y")
@@ -113,8 +113,8 @@ def test_a_probability_of_improvement_needs_its_permutation_test_too() -> None:
     apart = ((0.8, 0.7, 0.9), (0.3, 0.2, 0.4))
     text = report.conclusion("x", "y", *apart, (0.84, 0.52, 1.0), 0.2, p_value=0.095)
     assert text.startswith("only one measure separates x from y: x's IQM interval lies above y's")
-    assert ("P(x > y) 0.84 [0.52, 1.00], permutation test p 0.095: its interval lies above 0.5, but the "
-            "permutation test does not reject 0.5 at the 5% level") in text
+    assert ("the other does not: P(x > y) 0.84 [0.52, 1.00] lies above 0.5, but its permutation test does not "
+            "reject 0.5 (p 0.095 >= 0.05)") in text
     assert report.conclusion("x", "y", *apart, (0.96, 0.76, 1.0), 0.2, p_value=0.016).startswith("x improves on y")
     assert "does not separate" in report.verdict("x", "y", (0.84, 0.52, 1.0), 0.095)
     assert "improves on" in report.verdict("x", "y", (0.84, 0.52, 1.0), 0.03)
@@ -126,7 +126,7 @@ def test_interval_ends_a_verdict_compares_are_printed_apart() -> None:
     text = report.conclusion("x", "y", (0.67, 0.6204, 0.72), (0.54, 0.43, 0.6152), (0.96, 0.76, 1.0), 0.1,
                              p_value=0.016)
     assert text.startswith("x improves on y") and "[0.620, 0.720] vs 0.540 [0.430, 0.615]" in text
-    assert "P(improvement) 0.350 [0.210, 0.499]" in report.verdict("x", "y", (0.35, 0.21, 0.499), 0.01)
+    assert "P(improvement) 0.350 [0.210, 0.499] lies below 0.5" in report.verdict("x", "y", (0.35, 0.21, 0.499), 0.01)
     assert "[0.21, 0.49]" in report.verdict("x", "y", (0.35, 0.21, 0.49), 0.01)  # two decimals when they suffice
 
 
@@ -142,8 +142,8 @@ def test_poi_statistics_match_rliable_and_an_exact_rank_test() -> None:
     point, low, high = report.poi_interval(x, y, reps=20_000)
     assert point == metrics.probability_of_improvement(x, y)
     _, theirs = report._bootstrap(library, {"pair": (x, y)}, lambda a, b: np.array(
-        [metrics.probability_of_improvement(a, b)]), reps=4000, confidence_interval_size=0.95)
-    assert abs(low - theirs["pair"][0, 0]) < 0.03 and abs(high - theirs["pair"][1, 0]) < 0.03
+        [metrics.probability_of_improvement(a, b)]), reps=1000, confidence_interval_size=0.95)
+    assert abs(low - theirs["pair"][0, 0]) < 0.04 and abs(high - theirs["pair"][1, 0]) < 0.04
     assert report.poi_interval(x, y, reps=500, seed=3) == report.poi_interval(x, y, reps=500, seed=3)
     a, b = rng.random((5, 1)), rng.random((6, 1)) + 0.3
     assert report.poi_permutation_p(a, b) == pytest.approx(stats.mannwhitneyu(a[:, 0], b[:, 0], method="exact").pvalue)

@@ -798,6 +798,10 @@ def test_the_status_line_estimates_the_time_left_from_this_sessions_rate(tmp_pat
     (tmp_path / "seed_1" / "metrics.jsonl").write_text(json.dumps({"frames": 600, "time/fps": 100}) + "\n")
     (tmp_path / "seed_2" / "metrics.jsonl").write_text("not json\n" + json.dumps({"frames": 200}) + "\n")
     assert display.line(0, jobs, 0, 0).endswith("| 2m00s, ~4m left")
+    (tmp_path / "seed_2" / "metrics.jsonl").write_text(json.dumps({"frames": 1000}) + "\n")
+    assert display.line(0, jobs, 0, 0).endswith("~4m left"), "the files are read again only after 15 s"
+    display._left_read_at -= 15
+    assert display.line(0, jobs, 0, 0).endswith("| 2m00s, ~34s left")  # 1,400 trained in 2 min, 400 to go
 
 
 def test_the_display_survives_a_terminal_that_is_gone() -> None:
