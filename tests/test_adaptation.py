@@ -277,12 +277,12 @@ def test_tiny_adaptation_study_pretrains_finetunes_reports_and_reruns_nothing(
     page = tmp_path / "results.md"
     assert study_cli.main(["publish", "tiny-adapt", "--root", str(root), "--reps", "200", "--out", str(page)]) == 0
     published = page.read_text()
-    assert "> Published: `tiny-adapt` (code version `test-version`; 10 runs)" in published
+    assert "> Published: `tiny-adapt` (code version `test-version`; 10 runs; statistics v2)" in published
     assert study_cli.main(["publish", "--root", str(tmp_path / "elsewhere"), "--out", str(page), "--keep"]) == 0
     republished = page.read_text()
     section = published[published.index("## Adaptation study: tiny-adapt"):]
     assert section.strip() and section in republished
-    assert "`tiny-adapt` (code version `test-version`; 10 runs)" in republished
+    assert "`tiny-adapt` (code version `test-version`; 10 runs; statistics v2)" in republished
 
     # A finished run whose metrics.jsonl is gone: one line naming it, exit 2, no traceback.
     (directory / "finetune" / "lstm.scratch" / "DoorKey-8x8" / "seed_2" / "metrics.jsonl").unlink()
