@@ -1041,7 +1041,7 @@ def check_publishable(study: str | Path, root: str | Path = DEFAULT_ROOT) -> tup
     :return: ``(study, its directory, its one code version tag)``.
     :raises StudyError: one line saying what is missing or mixed.
     """
-    from agents.study import all_jobs
+    from agents.study import all_jobs, continue_command
 
     directory = study_dir(study, root)
     spec = load_study_dir(directory)
@@ -1050,7 +1050,8 @@ def check_publishable(study: str | Path, root: str | Path = DEFAULT_ROOT) -> tup
     if unfinished:
         shown = ", ".join(unfinished[:5]) + (f" and {len(unfinished) - 5} more" if len(unfinished) > 5 else "")
         raise StudyError(f"study {spec.name} is not finished ({len(unfinished)} of {len(jobs)} runs: {shown}); "
-                         f"finish it with `python study.py run {spec.source or spec.name}` before publishing")
+                         f"finish it with `{continue_command(spec, spec.executor.name, None, None, directory)}` "
+                         "before publishing")
     versions, _, unknown = study_versions(spec, directory)
     if unknown:
         raise StudyError(f"study {spec.name}: runs without a recorded code version ({', '.join(unknown[:5])}); "

@@ -302,6 +302,8 @@ def test_publish_refuses_unfinished_and_mixed_studies(tmp_path: Path, capsys: py
     assert study_cli.main(args) == 2
     err = one_line_error(capsys)
     assert "study tiny-pub is not finished (1 of 15 runs: rims/seed_3)" in err and "python study.py run" in err
+    # The command named continues this study where it is: under this root, not a new one under studies/.
+    assert f"--root {root}" in err
     missing.write_text(saved)
 
     provenance = directory / "runs" / "lstm" / "seed_2" / "provenance.json"
