@@ -700,11 +700,14 @@ def _eval_targets(study: Study) -> list[Any]:
 
 
 def study_dir(name_or_path: str | Path, root: str | Path = DEFAULT_ROOT) -> Path:
-    """The output directory of a study: ``root/<name>``, or the given directory / study file's study."""
+    """The output directory of a study: ``root/<name>``, or the given directory / study file's study (a study
+    directory's own ``study.yaml`` names that directory, whatever ``root`` is)."""
     text = str(name_or_path)
     candidate = Path(text)
     if candidate.is_dir() and (candidate / STUDY_COPY).is_file():
         return candidate
+    if candidate.name == STUDY_COPY and candidate.is_file() and (candidate.parent / "runs").is_dir():
+        return candidate.parent  # a study directory's own copy of its file names that study, wherever it is
     if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
         return Path(root) / load_study(candidate, check_envs=False).name
     if not _LABEL.fullmatch(text):

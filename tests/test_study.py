@@ -867,3 +867,20 @@ def test_the_command_to_continue_names_the_root_only_where_study_py_can_take_it(
         f"python study.py run {quoted} --root '{tmp_path / 'out dir'}'"
     # A directory not named after the study (run_study from Python) cannot be passed as --root/<name>.
     assert continue_command(study, "local", None, None, tmp_path / "elsewhere") == f"python study.py run {quoted}"
+
+
+def test_a_study_directorys_own_study_file_names_that_directory_under_any_root(tmp_path: Path) -> None:
+    """`study.py status/run <elsewhere>/<name>/study.yaml` means that study, not a study of the same name
+    under studies/ (which a stale hint once sent a user to)."""
+    from agents.study import study_dir
+
+    study = load_study(write_study(tmp_path, tiny_study(name="elsewhere")))
+    directory = tmp_path / "other-root" / "elsewhere"
+    directory.mkdir(parents=True)
+    save_study_copy(study, directory)
+    copy = directory / "study.yaml"
+    # Before any run has started it is read as any study file: by name, under the root given.
+    assert study_dir(copy, root=tmp_path / "studies") == tmp_path / "studies" / "elsewhere"
+    (directory / "runs").mkdir()  # a study that has started
+    assert study_dir(copy) == directory and study_dir(copy, root=tmp_path / "studies") == directory
+    assert study_dir(tmp_path / "study.yaml", root=tmp_path / "studies") == tmp_path / "studies" / "elsewhere"
