@@ -211,13 +211,16 @@ def atomic_output(path: Path) -> Iterator[Path]:
     """A temporary name beside ``path`` for a writer that wants a file name rather than bytes (a video or
     plot library): it replaces ``path`` when the block ends without error and is removed when it raises,
     so an old file stays whole until the new one is. The name ends in ``path``'s suffix, from which such
-    writers pick the format; the folder is made if missing.
+    writers pick the format; the folder is made if missing. The file is synced to disk before the rename,
+    as ``atomic_write`` does, so a crash just after cannot leave ``path`` naming an empty file.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     tmp = tmp.with_name(tmp.name + path.suffix)
     try:
         yield tmp
+        with tmp.open("rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

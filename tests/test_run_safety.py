@@ -541,16 +541,28 @@ def test_a_new_output_file_never_replaces_one_that_appeared(tmp_path: Path) -> N
     assert target.read_bytes() == b"{}"
 
 
-def test_an_output_written_by_name_replaces_the_old_file_only_when_whole(tmp_path: Path) -> None:
+def test_an_output_written_by_name_replaces_the_old_file_only_when_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """atomic_output: what evaluate.py's videos and plots are written through (their libraries want a
     file name, whose suffix picks the format)."""
+    from agents import run_dir
     from agents.run_dir import atomic_output
 
+    synced: list[str] = []  # which file each fsync reached, seen through the descriptor's /proc link
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(run_dir.os, "fsync", recording_fsync)
     target = tmp_path / "videos" / "episode.gif"
     with atomic_output(target) as temp:
         assert temp.parent == target.parent and temp.suffix == ".gif" and temp != target
         temp.write_bytes(b"first")
     assert target.read_bytes() == b"first", "missing folders are made, the file renamed into place"
+    assert synced == [str(temp)], "the new file reached the disk before it was renamed over the old one"
     with pytest.raises(RuntimeError, match="writer failed"), atomic_output(target) as temp:
         temp.write_bytes(b"half")
         raise RuntimeError("writer failed")
