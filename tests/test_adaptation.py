@@ -300,8 +300,9 @@ def test_shipped_adaptation_study_is_valid_and_refuses_a_meta_rule_on_a_baseline
 
     path = Path(__file__).resolve().parent.parent / "configs" / "studies" / "adaptation-doorkey.yaml"
     study = load_study(path)
-    assert study.adaptation is not None and len(study.seeds) >= 5
-    assert len(all_jobs(study, tmp_path)) == 4 * 5 + 7 * 5
+    assert study.adaptation is not None and list(study.seeds) == list(range(1, 11))
+    # 4 pre-trained models and 7 fine-tuning runs on the one held-out task, each on every seed
+    assert len(all_jobs(study, tmp_path)) == (4 + 7) * 10
     raw = yaml.safe_load(path.read_text())
     assert study.adaptation.window_frames == 10_240
     too_long = {**raw, "finetune": {**raw["finetune"], "window_frames": 400_000}}
