@@ -91,6 +91,7 @@ CODE_SUFFIXES = (".py", ".c", ".h")  # the C kernel's source is code too
 REPORT_ONLY_PATHS = ("agents/study.py", "agents/executors.py", "agents/report.py", "agents/plots.py",
                      "agents/adaptation.py")
 STUDY_COPY = "study.yaml"
+RUNS_FOLDER = "runs"  # <study dir>/runs/<model>/seed_<s>: made when the study's first run starts
 # Config keys the study sets itself for every run; a model may not override them.
 STUDY_KEYS = ("seed", "total_frames", "log.checkpoint_interval_frames", "log.keep_checkpoints",
               "log.progress_bar", "torch_threads")
@@ -706,7 +707,7 @@ def study_dir(name_or_path: str | Path, root: str | Path = DEFAULT_ROOT) -> Path
     candidate = Path(text)
     if candidate.is_dir() and (candidate / STUDY_COPY).is_file():
         return candidate
-    if candidate.name == STUDY_COPY and candidate.is_file() and (candidate.parent / "runs").is_dir():
+    if candidate.name == STUDY_COPY and candidate.is_file() and (candidate.parent / RUNS_FOLDER).is_dir():
         return candidate.parent  # a study directory's own copy of its file names that study, wherever it is
     if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
         return Path(root) / load_study(candidate, check_envs=False).name
@@ -717,7 +718,7 @@ def study_dir(name_or_path: str | Path, root: str | Path = DEFAULT_ROOT) -> Path
 
 def run_dir(root: Path, model: str, seed: int) -> Path:
     """``<study dir>/runs/<model>/seed_<seed>``."""
-    return root / "runs" / model / f"seed_{seed}"
+    return root / RUNS_FOLDER / model / f"seed_{seed}"
 
 
 def checkpoint_interval(study: Study) -> int:
