@@ -35,6 +35,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from policies.checkpoint import sync_directory
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; runs are then not protected against a second process
@@ -189,7 +191,8 @@ def temp_path(path: Path) -> Path:
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file renamed over it (all or nothing).
+    """Write ``data`` to ``path`` through a temporary file renamed over it (all or nothing), syncing the
+    file before the rename and its folder after, so the new bytes survive a power loss once this returns.
 
     :raises OSError: as the write raised it (``write_failure`` turns it into a message).
     """
@@ -204,6 +207,7 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    sync_directory(path.parent)
 
 
 @contextlib.contextmanager
@@ -211,8 +215,9 @@ def atomic_output(path: Path) -> Iterator[Path]:
     """A temporary name beside ``path`` for a writer that wants a file name rather than bytes (a video or
     plot library): it replaces ``path`` when the block ends without error and is removed when it raises,
     so an old file stays whole until the new one is. The name ends in ``path``'s suffix, from which such
-    writers pick the format; the folder is made if missing. The file is synced to disk before the rename,
-    as ``atomic_write`` does, so a crash just after cannot leave ``path`` naming an empty file.
+    writers pick the format; the folder is made if missing. The file is synced to disk before the rename
+    and the folder after it, as ``atomic_write`` does, so once the block has ended a crash can bring
+    back neither an empty file nor the old one.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
@@ -222,6 +227,7 @@ def atomic_output(path: Path) -> Iterator[Path]:
         with tmp.open("rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        sync_directory(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -67,6 +67,7 @@ from policies.checkpoint import (
     save_checkpoint,
     space_from_dict,
     space_to_dict,
+    sync_directory,
     underlying_os_error,
 )
 
@@ -697,6 +698,7 @@ class Trainer:
                 try:
                     os.link(numbered, tmp)  # a second name for the same bytes, swapped in atomically
                     os.replace(tmp, latest)
+                    sync_directory(latest.parent)
                 except OSError:
                     tmp.unlink(missing_ok=True)
                     save_checkpoint(latest, self.checkpoint_payload())

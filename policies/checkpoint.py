@@ -157,18 +157,27 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    # Persist the rename itself (the directory entry) where the platform allows it.
+    sync_directory(path.parent)
+    return path
+
+
+def sync_directory(folder: str | Path) -> None:
+    """Persist a rename or a new name in ``folder`` (its directory entry) where the platform allows it.
+
+    A file fsynced and then renamed over another can still come back under the old name, or not at
+    all, after a power loss until the folder itself is synced. Best effort: platforms and file systems
+    that cannot open or sync a folder (Windows, some network mounts) are skipped silently.
+    """
     try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        dir_fd = os.open(folder, os.O_RDONLY)
     except OSError:
-        return path
+        return
     try:
         os.fsync(dir_fd)
     except OSError:
         pass
     finally:
         os.close(dir_fd)
-    return path
 
 
 def _before_rename_hook() -> None:

@@ -562,9 +562,39 @@ def test_an_output_written_by_name_replaces_the_old_file_only_when_whole(
         assert temp.parent == target.parent and temp.suffix == ".gif" and temp != target
         temp.write_bytes(b"first")
     assert target.read_bytes() == b"first", "missing folders are made, the file renamed into place"
-    assert synced == [str(temp)], "the new file reached the disk before it was renamed over the old one"
+    assert synced == [str(temp), str(target.parent)], (
+        "the new file reached the disk before it was renamed over the old one, and the rename after it")
     with pytest.raises(RuntimeError, match="writer failed"), atomic_output(target) as temp:
         temp.write_bytes(b"half")
         raise RuntimeError("writer failed")
     assert target.read_bytes() == b"first", "a failed write leaves the old file as it was"
     assert sorted(p.name for p in target.parent.iterdir()) == ["episode.gif"], "and no temporary behind"
+
+
+def test_an_atomic_write_syncs_the_file_then_the_folder_that_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """atomic_write (run.json, the env snapshot, study files): after a power loss the path must name the
+    new bytes, which needs the file synced before the rename and the folder's entry synced after it."""
+    from agents import run_dir
+    from agents.run_dir import atomic_write
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        events.append("fsync folder" if Path(target).is_dir() else "fsync file")
+        real_fsync(fd)
+
+    def recording_replace(source: str | Path, destination: str | Path) -> None:
+        events.append("rename")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(run_dir.os, "fsync", recording_fsync)
+    monkeypatch.setattr(run_dir.os, "replace", recording_replace)
+    target = tmp_path / "run.json"
+    target.write_text("old")
+    atomic_write(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert events == ["fsync file", "rename", "fsync folder"]
