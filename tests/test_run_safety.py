@@ -368,6 +368,34 @@ def test_an_exploded_model_never_replaces_a_good_checkpoint(tmp_path: Path, monk
                                                                     "checkpoint_000000000032.pt"]
 
 
+def test_the_latest_checkpoint_name_is_synced_after_it_is_swapped_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """checkpoint.pt is a second name (a hard link) for the newest numbered checkpoint, renamed over the
+    old one; after a power loss it must name the new bytes, so the run folder is synced after the rename."""
+    import agents.trainer as trainer_module
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    run = tmp_path / "run"
+
+    def recording_fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(run):
+            events.append("fsync run folder")
+        real_fsync(fd)
+
+    def recording_replace(source: str | Path, destination: str | Path) -> None:
+        events.append(f"rename to {Path(destination).name}")  # every rename: another write's sync must not count
+        real_replace(source, destination)
+
+    monkeypatch.setattr(trainer_module.os, "fsync", recording_fsync)
+    monkeypatch.setattr(trainer_module.os, "replace", recording_replace)
+    tiny_run(run, 64, "log.checkpoint_interval_frames=32")
+    swaps = [i for i, event in enumerate(events) if event == "rename to checkpoint.pt"]
+    assert len(swaps) >= 2, events  # at 32 and 64 frames at least (a final save may add one)
+    assert all(events[i + 1:i + 2] == ["fsync run folder"] for i in swaps), events
+
+
 # -- metrics.jsonl -------------------------------------------------------------------------------
 def test_resume_drops_a_partial_metrics_line_and_rewrites_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
