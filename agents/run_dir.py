@@ -35,8 +35,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from policies.checkpoint import sync_directory
-
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; runs are then not protected against a second process
@@ -190,6 +188,14 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
+def _sync_folder(folder: Path) -> None:
+    """``policies.checkpoint.sync_directory``, imported on first use: the command-line parsers import this
+    module before any error check and must not load the ``policies`` package (tests/test_evaluate.py)."""
+    from policies.checkpoint import sync_directory
+
+    sync_directory(folder)
+
+
 def atomic_write(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file renamed over it (all or nothing), syncing the
     file before the rename and its folder after, so the new bytes survive a power loss once this returns.
@@ -207,7 +213,7 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    sync_directory(path.parent)
+    _sync_folder(path.parent)
 
 
 @contextlib.contextmanager
@@ -227,7 +233,7 @@ def atomic_output(path: Path) -> Iterator[Path]:
         with tmp.open("rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        sync_directory(path.parent)
+        _sync_folder(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
