@@ -602,8 +602,9 @@ def test_an_output_written_by_name_replaces_the_old_file_only_when_whole(
 def test_an_atomic_write_syncs_the_file_then_the_folder_that_names_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """atomic_write (run.json, the env snapshot, study files): after a power loss the path must name the
-    new bytes, which needs the file synced before the rename and the folder's entry synced after it."""
+    """atomic_write (a run's config.yaml and envs_state.pkl, metrics.jsonl's rewrite, a study's reports):
+    after a power loss the path must name the new bytes, which needs the file synced before the rename and
+    the folder's entry synced after it."""
     from agents import run_dir
     from agents.run_dir import atomic_write
 
@@ -621,7 +622,7 @@ def test_an_atomic_write_syncs_the_file_then_the_folder_that_names_it(
 
     monkeypatch.setattr(run_dir.os, "fsync", recording_fsync)
     monkeypatch.setattr(run_dir.os, "replace", recording_replace)
-    target = tmp_path / "run.json"
+    target = tmp_path / "config.yaml"
     target.write_text("old")
     atomic_write(target, b"new")
     assert target.read_bytes() == b"new"
