@@ -5,7 +5,8 @@
  * agent's minibatch is a few envs run through a long sequence, so every step is a handful of tiny
  * matrix products; driven from Python, each of the ~40 ops per step and layer costs far more in
  * dispatch than in arithmetic. Here a whole sequence is one call, and the products are plain loops
- * over contiguous rows, which the compiler vectorises.
+ * over contiguous rows in 8-wide vectors (16-wide, four rows at a time, on AVX-512 hosts: the same
+ * chain of multiply-adds per output either way, so the same results to the bit).
  *
  * A stack of L layers (RIMs: L = 1). Layer l reads the slots [null, bottom-up, top-down]:
  * bottom-up is x_t for layer 0 and layer l-1's new h at step t otherwise; top-down is layer l+1's h
@@ -144,8 +145,9 @@ static void gru_cell(float *restrict gate, const float *restrict rec, const floa
 /* One or two rows at once: y_r (N) += x_r (M) @ W (M, N), W's rows ws apart. Blocks of 32
  * outputs (4 registers per row) stay in registers over the whole reduction, and the two rows share
  * every load of W: 8 independent accumulators keep the multiply-add units busy. A lone row (y1
- * NULL) takes its own copy of the loops, so its rounding may differ from a paired row's in the last
- * bit (which rows pair depends on the batch, the active modules and the thread split). */
+ * NULL) takes its own copy of the loops; each output is still the same chain of multiply-adds over m
+ * in order, so an env's results do not depend on which rows it pairs with (the batch, the active
+ * modules, the thread split): tests/test_rims_kernel.py checks that to the bit. */
 static void rows_matmul_acc(float *restrict y0, float *restrict y1, const float *restrict x0,
                             const float *restrict x1, const float *restrict W, size_t ws, int M, int N) {
     int j0 = 0;
@@ -215,6 +217,71 @@ static inline void copy_envs(float *to, const float *from, int n, Envs e) {
     memcpy(to + (size_t)e.b0 * n, from + (size_t)e.b0 * n, sizeof(float) * (size_t)(e.b1 - e.b0) * n);
 }
 
+#if defined(__AVX512F__)
+/* Sixteen floats in one register: on AVX-512 hosts the products take four rows at once. */
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v16f_unaligned __attribute__((vector_size(64), aligned(4), may_alias));
+
+static inline v16f load16(const float *p) { return *(const v16f_unaligned *)p; }
+static inline void store16(float *p, v16f v) { *(v16f_unaligned *)p = v; }
+
+/* Four rows r at once: y_r[j0 : j0 + 16U] += x_r @ W[:, j0 : j0 + 16U] (U = 1 or 2 registers per
+ * row). The outputs stay in registers over the whole reduction and the four rows share every load of
+ * W (U = 2: 8 independent accumulators, as rows_matmul_acc keeps with 8-wide ones). Each output is
+ * the same chain of multiply-adds over m in order as in rows_matmul_acc, so it rounds the same.
+ * Always inlined, so that each call site is compiled for its constant U (a variable U leaves the
+ * accumulators in memory: 3x slower). */
+static inline __attribute__((always_inline)) void rows4_block(float *const y[4], const float *const x[4],
+                                                              const float *restrict W, size_t ws, int M, int j0,
+                                                              int U) {
+    v16f a[4][2];
+    for (int r = 0; r < 4; r++)
+        for (int u = 0; u < U; u++) a[r][u] = load16(y[r] + j0 + 16 * u);
+    for (int m = 0; m < M; m++) {
+        v16f w[2];
+        for (int u = 0; u < U; u++) w[u] = load16(W + m * ws + j0 + 16 * u);
+        for (int r = 0; r < 4; r++) {
+            const float s = x[r][m];
+            for (int u = 0; u < U; u++) a[r][u] += s * w[u];
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int u = 0; u < U; u++) store16(y[r] + j0 + 16 * u, a[r][u]);
+}
+
+/* Y_i += X_i @ W (W (M, N), its rows ws apart) for the rows i < n picked by pick[i * ps] == want
+ * (every row when pick is NULL). Picked rows go through the product in fours that share the loads
+ * of W (16-wide blocks of columns); the last N % 16 columns and the rows left over go in pairs or
+ * alone through rows_matmul_acc. Every output rounds as it would there (1.14x faster forward and
+ * backward of a 16-step minibatch of the embedded default than pairs of 8-wide rows). */
+static void picked_matmul_acc(float *Y, size_t ys, const float *X, size_t xs, int n, const uint8_t *pick, size_t ps,
+                              int want, const float *W, size_t ws, int M, int N) {
+    enum { ROUND = 64 }; /* rows gathered per round */
+    const int N16 = N - N % 16;
+    for (int i0 = 0; i0 < n;) {
+        int picked[ROUND], P = 0;
+        for (; i0 < n && P < ROUND; i0++)
+            if (!pick || pick[i0 * ps] == want) picked[P++] = i0;
+        const int grouped = P - P % 4;
+        for (int g = 0; g < grouped; g += 4) {
+            const int *q = picked + g;
+            float *const y[4] = {Y + q[0] * ys, Y + q[1] * ys, Y + q[2] * ys, Y + q[3] * ys};
+            const float *const x[4] = {X + q[0] * xs, X + q[1] * xs, X + q[2] * xs, X + q[3] * xs};
+            int j0 = 0;
+            for (; j0 + 32 <= N16; j0 += 32) rows4_block(y, x, W, ws, M, j0, 2);
+            if (j0 < N16) rows4_block(y, x, W, ws, M, j0, 1);
+            if (N16 < N)
+                for (int r = 0; r < 4; r += 2)
+                    rows_matmul_acc(y[r] + N16, y[r + 1] + N16, x[r], x[r + 1], W + N16, ws, M, N - N16);
+        }
+        int r = grouped;
+        for (; r + 2 <= P; r += 2)
+            rows_matmul_acc(Y + picked[r] * ys, Y + picked[r + 1] * ys, X + picked[r] * xs, X + picked[r + 1] * xs, W, ws,
+                            M, N);
+        if (r < P) rows_matmul_acc(Y + picked[r] * ys, NULL, X + picked[r] * xs, NULL, W, ws, M, N);
+    }
+}
+#else
 /* Y_i += X_i @ W (W (M, N), its rows ws apart) for the rows i < n picked by pick[i * ps] == want
  * (every row when pick is NULL). Picked rows go through the product in pairs, sharing the loads of W. */
 static void picked_matmul_acc(float *Y, size_t ys, const float *X, size_t xs, int n, const uint8_t *pick, size_t ps,
@@ -231,6 +298,7 @@ static void picked_matmul_acc(float *Y, size_t ys, const float *X, size_t xs, in
     }
     if (pending >= 0) rows_matmul_acc(Y + pending * ys, NULL, X + pending * xs, NULL, W, ws, M, N);
 }
+#endif
 
 /* A block of per-module weights: module k's (M, N) block starts at p + k * ks, its rows rs apart
  * (a block may be some columns of a wider matrix). */
