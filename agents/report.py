@@ -1012,7 +1012,9 @@ def provenance_lines(study: Study, directory: Path) -> list[str]:
     if sessions:
         commands = list(dict.fromkeys(str(s.get("command")) for s in sessions))
         machines = list(dict.fromkeys(
-            ", ".join(str(part) for part in (m.get("system"), m.get("cpu"), f"{m.get('cpus')} CPUs",
+            ", ".join(str(part) for part in (m.get("system"),
+                                             f"{m.get('cpu')} ({m['vector']})" if m.get("vector") else m.get("cpu"),
+                                             f"{m.get('cpus')} CPUs",
                                              f"Python {m.get('python')}", f"torch {m.get('torch')}"))
             for m in (s.get("machine") or {} for s in sessions)))
         seconds = sum(float(s.get("seconds") or 0.0) for s in sessions)

@@ -1589,26 +1589,33 @@ def load_study_dir(directory: Path) -> Study:
 
 
 def machine_description() -> dict[str, Any]:
-    """This machine in a few words (no host name): OS, architecture, CPU model and count, Python and torch.
+    """This machine in a few words (no host name): OS, architecture, CPU model, widest vector instructions
+    (the C kernels' speed depends on them: AVX-512 hosts run 16-wide products), CPU count, Python and torch.
 
     torch's version is read from its installed metadata, so nothing heavy is imported.
     """
     import platform
     from importlib import metadata
 
-    cpu = platform.processor() or ""
+    model: str | None = None
+    flags: set[str] = set()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        for line in Path("/proc/cpuinfo").read_text().splitlines():  # every core repeats them: the first
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model is None:
+                model = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
     except OSError:
         pass
+    cpu = model or platform.processor()
+    vector = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse2", "SSE2"),
+                                           ("asimd", "NEON")) if flag in flags), "unknown")
     try:
         torch_version = metadata.version("torch")
     except metadata.PackageNotFoundError:
         torch_version = None
-    return {"system": f"{platform.system()} {platform.machine()}", "cpu": cpu or "unknown CPU",
+    return {"system": f"{platform.system()} {platform.machine()}", "cpu": cpu or "unknown CPU", "vector": vector,
             "cpus": os.cpu_count() or 1, "python": platform.python_version(), "torch": torch_version}
 
 

@@ -239,13 +239,16 @@ def whole_process(args: argparse.Namespace) -> dict[str, Any]:
     """The default mode: DoorKey ours vs peer, start-up, and (with --pong) Pong per backend."""
     envpool = importlib.util.find_spec("envpool") is not None and not args.no_envpool
     backends = ["gymnasium", "envpool"] if envpool else ["gymnasium"]
+    from agents.study import machine_description
+
+    machine = machine_description()
     print(f"python {platform.python_version()}, torch {_version('torch')}, sb3-contrib {_version('sb3-contrib')}, "
-          f"envpool {_version('envpool')}, {os.cpu_count()} CPUs, load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+          f"envpool {_version('envpool')}, {machine['cpu']} ({machine['vector']}), {os.cpu_count()} CPUs, load "
+          f"average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if not envpool:
         print("envpool backend: " + ("skipped (--no-envpool)" if args.no_envpool else
                                      'not measured: envpool is not importable (pip install -e ".[envpool]")'))
-    results: dict[str, Any] = {"frames": args.frames, "rounds": args.rounds, "programs": {}}
+    results: dict[str, Any] = {"frames": args.frames, "rounds": args.rounds, "machine": machine, "programs": {}}
     if not args.no_doorkey:
         if importlib.util.find_spec("sb3_contrib") is None:
             raise SystemExit('the peer needs sb3-contrib: pip install -e ".[sb3]" (also in the [test] extra)')

@@ -62,7 +62,7 @@ def fake_study(tmp_path: Path, name: str = "tiny-pub") -> tuple[Path, Path]:
     (directory / "sessions.jsonl").write_text(json.dumps({
         "command": f"python study.py run {study.source}", "started": "2026-12-01T10:00:00Z",
         "ended": "2026-12-01T11:55:00Z", "seconds": 6900.0, "executor": "local", "workers": 2,
-        "machine": {"system": "Linux x86_64", "cpu": "Test CPU", "cpus": 2, "python": "3.12.0",
+        "machine": {"system": "Linux x86_64", "cpu": "Test CPU", "vector": "AVX2", "cpus": 2, "python": "3.12.0",
                     "torch": "2.13.0"}}) + "\n")
     return root, directory
 
@@ -192,7 +192,7 @@ def test_publish_a_finished_study(tmp_path: Path, capsys: pytest.CaptureFixture[
     # Provenance: command, dates, machine, wall time, code version.
     assert "- Command: `python study.py run " in text
     assert "2026-12-01T10:00:00Z to 2026-12-01T11:55:00Z" in text
-    assert "- Wall time: 1 h 55 min" in text and "Test CPU, 2 CPUs" in text
+    assert "- Wall time: 1 h 55 min" in text and "Test CPU (AVX2), 2 CPUs" in text
     assert "`test-version` (15 runs)." in text  # $MODULAR_RL_CODE_VERSION is used whole
     # Plots copied next to the page and linked relative to it.
     pngs = sorted(p.name for p in (tmp_path / "docs" / "results" / "tiny-pub").iterdir())
