@@ -1013,7 +1013,7 @@ def provenance_lines(study: Study, directory: Path) -> list[str]:
         commands = list(dict.fromkeys(str(s.get("command")) for s in sessions))
         machines = list(dict.fromkeys(
             ", ".join(str(part) for part in (m.get("system"),
-                                             f"{m.get('cpu')} ({m['vector']})" if m.get("vector") else m.get("cpu"),
+                                             f"{m.get('cpu')} ({m['vector']})" if m.get("vector") not in (None, "unknown") else m.get("cpu"),
                                              f"{m.get('cpus')} CPUs",
                                              f"Python {m.get('python')}", f"torch {m.get('torch')}"))
             for m in (s.get("machine") or {} for s in sessions)))

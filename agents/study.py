@@ -1610,7 +1610,9 @@ def machine_description() -> dict[str, Any]:
         pass
     cpu = model or platform.processor()
     vector = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse2", "SSE2"),
-                                           ("asimd", "NEON")) if flag in flags), "unknown")
+                                           ("asimd", "NEON"), ("neon", "NEON")) if flag in flags), None)
+    if vector is None:  # no /proc/cpuinfo (macOS, Windows): 64-bit ARM always has NEON
+        vector = "NEON" if platform.machine().lower() in ("arm64", "aarch64") else "unknown"
     try:
         torch_version = metadata.version("torch")
     except metadata.PackageNotFoundError:

@@ -408,20 +408,40 @@ def test_single_steps_equal_the_sequence() -> None:
     assert (torch.stack(outs) - out).abs().max() <= 1e-5 and (s - state).abs().max() <= 1e-5
 
 
-def test_an_envs_results_do_not_depend_on_the_envs_beside_it() -> None:
-    """Each env's outputs and final state are the same to the bit whether it runs alone or in a batch,
-    where its rows go through the products in pairs or (on AVX-512 hosts) fours: every output is the same
-    chain of multiply-adds in any of them. A rollout (16 envs, one step) and the update's replay of the
-    same steps (other envs beside it) rely on it: the first update's log-probability error stays 0."""
-    core = small(num_modules=5, module_size=12, k_active=3, input_key_size=20, num_comm_heads=2, comm_key_size=8,
-                 comm_value_size=8)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(num_modules=5, module_size=12, k_active=3, input_key_size=20, num_comm_heads=2, comm_key_size=8,
+             comm_value_size=8),
+        # Widths that are not multiples of 8 (the products' scalar tail columns) over reductions of 7 and 21.
+        dict(num_modules=6, module_size=7, k_active=4, input_key_size=5, num_comm_heads=3, comm_key_size=3,
+             comm_value_size=7),
+    ],
+    ids=["vector-blocks", "scalar-tails"],
+)
+def test_an_envs_results_do_not_depend_on_the_envs_beside_it(kwargs: dict[str, Any]) -> None:
+    """Each env's outputs, final state and initial-state gradient are the same to the bit whether it runs
+    alone or in a batch, where its rows go through the products in pairs or (on AVX-512 hosts) fours:
+    every output is the same chain of fused multiply-adds in any of them. A rollout (16 envs, one step)
+    and the update's replay of the same steps (other envs beside it) rely on it: the first update's
+    log-probability error stays 0."""
+    core = small(**kwargs)
     x, starts, g = episode(T=6, B=9)
+    assert core.kernel_for(x) is not None
     state0 = torch.randn(9, core.state_size, generator=g) * 0.5
-    with torch.no_grad():
-        out, state = core(x, state0, starts)
-        for b in range(9):
-            out_b, state_b = core(x[:, b : b + 1], state0[b : b + 1], starts[:, b : b + 1])
-            assert torch.equal(out_b[:, 0], out[:, b]) and torch.equal(state_b[0], state[b]), b
+    w_out = torch.randn(6, 9, core.output_size, generator=g)
+
+    def run(b: slice) -> tuple[Tensor, Tensor, Tensor]:
+        s0 = state0[b].clone().requires_grad_(True)
+        out, state = core(x[:, b], s0, starts[:, b])
+        (d_state0,) = torch.autograd.grad((out * w_out[:, b]).sum(), [s0])
+        return out.detach(), state.detach(), d_state0
+
+    out, state, d_state0 = run(slice(None))
+    for b in range(9):
+        out_b, state_b, d_state0_b = run(slice(b, b + 1))
+        assert torch.equal(out_b[:, 0], out[:, b]) and torch.equal(state_b[0], state[b]), b
+        assert torch.equal(d_state0_b[0], d_state0[b]), b
 
 
 @pytest.mark.parametrize("B", [1, 3])

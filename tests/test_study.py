@@ -888,7 +888,8 @@ def test_a_study_directorys_own_study_file_names_that_directory_under_any_root(t
 
 @pytest.mark.parametrize(
     "flags,vector",
-    [("fpu sse2 avx avx2 avx512f avx512bw", "AVX-512"), ("fpu sse2 avx avx2 fma", "AVX2"), ("fp asimd", "NEON")],
+    [("fpu sse2 avx avx2 avx512f avx512bw", "AVX-512"), ("fpu sse2 avx avx2 fma", "AVX2"), ("fp asimd", "NEON"),
+     ("fpu", "unknown")],
 )
 def test_machine_description_names_the_widest_vector_instructions(
     monkeypatch: pytest.MonkeyPatch, flags: str, vector: str
@@ -898,6 +899,7 @@ def test_machine_description_names_the_widest_vector_instructions(
     from agents.study import machine_description
 
     key = "Features" if vector == "NEON" else "flags"
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
     cpuinfo = (f"processor\t: 0\nmodel name\t: Test CPU\n{key}\t\t: {flags}\n\n"
                f"processor\t: 1\nmodel name\t: Other\n{key}\t: fpu\n")
     read_text = Path.read_text
