@@ -1001,6 +1001,16 @@ def study_versions(study: Study, directory: Path) -> tuple[dict[str, list[str]],
     return versions, commits, unknown
 
 
+def _machine_text(machine: dict[str, Any]) -> str:
+    """One session's machine as the provenance lists it: system, CPU (with its vector instructions where
+    recorded), CPU count, Python and torch."""
+    cpu, vector = machine.get("cpu"), machine.get("vector")
+    if vector not in (None, "unknown"):  # sessions recorded before b849d2b have none
+        cpu = f"{cpu} ({vector})"
+    return ", ".join(str(part) for part in (machine.get("system"), cpu, f"{machine.get('cpus')} CPUs",
+                                            f"Python {machine.get('python')}", f"torch {machine.get('torch')}"))
+
+
 def provenance_lines(study: Study, directory: Path) -> list[str]:
     """The report's "Provenance" section: the commands that ran the study, when, on what machine, for how
     long (from ``sessions.jsonl``, where each ``study.py run`` records itself) and the code version of its runs."""
@@ -1011,12 +1021,7 @@ def provenance_lines(study: Study, directory: Path) -> list[str]:
     lines = ["## Provenance", ""]
     if sessions:
         commands = list(dict.fromkeys(str(s.get("command")) for s in sessions))
-        machines = list(dict.fromkeys(
-            ", ".join(str(part) for part in (m.get("system"),
-                                             f"{m.get('cpu')} ({m['vector']})" if m.get("vector") not in (None, "unknown") else m.get("cpu"),
-                                             f"{m.get('cpus')} CPUs",
-                                             f"Python {m.get('python')}", f"torch {m.get('torch')}"))
-            for m in (s.get("machine") or {} for s in sessions)))
+        machines = list(dict.fromkeys(_machine_text(s.get("machine") or {}) for s in sessions))
         seconds = sum(float(s.get("seconds") or 0.0) for s in sessions)
         # A session that never recorded its end was killed outright (or runs still): it counts up to its
         # last heartbeat (study.py renews the record each minute).
