@@ -243,7 +243,7 @@ def whole_process(args: argparse.Namespace) -> dict[str, Any]:
 
     machine = machine_description()
     print(f"python {platform.python_version()}, torch {_version('torch')}, sb3-contrib {_version('sb3-contrib')}, "
-          f"envpool {_version('envpool')}, {machine['cpu']} ({machine['vector']}), {os.cpu_count()} CPUs, load "
+          f"envpool {_version('envpool')}, {machine['cpu']} ({machine['vector']}), {machine['cpus']} CPUs, load "
           f"average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if not envpool:
         print("envpool backend: " + ("skipped (--no-envpool)" if args.no_envpool else

@@ -422,7 +422,7 @@ def test_single_steps_equal_the_sequence() -> None:
 def test_an_envs_results_do_not_depend_on_the_envs_beside_it(kwargs: dict[str, Any]) -> None:
     """Each env's outputs, final state and initial-state gradient are the same to the bit whether it runs
     alone or in a batch, where its rows go through the products in pairs or (on AVX-512 hosts) fours:
-    every output is the same chain of fused multiply-adds in any of them. A rollout (16 envs, one step)
+    every output is the same chain of multiply-adds in any of them. A rollout (16 envs, one step)
     and the update's replay of the same steps (other envs beside it) rely on it: the first update's
     log-probability error stays 0."""
     core = small(**kwargs)

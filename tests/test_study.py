@@ -895,7 +895,7 @@ def test_machine_description_names_the_widest_vector_instructions(
     monkeypatch: pytest.MonkeyPatch, flags: str, vector: str
 ) -> None:
     """Study sessions and the throughput benchmark record the CPU's widest vector instructions (the C kernels'
-    speed depends on them), read from the first core's flags; the provenance line shows them beside the model."""
+    speed depends on them), read from the first core's flags (test_publish checks the provenance line)."""
     from agents.study import machine_description
 
     key = "Features" if vector == "NEON" else "flags"
