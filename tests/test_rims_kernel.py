@@ -444,6 +444,55 @@ def test_an_envs_results_do_not_depend_on_the_envs_beside_it(kwargs: dict[str, A
         assert torch.equal(d_state0_b[0], d_state0[b]), b
 
 
+def _host_has_avx512() -> bool:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return "avx512f" in flags.split()
+
+
+def test_avx512_products_give_the_bits_of_the_portable_ones(monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:
+    """On an AVX-512 host the kernel's products take rows in fours, 16 columns to a register; a build
+    without AVX-512 (``-mno-avx512f``, its AVX2 pairs path) must give the same bits, outputs, final
+    state and every gradient, for RIMs and BRIMs: results made on either kind of host do not depend on
+    which path ran (checked on widths with every kind of block and tail, and with 9 envs, rows over)."""
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if not _host_has_avx512():
+        pytest.skip("this CPU has no AVX-512: both builds would take the same path")
+    if compiler is None:
+        pytest.skip("no C compiler on this machine")
+    cores = [small(num_modules=5, module_size=12, k_active=3, input_key_size=20, num_comm_heads=2, comm_key_size=8,
+                   comm_value_size=8),
+             small(num_modules=6, module_size=32, k_active=4, input_key_size=64, num_comm_heads=4, cell="gru"),
+             small(num_modules=6, module_size=7, k_active=4, input_key_size=5, num_comm_heads=3, comm_key_size=3,
+                   comm_value_size=7),
+             BRIMs(IN, layers=[{"num_modules": 6, "module_size": 32, "k_active": 4},
+                          {"num_modules": 6, "module_size": 16, "k_active": 3}]).train()]
+    x, starts, g = episode(T=6, B=9)
+    inputs = [(torch.randn(9, core.state_size, generator=g) * 0.5, torch.randn(6, 9, core.output_size, generator=g),
+               torch.randn(9, core.state_size, generator=g)) for core in cores]
+
+    def results() -> list[tuple[Tensor, Tensor, dict[str, Tensor], list[Tensor], str]]:
+        return [run_with_grads(core, x, state0, starts, w_out, w_state)
+                for core, (state0, w_out, w_state) in zip(cores, inputs, strict=True)]
+
+    wide = results()
+    wide_build = native.kernel_build()
+    monkeypatch.setenv("CC", f"{compiler} -mno-avx512f")  # explicit -mno-* options outrank -march=native's
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native_library.cache_clear()
+    narrow = results()
+    assert native.kernel_build()["engine"] == "c-kernel" and wide_build["engine"] == "c-kernel"
+    assert list(tmp_path.glob("modular-memory-rl/kernels-*.so")), "the second build was not made"
+    for (out_w, state_w, _, grads_w, name_w), (out_n, state_n, _, grads_n, name_n) in zip(wide, narrow, strict=True):
+        assert "Kernel" in name_w and "Kernel" in name_n
+        assert torch.equal(out_w, out_n) and torch.equal(state_w, state_n)
+        for grad_w, grad_n in zip(grads_w, grads_n, strict=True):
+            assert torch.equal(grad_w, grad_n)
+
+
 @pytest.mark.parametrize("B", [1, 3])
 def test_kernel_leaves_its_inputs_untouched(B: int) -> None:
     """A rollout stores the state entering a step after calling the core: the call must not change it
