@@ -23,6 +23,12 @@ run's return curve, a panel per config and a line per seed (dashed while unfinis
 ``OUT/curves/<config>+<config>....png`` (``--no-plot`` to skip): a run that learned, collapsed and
 learned again passes the table's test, and only the curve shows it.
 
+``--study DIR`` reads a study's runs instead (``DIR/runs/<model>/seed_<s>``, what ``python study.py run``
+makes) and prints the same table and curves for them, training nothing: whether and when each of a
+study's runs learned its training env, which the study's report (its evaluations) does not say.
+
+    python benchmarks/learning.py --study studies/memorys13-generalization --threshold 0.8
+
 Tune on seeds >= 100; report on seeds 1-10.
 """
 
@@ -46,6 +52,9 @@ sys.path.insert(0, str(REPO))  # run as `python benchmarks/learning.py` from a s
 from agents.executors import stop_exit_status, stop_signals_recorded  # noqa: E402
 
 WINDOW = 100  # episodes in the mean return, as the trainer's log.return_window
+# A sweep's options and their defaults (none of them applies to --study).
+SWEEP_DEFAULTS: dict[str, object] = {"configs": ["default"], "seeds": ["1-10"], "set": [], "tag": "", "jobs": 2,
+                                     "nproc": 1}
 MAX_SEEDS = 10_000  # per range: more is a typo (1-1000000), not a sweep
 
 
@@ -296,6 +305,24 @@ def report(jobs: list[Job], threshold: float, final_bar: float) -> str:
     return "\n".join(lines)
 
 
+def study_jobs(study: Path) -> list[Job]:
+    """The runs of a study folder (``runs/<model>/seed_<s>``, made by ``study.py run``) as jobs to report on,
+    models in name order and seeds in number order.
+
+    :raises ValueError: when ``study`` holds no such runs (the message names the folder).
+    """
+    runs = study / "runs"
+    jobs = []
+    for model_dir in sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []:
+        seeds = sorted(int(p.name.split("_", 1)[1]) for p in model_dir.iterdir()
+                       if p.is_dir() and re.fullmatch(r"seed_\d+", p.name))
+        jobs += [Job(model_dir.name, None, (), seed, model_dir / f"seed_{seed}") for seed in seeds]
+    if not jobs:
+        raise ValueError(f"{study} is not a study folder: it has no runs/<model>/seed_<s> (python study.py run "
+                         "makes them under studies/<study name>/)")
+    return jobs
+
+
 def curves_path(out: Path, labels: list[str]) -> Path:
     """Where the sweep's curves go: ``OUT/curves/<label>+<label>....png``, one file per set of configs (and
     tags), which a rerun of the same command rewrites; a long list is shortened and told apart by a hash."""
@@ -353,13 +380,13 @@ def plot_curves(jobs: list[Job], threshold: float, path: Path) -> Path | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=["default"],
-                        help="config files, or 'default' for the embedded default")
-    parser.add_argument("--seeds", nargs="+", default=["1-10"], help="seeds or ranges, e.g. 1-10 100")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every config")
-    parser.add_argument("--tag", default="", help="name of this variant (runs go to OUT/<config>[-tag]/seed_<s>)")
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2, one per core here)")
-    parser.add_argument("--nproc", type=int, default=1,
+    # A sweep's options: None when not given, so that --study can refuse them; their defaults are SWEEP_DEFAULTS.
+    parser.add_argument("--configs", nargs="+", help="config files, or 'default' for the embedded default (default)")
+    parser.add_argument("--seeds", nargs="+", help="seeds or ranges, e.g. 1-10 100 (default 1-10)")
+    parser.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="overrides for every config")
+    parser.add_argument("--tag", help="name of this variant (runs go to OUT/<config>[-tag]/seed_<s>)")
+    parser.add_argument("--jobs", type=int, help="runs at a time (default 2, one per core here)")
+    parser.add_argument("--nproc", type=int,
                         help="processes per run: > 1 trains each run with torchrun (total_frames counts all of them)")
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--final", type=float, default=None,
@@ -369,7 +396,17 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="print the table from finished runs, train nothing")
     parser.add_argument("--no-plot", action="store_true",
                         help="do not draw the return curves (by default OUT/curves/<configs>.png, rewritten each time)")
+    parser.add_argument("--study", type=Path, metavar="DIR",
+                        help="report on a study's runs (DIR/runs/<model>/seed_<s>) instead of a sweep's, training "
+                             "nothing; curves go to OUT/curves/<study folder name>.png")
     args = parser.parse_args()
+    given = [name for name in SWEEP_DEFAULTS if getattr(args, name) is not None]
+    if args.study is not None and given:
+        parser.error(f"--study reads a study's runs as they are: {', '.join('--' + name for name in given)} "
+                     "do not apply")
+    for name, default in SWEEP_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.nproc < 1 or args.jobs < 1:
         parser.error("--nproc and --jobs must be at least 1")
     try:
@@ -378,6 +415,18 @@ def main() -> None:
         parser.error(str(exc))
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file, not a folder")
+
+    if args.study is not None:
+        try:
+            jobs = study_jobs(args.study)
+        except ValueError as exc:
+            parser.error(str(exc))
+        final = args.final if args.final is not None else round(args.threshold - 0.05, 6)
+        print(report(jobs, args.threshold, final), flush=True)
+        if not args.no_plot:
+            written = plot_curves(jobs, args.threshold, args.out / "curves" / f"{args.study.resolve().name}.png")
+            print(f"curves: {written}" if written else "curves: no run has a full window of episodes yet", flush=True)
+        return
 
     jobs = []
     for config in args.configs:
