@@ -23,9 +23,10 @@ run's return curve, a panel per config and a line per seed (dashed while unfinis
 ``OUT/curves/<config>+<config>....png`` (``--no-plot`` to skip): a run that learned, collapsed and
 learned again passes the table's test, and only the curve shows it.
 
-``--study DIR`` reads a study's runs instead (``DIR/runs/<model>/seed_<s>``, what ``python study.py run``
-makes) and prints the same table and curves for them, training nothing: whether and when each of a
-study's runs learned its training env, which the study's report (its evaluations) does not say.
+``--study STUDY`` (a study's folder, file or name) reads that study's runs instead (``<folder>/runs/<model>/seed_<s>``,
+what ``python study.py run`` makes) and prints the same table, and draws the curves into
+``OUT/curves/study-<study>.png``, training nothing: whether and when each of a study's runs learned its
+training env, which the study's report (built on its evaluations) does not say.
 
     python benchmarks/learning.py --study studies/memorys13-generalization --threshold 0.8
 
@@ -305,22 +306,32 @@ def report(jobs: list[Job], threshold: float, final_bar: float) -> str:
     return "\n".join(lines)
 
 
-def study_jobs(study: Path) -> list[Job]:
-    """The runs of a study folder (``runs/<model>/seed_<s>``, made by ``study.py run``) as jobs to report on,
+def study_jobs(study: str) -> tuple[Path, list[Job]]:
+    """A study's folder and its runs (``runs/<model>/seed_<s>``, made by ``study.py run``) as jobs to report on,
     models in name order and seeds in number order.
 
-    :raises ValueError: when ``study`` holds no such runs (the message names the folder).
+    :param study: the study's folder, its study file or its name (under ``studies/``), as ``study.py report``
+        takes them.
+    :raises ValueError: for a folder that is not a study's, or a study with no runs yet (the message says which).
     """
-    runs = study / "runs"
+    from agents.study import RUNS_FOLDER, STUDY_COPY, StudyError, study_dir
+
+    try:
+        folder = study_dir(study)
+    except StudyError as exc:
+        raise ValueError(str(exc)) from None
+    if not (folder / STUDY_COPY).is_file():
+        raise ValueError(f"no study folder {folder} (`python study.py run <study file>` makes one under "
+                         "studies/<study name>/, with the study's copy of its file in it)")
     jobs = []
+    runs = folder / RUNS_FOLDER
     for model_dir in sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []:
-        seeds = sorted(int(p.name.split("_", 1)[1]) for p in model_dir.iterdir()
-                       if p.is_dir() and re.fullmatch(r"seed_\d+", p.name))
-        jobs += [Job(model_dir.name, None, (), seed, model_dir / f"seed_{seed}") for seed in seeds]
+        seeds = sorted((int(p.name[len("seed_"):]), p) for p in model_dir.iterdir()
+                       if p.is_dir() and re.fullmatch(r"seed_[0-9]+", p.name))
+        jobs += [Job(model_dir.name, None, (), seed, path) for seed, path in seeds]
     if not jobs:
-        raise ValueError(f"{study} is not a study folder: it has no runs/<model>/seed_<s> (python study.py run "
-                         "makes them under studies/<study name>/)")
-    return jobs
+        raise ValueError(f"the study in {folder} has no runs yet ({RUNS_FOLDER}/<model>/seed_<s>)")
+    return folder, jobs
 
 
 def curves_path(out: Path, labels: list[str]) -> Path:
@@ -380,8 +391,9 @@ def plot_curves(jobs: list[Job], threshold: float, path: Path) -> Path | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # A sweep's options: None when not given, so that --study can refuse them; their defaults are SWEEP_DEFAULTS.
-    parser.add_argument("--configs", nargs="+", help="config files, or 'default' for the embedded default (default)")
+    # A sweep's options: None when not given, so that --study can refuse them (defaults: SWEEP_DEFAULTS).
+    parser.add_argument("--configs", nargs="+",
+                        help="config files, or 'default' for the embedded default (default: default)")
     parser.add_argument("--seeds", nargs="+", help="seeds or ranges, e.g. 1-10 100 (default 1-10)")
     parser.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="overrides for every config")
     parser.add_argument("--tag", help="name of this variant (runs go to OUT/<config>[-tag]/seed_<s>)")
@@ -396,9 +408,10 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="print the table from finished runs, train nothing")
     parser.add_argument("--no-plot", action="store_true",
                         help="do not draw the return curves (by default OUT/curves/<configs>.png, rewritten each time)")
-    parser.add_argument("--study", type=Path, metavar="DIR",
-                        help="report on a study's runs (DIR/runs/<model>/seed_<s>) instead of a sweep's, training "
-                             "nothing; curves go to OUT/curves/<study folder name>.png")
+    parser.add_argument("--study", metavar="STUDY",
+                        help="report on a study's runs (its folder, study file or name under studies/; the runs "
+                             "are <folder>/runs/<model>/seed_<s>) instead of a sweep's, training nothing; curves go "
+                             "to OUT/curves/study-<study>.png")
     args = parser.parse_args()
     given = [name for name in SWEEP_DEFAULTS if getattr(args, name) is not None]
     if args.study is not None and given:
@@ -418,13 +431,13 @@ def main() -> None:
 
     if args.study is not None:
         try:
-            jobs = study_jobs(args.study)
+            folder, jobs = study_jobs(args.study)
         except ValueError as exc:
             parser.error(str(exc))
         final = args.final if args.final is not None else round(args.threshold - 0.05, 6)
         print(report(jobs, args.threshold, final), flush=True)
         if not args.no_plot:
-            written = plot_curves(jobs, args.threshold, args.out / "curves" / f"{args.study.resolve().name}.png")
+            written = plot_curves(jobs, args.threshold, args.out / "curves" / f"study-{folder.resolve().name}.png")
             print(f"curves: {written}" if written else "curves: no run has a full window of episodes yet", flush=True)
         return
 

@@ -224,29 +224,38 @@ def test_a_metrics_file_with_a_damaged_byte_reads_up_to_it(tmp_path: Path) -> No
 
 def test_a_studys_runs_are_reported_per_model_without_training(tmp_path: Path) -> None:
     """``--study`` reads ``runs/<model>/seed_<s>`` as ``study.py run`` lays them out: the same table per model
-    (seeds in number order) and the curves, named after the study folder; nothing is trained or written in it."""
-    study = tmp_path / "memory-study"
+    (seeds in number order, folders as they are named) and the curves, named after the study; nothing is
+    trained or written in the study. The study may be named by its folder or, under studies/, by its name."""
+    study = tmp_path / "studies" / "memory-study"
     learned = [{"frames": 1000 * i, "rollout/episodes": 50, "rollout/ep_return_mean": 0.1 * i, "time/fps": 900}
                for i in range(1, 11)]
     flat = [{**row, "rollout/ep_return_mean": 0.4} for row in learned]
     _fake_run(study / "runs", "lstm", 10, learned, 10000)
     _fake_run(study / "runs", "lstm", 2, learned, 10000)
+    (study / "runs" / "lstm" / "seed_2").rename(study / "runs" / "lstm" / "seed_002")
     _fake_run(study / "runs", "rims", 1, flat, 10000)
     (study / "runs" / "rims" / "seed_1.log").write_text("not a run folder\n")
+    (study / "study.yaml").write_text("name: memory-study\n")
     before = sorted(p.relative_to(study) for p in study.rglob("*"))
     script = [sys.executable, str(REPO / "benchmarks" / "learning.py")]
-    done = subprocess.run([*script, "--study", str(study), "--threshold", "0.8", "--out", str(tmp_path / "out")],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    lines = done.stdout.splitlines()
-    per_seed = [line.split()[:2] for line in lines[1:] if line.split()[1].isdigit()]
-    assert per_seed == [["lstm", "2"], ["lstm", "10"], ["rims", "1"]]
-    assert "lstm                          reached 0.8 on 2/2" in done.stdout
-    assert "rims                          reached 0.8 on 0/1" in done.stdout
-    assert (tmp_path / "out" / "curves" / "memory-study.png").read_bytes().startswith(b"\x89PNG")
+    for named in (str(study), "memory-study"):
+        done = subprocess.run([*script, "--study", named, "--threshold", "0.8", "--out", str(tmp_path / "out")],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        per_seed = [parts[:2] for parts in map(str.split, done.stdout.splitlines()[1:])
+                    if len(parts) > 1 and parts[1].isdigit()]
+        assert per_seed == [["lstm", "2"], ["lstm", "10"], ["rims", "1"]]
+        assert "lstm                          reached 0.8 on 2/2" in done.stdout
+        assert "rims                          reached 0.8 on 0/1" in done.stdout
+        assert (tmp_path / "out" / "curves" / "study-memory-study.png").read_bytes().startswith(b"\x89PNG")
     assert sorted(p.relative_to(study) for p in study.rglob("*")) == before
 
-    for args, message in [(["--study", str(tmp_path / "out")], "is not a study folder"),
+    (tmp_path / "studies" / "not-started").mkdir()
+    (tmp_path / "studies" / "not-started" / "study.yaml").write_text("name: not-started\n")
+    for args, message in [(["--study", str(tmp_path / "out")], "is neither a study name, a study directory nor"),
+                          (["--study", "never-run"], "no study folder studies/never-run"),
+                          (["--study", "not-started"], "has no runs yet"),
                           (["--study", str(study), "--seeds", "1-3"], "--seeds do not apply")]:
-        refused = subprocess.run([*script, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
+        refused = subprocess.run([*script, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
