@@ -434,30 +434,26 @@ def main() -> None:
             folder, jobs = study_jobs(args.study)
         except ValueError as exc:
             parser.error(str(exc))
-        final = args.final if args.final is not None else round(args.threshold - 0.05, 6)
-        print(report(jobs, args.threshold, final), flush=True)
-        if not args.no_plot:
-            written = plot_curves(jobs, args.threshold, args.out / "curves" / f"study-{folder.resolve().name}.png")
-            print(f"curves: {written}" if written else "curves: no run has a full window of episodes yet", flush=True)
-        return
-
-    jobs = []
-    for config in args.configs:
-        name = "default" if config == "default" else Path(config).stem
-        if config != "default" and not (REPO / config).is_file() and not Path(config).is_file():
-            parser.error(f"no config file {config}")
-        # Variants with other overrides get their own directories, so no run is mixed with another.
-        suffix = args.tag or (hashlib.sha1(" ".join(args.set).encode()).hexdigest()[:6] if args.set else "")
-        label = f"{name}-{suffix}" if suffix else name
-        for seed in seeds:
-            jobs.append(Job(label, None if config == "default" else str(config), tuple(args.set), seed,
-                            args.out / label / f"seed_{seed}", args.nproc))
-    failed = [] if args.report_only else run_all(jobs, args.jobs)
+        failed: list[Job] = []
+        curves = args.out / "curves" / f"study-{folder.resolve().name}.png"
+    else:
+        jobs = []
+        for config in args.configs:
+            name = "default" if config == "default" else Path(config).stem
+            if config != "default" and not (REPO / config).is_file() and not Path(config).is_file():
+                parser.error(f"no config file {config}")
+            # Variants with other overrides get their own directories, so no run is mixed with another.
+            suffix = args.tag or (hashlib.sha1(" ".join(args.set).encode()).hexdigest()[:6] if args.set else "")
+            label = f"{name}-{suffix}" if suffix else name
+            for seed in seeds:
+                jobs.append(Job(label, None if config == "default" else str(config), tuple(args.set), seed,
+                                args.out / label / f"seed_{seed}", args.nproc))
+        failed = [] if args.report_only else run_all(jobs, args.jobs)
+        curves = curves_path(args.out, list(dict.fromkeys(job.label for job in jobs)))
     final = args.final if args.final is not None else round(args.threshold - 0.05, 6)
     print(report(jobs, args.threshold, final), flush=True)
     if not args.no_plot:
-        labels = list(dict.fromkeys(job.label for job in jobs))
-        written = plot_curves(jobs, args.threshold, curves_path(args.out, labels))
+        written = plot_curves(jobs, args.threshold, curves)
         print(f"curves: {written}" if written else "curves: no run has a full window of episodes yet", flush=True)
     if failed:
         logs = ", ".join(str(job.run_dir.parent / f"{job.run_dir.name}.log") for job in failed[:3])
