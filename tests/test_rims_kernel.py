@@ -444,14 +444,6 @@ def test_an_envs_results_do_not_depend_on_the_envs_beside_it(kwargs: dict[str, A
         assert torch.equal(d_state0_b[0], d_state0[b]), b
 
 
-def _host_has_avx512() -> bool:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return False
-    return "avx512f" in flags.split()
-
-
 def test_avx512_products_give_the_bits_of_the_portable_ones(monkeypatch: pytest.MonkeyPatch,
                                                           tmp_path: Path) -> None:
     """On an AVX-512 host the kernel's products take rows in fours, 16 columns to a register; a build
@@ -460,7 +452,9 @@ def test_avx512_products_give_the_bits_of_the_portable_ones(monkeypatch: pytest.
     which path ran (checked on widths with every kind of block and tail, and with 9 envs, rows over)."""
     # The compiler native.py would use, so that the two builds differ in -mno-avx512f only.
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not _host_has_avx512():
+    from agents.study import machine_description  # the vector instructions a study's provenance records
+
+    if machine_description()["vector"] != "AVX-512":
         pytest.skip("this CPU has no AVX-512: both builds would take the same path")
     if compiler is None:
         pytest.skip("no C compiler on this machine")
