@@ -1597,17 +1597,9 @@ def machine_description() -> dict[str, Any]:
     import platform
     from importlib import metadata
 
-    model: str | None = None
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():  # every core repeats them: the first
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model is None:
-                model = value.strip()
-            elif key.strip() in ("flags", "Features") and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
+    from policies.cpu import cpu_model_and_flags
+
+    model, flags = cpu_model_and_flags()
     cpu = model or platform.processor()
     vector = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse2", "SSE2"),
                                            ("asimd", "NEON"), ("neon", "NEON")) if flag in flags), None)

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from policies.cpu import cpu_model_and_flags
+
 DISABLE_ENV = "MODULAR_MEMORY_NATIVE"
 SOURCES = (Path(__file__).parent / "cores" / "rims_kernel.c", Path(__file__).with_name("grid_kernel.c"))
 BUILD_PREFIX = "kernels-"
@@ -59,12 +61,10 @@ def cache_dir() -> Path:
 
 def _cpu_signature() -> str:
     """Model and feature flags of this CPU: ``-march=native`` builds are only valid on a CPU like it."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
+    model, flags = cpu_model_and_flags()
+    if model is None and not flags:
         return platform.processor() or platform.machine()
-    wanted = [line for line in lines if line.startswith(("model name", "flags", "Features"))]
-    return "\n".join(dict.fromkeys(wanted))  # first of each (every core repeats them)
+    return f"{model}\n{' '.join(sorted(flags))}"
 
 
 def _build(compiler: list[str], flags: tuple[str, ...], target: Path) -> None:
