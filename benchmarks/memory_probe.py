@@ -245,9 +245,24 @@ def _short_name(checkpoint: str) -> str:
     return "/".join(path.parts[-2:]) + where
 
 
+def lag_panels(results: list[ProbeResult], max_lines: int = 10) -> dict[str, list[ProbeResult]]:
+    """How :func:`plot_by_lag` splits ``results`` into panels: all in one (named ``""``) when there are at most
+    ``max_lines`` (one colour cycle), else one per config folder, the folder above each run's folder
+    (``.../memory-rims-ppo-k1/seed_3/checkpoint.pt`` -> ``memory-rims-ppo-k1``; a study's ``runs/lstm`` ->
+    ``lstm``), in the order they first appear."""
+    panels: dict[str, list[ProbeResult]] = {}
+    for result in results:
+        panel = _short_name(result.checkpoint).split(" on ")[0].rpartition("/")[0] if len(results) > max_lines else ""
+        panels.setdefault(panel, []).append(result)
+    return panels
+
+
 def plot_by_lag(results: list[ProbeResult], path: Path) -> Path:
     """Draw each result's ``probe_by_lag`` (a line per checkpoint; lags without a probe left out) as a PNG
     at ``path``, a new file: one that exists, even one that appeared while probing, is never replaced.
+
+    More lines than one colour cycle holds (10) go in one panel per config folder (:func:`lag_panels`), so no
+    two lines of a panel share a colour.
 
     :raises FileExistsError: when ``path`` exists (nothing is written).
     :raises OSError: when it cannot be written (no partial file is left).
@@ -259,24 +274,33 @@ def plot_by_lag(results: list[ProbeResult], path: Path) -> Path:
 
     from agents.run_dir import write_new_file
 
-    fig = Figure(figsize=(6.4, 4.0))
+    panels = lag_panels(results)
+    fig = Figure(figsize=(6.4 * min(len(panels), 2), 4.0 * -(-len(panels) // 2)))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for result in results:
-        points = [(lag, acc) for lag, acc in enumerate(result.probe_by_lag) if acc is not None]
-        if points:
-            lags, accuracy = zip(*points)
-            ax.plot(lags, accuracy, marker="o", markersize=3, label=_short_name(result.checkpoint))
-    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
-    ax.set_xlabel("steps since the cue was last in view")
-    ax.set_ylabel("probe balanced accuracy (held out)")
+    axes = fig.subplots(-(-len(panels) // 2), min(len(panels), 2), squeeze=False, sharey=True).ravel()
     lowest = min((a for r in results for a in r.probe_by_lag if a is not None), default=0.5)
-    ax.set_ylim(min(0.25, lowest - 0.03), 1.02)
-    ax.set_xlim(-0.3, MAX_LAG + 0.3)
-    ax.grid(alpha=0.3)
-    ax.set_title("Does the core's state still hold the cue? (each lag: the sighted episodes that lasted it)",
-                 fontsize=9)
-    ax.legend(fontsize=6, loc="lower left")
+    for ax, (panel, members) in zip(axes, panels.items()):
+        for result in members:
+            points = [(lag, acc) for lag, acc in enumerate(result.probe_by_lag) if acc is not None]
+            if points:
+                lags, accuracy = zip(*points)
+                label = _short_name(result.checkpoint)
+                ax.plot(lags, accuracy, marker="o", markersize=3,
+                        label=label.removeprefix(f"{panel}/") if panel else label)
+        ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
+        ax.set_xlabel("steps since the cue was last in view")
+        ax.set_ylabel("probe balanced accuracy (held out)")
+        ax.set_ylim(min(0.25, lowest - 0.03), 1.02)
+        ax.set_xlim(-0.3, MAX_LAG + 0.3)
+        ax.grid(alpha=0.3)
+        ax.set_title(panel or "Does the core's state still hold the cue? (each lag: the sighted episodes "
+                     "that lasted it)", fontsize=9)
+        ax.legend(fontsize=6, loc="lower left")
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    if len(panels) > 1:
+        fig.suptitle("Does the core's state still hold the cue? (each lag: the sighted episodes that lasted it)",
+                     fontsize=10)
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120, bbox_inches="tight")
     write_new_file(path, png.getvalue())

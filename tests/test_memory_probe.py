@@ -269,3 +269,20 @@ def test_cli_writes_table_and_json_and_refuses_bad_input(
     Trainer(load_config(None, TINY), doorkey_dir).run()
     assert memory_probe.main([str(doorkey_dir / "checkpoint.pt")]) == 2
     assert "not a MiniGrid-Memory env" in capsys.readouterr().err
+
+
+def test_many_probes_are_drawn_one_panel_per_config(tmp_path: Path) -> None:
+    """Past one colour cycle (10 lines) the by-lag plot splits into panels by config folder, so no two lines of a
+    panel share a colour; a few lines stay in one panel, whatever their folders."""
+    def result(path: str) -> memory_probe.ProbeResult:
+        return memory_probe.ProbeResult(path, 8, 0.5, 0.5, 0.5, 0.5, 0.9, 0.8, [0.9] * (memory_probe.MAX_LAG + 1),
+                                        [4] * (memory_probe.MAX_LAG + 1))
+
+    study = [result(f"studies/s/runs/{model}/seed_{seed}/checkpoint.pt on MiniGrid-MemoryS13-v0")
+             for model in ("lstm", "rims") for seed in range(1, 7)]
+    panels = memory_probe.lag_panels(study)
+    assert list(panels) == ["lstm", "rims"] and [len(p) for p in panels.values()] == [6, 6]
+    assert panels["rims"][0] is study[6]
+    assert list(memory_probe.lag_panels(study[:3] + study[6:9])) == [""], "6 lines: one panel"
+    plot = memory_probe.plot_by_lag(study, tmp_path / "lag.png")
+    assert plot.read_bytes().startswith(b"\x89PNG")
