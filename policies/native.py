@@ -154,8 +154,7 @@ def native_library() -> ctypes.CDLL | None:
                     raise
         lib = ctypes.CDLL(str(target))
         _forget_stale_builds(target)
-        model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("model name")),
-                     platform.processor() or platform.machine())
+        model = cpu_model_and_flags()[0] or platform.processor() or platform.machine()
         _LOADED_BUILD.update(engine="c-kernel", flags=" ".join(flags), compiler=_compiler_version(compiler), cpu=model)
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", None) or str(exc)

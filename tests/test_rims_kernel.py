@@ -11,6 +11,7 @@ import contextlib
 import copy
 import gc
 import os
+import platform
 import shutil
 import time
 import warnings
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from policies import native
+from policies.cpu import cpu_model_and_flags
 from policies.native import native_library
 from policies.cores import rims as rims_module
 from policies.cores.brims import BRIMs
@@ -296,7 +298,9 @@ def test_kernel_build_names_the_flags_actually_used(monkeypatch: pytest.MonkeyPa
         build = native.kernel_build()
         assert build["engine"] == "c-kernel"
         assert build["flags"] == " ".join(native.FLAGS) and native.NATIVE_FLAG not in build["flags"]
-        assert build["cpu"] and build["compiler"]
+        assert build["compiler"]
+        # The CPU's model, as a study's machine description names it (runs record it beside the flags).
+        assert build["cpu"] == (cpu_model_and_flags()[0] or platform.processor() or platform.machine())
         monkeypatch.delenv("CC")  # the usual compiler builds the tuned kernel, under another name
         native_library.cache_clear()
         assert native.kernel_build()["flags"].endswith(native.NATIVE_FLAG)
