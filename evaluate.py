@@ -1,7 +1,7 @@
 """Evaluate trained checkpoints: raw scores and success rates, on held-out envs too.
 
-    python evaluate.py runs/doorkey-rims/checkpoint.pt                  # its own training env
-    python evaluate.py runs/doorkey-rims --suite doorkey --episodes 100  # train + held-out envs
+    python evaluate.py runs/doorkey-5x5-rims-ppo/checkpoint.pt          # its own training env
+    python evaluate.py runs/doorkey-5x5-rims-ppo --suite doorkey --episodes 100  # train + held-out envs
     python evaluate.py runs/*/checkpoint.pt --suite doorkey --json results.json   # side by side
     python evaluate.py CKPT --env MiniGrid-DoorKey-8x8-v0 --video videos --plot plots
     python evaluate.py --list-suites

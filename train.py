@@ -21,10 +21,12 @@ run, and each rank exits with the status above (torchrun then reports a non-zero
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 # Only light modules here: the config and the run directory are checked before torch, gymnasium
 # and SB3 are imported (seconds), so --help and a mistyped key answer at once.
@@ -78,9 +80,18 @@ def _reporting_rank() -> int:
         return 0
 
 
+def _remove_if_empty(run_dir: Path | None) -> None:
+    """Remove a run directory this call made for a run that was refused before writing anything (an env or
+    core the config asks for cannot be built): an empty folder would look like a run. Anything in it keeps it."""
+    if run_dir is not None:
+        with contextlib.suppress(OSError):  # not empty, or already gone
+            run_dir.rmdir()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run train.py with ``argv`` (``sys.argv[1:]`` by default) and return its exit status."""
     args = parse_args(argv)
+    made_dir: Path | None = None  # a run directory this call created: removed again if refused before it holds anything
     try:
         # Everything the user typed is checked here, before the heavy imports and any env is built.
         if args.resume is not None:
@@ -104,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 refuse_existing_run(run_dir)
             else:
                 run_dir = default_run_dir(config["name"])
+            made_dir = None if Path(run_dir).exists() else Path(run_dir)
             prepare_run_dir(run_dir)
 
         from agents import distributed
@@ -132,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             # Training errors can be one rank's own (its envs): every rank says what stopped it.
             where = "" if distributed.world_size() == 1 else f" (rank {distributed.rank()})"
             print(f"error{where}: {exc}", file=sys.stderr)
+            _remove_if_empty(made_dir)
             return 2
         finally:
             distributed.shutdown()
@@ -151,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error (rank {_reporting_rank()}): {exc}", file=sys.stderr)
         else:
             time.sleep(_QUIET_RANK_EXIT_DELAY_S)
+        _remove_if_empty(made_dir)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C: the last checkpoint written is intact (atomic writes)
         if args.debug:

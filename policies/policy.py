@@ -2,7 +2,7 @@
 
     from policies import load_policy
     from agents.evaluation import make_policy_env
-    policy = load_policy("runs/doorkey-rims/checkpoint.pt")      # or the run directory
+    policy = load_policy("runs/doorkey-5x5-rims-ppo/checkpoint.pt")  # or the run directory
     venv = make_policy_env(policy, n_envs=1)                     # the training wrappers, raw rewards
     obs, state, start = venv.reset(), policy.initial_state(1), np.ones(1, bool)
     action, state = policy.act(obs, state, start)

@@ -127,6 +127,12 @@ def test_init_from_loads_the_weights_only_and_refuses_another_policy(
             code = train.main([*tiny, *extra, f"init_from={target}", "--run-dir", str(tmp_path / f"c{len(extra)}")])
             err = capsys.readouterr().err
             assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1, err
+            assert not (tmp_path / f"c{len(extra)}").exists(), "a refused run leaves no empty run folder behind"
+        kept = tmp_path / "made-by-the-user"
+        kept.mkdir()
+        assert train.main([*tiny, "core.hidden_size=24", f"init_from={tmp_path / 'a'}", "--run-dir", str(kept)]) == 2
+        assert kept.is_dir(), "a folder that was there before is never removed"
+        capsys.readouterr()
         # Another view size: the spaces as gymnasium writes them, not every element's bounds (a 229 KB line
         # for an Atari frame stack).
         code = train.main([*tiny, "env.env_kwargs={agent_view_size: 5}", f"init_from={tmp_path / 'a'}",

@@ -314,6 +314,7 @@ def test_what_envpool_cannot_do_is_one_line(envpool: Any, tmp_path: Path, capsys
     err = capsys.readouterr().err
     assert code == 2 and expected in err and "Traceback" not in err, err
     assert len([line for line in err.splitlines() if line.startswith("error")]) == 1, err
+    assert not (tmp_path / "run").exists(), "a refused run leaves no empty run folder behind"
 
 
 def test_train_with_envpool_finishes(envpool: Any, tmp_path: Path) -> None:
