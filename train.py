@@ -32,7 +32,15 @@ from pathlib import Path
 # and SB3 are imported (seconds), so --help and a mistyped key answer at once.
 from agents.config import ConfigError, load_config, parse_overrides
 from agents.distributed import DistributedError, env_rank, env_world_size
-from agents.run_dir import RunDirError, RunLock, cli_path, default_run_dir, prepare_run_dir, refuse_existing_run
+from agents.run_dir import (
+    RunDirError,
+    RunLock,
+    check_run_dir_path,
+    cli_path,
+    default_run_dir,
+    prepare_run_dir,
+    refuse_existing_run,
+)
 from policies.checkpoint import CheckpointError
 
 # Exit status of a run stopped by a signal: 128 + the signal number, as a shell reports it.
@@ -115,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 refuse_existing_run(run_dir)
             else:
                 run_dir = default_run_dir(config["name"])
+            check_run_dir_path(run_dir)  # a name too long for the file system fails exists() below
             made_dir = None if Path(run_dir).exists() else Path(run_dir)
             prepare_run_dir(run_dir)
 

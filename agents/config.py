@@ -67,7 +67,9 @@ def _is_device(value: Any) -> bool:
 
 def _is_name(value: Any) -> bool:
     # A run's name becomes runs/<name>: a path ("../x", "/tmp/x", "a/b") would write elsewhere.
-    return value is None or (value not in ("", ".", "..") and not any(c in value for c in "/\\\0"))
+    # Control characters (a newline, a tab) would make a folder no shell command or log line shows whole.
+    return value is None or (value not in ("", ".", "..") and not any(c in value for c in "/\\")
+                             and value.isprintable())
 
 
 def _is_float32_positive(value: Any) -> bool:
@@ -98,7 +100,7 @@ INT, FLOAT, BOOL, STR = (int,), (float, int), (bool,), (str,)
 OPT_FLOAT, OPT_INT, OPT_STR = (float, int, type(None)), (int, type(None)), (str, type(None))
 
 TOP_FIELDS: dict[str, Field] = {
-    "name": Field(None, OPT_STR, _is_name, "a plain name, not a path (not empty, '.' or '..', and no slashes)"),
+    "name": Field(None, OPT_STR, _is_name, "a plain name, not a path (not empty, '.' or '..', no slashes or control characters)"),
     "seed": Field(1, INT, lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     "total_frames": Field(100_000, INT, _positive, "> 0"),
     "device": Field("cpu", STR, _is_device, "a torch device such as 'cpu', 'cuda' or 'cuda:1'"),

@@ -109,7 +109,8 @@ def test_a_users_own_lock_file_is_never_overwritten(tmp_path: Path, capsys: pyte
     assert (run / ".lock").read_text().strip().isdigit()
 
 
-@pytest.mark.parametrize("case", ["file", "under_file", "uncreatable", "too_long", "dotdot", "absolute", "empty"])
+@pytest.mark.parametrize("case", ["file", "under_file", "uncreatable", "too_long", "too_long_dir", "control", "dotdot",
+                                  "absolute", "empty"])
 def test_unusable_run_directory_is_one_line_before_envs_are_built(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
@@ -126,6 +127,8 @@ def test_unusable_run_directory_is_one_line_before_envs_are_built(
         "under_file": (["--run-dir", "a_file/run"], "a_file is a file"),
         "uncreatable": (["--run-dir", "/proc/modular-memory-rl/run"], "cannot create run directory"),
         "too_long": ([f"name={'x' * 300}"], "longer than the"),
+        "too_long_dir": (["--run-dir", "x" * 300], "longer than the"),
+        "control": (['name="a\\nb"'], "no slashes or control characters"),  # YAML's escape: a newline
         "dotdot": (["name=../escaped"], "name must be a plain name, not a path"),
         "absolute": ([f"name={tmp_path / 'abs'}"], "name must be a plain name, not a path"),
         "empty": (["name="], "name must be a plain name"),
