@@ -352,7 +352,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         raise EvaluationError(f"--device {args.device!r}: {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError("--device cuda, but no CUDA GPU is available here; use --device cpu")
+        raise EvaluationError(f"--device {args.device}, but no CUDA GPU is available here; use --device cpu")
     try:
         check_device(device)  # the other devices this machine lacks (MPS), in load_policy's words
     except ValueError as exc:

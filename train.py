@@ -106,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.config is not None or args.run_dir is not None:
                 raise ConfigError("--resume takes the run's own config and directory: drop --config/--run-dir")
             overrides = parse_overrides(args.overrides)
+            if args.resume.is_file():
+                raise CheckpointError(f"--resume takes a run directory, not a file: {args.resume} is a file "
+                                      f"(give the run's folder, {args.resume.parent}; a run resumes from "
+                                      f"its latest checkpoint.pt)")
             if not args.resume.is_dir():
                 raise CheckpointError(f"checkpoint file not found: {args.resume / 'checkpoint.pt'} "
                                       f"(--resume takes a run directory)")

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from agents import distributed
 from agents.a2c import RecurrentA2C
-from agents.config import PPO_ONLY_KEYS, ConfigError, load_plugins, merge, resolve_config
+from agents.config import ENV_FIELDS, PPO_ONLY_KEYS, ConfigError, load_plugins, merge, resolve_config
 from agents.logger import RunLogger
 from agents.optim import NonFiniteError, PolicyUpdater
 from agents.ppo import RecurrentPPO
@@ -219,7 +219,11 @@ def _refused_env_options(env_id: str, options: dict[str, Any]) -> Iterator[None]
     except AssertionError as exc:  # e.g. MiniGrid asserts on a grid size it cannot build
         frames = traceback.extract_tb(exc.__traceback__)
         check = str(exc) or (frames[-1].line if frames and frames[-1].line else "an assertion failed")
-        raise ConfigError(f"env.env_kwargs={options.get('env_kwargs', {})!r} rejected by {env_id}: {check}") from None
+        # The assertion may come from a wrapper (SB3's image checks on a frame stack), not the env: name every
+        # env setting the config changed from its default, not only env_kwargs.
+        changed = [f"env.{key}={value!r}" for key, value in options.items()
+                   if key in ENV_FIELDS and value != ENV_FIELDS[key].default]
+        raise ConfigError(f"{', '.join(changed) or 'the default env settings'} rejected by {env_id}: {check}") from None
 
 
 def _lookup(nested: dict[str, Any], dotted: str) -> Any:
@@ -342,7 +346,7 @@ class Trainer:
         self._seed_rngs(distributed.rank_rng_seed(seed))
         self.device = torch.device(config["device"])
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device='cuda' but no CUDA GPU is available; use device=cpu")
+            raise ConfigError(f"device={config['device']!r} but no CUDA GPU is available; use device=cpu")
         distributed.setup(config["device"])  # joins torchrun's process group; nothing in a world of 1
         self.world_size = distributed.world_size()
         try:  # the config only checks the spelling; whether this machine has the device is checked here
@@ -543,7 +547,8 @@ class Trainer:
         blob = path.read_bytes()
         tag, body = blob[:32], blob[32:]
         if len(tag) != 32 or not hmac.compare_digest(tag, hmac.new(self._snapshot_key, body, hashlib.sha256).digest()):
-            tqdm.write(f"warning: {path} was not written by this user; resuming with fresh episodes", file=sys.stderr)
+            tqdm.write(f"warning: {path} is damaged or was not written by this user (its signature does not match); "
+                       "resuming with fresh episodes", file=sys.stderr)
             return None, {}
         try:
             saved = pickle.loads(body)  # authenticated above: this user wrote it

@@ -614,9 +614,11 @@ def test_load_policy_refuses_non_paths_urls_and_missing_gpus(rims_run: tuple[Pat
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 def test_cuda_without_a_gpu_is_one_line_exit_2(rims_run: tuple[Path, Trainer],
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    code, stdout, stderr = _run_cli(capsys, rims_run[0], "--device", "cuda", "--episodes", "1")
-    assert code == 2 and stdout == ""
-    assert stderr.strip().splitlines() == ["error: --device cuda, but no CUDA GPU is available here; use --device cpu"]
+    for device in ("cuda", "cuda:9"):  # the message repeats the device as given
+        code, stdout, stderr = _run_cli(capsys, rims_run[0], "--device", device, "--episodes", "1")
+        assert code == 2 and stdout == ""
+        assert stderr.strip().splitlines() == [
+            f"error: --device {device}, but no CUDA GPU is available here; use --device cpu"]
 
 
 def test_the_argument_parser_imports_no_heavy_library() -> None:

@@ -49,6 +49,7 @@ def run_main(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, 
         (["core=lstm"], "core must be a mapping"),
         (["device=gpu"], "device must be a torch device"),
         (["device=xpu"], "device='xpu' is not available on this machine"),
+        *([(["device=cuda:9"], "device='cuda:9' but no CUDA GPU is available")] if not torch.cuda.is_available() else []),
         (["device=meta"], "device must be a torch device"),
         (["seed=8589934592"], "seed must be in [0, 2**32)"),
         (["core.dropout=0.2"], "core.dropout > 0 is not supported"),
@@ -60,6 +61,8 @@ def run_main(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, 
         (["env.env_kwargs={size: 3}"], "env.env_kwargs={'size': 3} rejected by MiniGrid-DoorKey-5x5-v0 at its first"),
         (["env.vec_env=subproc", "env.env_kwargs={size: 3}"], "rejected by MiniGrid-DoorKey-5x5-v0 at its first"),
         (["torch_threads=0"], "torch_threads must be between 1 and"),
+        # SB3's image check refuses a stack deeper than the frame is wide: the setting that did it is named.
+        (["env.id=ALE/Pong-v5", "env.frame_stack=1000"], "env.frame_stack=1000 rejected by ALE/Pong-v5"),
         (["algo.lr=1e-60"], "representable in float32"),
     ],
 )
@@ -85,6 +88,16 @@ def test_resume_of_a_folder_without_a_run_leaves_it_as_it_was(tmp_path: Path,
     code, err = run_main(capsys, ["--resume", str(folder)])
     assert code == 2 and "checkpoint file not found" in err and err.count("\n") == 1
     assert sorted(p.name for p in folder.iterdir()) == ["todo.txt"]  # no .lock left behind
+
+
+def test_resume_of_a_checkpoint_file_names_its_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"weights")
+    code, err = run_main(capsys, ["--resume", str(checkpoint)])
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "takes a run directory, not a file" in err and f"give the run's folder, {checkpoint.parent}" in err, err
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["checkpoint.pt"]
 
 
 @pytest.mark.parametrize("option", ["--run-dir", "--resume", "--config"])
@@ -202,8 +215,9 @@ def test_resume_equals_uninterrupted_training(tmp_path: Path) -> None:
     assert len(rows) == 5
 
 
-def test_resume_with_a_stale_or_foreign_env_snapshot_starts_fresh_episodes(tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_with_a_stale_or_foreign_env_snapshot_starts_fresh_episodes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     tiny_trainer(tmp_path).run(stop_at_frames=64)
     snapshot = tmp_path / "envs_state.pkl"
     # A kill between the env snapshot and the checkpoint: the snapshot belongs to a later point.
@@ -220,8 +234,11 @@ def test_resume_with_a_stale_or_foreign_env_snapshot_starts_fresh_episodes(tmp_p
     monkeypatch.setenv("MODULAR_RL_KEY_FILE", str(tmp_path / "other-user.key"))
     marker = tmp_path / "pwned"
     snapshot.write_bytes(bytes(32) + pickle.dumps(_RunsCode(marker)))
+    capsys.readouterr()
     foreign = Trainer.resume(tmp_path, {"total_frames": 160})
     assert foreign.rollout_state is None
+    # The warning cannot tell a damaged file from another user's: it names both.
+    assert "is damaged or was not written by this user" in capsys.readouterr().err
     assert not marker.exists()
 
 
