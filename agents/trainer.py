@@ -18,6 +18,7 @@ import math
 import os
 import pickle
 import random
+import re
 import secrets
 import signal
 import sys
@@ -210,6 +211,27 @@ def _flat_keys(nested: dict[str, Any], prefix: str = "") -> list[str]:
 
 
 @contextlib.contextmanager
+def _sizes_that_fit(config: dict[str, Any]) -> Iterator[None]:
+    """Turn a failed allocation while building the policy or the rollout buffers (sizes this machine cannot
+    hold: a core of a million units, a rollout of 10^8 steps) into one ConfigError naming the sizes."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        text = str(exc)
+        if not isinstance(exc, MemoryError) and "allocate" not in text:
+            raise
+        asked = re.search(r"allocate (\d+) bytes", text)
+        amount = f" ({int(asked.group(1)) / 2**30:,.1f} GiB at once)" if asked else ""
+        sizes = {key: value for key, value in config["core"].items()
+                 if key != "name" and isinstance(value, int) and not isinstance(value, bool)}
+        raise ConfigError(
+            f"not enough memory to build the run{amount}: core {config['core']['name']} {sizes}, "
+            f"policy.head_hidden_size={config['policy']['head_hidden_size']}, algo.n_steps={config['algo']['n_steps']} "
+            f"x env.n_envs={config['env']['n_envs']} steps per rollout; make them smaller"
+        ) from None
+
+
+@contextlib.contextmanager
 def _refused_env_options(env_id: str, options: dict[str, Any]) -> Iterator[None]:
     """Turn an env's refusal of the run's env options, as it builds, into one ConfigError line."""
     try:
@@ -381,7 +403,8 @@ class Trainer:
             frames_done = checkpoint.get("frames") if checkpoint is not None else None
             fresh = [seed, frames_done] if self.world_size > 1 and isinstance(frames_done, int) else None
             self.venv = self.make_envs(*self.task, seed=fresh)
-        self.policy = build_policy(config, self.venv.observation_space, self.venv.action_space).to(self.device)
+        with _sizes_that_fit(config):
+            self.policy = build_policy(config, self.venv.observation_space, self.venv.action_space).to(self.device)
         algo = config["algo"]
         if algo["name"] not in UPDATERS and algo["name"] in PLUGIN_UPDATERS:
             importlib.import_module(PLUGIN_UPDATERS[algo["name"]])
@@ -391,8 +414,9 @@ class Trainer:
             self.updater = updater_cls.from_config(config, self.policy, self.generator)
         else:
             self.updater = updater_cls(self.policy, algo, generator=self.generator)
-        self.storage = RolloutStorage(algo["n_steps"], env_config["n_envs"], self.venv.observation_space,
-                                      self.venv.action_space, self.policy.state_size, self.device)
+        with _sizes_that_fit(config):
+            self.storage = RolloutStorage(algo["n_steps"], env_config["n_envs"], self.venv.observation_space,
+                                          self.venv.action_space, self.policy.state_size, self.device)
         # Frames count every rank's envs: total_frames is the whole run's, however many processes train it.
         self.frames_per_rollout = algo["n_steps"] * env_config["n_envs"] * self.world_size
         self.frames = 0
