@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+import train
 from agents import distributed
 from envs import env_seeds
 from policies.checkpoint import CheckpointError
