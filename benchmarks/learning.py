@@ -10,7 +10,8 @@ Every (config, seed) is an ordinary ``python train.py`` run in its own directory
 thread each). Running the same command again skips finished runs and resumes interrupted
 ones (``--resume``), so a long sweep can be stopped and continued: Ctrl-C, ``kill`` (SIGTERM) or a
 hangup asks the running runs to checkpoint and exit, and the sweep exits 130, 143 or 129. ``default`` names the
-embedded default config (a bare ``python train.py``).
+embedded default config (a bare ``python train.py``). Every config is checked with the overrides its runs get
+before any run starts (with ``--report-only`` too): a mistake is one message and exit 2, and nothing is created.
 
 Per seed it prints the frames at which the mean return of the last 100 episodes first
 reached ``--threshold`` (with at least 100 episodes finished), the mean return of the
@@ -45,11 +46,13 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as `python benchmarks/learning.py` from a source checkout
+from agents.config import ConfigError, load_config, locate_config, parse_overrides  # noqa: E402
 from agents.executors import stop_exit_status, stop_signals_recorded  # noqa: E402
 
 WINDOW = 100  # episodes in the mean return, as the trainer's log.return_window
@@ -57,6 +60,9 @@ WINDOW = 100  # episodes in the mean return, as the trainer's log.return_window
 SWEEP_DEFAULTS: dict[str, object] = {"configs": ["default"], "seeds": ["1-10"], "set": [], "tag": "", "jobs": 2,
                                      "nproc": 1}
 MAX_SEEDS = 10_000  # per range: more is a typo (1-1000000), not a sweep
+# A tag is part of a folder name (OUT/<config>-<tag>) and of the curves' file name: a slash would nest folders, a
+# leading dot hide them ("..": leave OUT), and other characters make names no shell line shows plainly.
+TAG = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,51 @@ class Job:
     seed: int
     run_dir: Path
     nproc: int = 1  # processes training the one run (torchrun when > 1)
+
+
+def finite_float(text: str) -> float:
+    """``--threshold`` and ``--final``: a number the returns are compared with. NaN compares false with every
+    return and an infinity is never (or always) reached, so either would turn the table into a silent verdict."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def plain_tag(text: str) -> str:
+    """``--tag``: a plain name (see :data:`TAG`), so the runs and curves stay where the sweep says, under OUT."""
+    if TAG.fullmatch(text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a plain name: use letters, digits, '.', '_' and '-' "
+                                         "(up to 100), not starting with '.'")
+    return text
+
+
+def run_overrides(seed: int, overrides: Sequence[str]) -> list[str]:
+    """The overrides train.py gets for a new run of a sweep: the sweep's own, then the user's ``--set``."""
+    return [f"seed={seed}", "log.progress_bar=false", "torch_threads=1", *overrides]
+
+
+def check_config(config: str | None, overrides: Sequence[str], seeds: Sequence[int]) -> None:
+    """Resolve ``config`` (a YAML path, None for the embedded default) with the overrides its runs get, as
+    train.py does before it trains, so that a mistake is one message here, not a failed run per seed.
+
+    Only ``seed`` differs between the runs, and its check is a range: the lowest and highest seeds cover them all.
+
+    :raises ConfigError: for a config or override train.py would refuse (the message names it).
+    """
+    if "seed" in parse_overrides(overrides):
+        raise ConfigError("--set seed=... would train every run on that one seed; give the seeds with --seeds")
+    for seed in sorted({min(seeds), max(seeds)}):
+        resolved = load_config(config, run_overrides(seed, overrides))
+    from envs.registry import check_env_id  # gymnasium, MiniGrid and ALE ids only, as train.py: half a second
+
+    try:
+        check_env_id(resolved["env"]["id"])
+    except ValueError as exc:
+        raise ConfigError(f"env.id: {exc}") from None
 
 
 def parse_seeds(items: list[str]) -> list[int]:
@@ -189,8 +240,7 @@ def command(job: Job) -> list[str]:
     if (job.run_dir / "checkpoint.pt").is_file():
         return [*launcher, "train.py", "--resume", str(job.run_dir)]
     config = ["--config", job.config] if job.config else []
-    return [*launcher, "train.py", *config, "--run-dir", str(job.run_dir),
-            f"seed={job.seed}", "log.progress_bar=false", "torch_threads=1", *job.overrides]
+    return [*launcher, "train.py", *config, "--run-dir", str(job.run_dir), *run_overrides(job.seed, job.overrides)]
 
 
 def run_all(jobs: list[Job], parallel: int) -> list[Job]:
@@ -390,18 +440,23 @@ def plot_curves(jobs: list[Job], threshold: float, path: Path) -> Path | None:
 
 
 def main() -> None:
+    """Run (or, with --report-only, only read) the sweep, or read a --study's runs, and print the table and curves.
+
+    Exit status: 0 done, 1 some runs failed (their logs say why), 2 bad input (one message, nothing created),
+    129/130/143 stopped by a hangup, Ctrl-C or SIGTERM (run the same command again to continue).
+    """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # A sweep's options: None when not given, so that --study can refuse them (defaults: SWEEP_DEFAULTS).
     parser.add_argument("--configs", nargs="+",
                         help="config files, or 'default' for the embedded default (default: default)")
     parser.add_argument("--seeds", nargs="+", help="seeds or ranges, e.g. 1-10 100 (default 1-10)")
     parser.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="overrides for every config")
-    parser.add_argument("--tag", help="name of this variant (runs go to OUT/<config>[-tag]/seed_<s>)")
+    parser.add_argument("--tag", type=plain_tag, help="name of this variant (runs go to OUT/<config>[-tag]/seed_<s>)")
     parser.add_argument("--jobs", type=int, help="runs at a time (default 2, one per core here)")
     parser.add_argument("--nproc", type=int,
                         help="processes per run: > 1 trains each run with torchrun (total_frames counts all of them)")
-    parser.add_argument("--threshold", type=float, default=0.9)
-    parser.add_argument("--final", type=float, default=None,
+    parser.add_argument("--threshold", type=finite_float, default=0.9)
+    parser.add_argument("--final", type=finite_float, default=None,
                         help="return the run must keep at the end of the budget (default: the threshold - 0.05; "
                              "MultiRoom-N2-S4's best possible return is ~0.85, so 0.8 and 0.75 there)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "learning")
@@ -438,16 +493,34 @@ def main() -> None:
         curves = args.out / "curves" / f"study-{folder.resolve().name}.png"
     else:
         jobs = []
+        # Variants with other overrides get their own directories, so no run is mixed with another.
+        suffix = args.tag or (hashlib.sha1(" ".join(args.set).encode()).hexdigest()[:6] if args.set else "")
+        labels: dict[str, tuple[str, str | None]] = {}  # a label (its runs' folder) -> the config named, its file
         for config in args.configs:
-            name = "default" if config == "default" else Path(config).stem
-            if config != "default" and not (REPO / config).is_file() and not Path(config).is_file():
-                parser.error(f"no config file {config}")
-            # Variants with other overrides get their own directories, so no run is mixed with another.
-            suffix = args.tag or (hashlib.sha1(" ".join(args.set).encode()).hexdigest()[:6] if args.set else "")
+            # The file the user named, found as train.py finds it (here, else in the package), passed on as an
+            # absolute path: the runs start in the repository, which may not be where the user is. A file found
+            # nowhere stays as named, for load_config to say where it looked.
+            found = None if config == "default" else locate_config(config)
+            path = None if found is None else str(found.resolve()) if found.is_file() else config
+            # Every config is checked, with the overrides its runs get, before any run starts (or, with
+            # --report-only, before its runs are read as that config's): one message, nothing created.
+            try:
+                check_config(path, args.set, seeds)
+            except ConfigError as exc:
+                print(f"error: {config}: {exc}", file=sys.stderr)
+                raise SystemExit(2) from None
+            name = "default" if path is None else Path(config).stem
             label = f"{name}-{suffix}" if suffix else name
+            if label in (".", ".."):  # a file named ...yaml: its runs would go to OUT/.. itself
+                parser.error(f"config {config}: its name {name!r} cannot name a folder under --out; rename it")
+            if label in labels:  # the same runs counted twice, or two configs' runs in one folder
+                other, other_path = labels[label]
+                parser.error(f"--configs names {path or config} twice" if other_path == path else
+                             f"--configs {other} and {config} would share the runs in {args.out / label}; "
+                             "rename one")
+            labels[label] = (config, path)
             for seed in seeds:
-                jobs.append(Job(label, None if config == "default" else str(config), tuple(args.set), seed,
-                                args.out / label / f"seed_{seed}", args.nproc))
+                jobs.append(Job(label, path, tuple(args.set), seed, args.out / label / f"seed_{seed}", args.nproc))
         failed = [] if args.report_only else run_all(jobs, args.jobs)
         curves = curves_path(args.out, list(dict.fromkeys(job.label for job in jobs)))
     final = args.final if args.final is not None else round(args.threshold - 0.05, 6)

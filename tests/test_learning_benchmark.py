@@ -207,14 +207,114 @@ def test_bad_seeds_are_refused(items: list[str], message: str) -> None:
 
 
 def test_a_sweep_whose_runs_fail_exits_1_and_names_their_logs(tmp_path: Path) -> None:
-    # train.py refuses the unknown key at once (exit 2); the sweep reports it and must not exit 0.
+    # A checkpoint to start from that is not there passes the config's check and fails in train.py (exit 2);
+    # the sweep reports it and must not exit 0.
+    missing = f"init_from={tmp_path / 'none.pt'}"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "learning.py"), "--configs", "default",
-                           "--seeds", "3", "--jobs", "1", "--out", str(tmp_path), "--no-plot", "--set", "no_such_key=1"],
+                           "--seeds", "3", "--jobs", "1", "--out", str(tmp_path), "--no-plot", "--set", missing],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
-    log = tmp_path / f"default-{learning.hashlib.sha1(b'no_such_key=1').hexdigest()[:6]}" / "seed_3.log"
+    log = tmp_path / f"default-{learning.hashlib.sha1(missing.encode()).hexdigest()[:6]}" / "seed_3.log"
     assert done.returncode == 1, done.stdout + done.stderr
-    assert f"error: 1 run(s) failed; see {log}" in done.stderr and "no_such_key" in log.read_text()
+    assert f"error: 1 run(s) failed; see {log}" in done.stderr and "init_from" in log.read_text()
     assert "Traceback" not in done.stderr
+
+
+def _main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """learning.py's main() on ``args``: its exit status, stdout and stderr."""
+    monkeypatch.setattr(sys, "argv", ["learning.py", *args])
+    try:
+        learning.main()
+        status = 0
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+CONFIG_FILES = {"bad.yaml": "a: [1\n", "list.yaml": "- 1\n- 2\n", "notes.txt": "some notes, not a config\n"}
+
+
+@pytest.mark.parametrize("report_only", [False, True], ids=["sweep", "report-only"])
+@pytest.mark.parametrize(("config", "options", "message"), [
+    ("bad.yaml", [], "is not valid YAML: expected ',' or ']'"),
+    ("list.yaml", [], "must hold a mapping of keys to values, got list"),
+    ("notes.txt", [], "must hold a mapping of keys to values, got str"),
+    ("no-such.yaml", [], "config file not found: no-such.yaml"),
+    ("default", ["--set", "core.bogus=1"], "unknown config key 'core.bogus'"),
+    ("default", ["--set", "=1"], "override '=1' must look like key=value"),
+    ("default", ["--set", "a.b"], "override 'a.b' must look like key=value"),
+    ("default", ["--set", "total_frames=abc"], "total_frames must be an integer, got 'abc'"),
+    ("default", ["--set", "seed=3"], "--set seed=... would train every run on that one seed"),
+    ("default", ["--seeds", "1", "4294967296"], "seed must be in [0, 2**32), got 4294967296"),
+    ("default", ["--set", "env.id=MiniGrid-NoSuchEnv-v0"], "env.id: Unknown environment id 'MiniGrid-NoSuchEnv-v0'"),
+])
+def test_a_bad_config_or_override_is_refused_before_any_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        config: str, options: list[str], message: str, report_only: bool) -> None:
+    # Checked with the overrides the runs get (the seeds included), in the sweep itself: one line naming the
+    # config and its problem, exit 2, no run started and nothing under --out. With --report-only a file that is
+    # no config must not be read as one (its runs all "unfinished", exit 0).
+    monkeypatch.chdir(tmp_path)
+    for name, text in CONFIG_FILES.items():
+        (tmp_path / name).write_text(text)
+    out = tmp_path / "out"
+    status, stdout, err = _main(monkeypatch, capsys, "--configs", config, "--seeds", "1", "--out", str(out),
+                                "--no-plot", *options, *(["--report-only"] if report_only else []))
+    assert status == 2, stdout + err
+    assert err.splitlines() == [err.splitlines()[0]] and err.startswith(f"error: {config}: ") and message in err, err
+    assert "Traceback" not in err and stdout == ""
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--threshold", "nan", "must be a finite number, got 'nan'"),
+    ("--threshold", "-inf", "must be a finite number, got '-inf'"),
+    ("--final", "inf", "must be a finite number, got 'inf'"),
+    ("--final", "NaN", "must be a finite number, got 'NaN'"),
+    ("--threshold", "high", "'high' is not a number"),
+])
+def test_a_threshold_that_is_not_a_finite_number_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        option: str, value: str, message: str) -> None:
+    # NaN is never reached and an infinite --final is never kept: the table would call every run failed.
+    status, stdout, err = _main(monkeypatch, capsys, "--seeds", "1", "--out", str(tmp_path / "out"), "--report-only",
+                                "--no-plot", f"{option}={value}")
+    assert status == 2 and f"argument {option}: {message}" in err, stdout + err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tag", ["a/b", "/../../x", "..", ".hidden", "", "a b", "x" * 101])
+def test_a_tag_must_be_a_plain_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str], tag: str) -> None:
+    # A tag names folders under --out: a slash would nest them, "/../../x" leave --out altogether.
+    status, stdout, err = _main(monkeypatch, capsys, "--seeds", "1", "--out", str(tmp_path / "out"), "--no-plot",
+                                "--report-only", "--tag", tag)
+    assert status == 2 and f"argument --tag: {tag!r} is not a plain name" in err, stdout + err
+    assert "Traceback" not in err and sorted(tmp_path.iterdir()) == []
+    status, stdout, err = _main(monkeypatch, capsys, "--seeds", "1", "--out", str(tmp_path / "out"), "--no-plot",
+                                "--report-only", "--tag", "v1.2_lr-3e-4")
+    assert status == 0 and ["default-v1.2_lr-3e-4", "1", "unfinished"] in map(str.split, stdout.splitlines()), err
+
+
+@pytest.mark.parametrize(("configs", "message"), [
+    (["default", "default"], "--configs names default twice"),
+    (["a/run.yaml", "a/../a/run.yaml"], "--configs names {tmp}/a/run.yaml twice"),
+    (["a/run.yaml", "{tmp}/a/run.yaml"], "--configs names {tmp}/a/run.yaml twice"),
+    (["a/run.yaml", "b/run.yaml"], "--configs a/run.yaml and b/run.yaml would share the runs in {tmp}/out/run-t"),
+])
+def test_a_config_named_twice_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str], configs: list[str], message: str) -> None:
+    # The same runs would be trained and counted twice ("reached 0.9 on 2/2" from one run); two files of one
+    # name would train into, and be reported from, the same folders.
+    monkeypatch.chdir(tmp_path)
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "run.yaml").write_text("total_frames: 1000\n")
+    configs = [config.format(tmp=tmp_path) for config in configs]
+    status, stdout, err = _main(monkeypatch, capsys, "--configs", *configs, "--seeds", "1", "--tag", "t",
+                                "--out", str(tmp_path / "out"), "--no-plot", "--report-only")
+    assert status == 2 and message.format(tmp=tmp_path) in err, stdout + err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
 def test_a_metrics_file_with_a_damaged_byte_reads_up_to_it(tmp_path: Path) -> None:
