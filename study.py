@@ -11,7 +11,9 @@ Outputs go to studies/<study>/ (--root to change): runs/<model>/seed_<s>/ (what 
 plus eval/point_<frames>.json from evaluate.py and provenance.json), logs/, sessions.jsonl (each `run`:
 command, start, end, machine), report.md, plots/. `publish` writes a results page (docs/results.md)
 from finished studies' reports, their PNGs under docs/results/<study>/; it refuses a study with
-unfinished runs or runs of more than one code version, and a page edited by hand (unless --force).
+unfinished runs or runs of more than one code version, a page edited by hand (unless --force), and a
+docs/results/<study>/ holding files it did not copy there (it replaces only its own PNGs). `run` refuses a
+non-empty studies/<study>/ that holds no study (no study.yaml).
 A `kind: adaptation` study (configs/studies/adaptation-*.yaml) pre-trains its models there, then
 fine-tunes them into finetune/<run>/<task>/seed_<s>/, and reports how fast each adapted.
 Running the same command again skips finished work and resumes interrupted runs; Ctrl-C stops
@@ -111,6 +113,17 @@ def _status(study_arg: str, root: Path) -> int:
     return 0
 
 
+def _check_root(root: Path) -> None:
+    """Refuse a --root that is, or lies under, a regular file: creating the study folder there fails with a
+    bare "Not a directory" naming the study folder, not the option that is wrong."""
+    for folder in (root, *root.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise StudyError(f"--root {root} is a file, not a folder" if folder == root
+                                 else f"--root {root}: {folder} is a file, not a folder")
+            return
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit status."""
     args = build_parser().parse_args(argv)
@@ -122,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 check_executor(args.executor)
             if args.workers is not None and args.workers < 1:
                 raise StudyError(f"--workers must be >= 1, got {args.workers}")
+            _check_root(args.root)
             study = load_study(args.study)
             return run_study(study, args.root / study.name, executor=args.executor, workers=args.workers,
                              address=args.address, report=not args.no_report)

@@ -28,6 +28,7 @@ writes ``studies/<study>/report.md`` and its PNG plots; :func:`publish` writes t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -1088,13 +1089,19 @@ def _page_hash(body: str) -> str:
 
 
 def _previous_page(out: Path) -> tuple[bool, list[str]]:
-    """Whether ``out`` is absent or an unedited generated page, and the studies it published."""
+    """Whether ``out`` is absent or an unedited generated page, and the studies it published.
+
+    :raises StudyError: ``out`` is not text (a checkpoint, an image): no page, and not one to replace.
+    """
     import json
 
     try:
-        text = out.read_text(encoding="utf-8")
+        text = out.read_bytes().decode("utf-8")
     except FileNotFoundError:
         return True, []
+    except UnicodeDecodeError:
+        raise StudyError(f"--out {out} is not a results page (not UTF-8 text); refusing to replace it, even with "
+                         "--force: give the page's path (e.g. docs/results.md)") from None
     first, _, body = text.partition("\n")
     if not first.startswith(GENERATED_MARK):
         return False, []
@@ -1139,6 +1146,60 @@ def _published_parts(text: str, name: str) -> tuple[str, list[str], list[str]]:
     return entry.group(0), summary, section
 
 
+# The PNG names the report code writes into a study's plots/ (write_plots here, agents.adaptation's
+# _write_plots). In a published study's folder of plots, files of these names (and of the PNGs its study now
+# has) are publish's own copies, which it replaces; anything else there is someone's file, which it never touches.
+PLOT_NAMES = frozenset({"interval_estimates", "probability_of_improvement", "performance_profile",
+                        "heldout_vs_frames", "return_vs_frames_per_env", "finetune_curves",
+                        "area_interval_estimates"})
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an ``--out`` that cannot be a page: a folder, a path under a file, or one without an extension
+    (its plots folder, ``<its folder>/<its stem>/``, would be the page itself).
+
+    :raises StudyError: one line naming --out and the cause.
+    """
+    if out.is_dir():
+        raise StudyError(f"--out {out} is a folder; give the page's file name (e.g. {out / 'results.md'})")
+    for folder in out.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise StudyError(f"--out {out}: {folder} is a file, not a folder")
+            break
+    if not out.suffix:
+        raise StudyError(f"--out {out} has no extension: its plots go to {out.parent / out.stem}/, the page's own "
+                         f"name; give e.g. {out}.md")
+    assets = out.parent / out.stem
+    if assets.exists() and not assets.is_dir():
+        raise StudyError(f"--out {out}: {assets}, where the page's plots go, is a file, not a folder")
+
+
+def _check_plots_folder(folder: Path, own: set[str] | frozenset[str]) -> None:
+    """Refuse a published study's plots folder that holds anything publish did not write there: a file other
+    than ``<name>.png`` with ``name`` in ``own``, a folder, or a link (what it points to is not publish's).
+
+    :raises StudyError: one line naming the folder and the first such entry.
+    """
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise StudyError(f"{folder} is {'a link' if folder.is_symlink() else 'a file'}, not the folder of plots "
+                         "study.py publish writes there; move it away or give another --out")
+    if not folder.is_dir():
+        return
+    for entry in sorted(folder.iterdir()):
+        if entry.suffix != ".png" or entry.stem not in own or entry.is_symlink() or not entry.is_file():
+            raise StudyError(f"{folder} holds {entry.name}, which study.py publish did not write (it replaces only "
+                             "the report's plot PNGs there); move it away or give another --out")
+
+
+def _remove_plots(folder: Path) -> None:
+    """Delete the PNGs publish copied into ``folder`` (checked by :func:`_check_plots_folder`: nothing else
+    is there), so plots a report no longer draws do not linger beside the new ones."""
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            entry.unlink()
+
+
 def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = DEFAULT_ROOT, reps: int = REPS,
             force: bool = False, command: str | None = None, keep: bool = False) -> Path:
     """Write the results page ``out`` (e.g. ``docs/results.md``) from the reports of finished studies.
@@ -1153,8 +1214,10 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
     checked when they were published), so studies run on different machines or days, whose run
     directories are not all on one machine, can be published one at a time.
 
-    :raises StudyError: a study that cannot be published, a hand-edited page without ``force``, or
-        ``keep`` with a page that is not an unedited generated one.
+    :raises StudyError: a study that cannot be published, a hand-edited page without ``force``, an ``out``
+        that is no page (a folder, a path under a file, a binary file), a study's plots folder holding
+        anything publish did not copy there (checked before anything is written), or ``keep`` with a page
+        that is not an unedited generated one.
     """
     import json
     import shutil
@@ -1162,6 +1225,7 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
     from agents.study import all_jobs, atomic_write
 
     out = Path(out)
+    _check_out(out)
     checked = [check_publishable(s, root) for s in studies]
     unedited, previous = _previous_page(out)
     if not unedited and not force:
@@ -1178,14 +1242,23 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
         previous_text = out.read_text(encoding="utf-8")
         kept = {name: _published_parts(previous_text, name) for name in previous if name not in names}
     assets = out.parent / out.stem
+    # Studies on the old page and not on the new one lose their plots. A name from a page's mark (which
+    # --force accepts edited) that is not a plain folder name is no folder of publish's.
+    dropped = [name for name in previous if name not in names and name not in kept
+               and name not in ("", ".", "..") and Path(name).name == name]
+    # Every plots folder is checked before anything is written (a report, a PNG, the page): one holding a
+    # file publish did not write refuses the whole command, and nothing changes.
+    for spec, directory, _ in checked:
+        _check_plots_folder(assets / spec.name, PLOT_NAMES | {png.stem for png in (directory / "plots").glob("*.png")})
+    for name in dropped:
+        _check_plots_folder(assets / name, PLOT_NAMES)
     parts: dict[str, tuple[str, list[str], list[str]]] = dict(kept)  # study -> banner entry, summary, section
     for spec, directory, version in checked:
         report_path = write_report(directory, directory.parent, reps=reps)
         text = report_path.read_text(encoding="utf-8")
         target = assets / spec.name
-        if target.exists():
-            shutil.rmtree(target)
-        target.mkdir(parents=True)
+        _remove_plots(target)
+        target.mkdir(parents=True, exist_ok=True)
         for png in sorted((directory / "plots").glob("*.png")):
             shutil.copyfile(png, target / png.name)
         link = f"{target.relative_to(out.parent).as_posix()}/"
@@ -1206,9 +1279,10 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
     banner = [parts[name][0] for name in order]
     summary = [line for name in order for line in parts[name][1]]
     sections = [line for name in order for line in [*parts[name][2], ""]]
-    for name in previous:
-        if name not in names and name not in kept and (assets / name).is_dir():
-            shutil.rmtree(assets / name)
+    for name in dropped:
+        _remove_plots(assets / name)
+        with contextlib.suppress(OSError):  # gone already, or not empty (a file put there since the check)
+            (assets / name).rmdir()
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     command = command or " ".join(["python study.py publish", *names, "--out", str(out), *(["--keep"] if keep else [])])
     names = order

@@ -583,7 +583,7 @@ def _parse_eval(raw: Any, total_frames: int, path: Path | None) -> EvalSpec:
     points_raw = raw.get("points") or []
     if not isinstance(points_raw, list):
         raise StudyError(f"{_where(path)}eval.points must be a list of frame counts")
-    points = tuple(sorted({_int(p, "eval.points[...]", path) for p in points_raw}))
+    points = tuple(sorted({_int(p, f"eval.points[{index}]", path) for index, p in enumerate(points_raw)}))
     if points and points[-1] > total_frames:
         raise StudyError(f"{_where(path)}eval.points: {points[-1]} is beyond total_frames {total_frames}")
     suite, envs_raw = raw.get("suite"), raw.get("envs")
@@ -1527,6 +1527,43 @@ def study_lock(root: Path) -> Iterator[None]:
         handle.close()
 
 
+def check_study_folder(root: Path) -> None:
+    """Refuse an output directory that exists and is not a study's: it holds something, but no study copy.
+
+    ``run_study`` writes into the folder (report.md, plots/, runs/, logs/), so a folder made for something
+    else would have its files replaced. The only state a study leaves without its copy is that of a first
+    session stopped between taking the lock (``study_lock`` makes the folder and ``.lock``) and
+    ``save_study_copy``, or killed while writing the copy (its temporary file, ``.study.yaml.<pid>.<hex>.tmp``,
+    is left): a folder holding only those is accepted, so that study still starts.
+
+    :raises StudyError: one line naming the folder and one thing in it.
+    """
+    if (root / STUDY_COPY).is_file():
+        return
+    if root.exists() and not root.is_dir():
+        raise StudyError(f"{root} is a file, not a study folder; move it away or give another --root")
+    if not root.is_dir():
+        return
+    others = sorted(entry.name for entry in root.iterdir()
+                    if entry.name != ".lock" and not re.fullmatch(rf"\.{re.escape(STUDY_COPY)}\.\d+\.[0-9a-f]+\.tmp",
+                                                                     entry.name))
+    if others:
+        raise StudyError(f"{root} is not empty ({others[0]}{f' and {len(others) - 1} more' if len(others) > 1 else ''})"
+                         f" and holds no study (no {STUDY_COPY}); refusing to write into it: move it away or give "
+                         "another --root")
+
+
+def stale_evaluations(jobs: Sequence[Job]) -> int:
+    """How many evaluation JSONs of ``jobs`` were made with other evaluation settings than the jobs' own
+    (the study file's eval section changed since): those points are evaluated again, replacing them."""
+    count = 0
+    for job in jobs:
+        for point in job.points:
+            data = read_json(eval_path(Path(job.run_dir), point))
+            count += isinstance(data, dict) and data.get("study_eval") != job.eval_settings(point)
+    return count
+
+
 def save_study_copy(study: Study, root: Path) -> None:
     """Keep the study file in its output directory (what ``report`` reads); an older, different copy
     is kept as ``study.yaml.<n>``, never replaced silently."""
@@ -1766,9 +1803,19 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
         check_existing_run(job)
     check_code_version(jobs, version)
     check_eval_spaces(study, [job for job in jobs if not job_state(job).done])
+    # The study file is checked first (its errors are the likelier ones); then, before the lock writes anything,
+    # the folder: one that is not this study's stays untouched.
+    check_study_folder(root)
     with study_lock(root):
         (root / STOP_FILE).unlink(missing_ok=True)  # a stop request of an earlier session
         save_study_copy(study, root)
+        # Evaluations made with other settings are redone (never mixed into one report); say so, since the
+        # files they replace may be the only record of results someone has looked at.
+        stale = stale_evaluations(jobs)
+        if stale:
+            print(f"note: {stale} evaluation result(s) (eval/point_*.json) were made with other evaluation "
+                  "settings (the study file's eval section changed); evaluating those points again replaces them",
+                  flush=True)
         states = {job.key: job_state(job) for job in jobs}
         todo = [job for job in jobs if not states[job.key].done]
         partial = sum(states[job.key].started and not states[job.key].done for job in jobs)

@@ -245,6 +245,9 @@ def test_tiny_adaptation_study_pretrains_finetunes_reports_and_reruns_nothing(
     assert "**below the criterion**" in text  # 128 frames learn nothing: flagged, not hidden
     assert {p.name for p in (directory / "plots").iterdir()} == {
         "finetune_curves.png", "area_interval_estimates.png", "probability_of_improvement.png"}
+    from agents.report import PLOT_NAMES  # publish replaces only the plots it knows as its own
+
+    assert {p.stem for p in (directory / "plots").iterdir()} <= PLOT_NAMES
     assert "| smallest detectable difference in mean area |" in text
     assert "smallest detectable difference unknown (fewer than two runs)" in text  # one seed: no spread
     # The report names its own command, dates and machine (not only once published).

@@ -197,6 +197,7 @@ def test_publish_a_finished_study(tmp_path: Path, capsys: pytest.CaptureFixture[
     # Plots copied next to the page and linked relative to it.
     pngs = sorted(p.name for p in (tmp_path / "docs" / "results" / "tiny-pub").iterdir())
     assert pngs == sorted(p.name for p in (directory / "plots").glob("*.png")) and len(pngs) == 5
+    assert {Path(name).stem for name in pngs} <= report.PLOT_NAMES  # the plots publish may replace as its own
     for name in pngs:
         assert f"(results/tiny-pub/{name})" in text
     assert "](plots/" not in text
@@ -213,6 +214,66 @@ def test_publish_a_finished_study(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert not (tmp_path / "docs" / "results" / "tiny-pub").exists()
     # A generated page is replaced without --force.
     assert study_cli.main(["publish", "--out", str(out), "--root", str(root)]) == 0
+
+
+def test_publish_replaces_only_the_plots_it_copied(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A folder where the study's plots go that holds someone's file is refused before anything is written
+    # (the report, a PNG, the page): publish used to delete the whole folder.
+    root, directory = fake_study(tmp_path)
+    out = tmp_path / "docs" / "results.md"
+    plots = tmp_path / "docs" / "results" / "tiny-pub"
+    plots.mkdir(parents=True)
+    (plots / "data.csv").write_text("precious\n")
+    args = ["publish", "tiny-pub", "--out", str(out), "--root", str(root), "--reps", "200"]
+    assert study_cli.main(args) == 2
+    assert one_line_error(capsys) == (f"error: {plots} holds data.csv, which study.py publish did not write (it "
+                                      "replaces only the report's plot PNGs there); move it away or give another "
+                                      "--out\n")
+    assert [p.name for p in plots.iterdir()] == ["data.csv"] and (plots / "data.csv").read_text() == "precious\n"
+    assert not out.exists() and not (directory / "report.md").exists()
+
+    (plots / "data.csv").unlink()
+    (plots / "finetune_curves.png").write_bytes(b"a plot an earlier publish copied")  # the report's own name
+    assert study_cli.main(args) == 0
+    capsys.readouterr()
+    pngs = sorted(p.name for p in plots.iterdir())
+    assert pngs == sorted(p.name for p in (directory / "plots").glob("*.png"))  # the stale copy went with the rest
+    # Published again, or dropped from the page (--force: a hand-edited page): a file put beside the plots
+    # since refuses both, and nothing changes.
+    (plots / "notes.md").write_text("mine\n")
+    page, before = out.read_text(), {p.name: p.read_bytes() for p in plots.iterdir()}
+    for extra in ([], ["--force"]):
+        assert study_cli.main([*args, *extra]) == 2
+        assert f"error: {plots} holds notes.md, which study.py publish did not write" in one_line_error(capsys)
+    assert study_cli.main(["publish", "--out", str(out), "--root", str(root)]) == 2
+    assert f"{plots} holds notes.md" in one_line_error(capsys)
+    assert out.read_text() == page and {p.name: p.read_bytes() for p in plots.iterdir()} == before
+    # Dropped once the user's file is gone: the folder goes with the PNGs publish put there.
+    (plots / "notes.md").unlink()
+    assert study_cli.main(["publish", "--out", str(out), "--root", str(root)]) == 0
+    assert not plots.exists() and "No study is published yet" in out.read_text()
+
+
+def test_publish_refuses_an_out_that_is_no_page(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root, _ = fake_study(tmp_path)
+    checkpoint = tmp_path / "checkpoint.pt"
+    weights = bytes(range(256)) * 4  # not UTF-8
+    checkpoint.write_bytes(weights)
+    for extra in ([], ["--force"]):  # not text: no page, so not one to replace, even with --force
+        assert study_cli.main(["publish", "tiny-pub", "--out", str(checkpoint), "--root", str(root), "--reps", "200",
+                               *extra]) == 2
+        assert f"error: --out {checkpoint} is not a results page (not UTF-8 text)" in one_line_error(capsys)
+    assert checkpoint.read_bytes() == weights and not (tmp_path / "checkpoint").exists()
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    assert study_cli.main(["publish", "--out", str(folder), "--root", str(root)]) == 2
+    assert one_line_error(capsys) == (f"error: --out {folder} is a folder; give the page's file name "
+                                      f"(e.g. {folder / 'results.md'})\n")
+    assert study_cli.main(["publish", "--out", str(checkpoint / "results.md"), "--root", str(root)]) == 2
+    assert one_line_error(capsys) == f"error: --out {checkpoint / 'results.md'}: {checkpoint} is a file, not a folder\n"
+    assert study_cli.main(["publish", "tiny-pub", "--out", str(folder / "results"), "--root", str(root)]) == 2
+    assert f"--out {folder / 'results'} has no extension" in one_line_error(capsys)
+    assert list(folder.iterdir()) == [] and checkpoint.read_bytes() == weights
 
 
 def test_a_damaged_run_config_is_read_as_absent(tmp_path: Path) -> None:

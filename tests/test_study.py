@@ -214,6 +214,8 @@ BAD_STUDIES = {
     "bad override": ({"overrides": {"algo.nsteps": 3}}, "algo.nsteps"),
     "study key overridden": ({"overrides": {"total_frames": 5}}, "set by the study"),
     "unknown env": ({"eval": {"envs": ["MiniGrid-Nope-v0"], "points": []}}, "MiniGrid-Nope-v0"),
+    "negative eval point": ({"eval": {"envs": ["MiniGrid-DoorKey-6x6-v0"], "points": [512, -5]}},
+                            "eval.points[1] must be an integer >= 1, got -5"),
     "unknown training env": ({"overrides": {"env.id": "MiniGrid-DoorKey-5x5-v9"}},
                              "Unknown environment id 'MiniGrid-DoorKey-5x5-v9'"),
     "eval seed is a training seed": ({"eval": {"points": [512], "seed": 2, "episodes": 3, "final_episodes": 3,
@@ -293,6 +295,53 @@ def test_bad_study_file_from_the_command_line(tmp_path: Path) -> None:
     expected = f"error: {path}: seeds is empty: list at least one seed (e.g. seeds: 1-10)"
     assert done.stderr.strip().splitlines() == [expected]
     assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_that_holds_no_study_or_a_root_that_is_a_file_is_refused_untouched(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # `run` writes report.md, plots/, runs/ into the study folder: one made for something else (no study.yaml)
+    # would have its files replaced.
+    path = write_study(tmp_path, tiny_study(model_names=("lstm",), seeds=(1,)))
+    other = tmp_path / "other" / "tiny"
+    (other / "plots").mkdir(parents=True)
+    (other / "report.md").write_text("precious\n")
+    (other / "plots" / "interval_estimates.png").write_bytes(b"p")
+    before = snapshot(other)
+    assert study_cli.main(["run", str(path), "--root", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {other} is not empty (plots and 1 more) and holds no study" in err, err
+    assert snapshot(other) == before and sorted(p.name for p in other.iterdir()) == ["plots", "report.md"]
+    # A --root that is a file, or lies under one: the option is named, nothing is created.
+    afile = tmp_path / "afile"
+    afile.write_text("f\n")
+    assert study_cli.main(["run", str(path), "--root", str(afile)]) == 2
+    assert capsys.readouterr().err == f"error: --root {afile} is a file, not a folder\n"
+    assert study_cli.main(["run", str(path), "--root", str(afile / "sub")]) == 2
+    assert capsys.readouterr().err == f"error: --root {afile / 'sub'}: {afile} is a file, not a folder\n"
+    assert afile.read_text() == "f\n"
+
+
+def test_a_first_session_stopped_before_its_study_copy_continues_and_changed_eval_settings_are_announced(
+        tmp_path: Path, fixed_version: None, capsys: pytest.CaptureFixture[str]) -> None:
+    # study_lock makes the folder and .lock before save_study_copy writes study.yaml: a first session stopped
+    # between the two leaves a folder holding .lock alone, which is this study's, not someone else's.
+    raw = tiny_study(model_names=("lstm",), seeds=(1,))
+    path = write_study(tmp_path, raw)
+    root = tmp_path / "out" / "tiny"
+    root.mkdir(parents=True)
+    (root / ".lock").write_text("12345\n")
+    (root / ".study.yaml.12345.0badcafe.tmp").write_text("name: ti")  # killed while writing the copy
+    assert run_study(load_study(path), root, workers=1, report=False) == 0
+    run = root / "runs" / "lstm" / "seed_1"
+    assert (root / "study.yaml").is_file() and json.loads(eval_path(run, 1024).read_text())["seed"] == 10000
+    assert "evaluation result" not in capsys.readouterr().out
+    # Only the evaluation seed changed: every point is evaluated again (never mixed), and the user is told.
+    raw["eval"]["seed"] = 777
+    assert run_study(load_study(write_study(tmp_path, raw)), root, workers=1, report=False) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "evaluation result" in line]
+    assert notes == ["note: 2 evaluation result(s) (eval/point_*.json) were made with other evaluation settings "
+                     "(the study file's eval section changed); evaluating those points again replaces them"]
+    assert {json.loads(eval_path(run, p).read_text())["seed"] for p in (512, 1024)} == {777}
 
 
 # -- tiny real studies -------------------------------------------------------------------------------
