@@ -88,18 +88,37 @@ def _reporting_rank() -> int:
         return 0
 
 
-def _remove_if_empty(run_dir: Path | None) -> None:
-    """Remove a run directory this call made for a run that was refused before writing anything (an env or
-    core the config asks for cannot be built): an empty folder would look like a run. Anything in it keeps it."""
-    if run_dir is not None:
-        with contextlib.suppress(OSError):  # not empty, or already gone
-            run_dir.rmdir()
+def _folders_to_make(run_dir: Path) -> list[Path]:
+    """The folders ``prepare_run_dir`` will create for ``run_dir``, deepest first: it and its missing parents.
+    A path whose existence cannot even be asked (too long, no permission) gives none: prepare_run_dir says why."""
+    missing = []
+    try:
+        for folder in (run_dir, *run_dir.parents):
+            if folder.exists():
+                break
+            missing.append(folder)
+    except OSError:
+        return []
+    return missing
+
+
+def _remove_if_empty(made: list[Path]) -> None:
+    """Remove the run folder (and the parents) this call made for a run that was refused before writing anything
+    (an env or core the config asks for cannot be built): an empty folder would look like a run. Anything in
+    one keeps it and the folders above it; under torchrun only the reporting rank (0) removes them."""
+    if _reporting_rank() != 0:
+        return
+    for folder in made:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or already gone
+            return
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run train.py with ``argv`` (``sys.argv[1:]`` by default) and return its exit status."""
     args = parse_args(argv)
-    made_dir: Path | None = None  # a run directory this call created: removed again if refused before it holds anything
+    made: list[Path] = []  # the run folder and parents this call creates: removed again if refused before any file
     try:
         # Everything the user typed is checked here, before the heavy imports and any env is built.
         if args.resume is not None:
@@ -107,9 +126,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--resume takes the run's own config and directory: drop --config/--run-dir")
             overrides = parse_overrides(args.overrides)
             if args.resume.is_file():
+                # The run's folder: the nearest one above the file that holds a run (a numbered checkpoint
+                # lies in <run>/checkpoints/), else the file's own folder.
+                run = next((folder for folder in args.resume.parents if (folder / "checkpoint.pt").is_file()
+                            or (folder / "config.yaml").is_file()), args.resume.parent)
                 raise CheckpointError(f"--resume takes a run directory, not a file: {args.resume} is a file "
-                                      f"(give the run's folder, {args.resume.parent}; a run resumes from "
-                                      f"its latest checkpoint.pt)")
+                                      f"(give the run's folder, {run}; a run resumes from its latest checkpoint.pt)")
             if not args.resume.is_dir():
                 raise CheckpointError(f"checkpoint file not found: {args.resume / 'checkpoint.pt'} "
                                       f"(--resume takes a run directory)")
@@ -127,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                 refuse_existing_run(run_dir)
             else:
                 run_dir = default_run_dir(config["name"])
-            check_run_dir_path(run_dir)  # a name too long for the file system fails exists() below
-            made_dir = None if Path(run_dir).exists() else Path(run_dir)
+            check_run_dir_path(run_dir)
+            made = _folders_to_make(Path(run_dir))
             prepare_run_dir(run_dir)
 
         from agents import distributed
@@ -157,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             # Training errors can be one rank's own (its envs): every rank says what stopped it.
             where = "" if distributed.world_size() == 1 else f" (rank {distributed.rank()})"
             print(f"error{where}: {exc}", file=sys.stderr)
-            _remove_if_empty(made_dir)
+            _remove_if_empty(made)
             return 2
         finally:
             distributed.shutdown()
@@ -177,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error (rank {_reporting_rank()}): {exc}", file=sys.stderr)
         else:
             time.sleep(_QUIET_RANK_EXIT_DELAY_S)
-        _remove_if_empty(made_dir)
+        _remove_if_empty(made)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C: the last checkpoint written is intact (atomic writes)
         if args.debug:

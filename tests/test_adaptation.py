@@ -128,6 +128,10 @@ def test_init_from_loads_the_weights_only_and_refuses_another_policy(
             err = capsys.readouterr().err
             assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1, err
             assert not (tmp_path / f"c{len(extra)}").exists(), "a refused run leaves no empty run folder behind"
+        # The folders above a refused run's, when this call made them too, go with it.
+        assert train.main([*tiny, "core.hidden_size=24", f"init_from={tmp_path / 'a'}", "--run-dir",
+                           str(tmp_path / "new" / "nested" / "run")]) == 2
+        assert not (tmp_path / "new").exists()
         kept = tmp_path / "made-by-the-user"
         kept.mkdir()
         assert train.main([*tiny, "core.hidden_size=24", f"init_from={tmp_path / 'a'}", "--run-dir", str(kept)]) == 2

@@ -100,6 +100,11 @@ def test_resume_of_a_checkpoint_file_names_its_run_folder(tmp_path: Path, capsys
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "takes a run directory, not a file" in err and f"give the run's folder, {checkpoint.parent}" in err, err
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["checkpoint.pt"]
+    numbered = checkpoint.parent / "checkpoints" / "checkpoint_000000000064.pt"  # the folder named is the run's
+    numbered.parent.mkdir()
+    numbered.write_bytes(b"weights")
+    code, err = run_main(capsys, ["--resume", str(numbered)])
+    assert code == 2 and f"give the run's folder, {checkpoint.parent};" in err, err
 
 
 @pytest.mark.parametrize("option", ["--run-dir", "--resume", "--config"])
