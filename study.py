@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 from agents.config import ConfigError
-from agents.run_dir import cli_path
+from agents.run_dir import cli_path, nearest_existing
 from agents.study import DEFAULT_ROOT, StudyError
 
 
@@ -116,12 +116,10 @@ def _status(study_arg: str, root: Path) -> int:
 def _check_root(root: Path) -> None:
     """Refuse a --root that is, or lies under, a regular file: creating the study folder there fails with a
     bare "Not a directory" naming the study folder, not the option that is wrong."""
-    for folder in (root, *root.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise StudyError(f"--root {root} is a file, not a folder" if folder == root
-                                 else f"--root {root}: {folder} is a file, not a folder")
-            return
+    folder = nearest_existing(root)
+    if not folder.is_dir():
+        raise StudyError(f"--root {root} is a file, not a folder" if folder == root
+                         else f"--root {root}: {folder} is a file, not a folder")
 
 
 def main(argv: list[str] | None = None) -> int:

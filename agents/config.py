@@ -25,6 +25,7 @@ import math
 import os
 import re
 import struct
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +70,7 @@ def _is_name(value: Any) -> bool:
     # A run's name becomes runs/<name>: a path ("../x", "/tmp/x", "a/b") would write elsewhere.
     # Control characters (a newline, a tab) would make a folder no shell command or log line shows whole.
     return value is None or (value not in ("", ".", "..") and not any(c in value for c in "/\\")
-                             and value.isprintable())
+                             and not any(unicodedata.category(c).startswith("C") for c in value))
 
 
 def _is_float32_positive(value: Any) -> bool:

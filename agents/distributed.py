@@ -203,11 +203,11 @@ def setup(device: str) -> None:
         dist.init_process_group(backend, init_method="env://", timeout=timedelta(minutes=30))
     except (ValueError, RuntimeError) as exc:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        # Without MASTER_ADDR this process was not started by torchrun (a scheduler left RANK and WORLD_SIZE
-        # set): there may be no rank 0 to report, so every rank says it itself.
+        # Without MASTER_ADDR or MASTER_PORT this process was not started by torchrun (a scheduler left RANK and
+        # WORLD_SIZE set): there may be no rank 0 to report, so every rank says it itself.
         raise DistributedError(f"cannot join the process group of WORLD_SIZE={env_world_size()} (backend "
                                f"{backend}): {reason}; launch with torchrun --nproc_per_node=N train.py",
-                               rank_specific="MASTER_ADDR" not in os.environ) from None
+                               rank_specific=not {"MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys()) from None
 
 
 def shutdown() -> None:

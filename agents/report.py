@@ -1147,8 +1147,9 @@ def _published_parts(text: str, name: str) -> tuple[str, list[str], list[str]]:
 
 
 # The PNG names the report code writes into a study's plots/ (write_plots here, agents.adaptation's
-# _write_plots). In a published study's folder of plots, files of these names (and of the PNGs its study now
-# has) are publish's own copies, which it replaces; anything else there is someone's file, which it never touches.
+# _write_plots). publish copies only these (a PNG someone else saved in a study's plots/ is not the report's),
+# so in a published study's folder of plots files of these names are publish's own copies, which it replaces;
+# anything else there is someone's file, which it never touches.
 PLOT_NAMES = frozenset({"interval_estimates", "probability_of_improvement", "performance_profile",
                         "heldout_vs_frames", "return_vs_frames_per_env", "finetune_curves",
                         "area_interval_estimates"})
@@ -1160,24 +1161,24 @@ def _check_out(out: Path) -> None:
 
     :raises StudyError: one line naming --out and the cause.
     """
-    if out.is_dir():
+    from agents.run_dir import nearest_existing
+
+    existing = nearest_existing(out)
+    if existing == out and out.is_dir():
         raise StudyError(f"--out {out} is a folder; give the page's file name (e.g. {out / 'results.md'})")
-    for folder in out.parents:
-        if folder.exists():
-            if not folder.is_dir():
-                raise StudyError(f"--out {out}: {folder} is a file, not a folder")
-            break
+    if existing != out and not existing.is_dir():
+        raise StudyError(f"--out {out}: {existing} is a file, not a folder")
     if not out.suffix:
         raise StudyError(f"--out {out} has no extension: its plots go to {out.parent / out.stem}/, the page's own "
                          f"name; give e.g. {out}.md")
     assets = out.parent / out.stem
-    if assets.exists() and not assets.is_dir():
+    if nearest_existing(assets) == assets and not assets.is_dir():
         raise StudyError(f"--out {out}: {assets}, where the page's plots go, is a file, not a folder")
 
 
-def _check_plots_folder(folder: Path, own: set[str] | frozenset[str]) -> None:
-    """Refuse a published study's plots folder that holds anything publish did not write there: a file other
-    than ``<name>.png`` with ``name`` in ``own``, a folder, or a link (what it points to is not publish's).
+def _check_plots_folder(folder: Path) -> None:
+    """Refuse a published study's plots folder that holds anything publish did not write there: anything but
+    :func:`_is_own_plot` files (another file, a folder, a link: what it points to is not publish's).
 
     :raises StudyError: one line naming the folder and the first such entry.
     """
@@ -1187,17 +1188,23 @@ def _check_plots_folder(folder: Path, own: set[str] | frozenset[str]) -> None:
     if not folder.is_dir():
         return
     for entry in sorted(folder.iterdir()):
-        if entry.suffix != ".png" or entry.stem not in own or entry.is_symlink() or not entry.is_file():
+        if not _is_own_plot(entry):
             raise StudyError(f"{folder} holds {entry.name}, which study.py publish did not write (it replaces only "
                              "the report's plot PNGs there); move it away or give another --out")
 
 
+def _is_own_plot(entry: Path) -> bool:
+    """Whether ``entry`` is a plot publish copies (``<name>.png``, ``name`` in :data:`PLOT_NAMES`, a plain file)."""
+    return entry.suffix == ".png" and entry.stem in PLOT_NAMES and entry.is_file() and not entry.is_symlink()
+
+
 def _remove_plots(folder: Path) -> None:
-    """Delete the PNGs publish copied into ``folder`` (checked by :func:`_check_plots_folder`: nothing else
-    is there), so plots a report no longer draws do not linger beside the new ones."""
-    if folder.is_dir():
+    """Delete the PNGs publish copied into ``folder``, so plots a report no longer draws do not linger beside the
+    new ones. Only those: anything saved there since :func:`_check_plots_folder` looked stays."""
+    if folder.is_dir() and not folder.is_symlink():
         for entry in folder.iterdir():
-            entry.unlink()
+            if _is_own_plot(entry):
+                entry.unlink()
 
 
 def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = DEFAULT_ROOT, reps: int = REPS,
@@ -1248,10 +1255,10 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
                and name not in ("", ".", "..") and Path(name).name == name]
     # Every plots folder is checked before anything is written (a report, a PNG, the page): one holding a
     # file publish did not write refuses the whole command, and nothing changes.
-    for spec, directory, _ in checked:
-        _check_plots_folder(assets / spec.name, PLOT_NAMES | {png.stem for png in (directory / "plots").glob("*.png")})
+    for spec, _, _ in checked:
+        _check_plots_folder(assets / spec.name)
     for name in dropped:
-        _check_plots_folder(assets / name, PLOT_NAMES)
+        _check_plots_folder(assets / name)
     parts: dict[str, tuple[str, list[str], list[str]]] = dict(kept)  # study -> banner entry, summary, section
     for spec, directory, version in checked:
         report_path = write_report(directory, directory.parent, reps=reps)
@@ -1260,7 +1267,8 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
         _remove_plots(target)
         target.mkdir(parents=True, exist_ok=True)
         for png in sorted((directory / "plots").glob("*.png")):
-            shutil.copyfile(png, target / png.name)
+            if png.stem in PLOT_NAMES:
+                shutil.copyfile(png, target / png.name)
         link = f"{target.relative_to(out.parent).as_posix()}/"
         body = [("#" + line if line.startswith("#") else line.replace("](plots/", f"]({link}"))
                 for line in text.splitlines()]
@@ -1281,7 +1289,7 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
     sections = [line for name in order for line in [*parts[name][2], ""]]
     for name in dropped:
         _remove_plots(assets / name)
-        with contextlib.suppress(OSError):  # gone already, or not empty (a file put there since the check)
+        with contextlib.suppress(OSError):  # gone already, or not empty (something saved there since the check)
             (assets / name).rmdir()
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     command = command or " ".join(["python study.py publish", *names, "--out", str(out), *(["--keep"] if keep else [])])

@@ -106,20 +106,26 @@ def _name_max(directory: Path) -> int:
         return 255
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself or its nearest parent that exists (``.`` when none does): where creating ``path`` starts, and
+    what is in its way when that is a file. A path whose existence cannot be asked (Python 3.11's ``exists()``
+    raises for a name too long or a folder that may not be searched) counts as absent: creating it says why."""
+    def exists(candidate: Path) -> bool:
+        try:
+            return candidate.exists()
+        except OSError:
+            return False
+
+    return next((candidate for candidate in (path, *path.parents) if exists(candidate)), Path("."))
+
+
 def check_run_dir_path(run_dir: str | Path) -> None:
     """Refuse a run directory path that cannot be one: a file, a path under a file, a name too long.
 
     :raises RunDirError: one line naming the problem.
     """
     run_dir = Path(run_dir)
-
-    def exists(path: Path) -> bool:
-        try:
-            return path.exists()
-        except OSError:  # Python 3.11's exists() raises for a name too long: checked below
-            return False
-
-    existing = next((p for p in (run_dir, *run_dir.parents) if exists(p)), Path("."))
+    existing = nearest_existing(run_dir)
     limit = _name_max(existing if existing.is_dir() else existing.parent)
     too_long = [part for part in run_dir.parts if len(os.fsencode(part)) > limit]
     if too_long:

@@ -1538,14 +1538,15 @@ def check_study_folder(root: Path) -> None:
 
     :raises StudyError: one line naming the folder and one thing in it.
     """
-    if (root / STUDY_COPY).is_file():
+    # A study's copy, or an older one (save_study_copy moves the old copy aside before writing the new one).
+    if (root / STUDY_COPY).is_file() or any(root.glob(f"{STUDY_COPY}.[0-9]*")):
         return
     if root.exists() and not root.is_dir():
         raise StudyError(f"{root} is a file, not a study folder; move it away or give another --root")
     if not root.is_dir():
         return
     others = sorted(entry.name for entry in root.iterdir()
-                    if entry.name != ".lock" and not re.fullmatch(rf"\.{re.escape(STUDY_COPY)}\.\d+\.[0-9a-f]+\.tmp",
+                    if entry.name not in (".lock", ".DS_Store") and not re.fullmatch(rf"\.{re.escape(STUDY_COPY)}\.\d+\.[0-9a-f]+\.tmp",
                                                                      entry.name))
     if others:
         raise StudyError(f"{root} is not empty ({others[0]}{f' and {len(others) - 1} more' if len(others) > 1 else ''})"
@@ -1556,12 +1557,9 @@ def check_study_folder(root: Path) -> None:
 def stale_evaluations(jobs: Sequence[Job]) -> int:
     """How many evaluation JSONs of ``jobs`` were made with other evaluation settings than the jobs' own
     (the study file's eval section changed since): those points are evaluated again, replacing them."""
-    count = 0
-    for job in jobs:
-        for point in job.points:
-            data = read_json(eval_path(Path(job.run_dir), point))
-            count += isinstance(data, dict) and data.get("study_eval") != job.eval_settings(point)
-    return count
+    return sum(eval_path(Path(job.run_dir), point).is_file()
+               and not has_eval(Path(job.run_dir), point, job.eval_settings(point))
+               for job in jobs for point in job.points)
 
 
 def save_study_copy(study: Study, root: Path) -> None:

@@ -210,6 +210,12 @@ def _flat_keys(nested: dict[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
+def _short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a list of 10,000 level seeds in a one-line message)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
 @contextlib.contextmanager
 def _sizes_that_fit(config: dict[str, Any]) -> Iterator[None]:
     """Turn a failed allocation while building the policy or the rollout buffers (sizes this machine cannot
@@ -222,6 +228,8 @@ def _sizes_that_fit(config: dict[str, Any]) -> Iterator[None]:
             raise
         asked = re.search(r"allocate (\d+) bytes", text)
         amount = f" ({int(asked.group(1)) / 2**30:,.1f} GiB at once)" if asked else ""
+        if "CUDA" in text or "GPU" in text:  # torch's first line says which GPU and what else holds its memory
+            amount = f" on {config['device']} ({text.splitlines()[0][:300]})"
         sizes = {key: value for key, value in config["core"].items()
                  if key != "name" and isinstance(value, int) and not isinstance(value, bool)}
         raise ConfigError(
@@ -243,7 +251,7 @@ def _refused_env_options(env_id: str, options: dict[str, Any]) -> Iterator[None]
         check = str(exc) or (frames[-1].line if frames and frames[-1].line else "an assertion failed")
         # The assertion may come from a wrapper (SB3's image checks on a frame stack), not the env: name every
         # env setting the config changed from its default, not only env_kwargs.
-        changed = [f"env.{key}={value!r}" for key, value in options.items()
+        changed = [f"env.{key}={_short_repr(value)}" for key, value in options.items()
                    if key in ENV_FIELDS and value != ENV_FIELDS[key].default]
         raise ConfigError(f"{', '.join(changed) or 'the default env settings'} rejected by {env_id}: {check}") from None
 

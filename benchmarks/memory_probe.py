@@ -245,16 +245,48 @@ def _short_name(checkpoint: str) -> str:
     return "/".join(path.parts[-2:]) + where
 
 
+def _run_folder(checkpoint: str) -> Path:
+    """The run folder of a probed checkpoint: ``<run>/checkpoint.pt`` and ``<run>/checkpoints/<numbered>.pt``
+    both give ``<run>`` (a run folder given as such is itself)."""
+    path = Path(checkpoint.partition(" on ")[0])
+    if path.suffix == ".pt":
+        path = path.parent
+    return path.parent if path.name == "checkpoints" else path
+
+
 def lag_panels(results: list[ProbeResult], max_lines: int = 10) -> dict[str, list[ProbeResult]]:
-    """How :func:`plot_by_lag` splits ``results`` into panels: all in one (named ``""``) when there are at most
-    ``max_lines`` (one colour cycle), else one per config folder, the folder above each run's folder
-    (``.../memory-rims-ppo-k1/seed_3/checkpoint.pt`` -> ``memory-rims-ppo-k1``; a study's ``runs/lstm`` ->
-    ``lstm``), in the order they first appear."""
-    panels: dict[str, list[ProbeResult]] = {}
+    """How :func:`plot_by_lag` splits ``results`` into panels, in the order they first appear: all in one (named
+    ``""``) when there are at most ``max_lines`` (one colour cycle), else one per config folder, the folder above
+    each run's folder (``.../memory-rims-ppo-k1/seed_3/checkpoint.pt`` -> ``memory-rims-ppo-k1``; a study's
+    ``runs/lstm`` -> ``lstm``), named by as many of its last path parts as tell the panels apart, and split into
+    ``name (1/2)``, ``name (2/2)``... where one config has more than ``max_lines`` lines."""
+    if len(results) <= max_lines:
+        return {"": list(results)}
+    groups: dict[Path, list[ProbeResult]] = {}
     for result in results:
-        panel = _short_name(result.checkpoint).split(" on ")[0].rpartition("/")[0] if len(results) > max_lines else ""
-        panels.setdefault(panel, []).append(result)
+        groups.setdefault(_run_folder(result.checkpoint).parent, []).append(result)
+    depth = 1
+    while len({Path(*folder.parts[-depth:]) for folder in groups}) < len(groups):
+        depth += 1
+    panels: dict[str, list[ProbeResult]] = {}
+    for folder, members in groups.items():
+        name = Path(*folder.parts[-depth:]).as_posix() if folder.parts else "."
+        chunks = [members[i:i + max_lines] for i in range(0, len(members), max_lines)]
+        for number, chunk in enumerate(chunks, 1):
+            panels[name if len(chunks) == 1 else f"{name} ({number}/{len(chunks)})"] = chunk
     return panels
+
+
+def _line_label(result: ProbeResult, panel: str) -> str:
+    """A line's legend label: in a config's panel, what tells its runs apart (``seed_3``, ``seed_3/checkpoint_...``,
+    plus ``on S9`` for a held-out env); in the one panel of a few lines, :func:`_short_name`."""
+    if not panel:
+        return _short_name(result.checkpoint)
+    name, _, env_id = result.checkpoint.partition(" on ")
+    run = _run_folder(result.checkpoint)
+    path = Path(name)
+    label = run.name if path.name == "checkpoint.pt" or path == run else f"{run.name}/{path.stem}"
+    return label + (f" on {env_id.removeprefix('MiniGrid-Memory').removesuffix('-v0')}" if env_id else "")
 
 
 def plot_by_lag(results: list[ProbeResult], path: Path) -> Path:
@@ -284,9 +316,7 @@ def plot_by_lag(results: list[ProbeResult], path: Path) -> Path:
             points = [(lag, acc) for lag, acc in enumerate(result.probe_by_lag) if acc is not None]
             if points:
                 lags, accuracy = zip(*points)
-                label = _short_name(result.checkpoint)
-                ax.plot(lags, accuracy, marker="o", markersize=3,
-                        label=label.removeprefix(f"{panel}/") if panel else label)
+                ax.plot(lags, accuracy, marker="o", markersize=3, label=_line_label(result, panel))
         ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
         ax.set_xlabel("steps since the cue was last in view")
         ax.set_ylabel("probe balanced accuracy (held out)")

@@ -284,5 +284,18 @@ def test_many_probes_are_drawn_one_panel_per_config(tmp_path: Path) -> None:
     assert list(panels) == ["lstm", "rims"] and [len(p) for p in panels.values()] == [6, 6]
     assert panels["rims"][0] is study[6]
     assert list(memory_probe.lag_panels(study[:3] + study[6:9])) == [""], "6 lines: one panel"
+    # Numbered checkpoints group by their run's config too; two studies' "lstm" folders stay apart; more than
+    # ten runs of one config are split, so a panel never holds more lines than colours.
+    numbered = [result(f"s/runs/{model}/seed_{seed}/checkpoints/checkpoint_000000{seed}.pt")
+                for model in ("lstm", "rims") for seed in range(6)]
+    panels = memory_probe.lag_panels(numbered)
+    assert list(panels) == ["lstm", "rims"]
+    assert memory_probe._line_label(panels["rims"][1], "rims") == "seed_1/checkpoint_0000001"
+    two_studies = [result(f"{name}/runs/lstm/seed_{seed}/checkpoint.pt") for name in ("s7", "s13") for seed in range(6)]
+    assert list(memory_probe.lag_panels(two_studies)) == ["s7/runs/lstm", "s13/runs/lstm"]
+    many = [result(f"out/cfg/seed_{seed}") for seed in range(12)]
+    assert {name: len(lines) for name, lines in memory_probe.lag_panels(many).items()} == {"cfg (1/2)": 10,
+                                                                                         "cfg (2/2)": 2}
+    assert memory_probe._line_label(study[0], "lstm") == "seed_1 on S13"
     plot = memory_probe.plot_by_lag(study, tmp_path / "lag.png")
     assert plot.read_bytes().startswith(b"\x89PNG")

@@ -61,8 +61,9 @@ def run_main(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, 
         (["env.env_kwargs={size: 3}"], "env.env_kwargs={'size': 3} rejected by MiniGrid-DoorKey-5x5-v0 at its first"),
         (["env.vec_env=subproc", "env.env_kwargs={size: 3}"], "rejected by MiniGrid-DoorKey-5x5-v0 at its first"),
         (["torch_threads=0"], "torch_threads must be between 1 and"),
-        # Terabytes of head weights: no machine allocates that; one line naming the sizes, not torch's allocator error.
-        (["policy.head_hidden_size=10000000000"], "not enough memory to build the run"),
+        # ~10^18 bytes of head weights, more than a 64-bit CPU can address (2^57), so the allocation fails at once
+        # whatever the machine's memory or overcommit policy: one line naming the sizes, not torch's error.
+        (["policy.head_hidden_size=10000000000000000"], "not enough memory to build the run"),
         # SB3's image check refuses a stack deeper than the frame is wide: the setting that did it is named.
         (["env.id=ALE/Pong-v5", "env.frame_stack=1000"], "env.frame_stack=1000 rejected by ALE/Pong-v5"),
         (["algo.lr=1e-60"], "representable in float32"),

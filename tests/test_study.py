@@ -319,6 +319,18 @@ def test_a_folder_that_holds_no_study_or_a_root_that_is_a_file_is_refused_untouc
     assert study_cli.main(["run", str(path), "--root", str(afile / "sub")]) == 2
     assert capsys.readouterr().err == f"error: --root {afile / 'sub'}: {afile} is a file, not a folder\n"
     assert afile.read_text() == "f\n"
+    # A study killed between moving its old copy aside (study.yaml.1) and writing the new one is still a study;
+    # a folder holding only the Finder's .DS_Store is still empty.
+    from agents.study import check_study_folder
+
+    moved = tmp_path / "moved"
+    (moved / "runs").mkdir(parents=True)
+    (moved / "study.yaml.1").write_text("name: tiny\n")
+    check_study_folder(moved)
+    finder = tmp_path / "finder"
+    finder.mkdir()
+    (finder / ".DS_Store").write_bytes(b"\0")
+    check_study_folder(finder)
 
 
 def test_a_first_session_stopped_before_its_study_copy_continues_and_changed_eval_settings_are_announced(
