@@ -87,11 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _status(study_arg: str, root: Path) -> int:
+    from agents.config import locate_config
     from agents.study import STUDY_COPY, all_jobs, job_state, load_study, load_study_dir, study_dir
 
     directory = study_dir(study_arg, root)
     given = Path(study_arg)
-    if given.suffix in (".yaml", ".yml") and given.is_file() and not (directory / STUDY_COPY).is_file():
+    if given.suffix in (".yaml", ".yml") and locate_config(given).is_file() and not (directory / STUDY_COPY).is_file():
         study = load_study(given, check_envs=False)  # a study file not run yet: every run is "not started"
     else:
         study = load_study_dir(directory)

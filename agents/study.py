@@ -59,7 +59,7 @@ from typing import IO, Any
 
 import yaml
 
-from agents.config import (PACKAGE_ROOT, ConfigError, load_config, load_written_yaml, parse_yaml,
+from agents.config import (PACKAGE_ROOT, ConfigError, load_config, load_written_yaml, locate_config, parse_yaml,
                            yaml_file_problem)
 from agents.run_dir import atomic_write
 from envs.names import short_env_name
@@ -659,8 +659,11 @@ def check_executor(name: Any, path: Path | None = None) -> None:
 
 
 def load_study(path: str | Path, check_envs: bool = True, package_relative: bool = False) -> Study:
-    """Read and check a study file (see :func:`parse_study`; ``package_relative`` for a study directory's copy)."""
-    path = Path(path)
+    """Read and check a study file (see :func:`parse_study`; ``package_relative`` for a study directory's copy).
+
+    A relative path not found here that names one of the package's own files (``configs/studies/...``) is that
+    file, as train.py's ``--config`` finds shipped configs from any directory."""
+    path = Path(path) if package_relative else locate_config(path)
     problem = yaml_file_problem(path, "study file")
     if problem is not None:
         raise StudyError(problem)
@@ -709,7 +712,7 @@ def study_dir(name_or_path: str | Path, root: str | Path = DEFAULT_ROOT) -> Path
         return candidate
     if candidate.name == STUDY_COPY and candidate.is_file() and (candidate.parent / RUNS_FOLDER).is_dir():
         return candidate.parent  # a study directory's own copy of its file names that study, wherever it is
-    if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+    if candidate.suffix in (".yaml", ".yml") and locate_config(candidate).is_file():
         return Path(root) / load_study(candidate, check_envs=False).name
     if not _LABEL.fullmatch(text):
         raise StudyError(f"{text!r} is neither a study name, a study directory nor a study file")
@@ -1619,7 +1622,10 @@ def load_study_dir(directory: Path) -> Study:
     """The study kept in a study directory (``study.yaml``), without re-checking envs."""
     path = directory / STUDY_COPY
     if not path.is_file():
-        raise StudyError(f"{directory} holds no study (no {STUDY_COPY}); run `python study.py run FILE` first")
+        shipped = PACKAGE_ROOT / "configs" / "studies" / f"{directory.name}.yaml"
+        file = shipped.relative_to(PACKAGE_ROOT) if shipped.is_file() else "FILE"
+        raise StudyError(f"{directory} holds no study (no {STUDY_COPY}): it has not been run yet; "
+                         f"`python study.py run {file}` starts it")
     return load_study(path, check_envs=False, package_relative=True)
 
 

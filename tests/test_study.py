@@ -968,3 +968,19 @@ def test_machine_description_names_the_widest_vector_instructions(
                         lambda self, *a, **k: cpuinfo if str(self) == "/proc/cpuinfo" else read_text(self, *a, **k))
     machine = machine_description()
     assert machine["cpu"] == "Test CPU" and machine["vector"] == vector
+
+
+def test_a_shipped_study_is_found_from_any_folder_and_not_yet_run_says_how_to_start_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # As train.py's --config finds shipped configs from anywhere, study.py finds configs/studies/<file>.
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "studies"
+    assert study_cli.main(["status", "configs/studies/doorkey-generalization.yaml", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "lstm-128/seed_1" in out and "not started" in out and out.rstrip().endswith("0/50 runs done")
+    # By name, before its first run: the message names the shipped file that starts it; nothing is created.
+    assert study_cli.main(["status", "doorkey-generalization", "--root", str(root)]) == 2
+    assert capsys.readouterr().err == (f"error: {root / 'doorkey-generalization'} holds no study (no study.yaml): it "
+                                       "has not been run yet; `python study.py run "
+                                       "configs/studies/doorkey-generalization.yaml` starts it\n")
+    assert not root.exists()
