@@ -885,7 +885,8 @@ class Trainer:
         remaining = max(0, total - self.frames)
         end = self.frames + math.ceil(remaining / self.frames_per_rollout) * self.frames_per_rollout
         # "-" until the first update (fps) and the first finished episode (mean return), not nan.
-        bar = tqdm(total=end, initial=self.frames, unit="frames", dynamic_ncols=True, postfix="fps=- ret=-",
+        # tqdm's own rate is the frames/s (one speed on the bar: the last update's alone is in metrics.jsonl).
+        bar = tqdm(total=end, initial=self.frames, unit="frames", dynamic_ncols=True, postfix="ret=-",
                    disable=not config["log"]["progress_bar"] or logger is None, mininterval=1.0,
                    desc=config["name"])
         checkpoint_path = self.run_dir / "checkpoint.pt"
@@ -938,8 +939,7 @@ class Trainer:
                             self._log(logger, rollout_stats, update_stats, started, collected, ended)
                     mean_return = self._mean("r")
                     # The postfix first, then the count: one refresh shows both (no line with stale numbers).
-                    bar.set_postfix_str(f"fps={self.frames_per_rollout / (ended - started):.0f} ret="
-                                        + ("-" if math.isnan(mean_return) else f"{mean_return:.2f}"), refresh=False)
+                    bar.set_postfix_str("ret=" + ("-" if math.isnan(mean_return) else f"{mean_return:.2f}"), refresh=False)
                     bar.update(self.frames - bar.n)
                     self._maybe_switch_task(rollout_stats)
                     if self.frames >= next_checkpoint:
