@@ -27,6 +27,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 # Only light modules here: the config and the run directory are checked before torch, gymnasium
 # and SB3 are imported (seconds), so --help and a mistyped key answer at once.
@@ -115,6 +116,15 @@ def _remove_if_empty(made: list[Path]) -> None:
             return
 
 
+def _what_it_trains_on(trainer: Any) -> str:
+    """The env id, or for an updater with a task schedule (meta-PPO, multi-task PPO) its tasks, the first few named."""
+    names = list(getattr(getattr(trainer.updater, "schedule", None), "names", None) or [])
+    if len(names) < 2:
+        return trainer.config["env"]["id"]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"{len(names)} tasks ({shown})"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run train.py with ``argv`` (``sys.argv[1:]`` by default) and return its exit status."""
     args = parse_args(argv)
@@ -166,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             if main_rank:
                 processes = f", {trainer.world_size} processes" if trainer.world_size > 1 else ""
                 print(f"training {trainer.config['name']}: {trainer.config['core']['name']} core, "
-                      f"{trainer.config['algo']['name']} on {trainer.config['env']['id']}{processes} -> "
+                      f"{trainer.config['algo']['name']} on {_what_it_trains_on(trainer)}{processes} -> "
                       f"{trainer.run_dir}")
             checkpoint = trainer.run()
             if trainer.world_size > 1:

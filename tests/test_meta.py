@@ -270,11 +270,15 @@ def test_beyond_max_parked_tasks_the_least_recently_run_task_envs_are_closed(
 
 
 # -- command line, checkpoint, resume ---------------------------------------------------------------
-def test_tiny_meta_run_from_the_command_line_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
+def test_tiny_meta_run_from_the_command_line_writes_a_loadable_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_dir = tmp_path / "run"
     # Episodes of 4 steps, so that every 8-step rollout ends some (DoorKey's own limit is 250 steps).
     short = f"meta.tasks=[{{id: {DK5}, max_episode_steps: 4}}, {{id: {DK6}, max_episode_steps: 4}}]"
     assert train.main(["--config", str(META_CONFIG), *TINY, short, "total_frames=64", "--run-dir", str(run_dir)]) == 0
+    # The first line names the task distribution, not only env.id (the first task).
+    assert "meta_ppo on 2 tasks (DoorKey-5x5, DoorKey-6x6)" in capsys.readouterr().out.splitlines()[0]
     checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
     assert checkpoint["frames"] == 64 and checkpoint["config"]["algo"]["name"] == "meta_ppo"
     assert set(checkpoint["updater"]) >= {"fast", "slow", "step", "schedule"}
