@@ -884,7 +884,7 @@ class Trainer:
         # end is the frame count the run will really reach, not total_frames.
         remaining = max(0, total - self.frames)
         end = self.frames + math.ceil(remaining / self.frames_per_rollout) * self.frames_per_rollout
-        # "-" until the first update (fps) and the first finished episode (mean return), not nan.
+        # "-" until the first finished episode (mean return), not nan.
         # tqdm's own rate is the frames/s (one speed on the bar: the last update's alone is in metrics.jsonl).
         bar = tqdm(total=end, initial=self.frames, unit="frames", dynamic_ncols=True, postfix="ret=-",
                    disable=not config["log"]["progress_bar"] or logger is None, mininterval=1.0,
