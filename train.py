@@ -119,8 +119,10 @@ def _remove_if_empty(made: list[Path]) -> None:
 def _what_it_trains_on(trainer: Any) -> str:
     """The env id, or for an updater with a task schedule (meta-PPO, multi-task PPO) its tasks, the first few named."""
     names = list(getattr(getattr(trainer.updater, "schedule", None), "names", None) or [])
-    if len(names) < 2:
+    if not names:
         return trainer.config["env"]["id"]
+    if len(names) == 1:  # env.id only fixes the spaces: the one task may be another env
+        return f"1 task ({names[0]})"
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     return f"{len(names)} tasks ({shown})"
 
@@ -135,14 +137,18 @@ def main(argv: list[str] | None = None) -> int:
             if args.config is not None or args.run_dir is not None:
                 raise ConfigError("--resume takes the run's own config and directory: drop --config/--run-dir")
             overrides = parse_overrides(args.overrides)
-            if args.resume.is_file():
-                # The run's folder: the nearest one above the file that holds a run (a numbered checkpoint
-                # lies in <run>/checkpoints/), else the file's own folder.
-                run = next((folder for folder in args.resume.parents if (folder / "checkpoint.pt").is_file()
-                            or (folder / "config.yaml").is_file()), args.resume.parent)
+            try:
+                is_file, is_dir = args.resume.is_file(), args.resume.is_dir()
+            except OSError as exc:  # Python 3.11 raises for a name too long
+                raise CheckpointError(f"cannot use --resume {args.resume}: {exc.strerror or exc}") from None
+            if is_file:
+                # The run's folder: the file's own, or the one above it for a numbered checkpoint
+                # (<run>/checkpoints/checkpoint_<frames>.pt).
+                parent = args.resume.parent
+                run = parent.parent if parent.name == "checkpoints" else parent
                 raise CheckpointError(f"--resume takes a run directory, not a file: {args.resume} is a file "
                                       f"(give the run's folder, {run}; a run resumes from its latest checkpoint.pt)")
-            if not args.resume.is_dir():
+            if not is_dir:
                 raise CheckpointError(f"checkpoint file not found: {args.resume / 'checkpoint.pt'} "
                                       f"(--resume takes a run directory)")
             RunLock(args.resume).probe()  # another process training there: say so before loading anything

@@ -68,9 +68,11 @@ def _is_device(value: Any) -> bool:
 
 def _is_name(value: Any) -> bool:
     # A run's name becomes runs/<name>: a path ("../x", "/tmp/x", "a/b") would write elsewhere.
-    # Control characters (a newline, a tab) would make a folder no shell command or log line shows whole.
+    # Control characters and line breaks (a newline, a tab, U+2028) would make a folder no shell command or log
+    # line shows whole.
     return value is None or (value not in ("", ".", "..") and not any(c in value for c in "/\\")
-                             and not any(unicodedata.category(c).startswith("C") for c in value))
+                             and not any(unicodedata.category(c) in ("Zl", "Zp") or unicodedata.category(c)[0] == "C"
+                                         for c in value))
 
 
 def _is_float32_positive(value: Any) -> bool:

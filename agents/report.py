@@ -1266,8 +1266,10 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
         target = assets / spec.name
         _remove_plots(target)
         target.mkdir(parents=True, exist_ok=True)
+        # The plots this report links (an older report's plot it no longer draws stays out of the page's folder).
+        linked = set(re.findall(r"\]\(plots/([^)/]+)\.png\)", text))
         for png in sorted((directory / "plots").glob("*.png")):
-            if png.stem in PLOT_NAMES:
+            if png.stem in PLOT_NAMES and png.stem in linked:
                 shutil.copyfile(png, target / png.name)
         link = f"{target.relative_to(out.parent).as_posix()}/"
         body = [("#" + line if line.startswith("#") else line.replace("](plots/", f"]({link}"))

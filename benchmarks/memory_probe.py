@@ -251,7 +251,8 @@ def _run_folder(checkpoint: str) -> Path:
     path = Path(checkpoint.partition(" on ")[0])
     if path.suffix == ".pt":
         path = path.parent
-    return path.parent if path.name == "checkpoints" else path
+    path = path.parent if path.name == "checkpoints" else path
+    return path if path.name else path.resolve()  # "checkpoints/x.pt" probed from inside the run folder
 
 
 def lag_panels(results: list[ProbeResult], max_lines: int = 10) -> dict[str, list[ProbeResult]]:

@@ -191,16 +191,18 @@ def test_a_one_process_run_refuses_a_two_process_resume(tmp_path: Path) -> None:
 
 
 # -- the helpers, in one process (world size 1: every collective is a no-op) ----------------------------
-def test_a_rank_not_started_by_torchrun_says_why_it_stops(tmp_path: Path) -> None:
-    """A scheduler left RANK=1 and WORLD_SIZE=2 set without torchrun (no MASTER_ADDR): there is no rank 0 to
-    report for it, so this rank names the problem itself instead of waiting and exiting silently."""
+@pytest.mark.parametrize("address", [{}, {"MASTER_ADDR": "127.0.0.1"}], ids=["no-address", "no-port"])
+def test_a_rank_not_started_by_torchrun_says_why_it_stops(tmp_path: Path, address: dict[str, str]) -> None:
+    """A scheduler left RANK=1 and WORLD_SIZE=2 set without torchrun (no MASTER_ADDR, or no MASTER_PORT): there is
+    no rank 0 to report for it, so this rank names the problem itself instead of waiting and exiting silently."""
     result = subprocess.run([sys.executable, str(REPO / "train.py"), *TINY, "total_frames=32", "--run-dir",
-                             str(tmp_path / "run")], cwd=tmp_path, env=_env(tmp_path, {"RANK": "1", "WORLD_SIZE": "2"}),
+                             str(tmp_path / "run")], cwd=tmp_path,
+                            env=_env(tmp_path, {"RANK": "1", "WORLD_SIZE": "2", **address}),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and errors[0].startswith("error (rank 1): cannot join the process group of WORLD_SIZE=2")
-    assert "MASTER_ADDR" in errors[0] and "torchrun" in errors[0]  # a quiet rank would have printed nothing
+    assert ("MASTER_PORT" if address else "MASTER_ADDR") in errors[0] and "torchrun" in errors[0]  # not silent
 
 
 def test_rank_seeds_are_unique_and_rank_0_keeps_the_plain_seeds() -> None:

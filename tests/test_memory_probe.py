@@ -271,7 +271,7 @@ def test_cli_writes_table_and_json_and_refuses_bad_input(
     assert "not a MiniGrid-Memory env" in capsys.readouterr().err
 
 
-def test_many_probes_are_drawn_one_panel_per_config(tmp_path: Path) -> None:
+def test_many_probes_are_drawn_one_panel_per_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past one colour cycle (10 lines) the by-lag plot splits into panels by config folder, so no two lines of a
     panel share a colour; a few lines stay in one panel, whatever their folders."""
     def result(path: str) -> memory_probe.ProbeResult:
@@ -297,5 +297,10 @@ def test_many_probes_are_drawn_one_panel_per_config(tmp_path: Path) -> None:
     assert {name: len(lines) for name, lines in memory_probe.lag_panels(many).items()} == {"cfg (1/2)": 10,
                                                                                          "cfg (2/2)": 2}
     assert memory_probe._line_label(study[0], "lstm") == "seed_1 on S13"
+    # Numbered checkpoints probed from inside their run folder: the folder's own name, not an empty one.
+    monkeypatch.chdir(tmp_path)
+    inside = [result(f"checkpoints/checkpoint_{frames:012d}.pt") for frames in range(12)]
+    assert all(memory_probe._line_label(r, name).startswith(f"{tmp_path.name}/checkpoint_")
+               for name, lines in memory_probe.lag_panels(inside).items() for r in lines)
     plot = memory_probe.plot_by_lag(study, tmp_path / "lag.png")
     assert plot.read_bytes().startswith(b"\x89PNG")

@@ -237,10 +237,13 @@ def test_publish_replaces_only_the_plots_it_copied(tmp_path: Path, capsys: pytes
     # A PNG someone saved among the study's plots is not the report's: not copied (and so never refused later).
     (directory / "plots").mkdir(exist_ok=True)
     (directory / "plots" / "probe.png").write_bytes(b"someone's plot")
+    # A report plot's name that this report does not link (left by an older report): not published either.
+    (directory / "plots" / "finetune_curves.png").write_bytes(b"an adaptation report's plot")
     assert study_cli.main(args) == 0
     capsys.readouterr()
     pngs = sorted(p.name for p in plots.iterdir())
-    assert pngs == sorted(p.name for p in (directory / "plots").glob("*.png") if p.stem in report.PLOT_NAMES)
+    assert pngs == sorted(p.name for p in (directory / "plots").glob("*.png")
+                          if p.stem in report.PLOT_NAMES and p.name != "finetune_curves.png") and len(pngs) == 5
     assert "probe.png" not in pngs and "finetune_curves.png" not in pngs  # the stale copy went with the rest
     assert (directory / "plots" / "probe.png").read_bytes() == b"someone's plot"
     # Published again, or dropped from the page (--force: a hand-edited page): a file put beside the plots

@@ -46,6 +46,7 @@ def run_main(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, 
         (["env.id=CartPole-v1"], None),  # a valid non-MiniGrid id trains (MLP encoder)
         (["env.env_kwargs={bogus: 1}"], "env:"),
         (["--resume", "no/such/run"], "checkpoint file not found"),
+        (["--resume", "a" * 300], "cannot use --resume"),  # a name too long: one line, not an OSError
         (["core=lstm"], "core must be a mapping"),
         (["device=gpu"], "device must be a torch device"),
         (["device=xpu"], "device='xpu' is not available on this machine"),

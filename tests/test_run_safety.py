@@ -109,8 +109,8 @@ def test_a_users_own_lock_file_is_never_overwritten(tmp_path: Path, capsys: pyte
     assert (run / ".lock").read_text().strip().isdigit()
 
 
-@pytest.mark.parametrize("case", ["file", "under_file", "uncreatable", "too_long", "too_long_dir", "control", "dotdot",
-                                  "absolute", "empty"])
+@pytest.mark.parametrize("case", ["file", "under_file", "uncreatable", "too_long", "too_long_dir", "control",
+                                  "line_separator", "dotdot", "absolute", "empty"])
 def test_unusable_run_directory_is_one_line_before_envs_are_built(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
@@ -129,6 +129,7 @@ def test_unusable_run_directory_is_one_line_before_envs_are_built(
         "too_long": ([f"name={'x' * 300}"], "longer than the"),
         "too_long_dir": (["--run-dir", "x" * 300], "longer than the"),
         "control": (['name="a\\nb"'], "no slashes or control characters"),  # YAML's escape: a newline
+        "line_separator": (['name="a\\u2028b"'], "no slashes or control characters"),  # splits log lines too
         "dotdot": (["name=../escaped"], "name must be a plain name, not a path"),
         "absolute": ([f"name={tmp_path / 'abs'}"], "name must be a plain name, not a path"),
         "empty": (["name="], "name must be a plain name"),
