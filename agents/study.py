@@ -1624,6 +1624,10 @@ def load_study_dir(directory: Path) -> Study:
     if not path.is_file():
         shipped = PACKAGE_ROOT / "configs" / "studies" / f"{directory.name}.yaml"
         file = shipped.relative_to(PACKAGE_ROOT) if shipped.is_file() else "FILE"
+        older = sorted(directory.glob(f"{STUDY_COPY}.[0-9]*")) if directory.is_dir() else []
+        if older:  # a session stopped between moving the old copy aside and writing the new one
+            raise StudyError(f"{directory} holds only an older copy of its study file ({older[-1].name}); "
+                             f"`python study.py run {file}` writes the current one and continues the study")
         raise StudyError(f"{directory} holds no study (no {STUDY_COPY}): it has not been run yet; "
                          f"`python study.py run {file}` starts it")
     return load_study(path, check_envs=False, package_relative=True)

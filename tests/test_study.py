@@ -327,6 +327,8 @@ def test_a_folder_that_holds_no_study_or_a_root_that_is_a_file_is_refused_untouc
     (moved / "runs").mkdir(parents=True)
     (moved / "study.yaml.1").write_text("name: tiny\n")
     check_study_folder(moved)
+    assert study_cli.main(["status", "moved", "--root", str(tmp_path)]) == 2  # says what is there, not "not run yet"
+    assert "holds only an older copy of its study file (study.yaml.1)" in capsys.readouterr().err
     finder = tmp_path / "finder"
     finder.mkdir()
     (finder / ".DS_Store").write_bytes(b"\0")
