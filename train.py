@@ -31,7 +31,7 @@ from typing import Any
 
 # Only light modules here: the config and the run directory are checked before torch, gymnasium
 # and SB3 are imported (seconds), so --help and a mistyped key answer at once.
-from agents.config import ConfigError, load_config, parse_overrides
+from agents.config import ConfigError, check_config_env_id, load_config, parse_overrides
 from agents.distributed import DistributedError, env_rank, env_world_size
 from agents.run_dir import (
     RunDirError,
@@ -154,12 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             RunLock(args.resume).probe()  # another process training there: say so before loading anything
         else:
             config = load_config(args.config, args.overrides)
-            from envs.registry import check_env_id  # gymnasium, MiniGrid and ALE ids only: half a second
-
-            try:
-                check_env_id(config["env"]["id"])
-            except ValueError as exc:
-                raise ConfigError(f"env.id: {exc}") from None
+            check_config_env_id(config)
             if args.run_dir is not None:
                 run_dir = args.run_dir
                 refuse_existing_run(run_dir)

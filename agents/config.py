@@ -654,6 +654,20 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def check_config_env_id(config: dict[str, Any]) -> None:
+    """Refuse a resolved config whose ``env.id`` is no registered gymnasium, MiniGrid or ALE id, before any env
+    is built (importing those registries takes half a second, so only here).
+
+    :raises ConfigError: ``env.id: <why>``, with a close spelling when there is one.
+    """
+    from envs.registry import check_env_id
+
+    try:
+        check_env_id(config["env"]["id"])
+    except ValueError as exc:
+        raise ConfigError(f"env.id: {exc}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Build the resolved config from an optional YAML file and ``key=value`` overrides.
 

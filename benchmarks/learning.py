@@ -52,7 +52,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as `python benchmarks/learning.py` from a source checkout
-from agents.config import ConfigError, load_config, locate_config, parse_overrides  # noqa: E402
+from agents.config import (  # noqa: E402
+    ConfigError,
+    check_config_env_id,
+    load_config,
+    locate_config,
+    parse_overrides,
+)
 from agents.executors import stop_exit_status, stop_signals_recorded  # noqa: E402
 
 WINDOW = 100  # episodes in the mean return, as the trainer's log.return_window
@@ -114,12 +120,7 @@ def check_config(config: str | None, overrides: Sequence[str], seeds: Sequence[i
         raise ConfigError("--set seed=... would train every run on that one seed; give the seeds with --seeds")
     for seed in sorted({min(seeds), max(seeds)}):
         resolved = load_config(config, run_overrides(seed, overrides))
-    from envs.registry import check_env_id  # gymnasium, MiniGrid and ALE ids only, as train.py: half a second
-
-    try:
-        check_env_id(resolved["env"]["id"])
-    except ValueError as exc:
-        raise ConfigError(f"env.id: {exc}") from None
+    check_config_env_id(resolved)
 
 
 def parse_seeds(items: list[str]) -> list[int]:
