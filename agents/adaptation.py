@@ -418,8 +418,9 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
                 speed = rp.poi_interval(frames_x, frames_y, reps=reps)
                 speed_p = rp.poi_permutation_p(frames_x, frames_y)
                 pois[x, y], area_p_values[x, y] = area, area_p
+                difference = rp.mean_difference_interval(area_x, area_y)
                 rows.append([x, y, f"{rp._ci(area)}, p {area_p:.3f}", f"{rp._ci(speed)}, p {speed_p:.3f}",
-                             rp._fmt(float(np.mean(area_x)) - float(np.mean(area_y)), 3), rp._fmt(detectable, 3)])
+                             rp._signed_ci(difference, 3), rp._fmt(detectable, 3)])
                 # A from-scratch row does not depend on pre-training: only pre-trained sources can be flagged.
                 flagged = [spec.run(r).source for r in (x, y)
                            if spec.run(r).source in below and not spec.run(r).scratch]
@@ -432,14 +433,14 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
                 # The area answers by the generalisation report's rule (IQM intervals and P(improvement) both);
                 # frames to threshold, a secondary measure often censored at the budget, by P(improvement) and its test.
                 area_answer = rp.conclusion(x, y, ci["auc"][x]["iqm"], ci["auc"][y]["iqm"], area, detectable,
-                                            where="", per_run="mean area", p_value=area_p)
+                                            where="", per_run="mean area", p_value=area_p, difference=difference)
                 answers.append(f"area under the curve: {area_answer}{caveat}")
                 sooner = rp.verdict(x, y, speed, speed_p).replace("improves on", "reaches the threshold sooner than")
                 sooner = sooner.replace("does worse than", "reaches it later than")
                 answers.append(f"frames to threshold (by P(improvement) and its permutation test): {sooner}")
         lines += rp._table(["X", "Y", "P(area X > area Y) [95% CI], permutation test p",
                             "P(X reaches the threshold sooner) [95% CI], permutation test p",
-                            "observed mean area X - Y", "smallest detectable difference in mean area"], rows)
+                            "mean area X - Y [95% Welch t CI]", "smallest detectable difference in mean area"], rows)
         lines += [f"- {a}." for a in answers] or ["- No comparison: runs missing."]
         lines += [""]
 

@@ -10,16 +10,18 @@ precipice") and are small pure functions over score arrays of shape ``(runs, env
 - :func:`performance_profile`: the fraction of runs x envs scoring above each threshold tau, with
   intervals;
 - :func:`sample_sd` (ddof=1) and :func:`smallest_detectable_difference`, the difference in mean
-  a two-sided Welch-type comparison of these many runs could detect with 80% power at the 5%
-  level, given the observed seed-to-seed spread (:func:`detectable_difference`: the same from
-  two arrays of per-run scores; the adaptation report uses it too).
+  a two-sided Welch t-test on these many runs could detect with 80% power at the 5% level, given
+  the observed seed-to-seed spread (:func:`detectable_difference`: the same from two arrays of
+  per-run scores; the adaptation report uses it too), and :func:`mean_difference_interval`, the
+  difference in mean with its Welch t interval: the differences the runs leave possible.
 
 rliable (and its bootstrap library ``arch``) is imported inside the functions that need it.
 
 The report's conclusions (:func:`conclusion`, :func:`conclude`) follow mechanically from the
 intervals: an improvement on an LSTM baseline is claimed only when the IQM intervals do not overlap
 and the P(improvement) interval excludes 0.5; otherwise the sentence says what does not separate and
-gives the smallest difference the seeds could detect.
+gives the interval of the difference in mean (what the runs leave possible) and the smallest
+difference the seeds could detect.
 
 ``load_scores(study)`` returns ``{model: array(runs, envs)}`` for a notebook; ``write_report``
 writes ``studies/<study>/report.md`` and its PNG plots; :func:`publish` writes the results page
@@ -70,8 +72,10 @@ SMALL_REPS = 2_000
 MAX_RELABELLINGS = 200_000  # a permutation test up to this many relabellings is exact
 # Named in a published study's banner entry; bump it when the same runs would give other numbers or
 # verdicts (2: 2026-12-05, the permutation test, 10,000 P(improvement) resamples, per-model bootstrap
-# seeds). An entry without it, or with an older one, was published by earlier report code.
-STATISTICS_VERSION = 2
+# seeds; 3: 2026-12-06, Welch's df in the smallest detectable difference, the difference in mean with its
+# Welch interval, finished runs left out of the statistics named). An entry without it, or with an older
+# one, was published by earlier report code.
+STATISTICS_VERSION = 3
 
 
 def _statistics_tag() -> str:
@@ -292,21 +296,31 @@ def sample_sd(values: Sequence[float] | np.ndarray) -> float:
     return float(np.std(data, ddof=1)) if data.size >= 2 else float("nan")
 
 
+def _welch(sd_x: float, n_x: int, sd_y: float, n_y: int) -> tuple[float, float]:
+    """The standard error of mean(x) - mean(y) and its Welch-Satterthwaite degrees of freedom
+    (inf when both spreads are zero: the difference is then known exactly)."""
+    a, b = sd_x**2 / n_x, sd_y**2 / n_y
+    if a + b == 0:
+        return 0.0, math.inf
+    return math.sqrt(a + b), (a + b) ** 2 / (a**2 / (n_x - 1) + b**2 / (n_y - 1))
+
+
 def smallest_detectable_difference(sd_x: float, n_x: int, sd_y: float, n_y: int, alpha: float = 0.05,
                                    power: float = 0.8) -> float:
     """The smallest difference in mean two groups of runs could detect, from their spread.
 
-    ``(t_{1-alpha/2, df} + t_{power, df}) * sqrt(sd_x^2/n_x + sd_y^2/n_y)`` with ``df = n_x + n_y - 2``:
-    a difference this large is found by a two-sided test at level ``alpha`` with probability
-    ``power``; smaller ones are within what these seeds can tell apart from seed noise.
-    nan when either group has fewer than two runs.
+    ``(t_{1-alpha/2, df} + t_{power, df}) * sqrt(sd_x^2/n_x + sd_y^2/n_y)`` with Welch's ``df``
+    (Welch-Satterthwaite; ``n_x + n_y - 2`` when the groups have equal sizes and spreads): a difference
+    this large is found by a two-sided Welch t-test at level ``alpha`` with probability about ``power``.
+    Smaller ones can go unseen; it says nothing about which differences these runs exclude (for that,
+    :func:`mean_difference_interval`). 0 when both spreads are zero; nan when either group has fewer
+    than two runs.
     """
     from scipy import stats
 
     if n_x < 2 or n_y < 2 or not (math.isfinite(sd_x) and math.isfinite(sd_y)):
         return float("nan")
-    df = n_x + n_y - 2
-    spread = math.sqrt(sd_x**2 / n_x + sd_y**2 / n_y)
+    spread, df = _welch(sd_x, n_x, sd_y, n_y)
     return float((stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * spread)
 
 
@@ -315,6 +329,25 @@ def detectable_difference(x: Sequence[float] | np.ndarray, y: Sequence[float] | 
     from their sample SDs and sizes; nan when either group has fewer than two runs."""
     x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
     return smallest_detectable_difference(sample_sd(x), len(x), sample_sd(y), len(y))
+
+
+def mean_difference_interval(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray,
+                             confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """``mean(x) - mean(y)`` of two groups of per-run scores with its Welch t interval: ``(point, low, high)``.
+
+    The differences these runs are compatible with, where the smallest detectable difference is only what
+    they could find: an interval from -0.25 to +0.01 leaves a small advantage of x possible although a
+    test would miss it. nan ends when either group has fewer than two runs.
+    """
+    from scipy import stats
+
+    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    point = float(np.mean(x) - np.mean(y)) if len(x) and len(y) else float("nan")
+    if len(x) < 2 or len(y) < 2:
+        return point, float("nan"), float("nan")
+    spread, df = _welch(sample_sd(x), len(x), sample_sd(y), len(y))
+    half = float(stats.t.ppf(0.5 + confidence / 2, df) * spread)
+    return point, point - half, point + half
 
 
 # -- reading a study's results ----------------------------------------------------------------------
@@ -504,8 +537,12 @@ def load_scores(study: str | Path, point: int | None = None, held_out_only: bool
 def per_env_poi(x: np.ndarray, y: np.ndarray, reps: int = REPS) -> list[str]:
     """P(X > Y) on each env alone, with its interval and permutation p, as table cells. The pooled P
     weighs an env every model fails (all ties: 0.5) as much as one that tells them apart."""
-    return [f"{_ci(poi_interval(x[:, [k]], y[:, [k]], reps=reps))}, p {poi_permutation_p(x[:, [k]], y[:, [k]]):.3f}"
-            for k in range(x.shape[1])]
+    cells = []
+    for k in range(x.shape[1]):
+        poi = poi_interval(x[:, [k]], y[:, [k]], reps=reps)
+        cells.append(f"{_ci(poi, _digits_to_tell((poi[1], 0.5), (poi[2], 0.5)))}, "
+                     f"p {poi_permutation_p(x[:, [k]], y[:, [k]]):.3f}")
+    return cells
 
 
 def statistics_protocol(reps: int, unit: str, runs_share: str, secondary: str = "") -> str:
@@ -533,10 +570,12 @@ def statistics_protocol(reps: int, unit: str, runs_share: str, secondary: str = 
 def detectable_protocol(score: str) -> str:
     """What the reports' smallest detectable difference is (one text for both reports)."""
     return (f"From the observed seed-to-seed spread of the {score}: the difference in its mean that a two-sided "
-            "t-test at the 5% level would detect with 80% power, `(t(0.975, df) + t(0.8, df)) * "
-            "sqrt(sd_x^2/n_x + sd_y^2/n_y)` (unknown with fewer than two runs). A guide to what these seeds "
-            "resolve, estimated from the same noisy spread; the claim rule (intervals apart) needs larger "
-            "differences than the t-test, and a smaller true difference cannot be ruled out.")
+            "Welch t-test at the 5% level would detect with 80% power, `(t(0.975, df) + t(0.8, df)) * "
+            "sqrt(sd_x^2/n_x + sd_y^2/n_y)` with Welch's df (unknown with fewer than two runs). A guide to what "
+            "these seeds resolve, estimated from the same noisy spread; the claim rule (intervals apart) needs "
+            "larger differences than the t-test. A smaller true difference can go unseen, and a larger one is "
+            "not thereby excluded: the 95% Welch t interval of the difference in mean says which differences "
+            "the runs leave possible.")
 
 
 def _fmt(value: float, digits: int = 2) -> str:
@@ -545,6 +584,13 @@ def _fmt(value: float, digits: int = 2) -> str:
 
 def _ci(triple: tuple[float, float, float], digits: int = 2) -> str:
     return f"{_fmt(triple[0], digits)} [{_fmt(triple[1], digits)}, {_fmt(triple[2], digits)}]"
+
+
+def _signed_ci(triple: tuple[float, float, float], digits: int = 2) -> str:
+    """A difference with its interval, each number signed: "-0.12 [-0.25, +0.01]"."""
+    if not all(math.isfinite(v) for v in triple):
+        return _ci(triple, digits)
+    return f"{triple[0]:+.{digits}f} [{triple[1]:+.{digits}f}, {triple[2]:+.{digits}f}]"
 
 
 def _digits_to_tell(*pairs: tuple[float, float]) -> int:
@@ -597,12 +643,14 @@ def verdict(model: str, baseline: str, poi: tuple[float, float, float], p_value:
 
 def conclusion(model: str, baseline: str, iqm_x: tuple[float, float, float], iqm_y: tuple[float, float, float],
                poi: tuple[float, float, float], detectable: float, where: str = "on the held-out envs",
-               per_run: str = "mean held-out return", p_value: float | None = None) -> str:
+               per_run: str = "mean held-out return", p_value: float | None = None,
+               difference: tuple[float, float, float] | None = None) -> str:
     """The one sentence the intervals support about ``model`` against ``baseline``, derived mechanically:
     an improvement (or a deficit) is claimed only when the IQM intervals do not overlap and the
     P(improvement) interval excludes 0.5 (and, when ``p_value`` is given, its permutation test rejects
-    0.5 at ``ALPHA``); one of the two alone is reported as such; otherwise no difference is claimed
-    and the smallest difference these seeds could detect is given. Higher scores are better. Numbers
+    0.5 at ``ALPHA``); one of the two alone is reported as such; otherwise no difference is claimed,
+    and the sentence gives the interval of the difference in mean (when ``difference`` is given) and
+    the smallest difference these seeds could detect. Higher scores are better. Numbers
     are printed with the decimals that tell apart the interval ends a verdict compares.
 
     :param iqm_x: ``(point, low, high)`` IQM of ``model``; ``iqm_y`` the same for ``baseline``.
@@ -613,6 +661,7 @@ def conclusion(model: str, baseline: str, iqm_x: tuple[float, float, float], iqm
         deficit ("" to name nothing: the adaptation report names its measure before the sentence).
     :param per_run: the per-run score ``detectable`` is a difference of.
     :param p_value: :func:`poi_permutation_p` of the same scores, or None to judge by the interval alone.
+    :param difference: :func:`mean_difference_interval` of the per-run score, model minus baseline.
     """
     digits = _digits_to_tell((iqm_x[1], iqm_y[2]), (iqm_x[2], iqm_y[1]), (poi[1], 0.5), (poi[2], 0.5))
     iqms = f"IQM {_ci(iqm_x, digits)} vs {_ci(iqm_y, digits)}"
@@ -621,8 +670,12 @@ def conclusion(model: str, baseline: str, iqm_x: tuple[float, float, float], iqm
                 f"width; {iqms}): no claim is made")
     poi_side, poi_words = _poi_words(poi, p_value, digits)
     p = f"P({model} > {baseline}) {poi_words}"
-    sdd = (f"a difference in {per_run} below ~{_fmt(detectable)} (the smallest a t-test on these runs "
-           "detects with 80% power) cannot be ruled out")  # finite: checked above
+    # Not "a difference below ~X cannot be ruled out": that reads as if larger ones were ruled out, which
+    # only the interval of the difference can say.
+    sdd = f"a t-test on these runs detects a difference in {per_run} of ~{_fmt(detectable)} with 80% power"
+    if difference is not None and math.isfinite(difference[1]):
+        sdd = (f"the difference in {per_run} is {_signed_ci(difference)} (95% Welch t interval: the "
+               f"differences these runs leave possible), and {sdd}")
     where = f" {where}" if where else ""
     iqm_above, iqm_below = iqm_x[1] > iqm_y[2], iqm_x[2] < iqm_y[1]
     if iqm_above and poi_side > 0:
@@ -646,14 +699,15 @@ def conclusion(model: str, baseline: str, iqm_x: tuple[float, float, float], iqm
 
 def conclude(model: str, baseline: str, x: np.ndarray, y: np.ndarray, reps: int = REPS, seed: int = 0) -> str:
     """:func:`conclusion` computed from score arrays ``(runs, envs)`` of ``model`` (``x``) and ``baseline`` (``y``):
-    their IQM intervals, P(x > y) with its interval and permutation test, and the smallest detectable
-    difference of the per-run mean scores."""
+    their IQM intervals, P(x > y) with its interval and permutation test, and the difference of the
+    per-run mean scores (its interval and the smallest one these runs detect)."""
     x, y = _check(x), _check(y)
     estimates = interval_estimates({"x": x, "y": y}, reps=reps, seed=seed)
     poi = poi_interval(x, y, reps=reps, seed=seed)
     detectable = detectable_difference(x.mean(axis=1), y.mean(axis=1))
     return conclusion(model, baseline, estimates["x"]["iqm"], estimates["y"]["iqm"], poi, detectable,
-                      p_value=poi_permutation_p(x, y, seed=seed))
+                      p_value=poi_permutation_p(x, y, seed=seed),
+                      difference=mean_difference_interval(x.mean(axis=1), y.mean(axis=1)))
 
 
 def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) -> str:
@@ -704,6 +758,7 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
     if results.missing:
         lines += [f"Unfinished or not started (an unfinished run counts only at the evaluation points it has "
                   f"reached): {'; '.join(results.missing)}.", ""]
+    lines += _left_out_lines(results, final)
     counts = {len(s) for s in final.values()}
     if len(counts) > 1:
         lines += ["**Models have different numbers of finished runs**: compare with care.", ""]
@@ -740,7 +795,9 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
                 x, y = heldout_scores[m], heldout_scores[baseline]
                 pois[m, baseline] = poi_interval(x, y, reps=reps)
                 p_values[m, baseline] = poi_permutation_p(x, y)
-                rows.append([m, baseline, _ci(pois[m, baseline]), f"{p_values[m, baseline]:.3f}",
+                poi = pois[m, baseline]  # with the decimals that show on which side of 0.5 its ends lie
+                rows.append([m, baseline, _ci(poi, _digits_to_tell((poi[1], 0.5), (poi[2], 0.5))),
+                             f"{p_values[m, baseline]:.3f}",
                              *(per_env_poi(x, y, reps) if x.shape[1] > 1 else [])])
         lines += _table(["model X", "baseline Y", "P(X > Y) [95% CI]", "permutation test p (P = 0.5)",
                          *(f"{env} alone: P [95% CI], p" for env in held if len(held) > 1)], rows)
@@ -749,7 +806,8 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
         if m not in results.baselines:
             detectable = detectable_difference(per_run[m], per_run[baseline])
             conclusions.append(conclusion(m, baseline, estimates[m]["iqm"], estimates[baseline]["iqm"], poi,
-                                          detectable, p_value=p_values[m, baseline]))
+                                          detectable, p_value=p_values[m, baseline],
+                                          difference=mean_difference_interval(per_run[m], per_run[baseline])))
     lines += ["## Smallest detectable difference (held-out mean return per run)", "",
               detectable_protocol("mean held-out return per run"), ""]
     rows = []
@@ -760,9 +818,10 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
             if m == baseline:
                 continue
             x, y = per_run[m], per_run[baseline]
-            sdd = detectable_difference(x, y)
-            rows.append([m, baseline, f"{_fmt(float(np.mean(x)) - float(np.mean(y)), 3)}", _fmt(sdd, 3)])
-    lines += _table(["model X", "baseline Y", "observed mean(X) - mean(Y)", "smallest detectable difference"], rows)
+            rows.append([m, baseline, _signed_ci(mean_difference_interval(x, y), 3),
+                         _fmt(detectable_difference(x, y), 3)])
+    lines += _table(["model X", "baseline Y", "mean(X) - mean(Y) [95% Welch t CI]", "smallest detectable difference"],
+                    rows)
 
     # Held-out return against training frames.
     lines += ["## Held-out return during training", "", "Mean held-out return over runs [95% CI] at each point "
@@ -808,7 +867,14 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
     lines += ["## What the intervals support", "", "Each sentence follows mechanically from the held-out intervals "
               "above: an improvement is claimed only when the IQM intervals do not overlap, the P(improvement) "
               f"interval excludes 0.5 and its permutation test gives p < {ALPHA}.", ""]
-    lines += [f"- {c}." for c in conclusions] or ["- No LSTM baseline in this study: no comparison made."]
+    if conclusions:
+        lines += [f"- {c}." for c in conclusions]
+    elif results.baselines and not any(b in heldout_scores for b in results.baselines):
+        lines += [f"- No run of the LSTM baseline {' or '.join(results.baselines)} has a final score on every env: "
+                  "no comparison made."]
+    else:
+        lines += ["- No LSTM baseline in this study: no comparison made." if not results.baselines
+                  else "- No model besides the LSTM baselines has a final score on every env: no comparison made."]
     lines += [""]
     lines += provenance_lines(study, results.directory)
     if plots:
@@ -816,6 +882,26 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
                               env_curves=env_curves)
         lines += ["## Plots", "", *(f"![{name}](plots/{name}.png)" for name in figures), ""]
     return "\n".join(lines)
+
+
+def _left_out_lines(results: StudyResults, final: dict[str, np.ndarray]) -> list[str]:
+    """A note naming the finished runs the statistics leave out, and why: a run counts only with a final score
+    on every env (an evaluation that failed or was made with other envs leaves a gap), and without this
+    note a model's statistics would quietly rest on fewer runs than the model table says it finished."""
+    point, left_out = results.study.total_frames, []
+    for label in results.models:
+        kept = set(results.seeds(label)) if label in final else set()
+        for record in results.runs.get(label, []):
+            if not record.finished or record.seed in kept:
+                continue
+            returns = record.returns.get(point)
+            gaps = ("no final evaluation" if returns is None else "no final score on " + ", ".join(
+                env for env, value in zip(results.envs, returns, strict=True) if not np.isfinite(value)))
+            left_out.append(f"{label} seed {record.seed} ({gaps})")
+    if not left_out:
+        return []
+    return [f"**Left out of every statistic below** (a run counts only with a final score on every env): "
+            f"{'; '.join(left_out)}.", ""]
 
 
 def _seed_text(seeds: Sequence[int]) -> str:

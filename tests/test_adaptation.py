@@ -249,7 +249,7 @@ def test_tiny_adaptation_study_pretrains_finetunes_reports_and_reruns_nothing(
     assert "**below the criterion**" in text  # 128 frames learn nothing: flagged, not hidden
     assert {p.name for p in (directory / "plots").iterdir()} == {
         "finetune_curves.png", "area_interval_estimates.png", "probability_of_improvement.png"}
-    from agents.report import PLOT_NAMES  # publish replaces only the plots it knows as its own
+    from agents.report import PLOT_NAMES, STATISTICS_VERSION  # PLOT_NAMES: the plots publish may replace
 
     assert {p.stem for p in (directory / "plots").iterdir()} <= PLOT_NAMES
     assert "| smallest detectable difference in mean area |" in text
@@ -275,8 +275,10 @@ def test_tiny_adaptation_study_pretrains_finetunes_reports_and_reruns_nothing(
             "".join(json.dumps(r) + "\n" for r in rows))
     assert study_cli.main(["report", "tiny-adapt", "--root", str(root), "--reps", "200"]) == 0
     text = (directory / "report.md").read_text()
-    # (t(0.975, 2) + t(0.8, 2)) * sqrt(sd([0.3, 0.6])^2 / 2 + sd([0.1, 0.0])^2 / 2) = 5.3634 * 0.15811 = 0.848
-    assert "| meta-rims.ppo | lstm.scratch |" in text and "| 0.400 | 0.848 |" in text
+    # Welch: a = sd([0.3, 0.6])^2 / 2 = 0.0225, b = sd([0.1, 0.0])^2 / 2 = 0.0025,
+    # df = (a + b)^2 / (a^2 + b^2) = 1.2195; (t(0.975, df) + t(0.8, df)) * sqrt(a + b) = 9.6432 * 0.15811 = 1.525;
+    # the difference 0.4 +- t(0.975, df) * 0.15811.
+    assert "| meta-rims.ppo | lstm.scratch |" in text and "| +0.400 [-0.927, +1.727] | 1.525 |" in text
     # The area answers by the generalisation report's rule: the IQM intervals ([0.3, 0.6] against [0.0, 0.1])
     # lie apart and every pair of runs favours meta-rims.ppo, but two runs against two cannot reject P = 0.5
     # (2 of the 6 relabellings are as extreme: p 0.333), so one measure separates them and nothing is claimed.
@@ -290,12 +292,13 @@ def test_tiny_adaptation_study_pretrains_finetunes_reports_and_reruns_nothing(
     page = tmp_path / "results.md"
     assert study_cli.main(["publish", "tiny-adapt", "--root", str(root), "--reps", "200", "--out", str(page)]) == 0
     published = page.read_text()
-    assert "> Published: `tiny-adapt` (code version `test-version`; 10 runs; statistics v2)" in published
+    banner = f"`tiny-adapt` (code version `test-version`; 10 runs; statistics v{STATISTICS_VERSION})"
+    assert f"> Published: {banner}" in published
     assert study_cli.main(["publish", "--root", str(tmp_path / "elsewhere"), "--out", str(page), "--keep"]) == 0
     republished = page.read_text()
     section = published[published.index("## Adaptation study: tiny-adapt"):]
     assert section.strip() and section in republished
-    assert "`tiny-adapt` (code version `test-version`; 10 runs; statistics v2)" in republished
+    assert banner in republished
 
     # A finished run whose metrics.jsonl is gone: one line naming it, exit 2, no traceback.
     (directory / "finetune" / "lstm.scratch" / "DoorKey-8x8" / "seed_2" / "metrics.jsonl").unlink()
