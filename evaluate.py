@@ -190,15 +190,19 @@ def _unique_stems(stems: list[str]) -> list[str]:
     return unique
 
 
-def _is_json_file(path: Path) -> bool:
-    """Whether ``path`` is empty or starts like a JSON document (what ``--json`` writes), not a
-    checkpoint (zip or pickle)."""
+def _is_results_file(path: Path) -> bool:
+    """Whether ``path`` is empty or holds what ``--json`` writes (one JSON object with a ``checkpoints``
+    list): the only files ``--overwrite`` may replace. Not a checkpoint, and not another JSON file of a run
+    (``metrics.jsonl``, ``provenance.json``, a study's evaluation points), whose loss could not be undone."""
     try:
-        with path.open("rb") as handle:
-            head = handle.read(64).removeprefix(b"\xef\xbb\xbf").lstrip()  # a UTF-8 byte-order mark
-    except OSError:
+        if path.stat().st_size == 0:
+            return True
+        if path.stat().st_size > 1 << 30:  # far beyond any results file: not read into memory to find out
+            return False
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (OSError, ValueError):  # unreadable, not UTF-8, not one JSON document (JSON Lines, a checkpoint)
         return False
-    return head[:1] in (b"", b"{", b"[")
+    return isinstance(data, dict) and isinstance(data.get("checkpoints"), list) and "episodes" in data
 
 
 def _number(value: float | None, digits: int = 2) -> str:
@@ -302,9 +306,11 @@ def main(argv: list[str] | None = None) -> int:
             problem = output_file_problem(args.json, args.overwrite)
             if problem:
                 raise UsageError(f"--json {problem}")
-            if args.json.is_file() and not _is_json_file(args.json):  # e.g. `--json runs/*/checkpoint.pt`
-                raise UsageError(f"--json {args.json} exists and is not a JSON file (a checkpoint?); --overwrite "
-                                 "replaces only JSON results: choose another name")
+            # e.g. `--json runs/*/checkpoint.pt`, or a run's metrics.jsonl: --overwrite is for earlier results.
+            if args.json.is_file() and not _is_results_file(args.json):
+                raise UsageError(f"--json {args.json} exists and is not a results file of evaluate.py (a checkpoint, "
+                                 "a training log?); --overwrite replaces only earlier --json results: choose another "
+                                 "name")
         for option, folder in (("--plot", args.plot), ("--video", args.video)):
             problem = output_folder_problem(folder) if folder is not None else None
             if problem:

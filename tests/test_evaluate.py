@@ -467,14 +467,14 @@ def _cli_process(*argv: str | Path) -> subprocess.CompletedProcess[str]:
 
 def test_existing_json_is_refused_before_any_episode_and_kept(rims_run: tuple[Path, Trainer], tmp_path: Path) -> None:
     results = tmp_path / "results.json"
-    results.write_text('{"earlier": "results"}\n')
+    results.write_text('{"episodes": 1, "checkpoints": []}\n')
     args = (rims_run[0], "--env", DOORKEY_6, "--episodes", "1", "--max-episode-steps", "2", "--json", results)
     refused = _cli_process(*args, "--plot", tmp_path / "plots")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines() == [
         f"error: --json {results} exists; pass --overwrite to replace it, or choose another name"]
     assert refused.stdout == "" and not (tmp_path / "plots").exists()  # no episode ran, nothing written
-    assert results.read_text() == '{"earlier": "results"}\n'
+    assert results.read_text() == '{"episodes": 1, "checkpoints": []}\n'
     replaced = _cli_process(*args, "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
     assert json.loads(results.read_text())["checkpoints"][0]["results"][0]["env_id"] == DOORKEY_6
@@ -552,8 +552,32 @@ def test_json_never_replaces_a_checkpoint_even_with_overwrite(
     before = copy.read_bytes()
     code, stdout, stderr = _run_cli(capsys, "--overwrite", "--json", copy, rims_run[0], "--episodes", "1")
     assert code == 2 and stdout == "" and len(stderr.strip().splitlines()) == 1
-    assert f"--json {copy} exists and is not a JSON file" in stderr
+    assert f"--json {copy} exists and is not a results file of evaluate.py" in stderr
     assert copy.read_bytes() == before
+
+
+def test_json_replaces_only_earlier_results_with_overwrite(
+    rims_run: tuple[Path, Trainer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A run's training log starts with "{" too: `--json runs/x/metrics.jsonl --overwrite` replaced it, and the
+    # rows before a later --resume were lost. So were provenance.json and a study's evaluation points.
+    log = tmp_path / "metrics.jsonl"
+    log.write_text((rims_run[0] / "metrics.jsonl").read_text())
+    provenance = tmp_path / "provenance.json"
+    provenance.write_text(json.dumps({"sessions": [{"command": "train.py"}]}))
+    for path in (log, provenance):
+        before = path.read_bytes()
+        code, stdout, stderr = _run_cli(capsys, "--overwrite", "--json", path, rims_run[0], "--episodes", "1",
+                                        "--max-episode-steps", "2", "--no-progress")
+        assert code == 2 and stdout == "" and len(stderr.strip().splitlines()) == 1, stderr
+        assert "is not a results file of evaluate.py" in stderr and path.read_bytes() == before
+    # Its own earlier results are replaced with --overwrite.
+    results = tmp_path / "results.json"
+    args = ("--json", results, rims_run[0], "--episodes", "1", "--max-episode-steps", "2", "--no-progress")
+    assert _run_cli(capsys, *args)[0] == 0
+    first = json.loads(results.read_text())
+    assert _run_cli(capsys, "--overwrite", "--seed", "7", *args)[0] == 0
+    assert json.loads(results.read_text())["seed"] == 7 != first["seed"]
 
 
 def test_inputs_that_name_one_file_get_numbered_plots(
