@@ -345,7 +345,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         check_spaces,
         evaluate_policy,
         evaluation_options,
-        own_target,
+        own_targets,
         resolve_targets,
         video_format_available,
     )
@@ -374,7 +374,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     plans: list[tuple[str, Policy, list[tuple[EvalTarget, dict[str, Any], str]]]] = []
     for label, path in zip(labels, args.checkpoints, strict=True):
         policy = load_policy(path, device=args.device)  # the raw string: a URL is refused by name
-        targets = suite_targets if suite_targets is not None else [own_target(policy)]
+        targets = suite_targets if suite_targets is not None else own_targets(policy)
         pairs = []
         for target in targets:
             options = evaluation_options(policy, target, overrides)
@@ -395,7 +395,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     runs: list[dict[str, Any]] = []
     for label, policy, pairs in plans:
         run: dict[str, Any] = {"checkpoint": str(policy.path), "label": label, "core": policy.core_name,
-                               "train_env": policy.env_id, "results": []}
+                               "train_env": policy.env_id, "train_envs": [t.env_id for t in own_targets(policy)],
+                               "results": []}
         for target, options, stem in pairs:
             result = evaluate_policy(
                 policy, target.env_id, options, episodes=args.episodes, seed=args.seed,
@@ -428,7 +429,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     protocol = (f"{args.episodes} episode{'s' if args.episodes != 1 else ''} per env, "
                 f"{'deterministic' if args.deterministic else 'sampled'} actions, seed {args.seed}")
     if len(runs) == 1:
-        print(f"{runs[0]['label']} ({runs[0]['core']}, trained on {runs[0]['train_env']}), {protocol}:")
+        print(f"{runs[0]['label']} ({runs[0]['core']}, trained on {', '.join(runs[0]['train_envs'])}), {protocol}:")
         print(single_table(runs[0]["results"]))
     else:
         print(f"{protocol}:")

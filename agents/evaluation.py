@@ -27,6 +27,7 @@ from gymnasium import spaces
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 from tqdm import tqdm
 
+from agents.meta_config import task_specs
 from envs import check_env_id, get_suite, make_vec_env
 from envs.names import short_env_name
 from policies.cores import frozen_parameters
@@ -103,8 +104,9 @@ class EvalTarget:
         return f"{self.name} ({SPLIT_WORDS.get(self.split, self.split)})" if self.split else self.name
 
     def is_training_env(self, policy: Policy) -> bool:
-        """Whether this is the env ``policy`` was trained on (same id, no options of its own)."""
-        return self.env_id == policy.env_id and not self.options
+        """Whether this is an env ``policy`` was trained on: its env, or one of a multi-task run's tasks
+        (same id, and the options that task had of its own: none for a plain run)."""
+        return any(self.env_id == own.env_id and self.options == own.options for own in own_targets(policy))
 
 
 def resolve_targets(
@@ -137,9 +139,18 @@ def resolve_targets(
     return targets or None
 
 
-def own_target(policy: Policy) -> EvalTarget:
-    """The env the policy was trained on, with all its training options (not part of a suite)."""
-    return EvalTarget(policy.env_id, {}, short_env_name(policy.env_id), "")
+def own_targets(policy: Policy) -> list[EvalTarget]:
+    """The envs the policy was trained on, with all its training options (not part of a suite): its env, or,
+    for a meta_ppo or multitask_ppo run, each of its tasks (``meta.tasks`` or ``meta.suite``'s training list)
+    with the options that task sets of its own."""
+    meta = policy.config.get("meta") if isinstance(policy.config, dict) else None
+    try:
+        specs = task_specs(meta) if isinstance(meta, dict) else []
+    except (ValueError, TypeError, KeyError, AttributeError):  # a suite this version lacks, a damaged section
+        specs = []
+    if not specs:
+        return [EvalTarget(policy.env_id, {}, short_env_name(policy.env_id), "")]
+    return [EvalTarget(spec.env_id, dict(spec.options), spec.name, "") for spec in specs]
 
 
 def evaluation_options(policy: Policy, target: EvalTarget, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

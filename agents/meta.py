@@ -41,11 +41,12 @@ from torch import nn
 
 from agents.config import ConfigError
 import agents.meta_config  # noqa: F401  (registers meta_ppo, multitask_ppo and the meta section with the config)
+from agents.meta_config import task_specs
 from agents.ppo import RecurrentPPO
 from agents.rollout import RolloutStats
 from agents.storage import RolloutStorage
 from agents.trainer import UPDATERS, env_options
-from envs import EnvSpec, check_env_id, env_spaces, get_suite
+from envs import EnvSpec, check_env_id, env_spaces
 
 # A task is what the trainer builds envs from: (env id, make_vec_env options).
 Task = tuple[str, dict[str, Any]]
@@ -68,19 +69,10 @@ def resolve_tasks(config: dict[str, Any]) -> tuple[list[Task], list[str]]:
     if (meta["tasks"] is None) == (meta["suite"] is None):
         raise ConfigError("give exactly one of meta.tasks (a list of env ids) and meta.suite (a suite name, "
                           "whose training list becomes the tasks)")
-    specs: list[EnvSpec] = []
-    if meta["suite"] is not None:
-        try:
-            specs = list(get_suite(meta["suite"]).train)
-        except ValueError as exc:
-            raise ConfigError(f"meta.suite: {exc}") from None
-    else:
-        for entry in meta["tasks"]:
-            if isinstance(entry, str):
-                specs.append(EnvSpec(entry))
-            else:
-                options = {key: value for key, value in entry.items() if key not in ("id", "name")}
-                specs.append(EnvSpec(entry["id"], options, entry.get("name", "")))
+    try:
+        specs: list[EnvSpec] = task_specs(meta)
+    except ValueError as exc:
+        raise ConfigError(f"meta.suite: {exc}") from None
     tasks: list[Task] = []
     for i, spec in enumerate(specs):
         try:

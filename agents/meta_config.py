@@ -44,6 +44,26 @@ def _is_task_list(value: list) -> bool:
     return True
 
 
+def task_specs(meta: dict[str, Any]) -> list[Any]:
+    """The training tasks of a ``meta`` section as ``envs.EnvSpec`` (id, the task's own options, name): the
+    training list of ``meta.suite``, or the entries of ``meta.tasks``; [] when it names neither.
+
+    :raises ValueError: for an unknown ``meta.suite`` (``envs.get_suite``'s message).
+    """
+    from envs import EnvSpec, get_suite  # here, not at the top: this module stays light (see its docstring)
+
+    if meta.get("suite") is not None:
+        return list(get_suite(meta["suite"]).train)
+    specs = []
+    for entry in meta.get("tasks") or []:
+        if isinstance(entry, str):
+            specs.append(EnvSpec(entry))
+        else:
+            options = {key: value for key, value in entry.items() if key not in ("id", "name")}
+            specs.append(EnvSpec(entry["id"], options, entry.get("name", "")))
+    return specs
+
+
 def _positive_or_none(value: Any) -> bool:
     return value is None or value > 0
 

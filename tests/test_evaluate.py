@@ -367,6 +367,28 @@ def test_cli_suite_train_env_is_not_called_the_checkpoints_env(
     assert "(train)" not in stdout
 
 
+def test_a_multitask_checkpoint_counts_every_task_as_a_training_env(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A run trained on DoorKey-5x5 and 6x6: 6x6 is a suite's held-out env, but not held out for this checkpoint,
+    # and evaluating it with no --env runs both tasks, not only the first.
+    run_dir = tmp_path / "tiny-multitask"
+    Trainer(load_config(None, [*TINY_CORES["lstm"], "algo.name=multitask_ppo", f"meta.tasks=[{DOORKEY_5}, {DOORKEY_6}]",
+                               *TINY]), run_dir).run()
+    results = tmp_path / "own.json"
+    code, stdout, _ = _run_cli(capsys, run_dir, "--episodes", "1", "--max-episode-steps", "2", "--no-progress",
+                               "--json", results)
+    assert code == 0 and f"trained on {DOORKEY_5}, {DOORKEY_6})" in stdout
+    run = json.loads(results.read_text())["checkpoints"][0]
+    assert [(r["name"], r["training_env"]) for r in run["results"]] == [("DoorKey-5x5", True), ("DoorKey-6x6", True)]
+    assert run["train_envs"] == [DOORKEY_5, DOORKEY_6] and run["train_env"] in run["train_envs"]
+    code, stdout, _ = _run_cli(capsys, run_dir, "--suite", "doorkey", "--episodes", "1", "--max-episode-steps", "2",
+                               "--no-progress", "--json", results, "--overwrite")
+    assert code == 0
+    marked = {r["name"]: r["training_env"] for r in json.loads(results.read_text())["checkpoints"][0]["results"]}
+    assert marked == {"DoorKey-5x5": True, "DoorKey-6x6": True, "DoorKey-8x8": False, "DoorKey-16x16": False}
+
+
 def test_cli_lists_suites(capsys: pytest.CaptureFixture[str]) -> None:
     code, stdout, _ = _run_cli(capsys, "--list-suites")
     assert code == 0
