@@ -625,8 +625,9 @@ class Trainer:
             raise CheckpointError(f"init_from: {path} holds no policy weights and spec")
         from policies.policy import check_core_revision
 
-        check_core_revision(spec, self.policy.spec.get("core_revision", 1), f"init_from: {path}")
         for key in ("core", "core_kwargs", "head_hidden_size"):
+            if key == "core_kwargs":  # a revision is a core's: compared once the cores are known to be the same
+                check_core_revision(spec, self.policy.spec.get("core_revision", 1), f"init_from: {path}")
             saved, mine = spec.get(key), self.policy.spec[key]
             if key == "core_kwargs" and isinstance(saved, dict):  # arguments a newer core added: their defaults
                 saved = {**{k: v for k, v in mine.items() if k not in saved}, **saved}
