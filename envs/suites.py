@@ -146,6 +146,10 @@ def lavacrossing() -> Suite:
     )
 
 
+MAX_LEVEL_SEEDS = 1_000_000  # level seeds a `seeds` suite lists (training and held out together)
+LEVEL_SEED_LIMIT = 2**32  # level seeds lie in [0, 2**32), numpy's seed range
+
+
 def seeds(
     env_id: str = "MiniGrid-DoorKey-8x8-v0",
     train_start: int = 0,
@@ -165,9 +169,14 @@ def seeds(
     check_env_id(env_id)
     if num_train < 1 or num_heldout < 1 or train_start < 0 or heldout_start < 0:
         raise ValueError("seed ranges must be non-empty and start at a non-negative seed")
+    if num_train + num_heldout > MAX_LEVEL_SEEDS:  # 10^8 seeds took minutes to list before any message
+        raise ValueError(f"num_train + num_heldout must be at most {MAX_LEVEL_SEEDS:,}, got {num_train + num_heldout:,}")
+    if max(train_start + num_train, heldout_start + num_heldout) > LEVEL_SEED_LIMIT:
+        raise ValueError(f"level seeds must be below 2**32 = {LEVEL_SEED_LIMIT:,}: train_start + num_train and "
+                         "heldout_start + num_heldout are past it")
     train_seeds = list(range(train_start, train_start + num_train))
     heldout_seeds = list(range(heldout_start, heldout_start + num_heldout))
-    if set(train_seeds) & set(heldout_seeds):
+    if max(train_start, heldout_start) < min(train_start + num_train, heldout_start + num_heldout):
         raise ValueError(
             f"training seeds [{train_start}, {train_start + num_train}) and held-out seeds "
             f"[{heldout_start}, {heldout_start + num_heldout}) overlap"
@@ -260,6 +269,12 @@ def get_suite(name: str, **params: Any) -> Suite:
     except TypeError as exc:
         accepted = ", ".join(signature.parameters) or "none"
         raise ValueError(f"Bad parameters {params} for suite {name!r} (accepted: {accepted}): {exc}") from None
+    for key, value in params.items():  # each parameter's type is its default's (a YAML value may be anything)
+        default = signature.parameters[key].default
+        if isinstance(default, str) and not isinstance(value, str):
+            raise ValueError(f"suite {name!r}: parameter {key} must be a string, got {value!r}")
+        if isinstance(default, int) and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"suite {name!r}: parameter {key} must be an integer, got {value!r}")
     return builder(**params)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -427,6 +429,28 @@ def test_seeds_suite_is_disjoint_and_builds():
         get_suite("seeds", train_start=0, num_train=100, heldout_start=50)
     with pytest.raises(ValueError, match="Unknown environment id"):
         get_suite("seeds", env_id="MiniGrid-DoorKey-7x7-v0")
+    with pytest.raises(ValueError, match="overlap"):  # ranges that touch without sharing a seed are fine
+        get_suite("seeds", train_start=0, num_train=101, heldout_start=100)
+    assert get_suite("seeds", train_start=0, num_train=100, heldout_start=100, num_heldout=5).heldout
+
+
+@pytest.mark.parametrize("params, message", [
+    # YAML values from --suite-param or a study file: each was a TypeError, AttributeError or OverflowError.
+    ({"num_train": "abc"}, "suite 'seeds': parameter num_train must be an integer, got 'abc'"),
+    ({"num_train": 2.5}, "parameter num_train must be an integer, got 2.5"),
+    ({"num_train": True}, "parameter num_train must be an integer, got True"),
+    ({"env_id": 3}, "parameter env_id must be a string, got 3"),
+    ({"heldout_start": 10**27}, "level seeds must be below 2**32"),
+    ({"num_heldout": 10**8}, "num_train + num_heldout must be at most 1,000,000"),  # listing them took minutes
+])
+def test_suite_parameters_of_the_wrong_type_or_size_are_one_clear_error(params, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        get_suite("seeds", **params)
+
+
+def test_atari_modes_suite_parameter_must_be_a_string():
+    with pytest.raises(ValueError, match="suite 'atari-modes': parameter game must be a string, got 1"):
+        get_suite("atari-modes", game=1)
 
 
 def test_atari_modes_suite_lists_other_modes():
