@@ -21,6 +21,7 @@ import dataclasses
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -322,6 +323,25 @@ def import_ray() -> Any:
     return ray
 
 
+def check_ray_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse a ``HOST:PORT`` (or ``ray://HOST:PORT``) address nothing answers at within ``timeout`` seconds.
+
+    ``ray.init`` retries an unreachable address for many minutes, printing only warnings, so a mistyped
+    address or a cluster that is down would look like a slow start. ``auto`` and other forms are left to Ray.
+
+    :raises StudyError: naming the address and what the connection attempt said.
+    """
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, OverflowError) as exc:  # refused, no route, unknown host, timed out; a port past 65535
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        raise StudyError(f"cannot reach Ray at {address}: {reason}; is the cluster up (`ray start --head` "
+                         "prints its address) and is that port open from here?") from None
+
+
 def run_ray(jobs: Sequence[Job], address: str | None = None, workers: int | None = None,
             cpus_per_run: float = 1.0, gpus_per_run: float = 0.0, display: Display | None = None,
             init: Callable[..., Any] | None = None) -> Outcome:
@@ -333,6 +353,8 @@ def run_ray(jobs: Sequence[Job], address: str | None = None, workers: int | None
     :param gpus_per_run: each task's ``num_gpus`` request (runs then need ``device=cuda`` in their config).
     :param init: called instead of ``ray.init`` when given (tests connect to their own instance).
     """
+    if address:  # study.run_study checked it already; run_ray may be called alone
+        check_ray_reachable(address)
     ray = import_ray()
     display = display or Display("study", len(jobs), 0)
     started_here = False

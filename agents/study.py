@@ -1804,6 +1804,8 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
         raise StudyError(f"--address is for the ray executor; this study runs with executor {executor!r} "
                          "(add --executor ray)")
     address = address or (study.executor.address if executor == "ray" else None)
+    if address:
+        executors.check_ray_reachable(address)  # before any folder is made: ray.init would retry for minutes
     workers = workers or study.executor.workers
     version = code_version()
     jobs = all_jobs(study, root, version)

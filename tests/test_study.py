@@ -292,6 +292,26 @@ def test_ray_missing_and_bad_options_refused_before_any_work(tmp_path: Path, tra
     assert snapshot(trained_dir) == before
 
 
+def test_a_ray_address_nothing_answers_at_is_refused_in_seconds(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """ray.init retries an unreachable address for many minutes with warnings only (a review left one
+    running 10 minutes); the study refuses it at once, before any folder is made."""
+    import socket
+
+    pytest.importorskip("ray")
+    path = write_study(tmp_path, tiny_study())
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.time()
+    root = tmp_path / "out"
+    assert study_cli.main(["run", str(path), "--root", str(root), "--executor", "ray", "--address",
+                           f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot reach Ray at 127.0.0.1:{port}: " in err, err
+    assert time.time() - started < 30 and not root.exists()
+
+
 def test_status_of_a_study_file_not_run_yet_and_debug_after_the_command(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_study(tmp_path, tiny_study())
