@@ -165,6 +165,7 @@ def parse_suite_params(items: list[str]) -> dict[str, Any]:
 def checkpoint_labels(paths: list[Path]) -> list[str]:
     """Short names for checkpoints: the run directory's name, or the full path where names repeat."""
     def short(path: Path) -> str:
+        path = Path(os.path.abspath(path))  # "." and "checkpoint.pt" name their folder (symlinks kept as given)
         if path.is_dir():
             return path.name
         return path.parent.name if path.name == "checkpoint.pt" else path.stem

@@ -389,6 +389,21 @@ def test_a_multitask_checkpoint_counts_every_task_as_a_training_env(
     assert marked == {"DoorKey-5x5": True, "DoorKey-6x6": True, "DoorKey-8x8": False, "DoorKey-16x16": False}
 
 
+def test_a_checkpoint_given_from_its_own_folder_is_labelled_by_the_folder(
+    rims_run: tuple[Path, Trainer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "." and "checkpoint.pt" from inside the run folder gave an empty label and files named "-DoorKey-5x5.png".
+    assert evaluate.checkpoint_labels([Path("runs/a"), Path("runs/b/checkpoint.pt"), Path("c/checkpoint_01.pt")]) == [
+        "a", "b", "checkpoint_01"]
+    monkeypatch.chdir(rims_run[0])
+    assert evaluate.checkpoint_labels([Path("."), Path("checkpoint.pt"), Path("./")]) == [
+        str(p) for p in (Path("."), Path("checkpoint.pt"), Path("./"))]  # the same run three times: full names
+    assert evaluate.checkpoint_labels([Path(".")]) == evaluate.checkpoint_labels([Path("checkpoint.pt")]) == ["tiny-rims"]
+    plots = tmp_path / "plots"
+    code = evaluate.main([".", "--episodes", "1", "--max-episode-steps", "2", "--no-progress", "--plot", str(plots)])
+    assert code == 0 and [p.name for p in plots.iterdir()] == ["tiny-rims-DoorKey-5x5.png"]
+
+
 def test_cli_lists_suites(capsys: pytest.CaptureFixture[str]) -> None:
     code, stdout, _ = _run_cli(capsys, "--list-suites")
     assert code == 0
