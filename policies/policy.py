@@ -114,6 +114,7 @@ class Policy:
         :return: ``(actions, new_state)``: actions as a numpy array the vec env's ``step``
             accepts; plus ``info`` when asked.
         """
+        self._check_step(obs, state, episode_start)
         obs_t = obs_to_tensor(obs, self.device)
         starts = torch.as_tensor(np.asarray(episode_start, dtype=bool), device=self.device)
         if uniforms is None or deterministic:
@@ -130,6 +131,42 @@ class Policy:
         # Core diagnostics are time first with one step: drop the time dimension.
         step_info = {key: value[0].detach().cpu().numpy() for key, value in info[0].items()}
         return actions_np, state, step_info
+
+    def _check_step(self, obs: Any, state: Any, episode_start: Any) -> None:
+        """ValueError naming what ``act``'s arguments should be: a wrong shape used to surface deep in the
+        model as another mismatch ("the core was built with input_size=64"), a raw env's dict as a dtype error.
+
+        The observations set the number of envs ``n``; ``state`` must be ``(n, state_size)`` and
+        ``episode_start`` ``(n,)``."""
+        space = self.observation_space
+        if isinstance(space, spaces.Dict) != isinstance(obs, dict):
+            if isinstance(obs, dict):
+                raise ValueError(f"obs is a dict (keys {', '.join(map(str, obs))}), but this policy takes arrays of "
+                                 f"shape (n_envs, {', '.join(map(str, space.shape))}): a raw env's observation? Build "
+                                 "the envs with agents.evaluation.make_policy_env(policy), which applies the policy's "
+                                 "wrappers")
+            raise ValueError(f"obs must be a dict with keys {', '.join(space.spaces)} (a vec env's observation), "
+                             f"got {type(obs).__name__}")
+        parts = obs.items() if isinstance(obs, dict) else [("", obs)]
+        sizes = set()
+        for key, value in parts:
+            shape, want = np.shape(value), (space[key] if key else space).shape
+            name = f"obs[{key!r}]" if key else "obs"
+            if tuple(shape[1:]) != tuple(want):
+                raise ValueError(f"{name} must have shape (n_envs, {', '.join(map(str, want))}), got {tuple(shape)}")
+            sizes.add(shape[0])
+        if len(sizes) > 1:
+            raise ValueError(f"obs parts hold different numbers of envs: {sorted(sizes)}")
+        n_envs = sizes.pop()
+        if not isinstance(state, Tensor):
+            raise ValueError(f"state must be a tensor: policy.initial_state({n_envs}) for the first step, then the "
+                             f"state act returned; got {type(state).__name__}")
+        if tuple(state.shape) != (n_envs, self.model.state_size):
+            raise ValueError(f"state must have shape (n_envs, state_size) = ({n_envs}, {self.model.state_size}) for "
+                             f"{n_envs} envs' obs, got {tuple(state.shape)}")
+        if np.shape(episode_start) != (n_envs,):
+            raise ValueError(f"episode_start must have shape (n_envs,) = ({n_envs},) for {n_envs} envs' obs, got "
+                             f"{np.shape(episode_start)}")
 
     def __repr__(self) -> str:
         source = f", path={str(self.path)!r}" if self.path is not None else ""

@@ -7,6 +7,7 @@ import builtins
 import json
 import math
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -75,6 +76,30 @@ def _run_cli(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int
 
 
 # -- load_policy ------------------------------------------------------------------------------
+
+
+def test_policy_act_names_its_arguments_wrong_shapes(rims_run: tuple[Path, Trainer]) -> None:
+    # Each of these failed deep in the model with a message about something else ("the core was built with
+    # input_size=64", "shape '[1, 3, -1]' is invalid", "'NoneType' object has no attribute 'shape'").
+    policy = load_policy(rims_run[0])
+    obs, state, starts = np.zeros((2, 7, 7, 3), np.uint8), policy.initial_state(2), np.ones(2, bool)
+    size = policy.model.state_size
+    for args, message in (
+        ((obs, state, np.ones(1, bool)), "episode_start must have shape (n_envs,) = (2,) for 2 envs' obs, got (1,)"),
+        ((obs, state, np.ones((1, 2), bool)), "episode_start must have shape (n_envs,) = (2,) for 2 envs' obs, "
+                                              "got (1, 2)"),
+        ((obs, state[0], starts), f"state must have shape (n_envs, state_size) = (2, {size}) for 2 envs' obs, "
+                                  f"got ({size},)"),
+        ((obs, None, starts), "state must be a tensor: policy.initial_state(2) for the first step"),
+        ((obs[0], state, starts), "obs must have shape (n_envs, 7, 7, 3), got (7, 7, 3)"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            policy.act(*args)
+    raw, _ = gym.make(DOORKEY_5).reset(seed=0)  # a raw MiniGrid observation: a dict with a mission string
+    with pytest.raises(ValueError, match=re.escape("obs is a dict (keys image, direction, mission)")) as error:
+        policy.act(raw, policy.initial_state(1), np.ones(1, bool))
+    assert "make_policy_env" in str(error.value)
+    assert policy.act(obs, state, starts)[0].shape == (2,)
 
 
 def test_load_policy_round_trip_gives_the_same_actions(rims_run: tuple[Path, Trainer]) -> None:
@@ -398,7 +423,8 @@ def test_a_checkpoint_given_from_its_own_folder_is_labelled_by_the_folder(
     monkeypatch.chdir(rims_run[0])
     assert evaluate.checkpoint_labels([Path("."), Path("checkpoint.pt"), Path("./")]) == [
         str(p) for p in (Path("."), Path("checkpoint.pt"), Path("./"))]  # the same run three times: full names
-    assert evaluate.checkpoint_labels([Path(".")]) == evaluate.checkpoint_labels([Path("checkpoint.pt")]) == ["tiny-rims"]
+    assert evaluate.checkpoint_labels([Path(".")]) == ["tiny-rims"]
+    assert evaluate.checkpoint_labels([Path("checkpoint.pt")]) == ["tiny-rims"]
     plots = tmp_path / "plots"
     code = evaluate.main([".", "--episodes", "1", "--max-episode-steps", "2", "--no-progress", "--plot", str(plots)])
     assert code == 0 and [p.name for p in plots.iterdir()] == ["tiny-rims-DoorKey-5x5.png"]
