@@ -224,11 +224,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """
     import torch
 
-    path = Path(path)
+    path = Path(path).expanduser()  # a notebook's "~/runs/x": no shell expanded it
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
+        numbered = sorted(path.parent.glob("checkpoint_*.pt")) if path.name == "checkpoint.pt" else []
+        hint = (f" (the folder holds {len(numbered)} numbered checkpoint(s), the last {numbered[-1].name}: give one "
+                "of them)" if numbered else "")
+        raise CheckpointError(f"checkpoint file not found: {path}{hint}")
     if path.stat().st_size == 0:
         raise DamagedCheckpointError(f"{path} is empty (0 bytes), not a checkpoint")
     reason = _not_a_checkpoint(path)

@@ -296,7 +296,7 @@ def load_policy(path: str | os.PathLike[str], device: str | torch.device = "cpu"
     if _URL.match(text):
         raise CheckpointError(f"URLs are not supported ({text}): download the checkpoint and give its local path")
     parsed_device = check_device(device)
-    checkpoint = Path(text)
+    checkpoint = Path(text).expanduser()  # a notebook's "~/runs/x": no shell expanded it
     if checkpoint.is_dir():
         checkpoint = checkpoint / "checkpoint.pt"
     data = load_checkpoint(checkpoint, map_location=parsed_device)

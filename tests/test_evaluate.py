@@ -78,6 +78,20 @@ def _run_cli(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int
 # -- load_policy ------------------------------------------------------------------------------
 
 
+def test_load_policy_expands_home_and_points_at_numbered_checkpoints(
+    rims_run: tuple[Path, Trainer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(rims_run[0].parent))  # a notebook's "~/...": no shell expands it
+    assert load_policy(f"~/{rims_run[0].name}").path == rims_run[0] / "checkpoint.pt"
+    folder = tmp_path / "checkpoints"  # a run's checkpoints/ folder holds only numbered checkpoints
+    folder.mkdir()
+    for frames in (32, 64):
+        (folder / f"checkpoint_{frames:012d}.pt").write_bytes((rims_run[0] / "checkpoint.pt").read_bytes())
+    with pytest.raises(CheckpointError, match=re.escape("(the folder holds 2 numbered checkpoint(s), the last "
+                                                        "checkpoint_000000000064.pt: give one of them)")):
+        load_policy(folder)
+
+
 def test_policy_act_names_its_arguments_wrong_shapes(rims_run: tuple[Path, Trainer]) -> None:
     # Each of these failed deep in the model with a message about something else ("the core was built with
     # input_size=64", "shape '[1, 3, -1]' is invalid", "'NoneType' object has no attribute 'shape'").
