@@ -244,7 +244,7 @@ def _env_cell(result: dict[str, Any]) -> str:
     return cell + (" *" if result.get("training_env") else "")
 
 
-TRAINING_ENV_NOTE = "* the env the checkpoint was trained on"
+TRAINING_ENV_NOTE = "* an env the checkpoint was trained on (every task of a multi-task run)"
 CI_NOTE = "[95% bootstrap interval over episodes]"
 
 

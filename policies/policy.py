@@ -147,10 +147,13 @@ class Policy:
                                  "wrappers")
             raise ValueError(f"obs must be a dict with keys {', '.join(space.spaces)} (a vec env's observation), "
                              f"got {type(obs).__name__}")
+        if isinstance(obs, dict) and set(obs) != set(space.spaces):
+            raise ValueError(f"obs must have the keys {', '.join(space.spaces)}, got {', '.join(map(str, obs))}")
         parts = obs.items() if isinstance(obs, dict) else [("", obs)]
         sizes = set()
         for key, value in parts:
-            shape, want = np.shape(value), (space[key] if key else space).shape
+            shape = tuple(value.shape) if hasattr(value, "shape") else np.shape(value)  # arrays and tensors alike
+            want = (space[key] if key else space).shape
             name = f"obs[{key!r}]" if key else "obs"
             if tuple(shape[1:]) != tuple(want):
                 raise ValueError(f"{name} must have shape (n_envs, {', '.join(map(str, want))}), got {tuple(shape)}")
