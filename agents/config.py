@@ -654,6 +654,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def env_options(env_config: dict[str, Any]) -> dict[str, Any]:
+    """The ``make_vec_env`` keyword options of an ``env`` config section (all but id and n_envs)."""
+    return {key: value for key, value in env_config.items() if key not in ("id", "n_envs")}
+
+
 def check_config_env_id(config: dict[str, Any]) -> None:
     """Refuse a resolved config whose ``env.id`` is no registered gymnasium, MiniGrid or ALE id, before any env
     is built (importing those registries takes half a second, so only here).

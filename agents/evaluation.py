@@ -27,6 +27,7 @@ from gymnasium import spaces
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 from tqdm import tqdm
 
+from agents.config import env_options
 from agents.meta_config import task_specs
 from envs import check_env_id, get_suite, make_vec_env
 from envs.names import short_env_name
@@ -104,9 +105,46 @@ class EvalTarget:
         return f"{self.name} ({SPLIT_WORDS.get(self.split, self.split)})" if self.split else self.name
 
     def is_training_env(self, policy: Policy) -> bool:
-        """Whether this is an env ``policy`` was trained on: its env, or one of a multi-task run's tasks
-        (same id, and the options that task had of its own: none for a plain run)."""
-        return any(self.env_id == own.env_id and self.options == own.options for own in own_targets(policy))
+        """Whether this is an env ``policy`` was trained on: its env, or one of a multi-task run's tasks (the
+        same id, and no option of its own that the training env did not have)."""
+        return _training_task(policy, self) is not None
+
+
+@dataclass
+class TrainingTask:
+    """An env a policy was trained on: ``options`` all its ``make_vec_env`` options in training (the env
+    section's with the task's own on top), ``own`` the task's own (none for a plain run)."""
+
+    env_id: str
+    options: dict[str, Any]
+    own: dict[str, Any]
+    name: str
+
+
+def training_tasks(policy: Policy) -> list[TrainingTask]:
+    """The envs ``policy`` was trained on: its env, or, for a meta_ppo or multitask_ppo run, each of its
+    tasks (``meta.tasks`` or ``meta.suite``'s training list), with the options each was trained with (a
+    checkpoint records only the task it ended on; the others' come from its config, as training built them)."""
+    config = policy.config if isinstance(policy.config, dict) else {}
+    meta, env = config.get("meta"), config.get("env")
+    try:
+        specs = task_specs(meta) if isinstance(meta, dict) and isinstance(env, dict) else []
+    except (ValueError, TypeError, KeyError, AttributeError):  # a suite this version lacks, a damaged section
+        specs = []
+    if not specs:
+        return [TrainingTask(policy.env_id, dict(policy.env_options), {}, short_env_name(policy.env_id))]
+    base = env_options(env)
+    return [TrainingTask(spec.env_id, {**base, **spec.options}, dict(spec.options), spec.name) for spec in specs]
+
+
+def _training_task(policy: Policy, target: EvalTarget) -> TrainingTask | None:
+    """The training task ``target`` is: same env id, and every option of the target's own as in training (a task
+    whose own options are exactly the target's first: one env id can be two tasks, with and without options)."""
+    missing = object()
+    tasks = [task for task in training_tasks(policy) if task.env_id == target.env_id]
+    exact = [task for task in tasks if task.own == target.options]
+    within = [task for task in tasks if all(task.options.get(k, missing) == v for k, v in target.options.items())]
+    return (exact or within or [None])[0]
 
 
 def resolve_targets(
@@ -140,17 +178,9 @@ def resolve_targets(
 
 
 def own_targets(policy: Policy) -> list[EvalTarget]:
-    """The envs the policy was trained on, with all its training options (not part of a suite): its env, or,
-    for a meta_ppo or multitask_ppo run, each of its tasks (``meta.tasks`` or ``meta.suite``'s training list)
-    with the options that task sets of its own."""
-    meta = policy.config.get("meta") if isinstance(policy.config, dict) else None
-    try:
-        specs = task_specs(meta) if isinstance(meta, dict) else []
-    except (ValueError, TypeError, KeyError, AttributeError):  # a suite this version lacks, a damaged section
-        specs = []
-    if not specs:
-        return [EvalTarget(policy.env_id, {}, short_env_name(policy.env_id), "")]
-    return [EvalTarget(spec.env_id, dict(spec.options), spec.name, "") for spec in specs]
+    """The envs the policy was trained on (:func:`training_tasks`), not part of a suite; evaluated with the
+    options each was trained with (:func:`evaluation_options`)."""
+    return [EvalTarget(task.env_id, dict(task.own), task.name, "") for task in training_tasks(policy)]
 
 
 def evaluation_options(policy: Policy, target: EvalTarget, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -166,7 +196,11 @@ def evaluation_options(policy: Policy, target: EvalTarget, overrides: dict[str, 
     :param target: the env to evaluate it on.
     :param overrides: options that win over everything (e.g. ``{"max_episode_steps": 50}``).
     """
-    return {**target_options(policy.env_id, policy.env_options, target), "clip_rewards": False, **(overrides or {})}
+    # A multi-task run's training envs each with their own training options; any other env with the options of
+    # the env the checkpoint ended on (the interface options, frame stack and the like, are the same for all).
+    task = _training_task(policy, target)
+    train_id, train_options = (task.env_id, task.options) if task else (policy.env_id, policy.env_options)
+    return {**target_options(train_id, train_options, target), "clip_rewards": False, **(overrides or {})}
 
 
 def target_options(train_env_id: str, train_options: dict[str, Any], target: EvalTarget) -> dict[str, Any]:

@@ -39,13 +39,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from agents.config import ConfigError
+from agents.config import ConfigError, env_options
 import agents.meta_config  # noqa: F401  (registers meta_ppo, multitask_ppo and the meta section with the config)
 from agents.meta_config import task_specs
 from agents.ppo import RecurrentPPO
 from agents.rollout import RolloutStats
 from agents.storage import RolloutStorage
-from agents.trainer import UPDATERS, env_options
+from agents.trainer import UPDATERS
 from envs import EnvSpec, check_env_id, env_spaces
 
 # A task is what the trainer builds envs from: (env id, make_vec_env options).

@@ -876,8 +876,8 @@ def check_eval_spaces(study: Study, jobs: Sequence[Job]) -> None:
     """
     if study.adaptation is not None:  # its tasks are the models' own training envs, checked by train.py
         return
+    from agents.config import env_options
     from agents.evaluation import target_options
-    from agents.trainer import env_options
     from envs import check_env_id, env_family, env_spaces
 
     targets = _eval_targets(study)

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from agents import distributed
 from agents.a2c import RecurrentA2C
-from agents.config import ENV_FIELDS, PPO_ONLY_KEYS, ConfigError, load_plugins, merge, resolve_config
+from agents.config import ENV_FIELDS, PPO_ONLY_KEYS, ConfigError, env_options, load_plugins, merge, resolve_config
 from agents.logger import RunLogger
 from agents.optim import NonFiniteError, PolicyUpdater
 from agents.ppo import RecurrentPPO
@@ -145,11 +145,6 @@ class TrainingError(RuntimeError):
 
     The message says what was kept: the last good checkpoint is never replaced by a bad one.
     """
-
-
-def env_options(env_config: dict[str, Any]) -> dict[str, Any]:
-    """The ``make_vec_env`` keyword options of an ``env`` config section (all but id and n_envs)."""
-    return {key: value for key, value in env_config.items() if key not in ("id", "n_envs")}
 
 
 def build_policy(config: dict[str, Any], observation_space: Any, action_space: Any) -> RecurrentActorCritic:

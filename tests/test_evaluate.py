@@ -31,6 +31,7 @@ from agents.evaluation import (
     evaluate_policy,
     evaluation_options,
     make_policy_env,
+    own_targets,
     resolve_targets,
     step_uniforms,
 )
@@ -411,16 +412,21 @@ def test_a_multitask_checkpoint_counts_every_task_as_a_training_env(
 ) -> None:
     # A run trained on DoorKey-5x5 and 6x6: 6x6 is a suite's held-out env, but not held out for this checkpoint,
     # and evaluating it with no --env runs both tasks, not only the first.
+    # Each task is evaluated with the options it was trained with (the env section's step limit here), though the
+    # checkpoint records only the task it ended on.
     run_dir = tmp_path / "tiny-multitask"
     Trainer(load_config(None, [*TINY_CORES["lstm"], "algo.name=multitask_ppo", f"meta.tasks=[{DOORKEY_5}, {DOORKEY_6}]",
-                               *TINY]), run_dir).run()
+                               "env.max_episode_steps=3", *TINY]), run_dir).run()
     results = tmp_path / "own.json"
-    code, stdout, _ = _run_cli(capsys, run_dir, "--episodes", "1", "--max-episode-steps", "2", "--no-progress",
-                               "--json", results)
+    code, stdout, _ = _run_cli(capsys, run_dir, "--episodes", "1", "--no-progress", "--json", results)
     assert code == 0 and f"trained on {DOORKEY_5}, {DOORKEY_6})" in stdout
     run = json.loads(results.read_text())["checkpoints"][0]
     assert [(r["name"], r["training_env"]) for r in run["results"]] == [("DoorKey-5x5", True), ("DoorKey-6x6", True)]
+    assert [r["mean_length"] for r in run["results"]] == [3.0, 3.0]  # an untrained policy: cut at the step limit
     assert run["train_envs"] == [DOORKEY_5, DOORKEY_6] and run["train_env"] in run["train_envs"]
+    policy = load_policy(run_dir)
+    for target in own_targets(policy):
+        assert evaluation_options(policy, target)["max_episode_steps"] == 3
     code, stdout, _ = _run_cli(capsys, run_dir, "--suite", "doorkey", "--episodes", "1", "--max-episode-steps", "2",
                                "--no-progress", "--json", results, "--overwrite")
     assert code == 0
