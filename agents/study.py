@@ -1804,15 +1804,16 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
         raise StudyError(f"--address is for the ray executor; this study runs with executor {executor!r} "
                          "(add --executor ray)")
     address = address or (study.executor.address if executor == "ray" else None)
-    if address:
-        executors.check_ray_reachable(address)  # before any folder is made: ray.init would retry for minutes
     workers = workers or study.executor.workers
     version = code_version()
     jobs = all_jobs(study, root, version)
     for job in jobs:
         check_existing_run(job)
     check_code_version(jobs, version)
-    check_eval_spaces(study, [job for job in jobs if not job_state(job).done])
+    unfinished = [job for job in jobs if not job_state(job).done]
+    check_eval_spaces(study, unfinished)
+    if address and unfinished:  # before any folder is made: ray.init would retry it for many minutes
+        executors.check_ray_reachable(address)
     # The study file is checked first (its errors are the likelier ones); then, before the lock writes anything,
     # the folder: one that is not this study's stays untouched.
     check_study_folder(root)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -269,13 +270,17 @@ def get_suite(name: str, **params: Any) -> Suite:
     except TypeError as exc:
         accepted = ", ".join(signature.parameters) or "none"
         raise ValueError(f"Bad parameters {params} for suite {name!r} (accepted: {accepted}): {exc}") from None
+    checked = {}
     for key, value in params.items():  # each parameter's type is its default's (a YAML value may be anything)
         default = signature.parameters[key].default
         if isinstance(default, str) and not isinstance(value, str):
             raise ValueError(f"suite {name!r}: parameter {key} must be a string, got {value!r}")
-        if isinstance(default, int) and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError(f"suite {name!r}: parameter {key} must be an integer, got {value!r}")
-    return builder(**params)
+        if isinstance(default, int) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy integers are fine
+                raise ValueError(f"suite {name!r}: parameter {key} must be an integer, got {value!r}")
+            value = int(value)
+        checked[key] = value
+    return builder(**checked)
 
 
 def list_suites() -> list[Suite]:

@@ -448,6 +448,11 @@ def test_suite_parameters_of_the_wrong_type_or_size_are_one_clear_error(params, 
         get_suite("seeds", **params)
 
 
+def test_numpy_integers_are_integer_suite_parameters():
+    suite = get_suite("seeds", env_id="MiniGrid-DoorKey-5x5-v0", num_train=np.int64(3), num_heldout=np.int32(2))
+    assert suite.train[0].options["level_seeds"] == [0, 1, 2] and suite.params["num_train"] == 3
+
+
 def test_atari_modes_suite_parameter_must_be_a_string():
     with pytest.raises(ValueError, match="suite 'atari-modes': parameter game must be a string, got 1"):
         get_suite("atari-modes", game=1)

@@ -189,6 +189,23 @@ def test_a_finished_run_left_out_of_the_statistics_is_named(tmp_path: Path) -> N
     assert "| rims | 4 |" in text
 
 
+def test_a_finished_study_runs_again_without_its_ray_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """The Ray address is probed only when runs are left to do: a finished study rerun (to rebuild its report)
+    with an address that nothing answers at any more finishes as before."""
+    import socket
+
+    pytest.importorskip("ray")
+    monkeypatch.setenv("MODULAR_RL_CODE_VERSION", "test-version")
+    root, directory = fake_study(tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert study_cli.main(["run", str(directory / "study.yaml"), "--root", str(root), "--executor", "ray",
+                           "--address", f"127.0.0.1:{port}", "--no-report"]) == 0, capsys.readouterr().err
+    assert "15 finished, 0 to continue, 0 to start" in capsys.readouterr().out
+
+
 # -- publishing --------------------------------------------------------------------------------------
 
 
