@@ -169,8 +169,13 @@ def checkpoint_labels(paths: list[Path]) -> list[str]:
         if path.is_dir():
             return path.name
         return path.parent.name if path.name == "checkpoint.pt" else path.stem
+
+    def full(path: Path, label: str) -> str:
+        # The path as typed, unless it does not name the run ("." or "checkpoint.pt" from inside the run folder).
+        return str(path) if label in path.parts or path.stem == label else os.path.abspath(path)
+
     labels = [short(p) for p in paths]
-    return [str(p) if labels.count(label) > 1 else label for p, label in zip(paths, labels, strict=True)]
+    return [full(p, label) if labels.count(label) > 1 else label for p, label in zip(paths, labels, strict=True)]
 
 
 def _file_stem(text: str) -> str:
@@ -196,14 +201,18 @@ def _is_results_file(path: Path) -> bool:
     list): the only files ``--overwrite`` may replace. Not a checkpoint, and not another JSON file of a run
     (``metrics.jsonl``, ``provenance.json``, a study's evaluation points), whose loss could not be undone."""
     try:
-        if path.stat().st_size == 0:
-            return True
-        if path.stat().st_size > 1 << 30:  # far beyond any results file: not read into memory to find out
-            return False
+        with path.open("rb") as handle:
+            head = handle.read(64).removeprefix(b"\xef\xbb\xbf").lstrip()  # a UTF-8 byte-order mark
+            if not head:
+                return True
+            if head[:1] != b"{" or path.stat().st_size > 1 << 30:  # a checkpoint, or far beyond any results file
+                return False
         data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except (OSError, ValueError):  # unreadable, not UTF-8, not one JSON document (JSON Lines, a checkpoint)
         return False
-    return isinstance(data, dict) and isinstance(data.get("checkpoints"), list) and "episodes" in data
+    # A study's evaluation point (eval/point_*.json) has evaluate.py's shape plus the settings it was made with.
+    return (isinstance(data, dict) and isinstance(data.get("checkpoints"), list) and "episodes" in data
+            and "study_eval" not in data)
 
 
 def _number(value: float | None, digits: int = 2) -> str:

@@ -419,7 +419,7 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
                 speed_p = rp.poi_permutation_p(frames_x, frames_y)
                 pois[x, y], area_p_values[x, y] = area, area_p
                 difference = rp.mean_difference_interval(area_x, area_y)
-                rows.append([x, y, f"{rp._ci(area)}, p {area_p:.3f}", f"{rp._ci(speed)}, p {speed_p:.3f}",
+                rows.append([x, y, f"{rp._poi_ci(area)}, p {area_p:.3f}", f"{rp._poi_ci(speed)}, p {speed_p:.3f}",
                              rp._signed_ci(difference, 3), rp._fmt(detectable, 3)])
                 # A from-scratch row does not depend on pre-training: only pre-trained sources can be flagged.
                 flagged = [spec.run(r).source for r in (x, y)

@@ -540,8 +540,7 @@ def per_env_poi(x: np.ndarray, y: np.ndarray, reps: int = REPS) -> list[str]:
     cells = []
     for k in range(x.shape[1]):
         poi = poi_interval(x[:, [k]], y[:, [k]], reps=reps)
-        cells.append(f"{_ci(poi, _digits_to_tell((poi[1], 0.5), (poi[2], 0.5)))}, "
-                     f"p {poi_permutation_p(x[:, [k]], y[:, [k]]):.3f}")
+        cells.append(f"{_poi_ci(poi)}, p {poi_permutation_p(x[:, [k]], y[:, [k]]):.3f}")
     return cells
 
 
@@ -591,6 +590,12 @@ def _signed_ci(triple: tuple[float, float, float], digits: int = 2) -> str:
     if not all(math.isfinite(v) for v in triple):
         return _ci(triple, digits)
     return f"{triple[0]:+.{digits}f} [{triple[1]:+.{digits}f}, {triple[2]:+.{digits}f}]"
+
+
+def _poi_ci(poi: tuple[float, float, float]) -> str:
+    """A probability of improvement and its interval, with the decimals that show on which side of 0.5 each end
+    lies (an end at 0.498 printed as "0.50" would read as touching it)."""
+    return _ci(poi, _digits_to_tell((poi[1], 0.5), (poi[2], 0.5)))
 
 
 def _digits_to_tell(*pairs: tuple[float, float]) -> int:
@@ -674,8 +679,10 @@ def conclusion(model: str, baseline: str, iqm_x: tuple[float, float, float], iqm
     # only the interval of the difference can say.
     sdd = f"a t-test on these runs detects a difference in {per_run} of ~{_fmt(detectable)} with 80% power"
     if difference is not None and math.isfinite(difference[1]):
-        sdd = (f"the difference in {per_run} is {_signed_ci(difference)} (95% Welch t interval: the "
-               f"differences these runs leave possible), and {sdd}")
+        gloss = ("it excludes 0, as a t-test alone would call a difference, but the rule above needs the IQM "
+                 "intervals and P(improvement) as well" if difference[1] > 0 or difference[2] < 0
+                 else "it holds 0, and these runs are compatible with any difference in it")
+        sdd = f"the difference in {per_run} is {_signed_ci(difference)} (95% Welch t interval; {gloss}), and {sdd}"
     where = f" {where}" if where else ""
     iqm_above, iqm_below = iqm_x[1] > iqm_y[2], iqm_x[2] < iqm_y[1]
     if iqm_above and poi_side > 0:
@@ -795,9 +802,7 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
                 x, y = heldout_scores[m], heldout_scores[baseline]
                 pois[m, baseline] = poi_interval(x, y, reps=reps)
                 p_values[m, baseline] = poi_permutation_p(x, y)
-                poi = pois[m, baseline]  # with the decimals that show on which side of 0.5 its ends lie
-                rows.append([m, baseline, _ci(poi, _digits_to_tell((poi[1], 0.5), (poi[2], 0.5))),
-                             f"{p_values[m, baseline]:.3f}",
+                rows.append([m, baseline, _poi_ci(pois[m, baseline]), f"{p_values[m, baseline]:.3f}",
                              *(per_env_poi(x, y, reps) if x.shape[1] > 1 else [])])
         lines += _table(["model X", "baseline Y", "P(X > Y) [95% CI]", "permutation test p (P = 0.5)",
                          *(f"{env} alone: P [95% CI], p" for env in held if len(held) > 1)], rows)

@@ -441,8 +441,10 @@ def test_a_checkpoint_given_from_its_own_folder_is_labelled_by_the_folder(
     assert evaluate.checkpoint_labels([Path("runs/a"), Path("runs/b/checkpoint.pt"), Path("c/checkpoint_01.pt")]) == [
         "a", "b", "checkpoint_01"]
     monkeypatch.chdir(rims_run[0])
-    assert evaluate.checkpoint_labels([Path("."), Path("checkpoint.pt"), Path("./")]) == [
-        str(p) for p in (Path("."), Path("checkpoint.pt"), Path("./"))]  # the same run three times: full names
+    # The same name twice: full paths, absolute where the path as typed does not name the run.
+    other = tmp_path / "tiny-rims" / "checkpoint.pt"
+    assert evaluate.checkpoint_labels([Path("."), Path("checkpoint.pt"), other]) == [
+        str(rims_run[0]), str(rims_run[0] / "checkpoint.pt"), str(other)]
     assert evaluate.checkpoint_labels([Path(".")]) == ["tiny-rims"]
     assert evaluate.checkpoint_labels([Path("checkpoint.pt")]) == ["tiny-rims"]
     plots = tmp_path / "plots"
@@ -654,6 +656,11 @@ def test_json_replaces_only_earlier_results_with_overwrite(
                                         "--max-episode-steps", "2", "--no-progress")
         assert code == 2 and stdout == "" and len(stderr.strip().splitlines()) == 1, stderr
         assert "is not a results file of evaluate.py" in stderr and path.read_bytes() == before
+    # Nor a study's evaluation point, which has evaluate.py's shape plus the settings it was made with.
+    point = tmp_path / "point_000000001024.json"
+    point.write_text(json.dumps({"episodes": 3, "checkpoints": [], "study_eval": {"episodes": 3}}))
+    code, _, stderr = _run_cli(capsys, "--overwrite", "--json", point, rims_run[0], "--episodes", "1")
+    assert code == 2 and "is not a results file of evaluate.py" in stderr
     # Its own earlier results are replaced with --overwrite.
     results = tmp_path / "results.json"
     args = ("--json", results, rims_run[0], "--episodes", "1", "--max-episode-steps", "2", "--no-progress")

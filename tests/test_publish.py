@@ -92,9 +92,16 @@ def test_conclusion_follows_the_intervals() -> None:
     sdd = report.smallest_detectable_difference(report.sample_sd(means), 10, report.sample_sd(other), 10)
     point, low, high = report.mean_difference_interval(means, other)
     assert text.endswith(f"the difference in mean held-out return is {point:+.2f} [{low:+.2f}, {high:+.2f}] (95% "
-                         "Welch t interval: the differences these runs leave possible), and a t-test on these runs "
-                         f"detects a difference in mean held-out return of ~{sdd:.2f} with 80% power")
+                         "Welch t interval; it holds 0, and these runs are compatible with any difference in it), and "
+                         f"a t-test on these runs detects a difference in mean held-out return of ~{sdd:.2f} with 80% "
+                         "power")
     assert "ruled out" not in text
+    # An interval of the difference that excludes 0 where the rule claims nothing: the sentence says both.
+    excluding = report.conclusion("x", "y", (0.6, 0.4, 0.8), (0.5, 0.3, 0.7), (0.75, 0.52, 0.93), 0.12, p_value=0.063,
+                             difference=(0.11, 0.01, 0.21))
+    assert excluding.startswith("no difference between x and y the measures can resolve")
+    assert ("is +0.11 [+0.01, +0.21] (95% Welch t interval; it excludes 0, as a t-test alone would call a difference, "
+            "but the rule above needs the IQM intervals and P(improvement) as well)") in excluding
     assert "contains 0.5 (permutation test p 1.000)" in text  # its own runs reordered: P is exactly 0.5
 
     # Hand-made intervals: one measure alone claims nothing more than itself.
