@@ -78,6 +78,10 @@ class DiagGaussian(Distribution):
         return self.normal.entropy().sum(-1)
 
     @property
+    def mean(self) -> Tensor:
+        return self.normal.mean
+
+    @property
     def mode(self) -> Tensor:
         return self.normal.mean
 

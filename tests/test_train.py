@@ -93,6 +93,20 @@ def test_tiny_atari_run(tmp_path: Path, core: str, algo: str) -> None:
     assert checkpoint["frames"] == 32
 
 
+@pytest.mark.parametrize("algo", ["ppo", "a2c"])
+def test_a_continuous_action_run_trains_saves_and_resumes(tmp_path: Path, algo: str) -> None:
+    # Box actions (a diagonal Gaussian policy): saving checked the policy's outputs through dist.mean, which
+    # the Gaussian lacked, so every such run crashed at its first checkpoint.
+    run_dir = tmp_path / "run"
+    common = ["env.id=Pendulum-v1", "core.name=lstm", "core.hidden_size=16", f"algo.name={algo}", *TINY_MINIGRID[:2],
+              *MINIBATCHES[algo], "log.progress_bar=false"]
+    assert train.main([*common, "total_frames=64", "--run-dir", str(run_dir)]) == 0
+    checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
+    assert checkpoint["action_space"]["type"] == "Box" and checkpoint["frames"] == 64
+    assert train.main(["--resume", str(run_dir), "total_frames=128"]) == 0
+    assert load_checkpoint(run_dir / "checkpoint.pt")["frames"] == 128
+
+
 def test_same_seed_gives_same_first_updates(tmp_path: Path) -> None:
     overrides = [*TINY_MINIGRID, *MINIBATCHES["ppo"], "total_frames=640", "log.progress_bar=false"]
     weights = []
