@@ -20,6 +20,7 @@ from agents.config import (
     ConfigError,
     Field,
     _algo_fields,
+    _coerce,
     core_defines,
 )
 
@@ -31,16 +32,26 @@ TASK_OPTION_KEYS: tuple[str, ...] = tuple(key for key in ENV_FIELDS if key not i
 # Config: the ``meta`` section and the two algorithm names
 # ---------------------------------------------------------------------------------------------
 def _is_task_list(value: list) -> bool:
-    """Each entry is an env id or a mapping with an ``id`` (and optional ``name`` and env options)."""
+    """Each entry is an env id or a mapping with an ``id`` (and optional ``name`` and env options).
+
+    A task's name and env options are checked here as the ``env`` section's own settings are (a ConfigError
+    naming the entry: ``mission: "no"`` would otherwise train with the mission on, a name of 5 fail later
+    with a traceback); a number spelled as text ("1e3") is converted in the entry, as it is in the section.
+    """
     if not value:
         return False
-    for entry in value:
+    for i, entry in enumerate(value):
         if isinstance(entry, str):
             continue
         if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
             return False
         if set(entry) - {"id", "name", *TASK_OPTION_KEYS}:
             return False
+        if "name" in entry and not isinstance(entry["name"], str):
+            raise ConfigError(f"meta.tasks[{i}].name must be a string, got {entry['name']!r}")
+        for key in TASK_OPTION_KEYS:
+            if key in entry:
+                entry[key] = _coerce(f"meta.tasks[{i}].{key}", entry[key], ENV_FIELDS[key])
     return True
 
 

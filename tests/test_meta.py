@@ -160,6 +160,11 @@ def test_meta_mode_with_an_lstm_core_is_a_clear_config_error(
         (["meta.fast_lr=0"], "meta.fast_lr must be > 0"),
         (["algo.lr=0.001"], "unknown config key 'algo.lr'"),
         (["algo.name=ppo", "algo.lr=0.001"], "config section 'meta' does not apply"),
+        # Settings that were silently ignored or misread, or failed with a traceback:
+        (["meta.curriculum_frames=1000"], "meta.curriculum_frames applies only with meta.task_schedule='curriculum'"),
+        ([f"meta.tasks=[{{id: {DK5}, name: 5}}]"], "meta.tasks[0].name must be a string, got 5"),
+        ([f"meta.tasks=[{DK5}, {{id: {DK6}, mission: 'no'}}]"], "meta.tasks[1].mission must be true or false, got 'no'"),
+        ([f"meta.tasks=[{{id: {DK5}, frame_stack: 0}}]"], "meta.tasks[0].frame_stack must be > 0, got 0"),
     ],
 )
 def test_bad_meta_settings_are_rejected_before_training(tmp_path: Path, overrides: list[str], message: str) -> None:
@@ -171,9 +176,10 @@ def test_bad_meta_settings_are_rejected_before_training(tmp_path: Path, override
 def test_suite_gives_the_tasks_and_tasks_may_carry_options(tmp_path: Path) -> None:
     trainer = meta_trainer(tmp_path, "meta.tasks=null", "meta.suite=doorkey")
     assert trainer.updater.schedule.tasks == [(DK5, trainer.updater.schedule.tasks[0][1])]
-    trainer = meta_trainer(tmp_path, f"meta.tasks=[{DK5}, {{id: {DK6}, name: six, max_episode_steps: 50}}]")
+    trainer = meta_trainer(tmp_path, f"meta.tasks=[{DK5}, {{id: {DK6}, name: six, max_episode_steps: '5e1'}}]")
     schedule = trainer.updater.schedule
     assert schedule.names == ["DoorKey-5x5", "six"]
+    # A number spelled as text is read as the env section reads it.
     assert schedule.tasks[0][1]["max_episode_steps"] is None and schedule.tasks[1][1]["max_episode_steps"] == 50
 
 
