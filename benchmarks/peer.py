@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--frames must be at least 1, got {args.frames}")
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
+    if not 0 <= args.seed < 2**32:  # numpy's seed range (gymnasium refused a negative one with a traceback)
+        parser.error(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
     torch.set_num_threads(args.threads)
     model = make_peer(seed=args.seed)
     started = time.perf_counter()

@@ -375,6 +375,14 @@ def main() -> None:
             parser.error(f"--{option.replace('_', '-')} must be positive")
     if args.threads < 0:
         parser.error("--threads must be 0 (torch's default) or more")
+    if args.per_update:  # each core needs its shipped config (gru: the lstm one), named before any run starts
+        for option, cores, env, family in (("--cores", args.cores, "doorkey", "minigrid"),
+                                           ("--atari-cores", [] if args.no_atari else args.atari_cores, "breakout",
+                                            "atari")):
+            shipped = sorted({p.name.split("-")[1] for p in (REPO / "configs" / family).glob(f"{env}-*-ppo.yaml")})
+            unknown = [core for core in cores if core != "gru" and core not in shipped]
+            if unknown or len(set(cores)) < len(cores):
+                parser.error(f"{option}: each of {', '.join(shipped + ['gru'])} at most once, got {' '.join(cores)}")
     if args.json is not None:  # checked before the runs, which take an hour, not after them
         from agents.run_dir import output_file_problem
 

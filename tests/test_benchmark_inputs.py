@@ -26,8 +26,11 @@ def _benchmark(script: str, *args: str | Path) -> subprocess.CompletedProcess:
         (["--json", "{existing}", "--overwrite", "--frames", "0"], "--frames must be positive"),
         (["--json", "{tmp}"], "is a folder; give a file name"),
         (["--json", "{existing}/out.json"], "which is a file, not a folder"),
+        (["--per-update", "--cores", "foo"], "--cores: each of brims, lstm, rims, thalnet, gru at most once, got foo"),
+        (["--per-update", "--atari-cores", "gru", "gru"], "--atari-cores: each of"),
     ],
-    ids=["negative-frames", "zero-rounds", "existing-json", "overwrite-still-checks", "json-folder", "json-parent-is-a-file"],
+    ids=["negative-frames", "zero-rounds", "existing-json", "overwrite-still-checks", "json-folder",
+         "json-parent-is-a-file", "unknown-core", "core-twice"],
 )
 def test_throughput_refuses_bad_input_before_running(tmp_path: Path, args: list[str], message: str) -> None:
     existing = tmp_path / "earlier.json"
@@ -36,3 +39,9 @@ def test_throughput_refuses_bad_input_before_running(tmp_path: Path, args: list[
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert existing.read_text() == '{"earlier": 1}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier.json"]
+
+
+def test_peer_refuses_a_negative_seed() -> None:
+    done = _benchmark("peer.py", "--frames", "2048", "--seed", "-1")  # gymnasium refused it with a traceback
+    assert done.returncode == 2 and "--seed must be between 0 and 2**32 - 1, got -1" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
