@@ -1118,6 +1118,11 @@ def _changed_keys(config: dict[str, Any], job: Job) -> list[str]:
         planned = load_config(job.config, list(job.overrides))
     except ConfigError:
         return []
+    return config_differences(config, planned)
+
+
+def config_differences(config: dict[str, Any], planned: dict[str, Any]) -> list[str]:
+    """The dotted keys in which two resolved configs differ, among those :func:`config_hash` covers."""
 
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out = {}

@@ -12,6 +12,8 @@ ones (``--resume``), so a long sweep can be stopped and continued: Ctrl-C, ``kil
 hangup asks the running runs to checkpoint and exit, and the sweep exits 130, 143 or 129. ``default`` names the
 embedded default config (a bare ``python train.py``). Every config is checked with the overrides its runs get
 before any run starts (with ``--report-only`` too): a mistake is one message and exit 2, and nothing is created.
+A run folder (named by the config file's name and ``--set``) that holds a run of another config, made before
+the file was edited, is refused the same way rather than resumed or reported as the new config's.
 
 Per seed it prints the frames at which the mean return of the last 100 episodes first
 reached ``--threshold`` (with at least 100 episodes finished), the mean return of the
@@ -242,6 +244,37 @@ def command(job: Job) -> list[str]:
         return [*launcher, "train.py", "--resume", str(job.run_dir)]
     config = ["--config", job.config] if job.config else []
     return [*launcher, "train.py", *config, "--run-dir", str(job.run_dir), *run_overrides(job.seed, job.overrides)]
+
+
+def check_existing_runs(jobs: list[Job]) -> str | None:
+    """Why a job's folder cannot be continued or reported as that job's (it holds a run of another config: the
+    config file changed since, or another file of the same name and --set wrote it), or None.
+
+    The folder name comes from the config file's name and --set alone, so without this check such a run was
+    resumed with its old config, or counted as finished, and reported under the new one.
+    """
+    import yaml
+
+    from agents.config import load_written_yaml
+    from agents.study import config_differences, config_hash
+
+    for job in jobs:
+        saved = job.run_dir / "config.yaml"
+        if not saved.is_file():
+            continue
+        try:
+            written = load_written_yaml(saved.read_text())
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            return f"{saved} cannot be read ({exc}); move {job.run_dir} away to run it again"
+        planned = load_config(job.config, run_overrides(job.seed, job.overrides))
+        if not isinstance(written, dict) or config_hash(written) != config_hash(planned):
+            changed = config_differences(written, planned) if isinstance(written, dict) else []
+            detail = f" (differs in {', '.join(changed[:4])})" if changed else ""
+            return (f"{job.run_dir} was trained with another config than {job.config or 'the default'} "
+                    f"{'with --set ' + ' '.join(job.overrides) + ' ' if job.overrides else ''}gives now{detail}; "
+                    "refusing to continue or report it as this config's: give --tag a new name, or move those runs "
+                    "away")
+    return None
 
 
 def run_all(jobs: list[Job], parallel: int) -> list[Job]:
@@ -522,6 +555,10 @@ def main() -> None:
             labels[label] = (config, path)
             for seed in seeds:
                 jobs.append(Job(label, path, tuple(args.set), seed, args.out / label / f"seed_{seed}", args.nproc))
+        problem = check_existing_runs(jobs)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            raise SystemExit(2)
         failed = [] if args.report_only else run_all(jobs, args.jobs)
         curves = curves_path(args.out, list(dict.fromkeys(job.label for job in jobs)))
     final = args.final if args.final is not None else round(args.threshold - 0.05, 6)

@@ -219,6 +219,23 @@ def test_a_sweep_whose_runs_fail_exits_1_and_names_their_logs(tmp_path: Path) ->
     assert "Traceback" not in done.stderr
 
 
+def test_runs_of_a_config_file_changed_since_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # A run folder is named by the config file's name and --set alone: after an edit of the file its old runs
+    # were resumed with the old config, or counted as finished, and reported as the new config's.
+    config = tmp_path / "tiny.yaml"
+    config.write_text("core: {name: lstm, hidden_size: 8}\nenv: {n_envs: 2}\nalgo: {n_steps: 16, num_minibatches: 1}\n")
+    args = ["--configs", str(config), "--seeds", "5", "--jobs", "1", "--out", str(tmp_path / "out"), "--no-plot",
+            "--set", "total_frames=32"]
+    assert _main(monkeypatch, capsys, *args)[0] == 0
+    assert _main(monkeypatch, capsys, *args)[0] == 0  # the same config again: its finished run is reported
+    config.write_text(config.read_text().replace("hidden_size: 8", "hidden_size: 12"))
+    for extra in ([], ["--report-only"]):
+        status, out, err = _main(monkeypatch, capsys, *args, *extra)
+        assert status == 2 and "already finished" not in out, out
+        assert "was trained with another config than" in err and "(differs in core.hidden_size)" in err, err
+
+
 def _main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     """learning.py's main() on ``args``: its exit status, stdout and stderr."""
     monkeypatch.setattr(sys, "argv", ["learning.py", *args])
