@@ -86,14 +86,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_not_a_moved_copy(given: Path, name: str, root: Path) -> None:
+    """Refuse ``study.py run`` of a study folder's own copy of its file when that folder is not ``root/<name>``
+    (a copied or renamed study folder): the runs would go to ``root/<name>``, not the folder it names."""
+    from agents.study import study_dir
+
+    folder = study_dir(given, root)
+    if given.name == "study.yaml" and folder.resolve() != (root / name).resolve() and folder == given.parent:
+        raise StudyError(f"{given} is the copy of study {name!r} in {folder}, but `study.py run` works in "
+                         f"--root/<name> = {root / name}: rename or move that folder there to continue its runs")
+
+
 def _status(study_arg: str, root: Path) -> int:
+    import dataclasses
+
     from agents.config import locate_config
     from agents.study import STUDY_COPY, all_jobs, job_state, load_study, load_study_dir, study_dir
 
     directory = study_dir(study_arg, root)
     given = Path(study_arg)
-    if given.suffix in (".yaml", ".yml") and locate_config(given).is_file() and not (directory / STUDY_COPY).is_file():
-        study = load_study(given, check_envs=False)  # a study file not run yet: every run is "not started"
+    copy = directory / STUDY_COPY
+    own_copy = given.name == STUDY_COPY and directory == given.parent  # a study folder's own file: its study
+    if given.suffix in (".yaml", ".yml") and locate_config(given).is_file() and not own_copy:
+        study = load_study(given, check_envs=False)  # counted as the file asks: what `run` would go on with
+        if copy.is_file():
+            stored = load_study_dir(directory)
+            if dataclasses.replace(study, source=stored.source) != stored:
+                print(f"note: {given} differs from {copy}, the study the runs so far were made for; counted here "
+                      f"as {given} asks (what `study.py run {given}` would go on with)")
     else:
         study = load_study_dir(directory)
     jobs = all_jobs(study, directory)  # an adaptation study's fine-tuning runs included
@@ -136,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise StudyError(f"--workers must be >= 1, got {args.workers}")
             _check_root(args.root)
             study = load_study(args.study)
+            _check_not_a_moved_copy(Path(args.study), study.name, args.root)
             return run_study(study, args.root / study.name, executor=args.executor, workers=args.workers,
                              address=args.address, report=not args.no_report)
         if args.command == "status":

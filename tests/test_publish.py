@@ -213,6 +213,32 @@ def test_a_finished_study_runs_again_without_its_ray_cluster(tmp_path: Path, mon
     assert "15 finished, 0 to continue, 0 to start" in capsys.readouterr().out
 
 
+def test_status_of_an_edited_study_file_says_it_differs_and_counts_it(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    root, directory = fake_study(tmp_path)
+    edited = tmp_path / "edited.yaml"
+    raw = yaml.safe_load((directory / "study.yaml").read_text())
+    edited.write_text(yaml.safe_dump({**raw, "seeds": [1, 2, 3, 4, 5, 6]}))
+    assert study_cli.main(["status", str(edited), "--root", str(root)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"note: {edited} differs from {directory / 'study.yaml'}") and out[-1] == "15/18 runs done"
+    assert study_cli.main(["status", str(directory / "study.yaml"), "--root", str(root)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert not out[0].startswith("note:") and out[-1] == "15/15 runs done"
+
+
+def test_running_a_copied_study_folders_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Its runs would have gone to --root/<name>, the original folder, while status read the copy.
+    import shutil
+
+    root, directory = fake_study(tmp_path)
+    copy = root / "tiny-pub-copy"
+    shutil.copytree(directory, copy)
+    assert study_cli.main(["run", str(copy / "study.yaml"), "--root", str(root)]) == 2
+    err = one_line_error(capsys)
+    assert f"is the copy of study 'tiny-pub' in {copy}" in err and "rename or move that folder there" in err
+
+
 # -- publishing --------------------------------------------------------------------------------------
 
 
