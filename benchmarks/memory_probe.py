@@ -131,12 +131,27 @@ def load_memory_policy(path: str):
     :raises CheckpointError: when the file is missing or not a checkpoint.
     :raises ValueError: when the policy was trained on another env.
     """
+    from agents.evaluation import training_tasks
     from policies import load_policy
 
     policy = load_policy(path)
-    if not policy.env_id.startswith(MEMORY_ENV_PREFIX):
-        raise ValueError(f"{path} was trained on {policy.env_id}, not a MiniGrid-Memory env")
+    trained_on = [task.env_id for task in training_tasks(policy)]  # every task of a multi-task run
+    if not all(env_id.startswith(MEMORY_ENV_PREFIX) for env_id in trained_on):
+        raise ValueError(f"{path} was trained on {', '.join(trained_on)}, not a MiniGrid-Memory env"
+                         + (" on every task" if len(trained_on) > 1 else ""))
     return policy
+
+
+def check_probe_env(path: str, policy, env_id: str | None) -> None:
+    """Refuse probing a multi-task run without ``env_id``: its checkpoint's own env is only the task it ended on.
+
+    :raises ValueError: naming the tasks.
+    """
+    from agents.evaluation import training_tasks
+
+    tasks = [task.env_id for task in training_tasks(policy)]
+    if env_id is None and len(set(tasks)) > 1:
+        raise ValueError(f"{path} was trained on several tasks ({', '.join(tasks)}): give --env to say which to probe")
 
 
 def probe_policy(policy, venv, episodes: int, name: str = "") -> ProbeResult:
@@ -225,6 +240,7 @@ def probe_checkpoint(path: str, episodes: int = 400, n_envs: int = 16, seed: int
         raise ValueError(f"--env {env_id} is not a MiniGrid-Memory env")
     if policy is None:
         policy = load_memory_policy(path)
+    check_probe_env(path, policy, env_id)
     torch.manual_seed(seed)  # the sampled actions
     # In-process gymnasium envs whatever the policy trained with: the probe reads each env's grid.
     venv = make_policy_env(policy, n_envs=n_envs, seed=seed, env_id=env_id, vec_env="dummy", backend="gymnasium")
@@ -399,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     try:  # every checkpoint is checked before any is probed: a bad last one must not waste the others' time
         policies = [load_memory_policy(path) for path in args.checkpoints]
+        for path, policy in zip(args.checkpoints, policies):
+            check_probe_env(path, policy, args.env)
     except (CheckpointError, ValueError, OSError) as exc:
         print(f"memory_probe: {exc}", file=sys.stderr)
         return 2

@@ -269,6 +269,14 @@ def test_cli_writes_table_and_json_and_refuses_bad_input(
     Trainer(load_config(None, TINY), doorkey_dir).run()
     assert memory_probe.main([str(doorkey_dir / "checkpoint.pt")]) == 2
     assert "not a MiniGrid-Memory env" in capsys.readouterr().err
+    # A multi-task run: its checkpoint's env is only the task it ended on, so the probe asks which to measure.
+    tasks_dir = tmp_path / "tasks"
+    Trainer(load_config(None, [*TINY, "algo.name=multitask_ppo",
+                               "meta.tasks=[MiniGrid-MemoryS7-v0, MiniGrid-MemoryS9-v0]"]), tasks_dir).run()
+    assert memory_probe.main([str(tasks_dir)]) == 2
+    assert ("was trained on several tasks (MiniGrid-MemoryS7-v0, MiniGrid-MemoryS9-v0): give --env"
+            in capsys.readouterr().err)
+    assert memory_probe.main([str(tasks_dir), "--env", "MiniGrid-MemoryS9-v0", "--episodes", "8", "--n-envs", "2"]) == 0
 
 
 def test_many_probes_are_drawn_one_panel_per_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
