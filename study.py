@@ -93,15 +93,17 @@ def _check_not_a_moved_copy(given: Path, name: str, root: Path) -> None:
 
     folder = study_dir(given, root)
     if given.name == "study.yaml" and folder.resolve() != (root / name).resolve() and folder == given.parent:
-        raise StudyError(f"{given} is the copy of study {name!r} in {folder}, but `study.py run` works in "
-                         f"--root/<name> = {root / name}: rename or move that folder there to continue its runs")
+        fix = (f"run with --root {folder.parent}" if folder.name == name
+               else f"rename or move that folder to {root / name}")
+        raise StudyError(f"{given} is the file of study {name!r} in {folder}, but `study.py run` works in "
+                         f"--root/<name> = {root / name}: {fix} to continue its runs")
 
 
 def _status(study_arg: str, root: Path) -> int:
     import dataclasses
 
     from agents.config import locate_config
-    from agents.study import STUDY_COPY, all_jobs, job_state, load_study, load_study_dir, study_dir
+    from agents.study import STUDY_COPY, all_jobs, check_existing_run, job_state, load_study, load_study_dir, study_dir
 
     directory = study_dir(study_arg, root)
     given = Path(study_arg)
@@ -120,6 +122,11 @@ def _status(study_arg: str, root: Path) -> int:
     done = 0
     for job in jobs:
         state = job_state(job)
+        try:
+            check_existing_run(job)
+        except StudyError:  # the study file changed this run's config: `run` refuses it, so it is not done
+            print(f"{job.key:<40} trained with another config than the study file now asks (run refuses it)")
+            continue
         done += state.done
         if state.done:
             what = "done"

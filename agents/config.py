@@ -451,6 +451,8 @@ def _validate_section(section: str, raw: Any, fields: dict[str, Field]) -> dict[
 # Sections beyond the fixed ones (agents.meta adds "meta"): a function of the config
 # resolved so far that returns the section's fields, or None where it does not apply.
 EXTRA_SECTIONS: dict[str, Callable[[dict[str, Any]], dict[str, Field] | None]] = {}
+# Checks across one extra section's keys, run on the validated section (ConfigError naming the keys).
+SECTION_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {}
 
 
 def resolve_config(raw: dict[str, Any] | None) -> dict[str, Any]:
@@ -496,6 +498,8 @@ def resolve_config(raw: dict[str, Any] | None) -> dict[str, Any]:
         fields = make_fields(config)
         if fields is not None:
             config[name] = _validate_section(name, raw.get(name), fields)
+            if name in SECTION_CHECKS:
+                SECTION_CHECKS[name](config[name])
         elif raw.get(name):
             raise ConfigError(f"config section {name!r} does not apply to algo.name={algo_name!r}")
 

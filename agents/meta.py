@@ -61,8 +61,8 @@ def resolve_tasks(config: dict[str, Any]) -> tuple[list[Task], list[str]]:
     task's own (a suite entry's options, or the keys of a mapping in ``meta.tasks``).
 
     :param config: a resolved config (``agents.config.load_config``).
-    :raises ConfigError: if neither or both of ``meta.tasks`` and ``meta.suite`` are given, an env id
-        is unknown, or a curriculum has no criterion to advance.
+    :raises ConfigError: if neither or both of ``meta.tasks`` and ``meta.suite`` are given, or an env id
+        is unknown (the schedule's settings are checked with the config: ``agents.meta_config``).
     """
     meta = config["meta"]
     base = env_options(config["env"])
@@ -84,15 +84,6 @@ def resolve_tasks(config: dict[str, Any]) -> tuple[list[Task], list[str]]:
     names = [spec.name.replace(" ", "_") for spec in specs]
     if len(set(names)) < len(names):  # e.g. one env id twice with other options: keep the curves apart
         names = [f"{i}_{name}" for i, name in enumerate(names)]
-    no_criterion = meta["curriculum_frames"] is None and meta["curriculum_return"] is None
-    if meta["task_schedule"] == "sample" and not no_criterion:  # they would be ignored: tasks are drawn at random
-        given = [key for key in ("curriculum_frames", "curriculum_return") if meta[key] is not None]
-        raise ConfigError(f"meta.{' and meta.'.join(given)} {'apply' if len(given) > 1 else 'applies'} only with "
-                          "meta.task_schedule='curriculum'; this run draws its tasks at random (task_schedule "
-                          "'sample'): set the schedule or remove them")
-    if meta["task_schedule"] == "curriculum" and no_criterion:
-        raise ConfigError("meta.task_schedule='curriculum' needs meta.curriculum_frames and/or "
-                          "meta.curriculum_return to know when to move to the next task")
     return tasks, names
 
 

@@ -14,6 +14,7 @@ from agents.config import (
     BOOL,
     ENV_FIELDS,
     EXTRA_SECTIONS,
+    SECTION_CHECKS,
     FLOAT,
     INT,
     OPT_STR,
@@ -143,7 +144,22 @@ def _meta_algo_fields() -> dict[str, Field]:
     return fields
 
 
+def _check_schedule(meta: dict[str, Any]) -> None:
+    """The schedule's settings agree: a curriculum needs a criterion to advance, and a sampled schedule has
+    none (they would be ignored silently: the tasks are drawn at random)."""
+    no_criterion = meta["curriculum_frames"] is None and meta["curriculum_return"] is None
+    if meta["task_schedule"] == "sample" and not no_criterion:
+        given = [key for key in ("curriculum_frames", "curriculum_return") if meta[key] is not None]
+        raise ConfigError(f"meta.{' and meta.'.join(given)} {'apply' if len(given) > 1 else 'applies'} only with "
+                          "meta.task_schedule='curriculum'; this run draws its tasks at random (task_schedule "
+                          "'sample'): set the schedule or remove them")
+    if meta["task_schedule"] == "curriculum" and no_criterion:
+        raise ConfigError("meta.task_schedule='curriculum' needs meta.curriculum_frames and/or "
+                          "meta.curriculum_return to know when to move to the next task")
+
+
 # Registration: config validation knows the algorithms and the section (agents.meta adds the update rules).
 ALGO_FIELDS["meta_ppo"] = _meta_algo_fields()
 ALGO_FIELDS["multitask_ppo"] = _algo_fields()
 EXTRA_SECTIONS["meta"] = _meta_section
+SECTION_CHECKS["meta"] = _check_schedule

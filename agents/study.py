@@ -1166,7 +1166,9 @@ def finetune_overrides(study: Study, run: FinetuneRun, task: str, seed: int, roo
         inherited = [o for o in inherited if o.partition("=")[0].strip().split(".")[0] not in ("algo", "meta")]
         rule = ["algo.name=ppo", *spec.ppo, "meta=null"]
     else:
-        rule = [f"meta.tasks={json.dumps([task])}", "meta.suite=null", "meta.task_schedule=sample"]
+        # One task, drawn every cycle: a curriculum's settings of the source (refused without one) do not apply.
+        rule = [f"meta.tasks={json.dumps([task])}", "meta.suite=null", "meta.task_schedule=sample",
+                "meta.curriculum_frames=null", "meta.curriculum_return=null"]
     weights = [] if run.scratch else [f"init_from={(run_dir(root, run.source, seed) / 'checkpoint.pt').resolve()}"]
     interval = math.ceil(spec.total_frames / 4)
     return [*inherited, *rule, f"env.id={task}", *spec.overrides, *weights, f"seed={seed}",

@@ -316,8 +316,6 @@ def per_update(args: argparse.Namespace) -> None:
     from _common import Trainer, config_for, read_metrics
 
     def measure(cores: list[str], env: str, overrides: list[str]) -> dict[str, tuple[float, float, float]]:
-        if len(set(cores)) < len(cores):
-            raise SystemExit(f"each core once, please: {cores}")
         configs = {core: config_for(core, env, overrides) for core in cores}
         with tempfile.TemporaryDirectory() as tmp:
             trainers = [Trainer(config, Path(tmp) / core) for core, config in configs.items()]

@@ -332,6 +332,18 @@ def test_shipped_adaptation_study_is_valid_and_refuses_a_meta_rule_on_a_baseline
     too_long = {**raw, "finetune": {**raw["finetune"], "window_frames": 400_000}}
     with pytest.raises(StudyError, match="window_frames .400,000. is longer than the fine-tuning budget"):
         parse_study(too_long, path, check_envs=False)
+    # A Meta-RIMs pre-trained on a curriculum: its meta rule fine-tunes on the one held-out task, drawn each cycle,
+    # so the curriculum's settings go (kept, they are refused with task_schedule 'sample').
+    from agents.config import load_config
+    from agents.study import finetune_overrides
+
+    curriculum = {**raw, "models": [dict(m) for m in raw["models"]]}
+    curriculum["models"][0]["overrides"] = {"meta.task_schedule": "curriculum", "meta.curriculum_frames": 200_000}
+    study = parse_study(curriculum, path, check_envs=False)
+    run = next(r for r in study.adaptation.runs if r.rule == "meta")
+    overrides = finetune_overrides(study, run, study.adaptation.tasks[0], 1, tmp_path)
+    meta = load_config(study.model(run.source).config, overrides)["meta"]
+    assert meta["task_schedule"] == "sample" and meta["curriculum_frames"] is None
     raw["finetune"]["runs"].append({"label": "rims.meta", "from": "rims", "rule": "meta"})
     with pytest.raises(StudyError, match="rule meta needs a meta_ppo model"):
         parse_study(raw, path, check_envs=False)

@@ -173,6 +173,12 @@ def test_bad_meta_settings_are_rejected_before_training(tmp_path: Path, override
     assert message in str(info.value)
 
 
+def test_schedule_settings_are_checked_with_the_config() -> None:
+    # At load time, as every other config error: a study or a sweep refuses it before any run starts.
+    with pytest.raises(ConfigError, match="meta.curriculum_return applies only with meta.task_schedule='curriculum'"):
+        load_config("configs/meta/doorkey-sizes-multitask.yaml", ["meta.curriculum_return=0.5"])
+
+
 def test_suite_gives_the_tasks_and_tasks_may_carry_options(tmp_path: Path) -> None:
     trainer = meta_trainer(tmp_path, "meta.tasks=null", "meta.suite=doorkey")
     assert trainer.updater.schedule.tasks == [(DK5, trainer.updater.schedule.tasks[0][1])]

@@ -225,6 +225,13 @@ def test_status_of_an_edited_study_file_says_it_differs_and_counts_it(tmp_path: 
     assert study_cli.main(["status", str(directory / "study.yaml"), "--root", str(root)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert not out[0].startswith("note:") and out[-1] == "15/15 runs done"
+    # A model's config changed: `run` refuses its runs, so status does not count them done.
+    models = [dict(m) for m in raw["models"]]
+    models[1]["overrides"] = {**models[1]["overrides"], "core.hidden_size": 32}
+    edited.write_text(yaml.safe_dump({**raw, "models": models}))
+    assert study_cli.main(["status", str(edited), "--root", str(root)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "10/15 runs done" and sum("trained with another config" in line for line in out) == 5
 
 
 def test_running_a_copied_study_folders_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -236,7 +243,12 @@ def test_running_a_copied_study_folders_file_is_refused(tmp_path: Path, capsys: 
     shutil.copytree(directory, copy)
     assert study_cli.main(["run", str(copy / "study.yaml"), "--root", str(root)]) == 2
     err = one_line_error(capsys)
-    assert f"is the copy of study 'tiny-pub' in {copy}" in err and "rename or move that folder there" in err
+    assert f"is the file of study 'tiny-pub' in {copy}" in err and f"rename or move that folder to {directory}" in err
+    # A folder of the study's own name elsewhere (a backup): the way to run it is --root.
+    backup = tmp_path / "backup" / "tiny-pub"
+    shutil.copytree(directory, backup)
+    assert study_cli.main(["run", str(backup / "study.yaml"), "--root", str(root)]) == 2
+    assert f"run with --root {backup.parent} to continue its runs" in one_line_error(capsys)
 
 
 # -- publishing --------------------------------------------------------------------------------------
