@@ -19,7 +19,6 @@ import os
 import pickle
 import random
 import re
-import secrets
 import signal
 import sys
 import threading
@@ -68,7 +67,6 @@ from policies.checkpoint import (
     save_checkpoint,
     space_from_dict,
     space_to_dict,
-    sync_directory,
     underlying_os_error,
 )
 
@@ -260,21 +258,21 @@ def _lookup(nested: dict[str, Any], dotted: str) -> Any:
 
 
 def _older_checkpoints_hint(run_dir: Path) -> str:
-    """For a damaged ``checkpoint.pt``: the numbered checkpoints kept beside it that are other files.
+    """For a damaged ``checkpoint.pt``: the numbered checkpoints kept beside it.
 
-    ``checkpoint.pt`` is a second name (hard link) of the newest ``checkpoints/checkpoint_<frames>.pt``,
-    so damage to one is damage to both; the older ones are separate files.
+    ``checkpoint.pt`` is a copy of the newest ``checkpoints/checkpoint_<frames>.pt`` (a file of its own), so the
+    numbered ones are whole when it is damaged. (Runs saved before 2026-12-06 made it a hard link to the
+    newest one, which damage to either then shares: that one is left out.)
     """
     latest = _file_identity(run_dir / "checkpoint.pt")
     numbered = sorted((run_dir / "checkpoints").glob("checkpoint_*.pt"), reverse=True)
     twin = [path for path in numbered if latest is not None and (_file_identity(path) or (None,))[0] == latest[0]]
-    older = [path for path in numbered if path not in twin]
-    if not older:
+    kept = [path for path in numbered if path not in twin]
+    if not kept:
         return ""
-    # Copying over checkpoint.pt would write through the link into the damaged numbered file, which a
-    # study reads by its name (frames): both names are moved away first.
+    # A hard-linked twin is moved away too: copying over checkpoint.pt would write through the link into it.
     damaged = " and ".join(str(path) for path in [run_dir / "checkpoint.pt", *twin])
-    return (f"; older checkpoints are kept in {run_dir / 'checkpoints'} (newest {older[0].name}): to resume "
+    return (f"; numbered checkpoints are kept in {run_dir / 'checkpoints'} (newest {kept[0].name}): to resume "
             f"from one, move {damaged} out of the run directory, then copy it to {run_dir / 'checkpoint.pt'}")
 
 
@@ -726,15 +724,10 @@ class Trainer:
             with self._write_errors(numbered):
                 save_checkpoint(numbered, self.checkpoint_payload())
             with self._write_errors(latest):
-                # secrets, not random: random's state is part of the checkpoint and must not move here.
-                tmp = latest.with_name(f".{latest.name}.{os.getpid()}.{secrets.token_hex(4)}.link.tmp")
-                try:
-                    os.link(numbered, tmp)  # a second name for the same bytes, swapped in atomically
-                    os.replace(tmp, latest)
-                    sync_directory(latest.parent)
-                except OSError:
-                    tmp.unlink(missing_ok=True)
-                    save_checkpoint(latest, self.checkpoint_payload())
+                # A copy of its own, not a hard link to the numbered file: a user rolling back with
+                # `cp checkpoints/checkpoint_<older>.pt checkpoint.pt` wrote through the shared file into the
+                # newest numbered checkpoint, whose name then held the older weights.
+                atomic_write(latest, numbered.read_bytes())
             kept = sorted((self.run_dir / "checkpoints").glob("checkpoint_*.pt"))
             for old in kept[: -self.config["log"]["keep_checkpoints"]]:
                 old.unlink()

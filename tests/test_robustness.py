@@ -355,25 +355,39 @@ def test_malicious_checkpoint_is_refused_without_running_code(tmp_path: Path,
     assert marker.exists()
 
 
-def test_a_damaged_checkpoint_points_to_the_older_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_damaged_checkpoint_points_to_the_numbered_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tiny_trainer(tmp_path, "log.checkpoint_interval_frames=32").run(stop_at_frames=96)
     kept = sorted((tmp_path / "checkpoints").glob("checkpoint_*.pt"))
     assert len(kept) >= 2
-    with (tmp_path / "checkpoint.pt").open("r+b") as handle:  # damaged in place: so is its hard-linked twin
+    newest = kept[-1].read_bytes()
+    with (tmp_path / "checkpoint.pt").open("r+b") as handle:  # damaged in place: a file of its own
         handle.truncate(100)
+    assert kept[-1].read_bytes() == newest  # the numbered copy is whole
     code, err = run_main(capsys, ["--resume", str(tmp_path)])
     assert code == 2 and "truncated or corrupt" in err and err.count("\n") == 1
-    assert f"older checkpoints are kept in {tmp_path / 'checkpoints'} (newest {kept[-2].name})" in err
-    assert f"move {tmp_path / 'checkpoint.pt'} and {kept[-1]} out of the run directory" in err
-    # Doing what it says: the damaged file goes (both of its names), the older one is copied in.
+    assert f"numbered checkpoints are kept in {tmp_path / 'checkpoints'} (newest {kept[-1].name})" in err
+    assert f"move {tmp_path / 'checkpoint.pt'} out of the run directory" in err
+    # Doing what it says: the damaged file goes, the newest numbered one is copied in.
     aside = tmp_path.parent / f"{tmp_path.name}-damaged"
     aside.mkdir()
-    for damaged in (tmp_path / "checkpoint.pt", kept[-1]):
-        damaged.rename(aside / damaged.name)
-    shutil.copy(kept[-2], tmp_path / "checkpoint.pt")
+    (tmp_path / "checkpoint.pt").rename(aside / "checkpoint.pt")
+    shutil.copy(kept[-1], tmp_path / "checkpoint.pt")
     code, err = run_main(capsys, ["--resume", str(tmp_path)])
     assert code == 0, err
-    assert kept[-2].read_bytes() != (tmp_path / "checkpoint.pt").read_bytes()  # trained on, older copy untouched
+    assert kept[-1].read_bytes() == newest  # trained on from it, the numbered file untouched
+
+
+def test_rolling_back_checkpoint_pt_leaves_the_numbered_checkpoints_alone(tmp_path: Path) -> None:
+    # checkpoint.pt was a hard link to the newest numbered checkpoint: `cp <older> checkpoint.pt` wrote the older
+    # weights into the newest numbered file too, which then held other frames than its name said.
+    tiny_trainer(tmp_path, "log.checkpoint_interval_frames=32").run(stop_at_frames=96)
+    kept = sorted((tmp_path / "checkpoints").glob("checkpoint_*.pt"))
+    newest = kept[-1].read_bytes()
+    assert (tmp_path / "checkpoint.pt").read_bytes() == newest
+    assert (tmp_path / "checkpoint.pt").stat().st_ino != kept[-1].stat().st_ino
+    with (tmp_path / "checkpoint.pt").open("wb") as handle:  # what cp does: write into the existing file
+        handle.write(kept[-2].read_bytes())
+    assert kept[-1].read_bytes() == newest
 
 
 def test_train_and_evaluate_name_a_non_checkpoint_alike(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

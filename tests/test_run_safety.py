@@ -375,8 +375,8 @@ def test_an_exploded_model_never_replaces_a_good_checkpoint(tmp_path: Path, monk
 def test_the_latest_checkpoint_name_is_synced_after_it_is_swapped_in(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """checkpoint.pt is a second name (a hard link) for the newest numbered checkpoint, renamed over the
-    old one; after a power loss it must name the new bytes, so the run folder is synced after the rename."""
+    """checkpoint.pt is a copy of the newest numbered checkpoint, renamed over the old one; after a power loss
+    it must name the new bytes, so the run folder is synced after the rename."""
     import agents.trainer as trainer_module
 
     events: list[str] = []
@@ -489,7 +489,7 @@ def test_a_write_blocked_by_a_file_in_the_way_names_it_and_is_not_called_a_full_
 def _edit_checkpoint(path: Path, edit) -> None:
     payload = torch.load(path, weights_only=True)
     edit(payload)
-    path.unlink()  # checkpoint.pt is a hard link to checkpoints/...: do not write through it
+    path.unlink()  # a new file, as train.py writes one (runs saved before 2026-12-06 hard-linked it)
     torch.save(payload, path)
 
 
