@@ -115,6 +115,10 @@ class Policy:
             accepts; plus ``info`` when asked.
         """
         self._check_step(obs, state, episode_start)
+        if uniforms is not None and not deterministic:
+            u = np.asarray(uniforms, dtype=np.float64)
+            if not bool(np.all((u > 0) & (u < 1))):  # 0 and 1 are the distribution's ends: +-inf, or NaN beyond
+                raise ValueError(f"uniforms must lie strictly between 0 and 1, got values from {u.min()} to {u.max()}")
         obs_t = obs_to_tensor(obs, self.device)
         starts = torch.as_tensor(np.asarray(episode_start, dtype=bool), device=self.device)
         if uniforms is None or deterministic:
@@ -192,8 +196,13 @@ def _inverse_cdf_sample(dist: torch.distributions.Distribution, uniforms: Tensor
         index = (cumulative <= u).sum(-1).clamp_(max=cumulative.shape[-1] - 1)
         return index.unsqueeze(0)
     normal = dist.normal  # DiagGaussian
-    u = uniforms.to(normal.mean.dtype).reshape(normal.mean.shape[1:])
-    return normal.mean + normal.stddev * math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
+    if tuple(uniforms.shape) != tuple(normal.mean.shape[1:]):
+        raise ValueError(f"uniforms must have shape (n_envs, action_dim) = {tuple(normal.mean.shape[1:])}, got "
+                         f"{tuple(uniforms.shape)}")
+    # In float64: a float32 u within ~1.5e-8 of 0 or 1 rounds to it, and erfinv(+-1) made the action +-inf.
+    u = uniforms.double()
+    z = math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
+    return (normal.mean.double() + normal.stddev.double() * z).to(normal.mean.dtype)
 
 
 def check_core_revision(spec: dict[str, Any], revision: int, where: object) -> None:

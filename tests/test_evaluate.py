@@ -175,6 +175,23 @@ def test_act_with_uniforms_samples_by_the_inverse_cdf(rims_run: tuple[Path, Trai
     torch.testing.assert_close(new_state, policy.act(obs, state, starts)[1])  # the state does not depend on it
 
 
+def test_box_actions_by_the_inverse_cdf_are_finite_at_the_ends(tmp_path: Path) -> None:
+    # A float32 u within ~1.5e-8 of 1 rounded to 1, and erfinv(1) gave an infinite action (an evaluation
+    # episode's return was -inf). Uniforms out of (0, 1) or of the wrong shape are named.
+    run_dir = tmp_path / "pendulum"
+    Trainer(load_config(None, [*TINY_CORES["lstm"], "env.id=Pendulum-v1", *TINY]), run_dir).run()
+    policy = load_policy(run_dir)
+    obs, starts = np.zeros((3, 3), np.float32), np.ones(3, bool)
+    ends = np.array([[1e-9], [0.5], [1 - 1e-9]])
+    actions, _ = policy.act(obs, policy.initial_state(3), starts, uniforms=ends)
+    assert actions.shape == (3, 1) and np.isfinite(actions).all()
+    assert actions[0, 0] < actions[1, 0] < actions[2, 0]
+    with pytest.raises(ValueError, match="uniforms must lie strictly between 0 and 1"):
+        policy.act(obs, policy.initial_state(3), starts, uniforms=np.array([[0.5], [1.5], [0.2]]))
+    with pytest.raises(ValueError, match=re.escape("uniforms must have shape (n_envs, action_dim) = (3, 1)")):
+        policy.act(obs, policy.initial_state(3), starts, uniforms=np.full((3, 2), 0.5))
+
+
 # -- evaluate_policy --------------------------------------------------------------------------
 
 
