@@ -94,6 +94,11 @@ def refuse_existing_run(run_dir: str | Path) -> None:
     if found and "checkpoint.pt" in found:
         raise RunDirError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
                           f"`python train.py --resume {run_dir}`, or give a new run another --run-dir")
+    numbered = sorted(Path(run_dir, "checkpoints").glob("checkpoint_*.pt")) if found else []
+    if numbered:  # checkpoint.pt gone (moved away, or a kill between the two saves): the numbered ones remain
+        raise RunDirError(f"{run_dir} already holds a run with numbered checkpoints but no checkpoint.pt (newest "
+                          f"{numbered[-1]}); to continue it, copy that file to {Path(run_dir) / 'checkpoint.pt'} "
+                          "and run `python train.py --resume` on the folder, or give a new run another --run-dir")
     if found:  # a run stopped before its first checkpoint: nothing to resume, but its files are kept
         raise RunDirError(f"{run_dir} already holds a run that wrote no checkpoint ({', '.join(found)}), so "
                           "--resume cannot continue it; delete that directory or give a new run another --run-dir")

@@ -228,9 +228,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
-        numbered = sorted(path.parent.glob("checkpoint_*.pt")) if path.name == "checkpoint.pt" else []
-        hint = (f" (the folder holds {len(numbered)} numbered checkpoint(s), the last {numbered[-1].name}: give one "
-                "of them)" if numbered else "")
+        # A folder of numbered checkpoints given, or a run folder whose checkpoint.pt is gone: name the numbered ones.
+        numbered = ([*path.parent.glob("checkpoint_*.pt"), *path.parent.glob("checkpoints/checkpoint_*.pt")]
+                    if path.name == "checkpoint.pt" else [])
+        newest = max(numbered, key=lambda p: p.name) if numbered else None
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent  # the run folder
+        hint = (f" ({len(numbered)} numbered checkpoint(s) are there, the newest {newest}: give that file to load it, "
+                f"or copy it to {run / 'checkpoint.pt'} to continue the run with --resume {run})" if newest else "")
         raise CheckpointError(f"checkpoint file not found: {path}{hint}")
     if path.stat().st_size == 0:
         raise DamagedCheckpointError(f"{path} is empty (0 bytes), not a checkpoint")

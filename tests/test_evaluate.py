@@ -88,9 +88,14 @@ def test_load_policy_expands_home_and_points_at_numbered_checkpoints(
     folder.mkdir()
     for frames in (32, 64):
         (folder / f"checkpoint_{frames:012d}.pt").write_bytes((rims_run[0] / "checkpoint.pt").read_bytes())
-    with pytest.raises(CheckpointError, match=re.escape("(the folder holds 2 numbered checkpoint(s), the last "
-                                                        "checkpoint_000000000064.pt: give one of them)")):
+    newest = folder / "checkpoint_000000000064.pt"
+    hint = (f"(2 numbered checkpoint(s) are there, the newest {newest}: give that file to load it, or copy it to "
+            f"{tmp_path / 'checkpoint.pt'} to continue the run with --resume {tmp_path})")
+    with pytest.raises(CheckpointError, match=re.escape(hint)):
         load_policy(folder)
+    # A run folder whose checkpoint.pt is gone: the numbered ones in its checkpoints/ are named.
+    with pytest.raises(CheckpointError, match=re.escape(f"the newest {newest}: give that file to load it")):
+        load_policy(tmp_path)
 
 
 def test_policy_act_names_its_arguments_wrong_shapes(rims_run: tuple[Path, Trainer]) -> None:

@@ -96,6 +96,23 @@ def test_a_run_without_checkpoint_is_kept_and_named(tmp_path: Path, capsys: pyte
     assert files_of(run) == {"metrics.jsonl": b'{"frames": 32}\n'}
 
 
+def test_a_run_whose_checkpoint_pt_is_gone_names_its_numbered_checkpoints(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # It was called a run that "wrote no checkpoint" with the advice to delete it, and --resume said only
+    # "checkpoint file not found"; a kill between the numbered save and checkpoint.pt leaves this state too.
+    run = tmp_path / "run"
+    tiny_run(run, 64, "log.checkpoint_interval_frames=32")
+    (run / "checkpoint.pt").unlink()
+    newest = run / "checkpoints" / "checkpoint_000000000064.pt"
+    before = files_of(run)
+    code, err = main(capsys, [*TINY, "--run-dir", str(run)])
+    assert code == 2 and one_line_error(err) and "delete" not in err
+    assert f"numbered checkpoints but no checkpoint.pt (newest {newest}); to continue it, copy that file to" in err
+    code, err = main(capsys, ["--resume", str(run)])
+    assert code == 2 and one_line_error(err) and f"the newest {newest}: give that file to load it, or copy it" in err
+    assert files_of(run) == before
+
+
 def test_a_users_own_lock_file_is_never_overwritten(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "project"
     run.mkdir()
