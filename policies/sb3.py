@@ -237,7 +237,18 @@ class RecurrentCorePolicy(RecurrentActorCriticPolicy):
         optimizer_kwargs: dict[str, Any] | None = None,
         shared_lstm: bool = False,
         enable_critic_lstm: bool = True,
+        lstm_hidden_size: int | None = None,
+        n_lstm_layers: int | None = None,
+        lstm_kwargs: dict[str, Any] | None = None,
     ) -> None:
+        given = [name for name, value in (("lstm_hidden_size", lstm_hidden_size), ("n_lstm_layers", n_lstm_layers),
+                                          ("lstm_kwargs", lstm_kwargs)) if value is not None]
+        if given:  # sb3-contrib's LSTM arguments: a TypeError before, which did not say what to use instead
+            raise ValueError(f"{', '.join(given)} belong(s) to sb3-contrib's LSTM; this policy's core takes "
+                             f"core_kwargs instead (e.g. core='lstm', core_kwargs={{'hidden_size': 64}})")
+        if shared_lstm and enable_critic_lstm:  # sb3-contrib asserts this; said here as the other argument errors are
+            raise ValueError("shared_lstm=True needs enable_critic_lstm=False (one core for actor and critic, or a "
+                             "second core for the critic, not both)")
         if not isinstance(core, str) or core not in CORES:
             raise ValueError(f"core must be one of {', '.join(map(repr, CORES))}, got {core!r}")
         if core_kwargs is not None and not isinstance(core_kwargs, Mapping):

@@ -214,6 +214,9 @@ def test_critic_choices(policy_kwargs: dict[str, Any], critic_core: bool, tmp_pa
     ({"core": "rims", "core_kwargs": {"num_modulez": 4}}, "bad argument for core 'rims'"),
     ({"core": "rims", "core_kwargs": {"k_active": 9}}, "k_active must be between 1 and num_modules"),
     ({"core": "gru", "normalize_images": True}, "normalize_images=True"),
+    # sb3-contrib's own arguments: a TypeError and an AssertionError before.
+    ({"core": "lstm", "lstm_hidden_size": 64}, "lstm_hidden_size belong.s. to sb3-contrib's LSTM; .* core_kwargs"),
+    ({"core": "rims", "shared_lstm": True}, "shared_lstm=True needs enable_critic_lstm=False"),
 ])
 def test_bad_core_arguments_are_one_clear_message(policy_kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
