@@ -94,6 +94,8 @@ def test_a_run_without_checkpoint_is_kept_and_named(tmp_path: Path, capsys: pyte
     code, err = main(capsys, [*TINY, "--run-dir", str(run)])
     assert code == 2 and one_line_error(err) and "wrote no checkpoint" in err and "delete that directory" in err
     assert files_of(run) == {"metrics.jsonl": b'{"frames": 32}\n'}
+    code, err = main(capsys, ["--resume", str(run)])  # it said only "checkpoint file not found"
+    assert code == 2 and one_line_error(err) and "holds a run stopped before its first checkpoint" in err
 
 
 def test_a_run_whose_checkpoint_pt_is_gone_names_its_numbered_checkpoints(tmp_path: Path,
