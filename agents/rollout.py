@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from gymnasium import spaces
 from stable_baselines3.common.vec_env import VecEnv
 from torch import Tensor
 
@@ -77,7 +78,10 @@ def collect_rollout(
             for key, value in info.items():
                 if key.startswith("active"):
                     active_sums[key] = active_sums.get(key, 0) + value[0].float().mean(0)
-            next_obs, rewards, dones, infos = venv.step(actions.cpu().numpy())
+            env_actions = actions.cpu().numpy()
+            if isinstance(venv.action_space, spaces.Box):  # as SB3: the env gets the sample clipped to its bounds,
+                env_actions = np.clip(env_actions, venv.action_space.low, venv.action_space.high)  # storage the sample
+            next_obs, rewards, dones, infos = venv.step(env_actions)
             rewards_t = torch.as_tensor(rewards, dtype=torch.float32, device=device)
 
             # A time-limit truncation is not a terminal state: bootstrap it with the value of the

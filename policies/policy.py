@@ -112,7 +112,7 @@ class Policy:
             other envs share the batch (evaluation seeds every episode this way). Ignored
             when ``deterministic``.
         :return: ``(actions, new_state)``: actions as a numpy array the vec env's ``step``
-            accepts; plus ``info`` when asked.
+            accepts (Box actions clipped to the action space's bounds, as SB3 does); plus ``info`` when asked.
         """
         self._check_step(obs, state, episode_start)
         if uniforms is not None and not deterministic:
@@ -130,6 +130,8 @@ class Policy:
             dist, _, state, *info = self.model(with_time, state, starts.unsqueeze(0), return_info=return_info)
             actions = _inverse_cdf_sample(dist, torch.as_tensor(np.asarray(uniforms), device=self.device))[0]
         actions_np = actions.cpu().numpy()
+        if isinstance(self.action_space, spaces.Box):  # as SB3's predict: within the env's bounds
+            actions_np = np.clip(actions_np, self.action_space.low, self.action_space.high)
         if not return_info:
             return actions_np, state
         # Core diagnostics are time first with one step: drop the time dimension.

@@ -38,6 +38,7 @@ from agents.evaluation import (
 from agents.trainer import Trainer
 from policies import CheckpointError, Policy, RecurrentActorCritic, load_policy
 from policies.checkpoint import FORMAT
+from policies.policy import _inverse_cdf_sample
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["env.n_envs=2", "algo.n_steps=16", "algo.num_minibatches=1", "total_frames=32", "log.progress_bar=false"]
@@ -188,9 +189,14 @@ def test_box_actions_by_the_inverse_cdf_are_finite_at_the_ends(tmp_path: Path) -
     policy = load_policy(run_dir)
     obs, starts = np.zeros((3, 3), np.float32), np.ones(3, bool)
     ends = np.array([[1e-9], [0.5], [1 - 1e-9]])
+    with torch.no_grad():
+        dist, _, _ = policy.model(torch.as_tensor(obs)[None], policy.initial_state(3), torch.as_tensor(starts)[None])
+    raw = _inverse_cdf_sample(dist, torch.as_tensor(ends))[0]
+    assert torch.isfinite(raw).all() and raw[0, 0] < raw[1, 0] < raw[2, 0]  # ~6 SDs either side of the mean
+    # What act returns is clipped to the action space, as SB3's predict does (Pendulum's torque in [-2, 2]).
     actions, _ = policy.act(obs, policy.initial_state(3), starts, uniforms=ends)
-    assert actions.shape == (3, 1) and np.isfinite(actions).all()
-    assert actions[0, 0] < actions[1, 0] < actions[2, 0]
+    assert actions.shape == (3, 1) and actions[0, 0] == -2.0 and actions[2, 0] == 2.0
+    assert actions[1, 0] == pytest.approx(float(raw[1, 0]))
     with pytest.raises(ValueError, match="uniforms must lie strictly between 0 and 1"):
         policy.act(obs, policy.initial_state(3), starts, uniforms=np.array([[0.5], [1.5], [0.2]]))
     with pytest.raises(ValueError, match=re.escape("uniforms must have shape (n_envs, action_dim) = (3, 1)")):

@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -105,6 +106,22 @@ def test_a_continuous_action_run_trains_saves_and_resumes(tmp_path: Path, algo: 
     assert checkpoint["action_space"]["type"] == "Box" and checkpoint["frames"] == 64
     assert train.main(["--resume", str(run_dir), "total_frames=128"]) == 0
     assert load_checkpoint(run_dir / "checkpoint.pt")["frames"] == 128
+
+
+def test_box_actions_reach_the_env_clipped_and_are_stored_as_sampled(tmp_path: Path) -> None:
+    # As SB3: the env gets the Gaussian sample clipped to its bounds; the update needs the sample itself.
+    config = load_config(None, ["env.id=Pendulum-v1", "core.name=lstm", "core.hidden_size=16", *TINY_MINIGRID[:2],
+                                "algo.num_minibatches=1", "total_frames=64", "policy.head_hidden_size=8"])
+    trainer = Trainer(config, tmp_path / "run")
+    with torch.no_grad():
+        trainer.policy.log_std.fill_(2.0)  # a spread of e^2 ~ 7.4: most samples fall outside [-2, 2]
+    sent: list[np.ndarray] = []
+    step = trainer.venv.step
+    trainer.venv.step = lambda actions: (sent.append(np.array(actions)), step(actions))[1]
+    trainer.run(stop_at_frames=trainer.frames_per_rollout)
+    stored = trainer.storage.actions.numpy()
+    assert np.abs(stored).max() > 2.0 and np.abs(np.concatenate(sent)).max() <= 2.0
+    np.testing.assert_array_equal(np.concatenate(sent), np.clip(stored.reshape(-1, 1), -2.0, 2.0))
 
 
 def test_same_seed_gives_same_first_updates(tmp_path: Path) -> None:
