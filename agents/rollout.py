@@ -79,8 +79,10 @@ def collect_rollout(
                 if key.startswith("active"):
                     active_sums[key] = active_sums.get(key, 0) + value[0].float().mean(0)
             env_actions = actions.cpu().numpy()
-            if isinstance(venv.action_space, spaces.Box):  # as SB3: the env gets the sample clipped to its bounds,
-                env_actions = np.clip(env_actions, venv.action_space.low, venv.action_space.high)  # storage the sample
+            # As SB3: the env gets a Box sample clipped to its bounds; the storage keeps the sample, which the
+            # update scores (the clipped action would have another log-probability).
+            if isinstance(venv.action_space, spaces.Box):
+                env_actions = np.clip(env_actions, venv.action_space.low, venv.action_space.high)
             next_obs, rewards, dones, infos = venv.step(env_actions)
             rewards_t = torch.as_tensor(rewards, dtype=torch.float32, device=device)
 
