@@ -194,6 +194,17 @@ def test_a_finished_run_left_out_of_the_statistics_is_named(tmp_path: Path) -> N
             "(no final score on DoorKey-6x6).") in text
     assert "`core.k_active=1` | 5 | config" in text  # the model table: 5 finished, but 4 in the statistics
     assert "| rims | 4 |" in text
+    # Every run of both LSTM baselines without a score (NaN): no comparison, and the report says why.
+    for model in ("lstm", "lstm-24"):
+        for seed in SEEDS:
+            path = eval_path(directory / "runs" / model / f"seed_{seed}", 1024)
+            data = json.loads(path.read_text())
+            data["checkpoints"][0]["results"][0]["mean_return"] = float("nan")
+            path.write_text(json.dumps(data))
+    assert study_cli.main(["report", "tiny-pub", "--root", str(root), "--reps", "200"]) == 0
+    text = (directory / "report.md").read_text()
+    assert "- No run of the LSTM baseline lstm or lstm-24 has a final score on every env: no comparison made." in text
+    assert "No LSTM baseline in this study" not in text
 
 
 def test_a_finished_study_runs_again_without_its_ray_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
