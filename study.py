@@ -89,10 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_not_a_moved_copy(given: Path, name: str, root: Path) -> None:
     """Refuse ``study.py run`` of a study folder's own copy of its file when that folder is not ``root/<name>``
     (a copied or renamed study folder): the runs would go to ``root/<name>``, not the folder it names."""
-    from agents.study import study_dir
+    from agents.study import STUDY_COPY, study_dir
 
     folder = study_dir(given, root)
-    if given.name == "study.yaml" and folder.resolve() != (root / name).resolve() and folder == given.parent:
+    if given.name == STUDY_COPY and folder.resolve() != (root / name).resolve() and folder == given.parent:
         fix = (f"run with --root {folder.parent}" if folder.name == name
                else f"rename or move that folder to {root / name}")
         raise StudyError(f"{given} is the file of study {name!r} in {folder}, but `study.py run` works in "
