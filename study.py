@@ -91,8 +91,10 @@ def _check_not_a_moved_copy(given: Path, name: str, root: Path) -> None:
     (a copied or renamed study folder): the runs would go to ``root/<name>``, not the folder it names."""
     from agents.study import STUDY_COPY, study_dir
 
+    if given.name != STUDY_COPY:  # an ordinary study file: study_dir would only read it again
+        return
     folder = study_dir(given, root)
-    if given.name == STUDY_COPY and folder.resolve() != (root / name).resolve() and folder == given.parent:
+    if folder.resolve() != (root / name).resolve() and folder == given.parent:
         fix = (f"run with --root {folder.parent}" if folder.name == name
                else f"rename or move that folder to {root / name}")
         raise StudyError(f"{given} is the file of study {name!r} in {folder}, but `study.py run` works in "

@@ -353,8 +353,6 @@ def run_ray(jobs: Sequence[Job], address: str | None = None, workers: int | None
     :param gpus_per_run: each task's ``num_gpus`` request (runs then need ``device=cuda`` in their config).
     :param init: called instead of ``ray.init`` when given (tests connect to their own instance).
     """
-    if address:  # study.run_study checked it already; run_ray may be called alone
-        check_ray_reachable(address)
     ray = import_ray()
     display = display or Display("study", len(jobs), 0)
     started_here = False

@@ -928,7 +928,8 @@ class Trainer:
                             self._log(logger, rollout_stats, update_stats, started, collected, ended)
                     mean_return = self._mean("r")
                     # The postfix first, then the count: one refresh shows both (no line with stale numbers).
-                    bar.set_postfix_str("ret=" + ("-" if math.isnan(mean_return) else f"{mean_return:.2f}"), refresh=False)
+                    bar.set_postfix_str("ret=" + ("-" if math.isnan(mean_return) else f"{mean_return:.2f}"),
+                                        refresh=False)
                     bar.update(self.frames - bar.n)
                     self._maybe_switch_task(rollout_stats)
                     if self.frames >= next_checkpoint:

@@ -171,7 +171,8 @@ def seeds(
     if num_train < 1 or num_heldout < 1 or train_start < 0 or heldout_start < 0:
         raise ValueError("seed ranges must be non-empty and start at a non-negative seed")
     if num_train + num_heldout > MAX_LEVEL_SEEDS:  # 10^8 seeds took minutes to list before any message
-        raise ValueError(f"num_train + num_heldout must be at most {MAX_LEVEL_SEEDS:,}, got {num_train + num_heldout:,}")
+        raise ValueError(f"num_train + num_heldout must be at most {MAX_LEVEL_SEEDS:,}, "
+                         f"got {num_train + num_heldout:,}")
     if max(train_start + num_train, heldout_start + num_heldout) > LEVEL_SEED_LIMIT:
         raise ValueError(f"level seeds must be below 2**32 = {LEVEL_SEED_LIMIT:,}: train_start + num_train and "
                          "heldout_start + num_heldout are past it")

@@ -130,8 +130,8 @@ def test_init_from_loads_the_weights_only_and_refuses_another_policy(
             assert not (tmp_path / f"c{len(extra)}").exists(), "a refused run leaves no empty run folder behind"
         # Another core (a ThalNet, whose revision is not the LSTM's): named as another core, not as a revision
         # of the package that "wrote" it.
-        thalnet = [o for o in tiny if not o.startswith("core.")] + ["core.name=thalnet", "core.num_modules=2",
-                                                                    "core.module_size=8", "core.center_size_per_module=4"]
+        thalnet = [o for o in tiny if not o.startswith("core.")] + [
+            "core.name=thalnet", "core.num_modules=2", "core.module_size=8", "core.center_size_per_module=4"]
         code = train.main([*thalnet, f"init_from={tmp_path / 'a'}", "--run-dir", str(tmp_path / "e")])
         err = capsys.readouterr().err
         assert code == 2 and "holds a policy with core='lstm', this run builds core='thalnet'" in err, err

@@ -163,7 +163,8 @@ def test_meta_mode_with_an_lstm_core_is_a_clear_config_error(
         # Settings that were silently ignored or misread, or failed with a traceback:
         (["meta.curriculum_frames=1000"], "meta.curriculum_frames applies only with meta.task_schedule='curriculum'"),
         ([f"meta.tasks=[{{id: {DK5}, name: 5}}]"], "meta.tasks[0].name must be a string, got 5"),
-        ([f"meta.tasks=[{DK5}, {{id: {DK6}, mission: 'no'}}]"], "meta.tasks[1].mission must be true or false, got 'no'"),
+        ([f"meta.tasks=[{DK5}, {{id: {DK6}, mission: 'no'}}]"],
+         "meta.tasks[1].mission must be true or false, got 'no'"),
         ([f"meta.tasks=[{{id: {DK5}, frame_stack: 0}}]"], "meta.tasks[0].frame_stack must be > 0, got 0"),
     ],
 )
