@@ -179,7 +179,8 @@ PPO_ONLY_KEYS: tuple[str, ...] = ("n_epochs", "num_minibatches", "seq_len", "cli
 
 
 def _a2c_fields() -> dict[str, Field]:
-    # One gradient step per short rollout with RMSprop, as in the A3C paper and SB3.
+    # One gradient step per short rollout with RMSprop, as in the A3C paper and SB3 (whose value loss is the
+    # plain squared error: ours is half of it, as PPO's, so vf_coef 0.5 here is SB3's 0.25).
     fields = _algo_fields(lr=7e-4, n_steps=8, optimizer="rmsprop", gae_lambda=1.0, normalize_advantage=False)
     return {key: field for key, field in fields.items() if key not in PPO_ONLY_KEYS}
 
