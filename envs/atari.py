@@ -108,8 +108,13 @@ def wrap_atari(
             Monitor below still reports the raw score.
         terminal_on_life_loss: end the (learning) episode on each life loss;
             the env is only really reset at game over.
-        max_episode_steps: truncate a game after this many agent steps (each
-            of 4 frames); None keeps ALE's own limit (108,000 frames for v5).
+        max_episode_steps: truncate a game after this many steps (each of 4
+            frames); None keeps ALE's own limit (108,000 frames for v5). The count,
+            like the Monitor's episode length, includes the steps the wrappers above
+            take in a reset: FireResetEnv's two (FIRE, then action 2) for games with
+            FIRE, and with ``terminal_on_life_loss`` a lost life's no-op step and
+            those two again (the no-op starts below are not counted). The envpool
+            backend counts the agent's steps only.
 
     Returns:
         The wrapped env, observations (84, 84, 1) uint8.

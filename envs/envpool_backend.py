@@ -30,6 +30,13 @@ its levels with its own random number generator, so the same seed gives other le
 ``minigrid`` does (the dynamics and observations of a given level are the same; see
 ``tests/test_envpool.py``). Runs with the two backends are therefore not seed-for-seed
 comparable on MiniGrid, and the backend stays ``gymnasium`` by default for every family.
+Two smaller differences: envpool reports an episode that ends on its time-limit step as
+truncated only; the adapter recovers the termination where the step's reward shows it (a
+goal reached) but not a failure with reward 0 on that very step (lava, a wrong object), which
+is then bootstrapped as a truncation, one step in such an episode. And an Atari episode's
+length (and a ``max_episode_steps`` limit) counts the agent's steps only, where the gymnasium
+backend's Monitor and time limit also count the FIRE steps of a reset (2 per game start, 3 per
+lost life with ``terminal_on_life_loss``; see ``envs.atari.wrap_atari``).
 
 ``import envpool`` takes seconds, so it happens only in :func:`import_envpool`, when an
 envpool env is built, and imports only the registrations of the families used here.
@@ -319,6 +326,8 @@ class EnvPoolVecEnv(VecEnv):
         # reads as truncated only, where gymnasium says terminated and truncated (SB3: terminal, no
         # bootstrap). Recovered where envpool leaves a trace: a MiniGrid/BabyAI reward is non-zero only on
         # a terminal step (goal reached, Dynamic-Obstacles' collision); Atari's info["terminated"] is game over.
+        # Not recovered: a MiniGrid failure with reward 0 on the time-limit step (lava, a wrong object picked
+        # or chosen) is bootstrapped as a truncation (the module docstring says so).
         if self.family == "minigrid":
             late = truncated & (reward != 0)
         else:
@@ -399,10 +408,12 @@ class EnvPoolVecEnv(VecEnv):
             self._pool = None
 
     def seed(self, seed: int | None = None) -> Sequence[int | None]:
-        """New seeds (``seed + i``, SB3's rule) for the next reset, which rebuilds the envpool pool."""
+        """New seeds (``seed + i``, SB3's rule) for the next reset, which rebuilds the envpool pool (also when
+        the seeds are the ones the pool has: seeding twice with one seed gives the same levels twice)."""
         if seed is None:
             seed = int(np.random.randint(0, 2**31 - 1))
         self._seeds = [seed + i for i in range(self.num_envs)]
+        self._pool_seeds = None  # the next reset rebuilds the pool
         return list(self._seeds)
 
     def get_attr(self, attr_name: str, indices: Any = None) -> list[Any]:

@@ -24,7 +24,7 @@ from stable_baselines3.common.vec_env import (
     VecTransposeImage,
 )
 
-from .atari import wrap_atari
+from .atari import atari_modes, wrap_atari
 from .minigrid import wrap_minigrid
 from .registry import EnvFamily, check_env_id, env_family
 from .wrappers import LevelSeedWrapper
@@ -72,6 +72,7 @@ def _check_options(
     env_kwargs: dict[str, Any] | None,
     level_seeds: list[int] | None,
     max_episode_steps: int | None,
+    terminal_on_life_loss: bool = False,
 ) -> None:
     check_env_id(env_id)
     family = env_family(env_id)
@@ -85,11 +86,10 @@ def _check_options(
         raise ValueError(f"mission=True only applies to MiniGrid/BabyAI ids, not {env_id!r}")
     if env_kwargs is not None and not isinstance(env_kwargs, dict):
         raise ValueError(f"env_kwargs must be a dict or None, got {type(env_kwargs).__name__}")
-    if family == "atari" and env_kwargs and "frameskip" in env_kwargs:
-        raise ValueError(
-            "env_kwargs must not set 'frameskip' for Atari: the env is created with frameskip=1 and "
-            "SB3's MaxAndSkipEnv skips 4 frames (a total frame skip of 4)."
-        )
+    if terminal_on_life_loss and family != "atari":
+        raise ValueError(f"terminal_on_life_loss=True only applies to Atari ids, not {env_id!r}")
+    if family == "atari" and env_kwargs:
+        _check_atari_kwargs(env_kwargs)
     if level_seeds is not None:
         if len(level_seeds) == 0:
             raise ValueError("level_seeds must be a non-empty list of ints (or None)")
@@ -97,6 +97,35 @@ def _check_options(
             raise ValueError("level_seeds must contain non-negative ints")
     if max_episode_steps is not None and (not _is_int(max_episode_steps) or max_episode_steps < 1):
         raise ValueError(f"max_episode_steps must be an integer >= 1 or None, got {max_episode_steps!r}")
+
+
+def _check_atari_kwargs(env_kwargs: dict[str, Any]) -> None:
+    """Refuse the ALE options the preprocessing cannot take, or ALE would take silently or with a C++ dump."""
+    if "frameskip" in env_kwargs:
+        raise ValueError(
+            "env_kwargs must not set 'frameskip' for Atari: the env is created with frameskip=1 and "
+            "SB3's MaxAndSkipEnv skips 4 frames (a total frame skip of 4)."
+        )
+    if env_kwargs.get("obs_type", "rgb") != "rgb":
+        raise ValueError(f"env_kwargs must not set obs_type={env_kwargs['obs_type']!r} for Atari: the preprocessing "
+                         "makes 84x84 grayscale frames from ALE's 'rgb' screens")
+    if "repeat_action_probability" in env_kwargs:
+        p = env_kwargs["repeat_action_probability"]
+        if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"env_kwargs repeat_action_probability must be a number in [0, 1] (ALE v5: 0.25), "
+                             f"got {p!r}")
+
+
+def _make_atari(env_id: str, kwargs: dict[str, Any]) -> gym.Env:
+    """``gym.make`` of an ALE id, with ALE's refusal of a game mode or difficulty as a ValueError naming the choices."""
+    try:
+        return gym.make(env_id, **kwargs)
+    except RuntimeError as exc:
+        if "mode" not in kwargs and "difficulty" not in kwargs:
+            raise
+        modes, difficulties = atari_modes(env_id)
+        raise ValueError(f"{env_id} rejected mode={kwargs.get('mode')!r}, difficulty={kwargs.get('difficulty')!r} "
+                         f"({exc}): its modes are {modes}, its difficulties {difficulties}") from None
 
 
 def make_env(
@@ -132,14 +161,14 @@ def make_env(
     Raises:
         ValueError: as :func:`make_vec_env`.
     """
-    _check_options(env_id, 1, "dummy", 1, mission, env_kwargs, level_seeds, max_episode_steps)
+    _check_options(env_id, 1, "dummy", 1, mission, env_kwargs, level_seeds, max_episode_steps, terminal_on_life_loss)
     family = env_family(env_id)
     kwargs: dict[str, Any] = dict(env_kwargs or {})
     if render_mode is not None:
         kwargs["render_mode"] = render_mode
     if family == "atari":
         kwargs["frameskip"] = 1
-        env = gym.make(env_id, **kwargs)
+        env = _make_atari(env_id, kwargs)
     else:
         env = gym.make(env_id, max_episode_steps=max_episode_steps, **kwargs)
     if seed is not None:
@@ -241,7 +270,8 @@ def make_vec_env(
             n_envs < 1, frame_stack < 1, unknown vec_env, or an option that
             does not apply to the env's family.
     """
-    _check_options(env_id, n_envs, vec_env, frame_stack, mission, env_kwargs, level_seeds, max_episode_steps)
+    _check_options(env_id, n_envs, vec_env, frame_stack, mission, env_kwargs, level_seeds, max_episode_steps,
+                   terminal_on_life_loss)
     family = env_family(env_id)
     seeds = env_seeds(seed, n_envs)
     if backend != "gymnasium":

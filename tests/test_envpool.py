@@ -208,6 +208,20 @@ def test_minigrid_seeds_give_other_levels_than_minigrid(envpool: Any, monkeypatc
     pool.close()
 
 
+def test_seeding_again_with_the_same_seed_gives_the_same_levels(envpool: Any) -> None:
+    # seed() with the seeds the pool already had did not rebuild it: the second reset went on to other levels.
+    venv = make_vec_env("MiniGrid-DoorKey-5x5-v0", 2, 0, backend="envpool")
+    try:
+        venv.seed(5)
+        first = venv.reset()
+        venv.step(np.array([2, 2]))
+        venv.seed(5)
+        assert np.array_equal(venv.reset(), first)
+        assert not np.array_equal(venv.reset(), first)  # a later reset draws new levels
+    finally:
+        venv.close()
+
+
 def test_minigrid_mission_tokens(envpool: Any) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

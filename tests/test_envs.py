@@ -11,6 +11,7 @@ from stable_baselines3.common.atari_wrappers import ClipRewardEnv, MaxAndSkipEnv
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
+import train
 from envs import (
     MISSION_MAX_LEN,
     PAD_ID,
@@ -349,6 +350,27 @@ def test_family_specific_options_are_checked():
         make_vec_env(PONG, mission=True)
     with pytest.raises(ValueError, match="frameskip"):
         make_vec_env(PONG, env_kwargs={"frameskip": 4})
+    with pytest.raises(ValueError, match="terminal_on_life_loss"):  # was ignored silently
+        make_vec_env(DOORKEY, terminal_on_life_loss=True)
+    with pytest.raises(ValueError, match="obs_type='ram'"):  # was an OpenCV error at the first reset
+        make_vec_env(PONG, env_kwargs={"obs_type": "ram"})
+    for p in (2.0, -0.5, "0.25", True):  # 2.0 was taken: every action repeated forever
+        with pytest.raises(ValueError, match="repeat_action_probability must be a number in"):
+            make_vec_env(PONG, env_kwargs={"repeat_action_probability": p})
+    make_vec_env(PONG, env_kwargs={"repeat_action_probability": 0, "obs_type": "rgb"}).close()
+
+
+@pytest.mark.parametrize("kwargs", [{"mode": 99}, {"difficulty": 9}])
+def test_an_atari_mode_ale_refuses_names_the_choices(kwargs, tmp_path, capsys):
+    # ALE raised RuntimeError("Invalid game mode requested"), which reached the user as a traceback.
+    with pytest.raises(ValueError, match=r"its modes are \[0, 1\], its difficulties \[0, 1, 2, 3\]"):
+        make_vec_env(PONG, env_kwargs=kwargs)
+    option = next(iter(kwargs))
+    code = train.main([f"env.id={PONG}", f"env.env_kwargs={{{option}: {kwargs[option]}}}", "env.n_envs=1",
+                       "total_frames=8", "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "its modes are" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_env_family():
