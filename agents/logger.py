@@ -37,7 +37,10 @@ class RunLogger:
         self.jsonl_path = self.run_dir / "metrics.jsonl"
         if purge_step is not None and self.jsonl_path.exists():
             self._purge(purge_step)
-        self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=purge_step)
+        # TensorBoard purges the steps >= its purge_step; the checkpoint's own row (logged before it was saved)
+        # stays, as in metrics.jsonl.
+        tb_purge = None if purge_step is None else purge_step + 1
+        self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=tb_purge)
         self.jsonl = self.jsonl_path.open("a")
 
     def _purge(self, purge_step: int) -> None:

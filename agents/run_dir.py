@@ -94,7 +94,7 @@ def refuse_existing_run(run_dir: str | Path) -> None:
     if found and "checkpoint.pt" in found:
         raise RunDirError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
                           f"`python train.py --resume {run_dir}`, or give a new run another --run-dir")
-    numbered = sorted(Path(run_dir, "checkpoints").glob("checkpoint_*.pt")) if found else []
+    numbered = list(_numbered_checkpoints(Path(run_dir, "checkpoints")).values()) if found else []
     if numbered:  # checkpoint.pt gone (moved away, or a kill between the two saves): the numbered ones remain
         raise RunDirError(f"{run_dir} already holds a run with numbered checkpoints but no checkpoint.pt (newest "
                           f"{numbered[-1]}); to continue it, copy that file to {Path(run_dir) / 'checkpoint.pt'} "
@@ -183,15 +183,20 @@ def remove_stale_temp_files(run_dir: str | Path) -> list[Path]:
 
 # temp_path's names: .<target>.<pid>.<8 hex digits>.tmp
 _TEMP_NAME = re.compile(r"\.(?P<target>.+)\.\d+\.[0-9a-f]{8}\.tmp")
+# The files earlier versions wrote through a fixed ``.<name>.tmp``: a run's own files only.
+_LEGACY_TARGET = re.compile(r"checkpoint\.pt|checkpoint_\d+\.pt|config\.yaml|metrics\.jsonl|envs_state\.pkl|"
+                            r"provenance\.json")
 
 
 def _is_temp_name(name: str, directory: Path) -> bool:
     """Whether ``name`` is a temporary file of this package's writes: :func:`temp_path`'s pattern, or an
     earlier version's fixed ``.<target>.tmp`` / ``.checkpoint.pt.link`` next to the file it was writing.
-    Any other dot file (a user's ``.notes.tmp``) is left alone."""
+    Any other dot file (a user's ``.notes.tmp``, or ``.notes.txt.tmp`` beside their ``notes.txt``) is left alone."""
     if _TEMP_NAME.fullmatch(name) or name == ".checkpoint.pt.link":
         return True
-    return name.startswith(".") and name.endswith(".tmp") and (directory / name[1:-len(".tmp")]).is_file()
+    target = name[1:-len(".tmp")]
+    return (name.startswith(".") and name.endswith(".tmp") and _LEGACY_TARGET.fullmatch(target) is not None
+            and (directory / target).is_file())
 
 
 def temp_path(path: Path) -> Path:
@@ -205,6 +210,13 @@ def _sync_folder(folder: Path) -> None:
     from policies.checkpoint import sync_directory
 
     sync_directory(folder)
+
+
+def _numbered_checkpoints(folder: Path) -> dict[int, Path]:
+    """``policies.checkpoint.numbered_checkpoints``, imported on first use (see :func:`_sync_folder`)."""
+    from policies.checkpoint import numbered_checkpoints
+
+    return numbered_checkpoints(folder)
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:

@@ -939,14 +939,9 @@ def check_code_version(jobs: Sequence[Job], version: dict[str, Any]) -> None:
 
 def checkpoint_frames(directory: Path) -> dict[int, Path]:
     """Frames -> numbered checkpoint (``checkpoints/checkpoint_<frames>.pt``) of a run."""
-    found = {}
-    folder = directory / "checkpoints"
-    if folder.is_dir():
-        for path in folder.glob("checkpoint_*.pt"):
-            match = re.fullmatch(r"checkpoint_(\d+)\.pt", path.name)
-            if match:
-                found[int(match.group(1))] = path
-    return dict(sorted(found.items()))
+    from policies.checkpoint import numbered_checkpoints  # the policies package imports torch
+
+    return numbered_checkpoints(directory / "checkpoints")
 
 
 def checkpoint_for_point(checkpoints: dict[int, Path], point: int) -> tuple[int, Path] | None:

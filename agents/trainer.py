@@ -64,6 +64,7 @@ from policies.checkpoint import (
     CheckpointWriteError,
     DamagedCheckpointError,
     load_checkpoint,
+    numbered_checkpoints,
     save_checkpoint,
     space_from_dict,
     space_to_dict,
@@ -265,7 +266,7 @@ def _older_checkpoints_hint(run_dir: Path) -> str:
     newest one, which damage to either then shares: that one is left out.)
     """
     latest = _file_identity(run_dir / "checkpoint.pt")
-    numbered = sorted((run_dir / "checkpoints").glob("checkpoint_*.pt"), reverse=True)
+    numbered = list(reversed(numbered_checkpoints(run_dir / "checkpoints").values()))
     twin = [path for path in numbered if latest is not None and (_file_identity(path) or (None,))[0] == latest[0]]
     kept = [path for path in numbered if path not in twin]
     if not kept:
@@ -728,7 +729,7 @@ class Trainer:
                 # `cp checkpoints/checkpoint_<older>.pt checkpoint.pt` wrote through the shared file into the
                 # newest numbered checkpoint, whose name then held the older weights.
                 atomic_write(latest, numbered.read_bytes())
-            kept = sorted((self.run_dir / "checkpoints").glob("checkpoint_*.pt"))
+            kept = list(numbered_checkpoints(self.run_dir / "checkpoints").values())  # a user's own copies are not
             for old in kept[: -self.config["log"]["keep_checkpoints"]]:
                 old.unlink()
             if self._loaded_from is not None:

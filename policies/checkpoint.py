@@ -33,6 +33,8 @@ FORMAT_VERSION = 1
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _GLOBAL = re.compile(r"GLOBAL (\S+)")
+# The numbered checkpoints a run keeps in checkpoints/: checkpoint_<frames, 12 digits or more>.pt.
+_NUMBERED = re.compile(r"checkpoint_(\d{12,})\.pt")
 
 
 class CheckpointError(ValueError):
@@ -139,6 +141,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, _new_file_mode())  # mkstemp makes it 0600; a checkpoint is readable as any file written here
     except OSError as exc:
         raise CheckpointWriteError(f"cannot write checkpoint {path}: {write_error_reason(exc)} "
                                    f"({free_space(path.parent)} free)") from None
@@ -214,6 +218,28 @@ def _not_a_checkpoint(path: Path) -> str | None:
     return f"{path} is a text file, not a checkpoint; {hint}"
 
 
+def _new_file_mode() -> int:
+    """The mode ``open`` gives a new file under the process's umask (0644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def numbered_checkpoints(folder: str | Path) -> dict[int, Path]:
+    """Frames -> file of the numbered checkpoints (``checkpoint_<frames>.pt``, frames in 12 or more digits) in
+    ``folder``, oldest first. Other files there (a user's ``checkpoint_best.pt`` or
+    ``checkpoint_000000001024_before-lr-change.pt``) are not the run's and are left out."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for path in folder.iterdir():
+        match = _NUMBERED.fullmatch(path.name)
+        if match and path.is_file():
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by ``save_checkpoint`` without executing code from it.
 
@@ -225,13 +251,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     import torch
 
     path = Path(path).expanduser()  # a notebook's "~/runs/x": no shell expanded it
-    if path.is_dir():
+    if path.is_dir() and path.suffix != ".pt":  # a run folder
         path = path / "checkpoint.pt"
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         # A folder of numbered checkpoints given, or a run folder whose checkpoint.pt is gone: name the numbered ones.
-        numbered = ([*path.parent.glob("checkpoint_*.pt"), *path.parent.glob("checkpoints/checkpoint_*.pt")]
+        numbered = ([*numbered_checkpoints(path.parent).items(), *numbered_checkpoints(path.parent / "checkpoints").items()]
                     if path.name == "checkpoint.pt" else [])
-        newest = max(numbered, key=lambda p: p.name) if numbered else None
+        newest = max(numbered)[1] if numbered else None
         run = path.parent.parent if path.parent.name == "checkpoints" else path.parent  # the run folder
         hint = (f" ({len(numbered)} numbered checkpoint(s) are there, the newest {newest}: give that file to load it, "
                 f"or copy it to {run / 'checkpoint.pt'} to continue the run with --resume {run})" if newest else "")

@@ -261,7 +261,9 @@ def test_one_process_per_run_directory_sigint_exit_130_and_no_stale_lock_after_k
     stale = [run / f".checkpoint.pt.{resumed.pid}.abcd1234.tmp", run / "checkpoints" / ".checkpoint_1.pt.999.0badf00d.tmp",
              run / ".metrics.jsonl.tmp"]  # the last: an earlier version's fixed name, beside metrics.jsonl
     # A user's own dot files are not temp files of ours, whatever they end with.
-    kept = [run / ".notes.tmp", run / ".config.yaml.backup.tmp", run / "checkpoints" / ".mine.1.tmp"]
+    kept = [run / ".notes.tmp", run / ".config.yaml.backup.tmp", run / "checkpoints" / ".mine.1.tmp",
+            run / ".notes.txt.tmp"]  # beside the user's notes.txt (written below): was removed as our temp file
+    (run / "notes.txt").write_text("notes")
     for path in stale + kept:
         path.write_bytes(b"half a write")
     trainer = Trainer.resume(run, {"total_frames": 100000000})
@@ -446,6 +448,45 @@ def test_resume_drops_a_partial_metrics_line_and_rewrites_atomically(tmp_path: P
     assert "dropped a partial last line" in capsys.readouterr().err
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [row["frames"] for row in rows] == [32, 64, 96]
+
+
+def test_resume_keeps_the_checkpoints_row_in_tensorboard(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    tiny_run(run, 64)
+    resumed = Trainer.resume(run, {"total_frames": 128})
+    resumed.run()
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    # The purge took steps >= the checkpoint's frames: its row (64) was lost on every resume.
+    steps = [event.step for event in events.Scalars("train/policy_loss")]
+    assert steps == [32, 64, 96, 128]
+    assert [json.loads(line)["frames"] for line in (run / "metrics.jsonl").read_text().splitlines()] == steps
+
+
+def test_pruning_keeps_a_users_files_and_the_newest_numbered_checkpoints(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    tiny_run(run, 32, "log.checkpoint_interval_frames=32", "log.keep_checkpoints=3")
+    folder = run / "checkpoints"
+    mine = [folder / "checkpoint_000000000032_before-lr-change.pt", folder / "checkpoint_best.pt"]
+    for path in mine:
+        shutil.copy(folder / "checkpoint_000000000032.pt", path)
+    resumed = Trainer.resume(run, {"total_frames": 160})
+    resumed.run()
+    assert all(path.is_file() for path in mine)  # were deleted as old checkpoints
+    numbered = sorted(p.name for p in folder.iterdir() if p not in mine)
+    assert numbered == [f"checkpoint_{frames:012d}.pt" for frames in (96, 128, 160)]
+    # Readable as any file the run writes (mkstemp made them 0600).
+    mode = (run / "config.yaml").stat().st_mode & 0o777
+    assert all(p.stat().st_mode & 0o777 == mode for p in folder.iterdir() if p not in mine)
+
+
+def test_a_checkpoint_pt_that_is_a_folder_is_named_as_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoint.pt").mkdir(parents=True)
+    code, err = main(capsys, ["--resume", str(run), "total_frames=64"])
+    assert code == 2 and one_line_error(err) and f"{run / 'checkpoint.pt'} is a folder, not a checkpoint file" in err, err
 
 
 # -- a full disk ---------------------------------------------------------------------------------
