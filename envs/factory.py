@@ -187,9 +187,11 @@ def make_env(
     return Monitor(env)
 
 
-def _ignoring_sigint(make: Callable[[], gym.Env]) -> gym.Env:
-    """Build an env in a subprocess worker that ignores SIGINT (the parent handles it)."""
+def _ignoring_stop_signals(make: Callable[[], gym.Env]) -> gym.Env:
+    """Build an env in a subprocess worker that ignores SIGINT and SIGTERM: the parent handles them (it finishes
+    its update and checkpoints, then closes the workers); a worker whose parent died ends at its pipe's EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return make()
 
 
@@ -295,9 +297,9 @@ def make_vec_env(
         for i in range(n_envs)
     ]
     if vec_env == "subproc":
-        # Ctrl-C reaches the whole process group: workers ignore it, so the trainer can finish
-        # its update and checkpoint instead of finding its envs dead.
-        env_fns = [functools.partial(_ignoring_sigint, fn) for fn in env_fns]
+        # Ctrl-C, and a scheduler's SIGTERM, reach the whole process group: workers ignore them, so the
+        # trainer can finish its update and checkpoint instead of finding its envs dead.
+        env_fns = [functools.partial(_ignoring_stop_signals, fn) for fn in env_fns]
     venv: VecEnv = SubprocVecEnv(env_fns) if vec_env == "subproc" else InProcessVecEnv(env_fns)
     # Env i gets seeds[i] at its next (first) reset; VecEnv.seed would give it seed + i.
     venv._seeds = list(seeds)

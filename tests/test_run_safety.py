@@ -167,6 +167,28 @@ def wait_for_rows(path: Path, process: subprocess.Popen, rows: int) -> None:
         time.sleep(0.1)
 
 
+def test_sigterm_to_the_process_group_stops_a_subprocess_env_run_as_a_stop(tmp_path: Path) -> None:
+    # A scheduler (SLURM, a container stop) signals the whole group: the env workers died of it mid-rollout and
+    # the run reported an env crash with exit 2 instead of stopping at its next checkpoint with 143.
+    run = tmp_path / "run"
+    cmd = [sys.executable, "train.py", *TINY, "env.vec_env=subproc", "algo.n_steps=256", "algo.n_epochs=1",
+           "total_frames=100000000", "--run-dir", str(run)]
+    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        wait_for_rows(run / "metrics.jsonl", process, 1)  # from here on the run is mostly stepping its envs
+        time.sleep(0.3)
+        os.killpg(process.pid, signal.SIGTERM)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM: stopped after" in out + err and "crashed" not in err, err
+    assert load_checkpoint(run / "checkpoint.pt")["frames"] > 0
+
+
 @pytest.mark.parametrize("glance", ["LOCK_SH", "LOCK_EX"])
 def test_a_glance_at_the_lock_does_not_refuse_a_run_nor_name_a_holder(tmp_path: Path, glance: str,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
