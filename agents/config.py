@@ -585,16 +585,39 @@ def locate_config(path: str | Path) -> Path:
     return shipped if shipped.is_file() else path
 
 
+class _NoDuplicateKeysLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that repeats a key: YAML forbids it, and PyYAML would keep the
+    last one silently, so a second ``algo:`` section in a config file replaced the first one whole."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: explicit keys may override it
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    repeated = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the base class says so
+                    continue
+                if repeated:
+                    raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                            f"found duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 @functools.lru_cache(maxsize=1024)
 def _parsed_yaml(text: str) -> Any:
-    return yaml.safe_load(text)
+    return yaml.load(text, Loader=_NoDuplicateKeysLoader)
 
 
 def parse_yaml(text: str) -> Any:
-    """``yaml.safe_load(text)``, parsed once per process for each text (a study resolves the same config
-    files and overrides for every run it plans); each call gets its own copy, free to modify.
+    """``yaml.safe_load(text)``, but refusing a repeated key in a mapping, parsed once per process for each text
+    (a study resolves the same config files and overrides for every run it plans); each call gets its own
+    copy, free to modify.
 
-    :raises yaml.YAMLError: for text that is not valid YAML (raised again on every call).
+    :raises yaml.YAMLError: for text that is not valid YAML or repeats a key (raised again on every call).
     """
     return copy.deepcopy(_parsed_yaml(text))
 

@@ -135,6 +135,18 @@ def test_config_file_errors(tmp_path: Path) -> None:
     bad.write_text("a: 1\n  b: 2\n")
     with pytest.raises(ConfigError, match="not valid YAML: mapping values are not allowed here at line 2, column 4$"):
         load_config(bad)
+    # A repeated key: PyYAML kept the last silently, so a second algo section replaced the first whole.
+    bad.write_text("algo: {name: ppo, lr: 0.0001}\nenv: {n_envs: 8}\nalgo: {ent_coef: 0.05}\n")
+    with pytest.raises(ConfigError, match="not valid YAML: found duplicate key 'algo' at line 3, column 1"):
+        load_config(bad)
+    bad.write_text("algo:\n  lr: 0.001\n  lr: 0.002\n")
+    with pytest.raises(ConfigError, match="duplicate key 'lr' at line 3"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="duplicate key 'mode'"):
+        parse_overrides(["env.env_kwargs={mode: 1, mode: 2}"])
+    # A merge key's entries may be overridden by the mapping's own, as YAML allows.
+    bad.write_text("base: &b {lr: 0.001, ent_coef: 0.01}\nalgo:\n  <<: *b\n  lr: 0.002\n")
+    assert parse_yaml(bad.read_text())["algo"] == {"lr": 0.002, "ent_coef": 0.01}
     scalar = tmp_path / "scalar.yaml"
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
