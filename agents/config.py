@@ -166,7 +166,8 @@ def _algo_fields(**overrides: Any) -> dict[str, Field]:
         "advantage_std_floor": Field(0.0, FLOAT, _non_negative, ">= 0"),
         "anneal_lr": Field(False, BOOL),
         "optimizer": Field("adam", STR, choices=("adam", "rmsprop")),
-        "optimizer_eps": Field(1e-5, FLOAT, _positive, "> 0"),
+        "optimizer_eps": Field(1e-5, FLOAT, _is_float32_positive,
+                               "> 0 and representable in float32 (about 1.4e-45 to 3.4e38)"),
         "target_kl": Field(None, OPT_FLOAT, lambda v: v is None or v > 0, "> 0 or null"),
     }
     for key, default in overrides.items():
@@ -699,6 +700,21 @@ def check_config_env_id(config: dict[str, Any]) -> None:
         check_env_id(config["env"]["id"])
     except ValueError as exc:
         raise ConfigError(f"env.id: {exc}") from None
+    check_frame_stack(config["env"])
+
+
+def check_frame_stack(env_config: dict[str, Any]) -> None:
+    """Refuse an ``env.frame_stack`` other than the default for an id that is not Atari's: only Atari frames
+    are stacked, so the setting would be recorded in the run's config and do nothing.
+
+    :raises ConfigError: naming the setting and the id.
+    """
+    from envs.registry import env_family
+
+    default = ENV_FIELDS["frame_stack"].default
+    if env_config.get("frame_stack", default) != default and env_family(env_config["id"]) != "atari":
+        raise ConfigError(f"env.frame_stack={env_config['frame_stack']} applies to Atari ids only; "
+                          f"{env_config['id']} observations are not stacked (leave it at {default})")
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:

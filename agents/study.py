@@ -876,7 +876,7 @@ def check_eval_spaces(study: Study, jobs: Sequence[Job]) -> None:
     """
     if study.adaptation is not None:  # its tasks are the models' own training envs, checked by train.py
         return
-    from agents.config import env_options
+    from agents.config import check_frame_stack, env_options
     from agents.evaluation import target_options
     from envs import check_env_id, env_family, env_spaces
 
@@ -901,6 +901,7 @@ def check_eval_spaces(study: Study, jobs: Sequence[Job]) -> None:
         checked.add(job.model)
         try:
             env = load_config(job.config, list(job.overrides))["env"]
+            check_frame_stack(env)
         except ConfigError as exc:
             raise StudyError(f"model {job.model}: {exc}") from None
         if env_family(env["id"]) == "minigrid":

@@ -68,6 +68,10 @@ def run_main(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, 
         # SB3's image check refuses a stack deeper than the frame is wide: the setting that did it is named.
         (["env.id=ALE/Pong-v5", "env.frame_stack=1000"], "env.frame_stack=1000 rejected by ALE/Pong-v5"),
         (["algo.lr=1e-60"], "representable in float32"),
+        # 0 in float32: the first update's outputs were non-finite, a message that did not name eps.
+        (["algo.optimizer_eps=1e-50"], "algo.optimizer_eps must be > 0 and representable in float32"),
+        # Only Atari frames are stacked: on MiniGrid it was recorded in config.yaml and did nothing.
+        (["env.frame_stack=7"], "env.frame_stack=7 applies to Atari ids only; MiniGrid-DoorKey-5x5-v0"),
     ],
 )
 def test_bad_training_input_exits_2_with_one_message(

@@ -335,6 +335,16 @@ def test_an_eval_env_that_does_not_fit_a_model_is_refused_before_training(tmp_pa
     assert not (tmp_path / "o" / "tiny" / "runs").exists()  # nothing trained
 
 
+def test_a_frame_stack_on_minigrid_is_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = tiny_study(model_names=("lstm",), seeds=(1,))
+    raw["models"][0]["overrides"]["env.frame_stack"] = 2
+    path = write_study(tmp_path, raw)
+    assert study_cli.main(["run", str(path), "--root", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model lstm: env.frame_stack=2 applies to Atari ids only" in err, err
+    assert not (tmp_path / "o" / "tiny" / "runs").exists()  # nothing trained
+
+
 def test_bad_study_file_from_the_command_line(tmp_path: Path) -> None:
     path = write_study(tmp_path, tiny_study(seeds=[]))
     done = subprocess.run([sys.executable, str(REPO / "study.py"), "run", str(path), "--root", str(tmp_path / "o")],
