@@ -364,7 +364,9 @@ def core_fields(core_name: str) -> dict[str, Field]:
         elif isinstance(default, float):
             types = FLOAT
         elif isinstance(default, int):
-            types = INT
+            # A size torch cannot index (it failed with a C++ backtrace); the core checks the real range.
+            fields[name] = Field(default, INT, lambda v: abs(v) < 2**31, "below 2**31 in size")
+            continue
         elif isinstance(default, str):
             types = STR
         elif isinstance(default, (list, tuple)):

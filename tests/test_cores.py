@@ -174,6 +174,13 @@ def test_make_core_unknown_argument_raises_value_error() -> None:
         make_core("lstm", INPUT_SIZE, num_heads=3)
 
 
+def test_make_core_a_size_torch_cannot_take_is_one_line() -> None:
+    # torch's TypeError went on with dozens of lines of C++ frames.
+    with pytest.raises(ValueError, match="bad argument for core 'lstm': ") as raised:
+        make_core("lstm", 4, hidden_size=2**70)
+    assert "\n" not in str(raised.value)
+
+
 @pytest.mark.parametrize("name", MODULAR_CORES)
 def test_parameter_groups_cover_every_parameter_once(name: str) -> None:
     core = build(name)

@@ -32,8 +32,10 @@ def make_core(name: str, input_size: int, **kwargs: Any) -> RecurrentCore:
     cls = CORES[name]
     try:
         return cls(input_size, **kwargs)
-    except TypeError as exc:  # an unexpected keyword: name it instead of a raw TypeError
-        raise ValueError(f"bad argument for core {name!r}: {exc}") from None
+    except TypeError as exc:  # an unexpected keyword, or a size torch cannot take: name it instead of a raw TypeError
+        # torch's own text can go on with dozens of lines of C++ frames: its first line says what is wrong.
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"bad argument for core {name!r}: {first_line}") from None
 
 
 __all__ = ["CORES", "BRIMs", "GRUCore", "LSTMCore", "RIMs", "RecurrentCore", "ThalNet", "frozen_parameters", "make_core",
