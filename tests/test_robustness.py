@@ -73,7 +73,7 @@ def run_main(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, 
         # Only Atari frames are stacked: on MiniGrid it was recorded in config.yaml and did nothing.
         (["env.frame_stack=7"], "env.frame_stack=7 applies to Atari ids only; MiniGrid-DoorKey-5x5-v0"),
         # torch's allocator failed with its C++ backtrace.
-        (["core.hidden_size=100000000000000000000"], "core.hidden_size must be below 2**31 in size"),
+        (["core.module_size=100000000000000000000"], "core.module_size must be below 2**31 in size"),
     ],
 )
 def test_bad_training_input_exits_2_with_one_message(
