@@ -87,6 +87,10 @@ ENVS_STATE_FILE = "envs_state.pkl"
 # closed, so that a long task list (a suite, subprocess envs) does not keep every task's envs open.
 MAX_PARKED_TASKS = 8
 # The env options that ``envs.make_env`` (one env) takes; the others are vec-env options.
+# What may change on --resume: the budget, and where and how fast the run computes (as SB3's load(device=...)).
+RESUME_MAY_CHANGE: tuple[str, ...] = ("total_frames", "device", "torch_threads", "log.progress_bar")
+_RESUME_MAY_CHANGE_WORDS = ", ".join(RESUME_MAY_CHANGE[:-1]) + " and " + RESUME_MAY_CHANGE[-1]
+
 SINGLE_ENV_OPTIONS: tuple[str, ...] = ("mission", "env_kwargs", "level_seeds", "max_episode_steps",
                                        "terminal_on_life_loss")
 
@@ -370,7 +374,9 @@ class Trainer:
         self._seed_rngs(distributed.rank_rng_seed(seed))
         self.device = torch.device(config["device"])
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device={config['device']!r} but no CUDA GPU is available; use device=cpu")
+            how = (f"continue the run on the CPU with `python train.py --resume {run_dir} device=cpu`"
+                   if checkpoint is not None else "use device=cpu")
+            raise ConfigError(f"device={config['device']!r} but no CUDA GPU is available; {how}")
         distributed.setup(config["device"])  # joins torchrun's process group; nothing in a world of 1
         self.world_size = distributed.world_size()
         try:  # the config only checks the spelling; whether this machine has the device is checked here
@@ -527,7 +533,7 @@ class Trainer:
             wanted = _lookup(overrides or {}, key)
             if wanted is not None and wanted != _lookup(saved, key):
                 raise ConfigError(f"{key} cannot change on --resume (the run is {key}={_lookup(saved, key)}; only "
-                                  "total_frames can change); start a new run")
+                                  f"{_RESUME_MAY_CHANGE_WORDS} can change); start a new run")
         try:
             config = resolve_config(merge(saved, overrides or {}))  # an unknown key is named here
             own = resolve_config(saved)
@@ -537,13 +543,18 @@ class Trainer:
         # (env.env_kwargs={size: 8}) replaces it, and must not drop the run's other entries unnoticed.
         # Keys given with the run's own values (a scheduler's fixed command line) change nothing.
         changed = [key for key in dict.fromkeys([*_flat_keys(own), *_flat_keys(config)])
-                   if key != "total_frames" and _lookup(config, key) != _lookup(own, key)]
+                   if key not in RESUME_MAY_CHANGE and _lookup(config, key) != _lookup(own, key)]
         if "env.n_envs" in changed:
             raise ConfigError("env.n_envs cannot change on --resume: the checkpoint's rollout state, env "
                               "snapshot and optimiser were made with its own count; start a new run")
         if changed:
-            raise ConfigError(f"{', '.join(changed)} cannot change on --resume (only total_frames can); "
-                              "start a new run")
+            raise ConfigError(f"{', '.join(changed)} cannot change on --resume (only {_RESUME_MAY_CHANGE_WORDS} "
+                              "can); start a new run")
+        moved = [f"{key}={_lookup(config, key)} (was {_lookup(own, key)})" for key in ("device", "torch_threads")
+                 if _lookup(config, key) != _lookup(own, key)]
+        if moved:
+            print(f"note: the run continues with {', '.join(moved)}: the same training, but not to the bit what "
+                  "an uninterrupted run would compute", file=sys.stderr)
         done = checkpoint.get("frames")
         if isinstance(done, int) and config["total_frames"] < done:
             raise ConfigError(f"cannot resume {run_dir} with total_frames={config['total_frames']}: the run has "

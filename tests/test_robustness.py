@@ -143,7 +143,7 @@ def test_resume_override_is_validated(tmp_path: Path, capsys: pytest.CaptureFixt
     code, err = run_main(capsys, ["--resume", str(tmp_path), "total_frames=lots"])
     assert code == 2 and "total_frames must be an integer" in err
     code, err = run_main(capsys, ["--resume", str(tmp_path), "algo.lr=1"])
-    assert code == 2 and "only total_frames can" in err
+    assert code == 2 and "only total_frames, device, torch_threads and log.progress_bar can" in err
     code, err = run_main(capsys, ["--resume", str(tmp_path), "env.env_kwargs={size: 5}"])
     assert code == 2 and "env.env_kwargs.size cannot change" in err  # a mapping's new entry counts too
     for key, value in (("core.name", "lstm"), ("algo.name", "a2c")):  # named as typed, not by a key it drops
@@ -155,6 +155,23 @@ def test_resume_override_is_validated(tmp_path: Path, capsys: pytest.CaptureFixt
     code, err = run_main(capsys, ["--resume", str(tmp_path), "log.progress_bar=false", "env.n_envs=2",
                                   "total_frames=64"])
     assert code == 0, err
+
+
+def test_a_gpu_run_continues_on_a_cpu_machine(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Said "use device=cpu", then refused device=cpu as a change on --resume.
+    tiny_trainer(tmp_path).run(stop_at_frames=32)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    checkpoint["config"]["device"] = "cuda"  # as a run trained on a GPU machine saved it
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, err = run_main(capsys, ["--resume", str(tmp_path), "total_frames=64"])
+    assert code == 2 and f"continue the run on the CPU with `python train.py --resume {tmp_path} device=cpu`" in err
+    code, err = run_main(capsys, ["--resume", str(tmp_path), "total_frames=64", "device=cpu", "torch_threads=1"])
+    assert code == 0, err
+    assert "note: the run continues with device=cpu (was cuda)" in err
+    resumed = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert resumed["frames"] == 64 and resumed["config"]["device"] == "cpu"
 
 
 def test_missing_atari_roms_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
