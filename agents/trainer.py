@@ -173,8 +173,21 @@ def check_run_consistency(checkpoint: dict[str, Any], config: dict[str, Any], ru
     edited or files of different runs were mixed: resuming would train a policy other than the
     one the config (and evaluate.py) describes.
 
-    :raises CheckpointError: naming the field that disagrees.
+    :raises CheckpointError: naming the field that disagrees, or a training-state field missing or of the
+        wrong kind (the file edited by hand, or written by other code).
     """
+    for key, valid, kind in (
+        ("frames", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a frame count >= 0"),
+        ("updates", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an update count >= 0"),
+        ("env", lambda v: isinstance(v, dict) and isinstance(v.get("id"), str) and isinstance(v.get("options"), dict),
+         "the env id and options"),
+        ("rng", lambda v: isinstance(v, dict), "the RNG states"),
+        ("updater", lambda v: isinstance(v, dict), "the optimiser state"),
+    ):
+        if not valid(checkpoint.get(key)):
+            found = "has none" if key not in checkpoint else f"has {type(checkpoint[key]).__name__} {checkpoint[key]!r:.60}"
+            raise CheckpointError(f"the checkpoint in {run_dir} is damaged or not a training checkpoint: its "
+                                  f"{key!r} should be {kind} and {found}")
     spec = checkpoint.get("policy", {}).get("spec") if isinstance(checkpoint.get("policy"), dict) else None
     if not isinstance(spec, dict):
         raise CheckpointError(f"the checkpoint in {run_dir} holds no policy spec to check its config against")
@@ -550,16 +563,16 @@ class Trainer:
         if changed:
             raise ConfigError(f"{', '.join(changed)} cannot change on --resume (only {_RESUME_MAY_CHANGE_WORDS} "
                               "can); start a new run")
-        moved = [f"{key}={_lookup(config, key)} (was {_lookup(own, key)})" for key in ("device", "torch_threads")
-                 if _lookup(config, key) != _lookup(own, key)]
-        if moved:
-            print(f"note: the run continues with {', '.join(moved)}: the same training, but not to the bit what "
-                  "an uninterrupted run would compute", file=sys.stderr)
         done = checkpoint.get("frames")
         if isinstance(done, int) and config["total_frames"] < done:
             raise ConfigError(f"cannot resume {run_dir} with total_frames={config['total_frames']}: the run has "
                               f"already done {done} frames; give total_frames={done} or more")
         check_run_consistency(checkpoint, config, run_dir)
+        moved = [f"{key}={_lookup(config, key)} (was {_lookup(own, key)})" for key in ("device", "torch_threads")
+                 if _lookup(config, key) != _lookup(own, key)]
+        if moved:
+            print(f"note: the run continues with {', '.join(moved)}: the same training, but not to the bit what "
+                  "an uninterrupted run would compute", file=sys.stderr)
         trainer = cls(config, run_dir, checkpoint=checkpoint)
         trainer._loaded_from = loaded_from
         return trainer

@@ -582,6 +582,11 @@ def _edit_checkpoint(path: Path, edit) -> None:
         ("frames_below", "already done 32 frames; give total_frames=32 or more"),
         ("n_envs", "env.n_envs cannot change on --resume"),
         ("weights", "actor.2.weight"),
+        # Hand-edited training state: a KeyError or TypeError traceback, or (frames < 0) accepted.
+        ("no_env", "damaged or not a training checkpoint: its 'env' should be the env id and options and has none"),
+        ("frames_text", "its 'frames' should be a frame count >= 0 and has str '32'"),
+        ("frames_negative", "its 'frames' should be a frame count >= 0 and has int -5"),
+        ("updates_none", "its 'updates' should be an update count >= 0 and has NoneType None"),
     ],
 )
 def test_resume_consistency(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, expected: str) -> None:
@@ -594,6 +599,11 @@ def test_resume_consistency(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
         argv.append("total_frames=16")
     elif case == "n_envs":
         argv.append("env.n_envs=4")
+    elif case == "no_env":
+        _edit_checkpoint(run / "checkpoint.pt", lambda p: p.pop("env"))
+    elif case.startswith(("frames_", "updates_")):
+        value = {"frames_text": "32", "frames_negative": -5, "updates_none": None}[case]
+        _edit_checkpoint(run / "checkpoint.pt", lambda p: p.update({case.split("_")[0]: value}))
     else:  # weights that do not fit: every mismatch is named, not only the first line
         def drop(payload: dict) -> None:
             del payload["policy"]["state_dict"]["actor.2.weight"], payload["policy"]["state_dict"]["critic.2.bias"]
