@@ -59,8 +59,8 @@ from typing import IO, Any
 
 import yaml
 
-from agents.config import (PACKAGE_ROOT, ConfigError, load_config, load_written_yaml, locate_config, parse_yaml,
-                           yaml_file_problem)
+from agents.config import (ENV_FIELDS, PACKAGE_ROOT, ConfigError, load_config, load_written_yaml, locate_config,
+                           parse_yaml, yaml_file_problem)
 from agents.run_dir import atomic_write
 from envs.names import short_env_name
 
@@ -263,6 +263,11 @@ QUESTION_KEYS = {"text", "x", "y"}
 KINDS = ("training", "adaptation")
 # What a fine-tuning run's overrides may not set: the study sets them (or, for algo/meta, the rule does).
 FINETUNE_RESERVED = (*STUDY_KEYS, "init_from", "env.id")
+# The env settings finetune.overrides may give: how many envs and how they are stepped, not what the task is.
+FINETUNE_ENV_KEYS = ("env.n_envs", "env.vec_env", "env.backend")
+# Settings that make a variant of a task: a fine-tuning run does not inherit them from its model's pre-training,
+# so it trains on the held-out task as its id makes it, the task its zero-shot return was measured on.
+TASK_VARIANT_KEYS = ("env.env_kwargs", "env.max_episode_steps", "env.level_seeds")
 MODEL_KEYS = {"label", "config", "overrides"}
 EVAL_KEYS = {"points", "suite", "suite_params", "envs", "episodes", "final_episodes", "seed", "deterministic"}
 ENV_KEYS = {"id", "held_out"}
@@ -505,6 +510,7 @@ def _parse_adaptation(raw: dict[str, Any], models: list[ModelSpec], common: tupl
     if seen:
         raise StudyError(f"{_where(path)}finetune.tasks: {seen[0]} is a pre-training task; fine-tuning tasks must "
                          "be held out")
+    _check_short_names([*train_tasks, *tasks_raw], "the pre-training and fine-tuning tasks", path)
     frames = _int(section.get("total_frames"), "finetune.total_frames", path)
     threshold = _number(section.get("threshold"), "finetune.threshold", path)
     window = _int(section.get("window_frames", DEFAULT_WINDOW_FRAMES), "finetune.window_frames", path)
@@ -523,6 +529,12 @@ def _parse_adaptation(raw: dict[str, Any], models: list[ModelSpec], common: tupl
         if key in FINETUNE_RESERVED or key.split(".")[0] in ("algo", "meta", "log"):
             raise StudyError(f"{_where(path)}finetune.overrides: {key} is set by the study or the rule "
                              "(algo settings of the ppo rule go in finetune.ppo)")
+        if key.split(".")[0] == "env" and key not in FINETUNE_ENV_KEYS:
+            # The zero-shot return is measured on the task as its id makes it: a fine-tuning run on another
+            # variant (other env_kwargs, step limit, levels) would be reported beside it as the same task.
+            raise StudyError(f"{_where(path)}finetune.overrides: {key} would change the held-out task itself, "
+                             f"which the zero-shot evaluation runs as its id makes it; only "
+                             f"{', '.join(FINETUNE_ENV_KEYS)} may change (how the envs are run)")
 
     runs_raw = section.get("runs")
     if not isinstance(runs_raw, list) or not runs_raw:
@@ -536,7 +548,7 @@ def _parse_adaptation(raw: dict[str, Any], models: list[ModelSpec], common: tupl
         label = _new_label(item.get("label"), f"finetune.runs[{index}].label", [r.label for r in runs],
                            "fine-tuning run", path)
         source = item.get("from")
-        if source not in labels:
+        if not isinstance(source, str) or source not in labels:
             raise StudyError(f"{_where(path)}finetune.runs[{index}].from must be a model label "
                              f"({', '.join(sorted(labels))}), got {source!r}")
         rule = item.get("rule", "ppo")
@@ -576,6 +588,18 @@ def _parse_adaptation(raw: dict[str, Any], models: list[ModelSpec], common: tupl
     return spec, evaluation
 
 
+def _check_short_names(env_ids: Sequence[str], what: str, path: Path | None) -> None:
+    """Refuse two env ids with one short name (``MiniGrid-Unlock-v0`` and ``BabyAI-Unlock-v0``, or ``-v0`` and
+    ``-v1``): a study keys its evaluation results, run folders and report columns by it, so the second env's
+    results would be filed as the first's."""
+    seen: dict[str, str] = {}
+    for env_id in env_ids:
+        first = seen.setdefault(short_env_name(env_id), env_id)
+        if first != env_id:
+            raise StudyError(f"{_where(path)}{what}: {first} and {env_id} have the same short name "
+                             f"{short_env_name(env_id)!r}, which keys a study's results; a study cannot hold both")
+
+
 def _parse_eval(raw: Any, total_frames: int, path: Path | None) -> EvalSpec:
     if not isinstance(raw, dict):
         raise StudyError(f"{_where(path)}eval must be a mapping (points, envs or suite, episodes, final_episodes)")
@@ -609,6 +633,7 @@ def _parse_eval(raw: Any, total_frames: int, path: Path | None) -> EvalSpec:
                 held_out.append(short_env_name(item["id"]))
         if not held_out:
             raise StudyError(f"{_where(path)}eval.envs: mark at least one env held_out: true")
+        _check_short_names(envs, "eval.envs", path)
     elif not isinstance(suite, str):
         raise StudyError(f"{_where(path)}eval.suite must be a suite name (python evaluate.py --list-suites)")
     params = raw.get("suite_params") or {}
@@ -871,11 +896,10 @@ def check_eval_spaces(study: Study, jobs: Sequence[Job]) -> None:
     """Refuse an evaluation env that does not fit a model (another observation or action space) before
     any run trains: evaluate.py would refuse it only once the model is trained, hours later. An env
     this process cannot build (a dependency only the workers have) is left to evaluate.py, with a note.
+    In an adaptation study the envs checked are the fine-tuning tasks (also the zero-shot evaluation's).
 
     :raises StudyError: naming the model, the env and both spaces.
     """
-    if study.adaptation is not None:  # its tasks are the models' own training envs, checked by train.py
-        return
     from agents.config import check_frame_stack, env_options
     from agents.evaluation import target_options
     from envs import check_env_id, env_family, env_spaces
@@ -894,6 +918,9 @@ def check_eval_spaces(study: Study, jobs: Sequence[Job]) -> None:
                 known[key] = None
         return known[key]
 
+    if study.adaptation is not None:
+        _check_finetune_spaces(study, jobs, spaces)
+        return
     checked: set[str] = set()
     for job in jobs:
         if job.model in checked:  # a model's env options are those of every seed
@@ -919,6 +946,33 @@ def check_eval_spaces(study: Study, jobs: Sequence[Job]) -> None:
                 raise StudyError(f"{_where(study.source)}eval env {target.env_id!r} does not fit model {job.model} "
                                  f"(trained on {env['id']}): observation space {other[0]} and action space "
                                  f"{other[1]}, where the model has {own[0]} and {own[1]}")
+
+
+def _check_finetune_spaces(study: Study, jobs: Sequence[Job],
+                           spaces: Callable[[str, dict[str, Any]], tuple[Any, Any] | None]) -> None:
+    """Refuse a fine-tuning task whose spaces differ from the pre-training tasks' (``check_eval_spaces``): the
+    study would otherwise fail only after every model had pre-trained, at the zero-shot evaluation."""
+    from agents.config import env_options
+
+    assert study.adaptation is not None
+    trained_on = study.adaptation.train_tasks[0]
+    checked: set[str] = set()
+    for job in jobs:
+        if "/" not in job.model or job.model in checked:  # pre-training jobs: train.py checks their own tasks
+            continue
+        checked.add(job.model)
+        try:
+            env = load_config(job.config, list(job.overrides))["env"]
+        except ConfigError as exc:
+            raise StudyError(f"fine-tuning run {job.model}: {exc}") from None
+        # finetune.overrides cannot change what an env is (_parse_adaptation), so these are the models' own
+        # env settings: the pre-training task with them has the models' spaces.
+        options = env_options(env)
+        own, other = spaces(trained_on, options), spaces(env["id"], options)
+        if own is not None and other is not None and own != other:
+            raise StudyError(f"{_where(study.source)}fine-tuning task {env['id']!r} does not fit the models (pre-trained "
+                             f"on {trained_on}): observation space {other[0]} and action space {other[1]}, where "
+                             f"the models have {own[0]} and {own[1]}")
 
 
 def check_code_version(jobs: Sequence[Job], version: dict[str, Any]) -> None:
@@ -1152,12 +1206,15 @@ def finetune_overrides(study: Study, run: FinetuneRun, task: str, seed: int, roo
     defaults, see ``agents.config.load_config``), the study's ``finetune.ppo`` settings and no
     ``meta`` section: every model gets the same rule. ``meta``: the source's config as it is, with
     the held-out task as its only task. Then the task, ``finetune.overrides``, the pre-trained weights
-    (``init_from``, unless ``scratch``) and the study's settings (seed, budget, checkpoints).
+    (``init_from``, unless ``scratch``) and the study's settings (seed, budget, checkpoints). Overrides that
+    make a variant of the pre-training tasks (``TASK_VARIANT_KEYS``) are not inherited: the held-out task is
+    trained as its id makes it, as the zero-shot evaluation runs it.
     """
     spec = study.adaptation
     assert spec is not None
     model = study.model(run.source)
-    inherited = [*study.overrides, *model.overrides]
+    inherited = [o for o in [*study.overrides, *model.overrides]
+                 if o.partition("=")[0].strip() not in TASK_VARIANT_KEYS]
     if run.rule == "ppo":
         inherited = [o for o in inherited if o.partition("=")[0].strip().split(".")[0] not in ("algo", "meta")]
         rule = ["algo.name=ppo", *spec.ppo, "meta=null"]
@@ -1176,7 +1233,8 @@ def _check_finetune_configs(study: Study) -> None:
     """Resolve every fine-tuning config (as train.py will) and check that the ``ppo`` rule is one rule.
 
     :raises StudyError: a config train.py would refuse, a ``meta`` rule on a model that is not
-        meta_ppo, or ``ppo`` runs whose algo or env settings differ (other than env.id).
+        meta_ppo, ``ppo`` runs whose algo or env settings differ (other than env.id), or a model config file
+        that makes a variant of the task (``TASK_VARIANT_KEYS``).
     """
     spec = study.adaptation
     assert spec is not None
@@ -1189,6 +1247,12 @@ def _check_finetune_configs(study: Study) -> None:
                 config = load_config(model.config, finetune_overrides(study, run, task, study.seeds[0], Path("x")))
             except ConfigError as exc:
                 raise StudyError(f"{where}fine-tuning run {run.label} on {task}: {exc}") from None
+            variant = [key for key in TASK_VARIANT_KEYS
+                       if config["env"][key.split(".")[1]] != ENV_FIELDS[key.split(".")[1]].default]
+            if variant:  # set in the model's config file (its overrides' are not inherited)
+                raise StudyError(f"{where}fine-tuning run {run.label} on {task}: {model.config} sets "
+                                 f"{', '.join(variant)}, which would make a variant of the held-out task (the zero-shot "
+                                 "evaluation runs it as its id makes it); set them in the model's overrides instead")
             if run.rule == "meta" and config["algo"]["name"] != "meta_ppo":
                 raise StudyError(f"{where}fine-tuning run {run.label}: rule meta needs a meta_ppo model; "
                                  f"{run.source} is {config['algo']['name']}")
@@ -1412,7 +1476,9 @@ def execute_job(job: Job, should_stop: Callable[[], int] | None = None) -> JobRe
                 record_session(directory, "train", job.config_sha256, version)
                 code = run_command(train_command(job), job.repo, log, should_stop)
                 trained = True
-                if code in (130, 143):
+                if code in (130, 143) or (code != 0 and should_stop()):
+                    # A stop that reached train.py while it was still importing (a KeyboardInterrupt, exit 1),
+                    # or after it had finished (killed by the signal): stopped, its last checkpoint stands.
                     return JobResult(job.key, "stopped", f"train.py stopped by a signal (exit {code})", trained)
                 if code != 0:
                     return JobResult(job.key, "failed", f"train.py exit {code}: {_last_error(job.log)}", trained)
@@ -1431,7 +1497,7 @@ def execute_job(job: Job, should_stop: Callable[[], int] | None = None) -> JobRe
                 if should_stop():
                     return JobResult(job.key, "stopped", "stopped before evaluating", trained)
                 code = run_command(command, job.repo, log, should_stop)
-                if code in (130, 143):
+                if code in (130, 143) or (code != 0 and should_stop()):
                     batch.unlink(missing_ok=True)
                     return JobResult(job.key, "stopped", f"evaluate.py stopped by a signal (exit {code})", trained)
                 if code != 0:

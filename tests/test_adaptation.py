@@ -163,8 +163,9 @@ TINY_META = {"env.n_envs": 2, "algo.n_steps": 16, "algo.num_minibatches": 1, "al
 
 
 def tiny_adaptation_study() -> dict:
-    """Meta-RIMs (meta_ppo) and an LSTM (multitask_ppo) pre-trained on DoorKey 5x5 + 6x6 for 128 frames, then
-    fine-tuned on DoorKey-8x8 for 64 (short episodes, so that some finish); one seed."""
+    """Meta-RIMs (meta_ppo) and an LSTM (multitask_ppo) pre-trained on DoorKey 5x5 + 6x6 for 128 frames (episodes
+    of 12 steps), then fine-tuned on LavaGapS5 for 64 (as its id makes it: a random policy soon walks into the
+    lava, so some episodes finish); one seed."""
     return {
         "name": "tiny-adapt", "kind": "adaptation", "seeds": [1], "total_frames": 128,
         "overrides": {"env.max_episode_steps": 12},
@@ -176,9 +177,9 @@ def tiny_adaptation_study() -> dict:
                            "meta.rollouts_per_task": 2, "core.name": "lstm", "core.hidden_size": 16}},
         ],
         "pretrain": {"criterion": 0.5, "episodes": 2},
-        "finetune": {"tasks": ["MiniGrid-DoorKey-8x8-v0"], "total_frames": 64, "threshold": 0.1, "window_frames": 32,
+        "finetune": {"tasks": ["MiniGrid-LavaGapS5-v0"], "total_frames": 64, "threshold": 0.1, "window_frames": 32,
                      "ppo": {"lr": 0.001, "n_steps": 16, "num_minibatches": 1, "n_epochs": 1, "seq_len": 16},
-                     "overrides": {"env.n_envs": 2, "env.max_episode_steps": 6},
+                     "overrides": {"env.n_envs": 2},
                      "runs": [{"label": "meta-rims.ppo", "from": "meta-rims", "rule": "ppo"},
                               {"label": "meta-rims.meta", "from": "meta-rims", "rule": "meta"},
                               {"label": "lstm.scratch", "from": "lstm", "rule": "ppo", "scratch": True}]},
@@ -201,7 +202,7 @@ def test_tiny_adaptation_study_pretrains_finetunes_reports_and_reruns_nothing(
     path.write_text(yaml.safe_dump(tiny_adaptation_study(), sort_keys=False))
     root = tmp_path / "out"
     study = load_study(path)
-    assert study.eval.envs == ("MiniGrid-DoorKey-5x5-v0", "MiniGrid-DoorKey-6x6-v0", "MiniGrid-DoorKey-8x8-v0")
+    assert study.eval.envs == ("MiniGrid-DoorKey-5x5-v0", "MiniGrid-DoorKey-6x6-v0", "MiniGrid-LavaGapS5-v0")
     assert run_study(study, root / "tiny-adapt", workers=2, report=False) == 0
     directory = root / "tiny-adapt"
     jobs = all_jobs(study, directory)
@@ -210,16 +211,18 @@ def test_tiny_adaptation_study_pretrains_finetunes_reports_and_reruns_nothing(
     # Pre-training runs were evaluated on their tasks and the held-out one; fine-tuning runs are ordinary runs.
     for job in plan(study, directory):
         data = json.loads((Path(job.run_dir) / "eval" / "point_000000000128.json").read_text())
-        assert [r["name"] for r in data["checkpoints"][0]["results"]] == ["DoorKey-5x5", "DoorKey-6x6", "DoorKey-8x8"]
+        assert [r["name"] for r in data["checkpoints"][0]["results"]] == ["DoorKey-5x5", "DoorKey-6x6", "LavaGapS5"]
     tuned = {job.model.split("/")[0] + f"/{job.seed}": job for job in finetune_plan(study, directory)}
     ppo = yaml.safe_load((Path(tuned["meta-rims.ppo/1"].run_dir) / "config.yaml").read_text())
     meta = yaml.safe_load((Path(tuned["meta-rims.meta/1"].run_dir) / "config.yaml").read_text())
     scratch = yaml.safe_load((Path(tuned["lstm.scratch/1"].run_dir) / "config.yaml").read_text())
-    assert ppo["algo"]["name"] == "ppo" and "meta" not in ppo and ppo["env"]["id"] == "MiniGrid-DoorKey-8x8-v0"
+    assert ppo["algo"]["name"] == "ppo" and "meta" not in ppo and ppo["env"]["id"] == "MiniGrid-LavaGapS5-v0"
     assert ppo["algo"] == {**scratch["algo"]} and ppo["env"] == scratch["env"]  # one rule for every model
     assert ppo["init_from"] == str((directory / "runs" / "meta-rims" / "seed_1" / "checkpoint.pt").resolve())
-    assert meta["algo"]["name"] == "meta_ppo" and meta["meta"]["tasks"] == ["MiniGrid-DoorKey-8x8-v0"]
+    assert meta["algo"]["name"] == "meta_ppo" and meta["meta"]["tasks"] == ["MiniGrid-LavaGapS5-v0"]
     assert scratch["init_from"] is None and scratch["core"]["name"] == "lstm"
+    # The study's pre-training step limit (12) is not inherited: the held-out task runs as zero-shot measured it.
+    assert ppo["env"]["max_episode_steps"] is None and meta["env"]["max_episode_steps"] is None
     # The fine-tuning runs start from what their written configs build: the pre-trained weights, bit for bit,
     # for a run from a pre-trained model; a scratch run's own initialisation, not the pre-trained LSTM's.
     import torch
@@ -279,7 +282,7 @@ def test_tiny_adaptation_study_pretrains_finetunes_reports_and_reruns_nothing(
     for (label, seed), values in curves.items():
         rows = [{"frames": 32 * (i + 1), "rollout/episodes": 1, "rollout/ep_return_rollout": v}
                 for i, v in enumerate(values)]
-        (directory / "finetune" / label / "DoorKey-8x8" / f"seed_{seed}" / "metrics.jsonl").write_text(
+        (directory / "finetune" / label / "LavaGapS5" / f"seed_{seed}" / "metrics.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in rows))
     assert study_cli.main(["report", "tiny-adapt", "--root", str(root), "--reps", "200"]) == 0
     text = (directory / "report.md").read_text()
@@ -309,7 +312,7 @@ def test_tiny_adaptation_study_pretrains_finetunes_reports_and_reruns_nothing(
     assert banner in republished
 
     # A finished run whose metrics.jsonl is gone: one line naming it, exit 2, no traceback.
-    (directory / "finetune" / "lstm.scratch" / "DoorKey-8x8" / "seed_2" / "metrics.jsonl").unlink()
+    (directory / "finetune" / "lstm.scratch" / "LavaGapS5" / "seed_2" / "metrics.jsonl").unlink()
     capsys.readouterr()
     assert study_cli.main(["report", "tiny-adapt", "--root", str(root), "--reps", "200"]) == 2
     err = capsys.readouterr().err
@@ -353,3 +356,56 @@ def test_shipped_adaptation_study_is_valid_and_refuses_a_meta_rule_on_a_baseline
     raw["finetune"]["runs"][-1]["label"] = "../escape"  # a label that is not a directory name
     with pytest.raises(StudyError, match=r"finetune.runs\[7\].label must be a plain name"):
         parse_study(raw, path, check_envs=False)
+    raw["finetune"]["runs"].pop()
+
+
+def test_adaptation_study_files_that_would_mix_up_tasks_are_refused(tmp_path: Path) -> None:
+    import yaml
+
+    from agents.study import StudyError, parse_study
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "studies" / "adaptation-doorkey.yaml"
+    raw = yaml.safe_load(path.read_text())
+
+    def refused(edit: dict, message: str) -> None:
+        with pytest.raises(StudyError, match=message):
+            parse_study({**raw, "finetune": {**raw["finetune"], **edit}}, path, check_envs=False)
+
+    # One short name keys the run folders and report columns: the second task was never trained, yet "done".
+    refused({"tasks": ["MiniGrid-KeyCorridorS3R1-v0", "BabyAI-KeyCorridorS3R1-v0"]},
+            "MiniGrid-KeyCorridorS3R1-v0 and BabyAI-KeyCorridorS3R1-v0 have the same short name 'KeyCorridorS3R1'")
+    # A fine-tuning run on another variant of the task than the zero-shot evaluation measured.
+    refused({"overrides": {"env.n_envs": 16, "env.max_episode_steps": 40}},
+            "env.max_episode_steps would change the held-out task itself")
+    refused({"overrides": {"env.env_kwargs": {"agent_view_size": 5}}}, "env.env_kwargs would change the held-out")
+    # A list where a label goes: TypeError (unhashable) traceback before.
+    refused({"runs": [{"label": "x", "from": ["meta-rims"], "rule": "ppo"}]},
+            r"finetune.runs\[0\].from must be a model label .* got \['meta-rims'\]")
+
+
+def test_generalisation_eval_envs_with_one_short_name_are_refused(tmp_path: Path) -> None:
+    from agents.study import StudyError, parse_study
+
+    raw = {"name": "t", "models": [{"label": "lstm", "config": "configs/minigrid/doorkey-lstm-ppo.yaml"}],
+           "seeds": [1], "total_frames": 1024,
+           "eval": {"envs": ["MiniGrid-Unlock-v0", "BabyAI-Unlock-v0"]}}
+    with pytest.raises(StudyError, match="eval.envs: MiniGrid-Unlock-v0 and BabyAI-Unlock-v0 have the same short name"):
+        parse_study(raw, tmp_path / "t.yaml", check_envs=False)
+
+
+def test_a_fine_tuning_task_that_does_not_fit_the_models_is_refused_before_pretraining(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    study = tiny_adaptation_study()
+    study["finetune"]["tasks"] = ["CartPole-v1"]  # pre-trained for hours, then the zero-shot evaluation failed
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(repo / "study.py"), "run", str(path), "--root", str(tmp_path / "o")],
+                          capture_output=True, text=True, cwd=repo, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "fine-tuning task 'CartPole-v1' does not fit the models (pre-trained on MiniGrid-DoorKey-5x5-v0)" in done.stderr
+    assert not (tmp_path / "o" / "tiny-adapt" / "runs").exists()  # nothing trained

@@ -661,6 +661,27 @@ def test_a_config_file_edited_while_the_study_runs_fails_its_job(tmp_path: Path,
     assert not (Path(job.run_dir) / "config.yaml").exists()
 
 
+def test_a_stop_that_reaches_train_py_while_it_starts_is_a_stop(tmp_path: Path, fixed_version: None,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from agents import study as study_module
+    from agents.study import execute_job
+
+    study = load_study(write_study(tmp_path, tiny_study(model_names=("lstm",), seeds=(1,))))
+    job = plan(study, tmp_path / "out", {"commit": VERSION, "dirty": False, "diff_sha256": None})[0]
+    # train.py signalled while it is still importing (before main() handles SIGINT), or after it has finished,
+    # dies of the SIGINT, as a Python process that has not installed its handler does: this one never does.
+    monkeypatch.setattr(study_module, "train_command", lambda job: [sys.executable, "-c", "import time; time.sleep(60)"])
+    calls = []
+
+    def stop_after_the_start() -> int:  # go on at the job's first check, then stop: SIGINT at the first poll
+        calls.append(1)
+        return 0 if len(calls) == 1 else 1
+
+    result = execute_job(job, stop_after_the_start)
+    assert "KeyboardInterrupt" in Path(job.log).read_text()  # exit -2, which was reported as a failure
+    assert result.status == "stopped", result
+
+
 def test_evaluations_made_with_other_settings_or_points_are_not_taken(tmp_path: Path) -> None:
     # A study file whose eval section changed after some runs were evaluated: a point evaluated with
     # other episodes or levels is evaluated again (never mixed), and a new point with no checkpoint
