@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run train.py with ``argv`` (``sys.argv[1:]`` by default) and return its exit status."""
     args = parse_args(argv)
     made: list[Path] = []  # the run folder and parents this call creates: removed again if refused before any file
+    run_dir: str | Path | None = args.resume  # where this run writes, once known
     try:
         # Everything the user typed is checked here, before the heavy imports and any env is built.
         if args.resume is not None:
@@ -215,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: the last checkpoint written is intact (atomic writes)
         if args.debug:
             raise
-        print("interrupted; the last checkpoint written is intact", file=sys.stderr)
+        written = run_dir is not None and (Path(run_dir) / "checkpoint.pt").is_file()
+        print("interrupted; " + ("the last checkpoint written is intact" if written else
+                                 "no checkpoint had been written yet"), file=sys.stderr)
         return SIGNAL_EXIT["SIGINT"]
     if not main_rank:
         return SIGNAL_EXIT.get(trainer.stop_signal, 1) if trainer.stopped_early else 0

@@ -72,6 +72,8 @@ def run_main(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, 
         (["algo.optimizer_eps=1e-50"], "algo.optimizer_eps must be > 0 and representable in float32"),
         # Only Atari frames are stacked: on MiniGrid it was recorded in config.yaml and did nothing.
         (["env.frame_stack=7"], "env.frame_stack=7 applies to Atari ids only; MiniGrid-DoorKey-5x5-v0"),
+        # A core's range error named no section ("k_active must be between ...").
+        (["core.k_active=9"], "core 'rims' setting: k_active must be between 1 and num_modules=3, got 9"),
         # torch's allocator failed with its C++ backtrace.
         (["core.module_size=100000000000000000000"], "core.module_size must be below 2**31 in size"),
     ],
@@ -136,6 +138,20 @@ def test_unreadable_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[st
     binary.write_bytes(b"\xff\xfe\x00bad")
     code, err = run_main(capsys, ["--config", str(binary)])
     assert code == 2 and "cannot read config file" in err
+
+
+def test_a_second_ctrl_c_before_the_first_checkpoint_says_none_was_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    def second_ctrl_c(self: Trainer, **kwargs: object) -> Path:  # the trainer's handler re-raises a second SIGINT as this
+        raise KeyboardInterrupt
+
+    tiny_trainer(tmp_path / "done").run(stop_at_frames=32)
+    monkeypatch.setattr(Trainer, "run", second_ctrl_c)
+    code, err = run_main(capsys, [*TINY, "--run-dir", str(tmp_path / "run")])
+    # Said "the last checkpoint written is intact" when there was none.
+    assert code == 130 and err == "interrupted; no checkpoint had been written yet\n", err
+    code, err = run_main(capsys, ["--resume", str(tmp_path / "done")])
+    assert code == 130 and err.endswith("interrupted; the last checkpoint written is intact\n"), err
 
 
 def test_resume_override_is_validated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -32,6 +32,8 @@ def make_core(name: str, input_size: int, **kwargs: Any) -> RecurrentCore:
     cls = CORES[name]
     try:
         return cls(input_size, **kwargs)
+    except ValueError as exc:  # a setting out of range: say whose ("k_active must be ..." alone named no section)
+        raise ValueError(f"core {name!r} setting: {exc}") from None
     except TypeError as exc:  # an unexpected keyword, or a size torch cannot take: name it instead of a raw TypeError
         # torch's own text can go on with dozens of lines of C++ frames: its first line says what is wrong.
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
