@@ -685,6 +685,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# Env options that describe the training env itself (its kwargs, levels, step limit), not the policy's interface:
+# evaluate.py applies them only on the training env id (a suite entry brings its own), and a study's fine-tuning
+# run does not inherit them for its held-out task.
+SAME_ENV_OPTIONS: tuple[str, ...] = ("env_kwargs", "level_seeds", "max_episode_steps")
+
+
 def env_options(env_config: dict[str, Any]) -> dict[str, Any]:
     """The ``make_vec_env`` keyword options of an ``env`` config section (all but id and n_envs)."""
     return {key: value for key, value in env_config.items() if key not in ("id", "n_envs")}

@@ -27,7 +27,7 @@ from gymnasium import spaces
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 from tqdm import tqdm
 
-from agents.config import env_options
+from agents.config import SAME_ENV_OPTIONS, env_options
 from agents.meta_config import task_specs
 from envs import check_env_id, get_suite, make_vec_env
 from envs.names import short_env_name
@@ -56,9 +56,7 @@ __all__ = [
 # make_vec_env options that define the observation/action interface the policy was trained with:
 # they go with the policy to any env it is evaluated on.
 CARRIED_OPTIONS: tuple[str, ...] = ("vec_env", "frame_stack", "mission", "terminal_on_life_loss")
-# Options that describe the training env itself (its kwargs, levels, step limit): they apply only
-# when evaluating on the training env id (a suite entry brings its own).
-SAME_ENV_OPTIONS: tuple[str, ...] = ("env_kwargs", "level_seeds", "max_episode_steps")
+# SAME_ENV_OPTIONS (agents.config): they apply only when evaluating on the training env id.
 
 # Frames larger than this (pixels per side) are subsampled in videos: a 16x16 MiniGrid renders at
 # 512x512 and thousands of such frames would not fit in memory.

@@ -59,9 +59,10 @@ from typing import IO, Any
 
 import yaml
 
-from agents.config import (ENV_FIELDS, PACKAGE_ROOT, ConfigError, load_config, load_written_yaml, locate_config,
-                           parse_yaml, yaml_file_problem)
+from agents.config import (ENV_FIELDS, PACKAGE_ROOT, SAME_ENV_OPTIONS, ConfigError, load_config, load_written_yaml,
+                           locate_config, parse_yaml, yaml_file_problem)
 from agents.run_dir import atomic_write
+from policies.checkpoint import numbered_checkpoints
 from envs.names import short_env_name
 
 try:
@@ -96,9 +97,10 @@ RUNS_FOLDER = "runs"  # <study dir>/runs/<model>/seed_<s>: made when the study's
 STUDY_KEYS = ("seed", "total_frames", "log.checkpoint_interval_frames", "log.keep_checkpoints",
               "log.progress_bar", "torch_threads")
 # Left out of the config hash: they differ between the runs of one model (seed) or do not change
-# what is learned (the run's name, logging and checkpoint cadence, torch's thread count). init_from's
-# path holds the study directory and the seed, so only whether it is set is hashed (config_hash).
-UNHASHED_KEYS = ("seed", "name", "log", "torch_threads", "init_from")
+# what is learned (the run's name, logging and checkpoint cadence, torch's thread count, the device: a run
+# may move from a GPU to a CPU on resume). init_from's path holds the study directory and the seed, so only
+# whether it is set is hashed (config_hash).
+UNHASHED_KEYS = ("seed", "name", "log", "torch_threads", "device", "init_from")
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 _GIT_OBJECT_NAME = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 # The adaptation measures' window in fine-tuning frames: 5 rollouts of 16 envs x 128 steps (the ppo rule),
@@ -265,9 +267,16 @@ KINDS = ("training", "adaptation")
 FINETUNE_RESERVED = (*STUDY_KEYS, "init_from", "env.id")
 # The env settings finetune.overrides may give: how many envs and how they are stepped, not what the task is.
 FINETUNE_ENV_KEYS = ("env.n_envs", "env.vec_env", "env.backend")
-# Settings that make a variant of a task: a fine-tuning run does not inherit them from its model's pre-training,
-# so it trains on the held-out task as its id makes it, the task its zero-shot return was measured on.
-TASK_VARIANT_KEYS = ("env.env_kwargs", "env.max_episode_steps", "env.level_seeds")
+# Settings that make a variant of a task (SAME_ENV_OPTIONS, which evaluate.py applies only on the training env
+# itself): a fine-tuning run does not inherit them from its model's pre-training overrides, so it
+# trains on the held-out task as its id makes it, the task its zero-shot return was measured on.
+TASK_VARIANT_KEYS = tuple(f"env.{key}" for key in SAME_ENV_OPTIONS)
+
+
+def _sets_a_task_variant(override: str) -> bool:
+    """Whether a ``key=value`` override sets a ``TASK_VARIANT_KEYS`` setting (or a key inside one)."""
+    key = override.partition("=")[0].strip()
+    return any(key == k or key.startswith(f"{k}.") for k in TASK_VARIANT_KEYS)
 MODEL_KEYS = {"label", "config", "overrides"}
 EVAL_KEYS = {"points", "suite", "suite_params", "envs", "episodes", "final_episodes", "seed", "deterministic"}
 ENV_KEYS = {"id", "held_out"}
@@ -919,7 +928,8 @@ def check_eval_spaces(study: Study, jobs: Sequence[Job]) -> None:
         return known[key]
 
     if study.adaptation is not None:
-        _check_finetune_spaces(study, jobs, spaces)
+        if jobs:
+            _check_finetune_spaces(study, spaces)
         return
     checked: set[str] = set()
     for job in jobs:
@@ -948,31 +958,27 @@ def check_eval_spaces(study: Study, jobs: Sequence[Job]) -> None:
                                  f"{other[1]}, where the model has {own[0]} and {own[1]}")
 
 
-def _check_finetune_spaces(study: Study, jobs: Sequence[Job],
-                           spaces: Callable[[str, dict[str, Any]], tuple[Any, Any] | None]) -> None:
-    """Refuse a fine-tuning task whose spaces differ from the pre-training tasks' (``check_eval_spaces``): the
-    study would otherwise fail only after every model had pre-trained, at the zero-shot evaluation."""
+def _check_finetune_spaces(study: Study, spaces: Callable[[str, dict[str, Any]], tuple[Any, Any] | None]) -> None:
+    """Refuse a fine-tuning task whose spaces differ from its model's (``check_eval_spaces``): the study would
+    otherwise fail only after every model had pre-trained, at the zero-shot evaluation or the fine-tuning."""
     from agents.config import env_options
 
-    assert study.adaptation is not None
-    trained_on = study.adaptation.train_tasks[0]
-    checked: set[str] = set()
-    for job in jobs:
-        if "/" not in job.model or job.model in checked:  # pre-training jobs: train.py checks their own tasks
-            continue
-        checked.add(job.model)
-        try:
-            env = load_config(job.config, list(job.overrides))["env"]
-        except ConfigError as exc:
-            raise StudyError(f"fine-tuning run {job.model}: {exc}") from None
-        # finetune.overrides cannot change what an env is (_parse_adaptation), so these are the models' own
-        # env settings: the pre-training task with them has the models' spaces.
-        options = env_options(env)
-        own, other = spaces(trained_on, options), spaces(env["id"], options)
-        if own is not None and other is not None and own != other:
-            raise StudyError(f"{_where(study.source)}fine-tuning task {env['id']!r} does not fit the models (pre-trained "
-                             f"on {trained_on}): observation space {other[0]} and action space {other[1]}, where "
-                             f"the models have {own[0]} and {own[1]}")
+    spec = study.adaptation
+    assert spec is not None
+    for run in spec.runs:
+        model = study.model(run.source)
+        trained = load_config(model.config, [*study.overrides, *model.overrides])["env"]
+        own = spaces(trained["id"], env_options(trained))
+        for task in spec.tasks:
+            try:
+                env = load_config(model.config, finetune_overrides(study, run, task, study.seeds[0], Path("x")))["env"]
+            except ConfigError as exc:
+                raise StudyError(f"{_where(study.source)}fine-tuning run {run.label} on {task}: {exc}") from None
+            other = spaces(env["id"], env_options(env))
+            if own is not None and other is not None and own != other:
+                raise StudyError(f"{_where(study.source)}fine-tuning task {task!r} does not fit model {model.label} "
+                                 f"(pre-trained on {trained['id']}): observation space {other[0]} and action space "
+                                 f"{other[1]}, where the model has {own[0]} and {own[1]}")
 
 
 def check_code_version(jobs: Sequence[Job], version: dict[str, Any]) -> None:
@@ -994,8 +1000,6 @@ def check_code_version(jobs: Sequence[Job], version: dict[str, Any]) -> None:
 
 def checkpoint_frames(directory: Path) -> dict[int, Path]:
     """Frames -> numbered checkpoint (``checkpoints/checkpoint_<frames>.pt``) of a run."""
-    from policies.checkpoint import numbered_checkpoints  # the policies package imports torch
-
     return numbered_checkpoints(directory / "checkpoints")
 
 
@@ -1213,8 +1217,7 @@ def finetune_overrides(study: Study, run: FinetuneRun, task: str, seed: int, roo
     spec = study.adaptation
     assert spec is not None
     model = study.model(run.source)
-    inherited = [o for o in [*study.overrides, *model.overrides]
-                 if o.partition("=")[0].strip() not in TASK_VARIANT_KEYS]
+    inherited = [o for o in [*study.overrides, *model.overrides] if not _sets_a_task_variant(o)]
     if run.rule == "ppo":
         inherited = [o for o in inherited if o.partition("=")[0].strip().split(".")[0] not in ("algo", "meta")]
         rule = ["algo.name=ppo", *spec.ppo, "meta=null"]
@@ -1249,10 +1252,12 @@ def _check_finetune_configs(study: Study) -> None:
                 raise StudyError(f"{where}fine-tuning run {run.label} on {task}: {exc}") from None
             variant = [key for key in TASK_VARIANT_KEYS
                        if config["env"][key.split(".")[1]] != ENV_FIELDS[key.split(".")[1]].default]
-            if variant:  # set in the model's config file (its overrides' are not inherited)
-                raise StudyError(f"{where}fine-tuning run {run.label} on {task}: {model.config} sets "
-                                 f"{', '.join(variant)}, which would make a variant of the held-out task (the zero-shot "
-                                 "evaluation runs it as its id makes it); set them in the model's overrides instead")
+            if variant:  # set in the model's config file, or by a whole `env` mapping in its overrides
+                raise StudyError(f"{where}fine-tuning run {run.label} on {task}: the model's config would give the "
+                                 f"held-out task {', '.join(variant)} (from {model.config} or an env mapping in its "
+                                 "overrides), a variant of the task the zero-shot evaluation runs as its id makes it; "
+                                 f"set them as {', '.join(k + '.*' for k in variant)} overrides of the model, which "
+                                 "fine-tuning does not inherit")
             if run.rule == "meta" and config["algo"]["name"] != "meta_ppo":
                 raise StudyError(f"{where}fine-tuning run {run.label}: rule meta needs a meta_ppo model; "
                                  f"{run.source} is {config['algo']['name']}")
@@ -1263,7 +1268,8 @@ def _check_finetune_configs(study: Study) -> None:
             if first[1] != settings:
                 raise StudyError(f"{where}fine-tuning runs {first[0]} and {run.label} (rule ppo) would train with "
                                  "different algo or env settings; the ppo rule must be the same for every model "
-                                 "(set them in finetune.ppo and finetune.overrides, not in a model's overrides)")
+                                 "(set algo settings in finetune.ppo and env.n_envs, env.vec_env or env.backend in "
+                                 "finetune.overrides, not in a model's overrides)")
 
 
 def finetune_plan(study: Study, root: Path, version: dict[str, Any] | None = None) -> list[Job]:
@@ -1317,6 +1323,12 @@ class JobResult:
     status: str
     message: str = ""
     trained: bool = False
+
+
+# train.py's and evaluate.py's exits after a stop signal they handled (checkpoint written): 128 + SIGINT/SIGTERM.
+STOPPED_EXITS = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+# A process killed by the signal itself (subprocess's negative status): one still importing, or already done.
+KILLED_BY_STOP = (-signal.SIGINT, -signal.SIGTERM)
 
 
 class StopRequested(Exception):
@@ -1476,9 +1488,9 @@ def execute_job(job: Job, should_stop: Callable[[], int] | None = None) -> JobRe
                 record_session(directory, "train", job.config_sha256, version)
                 code = run_command(train_command(job), job.repo, log, should_stop)
                 trained = True
-                if code in (130, 143) or (code != 0 and should_stop()):
-                    # A stop that reached train.py while it was still importing (a KeyboardInterrupt, exit 1),
-                    # or after it had finished (killed by the signal): stopped, its last checkpoint stands.
+                if code in STOPPED_EXITS or (code in KILLED_BY_STOP and should_stop()):
+                    # A stop that reached train.py while it was still importing, or after it had finished,
+                    # kills it with the signal itself: stopped, and its last checkpoint stands.
                     return JobResult(job.key, "stopped", f"train.py stopped by a signal (exit {code})", trained)
                 if code != 0:
                     return JobResult(job.key, "failed", f"train.py exit {code}: {_last_error(job.log)}", trained)
@@ -1497,7 +1509,7 @@ def execute_job(job: Job, should_stop: Callable[[], int] | None = None) -> JobRe
                 if should_stop():
                     return JobResult(job.key, "stopped", "stopped before evaluating", trained)
                 code = run_command(command, job.repo, log, should_stop)
-                if code in (130, 143) or (code != 0 and should_stop()):
+                if code in STOPPED_EXITS or (code in KILLED_BY_STOP and should_stop()):
                     batch.unlink(missing_ok=True)
                     return JobResult(job.key, "stopped", f"evaluate.py stopped by a signal (exit {code})", trained)
                 if code != 0:

@@ -86,11 +86,10 @@ ENVS_STATE_FILE = "envs_state.pkl"
 # Task envs kept alive between visits (meta-learning); beyond this many the least recently run is
 # closed, so that a long task list (a suite, subprocess envs) does not keep every task's envs open.
 MAX_PARKED_TASKS = 8
-# The env options that ``envs.make_env`` (one env) takes; the others are vec-env options.
 # What may change on --resume: the budget, and where and how fast the run computes (as SB3's load(device=...)).
 RESUME_MAY_CHANGE: tuple[str, ...] = ("total_frames", "device", "torch_threads", "log.progress_bar")
 _RESUME_MAY_CHANGE_WORDS = ", ".join(RESUME_MAY_CHANGE[:-1]) + " and " + RESUME_MAY_CHANGE[-1]
-
+# The env options that ``envs.make_env`` (one env) takes; the others are vec-env options.
 SINGLE_ENV_OPTIONS: tuple[str, ...] = ("mission", "env_kwargs", "level_seeds", "max_episode_steps",
                                        "terminal_on_life_loss")
 
@@ -513,7 +512,8 @@ class Trainer:
         """Rebuild a trainer from ``run_dir/checkpoint.pt`` with the run's own config.
 
         :param run_dir: a run directory written by an earlier ``Trainer``.
-        :param overrides: only ``total_frames`` may change on resume (to extend a run).
+        :param overrides: only ``RESUME_MAY_CHANGE`` may change on resume (``total_frames`` to extend a run;
+            where and how fast it computes).
         :raises CheckpointError: if the checkpoint is unusable or disagrees with itself (config vs policy
             spec, rollout state vs env.n_envs); ConfigError for a bad override or ``total_frames`` below
             the frames done; RunDirError if another process is training in ``run_dir``.

@@ -12,6 +12,7 @@ torch, numpy and gymnasium are imported inside the functions that use them, so i
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pickle
@@ -142,7 +143,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
         if hasattr(os, "fchmod"):
-            os.fchmod(fd, _new_file_mode())  # mkstemp makes it 0600; a checkpoint is readable as any file written here
+            with contextlib.suppress(OSError):  # a file system without modes (vfat, some FUSE mounts): as it is
+                os.fchmod(fd, _NEW_FILE_MODE)  # mkstemp makes it 0600; a checkpoint is readable as any file written here
     except OSError as exc:
         raise CheckpointWriteError(f"cannot write checkpoint {path}: {write_error_reason(exc)} "
                                    f"({free_space(path.parent)} free)") from None
@@ -220,9 +222,12 @@ def _not_a_checkpoint(path: Path) -> str | None:
 
 def _new_file_mode() -> int:
     """The mode ``open`` gives a new file under the process's umask (0644 under the usual 022)."""
-    mask = os.umask(0)
+    mask = os.umask(0)  # the only way to read it; set back at once (at import, before any thread of ours)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+_NEW_FILE_MODE = _new_file_mode()
 
 
 def numbered_checkpoints(folder: str | Path) -> dict[int, Path]:

@@ -167,12 +167,18 @@ class Policy:
         if len(sizes) > 1:
             raise ValueError(f"obs parts hold different numbers of envs: {sorted(sizes)}")
         n_envs = sizes.pop()
+        if n_envs == 0:
+            raise ValueError("obs holds no envs: act takes a batch of at least one")
         if not isinstance(state, Tensor):
             raise ValueError(f"state must be a tensor: policy.initial_state({n_envs}) for the first step, then the "
                              f"state act returned; got {type(state).__name__}")
         if tuple(state.shape) != (n_envs, self.model.state_size):
             raise ValueError(f"state must have shape (n_envs, state_size) = ({n_envs}, {self.model.state_size}) for "
                              f"{n_envs} envs' obs, got {tuple(state.shape)}")
+        like = self.initial_state(0)
+        if state.dtype != like.dtype or state.device != like.device:
+            raise ValueError(f"state must be a {like.dtype} tensor on {like.device} (as initial_state gives it), got "
+                             f"{state.dtype} on {state.device}")
         if np.shape(episode_start) != (n_envs,):
             raise ValueError(f"episode_start must have shape (n_envs,) = ({n_envs},) for {n_envs} envs' obs, got "
                              f"{np.shape(episode_start)}")

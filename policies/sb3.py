@@ -61,6 +61,7 @@ from torch import Tensor, nn
 
 from policies.cores import CORES, RecurrentCore, make_core
 from policies.encoders import make_encoder
+from policies.policy import check_core_revision
 
 __all__ = ["CoreAsLSTM", "EncoderFeaturesExtractor", "RecurrentCorePolicy"]
 
@@ -210,8 +211,11 @@ class RecurrentCorePolicy(RecurrentActorCriticPolicy):
     :param shared_lstm: one core for actor and critic; the critic reads its output detached (sb3-contrib's
         semantics: only the actor's loss trains the core).
     :param enable_critic_lstm: a second core for the critic (the default, as sb3-contrib's own policies).
+    :param core_revision: what a saved model records (``RecurrentPPO.load`` passes it back): the revision of
+        the core's computation its weights were trained with; None (a new policy) skips the check.
     :raises ValueError: for an unknown core name or an argument the core does not take (one message), or
         ``normalize_images=True`` with this package's extractor.
+    :raises CheckpointError: for a ``core_revision`` other than the one this version of the core computes.
     """
 
     def __init__(
@@ -240,6 +244,7 @@ class RecurrentCorePolicy(RecurrentActorCriticPolicy):
         lstm_hidden_size: int | None = None,
         n_lstm_layers: int | None = None,
         lstm_kwargs: dict[str, Any] | None = None,
+        core_revision: int | None = None,
     ) -> None:
         given = [name for name, value in (("lstm_hidden_size", lstm_hidden_size), ("n_lstm_layers", n_lstm_layers),
                                           ("lstm_kwargs", lstm_kwargs)) if value is not None]
@@ -253,6 +258,8 @@ class RecurrentCorePolicy(RecurrentActorCriticPolicy):
             raise ValueError(f"core must be one of {', '.join(map(repr, CORES))}, got {core!r}")
         if core_kwargs is not None and not isinstance(core_kwargs, Mapping):
             raise ValueError(f"core_kwargs must be a dict of the {core!r} core's arguments, got {core_kwargs!r}")
+        if core_revision is not None:  # a saved model's (RecurrentPPO.load): its weights fit one computation only
+            check_core_revision({"core": core, "core_revision": core_revision}, CORES[core].revision, "this saved model")
         if normalize_images and issubclass(features_extractor_class, EncoderFeaturesExtractor):
             raise ValueError("normalize_images=True would divide MiniGrid's grid indices by 255 before this "
                              "package's encoders read them (they scale their own inputs); leave it False")
@@ -324,5 +331,5 @@ class RecurrentCorePolicy(RecurrentActorCriticPolicy):
         """The constructor arguments ``policy.save``/``RecurrentCorePolicy.load`` rebuild the policy from."""
         data = super()._get_constructor_parameters()
         data.update(core=self.core_name, core_kwargs=self.core_kwargs, shared_lstm=self.shared_lstm,
-                    enable_critic_lstm=self.enable_critic_lstm)
+                    enable_critic_lstm=self.enable_critic_lstm, core_revision=CORES[self.core_name].revision)
         return data

@@ -378,6 +378,15 @@ def test_adaptation_study_files_that_would_mix_up_tasks_are_refused(tmp_path: Pa
     refused({"overrides": {"env.n_envs": 16, "env.max_episode_steps": 40}},
             "env.max_episode_steps would change the held-out task itself")
     refused({"overrides": {"env.env_kwargs": {"agent_view_size": 5}}}, "env.env_kwargs would change the held-out")
+    # A model's own variant overrides are not inherited by fine-tuning, in any of their spellings.
+    from agents.study import finetune_overrides
+
+    for override in ({"env.max_episode_steps": 100}, {"env.env_kwargs.max_steps": 100}):
+        variant = {**raw, "models": [{**raw["models"][0], "overrides": override}, *raw["models"][1:]]}
+        study = parse_study(variant, path, check_envs=False)
+        run = study.adaptation.runs[0]
+        assert not any(o.startswith(next(iter(override))) for o in
+                       finetune_overrides(study, run, study.adaptation.tasks[0], 1, tmp_path))
     # A list where a label goes: TypeError (unhashable) traceback before.
     refused({"runs": [{"label": "x", "from": ["meta-rims"], "rule": "ppo"}]},
             r"finetune.runs\[0\].from must be a model label .* got \['meta-rims'\]")
@@ -407,5 +416,5 @@ def test_a_fine_tuning_task_that_does_not_fit_the_models_is_refused_before_pretr
     done = subprocess.run([sys.executable, str(repo / "study.py"), "run", str(path), "--root", str(tmp_path / "o")],
                           capture_output=True, text=True, cwd=repo, timeout=120)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert "fine-tuning task 'CartPole-v1' does not fit the models (pre-trained on MiniGrid-DoorKey-5x5-v0)" in done.stderr
+    assert "fine-tuning task 'CartPole-v1' does not fit model meta-rims (pre-trained on MiniGrid-DoorKey-5x5-v0)" in done.stderr
     assert not (tmp_path / "o" / "tiny-adapt" / "runs").exists()  # nothing trained

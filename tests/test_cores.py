@@ -179,6 +179,9 @@ def test_make_core_a_size_torch_cannot_take_is_one_line() -> None:
     with pytest.raises(ValueError, match="bad argument for core 'lstm': ") as raised:
         make_core("lstm", 4, hidden_size=2**70)
     assert "\n" not in str(raised.value)
+    # The features width sets input_size: a TypeError ("got multiple values for argument") before.
+    with pytest.raises(ValueError, match="bad argument for core 'lstm'.*input_size"):
+        make_core("lstm", 4, input_size=5)
 
 
 @pytest.mark.parametrize("name", MODULAR_CORES)
@@ -247,6 +250,23 @@ def test_fused_rnn_matches_step_by_step_cell_with_resets(name: str, reference: A
     torch.testing.assert_close(final, ref_final, atol=1e-10, rtol=1e-10)
     # Documented layout: LSTM state [h | c], GRU state h; the output is h.
     torch.testing.assert_close(final[:, : core.hidden_size], out[-1])
+
+
+@pytest.mark.parametrize("name", CORES)
+def test_a_forward_hook_on_the_core_fires_when_an_update_replays_outputs(name: str) -> None:
+    # The README's way to look inside a step: the fused LSTM's packed replay skipped forward, and its hooks.
+    core = build(name)
+    x, state, starts = inputs(core)
+    starts[1:, 0] = True  # many resets: the case the LSTM packs
+    packed = core.outputs(x, state, starts)
+    seen: list[Tensor] = []
+    handle = core.register_forward_hook(lambda module, args, output: seen.append(output[0]))
+    try:
+        hooked = core.outputs(x, state, starts)
+    finally:
+        handle.remove()
+    assert len(seen) == 1 and torch.equal(seen[0], hooked)
+    torch.testing.assert_close(hooked, packed, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", MONOLITHIC_CORES)

@@ -113,6 +113,10 @@ def test_policy_act_names_its_arguments_wrong_shapes(rims_run: tuple[Path, Train
                                   f"got ({size},)"),
         ((obs, None, starts), "state must be a tensor: policy.initial_state(2) for the first step"),
         ((obs[0], state, starts), "obs must have shape (n_envs, 7, 7, 3), got (7, 7, 3)"),
+        # A raw RuntimeError from inside the model ("Input dtypes must be the same", "cannot reshape ... 0 elements").
+        ((obs, state.double(), starts), "state must be a torch.float32 tensor on cpu (as initial_state gives it), "
+                                        "got torch.float64 on cpu"),
+        ((obs[:0], policy.initial_state(0), starts[:0]), "obs holds no envs"),
     ):
         with pytest.raises(ValueError, match=re.escape(message)):
             policy.act(*args)

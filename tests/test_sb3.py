@@ -18,6 +18,7 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import VecEnv
 
 from envs.minigrid import wrap_minigrid
+from policies.checkpoint import CheckpointError
 from policies.cores import CORES, make_core
 from policies.encoders import GridEncoder
 from policies.sb3 import CoreAsLSTM, EncoderFeaturesExtractor, RecurrentCorePolicy
@@ -204,6 +205,16 @@ def test_critic_choices(policy_kwargs: dict[str, Any], critic_core: bool, tmp_pa
     policy.save(tmp_path / "policy.pt")
     loaded = RecurrentCorePolicy.load(tmp_path / "policy.pt")
     assert (loaded.core_name, loaded.shared_lstm, loaded.lstm_critic is None) == ("rims", policy.shared_lstm, True)
+    # Saved under one revision of the core's computation, loaded under another: refused, as load_policy does
+    # (it loaded silently: SB3's saves did not record the revision).
+    revision = CORES["rims"].revision
+    try:
+        CORES["rims"].revision = revision + 1
+        with pytest.raises(CheckpointError, match=f"rims core of revision {revision}, and this version of the package "
+                                                  f"computes revision {revision + 1}"):
+            RecurrentCorePolicy.load(tmp_path / "policy.pt")
+    finally:
+        CORES["rims"].revision = revision
     obs, starts = env.reset(), np.ones(N_ENVS, dtype=bool)
     assert torch.equal(action_probs(policy, obs, random_state(policy), starts),
                        action_probs(loaded, obs, random_state(policy), starts))
@@ -212,6 +223,8 @@ def test_critic_choices(policy_kwargs: dict[str, Any], critic_core: bool, tmp_pa
 @pytest.mark.parametrize(("policy_kwargs", "message"), [
     ({"core": "transformer"}, "core must be one of 'lstm', 'gru', 'rims', 'brims', 'thalnet'"),
     ({"core": "rims", "core_kwargs": {"num_modulez": 4}}, "bad argument for core 'rims'"),
+    # The features width sets it: a TypeError ("multiple values for argument 'input_size'") before.
+    ({"core": "lstm", "core_kwargs": {"input_size": 5}}, "bad argument for core 'lstm'.*input_size"),
     ({"core": "rims", "core_kwargs": {"k_active": 9}}, "k_active must be between 1 and num_modules"),
     ({"core": "gru", "normalize_images": True}, "normalize_images=True"),
     # sb3-contrib's own arguments: a TypeError and an AssertionError before.

@@ -875,6 +875,11 @@ def test_config_hash_tells_pretrained_from_random_weights_but_not_the_weights_pa
     b = load_config(None, ["init_from=/elsewhere/x/runs/rims/seed_2/checkpoint.pt"])
     # The path moves with the study directory and the seed; a row switched to (or from) scratch does not match.
     assert config_hash(a) == config_hash(b) != config_hash(plain)
+    # A run resumed on a CPU after a GPU (train.py allows device to change on resume) is still the study's run.
+    from agents.study import config_differences
+
+    moved = load_config(None, ["device=cuda"])
+    assert config_hash(moved) == config_hash(plain) and config_differences(moved, plain) == []
 
 
 def test_a_closed_terminal_stops_a_study_cleanly() -> None:

@@ -19,13 +19,14 @@ CORES: dict[str, type[RecurrentCore]] = {
 }
 
 
-def make_core(name: str, input_size: int, **kwargs: Any) -> RecurrentCore:
+def make_core(name: str, input_size: int, /, **kwargs: Any) -> RecurrentCore:
     """Build a core from its config name.
 
     :param name: one of ``"lstm"``, ``"gru"``, ``"rims"``, ``"brims"``, ``"thalnet"``.
     :param input_size: width of the features fed to the core at each step.
     :param kwargs: the core's own constructor arguments (e.g. ``k_active=4``).
-    :raises ValueError: for an unknown name or an argument the core does not take.
+    :raises ValueError: for an unknown name, an argument the core does not take (``input_size`` among them:
+        the caller's features width sets it) or a setting out of the core's range.
     """
     if name not in CORES:
         raise ValueError(f"core name must be one of {', '.join(map(repr, CORES))}, got {name!r}")
