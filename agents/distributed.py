@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from agents.config import ConfigError
+from agents.run_dir import train_py
 from policies.checkpoint import CheckpointError
 
 if TYPE_CHECKING:
@@ -387,7 +388,7 @@ def check_resume_world_size(saved: Any, run_dir: str | Path) -> None:
     if saved == now:
         return
     if saved == 1:
-        how = f"resume it with one process: `python train.py --resume {run_dir}`"
+        how = f"resume it with one process: `python {train_py()} --resume {run_dir}`"
     else:
         how = (f"resume it with {saved} processes: `torchrun --nproc_per_node={saved} train.py --resume {run_dir}` "
                f"(on several nodes, {saved} in all)")

@@ -28,6 +28,7 @@ import errno
 import os
 import re
 import secrets
+import shlex
 import sys
 import tempfile
 import time
@@ -93,12 +94,12 @@ def refuse_existing_run(run_dir: str | Path) -> None:
                           "give a new run another --run-dir")
     if found and "checkpoint.pt" in found:
         raise RunDirError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
-                          f"`python train.py --resume {run_dir}`, or give a new run another --run-dir")
+                          f"`python {train_py()} --resume {run_dir}`, or give a new run another --run-dir")
     numbered = list(_numbered_checkpoints(Path(run_dir, "checkpoints")).values()) if found else []
     if numbered:  # checkpoint.pt gone (moved away, or a kill between the two saves): the numbered ones remain
         raise RunDirError(f"{run_dir} already holds a run with numbered checkpoints but no checkpoint.pt (newest "
                           f"{numbered[-1]}); to continue it, copy that file to {Path(run_dir) / 'checkpoint.pt'} "
-                          "and run `python train.py --resume` on the folder, or give a new run another --run-dir")
+                          f"and run `python {train_py()} --resume` on the folder, or give a new run another --run-dir")
     if found:  # a run stopped before its first checkpoint: nothing to resume, but its files are kept
         raise RunDirError(f"{run_dir} already holds a run that wrote no checkpoint ({', '.join(found)}), so "
                           "--resume cannot continue it; delete that directory or give a new run another --run-dir")
@@ -202,6 +203,19 @@ def _is_temp_name(name: str, directory: Path) -> bool:
 def temp_path(path: Path) -> Path:
     """A temporary name next to ``path``, unique per process and call: ``.<name>.<pid>.<random>.tmp``."""
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def script_as_started(name: str) -> str:
+    """The script ``name`` (``train.py``, ``study.py``) as this process was started with it (``python
+    /opt/repo/train.py`` from another folder), for the commands messages print; ``name`` itself when this
+    process is another program (a test, a notebook, a study's worker)."""
+    script = sys.argv[0] if sys.argv else ""
+    return shlex.quote(script) if os.path.basename(script) == name else name
+
+
+def train_py() -> str:
+    """``script_as_started("train.py")``: how the resume commands in messages name train.py."""
+    return script_as_started("train.py")
 
 
 def _sync_folder(folder: Path) -> None:
@@ -435,7 +449,7 @@ class RunLock:
             if exc.errno in _LOCK_BUSY:
                 raise RunDirError(f"run directory {self.run_dir} is in use by another training process "
                                   f"(pid {holder}); wait for it to end or stop it, then use "
-                                  f"`python train.py --resume {self.run_dir}`") from None
+                                  f"`python {train_py()} --resume {self.run_dir}`") from None
             raise RunDirError(f"cannot lock run directory {self.run_dir}: {exc.strerror or exc}") from None
         handle.seek(0)
         earlier = handle.read(64).strip()

@@ -61,7 +61,7 @@ import yaml
 
 from agents.config import (ENV_FIELDS, PACKAGE_ROOT, SAME_ENV_OPTIONS, ConfigError, load_config, load_written_yaml,
                            locate_config, parse_yaml, yaml_file_problem)
-from agents.run_dir import atomic_write
+from agents.run_dir import atomic_write, script_as_started
 from policies.checkpoint import numbered_checkpoints
 from envs.names import short_env_name
 
@@ -1836,7 +1836,7 @@ def continue_command(study: Study, executor: str, workers: int | None, address: 
         ``studies/``. A directory named otherwise (``run_study`` called from Python) cannot be given to
         ``study.py run`` at all, and adds nothing.
     """
-    parts = ["python", "study.py", "run", shlex.quote(str(study.source or study.name))]
+    parts = ["python", script_as_started("study.py"), "run", shlex.quote(str(study.source or study.name))]
     if root is not None and root.name == study.name and root.parent != DEFAULT_ROOT:
         parts += ["--root", shlex.quote(str(root.parent))]
     if executor != study.executor.name:

@@ -52,6 +52,7 @@ from agents.run_dir import (
     prepare_run_dir,
     refuse_existing_run,
     remove_stale_temp_files,
+    train_py,
     usable_snapshot_key,
     write_failure,
 )
@@ -386,7 +387,7 @@ class Trainer:
         self._seed_rngs(distributed.rank_rng_seed(seed))
         self.device = torch.device(config["device"])
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            how = (f"continue the run on the CPU with `python train.py --resume {run_dir} device=cpu`"
+            how = (f"continue the run on the CPU with `python {train_py()} --resume {run_dir} device=cpu`"
                    if checkpoint is not None else "use device=cpu")
             raise ConfigError(f"device={config['device']!r} but no CUDA GPU is available; {how}")
         distributed.setup(config["device"])  # joins torchrun's process group; nothing in a world of 1
@@ -776,7 +777,7 @@ class Trainer:
         """The message of a run that stops on a problem: what happened and what was kept."""
         latest = self.run_dir / "checkpoint.pt"
         kept = (f"The last good checkpoint is kept at {latest} (not overwritten); {advice} with "
-                f"`python train.py --resume {self.run_dir}`." if latest.exists()
+                f"`python {train_py()} --resume {self.run_dir}`." if latest.exists()
                 else "No checkpoint had been written yet.")
         return f"training stopped at {self.frames} frames: {problem}. {kept}"
 
@@ -870,7 +871,7 @@ class Trainer:
                         _file_identity(self.run_dir / "checkpoint.pt") != self._loaded_from:
                     raise RunDirError(f"the run in {self.run_dir} was trained further by another process after "
                                       f"this one loaded its checkpoint; resume it again with "
-                                      f"`python train.py --resume {self.run_dir}`")
+                                      f"`python {train_py()} --resume {self.run_dir}`")
                 remove_stale_temp_files(self.run_dir)  # left by a killed write; no live writer under the lock
                 self._started = True
             config_path = self.run_dir / "config.yaml"
@@ -973,7 +974,7 @@ class Trainer:
         if self.stopped_early and logger is not None:
             launcher = "python" if self.world_size == 1 else f"torchrun --nproc_per_node={self.world_size}"
             tqdm.write(f"{self._stop_signal}: stopped after {self.frames} frames; checkpoint saved to "
-                       f"{checkpoint_path}. Resume with: {launcher} train.py --resume {self.run_dir}")
+                       f"{checkpoint_path}. Resume with: {launcher} {train_py()} --resume {self.run_dir}")
         return checkpoint_path
 
     def _maybe_switch_task(self, rollout_stats: Any) -> None:
@@ -1027,7 +1028,7 @@ class Trainer:
         (self.run_dir / ENVS_STATE_FILE).unlink(missing_ok=True)
         saved = self.save(snapshot_envs=False)
         return (f"a subprocess env of {self.config['env']['id']!r} crashed: {crashed or type(exc).__name__}. "
-                f"Checkpoint saved to {saved}; resume with: python train.py --resume {self.run_dir}")
+                f"Checkpoint saved to {saved}; resume with: python {train_py()} --resume {self.run_dir}")
 
     def _gather_rollout_stats(self, rollout_stats: Any) -> None:
         """Under torchrun, replace a rollout's episodes by every rank's (rank order) and average module activity.

@@ -171,9 +171,11 @@ def test_sigterm_to_the_process_group_stops_a_subprocess_env_run_as_a_stop(tmp_p
     # A scheduler (SLURM, a container stop) signals the whole group: the env workers died of it mid-rollout and
     # the run reported an env crash with exit 2 instead of stopping at its next checkpoint with 143.
     run = tmp_path / "run"
-    cmd = [sys.executable, "train.py", *TINY, "env.vec_env=subproc", "algo.n_steps=256", "algo.n_epochs=1",
+    # Started from another folder: the resume command it prints names train.py as it was started (it said
+    # `python train.py`, which does not run from there).
+    cmd = [sys.executable, str(REPO / "train.py"), *TINY, "env.vec_env=subproc", "algo.n_steps=256", "algo.n_epochs=1",
            "total_frames=100000000", "--run-dir", str(run)]
-    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    process = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
         wait_for_rows(run / "metrics.jsonl", process, 1)  # from here on the run is mostly stepping its envs
@@ -186,6 +188,7 @@ def test_sigterm_to_the_process_group_stops_a_subprocess_env_run_as_a_stop(tmp_p
             process.communicate()
     assert process.returncode == 128 + signal.SIGTERM, err
     assert "SIGTERM: stopped after" in out + err and "crashed" not in err, err
+    assert f"Resume with: python {REPO / 'train.py'} --resume {run}" in out + err
     assert load_checkpoint(run / "checkpoint.pt")["frames"] > 0
 
 

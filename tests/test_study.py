@@ -526,8 +526,9 @@ def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version:
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130, output
-    # The command to continue names --root: without it, it would start the study afresh under studies/.
-    assert f"Continue with: python study.py run {path} --root {root} --workers 1" in output
+    # The command to continue names --root: without it, it would start the study afresh under studies/; and
+    # study.py as it was started (from elsewhere, `python study.py` would not run).
+    assert f"Continue with: python {REPO / 'study.py'} run {path} --root {root} --workers 1" in output
 
     study = load_study(path)
     jobs = plan(study, root / "tiny")
