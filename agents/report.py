@@ -1019,8 +1019,8 @@ def write_plots(results: StudyResults, heldout_scores: dict[str, np.ndarray],
     # Return against training frames, one panel per env.
     if env_curves:
         held = dict(zip(results.envs, results.held_out, strict=True))
-        columns = min(len(env_curves), 4)
-        rows = -(-len(env_curves) // columns)
+        rows = -(-len(env_curves) // 4)  # at most 4 panels a row, the rows filled evenly (5 envs: 3 + 2)
+        columns = -(-len(env_curves) // rows)
         figure = Figure(figsize=(3.6 * columns, 3.2 * rows + 0.5))
         for k, (env, by_model) in enumerate(env_curves.items()):
             ax = figure.add_subplot(rows, columns, k + 1)

@@ -62,6 +62,7 @@ from agents.config import (  # noqa: E402
     parse_overrides,
 )
 from agents.executors import stop_exit_status, stop_signals_recorded  # noqa: E402
+from envs.names import short_env_name  # noqa: E402
 
 WINDOW = 100  # episodes in the mean return, as the trainer's log.return_window
 # A sweep's options and their defaults (none of them applies to --study).
@@ -447,8 +448,10 @@ def plot_curves(jobs: list[Job], threshold: float, path: Path) -> Path | None:
     drawn = False
     for ax, (label, group) in zip(axes, by_label.items()):
         multi_task = False
+        env_ids: set[str] = set()
         for i, job in enumerate(group):
             rows, config = read_run(job)
+            env_ids.add(str(((config or {}).get("env") or {}).get("id", "")))
             task_window = ((config or {}).get("meta") or {}).get("return_window")
             multi_task = multi_task or task_returns(rows) is not None
             curve = return_curve(rows, task_window)
@@ -462,11 +465,14 @@ def plot_curves(jobs: list[Job], threshold: float, path: Path) -> Path | None:
                 ax.plot(hit / 1000, threshold, "o", color=f"C{i % 10}", markersize=4)
             drawn = True
         ax.axhline(threshold, color="grey", linewidth=0.8, linestyle=":")
-        ax.set_title(label, fontsize=9)
+        # The env the panel's runs trained on, where they share one (a tag alone does not say it).
+        trained_on = f" on {short_env_name(env_ids.pop())}" if len(env_ids) == 1 and "" not in env_ids else ""
+        ax.set_title(f"{label}{trained_on}", fontsize=9)
         ax.set_xlabel("frames (thousands)")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="lower right")
+            # Below the panel, not on it: inside, it hid the low curves (the runs that never learned) at the end.
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=5, frameon=False)
         ax.set_ylabel("lowest task's mean return" if multi_task else "mean return, last 100 episodes", fontsize=8)
     for ax in axes[len(by_label):]:
         ax.set_visible(False)

@@ -324,7 +324,7 @@ def plot_by_lag(results: list[ProbeResult], path: Path) -> Path:
     from agents.run_dir import write_new_file
 
     panels = lag_panels(results)
-    fig = Figure(figsize=(6.4 * min(len(panels), 2), 4.0 * -(-len(panels) // 2)))
+    fig = Figure(figsize=(6.4 * min(len(panels), 2), 4.0 * -(-len(panels) // 2)), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(-(-len(panels) // 2), min(len(panels), 2), squeeze=False, sharey=True).ravel()
     lowest = min((a for r in results for a in r.probe_by_lag if a is not None), default=0.5)
@@ -338,11 +338,13 @@ def plot_by_lag(results: list[ProbeResult], path: Path) -> Path:
         ax.set_xlabel("steps since the cue was last in view")
         ax.set_ylabel("probe balanced accuracy (held out)")
         ax.set_ylim(min(0.25, lowest - 0.03), 1.02)
-        ax.set_xlim(-0.3, MAX_LAG + 0.3)
+        longest = max((lag for r in members for lag, a in enumerate(r.probe_by_lag) if a is not None), default=MAX_LAG)
+        ax.set_xlim(-0.3, longest + 0.3)
         ax.grid(alpha=0.3)
         ax.set_title(panel or "Does the core's state still hold the cue? (each lag: the sighted episodes "
                      "that lasted it)", fontsize=9)
-        ax.legend(fontsize=6, loc="lower left")
+        # Below the panel, not on it: inside, it hid the points near chance that the figure is read for.
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     if len(panels) > 1:
