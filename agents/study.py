@@ -1828,15 +1828,18 @@ def read_study_sessions(root: Path) -> list[dict[str, Any]]:
 
 
 def continue_command(study: Study, executor: str, workers: int | None, address: str | None,
-                     root: Path | None = None) -> str:
+                     root: Path | None = None, as_started: bool = False) -> str:
     """The command that continues a stopped study.
 
+    :param as_started: name study.py as this process was started with it (``python /repo/study.py``), for a
+        message to the user; otherwise ``study.py``, as the study's provenance records its commands.
     :param root: the study's directory; where it is ``<--root>/<name>`` (as ``study.py run`` makes it) a
         ``--root`` other than the default is named, or the command would start the study afresh under
         ``studies/``. A directory named otherwise (``run_study`` called from Python) cannot be given to
         ``study.py run`` at all, and adds nothing.
     """
-    parts = ["python", script_as_started("study.py"), "run", shlex.quote(str(study.source or study.name))]
+    script = script_as_started("study.py") if as_started else "study.py"
+    parts = ["python", script, "run", shlex.quote(str(study.source or study.name))]
     if root is not None and root.name == study.name and root.parent != DEFAULT_ROOT:
         parts += ["--root", shlex.quote(str(root.parent))]
     if executor != study.executor.name:
@@ -1970,11 +1973,11 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
             print(f"  not started: {text}", flush=True)
         if stopped is not None:
             print(f"stopped ({stopped}); every run keeps its last checkpoint. Continue with: "
-                  f"{continue_command(study, executor, workers, address, root)}", flush=True)
+                  f"{continue_command(study, executor, workers, address, root, as_started=True)}", flush=True)
             return executors.stop_exit_status(stopped)
         if counts["done"] < len(jobs):
             print(f"some runs did not finish; see their logs in {root / 'logs'}, then continue with: "
-                  f"{continue_command(study, executor, workers, address, root)}", flush=True)
+                  f"{continue_command(study, executor, workers, address, root, as_started=True)}", flush=True)
             return 1
     if report:
         from agents.report import write_report
