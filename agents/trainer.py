@@ -185,7 +185,8 @@ def check_run_consistency(checkpoint: dict[str, Any], config: dict[str, Any], ru
         ("updater", lambda v: isinstance(v, dict), "the optimiser state"),
     ):
         if not valid(checkpoint.get(key)):
-            found = "has none" if key not in checkpoint else f"has {type(checkpoint[key]).__name__} {checkpoint[key]!r:.60}"
+            value = checkpoint.get(key)
+            found = "has none" if key not in checkpoint else f"has {type(value).__name__} {value!r:.60}"
             raise CheckpointError(f"the checkpoint in {run_dir} is damaged or not a training checkpoint: its "
                                   f"{key!r} should be {kind} and {found}")
     spec = checkpoint.get("policy", {}).get("spec") if isinstance(checkpoint.get("policy"), dict) else None

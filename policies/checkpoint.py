@@ -142,9 +142,11 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        # mkstemp makes it 0600; a checkpoint is readable as any file written here. Best effort: a file system
+        # without modes (vfat, some FUSE mounts) refuses the change, and the file stays as it is.
         if hasattr(os, "fchmod"):
-            with contextlib.suppress(OSError):  # a file system without modes (vfat, some FUSE mounts): as it is
-                os.fchmod(fd, _NEW_FILE_MODE)  # mkstemp makes it 0600; a checkpoint is readable as any file written here
+            with contextlib.suppress(OSError):
+                os.fchmod(fd, _NEW_FILE_MODE)
     except OSError as exc:
         raise CheckpointWriteError(f"cannot write checkpoint {path}: {write_error_reason(exc)} "
                                    f"({free_space(path.parent)} free)") from None
