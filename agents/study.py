@@ -1250,8 +1250,7 @@ def _check_finetune_configs(study: Study) -> None:
                 config = load_config(model.config, finetune_overrides(study, run, task, study.seeds[0], Path("x")))
             except ConfigError as exc:
                 raise StudyError(f"{where}fine-tuning run {run.label} on {task}: {exc}") from None
-            variant = [key for key in TASK_VARIANT_KEYS
-                       if config["env"][key.split(".")[1]] != ENV_FIELDS[key.split(".")[1]].default]
+            variant = [f"env.{key}" for key in SAME_ENV_OPTIONS if config["env"][key] != ENV_FIELDS[key].default]
             if variant:  # set in the model's config file, or by a whole `env` mapping in its overrides
                 raise StudyError(f"{where}fine-tuning run {run.label} on {task}: the model's config would give the "
                                  f"held-out task {', '.join(variant)} (from {model.config} or an env mapping in its "

@@ -184,8 +184,8 @@ def check_run_consistency(checkpoint: dict[str, Any], config: dict[str, Any], ru
         ("rng", lambda v: isinstance(v, dict), "the RNG states"),
         ("updater", lambda v: isinstance(v, dict), "the optimiser state"),
     ):
-        if not valid(checkpoint.get(key)):
-            value = checkpoint.get(key)
+        value = checkpoint.get(key)
+        if not valid(value):
             found = "has none" if key not in checkpoint else f"has {type(value).__name__} {value!r:.60}"
             raise CheckpointError(f"the checkpoint in {run_dir} is damaged or not a training checkpoint: its "
                                   f"{key!r} should be {kind} and {found}")
