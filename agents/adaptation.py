@@ -268,6 +268,16 @@ def _matrix(records: list[FinetuneRecord], tasks: Sequence[str], measure: str,
                                                                                                 len(tasks)), seeds
 
 
+def mean_frames_text(frames: Sequence[int | None], budget: int) -> str:
+    """One seed's frames to threshold averaged over tasks, as the per-seed table prints it: ``> budget`` when
+    no task reached the threshold, ``>= mean`` (a lower bound, the budget standing in for a task that never
+    reached it) when some did not, else the mean."""
+    if all(f is None for f in frames):
+        return f"> {budget:,}"
+    mean = int(np.mean([budget if f is None else f for f in frames]))
+    return (">= " if None in frames else "") + f"{mean:,}"
+
+
 def build_adaptation_report(directory: Path, root: str | Path, split_versions: bool = False,
                             reps: int = 10_000) -> str:
     """The markdown of an adaptation study's report (and its PNGs in ``<study dir>/plots/``).
@@ -361,9 +371,10 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
 
     # Fine-tuning measures.
     measures: dict[str, dict[str, np.ndarray]] = {"auc": {}, "frames_to_threshold": {}, "final": {}}
+    matrix_seeds: dict[str, list[int]] = {}  # the seeds in a row's matrices (those that finished every task)
     for run in spec.runs:
         for measure in measures:
-            matrix, _ = _matrix(finetunes[run.label], spec.tasks, measure, spec.total_frames)
+            matrix, matrix_seeds[run.label] = _matrix(finetunes[run.label], spec.tasks, measure, spec.total_frames)
             if len(matrix):
                 measures[measure][run.label] = matrix
     zero_shot: dict[str, np.ndarray] = {}
@@ -379,7 +390,8 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
             rows.append([run.label, run.source + (" (below criterion)" if run.source in below else ""), run.rule,
                          "0", "-", "-", "-", "-", "-"])
             continue
-        records = finetunes[run.label]
+        # Counted over the runs the IQM is over: a seed that missed a task is out of the matrix.
+        records = [r for r in finetunes[run.label] if r.seed in matrix_seeds[run.label]]
         reached = sum(r.frames_to_threshold is not None for r in records)
         rows.append([run.label, ("scratch " if run.scratch else "") + run.source +
                      (" (**below criterion**)" if run.source in below and not run.scratch else ""), run.rule,
@@ -419,7 +431,7 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
                 speed_p = rp.poi_permutation_p(frames_x, frames_y)
                 pois[x, y], area_p_values[x, y] = area, area_p
                 difference = rp.mean_difference_interval(area_x, area_y)
-                rows.append([x, y, f"{rp._poi_ci(area)}, p {area_p:.3f}", f"{rp._poi_ci(speed)}, p {speed_p:.3f}",
+                rows.append([x, y, f"{rp._poi_ci(area)}, p {rp.p_text(area_p)}", f"{rp._poi_ci(speed)}, p {rp.p_text(speed_p)}",
                              rp._signed_ci(difference, 3), rp._fmt(detectable, 3)])
                 # A from-scratch row does not depend on pre-training: only pre-trained sources can be flagged.
                 flagged = [spec.run(r).source for r in (x, y)
@@ -445,8 +457,9 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
         lines += [""]
 
     # Per seed.
-    lines += ["## Per seed", "", "Area under the curve / frames to threshold (`>` budget: never reached) per "
-              "fine-tuning run, averaged over tasks.", ""]
+    lines += ["## Per seed", "", "Area under the curve / frames to threshold (`>` budget: never reached; `>=`: "
+              "some tasks never reached, counted as the budget, so a lower bound) per fine-tuning run, averaged "
+              "over tasks.", ""]
     seeds = sorted({r.seed for rs in finetunes.values() for r in rs})
     rows = []
     for seed in seeds:
@@ -456,9 +469,7 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
             if not mine:
                 row.append("-")
                 continue
-            frames = [r.frames_to_threshold for r in mine]
-            text = f"> {spec.total_frames:,}" if all(f is None for f in frames) else \
-                f"{int(np.mean([spec.total_frames if f is None else f for f in frames])):,}"
+            text = mean_frames_text([r.frames_to_threshold for r in mine], spec.total_frames)
             row.append(f"{np.mean([r.auc for r in mine]):.2f} / {text}")
         rows.append(row)
     lines += rp._table(["seed", *labels], rows)

@@ -270,6 +270,8 @@ def plot_probability_of_improvement(pois: dict[tuple[str, str], tuple[float, flo
     :param p_values: each pair's permutation test p-value: written in its label, and a pair the test
         does not separate from 0.5 (p >= ``alpha``) is drawn with a hollow marker, however its interval lies.
     """
+    from agents.report import p_text  # one rule for printing a p-value next to its verdict
+
     pairs = list(pois)
     figure = Figure(figsize=(7, 0.5 * len(pairs) + 1.4))
     ax = figure.add_subplot(1, 1, 1)
@@ -280,7 +282,7 @@ def plot_probability_of_improvement(pois: dict[tuple[str, str], tuple[float, flo
         ax.errorbar(point, i, xerr=[[point - low], [high - point]], fmt="o", capsize=5, color=color,
                     markerfacecolor="white" if hollow else color)
     ax.axvline(0.5, color="grey", linestyle="--")
-    labels = [f"P({x} > {y})" + ("" if p_values is None else f", p {p_values[x, y]:.3f}") for x, y in pairs]
+    labels = [f"P({x} > {y})" + ("" if p_values is None else f", p {p_text(p_values[x, y], alpha)}") for x, y in pairs]
     ax.set_yticks(range(len(pairs)), labels)
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.6, len(pairs) - 0.4)

@@ -18,8 +18,8 @@ precipice") and are small pure functions over score arrays of shape ``(runs, env
 rliable (and its bootstrap library ``arch``) is imported inside the functions that need it.
 
 The report's conclusions (:func:`conclusion`, :func:`conclude`) follow mechanically from the
-intervals: an improvement on an LSTM baseline is claimed only when the IQM intervals do not overlap
-and the P(improvement) interval excludes 0.5; otherwise the sentence says what does not separate and
+intervals: an improvement on an LSTM baseline is claimed only when the IQM intervals do not overlap,
+the P(improvement) interval excludes 0.5 and its permutation test rejects P = 0.5 at the 5% level; otherwise the sentence says what does not separate and
 gives the interval of the difference in mean (what the runs leave possible) and the smallest
 difference the seeds could detect.
 
@@ -126,7 +126,9 @@ def _check(scores: np.ndarray) -> np.ndarray:
 
 
 def iqm(scores: np.ndarray) -> float:
-    """Interquartile mean of all runs x envs: the mean of the middle 50% (25% trimmed each side)."""
+    """Interquartile mean of all runs x envs, as rliable's (``scipy.stats.trim_mean(scores, 0.25)``): the
+    mean after cutting ``int(0.25 * n)`` of the n values from each end, so at fewer than four values (three
+    seeds on one env) nothing is cut and it is the mean."""
     _, metrics = _rliable()
     return float(metrics.aggregate_iqm(_check(scores)))
 
@@ -540,7 +542,7 @@ def per_env_poi(x: np.ndarray, y: np.ndarray, reps: int = REPS) -> list[str]:
     cells = []
     for k in range(x.shape[1]):
         poi = poi_interval(x[:, [k]], y[:, [k]], reps=reps)
-        cells.append(f"{_poi_ci(poi)}, p {poi_permutation_p(x[:, [k]], y[:, [k]]):.3f}")
+        cells.append(f"{_poi_ci(poi)}, p {p_text(poi_permutation_p(x[:, [k]], y[:, [k]]))}")
     return cells
 
 
@@ -599,12 +601,14 @@ def _poi_ci(poi: tuple[float, float, float]) -> str:
 
 
 def _digits_to_tell(*pairs: tuple[float, float]) -> int:
-    """Decimals (2 to 4) that print each pair's two numbers differently when they differ, so a verdict
-    resting on an interval end just above 0.5 or just above another interval does not print "0.50"."""
-    for digits in (2, 3):
-        if all(a == b or _fmt(a, digits) != _fmt(b, digits) for a, b in pairs):
+    """Decimals (2 to 10) that print each pair's two numbers as different numbers when they differ, so a
+    verdict resting on an interval end just above 0.5 or just above another interval does not print "0.50",
+    nor an end just below 0 "-0.00"."""
+    for digits in range(2, 10):
+        if all(a == b or not (math.isfinite(a) and math.isfinite(b))
+               or float(_fmt(a, digits)) != float(_fmt(b, digits)) for a, b in pairs):
             return digits
-    return 4
+    return 10
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
@@ -613,6 +617,16 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
 
 
 ALPHA = 0.05  # the level of the permutation test a P(improvement) verdict also needs
+
+
+def p_text(p_value: float, alpha: float = ALPHA) -> str:
+    """A p-value with 3 decimals, or with the decimals that keep it on its side of ``alpha``: an exact
+    p of 46/924 = 0.0498 counts as p < 0.05 and must not print as "0.050"."""
+    for digits in range(3, 11):
+        text = f"{p_value:.{digits}f}"
+        if (float(text) < alpha) == (p_value < alpha):
+            return text
+    return repr(p_value)
 
 
 def _poi_words(poi: tuple[float, float, float], p_value: float | None, digits: int) -> tuple[int, str]:
@@ -628,11 +642,11 @@ def _poi_words(poi: tuple[float, float, float], p_value: float | None, digits: i
     if p_value is None:
         return side, f"{numbers} {'contains 0.5' if side == 0 else f'lies {where} 0.5'}"
     if side == 0:
-        return 0, f"{numbers} contains 0.5 (permutation test p {p_value:.3f})"
+        return 0, f"{numbers} contains 0.5 (permutation test p {p_text(p_value)})"
     if p_value >= ALPHA:
         return 0, (f"{numbers} lies {where} 0.5, but its permutation test does not reject 0.5 "
-                   f"(p {p_value:.3f} >= {ALPHA})")
-    return side, f"{numbers} lies {where} 0.5 (permutation test p {p_value:.3f})"
+                   f"(p {p_text(p_value)} >= {ALPHA})")
+    return side, f"{numbers} lies {where} 0.5 (permutation test p {p_text(p_value)})"
 
 
 def verdict(model: str, baseline: str, poi: tuple[float, float, float], p_value: float | None = None) -> str:
@@ -677,12 +691,14 @@ def conclusion(model: str, baseline: str, iqm_x: tuple[float, float, float], iqm
     p = f"P({model} > {baseline}) {poi_words}"
     # Not "a difference below ~X cannot be ruled out": that reads as if larger ones were ruled out, which
     # only the interval of the difference can say.
-    sdd = f"a t-test on these runs detects a difference in {per_run} of ~{_fmt(detectable)} with 80% power"
+    sdd = (f"a t-test on these runs detects a difference in {per_run} of "
+           f"~{_fmt(detectable, _digits_to_tell((detectable, 0.0)))} with 80% power")
     if difference is not None and math.isfinite(difference[1]):
         gloss = ("it excludes 0, as a t-test alone would call a difference, but the rule above needs the IQM "
                  "intervals and P(improvement) as well" if difference[1] > 0 or difference[2] < 0
                  else "it holds 0, and these runs are compatible with any difference in it")
-        sdd = f"the difference in {per_run} is {_signed_ci(difference)} (95% Welch t interval; {gloss}), and {sdd}"
+        ends = _digits_to_tell((difference[1], 0.0), (difference[2], 0.0))  # its gloss reads them against 0
+        sdd = f"the difference in {per_run} is {_signed_ci(difference, ends)} (95% Welch t interval; {gloss}), and {sdd}"
     where = f" {where}" if where else ""
     iqm_above, iqm_below = iqm_x[1] > iqm_y[2], iqm_x[2] < iqm_y[1]
     if iqm_above and poi_side > 0:
@@ -749,8 +765,9 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
               f"`SeedSequence(s).spawn(n_envs)` (s in {_seed_text(study.seeds)}), so no evaluation seed is a training "
               "seed. The held-out envs are never trained on; on the training env itself a small grid has few "
               "distinct layouts, so some evaluation levels can look like training levels.",
-              "- Score of a run on an env: its mean return over the evaluation episodes; per env and per "
-              f"evaluation point, IQM intervals and performance profiles from {min(reps, SMALL_REPS):,} resamples; "
+              "- Score of a run on an env: its mean return over the evaluation episodes; per env, IQM and mean "
+              "intervals, per evaluation point mean intervals, and performance profiles, from "
+              f"{min(reps, SMALL_REPS):,} resamples; "
               "sample SD with ddof=1.",
               statistics_protocol(reps, "runs x envs", "seed s of every model meets the same evaluation levels"),
               ""]
@@ -802,7 +819,7 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
                 x, y = heldout_scores[m], heldout_scores[baseline]
                 pois[m, baseline] = poi_interval(x, y, reps=reps)
                 p_values[m, baseline] = poi_permutation_p(x, y)
-                rows.append([m, baseline, _poi_ci(pois[m, baseline]), f"{p_values[m, baseline]:.3f}",
+                rows.append([m, baseline, _poi_ci(pois[m, baseline]), p_text(p_values[m, baseline]),
                              *(per_env_poi(x, y, reps) if x.shape[1] > 1 else [])])
         lines += _table(["model X", "baseline Y", "P(X > Y) [95% CI]", "permutation test p (P = 0.5)",
                          *(f"{env} alone: P [95% CI], p" for env in held if len(held) > 1)], rows)
@@ -1224,7 +1241,8 @@ def _published_parts(text: str, name: str) -> tuple[str, list[str], list[str]]:
     """One study's banner entry, summary lines and section (``## Study: name`` to the next study) on a page."""
     lines = text.splitlines()
     banner = next((line for line in lines if line.startswith("> Published: ")), "")
-    entry = re.search(r"`" + re.escape(name) + r"` \(code version `[^`]+`[^)]*\)", banner)
+    # The entry's parentheses can hold one level more: "git commit abc (with uncommitted changes)".
+    entry = re.search(r"`" + re.escape(name) + r"` \(code version `[^`]+`(?:[^()]|\([^()]*\))*\)", banner)
     summary = [line for line in lines if line.startswith(f"- **{name}**: ")]
     titles = ("## Study: ", "## Adaptation study: ")  # the two kinds of report's titles, one level down
     start = next((i for i, line in enumerate(lines) if line in {title + name for title in titles}), len(lines))

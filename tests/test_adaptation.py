@@ -16,6 +16,7 @@ from agents.adaptation import (
     fill_curve,
     final_return,
     frames_to_threshold,
+    mean_frames_text,
     read_curve,
     zero_shot_return,
 )
@@ -80,6 +81,12 @@ def test_zero_shot_and_final_return() -> None:
     # The last half of the filled curve [0, 0.5, 0.5, 1.0].
     assert final_return([100, 200, 300, 400], [NAN, 0.5, NAN, 1.0], fraction=0.5) == pytest.approx(0.75)
     assert final_return([100, 200, 300, 400], [NAN, 0.5, NAN, 1.0], fraction=0.1) == pytest.approx(1.0)
+
+
+def test_a_seed_that_missed_the_threshold_on_some_tasks_shows_a_lower_bound() -> None:
+    assert mean_frames_text([None, None], 1000) == "> 1,000"
+    assert mean_frames_text([200, None], 1000) == ">= 600"  # the budget stands in: at least this
+    assert mean_frames_text([200, 400], 1000) == "300"
 
 
 def test_read_curve_from_metrics_rows(tmp_path: Path) -> None:

@@ -131,6 +131,32 @@ def test_a_probability_of_improvement_needs_its_permutation_test_too() -> None:
     assert "improves on" in report.verdict("x", "y", (0.84, 0.52, 1.0), 0.03)
 
 
+def test_a_p_value_prints_on_the_side_of_alpha_it_was_judged_on() -> None:
+    """An exact p of 46/924 = 0.0498 (six runs against six) rejects at 5%: printed "0.050" it would read as
+    not rejecting, next to the claim it supports."""
+    assert report.p_text(46 / 924) == "0.0498" and report.p_text(0.05) == "0.050"
+    assert report.p_text(0.0504) == "0.050" and report.p_text(0.123456) == "0.123"
+    assert report.p_text(0.0499999) == "0.0499999"
+    text = report.conclusion("x", "y", (0.8, 0.7, 0.9), (0.3, 0.2, 0.4), (0.9, 0.7, 1.0), 0.2, p_value=46 / 924)
+    assert text.startswith("x improves on y") and "(permutation test p 0.0498)" in text
+    assert "p 0.050 >= 0.05" in report.verdict("x", "y", (0.8, 0.6, 0.95), 0.0504)
+    # The same numbers in the report's table: one column, one rule.
+    assert report.per_env_poi(np.ones((6, 1)), np.zeros((6, 1)), reps=50)[0].endswith("p 0.002")
+
+
+def test_a_difference_end_just_below_zero_does_not_print_as_zero() -> None:
+    """The gloss "it holds 0" for an interval [-0.004, +0.197] printed "[-0.00, +0.20]" reads as touching 0;
+    an end just above 0 would print "+0.00" beside "it excludes 0"; a detectable difference of 0.004 "~0.00"."""
+    base = ("x", "y", (0.5, 0.3, 0.7), (0.45, 0.3, 0.6), (0.55, 0.4, 0.7))
+    holds = report.conclusion(*base, 0.004, p_value=0.3, difference=(0.1, -0.004, 0.197))
+    assert "+0.100 [-0.004, +0.197] (95% Welch t interval; it holds 0" in holds and "~0.004 with 80%" in holds
+    excludes = report.conclusion(*base, 0.2, p_value=0.3, difference=(0.1, 0.003, 0.197))
+    assert "+0.100 [+0.003, +0.197] (95% Welch t interval; it excludes 0" in excludes and "~0.20 with 80%" in excludes
+    assert "[-0.10, +0.20]" in report.conclusion(*base, 0.2, p_value=0.3, difference=(0.05, -0.1, 0.2))
+    # Interval ends a verdict compares that differ past four decimals are still printed apart.
+    assert report._digits_to_tell((0.612345, 0.612341)) == 5  # 0.61235 and 0.61234
+
+
 def test_interval_ends_a_verdict_compares_are_printed_apart() -> None:
     """IQM intervals 0.620 above 0.615 are apart, and a P(improvement) interval ending at 0.4990 is below
     0.5: printed with two decimals each pair would read as equal."""
@@ -433,6 +459,20 @@ def test_publish_keep_adds_a_study_beside_those_already_published(tmp_path: Path
     assert study_cli.main([*args, "--keep", "--force"]) == 2
     assert "--keep keeps the studies of a page written by study.py publish" in one_line_error(capsys)
     assert out.read_text() == edited
+
+
+def test_a_kept_banner_entry_with_an_uncommitted_commit_is_kept_whole() -> None:
+    """A session run from an uncommitted tree names its commit "abc (with uncommitted changes)": the entry's
+    parenthesis holds another, and --keep must keep the entry to its end (its statistics version included),
+    not cut it at the inner ")" and call the study published by earlier report code."""
+    tag = f"statistics v{report.STATISTICS_VERSION}"
+    dirty = f"`s-one` (code version `code.c0dec0dec0`, git commit aaaaaaaaaa (with uncommitted changes); 15 runs; {tag})"
+    clean = f"`s-two` (code version `code.c0dec0dec1`; 12 runs; {tag})"
+    page = "\n".join(["# Results", "", f"> Published: {dirty}; {clean}. Every run ...", "", "## Summary", "",
+                      "- **s-one**: x", "- **s-two**: y", "", "## Study: s-one", "", "text one", "",
+                      "## Study: s-two", "", "text two", ""])
+    assert report._published_parts(page, "s-one") == (dirty, ["- **s-one**: x"], ["## Study: s-one", "", "text one"])
+    assert report._published_parts(page, "s-two")[0] == clean
 
 
 def test_publish_keep_leaves_a_republished_study_in_its_place(tmp_path: Path) -> None:
