@@ -25,6 +25,7 @@ import math
 import os
 import re
 import struct
+import traceback
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,15 @@ import yaml
 
 class ConfigError(ValueError):
     """A config key or value that cannot be used; the message names the key."""
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """Why an env refused its options, in words: the exception's message, or for a bare ``assert`` (MiniGrid
+    asserts on a grid size it cannot build) the source line that failed."""
+    if str(exc):
+        return str(exc)
+    frames = traceback.extract_tb(exc.__traceback__)
+    return frames[-1].line if frames and frames[-1].line else f"{type(exc).__name__} (no message)"
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,11 @@ def _is_name(value: Any) -> bool:
                                          for c in value))
 
 
-def _is_float32_positive(value: Any) -> bool:
+FLOAT32_POSITIVE = "> 0 and representable in float32 (about 1.4e-45 to 3.4e38)"  # what the check below asks
+
+
+def is_float32_positive(value: Any) -> bool:
+    """Whether ``value`` is a rate or epsilon the float32 update can use (see FLOAT32_POSITIVE)."""
     # torch optimisers hold lr as a Python float but the update is float32: 1e-50 rounds to 0, 1e39 to inf.
     try:
         as_float32 = struct.unpack("f", struct.pack("f", value))[0]
@@ -145,7 +159,7 @@ LOG_FIELDS: dict[str, Field] = {
 
 def _algo_fields(**overrides: Any) -> dict[str, Field]:
     fields = {
-        "lr": Field(3e-4, FLOAT, _is_float32_positive, "> 0 and representable in float32 (about 1.4e-45 to 3.4e38)"),
+        "lr": Field(3e-4, FLOAT, is_float32_positive, FLOAT32_POSITIVE),
         "n_steps": Field(128, INT, _positive, "> 0"),
         "n_epochs": Field(4, INT, _positive, "> 0"),
         "num_minibatches": Field(8, INT, _positive, "> 0"),
@@ -166,8 +180,7 @@ def _algo_fields(**overrides: Any) -> dict[str, Field]:
         "advantage_std_floor": Field(0.0, FLOAT, _non_negative, ">= 0"),
         "anneal_lr": Field(False, BOOL),
         "optimizer": Field("adam", STR, choices=("adam", "rmsprop")),
-        "optimizer_eps": Field(1e-5, FLOAT, _is_float32_positive,
-                               "> 0 and representable in float32 (about 1.4e-45 to 3.4e38)"),
+        "optimizer_eps": Field(1e-5, FLOAT, is_float32_positive, FLOAT32_POSITIVE),
         "target_kl": Field(None, OPT_FLOAT, lambda v: v is None or v > 0, "> 0 or null"),
     }
     for key, default in overrides.items():

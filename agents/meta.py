@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from agents.config import ConfigError, env_options
+from agents.config import ConfigError, env_options, refusal_reason
 import agents.meta_config  # noqa: F401  (registers meta_ppo, multitask_ppo and the meta section with the config)
 from agents.meta_config import task_specs
 from agents.ppo import RecurrentPPO
@@ -199,43 +199,55 @@ class TaskSchedule:
         self.generator.set_state(state["generator"])
 
 
-def _spaces(env_id: str, options: dict[str, Any]) -> tuple[Any, Any]:
-    """The observation and action spaces of the training vec env of ``env_id`` with ``options``."""
+def _spaces(env_id: str, options: dict[str, Any], where: str) -> tuple[Any, Any]:
+    """The observation and action spaces of the training vec env of ``env_id`` with ``options``, from an env
+    built and reset once: options that fail only at the first reset (a MiniGrid size too small for its
+    objects) are refused before training, not when the schedule first reaches the task.
+
+    :param where: the config key the task comes from, as the message names it (``meta.tasks[1]``).
+    """
     try:
-        return env_spaces(env_id, options)
+        return env_spaces(env_id, options, reset=True)
     except (ValueError, TypeError, AssertionError) as exc:
-        raise ConfigError(f"cannot build {env_id!r} with options {options!r}: {exc}") from None
+        raise ConfigError(f"{where} cannot be built: {refusal_reason(exc)}") from None
 
 
 def check_task_spaces(config: dict[str, Any], tasks: Sequence[Task]) -> None:
-    """Refuse a task list whose observation or action spaces differ from those of ``env.id``.
+    """Refuse a task list with a task that cannot be built and reset, or whose observation or action
+    spaces differ from those of ``env.id``.
 
     The policy is built once, for ``env.id``'s spaces; every task must fit it. Checked when the
     update rule is built (before the first rollout), rather than when the schedule first reaches
-    an odd task, which could be many updates into a run.
+    an odd task, which could be many updates into a run that then could not resume past it.
 
-    :raises ConfigError: naming the first task that differs, its spaces and ``env.id``'s.
+    :raises ConfigError: naming the first task that fails or differs (its key, its own settings and
+        spaces against ``env.id``'s).
     """
     env_id = config["env"]["id"]
-    reference = _spaces(env_id, env_options(config["env"]))
+    base = env_options(config["env"])
+    reference = _spaces(env_id, base, f"env.id {env_id}")
     key = "meta.suite" if config["meta"].get("suite") is not None else "meta.tasks"
+
+    def described(index: int, task: Task) -> str:
+        task_id, options = task
+        own = {k: v for k, v in options.items() if base.get(k) != v}  # what the task sets itself
+        return f"{key}[{index}] ({task_id}{f' with {own}' if own else ''})"
+
     seen: dict[str, tuple[Any, Any]] = {}
     differing: list[tuple[int, Task, tuple[Any, Any]]] = []
     for index, task in enumerate(tasks):
         identity = repr(task)
         if identity not in seen:
-            seen[identity] = _spaces(*task)
+            seen[identity] = _spaces(*task, described(index, task))
         if seen[identity] != reference:
             differing.append((index, task, seen[identity]))
     if differing:
-        index, (task_id, options), spaces = differing[0]
-        base = env_options(config["env"])
-        own = {k: v for k, v in options.items() if base.get(k) != v}  # what the task sets itself
+        index, task, spaces = differing[0]
         parts = [f"{name} space {mine} where env.id {env_id} has {theirs}"
                  for name, mine, theirs in zip(("observation", "action"), spaces, reference, strict=True)
                  if mine != theirs]
         more = f"; {len(differing) - 1} more task(s) differ too" if len(differing) > 1 else ""
-        raise ConfigError(f"{key}[{index}] ({task_id}{f' with {own}' if own else ''}) has {' and '.join(parts)}"
+        raise ConfigError(f"{described(index, task)} has {' and '.join(parts)}"
                           f"{more}: every task of a run must have env.id's observation and action spaces, "
                           "the ones the policy is built for")
 

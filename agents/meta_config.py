@@ -15,6 +15,7 @@ from agents.config import (
     ENV_FIELDS,
     EXTRA_SECTIONS,
     FLOAT,
+    FLOAT32_POSITIVE,
     INT,
     OPT_STR,
     SECTION_CHECKS,
@@ -23,6 +24,7 @@ from agents.config import (
     _algo_fields,
     _coerce,
     core_defines,
+    is_float32_positive,
 )
 
 # make_vec_env options a task entry of ``meta.tasks`` may set for itself (the env section's are the default).
@@ -100,8 +102,8 @@ TASK_FIELDS: dict[str, Field] = {
 
 META_FIELDS: dict[str, Field] = {
     **TASK_FIELDS,
-    "fast_lr": Field(1e-3, FLOAT, lambda v: v > 0, "> 0"),  # learning rate of the inner updates
-    "slow_lr": Field(2.5e-4, FLOAT, lambda v: v > 0, "> 0"),  # learning rate of the outer update
+    "fast_lr": Field(1e-3, FLOAT, is_float32_positive, FLOAT32_POSITIVE),  # learning rate of the inner updates
+    "slow_lr": Field(2.5e-4, FLOAT, is_float32_positive, FLOAT32_POSITIVE),  # learning rate of the outer update
     "inner_updates": Field(4, INT, lambda v: v > 0, "> 0"),  # fast updates (rollouts) per outer update
     "reverse": Field(False, BOOL),  # fast attention, slow modules (the paper's ablation)
     "encoder_heads": Field("fast", (str,), choices=("fast", "slow")),  # group of the encoder and the heads

@@ -23,7 +23,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from collections import deque
 from collections.abc import Iterator
 from importlib import metadata
@@ -38,7 +37,16 @@ from tqdm import tqdm
 
 from agents import distributed
 from agents.a2c import RecurrentA2C
-from agents.config import ENV_FIELDS, PPO_ONLY_KEYS, ConfigError, env_options, load_plugins, merge, resolve_config
+from agents.config import (
+    ENV_FIELDS,
+    PPO_ONLY_KEYS,
+    ConfigError,
+    env_options,
+    load_plugins,
+    merge,
+    refusal_reason,
+    resolve_config,
+)
 from agents.logger import RunLogger
 from agents.optim import NonFiniteError, PolicyUpdater
 from agents.ppo import RecurrentPPO
@@ -259,8 +267,7 @@ def _refused_env_options(env_id: str, options: dict[str, Any]) -> Iterator[None]
     except (ValueError, TypeError) as exc:  # TypeError: env.env_kwargs the env does not take
         raise ConfigError(f"env: {exc}") from None
     except AssertionError as exc:  # e.g. MiniGrid asserts on a grid size it cannot build
-        frames = traceback.extract_tb(exc.__traceback__)
-        check = str(exc) or (frames[-1].line if frames and frames[-1].line else "an assertion failed")
+        check = refusal_reason(exc)
         # The assertion may come from a wrapper (SB3's image checks on a frame stack), not the env: name every
         # env setting the config changed from its default, not only env_kwargs.
         changed = [f"env.{key}={_short_repr(value)}" for key, value in options.items()
@@ -774,12 +781,26 @@ class Trainer:
             where = Path(exc.filename) if exc.filename else path
             raise TrainingError(self._stopped(write_failure(where, exc), advice=_write_advice(exc))) from None
 
-    def _stopped(self, problem: str, advice: str = "lower algo.lr or algo.max_grad_norm, then resume") -> str:
-        """The message of a run that stops on a problem: what happened and what was kept."""
+    def _stopped(self, problem: str, advice: str | None = None) -> str:
+        """The message of a run that stops on a problem: what happened, what was kept and what to do.
+
+        :param advice: what to do before resuming (free space, fix a path); None for a numerical problem
+            (non-finite losses, weights or outputs), which resuming would repeat update for update.
+        """
         latest = self.run_dir / "checkpoint.pt"
-        kept = (f"The last good checkpoint is kept at {latest} (not overwritten); {advice} with "
-                f"`python {train_py()} --resume {self.run_dir}`." if latest.exists()
-                else "No checkpoint had been written yet.")
+        if advice is None:
+            # A learning rate cannot change on --resume (RESUME_MAY_CHANGE), and an exact resume replays
+            # the same updates: the way on is a new run with other settings.
+            rates = "meta.fast_lr or meta.slow_lr" if "lr" not in self.config["algo"] else "algo.lr"
+            fix = f"a lower {rates} or algo.max_grad_norm"
+            kept = (f"The last good checkpoint is kept at {latest} (not overwritten). Resuming would repeat the same "
+                    f"updates: start a new run with {fix}, from these weights with `init_from={latest}` (a fresh "
+                    "optimiser) or from scratch." if latest.exists()
+                    else f"No checkpoint had been written yet; start a new run with {fix}.")
+        else:
+            kept = (f"The last good checkpoint is kept at {latest} (not overwritten); {advice} with "
+                    f"`python {train_py()} --resume {self.run_dir}`." if latest.exists()
+                    else "No checkpoint had been written yet.")
         return f"training stopped at {self.frames} frames: {problem}. {kept}"
 
     @torch.no_grad()
@@ -929,8 +950,7 @@ class Trainer:
                         from_env = "rewards" in problem or "observations" in problem
                         raise TrainingError(self._stopped(
                             f"{problem} (update {self.updates + 1})",
-                            advice="check the env's rewards and observations, then resume" if from_env else
-                            "lower algo.lr or algo.max_grad_norm, then resume"))
+                            advice="check the env's rewards and observations, then resume" if from_env else None))
                     collected = time.perf_counter()
                     try:
                         update_stats = self.updater.update(self.storage)

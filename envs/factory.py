@@ -93,8 +93,8 @@ def _check_options(
     if level_seeds is not None:
         if len(level_seeds) == 0:
             raise ValueError("level_seeds must be a non-empty list of ints (or None)")
-        if not all(_is_int(s) and s >= 0 for s in level_seeds):
-            raise ValueError("level_seeds must contain non-negative ints")
+        if not all(_is_int(s) and 0 <= s < 2**63 for s in level_seeds):
+            raise ValueError("level_seeds must contain non-negative ints below 2**63")
     if max_episode_steps is not None and (not _is_int(max_episode_steps) or max_episode_steps < 1):
         raise ValueError(f"max_episode_steps must be an integer >= 1 or None, got {max_episode_steps!r}")
 
@@ -338,15 +338,18 @@ def _make_envpool_vec_env(env_id: str, seeds: list[int], family: str, backend: s
                                          action_space=action_space, **options)
 
 
-def env_spaces(env_id: str, options: dict[str, Any]) -> tuple[gym.Space, gym.Space]:
+def env_spaces(env_id: str, options: dict[str, Any], reset: bool = False) -> tuple[gym.Space, gym.Space]:
     """The observation and action spaces of ``make_vec_env(env_id, **options)``'s envs.
 
     Read from one in-process gymnasium env: subprocess workers would cost a process for nothing, and
     the envpool backend reports the gymnasium backend's spaces (so envpool need not be installed).
-    Raises what ``make_vec_env`` raises for options the env refuses.
+    Raises what ``make_vec_env`` raises for options the env refuses, and with ``reset`` what its first
+    reset raises (some ``env_kwargs``, a MiniGrid size too small for its objects, fail only there).
     """
     venv = make_vec_env(env_id, 1, 0, **{**options, "vec_env": "dummy", "backend": "gymnasium"})
     try:
+        if reset:
+            venv.reset()
         return venv.observation_space, venv.action_space
     finally:
         venv.close()

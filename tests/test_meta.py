@@ -166,12 +166,37 @@ def test_meta_mode_with_an_lstm_core_is_a_clear_config_error(
         ([f"meta.tasks=[{DK5}, {{id: {DK6}, mission: 'no'}}]"],
          "meta.tasks[1].mission must be true or false, got 'no'"),
         ([f"meta.tasks=[{{id: {DK5}, frame_stack: 0}}]"], "meta.tasks[0].frame_stack must be > 0, got 0"),
+        # Rates the float32 update cannot hold: 1e-50 rounds to 0 (the group never trains), 1e39 to inf.
+        (["meta.fast_lr=1e-50"], "meta.fast_lr must be > 0 and representable in float32"),
+        (["meta.slow_lr=1e39"], "meta.slow_lr must be > 0 and representable in float32"),
+        # A task whose options fail only at its first reset, or at an assert with no message: refused
+        # before training, naming the task's key and why (the schedule might reach it hours in).
+        ([f"meta.tasks=[{DK5}, {{id: {DK6}, env_kwargs: {{size: 3}}}}]"],
+         "meta.tasks[1] (MiniGrid-DoorKey-6x6-v0 with {'env_kwargs': {'size': 3}}) cannot be built: low >= high"),
+        ([f"meta.tasks=[{DK5}, {{id: {DK6}, env_kwargs: {{size: 2}}}}]"],
+         "meta.tasks[1] (MiniGrid-DoorKey-6x6-v0 with {'env_kwargs': {'size': 2}}) cannot be built: assert "),
+        ([f"meta.tasks=[{{id: {DK5}, level_seeds: [99999999999999999999]}}]"], "below 2**63"),
     ],
 )
 def test_bad_meta_settings_are_rejected_before_training(tmp_path: Path, overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         meta_trainer(tmp_path, *overrides)
     assert message in str(info.value)
+
+
+def test_a_meta_run_stopped_by_non_finite_values_is_told_what_it_can_change(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """meta_ppo has no algo.lr, and no rate may change on --resume (an exact resume would repeat the
+    same updates): the message names the meta rates and a new run, not "lower algo.lr, then resume"."""
+    code = train.main(["--config", str(META_CONFIG), *TINY, "meta.inner_updates=2", "algo.anneal_lr=false",
+                       "meta.slow_lr=1e30", "log.checkpoint_interval_frames=16", "total_frames=96",
+                       "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Resuming would repeat the same updates: start a new run with a lower meta.fast_lr or meta.slow_lr or " \
+           "algo.max_grad_norm, from these weights with `init_from=" in err
+    assert "algo.lr" not in err and "--resume" not in err and "Traceback" not in err
 
 
 def test_schedule_settings_are_checked_with_the_config() -> None:

@@ -373,6 +373,10 @@ def test_nan_weights_stop_the_rollout_with_one_message(tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="non-finite") as info:
         trainer.run()
     assert "not overwritten" in str(info.value) and "Categorical" not in str(info.value)
+    # No rate may change on --resume, which would replay the same updates: the way on is a new run.
+    assert ("start a new run with a lower algo.lr or algo.max_grad_norm, from these weights with "
+            f"`init_from={tmp_path / 'run' / 'checkpoint.pt'}`") in str(info.value)
+    assert "--resume" not in str(info.value)
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == good
 
 
