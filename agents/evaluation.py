@@ -186,8 +186,10 @@ def evaluation_options(policy: Policy, target: EvalTarget, overrides: dict[str, 
 
     Preprocessing options (frame stack, mission tokens, ...) always come from the policy's
     training options; options describing the training env itself (``env_kwargs``,
-    ``level_seeds``, ``max_episode_steps``) only when the target is the same env id, since
-    a 5x5 step limit or a list of training levels means nothing for another env. Then the
+    ``level_seeds``, ``max_episode_steps``) only when the target is the same env id and not a
+    suite's env, since a 5x5 step limit or a list of training levels means nothing for another
+    env, and a suite's envs are what the suite defines whatever a checkpoint trained on (so every
+    checkpoint meets the same envs, and a suite's rows differ only as the suite says). Then the
     target's own options, raw rewards (``clip_rewards=False``) and ``overrides`` on top.
 
     :param policy: the policy to evaluate.
@@ -203,8 +205,10 @@ def evaluation_options(policy: Policy, target: EvalTarget, overrides: dict[str, 
 
 def target_options(train_env_id: str, train_options: dict[str, Any], target: EvalTarget) -> dict[str, Any]:
     """The options of ``target`` for a policy trained on ``train_env_id`` with ``train_options``: those
-    that define its interface (always) and its training env (same id only), then the target's own."""
-    carried = CARRIED_OPTIONS + (SAME_ENV_OPTIONS if target.env_id == train_env_id else ())
+    that define its interface (always) and its training env (same id, outside a suite, only), then the
+    target's own."""
+    same_env = target.env_id == train_env_id and not target.split
+    carried = CARRIED_OPTIONS + (SAME_ENV_OPTIONS if same_env else ())
     return {**{key: value for key, value in train_options.items() if key in carried}, **target.options}
 
 

@@ -318,6 +318,12 @@ def test_evaluation_options_carry_preprocessing_but_not_the_training_level() -> 
     assert own == {"frame_stack": 1, "env_kwargs": {"size": 5}, "max_episode_steps": 9, "clip_rewards": False}
     other = evaluation_options(policy, EvalTarget(DOORKEY_6, {"level_seeds": [3]}), {"max_episode_steps": 4})
     assert other == {"frame_stack": 1, "level_seeds": [3], "clip_rewards": False, "max_episode_steps": 4}
+    # A suite's env is the suite's, whatever the checkpoint trained on: its train row too, and every row of a
+    # suite whose envs share an id (atari-modes) alike, not the training env_kwargs in one and not the others.
+    suite_train = evaluation_options(policy, EvalTarget(DOORKEY_5, {}, "DoorKey-5x5", "train"))
+    assert suite_train == {"frame_stack": 1, "clip_rewards": False}
+    held = evaluation_options(policy, EvalTarget(DOORKEY_5, {"env_kwargs": {"size": 7}}, "DoorKey-5x5 s7", "held-out"))
+    assert held == {"frame_stack": 1, "env_kwargs": {"size": 7}, "clip_rewards": False}
 
 
 def test_resolve_targets_marks_train_and_heldout() -> None:
