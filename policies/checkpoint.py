@@ -19,6 +19,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -247,6 +248,36 @@ def numbered_checkpoints(folder: str | Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def _check_archive(path: Path) -> None:
+    """Refuse a file that cannot be read, a zip archive that is not torch's, or one whose stored data fails its
+    checksum: ``torch.load`` checks no CRC, so a flipped bit in the weights would load without a word and
+    give other results (a checkpoint of a few MB takes milliseconds to check).
+
+    :raises CheckpointError: the file cannot be opened, or is another program's zip archive.
+    :raises DamagedCheckpointError: its zip structure or a stored record's checksum is broken.
+    """
+    try:
+        with path.open("rb") as file:
+            is_zip = file.read(4) == _CHECKPOINT_MAGIC[0]
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    if not is_zip:
+        return  # an old-style pickle: torch.load reports what it makes of it
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            if not any(name.endswith("/data.pkl") for name in names):
+                sb3 = " (a Stable-Baselines3 save? load it with its class's .load)" if "policy.pth" in names else ""
+                raise CheckpointError(f"{path} is a zip archive but not a torch checkpoint{sb3}; give the "
+                                      "checkpoint.pt that training writes (runs/NAME/checkpoint.pt) or its run directory")
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise DamagedCheckpointError(f"cannot read checkpoint {path}: truncated or corrupt file ({exc})") from None
+    if damaged is not None:
+        raise DamagedCheckpointError(f"{path} is damaged: its record {damaged} fails its checksum (the file changed "
+                                     "after it was written)")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by ``save_checkpoint`` without executing code from it.
 
@@ -279,8 +310,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     reason = _not_a_checkpoint(path)
     if reason is not None:
         raise CheckpointError(reason)
+    _check_archive(path)
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a stray pickle's "Detected pickle protocol" note: the error says it
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's message spans many lines with terminal colour codes; keep the line naming the object.
         found = _GLOBAL.search(_ANSI.sub("", str(exc)))

@@ -19,7 +19,7 @@ from agents.config import ConfigError, load_config
 from agents.run_dir import holds_run
 from agents.trainer import Trainer, TrainingError
 from policies import checkpoint as checkpoint_module
-from policies.checkpoint import CheckpointError, load_checkpoint
+from policies.checkpoint import CheckpointError, DamagedCheckpointError, load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["env.n_envs=2", "algo.n_steps=16", "algo.num_minibatches=1", "log.progress_bar=false",
@@ -439,6 +439,36 @@ def test_train_and_evaluate_name_a_non_checkpoint_alike(tmp_path: Path, capsys: 
     assert code == 2 and expected in err and err.count("\n") == 1, err
     assert evaluate.main([str(config), "--no-progress"]) == 2
     assert expected in capsys.readouterr().err
+
+
+def test_a_checkpoint_whose_weights_changed_on_disk_is_refused_not_loaded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """torch.load checks no checksum: a flipped byte inside a stored tensor loaded silently and evaluated to
+    other numbers. The zip records' CRCs catch it, and an SB3 save (a zip too) is named as what it is."""
+    import zipfile
+
+    import evaluate
+
+    tiny_trainer(tmp_path / "run").run(stop_at_frames=32)
+    data = bytearray((tmp_path / "run" / "checkpoint.pt").read_bytes())
+    with zipfile.ZipFile(tmp_path / "run" / "checkpoint.pt") as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)  # the largest tensor's bytes
+        start = record.header_offset + 30 + len(record.filename.encode()) + len(record.extra)
+    data[start + record.file_size // 2] ^= 0x80  # one flipped sign bit in the middle of the weights
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(DamagedCheckpointError, match=f"its record {record.filename} fails its checksum"):
+        load_checkpoint(damaged)
+    assert evaluate.main([str(damaged), "--episodes", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "fails its checksum" in err and "Traceback" not in err and err.count("\n") == 1
+    sb3_save = tmp_path / "model.zip"  # the layout of Stable-Baselines3's model.save
+    with zipfile.ZipFile(sb3_save, "w") as archive:
+        archive.writestr("data", "{}")
+        archive.writestr("policy.pth", b"")
+    with pytest.raises(CheckpointError, match="is a zip archive but not a torch checkpoint .a Stable-Baselines3 save"):
+        load_checkpoint(sb3_save)
 
 
 @pytest.mark.parametrize("kind", ["truncated", "foreign", "version"])
