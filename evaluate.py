@@ -18,11 +18,13 @@ from __future__ import annotations
 # imported at the top: --help and bad arguments answer in a fraction of a second. torch, gymnasium,
 # ale-py and SB3 are imported by main() once the arguments are known to be good.
 import argparse
+import itertools
 import json
 import math
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -401,6 +403,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         check_planned_files([args.plot / f"{stem}.png" for stem in stems], "--plot", args.overwrite)
     if args.video is not None:
         check_planned_files([args.video / f"{stem}.{args.video_format}" for stem in stems], "--video", args.overwrite)
+    if args.json is not None:  # one name for two of this call's outputs: the later would replace the earlier
+        own = [*([args.plot, *(args.plot / f"{stem}.png" for stem in stems)] if args.plot is not None else []),
+               *([args.video, *(args.video / f"{stem}.{args.video_format}" for stem in stems)]
+                 if args.video is not None else [])]
+        clash = next((path for path in own if path.resolve() == args.json.resolve()), None)
+        if clash is not None:
+            raise UsageError(f"--json {args.json} is also {'a folder' if clash in (args.plot, args.video) else 'a file'}"
+                             " this call's --plot/--video writes: choose another name")
 
     runs: list[dict[str, Any]] = []
     for label, policy, pairs in plans:
@@ -419,8 +429,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             frames, total = result.pop("frames", None), result.pop("frames_total", None)
             trace = result.pop("trace", None)
             if frames is not None:
-                path = args.video / f"{stem}.{args.video_format}"
-                _save_video(frames, path)
+                path = _save_video(frames, args.video / f"{stem}.{args.video_format}", args.overwrite)
                 result.update(video=str(path), video_frames=len(frames), video_frames_total=total)
                 if total is not None and total > len(frames):
                     print(f"note: {path} shows the first {len(frames)} of the episode's {total} frames "
@@ -429,9 +438,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                 parts = [SPLIT_WORDS.get(target.split, target.split)] if target.split else []
                 parts += ["the checkpoint's training env"] if training_env else []
                 where = f"{target.name} ({', '.join(parts)})" if parts else target.name
-                path = args.plot / f"{stem}.png"
-                _save_plot(trace, path, f"{label} ({policy.core_name}) on {where}", policy.core_name,
-                           result.get("first_episode"), args.episodes)
+                path = _save_plot(trace, args.plot / f"{stem}.png", f"{label} ({policy.core_name}) on {where}",
+                                  policy.core_name, result.get("first_episode"), args.episodes, args.overwrite)
                 result["plot"] = str(path)
             run["results"].append(result)
         runs.append(run)
@@ -447,28 +455,47 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json is not None:
         report = {"episodes": args.episodes, "seed": args.seed, "deterministic": args.deterministic,
                   "suite": args.suite, "max_video_frames": args.max_video_frames, "checkpoints": runs}
-        with atomic_output(args.json) as temp:
-            temp.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
-        print(f"results written to {args.json}")
+        text = json.dumps(report, indent=2, default=_jsonable) + "\n"
+        written = _write_output(args.json, lambda temp: temp.write_text(text), args.overwrite)
+        print(f"results written to {written}")
     return 0
 
 
-def _save_video(frames: list[Any], path: Path) -> None:
+def _write_output(path: Path, write: Callable[[Path], Any], overwrite: bool) -> Path:
+    """Write an output through ``write(temporary path)`` and return where it went: ``path``, or without
+    ``overwrite``, when a file appeared there during the evaluation (another evaluate.py writing the same
+    name), the first free ``<stem>-<n><suffix>`` beside it, with a note (the outputs were checked before
+    the first episode, so only a race gets here; neither call's results are lost)."""
+    candidate = path
+    for number in itertools.count(1):
+        try:
+            with atomic_output(candidate, replace=overwrite) as temp:
+                write(temp)
+        except FileExistsError:
+            candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+            continue
+        if candidate != path:
+            print(f"note: {path} appeared during the evaluation (another process?) and is kept; this call's "
+                  f"output is {candidate}")
+        return candidate
+    raise AssertionError("unreachable")
+
+
+def _save_video(frames: list[Any], path: Path, overwrite: bool) -> Path:
     from agents.evaluation import save_video
 
-    with atomic_output(path) as temp:
-        save_video(frames, temp)
+    return _write_output(path, lambda temp: save_video(frames, temp), overwrite)
 
 
 def _save_plot(trace: dict[str, Any], path: Path, title: str, core: str, episode: dict[str, Any] | None,
-               episodes: int) -> None:
+               episodes: int, overwrite: bool) -> Path:
     # matplotlib is imported only when --plot asks for it (it is slow to import).
-    from agents.plots import plot_episode_info, save_figure_atomic
+    from agents.plots import plot_episode_info, write_png
 
     if set(trace) == {"state_norm"}:
         print(f"note: the {core} core reports no module diagnostics; {path} shows the hidden-state norm only")
     figure = plot_episode_info(trace, title, episode=episode, episodes=episodes)
-    save_figure_atomic(figure, path)
+    return _write_output(path, lambda temp: write_png(figure, temp), overwrite)
 
 
 def _jsonable(value: Any) -> Any:

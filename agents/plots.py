@@ -32,7 +32,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 __all__ = ["episode_caption", "plot_bars", "plot_episode_info", "plot_probability_of_improvement", "save_figure",
-           "save_figure_atomic"]
+           "save_figure_atomic", "write_png"]
 
 _ACTIVE_KEY = re.compile(r"^active(_\d+)?$")
 # ThalNet modules shown one panel each; beyond this the panels would be unreadable.
@@ -293,7 +293,7 @@ def plot_probability_of_improvement(pois: dict[tuple[str, str], tuple[float, flo
     return figure
 
 
-def _write_png(fig: Figure, target: str | Path, dpi: int) -> None:
+def write_png(fig: Figure, target: str | Path, dpi: int = 100) -> None:
     """Draw ``fig`` as a PNG into the file ``target``: the one place both writers below
     set how. "tight": the image spans every drawn text, so a long label tight_layout gave up on stays whole."""
     fig.savefig(target, format="png", dpi=dpi, bbox_inches="tight")
@@ -303,7 +303,7 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     """Write ``fig`` as a PNG (creating the folder) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_png(fig, path, dpi)
+    write_png(fig, path, dpi)
     return path
 
 
@@ -314,5 +314,5 @@ def save_figure_atomic(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
 
     path = Path(path)
     with atomic_output(path) as temp:
-        _write_png(fig, temp, dpi)
+        write_png(fig, temp, dpi)
     return path

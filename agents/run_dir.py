@@ -254,13 +254,17 @@ def atomic_write(path: str | Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
+def atomic_output(path: Path, replace: bool = True) -> Iterator[Path]:
     """A temporary name beside ``path`` for a writer that wants a file name rather than bytes (a video or
     plot library): it replaces ``path`` when the block ends without error and is removed when it raises,
     so an old file stays whole until the new one is. The name ends in ``path``'s suffix, from which such
     writers pick the format; the folder is made if missing. The file is synced to disk before the rename
     and the folder after it, as ``atomic_write`` does, so once the block has ended a crash can bring
     back neither an empty file nor the old one.
+
+    :param replace: False to never replace a file at ``path``, even one that appeared after the caller
+        checked the path (another process writing the same name): the block's file is then linked in
+        only where nothing is, and ``FileExistsError`` raised (the block's file removed) otherwise.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
@@ -269,7 +273,17 @@ def atomic_output(path: Path) -> Iterator[Path]:
         yield tmp
         with tmp.open("rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails on an existing path, atomically
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links: the check and the rename are two steps
+                if path.exists() or path.is_symlink():
+                    raise FileExistsError(errno.EEXIST, "file exists", str(path)) from None
+                os.replace(tmp, path)
         _sync_folder(path.parent)
     finally:
         tmp.unlink(missing_ok=True)

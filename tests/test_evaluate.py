@@ -666,6 +666,49 @@ def test_existing_plot_and_video_files_are_refused_without_overwrite(
         assert image.format == "PNG"
 
 
+def test_outputs_that_appear_during_the_evaluation_are_kept_and_this_calls_go_beside_them(
+    rims_run: tuple[Path, Trainer], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outputs are checked before the first episode; another evaluate.py writing the same names meanwhile
+    had its results replaced without a word. Now neither call's files are lost."""
+    import agents.evaluation
+
+    results, plots = tmp_path / "results.json", tmp_path / "plots"
+    real = agents.evaluation.evaluate_policy
+
+    def with_a_concurrent_writer(*args, **kwargs):  # another process finishing first, with the same names
+        results.write_text('{"other": "call"}\n')
+        plots.mkdir(exist_ok=True)
+        (plots / "tiny-rims-DoorKey-5x5.png").write_bytes(b"the other call's plot")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(agents.evaluation, "evaluate_policy", with_a_concurrent_writer)
+    code, stdout, stderr = _run_cli(capsys, rims_run[0], "--episodes", "1", "--max-episode-steps", "2", "--no-progress",
+                                    "--json", results, "--plot", plots)
+    assert code == 0, stderr
+    assert results.read_text() == '{"other": "call"}\n'
+    assert (plots / "tiny-rims-DoorKey-5x5.png").read_bytes() == b"the other call's plot"
+    assert json.loads((tmp_path / "results-1.json").read_text())["episodes"] == 1
+    assert f"results written to {tmp_path / 'results-1.json'}" in stdout
+    assert f"note: {results} appeared during the evaluation (another process?) and is kept" in stdout
+    with Image.open(plots / "tiny-rims-DoorKey-5x5-1.png") as image:
+        assert image.format == "PNG"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+
+
+def test_json_naming_one_of_this_calls_plots_is_refused_before_the_episodes(
+    rims_run: tuple[Path, Trainer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plots = tmp_path / "plots"
+    base = (rims_run[0], "--episodes", "1", "--max-episode-steps", "2", "--no-progress", "--plot", plots)
+    code, stdout, stderr = _run_cli(capsys, *base, "--json", plots / "tiny-rims-DoorKey-5x5.png")
+    assert code == 2 and stdout == "" and "is also a file this call's --plot/--video writes" in stderr
+    code, stdout, stderr = _run_cli(capsys, *base, "--json", plots)
+    assert code == 2 and "is also a folder this call's --plot/--video writes" in stderr
+    assert not plots.exists()
+
+
 def test_json_never_replaces_a_checkpoint_even_with_overwrite(
     rims_run: tuple[Path, Trainer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
