@@ -9,7 +9,8 @@
 Episodes run with the checkpoint's own env preprocessing but unclipped rewards, the
 recurrent state reset at every episode start. Exactly --episodes episodes run per env,
 side by side in parallel envs; episode i is seeded by its own seeds (from --seed and i),
-so its return does not depend on --n-envs. Means come with a 95% bootstrap interval.
+so its return does not depend on --n-envs. Mean returns come with a 95% bootstrap interval,
+success rates with a 95% Wilson interval.
 """
 
 from __future__ import annotations
@@ -256,7 +257,7 @@ def _env_cell(result: dict[str, Any]) -> str:
 
 
 TRAINING_ENV_NOTE = "* an env the checkpoint was trained on (every task of a multi-task run)"
-CI_NOTE = "[95% bootstrap interval over episodes]"
+CI_NOTE = "[95% interval: bootstrap over episodes for the return, Wilson's for the success rate]"
 
 
 def single_table(results: list[dict[str, Any]]) -> str:

@@ -310,6 +310,29 @@ def test_bootstrap_ci_on_known_arrays() -> None:
     assert low < low90 < high90 < high
 
 
+def test_evaluate_policy_and_the_cli_default_to_a_seed_no_training_run_uses() -> None:
+    """Episode i's env seed is env_seeds(seed)[i], the one a training run of that seed starts env i on: a
+    default of 0 (a valid training seed) replayed the first training levels of seed-0 runs."""
+    import inspect
+
+    from agents.evaluation import evaluate_policy
+
+    assert inspect.signature(evaluate_policy).parameters["seed"].default == evaluate.DEFAULT_SEED == 10_000
+
+
+def test_success_rate_interval_is_wilsons_and_never_a_point() -> None:
+    """A bootstrap of 5 failures resamples only failures ("0% [0%, 0%]"); Wilson's interval for 0 of 5
+    reaches 43% (values from the closed form, as statsmodels' proportion_confint(method="wilson") gives)."""
+    from agents.evaluation import summarize, wilson_interval
+
+    assert wilson_interval(0, 5) == pytest.approx((0.0, 0.434482), abs=1e-6)
+    assert wilson_interval(5, 5) == pytest.approx((0.565518, 1.0), abs=1e-6)
+    assert wilson_interval(50, 100) == pytest.approx((0.403832, 0.596168), abs=1e-6)
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+    summary = summarize([{"r": 0.0, "l": 10, "is_success": 0}] * 5)
+    assert summary["success_rate"] == 0.0 and summary["success_rate_ci"] == pytest.approx([0.0, 0.434482], abs=1e-6)
+
+
 def test_evaluation_options_carry_preprocessing_but_not_the_training_level() -> None:
     model = RecurrentActorCritic(spaces.Box(0, 255, (7, 7, 3), np.uint8), spaces.Discrete(7),
                                  core="lstm", core_kwargs={"hidden_size": 8})
