@@ -249,6 +249,12 @@ def policy_from_checkpoint(
         env_options = data["env"].get("options", {})
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{where} is missing a field needed to rebuild the policy: {exc}") from None
+    # Training writes these as a str and dicts; anything else is a file edited or damaged by hand.
+    malformed = [f"{name} is a {type(value).__name__}" for name, value, kind in (
+        ("env.id", env_id, str), ("env.options", env_options, dict), ("config", data.get("config", {}), dict))
+        if not isinstance(value, kind)]
+    if malformed:
+        raise CheckpointError(f"{where} has malformed fields ({', '.join(malformed)}): not as training writes them")
     try:
         model = RecurrentActorCritic(
             observation_space,

@@ -310,6 +310,24 @@ def test_bootstrap_ci_on_known_arrays() -> None:
     assert low < low90 < high90 < high
 
 
+@pytest.mark.parametrize(("field", "value", "named"), [
+    (("env", "id"), None, "env.id is a NoneType"), (("env", "options"), "oops", "env.options is a str"),
+    (("config",), "oops", "config is a str")])
+def test_a_checkpoint_with_hand_damaged_fields_is_named_not_a_traceback(
+    rims_run: tuple[Path, Trainer], field: tuple[str, ...], value: object, named: str
+) -> None:
+    from policies.checkpoint import load_checkpoint
+    from policies.policy import policy_from_checkpoint
+
+    data = load_checkpoint(rims_run[0])
+    parent = data
+    for key in field[:-1]:
+        parent = parent[key]
+    parent[field[-1]] = value
+    with pytest.raises(CheckpointError, match=f"has malformed fields \\({named}\\)"):
+        policy_from_checkpoint(data)
+
+
 def test_evaluate_policy_and_the_cli_default_to_a_seed_no_training_run_uses() -> None:
     """Episode i's env seed is env_seeds(seed)[i], the one a training run of that seed starts env i on: a
     default of 0 (a valid training seed) replayed the first training levels of seed-0 runs."""
