@@ -19,7 +19,6 @@ from __future__ import annotations
 # imported at the top: --help and bad arguments answer in a fraction of a second. torch, gymnasium,
 # ale-py and SB3 are imported by main() once the arguments are known to be good.
 import argparse
-import itertools
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agents.run_dir import atomic_output, cli_path, output_file_problem, output_folder_problem
+from agents.run_dir import OutputExistsError, atomic_output, cli_path, output_file_problem, output_folder_problem
 
 if TYPE_CHECKING:  # for annotations only; never imported at run time from here
     from agents.evaluation import EvalTarget
@@ -406,13 +405,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.video is not None:
         check_planned_files([args.video / f"{stem}.{args.video_format}" for stem in stems], "--video", args.overwrite)
     if args.json is not None:  # one name for two of this call's outputs: the later would replace the earlier
-        own = [*([args.plot, *(args.plot / f"{stem}.png" for stem in stems)] if args.plot is not None else []),
-               *([args.video, *(args.video / f"{stem}.{args.video_format}" for stem in stems)]
-                 if args.video is not None else [])]
-        clash = next((path for path in own if path.resolve() == args.json.resolve()), None)
+        folders = [folder for folder in (args.plot, args.video) if folder is not None]
+        own = [*(args.plot / f"{stem}.png" for stem in stems if args.plot is not None),
+               *(args.video / f"{stem}.{args.video_format}" for stem in stems if args.video is not None),
+               *folders]  # files first: a clash names the file rather than its folder
+        target = args.json.resolve()
+
+        def overlaps(path: Path) -> bool:  # the same path, or one inside the other
+            path = path.resolve()
+            return path == target or path in target.parents or target in path.parents
+
+        clash = next((path for path in own if overlaps(path)), None)
         if clash is not None:
-            raise UsageError(f"--json {args.json} is also {'a folder' if clash in (args.plot, args.video) else 'a file'}"
-                             " this call's --plot/--video writes: choose another name")
+            raise UsageError(f"--json {args.json} overlaps {clash}, which this call's --plot/--video writes: choose "
+                             "another name")
 
     runs: list[dict[str, Any]] = []
     for label, policy, pairs in plans:
@@ -469,18 +475,18 @@ def _write_output(path: Path, write: Callable[[Path], Any], overwrite: bool) -> 
     name), the first free ``<stem>-<n><suffix>`` beside it, with a note (the outputs were checked before
     the first episode, so only a race gets here; neither call's results are lost)."""
     candidate = path
-    for number in itertools.count(1):
+    for number in range(1, 1001):
         try:
             with atomic_output(candidate, replace=overwrite) as temp:
                 write(temp)
-        except FileExistsError:
+        except OutputExistsError:  # only the name taken: any other error is the caller's to report
             candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
             continue
         if candidate != path:
             print(f"note: {path} appeared during the evaluation (another process?) and is kept; this call's "
                   f"output is {candidate}")
         return candidate
-    raise AssertionError("unreachable")
+    raise OSError(f"cannot write {path}: it and {path.stem}-1 to -1000{path.suffix} beside it all exist")
 
 
 def _save_video(frames: list[Any], path: Path, overwrite: bool) -> Path:

@@ -253,6 +253,11 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     _sync_folder(path.parent)
 
 
+class OutputExistsError(FileExistsError):
+    """``atomic_output(path, replace=False)`` found a file at ``path`` when it came to put its own there
+    (not any other FileExistsError of the block, such as a parent folder that is a file)."""
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path, replace: bool = True) -> Iterator[Path]:
     """A temporary name beside ``path`` for a writer that wants a file name rather than bytes (a video or
@@ -264,7 +269,7 @@ def atomic_output(path: Path, replace: bool = True) -> Iterator[Path]:
 
     :param replace: False to never replace a file at ``path``, even one that appeared after the caller
         checked the path (another process writing the same name): the block's file is then linked in
-        only where nothing is, and ``FileExistsError`` raised (the block's file removed) otherwise.
+        only where nothing is, and :class:`OutputExistsError` raised (the block's file removed) otherwise.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
@@ -279,10 +284,10 @@ def atomic_output(path: Path, replace: bool = True) -> Iterator[Path]:
             try:
                 os.link(tmp, path)  # fails on an existing path, atomically
             except FileExistsError:
-                raise
+                raise OutputExistsError(errno.EEXIST, "file exists", str(path)) from None
             except OSError:  # a file system without hard links: the check and the rename are two steps
                 if path.exists() or path.is_symlink():
-                    raise FileExistsError(errno.EEXIST, "file exists", str(path)) from None
+                    raise OutputExistsError(errno.EEXIST, "file exists", str(path)) from None
                 os.replace(tmp, path)
         _sync_folder(path.parent)
     finally:

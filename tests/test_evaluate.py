@@ -735,7 +735,36 @@ def test_outputs_that_appear_during_the_evaluation_are_kept_and_this_calls_go_be
     assert f"note: {results} appeared during the evaluation (another process?) and is kept" in stdout
     with Image.open(plots / "tiny-rims-DoorKey-5x5-1.png") as image:
         assert image.format == "PNG"
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+    assert [p for p in [*tmp_path.iterdir(), *plots.iterdir()] if p.name.startswith(".")] == []  # no temporary file
+
+
+def test_an_output_that_must_not_replace_a_file_keeps_it_without_hard_links_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """atomic_output(replace=False) links its file in (atomic refusal of an existing name); on a file system
+    without hard links it checks, then renames. Either way an existing file stays, and no temporary file."""
+    from agents.run_dir import OutputExistsError, atomic_output
+
+    def no_links(source: object, target: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    for linking in (True, False):
+        folder = tmp_path / str(linking)
+        folder.mkdir()
+        if not linking:
+            monkeypatch.setattr(os, "link", no_links)
+        with atomic_output(folder / "new.json", replace=False) as temp:
+            temp.write_text("new")
+        (folder / "old.json").write_text("old")
+        with pytest.raises(OutputExistsError), atomic_output(folder / "old.json", replace=False) as temp:
+            temp.write_text("other")
+        assert (folder / "new.json").read_text() == "new" and (folder / "old.json").read_text() == "old"
+        assert sorted(p.name for p in folder.iterdir()) == ["new.json", "old.json"]
+    # Any other FileExistsError (a parent folder that is a file) is not a name to number around: one message.
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(FileExistsError) as info, atomic_output(tmp_path / "afile" / "x.json", replace=False) as temp:
+        temp.write_text("x")
+    assert not isinstance(info.value, OutputExistsError)
 
 
 def test_json_naming_one_of_this_calls_plots_is_refused_before_the_episodes(
@@ -743,10 +772,12 @@ def test_json_naming_one_of_this_calls_plots_is_refused_before_the_episodes(
 ) -> None:
     plots = tmp_path / "plots"
     base = (rims_run[0], "--episodes", "1", "--max-episode-steps", "2", "--no-progress", "--plot", plots)
-    code, stdout, stderr = _run_cli(capsys, *base, "--json", plots / "tiny-rims-DoorKey-5x5.png")
-    assert code == 2 and stdout == "" and "is also a file this call's --plot/--video writes" in stderr
-    code, stdout, stderr = _run_cli(capsys, *base, "--json", plots)
-    assert code == 2 and "is also a folder this call's --plot/--video writes" in stderr
+    plot = plots / "tiny-rims-DoorKey-5x5.png"
+    # The same path, a folder holding the plots, a file inside a plot's path: each would take the other's place.
+    for json_path, clash in ((plot, plot), (plots, plot), (plot / "results.json", plot)):
+        code, stdout, stderr = _run_cli(capsys, *base, "--json", json_path, "--overwrite")
+        assert code == 2 and stdout == "", stderr
+        assert f"--json {json_path} overlaps {clash}, which this call's --plot/--video writes" in stderr
     assert not plots.exists()
 
 
