@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-envs", type=int, default=None, metavar="N",
                         help="parallel envs (default: --episodes, at most 100); the per-episode results do not "
                              "depend on it, up to float rounding in the batched forward pass")
-    parser.add_argument("--max-episode-steps", type=int, metavar="N", help="truncate episodes after N steps (it only shortens them: an env's own "
-                        "limit, MiniGrid's max_steps, still ends them)")
+    parser.add_argument("--max-episode-steps", type=int, metavar="N", help="truncate episodes after N steps (on MiniGrid and Atari it only shortens "
+                        "them: their own limits, MiniGrid's max_steps, still apply; other ids' registered limit "
+                        "it replaces)")
     parser.add_argument("--video", type=cli_path, metavar="DIR", help="write a video of the first episode per env here")
     parser.add_argument("--video-format", choices=("gif", "mp4"), default="gif",
                         help="gif (default, needs nothing more) or mp4 (needs imageio-ffmpeg)")
@@ -362,6 +363,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         resolve_targets,
         video_format_available,
     )
+    from agents.config import SAME_ENV_OPTIONS
     from policies.policy import check_device, load_policy
 
     if args.torch_threads > 0:
@@ -388,6 +390,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     for label, path in zip(labels, args.checkpoints, strict=True):
         policy = load_policy(path, device=args.device)  # the raw string: a URL is refused by name
         targets = suite_targets if suite_targets is not None else own_targets(policy)
+        dropped = {key: policy.env_options[key] for key in SAME_ENV_OPTIONS if policy.env_options.get(key)}
+        if args.suite is not None and dropped:
+            settings = ", ".join(f"env.{key}={value!r}" for key, value in dropped.items())
+            print(f"note: {label} was trained with {settings}; a suite's envs are as the suite defines them, without "
+                  f"these (--env {policy.env_id} evaluates with them)")
         pairs = []
         for target in targets:
             options = evaluation_options(policy, target, overrides)

@@ -58,7 +58,7 @@ __all__ = [
 # make_vec_env options that define the observation/action interface the policy was trained with:
 # they go with the policy to any env it is evaluated on.
 CARRIED_OPTIONS: tuple[str, ...] = ("vec_env", "frame_stack", "mission", "terminal_on_life_loss")
-# SAME_ENV_OPTIONS (agents.config): they apply only when evaluating on the training env id.
+# SAME_ENV_OPTIONS (agents.config): they apply only when evaluating on the training env id, outside a suite.
 
 # Frames larger than this (pixels per side) are subsampled in videos: a 16x16 MiniGrid renders at
 # 512x512 and thousands of such frames would not fit in memory.
@@ -139,7 +139,9 @@ def training_tasks(policy: Policy) -> list[TrainingTask]:
 
 def _training_task(policy: Policy, target: EvalTarget) -> TrainingTask | None:
     """The training task ``target`` is: same env id, and every option of the target's own as in training (a task
-    whose own options are exactly the target's first: one env id can be two tasks, with and without options)."""
+    whose own options are exactly the target's first: one env id can be two tasks, with and without options).
+    A suite's row of the training id counts though it runs without the training's step limit, levels or
+    env_kwargs (:func:`target_options`): its layouts were trained on, so it is not held out."""
     missing = object()
     tasks = [task for task in training_tasks(policy) if task.env_id == target.env_id]
     exact = [task for task in tasks if task.own == target.options]
@@ -252,7 +254,7 @@ def _make_venv(env_id: str, n_envs: int, seed: int, options: dict[str, Any]) -> 
 
 
 def make_policy_env(
-    policy: Policy, n_envs: int = 1, seed: int = 0, env_id: str | None = None, **overrides: Any
+    policy: Policy, n_envs: int = 1, seed: int = 10_000, env_id: str | None = None, **overrides: Any
 ) -> VecEnv:
     """Build a vector env with the wrappers ``policy`` was trained with, raw (unclipped) rewards.
 
@@ -263,7 +265,8 @@ def make_policy_env(
 
     :param policy: the policy (``policies.load_policy``).
     :param n_envs: number of parallel envs.
-    :param seed: env i is seeded with ``envs.env_seeds(seed, n_envs)[i]`` at its first reset.
+    :param seed: env i is seeded with ``envs.env_seeds(seed, n_envs)[i]`` at its first reset (a training
+        run of seed s starts its envs on the same seeds: the default, evaluate.py's, is no training seed).
     :param env_id: another env to build with the same preprocessing (default: the training env,
         with all its training options; another id gets only the preprocessing, see
         :func:`evaluation_options`).

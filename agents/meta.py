@@ -210,6 +210,11 @@ def _spaces(env_id: str, options: dict[str, Any], where: str) -> tuple[Any, Any]
         return env_spaces(env_id, options, reset=True)
     except (ValueError, TypeError, AssertionError) as exc:
         raise ConfigError(f"{where} cannot be built: {refusal_reason(exc)}") from None
+    except Exception as exc:
+        if not options.get("env_kwargs"):
+            raise  # not the user's options: an env bug keeps its traceback
+        # env_kwargs the env takes but cannot reset with fail in the env's own way (an IndexError...)
+        raise ConfigError(f"{where} cannot be built: {type(exc).__name__}: {refusal_reason(exc)}") from None
 
 
 def check_task_spaces(config: dict[str, Any], tasks: Sequence[Task]) -> None:

@@ -268,7 +268,7 @@ FINETUNE_RESERVED = (*STUDY_KEYS, "init_from", "env.id")
 # The env settings finetune.overrides may give: how many envs and how they are stepped, not what the task is.
 FINETUNE_ENV_KEYS = ("env.n_envs", "env.vec_env", "env.backend")
 # Settings that make a variant of a task (SAME_ENV_OPTIONS, which evaluate.py applies only on the training env
-# itself): a fine-tuning run does not inherit them from its model's pre-training overrides, so it
+# itself, outside a suite): a fine-tuning run does not inherit them from its model's pre-training overrides, so it
 # trains on the held-out task as its id makes it, the task its zero-shot return was measured on.
 TASK_VARIANT_KEYS = tuple(f"env.{key}" for key in SAME_ENV_OPTIONS)
 

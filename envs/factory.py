@@ -155,8 +155,9 @@ def make_env(
             {"mode": 1, "difficulty": 1} for ALE).
         level_seeds: every reset draws its level seed from this list.
         render_mode: passed to ``gym.make`` ("rgb_array", "human" or None).
-        max_episode_steps: truncate episodes after this many agent steps (a shorter limit only: MiniGrid's
-            own ``max_steps``, an ``env_kwargs`` key, still truncates at its count).
+        max_episode_steps: truncate episodes after this many agent steps (on MiniGrid and Atari a shorter
+            limit only: MiniGrid's own ``max_steps``, an ``env_kwargs`` key, and ALE's frame limit still apply;
+            for other ids it replaces the registered ``TimeLimit``).
         terminal_on_life_loss: Atari only: a lost life ends the learning episode.
 
     Raises:

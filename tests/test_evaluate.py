@@ -335,7 +335,10 @@ def test_evaluate_policy_and_the_cli_default_to_a_seed_no_training_run_uses() ->
 
     from agents.evaluation import evaluate_policy
 
+    from agents.evaluation import make_policy_env
+
     assert inspect.signature(evaluate_policy).parameters["seed"].default == evaluate.DEFAULT_SEED == 10_000
+    assert inspect.signature(make_policy_env).parameters["seed"].default == evaluate.DEFAULT_SEED
 
 
 def test_success_rate_interval_is_wilsons_and_never_a_point() -> None:
@@ -365,6 +368,8 @@ def test_evaluation_options_carry_preprocessing_but_not_the_training_level() -> 
     assert suite_train == {"frame_stack": 1, "clip_rewards": False}
     held = evaluation_options(policy, EvalTarget(DOORKEY_5, {"env_kwargs": {"size": 7}}, "DoorKey-5x5 s7", "held-out"))
     assert held == {"frame_stack": 1, "env_kwargs": {"size": 7}, "clip_rewards": False}
+    # Still marked as an env the checkpoint trained on (not held out), though run without its training settings.
+    assert EvalTarget(DOORKEY_5, {}, "DoorKey-5x5", "train").is_training_env(policy)
 
 
 def test_resolve_targets_marks_train_and_heldout() -> None:
@@ -509,6 +514,9 @@ def test_a_multitask_checkpoint_counts_every_task_as_a_training_env(
     code, stdout, _ = _run_cli(capsys, run_dir, "--suite", "doorkey", "--episodes", "1", "--max-episode-steps", "2",
                                "--no-progress", "--json", results, "--overwrite")
     assert code == 0
+    # The suite's rows run as the suite defines them, without the training step limit, and the output says so.
+    assert ("was trained with env.max_episode_steps=3; a suite's envs are as the suite defines them, without these "
+            f"(--env {DOORKEY_6} evaluates with them)") in stdout
     marked = {r["name"]: r["training_env"] for r in json.loads(results.read_text())["checkpoints"][0]["results"]}
     assert marked == {"DoorKey-5x5": True, "DoorKey-6x6": True, "DoorKey-8x8": False, "DoorKey-16x16": False}
 
