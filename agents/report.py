@@ -621,7 +621,10 @@ ALPHA = 0.05  # the level of the permutation test a P(improvement) verdict also 
 
 def p_text(p_value: float, alpha: float = ALPHA) -> str:
     """A p-value with 3 decimals, or with the decimals that keep it on its side of ``alpha``: an exact
-    p of 46/924 = 0.0498 counts as p < 0.05 and must not print as "0.050"."""
+    p of 46/924 = 0.0498 counts as p < 0.05 and must not print as "0.050". Below 0.001: "< 0.001" (an exact
+    p of 2/184,756 is not "0.000")."""
+    if 0 < p_value < 0.001 <= alpha:
+        return "< 0.001"
     for digits in range(3, 11):
         text = f"{p_value:.{digits}f}"
         if (float(text) < alpha) == (p_value < alpha):

@@ -137,6 +137,7 @@ def test_a_p_value_prints_on_the_side_of_alpha_it_was_judged_on() -> None:
     assert report.p_text(46 / 924) == "0.0498" and report.p_text(0.05) == "0.050"
     assert report.p_text(0.0504) == "0.050" and report.p_text(0.123456) == "0.123"
     assert report.p_text(0.0499999) == "0.0499999"
+    assert report.p_text(2 / 184_756) == "< 0.001" and report.p_text(0.0) == "0.000"
     text = report.conclusion("x", "y", (0.8, 0.7, 0.9), (0.3, 0.2, 0.4), (0.9, 0.7, 1.0), 0.2, p_value=46 / 924)
     assert text.startswith("x improves on y") and "(permutation test p 0.0498)" in text
     assert "p 0.050 >= 0.05" in report.verdict("x", "y", (0.8, 0.6, 0.95), 0.0504)
