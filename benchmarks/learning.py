@@ -26,8 +26,9 @@ run's return curve, a panel per config and a line per seed (dashed while unfinis
 ``OUT/curves/<config>+<config>....png`` (``--no-plot`` to skip): a run that learned, collapsed and
 learned again passes the table's test, and only the curve shows it.
 
-``--study STUDY`` (a study's folder, file or name) reads that study's runs instead (``<folder>/runs/<model>/seed_<s>``,
-what ``python study.py run`` makes) and prints the same table, and draws the curves into
+``--study STUDY`` (a study's folder, file or name) reads that study's runs instead (``<folder>/runs/<model>/seed_<s>``
+for the models and seeds of its study file, what ``python study.py run`` makes; other folders there are named and
+left out) and prints the same table, and draws the curves into
 ``OUT/curves/study-<study>.png``, training nothing: whether and when each of a study's runs learned its
 training env, which the study's report (built on its evaluations) does not say.
 
@@ -64,7 +65,7 @@ from agents.config import (  # noqa: E402
 from agents.executors import stop_exit_status, stop_signals_recorded  # noqa: E402
 from envs.names import short_env_name  # noqa: E402
 
-WINDOW = 100  # episodes in the mean return, as the trainer's log.return_window
+WINDOW = 100  # episodes in the mean return: the trainer's default log.return_window (a run's own is read from it)
 # A sweep's options and their defaults (none of them applies to --study).
 SWEEP_DEFAULTS: dict[str, object] = {"configs": ["default"], "seeds": ["1-10"], "set": [], "tag": "", "jobs": 2,
                                      "nproc": 1}
@@ -136,6 +137,9 @@ def parse_seeds(items: list[str]) -> list[int]:
         first, last = int(match[1]), int(match[2] or match[1])
         if last < first or last - first >= MAX_SEEDS:
             raise ValueError(f"--seeds: {item!r} is empty or longer than {MAX_SEEDS} seeds")
+        repeated = sorted(set(seeds) & set(range(first, last + 1)))
+        if repeated:  # a seed twice would be trained in one folder twice and counted twice
+            raise ValueError(f"--seeds: seed {repeated[0]} is given twice")
         seeds.extend(range(first, last + 1))
     return seeds
 
@@ -181,10 +185,11 @@ def task_returns(rows: list[dict], window: int | None = None) -> list[dict[str, 
     return out
 
 
-def return_curve(rows: list[dict], task_window: int | None = None) -> list[tuple[int, float]]:
-    """``(frames, mean return)`` at every update from the first with a full window of 100 finished
-    episodes; for a multi-task run, the lowest training task's mean return from the first update at
-    which every task has one over a full window of ``task_window`` episodes (``meta.return_window``)."""
+def return_curve(rows: list[dict], task_window: int | None = None, window: int = WINDOW) -> list[tuple[int, float]]:
+    """``(frames, mean return)`` at every update from the first with a full window of ``window`` finished
+    episodes (the run's ``log.return_window``, over which the trainer logs its mean); for a multi-task run,
+    the lowest training task's mean return from the first update at which every task has one over a full
+    window of ``task_window`` episodes (``meta.return_window``)."""
     per_task = task_returns(rows, task_window)
     if per_task is not None:
         return [(int(row["frames"]), min(tasks.values())) for row, tasks in zip(rows, per_task) if tasks]
@@ -192,14 +197,22 @@ def return_curve(rows: list[dict], task_window: int | None = None) -> list[tuple
     for row in rows:
         episodes += int(row.get("rollout/episodes") or 0)
         mean = row.get("rollout/ep_return_mean")
-        if episodes >= WINDOW and mean is not None:
+        if episodes >= window and mean is not None:
             curve.append((int(row["frames"]), float(mean)))
     return curve
 
 
-def frames_to_threshold(rows: list[dict], threshold: float, task_window: int | None = None) -> int | None:
+def frames_to_threshold(rows: list[dict], threshold: float, task_window: int | None = None,
+                        window: int = WINDOW) -> int | None:
     """Frames at the first point of :func:`return_curve` that reaches ``threshold``, or None."""
-    return next((frames for frames, mean in return_curve(rows, task_window) if mean >= threshold), None)
+    return next((frames for frames, mean in return_curve(rows, task_window, window) if mean >= threshold), None)
+
+
+def windows(config: dict) -> tuple[int | None, int]:
+    """A run's episode windows from its resolved config: a multi-task run's per-task ``meta.return_window``
+    (None for one task) and ``log.return_window``, the one its logged mean return is over."""
+    task_window = (config.get("meta") or {}).get("return_window")
+    return task_window, int((config.get("log") or {}).get("return_window") or WINDOW)
 
 
 def final_return(rows: list[dict]) -> float:
@@ -218,8 +231,19 @@ def read_run(job: Job) -> tuple[list[dict], dict | None]:
     import yaml
 
     config_path = job.run_dir / "config.yaml"
-    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
-    return read_rows(job.run_dir), config
+    try:
+        config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{config_path} is not valid YAML ({type(exc).__name__}); the run's files are damaged") from None
+    if config is not None and not (isinstance(config, dict) and isinstance(config.get("total_frames"), int)):
+        raise ValueError(f"{config_path} is not a run's resolved config (a mapping with total_frames)")
+    rows = read_rows(job.run_dir)
+    bad = next((i for i, row in enumerate(rows, 1) if not (isinstance(row, dict) and isinstance(row.get("frames"), int))),
+               None)
+    if bad is not None:
+        raise ValueError(f"{job.run_dir / 'metrics.jsonl'} line {bad} is not a metrics row of train.py (no frames); the "
+                         "run's files are damaged")
+    return rows, config
 
 
 def finished(rows: list[dict], config: dict | None) -> bool:
@@ -363,16 +387,24 @@ def report(jobs: list[Job], threshold: float, final_bar: float) -> str:
     for job in jobs:
         by_label.setdefault(job.label, []).append(job)
     for label, group in by_label.items():
-        made, reached, done, hits = 0, 0, 0, []
+        made, reached, done, short, hits = 0, 0, 0, 0, []
         for job in group:
             rows, config = read_run(job)
             if not finished(rows, config):
-                lines.append(f"{label:<28}{job.seed:>5}{'':>9}{'unfinished':>10}")
+                state = "unfinished" if job.run_dir.is_dir() else "not started"
+                lines.append(f"{label:<28}{job.seed:>5}{'':>9}{state:>10}")
+                continue
+            task_window, window = windows(config)
+            episodes = sum(int(row.get("rollout/episodes") or 0) for row in rows)
+            if task_window is None and episodes < window:  # its mean was never over a full window: no verdict
+                lines.append(f"{label:<28}{job.seed:>5}{config['total_frames']:>9}{'-':>10}{'':>8}{'':>7}  too short "
+                             f"({episodes} episodes, fewer than the {window} of its window; not counted)")
+                short += 1
                 continue
             done += 1
-            task_window = (config.get("meta") or {}).get("return_window")  # a multi-task run's; None otherwise
-            hit, final = frames_to_threshold(rows, threshold, task_window), final_return(rows)
-            fps = statistics.median(row["time/fps"] for row in rows)
+            hit, final = frames_to_threshold(rows, threshold, task_window, window), final_return(rows)
+            fps = statistics.median([row["time/fps"] for row in rows if isinstance(row.get("time/fps"), (int, float))]
+                                    or [math.nan])
             reached += hit is not None
             ok = hit is not None and final >= final_bar
             made += ok
@@ -384,38 +416,44 @@ def report(jobs: list[Job], threshold: float, final_bar: float) -> str:
                          + (" (" + ", ".join(f"{t} {r:.3f}" for t, r in per_task.items()) + ")" if per_task else ""))
         median = statistics.median(hits) if hits else float("inf")
         low, high = binomial_interval(made, done)
-        unfinished = f" ({len(group) - done} unfinished, not counted)" if done < len(group) else ""
+        unfinished = f" ({len(group) - done - short} unfinished, not counted)" if done + short < len(group) else ""
         lines.append(f"{label:<28}  reached {threshold} on {reached}/{done}, reached and still >= {final_bar} "
                      f"at the end on {made}/{done} (95% CI of the rate {low:.2f}-{high:.2f}){unfinished}; "
-                     f"median frames to {threshold}: {median}")
+                     f"median frames to {threshold} (a run that never reached it counts as the slowest): {median}")
     return "\n".join(lines)
 
 
 def study_jobs(study: str) -> tuple[Path, list[Job]]:
-    """A study's folder and its runs (``runs/<model>/seed_<s>``, made by ``study.py run``) as jobs to report on,
-    models in name order and seeds in number order.
+    """A study's folder and its planned runs (``runs/<model>/seed_<s>`` for each model and seed of its study file,
+    made by ``study.py run``) as jobs to report on, models in name order and seeds in number order. A planned
+    run not started yet is reported as such; a run folder outside the plan (a model since removed, another
+    seed) is named on stderr and left out, so the counts are those of the study's own seeds.
 
     :param study: the study's folder, its study file or its name (under ``studies/``), as ``study.py report``
         takes them.
     :raises ValueError: for a folder that is not a study's, or a study with no runs yet (the message says which).
     """
-    from agents.study import RUNS_FOLDER, STUDY_COPY, StudyError, study_dir
+    from agents.study import RUNS_FOLDER, STUDY_COPY, StudyError, load_study_dir, run_dir, study_dir
 
     try:
         folder = study_dir(study)
+        if not (folder / STUDY_COPY).is_file():
+            raise ValueError(f"no study folder {folder} (`python study.py run <study file>` makes one under "
+                             "studies/<study name>/, with the study's copy of its file in it)")
+        planned = load_study_dir(folder)
     except StudyError as exc:
         raise ValueError(str(exc)) from None
-    if not (folder / STUDY_COPY).is_file():
-        raise ValueError(f"no study folder {folder} (`python study.py run <study file>` makes one under "
-                         "studies/<study name>/, with the study's copy of its file in it)")
-    jobs = []
     runs = folder / RUNS_FOLDER
-    for model_dir in sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []:
-        seeds = sorted((int(p.name[len("seed_"):]), p) for p in model_dir.iterdir()
-                       if p.is_dir() and re.fullmatch(r"seed_[0-9]+", p.name))
-        jobs += [Job(model_dir.name, None, (), seed, path) for seed, path in seeds]
-    if not jobs:
+    if not runs.is_dir() or not any(runs.glob("*/seed_*")):
         raise ValueError(f"the study in {folder} has no runs yet ({RUNS_FOLDER}/<model>/seed_<s>)")
+    jobs = [Job(model.label, None, (), seed, run_dir(folder, model.label, seed))
+            for model in sorted(planned.models, key=lambda m: m.label) for seed in sorted(planned.seeds)]
+    expected = {job.run_dir for job in jobs}
+    stray = sorted(path for path in runs.glob("*/*") if path.is_dir() and path not in expected)
+    if stray:
+        print(f"note: {len(stray)} folder(s) in {runs} are not runs of the study's models and seeds, left out: "
+              f"{', '.join(str(path.relative_to(runs)) for path in stray[:5])}{' ...' if len(stray) > 5 else ''}",
+              file=sys.stderr)
     return folder, jobs
 
 
@@ -449,12 +487,14 @@ def plot_curves(jobs: list[Job], threshold: float, path: Path) -> Path | None:
     for ax, (label, group) in zip(axes, by_label.items()):
         multi_task = False
         env_ids: set[str] = set()
+        window_sizes: set[int] = set()
         for i, job in enumerate(group):
             rows, config = read_run(job)
             env_ids.add(str(((config or {}).get("env") or {}).get("id", "")))
-            task_window = ((config or {}).get("meta") or {}).get("return_window")
+            task_window, window = windows(config or {})
+            window_sizes.add(window)
             multi_task = multi_task or task_returns(rows) is not None
-            curve = return_curve(rows, task_window)
+            curve = return_curve(rows, task_window, window)
             if not curve:
                 continue
             frames, means = zip(*curve)
@@ -473,7 +513,8 @@ def plot_curves(jobs: list[Job], threshold: float, path: Path) -> Path | None:
         if ax.get_legend_handles_labels()[0]:
             # Below the panel, not on it: inside, it hid the low curves (the runs that never learned) at the end.
             ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=5, frameon=False)
-        ax.set_ylabel("lowest task's mean return" if multi_task else "mean return, last 100 episodes", fontsize=8)
+        ax.set_ylabel("lowest task's mean return" if multi_task else "mean return, last log.return_window episodes"
+                      if window_sizes - {WINDOW} else f"mean return, last {WINDOW} episodes", fontsize=8)
     for ax in axes[len(by_label):]:
         ax.set_visible(False)
     return save_figure_atomic(fig, path) if drawn else None
@@ -568,9 +609,13 @@ def main() -> None:
         failed = [] if args.report_only else run_all(jobs, args.jobs)
         curves = curves_path(args.out, list(dict.fromkeys(job.label for job in jobs)))
     final = args.final if args.final is not None else round(args.threshold - 0.05, 6)
-    print(report(jobs, args.threshold, final), flush=True)
+    try:
+        print(report(jobs, args.threshold, final), flush=True)
+        written = None if args.no_plot else plot_curves(jobs, args.threshold, curves)
+    except ValueError as exc:  # a run's files damaged by hand or by a full disk
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     if not args.no_plot:
-        written = plot_curves(jobs, args.threshold, curves)
         print(f"curves: {written}" if written else "curves: no run has a full window of episodes yet", flush=True)
     if failed:
         logs = ", ".join(str(job.run_dir.parent / f"{job.run_dir.name}.log") for job in failed[:3])

@@ -199,7 +199,8 @@ def test_runs_have_their_own_session_and_a_second_sigterm_aborts_them(tmp_path: 
 
 
 @pytest.mark.parametrize(("items", "message"), [(["abc"], "'abc' is not a seed"), (["-1"], "'-1' is not a seed"),
-                                                (["5-1"], "'5-1' is empty"), (["1-99999999999"], "longer than")])
+                                                (["5-1"], "'5-1' is empty"), (["1-99999999999"], "longer than"),
+                                                (["1-10", "5"], "seed 5 is given twice")])
 def test_bad_seeds_are_refused(items: list[str], message: str) -> None:
     assert learning.parse_seeds(["1-3", "7"]) == [1, 2, 3, 7]
     with pytest.raises(ValueError, match=message):
@@ -310,7 +311,7 @@ def test_a_tag_must_be_a_plain_name(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert "Traceback" not in err and sorted(tmp_path.iterdir()) == []
     status, stdout, err = _main(monkeypatch, capsys, "--seeds", "1", "--out", str(tmp_path / "out"), "--no-plot",
                                 "--report-only", "--tag", "v1.2_lr-3e-4")
-    assert status == 0 and ["default-v1.2_lr-3e-4", "1", "unfinished"] in map(str.split, stdout.splitlines()), err
+    assert status == 0 and ["default-v1.2_lr-3e-4", "1", "not", "started"] in map(str.split, stdout.splitlines()), err
 
 
 @pytest.mark.parametrize(("configs", "message"), [
@@ -339,36 +340,68 @@ def test_a_metrics_file_with_a_damaged_byte_reads_up_to_it(tmp_path: Path) -> No
     assert learning.read_rows(tmp_path) == [{"frames": 1}]
 
 
+STUDY_FILE = """name: {name}
+models:
+  - label: lstm
+    config: configs/minigrid/memory-lstm-ppo.yaml
+  - label: rims
+    config: configs/minigrid/memory-rims-ppo.yaml
+seeds: [1, 10]
+total_frames: 10000
+eval:
+  envs: [MiniGrid-MemoryS7-v0]
+"""
+
+
 def test_a_studys_runs_are_reported_per_model_without_training(tmp_path: Path) -> None:
-    """``--study`` reads ``runs/<model>/seed_<s>`` as ``study.py run`` lays them out: the same table per model
-    (seeds in number order, folders as they are named) and the curves, named after the study; nothing is
-    trained or written in the study. The study may be named by its folder or, under studies/, by its name."""
+    """``--study`` reads the runs the study plans (``runs/<model>/seed_<s>`` for its models and seeds, as
+    ``study.py run`` lays them out): the same table per model (seeds in number order, a planned run not started
+    named so), and the curves, named after the study; a folder outside the plan is named and left out of the
+    counts; nothing is trained or written in the study. Named by its folder or, under studies/, by its name."""
     study = tmp_path / "studies" / "memory-study"
     learned = [{"frames": 1000 * i, "rollout/episodes": 50, "rollout/ep_return_mean": 0.1 * i, "time/fps": 900}
                for i in range(1, 11)]
     flat = [{**row, "rollout/ep_return_mean": 0.4} for row in learned]
     _fake_run(study / "runs", "lstm", 10, learned, 10000)
     _fake_run(study / "runs", "lstm", 2, learned, 10000)
-    (study / "runs" / "lstm" / "seed_2").rename(study / "runs" / "lstm" / "seed_002")
+    (study / "runs" / "lstm" / "seed_2").rename(study / "runs" / "lstm" / "seed_002")  # not seed 2 of the plan
     _fake_run(study / "runs", "rims", 1, flat, 10000)
+    _fake_run(study / "runs", "lstm_old", 1, learned, 10000)  # a model since removed from the study
     (study / "runs" / "rims" / "seed_1.log").write_text("not a run folder\n")
-    (study / "study.yaml").write_text("name: memory-study\n")
+    (study / "study.yaml").write_text(STUDY_FILE.format(name="memory-study"))
     before = sorted(p.relative_to(study) for p in study.rglob("*"))
     script = [sys.executable, str(REPO / "benchmarks" / "learning.py")]
     for named in (str(study), "memory-study"):
         done = subprocess.run([*script, "--study", named, "--threshold", "0.8", "--out", str(tmp_path / "out")],
                               cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
-        per_seed = [parts[:2] for parts in map(str.split, done.stdout.splitlines()[1:])
+        per_seed = [parts[:3] for parts in map(str.split, done.stdout.splitlines()[1:])
                     if len(parts) > 1 and parts[1].isdigit()]
-        assert per_seed == [["lstm", "2"], ["lstm", "10"], ["rims", "1"]]
-        assert "lstm                          reached 0.8 on 2/2" in done.stdout
-        assert "rims                          reached 0.8 on 0/1" in done.stdout
+        assert per_seed == [["lstm", "1", "not"], ["lstm", "10", "10000"], ["rims", "1", "10000"],
+                            ["rims", "10", "not"]]
+        assert "lstm                          reached 0.8 on 1/1" in done.stdout
+        assert "rims                          reached 0.8 on 0/1" in done.stdout and "lstm_old" not in done.stdout
+        assert "(1 unfinished, not counted)" in done.stdout
+        assert "2 folder(s) in" in done.stderr and "lstm/seed_002" in done.stderr and "lstm_old/seed_1" in done.stderr
         assert (tmp_path / "out" / "curves" / "study-memory-study.png").read_bytes().startswith(b"\x89PNG")
     assert sorted(p.relative_to(study) for p in study.rglob("*")) == before
 
+    # A finished run whose mean return was never over a full window is not judged; damaged files are named.
+    short = [{"frames": 5000 * i, "rollout/episodes": 20, "rollout/ep_return_mean": 0.9, "time/fps": 900}
+             for i in (1, 2)]
+    _fake_run(study / "runs", "rims", 10, short, 10000)
+    done = subprocess.run([*script, "--study", str(study), "--threshold", "0.8", "--no-plot"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert "too short (40 episodes, fewer than the 100 of its window; not counted)" in done.stdout
+    assert "rims                          reached 0.8 on 0/1" in done.stdout
+    (study / "runs" / "rims" / "seed_10" / "config.yaml").write_text("total_frames: [1\n")
+    done = subprocess.run([*script, "--study", str(study), "--no-plot"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "seed_10/config.yaml is not valid YAML" in done.stderr
+    assert "Traceback" not in done.stderr
+
     (tmp_path / "studies" / "not-started").mkdir()
-    (tmp_path / "studies" / "not-started" / "study.yaml").write_text("name: not-started\n")
+    (tmp_path / "studies" / "not-started" / "study.yaml").write_text(STUDY_FILE.format(name="not-started"))
     for args, message in [(["--study", str(tmp_path / "out")], "is neither a study name, a study directory nor"),
                           (["--study", "never-run"], "no study folder studies/never-run"),
                           (["--study", "not-started"], "has no runs yet"),
