@@ -1669,7 +1669,8 @@ def save_study_copy(study: Study, root: Path) -> None:
         n = 1
         while (root / f"{STUDY_COPY}.{n}").exists():
             n += 1
-        os.replace(target, root / f"{STUDY_COPY}.{n}")
+        # Copied, then replaced atomically: a full disk on either step leaves study.yaml in place.
+        atomic_write(root / f"{STUDY_COPY}.{n}", target.read_bytes())
         print(f"note: the study file changed since the last run; the previous copy is kept as "
               f"{root / f'{STUDY_COPY}.{n}'}")
     atomic_write(target, text.encode())
@@ -1741,8 +1742,15 @@ def machine_description() -> dict[str, Any]:
 def record_study_session(root: Path, record: dict[str, Any]) -> None:
     """Append one ``study.py run`` session (command, start, end, seconds, machine...) to ``<root>/sessions.jsonl``."""
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / SESSIONS_FILE, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
+    path = root / SESSIONS_FILE
+    with open(path, "ab") as handle:
+        # A partial last line (a kill or a full disk mid-append) would swallow this record: end it first.
+        if handle.tell() > 0:
+            with open(path, "rb") as reader:
+                reader.seek(-1, os.SEEK_END)
+                if reader.read(1) != b"\n":
+                    handle.write(b"\n")
+        handle.write((json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def update_study_session(root: Path, session: str, fields: dict[str, Any]) -> None:
@@ -1892,8 +1900,9 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
     jobs = all_jobs(study, root, version)
     for job in jobs:
         check_existing_run(job)
-    check_code_version(jobs, version)
     unfinished = [job for job in jobs if not job_state(job).done]
+    if unfinished:  # a finished study runs nothing, so other code now mixes nothing: rerunning it just says so
+        check_code_version(jobs, version)
     check_eval_spaces(study, unfinished)
     if address and unfinished:  # before any folder is made: ray.init would retry it for many minutes
         executors.check_ray_reachable(address)

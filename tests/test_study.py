@@ -565,6 +565,19 @@ def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version:
     assert run_study(study, root / "tiny", report=False) == 0
     assert snapshot(root / "tiny" / "runs") == after
     assert len((root / "tiny" / "sessions.jsonl").read_text().splitlines()) == 2
+    # Nor after the code changed: a finished study runs nothing, so there is nothing to mix and nothing to refuse.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MODULAR_RL_CODE_VERSION", "edited-since")
+        assert run_study(study, root / "tiny", report=False) == 0
+    assert snapshot(root / "tiny" / "runs") == after
+    # A session record cut short (a kill or a full disk mid-append) does not swallow the next one.
+    from agents.study import read_study_sessions, record_study_session
+
+    with (root / "tiny" / "sessions.jsonl").open("a") as handle:
+        handle.write('{"session": "cut short", "start')
+    record_study_session(root / "tiny", {"session": "next"})
+    assert [s["session"] for s in read_study_sessions(root / "tiny")][-1] == "next"
+    assert len(read_study_sessions(root / "tiny")) == 3
 
     # A changed model config is refused, not continued or mixed with the runs made before.
     changed = tiny_study()
