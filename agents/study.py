@@ -1003,6 +1003,35 @@ def checkpoint_frames(directory: Path) -> dict[int, Path]:
     return numbered_checkpoints(directory / "checkpoints")
 
 
+def check_points_reachable(job: Job) -> None:
+    """Refuse, before anything trains, a started run that cannot give a checkpoint for each point still to
+    evaluate: ``--resume`` keeps the run's own ``log.checkpoint_interval_frames``, so a point added since on
+    another grid (or one passed without a checkpoint) failed only once the run had trained to its budget.
+
+    :raises StudyError: naming the run, the point and the run's checkpoint interval.
+    """
+    directory = Path(job.run_dir)
+    try:
+        config = load_written_yaml((directory / "config.yaml").read_text())
+        interval = int(config["log"]["checkpoint_interval_frames"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return  # not started, or unreadable: check_existing_run and the job itself say so
+    checkpoints = checkpoint_frames(directory)
+    trained, rollout = max(checkpoints, default=0), _rollout_frames(directory)
+    for point in job.evals_missing():
+        if point <= trained:
+            found = checkpoint_for_point(checkpoints, point)
+            reachable = found is not None and (rollout is None or found[0] - point < rollout)
+        else:  # saved at each multiple of the interval on the way, and at the end of the budget
+            reachable = point % interval == 0 or point >= job.total_frames
+        if not reachable:
+            raise StudyError(f"{directory} cannot be evaluated at {point:,} frames: the run saves a checkpoint every "
+                             f"{interval:,} frames (its interval when it started; --resume keeps it) and "
+                             f"{'has none within a rollout after that point' if point <= trained else 'would pass it'}"
+                             ". The study's eval points changed after the run started: restore them, or move the "
+                             "run away to train it again")
+
+
 def checkpoint_for_point(checkpoints: dict[int, Path], point: int) -> tuple[int, Path] | None:
     """The first checkpoint at or after ``point`` frames (train.py saves after whole rollouts)."""
     for frames, path in checkpoints.items():
@@ -1901,6 +1930,8 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
     for job in jobs:
         check_existing_run(job)
     unfinished = [job for job in jobs if not job_state(job).done]
+    for job in unfinished:
+        check_points_reachable(job)
     if unfinished:  # a finished study runs nothing, so other code now mixes nothing: rerunning it just says so
         check_code_version(jobs, version)
     check_eval_spaces(study, unfinished)

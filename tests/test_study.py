@@ -660,6 +660,30 @@ def test_other_code_is_refused_before_and_during_a_study(tmp_path: Path, monkeyp
     check_code_version(plan(study, tmp_path / "other", second), second)  # a new study directory is fine
 
 
+def test_eval_points_a_started_run_cannot_reach_are_refused_before_it_trains(tmp_path: Path) -> None:
+    """--resume keeps a run's checkpoint interval: a point added on another grid after the run started failed
+    only once the run had trained to its budget (and its other points went unevaluated)."""
+    from agents.study import check_points_reachable
+
+    def started_run(points: list[int]) -> Job:
+        study = load_study(write_study(tmp_path, tiny_study(eval={**tiny_study()["eval"], "points": points}),
+                                       f"points-{len(points)}.yaml"))
+        job = plan(study, tmp_path / f"out-{len(points)}")[0]
+        run = Path(job.run_dir)
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "config.yaml").write_text("log: {checkpoint_interval_frames: 512}\nenv: {n_envs: 2}\n"
+                                         "algo: {n_steps: 32}\n")  # as started with points [512]
+        (run / "checkpoints" / "checkpoint_000000000512.pt").write_bytes(b"")
+        return job
+
+    check_points_reachable(started_run([512]))  # its own grid, and the end of the budget: fine
+    with pytest.raises(StudyError, match=r"cannot be evaluated at 768 frames: the run saves a checkpoint every 512 "
+                                         r"frames .* and would pass it"):
+        check_points_reachable(started_run([512, 768]))
+    with pytest.raises(StudyError, match="cannot be evaluated at 256 frames: .* has none within a rollout after"):
+        check_points_reachable(started_run([256, 512, 768]))
+
+
 def test_a_config_file_edited_while_the_study_runs_fails_its_job(tmp_path: Path, fixed_version: None) -> None:
     from agents.study import execute_job
 
