@@ -1589,6 +1589,12 @@ def set_aside_unresumable(directory: Path) -> Path | None:
     if holder is not None:
         raise StudyError(f"{directory} is being trained by another process (pid {holder}), perhaps a run a "
                          "killed study left behind; stop it (it has no checkpoint yet), then run the study again")
+    numbered = checkpoint_frames(directory)
+    if numbered:  # not killed before its first checkpoint: checkpoint.pt was lost, its training is not
+        frames, newest = max(numbered.items())
+        raise StudyError(f"{directory} has no checkpoint.pt but numbered checkpoints up to {frames:,} frames: copy "
+                         f"{newest} to {directory / 'checkpoint.pt'} to continue the run from there, or move the run "
+                         "away to train it again")
     n = 1
     while directory.with_name(f"{directory.name}.unfinished-{n}").exists():
         n += 1

@@ -812,6 +812,15 @@ def test_a_run_killed_before_its_first_checkpoint_is_set_aside_not_lost(tmp_path
     (run / "checkpoint.pt").write_bytes(b"x")
     assert set_aside_unresumable(run) is None and (run / "checkpoint.pt").is_file()  # resumable: left alone
     assert set_aside_unresumable(tmp_path / "empty") is None
+    # A run that lost checkpoint.pt but kept numbered ones was trained: it is not set aside to start over (it was,
+    # with a note that called it killed before its first checkpoint); the study says how to continue it.
+    (run / "checkpoint.pt").unlink()
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "checkpoint_000000002048.pt").write_bytes(b"x")
+    with pytest.raises(StudyError, match=r"no checkpoint.pt but numbered checkpoints up to 2,048 frames: copy .*"
+                                         r"checkpoint_000000002048.pt to .*checkpoint.pt to continue"):
+        set_aside_unresumable(run)
+    assert (run / "config.yaml").is_file()
     # A run with no checkpoint that a live process still trains (left by a killed study) is not moved
     # from under it: the study says who holds it.
     held = tmp_path / "seed_2"
