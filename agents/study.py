@@ -1183,6 +1183,13 @@ def check_existing_run(job: Job) -> None:
     directory = Path(job.run_dir)
     config_file = directory / "config.yaml"
     if not config_file.is_file():
+        # Its config.yaml lost (by hand, or a damaged disk): the hash the run's provenance recorded stands for it,
+        # so a run of another config is not resumed from its checkpoint under this one.
+        recorded = (read_provenance(directory) or {}).get("config_sha256")
+        if recorded is not None and recorded != job.config_sha256:
+            raise StudyError(f"{directory} lacks its config.yaml, and its provenance records another config than "
+                             "the study now asks; refusing to continue or mix it. Give the study a new name, or move "
+                             "that run away")
         return
     try:
         config = load_written_yaml(config_file.read_text())

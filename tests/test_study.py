@@ -585,6 +585,12 @@ def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version:
     with pytest.raises(StudyError, match="was trained with another config than the study now asks"):
         run_study(load_study(write_study(tmp_path, changed, "changed.yaml")), root / "tiny", report=False)
     assert snapshot(root / "tiny" / "runs") == after
+    # ... also when a run lost its config.yaml: the hash its provenance recorded stands for it.
+    config_file = root / "tiny" / "runs" / "lstm" / "seed_1" / "config.yaml"
+    config_file.rename(tmp_path / "config-aside.yaml")
+    with pytest.raises(StudyError, match="lacks its config.yaml, and its provenance records another config"):
+        run_study(load_study(write_study(tmp_path, changed, "changed.yaml")), root / "tiny", report=False)
+    (tmp_path / "config-aside.yaml").rename(config_file)
 
     # The report is rebuilt from the finished runs without training.
     assert study_cli.main(["report", "tiny", "--root", str(root), "--reps", "200"]) == 0
