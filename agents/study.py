@@ -1520,8 +1520,18 @@ def execute_job(job: Job, should_stop: Callable[[], int] | None = None) -> JobRe
                 if moved is not None:
                     log.write(f"note: {directory} held a run killed before its first checkpoint; moved it to "
                               f"{moved} and starting the run again\n")
+                command = train_command(job)
+                if "--resume" not in command and (directory / "eval").is_dir():
+                    # A run started from nothing beside evaluations of an earlier one (its checkpoints lost): they
+                    # describe other weights, so they go aside and the new run's points are evaluated again.
+                    n = 1
+                    while (directory / f"eval.earlier-{n}").exists():
+                        n += 1
+                    os.replace(directory / "eval", directory / f"eval.earlier-{n}")
+                    log.write(f"note: {directory / 'eval'} held evaluations of an earlier run; moved to "
+                              f"{directory / f'eval.earlier-{n}'}\n")
                 record_session(directory, "train", job.config_sha256, version)
-                code = run_command(train_command(job), job.repo, log, should_stop)
+                code = run_command(command, job.repo, log, should_stop)
                 trained = True
                 if code in STOPPED_EXITS or (code in KILLED_BY_STOP and should_stop()):
                     # A stop that reached train.py while it was still importing, or after it had finished,

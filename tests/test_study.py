@@ -642,6 +642,19 @@ def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version:
         "lstm/seed_1 (trained to 1,024 frames, evaluations missing at 1,024)",
         "lstm seed 2 (not started)", "rims seed 2 (not started)"]
 
+    # A run whose training files are gone but whose evaluations stayed is trained again from nothing: the old
+    # evaluations describe other weights, so they go aside and the new run is evaluated (they were taken as its own).
+    run = Path(jobs[1].run_dir)
+    old_eval = (run / "eval" / "point_000000000512.json").read_bytes()
+    for path in run.iterdir():
+        if path.name not in ("eval", "provenance.json"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert run_study(load_study(write_study(tmp_path, tiny_study(seeds=(1,)), "seed1.yaml")), root / "tiny",
+                     report=False) == 0
+    assert (run / "eval.earlier-1" / "point_000000000512.json").read_bytes() == old_eval
+    assert json.loads((run / "eval" / "point_000000000512.json").read_text())["episodes"] == 3
+    assert (run / "checkpoint.pt").is_file()
+
 
 def test_other_code_is_refused_before_and_during_a_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Runs of one model from two code versions can never be reported together: a study continued with
