@@ -1971,8 +1971,8 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
         stale = stale_evaluations(jobs)
         if stale:
             print(f"note: {stale} evaluation result(s) (eval/point_*.json) were made with other evaluation "
-                  "settings (the study file's eval section changed); evaluating those points again replaces them",
-                  flush=True)
+                  "settings (the study file's eval section changed) or cannot be read (damaged); evaluating those "
+                  "points again replaces them", flush=True)
         states = {job.key: job_state(job) for job in jobs}
         todo = [job for job in jobs if not states[job.key].done]
         partial = sum(states[job.key].started and not states[job.key].done for job in jobs)

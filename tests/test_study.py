@@ -412,7 +412,8 @@ def test_a_first_session_stopped_before_its_study_copy_continues_and_changed_eva
     assert run_study(load_study(write_study(tmp_path, raw)), root, workers=1, report=False) == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if "evaluation result" in line]
     assert notes == ["note: 2 evaluation result(s) (eval/point_*.json) were made with other evaluation settings "
-                     "(the study file's eval section changed); evaluating those points again replaces them"]
+                     "(the study file's eval section changed) or cannot be read (damaged); evaluating those points "
+                     "again replaces them"]
     assert {json.loads(eval_path(run, p).read_text())["seed"] for p in (512, 1024)} == {777}
 
 
