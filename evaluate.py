@@ -74,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-envs", type=int, default=None, metavar="N",
                         help="parallel envs (default: --episodes, at most 100); the per-episode results do not "
                              "depend on it, up to float rounding in the batched forward pass")
-    parser.add_argument("--max-episode-steps", type=int, metavar="N", help="truncate episodes after N steps (on MiniGrid and Atari it only shortens "
-                        "them: their own limits, MiniGrid's max_steps, still apply; other ids' registered limit "
-                        "it replaces)")
+    parser.add_argument("--max-episode-steps", type=int, metavar="N",
+                        help="truncate episodes after N steps (on MiniGrid and Atari it only shortens them: their own "
+                             "limits, MiniGrid's max_steps, still apply; other ids' registered limit it replaces)")
     parser.add_argument("--video", type=cli_path, metavar="DIR", help="write a video of the first episode per env here")
     parser.add_argument("--video-format", choices=("gif", "mp4"), default="gif",
                         help="gif (default, needs nothing more) or mp4 (needs imageio-ffmpeg)")

@@ -431,10 +431,9 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
                 speed_p = rp.poi_permutation_p(frames_x, frames_y)
                 pois[x, y], area_p_values[x, y] = area, area_p
                 difference = rp.mean_difference_interval(area_x, area_y)
-                rows.append([x, y, f"{rp._poi_ci(area)}, p {rp.p_text(area_p)}", f"{rp._poi_ci(speed)}, p {rp.p_text(speed_p)}",
-                             rp._signed_ci(difference, max(3, rp._digits_to_tell((difference[1], 0.0),
-                                                                                  (difference[2], 0.0)))),
-                             rp._fmt(detectable, max(3, rp._digits_to_tell((detectable, 0.0))))])
+                rows.append([x, y, f"{rp._poi_ci(area)}, p {rp.p_text(area_p)}",
+                             f"{rp._poi_ci(speed)}, p {rp.p_text(speed_p)}",
+                             rp._signed_ci_around_zero(difference, 3), rp._fmt_nonzero(detectable, 3)])
                 # A from-scratch row does not depend on pre-training: only pre-trained sources can be flagged.
                 flagged = [spec.run(r).source for r in (x, y)
                            if spec.run(r).source in below and not spec.run(r).scratch]

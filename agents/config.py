@@ -699,9 +699,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 # Env options that describe the training env itself (its kwargs, levels, step limit), not the policy's interface:
-# evaluate.py applies them only on the training env id outside a suite (a suite's envs are as it defines them), and a
-# study's fine-tuning
-# run does not inherit them for its held-out task.
+# evaluate.py applies them only on the training env id outside a suite (a suite's envs are as it defines them),
+# and a study's fine-tuning run does not inherit them for its held-out task.
 SAME_ENV_OPTIONS: tuple[str, ...] = ("env_kwargs", "level_seeds", "max_episode_steps")
 
 

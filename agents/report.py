@@ -19,9 +19,9 @@ rliable (and its bootstrap library ``arch``) is imported inside the functions th
 
 The report's conclusions (:func:`conclusion`, :func:`conclude`) follow mechanically from the
 intervals: an improvement on an LSTM baseline is claimed only when the IQM intervals do not overlap,
-the P(improvement) interval excludes 0.5 and its permutation test rejects P = 0.5 at the 5% level; otherwise the sentence says what does not separate and
-gives the interval of the difference in mean (what the runs leave possible) and the smallest
-difference the seeds could detect.
+the P(improvement) interval excludes 0.5 and its permutation test rejects P = 0.5 at the 5% level;
+otherwise the sentence says what does not separate and gives the interval of the difference in mean
+(what the runs leave possible) and the smallest difference the seeds could detect.
 
 ``load_scores(study)`` returns ``{model: array(runs, envs)}`` for a notebook; ``write_report``
 writes ``studies/<study>/report.md`` and its PNG plots; :func:`publish` writes the results page
@@ -594,6 +594,17 @@ def _signed_ci(triple: tuple[float, float, float], digits: int = 2) -> str:
     return f"{triple[0]:+.{digits}f} [{triple[1]:+.{digits}f}, {triple[2]:+.{digits}f}]"
 
 
+def _signed_ci_around_zero(difference: tuple[float, float, float], least: int = 2) -> str:
+    """:func:`_signed_ci` of a difference with at least ``least`` decimals and as many as print each end on its
+    side of 0 (an end at -0.004 is "-0.004", not "-0.00" beside "it holds 0")."""
+    return _signed_ci(difference, max(least, _digits_to_tell((difference[1], 0.0), (difference[2], 0.0))))
+
+
+def _fmt_nonzero(value: float, least: int = 2) -> str:
+    """:func:`_fmt` with at least ``least`` decimals and as many as keep a non-zero value from printing as 0."""
+    return _fmt(value, max(least, _digits_to_tell((value, 0.0))))
+
+
 def _poi_ci(poi: tuple[float, float, float]) -> str:
     """A probability of improvement and its interval, with the decimals that show on which side of 0.5 each end
     lies (an end at 0.498 printed as "0.50" would read as touching it)."""
@@ -694,14 +705,13 @@ def conclusion(model: str, baseline: str, iqm_x: tuple[float, float, float], iqm
     p = f"P({model} > {baseline}) {poi_words}"
     # Not "a difference below ~X cannot be ruled out": that reads as if larger ones were ruled out, which
     # only the interval of the difference can say.
-    sdd = (f"a t-test on these runs detects a difference in {per_run} of "
-           f"~{_fmt(detectable, _digits_to_tell((detectable, 0.0)))} with 80% power")
+    sdd = f"a t-test on these runs detects a difference in {per_run} of ~{_fmt_nonzero(detectable)} with 80% power"
     if difference is not None and math.isfinite(difference[1]):
         gloss = ("it excludes 0, as a t-test alone would call a difference, but the rule above needs the IQM "
                  "intervals and P(improvement) as well" if difference[1] > 0 or difference[2] < 0
                  else "it holds 0, and these runs are compatible with any difference in it")
-        ends = _digits_to_tell((difference[1], 0.0), (difference[2], 0.0))  # its gloss reads them against 0
-        sdd = f"the difference in {per_run} is {_signed_ci(difference, ends)} (95% Welch t interval; {gloss}), and {sdd}"
+        sdd = (f"the difference in {per_run} is {_signed_ci_around_zero(difference)} (95% Welch t interval; {gloss}), "
+               f"and {sdd}")
     where = f" {where}" if where else ""
     iqm_above, iqm_below = iqm_x[1] > iqm_y[2], iqm_x[2] < iqm_y[1]
     if iqm_above and poi_side > 0:

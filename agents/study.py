@@ -277,6 +277,8 @@ def _sets_a_task_variant(override: str) -> bool:
     """Whether a ``key=value`` override sets a ``TASK_VARIANT_KEYS`` setting (or a key inside one)."""
     key = override.partition("=")[0].strip()
     return any(key == k or key.startswith(f"{k}.") for k in TASK_VARIANT_KEYS)
+
+
 MODEL_KEYS = {"label", "config", "overrides"}
 EVAL_KEYS = {"points", "suite", "suite_params", "envs", "episodes", "final_episodes", "seed", "deterministic"}
 ENV_KEYS = {"id", "held_out"}
@@ -1020,8 +1022,7 @@ def check_points_reachable(job: Job) -> None:
     trained, rollout = max(checkpoints, default=0), _rollout_frames(directory)
     for point in job.evals_missing():
         if point <= trained:
-            found = checkpoint_for_point(checkpoints, point)
-            reachable = found is not None and (rollout is None or found[0] - point < rollout)
+            reachable = _is_points_checkpoint(checkpoint_for_point(checkpoints, point), point, rollout)
         else:  # saved at each multiple of the interval on the way, and at the end of the budget
             reachable = point % interval == 0 or point >= job.total_frames
         if not reachable:
@@ -1038,6 +1039,13 @@ def checkpoint_for_point(checkpoints: dict[int, Path], point: int) -> tuple[int,
         if frames >= point:
             return frames, path
     return None
+
+
+def _is_points_checkpoint(found: tuple[int, Path] | None, point: int, rollout: int | None) -> bool:
+    """Whether ``found`` (:func:`checkpoint_for_point`'s) holds the model at ``point``: train.py saves at the first
+    rollout boundary at or after each multiple of the interval, so a checkpoint a rollout or more past the point
+    is another point's (``rollout`` None: the run's rollout size is unknown, and any later checkpoint counts)."""
+    return found is not None and (rollout is None or found[0] - point < rollout)
 
 
 def eval_path(directory: Path, point: int) -> Path:
@@ -1396,9 +1404,7 @@ def eval_commands(job: Job) -> list[tuple[list[int], list[str], Path]]:
         paths = []
         for point in points:
             found = checkpoint_for_point(checkpoints, point)
-            if found is None or (rollout is not None and found[0] - point >= rollout):
-                # train.py saves at the first rollout boundary at or after each multiple of the interval:
-                # a checkpoint further away is another point's, and the model there is not this point's.
+            if not _is_points_checkpoint(found, point, rollout):
                 nearest = "none" if found is None else f"the nearest is at {found[0]:,} frames"
                 raise StudyError(f"{directory}: no checkpoint within a rollout after {point:,} frames to evaluate "
                                  f"({nearest}); the study's eval points changed after the run was trained. "
@@ -1524,12 +1530,9 @@ def execute_job(job: Job, should_stop: Callable[[], int] | None = None) -> JobRe
                 if "--resume" not in command and (directory / "eval").is_dir():
                     # A run started from nothing beside evaluations of an earlier one (its checkpoints lost): they
                     # describe other weights, so they go aside and the new run's points are evaluated again.
-                    n = 1
-                    while (directory / f"eval.earlier-{n}").exists():
-                        n += 1
-                    os.replace(directory / "eval", directory / f"eval.earlier-{n}")
-                    log.write(f"note: {directory / 'eval'} held evaluations of an earlier run; moved to "
-                              f"{directory / f'eval.earlier-{n}'}\n")
+                    aside = _first_free(lambda n: directory / f"eval.earlier-{n}")
+                    os.replace(directory / "eval", aside)
+                    log.write(f"note: {directory / 'eval'} held evaluations of an earlier run; moved to {aside}\n")
                 record_session(directory, "train", job.config_sha256, version)
                 code = run_command(command, job.repo, log, should_stop)
                 trained = True
@@ -1591,6 +1594,15 @@ def _current_version(job: Job, planned: dict[str, Any]) -> tuple[dict[str, Any],
     return version, None
 
 
+def _first_free(numbered: Callable[[int], Path]) -> Path:
+    """The first of ``numbered(1)``, ``numbered(2)``, ... that does not exist: where a file or folder is put
+    aside without replacing one put there before."""
+    n = 1
+    while numbered(n).exists():
+        n += 1
+    return numbered(n)
+
+
 def set_aside_unresumable(directory: Path) -> Path | None:
     """Move a run killed before its first checkpoint (train.py files but no ``checkpoint.pt``) to
     ``<dir>.unfinished-<n>``, so the run can start again; nothing is deleted. Returns the new path.
@@ -1612,10 +1624,7 @@ def set_aside_unresumable(directory: Path) -> Path | None:
         raise StudyError(f"{directory} has no checkpoint.pt but numbered checkpoints up to {frames:,} frames: copy "
                          f"{newest} to {directory / 'checkpoint.pt'} to continue the run from there, or move the run "
                          "away to train it again")
-    n = 1
-    while directory.with_name(f"{directory.name}.unfinished-{n}").exists():
-        n += 1
-    target = directory.with_name(f"{directory.name}.unfinished-{n}")
+    target = _first_free(lambda n: directory.with_name(f"{directory.name}.unfinished-{n}"))
     os.replace(directory, target)
     return target
 
@@ -1718,13 +1727,10 @@ def save_study_copy(study: Study, root: Path) -> None:
             if old != raw:
                 atomic_write(target, text.encode())
             return
-        n = 1
-        while (root / f"{STUDY_COPY}.{n}").exists():
-            n += 1
+        kept = _first_free(lambda n: root / f"{STUDY_COPY}.{n}")
         # Copied, then replaced atomically: a full disk on either step leaves study.yaml in place.
-        atomic_write(root / f"{STUDY_COPY}.{n}", target.read_bytes())
-        print(f"note: the study file changed since the last run; the previous copy is kept as "
-              f"{root / f'{STUDY_COPY}.{n}'}")
+        atomic_write(kept, target.read_bytes())
+        print(f"note: the study file changed since the last run; the previous copy is kept as {kept}")
     atomic_write(target, text.encode())
 
 
