@@ -96,7 +96,7 @@ def refuse_existing_run(run_dir: str | Path) -> None:
         raise RunDirError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
                           f"`python {train_py()} --resume {run_dir}`, or give a new run another --run-dir")
     numbered = list(_numbered_checkpoints(Path(run_dir, "checkpoints")).values()) if found else []
-    if numbered:  # checkpoint.pt gone (moved away, or a kill between the two saves): the numbered ones remain
+    if numbered:  # checkpoint.pt gone (moved away or deleted): the numbered ones remain
         raise RunDirError(f"{run_dir} already holds a run with numbered checkpoints but no checkpoint.pt (newest "
                           f"{numbered[-1]}); to continue it, copy that file to {Path(run_dir) / 'checkpoint.pt'} "
                           f"and run `python {train_py()} --resume` on the folder, or give a new run another --run-dir")

@@ -286,7 +286,7 @@ def _lookup(nested: dict[str, Any], dotted: str) -> Any:
 def _older_checkpoints_hint(run_dir: Path) -> str:
     """For a damaged ``checkpoint.pt``: the numbered checkpoints kept beside it.
 
-    ``checkpoint.pt`` is a copy of the newest ``checkpoints/checkpoint_<frames>.pt`` (a file of its own), so the
+    The newest ``checkpoints/checkpoint_<frames>.pt`` is a copy of ``checkpoint.pt`` (a file of its own), so the
     numbered ones are whole when it is damaged. (Runs saved before 2026-12-06 made it a hard link to the
     newest one, which damage to either then shares: that one is left out.)
     """
@@ -755,19 +755,26 @@ class Trainer:
                         atomic_write(path, tag + blob)
             numbered = self.run_dir / "checkpoints" / f"checkpoint_{self.frames:012d}.pt"
             latest = self.run_dir / "checkpoint.pt"
-            with self._write_errors(numbered):
-                save_checkpoint(numbered, self.checkpoint_payload())
+            # checkpoint.pt first: a failure (full disk) or a kill between the two writes then leaves the newest
+            # state where --resume reads it, and no numbered checkpoint ahead of it (a study counts training
+            # done from the numbered ones, then fine-tunes from checkpoint.pt). Resume writes the numbered one.
             with self._write_errors(latest):
-                # A copy of its own, not a hard link to the numbered file: a user rolling back with
-                # `cp checkpoints/checkpoint_<older>.pt checkpoint.pt` wrote through the shared file into the
-                # newest numbered checkpoint, whose name then held the older weights.
-                atomic_write(latest, numbered.read_bytes())
+                save_checkpoint(latest, self.checkpoint_payload())
+            self._write_numbered(latest, numbered)
             kept = list(numbered_checkpoints(self.run_dir / "checkpoints").values())  # a user's own copies are not
             for old in kept[: -self.config["log"]["keep_checkpoints"]]:
                 old.unlink()
             if self._loaded_from is not None:
                 self._loaded_from = _file_identity(latest)  # this trainer's own checkpoint is the one to continue
             return latest
+
+    def _write_numbered(self, latest: Path, numbered: Path) -> None:
+        """Copy ``checkpoint.pt`` to its numbered name: a file of its own, not a hard link (a user rolling back
+        with ``cp checkpoints/checkpoint_<older>.pt checkpoint.pt`` wrote through a shared file into the newest
+        numbered checkpoint, whose name then held the older weights)."""
+        with self._write_errors(numbered):
+            numbered.parent.mkdir(exist_ok=True)
+            atomic_write(numbered, latest.read_bytes())
 
     @contextlib.contextmanager
     def _write_errors(self, path: Path) -> Iterator[None]:
@@ -895,6 +902,13 @@ class Trainer:
                                       f"this one loaded its checkpoint; resume it again with "
                                       f"`python {train_py()} --resume {self.run_dir}`")
                 remove_stale_temp_files(self.run_dir)  # left by a killed write; no live writer under the lock
+                if self._loaded_from is not None:
+                    # A run stopped between checkpoint.pt and its numbered copy (see save): write the copy, so
+                    # that an evaluation point at these frames has its checkpoint and the count of frames
+                    # trained read from the numbered checkpoints is this run's.
+                    numbered = self.run_dir / "checkpoints" / f"checkpoint_{self.frames:012d}.pt"
+                    if not numbered.is_file():
+                        self._write_numbered(self.run_dir / "checkpoint.pt", numbered)
                 self._started = True
             config_path = self.run_dir / "config.yaml"
             with self._write_errors(config_path):

@@ -236,6 +236,24 @@ def test_kill_between_write_and_rename_keeps_previous_checkpoint(tmp_path: Path,
     assert leftovers == []
 
 
+def test_failed_numbered_copy_leaves_checkpoint_pt_newest_and_resume_writes_it(tmp_path: Path) -> None:
+    # The final save fails after checkpoint.pt (here: a folder where the numbered copy goes; in life a full disk).
+    # checkpoint.pt must hold the newest weights and no numbered checkpoint may be ahead of it: a study counts
+    # training done from the numbered checkpoints and fine-tunes from checkpoint.pt.
+    tiny_trainer(tmp_path, "log.checkpoint_interval_frames=64").run(stop_at_frames=64)
+    blocker = tmp_path / "checkpoints" / "checkpoint_000000000128.pt"
+    blocker.mkdir()
+    with pytest.raises(TrainingError, match="checkpoint_000000000128.pt"):
+        Trainer.resume(tmp_path).run()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["frames"] == 128
+    assert max(checkpoint_module.numbered_checkpoints(tmp_path / "checkpoints")) == 64
+    blocker.rmdir()
+    resumed = Trainer.resume(tmp_path)
+    resumed.run()  # at its budget already: trains nothing, writes the missing copy
+    assert resumed.frames == 128
+    assert blocker.read_bytes() == (tmp_path / "checkpoint.pt").read_bytes()
+
+
 def test_keeps_only_the_last_n_checkpoints(tmp_path: Path) -> None:
     tiny_trainer(tmp_path, "log.checkpoint_interval_frames=32", "log.keep_checkpoints=2").run()
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
