@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 from agents.config import ConfigError
-from agents.run_dir import cli_path, nearest_existing
+from agents.run_dir import cli_path, nearest_existing, os_error_text
 from agents.study import DEFAULT_ROOT, StudyError
 
 
@@ -193,9 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if args.debug:
             raise
-        # The file meant, not the temporary one a rename failed from (filename2 is the rename's target).
-        path = exc.filename2 or exc.filename
-        print(f"error: {exc.strerror or exc}{f': {path}' if path else ''}", file=sys.stderr)
+        # One that names no file (a write to an open file on a full disk) happened under the output or root folder.
+        print(f"error: {os_error_text(exc, getattr(args, 'out', None) or args.root)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -378,6 +378,18 @@ def write_failure(path: str | Path, exc: BaseException) -> str:
     return f"cannot write {path}: {write_error_reason(exc)} ({free_space(Path(path).parent)} free on its file system)"
 
 
+def os_error_text(exc: OSError, where: str | Path) -> str:
+    """One line for an OSError: why, and the file it names; for one that names no file (a write to an open file
+    on a full disk) the folder it happened under, ``where``. A full disk adds the free space there."""
+    from policies.checkpoint import free_space, write_error_reason
+
+    named = exc.filename2 or exc.filename  # the rename's target (the file meant), else the file named
+    text = f"{write_error_reason(exc)}: {named}" if named else f"{write_error_reason(exc)} (writing under {where})"
+    if exc.errno == errno.ENOSPC:
+        text += f" ({free_space(Path(named).parent if named else where)} free on its file system)"
+    return text
+
+
 # Looking for a holder takes the lock for an instant (``lock_holder``'s shared lock, as ``refuse_existing_run``
 # and ``study.py run`` look; ``RunLock.probe``'s exclusive one, as ``train.py --resume`` looks), so a process
 # that finds it taken tries again for this long before it believes a training process holds it: one

@@ -1071,6 +1071,31 @@ def test_a_failed_rename_names_the_file_meant_not_the_temporary(monkeypatch: pyt
     assert capsys.readouterr().err == f"error: Is a directory: {report}\n"
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device every write to fails as a full disk)")
+def test_a_full_disk_under_a_study_names_the_file_or_folder(tmp_path: Path, fixed_version: None,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from agents.study import execute_job
+
+    # A write to an open file on a full disk raises an OSError that names no file: the message must.
+    path = write_study(tmp_path, tiny_study(model_names=("lstm",), seeds=(1,)))
+    study_folder = tmp_path / "out" / "tiny"
+    study_folder.mkdir(parents=True)
+    (study_folder / ".lock").symlink_to("/dev/full")
+    assert study_cli.main(["run", str(path), "--root", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {study_folder / '.lock'}: ") and err.count("\n") == 1, err
+    (study_folder / ".lock").unlink()
+
+    job = plan(load_study(path), study_folder, {"commit": VERSION, "dirty": False, "diff_sha256": None})[0]
+    Path(job.log).parent.mkdir(parents=True)
+    Path(job.log).symlink_to("/dev/full")
+    result = execute_job(job)
+    assert result.status == "failed", result
+    assert result.message.startswith(f"no space left on device (writing under {study_folder}") and \
+        "free on its file system" in result.message, result.message
+    assert "None" not in result.message
+
+
 def test_the_command_to_continue_names_the_root_only_where_study_py_can_take_it(tmp_path: Path) -> None:
     from agents.study import DEFAULT_ROOT, continue_command
 
