@@ -1136,7 +1136,7 @@ def _machine_text(machine: dict[str, Any]) -> str:
 def provenance_lines(study: Study, directory: Path) -> list[str]:
     """The report's "Provenance" section: the commands that ran the study, when, on what machine, for how
     long (from ``sessions.jsonl``, where each ``study.py run`` records itself) and the code version of its runs."""
-    from agents.study import read_study_sessions
+    from agents.study import read_study_sessions, unplanned_runs
 
     sessions = read_study_sessions(directory)
     versions, commits, unknown = study_versions(study, directory)
@@ -1168,8 +1168,14 @@ def provenance_lines(study: Study, directory: Path) -> list[str]:
     lines += [f"- Code version (hash of agents/, policies/, envs/, train.py, evaluate.py): {listing}"
               + (f"; git commit {', '.join(c for c in commits if c.split(' ')[0] not in versions)}"
                  if any(c.split(" ")[0] not in versions for c in commits) else "")
-              + (f"; no version recorded for {', '.join(unknown)}" if unknown else "") + ".", ""]
-    return lines
+              + (f"; no version recorded for {', '.join(unknown)}" if unknown else "") + "."]
+    unplanned = unplanned_runs(study, directory)
+    if unplanned:
+        listing = ", ".join(f"`{path.relative_to(directory)}`" for path in unplanned)
+        lines += [f"- Left out: {len(unplanned)} run folder(s) that the study file no longer plans (seeds, models or "
+                  f"fine-tuning runs taken out after they ran): {listing}. No number here uses them"
+                  + ("; the sessions that trained them count in the wall time above" if sessions else "") + "."]
+    return [*lines, ""]
 
 
 def check_publishable(study: str | Path, root: str | Path = DEFAULT_ROOT) -> tuple[Study, Path, str]:

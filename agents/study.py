@@ -61,7 +61,7 @@ import yaml
 
 from agents.config import (ENV_FIELDS, PACKAGE_ROOT, SAME_ENV_OPTIONS, ConfigError, load_config, load_written_yaml,
                            locate_config, parse_yaml, yaml_file_problem)
-from agents.run_dir import atomic_write, os_error_text, script_as_started, write_failure
+from agents.run_dir import atomic_write, holds_run, os_error_text, script_as_started, write_failure
 from policies.checkpoint import numbered_checkpoints
 from envs.names import short_env_name
 
@@ -1348,6 +1348,18 @@ def all_jobs(study: Study, root: Path, version: dict[str, Any] | None = None) ->
     return [*plan(study, root, version), *finetune_plan(study, root, version)]
 
 
+def unplanned_runs(study: Study, root: Path) -> list[Path]:
+    """Run folders in a study directory that no job of its plan owns: runs of seeds, models or fine-tuning
+    runs taken out of the study file after they trained. Reports leave them out, and name them.
+
+    Folders set aside by a study (``seed_<s>.unfinished-<n>``) are not runs of the plan's kind and are not listed.
+    """
+    planned = {Path(job.run_dir).resolve() for job in all_jobs(study, root)}
+    candidates = [*root.glob(f"{RUNS_FOLDER}/*/seed_*"), *root.glob("finetune/*/*/seed_*")]
+    return sorted(path for path in candidates
+                  if re.fullmatch(r"seed_\d+", path.name) and path.resolve() not in planned and holds_run(path))
+
+
 def pretrain_job_for(study: Study, job: Job, root: Path) -> str | None:
     """The run directory a fine-tuning job takes its weights from (None: from scratch or not a fine-tuning job)."""
     if study.adaptation is None or not any(o.startswith("init_from=") for o in job.overrides):
@@ -1615,7 +1627,7 @@ def set_aside_unresumable(directory: Path) -> Path | None:
     :raises StudyError: if a live process still trains there (say, a run a killed study left behind):
         moving its directory away would make it fail at its next write.
     """
-    from agents.run_dir import holds_run, lock_holder
+    from agents.run_dir import lock_holder
 
     if (directory / "checkpoint.pt").is_file() or not holds_run(directory):
         return None

@@ -657,6 +657,24 @@ def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version:
     assert (run / "checkpoint.pt").is_file()
 
 
+def test_runs_the_study_file_no_longer_plans_are_named_in_the_provenance(tmp_path: Path) -> None:
+    from agents.report import provenance_lines
+    from agents.study import unplanned_runs
+
+    study = load_study(write_study(tmp_path, tiny_study(seeds=(1,))))
+    root = tmp_path / "out" / "tiny"
+    for name in ("runs/lstm/seed_1", "runs/rims/seed_1", "runs/lstm/seed_2", "runs/gru/seed_1",
+                 "runs/lstm/seed_3.unfinished-1", "finetune/lstm.ppo/KeyCorridorS3R1/seed_1"):
+        (root / name).mkdir(parents=True)
+        (root / name / "config.yaml").write_text("name: a run\n")
+    (root / "runs" / "rims" / "seed_4").mkdir()  # an empty folder holds no run
+    assert [path.relative_to(root).as_posix() for path in unplanned_runs(study, root)] == [
+        "finetune/lstm.ppo/KeyCorridorS3R1/seed_1", "runs/gru/seed_1", "runs/lstm/seed_2"]
+    text = "\n".join(provenance_lines(study, root))
+    assert "- Left out: 3 run folder(s) that the study file no longer plans" in text
+    assert "`runs/gru/seed_1`, `runs/lstm/seed_2`. No number here uses them." in text
+
+
 def test_other_code_is_refused_before_and_during_a_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Runs of one model from two code versions can never be reported together: a study continued with
     # other code is refused before anything runs, and a job whose code changed after the study planned
