@@ -2053,10 +2053,17 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
             counts = summarize_states(jobs)
             closing.update(jobs_run=len(results), done=counts["done"], stopped=stopped)
         failed = [r for r in results if r.status == "failed"]
+        # A run stopped while the study was not stopping got its signal from outside (a user's kill of its
+        # train.py): it keeps its checkpoint and continues next time, but is named, not passed over.
+        stopped_outside = [r for r in results if r.status == "stopped"] if stopped is None else []
         print(f"study {study.name}: {counts['done']}/{len(jobs)} runs done, {counts['partial']} partly done, "
-              f"{counts['new']} not started" + (f", {len(failed)} failed this time" if failed else ""), flush=True)
+              f"{counts['new']} not started" + (f", {len(failed)} failed this time" if failed else "")
+              + (f", {len(stopped_outside)} stopped from outside the study" if stopped_outside else ""), flush=True)
         for result in failed:
             print(f"  failed: {result.key}: {result.message}", flush=True)
+        for result in stopped_outside:
+            print(f"  stopped: {result.key}: {result.message}, not by this study (it continues from its last "
+                  "checkpoint next time)", flush=True)
         for text in blocked:
             print(f"  not started: {text}", flush=True)
         if stopped is not None:

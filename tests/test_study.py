@@ -470,6 +470,21 @@ def test_a_stopped_study_waits_for_its_runs_to_checkpoint(tmp_path: Path, fixed_
         assert "SIGINT: stopped after" in (root / "tiny" / "logs" / "lstm-seed_1.log").read_text()
 
 
+def test_a_run_stopped_from_outside_the_study_is_named(tmp_path: Path, fixed_version: None) -> None:
+    """SIGTERM to a run's train.py (a user's kill), not to the study: the study ends with that run named."""
+    from agents.run_dir import lock_holder
+
+    with _one_long_run_study(tmp_path) as (_, _, process, run):
+        holder = lock_holder(run)
+        assert holder is not None and holder.isdigit(), holder
+        os.kill(int(holder), signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1, output
+    assert "0/1 runs done, 1 partly done, 0 not started, 1 stopped from outside the study" in output, output
+    assert "  stopped: lstm/seed_1: train.py stopped by a signal (exit 143), not by this study" in output, output
+    assert (run / "checkpoint.pt").is_file()
+
+
 def test_a_study_session_killed_outright_still_counts_in_the_provenance(tmp_path: Path, fixed_version: None) -> None:
     """SIGKILL gives study.py no chance to write anything: its session was recorded when it started, so
     the report still says it ran (before, only sessions that ended were recorded, and a study killed with
