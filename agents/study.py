@@ -1448,8 +1448,18 @@ def split_batch(batch: Path, points: list[int], job: Job) -> None:
     for point, checkpoint in zip(points, data["checkpoints"], strict=True):
         single = {**{k: v for k, v in data.items() if k != "checkpoints"}, "point": point,
                   "study_eval": job.eval_settings(point), "checkpoints": [checkpoint]}
-        atomic_write(eval_path(directory, point), (json.dumps(single, indent=2) + "\n").encode())
+        target = eval_path(directory, point)
+        if target.is_file():  # made with other settings, or damaged: kept aside, not replaced
+            replaced_evaluation(directory, point).parent.mkdir(exist_ok=True)
+            os.replace(target, replaced_evaluation(directory, point))
+        atomic_write(target, (json.dumps(single, indent=2) + "\n").encode())
     batch.unlink(missing_ok=True)
+
+
+def replaced_evaluation(directory: Path, point: int) -> Path:
+    """Where the next evaluation JSON of ``point`` that a new evaluation replaces is kept:
+    ``eval/replaced/point_<frames>.<n>.json``, the first ``n`` free."""
+    return _first_free(lambda n: directory / "eval" / "replaced" / f"point_{point:012d}.{n}.json")
 
 
 def _child_env() -> dict[str, str]:
@@ -1720,7 +1730,8 @@ def check_study_folder(root: Path) -> None:
 
 def stale_evaluations(jobs: Sequence[Job]) -> int:
     """How many evaluation JSONs of ``jobs`` were made with other evaluation settings than the jobs' own
-    (the study file's eval section changed since): those points are evaluated again, replacing them."""
+    (the study file's eval section changed since): those points are evaluated again (the files replaced are kept
+    in ``eval/replaced/``)."""
     return sum(eval_path(Path(job.run_dir), point).is_file()
                and not has_eval(Path(job.run_dir), point, job.eval_settings(point))
                for job in jobs for point in job.points)
@@ -1997,8 +2008,8 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
         stale = stale_evaluations(jobs)
         if stale:
             print(f"note: {stale} evaluation result(s) (eval/point_*.json) were made with other evaluation "
-                  "settings (the study file's eval section changed) or cannot be read (damaged); evaluating those "
-                  "points again replaces them", flush=True)
+                  "settings (the study file's eval section changed) or cannot be read (damaged); those points are "
+                  "evaluated again, and each file replaced is kept in its run's eval/replaced/", flush=True)
         states = {job.key: job_state(job) for job in jobs}
         todo = [job for job in jobs if not states[job.key].done]
         partial = sum(states[job.key].started and not states[job.key].done for job in jobs)

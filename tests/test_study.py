@@ -412,9 +412,17 @@ def test_a_first_session_stopped_before_its_study_copy_continues_and_changed_eva
     assert run_study(load_study(write_study(tmp_path, raw)), root, workers=1, report=False) == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if "evaluation result" in line]
     assert notes == ["note: 2 evaluation result(s) (eval/point_*.json) were made with other evaluation settings "
-                     "(the study file's eval section changed) or cannot be read (damaged); evaluating those points "
-                     "again replaces them"]
+                     "(the study file's eval section changed) or cannot be read (damaged); those points are "
+                     "evaluated again, and each file replaced is kept in its run's eval/replaced/"]
     assert {json.loads(eval_path(run, p).read_text())["seed"] for p in (512, 1024)} == {777}
+    # The results they replace are kept, numbered, never overwritten by a later replacement.
+    kept = sorted(path.name for path in (run / "eval" / "replaced").iterdir())
+    assert kept == ["point_000000000512.1.json", "point_000000001024.1.json"]
+    assert json.loads((run / "eval" / "replaced" / kept[1]).read_text())["seed"] == 10000
+    raw["eval"]["seed"] = 778
+    assert run_study(load_study(write_study(tmp_path, raw)), root, workers=1, report=False) == 0
+    assert json.loads((run / "eval" / "replaced" / "point_000000001024.2.json").read_text())["seed"] == 777
+    assert json.loads((run / "eval" / "replaced" / kept[1]).read_text())["seed"] == 10000
 
 
 # -- tiny real studies -------------------------------------------------------------------------------
