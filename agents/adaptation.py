@@ -334,7 +334,8 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
               rp.statistics_protocol(reps, "runs x tasks", "a fine-tuning row's seed s starts from its model's "
                                      "seed s, and every row's seed s meets the same evaluation levels",
                                      secondary=" (frames to threshold, a secondary measure censored at the "
-                                     "budget, by the P(X > Y) interval and its test alone)"),
+                                     "budget, by the P(X > Y) interval and its test alone)",
+                                     family="every comparison the questions ask"),
               "- Smallest detectable difference (the questions). " + rp.detectable_protocol(
                   "area under the curve per run (mean over tasks)"), ""]
     rows = [[m.label, f"`{rp._short_path(m.config)}`", " ".join(f"`{o}`" for o in m.overrides) or "-",
@@ -408,10 +409,21 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
 
     # The questions.
     pois: dict[tuple[str, str], tuple[float, float, float]] = {}
-    area_p_values: dict[tuple[str, str], float] = {}
     lines += ["## The questions", ""]
     if not spec.questions:
         lines += ["The study file asks none.", ""]
+    # Each measure's permutation tests over every comparison the questions ask form one family (Holm).
+    compared = [(x, y) for question in spec.questions for x in question.x for y in question.y
+                if x in measures["auc"] and y in measures["auc"]]
+    compared = list(dict.fromkeys(compared))
+    area_p_values = {(x, y): rp.poi_permutation_p(measures["auc"][x], measures["auc"][y]) for x, y in compared}
+    # Fewer frames is better: P(X > Y) on the negated frames is P(X reaches it sooner).
+    speed_p_values = {(x, y): rp.poi_permutation_p(-measures["frames_to_threshold"][x],
+                                                   -measures["frames_to_threshold"][y]) for x, y in compared}
+    area_family, speed_family = rp.holm_family(area_p_values), rp.holm_family(speed_p_values)
+    if len(compared) > 1:
+        lines += [f"Holm-adjusted p: each measure's permutation tests over the {len(compared)} comparisons the "
+                  "questions ask, corrected as one family.", ""]
     for question in spec.questions:
         lines += [f"### {question.text}", ""]
         rows, answers = [], []
@@ -421,18 +433,16 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
                     rows.append([x, y, "- (no finished runs)", "-", "-", "-"])
                     continue
                 area = rp.poi_interval(measures["auc"][x], measures["auc"][y], reps=reps)
-                area_p = rp.poi_permutation_p(measures["auc"][x], measures["auc"][y])
+                area_p, speed_p = area_p_values[x, y], speed_p_values[x, y]
                 # Per run (mean over tasks), as the generalisation report's held-out return per run.
                 area_x, area_y = measures["auc"][x].mean(axis=1), measures["auc"][y].mean(axis=1)
                 detectable = rp.detectable_difference(area_x, area_y)
-                # Fewer frames is better: P(X > Y) on the negated frames is P(X reaches it sooner).
                 frames_x, frames_y = -measures["frames_to_threshold"][x], -measures["frames_to_threshold"][y]
                 speed = rp.poi_interval(frames_x, frames_y, reps=reps)
-                speed_p = rp.poi_permutation_p(frames_x, frames_y)
-                pois[x, y], area_p_values[x, y] = area, area_p
+                pois[x, y] = area
                 difference = rp.mean_difference_interval(area_x, area_y)
-                rows.append([x, y, f"{rp._poi_ci(area)}, p {rp.p_text(area_p)}",
-                             f"{rp._poi_ci(speed)}, p {rp.p_text(speed_p)}",
+                rows.append([x, y, f"{rp._poi_ci(area)}, p {rp.p_text(area_p)} (Holm {rp.p_text(area_family[x, y][0])})",
+                             f"{rp._poi_ci(speed)}, p {rp.p_text(speed_p)} (Holm {rp.p_text(speed_family[x, y][0])})",
                              rp._signed_ci_around_zero(difference, 3), rp._fmt_nonzero(detectable, 3)])
                 # A from-scratch row does not depend on pre-training: only pre-trained sources can be flagged.
                 flagged = [spec.run(r).source for r in (x, y)
@@ -446,13 +456,15 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
                 # The area answers by the generalisation report's rule (IQM intervals and P(improvement) both);
                 # frames to threshold, a secondary measure often censored at the budget, by P(improvement) and its test.
                 area_answer = rp.conclusion(x, y, ci["auc"][x]["iqm"], ci["auc"][y]["iqm"], area, detectable,
-                                            where="", per_run="mean area", p_value=area_p, difference=difference)
+                                            where="", per_run="mean area", p_value=area_p, difference=difference,
+                                            family=area_family[x, y])
                 answers.append(f"area under the curve: {area_answer}{caveat}")
-                sooner = rp.verdict(x, y, speed, speed_p).replace("improves on", "reaches the threshold sooner than")
+                sooner = rp.verdict(x, y, speed, speed_p, family=speed_family[x, y])
+                sooner = sooner.replace("improves on", "reaches the threshold sooner than")
                 sooner = sooner.replace("does worse than", "reaches it later than")
                 answers.append(f"frames to threshold (by P(improvement) and its permutation test): {sooner}")
-        lines += rp._table(["X", "Y", "P(area X > area Y) [95% CI], permutation test p",
-                            "P(X reaches the threshold sooner) [95% CI], permutation test p",
+        lines += rp._table(["X", "Y", "P(area X > area Y) [95% CI], permutation test p (Holm-adjusted)",
+                            "P(X reaches the threshold sooner) [95% CI], permutation test p (Holm-adjusted)",
                             "mean area X - Y [95% Welch t CI]", "smallest detectable difference in mean area"], rows)
         lines += [f"- {a}." for a in answers] or ["- No comparison: runs missing."]
         lines += [""]

@@ -21,7 +21,9 @@ The report's conclusions (:func:`conclusion`, :func:`conclude`) follow mechanica
 intervals: an improvement on an LSTM baseline is claimed only when the IQM intervals do not overlap,
 the P(improvement) interval excludes 0.5 and its permutation test rejects P = 0.5 at the 5% level;
 otherwise the sentence says what does not separate and gives the interval of the difference in mean
-(what the runs leave possible) and the smallest difference the seeds could detect.
+(what the runs leave possible) and the smallest difference the seeds could detect. A claim resting on a
+permutation test also says whether it survives Holm's correction (:func:`holm_adjusted`) over the
+report's family of comparisons.
 
 ``load_scores(study)`` returns ``{model: array(runs, envs)}`` for a notebook; ``write_report``
 writes ``studies/<study>/report.md`` and its PNG plots; :func:`publish` writes the results page
@@ -73,9 +75,10 @@ MAX_RELABELLINGS = 200_000  # a permutation test up to this many relabellings is
 # Named in a published study's banner entry; bump it when the same runs would give other numbers or
 # verdicts (2: 2026-12-05, the permutation test, 10,000 P(improvement) resamples, per-model bootstrap
 # seeds; 3: 2026-12-06, Welch's df in the smallest detectable difference, the difference in mean with its
-# Welch interval, finished runs left out of the statistics named). An entry without it, or with an older
-# one, was published by earlier report code.
-STATISTICS_VERSION = 3
+# Welch interval, finished runs left out of the statistics named; 4: 2026-12-06, Holm-adjusted p-values over each
+# report's family of comparisons, and whether each claim holds family-wise). An entry without it, or with an
+# older one, was published by earlier report code.
+STATISTICS_VERSION = 4
 
 
 def _statistics_tag() -> str:
@@ -270,6 +273,27 @@ def poi_permutation_p(x: np.ndarray, y: np.ndarray, max_relabellings: int = MAX_
         p = ((in_x @ pairwise) * (1.0 - in_x)).sum(axis=1) / (n_x * (runs - n_x))
         as_far += int(np.count_nonzero(np.abs(p - 0.5) >= observed - 1e-12))
     return as_far / total if exact else (as_far + 1) / (max_relabellings + 1)
+
+
+def holm_adjusted(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment of a family of p-values, returned in their order: the i-th smallest
+    becomes ``max over j <= i of min(1, (m - j + 1) * p_(j))`` for a family of ``m``. Rejecting where the
+    adjusted p is below alpha keeps the chance of any false claim in the family at most alpha, whatever
+    the dependence between the tests (a report's comparisons share runs)."""
+    p = np.asarray(p_values, dtype=float)
+    if p.ndim != 1 or not np.all((p >= 0) & (p <= 1)):
+        raise ValueError(f"p-values must be a 1-d array in [0, 1], got {p!r}")
+    order = np.argsort(p, kind="stable")
+    steps = np.maximum.accumulate((len(p) - np.arange(len(p))) * p[order])
+    adjusted = np.empty_like(p)
+    adjusted[order] = np.minimum(1.0, steps)
+    return adjusted
+
+
+def holm_family(p_values: dict[Any, float]) -> dict[Any, tuple[float, int]]:
+    """``{comparison: (Holm-adjusted p, size of the family)}`` for a family given as ``{comparison: p}``."""
+    adjusted = holm_adjusted(list(p_values.values())) if p_values else np.array([])
+    return {key: (float(value), len(p_values)) for key, value in zip(p_values, adjusted, strict=True)}
 
 
 def score_distribution(scores: np.ndarray, taus: np.ndarray) -> np.ndarray:
@@ -546,13 +570,15 @@ def per_env_poi(x: np.ndarray, y: np.ndarray, reps: int = REPS) -> list[str]:
     return cells
 
 
-def statistics_protocol(reps: int, unit: str, runs_share: str, secondary: str = "") -> str:
+def statistics_protocol(reps: int, unit: str, runs_share: str, secondary: str = "",
+                        family: str = "every model but the LSTM baselines against every baseline") -> str:
     """The protocol's statistics bullet, one text for the generalisation and the adaptation reports.
 
     :param unit: what the IQM is over ("runs x envs").
     :param runs_share: what two models' runs of the same seed have in common (why they are still
         compared as independent samples).
     :param secondary: a sentence on a measure judged otherwise (the adaptation report's frames to threshold).
+    :param family: which comparisons form the family that Holm's correction is over.
     """
     return (f"- Statistics over runs (rliable): IQM and mean over {unit} with {int(CONFIDENCE * 100)}% stratified "
             f"bootstrap intervals ({reps:,} resamples; each model's from the same seed, so an interval does not "
@@ -564,8 +590,11 @@ def statistics_protocol(reps: int, unit: str, runs_share: str, secondary: str = 
             f"{MAX_RELABELLINGS:,}, else that many random ones). Comparisons treat two models' runs as independent "
             f"samples: {runs_share}, but no comparison pairs them. A difference is claimed only when the IQM "
             f"intervals are apart, the P(X > Y) interval excludes 0.5 and the permutation test gives p < {ALPHA}"
-            f"{secondary}; nothing corrects for the number of comparisons in a report. A model with a single run "
-            "has no interval (shown as a zero-width one).")
+            f"{secondary}. That rule is per comparison; a report makes several, so each claim resting on a permutation "
+            "test also gives its p after Holm's step-down correction over the report's comparisons of that measure "
+            f"({family}; per-env p-values are not corrected) and says "
+            f"whether it holds at a family-wise {ALPHA} level. A model with a single run has no interval (shown as a "
+            "zero-width one).")
 
 
 def detectable_protocol(score: str) -> str:
@@ -663,21 +692,37 @@ def _poi_words(poi: tuple[float, float, float], p_value: float | None, digits: i
     return side, f"{numbers} lies {where} 0.5 (permutation test p {p_text(p_value)})"
 
 
-def verdict(model: str, baseline: str, poi: tuple[float, float, float], p_value: float | None = None) -> str:
+def family_words(family: tuple[float, int] | None) -> str:
+    """What a claim resting on a permutation test becomes after Holm's correction over its family:
+    ``family`` is ``(adjusted p, number of comparisons)``; "" for none, or a family of one."""
+    if family is None or family[1] < 2:
+        return ""
+    adjusted, size = family
+    held = "holds" if adjusted < ALPHA else "does not hold"
+    return (f"; after Holm's correction for the {size} comparisons of this report p is {p_text(adjusted)}, so the "
+            f"claim {held} at a family-wise {ALPHA} level")
+
+
+def verdict(model: str, baseline: str, poi: tuple[float, float, float], p_value: float | None = None,
+            family: tuple[float, int] | None = None) -> str:
     """The sentence a probability of improvement, its interval and (when given) its permutation test's
-    p-value support (never more)."""
+    p-value support (never more).
+
+    :param family: ``(Holm-adjusted p, comparisons in the family)``: a claim says whether it survives the
+        correction (:func:`family_words`).
+    """
     side, words = _poi_words(poi, p_value, _digits_to_tell((poi[1], 0.5), (poi[2], 0.5)))
     if side > 0:
-        return f"{model} improves on {baseline} (P(improvement) {words})"
+        return f"{model} improves on {baseline} (P(improvement) {words}{family_words(family)})"
     if side < 0:
-        return f"{model} does worse than {baseline} (P(improvement) {words})"
+        return f"{model} does worse than {baseline} (P(improvement) {words}{family_words(family)})"
     return f"P(improvement) does not separate {model} from {baseline} ({words})"
 
 
 def conclusion(model: str, baseline: str, iqm_x: tuple[float, float, float], iqm_y: tuple[float, float, float],
                poi: tuple[float, float, float], detectable: float, where: str = "on the held-out envs",
                per_run: str = "mean held-out return", p_value: float | None = None,
-               difference: tuple[float, float, float] | None = None) -> str:
+               difference: tuple[float, float, float] | None = None, family: tuple[float, int] | None = None) -> str:
     """The one sentence the intervals support about ``model`` against ``baseline``, derived mechanically:
     an improvement (or a deficit) is claimed only when the IQM intervals do not overlap and the
     P(improvement) interval excludes 0.5 (and, when ``p_value`` is given, its permutation test rejects
@@ -695,6 +740,8 @@ def conclusion(model: str, baseline: str, iqm_x: tuple[float, float, float], iqm
     :param per_run: the per-run score ``detectable`` is a difference of.
     :param p_value: :func:`poi_permutation_p` of the same scores, or None to judge by the interval alone.
     :param difference: :func:`mean_difference_interval` of the per-run score, model minus baseline.
+    :param family: ``(Holm-adjusted p, comparisons in the family)`` of ``p_value``: a claim that rests on the
+        permutation test says whether it survives the correction (the claim rule itself is per comparison).
     """
     digits = _digits_to_tell((iqm_x[1], iqm_y[2]), (iqm_x[2], iqm_y[1]), (poi[1], 0.5), (poi[2], 0.5))
     iqms = f"IQM {_ci(iqm_x, digits)} vs {_ci(iqm_y, digits)}"
@@ -703,6 +750,7 @@ def conclusion(model: str, baseline: str, iqm_x: tuple[float, float, float], iqm
                 f"width; {iqms}): no claim is made")
     poi_side, poi_words = _poi_words(poi, p_value, digits)
     p = f"P({model} > {baseline}) {poi_words}"
+    claimed_p = p + family_words(family)  # where P(improvement) separates the two, its corrected p as well
     # Not "a difference below ~X cannot be ruled out": that reads as if larger ones were ruled out, which
     # only the interval of the difference can say.
     sdd = f"a t-test on these runs detects a difference in {per_run} of ~{_fmt_nonzero(detectable)} with 80% power"
@@ -716,10 +764,10 @@ def conclusion(model: str, baseline: str, iqm_x: tuple[float, float, float], iqm
     iqm_above, iqm_below = iqm_x[1] > iqm_y[2], iqm_x[2] < iqm_y[1]
     if iqm_above and poi_side > 0:
         return (f"{model} improves on {baseline}{where}: its IQM interval lies above {baseline}'s "
-                f"({iqms}) and {p}")
+                f"({iqms}) and {claimed_p}")
     if iqm_below and poi_side < 0:
         return (f"{model} does worse than {baseline}{where}: its IQM interval lies below "
-                f"{baseline}'s ({iqms}) and {p}")
+                f"{baseline}'s ({iqms}) and {claimed_p}")
     better, worse = iqm_above or poi_side > 0, iqm_below or poi_side < 0
     if better and worse:
         return f"the intervals disagree about {model} against {baseline} ({iqms}; {p}); no difference is claimed; {sdd}"
@@ -728,7 +776,7 @@ def conclusion(model: str, baseline: str, iqm_x: tuple[float, float, float], iqm
         if iqm_above or iqm_below:
             held, missing = f"{model}'s IQM interval lies {side} {baseline}'s ({iqms})", p
         else:
-            held, missing = p, f"the IQM intervals overlap ({iqms})"
+            held, missing = claimed_p, f"the IQM intervals overlap ({iqms})"
         return f"only one measure separates {model} from {baseline}: {held}; the other does not: {missing}; {sdd}"
     return f"no difference between {model} and {baseline} the measures can resolve ({iqms}; {p}); {sdd}"
 
@@ -820,6 +868,7 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
     conclusions = []
     pois: dict[tuple[str, str], tuple[float, float, float]] = {}
     p_values: dict[tuple[str, str], float] = {}
+    family: dict[tuple[str, str], tuple[float, int]] = {}
     if results.baselines:
         lines += ["## Probability of improvement over the LSTM baselines (held-out envs)", ""]
         rows = []
@@ -834,7 +883,13 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
                 p_values[m, baseline] = poi_permutation_p(x, y)
                 rows.append([m, baseline, _poi_ci(pois[m, baseline]), p_text(p_values[m, baseline]),
                              *(per_env_poi(x, y, reps) if x.shape[1] > 1 else [])])
+        # The family the report's claims are drawn from: every model that is not a baseline against every baseline.
+        family = holm_family({pair: p for pair, p in p_values.items() if pair[0] not in results.baselines})
+        for row in rows:
+            adjusted = family.get((row[0], row[1]))
+            row.insert(4, "-" if adjusted is None else p_text(adjusted[0]))
         lines += _table(["model X", "baseline Y", "P(X > Y) [95% CI]", "permutation test p (P = 0.5)",
+                         f"Holm-adjusted p ({len(family)} comparison{'' if len(family) == 1 else 's'})",
                          *(f"{env} alone: P [95% CI], p" for env in held if len(held) > 1)], rows)
     per_run = {m: s.mean(axis=1) for m, s in heldout_scores.items()}
     for (m, baseline), poi in pois.items():
@@ -842,7 +897,8 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
             detectable = detectable_difference(per_run[m], per_run[baseline])
             conclusions.append(conclusion(m, baseline, estimates[m]["iqm"], estimates[baseline]["iqm"], poi,
                                           detectable, p_value=p_values[m, baseline],
-                                          difference=mean_difference_interval(per_run[m], per_run[baseline])))
+                                          difference=mean_difference_interval(per_run[m], per_run[baseline]),
+                                          family=family[m, baseline]))
     lines += ["## Smallest detectable difference (held-out mean return per run)", "",
               detectable_protocol("mean held-out return per run"), ""]
     rows = []

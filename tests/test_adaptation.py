@@ -303,6 +303,7 @@ def test_tiny_adaptation_study_pretrains_finetunes_reports_and_reruns_nothing(
     assert ("area under the curve: only one measure separates meta-rims.ppo from lstm.scratch: meta-rims.ppo's "
             "IQM interval lies above") in text
     assert "lies above 0.5, but its permutation test does not reject 0.5 (p 0.333 >= 0.05)" in text
+    assert ", p 0.333 (Holm 0.333) |" in text  # one comparison: a family of one, nothing to correct
     assert "frames to threshold (by P(improvement) and its permutation test): " in text
 
     # Published, the banner counts every run (4 pre-training, 6 fine-tuning); kept by a later publish that

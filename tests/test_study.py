@@ -185,6 +185,37 @@ def test_performance_profile_and_verdicts() -> None:
 # -- study files -----------------------------------------------------------------------------------
 
 
+def test_holm_adjustment_hand_computed_and_claims_say_whether_they_hold_family_wise() -> None:
+    from agents.report import conclusion, holm_adjusted, holm_family, verdict
+
+    # Sorted 0.013, 0.019, 0.247, 0.261, 0.646, 0.765, times 6, 5, ..., 1; a running maximum; capped at 1.
+    assert holm_adjusted([0.013, 0.646, 0.247, 0.765, 0.019, 0.261]) == pytest.approx([0.078, 1, 0.988, 1, 0.095, 0.988])
+    assert holm_adjusted([0.04]) == pytest.approx([0.04])
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        holm_adjusted([0.5, 1.5])
+    family = holm_family({("a", "lstm"): 0.012, ("b", "lstm"): 0.003, ("c", "lstm"): 0.025})
+    assert {key: (round(p, 6), n) for key, (p, n) in family.items()} == {
+        ("a", "lstm"): (0.024, 3), ("b", "lstm"): (0.009, 3), ("c", "lstm"): (0.025, 3)}
+
+    worse = conclusion("brims", "lstm", (0.06, 0.03, 0.11), (0.21, 0.14, 0.28), (0.21, 0.10, 0.35), 0.12,
+                       p_value=0.013, family=(0.078, 6))
+    assert worse.startswith("brims does worse than lstm on the held-out envs: its IQM interval lies below")
+    assert worse.endswith("(permutation test p 0.013); after Holm's correction for the 6 comparisons of this report "
+                          "p is 0.078, so the claim does not hold at a family-wise 0.05 level"), worse
+    one_measure = conclusion("x", "y", (0.5, 0.4, 0.6), (0.45, 0.35, 0.55), (0.8, 0.6, 0.95), 0.1, p_value=0.004,
+                             family=(0.012, 3))
+    assert one_measure.startswith("only one measure separates x from y: P(x > y) 0.80 [0.60, 0.95] lies above 0.5 "
+                                  "(permutation test p 0.004); after Holm's correction for the 3 comparisons of this "
+                                  "report p is 0.012, so the claim holds at a family-wise 0.05 level; the other"), \
+        one_measure
+    assert "so the claim holds at a family-wise 0.05 level" in verdict("x", "y", (0.9, 0.7, 1.0), 0.002, family=(0.009, 3))
+    # No claim, or a family of one: nothing to correct, and no words about it.
+    assert "Holm" not in verdict("x", "y", (0.5, 0.3, 0.7), 0.9, family=(1.0, 3))
+    assert "Holm" not in verdict("x", "y", (0.9, 0.7, 1.0), 0.002, family=(0.002, 1))
+    assert "Holm" not in conclusion("x", "y", (0.5, 0.4, 0.6), (0.5, 0.4, 0.6), (0.5, 0.3, 0.7), 0.1, p_value=0.9,
+                                    family=(1.0, 3))
+
+
 def test_the_study_copy_names_configs_relative_to_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """study.yaml in a study directory means the same from any directory and in another checkout;
     an older copy with absolute paths to the same configs is the same study, a changed one is kept aside."""
@@ -624,6 +655,7 @@ def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version:
                     "## Smallest detectable difference", "## Per seed", "## What the intervals support",
                     "## Provenance"):
         assert section in text
+    assert "| Holm-adjusted p (1 comparison) |" in text
     assert {p.name for p in (root / "tiny" / "plots").iterdir()} == {
         "interval_estimates.png", "probability_of_improvement.png", "performance_profile.png",
         "heldout_vs_frames.png", "return_vs_frames_per_env.png"}
