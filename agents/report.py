@@ -692,15 +692,18 @@ def _poi_words(poi: tuple[float, float, float], p_value: float | None, digits: i
     return side, f"{numbers} lies {where} 0.5 (permutation test p {p_text(p_value)})"
 
 
-def family_words(family: tuple[float, int] | None) -> str:
+def family_words(family: tuple[float, int] | None, what: str = "the claim") -> str:
     """What a claim resting on a permutation test becomes after Holm's correction over its family:
-    ``family`` is ``(adjusted p, number of comparisons)``; "" for none, or a family of one."""
+    ``family`` is ``(adjusted p, number of comparisons)``; "" for none, or a family of one.
+
+    :param what: what holds or not ("the claim"; "that separation" where one measure of two separates).
+    """
     if family is None or family[1] < 2:
         return ""
     adjusted, size = family
     held = "holds" if adjusted < ALPHA else "does not hold"
-    return (f"; after Holm's correction for the {size} comparisons of this report p is {p_text(adjusted)}, so the "
-            f"claim {held} at a family-wise {ALPHA} level")
+    return (f"; after Holm's correction for the {size} comparisons of this report p is {p_text(adjusted)}, so "
+            f"{what} {held} at a family-wise {ALPHA} level")
 
 
 def verdict(model: str, baseline: str, poi: tuple[float, float, float], p_value: float | None = None,
@@ -776,7 +779,7 @@ def conclusion(model: str, baseline: str, iqm_x: tuple[float, float, float], iqm
         if iqm_above or iqm_below:
             held, missing = f"{model}'s IQM interval lies {side} {baseline}'s ({iqms})", p
         else:
-            held, missing = claimed_p, f"the IQM intervals overlap ({iqms})"
+            held, missing = p + family_words(family, "that separation"), f"the IQM intervals overlap ({iqms})"
         return f"only one measure separates {model} from {baseline}: {held}; the other does not: {missing}; {sdd}"
     return f"no difference between {model} and {baseline} the measures can resolve ({iqms}; {p}); {sdd}"
 

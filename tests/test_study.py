@@ -206,7 +206,7 @@ def test_holm_adjustment_hand_computed_and_claims_say_whether_they_hold_family_w
                              family=(0.012, 3))
     assert one_measure.startswith("only one measure separates x from y: P(x > y) 0.80 [0.60, 0.95] lies above 0.5 "
                                   "(permutation test p 0.004); after Holm's correction for the 3 comparisons of this "
-                                  "report p is 0.012, so the claim holds at a family-wise 0.05 level; the other"), \
+                                  "report p is 0.012, so that separation holds at a family-wise 0.05 level; the other"), \
         one_measure
     assert "so the claim holds at a family-wise 0.05 level" in verdict("x", "y", (0.9, 0.7, 1.0), 0.002, family=(0.009, 3))
     # No claim, or a family of one: nothing to correct, and no words about it.
