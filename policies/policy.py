@@ -61,6 +61,8 @@ class Policy:
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        like = self.initial_state(0)  # what act's state must be, found once: not a new tensor every step
+        self._state_kind = (like.dtype, like.device)
         self.env_id = env_id
         self.env_options: dict[str, Any] = dict(env_options or {})
         self.config: dict[str, Any] = dict(config or {})
@@ -175,9 +177,9 @@ class Policy:
         if tuple(state.shape) != (n_envs, self.model.state_size):
             raise ValueError(f"state must have shape (n_envs, state_size) = ({n_envs}, {self.model.state_size}) for "
                              f"{n_envs} envs' obs, got {tuple(state.shape)}")
-        like = self.initial_state(0)
-        if state.dtype != like.dtype or state.device != like.device:
-            raise ValueError(f"state must be a {like.dtype} tensor on {like.device} (as initial_state gives it), got "
+        dtype, device = self._state_kind
+        if state.dtype != dtype or state.device != device:
+            raise ValueError(f"state must be a {dtype} tensor on {device} (as initial_state gives it), got "
                              f"{state.dtype} on {state.device}")
         if np.shape(episode_start) != (n_envs,):
             raise ValueError(f"episode_start must have shape (n_envs,) = ({n_envs},) for {n_envs} envs' obs, got "
