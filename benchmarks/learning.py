@@ -380,8 +380,20 @@ def binomial_interval(successes: int, trials: int, confidence: float = 0.95) -> 
     return lower, upper
 
 
-def report(jobs: list[Job], threshold: float, final_bar: float) -> str:
-    """Per seed and per config: frames to threshold, final return, and the count of seeds that made it."""
+RunFiles = dict[Path, tuple[list[dict], dict | None]]  # run folder -> read_run's (rows, config)
+
+
+def read_runs(jobs: list[Job]) -> RunFiles:
+    """:func:`read_run` of every job, once: the table and the figure then describe the same moment of runs
+    still writing, and each file is read once."""
+    return {job.run_dir: read_run(job) for job in jobs}
+
+
+def report(jobs: list[Job], threshold: float, final_bar: float, runs: RunFiles | None = None) -> str:
+    """Per seed and per config: frames to threshold, final return, and the count of seeds that made it.
+
+    :param runs: :func:`read_runs` of ``jobs`` (read here when None)."""
+    runs = read_runs(jobs) if runs is None else runs
     lines = [f"{'config':<28}{'seed':>5}{'budget':>9}{'to ' + str(threshold):>10}{'final':>8}{'fps':>7}  verdict"]
     by_label: dict[str, list[Job]] = {}
     for job in jobs:
@@ -389,7 +401,7 @@ def report(jobs: list[Job], threshold: float, final_bar: float) -> str:
     for label, group in by_label.items():
         made, reached, done, short, hits = 0, 0, 0, 0, []
         for job in group:
-            rows, config = read_run(job)
+            rows, config = runs[job.run_dir]
             if not finished(rows, config):
                 state = "unfinished" if job.run_dir.is_dir() else "not started"
                 lines.append(f"{label:<28}{job.seed:>5}{'':>9}{state:>10}")
@@ -466,10 +478,13 @@ def curves_path(out: Path, labels: list[str]) -> Path:
     return out / "curves" / f"{name}.png"
 
 
-def plot_curves(jobs: list[Job], threshold: float, path: Path) -> Path | None:
+def plot_curves(jobs: list[Job], threshold: float, path: Path, runs: RunFiles | None = None) -> Path | None:
     """Draw every run's :func:`return_curve`, one panel per config, a line per seed (dashed while the run is
     unfinished), the threshold as a grey line and a dot where a seed first reached it; None if no run has a
-    point yet. Written atomically, so a sweep watched while it runs never shows a half-written file."""
+    point yet. Written atomically, so a sweep watched while it runs never shows a half-written file.
+
+    :param runs: :func:`read_runs` of ``jobs`` (read here when None)."""
+    runs = read_runs(jobs) if runs is None else runs
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -489,7 +504,7 @@ def plot_curves(jobs: list[Job], threshold: float, path: Path) -> Path | None:
         env_ids: set[str] = set()
         window_sizes: set[int] = set()
         for i, job in enumerate(group):
-            rows, config = read_run(job)
+            rows, config = runs[job.run_dir]
             env_ids.add(str(((config or {}).get("env") or {}).get("id", "")))
             task_window, window = windows(config or {})
             window_sizes.add(window)
@@ -610,8 +625,9 @@ def main() -> None:
         curves = curves_path(args.out, list(dict.fromkeys(job.label for job in jobs)))
     final = args.final if args.final is not None else round(args.threshold - 0.05, 6)
     try:
-        print(report(jobs, args.threshold, final), flush=True)
-        written = None if args.no_plot else plot_curves(jobs, args.threshold, curves)
+        runs = read_runs(jobs)
+        print(report(jobs, args.threshold, final, runs), flush=True)
+        written = None if args.no_plot else plot_curves(jobs, args.threshold, curves, runs)
     except ValueError as exc:  # a run's files damaged by hand or by a full disk
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
