@@ -335,7 +335,7 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
                                      "seed s, and every row's seed s meets the same evaluation levels",
                                      secondary=" (frames to threshold, a secondary measure censored at the "
                                      "budget, by the P(X > Y) interval and its test alone)",
-                                     family="every comparison the questions ask"),
+                                     family="every pair the questions compare, once"),
               "- Smallest detectable difference (the questions). " + rp.detectable_protocol(
                   "area under the curve per run (mean over tasks)"), ""]
     rows = [[m.label, f"`{rp._short_path(m.config)}`", " ".join(f"`{o}`" for o in m.overrides) or "-",
@@ -420,10 +420,19 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
     # Fewer frames is better: P(X > Y) on the negated frames is P(X reaches it sooner).
     speed_p_values = {(x, y): rp.poi_permutation_p(-measures["frames_to_threshold"][x],
                                                    -measures["frames_to_threshold"][y]) for x, y in compared}
-    area_family, speed_family = rp.holm_family(area_p_values), rp.holm_family(speed_p_values)
-    if len(compared) > 1:
-        lines += [f"Holm-adjusted p: each measure's permutation tests over the {len(compared)} comparisons the "
-                  "questions ask, corrected as one family.", ""]
+    # The family: each pair once (x against y and y against x are one two-sided test), with at least two runs a
+    # side (with one, no claim is made).
+    def family_key(x: str, y: str) -> tuple[str, ...]:
+        return tuple(sorted((x, y)))
+
+    in_family = list(dict.fromkeys(family_key(x, y) for x, y in compared
+                                   if min(len(measures["auc"][x]), len(measures["auc"][y])) >= 2))
+    first_asked = {family_key(x, y): (x, y) for x, y in reversed(compared)}
+    area_family = rp.holm_family({key: area_p_values[first_asked[key]] for key in in_family})
+    speed_family = rp.holm_family({key: speed_p_values[first_asked[key]] for key in in_family})
+    if len(in_family) > 1:
+        lines += [f"Holm-adjusted p: each measure's permutation tests over the {len(in_family)} comparisons the "
+                  "questions ask (each pair once, two runs a side at least), corrected as one family.", ""]
     for question in spec.questions:
         lines += [f"### {question.text}", ""]
         rows, answers = [], []
@@ -441,8 +450,9 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
                 speed = rp.poi_interval(frames_x, frames_y, reps=reps)
                 pois[x, y] = area
                 difference = rp.mean_difference_interval(area_x, area_y)
-                rows.append([x, y, f"{rp._poi_ci(area)}, p {rp.p_text(area_p)} (Holm {rp.p_text(area_family[x, y][0])})",
-                             f"{rp._poi_ci(speed)}, p {rp.p_text(speed_p)} (Holm {rp.p_text(speed_family[x, y][0])})",
+                area_holm, speed_holm = area_family.get(family_key(x, y)), speed_family.get(family_key(x, y))
+                rows.append([x, y, f"{rp._poi_ci(area)}, p {rp.p_text(area_p)}{_holm_cell(area_holm)}",
+                             f"{rp._poi_ci(speed)}, p {rp.p_text(speed_p)}{_holm_cell(speed_holm)}",
                              rp._signed_ci_around_zero(difference, 3), rp._fmt_nonzero(detectable, 3)])
                 # A from-scratch row does not depend on pre-training: only pre-trained sources can be flagged.
                 flagged = [spec.run(r).source for r in (x, y)
@@ -457,9 +467,9 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
                 # frames to threshold, a secondary measure often censored at the budget, by P(improvement) and its test.
                 area_answer = rp.conclusion(x, y, ci["auc"][x]["iqm"], ci["auc"][y]["iqm"], area, detectable,
                                             where="", per_run="mean area", p_value=area_p, difference=difference,
-                                            family=area_family[x, y])
+                                            family=area_holm)
                 answers.append(f"area under the curve: {area_answer}{caveat}")
-                sooner = rp.verdict(x, y, speed, speed_p, family=speed_family[x, y])
+                sooner = rp.verdict(x, y, speed, speed_p, family=speed_holm)
                 sooner = sooner.replace("improves on", "reaches the threshold sooner than")
                 sooner = sooner.replace("does worse than", "reaches it later than")
                 answers.append(f"frames to threshold (by P(improvement) and its permutation test): {sooner}")
@@ -496,6 +506,13 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
     figures = _write_plots(directory, study, finetunes, ci["auc"], pois, area_p_values, small)
     lines += ["## Plots", "", *(f"![{name}](plots/{name}.png)" for name in figures), ""]
     return "\n".join(lines)
+
+
+def _holm_cell(family: tuple[float, int] | None) -> str:
+    """A table cell's Holm-adjusted p after the raw one ("" for a pair outside the family)."""
+    from agents.report import p_text
+
+    return "" if family is None else f" (Holm {p_text(family[0])})"
 
 
 def _frames_ci(triple: tuple[float, float, float]) -> str:

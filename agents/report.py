@@ -592,7 +592,7 @@ def statistics_protocol(reps: int, unit: str, runs_share: str, secondary: str = 
             f"intervals are apart, the P(X > Y) interval excludes 0.5 and the permutation test gives p < {ALPHA}"
             f"{secondary}. That rule is per comparison; a report makes several, so each claim resting on a permutation "
             "test also gives its p after Holm's step-down correction over the report's comparisons of that measure "
-            f"({family}; per-env p-values are not corrected) and says "
+            f"({family}, with two runs a side at least; per-env p-values are not corrected) and says "
             f"whether it holds at a family-wise {ALPHA} level. A model with a single run has no interval (shown as a "
             "zero-width one).")
 
@@ -886,8 +886,10 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
                 p_values[m, baseline] = poi_permutation_p(x, y)
                 rows.append([m, baseline, _poi_ci(pois[m, baseline]), p_text(p_values[m, baseline]),
                              *(per_env_poi(x, y, reps) if x.shape[1] > 1 else [])])
-        # The family the report's claims are drawn from: every model that is not a baseline against every baseline.
-        family = holm_family({pair: p for pair, p in p_values.items() if pair[0] not in results.baselines})
+        # The family the report's claims are drawn from: every model that is not a baseline against every baseline,
+        # each with two runs at least (with one, no claim is made).
+        family = holm_family({pair: p for pair, p in p_values.items() if pair[0] not in results.baselines
+                              and min(len(heldout_scores[pair[0]]), len(heldout_scores[pair[1]])) >= 2})
         for row in rows:
             adjusted = family.get((row[0], row[1]))
             row.insert(4, "-" if adjusted is None else p_text(adjusted[0]))
@@ -901,7 +903,7 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
             conclusions.append(conclusion(m, baseline, estimates[m]["iqm"], estimates[baseline]["iqm"], poi,
                                           detectable, p_value=p_values[m, baseline],
                                           difference=mean_difference_interval(per_run[m], per_run[baseline]),
-                                          family=family[m, baseline]))
+                                          family=family.get((m, baseline))))
     lines += ["## Smallest detectable difference (held-out mean return per run)", "",
               detectable_protocol("mean held-out return per run"), ""]
     rows = []

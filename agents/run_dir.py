@@ -384,7 +384,7 @@ def os_error_text(exc: OSError, where: str | Path) -> str:
     from policies.checkpoint import free_space, write_error_reason
 
     named = exc.filename2 or exc.filename  # the rename's target (the file meant), else the file named
-    text = f"{write_error_reason(exc)}: {named}" if named else f"{write_error_reason(exc)} (writing under {where})"
+    text = f"{write_error_reason(exc)}: {named}" if named else f"{write_error_reason(exc)} (under {where})"
     if exc.errno == errno.ENOSPC:
         text += f" ({free_space(Path(named).parent if named else where)} free on its file system)"
     return text

@@ -1532,7 +1532,7 @@ def execute_job(job: Job, should_stop: Callable[[], int] | None = None) -> JobRe
         return JobResult(job.key, "failed", changed)
     trained = False
     try:
-        with open(job.log, "a", encoding="utf-8") as log:
+        with _job_log(job.log) as log:
             log.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {job.key} (pid {os.getpid()})\n")
             try:
                 state = job_state(job)
@@ -1598,6 +1598,18 @@ def execute_job(job: Job, should_stop: Callable[[], int] | None = None) -> JobRe
     except OSError as exc:  # the log itself could not be opened or written (a full disk)
         return JobResult(job.key, "failed", os_error_text(exc, Path(job.log).parent), trained)
     return JobResult(job.key, "done", "", trained)
+
+
+@contextlib.contextmanager
+def _job_log(path: str) -> Iterator[IO[str]]:
+    """A job's log, opened for appending and closed without raising: on a full disk the close flushes the
+    lines that failed to go out again, and its error would replace the job's own message about that failure."""
+    log = open(path, "a", encoding="utf-8")
+    try:
+        yield log
+    finally:
+        with contextlib.suppress(OSError):
+            log.close()
 
 
 def _current_version(job: Job, planned: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
@@ -1698,7 +1710,8 @@ def study_lock(root: Path) -> Iterator[None]:
             raise StudyError(write_failure(root / ".lock", exc)) from None
         yield
     finally:
-        handle.close()
+        with contextlib.suppress(OSError):  # a failed flush is raised again by close: the message above stands
+            handle.close()
 
 
 def check_study_folder(root: Path) -> None:
@@ -2073,8 +2086,9 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
         for result in failed:
             print(f"  failed: {result.key}: {result.message}", flush=True)
         for result in stopped_outside:
-            print(f"  stopped: {result.key}: {result.message}, not by this study (it continues from its last "
-                  "checkpoint next time)", flush=True)
+            again = ("its evaluation runs again" if result.message.startswith("evaluate.py") else
+                     "it continues from its last checkpoint")
+            print(f"  stopped: {result.key}: {result.message}, not by this study ({again} next time)", flush=True)
         for text in blocked:
             print(f"  not started: {text}", flush=True)
         if stopped is not None:

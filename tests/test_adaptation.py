@@ -191,7 +191,10 @@ def tiny_adaptation_study() -> dict:
                               {"label": "meta-rims.meta", "from": "meta-rims", "rule": "meta"},
                               {"label": "lstm.scratch", "from": "lstm", "rule": "ppo", "scratch": True}]},
         "questions": [{"text": "Does Meta-RIMs adapt faster than a fresh LSTM?", "x": ["meta-rims.ppo"],
-                       "y": ["lstm.scratch"]}],
+                       "y": ["lstm.scratch"]},
+                      # The same pair the other way round: one two-sided test, counted once in the Holm family.
+                      {"text": "Does a fresh LSTM adapt faster than Meta-RIMs?", "x": ["lstm.scratch"],
+                       "y": ["meta-rims.ppo"]}],
     }
 
 
@@ -303,7 +306,8 @@ def test_tiny_adaptation_study_pretrains_finetunes_reports_and_reruns_nothing(
     assert ("area under the curve: only one measure separates meta-rims.ppo from lstm.scratch: meta-rims.ppo's "
             "IQM interval lies above") in text
     assert "lies above 0.5, but its permutation test does not reject 0.5 (p 0.333 >= 0.05)" in text
-    assert ", p 0.333 (Holm 0.333) |" in text  # one comparison: a family of one, nothing to correct
+    # One pair asked both ways (2 rows x 2 measures): a family of one (0.333, not 2 x 0.333), and no family sentence.
+    assert text.count(", p 0.333 (Holm 0.333) |") == 4 and "Holm-adjusted p: each measure's" not in text
     assert "frames to threshold (by P(improvement) and its permutation test): " in text
 
     # Published, the banner counts every run (4 pre-training, 6 fine-tuning); kept by a later publish that

@@ -520,7 +520,8 @@ def test_a_run_stopped_from_outside_the_study_is_named(tmp_path: Path, fixed_ver
         output, _ = process.communicate(timeout=120)
     assert process.returncode == 1, output
     assert "0/1 runs done, 1 partly done, 0 not started, 1 stopped from outside the study" in output, output
-    assert "  stopped: lstm/seed_1: train.py stopped by a signal (exit 143), not by this study" in output, output
+    assert ("  stopped: lstm/seed_1: train.py stopped by a signal (exit 143), not by this study (it continues from "
+            "its last checkpoint next time)") in output, output
     assert (run / "checkpoint.pt").is_file()
 
 
@@ -1164,7 +1165,8 @@ def test_a_full_disk_under_a_study_names_the_file_or_folder(tmp_path: Path, fixe
     Path(job.log).symlink_to("/dev/full")
     result = execute_job(job)
     assert result.status == "failed", result
-    assert result.message.startswith(f"no space left on device (writing under {study_folder}") and \
+    # The job's own message (the study folder, where its files go), not the one a close of the log raises after it.
+    assert result.message.startswith(f"no space left on device (under {study_folder}) (") and \
         "free on its file system" in result.message, result.message
     assert "None" not in result.message
 
