@@ -1531,72 +1531,73 @@ def execute_job(job: Job, should_stop: Callable[[], int] | None = None) -> JobRe
     if changed:
         return JobResult(job.key, "failed", changed)
     trained = False
-    try:
-        with _job_log(job.log) as log:
+    with contextlib.ExitStack() as stack:
+        try:
+            log = stack.enter_context(_job_log(job.log))
             log.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {job.key} (pid {os.getpid()})\n")
-            try:
-                state = job_state(job)
-                if not state.training_done:
-                    check_existing_run(job)
-                    try:
-                        now = config_hash(load_config(job.config, list(job.overrides)))
-                    except ConfigError as exc:
-                        raise StudyError(f"{job.config} changed while the study ran and no longer loads: {exc}") from None
-                    if now != job.config_sha256:
-                        raise StudyError(f"{job.config} changed while the study ran; restore it, or start the study "
-                                         "under a new name")
-                    moved = set_aside_unresumable(directory)
-                    if moved is not None:
-                        log.write(f"note: {directory} held a run killed before its first checkpoint; moved it to "
-                                  f"{moved} and starting the run again\n")
-                    command = train_command(job)
-                    if "--resume" not in command and (directory / "eval").is_dir():
-                        # A run started from nothing beside evaluations of an earlier one (its checkpoints lost): they
-                        # describe other weights, so they go aside and the new run's points are evaluated again.
-                        aside = _first_free(lambda n: directory / f"eval.earlier-{n}")
-                        os.replace(directory / "eval", aside)
-                        log.write(f"note: {directory / 'eval'} held evaluations of an earlier run; moved to {aside}\n")
-                    record_session(directory, "train", job.config_sha256, version)
-                    code = run_command(command, job.repo, log, should_stop)
-                    trained = True
-                    if code in STOPPED_EXITS or (code in KILLED_BY_STOP and should_stop()):
-                        # A stop that reached train.py while it was still importing, or after it had finished,
-                        # kills it with the signal itself: stopped, and its last checkpoint stands.
-                        return JobResult(job.key, "stopped", f"train.py stopped by a signal (exit {code})", trained)
-                    if code != 0:
-                        return JobResult(job.key, "failed", f"train.py exit {code}: {_last_error(job.log)}", trained)
-                    if not job_state(job).training_done:
-                        return JobResult(job.key, "failed", "train.py ended before the budget", trained)
-                for stale in (directory / "eval").glob(".batch-*.json"):  # left by a killed study (one study at a time)
-                    stale.unlink(missing_ok=True)
-                calls = eval_commands(job)
-                if calls:
-                    # Hours may have passed since training started: the evaluation records the code it runs.
-                    version, changed = _current_version(job, planned)
-                    if changed:
-                        return JobResult(job.key, "failed", changed, trained)
-                    record_session(directory, "eval", job.config_sha256, version)
-                for points, command, batch in calls:
-                    if should_stop():
-                        return JobResult(job.key, "stopped", "stopped before evaluating", trained)
-                    code = run_command(command, job.repo, log, should_stop)
-                    if code in STOPPED_EXITS or (code in KILLED_BY_STOP and should_stop()):
-                        batch.unlink(missing_ok=True)
-                        return JobResult(job.key, "stopped", f"evaluate.py stopped by a signal (exit {code})", trained)
-                    if code != 0:
-                        batch.unlink(missing_ok=True)
-                        return JobResult(job.key, "failed", f"evaluate.py exit {code}: {_last_error(job.log)}", trained)
-                    split_batch(batch, points, job)
-            except StudyError as exc:
-                log.write(f"error: {exc}\n")
-                return JobResult(job.key, "failed", str(exc), trained)
-            except OSError as exc:
-                message = os_error_text(exc, Path(job.log).parent.parent)  # the study folder (runs/ and logs/)
-                with contextlib.suppress(OSError):  # the log may be what cannot be written
-                    log.write(f"error: {message}\n")
-                return JobResult(job.key, "failed", message, trained)
-    except OSError as exc:  # the log itself could not be opened or written (a full disk)
-        return JobResult(job.key, "failed", os_error_text(exc, Path(job.log).parent), trained)
+        except OSError as exc:  # the log itself cannot be opened or written (a full disk)
+            return JobResult(job.key, "failed", os_error_text(exc, Path(job.log).parent), trained)
+        try:
+            state = job_state(job)
+            if not state.training_done:
+                check_existing_run(job)
+                try:
+                    now = config_hash(load_config(job.config, list(job.overrides)))
+                except ConfigError as exc:
+                    raise StudyError(f"{job.config} changed while the study ran and no longer loads: {exc}") from None
+                if now != job.config_sha256:
+                    raise StudyError(f"{job.config} changed while the study ran; restore it, or start the study "
+                                     "under a new name")
+                moved = set_aside_unresumable(directory)
+                if moved is not None:
+                    log.write(f"note: {directory} held a run killed before its first checkpoint; moved it to "
+                              f"{moved} and starting the run again\n")
+                command = train_command(job)
+                if "--resume" not in command and (directory / "eval").is_dir():
+                    # A run started from nothing beside evaluations of an earlier one (its checkpoints lost): they
+                    # describe other weights, so they go aside and the new run's points are evaluated again.
+                    aside = _first_free(lambda n: directory / f"eval.earlier-{n}")
+                    os.replace(directory / "eval", aside)
+                    log.write(f"note: {directory / 'eval'} held evaluations of an earlier run; moved to {aside}\n")
+                record_session(directory, "train", job.config_sha256, version)
+                code = run_command(command, job.repo, log, should_stop)
+                trained = True
+                if code in STOPPED_EXITS or (code in KILLED_BY_STOP and should_stop()):
+                    # A stop that reached train.py while it was still importing, or after it had finished,
+                    # kills it with the signal itself: stopped, and its last checkpoint stands.
+                    return JobResult(job.key, "stopped", f"train.py stopped by a signal (exit {code})", trained)
+                if code != 0:
+                    return JobResult(job.key, "failed", f"train.py exit {code}: {_last_error(job.log)}", trained)
+                if not job_state(job).training_done:
+                    return JobResult(job.key, "failed", "train.py ended before the budget", trained)
+            for stale in (directory / "eval").glob(".batch-*.json"):  # left by a killed study (one study at a time)
+                stale.unlink(missing_ok=True)
+            calls = eval_commands(job)
+            if calls:
+                # Hours may have passed since training started: the evaluation records the code it runs.
+                version, changed = _current_version(job, planned)
+                if changed:
+                    return JobResult(job.key, "failed", changed, trained)
+                record_session(directory, "eval", job.config_sha256, version)
+            for points, command, batch in calls:
+                if should_stop():
+                    return JobResult(job.key, "stopped", "stopped before evaluating", trained)
+                code = run_command(command, job.repo, log, should_stop)
+                if code in STOPPED_EXITS or (code in KILLED_BY_STOP and should_stop()):
+                    batch.unlink(missing_ok=True)
+                    return JobResult(job.key, "stopped", f"evaluate.py stopped by a signal (exit {code})", trained)
+                if code != 0:
+                    batch.unlink(missing_ok=True)
+                    return JobResult(job.key, "failed", f"evaluate.py exit {code}: {_last_error(job.log)}", trained)
+                split_batch(batch, points, job)
+        except StudyError as exc:
+            log.write(f"error: {exc}\n")
+            return JobResult(job.key, "failed", str(exc), trained)
+        except OSError as exc:
+            message = os_error_text(exc, Path(job.log).parent.parent)  # the study folder (runs/ and logs/)
+            with contextlib.suppress(OSError):  # the log may be what cannot be written
+                log.write(f"error: {message}\n")
+            return JobResult(job.key, "failed", message, trained)
     return JobResult(job.key, "done", "", trained)
 
 
