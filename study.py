@@ -105,7 +105,8 @@ def _status(study_arg: str, root: Path) -> int:
     import dataclasses
 
     from agents.config import locate_config
-    from agents.study import STUDY_COPY, all_jobs, check_existing_run, job_state, load_study, load_study_dir, study_dir
+    from agents.study import (STUDY_COPY, all_jobs, check_existing_run, job_state, load_study, load_study_dir, study_dir,
+                              unplanned_runs)
 
     directory = study_dir(study_arg, root)
     given = Path(study_arg)
@@ -140,6 +141,10 @@ def _status(study_arg: str, root: Path) -> int:
                 what += f", evaluations missing at {', '.join(f'{p:,}' for p in state.evals_missing)}"
         print(f"{job.key:<40} {what}")
     print(f"{done}/{len(jobs)} runs done")
+    unplanned = unplanned_runs(study, directory)
+    if unplanned:
+        print(f"note: {len(unplanned)} run folder(s) the study file does not plan (left out of its report): "
+              + ", ".join(str(path.relative_to(directory)) for path in unplanned))
     return 0
 
 

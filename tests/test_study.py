@@ -713,7 +713,8 @@ def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version:
     assert (run / "checkpoint.pt").is_file()
 
 
-def test_runs_the_study_file_no_longer_plans_are_named_in_the_provenance(tmp_path: Path) -> None:
+def test_runs_the_study_file_no_longer_plans_are_named_in_the_provenance(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
     from agents.report import provenance_lines
     from agents.study import unplanned_runs
 
@@ -729,6 +730,10 @@ def test_runs_the_study_file_no_longer_plans_are_named_in_the_provenance(tmp_pat
     text = "\n".join(provenance_lines(study, root))
     assert "- Left out: 3 run folder(s) that the study file no longer plans" in text
     assert "`runs/gru/seed_1`, `runs/lstm/seed_2`. No number here uses them." in text
+    assert study_cli.main(["status", str(study.source), "--root", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "note: 3 run folder(s) the study file does not plan (left out of its report): "
+        "finetune/lstm.ppo/KeyCorridorS3R1/seed_1, runs/gru/seed_1, runs/lstm/seed_2")
 
 
 def test_other_code_is_refused_before_and_during_a_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
