@@ -503,7 +503,8 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
                   f"{'; '.join(f'{m}: {provenances[m]}' for m in mixed)}. Compare with care.", ""]
 
     lines += rp.provenance_lines(study, directory)
-    figures = _write_plots(directory, study, finetunes, ci["auc"], pois, area_p_values, small)
+    area_adjusted = {pair: area_family[family_key(*pair)][0] for pair in pois if family_key(*pair) in area_family}
+    figures = _write_plots(directory, study, finetunes, ci["auc"], pois, area_p_values, small, area_adjusted)
     lines += ["## Plots", "", *(f"![{name}](plots/{name}.png)" for name in figures), ""]
     return "\n".join(lines)
 
@@ -529,8 +530,9 @@ def _step_curve(frames: np.ndarray, values: np.ndarray, grid: np.ndarray) -> np.
 def _write_plots(directory: Path, study: Any, finetunes: dict[str, list[FinetuneRecord]],
                  auc: dict[str, dict[str, tuple[float, float, float]]],
                  pois: dict[tuple[str, str], tuple[float, float, float]], p_values: dict[tuple[str, str], float],
-                 reps: int) -> list[str]:
-    """Fine-tuning curves, the area's interval estimates and the questions' probabilities of improvement."""
+                 reps: int, adjusted: dict[tuple[str, str], float]) -> list[str]:
+    """Fine-tuning curves, the area's interval estimates and the questions' probabilities of improvement (with
+    their raw and Holm-adjusted p-values)."""
     from matplotlib.figure import Figure
 
     from agents.plots import plot_probability_of_improvement, save_figure_atomic
@@ -587,7 +589,7 @@ def _write_plots(directory: Path, study: Any, finetunes: dict[str, list[Finetune
 
     if pois:
         save("probability_of_improvement", plot_probability_of_improvement(
-            pois, labels, "probability of improvement of the area under the curve (95% CI)", p_values, ALPHA))
+            pois, labels, "probability of improvement of the area under the curve (95% CI)", p_values, ALPHA, adjusted))
     return written
 
 

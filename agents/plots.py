@@ -261,7 +261,7 @@ def plot_bars(
 def plot_probability_of_improvement(pois: dict[tuple[str, str], tuple[float, float, float]],
                                     order: Sequence[str], xlabel: str,
                                     p_values: dict[tuple[str, str], float] | None = None,
-                                    alpha: float = 0.05) -> Figure:
+                                    alpha: float = 0.05, adjusted: dict[tuple[str, str], float] | None = None) -> Figure:
     """One row per pair ``(x, y)``: P(x > y) with its interval, coloured as ``x``'s place in ``order``.
 
     :param pois: ``{(x, y): (point, low, high)}``, as ``agents.report.poi_interval`` gives.
@@ -269,6 +269,8 @@ def plot_probability_of_improvement(pois: dict[tuple[str, str], tuple[float, flo
     :param xlabel: what the probability is of.
     :param p_values: each pair's permutation test p-value: written in its label, and a pair the test
         does not separate from 0.5 (p >= ``alpha``) is drawn with a hollow marker, however its interval lies.
+    :param adjusted: the pairs' Holm-adjusted p-values (``agents.report.holm_family``), written after the raw
+        one; a pair outside the family gets none.
     """
     from agents.report import p_text  # one rule for printing a p-value next to its verdict
 
@@ -282,7 +284,9 @@ def plot_probability_of_improvement(pois: dict[tuple[str, str], tuple[float, flo
         ax.errorbar(point, i, xerr=[[point - low], [high - point]], fmt="o", capsize=5, color=color,
                     markerfacecolor="white" if hollow else color)
     ax.axvline(0.5, color="grey", linestyle="--")
-    labels = [f"P({x} > {y})" + ("" if p_values is None else f", p {p_text(p_values[x, y], alpha)}") for x, y in pairs]
+    labels = [f"P({x} > {y})" + ("" if p_values is None else f", p {p_text(p_values[x, y], alpha)}")
+              + ("" if (x, y) not in (adjusted or {}) else f" (Holm {p_text((adjusted or {})[x, y], alpha)})")
+              for x, y in pairs]
     ax.set_yticks(range(len(pairs)), labels)
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.6, len(pairs) - 0.4)

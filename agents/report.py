@@ -975,7 +975,7 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
     lines += provenance_lines(study, results.directory)
     if plots:
         figures = write_plots(results, heldout_scores, estimates, curve, pois, p_values, reps=min(reps, SMALL_REPS),
-                              env_curves=env_curves)
+                              env_curves=env_curves, adjusted={pair: p for pair, (p, _) in family.items()})
         lines += ["## Plots", "", *(f"![{name}](plots/{name}.png)" for name in figures), ""]
     return "\n".join(lines)
 
@@ -1040,8 +1040,10 @@ def write_plots(results: StudyResults, heldout_scores: dict[str, np.ndarray],
                 curve: dict[str, list[tuple[float, float, float]]],
                 pois: dict[tuple[str, str], tuple[float, float, float]],
                 p_values: dict[tuple[str, str], float] | None = None, reps: int = SMALL_REPS,
-                env_curves: dict[str, dict[str, list[tuple[float, float, float]]]] | None = None) -> list[str]:
-    """Write the report's PNGs into ``<study dir>/plots/`` and return their names.
+                env_curves: dict[str, dict[str, list[tuple[float, float, float]]]] | None = None,
+                adjusted: dict[tuple[str, str], float] | None = None) -> list[str]:
+    """Write the report's PNGs into ``<study dir>/plots/`` and return their names (``adjusted``: the
+    comparisons' Holm-adjusted p-values, written beside the raw ones).
 
     ``curve`` is each model's mean held-out return [95% CI] at the study's points; ``env_curves``, when
     given, the same per env (env -> model -> points), drawn one panel per env.
@@ -1079,7 +1081,7 @@ def write_plots(results: StudyResults, heldout_scores: dict[str, np.ndarray],
     if pois:
         save("probability_of_improvement",
              plot_probability_of_improvement(pois, models, "probability of improvement (95% CI), held-out envs",
-                                             p_values, ALPHA))
+                                             p_values, ALPHA, adjusted))
 
     # Performance profiles.
     everything = np.concatenate([s.ravel() for s in heldout_scores.values()])

@@ -132,3 +132,12 @@ def test_a_pair_its_permutation_test_does_not_separate_is_drawn_hollow() -> None
     faces = [line.get_markerfacecolor() for line in ax.lines if line.get_marker() == "o"]
     assert faces == ["white", "C2"]
     assert "hollow: permutation test p >= 0.05" in ax.get_xlabel()
+
+
+def test_a_pairs_holm_adjusted_p_is_written_beside_its_raw_one() -> None:
+    order = ["x", "y", "z"]
+    fig = plot_probability_of_improvement({("x", "y"): (0.84, 0.52, 1.0), ("z", "y"): (0.96, 0.76, 1.0)}, order,
+                                          "P", p_values={("x", "y"): 0.095, ("z", "y"): 0.016},
+                                          adjusted={("z", "y"): 0.032})  # (x, y) outside the family
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == ["P(x > y), p 0.095", "P(z > y), p 0.016 (Holm 0.032)"]
