@@ -412,7 +412,6 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
     lines += ["## The questions", ""]
     if not spec.questions:
         lines += ["The study file asks none.", ""]
-    # Each measure's permutation tests over every comparison the questions ask form one family (Holm).
     compared = [(x, y) for question in spec.questions for x in question.x for y in question.y
                 if x in measures["auc"] and y in measures["auc"]]
     compared = list(dict.fromkeys(compared))
@@ -420,8 +419,8 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
     # Fewer frames is better: P(X > Y) on the negated frames is P(X reaches it sooner).
     speed_p_values = {(x, y): rp.poi_permutation_p(-measures["frames_to_threshold"][x],
                                                    -measures["frames_to_threshold"][y]) for x, y in compared}
-    # The family: each pair once (x against y and y against x are one two-sided test), with at least two runs a
-    # side (with one, no claim is made).
+    # Each measure's tests form one family for Holm's correction: each pair once (x against y and y against x are
+    # one two-sided test), with at least two runs a side (with one, no claim is made).
     def family_key(x: str, y: str) -> tuple[str, ...]:
         return tuple(sorted((x, y)))
 

@@ -284,9 +284,9 @@ def plot_probability_of_improvement(pois: dict[tuple[str, str], tuple[float, flo
         ax.errorbar(point, i, xerr=[[point - low], [high - point]], fmt="o", capsize=5, color=color,
                     markerfacecolor="white" if hollow else color)
     ax.axvline(0.5, color="grey", linestyle="--")
+    adjusted = adjusted or {}
     labels = [f"P({x} > {y})" + ("" if p_values is None else f", p {p_text(p_values[x, y], alpha)}")
-              + ("" if (x, y) not in (adjusted or {}) else f" (Holm {p_text((adjusted or {})[x, y], alpha)})")
-              for x, y in pairs]
+              + (f" (Holm {p_text(adjusted[x, y], alpha)})" if (x, y) in adjusted else "") for x, y in pairs]
     ax.set_yticks(range(len(pairs)), labels)
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.6, len(pairs) - 0.4)
