@@ -1450,8 +1450,9 @@ def split_batch(batch: Path, points: list[int], job: Job) -> None:
                   "study_eval": job.eval_settings(point), "checkpoints": [checkpoint]}
         target = eval_path(directory, point)
         if target.is_file():  # made with other settings, or damaged: kept aside, not replaced
-            replaced_evaluation(directory, point).parent.mkdir(exist_ok=True)
-            os.replace(target, replaced_evaluation(directory, point))
+            aside = replaced_evaluation(directory, point)
+            aside.parent.mkdir(exist_ok=True)
+            os.replace(target, aside)
         atomic_write(target, (json.dumps(single, indent=2) + "\n").encode())
     batch.unlink(missing_ok=True)
 

@@ -753,14 +753,13 @@ class Trainer:
                     path = self.run_dir / ENVS_STATE_FILE
                     with self._write_errors(path):
                         atomic_write(path, tag + blob)
-            numbered = self.run_dir / "checkpoints" / f"checkpoint_{self.frames:012d}.pt"
             latest = self.run_dir / "checkpoint.pt"
             # checkpoint.pt first: a failure (full disk) or a kill between the two writes then leaves the newest
             # state where --resume reads it, and no numbered checkpoint ahead of it (a study counts training
             # done from the numbered ones, then fine-tunes from checkpoint.pt). Resume writes the numbered one.
             with self._write_errors(latest):
                 save_checkpoint(latest, self.checkpoint_payload())
-            self._write_numbered(latest, numbered)
+            self._write_numbered()
             kept = list(numbered_checkpoints(self.run_dir / "checkpoints").values())  # a user's own copies are not
             for old in kept[: -self.config["log"]["keep_checkpoints"]]:
                 old.unlink()
@@ -768,13 +767,18 @@ class Trainer:
                 self._loaded_from = _file_identity(latest)  # this trainer's own checkpoint is the one to continue
             return latest
 
-    def _write_numbered(self, latest: Path, numbered: Path) -> None:
-        """Copy ``checkpoint.pt`` to its numbered name: a file of its own, not a hard link (a user rolling back
-        with ``cp checkpoints/checkpoint_<older>.pt checkpoint.pt`` wrote through a shared file into the newest
-        numbered checkpoint, whose name then held the older weights)."""
+    def _numbered_checkpoint(self) -> Path:
+        """``checkpoints/checkpoint_<frames>.pt`` for the frames trained so far."""
+        return self.run_dir / "checkpoints" / f"checkpoint_{self.frames:012d}.pt"
+
+    def _write_numbered(self) -> None:
+        """Copy ``checkpoint.pt`` to :meth:`_numbered_checkpoint`: a file of its own, not a hard link (a user
+        rolling back with ``cp checkpoints/checkpoint_<older>.pt checkpoint.pt`` wrote through a shared file into
+        the newest numbered checkpoint, whose name then held the older weights)."""
+        numbered = self._numbered_checkpoint()
         with self._write_errors(numbered):
             numbered.parent.mkdir(exist_ok=True)
-            atomic_write(numbered, latest.read_bytes())
+            atomic_write(numbered, (self.run_dir / "checkpoint.pt").read_bytes())
 
     @contextlib.contextmanager
     def _write_errors(self, path: Path) -> Iterator[None]:
@@ -906,9 +910,8 @@ class Trainer:
                     # A run stopped between checkpoint.pt and its numbered copy (see save): write the copy, so
                     # that an evaluation point at these frames has its checkpoint and the count of frames
                     # trained read from the numbered checkpoints is this run's.
-                    numbered = self.run_dir / "checkpoints" / f"checkpoint_{self.frames:012d}.pt"
-                    if not numbered.is_file():
-                        self._write_numbered(self.run_dir / "checkpoint.pt", numbered)
+                    if not self._numbered_checkpoint().is_file():
+                        self._write_numbered()
                 self._started = True
             config_path = self.run_dir / "config.yaml"
             with self._write_errors(config_path):
