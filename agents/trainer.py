@@ -43,6 +43,7 @@ from agents.config import (
     ConfigError,
     env_options,
     load_plugins,
+    load_written_yaml,
     merge,
     refusal_reason,
     resolve_config,
@@ -281,6 +282,41 @@ def _lookup(nested: dict[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         value = value.get(part) if isinstance(value, dict) else None
     return value
+
+
+def _refuse_edited_config(run_dir: Path, saved: dict[str, Any]) -> None:
+    """Refuse to resume a run whose ``config.yaml`` says another run than its checkpoint does.
+
+    A resumed run trains with the checkpoint's config and writes it to ``config.yaml`` again, so a user who
+    edited that file (to change the core or the learning rate, as one edits an rl-zoo3 hyperparameter file)
+    would see the edit ignored and the file replaced. ``RESUME_MAY_CHANGE`` keys are not compared: a resume
+    that extended ``total_frames`` writes the file before its first checkpoint.
+
+    :raises ConfigError: naming the keys that differ (the file is left as it is).
+    """
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return  # lost or never written: the resume writes it from the checkpoint
+    try:
+        written = load_written_yaml(path.read_text())
+        problem = None if isinstance(written, dict) else "it holds no config mapping"
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        problem = " ".join(str(exc).split())[:120]
+    if problem is not None:
+        raise ConfigError(f"cannot resume {run_dir}: its config.yaml is not the config this run wrote ({problem}); "
+                          f"the run's config is kept in its checkpoint: move the file aside and resume, which "
+                          f"writes it again")
+    differ = [key for key in dict.fromkeys([*_flat_keys(saved), *_flat_keys(written)])
+              if key not in RESUME_MAY_CHANGE and _lookup(written, key) != _lookup(saved, key)]
+    if not differ:
+        return
+    shown = ", ".join(f"{key} {_short_repr(_lookup(written, key), 40)} (the checkpoint's: "
+                      f"{_short_repr(_lookup(saved, key), 40)})" for key in differ[:3])
+    more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+    raise ConfigError(f"cannot resume {run_dir}: its config.yaml was edited: {shown}{more}; a run's config cannot "
+                      f"change on --resume (only {_RESUME_MAY_CHANGE_WORDS} can, as overrides). Put the file "
+                      f"back, or train the edited config as a new run: `python {train_py()} --config {path} "
+                      f"--run-dir <new folder>`")
 
 
 def _older_checkpoints_hint(run_dir: Path) -> str:
@@ -577,6 +613,7 @@ class Trainer:
             raise ConfigError(f"cannot resume {run_dir} with total_frames={config['total_frames']}: the run has "
                               f"already done {done} frames; give total_frames={done} or more")
         check_run_consistency(checkpoint, config, run_dir)
+        _refuse_edited_config(Path(run_dir), checkpoint["config"])
         moved = [f"{key}={_lookup(config, key)} (was {_lookup(own, key)})" for key in ("device", "torch_threads")
                  if _lookup(config, key) != _lookup(own, key)]
         if moved:

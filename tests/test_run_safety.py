@@ -364,6 +364,32 @@ def test_a_forged_snapshot_is_never_unpickled(tmp_path: Path, own_key: Path,
     assert "holds 0 bytes" in capsys.readouterr().err
 
 
+def test_resume_refuses_an_edited_config_yaml_and_leaves_it_as_it_is(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # Resume trained the checkpoint's config and wrote it over the user's edit, without a word.
+    run = tmp_path / "run"
+    tiny_run(run)
+    path = run / "config.yaml"
+    written = path.read_text()
+    assert "  hidden_size: 16\n" in written and "total_frames: 100000\n" in written
+    path.write_text(written.replace("  hidden_size: 16\n", "  hidden_size: 32\n"))
+    before = files_of(run)
+    code, err = main(capsys, ["--resume", str(run), "total_frames=64"])
+    assert code == 2 and one_line_error(err), err
+    assert "config.yaml was edited: core.hidden_size 32 (the checkpoint's: 16)" in err
+    assert f"--config {path} --run-dir" in err
+    assert files_of(run) == before
+    path.write_text("core: [\n")  # not YAML any more
+    code, err = main(capsys, ["--resume", str(run), "total_frames=64"])
+    assert code == 2 and one_line_error(err) and "move the file aside" in err, err
+    assert path.read_text() == "core: [\n"
+    # Keys that may change on resume are not compared: a resume that extended total_frames writes the file
+    # before its first checkpoint, and a kill then leaves it ahead of the checkpoint.
+    path.write_text(written.replace("total_frames: 100000\n", "total_frames: 200000\n"))
+    code, err = main(capsys, ["--resume", str(run), "total_frames=64"])
+    assert code == 0, err
+    assert load_checkpoint(run / "checkpoint.pt")["frames"] == 64
+
 # -- non-finite values ---------------------------------------------------------------------------
 def test_nan_weights_stop_the_rollout_with_one_message(tmp_path: Path) -> None:
     trainer = tiny_run(tmp_path / "run")
