@@ -307,6 +307,19 @@ def comparison_table(runs: list[dict[str, Any]]) -> str:
 # -- the command ------------------------------------------------------------------------------
 
 
+def _refuse_run_without_checkpoint_yet(path: Path) -> None:
+    """A run folder that a trainer is working in and that has no checkpoint yet: say so, with its pid (the
+    loader alone would call it a run stopped before its first checkpoint)."""
+    from agents.evaluation import EvaluationError
+    from agents.run_dir import lock_holder
+
+    if path.is_dir() and not (path / "checkpoint.pt").exists():
+        holder = lock_holder(path)
+        if holder is not None:
+            raise EvaluationError(f"{path} is being trained now (pid {holder}) and has written no checkpoint yet: "
+                                  f"evaluate it once its first checkpoint is written")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit status (0 ok, 2 bad input, 130 interrupted)."""
     args = parse_args(argv)
@@ -388,6 +401,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     labels = checkpoint_labels([Path(c) for c in args.checkpoints])
     plans: list[tuple[str, Policy, list[tuple[EvalTarget, dict[str, Any], str]]]] = []
     for label, path in zip(labels, args.checkpoints, strict=True):
+        _refuse_run_without_checkpoint_yet(Path(path))
         policy = load_policy(path, device=args.device)  # the raw string: a URL is refused by name
         targets = suite_targets if suite_targets is not None else own_targets(policy)
         dropped = {key: policy.env_options[key] for key in SAME_ENV_OPTIONS if policy.env_options.get(key)}

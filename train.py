@@ -48,14 +48,25 @@ from policies.checkpoint import CheckpointError
 SIGNAL_EXIT = {"SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
 
 
+class _Once(argparse.Action):
+    """Store an option's value, refusing the option a second time (argparse would keep the last one silently:
+    ``--config a.yaml --config b.yaml`` trained b alone)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and {values}): give it once")
+        setattr(namespace, self.dest, values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (importing it does not import torch)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=cli_path, help="YAML config file (default: the embedded DoorKey-5x5 RIMs PPO)")
-    parser.add_argument("--run-dir", type=cli_path,
+    parser.add_argument("--config", type=cli_path, action=_Once, help="YAML config file (default: the embedded DoorKey-5x5 RIMs PPO)")
+    parser.add_argument("--run-dir", type=cli_path, action=_Once,
                         help="output directory, which must not hold a run (default: runs/<config name>, "
                              "or the next free runs/<config name>_<n>)")
-    parser.add_argument("--resume", type=cli_path, metavar="RUN_DIR",
+    parser.add_argument("--resume", type=cli_path, action=_Once, metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its last checkpoint")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. core.k_active=3")

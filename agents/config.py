@@ -550,6 +550,17 @@ def default_run_name(config: dict[str, Any]) -> str:
     return f"{env}-{config['core']['name']}-{config['algo']['name']}"
 
 
+def _path_hint(item: str) -> str:
+    """For an override that is a path (``python train.py configs/x.yaml``): the option it was meant for."""
+    if "=" in item:
+        return ""
+    if item.endswith((".yaml", ".yml")):
+        return f"; to train a config file give `--config {item}`"
+    if (Path(item) / "checkpoint.pt").is_file():
+        return f"; to continue that run give `--resume {item}`"
+    return ""
+
+
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     """Turn ``["core.k_active=3", "algo.lr=3e-4"]`` into a nested dict of YAML-parsed values.
 
@@ -559,7 +570,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override {item!r} must look like key=value, e.g. core.k_active=3")
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. core.k_active=3{_path_hint(item)}")
         try:
             value = parse_yaml(text) if text else ""
         except yaml.YAMLError as exc:
@@ -676,6 +687,21 @@ def yaml_file_problem(path: Path, what: str) -> str | None:
     return None
 
 
+def _binary_config_problem(path: Path) -> str:
+    """Why a config file that is no text cannot be a config: a checkpoint (a zip archive, as torch saves) is
+    named as one, with what the user may have meant."""
+    try:
+        with path.open("rb") as file:
+            is_zip = file.read(4) == b"PK\x03\x04"
+    except OSError:
+        is_zip = False
+    if is_zip or path.suffix in (".pt", ".pth"):
+        run = str(path.parent) if path.name == "checkpoint.pt" else "<its run folder>"
+        return (f"config file {path} is a checkpoint, not a YAML config: continue its run with `--resume {run}`, "
+                f"start a new run from its weights with `init_from={path}`, or evaluate it with evaluate.py")
+    return f"config file {path} is not a text file (not UTF-8); give a YAML config"
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file.
 
@@ -689,7 +715,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = parse_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError:
+        raise ConfigError(_binary_config_problem(path)) from None
+    except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     if data is None:
         return {}
@@ -749,8 +777,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raw = copy.deepcopy(DEFAULT_CONFIG)
     else:
         found = locate_config(path)
-        if not found.is_file() and not found.is_absolute():
-            raise ConfigError(f"config file not found: {path} (looked in {Path.cwd()} and {PACKAGE_ROOT})")
+        if not found.exists() and not found.is_absolute():
+            looked = " and ".join(dict.fromkeys(str(folder) for folder in (Path.cwd(), PACKAGE_ROOT)))
+            raise ConfigError(f"config file not found: {path} (looked in {looked})")
         raw = read_yaml(found)
     update = parse_overrides(overrides)
     for section in ("core", "algo"):

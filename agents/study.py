@@ -1809,6 +1809,10 @@ def load_study_dir(directory: Path) -> Study:
     if not path.is_file():
         shipped = PACKAGE_ROOT / "configs" / "studies" / f"{directory.name}.yaml"
         file = shipped.relative_to(PACKAGE_ROOT) if shipped.is_file() else "FILE"
+        # study.py run makes <--root>/<name>: the command must name a --root other than the default, or it would
+        # start the study under studies/ instead.
+        if directory.parent != DEFAULT_ROOT:
+            file = f"{file} --root {shlex.quote(str(directory.parent))}"
         older = sorted(directory.glob(f"{STUDY_COPY}.[0-9]*")) if directory.is_dir() else []
         if older:  # a session stopped between moving the old copy aside and writing the new one
             raise StudyError(f"{directory} holds only an older copy of its study file ({older[-1].name}); "

@@ -307,7 +307,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 f"or copy it to {run / 'checkpoint.pt'} to continue the run with --resume {run})" if newest else "")
         if not newest and path.name == "checkpoint.pt" and any((run / name).is_file()
                                                                for name in ("config.yaml", "metrics.jsonl")):
-            hint = f" ({run} holds a run stopped before its first checkpoint: there is nothing to resume)"
+            hint = f" ({run} holds a run stopped before its first checkpoint: there is nothing to load or resume)"
         raise CheckpointError(f"checkpoint file not found: {path}{hint}")
     if path.stat().st_size == 0:
         raise DamagedCheckpointError(f"{path} is empty (0 bytes), not a checkpoint")

@@ -77,6 +77,23 @@ def _run_cli(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int
     return code, captured.out, captured.err
 
 
+def test_a_run_still_training_towards_its_first_checkpoint_is_named_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It was called "a run stopped before its first checkpoint: there is nothing to resume".
+    from agents.run_dir import RunLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 1\n")
+    with RunLock(run):  # a trainer at work there (flock: another open file of this process is refused too)
+        code, _, err = _run_cli(capsys, run)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{run} is being trained now (pid {os.getpid()}) and has written no checkpoint yet" in err
+    code, _, err = _run_cli(capsys, run)  # stopped: no holder any more
+    assert code == 2 and "holds a run stopped before its first checkpoint: there is nothing to load or resume" in err
+
+
 # -- load_policy ------------------------------------------------------------------------------
 
 

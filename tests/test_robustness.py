@@ -92,6 +92,36 @@ def test_bad_training_input_exits_2_with_one_message(
     assert not holds_run(tmp_path / "run")  # nothing written: the same --run-dir can take the corrected run
 
 
+def test_a_path_in_the_wrong_place_names_the_option_it_was_meant_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `python train.py x.yaml` (no --config), a checkpoint given as the config, a relative folder given as the
+    # config (it was "not found", its folder named twice) and a repeated --config (the last one won, silently).
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    checkpoint.parent.mkdir()
+    torch.save({"weights": torch.zeros(2)}, checkpoint)
+    (tmp_path / "configs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        (["configs/minigrid/doorkey-lstm-ppo.yaml"],
+         "must look like key=value, e.g. core.k_active=3; to train a config file give `--config "
+         "configs/minigrid/doorkey-lstm-ppo.yaml`"),
+        ([str(checkpoint.parent)], f"to continue that run give `--resume {checkpoint.parent}`"),
+        (["--config", str(checkpoint)],
+         f"config file {checkpoint} is a checkpoint, not a YAML config: continue its run with `--resume "
+         f"{checkpoint.parent}`, start a new run from its weights with `init_from={checkpoint}`"),
+        (["--config", "configs"], "config file configs is a folder; give a YAML file"),
+    ]
+    for argv, message in cases:
+        code, err = run_main(capsys, argv)
+        assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as exited:
+        train.main(["--config", "a.yaml", "--config", "b.yaml"])
+    assert exited.value.code == 2
+    assert "--config given twice (a.yaml and b.yaml): give it once" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["configs", "run"]  # no run started
+
+
 def test_resume_of_a_folder_without_a_run_leaves_it_as_it_was(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "notes"

@@ -1236,9 +1236,13 @@ def test_a_shipped_study_is_found_from_any_folder_and_not_yet_run_says_how_to_st
     assert study_cli.main(["status", "configs/studies/doorkey-generalization.yaml", "--root", str(root)]) == 0
     out = capsys.readouterr().out
     assert "lstm-128/seed_1" in out and "not started" in out and out.rstrip().endswith("0/50 runs done")
-    # By name, before its first run: the message names the shipped file that starts it; nothing is created.
+    # By name, before its first run: the message names the shipped file that starts it, with the --root given (it
+    # was left out, so the command started the study under studies/); nothing is created.
     assert study_cli.main(["status", "doorkey-generalization", "--root", str(root)]) == 2
     assert capsys.readouterr().err == (f"error: {root / 'doorkey-generalization'} holds no study (no study.yaml): it "
                                        "has not been run yet; `python study.py run "
-                                       "configs/studies/doorkey-generalization.yaml` starts it\n")
-    assert not root.exists()
+                                       f"configs/studies/doorkey-generalization.yaml --root {root}` starts it\n")
+    assert study_cli.main(["status", "doorkey-generalization"]) == 2  # the default root needs no --root
+    assert capsys.readouterr().err.endswith("`python study.py run configs/studies/doorkey-generalization.yaml` "
+                                            "starts it\n")
+    assert not root.exists() and not (tmp_path / "studies").exists()
