@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             path = publish(args.studies, args.out, args.root, reps=args.reps, force=args.force, command=command,
                            keep=args.keep)
             kept = f", {len(published_studies(path)) - len(args.studies)} kept" if args.keep else ""
-            print(f"results page written to {path} ({len(args.studies)} studies published{kept})")
+            count = len(args.studies)
+            print(f"results page written to {path} ({count} {'study' if count == 1 else 'studies'} published{kept})")
             return 0
         path = write_report(args.study, args.root, split_versions=args.split_versions, reps=args.reps)
         print(f"report written to {path}")

@@ -237,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         # The trainer printed where the checkpoint is and the resume command; a scheduler that
         # preempted the job must see that it did not finish.
         return SIGNAL_EXIT.get(trainer.stop_signal, 1)
+    if trainer.already_trained:
+        print(f"nothing to train: the run has already done {trainer.frames} frames of its total_frames="
+              f"{trainer.config['total_frames']} (give a larger total_frames=... to extend it); its files are as "
+              "they were")
     print(f"done: {trainer.frames} frames, checkpoint {checkpoint}")
     return 0
 

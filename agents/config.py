@@ -574,7 +574,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         try:
             value = parse_yaml(text) if text else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"value of override {key!r} is not valid YAML: {_yaml_problem(exc)}") from None
+            raise ConfigError(f"value of override {key!r} is not valid YAML: {yaml_problem(exc)}") from None
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -665,7 +665,7 @@ def load_written_yaml(text: str) -> Any:
         return yaml.safe_load(text)
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
+def yaml_problem(exc: yaml.YAMLError) -> str:
     """PyYAML's error on one line: what is wrong and where (its own text spans several lines, with the
     offending line quoted)."""
     problem = getattr(exc, "problem", None)
@@ -714,7 +714,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = parse_yaml(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(exc)}") from None
     except UnicodeDecodeError:
         raise ConfigError(_binary_config_problem(path)) from None
     except OSError as exc:
@@ -781,6 +781,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             looked = " and ".join(dict.fromkeys(str(folder) for folder in (Path.cwd(), PACKAGE_ROOT)))
             raise ConfigError(f"config file not found: {path} (looked in {looked})")
         raw = read_yaml(found)
+        if "models" in raw and "core" not in raw:
+            raise ConfigError(f"config file {path} is a study file, not a training config: run it with "
+                              f"`python study.py run {path}`")
     update = parse_overrides(overrides)
     for section in ("core", "algo"):
         new_name = update[section].get("name") if isinstance(update.get(section), dict) else None

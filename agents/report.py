@@ -1428,7 +1428,7 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
     unedited, previous = _previous_page(out)
     if not unedited and not force:
         raise StudyError(f"{out} was edited by hand or not written by study.py publish; pass --force to replace it "
-                         "(its text stays in git)")
+                         "(keep a copy first if it is not in version control)")
     names = [spec.name for spec, _, _ in checked]
     if len(set(names)) < len(names):
         raise StudyError(f"a study is named twice: {', '.join(names)}")

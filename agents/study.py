@@ -60,7 +60,7 @@ from typing import IO, Any
 import yaml
 
 from agents.config import (ENV_FIELDS, PACKAGE_ROOT, SAME_ENV_OPTIONS, ConfigError, load_config, load_written_yaml,
-                           locate_config, parse_yaml, yaml_file_problem)
+                           locate_config, parse_yaml, yaml_file_problem, yaml_problem)
 from agents.run_dir import atomic_write, holds_run, os_error_text, script_as_started, write_failure
 from policies.checkpoint import numbered_checkpoints
 from envs.names import short_env_name
@@ -286,6 +286,11 @@ EXECUTOR_KEYS = {"name", "workers", "address", "cpus_per_run", "gpus_per_run"}
 BUDGET_KEYS = {"total_frames"}
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 worker``, ``2 workers``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _where(path: Path | None) -> str:
     return f"{path}: " if path is not None else ""
 
@@ -385,6 +390,10 @@ def parse_study(raw: Any, path: Path | None = None, check_envs: bool = True, pac
     """
     if not isinstance(raw, dict):
         raise StudyError(f"{_where(path)}a study file must be a YAML mapping (name, models, seeds, ...)")
+    if "models" not in raw and {"core", "algo", "env"} & set(raw):
+        where = path if path is not None else "<file>"
+        raise StudyError(f"{_where(path)}this is a training config, not a study file (it has no models): train it "
+                         f"with `python train.py --config {where}`, or name it as a model's config in a study file")
     kind = raw.get("kind", "training")
     if kind not in KINDS:
         raise StudyError(f"{_where(path)}kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -705,8 +714,10 @@ def load_study(path: str | Path, check_envs: bool = True, package_relative: bool
         raise StudyError(problem)
     try:
         raw = parse_yaml(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise StudyError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except yaml.YAMLError as exc:
+        raise StudyError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
+    except UnicodeDecodeError:
+        raise StudyError(f"{path}: not a text file (not UTF-8); give a study's YAML file") from None
     return parse_study(raw, path, check_envs=check_envs, package_relative=package_relative)
 
 
@@ -750,6 +761,9 @@ def study_dir(name_or_path: str | Path, root: str | Path = DEFAULT_ROOT) -> Path
         return candidate.parent  # a study directory's own copy of its file names that study, wherever it is
     if candidate.suffix in (".yaml", ".yml") and locate_config(candidate).is_file():
         return Path(root) / load_study(candidate, check_envs=False).name
+    if candidate.suffix in (".yaml", ".yml") and not locate_config(candidate).exists():
+        looked = " and ".join(dict.fromkeys(str(folder) for folder in (Path.cwd(), PACKAGE_ROOT)))
+        raise StudyError(f"study file not found: {text} (looked in {looked})")
     if not _LABEL.fullmatch(text):
         raise StudyError(f"{text!r} is neither a study name, a study directory nor a study file")
     return Path(root) / text
@@ -2033,9 +2047,10 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
         todo = [job for job in jobs if not states[job.key].done]
         partial = sum(states[job.key].started and not states[job.key].done for job in jobs)
         where = f"ray{f' at {address}' if address else ' (local instance)'}" if executor == "ray" else \
-            f"local, {workers or executors.default_workers()} workers"
+            f"local, {_count(workers or executors.default_workers(), 'worker')}"
         if study.adaptation is None:
-            shape = f"{len(study.models)} models x {len(study.seeds)} seeds, {study.total_frames:,} frames each"
+            shape = (f"{_count(len(study.models), 'model')} x {_count(len(study.seeds), 'seed')}, "
+                     f"{study.total_frames:,} frames each")
         else:
             spec = study.adaptation
             shape = (f"pre-training {len(study.models)} models x {len(study.seeds)} seeds x "

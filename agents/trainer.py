@@ -422,6 +422,8 @@ class Trainer:
         # The checkpoint.pt this trainer continues from (Trainer.resume sets it): the lock is taken
         # when training starts, and by then another process may have trained the run further.
         self._loaded_from: tuple[int, int, int] | None = None
+        # A resumed run that had already reached total_frames: run() trained nothing and rewrote no file.
+        self.already_trained = False
         seed = config["seed"]
         if config["torch_threads"]:  # None (or 0 in runs saved before 0 was refused): torch's default
             torch.set_num_threads(config["torch_threads"])
@@ -682,7 +684,10 @@ class Trainer:
         path = path / "checkpoint.pt" if path.is_dir() else path
         if not path.is_file():
             raise CheckpointError(f"init_from: checkpoint file not found: {path}")
-        loaded = load_checkpoint(path)
+        try:
+            loaded = load_checkpoint(path)
+        except CheckpointError as exc:  # damaged, foreign, unsafe: said as the other init_from errors are
+            raise type(exc)(f"init_from: {exc}") from None
         policy = loaded.get("policy")
         spec = policy.get("spec") if isinstance(policy, dict) else None
         if not isinstance(spec, dict) or "state_dict" not in policy:
@@ -931,8 +936,12 @@ class Trainer:
         """
         config, algo = self.config, self.config["algo"]
         total = config["total_frames"]
+        # Resumed at or past total_frames (every rank loaded the same checkpoint, so all agree): nothing to
+        # train, and the run's files (checkpoint, config.yaml, TensorBoard events) stay as they are.
+        nothing_to_train = self._loaded_from is not None and not self._started and self.frames >= total
         if not distributed.is_main():  # under torchrun only rank 0 checks and writes the run directory
-            return self._train(None, total, algo, stop_at_frames)
+            return self.run_dir / "checkpoint.pt" if nothing_to_train else \
+                self._train(None, total, algo, stop_at_frames)
         with self._lock:
             if not self._started:
                 if self._new_run:  # under the lock: nobody wrote a run here since the check in __init__
@@ -950,6 +959,9 @@ class Trainer:
                     if not self._numbered_checkpoint().is_file():
                         self._write_numbered()
                 self._started = True
+            if nothing_to_train:
+                self.already_trained = True
+                return self.run_dir / "checkpoint.pt"
             config_path = self.run_dir / "config.yaml"
             with self._write_errors(config_path):
                 numerics = ", ".join(f"{key} {value}" for key, value in numerics_build(self.policy).items())

@@ -167,7 +167,8 @@ def test_unreadable_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[st
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"\xff\xfe\x00bad")
     code, err = run_main(capsys, ["--config", str(binary)])
-    assert code == 2 and "cannot read config file" in err
+    assert code == 2 and f"config file {binary} is not a text file (not UTF-8); give a YAML config" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_a_second_ctrl_c_before_the_first_checkpoint_says_none_was_written(
@@ -487,6 +488,24 @@ def test_train_and_evaluate_name_a_non_checkpoint_alike(tmp_path: Path, capsys: 
     assert code == 2 and expected in err and err.count("\n") == 1, err
     assert evaluate.main([str(config), "--no-progress"]) == 2
     assert expected in capsys.readouterr().err
+
+
+def test_a_study_file_as_config_and_a_damaged_init_from_say_what_they_are(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A study file gave "unknown config key 'description'"; a truncated init_from file lacked the "init_from:" of
+    # the other init_from errors.
+    study_file = "configs/studies/doorkey-generalization.yaml"
+    code, err = run_main(capsys, ["--config", study_file])
+    assert code == 2 and err == (f"error: config file {study_file} is a study file, not a training config: run it "
+                                 f"with `python study.py run {study_file}`\n")
+    tiny_trainer(tmp_path / "done").run(stop_at_frames=32)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((tmp_path / "done" / "checkpoint.pt").read_bytes()[:3000])
+    code, err = run_main(capsys, [*TINY, f"init_from={truncated}", "--run-dir", str(tmp_path / "run")])
+    assert code == 2 and err.startswith(f"error: init_from: cannot read checkpoint {truncated}") and \
+        err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_checkpoint_whose_weights_changed_on_disk_is_refused_not_loaded(

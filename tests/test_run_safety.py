@@ -390,6 +390,25 @@ def test_resume_refuses_an_edited_config_yaml_and_leaves_it_as_it_is(tmp_path: P
     assert code == 0, err
     assert load_checkpoint(run / "checkpoint.pt")["frames"] == 64
 
+def test_resuming_a_finished_run_trains_nothing_and_rewrites_nothing(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # It printed "training ... done", wrote checkpoint.pt and the numbered copy again (new bytes) and added a
+    # TensorBoard event file, without saying the run was finished.
+    run = tmp_path / "run"
+    Trainer(load_config(None, [*TINY, "total_frames=64"]), run).run()
+    before = files_of(run)
+    assert train.main(["--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to train: the run has already done 64 frames of its total_frames=64" in out
+    assert files_of(run) == before
+    # Stopped between checkpoint.pt and its numbered copy: the copy is still written (a study counts the frames
+    # trained from the numbered checkpoints).
+    numbered = sorted((run / "checkpoints").glob("checkpoint_*.pt"))[-1]
+    numbered.unlink()
+    assert train.main(["--resume", str(run)]) == 0
+    assert numbered.read_bytes() == (run / "checkpoint.pt").read_bytes()
+    assert files_of(run) == before
+
 # -- non-finite values ---------------------------------------------------------------------------
 def test_nan_weights_stop_the_rollout_with_one_message(tmp_path: Path) -> None:
     trainer = tiny_run(tmp_path / "run")

@@ -1228,6 +1228,25 @@ def test_machine_description_names_the_widest_vector_instructions(
     assert machine["cpu"] == "Test CPU" and machine["vector"] == vector
 
 
+def test_a_training_config_a_broken_or_missing_study_file_get_one_line_each(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A train.py config gave "unknown key 'algo'", broken YAML no line or column, and a missing study file "neither a
+    # study name, a study directory nor a study file".
+    config = "configs/minigrid/doorkey-lstm-ppo.yaml"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\nmodels: [\n")
+    cases = [(["run", config], f"{config}: this is a training config, not a study file (it has no models): train it "
+                               f"with `python train.py --config {config}`"),
+             (["run", str(broken)], f"{broken}: not valid YAML (expected the node content, but found '<stream end>' "
+                                    "at line 3, column 1"),
+             (["status", "configs/studies/nope.yaml"], "study file not found: configs/studies/nope.yaml (looked in ")]
+    for argv, message in cases:
+        assert study_cli.main([*argv, "--root", str(tmp_path / "studies")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "studies").exists()
+
+
 def test_a_shipped_study_is_found_from_any_folder_and_not_yet_run_says_how_to_start_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     # As train.py's --config finds shipped configs from anywhere, study.py finds configs/studies/<file>.

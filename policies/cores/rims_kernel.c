@@ -60,6 +60,19 @@ typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4), may_alia
 static inline v8f load8(const float *p) { return *(const v8f_unaligned *)p; }
 static inline void store8(float *p, v8f v) { *(v8f_unaligned *)p = v; }
 
+/* a + s * w (s broadcast), rounded once where the CPU has FMA. The products' multiply-adds are written
+ * out rather than left to -ffp-contract: GCC's tuning for AMD Zen (-march=znver*, its avoid_fma_chains)
+ * turns some contractible chains into a multiply and an add, rounded twice, and not others, so a row
+ * through the products alone (a lone env, an 8-column block) rounded differently from the same row in a
+ * pair: an env's results depended on the envs beside it. Without FMA (a portable x86 build) every
+ * multiply-add is a multiply and an add, alike in every path. */
+#if defined(__FMA__) && defined(__AVX__)
+#include <immintrin.h>
+static inline v8f madd8(v8f a, float s, v8f w) { return (v8f)_mm256_fmadd_ps(_mm256_set1_ps(s), (__m256)w, (__m256)a); }
+#else
+static inline v8f madd8(v8f a, float s, v8f w) { return a + s * w; }
+#endif
+
 static inline float dot(const float *restrict a, const float *restrict b, int n) {
     v8f acc = {0.0f};
     float s = 0.0f;
@@ -160,15 +173,15 @@ static void rows_matmul_acc(float *restrict y0, float *restrict y1, const float 
                 const float *w = W + m * ws + j0, s0 = x0[m], s1 = x1[m];
                 for (int u = 0; u < 4; u++) {
                     const v8f wu = load8(w + 8 * u);
-                    a0[u] += s0 * wu;
-                    a1[u] += s1 * wu;
+                    a0[u] = madd8(a0[u], s0, wu);
+                    a1[u] = madd8(a1[u], s1, wu);
                 }
             }
             for (int u = 0; u < 4; u++) store8(y1 + j0 + 8 * u, a1[u]);
         } else {
             for (int m = 0; m < M; m++) {
                 const float *w = W + m * ws + j0, s0 = x0[m];
-                for (int u = 0; u < 4; u++) a0[u] += s0 * load8(w + 8 * u);
+                for (int u = 0; u < 4; u++) a0[u] = madd8(a0[u], s0, load8(w + 8 * u));
             }
         }
         for (int u = 0; u < 4; u++) store8(y0 + j0 + 8 * u, a0[u]);
@@ -177,8 +190,8 @@ static void rows_matmul_acc(float *restrict y0, float *restrict y1, const float 
         v8f a0 = load8(y0 + j0), a1 = y1 ? load8(y1 + j0) : a0;
         for (int m = 0; m < M; m++) {
             const v8f wu = load8(W + m * ws + j0);
-            a0 += x0[m] * wu;
-            if (y1) a1 += x1[m] * wu;
+            a0 = madd8(a0, x0[m], wu);
+            if (y1) a1 = madd8(a1, x1[m], wu);
         }
         store8(y0 + j0, a0);
         if (y1) store8(y1 + j0, a1);
@@ -221,12 +234,17 @@ static inline void copy_envs(float *to, const float *from, int n, Envs e) {
 }
 
 #if defined(__AVX512F__)
+#include <immintrin.h>
 /* Sixteen floats in one register: on AVX-512 hosts the products take four rows at once. */
 typedef float v16f __attribute__((vector_size(64)));
 typedef float v16f_unaligned __attribute__((vector_size(64), aligned(4), may_alias));
 
 static inline v16f load16(const float *p) { return *(const v16f_unaligned *)p; }
 static inline void store16(float *p, v16f v) { *(v16f_unaligned *)p = v; }
+/* a + s * w in one rounding, as madd8 (AVX-512 has FMA). */
+static inline v16f madd16(v16f a, float s, v16f w) {
+    return (v16f)_mm512_fmadd_ps(_mm512_set1_ps(s), (__m512)w, (__m512)a);
+}
 
 /* Four rows r at once: y_r[j0 : j0 + 16U] += x_r @ W[:, j0 : j0 + 16U] (U = 1 or 2 registers per
  * row). The outputs stay in registers over the whole reduction and the four rows share every load of
@@ -245,7 +263,7 @@ static inline __attribute__((always_inline)) void rows4_block(float *const y[4],
         for (int u = 0; u < U; u++) w[u] = load16(W + m * ws + j0 + 16 * u);
         for (int r = 0; r < 4; r++) {
             const float s = x[r][m];
-            for (int u = 0; u < U; u++) a[r][u] += s * w[u];
+            for (int u = 0; u < U; u++) a[r][u] = madd16(a[r][u], s, w[u]);
         }
     }
     for (int r = 0; r < 4; r++)
