@@ -61,7 +61,7 @@ static inline v8f load8(const float *p) { return *(const v8f_unaligned *)p; }
 static inline void store8(float *p, v8f v) { *(v8f_unaligned *)p = v; }
 
 /* a + s * w (s broadcast), rounded once where the CPU has FMA. The products' multiply-adds are written
- * out rather than left to -ffp-contract: GCC's tuning for AMD Zen (-march=znver*, its avoid_fma_chains)
+ * out rather than left to -ffp-contract: GCC's tuning for AMD Zen (-march=znver2/3, its avoid_fma256_chains)
  * turns some contractible chains into a multiply and an add, rounded twice, and not others, so a row
  * through the products alone (a lone env, an 8-column block) rounded differently from the same row in a
  * pair: an env's results depended on the envs beside it. Without FMA (a portable x86 build) every
