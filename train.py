@@ -62,7 +62,8 @@ class _Once(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (importing it does not import torch)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=cli_path, action=_Once, help="YAML config file (default: the embedded DoorKey-5x5 RIMs PPO)")
+    parser.add_argument("--config", type=cli_path, action=_Once,
+                        help="YAML config file (default: the embedded DoorKey-5x5 RIMs PPO)")
     parser.add_argument("--run-dir", type=cli_path, action=_Once,
                         help="output directory, which must not hold a run (default: runs/<config name>, "
                              "or the next free runs/<config name>_<n>)")
@@ -186,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = distributed.broadcast_object(run_dir)
         try:
             trainer = Trainer.resume(args.resume, overrides) if args.resume is not None else Trainer(config, run_dir)
-            if main_rank:
+            finished = args.resume is not None and trainer.frames >= trainer.config["total_frames"]
+            if main_rank and not finished:  # a finished run trains nothing: run() says so
                 processes = f", {trainer.world_size} processes" if trainer.world_size > 1 else ""
                 print(f"training {trainer.config['name']}: {trainer.config['core']['name']} core, "
                       f"{trainer.config['algo']['name']} on {_what_it_trains_on(trainer)}{processes} -> "

@@ -690,13 +690,16 @@ def yaml_file_problem(path: Path, what: str) -> str | None:
 def _binary_config_problem(path: Path) -> str:
     """Why a config file that is no text cannot be a config: a checkpoint (a zip archive, as torch saves) is
     named as one, with what the user may have meant."""
-    try:
-        with path.open("rb") as file:
-            is_zip = file.read(4) == b"PK\x03\x04"
-    except OSError:
-        is_zip = False
-    if is_zip or path.suffix in (".pt", ".pth"):
-        run = str(path.parent) if path.name == "checkpoint.pt" else "<its run folder>"
+    import zipfile
+
+    try:  # torch saves a zip archive holding <name>/data.pkl
+        with zipfile.ZipFile(path) as archive:
+            is_torch = any(name.endswith("/data.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        is_torch = False
+    if is_torch or path.suffix in (".pt", ".pth"):
+        folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        run = str(folder) if path.name == "checkpoint.pt" or path.parent.name == "checkpoints" else "<its run folder>"
         return (f"config file {path} is a checkpoint, not a YAML config: continue its run with `--resume {run}`, "
                 f"start a new run from its weights with `init_from={path}`, or evaluate it with evaluate.py")
     return f"config file {path} is not a text file (not UTF-8); give a YAML config"

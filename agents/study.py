@@ -763,7 +763,8 @@ def study_dir(name_or_path: str | Path, root: str | Path = DEFAULT_ROOT) -> Path
         return Path(root) / load_study(candidate, check_envs=False).name
     if candidate.suffix in (".yaml", ".yml") and not locate_config(candidate).exists():
         looked = " and ".join(dict.fromkeys(str(folder) for folder in (Path.cwd(), PACKAGE_ROOT)))
-        raise StudyError(f"study file not found: {text} (looked in {looked})")
+        where = "" if candidate.is_absolute() else f" (looked in {looked})"
+        raise StudyError(f"study file not found: {text}{where}")
     if not _LABEL.fullmatch(text):
         raise StudyError(f"{text!r} is neither a study name, a study directory nor a study file")
     return Path(root) / text
@@ -1825,7 +1826,7 @@ def load_study_dir(directory: Path) -> Study:
         file = shipped.relative_to(PACKAGE_ROOT) if shipped.is_file() else "FILE"
         # study.py run makes <--root>/<name>: the command must name a --root other than the default, or it would
         # start the study under studies/ instead.
-        if directory.parent != DEFAULT_ROOT:
+        if directory.parent.resolve() != DEFAULT_ROOT.resolve():
             file = f"{file} --root {shlex.quote(str(directory.parent))}"
         older = sorted(directory.glob(f"{STUDY_COPY}.[0-9]*")) if directory.is_dir() else []
         if older:  # a session stopped between moving the old copy aside and writing the new one
@@ -2053,9 +2054,10 @@ def run_study(study: Study, root: Path, executor: str | None = None, workers: in
                      f"{study.total_frames:,} frames each")
         else:
             spec = study.adaptation
-            shape = (f"pre-training {len(study.models)} models x {len(study.seeds)} seeds x "
-                     f"{study.total_frames:,} frames, fine-tuning {len(spec.runs)} runs x {len(spec.tasks)} "
-                     f"task(s) x {len(study.seeds)} seeds x {spec.total_frames:,} frames")
+            seeds = _count(len(study.seeds), "seed")
+            shape = (f"pre-training {_count(len(study.models), 'model')} x {seeds} x {study.total_frames:,} frames, "
+                     f"fine-tuning {_count(len(spec.runs), 'run')} x {_count(len(spec.tasks), 'task')} x {seeds} x "
+                     f"{spec.total_frames:,} frames")
         print(f"study {study.name}: {len(jobs)} runs ({shape}) in {root}; {len(jobs) - len(todo)} finished, "
               f"{partial} to continue, {len(todo) - partial} to start; executor {where}", flush=True)
         # Fine-tuning runs that start from pre-trained weights wait for their pre-training run: a first

@@ -47,6 +47,7 @@ from agents.config import (
     merge,
     refusal_reason,
     resolve_config,
+    yaml_problem,
 )
 from agents.logger import RunLogger
 from agents.optim import NonFiniteError, PolicyUpdater
@@ -284,13 +285,16 @@ def _lookup(nested: dict[str, Any], dotted: str) -> Any:
     return value
 
 
-def _refuse_edited_config(run_dir: Path, saved: dict[str, Any]) -> None:
+def _refuse_edited_config(run_dir: Path, saved: dict[str, Any], own: dict[str, Any]) -> None:
     """Refuse to resume a run whose ``config.yaml`` says another run than its checkpoint does.
 
     A resumed run trains with the checkpoint's config and writes it to ``config.yaml`` again, so a user who
     edited that file (to change the core or the learning rate, as one edits an rl-zoo3 hyperparameter file)
     would see the edit ignored and the file replaced. ``RESUME_MAY_CHANGE`` keys are not compared: a resume
-    that extended ``total_frames`` writes the file before its first checkpoint.
+    that extended ``total_frames`` writes the file before its first checkpoint. A value is edited only if it
+    is neither the checkpoint's (``saved``, as an older version of this code wrote it) nor that config
+    resolved by this version (``own``: defaults added since filled in, which a resume that stopped before
+    its first checkpoint has written).
 
     :raises ConfigError: naming the keys that differ (the file is left as it is).
     """
@@ -300,18 +304,21 @@ def _refuse_edited_config(run_dir: Path, saved: dict[str, Any]) -> None:
     try:
         written = load_written_yaml(path.read_text())
         problem = None if isinstance(written, dict) else "it holds no config mapping"
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    except yaml.YAMLError as exc:
+        problem = yaml_problem(exc)
+    except (OSError, UnicodeDecodeError) as exc:
         problem = " ".join(str(exc).split())[:120]
     if problem is not None:
         raise ConfigError(f"cannot resume {run_dir}: its config.yaml is not the config this run wrote ({problem}); "
                           f"the run's config is kept in its checkpoint: move the file aside and resume, which "
                           f"writes it again")
-    differ = [key for key in dict.fromkeys([*_flat_keys(saved), *_flat_keys(written)])
-              if key not in RESUME_MAY_CHANGE and _lookup(written, key) != _lookup(saved, key)]
+    differ = [key for key in dict.fromkeys([*_flat_keys(saved), *_flat_keys(own), *_flat_keys(written)])
+              if key not in RESUME_MAY_CHANGE and _lookup(written, key) != _lookup(saved, key)
+              and _lookup(written, key) != _lookup(own, key)]
     if not differ:
         return
     shown = ", ".join(f"{key} {_short_repr(_lookup(written, key), 40)} (the checkpoint's: "
-                      f"{_short_repr(_lookup(saved, key), 40)})" for key in differ[:3])
+                      f"{_short_repr(_lookup(own, key), 40)})" for key in differ[:3])
     more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
     raise ConfigError(f"cannot resume {run_dir}: its config.yaml was edited: {shown}{more}; a run's config cannot "
                       f"change on --resume (only {_RESUME_MAY_CHANGE_WORDS} can, as overrides). Put the file "
@@ -615,7 +622,7 @@ class Trainer:
             raise ConfigError(f"cannot resume {run_dir} with total_frames={config['total_frames']}: the run has "
                               f"already done {done} frames; give total_frames={done} or more")
         check_run_consistency(checkpoint, config, run_dir)
-        _refuse_edited_config(Path(run_dir), checkpoint["config"])
+        _refuse_edited_config(Path(run_dir), checkpoint["config"], own)
         moved = [f"{key}={_lookup(config, key)} (was {_lookup(own, key)})" for key in ("device", "torch_threads")
                  if _lookup(config, key) != _lookup(own, key)]
         if moved:
@@ -961,13 +968,10 @@ class Trainer:
                 self._started = True
             if nothing_to_train:
                 self.already_trained = True
+                if not (self.run_dir / "config.yaml").is_file():  # lost, or moved aside (_refuse_edited_config)
+                    self._write_config()
                 return self.run_dir / "checkpoint.pt"
-            config_path = self.run_dir / "config.yaml"
-            with self._write_errors(config_path):
-                numerics = ", ".join(f"{key} {value}" for key, value in numerics_build(self.policy).items())
-                header = (f"# The resolved config of this run (every default filled in).\n"
-                          f"# Written by a process with: {numerics}\n")
-                atomic_write(config_path, (header + yaml.safe_dump(config, sort_keys=False)).encode())
+            self._write_config()
             resumed = self.frames > 0
             with self._write_errors(self.run_dir / "metrics.jsonl"):
                 logger = RunLogger(self.run_dir, purge_step=self.frames if resumed else None)
@@ -975,6 +979,15 @@ class Trainer:
                 return self._train(logger, total, algo, stop_at_frames)
             finally:
                 logger.close()
+
+    def _write_config(self) -> None:
+        """Write the run's resolved config to ``config.yaml``, with a header naming what its rounding depends on."""
+        config_path = self.run_dir / "config.yaml"
+        with self._write_errors(config_path):
+            numerics = ", ".join(f"{key} {value}" for key, value in numerics_build(self.policy).items())
+            header = (f"# The resolved config of this run (every default filled in).\n"
+                      f"# Written by a process with: {numerics}\n")
+            atomic_write(config_path, (header + yaml.safe_dump(self.config, sort_keys=False)).encode())
 
     def _train(self, logger: RunLogger | None, total: int, algo: dict[str, Any], stop_at_frames: int | None) -> Path:
         """The loop of ``run``; ``logger`` is None on ranks other than 0 (they write nothing)."""

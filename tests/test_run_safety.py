@@ -389,6 +389,13 @@ def test_resume_refuses_an_edited_config_yaml_and_leaves_it_as_it_is(tmp_path: P
     code, err = main(capsys, ["--resume", str(run), "total_frames=64"])
     assert code == 0, err
     assert load_checkpoint(run / "checkpoint.pt")["frames"] == 64
+    # A checkpoint written by an older version lacks a key added since, which a resume that stopped before its
+    # first checkpoint wrote into config.yaml with its default: not an edit (it was called one).
+    _edit_checkpoint(run / "checkpoint.pt", lambda payload: payload["config"]["log"].pop("keep_checkpoints"))
+    assert "  keep_checkpoints: " in path.read_text()
+    code, err = main(capsys, ["--resume", str(run), "total_frames=96"])
+    assert code == 0, err
+
 
 def test_resuming_a_finished_run_trains_nothing_and_rewrites_nothing(tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
@@ -408,6 +415,12 @@ def test_resuming_a_finished_run_trains_nothing_and_rewrites_nothing(tmp_path: P
     assert train.main(["--resume", str(run)]) == 0
     assert numbered.read_bytes() == (run / "checkpoint.pt").read_bytes()
     assert files_of(run) == before
+    # A config.yaml moved aside (as the refusal of a damaged one advises) is written again.
+    (run / "config.yaml").rename(tmp_path / "config.yaml.damaged")
+    assert train.main(["--resume", str(run)]) == 0
+    assert files_of(run) == before
+    assert "training " not in capsys.readouterr().out  # no "training ... -> run" line for a run that trains nothing
+
 
 # -- non-finite values ---------------------------------------------------------------------------
 def test_nan_weights_stop_the_rollout_with_one_message(tmp_path: Path) -> None:

@@ -1239,7 +1239,8 @@ def test_a_training_config_a_broken_or_missing_study_file_get_one_line_each(
                                f"with `python train.py --config {config}`"),
              (["run", str(broken)], f"{broken}: not valid YAML (expected the node content, but found '<stream end>' "
                                     "at line 3, column 1"),
-             (["status", "configs/studies/nope.yaml"], "study file not found: configs/studies/nope.yaml (looked in ")]
+             (["status", "configs/studies/nope.yaml"], "study file not found: configs/studies/nope.yaml (looked in "),
+             (["status", str(tmp_path / "nope.yaml")], f"study file not found: {tmp_path / 'nope.yaml'}\n")]
     for argv, message in cases:
         assert study_cli.main([*argv, "--root", str(tmp_path / "studies")]) == 2
         err = capsys.readouterr().err
@@ -1251,7 +1252,7 @@ def test_a_shipped_study_is_found_from_any_folder_and_not_yet_run_says_how_to_st
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     # As train.py's --config finds shipped configs from anywhere, study.py finds configs/studies/<file>.
     monkeypatch.chdir(tmp_path)
-    root = tmp_path / "studies"
+    root = tmp_path / "elsewhere"
     assert study_cli.main(["status", "configs/studies/doorkey-generalization.yaml", "--root", str(root)]) == 0
     out = capsys.readouterr().out
     assert "lstm-128/seed_1" in out and "not started" in out and out.rstrip().endswith("0/50 runs done")
@@ -1261,7 +1262,8 @@ def test_a_shipped_study_is_found_from_any_folder_and_not_yet_run_says_how_to_st
     assert capsys.readouterr().err == (f"error: {root / 'doorkey-generalization'} holds no study (no study.yaml): it "
                                        "has not been run yet; `python study.py run "
                                        f"configs/studies/doorkey-generalization.yaml --root {root}` starts it\n")
-    assert study_cli.main(["status", "doorkey-generalization"]) == 2  # the default root needs no --root
-    assert capsys.readouterr().err.endswith("`python study.py run configs/studies/doorkey-generalization.yaml` "
-                                            "starts it\n")
+    for default in ([], ["--root", str(tmp_path / "studies")]):  # the default root (as a path too) needs no --root
+        assert study_cli.main(["status", "doorkey-generalization", *default]) == 2
+        assert capsys.readouterr().err.endswith("`python study.py run configs/studies/doorkey-generalization.yaml` "
+                                                "starts it\n")
     assert not root.exists() and not (tmp_path / "studies").exists()

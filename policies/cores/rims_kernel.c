@@ -64,8 +64,9 @@ static inline void store8(float *p, v8f v) { *(v8f_unaligned *)p = v; }
  * out rather than left to -ffp-contract: GCC's tuning for AMD Zen (-march=znver2/3, its avoid_fma256_chains)
  * turns some contractible chains into a multiply and an add, rounded twice, and not others, so a row
  * through the products alone (a lone env, an 8-column block) rounded differently from the same row in a
- * pair: an env's results depended on the envs beside it. Without FMA (a portable x86 build) every
- * multiply-add is a multiply and an add, alike in every path. */
+ * pair: an env's results depended on the envs beside it. Without FMA (a portable x86 build) the vector
+ * multiply-adds are a multiply and an add, alike in every path. Elsewhere (aarch64) they are left to
+ * -ffp-contract, as before. */
 #if defined(__FMA__) && defined(__AVX__)
 #include <immintrin.h>
 static inline v8f madd8(v8f a, float s, v8f w) { return (v8f)_mm256_fmadd_ps(_mm256_set1_ps(s), (__m256)w, (__m256)a); }
@@ -233,7 +234,7 @@ static inline void copy_envs(float *to, const float *from, int n, Envs e) {
     memcpy(to + (size_t)e.b0 * n, from + (size_t)e.b0 * n, sizeof(float) * (size_t)(e.b1 - e.b0) * n);
 }
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__FMA__) /* with madd8 fused too, rows in fours and rows left over alike */
 #include <immintrin.h>
 /* Sixteen floats in one register: on AVX-512 hosts the products take four rows at once. */
 typedef float v16f __attribute__((vector_size(64)));
