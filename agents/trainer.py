@@ -934,6 +934,9 @@ class Trainer:
         on it is refused. A run stops after the update that reaches ``total_frames``, so it may do up
         to one rollout (``n_steps * n_envs`` frames) more; the progress bar counts to that end.
 
+        A resumed run that has already reached ``total_frames`` trains nothing and rewrites none of its
+        files (only a missing numbered checkpoint or ``config.yaml`` is written); ``already_trained`` says so.
+
         :param stop_at_frames: stop after the first update that reaches this many frames, as if
             interrupted (checkpoint written, run resumable).
         :raises TrainingError: on non-finite values in a rollout or an update (the last good checkpoint
