@@ -187,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = distributed.broadcast_object(run_dir)
         try:
             trainer = Trainer.resume(args.resume, overrides) if args.resume is not None else Trainer(config, run_dir)
-            finished = args.resume is not None and trainer.frames >= trainer.config["total_frames"]
-            if main_rank and not finished:  # a finished run trains nothing: run() says so
+            if main_rank and not trainer.nothing_to_train:  # run() says so when it trains nothing
                 processes = f", {trainer.world_size} processes" if trainer.world_size > 1 else ""
                 print(f"training {trainer.config['name']}: {trainer.config['core']['name']} core, "
                       f"{trainer.config['algo']['name']} on {_what_it_trains_on(trainer)}{processes} -> "

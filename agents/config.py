@@ -612,6 +612,12 @@ def locate_config(path: str | Path) -> Path:
     return shipped if shipped.is_file() else path
 
 
+def config_search_text() -> str:
+    """Where :func:`locate_config` looks for a relative path, for a "not found" message: the working
+    directory and the package root (named once when they are the same folder)."""
+    return " and ".join(dict.fromkeys(str(folder) for folder in (Path.cwd(), PACKAGE_ROOT)))
+
+
 class _NoDuplicateKeysLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a mapping that repeats a key: YAML forbids it, and PyYAML would keep the
     last one silently, so a second ``algo:`` section in a config file replaced the first one whole."""
@@ -781,8 +787,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     else:
         found = locate_config(path)
         if not found.exists() and not found.is_absolute():
-            looked = " and ".join(dict.fromkeys(str(folder) for folder in (Path.cwd(), PACKAGE_ROOT)))
-            raise ConfigError(f"config file not found: {path} (looked in {looked})")
+            raise ConfigError(f"config file not found: {path} (looked in {config_search_text()})")
         raw = read_yaml(found)
         if "models" in raw and "core" not in raw:
             raise ConfigError(f"config file {path} is a study file, not a training config: run it with "

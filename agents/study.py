@@ -59,8 +59,8 @@ from typing import IO, Any
 
 import yaml
 
-from agents.config import (ENV_FIELDS, PACKAGE_ROOT, SAME_ENV_OPTIONS, ConfigError, load_config, load_written_yaml,
-                           locate_config, parse_yaml, yaml_file_problem, yaml_problem)
+from agents.config import (ENV_FIELDS, PACKAGE_ROOT, SAME_ENV_OPTIONS, ConfigError, config_search_text, load_config,
+                           load_written_yaml, locate_config, parse_yaml, yaml_file_problem, yaml_problem)
 from agents.run_dir import atomic_write, holds_run, os_error_text, script_as_started, write_failure
 from policies.checkpoint import numbered_checkpoints
 from envs.names import short_env_name
@@ -762,8 +762,7 @@ def study_dir(name_or_path: str | Path, root: str | Path = DEFAULT_ROOT) -> Path
     if candidate.suffix in (".yaml", ".yml") and locate_config(candidate).is_file():
         return Path(root) / load_study(candidate, check_envs=False).name
     if candidate.suffix in (".yaml", ".yml") and not locate_config(candidate).exists():
-        looked = " and ".join(dict.fromkeys(str(folder) for folder in (Path.cwd(), PACKAGE_ROOT)))
-        where = "" if candidate.is_absolute() else f" (looked in {looked})"
+        where = "" if candidate.is_absolute() else f" (looked in {config_search_text()})"
         raise StudyError(f"study file not found: {text}{where}")
     if not _LABEL.fullmatch(text):
         raise StudyError(f"{text!r} is neither a study name, a study directory nor a study file")

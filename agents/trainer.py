@@ -946,9 +946,8 @@ class Trainer:
         """
         config, algo = self.config, self.config["algo"]
         total = config["total_frames"]
-        # Resumed at or past total_frames (every rank loaded the same checkpoint, so all agree): nothing to
-        # train, and the run's files (checkpoint, config.yaml, TensorBoard events) stay as they are.
-        nothing_to_train = self._loaded_from is not None and not self._started and self.frames >= total
+        # The run's files (checkpoint, config.yaml, TensorBoard events) stay as they are.
+        nothing_to_train = self.nothing_to_train
         if not distributed.is_main():  # under torchrun only rank 0 checks and writes the run directory
             return self.run_dir / "checkpoint.pt" if nothing_to_train else \
                 self._train(None, total, algo, stop_at_frames)
@@ -982,6 +981,12 @@ class Trainer:
                 return self._train(logger, total, algo, stop_at_frames)
             finally:
                 logger.close()
+
+    @property
+    def nothing_to_train(self) -> bool:
+        """A resumed run at or past its ``total_frames`` that ``run`` has not started: it will train nothing
+        (under torchrun every rank loaded the same checkpoint, so all agree)."""
+        return self._loaded_from is not None and not self._started and self.frames >= self.config["total_frames"]
 
     def _write_config(self) -> None:
         """Write the run's resolved config to ``config.yaml``, with a header naming what its rounding depends on."""
