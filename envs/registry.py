@@ -16,6 +16,9 @@ import minigrid  # noqa: F401  (importing minigrid registers the MiniGrid and Ba
 __all__ = ["EnvFamily", "check_env_id", "env_family"]
 
 gym.register_envs(ale_py)
+# ALE logs an "A.L.E: ..." / "[Powered by Stella]" banner at Info level on the first env a process builds,
+# which landed on stderr beside our one-line errors and --list-suites; its warnings and errors still show.
+ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Warning)
 
 EnvFamily = Literal["minigrid", "atari", "other"]
 

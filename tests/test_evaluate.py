@@ -646,6 +646,14 @@ def test_missing_checkpoint_in_a_subprocess_exits_2(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [f"error: checkpoint file not found: {tmp_path / 'nope.pt'}"]
 
 
+
+def test_list_suites_in_a_subprocess_prints_no_ale_banner() -> None:
+    # Listing the suites builds an Atari env; ALE's Info-level banner used to land on stderr.
+    result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--list-suites"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and "atari-modes" in result.stdout
+    assert "A.L.E" not in result.stderr + result.stdout and "Stella" not in result.stderr + result.stdout
+
 # -- outputs are checked before any episode runs; nothing is lost or silently replaced ----------
 
 
