@@ -26,7 +26,8 @@ permutation test also says whether it survives Holm's correction (:func:`holm_ad
 report's family of comparisons.
 
 ``load_scores(study)`` returns ``{model: array(runs, envs)}`` for a notebook; ``write_report``
-writes ``studies/<study>/report.md`` and its PNG plots; :func:`publish` writes the results page
+writes ``studies/<study>/report.md``, its PNG plots and ``scores.csv`` (every run's scores, unrounded, which
+:func:`read_scores_csv` turns back into those arrays without the runs); :func:`publish` writes the results page
 (``docs/results.md``) from finished studies' reports, refusing unfinished or mixed-version studies.
 """
 
@@ -557,6 +558,86 @@ def load_scores(study: str | Path, point: int | None = None, held_out_only: bool
     return load_results(study, root).scores(point, held_out_only)
 
 
+
+SCORES_FILE = "scores.csv"
+SCORES_COLUMNS = ("model", "seed", "env", "held_out", "point", "checkpoint_frames", "mean_return", "success_rate")
+
+
+def scores_csv(results: StudyResults) -> str:
+    """Every run's evaluation scores as CSV text, one row per run, evaluation point and env (the report's
+    statistics are computed from these numbers, unrounded; :func:`read_scores_csv` reads them back).
+
+    Columns: ``model, seed, env, held_out`` (1 or 0), ``point`` (the planned frames), ``checkpoint_frames``
+    (the checkpoint evaluated there), ``mean_return``, ``success_rate`` (empty where the env has none).
+    Floats are written in full (``repr``), so the arrays read back equal the report's to the bit.
+    """
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SCORES_COLUMNS)
+    for model in results.models:
+        for record in sorted(results.runs.get(model, []), key=lambda r: r.seed):
+            for point in sorted(record.returns):
+                for j, env in enumerate(results.envs):
+                    value, success = record.returns[point][j], record.successes[point][j]
+                    if not np.isfinite(value):
+                        continue  # not evaluated on this env: no row, as the statistics leave it out
+                    writer.writerow([model, record.seed, env, int(results.held_out[j]), point, record.frames[point],
+                                     repr(float(value)), repr(float(success)) if np.isfinite(success) else ""])
+    return buffer.getvalue()
+
+
+def read_scores_csv(path: str | Path, point: int | None = None,
+                    held_out_only: bool = False) -> dict[str, np.ndarray]:
+    """``{model: array(runs, envs)}`` of mean returns at ``point`` (default: the last point in the file) from
+    a study's ``scores.csv`` (written beside its report and published beside its plots): the arrays the
+    report's statistics are computed from, so ``interval_estimates(read_scores_csv(path, held_out_only=True))``
+    recomputes its held-out intervals without the runs. Rows are runs with a score on every env at ``point``,
+    in seed order; columns are the envs in the file's order.
+
+    :param held_out_only: keep only the held-out envs' columns.
+    :raises ValueError: a file that is not such a CSV (one line naming the file and the problem), or a
+        ``point`` the file has no scores at.
+    """
+    import csv
+
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+            header = rows[0].keys() if rows else set()
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"{path}: cannot read it as a scores CSV ({error})") from None
+    missing = [c for c in SCORES_COLUMNS if c not in header]
+    if missing:
+        raise ValueError(f"{path}: not a study's {SCORES_FILE} (" + (f"no column {', '.join(missing)}" if rows
+                                                                      else "no rows") + ")")
+    try:
+        parsed = [(r["model"], int(r["seed"]), r["env"], r["held_out"] == "1", int(r["point"]),
+                   float(r["mean_return"])) for r in rows]
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: not a study's {SCORES_FILE} ({error})") from None
+    envs = list(dict.fromkeys(env for _, _, env, _, _, _ in parsed))
+    held_out = {env: held for _, _, env, held, _, _ in parsed}
+    columns = [env for env in envs if held_out[env] or not held_out_only]
+    points = sorted({p for *_, p, _ in parsed})
+    point = points[-1] if point is None else point
+    if point not in points:
+        raise ValueError(f"{path} has scores at {points} frames, not at {point}")
+    by_run: dict[str, dict[int, dict[str, float]]] = {}
+    for model, seed, env, _, at, value in parsed:
+        by_run.setdefault(model, {}).setdefault(seed, {})
+        if at == point:
+            by_run[model][seed][env] = value
+    out = {}
+    for model, seeds in by_run.items():
+        kept = [[seeds[seed][env] for env in columns] for seed in sorted(seeds)
+                if all(np.isfinite(seeds[seed].get(env, np.nan)) for env in envs)]
+        out[model] = np.array(kept, dtype=np.float64).reshape(len(kept), len(columns))
+    return out
+
 # -- report ----------------------------------------------------------------------------------------
 
 
@@ -945,7 +1026,9 @@ def build_report(results: StudyResults, reps: int = REPS, plots: bool = True) ->
 
     # Per-seed tables.
     lines += ["## Per seed (end of budget)", "", "Mean return per run; the last rows give the mean and the sample SD "
-              "(ddof=1) over runs.", ""]
+              f"(ddof=1) over runs. Every run's scores at every evaluation point, unrounded, are in [{SCORES_FILE}]"
+              f"({SCORES_FILE}) (`agents.report.read_scores_csv` reads them back into the arrays these statistics "
+              "are computed from).", ""]
     for j, env in enumerate(envs):
         seeds = sorted({s for m in final for s in results.seeds(m)})
         rows = []
@@ -1133,7 +1216,8 @@ def write_plots(results: StudyResults, heldout_scores: dict[str, np.ndarray],
 
 def write_report(study: str | Path, root: str | Path = DEFAULT_ROOT, split_versions: bool = False,
                  reps: int = REPS) -> Path:
-    """Rebuild ``<study dir>/report.md`` and its plots from the finished runs (trains nothing)."""
+    """Rebuild ``<study dir>/report.md``, its plots and (for a generalisation study) ``scores.csv`` from the
+    finished runs (trains nothing)."""
     from agents.study import atomic_write
 
     directory = study_dir(study, root)
@@ -1145,6 +1229,7 @@ def write_report(study: str | Path, root: str | Path = DEFAULT_ROOT, split_versi
         return directory / "report.md"
     results = load_results(study, root, split_versions=split_versions)
     text = build_report(results, reps=reps)
+    atomic_write(results.directory / SCORES_FILE, scores_csv(results).encode())
     path = results.directory / "report.md"
     atomic_write(path, text.encode())
     return path
@@ -1338,9 +1423,9 @@ def _published_parts(text: str, name: str) -> tuple[str, list[str], list[str]]:
 
 
 # The PNG names the report code writes into a study's plots/ (write_plots here, agents.adaptation's
-# _write_plots). publish copies only these (a PNG someone else saved in a study's plots/ is not the report's),
-# so in a published study's folder of plots files of these names are publish's own copies, which it replaces;
-# anything else there is someone's file, which it never touches.
+# _write_plots). publish copies only these (a PNG someone else saved in a study's plots/ is not the report's)
+# and the study's SCORES_FILE, so in a published study's folder files of these names are publish's own copies,
+# which it replaces; anything else there is someone's file, which it never touches.
 PLOT_NAMES = frozenset({"interval_estimates", "probability_of_improvement", "performance_profile",
                         "heldout_vs_frames", "return_vs_frames_per_env", "finetune_curves",
                         "area_interval_estimates"})
@@ -1369,7 +1454,7 @@ def _check_out(out: Path) -> None:
 
 def _check_plots_folder(folder: Path) -> None:
     """Refuse a published study's plots folder that holds anything publish did not write there: anything but
-    :func:`_is_own_plot` files (another file, a folder, a link: what it points to is not publish's).
+    :func:`_is_own_file` files (another file, a folder, a link: what it points to is not publish's).
 
     :raises StudyError: one line naming the folder and the first such entry.
     """
@@ -1379,22 +1464,24 @@ def _check_plots_folder(folder: Path) -> None:
     if not folder.is_dir():
         return
     for entry in sorted(folder.iterdir()):
-        if not _is_own_plot(entry):
+        if not _is_own_file(entry):
             raise StudyError(f"{folder} holds {entry.name}, which study.py publish did not write (it replaces only "
-                             "the report's plot PNGs there); move it away or give another --out")
+                             f"the report's plot PNGs and {SCORES_FILE} there); move it away or give another --out")
 
 
-def _is_own_plot(entry: Path) -> bool:
-    """Whether ``entry`` is a plot publish copies (``<name>.png``, ``name`` in :data:`PLOT_NAMES`, a plain file)."""
-    return entry.suffix == ".png" and entry.stem in PLOT_NAMES and entry.is_file() and not entry.is_symlink()
+def _is_own_file(entry: Path) -> bool:
+    """Whether ``entry`` is a file publish copies: a plot (``<name>.png``, ``name`` in :data:`PLOT_NAMES`) or the
+    study's :data:`SCORES_FILE`, and a plain file, not a link."""
+    own = (entry.suffix == ".png" and entry.stem in PLOT_NAMES) or entry.name == SCORES_FILE
+    return own and entry.is_file() and not entry.is_symlink()
 
 
 def _remove_plots(folder: Path) -> None:
-    """Delete the PNGs publish copied into ``folder``, so plots a report no longer draws do not linger beside the
+    """Delete the files publish copied into ``folder``, so plots a report no longer draws do not linger beside the
     new ones. Only those: anything saved there since :func:`_check_plots_folder` looked stays."""
     if folder.is_dir() and not folder.is_symlink():
         for entry in folder.iterdir():
-            if _is_own_plot(entry):
+            if _is_own_file(entry):
                 entry.unlink()
 
 
@@ -1403,7 +1490,7 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
     """Write the results page ``out`` (e.g. ``docs/results.md``) from the reports of finished studies.
 
     Every study is checked first (:func:`check_publishable`: all runs finished, one code version);
-    then its report is rebuilt from its runs (``write_report``), its PNGs are copied to
+    then its report is rebuilt from its runs (``write_report``), its PNGs and ``scores.csv`` are copied to
     ``<out dir>/<out stem>/<study>/`` and its report goes into the page under a banner naming the
     published studies and their code versions. With no study, the page says that none is published
     yet. The page is written atomically and marked as generated; a page that was edited by hand (or
@@ -1462,8 +1549,11 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
         for png in sorted((directory / "plots").glob("*.png")):
             if png.stem in PLOT_NAMES and png.stem in linked:
                 shutil.copyfile(png, target / png.name)
+        if f"]({SCORES_FILE})" in text:  # the report links the scores it was computed from
+            shutil.copyfile(directory / SCORES_FILE, target / SCORES_FILE)
         link = f"{target.relative_to(out.parent).as_posix()}/"
-        body = [("#" + line if line.startswith("#") else line.replace("](plots/", f"]({link}"))
+        body = [("#" + line if line.startswith("#") else
+                 line.replace("](plots/", f"]({link}").replace(f"]({SCORES_FILE})", f"]({link}{SCORES_FILE})"))
                 for line in text.splitlines()]
         _, commits, _ = study_versions(spec, directory)
         commits = [c for c in commits if not version.startswith(c.split(" ")[0])]  # a version set by hand is its own
@@ -1511,5 +1601,5 @@ __all__ = ["RunRecord", "StudyResults", "build_report", "check_publishable", "co
            "detectable_difference", "fast_iqm",
            "interval_estimates", "iqm", "load_results", "load_scores", "mean", "performance_profile", "poi_interval",
            "probability_of_improvement", "provenance_lines", "publish", "published_studies",
-           "sample_sd", "score_distribution",
+           "read_scores_csv", "sample_sd", "scores_csv", "score_distribution",
            "smallest_detectable_difference", "study_versions", "verdict", "write_report"]

@@ -315,9 +315,13 @@ def test_publish_a_finished_study(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "2026-12-01T10:00:00Z to 2026-12-01T11:55:00Z" in text
     assert "- Wall time: 1 h 55 min" in text and "Test CPU (AVX2), 2 CPUs" in text
     assert "`test-version` (15 runs)." in text  # $MODULAR_RL_CODE_VERSION is used whole
-    # Plots copied next to the page and linked relative to it.
-    pngs = sorted(p.name for p in (tmp_path / "docs" / "results" / "tiny-pub").iterdir())
+    # Plots and the per-run scores copied next to the page and linked relative to it.
+    published = tmp_path / "docs" / "results" / "tiny-pub"
+    pngs = sorted(p.name for p in published.glob("*.png"))
     assert pngs == sorted(p.name for p in (directory / "plots").glob("*.png")) and len(pngs) == 5
+    assert sorted(p.name for p in published.iterdir()) == sorted([*pngs, "scores.csv"])
+    assert (published / "scores.csv").read_bytes() == (directory / "scores.csv").read_bytes()
+    assert "[scores.csv](results/tiny-pub/scores.csv)" in text and "](scores.csv)" not in text
     assert {Path(name).stem for name in pngs} <= report.PLOT_NAMES  # the plots publish may replace as its own
     for name in pngs:
         assert f"(results/tiny-pub/{name})" in text
@@ -348,13 +352,14 @@ def test_publish_replaces_only_the_plots_it_copied(tmp_path: Path, capsys: pytes
     args = ["publish", "tiny-pub", "--out", str(out), "--root", str(root), "--reps", "200"]
     assert study_cli.main(args) == 2
     assert one_line_error(capsys) == (f"error: {plots} holds data.csv, which study.py publish did not write (it "
-                                      "replaces only the report's plot PNGs there); move it away or give another "
-                                      "--out\n")
+                                      "replaces only the report's plot PNGs and scores.csv there); move it away or "
+                                      "give another --out\n")
     assert [p.name for p in plots.iterdir()] == ["data.csv"] and (plots / "data.csv").read_text() == "precious\n"
     assert not out.exists() and not (directory / "report.md").exists()
 
     (plots / "data.csv").unlink()
     (plots / "finetune_curves.png").write_bytes(b"a plot an earlier publish copied")  # the report's own name
+    (plots / "scores.csv").write_text("an earlier publish's scores\n")  # replaced, as publish's own
     # A PNG someone saved among the study's plots is not the report's: not copied (and so never refused later).
     (directory / "plots").mkdir(exist_ok=True)
     (directory / "plots" / "probe.png").write_bytes(b"someone's plot")
@@ -362,9 +367,10 @@ def test_publish_replaces_only_the_plots_it_copied(tmp_path: Path, capsys: pytes
     (directory / "plots" / "finetune_curves.png").write_bytes(b"an adaptation report's plot")
     assert study_cli.main(args) == 0
     capsys.readouterr()
-    pngs = sorted(p.name for p in plots.iterdir())
+    pngs = sorted(p.name for p in plots.glob("*.png"))
     assert pngs == sorted(p.name for p in (directory / "plots").glob("*.png")
                           if p.stem in report.PLOT_NAMES and p.name != "finetune_curves.png") and len(pngs) == 5
+    assert (plots / "scores.csv").read_bytes() == (directory / "scores.csv").read_bytes()
     assert "probe.png" not in pngs and "finetune_curves.png" not in pngs  # the stale copy went with the rest
     assert (directory / "plots" / "probe.png").read_bytes() == b"someone's plot"
     # Published again, or dropped from the page (--force: a hand-edited page): a file put beside the plots
@@ -382,6 +388,45 @@ def test_publish_replaces_only_the_plots_it_copied(tmp_path: Path, capsys: pytes
     assert study_cli.main(["publish", "--out", str(out), "--root", str(root)]) == 0
     assert not plots.exists() and "No study is published yet" in out.read_text()
 
+
+def test_the_scores_file_gives_back_the_reports_arrays(tmp_path: Path) -> None:
+    # scores.csv, written beside report.md (and published beside the plots), holds what the statistics are
+    # computed from: read back, it gives the same arrays to the bit and so the same intervals, without the runs.
+    root, directory = fake_study(tmp_path)
+    results = report.load_results(directory, root)
+    # One run without an end-of-budget evaluation: in the file at the points it has, out of the final arrays.
+    missing = next(r for r in results.runs["lstm"] if r.seed == 3)
+    for table in (missing.returns, missing.successes):
+        table[results.study.total_frames] = np.full(len(results.envs), np.nan)
+    path = tmp_path / "scores.csv"
+    path.write_text(report.scores_csv(results))
+    for point in results.study.points:
+        for held_out_only in (False, True):
+            expected = results.scores(point, held_out_only)
+            got = report.read_scores_csv(path, point, held_out_only)
+            assert list(got) == list(expected) and all(np.array_equal(got[m], expected[m]) for m in expected)
+    final = report.read_scores_csv(path, held_out_only=True)  # the last point by default
+    assert [len(final[m]) for m in final] == [4, 5, 5]
+    assert report.interval_estimates(final, reps=200) == report.interval_estimates(
+        results.scores(held_out_only=True), reps=200)
+    header, first, *_ = path.read_text().splitlines()
+    assert header == "model,seed,env,held_out,point,checkpoint_frames,mean_return,success_rate"
+    assert first.startswith("lstm,1,DoorKey-6x6,1,")
+
+    # write_report writes it; the report links it.
+    report.write_report(directory, root, reps=200)
+    assert "[scores.csv](scores.csv)" in (directory / "report.md").read_text()
+    assert report.read_scores_csv(directory / "scores.csv").keys() == {"lstm", "lstm-24", "rims"}
+
+    # A file that is not a scores CSV, or a point it has no scores at: one line naming it.
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match=r"other.csv: not a study's scores.csv \(no column model, seed"):
+        report.read_scores_csv(tmp_path / "other.csv")
+    with pytest.raises(ValueError, match="not at 123"):
+        report.read_scores_csv(path, point=123)
+    (tmp_path / "bad.csv").write_text(path.read_text().replace(",1,DoorKey", ",x,DoorKey", 1))
+    with pytest.raises(ValueError, match="bad.csv: not a study's scores.csv"):
+        report.read_scores_csv(tmp_path / "bad.csv")
 
 def test_publish_refuses_an_out_that_is_no_page(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root, _ = fake_study(tmp_path)
