@@ -268,6 +268,71 @@ def _matrix(records: list[FinetuneRecord], tasks: Sequence[str], measure: str,
                                                                                                 len(tasks)), seeds
 
 
+FINETUNE_SCORES_FILE = "finetune_scores.csv"
+FINETUNE_COLUMNS = ("run", "seed", "task", "auc", "frames_to_threshold", "final", "budget")
+
+
+def finetune_scores_csv(finetunes: dict[str, list[FinetuneRecord]], tasks: Sequence[str], budget: int) -> str:
+    """Every finished fine-tuning run's measures as CSV text, one row per run and task: ``run`` (the row
+    label), ``seed``, ``task``, ``auc`` (area under the curve), ``frames_to_threshold`` (empty: never
+    reached within the budget), ``final``, ``budget`` (the fine-tuning frames, which a run that never reached
+    the threshold counts as). Rows go task by task in ``tasks``' order (the report's columns), then run and
+    seed; floats in full (``repr``): :func:`read_finetune_scores_csv` gives back the report's matrices to the
+    bit."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(FINETUNE_COLUMNS)
+    for task in tasks:  # task by task, so a reader's columns come out in the report's order
+        for label, records in finetunes.items():
+            for r in sorted((r for r in records if r.task == task), key=lambda r: r.seed):
+                writer.writerow([label, r.seed, r.task, repr(float(r.auc)),
+                                 "" if r.frames_to_threshold is None else r.frames_to_threshold,
+                                 repr(float(r.final)), budget])
+    return buffer.getvalue()
+
+
+def read_finetune_scores_csv(path: str | Path, measure: str = "auc") -> dict[str, np.ndarray]:
+    """``{run: array(runs, tasks)}`` of one measure (``auc``, ``frames_to_threshold`` or ``final``) from an
+    adaptation study's ``finetune_scores.csv``: the matrices its report's statistics are computed from (rows:
+    the seeds that finished every task of the file, in order; columns: the tasks in the file's order; frames
+    to threshold counts a run that never reached it as the budget, a lower bound).
+
+    :raises ValueError: an unknown measure, or a file that is not such a CSV (one line naming it).
+    """
+    import csv
+
+    if measure not in ("auc", "frames_to_threshold", "final"):
+        raise ValueError(f"measure {measure!r}: one of auc, frames_to_threshold, final")
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"{path}: cannot read it as a fine-tuning scores CSV ({error})") from None
+    missing = [c for c in FINETUNE_COLUMNS if not rows or c not in rows[0]]
+    if missing:
+        raise ValueError(f"{path}: not a study's {FINETUNE_SCORES_FILE} ("
+                         + (f"no column {', '.join(missing)}" if rows else "no rows") + ")")
+    try:
+        parsed = [(r["run"], int(r["seed"]), r["task"],
+                   float(r[measure] or r["budget"]) if measure == "frames_to_threshold" else float(r[measure]))
+                  for r in rows]
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: not a study's {FINETUNE_SCORES_FILE} ({error})") from None
+    tasks = list(dict.fromkeys(task for _, _, task, _ in parsed))
+    by_run: dict[str, dict[int, dict[str, float]]] = {}
+    for label, seed, task, value in parsed:
+        by_run.setdefault(label, {}).setdefault(seed, {})[task] = value
+    out = {}
+    for label, seeds in by_run.items():
+        kept = [[seeds[s][t] for t in tasks] for s in sorted(seeds) if all(t in seeds[s] for t in tasks)]
+        out[label] = np.array(kept, dtype=np.float64).reshape(len(kept), len(tasks))
+    return out
+
+
 def mean_frames_text(frames: Sequence[int | None], budget: int) -> str:
     """One seed's frames to threshold averaged over tasks, as the per-seed table prints it: ``> budget`` when
     no task reached the threshold, ``>= mean`` (a lower bound, the budget standing in for a task that never
@@ -481,7 +546,11 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
     # Per seed.
     lines += ["## Per seed", "", "Area under the curve / frames to threshold (`>` budget: never reached; `>=`: "
               "some tasks never reached, counted as the budget, so a lower bound) per fine-tuning run, averaged "
-              "over tasks.", ""]
+              f"over tasks. Every fine-tuning run's measures per task, unrounded, are in [{FINETUNE_SCORES_FILE}]"
+              f"({FINETUNE_SCORES_FILE}), and the pre-training runs' evaluation scores in [{rp.SCORES_FILE}]"
+              f"({rp.SCORES_FILE}) (`agents.adaptation.read_finetune_scores_csv` and "
+              "`agents.report.read_scores_csv` read them back into the arrays these statistics are computed from).",
+              ""]
     seeds = sorted({r.seed for rs in finetunes.values() for r in rs})
     rows = []
     for seed in seeds:

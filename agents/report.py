@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from agents.adaptation import FINETUNE_SCORES_FILE
 from agents.config import load_written_yaml
 from agents.study import (
     DEFAULT_ROOT,
@@ -564,7 +565,7 @@ SCORES_COLUMNS = ("model", "seed", "env", "held_out", "point", "checkpoint_frame
 
 
 def scores_csv(results: StudyResults) -> str:
-    """Every run's evaluation scores as CSV text, one row per run, evaluation point and env (the report's
+    """Every run's evaluation scores as CSV text, one row per env, run and evaluation point (the report's
     statistics are computed from these numbers, unrounded; :func:`read_scores_csv` reads them back).
 
     Columns: ``model, seed, env, held_out`` (1 or 0), ``point`` (the planned frames), ``checkpoint_frames``
@@ -577,10 +578,11 @@ def scores_csv(results: StudyResults) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(SCORES_COLUMNS)
-    for model in results.models:
-        for record in sorted(results.runs.get(model, []), key=lambda r: r.seed):
-            for point in sorted(record.returns):
-                for j, env in enumerate(results.envs):
+    # Env by env (the study's order, so a reader's columns come out in it), then model, seed and point.
+    for j, env in enumerate(results.envs):
+        for model in results.models:
+            for record in sorted(results.runs.get(model, []), key=lambda r: r.seed):
+                for point in sorted(record.returns):
                     value, success = record.returns[point][j], record.successes[point][j]
                     if not np.isfinite(value):
                         continue  # not evaluated on this env: no row, as the statistics leave it out
@@ -595,7 +597,7 @@ def read_scores_csv(path: str | Path, point: int | None = None,
     a study's ``scores.csv`` (written beside its report and published beside its plots): the arrays the
     report's statistics are computed from, so ``interval_estimates(read_scores_csv(path, held_out_only=True))``
     recomputes its held-out intervals without the runs. Rows are runs with a score on every env at ``point``,
-    in seed order; columns are the envs in the file's order.
+    in seed order; columns are the envs in the file's order (the study's).
 
     :param held_out_only: keep only the held-out envs' columns.
     :raises ValueError: a file that is not such a CSV (one line naming the file and the problem), or a
@@ -1221,10 +1223,16 @@ def write_report(study: str | Path, root: str | Path = DEFAULT_ROOT, split_versi
     from agents.study import atomic_write
 
     directory = study_dir(study, root)
-    if load_study_dir(directory).adaptation is not None:  # pre-training, fine-tuning, adaptation measures
-        from agents.adaptation import build_adaptation_report
+    spec = load_study_dir(directory)
+    if spec.adaptation is not None:  # pre-training, fine-tuning, adaptation measures
+        from agents.adaptation import build_adaptation_report, finetune_scores_csv, load_finetunes
 
         text = build_adaptation_report(directory, root, split_versions=split_versions, reps=reps)
+        scores = scores_csv(load_results(directory, root, split_versions=split_versions))
+        atomic_write(directory / SCORES_FILE, scores.encode())
+        finetunes = finetune_scores_csv(load_finetunes(spec, directory)[0], spec.adaptation.tasks,
+                                        spec.adaptation.total_frames)
+        atomic_write(directory / FINETUNE_SCORES_FILE, finetunes.encode())
         atomic_write(directory / "report.md", text.encode())
         return directory / "report.md"
     results = load_results(study, root, split_versions=split_versions)
@@ -1424,11 +1432,13 @@ def _published_parts(text: str, name: str) -> tuple[str, list[str], list[str]]:
 
 # The PNG names the report code writes into a study's plots/ (write_plots here, agents.adaptation's
 # _write_plots). publish copies only these (a PNG someone else saved in a study's plots/ is not the report's)
-# and the study's SCORES_FILE, so in a published study's folder files of these names are publish's own copies,
+# and the DATA_NAMES files, so in a published study's folder files of these names are publish's own copies,
 # which it replaces; anything else there is someone's file, which it never touches.
 PLOT_NAMES = frozenset({"interval_estimates", "probability_of_improvement", "performance_profile",
                         "heldout_vs_frames", "return_vs_frames_per_env", "finetune_curves",
                         "area_interval_estimates"})
+# The per-run scores files a report links (its own folder's), which publish copies beside the plots.
+DATA_NAMES = frozenset({SCORES_FILE, FINETUNE_SCORES_FILE})
 
 
 def _check_out(out: Path) -> None:
@@ -1466,13 +1476,13 @@ def _check_plots_folder(folder: Path) -> None:
     for entry in sorted(folder.iterdir()):
         if not _is_own_file(entry):
             raise StudyError(f"{folder} holds {entry.name}, which study.py publish did not write (it replaces only "
-                             f"the report's plot PNGs and {SCORES_FILE} there); move it away or give another --out")
+                             "the report's plot PNGs and scores CSVs there); move it away or give another --out")
 
 
 def _is_own_file(entry: Path) -> bool:
-    """Whether ``entry`` is a file publish copies: a plot (``<name>.png``, ``name`` in :data:`PLOT_NAMES`) or the
-    study's :data:`SCORES_FILE`, and a plain file, not a link."""
-    own = (entry.suffix == ".png" and entry.stem in PLOT_NAMES) or entry.name == SCORES_FILE
+    """Whether ``entry`` is a file publish copies: a plot (``<name>.png``, ``name`` in :data:`PLOT_NAMES`) or a
+    scores file (:data:`DATA_NAMES`), and a plain file, not a link."""
+    own = (entry.suffix == ".png" and entry.stem in PLOT_NAMES) or entry.name in DATA_NAMES
     return own and entry.is_file() and not entry.is_symlink()
 
 
@@ -1549,12 +1559,17 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
         for png in sorted((directory / "plots").glob("*.png")):
             if png.stem in PLOT_NAMES and png.stem in linked:
                 shutil.copyfile(png, target / png.name)
-        if f"]({SCORES_FILE})" in text:  # the report links the scores it was computed from
-            shutil.copyfile(directory / SCORES_FILE, target / SCORES_FILE)
+        data = [name for name in sorted(DATA_NAMES) if f"]({name})" in text]  # the scores the report links
+        for name in data:
+            shutil.copyfile(directory / name, target / name)
         link = f"{target.relative_to(out.parent).as_posix()}/"
-        body = [("#" + line if line.startswith("#") else
-                 line.replace("](plots/", f"]({link}").replace(f"]({SCORES_FILE})", f"]({link}{SCORES_FILE})"))
-                for line in text.splitlines()]
+
+        def relinked(line: str) -> str:
+            for name in data:
+                line = line.replace(f"]({name})", f"]({link}{name})")
+            return line.replace("](plots/", f"]({link}")
+
+        body = [("#" + line if line.startswith("#") else relinked(line)) for line in text.splitlines()]
         _, commits, _ = study_versions(spec, directory)
         commits = [c for c in commits if not version.startswith(c.split(" ")[0])]  # a version set by hand is its own
         runs = len(all_jobs(spec, directory))  # every run, an adaptation study's fine-tuning runs included

@@ -309,6 +309,30 @@ def test_tiny_adaptation_study_pretrains_finetunes_reports_and_reruns_nothing(
     # One pair asked both ways (2 rows x 2 measures): a family of one (0.333, not 2 x 0.333), and no family sentence.
     assert text.count(", p 0.333 (Holm 0.333) |") == 4 and "Holm-adjusted p: each measure's" not in text
     assert "frames to threshold (by P(improvement) and its permutation test): " in text
+    # finetune_scores.csv, linked from the report, gives back the matrices the measures are computed from.
+    from agents.adaptation import _matrix, load_finetunes, read_finetune_scores_csv
+    from agents.report import load_results, read_scores_csv
+
+    assert "[finetune_scores.csv](finetune_scores.csv)" in text and "[scores.csv](scores.csv)" in text
+    from agents.study import load_study_dir
+
+    two_seeds = load_study_dir(directory)
+    finetunes = load_finetunes(two_seeds, directory)[0]
+    for measure in ("auc", "frames_to_threshold", "final"):
+        read = read_finetune_scores_csv(directory / "finetune_scores.csv", measure)
+        assert list(read) == list(finetunes)
+        for label, records in finetunes.items():
+            expected = _matrix(records, two_seeds.adaptation.tasks, measure, two_seeds.adaptation.total_frames)[0]
+            assert len(expected) == 2 and np.array_equal(read[label], expected), (label, measure)
+    assert np.allclose(read_finetune_scores_csv(directory / "finetune_scores.csv")["meta-rims.ppo"], [[0.3], [0.6]])
+    pretraining = load_results(directory, root).scores()  # the pre-training runs, over three envs
+    read = read_scores_csv(directory / "scores.csv")
+    assert list(read) == list(pretraining) and all(read[m].shape == (2, 3) for m in read)
+    assert all(np.array_equal(read[m], pretraining[m]) for m in read)
+    with pytest.raises(ValueError, match="measure 'area': one of auc"):
+        read_finetune_scores_csv(directory / "finetune_scores.csv", "area")
+    with pytest.raises(ValueError, match="not a study's finetune_scores.csv"):
+        read_finetune_scores_csv(directory / "scores.csv")
 
     # Published, the banner counts every run (4 pre-training, 6 fine-tuning); kept by a later publish that
     # names no study (its runs need not be on the machine), its section stays as it was.
@@ -317,6 +341,9 @@ def test_tiny_adaptation_study_pretrains_finetunes_reports_and_reruns_nothing(
     published = page.read_text()
     banner = f"`tiny-adapt` (code version `test-version`; 10 runs; statistics v{STATISTICS_VERSION})"
     assert f"> Published: {banner}" in published
+    for name in ("scores.csv", "finetune_scores.csv"):  # beside the plots, linked from the page
+        assert (tmp_path / "results" / "tiny-adapt" / name).read_bytes() == (directory / name).read_bytes()
+        assert f"[{name}](results/tiny-adapt/{name})" in published
     assert study_cli.main(["publish", "--root", str(tmp_path / "elsewhere"), "--out", str(page), "--keep"]) == 0
     republished = page.read_text()
     section = published[published.index("## Adaptation study: tiny-adapt"):]

@@ -352,7 +352,7 @@ def test_publish_replaces_only_the_plots_it_copied(tmp_path: Path, capsys: pytes
     args = ["publish", "tiny-pub", "--out", str(out), "--root", str(root), "--reps", "200"]
     assert study_cli.main(args) == 2
     assert one_line_error(capsys) == (f"error: {plots} holds data.csv, which study.py publish did not write (it "
-                                      "replaces only the report's plot PNGs and scores.csv there); move it away or "
+                                      "replaces only the report's plot PNGs and scores CSVs there); move it away or "
                                       "give another --out\n")
     assert [p.name for p in plots.iterdir()] == ["data.csv"] and (plots / "data.csv").read_text() == "precious\n"
     assert not out.exists() and not (directory / "report.md").exists()
