@@ -302,20 +302,11 @@ def read_finetune_scores_csv(path: str | Path, measure: str = "auc") -> dict[str
 
     :raises ValueError: an unknown measure, or a file that is not such a CSV (one line naming it).
     """
-    import csv
+    from agents import report as rp
 
     if measure not in ("auc", "frames_to_threshold", "final"):
         raise ValueError(f"measure {measure!r}: one of auc, frames_to_threshold, final")
-    path = Path(path)
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise ValueError(f"{path}: cannot read it as a fine-tuning scores CSV ({error})") from None
-    missing = [c for c in FINETUNE_COLUMNS if not rows or c not in rows[0]]
-    if missing:
-        raise ValueError(f"{path}: not a study's {FINETUNE_SCORES_FILE} ("
-                         + (f"no column {', '.join(missing)}" if rows else "no rows") + ")")
+    rows = rp.read_csv_rows(path, FINETUNE_COLUMNS, FINETUNE_SCORES_FILE)
     try:
         parsed = [(r["run"], int(r["seed"]), r["task"],
                    float(r[measure] or r["budget"]) if measure == "frames_to_threshold" else float(r[measure]))
@@ -323,14 +314,10 @@ def read_finetune_scores_csv(path: str | Path, measure: str = "auc") -> dict[str
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: not a study's {FINETUNE_SCORES_FILE} ({error})") from None
     tasks = list(dict.fromkeys(task for _, _, task, _ in parsed))
-    by_run: dict[str, dict[int, dict[str, float]]] = {}
+    values: dict[str, dict[int, dict[str, float]]] = {}
     for label, seed, task, value in parsed:
-        by_run.setdefault(label, {}).setdefault(seed, {})[task] = value
-    out = {}
-    for label, seeds in by_run.items():
-        kept = [[seeds[s][t] for t in tasks] for s in sorted(seeds) if all(t in seeds[s] for t in tasks)]
-        out[label] = np.array(kept, dtype=np.float64).reshape(len(kept), len(tasks))
-    return out
+        values.setdefault(label, {}).setdefault(seed, {})[task] = value
+    return rp.score_matrices(values, tasks, tasks)
 
 
 def mean_frames_text(frames: Sequence[int | None], budget: int) -> str:

@@ -559,7 +559,6 @@ def load_scores(study: str | Path, point: int | None = None, held_out_only: bool
     return load_results(study, root).scores(point, held_out_only)
 
 
-
 SCORES_FILE = "scores.csv"
 SCORES_COLUMNS = ("model", "seed", "env", "held_out", "point", "checkpoint_frames", "mean_return", "success_rate")
 
@@ -591,6 +590,38 @@ def scores_csv(results: StudyResults) -> str:
     return buffer.getvalue()
 
 
+def read_csv_rows(path: str | Path, columns: Sequence[str], name: str) -> list[dict[str, str]]:
+    """The rows of a scores CSV (``name``: what it should be, for the message) as dicts of strings.
+
+    :raises ValueError: one line naming the file: unreadable, not UTF-8, no rows, or a column missing.
+    """
+    import csv
+
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"{path}: cannot read it as a study's {name} ({error})") from None
+    missing = [c for c in columns if not rows or c not in rows[0]]
+    if missing:
+        raise ValueError(f"{path}: not a study's {name} (" + (f"no column {', '.join(missing)}" if rows else "no rows")
+                         + ")")
+    return rows
+
+
+def score_matrices(values: dict[str, dict[int, dict[str, float]]], columns: Sequence[str],
+                   required: Sequence[str]) -> dict[str, np.ndarray]:
+    """``{model: array(runs, columns)}`` from ``values[model][seed][column]``: one row per seed (in order) that
+    has a finite value in every ``required`` column, as the report keeps a run only with a score everywhere."""
+    out = {}
+    for model, seeds in values.items():
+        kept = [[seeds[seed][c] for c in columns] for seed in sorted(seeds)
+                if all(np.isfinite(seeds[seed].get(c, np.nan)) for c in required)]
+        out[model] = np.array(kept, dtype=np.float64).reshape(len(kept), len(columns))
+    return out
+
+
 def read_scores_csv(path: str | Path, point: int | None = None,
                     held_out_only: bool = False) -> dict[str, np.ndarray]:
     """``{model: array(runs, envs)}`` of mean returns at ``point`` (default: the last point in the file) from
@@ -603,19 +634,7 @@ def read_scores_csv(path: str | Path, point: int | None = None,
     :raises ValueError: a file that is not such a CSV (one line naming the file and the problem), or a
         ``point`` the file has no scores at.
     """
-    import csv
-
-    path = Path(path)
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-            header = rows[0].keys() if rows else set()
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise ValueError(f"{path}: cannot read it as a scores CSV ({error})") from None
-    missing = [c for c in SCORES_COLUMNS if c not in header]
-    if missing:
-        raise ValueError(f"{path}: not a study's {SCORES_FILE} (" + (f"no column {', '.join(missing)}" if rows
-                                                                      else "no rows") + ")")
+    rows = read_csv_rows(path, SCORES_COLUMNS, SCORES_FILE)
     try:
         parsed = [(r["model"], int(r["seed"]), r["env"], r["held_out"] == "1", int(r["point"]),
                    float(r["mean_return"])) for r in rows]
@@ -623,22 +642,17 @@ def read_scores_csv(path: str | Path, point: int | None = None,
         raise ValueError(f"{path}: not a study's {SCORES_FILE} ({error})") from None
     envs = list(dict.fromkeys(env for _, _, env, _, _, _ in parsed))
     held_out = {env: held for _, _, env, held, _, _ in parsed}
-    columns = [env for env in envs if held_out[env] or not held_out_only]
     points = sorted({p for *_, p, _ in parsed})
     point = points[-1] if point is None else point
     if point not in points:
         raise ValueError(f"{path} has scores at {points} frames, not at {point}")
-    by_run: dict[str, dict[int, dict[str, float]]] = {}
+    values: dict[str, dict[int, dict[str, float]]] = {}
     for model, seed, env, _, at, value in parsed:
-        by_run.setdefault(model, {}).setdefault(seed, {})
+        values.setdefault(model, {}).setdefault(seed, {})  # a model or seed without this point keeps its place
         if at == point:
-            by_run[model][seed][env] = value
-    out = {}
-    for model, seeds in by_run.items():
-        kept = [[seeds[seed][env] for env in columns] for seed in sorted(seeds)
-                if all(np.isfinite(seeds[seed].get(env, np.nan)) for env in envs)]
-        out[model] = np.array(kept, dtype=np.float64).reshape(len(kept), len(columns))
-    return out
+            values[model][seed][env] = value
+    return score_matrices(values, [env for env in envs if held_out[env] or not held_out_only], envs)
+
 
 # -- report ----------------------------------------------------------------------------------------
 
@@ -1218,8 +1232,8 @@ def write_plots(results: StudyResults, heldout_scores: dict[str, np.ndarray],
 
 def write_report(study: str | Path, root: str | Path = DEFAULT_ROOT, split_versions: bool = False,
                  reps: int = REPS) -> Path:
-    """Rebuild ``<study dir>/report.md``, its plots and (for a generalisation study) ``scores.csv`` from the
-    finished runs (trains nothing)."""
+    """Rebuild ``<study dir>/report.md``, its plots and its scores CSVs (``scores.csv``; an adaptation study's
+    ``finetune_scores.csv`` too) from the finished runs (trains nothing)."""
     from agents.study import atomic_write
 
     directory = study_dir(study, root)
@@ -1616,5 +1630,5 @@ __all__ = ["RunRecord", "StudyResults", "build_report", "check_publishable", "co
            "detectable_difference", "fast_iqm",
            "interval_estimates", "iqm", "load_results", "load_scores", "mean", "performance_profile", "poi_interval",
            "probability_of_improvement", "provenance_lines", "publish", "published_studies",
-           "read_scores_csv", "sample_sd", "scores_csv", "score_distribution",
+           "read_csv_rows", "read_scores_csv", "sample_sd", "score_matrices", "scores_csv", "score_distribution",
            "smallest_detectable_difference", "study_versions", "verdict", "write_report"]
