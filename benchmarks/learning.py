@@ -445,7 +445,7 @@ def study_jobs(study: str) -> tuple[Path, list[Job]]:
         takes them.
     :raises ValueError: for a folder that is not a study's, or a study with no runs yet (the message says which).
     """
-    from agents.study import RUNS_FOLDER, STUDY_COPY, StudyError, load_study_dir, run_dir, study_dir
+    from agents.study import RUNS_FOLDER, STUDY_COPY, StudyError, load_study_dir, run_dir, study_dir, unplanned_runs
 
     try:
         folder = study_dir(study)
@@ -460,8 +460,7 @@ def study_jobs(study: str) -> tuple[Path, list[Job]]:
         raise ValueError(f"the study in {folder} has no runs yet ({RUNS_FOLDER}/<model>/seed_<s>)")
     jobs = [Job(model.label, None, (), seed, run_dir(folder, model.label, seed))
             for model in sorted(planned.models, key=lambda m: m.label) for seed in sorted(planned.seeds)]
-    expected = {job.run_dir for job in jobs}
-    stray = sorted(path for path in runs.glob("*/*") if path.is_dir() and path not in expected)
+    stray = [path for path in unplanned_runs(planned, folder) if path.is_relative_to(runs)]  # not fine-tuning's
     if stray:
         print(f"note: {len(stray)} folder(s) in {runs} are not runs of the study's models and seeds, left out: "
               f"{', '.join(str(path.relative_to(runs)) for path in stray[:5])}{' ...' if len(stray) > 5 else ''}",
