@@ -9,12 +9,12 @@
 
 Outputs go to studies/<study>/ (--root to change): runs/<model>/seed_<s>/ (what train.py writes,
 plus eval/point_<frames>.json from evaluate.py and provenance.json), logs/, sessions.jsonl (each `run`:
-command, start, end, machine), report.md, plots/, scores.csv (every run's scores). `publish` writes a
-results page (docs/results.md) from finished studies' reports, their PNGs and scores.csv under
-docs/results/<study>/; it refuses a study with unfinished runs or runs of more than one code version, a page
-edited by hand (unless --force), and a docs/results/<study>/ holding files it did not copy there (it replaces
-only its own PNGs and scores.csv). `run` refuses a non-empty studies/<study>/ that holds no study (no
-study.yaml).
+command, start, end, machine), report.md, plots/, scores.csv (every run's scores; an adaptation study's
+fine-tuning measures in finetune_scores.csv). `publish` writes a results page (docs/results.md) from finished
+studies' reports, their PNGs and scores files under docs/results/<study>/; it refuses a study with unfinished
+runs or runs of more than one code version, a page edited by hand (unless --force), and a
+docs/results/<study>/ holding files it did not copy there (it replaces only its own PNGs and scores files).
+`run` refuses a non-empty studies/<study>/ that holds no study (no study.yaml).
 A `kind: adaptation` study (configs/studies/adaptation-*.yaml) pre-trains its models there, then
 fine-tunes them into finetune/<run>/<task>/seed_<s>/, and reports how fast each adapted.
 Running the same command again skips finished work and resumes interrupted runs; Ctrl-C stops
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where study directories go (default studies/)")
     run.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
     for name, text in (("status", "show which runs are finished, partly done or not started"),
-                       ("report", "rebuild studies/<study>/report.md, its plots and scores.csv from finished runs")):
+                       ("report", "rebuild studies/<study>/report.md, its plots and scores files from finished runs")):
         sub = commands.add_parser(name, help=text, parents=[debug])
         sub.add_argument("study", help="study name, study directory, or study file")
         sub.add_argument("--root", type=cli_path, default=DEFAULT_ROOT,

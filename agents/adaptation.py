@@ -269,7 +269,8 @@ def _matrix(records: list[FinetuneRecord], tasks: Sequence[str], measure: str,
 
 
 FINETUNE_SCORES_FILE = "finetune_scores.csv"
-FINETUNE_COLUMNS = ("run", "seed", "task", "auc", "frames_to_threshold", "final", "budget")
+FINETUNE_MEASURES = ("auc", "frames_to_threshold", "final")  # per fine-tuning run and task; the report's measures
+FINETUNE_COLUMNS = ("run", "seed", "task", *FINETUNE_MEASURES, "budget")
 
 
 def finetune_scores_csv(finetunes: dict[str, list[FinetuneRecord]], tasks: Sequence[str], budget: int) -> str:
@@ -279,33 +280,28 @@ def finetune_scores_csv(finetunes: dict[str, list[FinetuneRecord]], tasks: Seque
     the threshold counts as). Rows go task by task in ``tasks``' order (the report's columns), then run and
     seed; floats in full (``repr``): :func:`read_finetune_scores_csv` gives back the report's matrices to the
     bit."""
-    import csv
-    import io
+    from agents.report import csv_text
 
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(FINETUNE_COLUMNS)
-    for task in tasks:  # task by task, so a reader's columns come out in the report's order
-        for label, records in finetunes.items():
-            for r in sorted((r for r in records if r.task == task), key=lambda r: r.seed):
-                writer.writerow([label, r.seed, r.task, repr(float(r.auc)),
-                                 "" if r.frames_to_threshold is None else r.frames_to_threshold,
-                                 repr(float(r.final)), budget])
-    return buffer.getvalue()
+    rows = [[label, r.seed, r.task, repr(float(r.auc)), "" if r.frames_to_threshold is None else r.frames_to_threshold,
+             repr(float(r.final)), budget]
+            for task in tasks  # task by task, so a reader's columns come out in the report's order
+            for label, records in finetunes.items()
+            for r in sorted((r for r in records if r.task == task), key=lambda r: r.seed)]  # _matrix's seed order
+    return csv_text(FINETUNE_COLUMNS, rows)
 
 
 def read_finetune_scores_csv(path: str | Path, measure: str = "auc") -> dict[str, np.ndarray]:
     """``{run: array(runs, tasks)}`` of one measure (``auc``, ``frames_to_threshold`` or ``final``) from an
-    adaptation study's ``finetune_scores.csv``: the matrices its report's statistics are computed from (rows:
-    the seeds that finished every task of the file, in order; columns: the tasks in the file's order; frames
-    to threshold counts a run that never reached it as the budget, a lower bound).
+    adaptation study's ``finetune_scores.csv``: the matrices a finished study's report computes its statistics
+    from (rows: the seeds that finished every task of the file, in order; columns: the tasks in the file's
+    order; frames to threshold counts a run that never reached it as the budget, a lower bound).
 
     :raises ValueError: an unknown measure, or a file that is not such a CSV (one line naming it).
     """
     from agents import report as rp
 
-    if measure not in ("auc", "frames_to_threshold", "final"):
-        raise ValueError(f"measure {measure!r}: one of auc, frames_to_threshold, final")
+    if measure not in FINETUNE_MEASURES:
+        raise ValueError(f"measure {measure!r}: one of {', '.join(FINETUNE_MEASURES)}")
     rows = rp.read_csv_rows(path, FINETUNE_COLUMNS, FINETUNE_SCORES_FILE)
     try:
         parsed = [(r["run"], int(r["seed"]), r["task"],
@@ -331,8 +327,12 @@ def mean_frames_text(frames: Sequence[int | None], budget: int) -> str:
 
 
 def build_adaptation_report(directory: Path, root: str | Path, split_versions: bool = False,
-                            reps: int = 10_000) -> str:
+                            reps: int = 10_000, loaded: tuple[Any, tuple[dict[str, list[FinetuneRecord]], list[str]]]
+                            | None = None) -> str:
     """The markdown of an adaptation study's report (and its PNGs in ``<study dir>/plots/``).
+
+    :param loaded: the pre-training results (:func:`agents.report.load_results`) and :func:`load_finetunes`'
+        answer, when the caller read them already (to write the scores files from the same runs).
 
     :raises StudyError: nothing finished yet, or (without ``split_versions``) runs of one model from
         different code or configs (as :func:`agents.report.load_results`).
@@ -343,8 +343,8 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
 
     study = load_study_dir(directory)
     spec = study.adaptation
-    pre = rp.load_results(directory, root, split_versions=split_versions)
-    finetunes, ft_missing = load_finetunes(study, directory)
+    pre, (finetunes, ft_missing) = loaded or (rp.load_results(directory, root, split_versions=split_versions),
+                                              load_finetunes(study, directory))
     small = min(reps, rp.SMALL_REPS)
     train_cols = [i for i, h in enumerate(pre.held_out) if not h]
     held_names = [short_env_name(t) for t in spec.tasks]
@@ -423,7 +423,7 @@ def build_adaptation_report(directory: Path, root: str | Path, split_versions: b
                         "runs below criterion", "criterion"], rows)
 
     # Fine-tuning measures.
-    measures: dict[str, dict[str, np.ndarray]] = {"auc": {}, "frames_to_threshold": {}, "final": {}}
+    measures: dict[str, dict[str, np.ndarray]] = {measure: {} for measure in FINETUNE_MEASURES}
     matrix_seeds: dict[str, list[int]] = {}  # the seeds in a row's matrices (those that finished every task)
     for run in spec.runs:
         for measure in measures:
@@ -648,6 +648,6 @@ def _write_plots(directory: Path, study: Any, finetunes: dict[str, list[Finetune
     return written
 
 
-__all__ = ["ROLLOUT_RETURN_KEY", "FinetuneRecord", "area_under_curve", "build_adaptation_report", "fill_curve",
-           "final_return", "frames_to_threshold", "load_finetunes", "read_curve", "read_rollouts",
-           "window_curve", "zero_shot_return"]
+__all__ = ["FINETUNE_SCORES_FILE", "ROLLOUT_RETURN_KEY", "FinetuneRecord", "area_under_curve",
+           "build_adaptation_report", "fill_curve", "final_return", "finetune_scores_csv", "frames_to_threshold", "load_finetunes", "read_curve",
+           "read_finetune_scores_csv", "read_rollouts", "window_curve", "zero_shot_return"]

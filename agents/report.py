@@ -571,22 +571,30 @@ def scores_csv(results: StudyResults) -> str:
     (the checkpoint evaluated there), ``mean_return``, ``success_rate`` (empty where the env has none).
     Floats are written in full (``repr``), so the arrays read back equal the report's to the bit.
     """
+    rows = []
+    # Env by env (the study's order, so a reader's columns come out in it), then model, run (in the study's seed
+    # order, the rows of the report's arrays) and point.
+    for j, env in enumerate(results.envs):
+        for model in results.models:
+            for record in results.runs.get(model, []):
+                for point in sorted(record.returns):
+                    value, success = record.returns[point][j], record.successes[point][j]
+                    if not np.isfinite(value):
+                        continue  # not evaluated on this env: no row, as the statistics leave it out
+                    rows.append([model, record.seed, env, int(results.held_out[j]), point, record.frames[point],
+                                 repr(float(value)), repr(float(success)) if np.isfinite(success) else ""])
+    return csv_text(SCORES_COLUMNS, rows)
+
+
+def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """``header`` and ``rows`` as CSV text (``\\n`` line ends, quoted where a field needs it)."""
     import csv
     import io
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(SCORES_COLUMNS)
-    # Env by env (the study's order, so a reader's columns come out in it), then model, seed and point.
-    for j, env in enumerate(results.envs):
-        for model in results.models:
-            for record in sorted(results.runs.get(model, []), key=lambda r: r.seed):
-                for point in sorted(record.returns):
-                    value, success = record.returns[point][j], record.successes[point][j]
-                    if not np.isfinite(value):
-                        continue  # not evaluated on this env: no row, as the statistics leave it out
-                    writer.writerow([model, record.seed, env, int(results.held_out[j]), point, record.frames[point],
-                                     repr(float(value)), repr(float(success)) if np.isfinite(success) else ""])
+    writer.writerow(header)
+    writer.writerows(rows)
     return buffer.getvalue()
 
 
@@ -612,11 +620,12 @@ def read_csv_rows(path: str | Path, columns: Sequence[str], name: str) -> list[d
 
 def score_matrices(values: dict[str, dict[int, dict[str, float]]], columns: Sequence[str],
                    required: Sequence[str]) -> dict[str, np.ndarray]:
-    """``{model: array(runs, columns)}`` from ``values[model][seed][column]``: one row per seed (in order) that
-    has a finite value in every ``required`` column, as the report keeps a run only with a score everywhere."""
+    """``{model: array(runs, columns)}`` from ``values[model][seed][column]``: one row per seed (in the dicts'
+    order) that has a finite value in every ``required`` column, as the report keeps a run only with a score
+    everywhere."""
     out = {}
     for model, seeds in values.items():
-        kept = [[seeds[seed][c] for c in columns] for seed in sorted(seeds)
+        kept = [[seeds[seed][c] for c in columns] for seed in seeds
                 if all(np.isfinite(seeds[seed].get(c, np.nan)) for c in required)]
         out[model] = np.array(kept, dtype=np.float64).reshape(len(kept), len(columns))
     return out
@@ -628,7 +637,8 @@ def read_scores_csv(path: str | Path, point: int | None = None,
     a study's ``scores.csv`` (written beside its report and published beside its plots): the arrays the
     report's statistics are computed from, so ``interval_estimates(read_scores_csv(path, held_out_only=True))``
     recomputes its held-out intervals without the runs. Rows are runs with a score on every env at ``point``,
-    in seed order; columns are the envs in the file's order (the study's).
+    in the file's order (the study's seeds as its file lists them); columns are the envs in the file's order
+    (the study's).
 
     :param held_out_only: keep only the held-out envs' columns.
     :raises ValueError: a file that is not such a CSV (one line naming the file and the problem), or a
@@ -636,9 +646,9 @@ def read_scores_csv(path: str | Path, point: int | None = None,
     """
     rows = read_csv_rows(path, SCORES_COLUMNS, SCORES_FILE)
     try:
-        parsed = [(r["model"], int(r["seed"]), r["env"], r["held_out"] == "1", int(r["point"]),
+        parsed = [(r["model"], int(r["seed"]), r["env"], {"1": True, "0": False}[r["held_out"]], int(r["point"]),
                    float(r["mean_return"])) for r in rows]
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, KeyError) as error:
         raise ValueError(f"{path}: not a study's {SCORES_FILE} ({error})") from None
     envs = list(dict.fromkeys(env for _, _, env, _, _, _ in parsed))
     held_out = {env: held for _, _, env, held, _, _ in parsed}
@@ -1241,12 +1251,13 @@ def write_report(study: str | Path, root: str | Path = DEFAULT_ROOT, split_versi
     if spec.adaptation is not None:  # pre-training, fine-tuning, adaptation measures
         from agents.adaptation import build_adaptation_report, finetune_scores_csv, load_finetunes
 
-        text = build_adaptation_report(directory, root, split_versions=split_versions, reps=reps)
-        scores = scores_csv(load_results(directory, root, split_versions=split_versions))
-        atomic_write(directory / SCORES_FILE, scores.encode())
-        finetunes = finetune_scores_csv(load_finetunes(spec, directory)[0], spec.adaptation.tasks,
-                                        spec.adaptation.total_frames)
-        atomic_write(directory / FINETUNE_SCORES_FILE, finetunes.encode())
+        # Read once: the report and its scores files come from the same runs.
+        pre, finetunes = load_results(directory, root, split_versions=split_versions), load_finetunes(spec, directory)
+        text = build_adaptation_report(directory, root, split_versions=split_versions, reps=reps,
+                                       loaded=(pre, finetunes))
+        atomic_write(directory / SCORES_FILE, scores_csv(pre).encode())
+        scores = finetune_scores_csv(finetunes[0], spec.adaptation.tasks, spec.adaptation.total_frames)
+        atomic_write(directory / FINETUNE_SCORES_FILE, scores.encode())
         atomic_write(directory / "report.md", text.encode())
         return directory / "report.md"
     results = load_results(study, root, split_versions=split_versions)
@@ -1514,7 +1525,8 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
     """Write the results page ``out`` (e.g. ``docs/results.md``) from the reports of finished studies.
 
     Every study is checked first (:func:`check_publishable`: all runs finished, one code version);
-    then its report is rebuilt from its runs (``write_report``), its PNGs and ``scores.csv`` are copied to
+    then its report is rebuilt from its runs (``write_report``), its PNGs and the scores files it links
+    (``scores.csv``, an adaptation study's ``finetune_scores.csv``) are copied to
     ``<out dir>/<out stem>/<study>/`` and its report goes into the page under a banner naming the
     published studies and their code versions. With no study, the page says that none is published
     yet. The page is written atomically and marked as generated; a page that was edited by hand (or
@@ -1630,5 +1642,6 @@ __all__ = ["RunRecord", "StudyResults", "build_report", "check_publishable", "co
            "detectable_difference", "fast_iqm",
            "interval_estimates", "iqm", "load_results", "load_scores", "mean", "performance_profile", "poi_interval",
            "probability_of_improvement", "provenance_lines", "publish", "published_studies",
-           "read_csv_rows", "read_scores_csv", "sample_sd", "score_matrices", "scores_csv", "score_distribution",
+           "csv_text", "read_csv_rows", "read_scores_csv", "sample_sd", "score_matrices", "scores_csv",
+           "score_distribution",
            "smallest_detectable_difference", "study_versions", "verdict", "write_report"]

@@ -34,10 +34,11 @@ SCORES = {"lstm": [0.20, 0.35, 0.10, 0.30, 0.25], "lstm-24": [0.30, 0.15, 0.25, 
           "rims": [0.80, 0.90, 0.85, 0.70, 0.95]}
 
 
-def fake_study(tmp_path: Path, name: str = "tiny-pub") -> tuple[Path, Path]:
-    """A finished tiny study (3 models x 5 seeds) whose runs are written by hand: checkpoints at the
-    budget, evaluate.py-shaped JSONs at each point, provenance of one code version. Returns (root, study dir)."""
-    raw = tiny_study(name=name, seeds=SEEDS)
+def fake_study(tmp_path: Path, name: str = "tiny-pub", seeds: tuple[int, ...] = SEEDS) -> tuple[Path, Path]:
+    """A finished tiny study (3 models x 5 seeds, listed as ``seeds``: SEEDS in any order) whose runs are
+    written by hand: checkpoints at the budget, evaluate.py-shaped JSONs at each point, provenance of one code
+    version. Returns (root, study dir)."""
+    raw = tiny_study(name=name, seeds=list(seeds))
     raw["models"].insert(1, {"label": "lstm-24", "config": "configs/minigrid/doorkey-lstm-ppo.yaml",
                              "overrides": {"core.hidden_size": 24}})
     study = load_study(write_study(tmp_path, raw))
@@ -389,11 +390,15 @@ def test_publish_replaces_only_the_plots_it_copied(tmp_path: Path, capsys: pytes
     assert not plots.exists() and "No study is published yet" in out.read_text()
 
 
-def test_the_scores_file_gives_back_the_reports_arrays(tmp_path: Path) -> None:
+@pytest.mark.parametrize("seeds", [SEEDS, (3, 1, 5, 2, 4)])
+def test_the_scores_file_gives_back_the_reports_arrays(tmp_path: Path, seeds: tuple[int, ...]) -> None:
     # scores.csv, written beside report.md (and published beside the plots), holds what the statistics are
-    # computed from: read back, it gives the same arrays to the bit and so the same intervals, without the runs.
-    root, directory = fake_study(tmp_path)
+    # computed from: read back, it gives the same arrays to the bit and so the same intervals, without the runs;
+    # with the seeds listed out of order too (the report's rows follow the study file, and a bootstrap's
+    # resamples depend on the rows' order).
+    root, directory = fake_study(tmp_path, seeds=seeds)
     results = report.load_results(directory, root)
+    assert results.seeds("rims") == list(seeds)
     # One run without an end-of-budget evaluation: in the file at the points it has, out of the final arrays.
     missing = next(r for r in results.runs["lstm"] if r.seed == 3)
     for table in (missing.returns, missing.successes):
@@ -411,7 +416,7 @@ def test_the_scores_file_gives_back_the_reports_arrays(tmp_path: Path) -> None:
         results.scores(held_out_only=True), reps=200)
     header, first, *_ = path.read_text().splitlines()
     assert header == "model,seed,env,held_out,point,checkpoint_frames,mean_return,success_rate"
-    assert first.startswith("lstm,1,DoorKey-6x6,1,")
+    assert first.startswith(f"lstm,{seeds[0]},DoorKey-6x6,1,")
 
     # write_report writes it; the report links it.
     report.write_report(directory, root, reps=200)
