@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from agents.adaptation import FINETUNE_SCORES_FILE
+from agents.adaptation import FINETUNE_SCORES_FILE, build_adaptation_report, finetune_scores_csv, load_finetunes
 from agents.config import load_written_yaml
 from agents.study import (
     DEFAULT_ROOT,
@@ -1249,8 +1249,6 @@ def write_report(study: str | Path, root: str | Path = DEFAULT_ROOT, split_versi
     directory = study_dir(study, root)
     spec = load_study_dir(directory)
     if spec.adaptation is not None:  # pre-training, fine-tuning, adaptation measures
-        from agents.adaptation import build_adaptation_report, finetune_scores_csv, load_finetunes
-
         # Read once: the report and its scores files come from the same runs.
         pre, finetunes = load_results(directory, root, split_versions=split_versions), load_finetunes(spec, directory)
         text = build_adaptation_report(directory, root, split_versions=split_versions, reps=reps,
