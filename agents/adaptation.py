@@ -649,5 +649,6 @@ def _write_plots(directory: Path, study: Any, finetunes: dict[str, list[Finetune
 
 
 __all__ = ["FINETUNE_SCORES_FILE", "ROLLOUT_RETURN_KEY", "FinetuneRecord", "area_under_curve",
-           "build_adaptation_report", "fill_curve", "final_return", "finetune_scores_csv", "frames_to_threshold", "load_finetunes", "read_curve",
-           "read_finetune_scores_csv", "read_rollouts", "window_curve", "zero_shot_return"]
+           "build_adaptation_report", "fill_curve", "final_return", "finetune_scores_csv", "frames_to_threshold",
+           "load_finetunes", "read_curve", "read_finetune_scores_csv", "read_rollouts", "window_curve",
+           "zero_shot_return"]
