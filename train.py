@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = distributed.broadcast_object(run_dir)
         try:
             trainer = Trainer.resume(args.resume, overrides) if args.resume is not None else Trainer(config, run_dir)
-            if main_rank and not trainer.nothing_to_train:  # run() says so when it trains nothing
+            nothing_to_train = trainer.nothing_to_train  # run() then returns at once, writing no file
+            if main_rank and not nothing_to_train:
                 processes = f", {trainer.world_size} processes" if trainer.world_size > 1 else ""
                 print(f"training {trainer.config['name']}: {trainer.config['core']['name']} core, "
                       f"{trainer.config['algo']['name']} on {_what_it_trains_on(trainer)}{processes} -> "
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         # The trainer printed where the checkpoint is and the resume command; a scheduler that
         # preempted the job must see that it did not finish.
         return SIGNAL_EXIT.get(trainer.stop_signal, 1)
-    if trainer.already_trained:
+    if nothing_to_train:
         print(f"nothing to train: the run has already done {trainer.frames} frames of its total_frames="
               f"{trainer.config['total_frames']} (give a larger total_frames=... to extend it); its files are as "
               "they were")

@@ -429,8 +429,6 @@ class Trainer:
         # The checkpoint.pt this trainer continues from (Trainer.resume sets it): the lock is taken
         # when training starts, and by then another process may have trained the run further.
         self._loaded_from: tuple[int, int, int] | None = None
-        # A resumed run that had already reached total_frames: run() trained nothing and rewrote no file.
-        self.already_trained = False
         seed = config["seed"]
         if config["torch_threads"]:  # None (or 0 in runs saved before 0 was refused): torch's default
             torch.set_num_threads(config["torch_threads"])
@@ -935,7 +933,8 @@ class Trainer:
         to one rollout (``n_steps * n_envs`` frames) more; the progress bar counts to that end.
 
         A resumed run that has already reached ``total_frames`` trains nothing and rewrites none of its
-        files (only a missing numbered checkpoint or ``config.yaml`` is written); ``already_trained`` says so.
+        files (only a missing numbered checkpoint or ``config.yaml`` is written); ``nothing_to_train``, read
+        before, says so.
 
         :param stop_at_frames: stop after the first update that reaches this many frames, as if
             interrupted (checkpoint written, run resumable).
@@ -969,7 +968,6 @@ class Trainer:
                         self._write_numbered()
                 self._started = True
             if nothing_to_train:
-                self.already_trained = True
                 if not (self.run_dir / "config.yaml").is_file():  # lost, or moved aside (_refuse_edited_config)
                     self._write_config()
                 return self.run_dir / "checkpoint.pt"
