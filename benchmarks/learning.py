@@ -477,6 +477,20 @@ def curves_path(out: Path, labels: list[str]) -> Path:
     return out / "curves" / f"{name}.png"
 
 
+def panel_title(label: str, env_ids: set[str], tasks: set[str]) -> str:
+    """A curves panel's title: the config's label and what its runs trained on, where they share it (a tag alone
+    does not say it): a multi-task panel's tasks (its curve is the lowest task's; ``env.id`` is only the first),
+    else the one ``env.id`` of its runs, else the label alone."""
+    if tasks:
+        trained_on = " + ".join(sorted(tasks))
+    elif len(env_ids) == 1 and "" not in env_ids:
+        trained_on = short_env_name(next(iter(env_ids)))
+    else:
+        return label
+    # A panel is ~4 inches wide: a longer title goes on two lines rather than into the next panel's.
+    return f"{label} on {trained_on}" if len(label) + len(trained_on) <= 44 else f"{label}\non {trained_on}"
+
+
 def plot_curves(jobs: list[Job], threshold: float, path: Path, runs: RunFiles | None = None) -> Path | None:
     """Draw every run's :func:`return_curve`, one panel per config, a line per seed (dashed while the run is
     unfinished), the threshold as a grey line and a dot where a seed first reached it; None if no run has a
@@ -501,6 +515,7 @@ def plot_curves(jobs: list[Job], threshold: float, path: Path, runs: RunFiles | 
     for ax, (label, group) in zip(axes, by_label.items()):
         multi_task = False
         env_ids: set[str] = set()
+        tasks: set[str] = set()  # a multi-task run's training tasks (env.id is only its first)
         window_sizes: set[int] = set()
         for i, job in enumerate(group):
             rows, config = runs[job.run_dir]
@@ -508,6 +523,7 @@ def plot_curves(jobs: list[Job], threshold: float, path: Path, runs: RunFiles | 
             task_window, window = windows(config or {})
             window_sizes.add(window)
             multi_task = multi_task or task_returns(rows) is not None
+            tasks.update(key[len(TASK_RETURN):] for row in rows for key in row if key.startswith(TASK_RETURN))
             curve = return_curve(rows, task_window, window)
             if not curve:
                 continue
@@ -519,9 +535,7 @@ def plot_curves(jobs: list[Job], threshold: float, path: Path, runs: RunFiles | 
                 ax.plot(hit / 1000, threshold, "o", color=f"C{i % 10}", markersize=4)
             drawn = True
         ax.axhline(threshold, color="grey", linewidth=0.8, linestyle=":")
-        # The env the panel's runs trained on, where they share one (a tag alone does not say it).
-        trained_on = f" on {short_env_name(env_ids.pop())}" if len(env_ids) == 1 and "" not in env_ids else ""
-        ax.set_title(f"{label}{trained_on}", fontsize=9)
+        ax.set_title(panel_title(label, env_ids, tasks), fontsize=9)
         ax.set_xlabel("frames (thousands)")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

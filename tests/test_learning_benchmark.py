@@ -91,6 +91,17 @@ def test_curves_are_drawn_per_config_and_only_once_a_run_has_a_point(tmp_path: P
     assert long.name.startswith("config-0-with-a-long-name+7-more-") and len(long.name) < 80
 
 
+def test_a_panel_is_titled_by_what_its_runs_trained_on() -> None:
+    # A multi-task run's env.id is its first task only; its curve is the lowest task's, so the title names them all.
+    assert learning.panel_title("meta", {"MiniGrid-DoorKey-5x5-v0"}, {"DoorKey-6x6", "DoorKey-5x5"}) == \
+        "meta on DoorKey-5x5 + DoorKey-6x6"
+    assert learning.panel_title("doorkey-sizes-reversed-rerun", {""}, {"DoorKey-5x5", "DoorKey-6x6"}) == \
+        "doorkey-sizes-reversed-rerun\non DoorKey-5x5 + DoorKey-6x6", "too long for a panel: two lines"
+    assert learning.panel_title("lstm", {"MiniGrid-DoorKey-5x5-v0"}, set()) == "lstm on DoorKey-5x5"
+    assert learning.panel_title("mixed", {"MiniGrid-DoorKey-5x5-v0", "MiniGrid-MemoryS7-v0"}, set()) == "mixed"
+    assert learning.panel_title("unknown", {""}, set()) == "unknown"
+
+
 def test_the_summary_counts_finished_runs_with_an_exact_interval(tmp_path: Path) -> None:
     """1 of 5 and 5 of 5 say less than they seem to (Clopper-Pearson: 0.01-0.72 and 0.48-1.00); a run
     still going is left out of the count, not counted as failed."""
