@@ -7,7 +7,8 @@
 Learning: for each seed, ``RecurrentPPO(RecurrentCorePolicy, core="rims")`` trains for ``--frames``
 frames on DoorKey-5x5 (SB3's own ``make_vec_env`` with this package's ``wrap_minigrid``), and the
 script prints the frames at which the mean return of the last 100 episodes first reached
-``--threshold`` (0.9; at least 100 episodes finished) and that mean at the end. Seeds run one after
+``--threshold`` (0.9; at least 100 episodes finished) and that mean at the end, and draws every seed's
+curve of that mean into ``--out/curves.png``. Seeds run one after
 the other, one torch thread. Each run saves its model and episode log under
 ``--out/<policy>/seed_<s>/`` every ``--checkpoint-frames``; running the same command again skips
 finished seeds and continues an interrupted one from its last save (fresh episodes: the envs'
@@ -123,6 +124,49 @@ def final_return(episodes: list[list[float]]) -> float | None:
     """The mean return of the last 100 episodes (None before any ended)."""
     last = [ret for _, ret in episodes[-WINDOW:]]
     return statistics.fmean(last) if last else None
+
+
+def mean_return_curve(episodes: list[list[float]]) -> list[tuple[int, float]]:
+    """``(frames, mean of the last 100 returns)`` at every episode end once 100 have ended: what
+    :func:`frames_to_threshold` scans and :func:`final_return` ends with."""
+    window: deque[float] = deque(maxlen=WINDOW)
+    curve = []
+    for frames, ret in episodes:
+        window.append(ret)
+        if len(window) == WINDOW:
+            curve.append((int(frames), statistics.fmean(window)))
+    return curve
+
+
+def plot_learning_curves(out: Path, labels: list[str], seeds: list[int], threshold: float) -> Path | None:
+    """Every seed's mean-return curve, a panel per policy, into ``out/curves.png`` (None: no run has a point yet).
+    The table's two numbers per seed hide a run that learned, collapsed and recovered; the curve shows it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from agents.plots import save_figure_atomic
+
+    fig = Figure(figsize=(4.2 * len(labels), 3.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(labels), squeeze=False, sharey=True).ravel()
+    drawn = False
+    for ax, label in zip(axes, labels):
+        for i, seed in enumerate(seeds):
+            log = out / label / f"seed_{seed}" / "episodes.json"
+            curve = mean_return_curve(json.loads(log.read_text())) if log.is_file() else []
+            if not curve:
+                continue
+            ax.plot([f / 1000 for f, _ in curve], [m for _, m in curve], color=f"C{i % 10}", linewidth=1.2,
+                    label=f"seed {seed}")
+            drawn = True
+        ax.axhline(threshold, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_title(f"RecurrentPPO + {POLICY_NAMES[label]}" if label != "peer" else PEER_NAME, fontsize=8)
+        ax.set_xlabel("frames (thousands)")
+        ax.set_ylabel(f"mean return, last {WINDOW} episodes", fontsize=8)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=5, frameon=False)
+    return save_figure_atomic(fig, out / "curves.png") if drawn else None
 
 
 def learn_seed(label: str, seed: int, frames: int, out: Path, save_every: int, threshold: float) -> dict[str, Any]:
@@ -241,6 +285,9 @@ def main() -> None:
             rows.append(f"{label:<12} reached {args.threshold} on {reached}/{len(results)} seeds "
                         f"within {args.frames} frames")
         print("\n".join(rows), flush=True)
+        curves = plot_learning_curves(args.out, args.learn_policies, parse_seeds(args.seeds), args.threshold)
+        if curves is not None:
+            print(f"curves: {curves}", flush=True)
     if args.only != "learning":
         print(f"frames/s, {args.fps_frames} frames each in turns of {args.fps_chunk}, one torch thread:", flush=True)
         print("\n".join(measure_fps(args.fps_policies, args.fps_frames, args.fps_chunk)), flush=True)

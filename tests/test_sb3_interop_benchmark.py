@@ -1,0 +1,40 @@
+"""benchmarks/sb3_interop.py's learning measures and curves, on hand-written episode logs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sb3_contrib")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))  # as when the benchmark runs as a script: it imports learning, peer
+_spec = importlib.util.spec_from_file_location("sb3_interop_benchmark", REPO / "benchmarks" / "sb3_interop.py")
+interop = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(interop)
+
+
+def test_the_curve_is_the_window_mean_the_table_reads() -> None:
+    # 100 failures, then 100 successes: the window mean climbs by 0.01 per episode from the 100th on.
+    episodes = [[10 * i, 0.0] for i in range(1, 101)] + [[10 * i, 1.0] for i in range(101, 201)]
+    curve = interop.mean_return_curve(episodes)
+    assert curve[0] == (1000, 0.0), "no point before 100 episodes have ended"
+    assert len(curve) == 101 and curve[-1] == (2000, 1.0)
+    first_above = next(frames for frames, mean in curve if mean >= 0.9)
+    assert interop.frames_to_threshold(episodes, 0.9) == first_above == 1900
+    assert interop.final_return(episodes) == curve[-1][1]
+
+
+def test_curves_are_drawn_once_a_seed_has_a_point(tmp_path: Path) -> None:
+    run = tmp_path / "rims" / "seed_1"
+    run.mkdir(parents=True)
+    (run / "episodes.json").write_text(json.dumps([[10 * i, 0.5] for i in range(1, 50)]))
+    assert interop.plot_learning_curves(tmp_path, ["rims"], [1, 2], 0.9) is None, "49 episodes: no point yet"
+    assert not (tmp_path / "curves.png").exists()
+    (run / "episodes.json").write_text(json.dumps([[10 * i, 0.5] for i in range(1, 150)]))
+    path = interop.plot_learning_curves(tmp_path, ["rims"], [1, 2], 0.9)
+    assert path == tmp_path / "curves.png" and path.read_bytes().startswith(b"\x89PNG")
