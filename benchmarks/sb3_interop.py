@@ -7,8 +7,10 @@
 Learning: for each seed, ``RecurrentPPO(RecurrentCorePolicy, core="rims")`` trains for ``--frames``
 frames on DoorKey-5x5 (SB3's own ``make_vec_env`` with this package's ``wrap_minigrid``), and the
 script prints the frames at which the mean return of the last 100 episodes first reached
-``--threshold`` (0.9; at least 100 episodes finished) and that mean at the end, and draws every seed's
-curve of that mean into ``--out/curves.png``. Seeds run one after
+``--threshold`` (0.9; at least 100 episodes finished), the lowest that mean fell to after it (a run that
+learned and collapsed) and that mean at the end, and draws every seed's curve of that mean into
+``--out/curves.png``. ``--anneal-lr`` anneals the learning rate linearly to 0 over the budget (as this
+package's ``algo.anneal_lr``), in runs of their own (``--out/<policy>-anneal/``, ``curves-anneal.png``). Seeds run one after
 the other, one torch thread. Each run saves its model and episode log under
 ``--out/<policy>/seed_<s>/`` every ``--checkpoint-frames``; running the same command again skips
 finished seeds and continues an interrupted one from its last save (fresh episodes: the envs'
@@ -41,6 +43,7 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from learning import parse_seeds  # benchmarks/ is on sys.path when a benchmark runs as a script
@@ -78,12 +81,23 @@ def make_env(seed: int) -> VecEnv:
     return make_peer_env(seed)
 
 
-def make_model(label: str, env: VecEnv, seed: int) -> RecurrentPPO:
-    """A RecurrentPPO with the policy ``label`` of :data:`POLICIES` and the peer's PPO settings."""
+def linear_schedule(initial: float) -> Callable[[float], float]:
+    """A learning rate in SB3's schedule form: ``initial`` times the progress remaining, 1 -> 0 over the budget
+    (as this package's ``algo.anneal_lr``). A resumed run (``reset_num_timesteps=False``) keeps its place on it."""
+    def schedule(progress_remaining: float) -> float:
+        return initial * progress_remaining
+    return schedule
+
+
+def make_model(label: str, env: VecEnv, seed: int, anneal_lr: bool = False) -> RecurrentPPO:
+    """A RecurrentPPO with the policy ``label`` of :data:`POLICIES` and the peer's PPO settings (its learning
+    rate annealed linearly to 0 with ``anneal_lr``)."""
+    overrides = {"learning_rate": linear_schedule(PPO_KWARGS["learning_rate"])} if anneal_lr else {}
     if label == "peer":
-        return make_peer(env, seed=seed)
+        return make_peer(env, seed=seed, **overrides)
     policy, policy_kwargs = POLICIES[label]
-    return RecurrentPPO(policy, env, seed=seed, device="cpu", policy_kwargs=policy_kwargs, **PPO_KWARGS)
+    return RecurrentPPO(policy, env, seed=seed, device="cpu", policy_kwargs=policy_kwargs,
+                        **{**PPO_KWARGS, **overrides})
 
 
 class EpisodeLog(BaseCallback):
@@ -120,6 +134,14 @@ def frames_to_threshold(episodes: list[list[float]], threshold: float) -> int | 
     return None
 
 
+def lowest_after_threshold(episodes: list[list[float]], threshold: float) -> float | None:
+    """The lowest mean return of the last 100 episodes after it first reached ``threshold`` (None: never
+    reached): how far a run that had learned fell again, which the final mean alone does not show."""
+    curve = mean_return_curve(episodes)
+    first = next((i for i, (_, mean) in enumerate(curve) if mean >= threshold), None)
+    return None if first is None else min(mean for _, mean in curve[first:])
+
+
 def final_return(episodes: list[list[float]]) -> float | None:
     """The mean return of the last 100 episodes (None before any ended)."""
     last = [ret for _, ret in episodes[-WINDOW:]]
@@ -138,8 +160,10 @@ def mean_return_curve(episodes: list[list[float]]) -> list[tuple[int, float]]:
     return curve
 
 
-def plot_learning_curves(out: Path, labels: list[str], seeds: list[int], threshold: float) -> Path | None:
-    """Every seed's mean-return curve, a panel per policy, into ``out/curves.png`` (None: no run has a point yet).
+def plot_learning_curves(out: Path, labels: list[str], seeds: list[int], threshold: float,
+                         anneal_lr: bool = False) -> Path | None:
+    """Every seed's mean-return curve, a panel per policy, into ``out/curves.png`` (``curves-anneal.png`` for the
+    annealed runs; None: no run has a point yet).
     The table's two numbers per seed hide a run that learned, collapsed and recovered; the curve shows it."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -152,7 +176,7 @@ def plot_learning_curves(out: Path, labels: list[str], seeds: list[int], thresho
     drawn = False
     for ax, label in zip(axes, labels):
         for i, seed in enumerate(seeds):
-            log = out / label / f"seed_{seed}" / "episodes.json"
+            log = out / run_name(label, anneal_lr) / f"seed_{seed}" / "episodes.json"
             curve = mean_return_curve(json.loads(log.read_text())) if log.is_file() else []
             if not curve:
                 continue
@@ -160,22 +184,32 @@ def plot_learning_curves(out: Path, labels: list[str], seeds: list[int], thresho
                     label=f"seed {seed}")
             drawn = True
         ax.axhline(threshold, color="grey", linewidth=0.8, linestyle=":")
-        ax.set_title(f"RecurrentPPO + {POLICY_NAMES[label]}" if label != "peer" else PEER_NAME, fontsize=8)
+        title = f"RecurrentPPO + {POLICY_NAMES[label]}" if label != "peer" else PEER_NAME
+        ax.set_title(title + (",\nlearning rate annealed" if anneal_lr else ""), fontsize=8)
         ax.set_xlabel("frames (thousands)")
         ax.set_ylabel(f"mean return, last {WINDOW} episodes", fontsize=8)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=5, frameon=False)
-    return save_figure_atomic(fig, out / "curves.png") if drawn else None
+    return save_figure_atomic(fig, out / f"{run_name('curves', anneal_lr)}.png") if drawn else None
 
 
-def learn_seed(label: str, seed: int, frames: int, out: Path, save_every: int, threshold: float) -> dict[str, Any]:
+def run_name(label: str, anneal_lr: bool) -> str:
+    """The folder under ``--out`` of a policy's learning runs: a variant of the PPO settings gets its own."""
+    return f"{label}-anneal" if anneal_lr else label
+
+
+def learn_seed(label: str, seed: int, frames: int, out: Path, save_every: int, threshold: float,
+               anneal_lr: bool = False) -> dict[str, Any]:
     """Train one seed to ``frames`` frames (continuing a saved run) and return its result, saved as result.json."""
-    run_dir = out / label / f"seed_{seed}"
+    run_dir = out / run_name(label, anneal_lr) / f"seed_{seed}"
     result_path = run_dir / "result.json"
     if result_path.is_file():
         result = json.loads(result_path.read_text())
         if result["frames"] >= frames:
+            if "lowest_after_threshold" not in result and (run_dir / "episodes.json").is_file():  # an older result
+                episodes = json.loads((run_dir / "episodes.json").read_text())
+                result["lowest_after_threshold"] = lowest_after_threshold(episodes, result["threshold"])
             return result
     run_dir.mkdir(parents=True, exist_ok=True)
     model_path, log_path = run_dir / "model.zip", run_dir / "episodes.json"
@@ -186,7 +220,7 @@ def learn_seed(label: str, seed: int, frames: int, out: Path, save_every: int, t
         episodes = json.loads(log_path.read_text())
         print(f"  {label} seed {seed}: continuing from {model.num_timesteps} frames", flush=True)
     else:
-        model = make_model(label, env, seed)
+        model = make_model(label, env, seed, anneal_lr)
 
     def save() -> None:
         # Model first, then the log: a kill in between leaves a log behind its model, never ahead of it.
@@ -203,7 +237,8 @@ def learn_seed(label: str, seed: int, frames: int, out: Path, save_every: int, t
         save()
     result = {"policy": label, "seed": seed, "frames": int(model.num_timesteps),
               "frames_to_threshold": frames_to_threshold(episodes, threshold), "threshold": threshold,
-              "final_return": final_return(episodes), "episodes": len(episodes),
+              "final_return": final_return(episodes), "lowest_after_threshold": lowest_after_threshold(episodes, threshold),
+              "episodes": len(episodes),
               "fps": (model.num_timesteps - done_before) / max(time.perf_counter() - started, 1e-9)}
     result_path.write_text(json.dumps(result, indent=1))
     env.close()
@@ -263,6 +298,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=300_000, help="learning budget per seed")
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--learn-policies", nargs="+", default=["rims"], choices=list(POLICIES))
+    parser.add_argument("--anneal-lr", action="store_true",
+                        help="learning runs anneal the learning rate linearly to 0 over the budget (runs go to "
+                             "OUT/<policy>-anneal)")
     parser.add_argument("--checkpoint-frames", type=int, default=32_768, help="save a learning run this often")
     parser.add_argument("--fps-frames", type=int, default=20_480, help="timed frames per policy")
     parser.add_argument("--fps-chunk", type=int, default=4096, help="frames per turn in the frames/s comparison")
@@ -273,19 +311,26 @@ def main() -> None:
 
     print(f"sb3-contrib RecurrentPPO on {ENV_ID}, {N_ENVS} envs, {PPO_KWARGS}", flush=True)
     if args.only != "fps":
-        rows = [f"{'policy':<12}{'seed':>5}{'frames':>9}{'to ' + str(args.threshold):>10}{'final':>8}{'fps':>7}"]
+        kept_bar = round(args.threshold - 0.05, 6)  # as benchmarks/learning.py's --final
+        rows = [f"{'policy':<14}{'seed':>5}{'frames':>9}{'to ' + str(args.threshold):>10}{'lowest after':>14}"
+                f"{'final':>8}{'fps':>7}"]
         for label in args.learn_policies:
-            results = [learn_seed(label, seed, args.frames, args.out, args.checkpoint_frames, args.threshold)
-                       for seed in parse_seeds(args.seeds)]
+            name = run_name(label, args.anneal_lr)
+            results = [learn_seed(label, seed, args.frames, args.out, args.checkpoint_frames, args.threshold,
+                                  args.anneal_lr) for seed in parse_seeds(args.seeds)]
             for r in results:
                 final = "-" if r["final_return"] is None else f"{r['final_return']:.3f}"
-                rows.append(f"{label:<12}{r['seed']:>5}{r['frames']:>9}{r['frames_to_threshold'] or '-':>10}"
-                            f"{final:>8}{r['fps']:>7.0f}")
+                lowest = r.get("lowest_after_threshold")
+                lowest = "-" if lowest is None else f"{lowest:.3f}"
+                rows.append(f"{name:<14}{r['seed']:>5}{r['frames']:>9}{r['frames_to_threshold'] or '-':>10}"
+                            f"{lowest:>14}{final:>8}{r['fps']:>7.0f}")
             reached = sum(r["frames_to_threshold"] is not None for r in results)
-            rows.append(f"{label:<12} reached {args.threshold} on {reached}/{len(results)} seeds "
-                        f"within {args.frames} frames")
+            kept = sum(r["frames_to_threshold"] is not None and r["final_return"] >= kept_bar for r in results)
+            rows.append(f"{name:<14} reached {args.threshold} on {reached}/{len(results)} seeds within {args.frames} "
+                        f"frames, and still >= {kept_bar} at the end on {kept}/{len(results)}")
         print("\n".join(rows), flush=True)
-        curves = plot_learning_curves(args.out, args.learn_policies, parse_seeds(args.seeds), args.threshold)
+        curves = plot_learning_curves(args.out, args.learn_policies, parse_seeds(args.seeds), args.threshold,
+                                      args.anneal_lr)
         if curves is not None:
             print(f"curves: {curves}", flush=True)
     if args.only != "learning":

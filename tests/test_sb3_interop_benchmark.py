@@ -38,3 +38,30 @@ def test_curves_are_drawn_once_a_seed_has_a_point(tmp_path: Path) -> None:
     (run / "episodes.json").write_text(json.dumps([[10 * i, 0.5] for i in range(1, 150)]))
     path = interop.plot_learning_curves(tmp_path, ["rims"], [1, 2], 0.9)
     assert path == tmp_path / "curves.png" and path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_lowest_point_after_the_threshold_shows_a_collapse_the_final_mean_hides() -> None:
+    # Learned (1.0), collapsed (0.0 for 100 episodes), recovered (1.0): the final mean is 1.0 again.
+    episodes = [[i, 1.0] for i in range(100)] + [[100 + i, 0.0] for i in range(100)] + \
+               [[200 + i, 1.0] for i in range(100)]
+    assert interop.final_return(episodes) == 1.0
+    assert interop.lowest_after_threshold(episodes, 0.9) == 0.0
+    assert interop.lowest_after_threshold([[i, 0.5] for i in range(150)], 0.9) is None, "never reached"
+
+
+def test_the_annealed_learning_rate_survives_a_save_and_load(tmp_path: Path) -> None:
+    from sb3_contrib import RecurrentPPO
+
+    initial = interop.PPO_KWARGS["learning_rate"]
+    assert interop.linear_schedule(initial)(1.0) == initial and interop.linear_schedule(initial)(0.25) == initial / 4
+    assert interop.run_name("rims", True) == "rims-anneal" and interop.run_name("rims", False) == "rims"
+    env = interop.make_env(0)
+    try:
+        model = interop.make_model("rims", env, seed=0, anneal_lr=True)
+        assert model.lr_schedule(0.5) == pytest.approx(initial / 2)
+        model.save(tmp_path / "model.zip")
+        loaded = RecurrentPPO.load(tmp_path / "model.zip", env=env, device="cpu")
+        assert loaded.lr_schedule(0.5) == pytest.approx(initial / 2), "a resumed run keeps annealing"
+        assert interop.make_model("rims", env, seed=0).lr_schedule(0.5) == pytest.approx(initial), "constant"
+    finally:
+        env.close()
