@@ -309,7 +309,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # agent-sized batches; the other cores stay free for other runs
 
-    print(f"sb3-contrib RecurrentPPO on {ENV_ID}, {N_ENVS} envs, {PPO_KWARGS}", flush=True)
+    print(f"sb3-contrib RecurrentPPO on {ENV_ID}, {N_ENVS} envs, {PPO_KWARGS}"
+          + (" (learning runs: the learning rate annealed linearly to 0)" if args.anneal_lr else ""), flush=True)
     if args.only != "fps":
         kept_bar = round(args.threshold - 0.05, 6)  # as benchmarks/learning.py's --final
         rows = [f"{'policy':<14}{'seed':>5}{'frames':>9}{'to ' + str(args.threshold):>10}{'lowest after':>14}"
