@@ -162,6 +162,11 @@ TASK_RETURN = "meta/return/"  # a multi-task run's (meta_ppo, multitask_ppo) per
 TASK_EPISODES = "meta/return_episodes/"  # ... and how many episodes that mean is over
 
 
+def training_tasks(rows: list[dict]) -> list[str]:
+    """A multi-task run's training tasks (sorted), as its rows name them; empty for a one-task run."""
+    return sorted({key[len(TASK_RETURN):] for row in rows for key in row if key.startswith(TASK_RETURN)})
+
+
 def task_returns(rows: list[dict], window: int | None = None) -> list[dict[str, float]] | None:
     """Per update of a multi-task run, each training task's latest mean return (over its last
     ``meta.return_window`` episodes), an empty dict until every task has one; None for a one-task run.
@@ -171,7 +176,7 @@ def task_returns(rows: list[dict], window: int | None = None) -> list[dict[str, 
         are its short, successful ones, so a mean over a few of them overstates the policy. Rows
         logged before the episode counts existed are taken as they are.
     """
-    tasks = sorted({key[len(TASK_RETURN):] for row in rows for key in row if key.startswith(TASK_RETURN)})
+    tasks = training_tasks(rows)
     if not tasks:
         return None
     latest: dict[str, float] = {}
@@ -513,7 +518,6 @@ def plot_curves(jobs: list[Job], threshold: float, path: Path, runs: RunFiles | 
     axes = fig.subplots(rows_of_panels, columns, squeeze=False, sharey=True).ravel()
     drawn = False
     for ax, (label, group) in zip(axes, by_label.items()):
-        multi_task = False
         env_ids: set[str] = set()
         tasks: set[str] = set()  # a multi-task run's training tasks (env.id is only its first)
         window_sizes: set[int] = set()
@@ -522,8 +526,7 @@ def plot_curves(jobs: list[Job], threshold: float, path: Path, runs: RunFiles | 
             env_ids.add(str(((config or {}).get("env") or {}).get("id", "")))
             task_window, window = windows(config or {})
             window_sizes.add(window)
-            multi_task = multi_task or task_returns(rows) is not None
-            tasks.update(key[len(TASK_RETURN):] for row in rows for key in row if key.startswith(TASK_RETURN))
+            tasks.update(training_tasks(rows))
             curve = return_curve(rows, task_window, window)
             if not curve:
                 continue
@@ -541,7 +544,7 @@ def plot_curves(jobs: list[Job], threshold: float, path: Path, runs: RunFiles | 
         if ax.get_legend_handles_labels()[0]:
             # Below the panel, not on it: inside, it hid the low curves (the runs that never learned) at the end.
             ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=5, frameon=False)
-        ax.set_ylabel("lowest task's mean return" if multi_task else "mean return, last log.return_window episodes"
+        ax.set_ylabel("lowest task's mean return" if tasks else "mean return, last log.return_window episodes"
                       if window_sizes - {WINDOW} else f"mean return, last {WINDOW} episodes", fontsize=8)
     for ax in axes[len(by_label):]:
         ax.set_visible(False)

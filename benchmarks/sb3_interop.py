@@ -10,8 +10,8 @@ script prints the frames at which the mean return of the last 100 episodes first
 ``--threshold`` (0.9; at least 100 episodes finished), the lowest that mean fell to after it (a run that
 learned and collapsed) and that mean at the end, and draws every seed's curve of that mean into
 ``--out/curves.png``. ``--anneal-lr`` anneals the learning rate linearly to 0 over the budget (as this
-package's ``algo.anneal_lr``), in runs of their own (``--out/<policy>-anneal/``, ``curves-anneal.png``). Seeds run one after
-the other, one torch thread. Each run saves its model and episode log under
+package's ``algo.anneal_lr``), in runs of their own (``--out/<policy>-anneal/``, ``curves-anneal.png``).
+Seeds run one after the other, one torch thread. Each run saves its model and episode log under
 ``--out/<policy>/seed_<s>/`` every ``--checkpoint-frames``; running the same command again skips
 finished seeds and continues an interrupted one from its last save (fresh episodes: the envs'
 unfinished episodes are not saved). ``--learn-policies rims peer`` also trains the peer (sb3-contrib's own
@@ -42,8 +42,8 @@ import statistics
 import sys
 import time
 from collections import deque
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from learning import parse_seeds  # benchmarks/ is on sys.path when a benchmark runs as a script
@@ -126,12 +126,7 @@ class EpisodeLog(BaseCallback):
 
 def frames_to_threshold(episodes: list[list[float]], threshold: float) -> int | None:
     """Frames at which the mean of the last 100 episode returns (100 finished at least) first reached ``threshold``."""
-    window: deque[float] = deque(maxlen=WINDOW)
-    for frames, ret in episodes:
-        window.append(ret)
-        if len(window) == WINDOW and statistics.fmean(window) >= threshold:
-            return int(frames)
-    return None
+    return next((frames for frames, mean in mean_return_curve(episodes) if mean >= threshold), None)
 
 
 def lowest_after_threshold(episodes: list[list[float]], threshold: float) -> float | None:
@@ -237,8 +232,8 @@ def learn_seed(label: str, seed: int, frames: int, out: Path, save_every: int, t
         save()
     result = {"policy": label, "seed": seed, "frames": int(model.num_timesteps),
               "frames_to_threshold": frames_to_threshold(episodes, threshold), "threshold": threshold,
-              "final_return": final_return(episodes), "lowest_after_threshold": lowest_after_threshold(episodes, threshold),
-              "episodes": len(episodes),
+              "final_return": final_return(episodes),
+              "lowest_after_threshold": lowest_after_threshold(episodes, threshold), "episodes": len(episodes),
               "fps": (model.num_timesteps - done_before) / max(time.perf_counter() - started, 1e-9)}
     result_path.write_text(json.dumps(result, indent=1))
     env.close()
