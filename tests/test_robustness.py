@@ -403,17 +403,62 @@ def test_sigterm_checkpoints_and_the_run_resumes(tmp_path: Path) -> None:
     assert load_checkpoint(run_dir / "checkpoint.pt")["frames"] == frames + 32
 
 
+def test_a_second_ctrl_c_aborts_train_py_and_leaves_an_intact_checkpoint(tmp_path: Path) -> None:
+    """A real train.py, checkpointing every update, gets two SIGINTs 50 ms apart: the first asks it to stop
+    after the update, the second (inside that update's rollout, its backward or its checkpoint write) aborts.
+    The run ends with one line and the interrupt's exit code, and no half-written file is left."""
+    run_dir = tmp_path / "run"
+    # Updates of ~1 s (512 steps of 2 envs), so the second signal lands while the first is being honoured.
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *TINY, "algo.n_steps=512", "log.checkpoint_interval_frames=32",
+         "total_frames=100000000", "--run-dir", str(run_dir)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoint.pt").exists():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, "training never wrote a checkpoint"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert err == "interrupted; the last checkpoint written is intact\n", err
+    assert "stopped after" not in out  # the first signal's orderly stop did not finish
+    assert not [p.name for p in run_dir.rglob("*") if ".tmp" in p.name]
+    frames = load_checkpoint(run_dir / "checkpoint.pt")["frames"]
+    assert frames >= 1024
+    resumed = Trainer.resume(run_dir, {"total_frames": frames + 1024})
+    resumed.run()
+    assert load_checkpoint(run_dir / "checkpoint.pt")["frames"] == frames + 1024
+
+
 def test_crashed_subprocess_env_saves_and_names_the_env(tmp_path: Path) -> None:
     trainer = tiny_trainer(tmp_path, "env.vec_env=subproc")
     trainer.run(stop_at_frames=32)
     base = trainer.venv
     while hasattr(base, "venv"):
         base = base.venv
+    checkpoint = tmp_path / "checkpoint.pt"
+    before = checkpoint.stat()
     os.kill(base.processes[1].pid, signal.SIGKILL)
     base.processes[1].join(timeout=30)
-    with pytest.raises(TrainingError, match="env 1"):
+    with pytest.raises(TrainingError, match="env 1") as crash:
         trainer.run()
-    assert load_checkpoint(tmp_path / "checkpoint.pt")["frames"] == 32
+    # The crash path wrote a checkpoint of its own (atomically: a new file), of the last finished update,
+    # and says so; the run then resumes from it.
+    assert f"Checkpoint saved to {checkpoint}" in str(crash.value) and "--resume" in str(crash.value)
+    after = checkpoint.stat()
+    assert (after.st_ino, after.st_mtime_ns) != (before.st_ino, before.st_mtime_ns)
+    assert load_checkpoint(checkpoint)["frames"] == 32
+    for process in base.processes:  # the surviving env, which train.py's exit would end
+        process.kill()
+        process.join(timeout=30)
+    resumed = Trainer.resume(tmp_path, {"total_frames": 64})
+    resumed.run()
+    resumed.venv.close()
+    assert load_checkpoint(checkpoint)["frames"] == 64
 
 
 class _RunsCode:
