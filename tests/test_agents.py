@@ -123,6 +123,28 @@ def test_recomputed_log_probs_equal_stored_before_first_update(core: str) -> Non
             assert replayed == storage.n_steps * storage.n_envs, "the minibatches must cover the whole rollout"
 
 
+@pytest.mark.parametrize("seq_len, num_minibatches", [(None, 2), (None, 4), (8, 2), (8, 6)])
+def test_minibatches_are_a_shuffled_partition_of_the_rollout_with_aligned_fields(
+        seq_len: int | None, num_minibatches: int) -> None:
+    """Every step lands in exactly one minibatch of a pass, each field of it from the same step, and each
+    sequence starts from the state stored at its first step."""
+    _, _, _, storage = small_setup("lstm", n_envs=4, n_steps=24)
+    ids = torch.arange(storage.n_steps * storage.n_envs).reshape(storage.n_steps, storage.n_envs)  # t * B + b
+    storage.actions = ids.clone()
+    storage.advantages, storage.returns, storage.log_probs = ids.float(), -ids.float(), 0.5 * ids.float()
+    storage.states = ids.float()[:, :, None].expand_as(storage.states).clone()
+    seen = []
+    for batch in storage.minibatches(num_minibatches, seq_len, torch.Generator().manual_seed(1)):
+        assert torch.equal(batch.advantages, batch.actions.float()) and torch.equal(batch.returns, -batch.advantages)
+        assert torch.equal(batch.log_probs, 0.5 * batch.advantages)
+        assert torch.equal(batch.initial_state[:, 0], batch.actions[0].float())  # the state entering step 0
+        assert torch.equal(batch.actions[1:] - batch.actions[:-1],
+                           torch.full_like(batch.actions[1:], storage.n_envs))  # consecutive steps of one env
+        seen.append(batch.actions.flatten())
+    assert len(seen) == num_minibatches
+    assert torch.equal(torch.cat(seen).sort().values, ids.flatten())
+
+
 def test_replay_runs_the_lstm_in_one_kernel_call_per_minibatch() -> None:
     """evaluate_actions (every update's replay) asks the core for its outputs only (RecurrentCore.outputs):
     the LSTM then runs a minibatch with resets inside in one kernel call instead of one per stretch."""

@@ -183,6 +183,8 @@ def test_cli_parser_and_config_validation_do_not_import_the_heavy_stack() -> Non
         "    load_config(None, ['core.hiden_size=3', 'core.name=lstm'])\n"
         "except ConfigError as exc:\n"
         "    assert 'hidden_size' in str(exc)\n"
+        "else:\n"
+        "    raise AssertionError('the typo core.hiden_size was accepted')\n"
         "for meta in ('doorkey-sizes', 'multiroom'):\n"  # meta_ppo / multitask_ppo configs too
         "    load_config(f'configs/meta/{meta}.yaml', [])\n"
         "load_config(None, ['algo.name=multitask_ppo', 'core.name=lstm', 'meta.tasks=[MiniGrid-DoorKey-5x5-v0]'])\n"

@@ -551,21 +551,22 @@ def test_saturated_attention_selects_the_same_modules() -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 def test_a_state_of_another_dtype_runs_the_python_engine(dtype: torch.dtype) -> None:
     """The kernel reads float32 only: a state of another dtype must not reach it (it would read past the
-    buffer); the Python engine handles the mix (or refuses it) as torch would."""
+    buffer). It goes to the Python engine, which refuses the mix as torch does; a float32 state with the
+    same values runs the kernel and equals the Python engine."""
     core = small().eval()
     x, starts, g = episode(T=5, B=3)
     state = (torch.randn(3, core.state_size, generator=g) * 0.5).to(dtype)
     assert core.kernel_for(x) is not None and core.kernel_for(x, state) is None
-    reference = python_engine(core)
     with torch.no_grad():
-        try:
-            expected = reference(x, state, starts)
-        except RuntimeError:  # the Python engine refuses the mixed dtypes: the kernel path must too
-            with pytest.raises(RuntimeError):
-                core(x, state, starts)
-            return
-        out, new_state = core(x, state, starts)
-    assert torch.equal(out, expected[0]) and torch.equal(new_state, expected[1])
+        with pytest.raises(RuntimeError, match="dtype"):
+            python_engine(core)(x, state, starts)
+        with pytest.raises(RuntimeError, match="dtype"):
+            core(x, state, starts)
+        same = state.float()
+        assert core.kernel_for(x, same) is not None
+        out, new_state = core(x, same, starts)
+        expected = python_engine(core)(x, same, starts)
+    torch.testing.assert_close((out, new_state), expected[:2], rtol=1e-5, atol=1e-6)
 
 
 def test_cpu_autocast_runs_the_python_engine() -> None:
