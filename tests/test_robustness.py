@@ -292,11 +292,32 @@ def test_keeps_only_the_last_n_checkpoints(tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path / "checkpoint.pt")["frames"] == 128
 
 
-def test_resume_equals_uninterrupted_training(tmp_path: Path) -> None:
+# What a resume must restore beyond the weights, case by case: the minibatch shuffle's generator, RMSprop's
+# state (A2C), the fused LSTM/GRU state, chunked sequences, continuous actions and their sampling.
+RESUME_CASES = {
+    "rims-ppo": (),
+    "rims-ppo-2-minibatches": ("algo.num_minibatches=2",),
+    "lstm-a2c": ("core.name=lstm", "core.hidden_size=16", "algo.name=a2c"),
+    "gru-ppo-chunked": ("core.name=gru", "core.hidden_size=16", "algo.seq_len=8", "algo.num_minibatches=2"),
+    "lstm-ppo-pendulum": ("core.name=lstm", "core.hidden_size=16", "env.id=Pendulum-v1"),
+}
+
+
+def resume_case_config(case: str, run_dir: Path, *extra: str) -> Trainer:
+    rims = not any(o.startswith("core.name=") for o in RESUME_CASES[case])
+    base = [o for o in TINY if rims or not o.startswith("core.")]
+    if "algo.name=a2c" in RESUME_CASES[case]:
+        base = [o for o in base if not o.startswith("algo.num_minibatches")]
+    return Trainer(load_config(None, [*base, "total_frames=128", *RESUME_CASES[case], *extra]), run_dir)
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_equals_uninterrupted_training(tmp_path: Path, case: str) -> None:
     extra = ("algo.anneal_lr=true", "total_frames=160")
-    whole = tiny_trainer(tmp_path / "whole", *extra)
+    whole = resume_case_config(case, tmp_path / "whole", *extra)
+    first_weights = {key: value.clone() for key, value in whole.policy.state_dict().items()}
     whole.run()
-    interrupted = tiny_trainer(tmp_path / "split", *extra)
+    interrupted = resume_case_config(case, tmp_path / "split", *extra)
     interrupted.run(stop_at_frames=64)
     assert load_checkpoint(tmp_path / "split" / "checkpoint.pt")["frames"] == 64
     resumed = Trainer.resume(tmp_path / "split")
@@ -307,6 +328,8 @@ def test_resume_equals_uninterrupted_training(tmp_path: Path) -> None:
     assert a["frames"] == b["frames"] == 160
     for key, value in a["policy"]["state_dict"].items():
         assert torch.equal(value, b["policy"]["state_dict"][key]), key
+    assert any(not torch.equal(value, whole_start) for value, whole_start in  # training did change something
+               zip(a["policy"]["state_dict"].values(), first_weights.values()))
     # TensorBoard/JSONL steps continue where they stopped: one row per update, no duplicates.
     rows = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 5
