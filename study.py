@@ -81,9 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="where study directories are (default studies/)")
     publish.add_argument("--reps", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     publish.add_argument("--force", action="store_true", help="replace a page that was edited by hand")
-    publish.add_argument("--keep", action="store_true",
-                         help="keep the studies already on the page that are not named (as they were published), "
-                              "so studies whose runs are on other machines stay on it")
+    others = publish.add_mutually_exclusive_group()
+    others.add_argument("--keep", action="store_true",
+                        help="keep the studies already on the page that are not named (as they were published), "
+                             "so studies whose runs are on other machines stay on it")
+    others.add_argument("--drop", action="store_true",
+                        help="take the studies already on the page that are not named off it, deleting their "
+                             "published plots and scores (without --keep or --drop such studies are refused)")
     return parser
 
 
@@ -182,10 +186,14 @@ def main(argv: list[str] | None = None) -> int:
             raise StudyError(f"--reps must be >= 100, got {args.reps}")
         if args.command == "publish":
             command = " ".join(["python study.py publish", *map(str, args.studies), "--out", str(args.out),
-                                *(["--keep"] if args.keep else [])])
+                                *(["--keep"] if args.keep else []), *(["--drop"] if args.drop else [])])
+            before = published_studies(args.out) if args.drop else []
             path = publish(args.studies, args.out, args.root, reps=args.reps, force=args.force, command=command,
-                           keep=args.keep)
-            kept = f", {len(published_studies(path)) - len(args.studies)} kept" if args.keep else ""
+                           keep=args.keep, drop=args.drop)
+            after = published_studies(path)
+            kept = f", {len(after) - len(args.studies)} kept" if args.keep else ""
+            dropped = [name for name in before if name not in after]
+            kept += f", {len(dropped)} taken off ({', '.join(dropped)})" if dropped else ""
             count = len(args.studies)
             print(f"results page written to {path} ({count} {'study' if count == 1 else 'studies'} published{kept})")
             return 0

@@ -1519,7 +1519,7 @@ def _remove_plots(folder: Path) -> None:
 
 
 def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = DEFAULT_ROOT, reps: int = REPS,
-            force: bool = False, command: str | None = None, keep: bool = False) -> Path:
+            force: bool = False, command: str | None = None, keep: bool = False, drop: bool = False) -> Path:
     """Write the results page ``out`` (e.g. ``docs/results.md``) from the reports of finished studies.
 
     Every study is checked first (:func:`check_publishable`: all runs finished, one code version);
@@ -1531,12 +1531,15 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
     was not generated) is replaced only with ``force``. With ``keep``, the studies already on the page
     and not named here stay on it as they were published (text, summary lines and PNGs; they were
     checked when they were published), so studies run on different machines or days, whose run
-    directories are not all on one machine, can be published one at a time.
+    directories are not all on one machine, can be published one at a time. A study on the page that is
+    neither named nor kept comes off it, and its plots folder with it, only with ``drop``: its runs may be
+    on another machine, so a forgotten name must not delete what cannot be made again here.
 
     :raises StudyError: a study that cannot be published, a hand-edited page without ``force``, an ``out``
         that is no page (a folder, a path under a file, a binary file), a study's plots folder holding
-        anything publish did not copy there (checked before anything is written), or ``keep`` with a page
-        that is not an unedited generated one.
+        anything publish did not copy there (checked before anything is written), ``keep`` with a page
+        that is not an unedited generated one, ``keep`` with ``drop``, or a study on the page that would
+        come off it without ``drop``.
     """
     import json
     import shutil
@@ -1550,6 +1553,9 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
     if not unedited and not force:
         raise StudyError(f"{out} was edited by hand or not written by study.py publish; pass --force to replace it "
                          "(keep a copy first if it is not in version control)")
+    if keep and drop:
+        raise StudyError("--keep keeps the studies on the page that are not named and --drop takes them off it; "
+                         "give one of them")
     names = [spec.name for spec, _, _ in checked]
     if len(set(names)) < len(names):
         raise StudyError(f"a study is named twice: {', '.join(names)}")
@@ -1567,6 +1573,13 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
                and name not in ("", ".", "..") and Path(name).name == name]
     # Every plots folder is checked before anything is written (a report, a PNG, the page): one holding a
     # file publish did not write refuses the whole command, and nothing changes.
+    leaving = [name for name in previous if name not in names and name not in kept]
+    if leaving and not drop:
+        plural = len(leaving) > 1
+        raise StudyError(f"{out} publishes {', '.join(leaving)}, not named here; name {'them' if plural else 'it'} "
+                         f"to publish {'them' if plural else 'it'} again from the runs, add --keep to keep "
+                         f"{'them' if plural else 'it'} as published, or --drop to take {'them' if plural else 'it'} "
+                         f"off the page (deleting {assets / leaving[0]}/{' and the others' if plural else ''})")
     for spec, _, _ in checked:
         _check_plots_folder(assets / spec.name)
     for name in dropped:

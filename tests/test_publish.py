@@ -333,8 +333,21 @@ def test_publish_a_finished_study(tmp_path: Path, capsys: pytest.CaptureFixture[
     edited = out.read_text()
     assert study_cli.main(["publish", "--out", str(out), "--root", str(root)]) == 2
     assert "edited by hand" in one_line_error(capsys) and out.read_text() == edited
-    # No study: the "nothing published yet" page, and the old study's plots are gone.
-    assert study_cli.main(["publish", "--out", str(out), "--root", str(root), "--force"]) == 0
+    # No study named: a study on the page would come off it, with its plots, only with --drop (a forgotten
+    # name must not delete what only another machine's runs can make again).
+    page = out.read_text()
+    assert study_cli.main(["publish", "--out", str(out), "--root", str(root), "--force"]) == 2
+    assert one_line_error(capsys) == (
+        f"error: {out} publishes tiny-pub, not named here; name it to publish it again from the runs, add --keep "
+        f"to keep it as published, or --drop to take it off the page (deleting {published}/)\n")
+    assert out.read_text() == page and sorted(p.name for p in published.iterdir()) == sorted([*pngs, "scores.csv"])
+    with pytest.raises(SystemExit) as usage:
+        study_cli.main(["publish", "--out", str(out), "--root", str(root), "--keep", "--drop"])
+    assert usage.value.code == 2 and "--drop: not allowed with argument --keep" in capsys.readouterr().err
+    assert out.read_text() == page
+    # With --drop: the "nothing published yet" page, and the old study's plots are gone.
+    assert study_cli.main(["publish", "--out", str(out), "--root", str(root), "--force", "--drop"]) == 0
+    assert "0 studies published, 1 taken off (tiny-pub)" in capsys.readouterr().out
     text = out.read_text()
     assert "No study is published yet" in text and "tiny-pub" not in text
     assert not (tmp_path / "docs" / "results" / "tiny-pub").exists()
@@ -381,12 +394,12 @@ def test_publish_replaces_only_the_plots_it_copied(tmp_path: Path, capsys: pytes
     for extra in ([], ["--force"]):
         assert study_cli.main([*args, *extra]) == 2
         assert f"error: {plots} holds notes.md, which study.py publish did not write" in one_line_error(capsys)
-    assert study_cli.main(["publish", "--out", str(out), "--root", str(root)]) == 2
+    assert study_cli.main(["publish", "--out", str(out), "--root", str(root), "--drop"]) == 2
     assert f"{plots} holds notes.md" in one_line_error(capsys)
     assert out.read_text() == page and {p.name: p.read_bytes() for p in plots.iterdir()} == before
     # Dropped once the user's file is gone: the folder goes with the PNGs publish put there.
     (plots / "notes.md").unlink()
-    assert study_cli.main(["publish", "--out", str(out), "--root", str(root)]) == 0
+    assert study_cli.main(["publish", "--out", str(out), "--root", str(root), "--drop"]) == 0
     assert not plots.exists() and "No study is published yet" in out.read_text()
 
 
@@ -500,8 +513,10 @@ def test_publish_keep_adds_a_study_beside_those_already_published(tmp_path: Path
     newer = f"`tiny-two` (code version `test-version`; 15 runs; statistics v{report.STATISTICS_VERSION})"
     assert newer in out.read_text()
     monkeypatch.undo()
-    # Without --keep the page holds only the studies named, and the others' plots go.
-    assert study_cli.main(args) == 0
+    # Without --keep, a study not named comes off the page, its plots with it, only with --drop.
+    assert study_cli.main(args) == 2
+    assert "publishes tiny-pub, not named here" in one_line_error(capsys) and "tiny-pub" in out.read_text()
+    assert study_cli.main([*args, "--drop"]) == 0
     text = out.read_text()
     assert "tiny-pub" not in text and not (tmp_path / "docs" / "results" / "tiny-pub").exists()
     # --keep needs a page written by publish: a hand-edited one is refused, untouched.
