@@ -12,7 +12,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from _common import config_for, train_and_read
+from _common import REPO, check_out_folder, config_for, train_and_read
+
+from agents.config import ConfigError
 
 
 def main() -> None:
@@ -25,9 +27,24 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=20, help="rows of the printed curve")
     parser.add_argument("--out", type=Path, help="keep the runs here instead of a temporary directory")
     args = parser.parse_args()
+    if args.frames < 1 or args.points < 1:
+        parser.error("--frames and --points must be positive")
+    shipped = sorted({p.name.split("-")[1] for p in (REPO / "configs" / "atari").glob(f"{args.game}-*-ppo.yaml")})
+    shipped += ["gru"] if "lstm" in shipped else []  # config_for runs gru from the lstm config
+    if any(core not in shipped for core in args.cores) or len(set(args.cores)) < len(args.cores):
+        parser.error(f"--cores: each of {', '.join(shipped)} (configs/atari/{args.game}-<core>-ppo.yaml) "
+                     f"at most once, got {' '.join(args.cores)}")
+    # Every core's config, and where its run goes, before the first run (hours on a CPU) starts.
+    configs = []
     for core in args.cores:
-        config = config_for(core, args.game, [f"total_frames={args.frames}", f"device={args.device}",
-                                              f"seed={args.seed}"])
+        try:
+            configs.append(config_for(core, args.game, [f"total_frames={args.frames}", f"device={args.device}",
+                                                        f"seed={args.seed}"]))
+        except ConfigError as exc:
+            parser.error(str(exc))
+    if args.out is not None:
+        check_out_folder(parser, args.out, [config["name"] for config in configs])
+    for config in configs:
         with tempfile.TemporaryDirectory() as tmp:
             run_dir = args.out / config["name"] if args.out else Path(tmp)
             rows = train_and_read(config, run_dir)

@@ -593,8 +593,13 @@ def main() -> None:
         seeds = parse_seeds(args.seeds)
     except ValueError as exc:
         parser.error(str(exc))
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out} is a file, not a folder")
+    if args.report_only and args.no_plot:  # reads the runs there, writes nothing
+        if args.out.exists() and not args.out.is_dir():
+            parser.error(f"--out {args.out} is a file, not a folder")
+    else:
+        from _common import check_out_folder  # benchmarks/ is on sys.path when this runs as a script
+
+        check_out_folder(parser, args.out)
 
     if args.study is not None:
         try:

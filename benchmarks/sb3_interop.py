@@ -46,7 +46,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from learning import parse_seeds  # benchmarks/ is on sys.path when a benchmark runs as a script
+from _common import check_out_folder  # benchmarks/ is on sys.path when a benchmark runs as a script
+from learning import parse_seeds
 from peer import ENV_ID, LSTM_HIDDEN_SIZE, N_ENVS, PEER_NAME, POLICY_KWARGS, PPO_KWARGS, make_peer, make_peer_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -302,6 +303,17 @@ def main() -> None:
     parser.add_argument("--fps-policies", nargs="+", default=["rims", "peer", "lstm-core"], choices=list(POLICIES))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "sb3_interop")
     args = parser.parse_args()
+    for option in ("frames", "checkpoint_frames", "fps_frames", "fps_chunk"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be positive")
+    if not 0 < args.threshold <= 1:  # DoorKey's returns lie in [0, 1]
+        parser.error(f"--threshold must be in (0, 1], got {args.threshold}")
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.only != "fps":
+        check_out_folder(parser, args.out)
     torch.set_num_threads(1)  # agent-sized batches; the other cores stay free for other runs
 
     print(f"sb3-contrib RecurrentPPO on {ENV_ID}, {N_ENVS} envs, {PPO_KWARGS}"
@@ -313,7 +325,7 @@ def main() -> None:
         for label in args.learn_policies:
             name = run_name(label, args.anneal_lr)
             results = [learn_seed(label, seed, args.frames, args.out, args.checkpoint_frames, args.threshold,
-                                  args.anneal_lr) for seed in parse_seeds(args.seeds)]
+                                  args.anneal_lr) for seed in seeds]
             for r in results:
                 final = "-" if r["final_return"] is None else f"{r['final_return']:.3f}"
                 lowest = r.get("lowest_after_threshold")
@@ -325,7 +337,7 @@ def main() -> None:
             rows.append(f"{name:<14} reached {args.threshold} on {reached}/{len(results)} seeds within {args.frames} "
                         f"frames, and still >= {kept_bar} at the end on {kept}/{len(results)}")
         print("\n".join(rows), flush=True)
-        curves = plot_learning_curves(args.out, args.learn_policies, parse_seeds(args.seeds), args.threshold,
+        curves = plot_learning_curves(args.out, args.learn_policies, seeds, args.threshold,
                                       args.anneal_lr)
         if curves is not None:
             print(f"curves: {curves}", flush=True)

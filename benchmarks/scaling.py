@@ -177,11 +177,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true", help="also the CUDA part (cores, PPO on DoorKey and Pong)")
     parser.add_argument("--gpu-procs", type=int, default=None, help="processes for the GPU PPO rows (default: GPUs)")
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU part")
-    parser.add_argument("--json", type=Path, help="also write the rows to this file")
+    parser.add_argument("--json", type=Path, help="also write the rows to this file (a new file)")
+    parser.add_argument("--overwrite", action="store_true", help="let --json replace an existing file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the CPU part")
     args = parser.parse_args(argv)
     if args.updates < 2 or args.rounds < 1 or min(args.nprocs) < 1:
         parser.error("--updates must be >= 2, --rounds and --nprocs >= 1")
+    if args.gpu_procs is not None and args.gpu_procs < 1:
+        parser.error("--gpu-procs must be >= 1")
+    from _common import check_json_option, checked_config, write_json_output  # benchmarks/ is on sys.path
+
+    # Before any run: a bad config, override or output path is named now, not after the measurements.
+    if not args.no_cpu:
+        checked_config(parser, args.config, args.overrides)
+    check_json_option(parser, args.json, args.overwrite)
     rows: list[dict[str, Any]] = []
     if not args.no_cpu:
         config_args = [*(["--config", str(args.config.resolve())] if args.config else []), *args.overrides]
@@ -205,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += core_rows
             rows += gpu_ppo(args.updates, procs)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        return write_json_output(args.json, rows, args.overwrite, "scaling")
     return 0
 
 

@@ -313,7 +313,9 @@ def per_update(args: argparse.Namespace) -> None:
     """The older in-process table: median frames/s per core over updates, cores taking turns."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch
-    from _common import Trainer, config_for, read_metrics
+    from _common import config_for, read_metrics
+
+    from agents.trainer import Trainer
 
     def measure(cores: list[str], env: str, overrides: list[str]) -> dict[str, tuple[float, float, float]]:
         configs = {core: config_for(core, env, overrides) for core in cores}
@@ -381,30 +383,15 @@ def main() -> None:
             unknown = [core for core in cores if core != "gru" and core not in shipped]
             if unknown or len(set(cores)) < len(cores):
                 parser.error(f"{option}: each of {', '.join(shipped + ['gru'])} at most once, got {' '.join(cores)}")
-    if args.json is not None:  # checked before the runs, which take an hour, not after them
-        from agents.run_dir import output_file_problem
+    from _common import check_json_option, write_json_output  # benchmarks/ is on sys.path when run as a script
 
-        problem = output_file_problem(args.json, args.overwrite)
-        if problem:
-            parser.error(f"--json {problem}")
+    check_json_option(parser, args.json, args.overwrite)
     if args.per_update:
         per_update(args)
         return
     results = whole_process(args)
     if args.json is not None:
-        from agents.run_dir import atomic_write, write_new_file
-
-        data = json.dumps(results, indent=1).encode()
-        try:
-            if args.overwrite:
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(args.json, data)
-            else:  # a new file: one that appeared during the hour of runs is kept too
-                write_new_file(args.json, data)
-        except OSError as exc:
-            print(f"throughput: could not write --json {args.json}: {exc.strerror or exc} (the table above has "
-                  "the results)", file=sys.stderr)
-            sys.exit(1)
+        sys.exit(write_json_output(args.json, results, args.overwrite, "throughput"))
 
 
 if __name__ == "__main__":
