@@ -1780,17 +1780,24 @@ def save_study_copy(study: Study, root: Path) -> None:
     text = f"# copy of {study.source} made by study.py run\n" + yaml.safe_dump(raw, sort_keys=False)
     target = root / STUDY_COPY
     if target.is_file():
-        old = load_written_yaml(target.read_text(encoding="utf-8"))
+        try:
+            old = load_written_yaml(target.read_text(encoding="utf-8"))
+            damaged = None
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:  # edited or damaged: kept aside like a changed one
+            old = None
+            damaged = yaml_problem(exc) if isinstance(exc, yaml.YAMLError) else "not UTF-8 text"
         # A copy that differs only in how it spells the same config files (older copies held absolute
         # paths) is the same study: rewritten in the portable form, not kept as a changed one.
-        if old == raw or _with_portable_configs(old, target) == raw:
+        if damaged is None and (old == raw or _with_portable_configs(old, target) == raw):
             if old != raw:
                 atomic_write(target, text.encode())
             return
         kept = _first_free(lambda n: root / f"{STUDY_COPY}.{n}")
         # Copied, then replaced atomically: a full disk on either step leaves study.yaml in place.
         atomic_write(kept, target.read_bytes())
-        print(f"note: the study file changed since the last run; the previous copy is kept as {kept}")
+        print(f"note: the study file changed since the last run; the previous copy is kept as {kept}" if damaged
+              is None else f"note: the previous copy of the study file could not be read ({damaged}); it is kept "
+              f"as {kept}")
     atomic_write(target, text.encode())
 
 

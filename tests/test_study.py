@@ -216,7 +216,8 @@ def test_holm_adjustment_hand_computed_and_claims_say_whether_they_hold_family_w
                                     family=(1.0, 3))
 
 
-def test_the_study_copy_names_configs_relative_to_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_study_copy_names_configs_relative_to_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     """study.yaml in a study directory means the same from any directory and in another checkout;
     an older copy with absolute paths to the same configs is the same study, a changed one is kept aside."""
     study = load_study(write_study(tmp_path, tiny_study()))
@@ -245,6 +246,13 @@ def test_the_study_copy_names_configs_relative_to_the_package(tmp_path: Path, mo
     changed["models"][0]["config"] = "configs/minigrid/multiroom-lstm-ppo.yaml"
     save_study_copy(load_study(write_study(tmp_path, changed, "changed.yaml")), directory)
     assert sorted(p.name for p in directory.iterdir()) == ["study.yaml", "study.yaml.1"]
+    # A copy damaged or edited into invalid YAML (it ended `study.py run` in a traceback) is kept aside too.
+    (directory / "study.yaml").write_text("garbage: [\n")
+    save_study_copy(study, directory)
+    assert sorted(p.name for p in directory.iterdir()) == ["study.yaml", "study.yaml.1", "study.yaml.2"]
+    assert (directory / "study.yaml.2").read_text() == "garbage: [\n"
+    assert load_study_dir(directory).models == study.models  # the new copy is this study's
+    assert "could not be read (" in capsys.readouterr().out
 
 
 def test_study_file_plan(tmp_path: Path) -> None:
