@@ -76,6 +76,7 @@ from policies.checkpoint import (
     DamagedCheckpointError,
     load_checkpoint,
     numbered_checkpoints,
+    non_finite_weights,
     save_checkpoint,
     space_from_dict,
     space_to_dict,
@@ -718,6 +719,10 @@ class Trainer:
             if loaded.get(key) != mine:
                 raise CheckpointError(f"init_from: {path} was trained with {key.replace('_', ' ')} "
                                       f"{_space_text(loaded.get(key))}, this run's env has {_space_text(mine)}")
+        broken = non_finite_weights(policy["state_dict"]) if isinstance(policy["state_dict"], dict) else []
+        if broken:  # said as such, not later as a loss that "exploded" at this run's learning rate
+            raise CheckpointError(f"init_from: {path} holds non-finite weights (nan or inf in {broken[0]}), which "
+                                  "training never saves; use another checkpoint of that run")
         try:
             self.policy.load_state_dict(policy["state_dict"])
         except RuntimeError as exc:
@@ -725,6 +730,11 @@ class Trainer:
             raise CheckpointError(f"init_from: the weights of {path} do not fit this run's policy: {details}") from None
 
     def _load_training_state(self, checkpoint: dict[str, Any], envs_restored: bool) -> None:
+        broken = non_finite_weights(checkpoint["policy"]["state_dict"])
+        if broken:
+            raise CheckpointError(f"cannot resume from the checkpoint in {self.run_dir}: it holds non-finite weights "
+                                  f"(nan or inf in {broken[0]}), which training never saves; put one of "
+                                  f"{self.run_dir / 'checkpoints'}/ in its place to resume from there")
         try:
             self.policy.load_state_dict(checkpoint["policy"]["state_dict"])
         except RuntimeError as exc:  # torch lists every missing/unexpected/mis-shaped tensor: keep them all

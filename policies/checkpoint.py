@@ -111,7 +111,7 @@ def space_from_dict(data: dict[str, Any]) -> spaces.Space:
     from gymnasium import spaces
 
     kind = data["type"]
-    if kind == "Discrete":
+    if kind == "Discrete":  # gymnasium refuses an n below 1 with a ValueError
         return spaces.Discrete(data["n"], start=data.get("start", 0))
     if kind == "Box":
         dtype = np.dtype(data["dtype"])
@@ -119,6 +119,18 @@ def space_from_dict(data: dict[str, Any]) -> spaces.Space:
     if kind == "Dict":
         return spaces.Dict({key: space_from_dict(sub) for key, sub in data["spaces"].items()})
     raise CheckpointError(f"unknown space type {kind!r} in checkpoint")
+
+
+def non_finite_weights(state_dict: dict[str, Any]) -> list[str]:
+    """The names of the floating-point tensors in ``state_dict`` holding a nan or an infinity.
+
+    Training never saves such weights (``Trainer.save`` refuses a policy with non-finite outputs), so a
+    checkpoint holding them was edited or damaged after it was written; its policy cannot act.
+    """
+    import torch
+
+    return [name for name, value in state_dict.items()
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:

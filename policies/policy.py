@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.distributions import Categorical
 
 from policies.actor_critic import RecurrentActorCritic, obs_to_tensor
-from policies.checkpoint import CheckpointError, load_checkpoint, space_from_dict
+from policies.checkpoint import CheckpointError, load_checkpoint, non_finite_weights, space_from_dict
 
 __all__ = ["Policy", "check_device", "load_policy"]
 
@@ -245,12 +245,23 @@ def policy_from_checkpoint(
     try:
         spec = data["policy"]["spec"]
         state_dict = data["policy"]["state_dict"]
-        observation_space = space_from_dict(data["observation_space"])
-        action_space = space_from_dict(data["action_space"])
         env_id = data["env"]["id"]
         env_options = data["env"].get("options", {})
-    except (KeyError, TypeError) as exc:
+        stored_spaces = [data["observation_space"], data["action_space"]]
+    except (KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{where} is missing a field needed to rebuild the policy: {exc}") from None
+    try:
+        observation_space, action_space = (space_from_dict(stored) for stored in stored_spaces)
+    except (KeyError, TypeError, ValueError, AttributeError, AssertionError) as exc:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise CheckpointError(f"{where} stores an observation or action space gymnasium cannot build ({detail}): "
+                              "not as training writes it") from None
+    if isinstance(state_dict, dict):
+        broken = non_finite_weights(state_dict)
+        if broken:
+            raise CheckpointError(f"{where} holds non-finite weights (nan or inf in {', '.join(broken[:3])}"
+                                  f"{', ...' if len(broken) > 3 else ''}), which training never saves: the file was "
+                                  "changed after it was written; use another checkpoint of the run")
     # Training writes these as a str and dicts; anything else is a file edited or damaged by hand.
     malformed = [f"{name} is a {type(value).__name__}" for name, value, kind in (
         ("env.id", env_id, str), ("env.options", env_options, dict), ("config", data.get("config", {}), dict))

@@ -37,7 +37,7 @@ from agents.evaluation import (
 )
 from agents.trainer import Trainer
 from policies import CheckpointError, Policy, RecurrentActorCritic, load_policy
-from policies.checkpoint import FORMAT
+from policies.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from policies.policy import _inverse_cdf_sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -333,7 +333,6 @@ def test_bootstrap_ci_on_known_arrays() -> None:
 def test_a_checkpoint_with_hand_damaged_fields_is_named_not_a_traceback(
     rims_run: tuple[Path, Trainer], field: tuple[str, ...], value: object, named: str
 ) -> None:
-    from policies.checkpoint import load_checkpoint
     from policies.policy import policy_from_checkpoint
 
     data = load_checkpoint(rims_run[0])
@@ -585,6 +584,13 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory, rims_run: tuple[Path, Tr
     (folder / "config.yaml").write_text((ROOT / "configs" / "minigrid" / "doorkey-rims-ppo.yaml").read_text())
     (folder / "notes.txt").write_text("a checkpoint? no: notes\n")
     (folder / "empty.pt").write_bytes(b"")
+    # Checkpoints that load (the format and checksum hold) but were changed after training wrote them.
+    checkpoint = load_checkpoint(rims_run[0] / "checkpoint.pt")
+    checkpoint["action_space"] = {"type": "Discrete", "n": -3}
+    save_checkpoint(folder / "bad-space.pt", checkpoint)
+    checkpoint = load_checkpoint(rims_run[0] / "checkpoint.pt")
+    next(iter(checkpoint["policy"]["state_dict"].values())).view(-1)[0] = float("nan")
+    save_checkpoint(folder / "nan-weights.pt", checkpoint)
     return {"folder": folder, "run": rims_run[0]}
 
 
@@ -600,12 +606,14 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory, rims_run: tuple[Path, Tr
         (["{folder}/foreign.pt"], "not a checkpoint of this package"),
         (["{folder}/future.pt"], "format version 999"),
         (["{folder}/malicious.pt"], "would run code"),
+        (["{folder}/bad-space.pt"], "stores an observation or action space gymnasium cannot build (n (counts)"),
+        (["{folder}/nan-weights.pt"], "holds non-finite weights (nan or inf in "),
         (["{run}", "--env", "ALE/Pong-v5"], "Discrete(6)"),
         (["{run}", "--env", "MiniGrid-DorKey-5x5-v0"], "Did you mean"),
         (["{run}", "--suite", "doorkeys"], "available suites"),
     ],
     ids=["yaml", "text", "empty", "url", "missing", "truncated", "foreign", "future-version", "malicious",
-         "space-mismatch", "unknown-env",
+         "impossible-space", "nan-weights", "space-mismatch", "unknown-env",
          "unknown-suite"],
 )
 def test_cli_bad_input_exits_2_with_one_message(

@@ -19,7 +19,7 @@ from agents.config import ConfigError, load_config
 from agents.run_dir import holds_run
 from agents.trainer import Trainer, TrainingError
 from policies import checkpoint as checkpoint_module
-from policies.checkpoint import CheckpointError, DamagedCheckpointError, load_checkpoint
+from policies.checkpoint import CheckpointError, DamagedCheckpointError, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["env.n_envs=2", "algo.n_steps=16", "algo.num_minibatches=1", "log.progress_bar=false",
@@ -183,6 +183,25 @@ def test_a_second_ctrl_c_before_the_first_checkpoint_says_none_was_written(
     assert code == 130 and err == "interrupted; no checkpoint had been written yet\n", err
     code, err = run_main(capsys, ["--resume", str(tmp_path / "done")])
     assert code == 130 and err.endswith("interrupted; the last checkpoint written is intact\n"), err
+
+
+def test_non_finite_weights_in_a_checkpoint_are_named_on_resume_and_init_from(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Training never saves nan weights; a checkpoint changed afterwards to hold them was called "the last good
+    checkpoint" on --resume and, as init_from, made the new run's first loss non-finite ("lower algo.lr")."""
+    run = tmp_path / "run"
+    tiny_trainer(run).run(stop_at_frames=32)
+    checkpoint = load_checkpoint(run / "checkpoint.pt")
+    name, weight = next(iter(checkpoint["policy"]["state_dict"].items()))
+    weight.view(-1)[0] = float("inf")
+    save_checkpoint(run / "checkpoint.pt", checkpoint)
+    code, err = run_main(capsys, ["--resume", str(run)])
+    assert code == 2 and f"holds non-finite weights (nan or inf in {name})" in err and "Traceback" not in err, err
+    assert f"{run / 'checkpoints'}/" in err  # where the earlier, good checkpoints are
+    code, err = run_main(capsys, [*TINY, "total_frames=64", f"init_from={run / 'checkpoint.pt'}",
+                                  "--run-dir", str(tmp_path / "new")])
+    assert code == 2 and "init_from:" in err and "holds non-finite weights" in err and "algo.lr" not in err, err
+    assert not (tmp_path / "new" / "checkpoint.pt").exists()
 
 
 def test_resume_override_is_validated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
