@@ -483,7 +483,8 @@ class RunLock:
                                   f"`python {train_py()} --resume {self.run_dir}`") from None
             raise RunDirError(f"cannot lock run directory {self.run_dir}: {exc.strerror or exc}") from None
         handle.seek(0)
-        earlier = handle.read(64).strip()
+        # NULs are no one's text: a power loss can leave a file of them (and /dev/full reads as them).
+        earlier = handle.read(64).strip().strip("\0")
         if earlier and not earlier.isdigit():  # a lock holds a pid, or nothing yet: this is someone's own file
             handle.close()
             raise RunDirError(f"{path} exists and is not a run lock (this package locks a run directory with a "

@@ -1717,6 +1717,12 @@ def study_lock(root: Path) -> Iterator[None]:
             holder = handle.read().strip() or "unknown"
             raise StudyError(f"study {root} is being run by another process (pid {holder}); "
                              f"wait for it or stop it, then run again") from None
+        handle.seek(0)
+        # NULs are no one's text: a power loss can leave a file of them (and /dev/full reads as them).
+        earlier = handle.read(64).strip().strip("\0")
+        if earlier and not earlier.isdigit():  # a lock holds a pid, or nothing yet: this is someone's own file
+            raise StudyError(f"{root / '.lock'} exists and is not a study lock (study.py run locks a study with a "
+                             "file of that name and would overwrite it); move it away, then run again")
         try:
             handle.seek(0)
             handle.truncate()

@@ -440,6 +440,12 @@ def test_a_first_session_stopped_before_its_study_copy_continues_and_changed_eva
     path = write_study(tmp_path, raw)
     root = tmp_path / "out" / "tiny"
     root.mkdir(parents=True)
+    (root / ".lock").write_text("my notes\n")  # but a .lock that is no lock is someone's file: refused, kept
+    assert study_cli.main(["run", str(path), "--root", str(root.parent)]) == 2
+    assert capsys.readouterr().err == (f"error: {root / '.lock'} exists and is not a study lock (study.py run locks "
+                                       "a study with a file of that name and would overwrite it); move it away, "
+                                       "then run again\n")
+    assert (root / ".lock").read_text() == "my notes\n" and sorted(p.name for p in root.iterdir()) == [".lock"]
     (root / ".lock").write_text("12345\n")
     (root / ".study.yaml.12345.0badcafe.tmp").write_text("name: ti")  # killed while writing the copy
     assert run_study(load_study(path), root, workers=1, report=False) == 0
