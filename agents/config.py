@@ -728,7 +728,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(_binary_config_problem(path)) from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    if data is None:
+    if data is None:  # empty, or only comments
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
@@ -789,6 +789,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not found.exists() and not found.is_absolute():
             raise ConfigError(f"config file not found: {path} (looked in {config_search_text()})")
         raw = read_yaml(found)
+        if not raw:  # it would train the fields' own defaults, not the embedded config a bare train.py uses
+            raise ConfigError(f"config file {path} holds no settings (empty, or only comments); give a config, "
+                              "or leave out --config to train the embedded default")
         if "models" in raw and "core" not in raw:
             raise ConfigError(f"config file {path} is a study file, not a training config: run it with "
                               f"`python study.py run {path}`")

@@ -163,6 +163,18 @@ def test_invalid_yaml_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert code == 2 and "not valid YAML" in err and str(bad) in err
 
 
+@pytest.mark.parametrize("text", ["", "# settings to come\n", "{}\n"])
+def test_a_config_file_without_settings_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    text: str) -> None:
+    """It trained the fields' own defaults (100k frames of a RIMs config that is not the embedded default)."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(text)
+    code, err = run_main(capsys, ["--config", str(empty), "--run-dir", str(tmp_path / "run")])
+    assert code == 2 and err == (f"error: config file {empty} holds no settings (empty, or only comments); give a "
+                                 "config, or leave out --config to train the embedded default\n"), err
+    assert not (tmp_path / "run").exists()
+
+
 def test_unreadable_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"\xff\xfe\x00bad")
