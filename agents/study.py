@@ -965,6 +965,14 @@ def check_eval_spaces(study: Study, jobs: Sequence[Job]) -> None:
             except ValueError as exc:
                 raise StudyError(f"{_where(study.source)}model {job.model}: {exc}") from None
         trained = env_options(env)
+        for target in targets:
+            # An eval.envs entry is an id alone (a suite's entries, which may carry options, name their own split),
+            # evaluated with the training env's options: with the training id it is the training env. A plain id
+            # is marked held out, so this is an easy slip, and it would count training scores as held-out ones.
+            if study.eval.suite is None and target.name in study.eval.held_out and target.env_id == env["id"]:
+                raise StudyError(f"{_where(study.source)}eval env {target.env_id!r} is marked held out (a plain id "
+                                 f"in eval.envs is), but model {job.model} trains on it; write it as "
+                                 f"{{id: {target.env_id}, held_out: false}}")
         own = spaces(env["id"], trained)
         for target in targets if own is not None else []:
             other = spaces(target.env_id, target_options(env["id"], trained, target))

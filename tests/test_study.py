@@ -23,6 +23,7 @@ import study as study_cli
 from agents import report
 from agents.study import (
     StudyError,
+    check_eval_spaces,
     checkpoint_for_point,
     checkpoint_interval,
     eval_path,
@@ -372,6 +373,21 @@ def test_an_eval_env_that_does_not_fit_a_model_is_refused_before_training(tmp_pa
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "eval env 'CartPole-v1' does not fit model lstm (trained on MiniGrid-DoorKey-5x5-v0)" in done.stderr
     assert not (tmp_path / "o" / "tiny" / "runs").exists()  # nothing trained
+
+
+def test_the_training_env_marked_held_out_is_refused_before_training(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A plain id in eval.envs is held out; the models' own training env written so was reported as held out."""
+    raw = tiny_study(model_names=("lstm",), seeds=(1,))
+    raw["eval"]["envs"] = ["MiniGrid-DoorKey-5x5-v0", "MiniGrid-DoorKey-6x6-v0"]
+    assert study_cli.main(["run", str(write_study(tmp_path, raw)), "--root", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.endswith(
+        "eval env 'MiniGrid-DoorKey-5x5-v0' is marked held out (a plain id in eval.envs is), but model lstm trains "
+        "on it; write it as {id: MiniGrid-DoorKey-5x5-v0, held_out: false}\n")
+    assert not (tmp_path / "o" / "tiny" / "runs").exists()
+    raw["eval"]["envs"][0] = {"id": "MiniGrid-DoorKey-5x5-v0", "held_out": False}  # as the message says: accepted
+    assert check_eval_spaces(load_study(write_study(tmp_path, raw, "fixed.yaml")),
+                             plan(load_study(write_study(tmp_path, raw, "fixed.yaml")), tmp_path / "p")) is None
 
 
 def test_a_frame_stack_on_minigrid_is_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
