@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         written = run_dir is not None and (Path(run_dir) / "checkpoint.pt").is_file()
         print("interrupted; " + ("the last checkpoint written is intact" if written else
                                  "no checkpoint had been written yet"), file=sys.stderr)
+        _remove_if_empty(made)  # interrupted while starting up: no empty folder left to look like a run
         return SIGNAL_EXIT["SIGINT"]
     if not main_rank:
         return SIGNAL_EXIT.get(trainer.stop_signal, 1) if trainer.stopped_early else 0

@@ -193,6 +193,7 @@ def test_a_second_ctrl_c_before_the_first_checkpoint_says_none_was_written(
     code, err = run_main(capsys, [*TINY, "--run-dir", str(tmp_path / "run")])
     # Said "the last checkpoint written is intact" when there was none.
     assert code == 130 and err == "interrupted; no checkpoint had been written yet\n", err
+    assert not (tmp_path / "run").exists()  # interrupted while starting: no empty folder left to look like a run
     code, err = run_main(capsys, ["--resume", str(tmp_path / "done")])
     assert code == 130 and err.endswith("interrupted; the last checkpoint written is intact\n"), err
 
