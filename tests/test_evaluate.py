@@ -4,6 +4,7 @@ errors), all on real tiny checkpoints (benchmarks/generalization.py is a study w
 from __future__ import annotations
 
 import builtins
+import importlib.util
 import json
 import math
 import os
@@ -461,6 +462,39 @@ def test_cli_two_envs_writes_table_json_video_and_plot(
         with Image.open(plot) as image:
             assert image.format == "PNG" and image.size[0] > 100
     assert not list(out.rglob(".*tmp*"))  # atomic writes leave no temporaries
+
+
+def test_deterministic_actions_ignore_the_random_stream_and_the_cli_passes_the_flag(
+    rims_run: tuple[Path, Trainer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = load_policy(rims_run[0])
+    venv = make_policy_env(policy, n_envs=4, seed=3)
+    obs, state, starts = venv.reset(), policy.initial_state(4), np.ones(4, dtype=bool)
+    low, high = np.full(4, 0.001), np.full(4, 0.999)  # the two ends of every env's inverse CDF
+    sampled = [policy.act(obs, state, starts, uniforms=u)[0] for u in (low, high)]
+    assert (sampled[0] != sampled[1]).any()  # sampling follows the stream
+    chosen = [policy.act(obs, state, starts, deterministic=True, uniforms=u)[0] for u in (low, high)]
+    np.testing.assert_array_equal(chosen[0], chosen[1])  # the most likely action, whatever the stream
+    np.testing.assert_array_equal(chosen[0], policy.act(obs, state, starts, deterministic=True)[0])
+    venv.close()
+    for seed in ("1", "2"):
+        code, stdout, _ = _run_cli(capsys, rims_run[0], "--deterministic", "--seed", seed, "--episodes", "2",
+                                   "--max-episode-steps", "5", "--json", tmp_path / f"r{seed}.json", "--no-progress")
+        assert code == 0 and "deterministic actions" in stdout
+        report = json.loads((tmp_path / f"r{seed}.json").read_text())
+        assert report["deterministic"] is True and report["seed"] == int(seed)
+        assert len(report["checkpoints"][0]["results"][0]["returns"]) == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("imageio_ffmpeg") is not None, reason="imageio-ffmpeg is installed here")
+def test_mp4_video_without_imageio_ffmpeg_is_refused_before_evaluating(
+    rims_run: tuple[Path, Trainer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, stdout, err = _run_cli(capsys, rims_run[0], "--video", tmp_path / "video", "--video-format", "mp4",
+                                 "--episodes", "1", "--no-progress")
+    assert code == 2 and err == ("error: --video-format mp4 needs imageio-ffmpeg (pip install imageio-ffmpeg); "
+                                 "use gif\n"), err
+    assert stdout == "" and list(tmp_path.iterdir()) == []
 
 
 def test_cli_suite_evaluates_train_and_heldout_envs(
