@@ -435,6 +435,28 @@ def test_nan_through_the_cli_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "Traceback" not in err
 
 
+def test_a_signal_during_the_last_update_is_a_finished_run(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM that arrives while the update reaching total_frames runs: the run is complete, so train.py
+    says done and exits 0 (a scheduler must not requeue a finished job), with the final checkpoint written."""
+    from agents import ppo
+
+    original, calls = ppo.RecurrentPPO.update, []
+
+    def update_then_signal(self, storage):
+        stats = original(self, storage)
+        calls.append(1)
+        if len(calls) == 2:  # the second of the two 32-frame updates: the last one
+            os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler runs now, in the update's wake
+        return stats
+
+    monkeypatch.setattr(ppo.RecurrentPPO, "update", update_then_signal)
+    code = train.main([*TINY, "total_frames=64", "--run-dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert code == 0 and "done: 64 frames" in out and "--resume" not in out, out
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["frames"] == 64 and len(calls) == 2
+
+
 def test_sigterm_checkpoints_and_the_run_resumes(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     process = subprocess.Popen(
