@@ -600,7 +600,8 @@ def test_a_study_session_whose_end_cannot_be_written_keeps_the_bodys_error(
     assert "could not record the end of this session" in capsys.readouterr().err
 
 
-def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version: None) -> None:
+def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version: None,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """Ctrl-C mid-study, run again (nothing trained twice), run a third time (nothing at all), report."""
     path = write_study(tmp_path, tiny_study())
     root = tmp_path / "out"
@@ -717,6 +718,11 @@ def test_local_study_stopped_resumed_and_reported(tmp_path: Path, fixed_version:
     with pytest.raises(StudyError, match="model lstm mixes runs of different code or configs"):
         report.load_results("tiny", root)
     assert set(report.load_results("tiny", root, split_versions=True).models) == {"lstm@1", "lstm@2", "rims"}
+    capsys.readouterr()
+    assert study_cli.main(["report", "tiny", "--root", str(root), "--reps", "200"]) == 2  # the command line too
+    assert "model lstm mixes runs of different code or configs" in capsys.readouterr().err
+    assert study_cli.main(["report", "tiny", "--root", str(root), "--reps", "200", "--split-versions"]) == 0
+    assert "| lstm@1 |" in (root / "tiny" / "report.md").read_text()
 
     # What a report leaves out is named: a partly done run by itself, runs not started as one entry per model.
     provenance["sessions"][0]["commit"] = VERSION
