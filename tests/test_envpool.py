@@ -18,6 +18,7 @@ import pytest
 
 import train
 from envs import make_vec_env
+from policies.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL = 'pip install -e ".[envpool]"'
@@ -338,4 +339,11 @@ def test_train_with_envpool_finishes(envpool: Any, tmp_path: Path) -> None:
                            "algo.n_steps=16", "algo.num_minibatches=2", "log.progress_bar=false",
                            "total_frames=128", "--run-dir", str(run_dir)])
     assert code == 0 and (run_dir / "checkpoint.pt").is_file()
+    assert "backend: envpool" in (run_dir / "config.yaml").read_text()
+    # Resumed (its envs cannot be pickled: fresh episodes), it trains on with the same backend.
+    assert not (run_dir / "envs_state.pkl").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        code = train.main(["--resume", str(run_dir), "total_frames=256"])
+    assert code == 0 and load_checkpoint(run_dir / "checkpoint.pt")["frames"] == 256
     assert "backend: envpool" in (run_dir / "config.yaml").read_text()
