@@ -561,6 +561,18 @@ def _path_hint(item: str) -> str:
     return ""
 
 
+def dotted_items(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Every value of a nested config by its dotted key, ``{"algo.lr": 0.001, ...}``, in the mapping's order
+    (an empty mapping is a value of its own: ``{"env.env_kwargs": {}}``)."""
+    out: dict[str, Any] = {}
+    for key, value in nested.items():
+        if isinstance(value, dict) and value:
+            out.update(dotted_items(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     """Turn ``["core.k_active=3", "algo.lr=3e-4"]`` into a nested dict of YAML-parsed values.
 

@@ -59,8 +59,8 @@ from typing import IO, Any
 
 import yaml
 
-from agents.config import (ENV_FIELDS, PACKAGE_ROOT, SAME_ENV_OPTIONS, ConfigError, config_search_text, load_config,
-                           load_written_yaml, locate_config, parse_yaml, yaml_file_problem, yaml_problem)
+from agents.config import (ENV_FIELDS, PACKAGE_ROOT, SAME_ENV_OPTIONS, ConfigError, config_search_text, dotted_items,
+                           load_config, load_written_yaml, locate_config, parse_yaml, yaml_file_problem, yaml_problem)
 from agents.run_dir import atomic_write, holds_run, os_error_text, script_as_started, write_failure
 from policies.checkpoint import numbered_checkpoints
 from envs.names import short_env_name
@@ -1243,17 +1243,7 @@ def _changed_keys(config: dict[str, Any], job: Job) -> list[str]:
 
 def config_differences(config: dict[str, Any], planned: dict[str, Any]) -> list[str]:
     """The dotted keys in which two resolved configs differ, among those :func:`config_hash` covers."""
-
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out = {}
-        for key, value in d.items():
-            if isinstance(value, dict) and value:
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = value
-        return out
-
-    a, b = flat(config), flat(planned)
+    a, b = dotted_items(config), dotted_items(planned)
     changed = [k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k.split(".")[0] not in UNHASHED_KEYS]
     if bool(a.get("init_from")) != bool(b.get("init_from")):  # hashed as set or not (config_hash)
         changed.append("init_from")

@@ -41,6 +41,7 @@ from agents.config import (
     ENV_FIELDS,
     PPO_ONLY_KEYS,
     ConfigError,
+    dotted_items,
     env_options,
     load_plugins,
     load_written_yaml,
@@ -225,14 +226,6 @@ def check_run_consistency(checkpoint: dict[str, Any], config: dict[str, Any], ru
                               f"but its rollout state holds {rollout['state'].shape[0]} envs")
 
 
-def _flat_keys(nested: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in nested.items():
-        dotted = f"{prefix}{key}"
-        keys.extend(_flat_keys(value, f"{dotted}.") if isinstance(value, dict) and value else [dotted])
-    return keys
-
-
 def _short_repr(value: Any, limit: int = 80) -> str:
     """``repr(value)``, cut to ``limit`` characters (a list of 10,000 level seeds in a one-line message)."""
     text = repr(value)
@@ -313,7 +306,7 @@ def _refuse_edited_config(run_dir: Path, saved: dict[str, Any], own: dict[str, A
         raise ConfigError(f"cannot resume {run_dir}: its config.yaml is not the config this run wrote ({problem}); "
                           f"the run's config is kept in its checkpoint: move the file aside and resume, which "
                           f"writes it again")
-    differ = [key for key in dict.fromkeys([*_flat_keys(saved), *_flat_keys(own), *_flat_keys(written)])
+    differ = [key for key in dict.fromkeys([*dotted_items(saved), *dotted_items(own), *dotted_items(written)])
               if key not in RESUME_MAY_CHANGE and _lookup(written, key) != _lookup(saved, key)
               and _lookup(written, key) != _lookup(own, key)]
     if not differ:
@@ -608,7 +601,7 @@ class Trainer:
         # Whole resolved configs are compared, not only the keys typed: an override of a mapping
         # (env.env_kwargs={size: 8}) replaces it, and must not drop the run's other entries unnoticed.
         # Keys given with the run's own values (a scheduler's fixed command line) change nothing.
-        changed = [key for key in dict.fromkeys([*_flat_keys(own), *_flat_keys(config)])
+        changed = [key for key in dict.fromkeys([*dotted_items(own), *dotted_items(config)])
                    if key not in RESUME_MAY_CHANGE and _lookup(config, key) != _lookup(own, key)]
         if "env.n_envs" in changed:
             raise ConfigError("env.n_envs cannot change on --resume: the checkpoint's rollout state, env "

@@ -18,6 +18,7 @@ from agents.config import (
     core_arguments_from_signature,
     core_defines,
     core_registry,
+    dotted_items,
     load_config,
     load_written_yaml,
     parse_yaml,
@@ -154,24 +155,12 @@ def test_config_file_errors(tmp_path: Path) -> None:
         load_config(scalar)
 
 
-def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
-    """``{"algo.lr": 0.001, ...}``: every value of a nested mapping by its dotted key (a mapping value that is
-    a setting of its own, such as env.env_kwargs, is walked into too)."""
-    out: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_shipped_config_resolves_with_every_setting_it_makes(path: Path) -> None:
     """Each value the file sets is in the resolved config as written (a number written 1e-3 reads as 0.001):
     none dropped, renamed or replaced by a default on the way."""
-    resolved = _leaves(load_config(path))
-    for key, value in _leaves(yaml.safe_load(path.read_text())).items():
+    resolved = dotted_items(load_config(path))
+    for key, value in dotted_items(yaml.safe_load(path.read_text())).items():
         assert key in resolved, f"{path.name}: {key} is not in the resolved config"
         written = float(value) if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?e[-+]?\d+", value) \
             else value
