@@ -149,11 +149,20 @@ POLICY_FIELDS: dict[str, Field] = {
     "head_hidden_size": Field(64, INT, _positive, "> 0"),
 }
 
+def _distinct_env_ids(value: Any) -> bool:
+    return all(isinstance(item, str) and item for item in value) and len(set(value)) == len(value)
+
+
 LOG_FIELDS: dict[str, Field] = {
     "checkpoint_interval_frames": Field(100_000, INT, _positive, "> 0"),
     "keep_checkpoints": Field(3, INT, _positive, "> 0"),
     "progress_bar": Field(True, BOOL),
     "return_window": Field(100, INT, _positive, "> 0"),
+    # Evaluation during training (SB3's EvalCallback): every eval_interval_frames, eval_episodes episodes on
+    # each of eval_envs (evaluate.py's seeds and options), logged as eval/<env>/mean_return and success_rate.
+    "eval_envs": Field([], (list,), _distinct_env_ids, "a list of distinct env ids"),
+    "eval_interval_frames": Field(50_000, INT, _positive, "> 0"),
+    "eval_episodes": Field(10, INT, _positive, "> 0"),
 }
 
 
@@ -759,8 +768,8 @@ def env_options(env_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_config_env_id(config: dict[str, Any]) -> None:
-    """Refuse a resolved config whose ``env.id`` is no registered gymnasium, MiniGrid or ALE id, before any env
-    is built (importing those registries takes half a second, so only here).
+    """Refuse a resolved config whose ``env.id`` (or an id of ``log.eval_envs``) is no registered gymnasium,
+    MiniGrid or ALE id, before any env is built (importing those registries takes half a second, so only here).
 
     :raises ConfigError: ``env.id: <why>``, with a close spelling when there is one.
     """
@@ -770,6 +779,11 @@ def check_config_env_id(config: dict[str, Any]) -> None:
         check_env_id(config["env"]["id"])
     except ValueError as exc:
         raise ConfigError(f"env.id: {exc}") from None
+    for env_id in config["log"]["eval_envs"]:
+        try:
+            check_env_id(env_id)
+        except ValueError as exc:
+            raise ConfigError(f"log.eval_envs: {exc}") from None
     check_frame_stack(config["env"])
 
 

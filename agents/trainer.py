@@ -471,6 +471,7 @@ class Trainer:
             self.venv = self.make_envs(*self.task, seed=fresh)
         with _sizes_that_fit(config):
             self.policy = build_policy(config, self.venv.observation_space, self.venv.action_space).to(self.device)
+        self._check_eval_envs()
         algo = config["algo"]
         if algo["name"] not in UPDATERS and algo["name"] in PLUGIN_UPDATERS:
             importlib.import_module(PLUGIN_UPDATERS[algo["name"]])
@@ -514,6 +515,61 @@ class Trainer:
         distributed.barrier()
         # An updater with a task schedule (meta-PPO) may start on another task than env.id.
         self._maybe_switch_task(None)
+
+    # -- evaluation during training (log.eval_envs) ----------------------------------------------
+    def _eval_targets(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(env id, make_vec_env options)`` of each ``log.eval_envs`` entry, with the options evaluate.py
+        would give a checkpoint of this run there (the training env's own where the id is the training id)."""
+        from agents.evaluation import EvalTarget, target_options
+
+        train_id, train_options = self.config["env"]["id"], env_options(self.config["env"])
+        return [(env_id, target_options(train_id, train_options, EvalTarget(env_id)))
+                for env_id in self.config["log"]["eval_envs"]]
+
+    def _check_eval_envs(self) -> None:
+        """Refuse an evaluation env whose spaces do not fit the policy now, not at the first evaluation."""
+        from envs import env_spaces
+
+        own = (self.venv.observation_space, self.venv.action_space)
+        for env_id, options in self._eval_targets() if distributed.is_main() else []:
+            try:
+                other = env_spaces(env_id, options)
+            except Exception as exc:  # noqa: BLE001 - whatever the env raises, said as the config's problem
+                raise ConfigError(f"log.eval_envs: cannot build {env_id!r}: {exc}") from None
+            if other != own:
+                raise ConfigError(f"log.eval_envs: {env_id!r} does not fit the policy: observation space {other[0]} "
+                                  f"and action space {other[1]}, where the training env has {own[0]} and {own[1]}")
+
+    def _evaluate_if_due(self) -> dict[str, float]:
+        """After the update that crosses a multiple of ``log.eval_interval_frames``, run ``log.eval_episodes``
+        episodes on each of ``log.eval_envs`` and return their scalars (``eval/<env>/mean_return``,
+        ``eval/<env>/success_rate``); otherwise nothing. The episodes are evaluate.py's (its default seed, so
+        every evaluation of the run plays the same levels), sampled with their own random streams: the
+        training's random state, and so its result, is the same with evaluation on or off."""
+        log = self.config["log"]
+        interval = log["eval_interval_frames"]
+        if not log["eval_envs"] or self.frames // interval == (self.frames - self.frames_per_rollout) // interval:
+            return {}
+        from agents.evaluation import evaluate_policy
+        from envs.names import short_env_name
+        from policies.policy import Policy
+
+        policy = Policy(self.policy, self.config["env"]["id"], env_options(self.config["env"]), self.config,
+                        device=self.device)
+        scalars, said = {}, []
+        try:
+            for env_id, options in self._eval_targets():
+                result = evaluate_policy(policy, env_id, options, episodes=log["eval_episodes"])
+                name = short_env_name(env_id)
+                scalars[f"eval/{name}/mean_return"] = result["mean_return"]
+                if result["success_rate"] is not None:
+                    scalars[f"eval/{name}/success_rate"] = result["success_rate"]
+                said.append(f"{name} {result['mean_return']:.2f}")
+        finally:
+            self.policy.train()  # Policy put the model in eval mode
+        tqdm.write(f"eval at {self.frames} frames ({log['eval_episodes']} episodes each): mean return "
+                   + ", ".join(said))
+        return scalars
 
     def _seed_rngs(self, seed: int) -> None:
         """Seed Python's, numpy's and torch's global RNGs and the minibatch generator with ``seed``."""
@@ -1058,9 +1114,10 @@ class Trainer:
                     self.updates += 1
                     self._gather_rollout_stats(rollout_stats)  # every rank's episodes (one process: as is)
                     self.recent_episodes.extend(rollout_stats.episodes)
-                    if logger is not None:
+                    if logger is not None:  # rank 0 alone evaluates (log.eval_envs) and logs
+                        evaluation = self._evaluate_if_due()
                         with self._write_errors(self.run_dir / "metrics.jsonl"):
-                            self._log(logger, rollout_stats, update_stats, started, collected, ended)
+                            self._log(logger, rollout_stats, update_stats, started, collected, ended, evaluation)
                     mean_return = self._mean("r")
                     # The postfix first, then the count: one refresh shows both (no line with stale numbers).
                     bar.set_postfix_str("ret=" + ("-" if math.isnan(mean_return) else f"{mean_return:.2f}"),
@@ -1158,7 +1215,7 @@ class Trainer:
         return float(np.mean(values)) if values else float("nan")
 
     def _log(self, logger: RunLogger, rollout_stats: Any, update_stats: dict[str, float],
-             started: float, collected: float, ended: float) -> None:
+             started: float, collected: float, ended: float, evaluation: dict[str, float] | None = None) -> None:
         # Plain keys go under train/; keys that already name a section ("meta/task_index") stay as they are.
         scalars: dict[str, float] = {key if "/" in key else f"train/{key}": value
                                      for key, value in update_stats.items() if isinstance(value, (int, float))}
@@ -1178,6 +1235,7 @@ class Trainer:
         scalars["time/rollout_seconds"] = collected - started
         scalars["time/update_seconds"] = ended - collected
         scalars["time/updates"] = float(self.updates)
+        scalars.update(evaluation or {})
         logger.log(self.frames, scalars)
 
 
