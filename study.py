@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "publish":
             command = " ".join(["python study.py publish", *map(str, args.studies), "--out", str(args.out),
                                 *(["--keep"] if args.keep else []), *(["--drop"] if args.drop else [])])
-            before = published_studies(args.out) if args.drop else []
+            before = published_studies(args.out) if args.drop and args.out.is_file() else []
             path = publish(args.studies, args.out, args.root, reps=args.reps, force=args.force, command=command,
                            keep=args.keep, drop=args.drop)
             after = published_studies(path)

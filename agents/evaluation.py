@@ -599,8 +599,14 @@ def evaluate_policy(
                leave=True, bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} elapsed, {remaining} left")
     shown_finished = 0
     started = time.perf_counter()
+    # torch.manual_seed below seeds the accelerators' generators too: the policy's device is forked with the
+    # CPU's, so a caller training on a GPU (evaluation during training) keeps its stream there as well.
+    device = policy.device
+    forked = ({"devices": [device.index if device.index is not None else torch.cuda.current_device()]}
+              if device.type == "cuda" else {"devices": [0], "device_type": "mps"} if device.type == "mps"
+              else {"devices": []})
     try:
-        with torch.random.fork_rng(devices=[]), torch.inference_mode(), frozen_parameters():
+        with torch.random.fork_rng(**forked), torch.inference_mode(), frozen_parameters():
             # Actions are sampled from the per-episode streams, not torch's RNG; fork and seed it
             # anyway, so anything in a policy that draws from it is seeded and the caller's stream
             # stays untouched. inference_mode: nothing here needs autograd, and acting is faster without it;

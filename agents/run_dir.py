@@ -412,6 +412,19 @@ def _flock(handle: IO[str], operation: int) -> OSError | None:
         time.sleep(0.01)
 
 
+def open_lock_file(path: Path) -> IO[str]:
+    """Open (or create) a lock file to lock and write a pid into; bytes that are not UTF-8 (someone's binary
+    file of that name) read as replacement characters, which :func:`is_foreign_lock` then refuses."""
+    return path.open("a+", encoding="utf-8", errors="replace")
+
+
+def is_foreign_lock(text: str) -> bool:
+    """Whether a lock file's first bytes are someone else's file: a lock holds a pid, or nothing yet. NULs count as
+    nothing (a power loss can leave a file of them, and /dev/full reads as them)."""
+    earlier = text.strip().strip("\0")
+    return bool(earlier) and not earlier.isdigit()
+
+
 def lock_holder(run_dir: str | Path) -> str | None:
     """The pid (as the holder wrote it in ``.lock``) of a process training in ``run_dir`` now, or None.
 
@@ -421,7 +434,7 @@ def lock_holder(run_dir: str | Path) -> str | None:
     if fcntl is None:
         return None
     try:
-        handle = path.open("r")
+        handle = path.open("r", encoding="utf-8", errors="replace")
     except OSError:
         return None
     with handle:
@@ -469,7 +482,7 @@ class RunLock:
             return
         path = self.run_dir / LOCK_FILE
         try:
-            handle = path.open("a+")
+            handle = open_lock_file(path)
         except OSError as exc:
             raise RunDirError(f"cannot lock run directory {self.run_dir}: {exc.strerror or exc}") from None
         exc = _flock(handle, fcntl.LOCK_EX)
@@ -483,9 +496,7 @@ class RunLock:
                                   f"`python {train_py()} --resume {self.run_dir}`") from None
             raise RunDirError(f"cannot lock run directory {self.run_dir}: {exc.strerror or exc}") from None
         handle.seek(0)
-        # NULs are no one's text: a power loss can leave a file of them (and /dev/full reads as them).
-        earlier = handle.read(64).strip().strip("\0")
-        if earlier and not earlier.isdigit():  # a lock holds a pid, or nothing yet: this is someone's own file
+        if is_foreign_lock(handle.read(64)):
             handle.close()
             raise RunDirError(f"{path} exists and is not a run lock (this package locks a run directory with a "
                               f"file of that name, and would overwrite it); move it, or choose another directory")

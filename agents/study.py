@@ -61,7 +61,8 @@ import yaml
 
 from agents.config import (ENV_FIELDS, PACKAGE_ROOT, SAME_ENV_OPTIONS, ConfigError, config_search_text, dotted_items,
                            load_config, load_written_yaml, locate_config, parse_yaml, yaml_file_problem, yaml_problem)
-from agents.run_dir import atomic_write, holds_run, os_error_text, script_as_started, write_failure
+from agents.run_dir import (atomic_write, holds_run, is_foreign_lock, open_lock_file, os_error_text, script_as_started,
+                            write_failure)
 from policies.checkpoint import numbered_checkpoints
 from envs.names import short_env_name
 
@@ -953,7 +954,8 @@ def check_eval_spaces(study: Study, jobs: Sequence[Job]) -> None:
             continue
         checked.add(job.model)
         try:
-            env = load_config(job.config, list(job.overrides))["env"]
+            config = load_config(job.config, list(job.overrides))
+            env = config["env"]
             check_frame_stack(env)
         except ConfigError as exc:
             raise StudyError(f"model {job.model}: {exc}") from None
@@ -965,14 +967,18 @@ def check_eval_spaces(study: Study, jobs: Sequence[Job]) -> None:
             except ValueError as exc:
                 raise StudyError(f"{_where(study.source)}model {job.model}: {exc}") from None
         trained = env_options(env)
-        for target in targets:
-            # An eval.envs entry is an id alone (a suite's entries, which may carry options, name their own split),
-            # evaluated with the training env's options: with the training id it is the training env. A plain id
-            # is marked held out, so this is an easy slip, and it would count training scores as held-out ones.
-            if study.eval.suite is None and target.name in study.eval.held_out and target.env_id == env["id"]:
+        # An eval.envs entry is an id alone (a suite's entries, which may carry options, name their own split),
+        # evaluated with the training env's options: with a training id it is a training env. A plain id is
+        # marked held out, so this is an easy slip, and the report would count training scores as held-out ones.
+        # Held out is the study's, not a model's: an env one model trains on is held out for none.
+        from agents.meta_config import task_specs
+
+        trained_ids = {env["id"], *(spec.env_id for spec in task_specs(config.get("meta") or {}))}
+        for target in targets if study.eval.suite is None else []:
+            if target.name in study.eval.held_out and target.env_id in trained_ids:
                 raise StudyError(f"{_where(study.source)}eval env {target.env_id!r} is marked held out (a plain id "
-                                 f"in eval.envs is), but model {job.model} trains on it; write it as "
-                                 f"{{id: {target.env_id}, held_out: false}}")
+                                 f"in eval.envs is), but model {job.model} trains on it, and a held-out env must "
+                                 f"be one no model trains on; write it as {{id: {target.env_id}, held_out: false}}")
         own = spaces(env["id"], trained)
         for target in targets if own is not None else []:
             other = spaces(target.env_id, target_options(env["id"], trained, target))
@@ -1706,7 +1712,7 @@ def study_lock(root: Path) -> Iterator[None]:
     if fcntl is None:
         yield
         return
-    handle = (root / ".lock").open("a+")
+    handle = open_lock_file(root / ".lock")
     try:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1716,9 +1722,7 @@ def study_lock(root: Path) -> Iterator[None]:
             raise StudyError(f"study {root} is being run by another process (pid {holder}); "
                              f"wait for it or stop it, then run again") from None
         handle.seek(0)
-        # NULs are no one's text: a power loss can leave a file of them (and /dev/full reads as them).
-        earlier = handle.read(64).strip().strip("\0")
-        if earlier and not earlier.isdigit():  # a lock holds a pid, or nothing yet: this is someone's own file
+        if is_foreign_lock(handle.read(64)):
             raise StudyError(f"{root / '.lock'} exists and is not a study lock (study.py run locks a study with a "
                              "file of that name and would overwrite it); move it away, then run again")
         try:

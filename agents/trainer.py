@@ -100,7 +100,10 @@ ENVS_STATE_FILE = "envs_state.pkl"
 # closed, so that a long task list (a suite, subprocess envs) does not keep every task's envs open.
 MAX_PARKED_TASKS = 8
 # What may change on --resume: the budget, and where and how fast the run computes (as SB3's load(device=...)).
-RESUME_MAY_CHANGE: tuple[str, ...] = ("total_frames", "device", "torch_threads", "log.progress_bar")
+# Settings that change how a run is watched or where it runs, not what it computes (evaluation during training
+# plays with its own random streams), so a resume may change them, as an SB3 user adds an EvalCallback.
+RESUME_MAY_CHANGE: tuple[str, ...] = ("total_frames", "device", "torch_threads", "log.eval_envs",
+                                      "log.eval_interval_frames", "log.eval_episodes", "log.progress_bar")
 _RESUME_MAY_CHANGE_WORDS = ", ".join(RESUME_MAY_CHANGE[:-1]) + " and " + RESUME_MAY_CHANGE[-1]
 # The env options that ``envs.make_env`` (one env) takes; the others are vec-env options.
 SINGLE_ENV_OPTIONS: tuple[str, ...] = ("mission", "env_kwargs", "level_seeds", "max_episode_steps",
@@ -517,58 +520,81 @@ class Trainer:
         self._maybe_switch_task(None)
 
     # -- evaluation during training (log.eval_envs) ----------------------------------------------
-    def _eval_targets(self) -> list[tuple[str, dict[str, Any]]]:
-        """``(env id, make_vec_env options)`` of each ``log.eval_envs`` entry, with the options evaluate.py
-        would give a checkpoint of this run there (the training env's own where the id is the training id)."""
-        from agents.evaluation import EvalTarget, target_options
+    def _as_policy(self) -> Any:
+        """The model being trained as a :class:`policies.Policy` (what evaluate.py evaluates), still in training
+        mode (``Policy`` puts its model in eval mode: no layer of ours acts differently, but the mode stays)."""
+        from policies.policy import Policy
 
-        train_id, train_options = self.config["env"]["id"], env_options(self.config["env"])
-        return [(env_id, target_options(train_id, train_options, EvalTarget(env_id)))
-                for env_id in self.config["log"]["eval_envs"]]
+        policy = Policy(self.policy, self.config["env"]["id"], env_options(self.config["env"]), self.config,
+                        device=self.device)
+        self.policy.train()
+        return policy
 
     def _check_eval_envs(self) -> None:
-        """Refuse an evaluation env whose spaces do not fit the policy now, not at the first evaluation."""
+        """Refuse, before training, ``log.eval_envs`` the run cannot evaluate on: an env of other spaces than the
+        policy's, or two ids with one short name (their scalars would share a key). Every rank checks (the same
+        files and ids everywhere), so all of them stop, as for any other bad input."""
+        from agents.evaluation import EvalTarget, evaluation_options
         from envs import env_spaces
+        from envs.names import short_env_name
 
+        ids = self.config["log"]["eval_envs"]
+        named: dict[str, str] = {}
+        for env_id in ids:
+            other = named.setdefault(short_env_name(env_id), env_id)
+            if other != env_id:
+                raise ConfigError(f"log.eval_envs: {other!r} and {env_id!r} share the short name "
+                                  f"{short_env_name(env_id)!r} their scores are logged under; evaluate on one of them")
+        policy = self._as_policy() if ids else None
         own = (self.venv.observation_space, self.venv.action_space)
-        for env_id, options in self._eval_targets() if distributed.is_main() else []:
+        for env_id in ids:
             try:
-                other = env_spaces(env_id, options)
+                spaces = env_spaces(env_id, evaluation_options(policy, EvalTarget(env_id)))
             except Exception as exc:  # noqa: BLE001 - whatever the env raises, said as the config's problem
                 raise ConfigError(f"log.eval_envs: cannot build {env_id!r}: {exc}") from None
-            if other != own:
-                raise ConfigError(f"log.eval_envs: {env_id!r} does not fit the policy: observation space {other[0]} "
-                                  f"and action space {other[1]}, where the training env has {own[0]} and {own[1]}")
+            if spaces != own:
+                raise ConfigError(f"log.eval_envs: {env_id!r} does not fit the policy: observation space "
+                                  f"{spaces[0]} and action space {spaces[1]}, where the training env has "
+                                  f"{own[0]} and {own[1]}")
 
     def _evaluate_if_due(self) -> dict[str, float]:
-        """After the update that crosses a multiple of ``log.eval_interval_frames``, run ``log.eval_episodes``
+        """After the update that crosses a multiple of ``log.eval_interval_frames``, play ``log.eval_episodes``
         episodes on each of ``log.eval_envs`` and return their scalars (``eval/<env>/mean_return``,
-        ``eval/<env>/success_rate``); otherwise nothing. The episodes are evaluate.py's (its default seed, so
-        every evaluation of the run plays the same levels), sampled with their own random streams: the
-        training's random state, and so its result, is the same with evaluation on or off."""
+        ``eval/<env>/success_rate``); otherwise, or once a signal asked training to stop, nothing.
+
+        The episodes are evaluate.py's (its options, and its default seed: every evaluation of a run plays the
+        same levels), sampled from their own random streams, so the training's result is the same with
+        evaluation on or off. An env that fails is said in one warning line and skipped: the update just made
+        is still logged and checkpointed.
+        """
         log = self.config["log"]
         interval = log["eval_interval_frames"]
         if not log["eval_envs"] or self.frames // interval == (self.frames - self.frames_per_rollout) // interval:
             return {}
         from agents.evaluation import evaluate_policy
         from envs.names import short_env_name
-        from policies.policy import Policy
 
-        policy = Policy(self.policy, self.config["env"]["id"], env_options(self.config["env"]), self.config,
-                        device=self.device)
+        policy = self._as_policy()
         scalars, said = {}, []
-        try:
-            for env_id, options in self._eval_targets():
-                result = evaluate_policy(policy, env_id, options, episodes=log["eval_episodes"])
-                name = short_env_name(env_id)
-                scalars[f"eval/{name}/mean_return"] = result["mean_return"]
-                if result["success_rate"] is not None:
-                    scalars[f"eval/{name}/success_rate"] = result["success_rate"]
-                said.append(f"{name} {result['mean_return']:.2f}")
-        finally:
-            self.policy.train()  # Policy put the model in eval mode
-        tqdm.write(f"eval at {self.frames} frames ({log['eval_episodes']} episodes each): mean return "
-                   + ", ".join(said))
+        for env_id in log["eval_envs"]:
+            if self._stop_signal is not None:  # a scheduler's grace period is not spent on episodes
+                break
+            name = short_env_name(env_id)
+            try:
+                result = evaluate_policy(policy, env_id, episodes=log["eval_episodes"])
+            except Exception as exc:  # noqa: BLE001 - an evaluation never costs the training its update
+                tqdm.write(f"warning: evaluation on {env_id} at {self.frames} frames failed ({type(exc).__name__}: "
+                           f"{' '.join(str(exc).split())[:300]}); training goes on")
+                continue
+            finally:
+                self.policy.train()
+            scalars[f"eval/{name}/mean_return"] = result["mean_return"]
+            if result["success_rate"] is not None:
+                scalars[f"eval/{name}/success_rate"] = result["success_rate"]
+            said.append(f"{name} {result['mean_return']:.2f}")
+        if said:
+            tqdm.write(f"eval at {self.frames} frames ({log['eval_episodes']} episodes each): mean return "
+                       + ", ".join(said))
         return scalars
 
     def _seed_rngs(self, seed: int) -> None:
@@ -779,11 +805,12 @@ class Trainer:
             raise CheckpointError(f"init_from: the weights of {path} do not fit this run's policy: {details}") from None
 
     def _load_training_state(self, checkpoint: dict[str, Any], envs_restored: bool) -> None:
-        broken = non_finite_weights(checkpoint["policy"]["state_dict"])
+        state_dict = checkpoint["policy"]["state_dict"]
+        broken = non_finite_weights(state_dict) if isinstance(state_dict, dict) else []
         if broken:
             raise CheckpointError(f"cannot resume from the checkpoint in {self.run_dir}: it holds non-finite weights "
-                                  f"(nan or inf in {broken[0]}), which training never saves; put one of "
-                                  f"{self.run_dir / 'checkpoints'}/ in its place to resume from there")
+                                  f"(nan or inf in {broken[0]}), which training never saves"
+                                  f"{_older_checkpoints_hint(self.run_dir)}")
         try:
             self.policy.load_state_dict(checkpoint["policy"]["state_dict"])
         except RuntimeError as exc:  # torch lists every missing/unexpected/mis-shaped tensor: keep them all

@@ -69,18 +69,24 @@ def check_out_folder(parser: argparse.ArgumentParser, folder: Path, run_names: S
     problem = output_folder_problem(folder)
     if problem:
         parser.error(f"--out {problem}")
+    if len(set(run_names)) < len(run_names):
+        parser.error(f"two runs would share a folder of --out {folder}: {', '.join(run_names)}")
     for name in run_names:
         if holds_run(folder / name):
             parser.error(f"--out {folder}: {folder / name} already holds a run; give another --out or move it away")
 
 
 def config_for(core: str, env: str = "doorkey", overrides: list[str] | None = None) -> dict[str, Any]:
-    """The shipped PPO config of ``env`` x ``core`` (gru reuses the lstm one), with overrides."""
+    """The shipped PPO config of ``env`` x ``core`` (gru reuses the lstm one, under a name of its own), with
+    overrides."""
     family = "atari" if env in ("pong", "breakout") else "minigrid"
     base = "lstm" if core == "gru" else core
     extra = ["core.name=gru", "core.hidden_size=128"] if core == "gru" else []
-    return load_config(REPO / "configs" / family / f"{env}-{base}-ppo.yaml",
-                       [*extra, "log.progress_bar=false", *(overrides or [])])
+    config = load_config(REPO / "configs" / family / f"{env}-{base}-ppo.yaml",
+                         [*extra, "log.progress_bar=false", *(overrides or [])])
+    if core == "gru":  # its runs must not go where the lstm config's do
+        config["name"] = config["name"].replace("lstm", "gru")
+    return config
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

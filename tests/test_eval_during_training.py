@@ -48,12 +48,13 @@ def test_evaluation_is_logged_at_its_interval_and_leaves_training_unchanged(tmp_
 
 @pytest.mark.parametrize(("override", "message"), [
     ("log.eval_envs=[MiniGrid-DorKey-6x6-v0]", "log.eval_envs: Unknown environment id 'MiniGrid-DorKey-6x6-v0'"),
+    ("log.eval_envs=[CartPole-v0, CartPole-v1]", "log.eval_envs: 'CartPole-v0' and 'CartPole-v1' share the short name"),
     ("log.eval_envs=[CartPole-v1]", "log.eval_envs: 'CartPole-v1' does not fit the policy: observation space"),
     ("log.eval_envs=[MiniGrid-DoorKey-6x6-v0, MiniGrid-DoorKey-6x6-v0]",
      "log.eval_envs must be a list of distinct env ids"),
     ("log.eval_envs=MiniGrid-DoorKey-6x6-v0", "log.eval_envs must be"),
     ("log.eval_episodes=0", "log.eval_episodes must be > 0"),
-], ids=["unknown-id", "other-spaces", "twice", "not-a-list", "no-episodes"])
+], ids=["unknown-id", "one-short-name", "other-spaces", "twice", "not-a-list", "no-episodes"])
 def test_an_env_it_cannot_evaluate_on_is_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                                 override: str, message: str) -> None:
     code = train.main([*TINY, override, "--run-dir", str(tmp_path / "run")])
@@ -62,9 +63,42 @@ def test_an_env_it_cannot_evaluate_on_is_refused_before_training(tmp_path: Path,
     assert not (tmp_path / "run").exists()
 
 
-def test_a_resumed_run_evaluates_at_the_same_frames(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_resumed_run_evaluates_at_the_same_frames_and_may_start_or_change_its_evaluation(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     Trainer(load_config(None, [*TINY, *EVAL]), tmp_path / "run").run(stop_at_frames=192)
-    assert train.main(["--resume", str(tmp_path / "run"), "log.eval_episodes=5"]) == 2  # the run's own settings
-    assert "log.eval_episodes cannot change on --resume" in capsys.readouterr().err
     Trainer.resume(tmp_path / "run").run()
     assert [r["frames"] for r in rows(tmp_path / "run") if "eval/DoorKey-5x5/mean_return" in r] == [128, 256]
+    # Evaluation changes nothing the run computes, so a resume may add it (as an SB3 EvalCallback is added).
+    Trainer(load_config(None, [*TINY, "env.max_episode_steps=20"]), tmp_path / "plain").run(stop_at_frames=128)
+    assert train.main(["--resume", str(tmp_path / "plain"), "log.eval_envs=[MiniGrid-DoorKey-6x6-v0]",
+                       "log.eval_interval_frames=64", "log.eval_episodes=1"]) == 0, capsys.readouterr().err
+    logged = rows(tmp_path / "plain")
+    assert [r["frames"] for r in logged if "eval/DoorKey-6x6/mean_return" in r] == [192, 256]
+    assert "eval_episodes: 1" in (tmp_path / "plain" / "config.yaml").read_text()
+
+
+def test_an_evaluation_that_fails_is_a_warning_and_the_update_is_kept(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """An eval env that raises mid-episode must not cost the run its update or end train.py in a traceback."""
+    import gymnasium as gym
+
+    from tests.test_learning import ENV_ID, CueRecall
+
+    class Breaks(CueRecall):
+        def step(self, action: int):
+            raise RuntimeError("the simulator lost its licence server")
+
+    if "TestBrokenCueRecall-v0" not in gym.registry:
+        gym.register("TestBrokenCueRecall-v0", entry_point=Breaks)
+    code = train.main(["env.n_envs=2", "algo.n_steps=32", "algo.num_minibatches=1", "core.name=lstm",
+                       "core.hidden_size=8", f"env.id={ENV_ID}", "total_frames=128", "log.progress_bar=false",
+                       f"log.eval_envs=[{ENV_ID}, TestBrokenCueRecall-v0]", "log.eval_interval_frames=64",
+                       "log.eval_episodes=2", "--run-dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert code == 0 and "done: 128 frames" in out, out
+    assert ("warning: evaluation on TestBrokenCueRecall-v0 at 64 frames failed (RuntimeError: the simulator lost "
+            "its licence server); training goes on") in out
+    logged = rows(tmp_path / "run")
+    assert [r["frames"] for r in logged] == [64, 128]
+    assert all("eval/TestCueRecall/mean_return" in r and not any("Broken" in key for key in r) for r in logged)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["frames"] == 128

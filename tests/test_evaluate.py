@@ -953,6 +953,21 @@ def test_load_policy_refuses_non_paths_urls_and_missing_gpus(rims_run: tuple[Pat
         load_policy(rims_run[0], "gpu0")
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_evaluation_leaves_the_callers_random_streams_as_they_were(rims_run: tuple[Path, Trainer],
+                                                                     device: str) -> None:
+    """evaluate_policy seeds torch (which seeds every GPU's generator too) inside a fork of the CPU's and the
+    policy device's states: a run evaluating during training draws the same rollouts as without it."""
+    policy = load_policy(rims_run[0], device)  # building the model draws its initial weights: before
+    torch.manual_seed(123)
+    before = torch.get_rng_state(), (torch.cuda.get_rng_state() if device == "cuda" else None)
+    evaluate_policy(policy, DOORKEY_5, episodes=2, options={"max_episode_steps": 5})
+    assert torch.equal(torch.get_rng_state(), before[0])
+    if device == "cuda":
+        assert torch.equal(torch.cuda.get_rng_state(), before[1])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 def test_cuda_without_a_gpu_is_one_line_exit_2(rims_run: tuple[Path, Trainer],
                                               capsys: pytest.CaptureFixture[str]) -> None:

@@ -222,7 +222,8 @@ def test_resume_override_is_validated(tmp_path: Path, capsys: pytest.CaptureFixt
     code, err = run_main(capsys, ["--resume", str(tmp_path), "total_frames=lots"])
     assert code == 2 and "total_frames must be an integer" in err
     code, err = run_main(capsys, ["--resume", str(tmp_path), "algo.lr=1"])
-    assert code == 2 and "only total_frames, device, torch_threads and log.progress_bar can" in err
+    assert code == 2 and ("only total_frames, device, torch_threads, log.eval_envs, log.eval_interval_frames, log.eval_episodes and "
+                          "log.progress_bar can") in err
     code, err = run_main(capsys, ["--resume", str(tmp_path), "env.env_kwargs={size: 5}"])
     assert code == 2 and "env.env_kwargs.size cannot change" in err  # a mapping's new entry counts too
     for key, value in (("core.name", "lstm"), ("algo.name", "a2c")):  # named as typed, not by a key it drops

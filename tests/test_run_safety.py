@@ -122,6 +122,10 @@ def test_a_users_own_lock_file_is_never_overwritten(tmp_path: Path, capsys: pyte
     code, err = main(capsys, [*TINY, "--run-dir", str(run), "total_frames=32"])
     assert code == 2 and one_line_error(err) and "is not a run lock" in err, err
     assert (run / ".lock").read_text() == "my own notes\n"
+    (run / ".lock").write_bytes(b"\x89PNG\r\n\x1a\n")  # not UTF-8: the same refusal, not a traceback
+    code, err = main(capsys, [*TINY, "--run-dir", str(run), "total_frames=32"])
+    assert code == 2 and one_line_error(err) and "is not a run lock" in err, err
+    assert (run / ".lock").read_bytes() == b"\x89PNG\r\n\x1a\n"
     # A stale lock of an earlier process (a pid) is this package's own: the run takes it.
     (run / ".lock").write_text("123456\n")
     assert main(capsys, [*TINY, "--run-dir", str(run), "total_frames=32"])[0] == 0

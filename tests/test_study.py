@@ -383,11 +383,18 @@ def test_the_training_env_marked_held_out_is_refused_before_training(tmp_path: P
     assert study_cli.main(["run", str(write_study(tmp_path, raw)), "--root", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.endswith(
         "eval env 'MiniGrid-DoorKey-5x5-v0' is marked held out (a plain id in eval.envs is), but model lstm trains "
-        "on it; write it as {id: MiniGrid-DoorKey-5x5-v0, held_out: false}\n")
+        "on it, and a held-out env must be one no model trains on; write it as {id: MiniGrid-DoorKey-5x5-v0, "
+        "held_out: false}\n")
     assert not (tmp_path / "o" / "tiny" / "runs").exists()
     raw["eval"]["envs"][0] = {"id": "MiniGrid-DoorKey-5x5-v0", "held_out": False}  # as the message says: accepted
-    assert check_eval_spaces(load_study(write_study(tmp_path, raw, "fixed.yaml")),
-                             plan(load_study(write_study(tmp_path, raw, "fixed.yaml")), tmp_path / "p")) is None
+    fixed = load_study(write_study(tmp_path, raw, "fixed.yaml"))
+    assert check_eval_spaces(fixed, plan(fixed, tmp_path / "p")) is None
+    # A multi-task model's training tasks count too: DoorKey-6x6 is one of this one's.
+    raw["models"].append({"label": "multitask", "config": "configs/meta/doorkey-sizes-multitask.yaml"})
+    multi = load_study(write_study(tmp_path, raw, "multi.yaml"))
+    with pytest.raises(StudyError, match="eval env 'MiniGrid-DoorKey-6x6-v0' is marked held out .* but model "
+                                         "multitask trains on it"):
+        check_eval_spaces(multi, plan(multi, tmp_path / "p"))
 
 
 def test_a_frame_stack_on_minigrid_is_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -462,6 +469,9 @@ def test_a_first_session_stopped_before_its_study_copy_continues_and_changed_eva
                                        "a study with a file of that name and would overwrite it); move it away, "
                                        "then run again\n")
     assert (root / ".lock").read_text() == "my notes\n" and sorted(p.name for p in root.iterdir()) == [".lock"]
+    (root / ".lock").write_bytes(b"\xff\xfe binary")  # not UTF-8: the same refusal, not a traceback
+    assert study_cli.main(["run", str(path), "--root", str(root.parent)]) == 2
+    assert "is not a study lock" in capsys.readouterr().err and (root / ".lock").read_bytes() == b"\xff\xfe binary"
     (root / ".lock").write_text("12345\n")
     (root / ".study.yaml.12345.0badcafe.tmp").write_text("name: ti")  # killed while writing the copy
     assert run_study(load_study(path), root, workers=1, report=False) == 0
