@@ -210,7 +210,7 @@ def test_non_finite_weights_in_a_checkpoint_are_named_on_resume_and_init_from(
     save_checkpoint(run / "checkpoint.pt", checkpoint)
     code, err = run_main(capsys, ["--resume", str(run)])
     assert code == 2 and f"holds non-finite weights (nan or inf in {name})" in err and "Traceback" not in err, err
-    assert f"{run / 'checkpoints'}/" in err  # where the earlier, good checkpoints are
+    assert f"numbered checkpoints are kept in {run / 'checkpoints'} (newest checkpoint_000000000032.pt)" in err
     code, err = run_main(capsys, [*TINY, "total_frames=64", f"init_from={run / 'checkpoint.pt'}",
                                   "--run-dir", str(tmp_path / "new")])
     assert code == 2 and "init_from:" in err and "holds non-finite weights" in err and "algo.lr" not in err, err
