@@ -64,7 +64,7 @@ from agents.config import (ENV_FIELDS, PACKAGE_ROOT, SAME_ENV_OPTIONS, ConfigErr
 from agents.run_dir import (atomic_write, holds_run, is_foreign_lock, open_lock_file, os_error_text, script_as_started,
                             write_failure)
 from policies.checkpoint import numbered_checkpoints
-from envs.names import short_env_name
+from envs.names import short_env_name, short_name_clash
 
 try:
     import fcntl
@@ -613,12 +613,11 @@ def _check_short_names(env_ids: Sequence[str], what: str, path: Path | None) -> 
     """Refuse two env ids with one short name (``MiniGrid-Unlock-v0`` and ``BabyAI-Unlock-v0``, or ``-v0`` and
     ``-v1``): a study keys its evaluation results, run folders and report columns by it, so the second env's
     results would be filed as the first's."""
-    seen: dict[str, str] = {}
-    for env_id in env_ids:
-        first = seen.setdefault(short_env_name(env_id), env_id)
-        if first != env_id:
-            raise StudyError(f"{_where(path)}{what}: {first} and {env_id} have the same short name "
-                             f"{short_env_name(env_id)!r}, which keys a study's results; a study cannot hold both")
+    clash = short_name_clash(env_ids)
+    if clash is not None:
+        first, env_id = clash
+        raise StudyError(f"{_where(path)}{what}: {first} and {env_id} have the same short name "
+                         f"{short_env_name(env_id)!r}, which keys a study's results; a study cannot hold both")
 
 
 def _parse_eval(raw: Any, total_frames: int, path: Path | None) -> EvalSpec:

@@ -536,15 +536,13 @@ class Trainer:
         files and ids everywhere), so all of them stop, as for any other bad input."""
         from agents.evaluation import EvalTarget, evaluation_options
         from envs import env_spaces
-        from envs.names import short_env_name
+        from envs.names import short_env_name, short_name_clash
 
         ids = self.config["log"]["eval_envs"]
-        named: dict[str, str] = {}
-        for env_id in ids:
-            other = named.setdefault(short_env_name(env_id), env_id)
-            if other != env_id:
-                raise ConfigError(f"log.eval_envs: {other!r} and {env_id!r} share the short name "
-                                  f"{short_env_name(env_id)!r} their scores are logged under; evaluate on one of them")
+        clash = short_name_clash(ids)
+        if clash is not None:
+            raise ConfigError(f"log.eval_envs: {clash[0]!r} and {clash[1]!r} share the short name "
+                              f"{short_env_name(clash[1])!r} their scores are logged under; evaluate on one of them")
         policy = self._as_policy() if ids else None
         own = (self.venv.observation_space, self.venv.action_space)
         for env_id in ids:
