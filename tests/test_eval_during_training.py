@@ -102,3 +102,28 @@ def test_an_evaluation_that_fails_is_a_warning_and_the_update_is_kept(tmp_path: 
     assert [r["frames"] for r in logged] == [64, 128]
     assert all("eval/TestCueRecall/mean_return" in r and not any("Broken" in key for key in r) for r in logged)
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["frames"] == 128
+
+
+def test_no_evaluation_starts_once_a_signal_asked_training_to_stop(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM during the update that crosses the interval: the run checkpoints and exits without first
+    playing the evaluation's episodes (a scheduler's grace period is short)."""
+    import os
+    import signal
+
+    from agents import ppo
+
+    original = ppo.RecurrentPPO.update
+
+    def update_then_signal(self, storage):
+        stats = original(self, storage)
+        os.kill(os.getpid(), signal.SIGTERM)  # during update 1, which ends at the first interval (64 frames)
+        return stats
+
+    monkeypatch.setattr(ppo.RecurrentPPO, "update", update_then_signal)
+    code = train.main([*TINY, *EVAL, "log.eval_interval_frames=64", "--run-dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert code == 143 and "eval at" not in out, out
+    (row,) = rows(tmp_path / "run")
+    assert row["frames"] == 64 and not any(key.startswith("eval/") for key in row)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["frames"] == 64
