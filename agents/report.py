@@ -1571,8 +1571,6 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
     # --force accepts edited) that is not a plain folder name is no folder of publish's.
     dropped = [name for name in previous if name not in names and name not in kept
                and name not in ("", ".", "..") and Path(name).name == name]
-    # Every plots folder is checked before anything is written (a report, a PNG, the page): one holding a
-    # file publish did not write refuses the whole command, and nothing changes.
     leaving = [name for name in previous if name not in names and name not in kept]
     if leaving and not drop:
         plural = len(leaving) > 1
@@ -1580,6 +1578,8 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
                          f"to publish {'them' if plural else 'it'} again from the runs, add --keep to keep "
                          f"{'them' if plural else 'it'} as published, or --drop to take {'them' if plural else 'it'} "
                          f"off the page (deleting {assets / leaving[0]}/{' and the others' if plural else ''})")
+    # Every plots folder is checked before anything is written (a report, a PNG, the page): one holding a
+    # file publish did not write refuses the whole command, and nothing changes.
     for spec, _, _ in checked:
         _check_plots_folder(assets / spec.name)
     for name in dropped:

@@ -927,6 +927,7 @@ def check_eval_spaces(study: Study, jobs: Sequence[Job]) -> None:
     """
     from agents.config import check_frame_stack, env_options
     from agents.evaluation import target_options
+    from agents.meta_config import task_specs
     from envs import check_env_id, env_family, env_spaces
 
     targets = _eval_targets(study)
@@ -970,8 +971,6 @@ def check_eval_spaces(study: Study, jobs: Sequence[Job]) -> None:
         # evaluated with the training env's options: with a training id it is a training env. A plain id is
         # marked held out, so this is an easy slip, and the report would count training scores as held-out ones.
         # Held out is the study's, not a model's: an env one model trains on is held out for none.
-        from agents.meta_config import task_specs
-
         trained_ids = {env["id"], *(spec.env_id for spec in task_specs(config.get("meta") or {}))}
         for target in targets if study.eval.suite is None else []:
             if target.name in study.eval.held_out and target.env_id in trained_ids:
