@@ -486,9 +486,13 @@ def test_a_second_ctrl_c_aborts_train_py_and_leaves_an_intact_checkpoint(tmp_pat
     after the update, the second (inside that update's rollout, its backward or its checkpoint write) aborts.
     The run ends with one line and the interrupt's exit code, and no half-written file is left."""
     run_dir = tmp_path / "run"
-    # Updates of ~1 s (512 steps of 2 envs), so the second signal lands while the first is being honoured.
+    # Updates of 2 x 2048 steps (about a second on an idle CPU, more under load); the first signal is sent 0.3 s
+    # after the first checkpoint appears, inside the next update (sent at once, it could land in the first
+    # update's last steps, whose stop check then ended the run within 50 ms: the second signal met an exiting
+    # process), and the second 50 ms later, while the first is being honoured.
+    frames_per_update = 2 * 2048
     process = subprocess.Popen(
-        [sys.executable, "train.py", *TINY, "algo.n_steps=512", "log.checkpoint_interval_frames=32",
+        [sys.executable, "train.py", *TINY, "algo.n_steps=2048", "log.checkpoint_interval_frames=32",
          "total_frames=100000000", "--run-dir", str(run_dir)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -496,7 +500,8 @@ def test_a_second_ctrl_c_aborts_train_py_and_leaves_an_intact_checkpoint(tmp_pat
     while not (run_dir / "checkpoint.pt").exists():
         assert process.poll() is None, process.communicate()
         assert time.time() < deadline, "training never wrote a checkpoint"
-        time.sleep(0.1)
+        time.sleep(0.02)
+    time.sleep(0.3)
     process.send_signal(signal.SIGINT)
     time.sleep(0.05)
     process.send_signal(signal.SIGINT)
@@ -506,10 +511,10 @@ def test_a_second_ctrl_c_aborts_train_py_and_leaves_an_intact_checkpoint(tmp_pat
     assert "stopped after" not in out  # the first signal's orderly stop did not finish
     assert not [p.name for p in run_dir.rglob("*") if ".tmp" in p.name]
     frames = load_checkpoint(run_dir / "checkpoint.pt")["frames"]
-    assert frames >= 1024
-    resumed = Trainer.resume(run_dir, {"total_frames": frames + 1024})
+    assert frames >= frames_per_update
+    resumed = Trainer.resume(run_dir, {"total_frames": frames + frames_per_update})
     resumed.run()
-    assert load_checkpoint(run_dir / "checkpoint.pt")["frames"] == frames + 1024
+    assert load_checkpoint(run_dir / "checkpoint.pt")["frames"] == frames + frames_per_update
 
 
 def test_crashed_subprocess_env_saves_and_names_the_env(tmp_path: Path) -> None:
