@@ -1567,10 +1567,6 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
         previous_text = out.read_text(encoding="utf-8")
         kept = {name: _published_parts(previous_text, name) for name in previous if name not in names}
     assets = out.parent / out.stem
-    # Studies on the old page and not on the new one lose their plots. A name from a page's mark (which
-    # --force accepts edited) that is not a plain folder name is no folder of publish's.
-    dropped = [name for name in previous if name not in names and name not in kept
-               and name not in ("", ".", "..") and Path(name).name == name]
     leaving = [name for name in previous if name not in names and name not in kept]
     if leaving and not drop:
         plural = len(leaving) > 1
@@ -1578,6 +1574,9 @@ def publish(studies: Sequence[str | Path], out: str | Path, root: str | Path = D
                          f"to publish {'them' if plural else 'it'} again from the runs, add --keep to keep "
                          f"{'them' if plural else 'it'} as published, or --drop to take {'them' if plural else 'it'} "
                          f"off the page (deleting {assets / leaving[0]}/{' and the others' if plural else ''})")
+    # Studies on the old page and not on the new one lose their plots. A name from a page's mark (which
+    # --force accepts edited) that is not a plain folder name is no folder of publish's.
+    dropped = [name for name in leaving if name not in ("", ".", "..") and Path(name).name == name]
     # Every plots folder is checked before anything is written (a report, a PNG, the page): one holding a
     # file publish did not write refuses the whole command, and nothing changes.
     for spec, _, _ in checked:

@@ -76,8 +76,8 @@ from policies.checkpoint import (
     CheckpointWriteError,
     DamagedCheckpointError,
     load_checkpoint,
+    non_finite_weights_problem,
     numbered_checkpoints,
-    non_finite_weights,
     save_checkpoint,
     space_from_dict,
     space_to_dict,
@@ -584,8 +584,6 @@ class Trainer:
                 tqdm.write(f"warning: evaluation on {env_id} at {self.frames} frames failed ({type(exc).__name__}: "
                            f"{' '.join(str(exc).split())[:300]}); training goes on")
                 continue
-            finally:
-                self.policy.train()
             scalars[f"eval/{name}/mean_return"] = result["mean_return"]
             if result["success_rate"] is not None:
                 scalars[f"eval/{name}/success_rate"] = result["success_rate"]
@@ -792,10 +790,9 @@ class Trainer:
             if loaded.get(key) != mine:
                 raise CheckpointError(f"init_from: {path} was trained with {key.replace('_', ' ')} "
                                       f"{_space_text(loaded.get(key))}, this run's env has {_space_text(mine)}")
-        broken = non_finite_weights(policy["state_dict"]) if isinstance(policy["state_dict"], dict) else []
-        if broken:  # said as such, not later as a loss that "exploded" at this run's learning rate
-            raise CheckpointError(f"init_from: {path} holds non-finite weights (nan or inf in {broken[0]}), which "
-                                  "training never saves; use another checkpoint of that run")
+        problem = non_finite_weights_problem(policy["state_dict"])
+        if problem is not None:  # said as such, not later as a loss that "exploded" at this run's learning rate
+            raise CheckpointError(f"init_from: {path} {problem}; use another checkpoint of that run")
         try:
             self.policy.load_state_dict(policy["state_dict"])
         except RuntimeError as exc:
@@ -803,11 +800,9 @@ class Trainer:
             raise CheckpointError(f"init_from: the weights of {path} do not fit this run's policy: {details}") from None
 
     def _load_training_state(self, checkpoint: dict[str, Any], envs_restored: bool) -> None:
-        state_dict = checkpoint["policy"]["state_dict"]
-        broken = non_finite_weights(state_dict) if isinstance(state_dict, dict) else []
-        if broken:
-            raise CheckpointError(f"cannot resume from the checkpoint in {self.run_dir}: it holds non-finite weights "
-                                  f"(nan or inf in {broken[0]}), which training never saves"
+        problem = non_finite_weights_problem(checkpoint["policy"]["state_dict"])
+        if problem is not None:
+            raise CheckpointError(f"cannot resume from the checkpoint in {self.run_dir}: it {problem}"
                                   f"{_older_checkpoints_hint(self.run_dir)}")
         try:
             self.policy.load_state_dict(checkpoint["policy"]["state_dict"])

@@ -76,13 +76,24 @@ def check_out_folder(parser: argparse.ArgumentParser, folder: Path, run_names: S
             parser.error(f"--out {folder}: {folder / name} already holds a run; give another --out or move it away")
 
 
+def _config_family(env: str) -> str:
+    return "atari" if env in ("pong", "breakout") else "minigrid"
+
+
+def shipped_cores(env: str = "doorkey") -> list[str]:
+    """The cores :func:`config_for` can give for ``env``: those with a shipped ``<env>-<core>-ppo.yaml``
+    (sorted), then gru where lstm has one (it runs from the lstm config)."""
+    folder = REPO / "configs" / _config_family(env)
+    cores = sorted({path.name.split("-")[1] for path in folder.glob(f"{env}-*-ppo.yaml")})
+    return cores + (["gru"] if "lstm" in cores else [])
+
+
 def config_for(core: str, env: str = "doorkey", overrides: list[str] | None = None) -> dict[str, Any]:
     """The shipped PPO config of ``env`` x ``core`` (gru reuses the lstm one, under a name of its own), with
     overrides."""
-    family = "atari" if env in ("pong", "breakout") else "minigrid"
     base = "lstm" if core == "gru" else core
     extra = ["core.name=gru", "core.hidden_size=128"] if core == "gru" else []
-    config = load_config(REPO / "configs" / family / f"{env}-{base}-ppo.yaml",
+    config = load_config(REPO / "configs" / _config_family(env) / f"{env}-{base}-ppo.yaml",
                          [*extra, "log.progress_bar=false", *(overrides or [])])
     if core == "gru":  # its runs must not go where the lstm config's do
         config["name"] = config["name"].replace("lstm", "gru")

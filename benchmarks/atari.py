@@ -12,7 +12,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from _common import REPO, check_out_folder, config_for, train_and_read
+from _common import check_out_folder, config_for, shipped_cores, train_and_read
 
 from agents.config import ConfigError
 
@@ -29,8 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.frames < 1 or args.points < 1:
         parser.error("--frames and --points must be positive")
-    shipped = sorted({p.name.split("-")[1] for p in (REPO / "configs" / "atari").glob(f"{args.game}-*-ppo.yaml")})
-    shipped += ["gru"] if "lstm" in shipped else []  # config_for runs gru from the lstm config
+    shipped = shipped_cores(args.game)
     if any(core not in shipped for core in args.cores) or len(set(args.cores)) < len(args.cores):
         parser.error(f"--cores: each of {', '.join(shipped)} (configs/atari/{args.game}-<core>-ppo.yaml) "
                      f"at most once, got {' '.join(args.cores)}")

@@ -375,15 +375,14 @@ def main() -> None:
             parser.error(f"--{option.replace('_', '-')} must be positive")
     if args.threads < 0:
         parser.error("--threads must be 0 (torch's default) or more")
+    from _common import check_json_option, shipped_cores, write_json_output  # benchmarks/ is on sys.path
+
     if args.per_update:  # each core needs its shipped config (gru: the lstm one), named before any run starts
-        for option, cores, env, family in (("--cores", args.cores, "doorkey", "minigrid"),
-                                           ("--atari-cores", [] if args.no_atari else args.atari_cores, "breakout",
-                                            "atari")):
-            shipped = sorted({p.name.split("-")[1] for p in (REPO / "configs" / family).glob(f"{env}-*-ppo.yaml")})
-            unknown = [core for core in cores if core != "gru" and core not in shipped]
-            if unknown or len(set(cores)) < len(cores):
-                parser.error(f"{option}: each of {', '.join(shipped + ['gru'])} at most once, got {' '.join(cores)}")
-    from _common import check_json_option, write_json_output  # benchmarks/ is on sys.path when run as a script
+        for option, cores, env in (("--cores", args.cores, "doorkey"),
+                                   ("--atari-cores", [] if args.no_atari else args.atari_cores, "breakout")):
+            shipped = shipped_cores(env)
+            if any(core not in shipped for core in cores) or len(set(cores)) < len(cores):
+                parser.error(f"{option}: each of {', '.join(shipped)} at most once, got {' '.join(cores)}")
 
     check_json_option(parser, args.json, args.overwrite)
     if args.per_update:

@@ -121,16 +121,24 @@ def space_from_dict(data: dict[str, Any]) -> spaces.Space:
     raise CheckpointError(f"unknown space type {kind!r} in checkpoint")
 
 
-def non_finite_weights(state_dict: dict[str, Any]) -> list[str]:
-    """The names of the floating-point tensors in ``state_dict`` holding a nan or an infinity.
+def non_finite_weights_problem(state_dict: Any) -> str | None:
+    """``"holds non-finite weights (nan or inf in <names>), which training never saves"`` when a floating-point
+    tensor of ``state_dict`` (a checkpoint's policy weights) holds a nan or an infinity, else None (also for a
+    ``state_dict`` that is no mapping: loading it says what is wrong).
 
     Training never saves such weights (``Trainer.save`` refuses a policy with non-finite outputs), so a
     checkpoint holding them was edited or damaged after it was written; its policy cannot act.
     """
     import torch
 
-    return [name for name, value in state_dict.items()
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if not isinstance(state_dict, dict):
+        return None
+    broken = [name for name, value in state_dict.items()
+              if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if not broken:
+        return None
+    return (f"holds non-finite weights (nan or inf in {', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}), "
+            "which training never saves")
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:

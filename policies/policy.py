@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.distributions import Categorical
 
 from policies.actor_critic import RecurrentActorCritic, obs_to_tensor
-from policies.checkpoint import CheckpointError, load_checkpoint, non_finite_weights, space_from_dict
+from policies.checkpoint import CheckpointError, load_checkpoint, non_finite_weights_problem, space_from_dict
 
 __all__ = ["Policy", "check_device", "load_policy"]
 
@@ -256,12 +256,10 @@ def policy_from_checkpoint(
         detail = " ".join(str(exc).split()) or type(exc).__name__
         raise CheckpointError(f"{where} stores an observation or action space gymnasium cannot build ({detail}): "
                               "not as training writes it") from None
-    if isinstance(state_dict, dict):
-        broken = non_finite_weights(state_dict)
-        if broken:
-            raise CheckpointError(f"{where} holds non-finite weights (nan or inf in {', '.join(broken[:3])}"
-                                  f"{', ...' if len(broken) > 3 else ''}), which training never saves: the file was "
-                                  "changed after it was written; use another checkpoint of the run")
+    problem = non_finite_weights_problem(state_dict)
+    if problem is not None:
+        raise CheckpointError(f"{where} {problem}: the file was changed after it was written; use another "
+                              "checkpoint of the run")
     # Training writes these as a str and dicts; anything else is a file edited or damaged by hand.
     malformed = [f"{name} is a {type(value).__name__}" for name, value, kind in (
         ("env.id", env_id, str), ("env.options", env_options, dict), ("config", data.get("config", {}), dict))
