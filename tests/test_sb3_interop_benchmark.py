@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("sb3_contrib")
@@ -65,3 +67,46 @@ def test_the_annealed_learning_rate_survives_a_save_and_load(tmp_path: Path) -> 
         assert interop.make_model("rims", env, seed=0).lr_schedule(0.5) == pytest.approx(initial), "constant"
     finally:
         env.close()
+
+
+def _readme_sb3_snippet() -> str:
+    """The README's sb3-contrib snippet: the python block between its start and end markers."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("<!-- sb3-snippet: start")
+    end = readme.index("<!-- sb3-snippet: end -->", start)
+    blocks = re.findall(r"```python\n(.*?)```", readme[start:end], flags=re.DOTALL)
+    assert len(blocks) == 1, "the README's sb3-snippet markers must hold exactly one python block"
+    return blocks[0]
+
+
+def test_the_readme_snippet_is_the_learning_table_s_annealed_setting(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # The README advises the annealed rate from the table under it: its snippet must build that run
+    # (seed 1 of `benchmarks/sb3_interop.py --only learning --anneal-lr --frames 300000`). It runs verbatim
+    # but for its learn call (tests/test_sb3.py trains the adapter).
+    snippet = _readme_sb3_snippet()
+    budget = re.findall(r"model\.learn\(([\d_]+)\)", snippet)
+    assert budget == ["300_000"], "the table's runs learn for 300,000 frames"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__readme_snippet__"}
+    exec(compile(snippet.replace("model.learn(300_000)", ""), "README.md sb3 snippet", "exec"), namespace)
+    model, env = namespace["model"], namespace["env"]
+    reference_env = interop.make_env(1)
+    try:
+        reference = interop.make_model("rims", reference_env, seed=1, anneal_lr=True)
+        assert type(model.policy) is type(reference.policy)
+        assert model.policy_kwargs == reference.policy_kwargs
+        for key in ("n_steps", "batch_size", "n_epochs", "gamma", "gae_lambda", "ent_coef", "vf_coef",
+                    "max_grad_norm", "seed"):
+            assert getattr(model, key) == getattr(reference, key), key
+        assert env.num_envs == reference_env.num_envs
+        assert model.clip_range(1.0) == reference.clip_range(1.0)
+        for progress_remaining in (1.0, 0.5, 0.0):
+            assert model.lr_schedule(progress_remaining) == pytest.approx(reference.lr_schedule(progress_remaining))
+        # The same seeded levels as the table's seed 1.
+        env.seed(1)
+        reference_env.seed(1)
+        assert np.array_equal(env.reset(), reference_env.reset())
+    finally:
+        env.close()
+        reference_env.close()
