@@ -10,7 +10,8 @@ A new run never writes into a directory that holds a run: the default runs/<name
 next free suffix (runs/<name>_2, ...), an explicit --run-dir holding a run is refused.
 
 Exit status: 0 done, 2 bad input or training stopped by an error (the last good checkpoint is
-kept), 130 stopped by Ctrl-C (SIGINT), 143 stopped by SIGTERM (both after saving a checkpoint).
+kept), 130 stopped by Ctrl-C (SIGINT), 143 stopped by SIGTERM (both after saving a checkpoint once
+training has begun; while starting up, at once, removing the new run's empty folder).
 
     torchrun --standalone --nproc_per_node=2 train.py ...   # one agent trained by 2 processes
 
@@ -25,6 +26,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -139,8 +141,29 @@ def _what_it_trains_on(trainer: Any) -> str:
     return f"{len(names)} tasks ({shown})"
 
 
+class _Terminated(BaseException):
+    """A SIGTERM outside the trainer's loop (which handles it by checkpointing): while starting up, mostly."""
+
+
+def _raise_terminated(_signum: int, _frame: Any) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run train.py with ``argv`` (``sys.argv[1:]`` by default) and return its exit status."""
+    # A SIGTERM while starting up (imports, envs: seconds) killed the process silently and left the new run's
+    # folder empty: it ends as a Ctrl-C does (exit 143, the folder removed). Not under torchrun, whose
+    # SIGTERM to the other ranks when one exits is part of how a failed start ends (see the error branch).
+    handle = threading.current_thread() is threading.main_thread() and not _several_processes()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if handle else None
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None and signal.getsignal(signal.SIGTERM) is _raise_terminated:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     made: list[Path] = []  # the run folder and parents this call creates: removed again if refused before any file
     run_dir: str | Path | None = args.resume  # where this run writes, once known
@@ -226,14 +249,16 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(_QUIET_RANK_EXIT_DELAY_S)
         _remove_if_empty(made)
         return 2
-    except KeyboardInterrupt:  # a second Ctrl-C: the last checkpoint written is intact (atomic writes)
+    except (KeyboardInterrupt, _Terminated) as exc:  # a second Ctrl-C, or a signal while starting up
         if args.debug:
             raise
         written = run_dir is not None and (Path(run_dir) / "checkpoint.pt").is_file()
-        print("interrupted; " + ("the last checkpoint written is intact" if written else
-                                 "no checkpoint had been written yet"), file=sys.stderr)
+        stopped = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
+        print(("interrupted; " if stopped == "SIGINT" else "stopped by SIGTERM; ") +
+              ("the last checkpoint written is intact" if written else "no checkpoint had been written yet"),
+              file=sys.stderr)  # the checkpoint writes are atomic
         _remove_if_empty(made)  # interrupted while starting up: no empty folder left to look like a run
-        return SIGNAL_EXIT["SIGINT"]
+        return SIGNAL_EXIT[stopped]
     if not main_rank:
         return SIGNAL_EXIT.get(trainer.stop_signal, 1) if trainer.stopped_early else 0
     if trainer.stopped_early:

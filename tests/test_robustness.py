@@ -175,6 +175,35 @@ def test_a_config_file_without_settings_is_refused(tmp_path: Path, capsys: pytes
     assert not (tmp_path / "run").exists()
 
 
+def test_a_sigterm_while_starting_up_stops_the_run_as_a_ctrl_c_does(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A real SIGTERM to this process while the trainer is being built (its envs, seconds in a real start):
+    # it killed train.py silently (status -15) and left the new run's folder empty, to look like a run.
+    built = Trainer.__init__
+
+    def terminated_while_building(self: Trainer, *args: object, **kwargs: object) -> None:
+        built(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises within this
+
+    def caller_handler(signum: int, _frame: object) -> None:  # would the signal reach it, pytest lives on
+        received.append(signum)
+
+    received: list[int] = []
+    monkeypatch.setattr(Trainer, "__init__", terminated_while_building)
+    signal.signal(signal.SIGTERM, caller_handler)
+    try:
+        started = time.monotonic()
+        code, err = run_main(capsys, [*TINY, "--run-dir", str(tmp_path / "run")])
+        after = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert code == 128 + signal.SIGTERM and err == "stopped by SIGTERM; no checkpoint had been written yet\n", err
+    assert time.monotonic() - started < 5 and not received, "train.py's start must take the signal and stop"
+    assert not (tmp_path / "run").exists()
+    assert after is caller_handler, "main() leaves the caller's SIGTERM handler as it found it"
+
+
 def test_unreadable_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"\xff\xfe\x00bad")
