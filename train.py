@@ -22,8 +22,6 @@ run, and each rank exits with the status above (torchrun then reports a non-zero
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import signal
 import sys
 import threading
