@@ -10,6 +10,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from readme_blocks import readme_python_block
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,16 +36,6 @@ def test_quickstart_notebook_executes(tmp_path: Path, monkeypatch: pytest.Monkey
     assert any("image/png" in o.get("data", {}) for o in outputs)
 
 
-def _readme_snippet() -> str:
-    """The README's notebook snippet: the python block between its start and end markers."""
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index("<!-- notebook-snippet: start")
-    end = readme.index("<!-- notebook-snippet: end -->", start)
-    blocks = re.findall(r"```python\n(.*?)```", readme[start:end], flags=re.DOTALL)
-    assert len(blocks) == 1, "the README's notebook-snippet markers must hold exactly one python block"
-    return blocks[0]
-
-
 def test_readme_snippet_finishes_an_episode(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -54,7 +45,7 @@ def test_readme_snippet_finishes_an_episode(
     from agents.config import load_config
     from agents.trainer import Trainer
 
-    snippet = _readme_snippet()
+    snippet = readme_python_block("notebook-snippet")
     match = re.search(r'load_policy\("([^"]+)"\)', snippet)
     assert match is not None and "deterministic=True" not in snippet
     monkeypatch.chdir(tmp_path)

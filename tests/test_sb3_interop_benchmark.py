@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from readme_blocks import readme_python_block
 
 pytest.importorskip("sb3_contrib")
 
@@ -69,22 +70,12 @@ def test_the_annealed_learning_rate_survives_a_save_and_load(tmp_path: Path) -> 
         env.close()
 
 
-def _readme_sb3_snippet() -> str:
-    """The README's sb3-contrib snippet: the python block between its start and end markers."""
-    readme = (REPO / "README.md").read_text()
-    start = readme.index("<!-- sb3-snippet: start")
-    end = readme.index("<!-- sb3-snippet: end -->", start)
-    blocks = re.findall(r"```python\n(.*?)```", readme[start:end], flags=re.DOTALL)
-    assert len(blocks) == 1, "the README's sb3-snippet markers must hold exactly one python block"
-    return blocks[0]
-
-
 def test_the_readme_snippet_is_the_learning_table_s_annealed_setting(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     # The README advises the annealed rate from the table under it: its snippet must build that run
     # (seed 1 of `benchmarks/sb3_interop.py --only learning --anneal-lr --frames 300000`). It runs verbatim
     # but for its learn call (tests/test_sb3.py trains the adapter).
-    snippet = _readme_sb3_snippet()
+    snippet = readme_python_block("sb3-snippet")
     budget = re.findall(r"model\.learn\(([\d_]+)\)", snippet)
     assert budget == ["300_000"], "the table's runs learn for 300,000 frames"
     monkeypatch.chdir(tmp_path)
